@@ -1,0 +1,75 @@
+//! Builds the demo guest (guest/demo, `#![no_std]`) with the host's rustc for
+//! x86_64-unknown-linux-gnu as a static, non-PIE ELF64 kernel without a red zone,
+//! and leaves it in OUT_DIR for `include_bytes!`.
+//!
+//! The guest is compiled without SSE (and must not call into precompiled `core`
+//! code that uses it, such as `core::fmt`): some KVM hosts (PVM, the
+//! pagetable-based KVM this project's machines run) emulate a batch of guest
+//! kernel instructions after each trap, and their emulator cannot decode SSE.
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn rustc(args: &[&str]) {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let common = [
+        "--edition=2021",
+        "--target=x86_64-unknown-linux-gnu",
+        "-Copt-level=2",
+        "-Cpanic=abort",
+        "-Crelocation-model=static",
+        "-Cno-redzone=yes",
+        "-Cdebuginfo=0",
+        "-Cstrip=debuginfo",
+        "-Ctarget-feature=-mmx,-sse,-sse2",
+    ];
+    let out = Command::new(&rustc)
+        .args(common)
+        .args(args)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {rustc}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "building the demo guest failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn main() {
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let guest_out = out.join("guest");
+    std::fs::create_dir_all(&guest_out).unwrap();
+    let g = guest_out.to_str().unwrap();
+    rustc(&[
+        "--crate-name=abi",
+        "--crate-type=rlib",
+        "crates/abi/src/lib.rs",
+        "--out-dir",
+        g,
+    ]);
+    let abi = format!("abi={g}/libabi.rlib");
+    let elf = out.join("demo.elf");
+    rustc(&[
+        "--crate-name=demo",
+        "--crate-type=bin",
+        "guest/demo/main.rs",
+        "--extern",
+        &abi,
+        "-L",
+        g,
+        "-Clink-arg=-nostartfiles",
+        "-Clink-arg=-nostdlib",
+        "-Clink-arg=-static",
+        "-Clink-arg=-no-pie",
+        "-Clink-arg=-Wl,-Tguest/demo/link.ld",
+        "-Clink-arg=-Wl,--build-id=none",
+        "-o",
+        elf.to_str().unwrap(),
+    ]);
+    for p in ["guest/demo", "crates/abi/src"] {
+        println!("cargo:rerun-if-changed={p}");
+    }
+}

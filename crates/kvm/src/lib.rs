@@ -1,0 +1,381 @@
+//! Engine `kvm`: the guest runs on the host CPU under VT-x/AMD-V through Linux KVM.
+//! visor's VMM sees only the exits KVM does not handle in the host kernel
+//! (port I/O, MMIO, HLT without an in-kernel irqchip, shutdown); KVM's own
+//! per-vCPU counters report the rest.
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use vcpu::{IrqLine, Regs, Result, SRegs, Segment, Vcpu, VcpuError, VcpuExit};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Options of a KVM virtual machine.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KvmConfig {
+    /// Emulate the PIC, IOAPIC, local APIC and PIT in the host kernel (needed by
+    /// Linux). Without it, HLT exits to the VMM.
+    pub irqchip: bool,
+}
+
+/// Why `/dev/kvm` cannot be used here, or `None` if it can.
+pub fn unavailable_reason() -> Option<String> {
+    match Kvm::new() {
+        Ok(kvm) => {
+            if !kvm.check_extension(Cap::UserMemory) {
+                Some("/dev/kvm lacks KVM_CAP_USER_MEMORY".into())
+            } else {
+                None
+            }
+        }
+        Err(e) => Some(open_error(e)),
+    }
+}
+
+fn open_error(e: kvm_ioctls::Error) -> String {
+    let what = match e.errno() {
+        libc::ENOENT => "does not exist (no KVM in this kernel, or not passed to this container)",
+        libc::EACCES | libc::EPERM => "is not accessible to this user (join the kvm group)",
+        _ => "cannot be opened",
+    };
+    format!("/dev/kvm {what}: {e}")
+}
+
+fn os(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |e| VcpuError::os(op, std::io::Error::from_raw_os_error(e.errno()))
+}
+
+pub struct KvmVm {
+    kvm: Kvm,
+    vm: VmFd,
+    config: KvmConfig,
+}
+
+impl KvmVm {
+    /// Creates a VM whose RAM is `mem`. The mappings stay valid for as long as
+    /// `mem` lives; the caller keeps `mem` alive longer than the VM.
+    pub fn new<M: GuestMemoryBackend>(mem: &M, config: KvmConfig) -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| VcpuError::Engine(open_error(e)))?;
+        let vm = kvm.create_vm().map_err(os("KVM_CREATE_VM"))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| VcpuError::Engine(format!("guest memory not mapped: {e}")))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: `host` is the start of a live mmap of `region.len()` bytes owned
+            // by `mem`, which the caller keeps alive for the VM's lifetime; the slots
+            // do not overlap because vm-memory's regions do not.
+            unsafe { vm.set_user_memory_region(r) }.map_err(os("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(os("KVM_SET_TSS_ADDR"))?;
+        if config.irqchip {
+            vm.create_irq_chip().map_err(os("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(pit).map_err(os("KVM_CREATE_PIT2"))?;
+        }
+        Ok(KvmVm { kvm, vm, config })
+    }
+}
+
+struct Irqfd(EventFd);
+
+impl IrqLine for Irqfd {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+impl vcpu::Vm for KvmVm {
+    fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>> {
+        let fd = self
+            .vm
+            .create_vcpu(id as u64)
+            .map_err(os("KVM_CREATE_VCPU"))?;
+        let mut cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(os("KVM_GET_SUPPORTED_CPUID"))?;
+        for e in cpuid.as_mut_slice() {
+            if e.function == 1 {
+                // Initial APIC id in EBX[31:24].
+                e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
+            }
+        }
+        fd.set_cpuid2(&cpuid).map_err(os("KVM_SET_CPUID2"))?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        fd.set_fpu(&fpu).map_err(os("KVM_SET_FPU"))?;
+        if self.config.irqchip {
+            // LINT0 delivers the 8259's ExtINT, LINT1 NMI: the virtual-wire setup a
+            // PC BIOS leaves behind.
+            let mut lapic = fd.get_lapic().map_err(os("KVM_GET_LAPIC"))?;
+            let reg = |l: &mut kvm_bindings::kvm_lapic_state, off: usize, v: u32| {
+                for (i, b) in v.to_le_bytes().iter().enumerate() {
+                    l.regs[off + i] = *b as _;
+                }
+            };
+            reg(&mut lapic, 0x350, 0x700); // LVT LINT0: ExtINT
+            reg(&mut lapic, 0x360, 0x400); // LVT LINT1: NMI
+            fd.set_lapic(&lapic).map_err(os("KVM_SET_LAPIC"))?;
+        }
+        Ok(Box::new(KvmVcpu { fd }))
+    }
+
+    fn irq_line(&self, gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
+        if !self.config.irqchip {
+            return Ok(None);
+        }
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VcpuError::os("eventfd", e))?;
+        self.vm.register_irqfd(&evt, gsi).map_err(os("KVM_IRQFD"))?;
+        Ok(Some(Arc::new(Irqfd(evt))))
+    }
+}
+
+pub struct KvmVcpu {
+    fd: VcpuFd,
+}
+
+enum Kind {
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+}
+
+impl Vcpu for KvmVcpu {
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        let kind = match self.fd.run() {
+            Ok(KvmExit::IoIn(..)) => Kind::IoIn,
+            Ok(KvmExit::IoOut(..)) => Kind::IoOut,
+            Ok(KvmExit::MmioRead(..)) => Kind::MmioRead,
+            Ok(KvmExit::MmioWrite(..)) => Kind::MmioWrite,
+            Ok(KvmExit::Hlt) => return Ok(VcpuExit::Hlt),
+            Ok(KvmExit::Shutdown) => return Ok(VcpuExit::Shutdown),
+            Ok(KvmExit::FailEntry(reason, _cpu)) => return Ok(VcpuExit::FailEntry { reason }),
+            Ok(KvmExit::Intr) => return Ok(VcpuExit::Interrupted),
+            Ok(KvmExit::InternalError) => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is
+                // the active union member.
+                let ie = unsafe { run.__bindgen_anon_1.internal };
+                let n = (ie.ndata as usize).min(ie.data.len());
+                let data: Vec<String> = ie.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+                return Ok(VcpuExit::Other {
+                    reason: format!(
+                        "KVM internal error, suberror {} ({}), data [{}]",
+                        ie.suberror,
+                        match ie.suberror {
+                            1 => "instruction emulation failed",
+                            2 => "simultaneous exceptions",
+                            3 => "delivery event",
+                            _ => "other",
+                        },
+                        data.join(", ")
+                    ),
+                });
+            }
+            Ok(other) => {
+                return Ok(VcpuExit::Other {
+                    reason: format!("{other:?}"),
+                })
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(VcpuExit::Interrupted)
+            }
+            Err(e) => return Err(os("KVM_RUN")(e)),
+        };
+        let run = self.fd.get_kvm_run();
+        let base = run as *mut kvm_bindings::kvm_run as *mut u8;
+        match kind {
+            Kind::IoIn | Kind::IoOut => {
+                // SAFETY: the last exit was KVM_EXIT_IO, so `io` is the active union member.
+                let io = unsafe { run.__bindgen_anon_1.io };
+                let len = io.size as usize * io.count as usize;
+                // SAFETY: KVM places the I/O data at `data_offset` inside the vCPU's
+                // kvm_run mapping (at least KVM_GET_VCPU_MMAP_SIZE bytes), and the
+                // slice borrows `self` mutably, so nothing else touches it until the
+                // next `run`.
+                let data = unsafe {
+                    std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len)
+                };
+                Ok(if matches!(kind, Kind::IoIn) {
+                    VcpuExit::IoIn {
+                        port: io.port,
+                        size: io.size,
+                        data,
+                    }
+                } else {
+                    VcpuExit::IoOut {
+                        port: io.port,
+                        size: io.size,
+                        data,
+                    }
+                })
+            }
+            Kind::MmioRead | Kind::MmioWrite => {
+                // SAFETY: the last exit was KVM_EXIT_MMIO, so `mmio` is the active member.
+                let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+                let len = (mmio.len as usize).min(mmio.data.len());
+                let addr = mmio.phys_addr;
+                let data = &mut mmio.data[..len];
+                Ok(if matches!(kind, Kind::MmioRead) {
+                    VcpuExit::MmioRead { addr, data }
+                } else {
+                    VcpuExit::MmioWrite { addr, data }
+                })
+            }
+        }
+    }
+
+    fn regs(&self) -> Result<Regs> {
+        let r = self.fd.get_regs().map_err(os("KVM_GET_REGS"))?;
+        Ok(Regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        })
+    }
+
+    fn set_regs(&mut self, r: &Regs) -> Result<()> {
+        let k = kvm_regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        };
+        self.fd.set_regs(&k).map_err(os("KVM_SET_REGS"))
+    }
+
+    fn sregs(&self) -> Result<SRegs> {
+        let s = self.fd.get_sregs().map_err(os("KVM_GET_SREGS"))?;
+        Ok(SRegs {
+            cs: from_kvm(&s.cs),
+            ds: from_kvm(&s.ds),
+            es: from_kvm(&s.es),
+            fs: from_kvm(&s.fs),
+            gs: from_kvm(&s.gs),
+            ss: from_kvm(&s.ss),
+            tr: from_kvm(&s.tr),
+            ldt: from_kvm(&s.ldt),
+            gdt: vcpu::DescriptorTable {
+                base: s.gdt.base,
+                limit: s.gdt.limit,
+            },
+            idt: vcpu::DescriptorTable {
+                base: s.idt.base,
+                limit: s.idt.limit,
+            },
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            cr8: s.cr8,
+            efer: s.efer,
+        })
+    }
+
+    fn set_sregs(&mut self, n: &SRegs) -> Result<()> {
+        // Start from KVM's state so the APIC base and pending interrupts survive.
+        let mut s = self.fd.get_sregs().map_err(os("KVM_GET_SREGS"))?;
+        s.cs = to_kvm(&n.cs);
+        s.ds = to_kvm(&n.ds);
+        s.es = to_kvm(&n.es);
+        s.fs = to_kvm(&n.fs);
+        s.gs = to_kvm(&n.gs);
+        s.ss = to_kvm(&n.ss);
+        s.tr = to_kvm(&n.tr);
+        s.ldt = to_kvm(&n.ldt);
+        s.gdt.base = n.gdt.base;
+        s.gdt.limit = n.gdt.limit;
+        s.idt.base = n.idt.base;
+        s.idt.limit = n.idt.limit;
+        s.cr0 = n.cr0;
+        s.cr2 = n.cr2;
+        s.cr3 = n.cr3;
+        s.cr4 = n.cr4;
+        s.cr8 = n.cr8;
+        s.efer = n.efer;
+        self.fd.set_sregs(&s).map_err(os("KVM_SET_SREGS"))
+    }
+}
+
+fn from_kvm(s: &kvm_segment) -> Segment {
+    Segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present != 0,
+        dpl: s.dpl,
+        db: s.db != 0,
+        s: s.s != 0,
+        l: s.l != 0,
+        g: s.g != 0,
+        avl: s.avl != 0,
+        unusable: s.unusable != 0,
+    }
+}
+
+fn to_kvm(s: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present as u8,
+        dpl: s.dpl,
+        db: s.db as u8,
+        s: s.s as u8,
+        l: s.l as u8,
+        g: s.g as u8,
+        avl: s.avl as u8,
+        unusable: s.unusable as u8,
+        padding: 0,
+    }
+}

@@ -1,0 +1,292 @@
+//! The engine contract of visor.
+//!
+//! Every CPU-virtualization engine (hardware-assisted through KVM, and later the
+//! software engines) implements [`Vm`] and [`Vcpu`]. Engines know nothing about
+//! devices: a [`Vcpu::run`] call returns a [`VcpuExit`] that borrows the exit's data
+//! buffer, and the one VMM loop completes it against the machine's buses before it
+//! calls `run` again.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// General-purpose registers, instruction pointer and flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// A segment register with its hidden (descriptor cache) part.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub base: u64,
+    pub limit: u32,
+    pub selector: u16,
+    /// Descriptor type field (4 bits).
+    pub type_: u8,
+    pub present: bool,
+    pub dpl: u8,
+    /// Default operation size (D/B bit).
+    pub db: bool,
+    /// Descriptor type: code/data (true) or system (false).
+    pub s: bool,
+    /// 64-bit code segment (L bit).
+    pub l: bool,
+    /// Granularity (limit in 4 KiB units).
+    pub g: bool,
+    pub avl: bool,
+    pub unusable: bool,
+}
+
+impl Segment {
+    /// A flat 4 GiB code or data segment, as loaded from a descriptor with the given
+    /// selector. `long` selects a 64-bit code segment; `big` the D/B bit.
+    pub fn flat(selector: u16, code: bool, long: bool, big: bool) -> Self {
+        Segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_: if code { 0xb } else { 0x3 },
+            present: true,
+            dpl: (selector & 3) as u8,
+            db: big,
+            s: true,
+            l: long,
+            g: true,
+            avl: false,
+            unusable: false,
+        }
+    }
+
+    /// A 64-bit TSS (busy) for `tr`.
+    pub fn tss(selector: u16, base: u64, limit: u32) -> Self {
+        Segment {
+            base,
+            limit,
+            selector,
+            type_: 0xb,
+            present: true,
+            s: false,
+            ..Default::default()
+        }
+    }
+}
+
+/// GDTR / IDTR.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DescriptorTable {
+    pub base: u64,
+    pub limit: u16,
+}
+
+/// System registers: segments, descriptor tables, control registers and EFER.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SRegs {
+    pub cs: Segment,
+    pub ds: Segment,
+    pub es: Segment,
+    pub fs: Segment,
+    pub gs: Segment,
+    pub ss: Segment,
+    pub tr: Segment,
+    pub ldt: Segment,
+    pub gdt: DescriptorTable,
+    pub idt: DescriptorTable,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub cr8: u64,
+    pub efer: u64,
+}
+
+pub mod cr0 {
+    pub const PE: u64 = 1 << 0;
+    pub const MP: u64 = 1 << 1;
+    pub const ET: u64 = 1 << 4;
+    pub const NE: u64 = 1 << 5;
+    pub const WP: u64 = 1 << 16;
+    pub const PG: u64 = 1 << 31;
+}
+
+pub mod cr4 {
+    pub const PAE: u64 = 1 << 5;
+    pub const PGE: u64 = 1 << 7;
+    pub const OSFXSR: u64 = 1 << 9;
+    pub const OSXMMEXCPT: u64 = 1 << 10;
+}
+
+pub mod efer {
+    pub const SCE: u64 = 1 << 0;
+    pub const LME: u64 = 1 << 8;
+    pub const LMA: u64 = 1 << 10;
+    pub const NXE: u64 = 1 << 11;
+}
+
+/// Why `Vcpu::run` returned. Data-carrying exits borrow the engine's exit buffer:
+/// the VMM fills `data` of a read before the next `run`, which completes the
+/// instruction.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    /// `IN`/`INS` from `port`; `data` holds `count * size` bytes to fill
+    /// (`count > 1` for a `REP INS` that the engine batched).
+    IoIn {
+        port: u16,
+        size: u8,
+        data: &'a mut [u8],
+    },
+    /// `OUT`/`OUTS` to `port`; `data` holds `count * size` bytes.
+    IoOut { port: u16, size: u8, data: &'a [u8] },
+    /// A read of guest-physical `addr` that no RAM backs.
+    MmioRead { addr: u64, data: &'a mut [u8] },
+    /// A write of guest-physical `addr` that no RAM backs.
+    MmioWrite { addr: u64, data: &'a [u8] },
+    /// `HLT` with no interrupt the engine itself can deliver.
+    Hlt,
+    /// The guest caused a shutdown (triple fault).
+    Shutdown,
+    /// The engine could not enter the guest (invalid guest state).
+    FailEntry { reason: u64 },
+    /// The engine returned without a guest event (signal, immediate exit).
+    Interrupted,
+    /// An exit the engine has no portable name for.
+    Other { reason: String },
+}
+
+impl VcpuExit<'_> {
+    /// A short stable name for statistics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VcpuExit::IoIn { .. } => "io_in",
+            VcpuExit::IoOut { .. } => "io_out",
+            VcpuExit::MmioRead { .. } => "mmio_read",
+            VcpuExit::MmioWrite { .. } => "mmio_write",
+            VcpuExit::Hlt => "hlt",
+            VcpuExit::Shutdown => "shutdown",
+            VcpuExit::FailEntry { .. } => "fail_entry",
+            VcpuExit::Interrupted => "interrupted",
+            VcpuExit::Other { .. } => "other",
+        }
+    }
+}
+
+/// An engine error: the engine itself failed (not the guest).
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("{op}: {source}")]
+    Os {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Engine(String),
+}
+
+impl VcpuError {
+    pub fn os(op: &'static str, source: impl Into<std::io::Error>) -> Self {
+        VcpuError::Os {
+            op,
+            source: source.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, VcpuError>;
+
+/// One virtual CPU of an engine.
+pub trait Vcpu {
+    /// Runs the guest until the next exit the VMM must handle.
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    fn regs(&self) -> Result<Regs>;
+    fn set_regs(&mut self, regs: &Regs) -> Result<()>;
+    fn sregs(&self) -> Result<SRegs>;
+    fn set_sregs(&mut self, sregs: &SRegs) -> Result<()>;
+    /// Counters the engine keeps itself (for example exits handled inside the host
+    /// kernel), reported beside the VMM's own statistics.
+    fn engine_counters(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
+}
+
+/// An interrupt request line of the virtual platform (an ISA IRQ / GSI).
+pub trait IrqLine: Send + Sync {
+    /// Signals one edge on the line.
+    fn trigger(&self) -> std::io::Result<()>;
+}
+
+/// A virtual machine of an engine: owns the vCPUs and the interrupt controller.
+pub trait Vm {
+    fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// The interrupt line `gsi`, if the engine models an interrupt controller.
+    fn irq_line(&self, gsi: u32) -> Result<Option<Arc<dyn IrqLine>>>;
+}
+
+impl fmt::Display for Regs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "rax={:016x} rbx={:016x} rcx={:016x} rdx={:016x}",
+            self.rax, self.rbx, self.rcx, self.rdx
+        )?;
+        writeln!(
+            f,
+            "rsi={:016x} rdi={:016x} rsp={:016x} rbp={:016x}",
+            self.rsi, self.rdi, self.rsp, self.rbp
+        )?;
+        writeln!(
+            f,
+            "r8 ={:016x} r9 ={:016x} r10={:016x} r11={:016x}",
+            self.r8, self.r9, self.r10, self.r11
+        )?;
+        writeln!(
+            f,
+            "r12={:016x} r13={:016x} r14={:016x} r15={:016x}",
+            self.r12, self.r13, self.r14, self.r15
+        )?;
+        write!(f, "rip={:016x} rflags={:016x}", self.rip, self.rflags)
+    }
+}
+
+impl fmt::Display for SRegs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "cr0={:016x} cr2={:016x} cr3={:016x} cr4={:016x} efer={:x}",
+            self.cr0, self.cr2, self.cr3, self.cr4, self.efer
+        )?;
+        for (name, s) in [
+            ("cs", &self.cs),
+            ("ss", &self.ss),
+            ("ds", &self.ds),
+            ("tr", &self.tr),
+        ] {
+            writeln!(
+                f,
+                "{name}={:04x} base={:016x} limit={:08x} type={:x} dpl={} l={} db={}",
+                s.selector, s.base, s.limit, s.type_, s.dpl, s.l as u8, s.db as u8
+            )?;
+        }
+        write!(
+            f,
+            "gdt={:016x}/{:04x} idt={:016x}/{:04x}",
+            self.gdt.base, self.gdt.limit, self.idt.base, self.idt.limit
+        )
+    }
+}

@@ -1,0 +1,81 @@
+//! The registry of engines: which exist, which work on this host, and how to
+//! create a VM on one.
+
+use std::fmt;
+
+use machine::GuestMemory;
+use vcpu::VcpuError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Engine {
+    /// Hardware-assisted virtualization through Linux KVM.
+    Kvm,
+}
+
+/// Engine-independent VM options.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VmOptions {
+    /// An interrupt controller and timer in the engine (Linux needs them). Without
+    /// one, HLT returns to the VMM.
+    pub irqchip: bool,
+}
+
+impl Engine {
+    pub const ALL: &'static [Engine] = &[Engine::Kvm];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Kvm => "kvm",
+        }
+    }
+
+    pub fn design(self) -> &'static str {
+        match self {
+            Engine::Kvm => "hardware-assisted (VT-x/AMD-V through Linux KVM)",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Engine> {
+        Engine::ALL.iter().copied().find(|e| e.name() == name)
+    }
+
+    /// `None` when the engine can run here, else why not.
+    pub fn unavailable_reason(self) -> Option<String> {
+        match self {
+            Engine::Kvm => visor_kvm::unavailable_reason(),
+        }
+    }
+
+    /// The best engine available on this host (`--engine auto`).
+    pub fn auto() -> Result<Engine, String> {
+        let mut why = Vec::new();
+        for &e in Engine::ALL {
+            match e.unavailable_reason() {
+                None => return Ok(e),
+                Some(r) => why.push(format!("{}: {r}", e.name())),
+            }
+        }
+        Err(format!("no engine can run here ({})", why.join("; ")))
+    }
+
+    pub fn create_vm(
+        self,
+        mem: &GuestMemory,
+        opts: VmOptions,
+    ) -> Result<Box<dyn vcpu::Vm>, VcpuError> {
+        match self {
+            Engine::Kvm => Ok(Box::new(visor_kvm::KvmVm::new(
+                mem,
+                visor_kvm::KvmConfig {
+                    irqchip: opts.irqchip,
+                },
+            )?)),
+        }
+    }
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}

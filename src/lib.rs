@@ -1,0 +1,29 @@
+//! visor: one VMM, one device model, one exit loop; several CPU-virtualization
+//! engines. This library holds the parts the `visor` binary and the tests share:
+//! the engine registry, the VM (memory + buses + vCPU), the VMM loop and
+//! statistics.
+
+pub mod console;
+pub mod engine;
+pub mod stats;
+pub mod vmm;
+
+pub use engine::{Engine, VmOptions};
+pub use stats::Stats;
+pub use vmm::{Outcome, Vm};
+
+/// The demo guest embedded in the binary (guest/demo, built by build.rs).
+pub static DEMO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
+
+/// Exit statuses of `visor run`. Odd statuses belong to the guest's debug-exit
+/// port ((v << 1) | 1); visor's own are even.
+pub mod exit_status {
+    /// Clean power-off, reset, or HLT with nothing left to wake the guest.
+    pub const OK: i32 = 0;
+    /// Bad input or a VMM error: one line on stderr says which.
+    pub const ERROR: i32 = 2;
+    /// The guest triple-faulted; a register dump is on stderr.
+    pub const TRIPLE_FAULT: i32 = 4;
+    /// The engine could not run the guest (entry failure, internal error).
+    pub const GUEST_FAILURE: i32 = 6;
+}

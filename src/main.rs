@@ -1,0 +1,177 @@
+//! `visor`: the command line. Thin: parse, build the VM, run it, report.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use machine::devices::{IrqTrigger, Platform};
+use machine::loader::{self, BootOptions, Initrd, KernelKind};
+use visor::{exit_status, Engine, Stats, Vm, VmOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "visor",
+    version,
+    about = "An x86-64 hypervisor with every classic CPU-virtualization design side by side"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a kernel (Linux bzImage, Multiboot, or ELF64); the embedded demo guest without one.
+    Run(RunArgs),
+    /// List the engines and whether each can run on this host.
+    Engines,
+}
+
+#[derive(clap::Args, Default)]
+struct RunArgs {
+    /// Kernel image: Linux bzImage, Multiboot v1 (ELF32 or a.out kludge) or ELF64.
+    kernel: Option<PathBuf>,
+    /// Engine: auto, or one listed by `visor engines`.
+    #[arg(long, default_value = "auto")]
+    engine: String,
+    /// Guest RAM, e.g. 256M or 2G.
+    #[arg(long, default_value = "512M")]
+    mem: String,
+    /// Initial ramdisk (Linux) or boot module (Multiboot).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Print exit statistics at the end of the run.
+    #[arg(long)]
+    stats: bool,
+    /// Write the statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.cmd.unwrap_or(Cmd::Run(RunArgs {
+        engine: "auto".into(),
+        mem: "512M".into(),
+        ..Default::default()
+    })) {
+        Cmd::Engines => {
+            engines();
+            0
+        }
+        Cmd::Run(args) => match run(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("visor: error: {e}");
+                exit_status::ERROR
+            }
+        },
+    };
+    ExitCode::from(code as u8)
+}
+
+fn engines() {
+    println!("{:<8} {:<12} design", "engine", "available");
+    for &e in Engine::ALL {
+        let avail = match e.unavailable_reason() {
+            None => "yes".to_string(),
+            Some(why) => format!("no ({why})"),
+        };
+        println!("{:<8} {:<12} {}", e.name(), avail, e.design());
+    }
+}
+
+fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+fn run(args: RunArgs) -> Result<i32, String> {
+    let engine = if args.engine == "auto" {
+        Engine::auto()?
+    } else {
+        let e = Engine::from_name(&args.engine).ok_or_else(|| {
+            let names: Vec<_> = Engine::ALL.iter().map(|e| e.name()).collect();
+            format!(
+                "unknown engine {:?} (engines: auto, {})",
+                args.engine,
+                names.join(", ")
+            )
+        })?;
+        if let Some(why) = e.unavailable_reason() {
+            return Err(format!("engine {e} is not available: {why}"));
+        }
+        e
+    };
+    let mem_size = machine::memory::parse_size(&args.mem).map_err(|e| format!("--mem: {e}"))?;
+    let (image, kernel_name) = match &args.kernel {
+        Some(p) => (read_file("kernel", p)?, p.display().to_string()),
+        None => (visor::DEMO_GUEST.to_vec(), "demo".to_string()),
+    };
+    let initrd = match &args.initrd {
+        Some(p) => Some((read_file("initrd", p)?, p.display().to_string())),
+        None => None,
+    };
+    let kind = loader::detect(&image).map_err(|e| format!("{kernel_name}: {e}"))?;
+    let opts = VmOptions {
+        irqchip: kind == KernelKind::Linux,
+    };
+    let mut vm = Vm::new(engine, mem_size, opts)?;
+    let boot = BootOptions {
+        kernel_name: &kernel_name,
+        cmdline: args.cmdline.as_deref(),
+        initrd: initrd.as_ref().map(|(data, name)| Initrd { name, data }),
+    };
+    let loaded = loader::load(&vm.mem, &vm.layout, &image, &boot)
+        .map_err(|e| format!("{kernel_name}: {e}"))?;
+    vm.set_cpu_state(&loaded.cpu.regs, &loaded.cpu.sregs)
+        .map_err(|e| format!("engine {engine}: setting the boot CPU state: {e}"))?;
+    let serial_irq = vm
+        .engine_vm
+        .irq_line(4)
+        .map_err(|e| format!("engine {engine}: {e}"))?;
+    let platform = Platform::attach(
+        &mut vm.pio,
+        IrqTrigger(serial_irq),
+        Box::new(std::io::stdout()),
+    )
+    .map_err(|e| e.to_string())?;
+
+    let raw = std::sync::Arc::new(visor::console::RawMode::enable());
+    let raw_q = raw.clone();
+    visor::console::spawn_stdin(platform.serial.clone(), move || {
+        if let Some(r) = raw_q.as_ref() {
+            r.restore();
+        }
+        eprintln!("\r\nvisor: quit (Ctrl-A x)");
+        std::process::exit(exit_status::OK);
+    });
+
+    let mut stats = Stats::new(engine.name());
+    let result = vm.run(&mut stats);
+    if let Some(r) = raw.as_ref() {
+        r.restore();
+    }
+    let outcome = result.map_err(|e| format!("engine {engine}: {e}"))?;
+    let code = outcome.exit_status();
+    match &outcome {
+        visor::Outcome::Stopped(_) => {}
+        o => {
+            eprintln!("visor: {}", o.describe());
+            if let Some(d) = o.dump() {
+                eprintln!("{d}");
+            }
+        }
+    }
+    if args.stats {
+        eprint!("{}", stats.table());
+        eprintln!("  outcome: {} (exit status {code})", outcome.describe());
+    }
+    if let Some(path) = &args.stats_json {
+        std::fs::write(path, stats.to_json(&outcome.describe(), code))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(code)
+}

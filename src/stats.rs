@@ -1,0 +1,168 @@
+//! Run statistics: VM exits by reason with handling time, time in the guest
+//! versus in the VMM, hypercalls by name, and the engine's own counters.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ExitStat {
+    pub count: u64,
+    /// Time the VMM spent handling these exits.
+    pub total_ns: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub engine: String,
+    pub exits: BTreeMap<&'static str, ExitStat>,
+    pub hypercalls: BTreeMap<String, u64>,
+    /// Accesses to ports / addresses no device claims.
+    pub unclaimed_pio: u64,
+    pub unclaimed_mmio: u64,
+    /// Time inside the engine's `run` (the guest, plus engine work).
+    pub guest_time: Duration,
+    /// Time in the VMM loop handling exits.
+    pub vmm_time: Duration,
+    pub wall_time: Duration,
+    pub engine_counters: Vec<(String, u64)>,
+}
+
+#[derive(Serialize)]
+struct Json<'a> {
+    engine: &'a str,
+    exits: BTreeMap<&'a str, u64>,
+    exit_handling_ns: BTreeMap<&'a str, u64>,
+    hypercalls: &'a BTreeMap<String, u64>,
+    unclaimed_pio: u64,
+    unclaimed_mmio: u64,
+    wall_time_ns: u64,
+    guest_time_ns: u64,
+    vmm_time_ns: u64,
+    engine_counters: BTreeMap<&'a str, u64>,
+    outcome: &'a str,
+    exit_status: i32,
+}
+
+impl Stats {
+    pub fn new(engine: &str) -> Self {
+        Stats {
+            engine: engine.to_string(),
+            ..Default::default()
+        }
+    }
+
+    pub fn record_exit(&mut self, reason: &'static str, handling: Duration) {
+        let e = self.exits.entry(reason).or_default();
+        e.count += 1;
+        e.total_ns += handling.as_nanos() as u64;
+        self.vmm_time += handling;
+    }
+
+    pub fn total_exits(&self) -> u64 {
+        self.exits.values().map(|e| e.count).sum()
+    }
+
+    /// The human-readable table `--stats` prints.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let wall = self.wall_time.as_secs_f64();
+        let pct = |d: Duration| {
+            if wall > 0.0 {
+                100.0 * d.as_secs_f64() / wall
+            } else {
+                0.0
+            }
+        };
+        let _ = writeln!(s, "visor stats: engine {}", self.engine);
+        let _ = writeln!(
+            s,
+            "  wall {:.3} s | in guest {:.3} s ({:.1}%) | in VMM {:.3} s ({:.1}%)",
+            wall,
+            self.guest_time.as_secs_f64(),
+            pct(self.guest_time),
+            self.vmm_time.as_secs_f64(),
+            pct(self.vmm_time)
+        );
+        let _ = writeln!(
+            s,
+            "  {:<16} {:>12} {:>14} {:>12}",
+            "exit reason", "count", "total ms", "mean us"
+        );
+        for (name, e) in &self.exits {
+            let _ = writeln!(
+                s,
+                "  {:<16} {:>12} {:>14.3} {:>12.3}",
+                name,
+                e.count,
+                e.total_ns as f64 / 1e6,
+                e.total_ns as f64 / 1e3 / e.count.max(1) as f64
+            );
+        }
+        let _ = writeln!(s, "  {:<16} {:>12}", "total", self.total_exits());
+        if self.unclaimed_pio + self.unclaimed_mmio > 0 {
+            let _ = writeln!(
+                s,
+                "  unclaimed accesses: {} port I/O, {} MMIO",
+                self.unclaimed_pio, self.unclaimed_mmio
+            );
+        }
+        if !self.hypercalls.is_empty() {
+            let _ = writeln!(s, "  {:<16} {:>12}", "hypercall", "count");
+            for (name, n) in &self.hypercalls {
+                let _ = writeln!(s, "  {:<16} {:>12}", name, n);
+            }
+        }
+        if !self.engine_counters.is_empty() {
+            let _ = writeln!(s, "  engine counters ({}):", self.engine);
+            for (name, n) in &self.engine_counters {
+                let _ = writeln!(s, "  {:<24} {:>12}", name, n);
+            }
+        }
+        s
+    }
+
+    pub fn to_json(&self, outcome: &str, exit_status: i32) -> String {
+        let j = Json {
+            engine: &self.engine,
+            exits: self.exits.iter().map(|(k, v)| (*k, v.count)).collect(),
+            exit_handling_ns: self.exits.iter().map(|(k, v)| (*k, v.total_ns)).collect(),
+            hypercalls: &self.hypercalls,
+            unclaimed_pio: self.unclaimed_pio,
+            unclaimed_mmio: self.unclaimed_mmio,
+            wall_time_ns: self.wall_time.as_nanos() as u64,
+            guest_time_ns: self.guest_time.as_nanos() as u64,
+            vmm_time_ns: self.vmm_time.as_nanos() as u64,
+            engine_counters: self
+                .engine_counters
+                .iter()
+                .map(|(k, v)| (k.as_str(), *v))
+                .collect(),
+            outcome,
+            exit_status,
+        };
+        serde_json::to_string_pretty(&j).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_keys() {
+        let mut s = Stats::new("kvm");
+        s.record_exit("io_out", Duration::from_micros(3));
+        s.record_exit("io_out", Duration::from_micros(5));
+        s.wall_time = Duration::from_millis(2);
+        let v: serde_json::Value = serde_json::from_str(&s.to_json("powered off", 0)).unwrap();
+        assert_eq!(v["engine"], "kvm");
+        assert_eq!(v["exits"]["io_out"], 2);
+        assert_eq!(v["exit_handling_ns"]["io_out"], 8000);
+        assert!(v["hypercalls"].as_object().unwrap().is_empty());
+        assert_eq!(v["wall_time_ns"], 2_000_000);
+        assert!(s.table().contains("io_out"));
+    }
+}
