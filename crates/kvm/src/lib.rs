@@ -22,9 +22,21 @@ pub struct KvmConfig {
     pub irqchip: bool,
 }
 
-/// Why `/dev/kvm` cannot be used here, or `None` if it can.
+/// The KVM device: `/dev/kvm`, or the path in `VISOR_KVM_DEVICE`.
+pub fn device_path() -> String {
+    std::env::var("VISOR_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into())
+}
+
+fn open() -> std::result::Result<Kvm, String> {
+    let path = device_path();
+    let c =
+        std::ffi::CString::new(path.clone()).map_err(|_| format!("bad device path {path:?}"))?;
+    Kvm::new_with_path(c).map_err(|e| open_error(&path, e))
+}
+
+/// Why KVM cannot be used here, or `None` if it can.
 pub fn unavailable_reason() -> Option<String> {
-    match Kvm::new() {
+    match open() {
         Ok(kvm) => {
             if !kvm.check_extension(Cap::UserMemory) {
                 Some("/dev/kvm lacks KVM_CAP_USER_MEMORY".into())
@@ -32,17 +44,17 @@ pub fn unavailable_reason() -> Option<String> {
                 None
             }
         }
-        Err(e) => Some(open_error(e)),
+        Err(e) => Some(e),
     }
 }
 
-fn open_error(e: kvm_ioctls::Error) -> String {
+fn open_error(path: &str, e: kvm_ioctls::Error) -> String {
     let what = match e.errno() {
         libc::ENOENT => "does not exist (no KVM in this kernel, or not passed to this container)",
         libc::EACCES | libc::EPERM => "is not accessible to this user (join the kvm group)",
         _ => "cannot be opened",
     };
-    format!("/dev/kvm {what}: {e}")
+    format!("{path} {what}: {e}")
 }
 
 fn os(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -59,7 +71,7 @@ impl KvmVm {
     /// Creates a VM whose RAM is `mem`. The mappings stay valid for as long as
     /// `mem` lives; the caller keeps `mem` alive longer than the VM.
     pub fn new<M: GuestMemoryBackend>(mem: &M, config: KvmConfig) -> Result<Self> {
-        let kvm = Kvm::new().map_err(|e| VcpuError::Engine(open_error(e)))?;
+        let kvm = open().map_err(VcpuError::Engine)?;
         let vm = kvm.create_vm().map_err(os("KVM_CREATE_VM"))?;
         for (slot, region) in mem.iter().enumerate() {
             let host = region

@@ -1,0 +1,393 @@
+//! The conformance suite: tiny guests, assembled here with iced-x86, each run on
+//! every registered engine through one macro, with expected registers, exits and
+//! device traffic.
+
+use std::sync::{Arc, Mutex};
+
+use iced_x86::code_asm::*;
+use machine::bus::{Action, Device, StopReason};
+use vcpu::{DescriptorTable, Regs};
+use visor::{Engine, Outcome, Stats, Vm, VmOptions};
+use vm_memory::{Bytes, GuestAddress};
+
+const CODE: u64 = 0x10_0000;
+const DATA: u64 = 0x11_0000;
+const IDT: u64 = 0x8000;
+const STACK: u64 = 0x80000;
+
+/// Records every access; reads return `base + offset` in each byte.
+#[derive(Default)]
+struct Recorder {
+    writes: Vec<(u64, Vec<u8>)>,
+    reads: Vec<(u64, usize)>,
+}
+
+impl Device for Recorder {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.reads.push((offset, data.len()));
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = 0xa0u8.wrapping_add(offset as u8).wrapping_add(i as u8);
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Action {
+        self.writes.push((offset, data.to_vec()));
+        Action::Continue
+    }
+}
+
+struct Guest {
+    vm: Vm,
+    ports: Arc<Mutex<Recorder>>,
+    mmio: Arc<Mutex<Recorder>>,
+    stats: Stats,
+}
+
+const PORT_BASE: u64 = 0x80;
+const MMIO_BASE: u64 = 0xd000_0000;
+
+impl Guest {
+    /// A 16 MiB guest in 64-bit long mode (visor's boot state), `code` at CODE.
+    fn long_mode(engine: Engine, code: &[u8]) -> Guest {
+        let mut vm = Vm::new(engine, 16 << 20, VmOptions::default()).expect("create vm");
+        let sregs = machine::boot::long_mode(&vm.mem).unwrap();
+        vm.mem.write_slice(code, GuestAddress(CODE)).unwrap();
+        let regs = Regs {
+            rip: CODE,
+            rsp: STACK,
+            rflags: 2,
+            ..Default::default()
+        };
+        vm.set_cpu_state(&regs, &sregs).unwrap();
+        Guest::finish(vm, engine)
+    }
+
+    fn finish(mut vm: Vm, engine: Engine) -> Guest {
+        let ports = Arc::new(Mutex::new(Recorder::default()));
+        let mmio = Arc::new(Mutex::new(Recorder::default()));
+        vm.pio.insert(PORT_BASE, 4, ports.clone()).unwrap();
+        vm.pio
+            .insert(
+                abi::port::DEBUG_EXIT as u64,
+                1,
+                Arc::new(Mutex::new(machine::devices::DebugExit)),
+            )
+            .unwrap();
+        vm.mmio.insert(MMIO_BASE, 0x1000, mmio.clone()).unwrap();
+        Guest {
+            vm,
+            ports,
+            mmio,
+            stats: Stats::new(engine.name()),
+        }
+    }
+
+    fn run(&mut self) -> Outcome {
+        self.vm.run(&mut self.stats).expect("engine error")
+    }
+
+    fn regs(&self) -> Regs {
+        self.vm.vcpu.regs().unwrap()
+    }
+
+    fn exits(&self, name: &str) -> u64 {
+        self.stats.exits.get(name).map_or(0, |e| e.count)
+    }
+}
+
+fn asm64(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(CODE).unwrap()
+}
+
+fn assert_halted(o: &Outcome) {
+    assert!(
+        matches!(o, Outcome::Halted { .. }),
+        "expected HLT, got {o:?}"
+    );
+}
+
+/// Runs each case on every engine that works on this host. An engine that is
+/// not available here is reported on stderr, not silently passed.
+macro_rules! on_every_engine {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[test]
+                fn kvm() {
+                    super::run_case(visor::Engine::Kvm, super::$case);
+                }
+            }
+        )*
+    };
+}
+
+fn run_case(engine: Engine, case: fn(Engine)) {
+    if let Some(why) = engine.unavailable_reason() {
+        if std::env::var_os("VISOR_REQUIRE_ENGINES").is_some() {
+            panic!("engine {engine} is required but unavailable: {why}");
+        }
+        eprintln!("SKIPPED on engine {engine}: {why}");
+        return;
+    }
+    case(engine)
+}
+
+on_every_engine!(
+    arithmetic_hlt,
+    port_io,
+    rep_outsb_insb,
+    mmio_unbacked,
+    cpuid,
+    guest_page_fault,
+    triple_fault,
+    debug_exit,
+);
+
+fn arithmetic_hlt(engine: Engine) {
+    let code = asm64(|a| {
+        a.mov(rax, 6u64)?;
+        a.mov(rbx, 7u64)?;
+        a.imul_2(rax, rbx)?; // 42
+        a.mov(rcx, 0xffff_ffff_ffff_fff0u64)?;
+        a.add(rcx, 0x20)?; // 0x10, carry out
+        a.setc(dl)?;
+        a.movzx(rdx, dl)?;
+        a.mov(rsi, 1000u64)?;
+        a.xor(edi, edi)?;
+        let mut lp = a.create_label();
+        a.set_label(&mut lp)?;
+        a.add(rdi, rsi)?;
+        a.dec(rsi)?;
+        a.jnz(lp)?; // rdi = 500500
+        a.mov(r8, 0x1234_5678_9abc_def0u64)?;
+        a.bswap(r8)?;
+        a.mov(rax, rax)?;
+        a.hlt()
+    });
+    let mut g = Guest::long_mode(engine, &code);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.rax, 42);
+    assert_eq!(r.rcx, 0x10);
+    assert_eq!(r.rdx, 1, "carry from the 64-bit add");
+    assert_eq!(r.rdi, 500_500);
+    assert_eq!(r.r8, 0xf0de_bc9a_7856_3412);
+    assert_eq!(r.rip, CODE + code.len() as u64, "rip after HLT");
+    assert_eq!(g.exits("hlt"), 1);
+}
+
+fn port_io(engine: Engine) {
+    let code = asm64(|a| {
+        a.mov(edx, PORT_BASE as u32)?;
+        a.mov(eax, 0x1122_3344u32)?;
+        a.out(dx, al)?;
+        a.out(dx, ax)?;
+        a.out(dx, eax)?;
+        a.mov(edx, PORT_BASE as u32 + 2)?;
+        a.xor(eax, eax)?;
+        a.in_(al, dx)?;
+        a.mov(ebx, eax)?;
+        a.in_(eax, dx)?;
+        a.mov(ecx, eax)?;
+        a.mov(edx, 0x1234u32)?; // nobody listens: reads all-ones, writes dropped
+        a.in_(al, dx)?;
+        a.movzx(esi, al)?;
+        a.out(dx, al)?;
+        a.hlt()
+    });
+    let mut g = Guest::long_mode(engine, &code);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.rbx, 0xa2);
+    assert_eq!(r.rcx, 0xa5a4_a3a2);
+    assert_eq!(r.rsi, 0xff);
+    let p = g.ports.lock().unwrap();
+    assert_eq!(
+        p.writes,
+        vec![
+            (0, vec![0x44]),
+            (0, vec![0x44, 0x33]),
+            (0, vec![0x44, 0x33, 0x22, 0x11])
+        ]
+    );
+    assert_eq!(p.reads, vec![(2, 1), (2, 4)]);
+    assert_eq!(g.exits("io_out"), 4);
+    assert_eq!(g.exits("io_in"), 3);
+    assert_eq!(g.stats.unclaimed_pio, 2);
+}
+
+fn rep_outsb_insb(engine: Engine) {
+    let code = asm64(|a| {
+        a.cld()?;
+        a.mov(rsi, DATA)?;
+        a.mov(ecx, 5u32)?;
+        a.mov(edx, PORT_BASE as u32 + 1)?;
+        a.rep().outsb()?;
+        a.mov(rdi, DATA + 0x100)?;
+        a.mov(ecx, 3u32)?;
+        a.rep().insb()?;
+        a.mov(rax, qword_ptr(DATA + 0x100))?;
+        a.hlt()
+    });
+    let mut g = Guest::long_mode(engine, &code);
+    g.vm.mem.write_slice(b"hello", GuestAddress(DATA)).unwrap();
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.rcx, 0, "rcx counts down to 0");
+    assert_eq!(r.rsi, DATA + 5);
+    assert_eq!(r.rdi, DATA + 0x103);
+    assert_eq!(r.rax & 0xff_ffff, 0xa1a1a1, "three reads of port+1");
+    let p = g.ports.lock().unwrap();
+    let sent: Vec<u8> = p.writes.iter().flat_map(|(_, d)| d.clone()).collect();
+    assert_eq!(sent, b"hello");
+    assert!(p.writes.iter().all(|(off, d)| *off == 1 && d.len() == 1));
+    assert_eq!(p.reads.len(), 3);
+}
+
+fn mmio_unbacked(engine: Engine) {
+    let code = asm64(|a| {
+        a.mov(rbx, MMIO_BASE + 0x10)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.mov(ecx, dword_ptr(rbx + 4))?;
+        a.mov(rdx, 0x0102_0304_0506_0708u64)?;
+        a.mov(qword_ptr(rbx + 8), rdx)?;
+        a.mov(byte_ptr(rbx), 0x5a)?;
+        a.hlt()
+    });
+    let mut g = Guest::long_mode(engine, &code);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.rax, 0xb7b6_b5b4_b3b2_b1b0);
+    assert_eq!(r.rcx, 0xb7b6_b5b4);
+    let m = g.mmio.lock().unwrap();
+    assert_eq!(m.reads, vec![(0x10, 8), (0x14, 4)]);
+    assert_eq!(
+        m.writes,
+        vec![
+            (0x18, 0x0102_0304_0506_0708u64.to_le_bytes().to_vec()),
+            (0x10, vec![0x5a])
+        ]
+    );
+    assert_eq!(g.exits("mmio_read"), 2);
+    assert_eq!(g.exits("mmio_write"), 2);
+}
+
+fn cpuid(engine: Engine) {
+    let code = asm64(|a| {
+        a.xor(eax, eax)?;
+        a.cpuid()?;
+        a.mov(r8, rbx)?;
+        a.mov(r9, rdx)?;
+        a.mov(r10, rcx)?;
+        a.mov(r11, rax)?;
+        a.mov(eax, 1u32)?;
+        a.cpuid()?;
+        a.mov(r12, rdx)?;
+        a.hlt()
+    });
+    let mut g = Guest::long_mode(engine, &code);
+    assert_halted(&g.run());
+    let r = g.regs();
+    let mut vendor = Vec::new();
+    for w in [r.r8, r.r9, r.r10] {
+        vendor.extend_from_slice(&(w as u32).to_le_bytes());
+    }
+    let host = std::arch::x86_64::__cpuid(0);
+    let mut hv = Vec::new();
+    for w in [host.ebx, host.edx, host.ecx] {
+        hv.extend_from_slice(&w.to_le_bytes());
+    }
+    assert_eq!(vendor, hv, "vendor string");
+    assert!(r.r11 >= 1, "max basic leaf");
+    assert_ne!(r.r12 & (1 << 26), 0, "SSE2 in leaf 1 EDX");
+    assert_ne!(r.r12 & (1 << 0), 0, "FPU in leaf 1 EDX");
+}
+
+/// Writes a 64-bit interrupt gate for `vector` to the IDT at IDT.
+fn set_gate(g: &Guest, vector: u64, handler: u64) {
+    let lo: u64 = (handler & 0xffff)
+        | ((abi::SEL_CODE64 as u64) << 16)
+        | (0x8e00u64 << 32)
+        | ((handler >> 16 & 0xffff) << 48);
+    let hi: u64 = handler >> 32;
+    g.vm.mem
+        .write_obj(lo, GuestAddress(IDT + vector * 16))
+        .unwrap();
+    g.vm.mem
+        .write_obj(hi, GuestAddress(IDT + vector * 16 + 8))
+        .unwrap();
+}
+
+fn guest_page_fault(engine: Engine) {
+    const HANDLER: u64 = CODE + 0x800;
+    const RESUME: u64 = CODE + 0x900;
+    const UNMAPPED: u64 = 0x1_4000_0000; // 5 GiB: beyond the boot identity map
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(r15, 0u64).unwrap();
+    a.mov(rbx, UNMAPPED).unwrap();
+    a.mov(rax, qword_ptr(rbx)).unwrap(); // #PF
+    a.mov(r13, 0xbadu64).unwrap(); // skipped by the handler
+    a.hlt().unwrap();
+    let mut main = a.assemble(CODE).unwrap();
+    main.resize((HANDLER - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.pop(r14).unwrap(); // error code
+    h.mov(r15, cr2).unwrap();
+    h.mov(rax, RESUME).unwrap();
+    h.mov(qword_ptr(rsp), rax).unwrap(); // return to RESUME
+    h.iretq().unwrap();
+    let hcode = h.assemble(HANDLER).unwrap();
+    main.extend_from_slice(&hcode);
+    main.resize((RESUME - CODE) as usize, 0xcc);
+    let mut r = CodeAssembler::new(64).unwrap();
+    r.mov(r12, 0x600du64).unwrap();
+    r.hlt().unwrap();
+    main.extend_from_slice(&r.assemble(RESUME).unwrap());
+
+    let mut g = Guest::long_mode(engine, &main);
+    set_gate(&g, 14, HANDLER);
+    let mut s = g.vm.vcpu.sregs().unwrap();
+    s.idt = DescriptorTable {
+        base: IDT,
+        limit: 256 * 16 - 1,
+    };
+    g.vm.vcpu.set_sregs(&s).unwrap();
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r15, UNMAPPED, "CR2 holds the faulting address");
+    assert_eq!(r.r14, 0, "error code: not present, read, supervisor");
+    assert_eq!(r.r12, 0x600d, "handler resumed at RESUME");
+    assert_ne!(r.r13, 0xbad, "faulting path skipped");
+    assert_eq!(r.rsp, STACK, "IRETQ restored the stack");
+}
+
+fn triple_fault(engine: Engine) {
+    // No IDT (limit 0): #UD cannot be delivered, nor the #GP, nor the #DF.
+    let code = asm64(|a| {
+        a.mov(rax, 0x7357u64)?;
+        a.ud2()
+    });
+    let mut g = Guest::long_mode(engine, &code);
+    let o = g.run();
+    assert!(matches!(o, Outcome::TripleFault { .. }), "got {o:?}");
+    assert_eq!(o.exit_status(), visor::exit_status::TRIPLE_FAULT);
+    let dump = o.dump().expect("register dump");
+    assert!(dump.contains("rax=0000000000007357"), "{dump}");
+    assert_eq!(g.exits("shutdown"), 1);
+}
+
+fn debug_exit(engine: Engine) {
+    let code = asm64(|a| {
+        a.mov(al, 0x21)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)?;
+        a.hlt()
+    });
+    let mut g = Guest::long_mode(engine, &code);
+    let o = g.run();
+    assert!(
+        matches!(o, Outcome::Stopped(StopReason::DebugExit(0x21))),
+        "{o:?}"
+    );
+    assert_eq!(o.exit_status(), 0x43);
+}
