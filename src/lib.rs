@@ -26,4 +26,6 @@ pub mod exit_status {
     pub const TRIPLE_FAULT: i32 = 4;
     /// The engine could not run the guest (entry failure, internal error).
     pub const GUEST_FAILURE: i32 = 6;
+    /// `--timeout` expired while the guest ran (register dump on stderr).
+    pub const TIMEOUT: i32 = 8;
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use machine::devices::{IrqTrigger, Platform};
 use machine::loader::{self, BootOptions, Initrd, KernelKind};
+use machine::MemoryLayout;
 use visor::{exit_status, Engine, Stats, Vm, VmOptions};
 
 #[derive(Parser)]
@@ -46,6 +47,9 @@ struct RunArgs {
     /// Print exit statistics at the end of the run.
     #[arg(long)]
     stats: bool,
+    /// Stop the guest after SECONDS (exit status 8, with a register dump).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
     /// Write the statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -88,24 +92,34 @@ fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
 }
 
+fn select_engine(name: &str) -> Result<Engine, String> {
+    if name == "auto" {
+        return Engine::auto();
+    }
+    let e = Engine::from_name(name).ok_or_else(|| {
+        let names: Vec<_> = Engine::ALL.iter().map(|e| e.name()).collect();
+        format!(
+            "unknown engine {name:?} (engines: auto, {})",
+            names.join(", ")
+        )
+    })?;
+    match e.unavailable_reason() {
+        Some(why) => Err(format!("engine {e} is not available: {why}")),
+        None => Ok(e),
+    }
+}
+
 fn run(args: RunArgs) -> Result<i32, String> {
-    let engine = if args.engine == "auto" {
-        Engine::auto()?
-    } else {
-        let e = Engine::from_name(&args.engine).ok_or_else(|| {
-            let names: Vec<_> = Engine::ALL.iter().map(|e| e.name()).collect();
-            format!(
-                "unknown engine {:?} (engines: auto, {})",
-                args.engine,
-                names.join(", ")
-            )
-        })?;
-        if let Some(why) = e.unavailable_reason() {
-            return Err(format!("engine {e} is not available: {why}"));
-        }
-        e
-    };
+    // Everything about the input is checked before an engine is touched.
     let mem_size = machine::memory::parse_size(&args.mem).map_err(|e| format!("--mem: {e}"))?;
+    let layout = MemoryLayout::new(mem_size).map_err(|e| e.to_string())?;
+    let timeout = args
+        .timeout
+        .map(|t| {
+            std::time::Duration::try_from_secs_f64(t)
+                .map_err(|_| format!("--timeout {t}: not a number of seconds"))
+        })
+        .transpose()?;
     let (image, kernel_name) = match &args.kernel {
         Some(p) => (read_file("kernel", p)?, p.display().to_string()),
         None => (visor::DEMO_GUEST.to_vec(), "demo".to_string()),
@@ -115,17 +129,21 @@ fn run(args: RunArgs) -> Result<i32, String> {
         None => None,
     };
     let kind = loader::detect(&image).map_err(|e| format!("{kernel_name}: {e}"))?;
-    let opts = VmOptions {
-        irqchip: kind == KernelKind::Linux,
-    };
-    let mut vm = Vm::new(engine, mem_size, opts)?;
+    let mem = layout.create().map_err(|e| e.to_string())?;
     let boot = BootOptions {
         kernel_name: &kernel_name,
         cmdline: args.cmdline.as_deref(),
         initrd: initrd.as_ref().map(|(data, name)| Initrd { name, data }),
     };
-    let loaded = loader::load(&vm.mem, &vm.layout, &image, &boot)
-        .map_err(|e| format!("{kernel_name}: {e}"))?;
+    let loaded =
+        loader::load(&mem, &layout, &image, &boot).map_err(|e| format!("{kernel_name}: {e}"))?;
+    drop(image);
+
+    let engine = select_engine(&args.engine)?;
+    let opts = VmOptions {
+        irqchip: kind == KernelKind::Linux,
+    };
+    let mut vm = Vm::with_memory(engine, layout, mem, opts)?;
     vm.set_cpu_state(&loaded.cpu.regs, &loaded.cpu.sregs)
         .map_err(|e| format!("engine {engine}: setting the boot CPU state: {e}"))?;
     let serial_irq = vm
@@ -149,6 +167,9 @@ fn run(args: RunArgs) -> Result<i32, String> {
         std::process::exit(exit_status::OK);
     });
 
+    if let Some(d) = timeout {
+        vm.stopper().stop_after(d);
+    }
     let mut stats = Stats::new(engine.name());
     let result = vm.run(&mut stats);
     if let Some(r) = raw.as_ref() {

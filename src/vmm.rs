@@ -1,7 +1,9 @@
 //! The VM and the VMM loop, written once for every engine: run the vCPU, complete
 //! its exit against the buses, count it, repeat.
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use machine::bus::StopReason;
 use machine::{Action, Bus, GuestMemory, MemoryLayout};
@@ -18,6 +20,8 @@ pub enum Outcome {
     Halted { regs: Box<Regs> },
     /// Triple fault.
     TripleFault { regs: Box<Regs>, sregs: Box<SRegs> },
+    /// The run was stopped from outside (`--timeout`) before the guest stopped.
+    TimedOut { regs: Box<Regs>, sregs: Box<SRegs> },
     /// The engine failed to enter or run the guest.
     GuestFailure {
         what: String,
@@ -34,6 +38,7 @@ impl Outcome {
             Outcome::Halted { .. } => OK,
             Outcome::TripleFault { .. } => TRIPLE_FAULT,
             Outcome::GuestFailure { .. } => GUEST_FAILURE,
+            Outcome::TimedOut { .. } => TIMEOUT,
         }
     }
 
@@ -49,15 +54,21 @@ impl Outcome {
             }
             Outcome::TripleFault { .. } => "guest triple-faulted (shutdown)".into(),
             Outcome::GuestFailure { what, .. } => what.clone(),
+            Outcome::TimedOut { regs, .. } => {
+                format!(
+                    "timed out: the guest was still running at rip={:#x}",
+                    regs.rip
+                )
+            }
         }
     }
 
     /// Register dump for outcomes that are failures.
     pub fn dump(&self) -> Option<String> {
         match self {
-            Outcome::TripleFault { regs, sregs } | Outcome::GuestFailure { regs, sregs, .. } => {
-                Some(format!("{regs}\n{sregs}"))
-            }
+            Outcome::TripleFault { regs, sregs }
+            | Outcome::TimedOut { regs, sregs }
+            | Outcome::GuestFailure { regs, sregs, .. } => Some(format!("{regs}\n{sregs}")),
             _ => None,
         }
     }
@@ -73,12 +84,54 @@ pub struct Vm {
     pub mmio: Bus,
     pub layout: MemoryLayout,
     pub mem: GuestMemory,
+    /// Set by [`Stopper::stop`]; the loop ends with [`Outcome::TimedOut`].
+    stop: Arc<AtomicBool>,
+}
+
+/// Stops a running [`Vm`] from another thread: sets the flag and kicks the vCPU
+/// thread with SIGUSR1 until the engine returns to the loop.
+#[derive(Clone)]
+pub struct Stopper {
+    flag: Arc<AtomicBool>,
+    thread: libc::pthread_t,
+}
+
+extern "C" fn kick_handler(_: libc::c_int) {}
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops the VM after `after`, kicking until the run has ended.
+    pub fn stop_after(self, after: Duration) {
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            self.stop();
+            loop {
+                // SAFETY: signalling a thread of this process; SIGUSR1 has a no-op
+                // handler installed by `Vm::stopper`, so it only interrupts KVM_RUN.
+                unsafe { libc::pthread_kill(self.thread, libc::SIGUSR1) };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    }
 }
 
 impl Vm {
     pub fn new(engine: Engine, mem_size: u64, opts: VmOptions) -> Result<Vm, String> {
         let layout = MemoryLayout::new(mem_size).map_err(|e| e.to_string())?;
         let mem = layout.create().map_err(|e| e.to_string())?;
+        Vm::with_memory(engine, layout, mem, opts)
+    }
+
+    /// A VM on guest memory that is already populated (a kernel loaded into it).
+    pub fn with_memory(
+        engine: Engine,
+        layout: MemoryLayout,
+        mem: GuestMemory,
+        opts: VmOptions,
+    ) -> Result<Vm, String> {
         let mut engine_vm = engine
             .create_vm(&mem, opts)
             .map_err(|e| format!("engine {engine}: {e}"))?;
@@ -93,7 +146,25 @@ impl Vm {
             mmio: Bus::new(),
             layout,
             mem,
+            stop: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// A handle that stops this VM's run; call on the thread that will run it.
+    pub fn stopper(&self) -> Stopper {
+        // SAFETY: installing a no-op handler without SA_RESTART, so a kick makes a
+        // blocking KVM_RUN return EINTR; the handler touches no state.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = kick_handler as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        }
+        Stopper {
+            flag: self.stop.clone(),
+            // SAFETY: pthread_self has no preconditions.
+            thread: unsafe { libc::pthread_self() },
+        }
     }
 
     pub fn set_cpu_state(&mut self, regs: &Regs, sregs: &SRegs) -> Result<(), VcpuError> {
@@ -148,7 +219,14 @@ impl Vm {
                     Some(Action::Continue) => {}
                     None => stats.unclaimed_mmio += 1,
                 },
-                VcpuExit::Interrupted => {}
+                VcpuExit::Interrupted => {
+                    if self.stop.load(Ordering::SeqCst) {
+                        stop = Some(Outcome::TimedOut {
+                            regs: Box::new(self.vcpu.regs()?),
+                            sregs: Box::new(self.vcpu.sregs()?),
+                        })
+                    }
+                }
                 VcpuExit::Hlt => {
                     stop = Some(Outcome::Halted {
                         regs: Box::new(self.vcpu.regs()?),

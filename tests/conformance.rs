@@ -391,3 +391,85 @@ fn debug_exit(engine: Engine) {
     );
     assert_eq!(o.exit_status(), 0x43);
 }
+
+#[test]
+#[ignore]
+fn speed_probe() {
+    for n in [1_000_000u64, 10_000_000] {
+        let code = asm64(|a| {
+            a.mov(rcx, n)?;
+            let mut lp = a.create_label();
+            a.set_label(&mut lp)?;
+            a.add(rax, rcx)?;
+            a.dec(rcx)?;
+            a.jnz(lp)?;
+            a.hlt()
+        });
+        let mut g = Guest::long_mode(Engine::Kvm, &code);
+        let t = std::time::Instant::now();
+        g.run();
+        eprintln!("{n} iterations: {:?}", t.elapsed());
+    }
+}
+
+#[test]
+#[ignore]
+fn speed_probe_user() {
+    let n = 10_000_000u64;
+    let user = CODE + 0x1000;
+    let mut k = CodeAssembler::new(64).unwrap();
+    k.push(0x2bu64 as i32).unwrap(); // ss: user data (0x28 | 3)
+    k.push(0x70000).unwrap(); // rsp
+    k.push(0x2).unwrap(); // rflags
+    k.push(0x33).unwrap(); // cs: user code (0x30 | 3)
+    k.mov(rax, user).unwrap();
+    k.push(rax).unwrap();
+    k.iretq().unwrap();
+    let mut code = k.assemble(CODE).unwrap();
+    code.resize(0x1000, 0xcc);
+    let u = asm64(|a| {
+        a.mov(rcx, n)?;
+        let mut lp = a.create_label();
+        a.set_label(&mut lp)?;
+        a.add(rax, rcx)?;
+        a.dec(rcx)?;
+        a.jnz(lp)?;
+        a.ud2()
+    });
+    code.extend_from_slice(&u);
+    let mut g = Guest::long_mode(Engine::Kvm, &code);
+    // user data and user code descriptors at 0x28 and 0x30; user-accessible pages.
+    g.vm.mem
+        .write_obj(0x00cf_f300_0000_ffffu64, GuestAddress(abi::BOOT_GDT + 0x28))
+        .unwrap();
+    g.vm.mem
+        .write_obj(0x00af_fb00_0000_ffffu64, GuestAddress(abi::BOOT_GDT + 0x30))
+        .unwrap();
+    for i in 0..2048u64 {
+        g.vm.mem
+            .write_obj((i << 21) | 0x87, GuestAddress(abi::BOOT_PD + i * 8))
+            .unwrap();
+    }
+    for i in 0..4u64 {
+        g.vm.mem
+            .write_obj(
+                (abi::BOOT_PD + i * 0x1000) | 7,
+                GuestAddress(abi::BOOT_PDPT + i * 8),
+            )
+            .unwrap();
+    }
+    g.vm.mem
+        .write_obj(abi::BOOT_PDPT | 7, GuestAddress(abi::BOOT_PML4))
+        .unwrap();
+    let mut s = g.vm.vcpu.sregs().unwrap();
+    s.gdt.limit = 0x37;
+    g.vm.vcpu.set_sregs(&s).unwrap();
+    let t = std::time::Instant::now();
+    let o = g.run();
+    eprintln!(
+        "user: {n} iterations: {:?} {:?} rcx={}",
+        t.elapsed(),
+        o.describe(),
+        g.regs().rcx
+    );
+}

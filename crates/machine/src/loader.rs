@@ -98,7 +98,11 @@ pub fn detect(image: &[u8]) -> Result<KernelKind, LoadError> {
         return Ok(KernelKind::Multiboot);
     }
     if image.len() >= 5 && &image[..4] == b"\x7fELF" && image[4] == 2 {
-        return Ok(KernelKind::Elf64);
+        return Ok(if is_vmlinux(image) {
+            KernelKind::Linux
+        } else {
+            KernelKind::Elf64
+        });
     }
     Err(LoadError::UnknownFormat(image.len()))
 }
@@ -110,6 +114,9 @@ pub fn load(
     opts: &BootOptions,
 ) -> Result<Loaded, LoadError> {
     match detect(image)? {
+        KernelKind::Linux if image.starts_with(b"\x7fELF") => {
+            load_vmlinux(mem, layout, image, opts)
+        }
         KernelKind::Linux => load_linux(mem, layout, image, opts),
         KernelKind::Multiboot => load_multiboot(mem, layout, image, opts),
         KernelKind::Elf64 => load_elf64(mem, layout, image, opts),
@@ -568,10 +575,99 @@ fn load_linux(
         Some(GuestAddress(KERNEL_MIN_ADDR)),
     )
     .map_err(|e| LoadError::InvalidBzImage(e.to_string()))?;
-    let mut hdr = res
+    let hdr = res
         .setup_header
         .ok_or_else(|| LoadError::InvalidBzImage("no setup header".into()))?;
 
+    boot_linux(
+        mem,
+        layout,
+        hdr,
+        kernel_end,
+        res.kernel_load.0 + 0x200,
+        opts,
+    )
+}
+
+/// True for an ELF64 file with a "Linux" ELF note: an uncompressed Linux vmlinux.
+fn is_vmlinux(image: &[u8]) -> bool {
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (le64(image, 32), le16(image, 54), le16(image, 56))
+    else {
+        return false;
+    };
+    (0..phnum as u64).any(|i| {
+        let off = phoff.saturating_add(i * phentsize as u64) as usize;
+        if le32(image, off) != Some(4) {
+            return false;
+        }
+        let (Some(start), Some(size)) = (le64(image, off + 8), le64(image, off + 32)) else {
+            return false;
+        };
+        let Some(notes) = image.get(start as usize..start.saturating_add(size) as usize) else {
+            return false;
+        };
+        let mut p = 0usize;
+        while let (Some(namesz), Some(descsz)) = (le32(notes, p), le32(notes, p + 4)) {
+            let name = notes.get(p + 12..p + 12 + namesz as usize);
+            if name == Some(b"Linux\0") {
+                return true;
+            }
+            let step = 12 + (namesz as usize).div_ceil(4) * 4 + (descsz as usize).div_ceil(4) * 4;
+            p = match p.checked_add(step) {
+                Some(n) if n > p => n,
+                _ => return false,
+            };
+        }
+        false
+    })
+}
+
+/// An uncompressed vmlinux, entered at its 64-bit entry point `startup_64` with the
+/// same boot_params as a bzImage (as Firecracker does): no decompressor runs.
+fn load_vmlinux(
+    mem: &GuestMemory,
+    layout: &MemoryLayout,
+    image: &[u8],
+    opts: &BootOptions,
+) -> Result<Loaded, LoadError> {
+    let (entry, segs) = elf_segments(image, true)?;
+    let (lo, hi) = segments_range(layout, &segs)?;
+    if !(lo..hi).contains(&entry) {
+        return Err(LoadError::InvalidElf(format!(
+            "vmlinux entry {entry:#x} is outside its segments {lo:#x}..{hi:#x}"
+        )));
+    }
+    Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(image),
+        Some(GuestAddress(KERNEL_MIN_ADDR)),
+    )
+    .map_err(|e| LoadError::InvalidElf(e.to_string()))?;
+    let hdr = linux_loader::loader::bootparam::setup_header {
+        boot_flag: 0xaa55,
+        header: 0x5372_6448,
+        version: 0x020f,
+        kernel_alignment: 0x100_0000,
+        loadflags: 1, // LOADED_HIGH
+        initrd_addr_max: 0x7fff_ffff,
+        cmdline_size: 2048,
+        ..Default::default()
+    };
+    boot_linux(mem, layout, hdr, hi, entry, opts)
+}
+
+/// Writes the command line, initrd and boot_params, and returns the 64-bit entry
+/// state shared by bzImage and vmlinux.
+fn boot_linux(
+    mem: &GuestMemory,
+    layout: &MemoryLayout,
+    mut hdr: linux_loader::loader::bootparam::setup_header,
+    kernel_end: u64,
+    entry: u64,
+    opts: &BootOptions,
+) -> Result<Loaded, LoadError> {
     let cmdline = opts.cmdline.unwrap_or(DEFAULT_LINUX_CMDLINE).to_string();
     let max = match hdr.cmdline_size {
         0 => 255,
@@ -606,7 +702,7 @@ fn load_linux(
 
     let sregs = boot::long_mode(mem)?;
     let regs = vcpu::Regs {
-        rip: res.kernel_load.0 + 0x200,
+        rip: entry,
         rsi: BOOT_INFO,
         rflags: RFLAGS_RESERVED,
         ..Default::default()
@@ -617,6 +713,29 @@ fn load_linux(
         kernel: (KERNEL_MIN_ADDR, kernel_end),
         cmdline,
     })
+}
+
+/// A minimal ELF64 kernel image: one PT_LOAD segment holding `code` at physical
+/// `paddr`, entered at `paddr`. Tiny guests (tests, examples) are built with it.
+pub fn elf64_image(paddr: u64, code: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 0x78];
+    f[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+    f[16..18].copy_from_slice(&2u16.to_le_bytes());
+    f[18..20].copy_from_slice(&62u16.to_le_bytes());
+    f[24..32].copy_from_slice(&paddr.to_le_bytes());
+    f[32..40].copy_from_slice(&64u64.to_le_bytes());
+    f[52..54].copy_from_slice(&64u16.to_le_bytes());
+    f[54..56].copy_from_slice(&56u16.to_le_bytes());
+    f[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+    f[ph + 8..ph + 16].copy_from_slice(&0x78u64.to_le_bytes());
+    f[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
+    f[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
+    f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    f[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(code);
+    f
 }
 
 #[cfg(test)]
@@ -638,32 +757,10 @@ mod tests {
         }
     }
 
-    /// A minimal ELF64 with one PT_LOAD of `code` at `paddr`.
-    pub fn elf64(paddr: u64, code: &[u8]) -> Vec<u8> {
-        let mut f = vec![0u8; 0x78];
-        f[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
-        f[16..18].copy_from_slice(&2u16.to_le_bytes());
-        f[18..20].copy_from_slice(&62u16.to_le_bytes());
-        f[24..32].copy_from_slice(&paddr.to_le_bytes());
-        f[32..40].copy_from_slice(&64u64.to_le_bytes());
-        f[52..54].copy_from_slice(&64u16.to_le_bytes());
-        f[54..56].copy_from_slice(&56u16.to_le_bytes());
-        f[56..58].copy_from_slice(&1u16.to_le_bytes());
-        let ph = 64;
-        f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
-        f[ph + 8..ph + 16].copy_from_slice(&0x78u64.to_le_bytes());
-        f[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
-        f[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
-        f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-        f[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-        f.extend_from_slice(code);
-        f
-    }
-
     #[test]
     fn elf64_loads() {
         let (l, m) = mem(16 << 20);
-        let k = elf64(0x20_0000, &[0xf4; 16]);
+        let k = elf64_image(0x20_0000, &[0xf4; 16]);
         let r = load(&m, &l, &k, &opts()).unwrap();
         assert_eq!(r.kind, KernelKind::Elf64);
         assert_eq!(r.cpu.regs.rip, 0x20_0000);
@@ -681,7 +778,7 @@ mod tests {
     #[test]
     fn elf64_errors() {
         let (l, m) = mem(4 << 20);
-        let k = elf64(0x20_0000, &[0xf4; 16]);
+        let k = elf64_image(0x20_0000, &[0xf4; 16]);
         assert!(matches!(
             load(&m, &l, &k[..k.len() - 4], &opts()),
             Err(LoadError::TruncatedElf(_))
@@ -690,12 +787,12 @@ mod tests {
             load(&m, &l, &k[..40], &opts()),
             Err(LoadError::TruncatedElf(_))
         ));
-        let big = elf64(0x3f_fff0, &[0xf4; 32]);
+        let big = elf64_image(0x3f_fff0, &[0xf4; 32]);
         assert!(matches!(
             load(&m, &l, &big, &opts()),
             Err(LoadError::KernelTooLarge { .. })
         ));
-        let low = elf64(0x1000, &[0xf4; 16]);
+        let low = elf64_image(0x1000, &[0xf4; 16]);
         assert!(matches!(
             load(&m, &l, &low, &opts()),
             Err(LoadError::KernelTooLow { .. })

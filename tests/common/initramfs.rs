@@ -1,0 +1,89 @@
+//! A busybox initramfs in the cpio "newc" format, written from scratch: `/init`
+//! prints a marker line and reboots (visor's i8042 reset ends the run).
+
+/// The line the test kernel's init prints.
+pub const MARKER: &str = "VISOR-LINUX-BOOT-OK";
+
+struct Cpio {
+    out: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        self.ino += 1;
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.out.extend_from_slice(b"070701");
+        for f in fields {
+            self.out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.out.len() % 4 != 0 {
+            self.out.push(0);
+        }
+    }
+}
+
+/// Builds the initramfs around the static busybox at `busybox`.
+pub fn build(busybox: &[u8]) -> Vec<u8> {
+    let mut c = Cpio {
+        out: Vec::new(),
+        ino: 0,
+    };
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox mount -t proc proc /proc\n\
+         /bin/busybox echo {MARKER} $(/bin/busybox cat /proc/cmdline | /bin/busybox wc -c)\n\
+         /bin/busybox reboot -f\n"
+    );
+    for d in ["bin", "dev", "proc"] {
+        c.entry(d, 0o040755, (0, 0), &[]);
+    }
+    c.entry("dev/console", 0o020600, (5, 1), &[]);
+    c.entry("bin/busybox", 0o100755, (0, 0), busybox);
+    c.entry("init", 0o100755, (0, 0), init.as_bytes());
+    c.entry("TRAILER!!!", 0, (0, 0), &[]);
+    c.out
+}
+
+/// Debian's kernel and busybox (installed by test.sh).
+pub fn debian_kernel() -> Option<std::path::PathBuf> {
+    let mut k: Vec<_> = std::fs::read_dir("/boot")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .collect();
+    k.sort();
+    k.pop()
+}
+
+pub fn busybox() -> Option<Vec<u8>> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .find_map(|p| std::fs::read(p).ok())
+}
