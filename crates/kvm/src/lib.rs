@@ -22,6 +22,13 @@ pub struct KvmConfig {
     pub irqchip: bool,
 }
 
+/// True when the host's KVM is PVM (the pagetable-based `kvm_pvm` module), which
+/// runs guest user mode natively but emulates guest ring 0 instruction by
+/// instruction.
+pub fn host_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
 /// The KVM device: `/dev/kvm`, or the path in `VISOR_KVM_DEVICE`.
 pub fn device_path() -> String {
     std::env::var("VISOR_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into())
@@ -121,10 +128,16 @@ impl vcpu::Vm for KvmVm {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(os("KVM_GET_SUPPORTED_CPUID"))?;
+        let pvm = host_is_pvm();
         for e in cpuid.as_mut_slice() {
             if e.function == 1 {
                 // Initial APIC id in EBX[31:24].
                 e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
+                if pvm {
+                    // PVM emulates guest ring 0, and its emulator fails on
+                    // CMPXCHG16B; without CX16 Linux's SLUB takes its locked path.
+                    e.ecx &= !(1 << 13);
+                }
             }
         }
         fd.set_cpuid2(&cpuid).map_err(os("KVM_SET_CPUID2"))?;

@@ -1,0 +1,341 @@
+//! The `visor` binary end to end: the embedded demo guest, statistics, Multiboot
+//! information, and every kind of bad input (one clear error line, a non-zero
+//! status, never a panic).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use iced_x86::code_asm::*;
+use machine::loader::elf64_image;
+
+fn visor(args: &[&str]) -> Output {
+    visor_env(args, &[])
+}
+
+fn visor_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_visor"));
+    c.args(args).stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("run visor");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "visor panicked: {err}"
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a bad-input failure: status 2 and exactly one `visor: error:` line
+/// that contains `needle`.
+fn assert_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    let lines: Vec<_> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {err}");
+    assert!(lines[0].starts_with("visor: error: "), "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in {err:?}");
+}
+
+fn kvm_here() -> bool {
+    match visor::Engine::Kvm.unavailable_reason() {
+        None => true,
+        Some(why) => {
+            eprintln!("SKIPPED: engine kvm unavailable: {why}");
+            false
+        }
+    }
+}
+
+fn tmp(name: &str, data: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join(name);
+    std::fs::write(&p, data).unwrap();
+    (d, p)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn demo_guest_boots_with_stats() {
+    if !kvm_here() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let json = d.path().join("stats.json");
+    let o = visor(&[
+        "run",
+        "--cmdline",
+        "quiet=1",
+        "--stats",
+        "--stats-json",
+        s(&json),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("visor demo guest: hello from 64-bit long mode"),
+        "{out}"
+    );
+    assert!(out.contains("demo: cmdline \"quiet=1\""), "{out}");
+    assert!(out.contains("demo: 6542 primes below 65536"), "{out}");
+    assert!(out.contains("demo: done"), "{out}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("exit reason") && err.contains("io_out"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["engine"], "kvm");
+    let outs = v["exits"]["io_out"].as_u64().unwrap();
+    assert!(outs as usize >= out.len(), "one exit per byte at least");
+    assert!(v["hypercalls"].is_object());
+    assert!(v["wall_time_ns"].as_u64().unwrap() > 0);
+    assert_eq!(v["exit_status"], 0);
+}
+
+#[test]
+fn no_arguments_runs_the_demo() {
+    if !kvm_here() {
+        return;
+    }
+    let o = visor(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("demo: done"));
+}
+
+#[test]
+fn engines_lists_kvm() {
+    let o = visor(&["engines"]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    assert!(out.lines().any(|l| l.starts_with("kvm ")), "{out}");
+    let o = visor_env(&["engines"], &[("VISOR_KVM_DEVICE", "/nonexistent/kvm")]);
+    assert!(stdout(&o).contains("no (/nonexistent/kvm does not exist"));
+}
+
+#[test]
+fn missing_kernel() {
+    assert_error(
+        &visor(&["run", "/nonexistent/kernel"]),
+        "cannot read kernel /nonexistent/kernel",
+    );
+}
+
+#[test]
+fn unreadable_kernel() {
+    let d = tempfile::tempdir().unwrap();
+    assert_error(&visor(&["run", s(d.path())]), "cannot read kernel");
+}
+
+#[test]
+fn not_a_kernel() {
+    let (_d, p) = tmp("junk", &[0x5a; 4096]);
+    assert_error(&visor(&["run", s(&p)]), "not a kernel visor can boot");
+    let (_d, p) = tmp("empty", &[]);
+    assert_error(&visor(&["run", s(&p)]), "not a kernel visor can boot");
+}
+
+#[test]
+fn truncated_elf() {
+    let k = elf64_image(0x20_0000, &[0x90; 256]);
+    let (_d, p) = tmp("trunc", &k[..k.len() - 100]);
+    assert_error(&visor(&["run", s(&p)]), "truncated ELF");
+    let demo = visor::DEMO_GUEST;
+    let (_d, p) = tmp("demo-half", &demo[..demo.len() / 3]);
+    assert_error(&visor(&["run", s(&p)]), "truncated ELF");
+}
+
+#[test]
+fn memory_too_small() {
+    assert_error(&visor(&["run", "--mem", "1M"]), "too small");
+    // The demo kernel loads at 2 MiB: 2 MiB of RAM cannot hold it.
+    assert_error(&visor(&["run", "--mem", "2M"]), "raise --mem");
+    assert_error(&visor(&["run", "--mem", "12Q"]), "--mem");
+    assert_error(&visor(&["run", "--mem", "99999999T"]), "--mem");
+}
+
+#[test]
+fn initrd_does_not_fit() {
+    let (_d, p) = tmp("big.cpio", &vec![0u8; 6 << 20]);
+    assert_error(
+        &visor(&["run", "--mem", "4M", "--initrd", s(&p)]),
+        "does not fit",
+    );
+    assert_error(
+        &visor(&["run", "--initrd", "/nonexistent/initrd"]),
+        "cannot read initrd",
+    );
+}
+
+#[test]
+fn kvm_missing() {
+    assert_error(
+        &visor_env(&["run"], &[("VISOR_KVM_DEVICE", "/nonexistent/kvm")]),
+        "/nonexistent/kvm does not exist",
+    );
+    assert_error(
+        &visor_env(
+            &["run", "--engine", "kvm"],
+            &[("VISOR_KVM_DEVICE", "/nonexistent/kvm")],
+        ),
+        "engine kvm is not available",
+    );
+    assert_error(&visor(&["run", "--engine", "warp"]), "unknown engine");
+}
+
+fn asm(bits: u32, ip: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bits).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(ip).unwrap()
+}
+
+#[test]
+fn triple_fault_dumps_registers() {
+    if !kvm_here() {
+        return;
+    }
+    let code = asm(64, 0x20_0000, |a| {
+        a.mov(rbx, 0xfeed_u64)?;
+        a.ud2()
+    });
+    let (_d, p) = tmp("tf.elf", &elf64_image(0x20_0000, &code));
+    let o = visor(&["run", s(&p)]);
+    assert_eq!(o.status.code(), Some(visor::exit_status::TRIPLE_FAULT));
+    let err = stderr(&o);
+    assert!(err.contains("triple-faulted"), "{err}");
+    assert!(err.contains("rbx=000000000000feed"), "{err}");
+    assert!(err.contains("cr0="), "{err}");
+}
+
+#[test]
+fn timeout_stops_a_spinning_guest() {
+    if !kvm_here() {
+        return;
+    }
+    let code = asm(64, 0x20_0000, |a| {
+        let mut l = a.create_label();
+        a.set_label(&mut l)?;
+        a.pause()?;
+        a.jmp(l)
+    });
+    let (_d, p) = tmp("spin.elf", &elf64_image(0x20_0000, &code));
+    let o = visor(&["run", s(&p), "--timeout", "0.5"]);
+    assert_eq!(o.status.code(), Some(visor::exit_status::TIMEOUT));
+    assert!(stderr(&o).contains("timed out"), "{}", stderr(&o));
+    assert_error(&visor(&["run", s(&p), "--timeout=-1"]), "--timeout");
+}
+
+/// A Multiboot a.out-kludge kernel at 1 MiB that prints, on COM1, the magic in
+/// EAX, mem_lower, mem_upper, the command line, the module count and the first
+/// byte of the module, then exits through isa-debug-exit with the info flags' low
+/// byte.
+fn multiboot_kernel() -> Vec<u8> {
+    const BASE: u32 = 0x10_0000;
+    const FLAGS: u32 = (1 << 16) | 2;
+    let header: [u32; 8] = [
+        0x1bad_b002,
+        FLAGS,
+        0u32.wrapping_sub(0x1bad_b002u32.wrapping_add(FLAGS)),
+        BASE,
+        BASE,
+        0,
+        BASE + 0x2000,
+        BASE + 32,
+    ];
+    let mut k: Vec<u8> = header.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let code = asm(32, BASE as u64 + 32, |a| {
+        let mut hex = a.create_label();
+        let mut str_lp = a.create_label();
+        let mut str_done = a.create_label();
+        a.mov(esp, 0x80000u32)?;
+        a.mov(ebp, ebx)?; // multiboot info
+        a.call(hex)?; // EAX: the magic
+        a.mov(eax, dword_ptr(ebp + 4))?; // mem_lower
+        a.call(hex)?;
+        a.mov(eax, dword_ptr(ebp + 8))?; // mem_upper
+        a.call(hex)?;
+        a.mov(eax, dword_ptr(ebp + 20))?; // mods_count
+        a.call(hex)?;
+        a.mov(esi, dword_ptr(ebp + 24))?; // mods_addr
+        a.mov(esi, dword_ptr(esi))?; // mod_start
+        a.movzx(eax, byte_ptr(esi))?;
+        a.call(hex)?;
+        a.mov(esi, dword_ptr(ebp + 16))?; // cmdline
+        a.mov(edx, 0x3f8u32)?;
+        a.set_label(&mut str_lp)?;
+        a.lodsb()?;
+        a.test(al, al)?;
+        a.jz(str_done)?;
+        a.out(dx, al)?;
+        a.jmp(str_lp)?;
+        a.set_label(&mut str_done)?;
+        a.mov(al, 0x0a)?;
+        a.out(dx, al)?;
+        a.mov(eax, dword_ptr(ebp))?; // flags
+        a.out(0xf4, al)?;
+        a.hlt()?;
+        // hex: prints EAX as 8 hex digits and a space.
+        a.set_label(&mut hex)?;
+        a.mov(ecx, 8u32)?;
+        a.mov(ebx, eax)?;
+        a.mov(edx, 0x3f8u32)?;
+        let mut dig = a.create_label();
+        let mut num = a.create_label();
+        a.set_label(&mut dig)?;
+        a.rol(ebx, 4)?;
+        a.mov(eax, ebx)?;
+        a.and(eax, 0xf)?;
+        a.add(eax, 0x30)?;
+        a.cmp(eax, 0x39)?;
+        a.jbe(num)?;
+        a.add(eax, 0x27)?;
+        a.set_label(&mut num)?;
+        a.out(dx, al)?;
+        a.dec(ecx)?;
+        a.jnz(dig)?;
+        a.mov(al, 0x20)?;
+        a.out(dx, al)?;
+        a.ret()
+    });
+    k.extend_from_slice(&code);
+    k
+}
+
+#[test]
+fn multiboot_info() {
+    if !kvm_here() {
+        return;
+    }
+    let (_d, p) = tmp("mb.bin", &multiboot_kernel());
+    let (_d2, m) = tmp("module.bin", b"Zmodule");
+    let o = visor(&[
+        "run",
+        s(&p),
+        "--mem",
+        "64M",
+        "--cmdline",
+        "console=ttyS0 x=1",
+        "--initrd",
+        s(&m),
+    ]);
+    // flags = MEM|CMDLINE|MODS|MMAP|LOADER_NAME = 0x24d: status (0x4d << 1) | 1.
+    assert_eq!(o.status.code(), Some((0x4d << 1) | 1), "{}", stderr(&o));
+    let expected = format!(
+        "2badb002 00000280 {:08x} 00000001 0000005a {} console=ttyS0 x=1\n",
+        (64 << 10) - 1024,
+        s(&p)
+    );
+    assert_eq!(stdout(&o), expected);
+}
