@@ -1,8 +1,12 @@
 //! A busybox initramfs in the cpio "newc" format, written from scratch: `/init`
-//! prints a marker line and reboots (visor's i8042 reset ends the run).
+//! prints a marker line and reboots (visor's i8042 reset ends the run). With
+//! `visor.input=1` on the kernel command line it first prints [`READY`], reads a
+//! line from the console and echoes it after [`INPUT`].
 
-/// The line the test kernel's init prints.
+/// The line the test kernel's init prints, followed by the size of /proc/cmdline.
 pub const MARKER: &str = "VISOR-LINUX-BOOT-OK";
+pub const READY: &str = "VISOR-READY";
+pub const INPUT: &str = "VISOR-INPUT:";
 
 struct Cpio {
     out: Vec<u8>,
@@ -53,9 +57,15 @@ pub fn build(busybox: &[u8]) -> Vec<u8> {
     };
     let init = format!(
         "#!/bin/busybox sh\n\
-         /bin/busybox mount -t proc proc /proc\n\
-         /bin/busybox echo {MARKER} $(/bin/busybox cat /proc/cmdline | /bin/busybox wc -c)\n\
-         /bin/busybox reboot -f\n"
+         B=/bin/busybox\n\
+         $B mount -t proc proc /proc\n\
+         if $B grep -q visor.input=1 /proc/cmdline; then\n\
+         \x20 $B echo {READY}\n\
+         \x20 read -t 120 line\n\
+         \x20 $B echo {INPUT}$line\n\
+         fi\n\
+         $B echo {MARKER} $($B cat /proc/cmdline | $B wc -c)\n\
+         $B reboot -f\n"
     );
     for d in ["bin", "dev", "proc"] {
         c.entry(d, 0o040755, (0, 0), &[]);

@@ -118,8 +118,10 @@ impl IrqLine for Irqfd {
     }
 }
 
-impl vcpu::Vm for KvmVm {
-    fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>> {
+impl KvmVm {
+    /// Creates vCPU `id` with KVM's supported CPUID, a reset FPU and (with the
+    /// irqchip) the local APIC in virtual-wire mode.
+    pub fn create_kvm_vcpu(&mut self, id: u32) -> Result<KvmVcpu> {
         let fd = self
             .vm
             .create_vcpu(id as u64)
@@ -135,8 +137,10 @@ impl vcpu::Vm for KvmVm {
                 e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
                 if pvm {
                     // PVM emulates guest ring 0, and its emulator fails on
-                    // CMPXCHG16B; without CX16 Linux's SLUB takes its locked path.
-                    e.ecx &= !(1 << 13);
+                    // CMPXCHG16B and on XSAVE/XRSTOR: hide CX16 (Linux's SLUB then
+                    // takes its locked path) and XSAVE with AVX, which needs it
+                    // (Linux then saves FPU state with FXSAVE).
+                    e.ecx &= !((1 << 13) | (1 << 26) | (1 << 28));
                 }
             }
         }
@@ -160,7 +164,13 @@ impl vcpu::Vm for KvmVm {
             reg(&mut lapic, 0x360, 0x400); // LVT LINT1: NMI
             fd.set_lapic(&lapic).map_err(os("KVM_SET_LAPIC"))?;
         }
-        Ok(Box::new(KvmVcpu { fd }))
+        Ok(KvmVcpu { fd })
+    }
+}
+
+impl vcpu::Vm for KvmVm {
+    fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>> {
+        Ok(Box::new(self.create_kvm_vcpu(id)?))
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
@@ -175,6 +185,13 @@ impl vcpu::Vm for KvmVm {
 
 pub struct KvmVcpu {
     fd: VcpuFd,
+}
+
+impl KvmVcpu {
+    /// The KVM vCPU itself, for code that drives KVM_RUN directly (benchmarks).
+    pub fn fd(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
 }
 
 enum Kind {

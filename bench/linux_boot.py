@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Boot-to-marker time of visor versus QEMU microvm on the same Linux kernel and
+busybox initramfs (whose /init prints a marker and reboots).
+
+Usage: bench/linux_boot.py [--runs N] [--kernel bzimage|vmlinux] [--timeout S]
+
+Prints, for each runner, the median of N boots and the ratio visor/QEMU. visor
+runs on engine kvm; QEMU runs `-M microvm` with TCG always and with KVM when it
+boots (each line says which). Needs Debian's linux-image-amd64, busybox-static and
+qemu-system-x86 (installed when missing).
+"""
+import argparse, glob, os, shutil, statistics, struct, subprocess, sys, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "bench", "out")
+MARKER = b"VISOR-LINUX-BOOT-OK"
+CMDLINE = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+
+
+def sh(*cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def ensure_packages():
+    need = []
+    if not glob.glob("/boot/vmlinuz-*"):
+        need.append("linux-image-amd64")
+    if not shutil.which("busybox"):
+        need.append("busybox-static")
+    if not shutil.which("qemu-system-x86_64"):
+        need.append("qemu-system-x86")
+    if need:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        sh(*sudo, "apt-get", "update", "-qq")
+        sh(*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *need,
+           env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+def extract_vmlinux(bzimage, dest):
+    """The bzImage's XZ payload, decompressed: the uncompressed vmlinux ELF."""
+    b = open(bzimage, "rb").read()
+    setup = ((b[0x1f1] or 4) + 1) * 512
+    off, length = struct.unpack_from("<II", b, 0x248)
+    payload = b[setup + off:setup + off + length]
+    with open(dest, "wb") as f:
+        sh("xz", "-dc", "--single-stream", input=payload, stdout=f)
+
+
+def boot(cmd, timeout):
+    """Seconds from start until the marker appears, or None."""
+    start = time.monotonic()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)
+    buf = b""
+    found = None
+    os.set_blocking(p.stdout.fileno(), False)
+    while time.monotonic() - start < timeout:
+        try:
+            chunk = p.stdout.read()
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            buf += chunk
+            if MARKER in buf:
+                found = time.monotonic() - start
+                break
+        elif p.poll() is not None:
+            break
+        else:
+            time.sleep(0.005)
+    p.kill()
+    p.wait()
+    return found
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--kernel", choices=["bzimage", "vmlinux"], default="vmlinux")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--mem", default="256M")
+    ap.add_argument("--skip-qemu-kvm", action="store_true")
+    a = ap.parse_args()
+    ensure_packages()
+    os.makedirs(OUT, exist_ok=True)
+    sh("cargo", "build", "--release", "-q", "--bin", "visor", "--example", "mkinitramfs", cwd=ROOT)
+    initrd = os.path.join(OUT, "initramfs.cpio")
+    bz = subprocess.run([os.path.join(ROOT, "target/release/examples/mkinitramfs"), initrd],
+                        check=True, capture_output=True, text=True).stdout.strip()
+    kernel = bz
+    if a.kernel == "vmlinux":
+        kernel = os.path.join(OUT, "vmlinux")
+        extract_vmlinux(bz, kernel)
+    visor = os.path.join(ROOT, "target/release/visor")
+    mem_mb = a.mem.rstrip("M")
+    qemu = ["qemu-system-x86_64", "-M", "microvm", "-m", mem_mb, "-display", "none",
+            "-nodefaults", "-no-reboot", "-serial", "stdio", "-kernel", kernel,
+            "-initrd", initrd, "-append", CMDLINE]
+    runners = [
+        ("visor (engine kvm)", [visor, "run", kernel, "--mem", a.mem, "--initrd", initrd,
+                                "--cmdline", CMDLINE]),
+        ("qemu microvm (tcg)", qemu + ["-accel", "tcg"]),
+    ]
+    if not a.skip_qemu_kvm:
+        runners.append(("qemu microvm (kvm)",
+                        qemu + ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]))
+    print(f"kernel: {kernel} ({a.kernel}), initramfs {os.path.getsize(initrd)} bytes, "
+          f"{a.runs} runs each, mem {a.mem}")
+    medians = {}
+    for name, cmd in runners:
+        times = []
+        for _ in range(a.runs):
+            t = boot(cmd, a.timeout)
+            if t is None:
+                break
+            times.append(t)
+        if len(times) == a.runs:
+            medians[name] = statistics.median(times)
+            print(f"{name:<22} median {medians[name]:8.3f} s  "
+                  f"(min {min(times):.3f}, max {max(times):.3f})")
+        else:
+            print(f"{name:<22} did not reach the marker within {a.timeout:.0f} s")
+    v = medians.get("visor (engine kvm)")
+    for peer in ("qemu microvm (kvm)", "qemu microvm (tcg)"):
+        if v is not None and peer in medians:
+            print(f"ratio visor/{peer}: {v / medians[peer]:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+//! Debian's Linux kernel boots under visor to a busybox init, which reads a line
+//! typed on the console (serial interrupts) and prints a marker.
+//!
+//! On hosts whose KVM emulates guest ring 0 (PVM), the bzImage's XZ decompressor
+//! alone would run for the better part of an hour, so there the test boots the
+//! same kernel's vmlinux, decompressed on the host, through visor's vmlinux
+//! loader; elsewhere it boots the bzImage.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::initramfs::{self, INPUT, MARKER, READY};
+
+const CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd visor.input=1";
+
+fn extract_vmlinux(bzimage: &[u8]) -> Vec<u8> {
+    let setup = ((match bzimage[0x1f1] {
+        0 => 4,
+        n => n as usize,
+    }) + 1)
+        * 512;
+    let off = u32::from_le_bytes(bzimage[0x248..0x24c].try_into().unwrap()) as usize;
+    let len = u32::from_le_bytes(bzimage[0x24c..0x250].try_into().unwrap()) as usize;
+    let payload = &bzimage[setup + off..setup + off + len];
+    assert_eq!(
+        &payload[..6],
+        b"\xfd7zXZ\0",
+        "Debian's kernel is XZ-compressed"
+    );
+    let mut xz = Command::new("xz")
+        .args(["-dc", "--single-stream"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("xz (xz-utils)");
+    let mut stdin = xz.stdin.take().unwrap();
+    let payload = payload.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&payload));
+    let mut out = Vec::new();
+    xz.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    feeder.join().unwrap().unwrap();
+    assert!(xz.wait().unwrap().success());
+    out
+}
+
+#[test]
+fn debian_linux_boots_to_busybox() {
+    let (Some(bzimage), Some(busybox)) = (initramfs::debian_kernel(), initramfs::busybox()) else {
+        panic!("Debian's kernel or busybox is missing: ./test.sh installs linux-image-amd64 and busybox-static");
+    };
+    if let Some(why) = visor::Engine::Kvm.unavailable_reason() {
+        eprintln!("SKIPPED: engine kvm unavailable: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initramfs.cpio");
+    std::fs::write(&initrd, initramfs::build(&busybox)).unwrap();
+    let pvm = visor_kvm::host_is_pvm();
+    let kernel = if pvm {
+        let vmlinux = dir.path().join("vmlinux");
+        std::fs::write(&vmlinux, extract_vmlinux(&std::fs::read(&bzimage).unwrap())).unwrap();
+        eprintln!("PVM host: booting the vmlinux inside {}", bzimage.display());
+        vmlinux
+    } else {
+        bzimage
+    };
+    let limit = Duration::from_secs(if pvm { 1500 } else { 120 });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_visor"))
+        .arg("run")
+        .arg(&kernel)
+        .args([
+            "--mem",
+            "256M",
+            "--cmdline",
+            CMDLINE,
+            "--stats",
+            "--timeout",
+        ])
+        .arg(limit.as_secs().to_string())
+        .arg("--initrd")
+        .arg(&initrd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Console output, line by line, through a channel so the test can wait for
+    // the prompt and then type.
+    let (tx, rx) = mpsc::channel::<String>();
+    let mut stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut line = Vec::new();
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            for &b in &buf[..n] {
+                if b == b'\n' {
+                    let _ = tx.send(String::from_utf8_lossy(&line).trim_end().to_string());
+                    line.clear();
+                } else {
+                    line.push(b);
+                }
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut console = Vec::new();
+    let wait_for = |needle: &str, console: &mut Vec<String>| -> bool {
+        while let Some(left) = limit.checked_sub(start.elapsed()) {
+            match rx.recv_timeout(left) {
+                Ok(l) => {
+                    let hit = l.contains(needle);
+                    console.push(l);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        false
+    };
+    let ready = wait_for(READY, &mut console);
+    if ready {
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"hello from the host\n").unwrap();
+        stdin.flush().unwrap();
+        // Keep stdin open until the guest is done.
+        std::mem::forget(stdin);
+    }
+    let input_seen = ready && wait_for(INPUT, &mut console);
+    let marker = input_seen && wait_for(MARKER, &mut console);
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let tail: Vec<_> = console.iter().rev().take(25).rev().cloned().collect();
+    let ctx = format!(
+        "after {:?}\n--- console (last lines) ---\n{}\n--- stderr ---\n{err}",
+        start.elapsed(),
+        tail.join("\n")
+    );
+    assert!(ready, "init did not print {READY}; {ctx}");
+    assert!(
+        console
+            .iter()
+            .any(|l| l == &format!("{INPUT}hello from the host")),
+        "console input did not reach init; {ctx}"
+    );
+    let m = console
+        .iter()
+        .find(|l| l.starts_with(MARKER))
+        .unwrap_or_else(|| panic!("no marker; {ctx}"));
+    assert!(marker);
+    // /proc/cmdline is the command line plus a newline.
+    assert_eq!(m, &format!("{MARKER} {}", CMDLINE.len() + 1), "{ctx}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "reboot ends the run with status 0; {ctx}"
+    );
+    assert!(err.contains("io_out"), "statistics printed: {err}");
+    eprintln!("Linux booted to init in {:?}", start.elapsed());
+}
