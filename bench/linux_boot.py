@@ -91,6 +91,11 @@ def main():
     if a.kernel == "vmlinux":
         kernel = os.path.join(OUT, "vmlinux")
         extract_vmlinux(bz, kernel)
+    global CMDLINE
+    if os.path.exists("/sys/module/kvm_pvm"):
+        # PVM's ring-0 emulator cannot run XSAVE/XRSTOR (see README); same
+        # command line for every runner.
+        CMDLINE += " noxsave"
     visor = os.path.join(ROOT, "target/release/visor")
     mem_mb = a.mem.rstrip("M")
     qemu = ["qemu-system-x86_64", "-M", "microvm", "-m", mem_mb, "-display", "none",

@@ -46,6 +46,13 @@ impl Engine {
         }
     }
 
+    /// Linux kernel parameters a guest needs on this engine here.
+    pub fn linux_parameters(self) -> &'static [&'static str] {
+        match self {
+            Engine::Kvm => visor_kvm::linux_parameters(),
+        }
+    }
+
     /// The best engine available on this host (`--engine auto`).
     pub fn auto() -> Result<Engine, String> {
         let mut why = Vec::new();

@@ -129,17 +129,41 @@ fn run(args: RunArgs) -> Result<i32, String> {
         None => None,
     };
     let kind = loader::detect(&image).map_err(|e| format!("{kernel_name}: {e}"))?;
+    // An unavailable engine is reported after the kernel is checked.
+    let engine = select_engine(&args.engine);
+    let mut cmdline = args.cmdline.clone();
+    if let (KernelKind::Linux, Ok(engine)) = (kind, &engine) {
+        let needs = engine.linux_parameters();
+        match &cmdline {
+            None if !needs.is_empty() => {
+                cmdline = Some(format!(
+                    "{} {}",
+                    loader::DEFAULT_LINUX_CMDLINE,
+                    needs.join(" ")
+                ))
+            }
+            Some(c) => {
+                for p in needs
+                    .iter()
+                    .filter(|p| !c.split_whitespace().any(|w| w == **p))
+                {
+                    eprintln!("visor: warning: engine {engine} on this host needs `{p}` on the Linux command line");
+                }
+            }
+            None => {}
+        }
+    }
     let mem = layout.create().map_err(|e| e.to_string())?;
     let boot = BootOptions {
         kernel_name: &kernel_name,
-        cmdline: args.cmdline.as_deref(),
+        cmdline: cmdline.as_deref(),
         initrd: initrd.as_ref().map(|(data, name)| Initrd { name, data }),
     };
     let loaded =
         loader::load(&mem, &layout, &image, &boot).map_err(|e| format!("{kernel_name}: {e}"))?;
     drop(image);
 
-    let engine = select_engine(&args.engine)?;
+    let engine = engine?;
     let opts = VmOptions {
         irqchip: kind == KernelKind::Linux,
     };

@@ -69,6 +69,12 @@ fn debian_linux_boots_to_busybox() {
     } else {
         bzimage
     };
+    let cmdline = [CMDLINE]
+        .iter()
+        .chain(visor::Engine::Kvm.linux_parameters())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
     let limit = Duration::from_secs(if pvm { 1500 } else { 120 });
     let mut child = Command::new(env!("CARGO_BIN_EXE_visor"))
         .arg("run")
@@ -165,12 +171,13 @@ fn debian_linux_boots_to_busybox() {
         .unwrap_or_else(|| panic!("no marker; {ctx}"));
     assert!(marker);
     // /proc/cmdline is the command line plus a newline.
-    assert_eq!(m, &format!("{MARKER} {}", CMDLINE.len() + 1), "{ctx}");
+    assert_eq!(m, &format!("{MARKER} {}", cmdline.len() + 1), "{ctx}");
     assert_eq!(
         status.code(),
         Some(0),
         "reboot ends the run with status 0; {ctx}"
     );
     assert!(err.contains("io_out"), "statistics printed: {err}");
+    assert!(!err.contains("warning"), "{err}");
     eprintln!("Linux booted to init in {:?}", start.elapsed());
 }

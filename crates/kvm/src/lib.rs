@@ -29,6 +29,17 @@ pub fn host_is_pvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
+/// Linux kernel parameters this host's KVM needs: on PVM, `noxsave` (its ring-0
+/// emulator cannot execute XSAVE/XRSTOR, and it reports XSAVE in CPUID even when
+/// the VMM clears it).
+pub fn linux_parameters() -> &'static [&'static str] {
+    if host_is_pvm() {
+        &["noxsave"]
+    } else {
+        &[]
+    }
+}
+
 /// The KVM device: `/dev/kvm`, or the path in `VISOR_KVM_DEVICE`.
 pub fn device_path() -> String {
     std::env::var("VISOR_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into())
@@ -137,10 +148,10 @@ impl KvmVm {
                 e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
                 if pvm {
                     // PVM emulates guest ring 0, and its emulator fails on
-                    // CMPXCHG16B and on XSAVE/XRSTOR: hide CX16 (Linux's SLUB then
-                    // takes its locked path) and XSAVE with AVX, which needs it
-                    // (Linux then saves FPU state with FXSAVE).
-                    e.ecx &= !((1 << 13) | (1 << 26) | (1 << 28));
+                    // CMPXCHG16B: hide CX16 (Linux's SLUB then takes its locked
+                    // path). It fails on XRSTOR too, but keeps XSAVE visible
+                    // whatever the VMM sets: see `linux_parameters`.
+                    e.ecx &= !(1 << 13);
                 }
             }
         }
