@@ -142,6 +142,7 @@ on_every_engine!(
     guest_page_fault,
     triple_fault,
     debug_exit,
+    int3_breakpoint,
 );
 
 fn arithmetic_hlt(engine: Engine) {
@@ -362,6 +363,39 @@ fn guest_page_fault(engine: Engine) {
     assert_eq!(r.rsp, STACK, "IRETQ restored the stack");
 }
 
+/// INT3 in the guest kernel reaches the guest's #BP handler with RIP after the
+/// INT3 on the stack (trap semantics).
+fn int3_breakpoint(engine: Engine) {
+    const HANDLER: u64 = CODE + 0x800;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rbx, 0x1111u64).unwrap();
+    a.int3().unwrap();
+    a.mov(rbx, 0x2222u64).unwrap();
+    a.hlt().unwrap();
+    let mut code = a.assemble(CODE).unwrap();
+    let after_int3 = CODE + 10 + 1;
+    code.resize((HANDLER - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.mov(r15, qword_ptr(rsp)).unwrap(); // saved RIP
+    h.mov(r14, rbx).unwrap();
+    h.iretq().unwrap();
+    code.extend_from_slice(&h.assemble(HANDLER).unwrap());
+    let mut g = Guest::long_mode(engine, &code);
+    set_gate(&g, 3, HANDLER);
+    let mut s = g.vm.vcpu.sregs().unwrap();
+    s.idt = DescriptorTable {
+        base: IDT,
+        limit: 256 * 16 - 1,
+    };
+    g.vm.vcpu.set_sregs(&s).unwrap();
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r15, after_int3, "#BP pushes the address after INT3");
+    assert_eq!(r.r14, 0x1111, "handler ran between the two moves");
+    assert_eq!(r.rbx, 0x2222, "execution resumed after INT3");
+    assert_eq!(r.rsp, STACK);
+}
+
 fn triple_fault(engine: Engine) {
     // No IDT (limit 0): #UD cannot be delivered, nor the #GP, nor the #DF.
     let code = asm64(|a| {
@@ -390,86 +424,4 @@ fn debug_exit(engine: Engine) {
         "{o:?}"
     );
     assert_eq!(o.exit_status(), 0x43);
-}
-
-#[test]
-#[ignore]
-fn speed_probe() {
-    for n in [1_000_000u64, 10_000_000] {
-        let code = asm64(|a| {
-            a.mov(rcx, n)?;
-            let mut lp = a.create_label();
-            a.set_label(&mut lp)?;
-            a.add(rax, rcx)?;
-            a.dec(rcx)?;
-            a.jnz(lp)?;
-            a.hlt()
-        });
-        let mut g = Guest::long_mode(Engine::Kvm, &code);
-        let t = std::time::Instant::now();
-        g.run();
-        eprintln!("{n} iterations: {:?}", t.elapsed());
-    }
-}
-
-#[test]
-#[ignore]
-fn speed_probe_user() {
-    let n = 10_000_000u64;
-    let user = CODE + 0x1000;
-    let mut k = CodeAssembler::new(64).unwrap();
-    k.push(0x2bu64 as i32).unwrap(); // ss: user data (0x28 | 3)
-    k.push(0x70000).unwrap(); // rsp
-    k.push(0x2).unwrap(); // rflags
-    k.push(0x33).unwrap(); // cs: user code (0x30 | 3)
-    k.mov(rax, user).unwrap();
-    k.push(rax).unwrap();
-    k.iretq().unwrap();
-    let mut code = k.assemble(CODE).unwrap();
-    code.resize(0x1000, 0xcc);
-    let u = asm64(|a| {
-        a.mov(rcx, n)?;
-        let mut lp = a.create_label();
-        a.set_label(&mut lp)?;
-        a.add(rax, rcx)?;
-        a.dec(rcx)?;
-        a.jnz(lp)?;
-        a.ud2()
-    });
-    code.extend_from_slice(&u);
-    let mut g = Guest::long_mode(Engine::Kvm, &code);
-    // user data and user code descriptors at 0x28 and 0x30; user-accessible pages.
-    g.vm.mem
-        .write_obj(0x00cf_f300_0000_ffffu64, GuestAddress(abi::BOOT_GDT + 0x28))
-        .unwrap();
-    g.vm.mem
-        .write_obj(0x00af_fb00_0000_ffffu64, GuestAddress(abi::BOOT_GDT + 0x30))
-        .unwrap();
-    for i in 0..2048u64 {
-        g.vm.mem
-            .write_obj((i << 21) | 0x87, GuestAddress(abi::BOOT_PD + i * 8))
-            .unwrap();
-    }
-    for i in 0..4u64 {
-        g.vm.mem
-            .write_obj(
-                (abi::BOOT_PD + i * 0x1000) | 7,
-                GuestAddress(abi::BOOT_PDPT + i * 8),
-            )
-            .unwrap();
-    }
-    g.vm.mem
-        .write_obj(abi::BOOT_PDPT | 7, GuestAddress(abi::BOOT_PML4))
-        .unwrap();
-    let mut s = g.vm.vcpu.sregs().unwrap();
-    s.gdt.limit = 0x37;
-    g.vm.vcpu.set_sregs(&s).unwrap();
-    let t = std::time::Instant::now();
-    let o = g.run();
-    eprintln!(
-        "user: {n} iterations: {:?} {:?} rcx={}",
-        t.elapsed(),
-        o.describe(),
-        g.regs().rcx
-    );
 }

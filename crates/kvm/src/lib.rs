@@ -175,7 +175,10 @@ impl KvmVm {
             reg(&mut lapic, 0x360, 0x400); // LVT LINT1: NMI
             fd.set_lapic(&lapic).map_err(os("KVM_SET_LAPIC"))?;
         }
-        Ok(KvmVcpu { fd })
+        Ok(KvmVcpu {
+            fd,
+            int3_completed: 0,
+        })
     }
 }
 
@@ -196,6 +199,8 @@ impl vcpu::Vm for KvmVm {
 
 pub struct KvmVcpu {
     fd: VcpuFd,
+    /// INT3s the engine completed after KVM's emulator gave up on them.
+    int3_completed: u64,
 }
 
 impl KvmVcpu {
@@ -203,6 +208,75 @@ impl KvmVcpu {
     pub fn fd(&mut self) -> &mut VcpuFd {
         &mut self.fd
     }
+
+    /// The KVM_EXIT_INTERNAL_ERROR details: suberror and, for emulation
+    /// failures, the instruction bytes.
+    fn internal_error_data(&mut self) -> (u32, Vec<u64>) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called right after KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+        // active union member.
+        let ie = unsafe { run.__bindgen_anon_1.internal };
+        let n = (ie.ndata as usize).min(ie.data.len());
+        (ie.suberror, ie.data[..n].to_vec())
+    }
+
+    fn internal_error(&mut self) -> String {
+        let (sub, data) = self.internal_error_data();
+        let what = match sub {
+            1 => "instruction emulation failed",
+            2 => "simultaneous exceptions",
+            3 => "delivery event",
+            _ => "other",
+        };
+        let mut s = format!("KVM internal error {sub} ({what})");
+        if let Some((len, bytes)) = emulation_bytes(sub, &data) {
+            s += &format!(", instruction {:02x?}", &bytes[..len.min(15)]);
+        }
+        s
+    }
+
+    /// KVM's instruction emulator cannot deliver INT3 outside real mode, and hosts
+    /// that emulate guest ring 0 (PVM) hit that whenever a guest kernel executes
+    /// INT3 (Linux does at boot, in its int3 self-test). The engine completes the
+    /// instruction itself: RIP moves past it and #BP is injected, exactly what
+    /// the CPU does for INT3.
+    fn complete_int3(&mut self) -> Result<bool> {
+        let (sub, data) = self.internal_error_data();
+        match emulation_bytes(sub, &data) {
+            Some((_, bytes)) if bytes[0] == 0xcc => {}
+            _ => return Ok(false),
+        }
+        let mut regs = self.fd.get_regs().map_err(os("KVM_GET_REGS"))?;
+        regs.rip = regs.rip.wrapping_add(1);
+        self.fd.set_regs(&regs).map_err(os("KVM_SET_REGS"))?;
+        let mut ev = self
+            .fd
+            .get_vcpu_events()
+            .map_err(os("KVM_GET_VCPU_EVENTS"))?;
+        ev.exception.injected = 1;
+        ev.exception.nr = 3;
+        ev.exception.has_error_code = 0;
+        ev.exception.error_code = 0;
+        self.fd
+            .set_vcpu_events(&ev)
+            .map_err(os("KVM_SET_VCPU_EVENTS"))?;
+        self.int3_completed += 1;
+        Ok(true)
+    }
+}
+
+/// The instruction bytes of a KVM emulation failure, when KVM provides them
+/// (flag KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES in data[0]).
+fn emulation_bytes(suberror: u32, data: &[u64]) -> Option<(usize, [u8; 15])> {
+    if suberror != 1 || data.len() < 3 || data[0] & 1 == 0 {
+        return None;
+    }
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&data[1].to_le_bytes());
+    raw[8..].copy_from_slice(&data[2].to_le_bytes());
+    let mut bytes = [0u8; 15];
+    bytes.copy_from_slice(&raw[1..]);
+    Some((raw[0] as usize, bytes))
 }
 
 enum Kind {
@@ -224,24 +298,11 @@ impl Vcpu for KvmVcpu {
             Ok(KvmExit::FailEntry(reason, _cpu)) => return Ok(VcpuExit::FailEntry { reason }),
             Ok(KvmExit::Intr) => return Ok(VcpuExit::Interrupted),
             Ok(KvmExit::InternalError) => {
-                let run = self.fd.get_kvm_run();
-                // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is
-                // the active union member.
-                let ie = unsafe { run.__bindgen_anon_1.internal };
-                let n = (ie.ndata as usize).min(ie.data.len());
-                let data: Vec<String> = ie.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+                if self.complete_int3()? {
+                    return Ok(VcpuExit::Interrupted);
+                }
                 return Ok(VcpuExit::Other {
-                    reason: format!(
-                        "KVM internal error, suberror {} ({}), data [{}]",
-                        ie.suberror,
-                        match ie.suberror {
-                            1 => "instruction emulation failed",
-                            2 => "simultaneous exceptions",
-                            3 => "delivery event",
-                            _ => "other",
-                        },
-                        data.join(", ")
-                    ),
+                    reason: self.internal_error(),
                 });
             }
             Ok(other) => {
@@ -343,6 +404,13 @@ impl Vcpu for KvmVcpu {
             rflags: r.rflags,
         };
         self.fd.set_regs(&k).map_err(os("KVM_SET_REGS"))
+    }
+
+    fn engine_counters(&self) -> Vec<(String, u64)> {
+        if self.int3_completed == 0 {
+            return Vec::new();
+        }
+        vec![("int3_completed_by_vmm".into(), self.int3_completed)]
     }
 
     fn sregs(&self) -> Result<SRegs> {
