@@ -143,6 +143,7 @@ on_every_engine!(
     triple_fault,
     debug_exit,
     int3_breakpoint,
+    fwait,
 );
 
 fn arithmetic_hlt(engine: Engine) {
@@ -394,6 +395,23 @@ fn int3_breakpoint(engine: Engine) {
     assert_eq!(r.r14, 0x1111, "handler ran between the two moves");
     assert_eq!(r.rbx, 0x2222, "execution resumed after INT3");
     assert_eq!(r.rsp, STACK);
+}
+
+/// FWAIT with no pending x87 exception is a no-op.
+fn fwait(engine: Engine) {
+    let code = asm64(|a| {
+        a.fninit()?;
+        a.fld1()?;
+        a.fwait()?;
+        a.mov(rbx, 0x77u64)?;
+        a.fwait()?;
+        a.hlt()
+    });
+    let mut g = Guest::long_mode(engine, &code);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.rbx, 0x77);
+    assert_eq!(r.rip, CODE + code.len() as u64);
 }
 
 fn triple_fault(engine: Engine) {

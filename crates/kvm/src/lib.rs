@@ -29,12 +29,32 @@ pub fn host_is_pvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
-/// Linux kernel parameters this host's KVM needs: on PVM, `noxsave` (its ring-0
-/// emulator cannot execute XSAVE/XRSTOR, and it reports XSAVE in CPUID even when
-/// the VMM clears it).
+/// Linux kernel parameters this host's KVM needs.
+///
+/// PVM emulates every guest ring-0 instruction with KVM's instruction emulator,
+/// which lacks several instructions that Linux picks by CPUID, and it answers the
+/// guest's CPUID from the host CPU, ignoring the VMM's KVM_SET_CPUID2. So the
+/// features are turned off in the guest kernel instead:
+///
+/// | parameter | feature | instruction the emulator lacks |
+/// |---|---|---|
+/// | `noxsave` | XSAVE (and AVX with it) | XSAVE/XRSTOR |
+/// | `nopcid`, `noinvpcid` | PCID, INVPCID | INVPCID |
+/// | `nofsgsbase` | FSGSBASE | RD/WR FS/GS BASE |
+/// | `clearcpuid=141` | CX16 | CMPXCHG16B |
+/// | `clearcpuid=151` | POPCNT | POPCNT |
+/// | `clearcpuid=158,306` | RDRAND, RDSEED | RDRAND, RDSEED |
+/// | `clearcpuid=308` | SMAP | CLAC/STAC |
+/// | `clearcpuid=534` | RDPID | RDPID |
 pub fn linux_parameters() -> &'static [&'static str] {
     if host_is_pvm() {
-        &["noxsave"]
+        &[
+            "noxsave",
+            "nopcid",
+            "noinvpcid",
+            "nofsgsbase",
+            "clearcpuid=141,151,158,306,308,534",
+        ]
     } else {
         &[]
     }
@@ -141,18 +161,10 @@ impl KvmVm {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(os("KVM_GET_SUPPORTED_CPUID"))?;
-        let pvm = host_is_pvm();
         for e in cpuid.as_mut_slice() {
             if e.function == 1 {
                 // Initial APIC id in EBX[31:24].
                 e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
-                if pvm {
-                    // PVM emulates guest ring 0, and its emulator fails on
-                    // CMPXCHG16B: hide CX16 (Linux's SLUB then takes its locked
-                    // path). It fails on XRSTOR too, but keeps XSAVE visible
-                    // whatever the VMM sets: see `linux_parameters`.
-                    e.ecx &= !(1 << 13);
-                }
             }
         }
         fd.set_cpuid2(&cpuid).map_err(os("KVM_SET_CPUID2"))?;
@@ -177,7 +189,7 @@ impl KvmVm {
         }
         Ok(KvmVcpu {
             fd,
-            int3_completed: 0,
+            completed_by_vmm: 0,
         })
     }
 }
@@ -199,8 +211,8 @@ impl vcpu::Vm for KvmVm {
 
 pub struct KvmVcpu {
     fd: VcpuFd,
-    /// INT3s the engine completed after KVM's emulator gave up on them.
-    int3_completed: u64,
+    /// Instructions the engine completed after KVM's emulator gave up on them.
+    completed_by_vmm: u64,
 }
 
 impl KvmVcpu {
@@ -235,32 +247,42 @@ impl KvmVcpu {
         s
     }
 
-    /// KVM's instruction emulator cannot deliver INT3 outside real mode, and hosts
-    /// that emulate guest ring 0 (PVM) hit that whenever a guest kernel executes
-    /// INT3 (Linux does at boot, in its int3 self-test). The engine completes the
-    /// instruction itself: RIP moves past it and #BP is injected, exactly what
-    /// the CPU does for INT3.
-    fn complete_int3(&mut self) -> Result<bool> {
+    /// Completes instructions that KVM's emulator gives up on, as the CPU would.
+    /// Hosts that emulate guest ring 0 (PVM) send every guest-kernel instruction
+    /// through that emulator, and Linux executes these two at boot:
+    /// - INT3 (the emulator delivers software interrupts only in real mode):
+    ///   RIP moves past it and #BP is injected;
+    /// - FWAIT: #MF if an unmasked x87 exception is pending (FSW.ES), else nothing.
+    fn complete_failed_emulation(&mut self) -> Result<bool> {
         let (sub, data) = self.internal_error_data();
-        match emulation_bytes(sub, &data) {
-            Some((_, bytes)) if bytes[0] == 0xcc => {}
+        let Some((_, bytes)) = emulation_bytes(sub, &data) else {
+            return Ok(false);
+        };
+        let inject = match bytes[0] {
+            0xcc => Some(3),
+            0x9b => {
+                let fpu = self.fd.get_fpu().map_err(os("KVM_GET_FPU"))?;
+                (fpu.fsw & 0x80 != 0).then_some(16)
+            }
             _ => return Ok(false),
-        }
+        };
         let mut regs = self.fd.get_regs().map_err(os("KVM_GET_REGS"))?;
         regs.rip = regs.rip.wrapping_add(1);
         self.fd.set_regs(&regs).map_err(os("KVM_SET_REGS"))?;
-        let mut ev = self
-            .fd
-            .get_vcpu_events()
-            .map_err(os("KVM_GET_VCPU_EVENTS"))?;
-        ev.exception.injected = 1;
-        ev.exception.nr = 3;
-        ev.exception.has_error_code = 0;
-        ev.exception.error_code = 0;
-        self.fd
-            .set_vcpu_events(&ev)
-            .map_err(os("KVM_SET_VCPU_EVENTS"))?;
-        self.int3_completed += 1;
+        if let Some(vector) = inject {
+            let mut ev = self
+                .fd
+                .get_vcpu_events()
+                .map_err(os("KVM_GET_VCPU_EVENTS"))?;
+            ev.exception.injected = 1;
+            ev.exception.nr = vector;
+            ev.exception.has_error_code = 0;
+            ev.exception.error_code = 0;
+            self.fd
+                .set_vcpu_events(&ev)
+                .map_err(os("KVM_SET_VCPU_EVENTS"))?;
+        }
+        self.completed_by_vmm += 1;
         Ok(true)
     }
 }
@@ -298,7 +320,7 @@ impl Vcpu for KvmVcpu {
             Ok(KvmExit::FailEntry(reason, _cpu)) => return Ok(VcpuExit::FailEntry { reason }),
             Ok(KvmExit::Intr) => return Ok(VcpuExit::Interrupted),
             Ok(KvmExit::InternalError) => {
-                if self.complete_int3()? {
+                if self.complete_failed_emulation()? {
                     return Ok(VcpuExit::Interrupted);
                 }
                 return Ok(VcpuExit::Other {
@@ -407,10 +429,10 @@ impl Vcpu for KvmVcpu {
     }
 
     fn engine_counters(&self) -> Vec<(String, u64)> {
-        if self.int3_completed == 0 {
+        if self.completed_by_vmm == 0 {
             return Vec::new();
         }
-        vec![("int3_completed_by_vmm".into(), self.int3_completed)]
+        vec![("insns_completed_by_vmm".into(), self.completed_by_vmm)]
     }
 
     fn sregs(&self) -> Result<SRegs> {
