@@ -402,9 +402,9 @@ fn fwait(engine: Engine) {
     let code = asm64(|a| {
         a.fninit()?;
         a.fld1()?;
-        a.fwait()?;
+        a.wait()?;
         a.mov(rbx, 0x77u64)?;
-        a.fwait()?;
+        a.wait()?;
         a.hlt()
     });
     let mut g = Guest::long_mode(engine, &code);
