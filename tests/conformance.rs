@@ -401,7 +401,6 @@ fn int3_breakpoint(engine: Engine) {
 fn fwait(engine: Engine) {
     let code = asm64(|a| {
         a.fninit()?;
-        a.fld1()?;
         a.wait()?;
         a.mov(rbx, 0x77u64)?;
         a.wait()?;
