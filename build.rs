@@ -50,7 +50,15 @@ fn main() {
         "--out-dir",
         g,
     ]);
+    rustc(&[
+        "--crate-name=hypercall",
+        "--crate-type=rlib",
+        "crates/hypercall/src/lib.rs",
+        "--out-dir",
+        g,
+    ]);
     let abi = format!("abi={g}/libabi.rlib");
+    let hypercall = format!("hypercall={g}/libhypercall.rlib");
     let elf = out.join("demo.elf");
     rustc(&[
         "--crate-name=demo",
@@ -58,6 +66,8 @@ fn main() {
         "guest/demo/main.rs",
         "--extern",
         &abi,
+        "--extern",
+        &hypercall,
         "-L",
         g,
         "-Clink-arg=-nostartfiles",
@@ -69,7 +79,7 @@ fn main() {
         "-o",
         elf.to_str().unwrap(),
     ]);
-    for p in ["guest/demo", "crates/abi/src"] {
+    for p in ["guest/demo", "crates/abi/src", "crates/hypercall/src"] {
         println!("cargo:rerun-if-changed={p}");
     }
 }
