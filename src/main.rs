@@ -164,9 +164,8 @@ fn run(args: RunArgs) -> Result<i32, String> {
     drop(image);
 
     let engine = engine?;
-    let opts = VmOptions {
-        irqchip: kind == KernelKind::Linux,
-    };
+    // The platform every kernel sees: PIC, IOAPIC, local APIC and PIT.
+    let opts = VmOptions { irqchip: true };
     let mut vm = Vm::with_memory(engine, layout, mem, opts)?;
     vm.set_cpu_state(&loaded.cpu.regs, &loaded.cpu.sregs)
         .map_err(|e| format!("engine {engine}: setting the boot CPU state: {e}"))?;
