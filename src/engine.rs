@@ -18,6 +18,9 @@ pub struct VmOptions {
     /// An interrupt controller and timer in the engine (Linux needs them). Without
     /// one, HLT returns to the VMM.
     pub irqchip: bool,
+    /// Advertise visor's paravirtual interface (CPUID leaves 0x4000_0000..,
+    /// hypercall page MSR); `--no-pv` turns it off.
+    pub pv: bool,
 }
 
 impl Engine {
@@ -43,6 +46,13 @@ impl Engine {
     pub fn unavailable_reason(self) -> Option<String> {
         match self {
             Engine::Kvm => visor_kvm::unavailable_reason(),
+        }
+    }
+
+    /// The hypercall-page stub for hypercall `n` on this engine.
+    pub fn hypercall_stub(self) -> fn(u32) -> [u8; hypercall::STUB_SIZE] {
+        match self {
+            Engine::Kvm => hypercall::port_io_stub,
         }
     }
 
@@ -75,6 +85,7 @@ impl Engine {
                 mem,
                 visor_kvm::KvmConfig {
                     irqchip: opts.irqchip,
+                    pv_signature: opts.pv.then_some(hypercall::SIGNATURE),
                 },
             )?)),
         }

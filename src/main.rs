@@ -44,6 +44,9 @@ struct RunArgs {
     /// Kernel command line.
     #[arg(long)]
     cmdline: Option<String>,
+    /// Hide visor's paravirtual interface (CPUID leaves 0x40000000.., hypercall page).
+    #[arg(long)]
+    no_pv: bool,
     /// Print exit statistics at the end of the run.
     #[arg(long)]
     stats: bool,
@@ -165,7 +168,10 @@ fn run(args: RunArgs) -> Result<i32, String> {
 
     let engine = engine?;
     // The platform every kernel sees: PIC, IOAPIC, local APIC and PIT.
-    let opts = VmOptions { irqchip: true };
+    let opts = VmOptions {
+        irqchip: true,
+        pv: !args.no_pv,
+    };
     let mut vm = Vm::with_memory(engine, layout, mem, opts)?;
     vm.set_cpu_state(&loaded.cpu.regs, &loaded.cpu.sregs)
         .map_err(|e| format!("engine {engine}: setting the boot CPU state: {e}"))?;

@@ -9,6 +9,7 @@ use machine::bus::StopReason;
 use machine::{Action, Bus, GuestMemory, MemoryLayout};
 use vcpu::{Regs, SRegs, Vcpu, VcpuError, VcpuExit};
 
+use crate::pv::{After, Hypercalls};
 use crate::{Engine, Stats, VmOptions};
 
 /// How a run ended.
@@ -49,6 +50,9 @@ impl Outcome {
             Outcome::Stopped(StopReason::DebugExit(v)) => {
                 format!("guest wrote {v:#x} to the debug-exit port")
             }
+            Outcome::Stopped(StopReason::Shutdown(code)) => {
+                format!("guest shut down through sched_op with code {code}")
+            }
             Outcome::Halted { regs } => {
                 format!("guest halted with nothing to wake it (rip={:#x})", regs.rip)
             }
@@ -84,6 +88,8 @@ pub struct Vm {
     pub mmio: Bus,
     pub layout: MemoryLayout,
     pub mem: GuestMemory,
+    /// The paravirtual interface (hypercall page, hypercalls).
+    pub hypercalls: Hypercalls,
     /// Set by [`Stopper::stop`]; the loop ends with [`Outcome::TimedOut`].
     stop: Arc<AtomicBool>,
 }
@@ -146,6 +152,11 @@ impl Vm {
             mmio: Bus::new(),
             layout,
             mem,
+            hypercalls: Hypercalls::new(
+                opts.pv,
+                engine.hypercall_stub(),
+                Box::new(std::io::stdout()),
+            ),
             stop: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -188,9 +199,31 @@ impl Vm {
             let exit = self.vcpu.run()?;
             let exited = Instant::now();
             stats.guest_time += exited - entered;
-            let name = exit.name();
+            let mut name = exit.name();
             let mut stop = None;
+            let mut hypercall = false;
             match exit {
+                VcpuExit::IoOut { port, size: 4, .. }
+                    if port == hypercall::HYPERCALL_PORT as u16 && self.hypercalls.page().is_some() =>
+                {
+                    hypercall = true;
+                    name = "hypercall";
+                }
+                VcpuExit::MsrWrite { index, value, fault } => {
+                    let ok = index == hypercall::MSR_HYPERCALL_PAGE
+                        && self.hypercalls.advertised
+                        && self.hypercalls.set_page(&self.mem, value);
+                    if !ok {
+                        *fault = 1;
+                    }
+                }
+                VcpuExit::MsrRead { index, data, fault } => {
+                    if index == hypercall::MSR_HYPERCALL_PAGE && self.hypercalls.advertised {
+                        *data = self.hypercalls.page().map_or(0, |p| p | 1);
+                    } else {
+                        *fault = 1;
+                    }
+                }
                 VcpuExit::IoIn { port, size, data } => {
                     for chunk in data.chunks_mut(size.max(1) as usize) {
                         if !self.pio.read(port as u64, chunk) {
@@ -248,6 +281,24 @@ impl Vm {
                 VcpuExit::Other { reason } => {
                     let what = format!("engine {} stopped the guest: {reason}", self.engine);
                     stop = Some(self.failure(what)?)
+                }
+            }
+            if hypercall {
+                let mut regs = self.vcpu.regs()?;
+                let n = regs.rax & 0xffff_ffff;
+                let after = self.hypercalls.call(
+                    &self.mem,
+                    &mut *self.vcpu,
+                    &*self.engine_vm,
+                    &mut regs,
+                )?;
+                self.vcpu.set_regs(&regs)?;
+                *stats
+                    .hypercalls
+                    .entry(hypercall::name(n).to_string())
+                    .or_default() += 1;
+                if let After::Shutdown(code) = after {
+                    stop = Some(Outcome::Stopped(StopReason::Shutdown(code as u8)));
                 }
             }
             let handled = Instant::now();

@@ -144,6 +144,7 @@ on_every_engine!(
     debug_exit,
     int3_breakpoint,
     fwait,
+    hypercalls,
 );
 
 fn arithmetic_hlt(engine: Engine) {
@@ -441,4 +442,132 @@ fn debug_exit(engine: Engine) {
         "{o:?}"
     );
     assert_eq!(o.exit_status(), 0x43);
+}
+
+/// The paravirtual interface: the hypercall page through its MSR, then version,
+/// console_io, mmu_update (one valid request, then an invalid one), multicall
+/// and sched_op(SHUTDOWN).
+fn hypercalls(engine: Engine) {
+    use hypercall::nr;
+    const PAGE: u64 = 0x12_0000;
+    const REQS: u64 = DATA + 0x200;
+    const MC: u64 = DATA + 0x400;
+    const MAPPED: u64 = 0x4000_0000; // PD 1, entry 0 of the boot tables
+    let stub = |n: u64| PAGE + n * hypercall::STUB_SIZE as u64;
+    let code = asm64(|a| {
+        a.mov(ecx, hypercall::MSR_HYPERCALL_PAGE)?;
+        a.mov(eax, (PAGE | 1) as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(rax, stub(nr::VERSION))?;
+        a.call(rax)?;
+        a.mov(r12, rax)?;
+        a.mov(edi, hypercall::console::WRITE as u32)?;
+        a.mov(rsi, DATA)?;
+        a.mov(edx, 6u32)?;
+        a.mov(rax, stub(nr::CONSOLE_IO))?;
+        a.call(rax)?;
+        a.mov(r13, rax)?;
+        a.mov(rdi, REQS)?;
+        a.mov(esi, 2u32)?;
+        a.mov(rax, stub(nr::MMU_UPDATE))?;
+        a.call(rax)?;
+        a.mov(r14, rax)?;
+        a.mov(rbx, MAPPED + 8)?;
+        a.mov(r15, qword_ptr(rbx))?;
+        a.mov(rdi, MC)?;
+        a.mov(esi, 2u32)?;
+        a.mov(rax, stub(nr::MULTICALL))?;
+        a.call(rax)?;
+        a.mov(rbp, rax)?;
+        a.mov(edi, hypercall::sched::SHUTDOWN as u32)?;
+        a.mov(esi, 7u32)?;
+        a.mov(rax, stub(nr::SCHED_OP))?;
+        a.call(rax)?;
+        a.hlt()
+    });
+    let mut vm = Vm::new(
+        engine,
+        16 << 20,
+        VmOptions {
+            irqchip: false,
+            pv: true,
+        },
+    )
+    .unwrap();
+    let sregs = machine::boot::long_mode(&vm.mem).unwrap();
+    vm.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    let regs = Regs {
+        rip: CODE,
+        rsp: STACK,
+        rflags: 2,
+        ..Default::default()
+    };
+    vm.set_cpu_state(&regs, &sregs).unwrap();
+    let console = Arc::new(Mutex::new(Vec::new()));
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    vm.hypercalls = visor::pv::Hypercalls::new(
+        true,
+        engine.hypercall_stub(),
+        Box::new(Sink(console.clone())),
+    );
+    let mut g = Guest::finish(vm, engine);
+    let mem = &g.vm.mem;
+    mem.write_slice(b"hello!", GuestAddress(DATA)).unwrap();
+    mem.write_obj(0x5555_aaaa_u64, GuestAddress(0x60_0008))
+        .unwrap();
+    // Request 0 maps 1 GiB -> 6 MiB with a 2 MiB page; request 1 points outside RAM.
+    let pde = abi::BOOT_PD + 0x1000;
+    for (i, (ptr, val)) in [(pde, 0x60_0000u64 | 0x83), (0x7fff_0000_0000, 0x3)]
+        .iter()
+        .enumerate()
+    {
+        mem.write_obj(*ptr, GuestAddress(REQS + 16 * i as u64))
+            .unwrap();
+        mem.write_obj(*val, GuestAddress(REQS + 16 * i as u64 + 8))
+            .unwrap();
+    }
+    for i in 0..2u64 {
+        let e = MC + 56 * i;
+        mem.write_obj(nr::VERSION, GuestAddress(e)).unwrap();
+        mem.write_obj(-1i64, GuestAddress(e + 48)).unwrap();
+    }
+    let o = g.run();
+    assert!(
+        matches!(o, Outcome::Stopped(StopReason::Shutdown(7))),
+        "{o:?}"
+    );
+    assert_eq!(o.exit_status(), 7);
+    let r = g.regs();
+    assert_eq!(r.r12, hypercall::VERSION as u64, "version");
+    assert_eq!(r.r13, 6, "console_io wrote 6 bytes");
+    assert_eq!(&*console.lock().unwrap(), b"hello!");
+    assert_eq!(
+        r.r14, 1,
+        "mmu_update applied the valid request and stopped at the invalid one"
+    );
+    assert_eq!(r.r15, 0x5555_aaaa, "the new mapping is live");
+    assert_eq!(r.rbp, 0, "multicall");
+    for i in 0..2u64 {
+        let res: i64 = g.vm.mem.read_obj(GuestAddress(MC + 56 * i + 48)).unwrap();
+        assert_eq!(res, hypercall::VERSION as i64);
+    }
+    assert_eq!(g.stats.hypercalls.get("mmu_update"), Some(&1));
+    assert_eq!(
+        g.stats.hypercalls.get("version"),
+        Some(&1),
+        "multicall entries count separately"
+    );
+    assert_eq!(g.vm.hypercalls.counts[nr::VERSION as usize], 3);
+    assert_eq!(g.exits("hypercall"), 5);
+    assert_eq!(g.exits("msr_write"), 1, "the hypercall-page MSR");
 }

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region,
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_fpu, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vcpu::{IrqLine, Regs, Result, SRegs, Segment, Vcpu, VcpuError, VcpuExit};
@@ -20,6 +20,10 @@ pub struct KvmConfig {
     /// Emulate the PIC, IOAPIC, local APIC and PIT in the host kernel (needed by
     /// Linux). Without it, HLT exits to the VMM.
     pub irqchip: bool,
+    /// Put this 12-byte signature at CPUID 0x4000_0000 (with the features leaf
+    /// 0x4000_0001: hypercall page through `hypercall::MSR_HYPERCALL_PAGE`) and
+    /// move KVM's own leaves to 0x4000_0100, where Linux also finds them.
+    pub pv_signature: Option<[u8; 12]>,
 }
 
 /// True when the host's KVM is PVM (the pagetable-based `kvm_pvm` module), which
@@ -101,7 +105,7 @@ fn os(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
 
 pub struct KvmVm {
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     config: KvmConfig,
 }
 
@@ -127,6 +131,15 @@ impl KvmVm {
             // do not overlap because vm-memory's regions do not.
             unsafe { vm.set_user_memory_region(r) }.map_err(os("KVM_SET_USER_MEMORY_REGION"))?;
         }
+        // RDMSR/WRMSR of MSRs KVM does not know exit to the VMM (paravirtual
+        // MSRs such as the hypercall page) instead of raising #GP. Hosts without
+        // the capability keep KVM's #GP.
+        let user_msr = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+            args: [kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN as u64, 0, 0, 0],
+            ..Default::default()
+        };
+        let _ = vm.enable_cap(&user_msr);
         vm.set_tss_address(0xfffb_d000)
             .map_err(os("KVM_SET_TSS_ADDR"))?;
         if config.irqchip {
@@ -137,11 +150,35 @@ impl KvmVm {
             };
             vm.create_pit2(pit).map_err(os("KVM_CREATE_PIT2"))?;
         }
-        Ok(KvmVm { kvm, vm, config })
+        Ok(KvmVm {
+            kvm,
+            vm: Arc::new(vm),
+            config,
+        })
     }
 }
 
 struct Irqfd(EventFd);
+
+/// An MSI to vCPU 0 with a fixed vector (KVM_SIGNAL_MSI).
+struct Msi {
+    vm: Arc<VmFd>,
+    vector: u8,
+}
+
+impl IrqLine for Msi {
+    fn trigger(&self) -> std::io::Result<()> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: 0xfee0_0000,
+            data: self.vector as u32,
+            ..Default::default()
+        };
+        self.vm
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
 
 impl IrqLine for Irqfd {
     fn trigger(&self) -> std::io::Result<()> {
@@ -166,6 +203,9 @@ impl KvmVm {
                 // Initial APIC id in EBX[31:24].
                 e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
             }
+        }
+        if let Some(sig) = self.config.pv_signature {
+            cpuid = pv_leaves(&cpuid, sig)?;
         }
         fd.set_cpuid2(&cpuid).map_err(os("KVM_SET_CPUID2"))?;
         let fpu = kvm_fpu {
@@ -194,6 +234,43 @@ impl KvmVm {
     }
 }
 
+/// `cpuid` with KVM's hypervisor leaves moved from 0x4000_00xx to 0x4000_01xx
+/// and visor's at 0x4000_0000 (signature) and 0x4000_0001 (features).
+fn pv_leaves(cpuid: &CpuId, sig: [u8; 12]) -> Result<CpuId> {
+    let w = |i: usize| u32::from_le_bytes(sig[i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]));
+    let mut entries: Vec<kvm_cpuid_entry2> = cpuid
+        .as_slice()
+        .iter()
+        .map(|e| {
+            let mut e = *e;
+            if e.function & 0xffff_ff00 == 0x4000_0000 {
+                e.function += 0x100;
+                if e.function == 0x4000_0100 {
+                    e.eax += 0x100; // its max leaf moves with it
+                }
+            }
+            e
+        })
+        .collect();
+    let leaf = |function, eax, ebx, ecx, edx| kvm_cpuid_entry2 {
+        function,
+        eax,
+        ebx,
+        ecx,
+        edx,
+        ..Default::default()
+    };
+    entries.push(leaf(0x4000_0000, 0x4000_0001, w(0), w(1), w(2)));
+    entries.push(leaf(
+        0x4000_0001,
+        hypercall::FEATURE_HYPERCALL_PAGE,
+        hypercall::MSR_HYPERCALL_PAGE,
+        hypercall::VERSION,
+        0,
+    ));
+    CpuId::from_entries(&entries).map_err(|e| VcpuError::Engine(format!("CPUID table: {e:?}")))
+}
+
 impl vcpu::Vm for KvmVm {
     fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>> {
         Ok(Box::new(self.create_kvm_vcpu(id)?))
@@ -206,6 +283,16 @@ impl vcpu::Vm for KvmVm {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VcpuError::os("eventfd", e))?;
         self.vm.register_irqfd(&evt, gsi).map_err(os("KVM_IRQFD"))?;
         Ok(Some(Arc::new(Irqfd(evt))))
+    }
+
+    fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
+        if !self.config.irqchip {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(Msi {
+            vm: self.vm.clone(),
+            vector,
+        })))
     }
 }
 
@@ -306,6 +393,8 @@ enum Kind {
     IoOut,
     MmioRead,
     MmioWrite,
+    MsrRead,
+    MsrWrite,
 }
 
 impl Vcpu for KvmVcpu {
@@ -315,6 +404,8 @@ impl Vcpu for KvmVcpu {
             Ok(KvmExit::IoOut(..)) => Kind::IoOut,
             Ok(KvmExit::MmioRead(..)) => Kind::MmioRead,
             Ok(KvmExit::MmioWrite(..)) => Kind::MmioWrite,
+            Ok(KvmExit::X86Rdmsr(..)) => Kind::MsrRead,
+            Ok(KvmExit::X86Wrmsr(..)) => Kind::MsrWrite,
             Ok(KvmExit::Hlt) => return Ok(VcpuExit::Hlt),
             Ok(KvmExit::Shutdown) => return Ok(VcpuExit::Shutdown),
             Ok(KvmExit::FailEntry(reason, _cpu)) => return Ok(VcpuExit::FailEntry { reason }),
@@ -362,6 +453,25 @@ impl Vcpu for KvmVcpu {
                         port: io.port,
                         size: io.size,
                         data,
+                    }
+                })
+            }
+            Kind::MsrRead | Kind::MsrWrite => {
+                // SAFETY: the last exit was KVM_EXIT_X86_RDMSR/WRMSR, so `msr` is the
+                // active union member.
+                let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+                msr.error = 0;
+                Ok(if matches!(kind, Kind::MsrRead) {
+                    VcpuExit::MsrRead {
+                        index: msr.index,
+                        data: &mut msr.data,
+                        fault: &mut msr.error,
+                    }
+                } else {
+                    VcpuExit::MsrWrite {
+                        index: msr.index,
+                        value: msr.data,
+                        fault: &mut msr.error,
                     }
                 })
             }

@@ -19,6 +19,8 @@ pub enum StopReason {
     Reset,
     /// isa-debug-exit write of this value: exit status (value << 1) | 1.
     DebugExit(u32),
+    /// The paravirtual `sched_op(SHUTDOWN, code)`: exit status `code` (low byte).
+    Shutdown(u8),
 }
 
 impl StopReason {
@@ -26,6 +28,7 @@ impl StopReason {
         match self {
             StopReason::PowerOff | StopReason::Reset => 0,
             StopReason::DebugExit(v) => (((v as u64) << 1) | 1) as i32,
+            StopReason::Shutdown(code) => code as i32,
         }
     }
 }

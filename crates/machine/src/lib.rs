@@ -7,6 +7,7 @@ pub mod bus;
 pub mod devices;
 pub mod loader;
 pub mod memory;
+pub mod paging;
 
 pub use bus::{Action, Bus, Device};
 pub use memory::{GuestMemory, MemoryLayout};

@@ -157,6 +157,19 @@ pub enum VcpuExit<'a> {
     MmioRead { addr: u64, data: &'a mut [u8] },
     /// A write of guest-physical `addr` that no RAM backs.
     MmioWrite { addr: u64, data: &'a [u8] },
+    /// `RDMSR` of an MSR the engine does not implement: the VMM fills `data`, or
+    /// sets `fault` to 1 to raise #GP in the guest.
+    MsrRead {
+        index: u32,
+        data: &'a mut u64,
+        fault: &'a mut u8,
+    },
+    /// `WRMSR` of an MSR the engine does not implement; `fault` as for reads.
+    MsrWrite {
+        index: u32,
+        value: u64,
+        fault: &'a mut u8,
+    },
     /// `HLT` with no interrupt the engine itself can deliver.
     Hlt,
     /// The guest caused a shutdown (triple fault).
@@ -177,6 +190,8 @@ impl VcpuExit<'_> {
             VcpuExit::IoOut { .. } => "io_out",
             VcpuExit::MmioRead { .. } => "mmio_read",
             VcpuExit::MmioWrite { .. } => "mmio_write",
+            VcpuExit::MsrRead { .. } => "msr_read",
+            VcpuExit::MsrWrite { .. } => "msr_write",
             VcpuExit::Hlt => "hlt",
             VcpuExit::Shutdown => "shutdown",
             VcpuExit::FailEntry { .. } => "fail_entry",
@@ -236,6 +251,9 @@ pub trait Vm {
     fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>>;
     /// The interrupt line `gsi`, if the engine models an interrupt controller.
     fn irq_line(&self, gsi: u32) -> Result<Option<Arc<dyn IrqLine>>>;
+    /// A line that delivers interrupt `vector` straight to vCPU 0 (an MSI), for
+    /// paravirtual event channels; `None` if the engine cannot.
+    fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>>;
 }
 
 impl fmt::Display for Regs {
