@@ -50,6 +50,9 @@ pub fn host_is_pvm() -> bool {
 /// | `clearcpuid=158,306` | RDRAND, RDSEED | RDRAND, RDSEED |
 /// | `clearcpuid=308` | SMAP | CLAC/STAC |
 /// | `clearcpuid=534` | RDPID | RDPID |
+///
+/// And, for time only: `initcall_blacklist=ftrace_check_for_weak_functions`
+/// skips a boot-time pass over every ftrace record (minutes of emulated ring 0).
 pub fn linux_parameters() -> &'static [&'static str] {
     if host_is_pvm() {
         &[
@@ -58,6 +61,7 @@ pub fn linux_parameters() -> &'static [&'static str] {
             "noinvpcid",
             "nofsgsbase",
             "clearcpuid=141,151,158,306,308,534",
+            "initcall_blacklist=ftrace_check_for_weak_functions",
         ]
     } else {
         &[]
