@@ -231,8 +231,10 @@ impl KvmVm {
             reg(&mut lapic, 0x360, 0x400); // LVT LINT1: NMI
             fd.set_lapic(&lapic).map_err(os("KVM_SET_LAPIC"))?;
         }
+        let stats = open_stats(&fd);
         Ok(KvmVcpu {
             fd,
+            stats,
             completed_by_vmm: 0,
         })
     }
@@ -302,6 +304,8 @@ impl vcpu::Vm for KvmVm {
 
 pub struct KvmVcpu {
     fd: VcpuFd,
+    /// KVM's binary statistics of this vCPU (KVM_GET_STATS_FD), where the host has them.
+    stats: Option<std::fs::File>,
     /// Instructions the engine completed after KVM's emulator gave up on them.
     completed_by_vmm: u64,
 }
@@ -376,6 +380,79 @@ impl KvmVcpu {
         self.completed_by_vmm += 1;
         Ok(true)
     }
+}
+
+/// KVM's counters reported beside the VMM's: every exit, including those KVM
+/// handles in the host kernel.
+const KVM_COUNTERS: &[&str] = &[
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "halt_exits",
+    "irq_exits",
+    "irq_window_exits",
+    "request_irq_exits",
+    "signal_exits",
+    "insn_emulation",
+    "insn_emulation_fail",
+    "hypercalls",
+    "pf_taken",
+    "irq_injections",
+    "exits_userspace",
+];
+
+fn open_stats(fd: &VcpuFd) -> Option<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    const KVM_GET_STATS_FD: libc::c_ulong = 0xaece; // _IO(KVMIO, 0xce)
+                                                    // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new descriptor
+                                                    // (or -1); it does not touch our memory.
+    let raw = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_GET_STATS_FD as _) };
+    // SAFETY: on success `raw` is a fresh descriptor that nothing else owns.
+    (raw >= 0).then(|| unsafe { std::fs::File::from_raw_fd(raw) })
+}
+
+/// Reads the cumulative counters named in KVM_COUNTERS from a stats descriptor.
+fn read_stats(f: &std::fs::File) -> Vec<(String, u64)> {
+    use std::os::unix::fs::FileExt;
+    let rd = |off: u64, len: usize| -> Option<Vec<u8>> {
+        let mut b = vec![0u8; len];
+        f.read_exact_at(&mut b, off).ok()?;
+        Some(b)
+    };
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+    let Some(h) = rd(0, 24) else {
+        return Vec::new();
+    };
+    let (name_size, num, desc_off, data_off) = (
+        u32_at(&h, 4) as usize,
+        u32_at(&h, 8) as usize,
+        u32_at(&h, 16) as u64,
+        u32_at(&h, 20) as u64,
+    );
+    let desc_size = 16 + name_size;
+    let Some(descs) = rd(desc_off, desc_size.saturating_mul(num.min(4096))) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for d in descs.chunks_exact(desc_size) {
+        let name_bytes = &d[16..];
+        let end = name_bytes
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(name_bytes.len());
+        let name = String::from_utf8_lossy(&name_bytes[..end]).into_owned();
+        if !KVM_COUNTERS.contains(&name.as_str()) {
+            continue;
+        }
+        let offset = u32_at(d, 8) as u64;
+        if let Some(v) = rd(data_off + offset, 8) {
+            out.push((
+                format!("kvm.{name}"),
+                u64::from_le_bytes(v.try_into().unwrap_or([0; 8])),
+            ));
+        }
+    }
+    out
 }
 
 /// The instruction bytes of a KVM emulation failure, when KVM provides them
@@ -543,10 +620,11 @@ impl Vcpu for KvmVcpu {
     }
 
     fn engine_counters(&self) -> Vec<(String, u64)> {
-        if self.completed_by_vmm == 0 {
-            return Vec::new();
+        let mut v = self.stats.as_ref().map(read_stats).unwrap_or_default();
+        if self.completed_by_vmm > 0 {
+            v.push(("insns_completed_by_vmm".into(), self.completed_by_vmm));
         }
-        vec![("insns_completed_by_vmm".into(), self.completed_by_vmm)]
+        v
     }
 
     fn sregs(&self) -> Result<SRegs> {
