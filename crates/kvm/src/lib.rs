@@ -50,9 +50,11 @@ pub fn host_is_pvm() -> bool {
 /// | `clearcpuid=158,306` | RDRAND, RDSEED | RDRAND, RDSEED |
 /// | `clearcpuid=308` | SMAP | CLAC/STAC |
 /// | `clearcpuid=534` | RDPID | RDPID |
+/// | `clearcpuid=129,137,147,148,153` | PCLMULQDQ, SSSE3, SSE4.1, SSE4.2, AES-NI | LDMXCSR and SSE: without them the kernel's SIMD library code (BLAKE2s for the entropy pool, CRC, AES) stays on its integer paths |
 ///
-/// And, for time only: `initcall_blacklist=ftrace_check_for_weak_functions`
-/// skips a boot-time pass over every ftrace record (minutes of emulated ring 0).
+/// And, for time only: `initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init`
+/// skips two boot-time passes over every ftrace record and trace event format
+/// (minutes of emulated ring 0; they only affect tracing).
 pub fn linux_parameters() -> &'static [&'static str] {
     if host_is_pvm() {
         &[
@@ -60,8 +62,8 @@ pub fn linux_parameters() -> &'static [&'static str] {
             "nopcid",
             "noinvpcid",
             "nofsgsbase",
-            "clearcpuid=141,151,158,306,308,534",
-            "initcall_blacklist=ftrace_check_for_weak_functions",
+            "clearcpuid=129,137,141,147,148,151,153,158,306,308,534",
+            "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init",
         ]
     } else {
         &[]
