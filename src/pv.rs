@@ -207,7 +207,11 @@ impl Hypercalls {
             nr::VERSION => hypercall::VERSION as i64,
             nr::CONSOLE_IO => self.console_io(ctx, a),
             nr::SCHED_OP => match a[0] {
-                hypercall::sched::YIELD | hypercall::sched::BLOCK => 0,
+                hypercall::sched::YIELD => 0,
+                hypercall::sched::BLOCK => {
+                    self.block();
+                    0
+                }
                 hypercall::sched::SHUTDOWN => return Ok((0, After::Shutdown(a[1]))),
                 _ => EINVAL,
             },
@@ -249,6 +253,21 @@ impl Hypercalls {
             _ => -errno::ENOSYS,
         };
         Ok((r, After::Resume))
+    }
+
+    /// `sched_op(BLOCK)`: the vCPU waits until the next event is due. The only
+    /// event source is the one-shot timer; without one armed this returns at
+    /// once (a spurious wake-up, which the ABI allows).
+    fn block(&self) {
+        let Some(t) = &self.timer else {
+            return;
+        };
+        if let Some(d) = t.with(|s| s.deadline) {
+            let now = Instant::now();
+            if d > now {
+                std::thread::sleep((d - now).min(Duration::from_secs(1)));
+            }
+        }
     }
 
     fn console_io(&mut self, ctx: &Ctx, a: [u64; 5]) -> i64 {

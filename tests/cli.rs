@@ -67,42 +67,103 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The counters of the demo OS's final line.
+fn demo_done(out: &str, mode: &str) -> [u64; 4] {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("demo: done "))
+        .unwrap_or_else(|| panic!("no final line: {out}"));
+    let mut n = [0u64; 4];
+    for (i, key) in ["processes", "syscalls", "pagefaults", "timer_irqs"]
+        .iter()
+        .enumerate()
+    {
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} missing: {line}"));
+        n[i] = v.parse().unwrap();
+    }
+    assert!(line.ends_with(&format!("mode={mode}")), "{line}");
+    n
+}
+
+fn stats_json(args: &[&str]) -> (Output, serde_json::Value) {
+    let d = tempfile::tempdir().unwrap();
+    let json = d.path().join("stats.json");
+    let mut a = args.to_vec();
+    a.extend_from_slice(&["--stats", "--stats-json", s(&json)]);
+    let o = visor(&a);
+    let v = std::fs::read(&json)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (o, v)
+}
+
+/// The demo OS, paravirtualized: it finds visor's CPUID leaves and routes its
+/// privileged operations through hypercalls.
 #[test]
-fn demo_guest_boots_with_stats() {
+fn demo_os_pv_mode() {
     if !kvm_here() {
         return;
     }
-    let d = tempfile::tempdir().unwrap();
-    let json = d.path().join("stats.json");
-    let o = visor(&[
-        "run",
-        "--cmdline",
-        "quiet=1",
-        "--stats",
-        "--stats-json",
-        s(&json),
-    ]);
+    let (o, v) = stats_json(&["run", "--cmdline", "quiet=1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("demo: cmdline \"quiet=1\""), "{out}");
+    assert!(out.contains("A: 5133 primes below 50000"), "{out}");
+    let [procs, syscalls, faults, ticks] = demo_done(&out, "pv");
+    assert!(
+        procs >= 3 && syscalls > 100 && faults > 0 && ticks > 0,
+        "{out}"
+    );
+    assert!(out.contains("failed=0 frames_leaked=0"), "{out}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("exit reason") && err.contains("hypercall"),
+        "{err}"
+    );
+    assert_eq!(v["engine"], "kvm");
+    let h = &v["hypercalls"];
+    for name in [
+        "set_trap_table",
+        "mmu_update",
+        "new_baseptr",
+        "console_io",
+        "sched_op",
+        "set_timer_op",
+    ] {
+        assert!(h[name].as_u64().unwrap_or(0) > 0, "{name} not called: {h}");
+    }
+    assert!(v["wall_time_ns"].as_u64().unwrap() > 0);
+    assert_eq!(v["exit_status"], 0);
+}
+
+/// The same binary with the PV leaves hidden runs on native instructions.
+#[test]
+fn demo_os_native_mode() {
+    if !kvm_here() {
+        return;
+    }
+    let (o, v) = stats_json(&["run", "--no-pv"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(
         out.contains("visor demo guest: hello from 64-bit long mode"),
         "{out}"
     );
-    assert!(out.contains("demo: cmdline \"quiet=1\""), "{out}");
-    assert!(out.contains("demo: 6542 primes below 65536"), "{out}");
-    assert!(out.contains("demo: done"), "{out}");
-    let err = stderr(&o);
+    let [procs, syscalls, faults, ticks] = demo_done(&out, "native");
     assert!(
-        err.contains("exit reason") && err.contains("io_out"),
-        "{err}"
+        procs >= 3 && syscalls > 100 && faults > 0 && ticks > 0,
+        "{out}"
     );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(v["engine"], "kvm");
+    assert!(v["hypercalls"].as_object().unwrap().is_empty(), "{v}");
     let outs = v["exits"]["io_out"].as_u64().unwrap();
-    assert!(outs as usize >= out.len(), "one exit per byte at least");
-    assert!(v["hypercalls"].is_object());
-    assert!(v["wall_time_ns"].as_u64().unwrap() > 0);
-    assert_eq!(v["exit_status"], 0);
+    assert!(
+        outs as usize >= out.len(),
+        "native console: one exit per byte"
+    );
 }
 
 #[test]
@@ -112,7 +173,7 @@ fn no_arguments_runs_the_demo() {
     }
     let o = visor(&[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert!(stdout(&o).contains("demo: done"));
+    demo_done(&stdout(&o), "pv");
 }
 
 #[test]

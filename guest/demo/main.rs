@@ -1,12 +1,42 @@
-//! visor's demo guest: a small `no_std` kernel booted through visor's 64-bit boot
-//! protocol. It reports what it finds (CPU, memory map, command line), does some
-//! arithmetic work, and powers the machine off through the power port.
+//! visor's demo OS: a small `no_std` kernel booted through visor's 64-bit boot
+//! protocol (docs/boot-protocol.md).
+//!
+//! - its own GDT (with a 64-bit TSS: RSP0 and an IST stack) and IDT;
+//! - per-process 4-level page tables: the kernel identity map is
+//!   supervisor-only, user code and read-only data (`.utext`, `.urodata`, linked
+//!   at 0x4000_0000) are shared read-only, stacks and heaps are private;
+//! - the local APIC timer at 100 Hz drives a preemptive round-robin scheduler
+//!   over user processes at CPL 3;
+//! - system calls through `int 0x80` and `syscall`: write, getpid, yield, sleep,
+//!   exit, sbrk (heap pages are demand-paged by the page-fault handler), send and
+//!   recv (a small blocking mailbox per process), ticks;
+//! - every low-level operation goes through one table, [`pvops::PvOps`]: native
+//!   instructions, or visor's hypercalls when CPUID advertises them.
+//!
+//! The user programs (user.rs) run natively even where ring 0 is emulated, so
+//! the kernel keeps its own work small. Nothing here uses SSE or `core::fmt`.
+//!
+//! On PVM hosts (KVM emulating guest ring 0) user-mode `syscall` and `int 0x80`
+//! arrive half done, as a page fault at the `syscall` entry point and as #UD on
+//! the `int 0x80` bytes; the kernel completes those gates itself (see
+//! `Kernel::complete_gate` in proc.rs). Elsewhere the CPU runs them.
 #![no_std]
 #![no_main]
 
-use core::arch::{asm, global_asm};
+mod console;
+mod cpu;
+mod desc;
+mod mm;
+mod proc;
+mod pvops;
+mod trap;
+mod user;
 
-use abi::{port, BootInfo, MemoryRegion, BOOT_INFO_MAGIC, MEM_RAM};
+use core::arch::{asm, global_asm};
+use core::cell::{Cell, UnsafeCell};
+
+use abi::{BootInfo, MemoryRegion, BOOT_INFO_MAGIC, MEM_RAM};
+use console::Line;
 
 global_asm!(
     ".section .text.entry, \"ax\"",
@@ -19,148 +49,69 @@ global_asm!(
     main = sym kmain,
 );
 
-fn outb(port: u16, v: u8) {
-    // SAFETY: port I/O in the guest kernel at CPL 0.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack)) }
+/// Kernel state behind a cell. The kernel runs on one CPU with interrupts
+/// disabled, except in the idle loop, which holds no reference; `busy` turns
+/// any nested use into a kernel panic instead of two live `&mut`.
+pub struct Global<T> {
+    busy: Cell<bool>,
+    value: UnsafeCell<T>,
 }
 
-fn outw(port: u16, v: u16) {
-    // SAFETY: port I/O in the guest kernel at CPL 0.
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack)) }
-}
+// SAFETY: one CPU, and `with` hands out at most one reference at a time.
+unsafe impl<T> Sync for Global<T> {}
 
-fn inb(port: u16) -> u8 {
-    let v: u8;
-    // SAFETY: port I/O in the guest kernel at CPL 0.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack)) }
-    v
-}
-
-/// COM1 output, polled. Hand-written number formatting: `core::fmt` is
-/// precompiled with SSE, which this guest avoids (see build.rs).
-struct Com1;
-
-impl Com1 {
-    fn put(&mut self, b: u8) {
-        // Wait for the transmitter holding register to empty (LSR bit 5).
-        while inb(port::COM1 + 5) & 0x20 == 0 {}
-        outb(port::COM1, b);
-    }
-
-    fn bytes(&mut self, s: &[u8]) -> &mut Self {
-        for &b in s {
-            if b == b'\n' {
-                self.put(b'\r');
-            }
-            self.put(b);
+impl<T> Global<T> {
+    pub const fn new(value: T) -> Self {
+        Global {
+            busy: Cell::new(false),
+            value: UnsafeCell::new(value),
         }
-        self
     }
 
-    fn str(&mut self, s: &str) -> &mut Self {
-        self.bytes(s.as_bytes())
-    }
-
-    fn dec(&mut self, mut v: u64) -> &mut Self {
-        let mut buf = [0u8; 20];
-        let mut i = buf.len();
-        loop {
-            i -= 1;
-            buf[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
+    /// Runs `f` with the only reference to the value.
+    pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        if self.busy.replace(true) {
+            fatal("nested use of kernel state");
         }
-        self.bytes(&buf[i..])
-    }
-
-    fn hex(&mut self, v: u64) -> &mut Self {
-        self.str("0x");
-        let mut started = false;
-        for i in (0..16).rev() {
-            let d = ((v >> (i * 4)) & 0xf) as u8;
-            if d != 0 || started || i == 0 {
-                started = true;
-                self.put(if d < 10 { b'0' + d } else { b'a' + d - 10 });
-            }
-        }
-        self
-    }
-
-    /// Printable ASCII of `s`, other bytes as '.'.
-    fn ascii(&mut self, s: &[u8]) -> &mut Self {
-        for &b in s {
-            self.put(if (0x20..0x7f).contains(&b) { b } else { b'.' });
-        }
-        self
+        // SAFETY: `busy` was clear, so no other reference exists until it is
+        // cleared again below.
+        let r = f(unsafe { &mut *self.value.get() });
+        self.busy.set(false);
+        r
     }
 }
 
-fn cpuid(leaf: u32) -> [u32; 4] {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    // SAFETY: CPUID has no side effects; RBX is saved because LLVM reserves it.
-    unsafe {
-        asm!("mov {t:r}, rbx", "cpuid", "xchg {t:r}, rbx",
-             t = out(reg) b, inout("eax") leaf => a, inout("ecx") 0 => c, out("edx") d,
-             options(nomem, nostack));
-    }
-    [a, b, c, d]
+/// Prints `demo: panic: <what>` and ends the run with a non-zero status.
+pub fn fatal(what: &str) -> ! {
+    Line::new().s("demo: panic: ").s(what).end();
+    fail(1)
 }
 
-fn text(words: &[u32]) -> [u8; 12] {
-    let mut s = [b'?'; 12];
-    for (i, w) in words.iter().take(3).enumerate() {
-        s[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
-    }
-    s
-}
-
-fn power_off(code: u8) -> ! {
-    if code == 0 {
-        outw(port::POWER, port::POWER_OFF);
-    }
-    outb(port::DEBUG_EXIT, code);
+/// Ends the run through the isa-debug-exit port: visor exits with (code << 1) | 1.
+pub fn fail(code: u8) -> ! {
+    (pvops::ops().outb)(abi::port::DEBUG_EXIT, code);
     loop {
-        // SAFETY: halting forever is what is left to do.
+        // SAFETY: nothing is left to do; halting with interrupts off.
         unsafe { asm!("cli; hlt") }
     }
 }
 
-/// Counts primes below `n` with a sieve kept in a fixed buffer.
-fn primes_below(n: usize) -> usize {
-    static mut SIEVE: [u8; 65536] = [0; 65536];
-    let n = n.min(65536);
-    // SAFETY: single-threaded kernel; nothing else references SIEVE.
-    let sieve = unsafe { &mut *core::ptr::addr_of_mut!(SIEVE) };
-    let mut count = 0;
-    for i in 2..n {
-        if sieve[i] == 0 {
-            count += 1;
-            let mut j = i * i;
-            while j < n {
-                sieve[j] = 1;
-                j += i;
-            }
-        }
-    }
-    count
-}
-
-extern "C" fn kmain(info: &BootInfo) -> ! {
-    let mut out = Com1;
+extern "C" fn kmain(info: &'static BootInfo) -> ! {
     if info.magic != BOOT_INFO_MAGIC {
-        out.str("demo: panic: bad boot info magic ").hex(info.magic).str("\n");
-        power_off(1);
+        fatal("bad boot info magic");
     }
-    out.str("visor demo guest: hello from 64-bit long mode\n");
-    let v = cpuid(0);
-    let h = cpuid(0x4000_0000);
-    out.str("demo: cpu vendor \"")
-        .ascii(&text(&[v[1], v[3], v[2]]))
-        .str("\" hypervisor \"")
-        .ascii(&text(&[h[1], h[2], h[3]]))
-        .str("\"\n");
+    Line::new()
+        .s("visor demo guest: hello from 64-bit long mode")
+        .end();
+    // SAFETY: the boot protocol guarantees cmdline_len bytes at cmdline_addr.
+    let cmdline = unsafe {
+        core::slice::from_raw_parts(info.cmdline_addr as *const u8, info.cmdline_len as usize)
+    };
+    Line::new()
+        .s("demo: cmdline \"")
+        .ascii(cmdline)
+        .s("\"")
+        .end();
     // SAFETY: the boot protocol guarantees mmap_count entries at mmap_addr.
     let mmap = unsafe {
         core::slice::from_raw_parts(
@@ -168,28 +119,38 @@ extern "C" fn kmain(info: &BootInfo) -> ! {
             info.mmap_count as usize,
         )
     };
-    let ram: u64 = mmap.iter().filter(|r| r.kind == MEM_RAM).map(|r| r.len).sum();
-    out.str("demo: ")
-        .dec(mmap.len() as u64)
-        .str(" memory regions, ")
-        .dec(ram / 1024)
-        .str(" KiB RAM\n");
-    // SAFETY: the boot protocol guarantees cmdline_len bytes at cmdline_addr.
-    let cmdline = unsafe {
-        core::slice::from_raw_parts(info.cmdline_addr as *const u8, info.cmdline_len as usize)
-    };
-    out.str("demo: cmdline \"").ascii(cmdline).str("\"\n");
-    let p = primes_below(65536);
-    out.str("demo: ").dec(p as u64).str(" primes below 65536\n");
-    out.str("demo: done\n");
-    power_off(if p == 6542 { 0 } else { 2 })
+    let ram: u64 = mmap
+        .iter()
+        .filter(|r| r.kind == MEM_RAM)
+        .map(|r| r.len)
+        .sum();
+    Line::new()
+        .s("demo: ")
+        .n(ram >> 20)
+        .s(" MiB RAM in ")
+        .n(mmap.len() as u64)
+        .s(" memory regions")
+        .end();
+    pvops::init();
+    (pvops::ops().irq_disable)();
+    desc::init();
+    mm::init(mmap);
+    trap::init_syscall();
+    proc::start()
 }
 
 #[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! {
-    Com1.str("demo: panic\n");
-    power_off(3)
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let mut l = Line::new();
+    l.s("demo: panic: ")
+        .s(info.message().as_str().unwrap_or("kernel panic"));
+    if let Some(loc) = info.location() {
+        l.s(" at ").s(loc.file()).s(":").n(loc.line() as u64);
+    }
+    l.end();
+    fail(1)
 }
+
 // The compiler lowers copies and fills to these symbols; with no libc they are ours.
 // `rep movsb`/`rep stosb` keep LLVM from turning the loops back into calls.
 

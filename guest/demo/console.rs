@@ -1,0 +1,93 @@
+//! Kernel console output: one line at a time, formatted by hand (`core::fmt` is
+//! precompiled with SSE) and written through [`pvops`](crate::pvops).
+
+use crate::pvops;
+
+const CAP: usize = 160;
+
+/// A console line under construction; [`Line::end`] writes it.
+pub struct Line {
+    buf: [u8; CAP],
+    len: usize,
+}
+
+impl Line {
+    pub fn new() -> Line {
+        Line {
+            buf: [0; CAP],
+            len: 0,
+        }
+    }
+
+    fn put(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+
+    pub fn s(&mut self, s: &str) -> &mut Self {
+        for &b in s.as_bytes() {
+            self.put(b);
+        }
+        self
+    }
+
+    /// Printable ASCII of `s`, other bytes as '.'.
+    pub fn ascii(&mut self, s: &[u8]) -> &mut Self {
+        for &b in s {
+            self.put(if (0x20..0x7f).contains(&b) { b } else { b'.' });
+        }
+        self
+    }
+
+    /// Unsigned decimal.
+    pub fn n(&mut self, mut v: u64) -> &mut Self {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 || i == 0 {
+                break;
+            }
+        }
+        for &d in &digits[i..] {
+            self.put(d);
+        }
+        self
+    }
+
+    /// Signed decimal.
+    pub fn i(&mut self, v: i64) -> &mut Self {
+        if v < 0 {
+            self.put(b'-');
+        }
+        self.n(v.unsigned_abs())
+    }
+
+    /// Hexadecimal with a 0x prefix.
+    pub fn x(&mut self, v: u64) -> &mut Self {
+        self.s("0x");
+        let mut started = false;
+        for i in (0..16).rev() {
+            let d = ((v >> (i * 4)) & 0xf) as u8;
+            if d != 0 || started || i == 0 {
+                started = true;
+                self.put(if d < 10 { b'0' + d } else { b'a' + d - 10 });
+            }
+        }
+        self
+    }
+
+    /// Writes the line and a newline.
+    pub fn end(&mut self) {
+        if self.len == CAP {
+            self.len -= 1;
+        }
+        self.put(b'\n');
+        pvops::console_write(&self.buf[..self.len]);
+        self.len = 0;
+    }
+}
