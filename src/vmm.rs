@@ -104,6 +104,32 @@ pub struct Stopper {
 
 extern "C" fn kick_handler(_: libc::c_int) {}
 
+/// Set by SIGUSR2: the loop prints the vCPU's registers and goes on.
+static DUMP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn dump_handler(_: libc::c_int) {
+    DUMP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGUSR1 kicks the vCPU out of the engine (no-op handler, no SA_RESTART);
+/// SIGUSR2 also asks for a register dump (`kill -USR2 <pid>` on a guest that
+/// seems stuck).
+fn install_signal_handlers() {
+    for (sig, handler) in [
+        (libc::SIGUSR1, kick_handler as extern "C" fn(libc::c_int)),
+        (libc::SIGUSR2, dump_handler),
+    ] {
+        // SAFETY: the handlers only store to an atomic, which is async-signal-safe;
+        // without SA_RESTART a blocking KVM_RUN returns EINTR to the loop.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handler as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
 impl Stopper {
     pub fn stop(&self) {
         self.flag.store(true, Ordering::SeqCst);
@@ -163,14 +189,7 @@ impl Vm {
 
     /// A handle that stops this VM's run; call on the thread that will run it.
     pub fn stopper(&self) -> Stopper {
-        // SAFETY: installing a no-op handler without SA_RESTART, so a kick makes a
-        // blocking KVM_RUN return EINTR; the handler touches no state.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = kick_handler as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
-        }
+        install_signal_handlers();
         Stopper {
             flag: self.stop.clone(),
             // SAFETY: pthread_self has no preconditions.
@@ -185,6 +204,7 @@ impl Vm {
 
     /// Runs the vCPU until the machine stops, recording every exit in `stats`.
     pub fn run(&mut self, stats: &mut Stats) -> Result<Outcome, VcpuError> {
+        install_signal_handlers();
         let start = Instant::now();
         let out = self.run_loop(stats);
         stats.wall_time += start.elapsed();
@@ -254,6 +274,10 @@ impl Vm {
                     None => stats.unclaimed_mmio += 1,
                 },
                 VcpuExit::Interrupted => {
+                    if DUMP_REQUESTED.swap(false, Ordering::SeqCst) {
+                        let (r, s) = (self.vcpu.regs()?, self.vcpu.sregs()?);
+                        eprintln!("\r\nvisor: SIGUSR2 register dump\r\n{r}\n{s}");
+                    }
                     if self.stop.load(Ordering::SeqCst) {
                         stop = Some(Outcome::TimedOut {
                             regs: Box::new(self.vcpu.regs()?),

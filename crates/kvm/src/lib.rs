@@ -54,7 +54,8 @@ pub fn host_is_pvm() -> bool {
 ///
 /// And, for time only: `initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init`
 /// skips two boot-time passes over every ftrace record and trace event format
-/// (minutes of emulated ring 0; they only affect tracing).
+/// (minutes of emulated ring 0; they only affect tracing), and `cryptomgr.notests`
+/// skips the crypto self-tests, whose 60 s waits otherwise stall the boot.
 pub fn linux_parameters() -> &'static [&'static str] {
     if host_is_pvm() {
         &[
@@ -64,6 +65,7 @@ pub fn linux_parameters() -> &'static [&'static str] {
             "nofsgsbase",
             "clearcpuid=129,137,141,147,148,151,153,158,306,308,534",
             "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init",
+            "cryptomgr.notests",
         ]
     } else {
         &[]
