@@ -79,7 +79,8 @@ def main():
     ap.add_argument("--kernel", choices=["bzimage", "vmlinux"], default="vmlinux")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--mem", default="256M")
-    ap.add_argument("--skip-qemu-kvm", action="store_true")
+    ap.add_argument("--runners", default="visor,qemu-tcg,qemu-kvm",
+                    help="comma-separated subset of visor, qemu-tcg, qemu-kvm")
     a = ap.parse_args()
     ensure_packages()
     os.makedirs(OUT, exist_ok=True)
@@ -93,22 +94,25 @@ def main():
         extract_vmlinux(bz, kernel)
     global CMDLINE
     if os.path.exists("/sys/module/kvm_pvm"):
-        # PVM's ring-0 emulator cannot run XSAVE/XRSTOR (see README); same
-        # command line for every runner.
-        CMDLINE += " noxsave"
+        # What visor's kvm engine adds on PVM hosts (crates/kvm, linux_parameters);
+        # the same command line for every runner.
+        CMDLINE += (" noxsave nopcid noinvpcid nofsgsbase"
+                    " clearcpuid=129,137,141,147,148,151,153,158,306,308,534"
+                    " initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init"
+                    " cryptomgr.notests")
     visor = os.path.join(ROOT, "target/release/visor")
     mem_mb = a.mem.rstrip("M")
     qemu = ["qemu-system-x86_64", "-M", "microvm", "-m", mem_mb, "-display", "none",
             "-nodefaults", "-no-reboot", "-serial", "stdio", "-kernel", kernel,
             "-initrd", initrd, "-append", CMDLINE]
-    runners = [
-        ("visor (engine kvm)", [visor, "run", kernel, "--mem", a.mem, "--initrd", initrd,
-                                "--cmdline", CMDLINE]),
-        ("qemu microvm (tcg)", qemu + ["-accel", "tcg"]),
-    ]
-    if not a.skip_qemu_kvm:
-        runners.append(("qemu microvm (kvm)",
-                        qemu + ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]))
+    wanted = a.runners.split(",")
+    runners = [r for key, r in [
+        ("visor", ("visor (engine kvm)", [visor, "run", kernel, "--mem", a.mem, "--initrd",
+                                          initrd, "--cmdline", CMDLINE])),
+        ("qemu-tcg", ("qemu microvm (tcg)", qemu + ["-accel", "tcg"])),
+        ("qemu-kvm", ("qemu microvm (kvm)",
+                      qemu + ["-accel", "kvm", "-cpu", "host,-arch-capabilities"])),
+    ] if key in wanted]
     print(f"kernel: {kernel} ({a.kernel}), initramfs {os.path.getsize(initrd)} bytes, "
           f"{a.runs} runs each, mem {a.mem}")
     medians = {}

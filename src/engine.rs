@@ -10,6 +10,9 @@ use vcpu::VcpuError;
 pub enum Engine {
     /// Hardware-assisted virtualization through Linux KVM.
     Kvm,
+    /// No virtualization: visor's software CPU runs the guest at its real
+    /// privilege (baseline and oracle).
+    Emu,
 }
 
 /// Engine-independent VM options.
@@ -24,17 +27,22 @@ pub struct VmOptions {
 }
 
 impl Engine {
-    pub const ALL: &'static [Engine] = &[Engine::Kvm];
+    pub const ALL: &'static [Engine] = &[Engine::Kvm, Engine::Emu];
+    /// The engines `--engine auto` chooses from, best first: the software CPU
+    /// where KVM cannot run.
+    pub const AUTO: &'static [Engine] = &[Engine::Kvm, Engine::Emu];
 
     pub fn name(self) -> &'static str {
         match self {
             Engine::Kvm => "kvm",
+            Engine::Emu => "emu",
         }
     }
 
     pub fn design(self) -> &'static str {
         match self {
             Engine::Kvm => "hardware-assisted (VT-x/AMD-V through Linux KVM)",
+            Engine::Emu => "software CPU, guest at its real privilege (baseline, oracle)",
         }
     }
 
@@ -46,13 +54,16 @@ impl Engine {
     pub fn unavailable_reason(self) -> Option<String> {
         match self {
             Engine::Kvm => visor_kvm::unavailable_reason(),
+            Engine::Emu => None,
         }
     }
 
     /// The hypercall-page stub for hypercall `n` on this engine.
     pub fn hypercall_stub(self) -> fn(u32) -> [u8; hypercall::STUB_SIZE] {
         match self {
-            Engine::Kvm => hypercall::port_io_stub,
+            // The VMM loop turns OUT to the hypercall port into a hypercall on
+            // every engine.
+            Engine::Kvm | Engine::Emu => hypercall::port_io_stub,
         }
     }
 
@@ -60,13 +71,14 @@ impl Engine {
     pub fn linux_parameters(self) -> &'static [&'static str] {
         match self {
             Engine::Kvm => visor_kvm::linux_parameters(),
+            Engine::Emu => &[],
         }
     }
 
     /// The best engine available on this host (`--engine auto`).
     pub fn auto() -> Result<Engine, String> {
         let mut why = Vec::new();
-        for &e in Engine::ALL {
+        for &e in Engine::AUTO {
             match e.unavailable_reason() {
                 None => return Ok(e),
                 Some(r) => why.push(format!("{}: {r}", e.name())),
@@ -84,6 +96,13 @@ impl Engine {
             Engine::Kvm => Ok(Box::new(visor_kvm::KvmVm::new(
                 mem,
                 visor_kvm::KvmConfig {
+                    irqchip: opts.irqchip,
+                    pv_signature: opts.pv.then_some(hypercall::SIGNATURE),
+                },
+            )?)),
+            Engine::Emu => Ok(Box::new(visor_emu::EmuVm::new(
+                mem,
+                visor_emu::EmuConfig {
                     irqchip: opts.irqchip,
                     pv_signature: opts.pv.then_some(hypercall::SIGNATURE),
                 },

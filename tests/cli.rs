@@ -242,18 +242,25 @@ fn initrd_does_not_fit() {
 
 #[test]
 fn kvm_missing() {
+    let nokvm = [("VISOR_KVM_DEVICE", "/nonexistent/kvm")];
     assert_error(
-        &visor_env(&["run"], &[("VISOR_KVM_DEVICE", "/nonexistent/kvm")]),
-        "/nonexistent/kvm does not exist",
-    );
-    assert_error(
-        &visor_env(
-            &["run", "--engine", "kvm"],
-            &[("VISOR_KVM_DEVICE", "/nonexistent/kvm")],
-        ),
-        "engine kvm is not available",
+        &visor_env(&["run", "--engine", "kvm"], &nokvm),
+        "engine kvm is not available: /nonexistent/kvm does not exist",
     );
     assert_error(&visor(&["run", "--engine", "warp"]), "unknown engine");
+    // `--engine auto` falls back to the software CPU.
+    let code = asm(64, 0x20_0000, |a| {
+        a.mov(al, 0x2a)?;
+        a.out(0xf4, al)?;
+        a.hlt()
+    });
+    let (d, p) = tmp("exit.elf", &elf64_image(0x20_0000, &code));
+    let json = d.path().join("stats.json");
+    let o = visor_env(&["run", s(&p), "--stats-json", s(&json)], &nokvm);
+    assert_eq!(o.status.code(), Some((0x2a << 1) | 1), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["engine"], "emu");
+    assert!(v["engine_counters"]["guest_instructions"].as_u64().unwrap() >= 2);
 }
 
 fn asm(bits: u32, ip: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {

@@ -117,6 +117,10 @@ macro_rules! on_every_engine {
                 fn kvm() {
                     super::run_case(visor::Engine::Kvm, super::$case);
                 }
+                #[test]
+                fn emu() {
+                    super::run_case(visor::Engine::Emu, super::$case);
+                }
             }
         )*
     };

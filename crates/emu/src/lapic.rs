@@ -1,0 +1,375 @@
+//! The local APIC of the `emu` engine (xAPIC registers at 0xfee0_0000): ID,
+//! version, TPR/PPR, EOI, SVR, ISR/IRR/TMR, ESR, ICR (self-IPIs), the LVT and
+//! the timer (one-shot and periodic). The timer counts at 1 GHz before the
+//! divider, as KVM's does, against the host's monotonic clock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub const APIC_BASE: u64 = 0xfee0_0000;
+
+/// Fixed interrupts raised from other threads (vector lines), and the wake-up
+/// of a halted vCPU.
+#[derive(Default)]
+pub struct Lines {
+    pending: [AtomicU64; 4],
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Lines {
+    pub fn raise(&self, vector: u8) {
+        self.pending[vector as usize / 64].fetch_or(1 << (vector % 64), Ordering::SeqCst);
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.cv.notify_all();
+    }
+
+    fn take(&self) -> [u64; 4] {
+        let mut out = [0u64; 4];
+        for (o, p) in out.iter_mut().zip(&self.pending) {
+            if p.load(Ordering::Relaxed) != 0 {
+                *o = p.swap(0, Ordering::SeqCst);
+            }
+        }
+        out
+    }
+
+    fn any(&self) -> bool {
+        self.pending.iter().any(|p| p.load(Ordering::SeqCst) != 0)
+    }
+
+    /// Waits until a line is raised or `timeout` passes.
+    pub fn wait(&self, timeout: Duration) {
+        let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.any() {
+            return;
+        }
+        let _ = self.cv.wait_timeout(g, timeout);
+    }
+}
+
+pub struct Lapic {
+    id: u32,
+    tpr: u32,
+    svr: u32,
+    ldr: u32,
+    dfr: u32,
+    esr: u32,
+    icr: [u32; 2],
+    isr: [u32; 8],
+    irr: [u32; 8],
+    tmr: [u32; 8],
+    /// Timer, thermal, perf, LINT0, LINT1, error.
+    lvt: [u32; 6],
+    timer_init: u32,
+    timer_div: u32,
+    /// When the current count reaches zero.
+    deadline: Option<Instant>,
+    lines: std::sync::Arc<Lines>,
+    /// Fixed interrupts the APIC dropped because it was software-disabled.
+    pub dropped: u64,
+}
+
+const LVT_MASKED: u32 = 1 << 16;
+
+impl Lapic {
+    pub fn new(id: u32, lines: std::sync::Arc<Lines>) -> Lapic {
+        Lapic {
+            id,
+            tpr: 0,
+            svr: 0xff,
+            ldr: 0,
+            dfr: 0xffff_ffff,
+            esr: 0,
+            icr: [0; 2],
+            isr: [0; 8],
+            irr: [0; 8],
+            tmr: [0; 8],
+            // LINT0 ExtINT and LINT1 NMI: the virtual-wire setup a BIOS leaves.
+            lvt: [LVT_MASKED, LVT_MASKED, LVT_MASKED, 0x700, 0x400, LVT_MASKED],
+            timer_init: 0,
+            timer_div: 0,
+            deadline: None,
+            lines,
+            dropped: 0,
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.svr & 0x100 != 0
+    }
+
+    fn divisor(&self) -> u64 {
+        let d = (self.timer_div & 3) | ((self.timer_div >> 1) & 4);
+        if d == 7 {
+            1
+        } else {
+            2 << d
+        }
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_nanos(self.timer_init as u64 * self.divisor())
+    }
+
+    fn highest(v: &[u32; 8]) -> Option<u8> {
+        for k in (0..8).rev() {
+            if v[k] != 0 {
+                return Some((k * 32 + 31 - v[k].leading_zeros() as usize) as u8);
+            }
+        }
+        None
+    }
+
+    fn ppr(&self) -> u32 {
+        let isrv = Self::highest(&self.isr).map_or(0, |v| v as u32);
+        if (self.tpr >> 4) >= (isrv >> 4) {
+            self.tpr & 0xff
+        } else {
+            isrv & 0xf0
+        }
+    }
+
+    fn set_irr(&mut self, v: u8) {
+        if v < 16 {
+            self.esr |= 1 << 6; // illegal vector received
+            return;
+        }
+        self.irr[v as usize / 32] |= 1 << (v % 32);
+    }
+
+    fn current_count(&self) -> u32 {
+        match self.deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now()).as_nanos() as u64;
+                left.div_ceil(self.divisor()).min(self.timer_init as u64) as u32
+            }
+            None => 0,
+        }
+    }
+
+    fn read_reg(&self, reg: u64) -> u32 {
+        match reg {
+            0x20 => self.id << 24,
+            0x30 => 0x0005_0014,
+            0x80 => self.tpr,
+            0xa0 => self.ppr(),
+            0xd0 => self.ldr,
+            0xe0 => self.dfr,
+            0xf0 => self.svr,
+            0x100..=0x170 => self.isr[((reg - 0x100) >> 4) as usize],
+            0x180..=0x1f0 => self.tmr[((reg - 0x180) >> 4) as usize],
+            0x200..=0x270 => self.irr[((reg - 0x200) >> 4) as usize],
+            0x280 => self.esr,
+            0x300 => self.icr[0],
+            0x310 => self.icr[1],
+            0x320..=0x370 => self.lvt[((reg - 0x320) >> 4) as usize],
+            0x380 => self.timer_init,
+            0x390 => self.current_count(),
+            0x3e0 => self.timer_div,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, reg: u64, v: u32) {
+        match reg {
+            0x80 => self.tpr = v & 0xff,
+            0xb0 => {
+                if let Some(h) = Self::highest(&self.isr) {
+                    self.isr[h as usize / 32] &= !(1 << (h % 32));
+                }
+            }
+            0xd0 => self.ldr = v & 0xff00_0000,
+            0xe0 => self.dfr = v | 0x0fff_ffff,
+            0xf0 => {
+                self.svr = v & 0x13ff;
+                if !self.enabled() {
+                    for l in self.lvt.iter_mut() {
+                        *l |= LVT_MASKED;
+                    }
+                }
+            }
+            0x280 => self.esr = 0,
+            0x300 => {
+                self.icr[0] = v & !(1 << 12);
+                let shorthand = (v >> 18) & 3;
+                let mode = (v >> 8) & 7;
+                let to_self = shorthand == 1
+                    || shorthand == 2
+                    || (shorthand == 0 && self.icr[1] >> 24 == self.id);
+                if mode == 0 && to_self {
+                    self.set_irr(v as u8);
+                }
+            }
+            0x310 => self.icr[1] = v & 0xff00_0000,
+            0x320..=0x370 => {
+                let i = ((reg - 0x320) >> 4) as usize;
+                let mut v = v & if i == 0 { 0x700ff } else { 0x1_07ff };
+                if !self.enabled() {
+                    v |= LVT_MASKED;
+                }
+                self.lvt[i] = v;
+            }
+            0x380 => {
+                self.timer_init = v;
+                self.deadline = (v != 0).then(|| Instant::now() + self.period());
+            }
+            0x3e0 => self.timer_div = v & 0xb,
+            _ => {}
+        }
+    }
+
+    fn fire_timer(&mut self, now: Instant) {
+        let Some(d) = self.deadline else { return };
+        if now < d {
+            return;
+        }
+        let lvt = self.lvt[0];
+        if lvt & LVT_MASKED == 0 {
+            self.set_irr(lvt as u8);
+        }
+        let periodic = (lvt >> 17) & 3 == 1;
+        let period = self.period();
+        self.deadline = if periodic && !period.is_zero() {
+            // Missed periods collapse into one interrupt.
+            let late = now.duration_since(d).as_nanos() % period.as_nanos().max(1);
+            Some(now + period - Duration::from_nanos(late as u64))
+        } else {
+            None
+        };
+    }
+}
+
+impl x86::Local for Lapic {
+    fn claims(&self, addr: u64) -> bool {
+        addr & !0xfff == APIC_BASE
+    }
+
+    fn read(&mut self, addr: u64, data: &mut [u8]) {
+        let off = addr & 0xfff;
+        let v = self.read_reg(off & !0xf).to_le_bytes();
+        for (k, b) in data.iter_mut().enumerate() {
+            let at = (off & 0xf) as usize + k;
+            *b = if at < 4 { v[at] } else { 0 };
+        }
+    }
+
+    fn write(&mut self, addr: u64, data: &[u8]) {
+        let off = addr & 0xfff;
+        if off & 0xf != 0 || data.len() < 4 {
+            return; // only aligned 32-bit writes are defined
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        self.write_reg(off, v);
+    }
+
+    fn poll(&mut self) -> bool {
+        self.fire_timer(Instant::now());
+        let raised = self.lines.take();
+        if raised.iter().any(|&w| w != 0) {
+            for (k, w) in raised.iter().enumerate() {
+                let mut w = *w;
+                while w != 0 {
+                    let b = w.trailing_zeros();
+                    w &= w - 1;
+                    if self.enabled() {
+                        self.set_irr((k * 64 + b as usize) as u8);
+                    } else {
+                        self.dropped += 1;
+                    }
+                }
+            }
+        }
+        self.pending()
+    }
+
+    fn pending(&self) -> bool {
+        match Self::highest(&self.irr) {
+            Some(v) => (v as u32 & 0xf0) > (self.ppr() & 0xf0),
+            None => false,
+        }
+    }
+
+    fn ack(&mut self) -> Option<u8> {
+        if !self.pending() {
+            return None;
+        }
+        let v = Self::highest(&self.irr)?;
+        self.irr[v as usize / 32] &= !(1 << (v % 32));
+        self.isr[v as usize / 32] |= 1 << (v % 32);
+        Some(v)
+    }
+
+    fn set_tpr(&mut self, cr8: u64) {
+        self.tpr = ((cr8 & 0xf) << 4) as u32;
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x86::Local;
+
+    fn w(l: &mut Lapic, reg: u64, v: u32) {
+        l.write(APIC_BASE + reg, &v.to_le_bytes());
+    }
+
+    fn r(l: &mut Lapic, reg: u64) -> u32 {
+        let mut b = [0u8; 4];
+        l.read(APIC_BASE + reg, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn priorities_and_eoi() {
+        let lines = std::sync::Arc::new(Lines::default());
+        let mut l = Lapic::new(0, lines.clone());
+        lines.raise(0x40);
+        assert!(!l.poll(), "software-disabled APIC drops fixed interrupts");
+        w(&mut l, 0xf0, 0x1ff);
+        lines.raise(0x40);
+        lines.raise(0x80);
+        assert!(l.poll());
+        assert_eq!(l.ack(), Some(0x80));
+        assert!(!l.pending(), "0x40 is below the in-service 0x80");
+        w(&mut l, 0xb0, 0);
+        assert_eq!(l.ack(), Some(0x40));
+        w(&mut l, 0xb0, 0);
+        w(&mut l, 0x80, 0x50);
+        lines.raise(0x45);
+        assert!(!l.poll(), "TPR masks the class");
+        w(&mut l, 0x80, 0);
+        assert!(l.pending());
+        assert_eq!(r(&mut l, 0x30) & 0xff, 0x14);
+    }
+
+    #[test]
+    fn timer_one_shot_and_periodic() {
+        let lines = std::sync::Arc::new(Lines::default());
+        let mut l = Lapic::new(0, lines);
+        w(&mut l, 0xf0, 0x1ff);
+        w(&mut l, 0x3e0, 0xb); // divide by 1
+        w(&mut l, 0x320, 0x30);
+        w(&mut l, 0x380, 1_000_000); // 1 ms one-shot
+        assert!(r(&mut l, 0x390) > 0);
+        std::thread::sleep(Duration::from_millis(3));
+        assert!(l.poll());
+        assert_eq!(l.ack(), Some(0x30));
+        w(&mut l, 0xb0, 0);
+        assert_eq!(r(&mut l, 0x390), 0, "one-shot stopped");
+        w(&mut l, 0x320, (1 << 17) | 0x31);
+        w(&mut l, 0x380, 500_000);
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(2));
+            assert!(l.poll());
+            assert_eq!(l.ack(), Some(0x31));
+            w(&mut l, 0xb0, 0);
+        }
+        assert!(l.deadline().is_some(), "periodic keeps running");
+    }
+}

@@ -1,0 +1,325 @@
+//! Engine `emu`: no virtualization. visor's software x86-64 CPU (crates/x86)
+//! runs the guest at its real privilege, every instruction interpreted; it is
+//! the baseline of the other engines and their oracle.
+//!
+//! Port I/O, MMIO outside RAM and MSRs the CPU does not know leave the engine
+//! as exits, like KVM's. With `irqchip`, the engine models a local APIC
+//! (lapic.rs; its timer runs on the host clock at 1 GHz like KVM's) and
+//! [`vcpu::Vm::vector_line`] delivers fixed interrupts into it; HLT then waits
+//! inside the engine for the next interrupt. Without it, HLT exits.
+
+pub mod lapic;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vcpu::{IrqLine, Regs, Result, SRegs, Vcpu, VcpuExit};
+use vm_memory::GuestMemoryMmap;
+use x86::{Cpu, CpuExit, CpuidTable, PhysMem};
+
+pub use lapic::{Lapic, Lines};
+
+/// Instructions per `Cpu::run` call: the local APIC is polled in between.
+const SLICE: u64 = 20_000;
+/// Longest time `run` stays in the engine without an exit, so that the VMM can
+/// notice a stop request (`--timeout`).
+const MAX_RUN: Duration = Duration::from_millis(20);
+
+/// Options of an `emu` virtual machine.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EmuConfig {
+    /// Model a local APIC (timer, vector lines); HLT then waits for it.
+    pub irqchip: bool,
+    /// visor's paravirtual CPUID leaves (signature at 0x4000_0000, features at
+    /// 0x4000_0001), as the `kvm` engine offers them.
+    pub pv_signature: Option<[u8; 12]>,
+}
+
+pub struct EmuVm {
+    mem: GuestMemoryMmap<()>,
+    config: EmuConfig,
+    lines: Arc<Lines>,
+}
+
+impl EmuVm {
+    /// A VM on guest memory `mem` (its regions are shared, not copied).
+    pub fn new(mem: &GuestMemoryMmap<()>, config: EmuConfig) -> Result<EmuVm> {
+        Ok(EmuVm {
+            mem: mem.clone(),
+            config,
+            lines: Arc::new(Lines::default()),
+        })
+    }
+
+    /// The CPUID table of the engine's CPU.
+    pub fn cpuid(&self, id: u32) -> CpuidTable {
+        let pv = self.config.pv_signature.map(|sig| {
+            (
+                sig,
+                [
+                    hypercall::FEATURE_HYPERCALL_PAGE,
+                    hypercall::MSR_HYPERCALL_PAGE,
+                    hypercall::VERSION,
+                    0,
+                ],
+            )
+        });
+        let mut t = CpuidTable::software_cpu(self.config.irqchip, pv);
+        let (a, b, c, d) = t.query(1, 0);
+        t.set(1, None, [a, (b & 0x00ff_ffff) | (id << 24), c, d]);
+        t
+    }
+
+    pub fn create_emu_vcpu(&mut self, id: u32) -> EmuVcpu {
+        let mut cpu = Cpu::new(PhysMem::new(&self.mem), self.cpuid(id));
+        // VISOR_EMU_TRACE=1 prints every instruction (debugging only).
+        cpu.trace = std::env::var_os("VISOR_EMU_TRACE").is_some_and(|v| v == "1");
+        if self.config.irqchip {
+            cpu.local = Some(Box::new(Lapic::new(id, self.lines.clone())));
+        }
+        EmuVcpu {
+            cpu,
+            irqchip: self.config.irqchip,
+            lines: self.lines.clone(),
+            last_interrupted: None,
+        }
+    }
+}
+
+/// A fixed interrupt with one vector to vCPU 0.
+struct VectorLine {
+    lines: Arc<Lines>,
+    vector: u8,
+}
+
+impl IrqLine for VectorLine {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.lines.raise(self.vector);
+        Ok(())
+    }
+}
+
+impl vcpu::Vm for EmuVm {
+    fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>> {
+        Ok(Box::new(self.create_emu_vcpu(id)))
+    }
+
+    fn irq_line(&self, _gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
+        // No IOAPIC/PIC yet: devices are polled.
+        Ok(None)
+    }
+
+    fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
+        if !self.config.irqchip {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(VectorLine {
+            lines: self.lines.clone(),
+            vector,
+        })))
+    }
+}
+
+pub struct EmuVcpu {
+    cpu: Cpu,
+    irqchip: bool,
+    lines: Arc<Lines>,
+    /// When `run` last returned `Interrupted` (or first ran).
+    last_interrupted: Option<Instant>,
+}
+
+impl EmuVcpu {
+    /// The software CPU itself (tests, benchmarks).
+    pub fn cpu(&mut self) -> &mut Cpu {
+        &mut self.cpu
+    }
+}
+
+impl Vcpu for EmuVcpu {
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        // The VMM may have written guest memory since the last exit.
+        self.cpu.note_external_writes();
+        // The VMM notices a stop request (`--timeout`) only on `Interrupted`,
+        // and a signal does not interrupt the software CPU: return it at
+        // least every MAX_RUN, however often the guest exits otherwise.
+        let start = *self.last_interrupted.get_or_insert_with(Instant::now);
+        if start.elapsed() >= MAX_RUN {
+            self.last_interrupted = Some(Instant::now());
+            return Ok(VcpuExit::Interrupted);
+        }
+        let exit = loop {
+            match self.cpu.run(SLICE) {
+                CpuExit::Budget => {
+                    if start.elapsed() >= MAX_RUN {
+                        self.last_interrupted = Some(Instant::now());
+                        return Ok(VcpuExit::Interrupted);
+                    }
+                }
+                CpuExit::Hlt => {
+                    if !self.irqchip || !self.cpu.interrupts_enabled() {
+                        return Ok(VcpuExit::Hlt);
+                    }
+                    // Wait for the APIC timer or a vector line.
+                    let now = Instant::now();
+                    let left = MAX_RUN.saturating_sub(now - start);
+                    if left.is_zero() {
+                        self.last_interrupted = Some(now);
+                        return Ok(VcpuExit::Interrupted);
+                    }
+                    let wait = match self.cpu.local_deadline() {
+                        Some(d) => d.saturating_duration_since(now).min(left),
+                        None => left,
+                    };
+                    if !wait.is_zero() {
+                        self.lines.wait(wait);
+                    }
+                }
+                e => break e,
+            }
+        };
+        Ok(match exit {
+            CpuExit::IoIn { port, size, .. } => VcpuExit::IoIn {
+                port,
+                size,
+                data: self.cpu.exit_data(),
+            },
+            CpuExit::IoOut { port, size, .. } => VcpuExit::IoOut {
+                port,
+                size,
+                data: self.cpu.exit_data(),
+            },
+            CpuExit::MmioRead { addr } => VcpuExit::MmioRead {
+                addr,
+                data: self.cpu.exit_data(),
+            },
+            CpuExit::MmioWrite { addr } => VcpuExit::MmioWrite {
+                addr,
+                data: self.cpu.exit_data(),
+            },
+            CpuExit::MsrRead { index } => VcpuExit::MsrRead {
+                index,
+                data: &mut self.cpu.msr_data,
+                fault: &mut self.cpu.msr_fault,
+            },
+            CpuExit::MsrWrite { index, value } => VcpuExit::MsrWrite {
+                index,
+                value,
+                fault: &mut self.cpu.msr_fault,
+            },
+            CpuExit::Hlt => VcpuExit::Hlt,
+            CpuExit::Shutdown => VcpuExit::Shutdown,
+            CpuExit::Budget => VcpuExit::Interrupted,
+            CpuExit::Unimplemented(reason) => VcpuExit::Other { reason },
+        })
+    }
+
+    fn regs(&self) -> Result<Regs> {
+        Ok(self.cpu.regs())
+    }
+
+    fn set_regs(&mut self, regs: &Regs) -> Result<()> {
+        self.cpu.set_regs(regs);
+        Ok(())
+    }
+
+    fn sregs(&self) -> Result<SRegs> {
+        Ok(self.cpu.sregs())
+    }
+
+    fn set_sregs(&mut self, sregs: &SRegs) -> Result<()> {
+        self.cpu.set_sregs(sregs);
+        Ok(())
+    }
+
+    fn engine_counters(&self) -> Vec<(String, u64)> {
+        vec![("guest_instructions".into(), self.cpu.retired)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::code_asm::*;
+    use vcpu::Vm as _;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const CODE: u64 = 0x10_0000;
+    const HANDLER: u64 = 0x10_0800;
+    const IDT: u64 = 0x8000;
+
+    /// A vector line raised from another thread wakes `sti; hlt` through the
+    /// local APIC; the handler's EOI and port write come back as exits.
+    #[test]
+    fn vector_line_wakes_halted_guest() {
+        let mem: GuestMemoryMmap<()> =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mut sregs = machine::boot::long_mode(&mem).unwrap();
+        // 0xfee0_0000 is inside the boot identity map (first 4 GiB).
+        sregs.idt = vcpu::DescriptorTable {
+            base: IDT,
+            limit: 0xfff,
+        };
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(rbx, lapic::APIC_BASE).unwrap();
+        a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap(); // SVR: enable
+        let mut l = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.jmp(l).unwrap();
+        let code = a.assemble(CODE).unwrap();
+        mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+        let mut h = CodeAssembler::new(64).unwrap();
+        h.mov(dword_ptr(rbx + 0xb0), 0).unwrap(); // EOI
+        h.mov(al, 0x42).unwrap();
+        h.out(0x80, al).unwrap();
+        h.iretq().unwrap();
+        mem.write_slice(&h.assemble(HANDLER).unwrap(), GuestAddress(HANDLER))
+            .unwrap();
+        let lo: u64 = (HANDLER & 0xffff)
+            | (0x10 << 16)
+            | (0x8e00u64 << 32)
+            | ((HANDLER >> 16 & 0xffff) << 48);
+        mem.write_obj(lo, GuestAddress(IDT + 0x50 * 16)).unwrap();
+        mem.write_obj(0u64, GuestAddress(IDT + 0x50 * 16 + 8))
+            .unwrap();
+
+        let mut vm = EmuVm::new(
+            &mem,
+            EmuConfig {
+                irqchip: true,
+                pv_signature: None,
+            },
+        )
+        .unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&Regs {
+            rip: CODE,
+            rsp: 0x8_0000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        let line = vm.vector_line(0x50).unwrap().expect("a vector line");
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            line.trigger().unwrap();
+        });
+        let mut interrupted = 0;
+        loop {
+            match vcpu.run().unwrap() {
+                VcpuExit::Interrupted => interrupted += 1,
+                VcpuExit::IoOut { port, data, .. } => {
+                    assert_eq!((port, data.to_vec()), (0x80, vec![0x42]));
+                    break;
+                }
+                e => panic!("unexpected exit {e:?}"),
+            }
+            assert!(interrupted < 100, "the interrupt never came");
+        }
+        t.join().unwrap();
+        assert!(vcpu.engine_counters()[0].1 >= 6);
+        assert!(vm.irq_line(4).unwrap().is_none());
+    }
+}

@@ -1,0 +1,271 @@
+//! Instruction fetch and the decoded-instruction cache, per guest-physical page.
+
+use std::collections::HashMap;
+
+use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
+
+use crate::mmu::Acc;
+use crate::{exc, vector, Cpu, R};
+
+const PAGE: usize = 4096;
+
+/// Decoded instructions of one guest-physical page.
+struct CodePage {
+    ppage: u64,
+    bits: u32,
+    epoch: u64,
+    /// The page's bytes when its instructions were decoded.
+    snapshot: Box<[u8; PAGE]>,
+    /// 0: not decoded; else 1 + index into `insns`, by page offset.
+    index: Box<[u16; PAGE]>,
+    insns: Vec<Instruction>,
+    /// 64-byte chunks that decoded instructions cover.
+    chunks: u64,
+}
+
+impl CodePage {
+    fn clear(&mut self) {
+        if !self.insns.is_empty() {
+            self.index.fill(0);
+            self.insns.clear();
+        }
+        self.chunks = 0;
+    }
+}
+
+pub(crate) struct CodeCache {
+    pages: Vec<CodePage>,
+    map: HashMap<u64, usize>,
+    /// One bit per physical page of RAM: the page has decoded instructions.
+    bitmap: Vec<u64>,
+    epoch: u64,
+    /// The linear page of the last fetch and its slot in `pages`.
+    fetch_vpage: u64,
+    fetch_slot: usize,
+}
+
+impl CodeCache {
+    pub fn new(ram_end: u64) -> CodeCache {
+        CodeCache {
+            pages: Vec::new(),
+            map: HashMap::new(),
+            bitmap: vec![0; ((ram_end >> 12) as usize).div_ceil(64) + 1],
+            epoch: 0,
+            fetch_vpage: u64::MAX,
+            fetch_slot: 0,
+        }
+    }
+
+    pub fn new_epoch(&mut self) {
+        self.epoch += 1;
+        self.fetch_vpage = u64::MAX;
+    }
+
+    pub fn reset_fetch(&mut self) {
+        self.fetch_vpage = u64::MAX;
+    }
+
+    #[inline]
+    pub fn is_code(&self, ppage: u64) -> bool {
+        let i = (ppage >> 12) as usize;
+        self.bitmap
+            .get(i >> 6)
+            .is_some_and(|w| (w >> (i & 63)) & 1 != 0)
+    }
+
+    fn set_code(&mut self, ppage: u64, on: bool) {
+        let i = (ppage >> 12) as usize;
+        if let Some(w) = self.bitmap.get_mut(i >> 6) {
+            if on {
+                *w |= 1 << (i & 63);
+            } else {
+                *w &= !(1 << (i & 63));
+            }
+        }
+    }
+
+    /// `len` bytes at `pa` (within one page) were written. Returns true if
+    /// decoded instructions were dropped.
+    pub fn written(&mut self, pa: u64, len: usize) -> bool {
+        let ppage = pa & !0xfff;
+        let Some(&slot) = self.map.get(&ppage) else {
+            self.set_code(ppage, false);
+            return false;
+        };
+        let off = (pa & 0xfff) as usize;
+        let first = off / 64;
+        let last = (off + len.max(1) - 1).min(PAGE - 1) / 64;
+        let mask = if last - first >= 63 {
+            !0
+        } else {
+            ((1u64 << (last - first + 1)) - 1) << first
+        };
+        let page = &mut self.pages[slot];
+        if page.chunks & mask == 0 {
+            return false;
+        }
+        page.clear();
+        self.set_code(ppage, false);
+        true
+    }
+}
+
+impl Cpu {
+    /// Linear address of the instruction at `rip`.
+    #[inline]
+    pub(crate) fn code_linear(&self, rip: u64) -> u64 {
+        if self.long64 {
+            rip
+        } else {
+            self.seg[crate::sreg::CS].base.wrapping_add(rip) & 0xffff_ffff
+        }
+    }
+
+    /// Puts the instruction at RIP into `out` (an out-parameter: returning
+    /// the 40-byte instruction inside a `Result` costs store-forwarding stalls).
+    #[inline(always)]
+    pub(crate) fn fetch(&mut self, out: &mut Instruction) -> R<()> {
+        let lin = self.code_linear(self.rip);
+        if lin & !0xfff == self.code.fetch_vpage {
+            let p = &self.code.pages[self.code.fetch_slot];
+            let ix = p.index[(lin & 0xfff) as usize] as usize;
+            if let Some(ins) = p.insns.get(ix.wrapping_sub(1)) {
+                if ins.ip() == self.rip {
+                    *out = *ins;
+                    return Ok(());
+                }
+            }
+        }
+        *out = self.fetch_slow(lin)?;
+        Ok(())
+    }
+
+    #[cold]
+    fn fetch_slow(&mut self, lin: u64) -> R<Instruction> {
+        if self.long64 && ((lin as i64) << 16 >> 16) as u64 != lin {
+            return crate::exc_code(vector::GP, 0);
+        }
+        let need = self.acc_x;
+        let (pa, _) = self.translate(lin, Acc::Exec, need)?;
+        let ppage = pa & !0xfff;
+        let Some(host) = self.mem.host(ppage, PAGE as u64) else {
+            return self.unimplemented(format!(
+                "instruction fetch from non-RAM address {pa:#x} at {:#x}",
+                self.rip
+            ));
+        };
+        // SAFETY: `host` maps the 4 KiB RAM page; nothing else writes guest
+        // memory while the vCPU runs (the VMM does so only between runs).
+        let current: &[u8] = unsafe { std::slice::from_raw_parts(host, PAGE) };
+        let epoch = self.code.epoch;
+        let bits = self.bits;
+        let slot = match self.code.map.get(&ppage) {
+            Some(&s) => {
+                let p = &mut self.code.pages[s];
+                if p.epoch != epoch || p.bits != bits {
+                    if p.bits != bits || p.snapshot[..] != *current {
+                        p.clear();
+                        p.snapshot.copy_from_slice(current);
+                        p.bits = bits;
+                    }
+                    p.epoch = epoch;
+                }
+                s
+            }
+            None => {
+                let mut snapshot = Box::new([0u8; PAGE]);
+                snapshot.copy_from_slice(current);
+                self.code.pages.push(CodePage {
+                    ppage,
+                    bits,
+                    epoch,
+                    snapshot,
+                    index: Box::new([0u16; PAGE]),
+                    insns: Vec::new(),
+                    chunks: 0,
+                });
+                let s = self.code.pages.len() - 1;
+                self.code.map.insert(ppage, s);
+                s
+            }
+        };
+        // A page whose snapshot is stale (guest wrote it since it was decoded,
+        // through a path that did not drop it) is re-read.
+        if self.code.pages[slot].insns.is_empty() {
+            let p = &mut self.code.pages[slot];
+            p.snapshot.copy_from_slice(current);
+        }
+        self.code.fetch_vpage = lin & !0xfff;
+        self.code.fetch_slot = slot;
+        let off = (lin & 0xfff) as usize;
+        let p = &self.code.pages[slot];
+        let ix = p.index[off];
+        if ix != 0 && p.insns[ix as usize - 1].ip() == self.rip {
+            return Ok(p.insns[ix as usize - 1]);
+        }
+        let mut ins = Instruction::default();
+        let mut dec = Decoder::with_ip(bits, &p.snapshot[off..], self.rip, DecoderOptions::NONE);
+        dec.decode_out(&mut ins);
+        if ins.is_invalid() {
+            if dec.last_error() == DecoderError::NoMoreBytes {
+                return self.fetch_crossing(lin);
+            }
+            return exc(vector::UD);
+        }
+        let len = ins.len();
+        let p = &mut self.code.pages[slot];
+        if p.insns.len() < u16::MAX as usize - 1 {
+            if ix != 0 {
+                // Same bytes reached at another RIP (an alias): replace.
+                p.insns[ix as usize - 1] = ins;
+            } else {
+                p.insns.push(ins);
+                p.index[off] = p.insns.len() as u16;
+            }
+            let first = off / 64;
+            let last = (off + len - 1) / 64;
+            for c in first..=last.min(63) {
+                p.chunks |= 1 << c;
+            }
+            let _ = p.ppage;
+            if !self.code.is_code(ppage) {
+                self.code.set_code(ppage, true);
+                self.tlb_protect_code(ppage);
+            }
+        }
+        Ok(ins)
+    }
+
+    /// An instruction that crosses into the next page: decoded every time.
+    fn fetch_crossing(&mut self, lin: u64) -> R<Instruction> {
+        let off = (lin & 0xfff) as usize;
+        let first = PAGE - off;
+        let mut buf = [0u8; 15];
+        let need = self.acc_x;
+        let (pa1, _) = self.translate(lin, Acc::Exec, need)?;
+        let n1 = first.min(15);
+        if !self.mem.read(pa1, &mut buf[..n1]) {
+            return exc(vector::UD);
+        }
+        let mut ins = Instruction::default();
+        let mut dec = Decoder::with_ip(self.bits, &buf[..n1], self.rip, DecoderOptions::NONE);
+        dec.decode_out(&mut ins);
+        if !ins.is_invalid() {
+            return Ok(ins);
+        }
+        if dec.last_error() != DecoderError::NoMoreBytes || n1 >= 15 {
+            return exc(vector::UD);
+        }
+        // Only now is the second page needed (and may fault).
+        let (pa2, _) = self.translate(lin.wrapping_add(first as u64), Acc::Exec, need)?;
+        if !self.mem.read(pa2, &mut buf[n1..]) {
+            return exc(vector::UD);
+        }
+        let mut dec = Decoder::with_ip(self.bits, &buf, self.rip, DecoderOptions::NONE);
+        dec.decode_out(&mut ins);
+        if ins.is_invalid() {
+            return exc(vector::UD);
+        }
+        Ok(ins)
+    }
+}

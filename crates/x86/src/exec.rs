@@ -1,0 +1,1565 @@
+//! Instruction execution: operands, the integer instruction set, string and
+//! port instructions. System instructions are in system.rs, x87/SSE in fpu.rs.
+
+use iced_x86::{Code, ConditionCode, Instruction, Mnemonic as M, OpKind, Register};
+
+use crate::alu::{self, mask, sext};
+use crate::flags::*;
+use crate::mmu::Acc;
+use crate::{exc, exc_code, sreg, vector, Cpu, CpuExit, Stop, R};
+
+/// Most iterations of a REP string instruction per step (the rest continue at
+/// the next step, so interrupts and budgets stay responsive).
+const REP_CHUNK: u32 = 16384;
+
+/// A destination operand, located once for read-modify-write.
+#[derive(Clone, Copy)]
+pub(crate) enum Dst {
+    Reg(Register),
+    Mem(u64),
+}
+
+#[inline(always)]
+pub(crate) fn reg_size(r: Register) -> usize {
+    match r as usize {
+        1..=20 => 1,
+        21..=36 => 2,
+        37..=52 => 4,
+        53..=68 => 8,
+        71..=76 => 2,
+        _ => 8,
+    }
+}
+
+#[inline(always)]
+fn canonical(a: u64) -> bool {
+    ((a as i64) << 16 >> 16) as u64 == a
+}
+
+impl Cpu {
+    // ---- registers and operands -----------------------------------------
+
+    #[inline(always)]
+    pub(crate) fn reg(&self, r: Register) -> u64 {
+        let n = r as usize;
+        match n {
+            1..=4 => self.gpr[n - 1] & 0xff,
+            5..=8 => (self.gpr[n - 5] >> 8) & 0xff,
+            9..=20 => self.gpr[n - 5] & 0xff,
+            21..=36 => self.gpr[n - 21] & 0xffff,
+            37..=52 => self.gpr[n - 37] & 0xffff_ffff,
+            53..=68 => self.gpr[n - 53],
+            71..=76 => self.seg[n - 71].selector as u64,
+            _ => 0,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
+        let n = r as usize;
+        match n {
+            1..=4 => self.gpr[n - 1] = (self.gpr[n - 1] & !0xff) | (v & 0xff),
+            5..=8 => self.gpr[n - 5] = (self.gpr[n - 5] & !0xff00) | ((v & 0xff) << 8),
+            9..=20 => self.gpr[n - 5] = (self.gpr[n - 5] & !0xff) | (v & 0xff),
+            21..=36 => self.gpr[n - 21] = (self.gpr[n - 21] & !0xffff) | (v & 0xffff),
+            37..=52 => self.gpr[n - 37] = v & 0xffff_ffff,
+            53..=68 => self.gpr[n - 53] = v,
+            _ => {}
+        }
+    }
+
+    /// Sets register number `idx` with an operand of `sz` bytes (legacy
+    /// semantics: 8/16-bit writes merge, 32-bit writes zero-extend).
+    #[inline(always)]
+    pub(crate) fn set_gpr_sz(&mut self, idx: usize, sz: usize, v: u64) {
+        let g = &mut self.gpr[idx];
+        *g = match sz {
+            1 => (*g & !0xff) | (v & 0xff),
+            2 => (*g & !0xffff) | (v & 0xffff),
+            4 => v & 0xffff_ffff,
+            _ => v,
+        };
+    }
+
+    /// The effective address of the memory operand.
+    #[inline]
+    pub(crate) fn ea(&self, i: &Instruction) -> u64 {
+        let base = i.memory_base();
+        let index = i.memory_index();
+        let mut a = i.memory_displacement64();
+        if base == Register::RIP {
+            return a;
+        }
+        if base == Register::EIP {
+            return a & 0xffff_ffff;
+        }
+        let mut width = 0;
+        if base != Register::None {
+            a = a.wrapping_add(self.reg(base));
+            width = reg_size(base);
+        }
+        if index != Register::None {
+            a = a.wrapping_add(self.reg(index).wrapping_mul(i.memory_index_scale() as u64));
+            width = reg_size(index);
+        }
+        if width == 0 {
+            width = match i.memory_displ_size() {
+                2 => 2,
+                4 => 4,
+                _ => 8,
+            };
+        }
+        match width {
+            2 => a & 0xffff,
+            4 => a & 0xffff_ffff,
+            _ => a,
+        }
+    }
+
+    /// Linear address of `ea` in segment `seg`.
+    #[inline]
+    pub(crate) fn lin(&self, seg: usize, ea: u64) -> R<u64> {
+        if self.long64 {
+            let l = if seg >= sreg::FS {
+                ea.wrapping_add(self.seg[seg].base)
+            } else {
+                ea
+            };
+            if !canonical(l) {
+                return exc_code(
+                    if seg == sreg::SS {
+                        vector::SS
+                    } else {
+                        vector::GP
+                    },
+                    0,
+                );
+            }
+            Ok(l)
+        } else {
+            Ok(self.seg[seg].base.wrapping_add(ea) & 0xffff_ffff)
+        }
+    }
+
+    #[inline]
+    pub(crate) fn mem_seg(i: &Instruction) -> usize {
+        let s = i.memory_segment() as usize;
+        if (71..=76).contains(&s) {
+            s - 71
+        } else {
+            sreg::DS
+        }
+    }
+
+    /// Linear address of the instruction's memory operand.
+    #[inline]
+    pub(crate) fn mem_lin(&self, i: &Instruction) -> R<u64> {
+        self.lin(Self::mem_seg(i), self.ea(i))
+    }
+
+    #[inline]
+    pub(crate) fn opsz(&self, i: &Instruction, n: u32) -> usize {
+        match i.op_kind(n) {
+            OpKind::Register => reg_size(i.op_register(n)),
+            OpKind::Memory => i.memory_size().size(),
+            OpKind::Immediate8 | OpKind::Immediate8_2nd => 1,
+            OpKind::Immediate16 | OpKind::Immediate8to16 => 2,
+            OpKind::Immediate32 | OpKind::Immediate8to32 => 4,
+            _ => 8,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn read_op(&mut self, i: &Instruction, n: u32, sz: usize) -> R<u64> {
+        match i.op_kind(n) {
+            OpKind::Register => Ok(self.reg(i.op_register(n))),
+            OpKind::Memory => {
+                let l = self.mem_lin(i)?;
+                self.rd(l, sz)
+            }
+            _ => Ok(i.immediate(n) & mask(sz)),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn write_op(&mut self, i: &Instruction, n: u32, sz: usize, v: u64) -> R<()> {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                self.set_reg(i.op_register(n), v);
+                Ok(())
+            }
+            _ => {
+                let l = self.mem_lin(i)?;
+                self.wr(l, sz, v)
+            }
+        }
+    }
+
+    #[inline]
+    pub(crate) fn dst(&self, i: &Instruction) -> R<Dst> {
+        match i.op0_kind() {
+            OpKind::Register => Ok(Dst::Reg(i.op0_register())),
+            _ => Ok(Dst::Mem(self.mem_lin(i)?)),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn dst_read(&mut self, d: Dst, sz: usize) -> R<u64> {
+        match d {
+            Dst::Reg(r) => Ok(self.reg(r)),
+            Dst::Mem(l) => self.rd(l, sz),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn dst_write(&mut self, d: Dst, sz: usize, v: u64) -> R<()> {
+        match d {
+            Dst::Reg(r) => {
+                self.set_reg(r, v);
+                Ok(())
+            }
+            Dst::Mem(l) => self.wr(l, sz, v),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn set_arith(&mut self, f: u64) {
+        self.rflags = (self.rflags & !ARITH) | f;
+    }
+
+    // ---- stack ---------------------------------------------------------
+
+    /// Mask of the stack pointer: 64-bit mode, else SS.B.
+    #[inline]
+    pub(crate) fn sp_mask(&self) -> u64 {
+        if self.long64 {
+            !0
+        } else if self.seg[sreg::SS].db {
+            0xffff_ffff
+        } else {
+            0xffff
+        }
+    }
+
+    #[inline]
+    pub(crate) fn set_sp(&mut self, v: u64) {
+        let m = self.sp_mask();
+        self.gpr[4] = (self.gpr[4] & !m) | (v & m);
+    }
+
+    #[inline]
+    pub(crate) fn push(&mut self, v: u64, sz: usize) -> R<()> {
+        let m = self.sp_mask();
+        let sp = self.gpr[4].wrapping_sub(sz as u64) & m;
+        let l = self.lin(sreg::SS, sp)?;
+        self.wr(l, sz, v)?;
+        self.set_sp(sp);
+        Ok(())
+    }
+
+    /// Reads the value `off` bytes above the top of the stack.
+    #[inline]
+    pub(crate) fn peek(&mut self, off: u64, sz: usize) -> R<u64> {
+        let m = self.sp_mask();
+        let l = self.lin(sreg::SS, self.gpr[4].wrapping_add(off) & m)?;
+        self.rd(l, sz)
+    }
+
+    #[inline]
+    pub(crate) fn pop(&mut self, sz: usize) -> R<u64> {
+        let v = self.peek(0, sz)?;
+        let sp = self.gpr[4].wrapping_add(sz as u64);
+        self.set_sp(sp);
+        Ok(v)
+    }
+
+    /// Operand size of a push/pop-like instruction.
+    #[inline]
+    fn stack_sz(i: &Instruction) -> usize {
+        (i.stack_pointer_increment().unsigned_abs() as usize).clamp(2, 8)
+    }
+
+    // ---- conditions ----------------------------------------------------
+
+    #[inline]
+    pub(crate) fn cond(&self, cc: ConditionCode) -> bool {
+        let f = self.rflags;
+        let b = |x: u64| f & x != 0;
+        match cc {
+            ConditionCode::o => b(OF),
+            ConditionCode::no => !b(OF),
+            ConditionCode::b => b(CF),
+            ConditionCode::ae => !b(CF),
+            ConditionCode::e => b(ZF),
+            ConditionCode::ne => !b(ZF),
+            ConditionCode::be => b(CF) || b(ZF),
+            ConditionCode::a => !b(CF) && !b(ZF),
+            ConditionCode::s => b(SF),
+            ConditionCode::ns => !b(SF),
+            ConditionCode::p => b(PF),
+            ConditionCode::np => !b(PF),
+            ConditionCode::l => b(SF) != b(OF),
+            ConditionCode::ge => b(SF) == b(OF),
+            ConditionCode::le => b(ZF) || b(SF) != b(OF),
+            ConditionCode::g => !b(ZF) && b(SF) == b(OF),
+            _ => true,
+        }
+    }
+
+    #[inline]
+    fn ip_mask(&self) -> u64 {
+        match self.bits {
+            64 => !0,
+            32 => 0xffff_ffff,
+            _ => 0xffff,
+        }
+    }
+
+    pub(crate) fn require_cpl0(&self) -> R<()> {
+        if self.cpl != 0 {
+            return exc_code(vector::GP, 0);
+        }
+        Ok(())
+    }
+
+    fn iopl(&self) -> u8 {
+        ((self.rflags >> 12) & 3) as u8
+    }
+
+    /// Whether IF-changing instructions are allowed (CPL <= IOPL).
+    fn iopl_ok(&self) -> bool {
+        self.cr0 & vcpu::cr0::PE == 0 || self.cpl <= self.iopl()
+    }
+
+    // ---- the step ------------------------------------------------------
+
+    /// Executes one instruction.
+    #[inline]
+    pub(crate) fn step(&mut self) -> R<()> {
+        let mut i = Instruction::default();
+        self.fetch(&mut i)?;
+        if self.trace {
+            eprintln!("emu: {:#x} {:?} rsp={:#x}", self.rip, i.code(), self.gpr[4]);
+        }
+        self.next_rip = i.next_ip() & self.ip_mask();
+        self.exec(&i)?;
+        self.rip = self.next_rip;
+        Ok(())
+    }
+
+    fn unimpl<T>(&mut self, i: &Instruction) -> R<T> {
+        let name = format!("{:?}", i.mnemonic()).to_lowercase();
+        let what = format!("unimplemented instruction {name} at {:#x}", self.rip);
+        self.unimplemented(what)
+    }
+
+    fn exec(&mut self, i: &Instruction) -> R<()> {
+        match i.mnemonic() {
+            M::Mov => self.mov(i),
+            M::Add => self.alu2(i, 0),
+            M::Or => self.alu2(i, 1),
+            M::Adc => self.alu2(i, 2),
+            M::Sbb => self.alu2(i, 3),
+            M::And => self.alu2(i, 4),
+            M::Sub => self.alu2(i, 5),
+            M::Xor => self.alu2(i, 6),
+            M::Cmp => self.alu2(i, 7),
+            M::Test => {
+                let sz = self.opsz(i, 0);
+                let a = self.read_op(i, 0, sz)?;
+                let b = self.read_op(i, 1, sz)?;
+                let (_, f) = alu::logic(a & b, sz);
+                self.set_arith(f);
+                Ok(())
+            }
+            M::Inc | M::Dec => {
+                let sz = self.opsz(i, 0);
+                let d = self.dst(i)?;
+                let a = self.dst_read(d, sz)?;
+                let (r, f) = if i.mnemonic() == M::Inc {
+                    alu::add(a, 1, false, sz)
+                } else {
+                    alu::sub(a, 1, false, sz)
+                };
+                self.dst_write(d, sz, r)?;
+                self.set_arith((f & !CF) | (self.rflags & CF));
+                Ok(())
+            }
+            M::Not => {
+                let sz = self.opsz(i, 0);
+                let d = self.dst(i)?;
+                let a = self.dst_read(d, sz)?;
+                self.dst_write(d, sz, !a & mask(sz))
+            }
+            M::Neg => {
+                let sz = self.opsz(i, 0);
+                let d = self.dst(i)?;
+                let a = self.dst_read(d, sz)?;
+                let (r, f) = alu::sub(0, a, false, sz);
+                self.dst_write(d, sz, r)?;
+                self.set_arith(f);
+                Ok(())
+            }
+            M::Lea => {
+                let sz = self.opsz(i, 0);
+                let a = self.ea(i) & mask(sz);
+                self.set_reg(i.op0_register(), a);
+                Ok(())
+            }
+            M::Movzx => {
+                let sz = self.opsz(i, 1);
+                let v = self.read_op(i, 1, sz)?;
+                self.set_reg(i.op0_register(), v);
+                Ok(())
+            }
+            M::Movsx | M::Movsxd => {
+                let sz = self.opsz(i, 1);
+                let v = self.read_op(i, 1, sz)?;
+                let dsz = self.opsz(i, 0);
+                self.set_reg(i.op0_register(), sext(v, sz) & mask(dsz));
+                Ok(())
+            }
+            M::Xchg => {
+                let sz = self.opsz(i, 0);
+                if i.op0_kind() == OpKind::Register && i.op1_kind() == OpKind::Register {
+                    let (a, b) = (self.reg(i.op0_register()), self.reg(i.op1_register()));
+                    self.set_reg(i.op0_register(), b);
+                    self.set_reg(i.op1_register(), a);
+                    return Ok(());
+                }
+                // One operand is memory.
+                let (mreg, _) = if i.op0_kind() == OpKind::Register {
+                    (i.op0_register(), 0)
+                } else {
+                    (i.op1_register(), 1)
+                };
+                let l = self.mem_lin(i)?;
+                let m = self.rd(l, sz)?;
+                self.wr(l, sz, self.reg(mreg))?;
+                self.set_reg(mreg, m);
+                Ok(())
+            }
+            M::Cmpxchg => {
+                let sz = self.opsz(i, 0);
+                let d = self.dst(i)?;
+                let dv = self.dst_read(d, sz)?;
+                let acc = self.gpr[0] & mask(sz);
+                let src = self.reg(i.op1_register());
+                let (_, f) = alu::sub(acc, dv, false, sz);
+                if acc == dv {
+                    self.dst_write(d, sz, src)?;
+                } else {
+                    if let Dst::Mem(_) = d {
+                        self.dst_write(d, sz, dv)?;
+                    }
+                    self.set_gpr_sz(0, sz, dv);
+                }
+                self.set_arith(f);
+                Ok(())
+            }
+            M::Cmpxchg8b | M::Cmpxchg16b => {
+                let sz = if i.mnemonic() == M::Cmpxchg8b { 4 } else { 8 };
+                let l = self.mem_lin(i)?;
+                if sz == 8 && l & 15 != 0 {
+                    return exc_code(vector::GP, 0);
+                }
+                let lo = self.rd(l, sz)?;
+                let hi = self.rd(l.wrapping_add(sz as u64), sz)?;
+                let m = mask(sz);
+                let (eax, edx) = (self.gpr[0] & m, self.gpr[2] & m);
+                if lo == eax && hi == edx {
+                    let (ebx, ecx) = (self.gpr[3] & m, self.gpr[1] & m);
+                    self.wr(l, sz, ebx)?;
+                    self.wr(l.wrapping_add(sz as u64), sz, ecx)?;
+                    self.rflags |= ZF;
+                } else {
+                    self.wr(l, sz, lo)?;
+                    self.wr(l.wrapping_add(sz as u64), sz, hi)?;
+                    self.set_gpr_sz(0, sz, lo);
+                    self.set_gpr_sz(2, sz, hi);
+                    self.rflags &= !ZF;
+                }
+                Ok(())
+            }
+            M::Xadd => {
+                let sz = self.opsz(i, 0);
+                let d = self.dst(i)?;
+                let dv = self.dst_read(d, sz)?;
+                let src = self.reg(i.op1_register());
+                let (r, f) = alu::add(dv, src, false, sz);
+                self.dst_write(d, sz, r)?;
+                self.set_reg(i.op1_register(), dv);
+                if let Dst::Reg(_) = d {
+                    // xadd reg, reg: the destination gets the sum even if the
+                    // two are the same register.
+                    self.dst_write(d, sz, r)?;
+                }
+                self.set_arith(f);
+                Ok(())
+            }
+            M::Push => self.push_insn(i),
+            M::Pop => self.pop_insn(i),
+            M::Pushf | M::Pushfd | M::Pushfq => {
+                let sz = Self::stack_sz(i);
+                self.push(self.rflags & !(RF | VM) & mask(sz), sz)
+            }
+            M::Popf | M::Popfd | M::Popfq => {
+                let sz = Self::stack_sz(i);
+                let v = self.pop(sz)?;
+                self.write_flags(v, sz);
+                Ok(())
+            }
+            M::Pusha | M::Pushad => {
+                let sz = if i.mnemonic() == M::Pushad { 4 } else { 2 };
+                let sp = self.gpr[4];
+                for r in 0..8 {
+                    let v = if r == 4 { sp } else { self.gpr[r] };
+                    self.push(v & mask(sz), sz)?;
+                }
+                Ok(())
+            }
+            M::Popa | M::Popad => {
+                let sz = if i.mnemonic() == M::Popad { 4 } else { 2 };
+                for r in (0..8).rev() {
+                    let v = self.pop(sz)?;
+                    if r != 4 {
+                        self.set_gpr_sz(r, sz, v);
+                    }
+                }
+                Ok(())
+            }
+            M::Cbw => {
+                let v = sext(self.gpr[0], 1);
+                self.set_gpr_sz(0, 2, v);
+                Ok(())
+            }
+            M::Cwde => {
+                let v = sext(self.gpr[0], 2);
+                self.set_gpr_sz(0, 4, v);
+                Ok(())
+            }
+            M::Cdqe => {
+                self.gpr[0] = sext(self.gpr[0], 4);
+                Ok(())
+            }
+            M::Cwd | M::Cdq | M::Cqo => {
+                let sz = match i.mnemonic() {
+                    M::Cwd => 2,
+                    M::Cdq => 4,
+                    _ => 8,
+                };
+                let neg = self.gpr[0] & alu::sign_bit(sz) != 0;
+                self.set_gpr_sz(2, sz, if neg { !0 } else { 0 });
+                Ok(())
+            }
+            M::Bswap => {
+                let r = i.op0_register();
+                let sz = reg_size(r);
+                let v = self.reg(r);
+                let s = match sz {
+                    8 => v.swap_bytes(),
+                    4 => (v as u32).swap_bytes() as u64,
+                    _ => 0, // undefined for 16-bit operands
+                };
+                self.set_reg(r, s);
+                Ok(())
+            }
+            M::Mul | M::Imul if i.op_count() == 1 => self.mul1(i),
+            M::Imul => {
+                let sz = self.opsz(i, 0);
+                let (a, b) = if i.op_count() == 2 {
+                    (self.reg(i.op0_register()), self.read_op(i, 1, sz)?)
+                } else {
+                    (self.read_op(i, 1, sz)?, i.immediate(2) & mask(sz))
+                };
+                let p = (sext(a, sz) as i64 as i128) * (sext(b, sz) as i64 as i128);
+                let r = (p as u64) & mask(sz);
+                let over = sext(r, sz) as i64 as i128 != p;
+                let mut f = alu::szp(r, sz);
+                if over {
+                    f |= CF | OF;
+                }
+                self.set_reg(i.op0_register(), r);
+                self.set_arith(f);
+                Ok(())
+            }
+            M::Div | M::Idiv => self.div(i),
+            M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar => {
+                let op = match i.mnemonic() {
+                    M::Rol => 0,
+                    M::Ror => 1,
+                    M::Rcl => 2,
+                    M::Rcr => 3,
+                    M::Shr => 5,
+                    M::Sar => 7,
+                    _ => 4,
+                };
+                let sz = self.opsz(i, 0);
+                let cnt = if i.op_count() == 1 {
+                    1
+                } else {
+                    self.read_op(i, 1, 1)? as u32
+                } & if sz == 8 { 63 } else { 31 };
+                let d = self.dst(i)?;
+                let a = self.dst_read(d, sz)?;
+                if cnt == 0 {
+                    // The destination is still written (as the CPU does), for
+                    // the fault behaviour of read-only memory.
+                    return self.dst_write(d, sz, a);
+                }
+                let (r, f) = alu::shift(op, a, cnt, sz, self.rflags);
+                self.dst_write(d, sz, r)?;
+                self.set_arith(f);
+                Ok(())
+            }
+            M::Shld | M::Shrd => {
+                let sz = self.opsz(i, 0);
+                let cnt = self.read_op(i, 2, 1)? as u32 & if sz == 8 { 63 } else { 31 };
+                let d = self.dst(i)?;
+                let a = self.dst_read(d, sz)?;
+                if cnt == 0 {
+                    return Ok(());
+                }
+                let b = self.reg(i.op1_register());
+                let (r, f) = alu::shld(i.mnemonic() == M::Shld, a, b, cnt, sz, self.rflags);
+                self.dst_write(d, sz, r)?;
+                self.set_arith(f);
+                Ok(())
+            }
+            M::Bt | M::Bts | M::Btr | M::Btc => self.bt(i),
+            M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt => {
+                let sz = self.opsz(i, 0);
+                let v = self.read_op(i, 1, sz)?;
+                let m = i.mnemonic();
+                let true_cnt =
+                    (m == M::Tzcnt && self.cpuid.bmi1) || (m == M::Lzcnt && self.cpuid.abm);
+                let forward = m == M::Bsf || m == M::Tzcnt;
+                if true_cnt {
+                    let bits = (sz * 8) as u64;
+                    let r = if forward {
+                        (v.trailing_zeros() as u64).min(bits)
+                    } else {
+                        (v.leading_zeros() as u64).saturating_sub(64 - bits)
+                    };
+                    self.set_reg(i.op0_register(), r);
+                    let mut f = self.rflags & !(CF | ZF);
+                    if v == 0 {
+                        f |= CF;
+                    }
+                    if r == 0 {
+                        f |= ZF;
+                    }
+                    self.rflags = f;
+                    return Ok(());
+                }
+                if v == 0 {
+                    self.rflags |= ZF;
+                } else {
+                    let r = if forward {
+                        v.trailing_zeros()
+                    } else {
+                        63 - v.leading_zeros()
+                    };
+                    self.set_reg(i.op0_register(), r as u64);
+                    self.rflags &= !ZF;
+                }
+                Ok(())
+            }
+            M::Popcnt => {
+                let sz = self.opsz(i, 0);
+                let v = self.read_op(i, 1, sz)?;
+                let r = v.count_ones() as u64;
+                self.set_reg(i.op0_register(), r);
+                self.set_arith(if v == 0 { ZF } else { 0 });
+                Ok(())
+            }
+            M::Seta
+            | M::Setae
+            | M::Setb
+            | M::Setbe
+            | M::Sete
+            | M::Setg
+            | M::Setge
+            | M::Setl
+            | M::Setle
+            | M::Setne
+            | M::Setno
+            | M::Setnp
+            | M::Setns
+            | M::Seto
+            | M::Setp
+            | M::Sets => {
+                let v = self.cond(i.condition_code()) as u64;
+                self.write_op(i, 0, 1, v)
+            }
+            M::Cmova
+            | M::Cmovae
+            | M::Cmovb
+            | M::Cmovbe
+            | M::Cmove
+            | M::Cmovg
+            | M::Cmovge
+            | M::Cmovl
+            | M::Cmovle
+            | M::Cmovne
+            | M::Cmovno
+            | M::Cmovnp
+            | M::Cmovns
+            | M::Cmovo
+            | M::Cmovp
+            | M::Cmovs => {
+                let sz = self.opsz(i, 0);
+                let src = self.read_op(i, 1, sz)?;
+                let r = i.op0_register();
+                let v = if self.cond(i.condition_code()) {
+                    src
+                } else {
+                    self.reg(r)
+                };
+                self.set_reg(r, v);
+                Ok(())
+            }
+            M::Ja
+            | M::Jae
+            | M::Jb
+            | M::Jbe
+            | M::Je
+            | M::Jg
+            | M::Jge
+            | M::Jl
+            | M::Jle
+            | M::Jne
+            | M::Jno
+            | M::Jnp
+            | M::Jns
+            | M::Jo
+            | M::Jp
+            | M::Js => {
+                if self.cond(i.condition_code()) {
+                    self.next_rip = i.near_branch_target();
+                }
+                Ok(())
+            }
+            M::Jmp => self.jmp(i),
+            M::Call => self.call(i),
+            M::Ret => {
+                let imm = if i.op_count() == 1 { i.immediate(0) } else { 0 };
+                let sz = match i.code() {
+                    Code::Retnw | Code::Retnw_imm16 => 2,
+                    Code::Retnd | Code::Retnd_imm16 => 4,
+                    _ => 8,
+                };
+                let t = self.pop(sz)?;
+                let sp = self.gpr[4].wrapping_add(imm);
+                self.set_sp(sp);
+                self.next_rip = t;
+                Ok(())
+            }
+            M::Jcxz | M::Jecxz | M::Jrcxz => {
+                let sz = match i.mnemonic() {
+                    M::Jcxz => 2,
+                    M::Jecxz => 4,
+                    _ => 8,
+                };
+                if self.gpr[1] & mask(sz) == 0 {
+                    self.next_rip = i.near_branch_target();
+                }
+                Ok(())
+            }
+            M::Loop | M::Loope | M::Loopne => {
+                let sz = match i.code() {
+                    Code::Loop_rel8_16_CX
+                    | Code::Loop_rel8_32_CX
+                    | Code::Loope_rel8_16_CX
+                    | Code::Loope_rel8_32_CX
+                    | Code::Loopne_rel8_16_CX
+                    | Code::Loopne_rel8_32_CX => 2,
+                    Code::Loop_rel8_16_RCX
+                    | Code::Loop_rel8_64_RCX
+                    | Code::Loope_rel8_16_RCX
+                    | Code::Loope_rel8_64_RCX
+                    | Code::Loopne_rel8_16_RCX
+                    | Code::Loopne_rel8_64_RCX => 8,
+                    _ => 4,
+                };
+                let c = self.gpr[1].wrapping_sub(1) & mask(sz);
+                self.set_gpr_sz(1, sz, c);
+                let z = self.rflags & ZF != 0;
+                let take = c != 0
+                    && match i.mnemonic() {
+                        M::Loope => z,
+                        M::Loopne => !z,
+                        _ => true,
+                    };
+                if take {
+                    self.next_rip = i.near_branch_target();
+                }
+                Ok(())
+            }
+            M::Enter => self.enter(i),
+            M::Leave => {
+                let sz = match i.code() {
+                    Code::Leavew => 2,
+                    Code::Leaved => 4,
+                    _ => 8,
+                };
+                let m = self.sp_mask();
+                let bp = self.gpr[5] & m;
+                let l = self.lin(sreg::SS, bp)?;
+                let v = self.rd(l, sz)?;
+                self.set_sp(bp.wrapping_add(sz as u64));
+                self.set_gpr_sz(5, sz, v);
+                Ok(())
+            }
+            M::Clc => {
+                self.rflags &= !CF;
+                Ok(())
+            }
+            M::Stc => {
+                self.rflags |= CF;
+                Ok(())
+            }
+            M::Cmc => {
+                self.rflags ^= CF;
+                Ok(())
+            }
+            M::Cld => {
+                self.rflags &= !DF;
+                Ok(())
+            }
+            M::Std => {
+                self.rflags |= DF;
+                Ok(())
+            }
+            M::Cli => {
+                if !self.iopl_ok() {
+                    return exc_code(vector::GP, 0);
+                }
+                self.rflags &= !IF;
+                Ok(())
+            }
+            M::Sti => {
+                if !self.iopl_ok() {
+                    return exc_code(vector::GP, 0);
+                }
+                if self.rflags & IF == 0 {
+                    self.inhibit = true;
+                }
+                self.rflags |= IF;
+                Ok(())
+            }
+            M::Lahf => {
+                let ah = (self.rflags & (SF | ZF | AF | PF | CF)) | 2;
+                self.set_reg(Register::AH, ah);
+                Ok(())
+            }
+            M::Sahf => {
+                let ah = self.reg(Register::AH);
+                let m = SF | ZF | AF | PF | CF;
+                self.rflags = (self.rflags & !m) | (ah & m);
+                Ok(())
+            }
+            M::Xlatb => {
+                let sz = if self.bits == 64 { 8 } else { 4 };
+                let a = (self.gpr[3].wrapping_add(self.gpr[0] & 0xff)) & mask(sz);
+                let l = self.lin(Self::mem_seg(i), a)?;
+                let v = self.rd(l, 1)?;
+                self.set_gpr_sz(0, 1, v);
+                Ok(())
+            }
+            M::Nop
+            | M::Pause
+            | M::Lfence
+            | M::Mfence
+            | M::Sfence
+            | M::Prefetchnta
+            | M::Prefetcht0
+            | M::Prefetcht1
+            | M::Prefetcht2
+            | M::Prefetchw
+            | M::Endbr32
+            | M::Endbr64 => Ok(()),
+            M::Clflush | M::Clflushopt => {
+                // Checks the address like a read.
+                let l = self.mem_lin(i)?;
+                self.translate(l, Acc::Read, self.acc_r)?;
+                Ok(())
+            }
+            M::Hlt => {
+                self.require_cpl0()?;
+                self.halted = true;
+                Ok(())
+            }
+            M::In | M::Out => self.port_io(i),
+            M::Movsb
+            | M::Movsw
+            | M::Movsq
+            | M::Stosb
+            | M::Stosw
+            | M::Stosd
+            | M::Stosq
+            | M::Lodsb
+            | M::Lodsw
+            | M::Lodsd
+            | M::Lodsq
+            | M::Cmpsb
+            | M::Cmpsw
+            | M::Cmpsq
+            | M::Scasb
+            | M::Scasw
+            | M::Scasd
+            | M::Scasq => self.string(i),
+            M::Movsd if i.code() == Code::Movsd_m32_m32 => self.string(i),
+            M::Cmpsd if i.code() == Code::Cmpsd_m32_m32 => self.string(i),
+            M::Insb | M::Insw | M::Insd => self.ins(i),
+            M::Outsb | M::Outsw | M::Outsd => self.outs(i),
+            M::Ud0 | M::Ud1 | M::Ud2 => exc(vector::UD),
+            _ => self.exec_system(i),
+        }
+    }
+
+    pub(crate) fn unknown(&mut self, i: &Instruction) -> R<()> {
+        self.unimpl(i)
+    }
+
+    fn alu2(&mut self, i: &Instruction, op: u8) -> R<()> {
+        let sz = self.opsz(i, 0);
+        let d = self.dst(i)?;
+        let a = self.dst_read(d, sz)?;
+        let b = self.read_op(i, 1, sz)?;
+        let cf = self.rflags & CF != 0;
+        let (r, f) = match op {
+            0 => alu::add(a, b, false, sz),
+            1 => alu::logic(a | b, sz),
+            2 => alu::add(a, b, cf, sz),
+            3 => alu::sub(a, b, cf, sz),
+            4 => alu::logic(a & b, sz),
+            5 | 7 => alu::sub(a, b, false, sz),
+            _ => alu::logic(a ^ b, sz),
+        };
+        if op != 7 {
+            self.dst_write(d, sz, r)?;
+        }
+        self.set_arith(f);
+        Ok(())
+    }
+
+    fn mov(&mut self, i: &Instruction) -> R<()> {
+        let k0 = i.op0_kind();
+        let k1 = i.op1_kind();
+        if k0 == OpKind::Register {
+            let r0 = i.op0_register();
+            if r0.is_segment_register() {
+                let sel = self.read_op(i, 1, 2)? as u16;
+                let s = r0 as usize - 71;
+                self.load_seg(s, sel)?;
+                if s == sreg::SS {
+                    self.inhibit = true;
+                }
+                return Ok(());
+            }
+            if r0.is_cr() {
+                return self.write_cr(
+                    r0 as usize - Register::CR0 as usize,
+                    self.reg(i.op1_register()),
+                );
+            }
+            if r0.is_dr() {
+                self.require_cpl0()?;
+                return Ok(());
+            }
+        }
+        if k1 == OpKind::Register {
+            let r1 = i.op1_register();
+            if r1.is_cr() {
+                let v = self.read_cr(r1 as usize - Register::CR0 as usize)?;
+                self.set_reg(i.op0_register(), v);
+                return Ok(());
+            }
+            if r1.is_dr() {
+                self.require_cpl0()?;
+                let n = r1 as usize - Register::DR0 as usize;
+                let v = match n {
+                    6 => 0xffff_0ff0,
+                    7 => 0x400,
+                    _ => 0,
+                };
+                self.set_reg(i.op0_register(), v);
+                return Ok(());
+            }
+            if r1.is_segment_register() {
+                let v = self.reg(r1);
+                let sz = if k0 == OpKind::Register {
+                    reg_size(i.op0_register())
+                } else {
+                    2
+                };
+                return self.write_op(i, 0, sz, v);
+            }
+        }
+        let sz = self.opsz(i, 0);
+        let v = self.read_op(i, 1, sz)?;
+        self.write_op(i, 0, sz, v)
+    }
+
+    fn push_insn(&mut self, i: &Instruction) -> R<()> {
+        let sz = Self::stack_sz(i);
+        let v = match i.op0_kind() {
+            OpKind::Register => self.reg(i.op0_register()),
+            OpKind::Memory => {
+                let l = self.mem_lin(i)?;
+                self.rd(l, sz)?
+            }
+            _ => i.immediate(0) & mask(sz),
+        };
+        self.push(v, sz)
+    }
+
+    fn pop_insn(&mut self, i: &Instruction) -> R<()> {
+        let sz = Self::stack_sz(i);
+        if i.op0_kind() == OpKind::Register {
+            let r = i.op0_register();
+            if r.is_segment_register() {
+                let v = self.peek(0, sz)?;
+                let s = r as usize - 71;
+                self.load_seg(s, v as u16)?;
+                self.pop(sz)?;
+                if s == sreg::SS {
+                    self.inhibit = true;
+                }
+                return Ok(());
+            }
+            let v = self.pop(sz)?;
+            self.set_reg(r, v);
+            return Ok(());
+        }
+        // pop [mem]: the address is computed with the incremented RSP.
+        let v = self.peek(0, sz)?;
+        let old = self.gpr[4];
+        self.set_sp(old.wrapping_add(sz as u64));
+        let r = self.write_op(i, 0, sz, v);
+        if r.is_err() {
+            self.gpr[4] = old;
+        }
+        r
+    }
+
+    /// POPF/IRET flag loading with the privilege rules.
+    pub(crate) fn write_flags(&mut self, v: u64, sz: usize) {
+        let mut m = WRITABLE & !(IOPL | IF);
+        if self.cpl == 0 || self.cr0 & vcpu::cr0::PE == 0 {
+            m |= IOPL | IF;
+        } else if self.cpl <= self.iopl() {
+            m |= IF;
+        }
+        m &= mask(sz);
+        let old_if = self.rflags & IF;
+        self.rflags = (self.rflags & !m) | (v & m) | FIXED;
+        if old_if == 0 && self.rflags & IF != 0 {
+            // Like STI, but the CPU recognizes interrupts right after POPF;
+            // nothing to do.
+        }
+    }
+
+    fn mul1(&mut self, i: &Instruction) -> R<()> {
+        let sz = self.opsz(i, 0);
+        let src = self.read_op(i, 0, sz)?;
+        let a = self.gpr[0] & mask(sz);
+        let signed = i.mnemonic() == M::Imul;
+        let (lo, hi, over) = if signed {
+            let p = (sext(a, sz) as i64 as i128) * (sext(src, sz) as i64 as i128);
+            let lo = (p as u64) & mask(sz);
+            let hi = ((p >> (sz * 8)) as u64) & mask(sz);
+            (lo, hi, sext(lo, sz) as i64 as i128 != p)
+        } else {
+            let p = (a as u128) * (src as u128);
+            let lo = (p as u64) & mask(sz);
+            let hi = ((p >> (sz * 8)) as u64) & mask(sz);
+            (lo, hi, hi != 0)
+        };
+        if sz == 1 {
+            self.set_gpr_sz(0, 2, lo | (hi << 8));
+        } else {
+            self.set_gpr_sz(0, sz, lo);
+            self.set_gpr_sz(2, sz, hi);
+        }
+        let mut f = alu::szp(lo, sz);
+        if over {
+            f |= CF | OF;
+        }
+        self.set_arith(f);
+        Ok(())
+    }
+
+    fn div(&mut self, i: &Instruction) -> R<()> {
+        let sz = self.opsz(i, 0);
+        let d = self.read_op(i, 0, sz)?;
+        if d == 0 {
+            return exc(vector::DE);
+        }
+        let bits = sz * 8;
+        let (lo, hi) = if sz == 1 {
+            (self.gpr[0] & 0xff, (self.gpr[0] >> 8) & 0xff)
+        } else {
+            (self.gpr[0] & mask(sz), self.gpr[2] & mask(sz))
+        };
+        let n = ((hi as u128) << bits) | lo as u128;
+        let (q, r) = if i.mnemonic() == M::Div {
+            let q = n / d as u128;
+            if q > mask(sz) as u128 {
+                return exc(vector::DE);
+            }
+            (q as u64, (n % d as u128) as u64)
+        } else {
+            // Sign-extend the 2*bits dividend.
+            let sh = 128 - 2 * bits;
+            let n = ((n << sh) as i128) >> sh;
+            let dv = sext(d, sz) as i64 as i128;
+            if dv == -1 && n == i128::MIN {
+                return exc(vector::DE);
+            }
+            let q = n / dv;
+            let r = n % dv;
+            let min = -(1i128 << (bits - 1));
+            let max = (1i128 << (bits - 1)) - 1;
+            if q < min || q > max {
+                return exc(vector::DE);
+            }
+            ((q as u64) & mask(sz), (r as u64) & mask(sz))
+        };
+        if sz == 1 {
+            self.set_gpr_sz(0, 2, q | (r << 8));
+        } else {
+            self.set_gpr_sz(0, sz, q);
+            self.set_gpr_sz(2, sz, r);
+        }
+        Ok(())
+    }
+
+    fn bt(&mut self, i: &Instruction) -> R<()> {
+        let sz = self.opsz(i, 0);
+        let bits = (sz * 8) as u64;
+        let off = self.read_op(i, 1, sz)?;
+        let m = i.mnemonic();
+        let (d, bit, width) = if i.op0_kind() == OpKind::Memory && i.op1_kind() == OpKind::Register
+        {
+            // The bit offset is signed and may reach outside the operand.
+            let s = sext(off, sz) as i64;
+            let ea = self.ea(i).wrapping_add((s >> 3) as u64);
+            let l = self.lin(Self::mem_seg(i), ea)?;
+            (Dst::Mem(l), (s & 7) as u64, 1)
+        } else {
+            (self.dst(i)?, off & (bits - 1), sz)
+        };
+        let v = self.dst_read(d, width)?;
+        let cf = (v >> bit) & 1 != 0;
+        let nv = match m {
+            M::Bts => Some(v | (1 << bit)),
+            M::Btr => Some(v & !(1 << bit)),
+            M::Btc => Some(v ^ (1 << bit)),
+            _ => None,
+        };
+        if let Some(nv) = nv {
+            self.dst_write(d, width, nv)?;
+        }
+        if cf {
+            self.rflags |= CF;
+        } else {
+            self.rflags &= !CF;
+        }
+        Ok(())
+    }
+
+    fn jmp(&mut self, i: &Instruction) -> R<()> {
+        match i.op0_kind() {
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                self.next_rip = i.near_branch_target();
+                Ok(())
+            }
+            OpKind::FarBranch16 | OpKind::FarBranch32 => {
+                let off = if i.op0_kind() == OpKind::FarBranch16 {
+                    i.far_branch16() as u64
+                } else {
+                    i.far_branch32() as u64
+                };
+                self.far_jump(i.far_branch_selector(), off, false)
+            }
+            _ => match i.code() {
+                Code::Jmp_m1616 | Code::Jmp_m1632 | Code::Jmp_m1664 => {
+                    let osz = match i.code() {
+                        Code::Jmp_m1616 => 2,
+                        Code::Jmp_m1632 => 4,
+                        _ => 8,
+                    };
+                    let l = self.mem_lin(i)?;
+                    let off = self.rd(l, osz)?;
+                    let sel = self.rd(l.wrapping_add(osz as u64), 2)? as u16;
+                    self.far_jump(sel, off, false)
+                }
+                _ => {
+                    let sz = self.opsz(i, 0);
+                    self.next_rip = self.read_op(i, 0, sz)?;
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    fn call(&mut self, i: &Instruction) -> R<()> {
+        match i.op0_kind() {
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                let sz = Self::stack_sz(i);
+                self.push(self.next_rip, sz)?;
+                self.next_rip = i.near_branch_target();
+                Ok(())
+            }
+            OpKind::FarBranch16 | OpKind::FarBranch32 => {
+                let off = if i.op0_kind() == OpKind::FarBranch16 {
+                    i.far_branch16() as u64
+                } else {
+                    i.far_branch32() as u64
+                };
+                self.far_jump(i.far_branch_selector(), off, true)
+            }
+            _ => match i.code() {
+                Code::Call_m1616 | Code::Call_m1632 | Code::Call_m1664 => {
+                    let osz = match i.code() {
+                        Code::Call_m1616 => 2,
+                        Code::Call_m1632 => 4,
+                        _ => 8,
+                    };
+                    let l = self.mem_lin(i)?;
+                    let off = self.rd(l, osz)?;
+                    let sel = self.rd(l.wrapping_add(osz as u64), 2)? as u16;
+                    self.far_jump(sel, off, true)
+                }
+                _ => {
+                    let sz = self.opsz(i, 0);
+                    let t = self.read_op(i, 0, sz)?;
+                    self.push(self.next_rip, Self::stack_sz(i))?;
+                    self.next_rip = t;
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    fn enter(&mut self, i: &Instruction) -> R<()> {
+        let sz = match i.code() {
+            Code::Enterw_imm16_imm8 => 2,
+            Code::Enterd_imm16_imm8 => 4,
+            _ => 8,
+        };
+        let size = i.immediate(0) & 0xffff;
+        let level = i.immediate(1) & 31;
+        let m = self.sp_mask();
+        let old_sp = self.gpr[4];
+        let old_bp = self.gpr[5];
+        let r = (|| {
+            self.push(self.gpr[5] & mask(sz), sz)?;
+            let frame = self.gpr[4] & m;
+            if level > 0 {
+                let mut bp = self.gpr[5];
+                for _ in 1..level {
+                    bp = bp.wrapping_sub(sz as u64);
+                    let l = self.lin(sreg::SS, bp & m)?;
+                    let v = self.rd(l, sz)?;
+                    self.push(v, sz)?;
+                }
+                self.push(frame, sz)?;
+            }
+            let nsp = self.gpr[4].wrapping_sub(size);
+            let l = self.lin(sreg::SS, nsp & m)?;
+            // The new stack top must be writable.
+            self.translate(l, Acc::Write, self.acc_w)?;
+            self.set_gpr_sz(5, sz, frame);
+            self.set_sp(nsp);
+            Ok(())
+        })();
+        if r.is_err() {
+            self.gpr[4] = old_sp;
+            self.gpr[5] = old_bp;
+        }
+        r
+    }
+
+    // ---- string instructions -------------------------------------------
+
+    /// Address size of a string instruction.
+    fn string_asz(i: &Instruction) -> usize {
+        for n in 0..i.op_count() {
+            match i.op_kind(n) {
+                OpKind::MemorySegSI | OpKind::MemorySegDI | OpKind::MemoryESDI => return 2,
+                OpKind::MemorySegESI | OpKind::MemorySegEDI | OpKind::MemoryESEDI => return 4,
+                OpKind::MemorySegRSI | OpKind::MemorySegRDI | OpKind::MemoryESRDI => return 8,
+                _ => {}
+            }
+        }
+        8
+    }
+
+    /// Adds `delta` to register `idx` as an address register of `asz` bytes.
+    #[inline]
+    fn bump(&mut self, idx: usize, delta: u64, asz: usize) {
+        let v = self.gpr[idx].wrapping_add(delta);
+        self.set_gpr_sz(idx, asz, v);
+    }
+
+    fn string(&mut self, i: &Instruction) -> R<()> {
+        let m = i.mnemonic();
+        let sz = i.memory_size().size().clamp(1, 8);
+        let asz = Self::string_asz(i);
+        let am = mask(asz);
+        let rep = i.has_rep_prefix() || i.has_repne_prefix();
+        let delta = if self.rflags & DF != 0 {
+            (sz as u64).wrapping_neg()
+        } else {
+            sz as u64
+        };
+        let src_seg = Self::mem_seg(i);
+        let mut n = 0u32;
+        loop {
+            if rep && self.gpr[1] & am == 0 {
+                return Ok(());
+            }
+            let mut zf_stop = None;
+            match m {
+                M::Movsb | M::Movsw | M::Movsd | M::Movsq => {
+                    let s = self.lin(src_seg, self.gpr[6] & am)?;
+                    let v = self.rd(s, sz)?;
+                    let d = self.lin(sreg::ES, self.gpr[7] & am)?;
+                    self.wr(d, sz, v)?;
+                    self.bump(6, delta, asz);
+                    self.bump(7, delta, asz);
+                }
+                M::Stosb | M::Stosw | M::Stosd | M::Stosq => {
+                    let d = self.lin(sreg::ES, self.gpr[7] & am)?;
+                    self.wr(d, sz, self.gpr[0] & mask(sz))?;
+                    self.bump(7, delta, asz);
+                }
+                M::Lodsb | M::Lodsw | M::Lodsd | M::Lodsq => {
+                    let s = self.lin(src_seg, self.gpr[6] & am)?;
+                    let v = self.rd(s, sz)?;
+                    self.set_gpr_sz(0, sz, v);
+                    self.bump(6, delta, asz);
+                }
+                M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq => {
+                    let s = self.lin(src_seg, self.gpr[6] & am)?;
+                    let a = self.rd(s, sz)?;
+                    let d = self.lin(sreg::ES, self.gpr[7] & am)?;
+                    let b = self.rd(d, sz)?;
+                    let (_, f) = alu::sub(a, b, false, sz);
+                    self.set_arith(f);
+                    self.bump(6, delta, asz);
+                    self.bump(7, delta, asz);
+                    zf_stop = Some(f & ZF != 0);
+                }
+                _ => {
+                    // SCAS
+                    let d = self.lin(sreg::ES, self.gpr[7] & am)?;
+                    let b = self.rd(d, sz)?;
+                    let (_, f) = alu::sub(self.gpr[0] & mask(sz), b, false, sz);
+                    self.set_arith(f);
+                    self.bump(7, delta, asz);
+                    zf_stop = Some(f & ZF != 0);
+                }
+            }
+            if !rep {
+                return Ok(());
+            }
+            self.bump(1, u64::MAX, asz);
+            if let Some(zf) = zf_stop {
+                // REPE stops on ZF=0, REPNE on ZF=1.
+                if (i.has_repe_prefix() && !zf) || (i.has_repne_prefix() && zf) {
+                    return Ok(());
+                }
+            }
+            if self.gpr[1] & am == 0 {
+                return Ok(());
+            }
+            n += 1;
+            if n >= REP_CHUNK || self.io_touched {
+                // Continue with the same instruction at the next step.
+                self.next_rip = self.rip;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Checks port access rights: CPL <= IOPL, else the TSS I/O bitmap.
+    fn io_check(&mut self, port: u16, sz: usize) -> R<()> {
+        let pe = self.cr0 & vcpu::cr0::PE != 0;
+        if !pe || (self.cpl <= self.iopl() && self.rflags & VM == 0) {
+            return Ok(());
+        }
+        let tr = self.tr;
+        if tr.limit < 0x67 {
+            return exc_code(vector::GP, 0);
+        }
+        let base = self.rd_as(tr.base.wrapping_add(0x66), 2, crate::mmu::A_R_S)?;
+        let at = base + (port as u64 >> 3);
+        if at + 1 > tr.limit as u64 {
+            return exc_code(vector::GP, 0);
+        }
+        let bits = self.rd_as(tr.base.wrapping_add(at), 2, crate::mmu::A_R_S)?;
+        let want = ((1u64 << sz) - 1) << (port & 7);
+        if bits & want != 0 {
+            return exc_code(vector::GP, 0);
+        }
+        Ok(())
+    }
+
+    fn port_io(&mut self, i: &Instruction) -> R<()> {
+        let (port_op, data_op) = if i.mnemonic() == M::In {
+            (1, 0)
+        } else {
+            (0, 1)
+        };
+        let port = if i.op_kind(port_op) == OpKind::Register {
+            self.gpr[2] as u16
+        } else {
+            i.immediate(port_op) as u16
+        };
+        let r = i.op_register(data_op);
+        let sz = reg_size(r);
+        self.io_check(port, sz)?;
+        if i.mnemonic() == M::In {
+            let mut b = [0u8; 4];
+            self.input(
+                CpuExit::IoIn {
+                    port,
+                    size: sz as u8,
+                    count: 1,
+                },
+                &mut b[..sz],
+            )?;
+            self.set_reg(r, u32::from_le_bytes(b) as u64);
+        } else {
+            let v = self.reg(r).to_le_bytes();
+            self.output(
+                CpuExit::IoOut {
+                    port,
+                    size: sz as u8,
+                    count: 1,
+                },
+                &v[..sz],
+            );
+        }
+        Ok(())
+    }
+
+    /// Elements of `sz` bytes a string I/O batch may take: up to the count,
+    /// within the page of `lin`, at most 4 KiB.
+    fn batch(&self, lin: u64, sz: usize, count: u64) -> usize {
+        let off = (lin & 0xfff) as usize;
+        let room = if self.rflags & DF != 0 {
+            off / sz + 1
+        } else {
+            (0x1000 - off) / sz
+        };
+        (count.min(room as u64).max(1) as usize).min(4096 / sz)
+    }
+
+    fn ins(&mut self, i: &Instruction) -> R<()> {
+        let sz = i.memory_size().size().clamp(1, 4);
+        let asz = Self::string_asz(i);
+        let am = mask(asz);
+        let rep = i.has_rep_prefix() || i.has_repne_prefix();
+        let port = self.gpr[2] as u16;
+        self.io_check(port, sz)?;
+        let count = if rep { self.gpr[1] & am } else { 1 };
+        if count == 0 {
+            return Ok(());
+        }
+        let d = self.lin(sreg::ES, self.gpr[7] & am)?;
+        let n = self.batch(d, sz, count);
+        let down = self.rflags & DF != 0;
+        // The destination must be writable before the port is read.
+        let lo = if down {
+            d.wrapping_sub(((n - 1) * sz) as u64)
+        } else {
+            d
+        };
+        self.translate(lo, Acc::Write, self.acc_w)?;
+        self.translate(lo.wrapping_add((n * sz) as u64 - 1), Acc::Write, self.acc_w)?;
+        let mut buf = [0u8; 4096];
+        self.input(
+            CpuExit::IoIn {
+                port,
+                size: sz as u8,
+                count: n as u32,
+            },
+            &mut buf[..n * sz],
+        )?;
+        let delta = if down {
+            (sz as u64).wrapping_neg()
+        } else {
+            sz as u64
+        };
+        for k in 0..n {
+            let mut e = [0u8; 8];
+            e[..sz].copy_from_slice(&buf[k * sz..(k + 1) * sz]);
+            let d = self.lin(sreg::ES, self.gpr[7] & am)?;
+            self.wr(d, sz, u64::from_le_bytes(e))?;
+            self.bump(7, delta, asz);
+            if rep {
+                self.bump(1, u64::MAX, asz);
+            }
+        }
+        if rep && self.gpr[1] & am != 0 {
+            self.next_rip = self.rip;
+        }
+        Ok(())
+    }
+
+    fn outs(&mut self, i: &Instruction) -> R<()> {
+        let sz = i.memory_size().size().clamp(1, 4);
+        let asz = Self::string_asz(i);
+        let am = mask(asz);
+        let rep = i.has_rep_prefix() || i.has_repne_prefix();
+        let port = self.gpr[2] as u16;
+        self.io_check(port, sz)?;
+        let count = if rep { self.gpr[1] & am } else { 1 };
+        if count == 0 {
+            return Ok(());
+        }
+        let seg = Self::mem_seg(i);
+        let s = self.lin(seg, self.gpr[6] & am)?;
+        let n = self.batch(s, sz, count);
+        let down = self.rflags & DF != 0;
+        let delta = if down {
+            (sz as u64).wrapping_neg()
+        } else {
+            sz as u64
+        };
+        let mut buf = [0u8; 4096];
+        let mut addr = self.gpr[6];
+        for k in 0..n {
+            let l = self.lin(seg, addr & am)?;
+            let v = self.rd(l, sz)?;
+            buf[k * sz..(k + 1) * sz].copy_from_slice(&v.to_le_bytes()[..sz]);
+            addr = addr.wrapping_add(delta);
+        }
+        for _ in 0..n {
+            self.bump(6, delta, asz);
+            if rep {
+                self.bump(1, u64::MAX, asz);
+            }
+        }
+        self.output(
+            CpuExit::IoOut {
+                port,
+                size: sz as u8,
+                count: n as u32,
+            },
+            &buf[..n * sz],
+        );
+        if rep && self.gpr[1] & am != 0 {
+            self.next_rip = self.rip;
+        }
+        Ok(())
+    }
+}
+
+#[allow(dead_code)]
+fn _unused(_: Stop) {}

@@ -1,0 +1,417 @@
+//! x87 and SSE state: FNINIT, FWAIT, control/status words, FXSAVE/FXRSTOR,
+//! MXCSR, and the SSE moves and logic operations. x87 arithmetic is not
+//! implemented (the run ends with an "unimplemented instruction" exit).
+
+use iced_x86::{Code, Instruction, Mnemonic as M, OpKind, Register};
+use vcpu::{cr0, cr4};
+
+use crate::mmu::Acc;
+use crate::{exc, exc_code, vector, Cpu, R};
+
+#[derive(Clone, Debug)]
+pub struct Fpu {
+    pub fcw: u16,
+    pub fsw: u16,
+    /// Abridged tag word (FXSAVE format: one bit per register, 1 = valid).
+    pub ftw: u8,
+    pub fop: u16,
+    pub fip: u64,
+    pub fdp: u64,
+    /// ST0..ST7 (80-bit values in the low 10 bytes).
+    pub st: [[u8; 16]; 8],
+    pub mxcsr: u32,
+    pub xmm: [u128; 16],
+}
+
+impl Default for Fpu {
+    fn default() -> Self {
+        Fpu {
+            fcw: 0x37f,
+            fsw: 0,
+            ftw: 0,
+            fop: 0,
+            fip: 0,
+            fdp: 0,
+            st: [[0; 16]; 8],
+            mxcsr: 0x1f80,
+            xmm: [0; 16],
+        }
+    }
+}
+
+const MXCSR_MASK: u32 = 0xffff;
+
+fn xmm_index(r: Register) -> usize {
+    (r as usize).wrapping_sub(Register::XMM0 as usize) & 15
+}
+
+impl Cpu {
+    fn x87_check(&self) -> R<()> {
+        if self.cr0 & ((1 << 2) | (1 << 3)) != 0 {
+            return exc(vector::NM);
+        }
+        Ok(())
+    }
+
+    fn sse_check(&self) -> R<()> {
+        if self.cr0 & (1 << 2) != 0 || self.cr4 & cr4::OSFXSR == 0 {
+            return exc(vector::UD);
+        }
+        if self.cr0 & (1 << 3) != 0 {
+            return exc(vector::NM);
+        }
+        Ok(())
+    }
+
+    fn read_xmm_op(&mut self, i: &Instruction, n: u32, aligned: bool) -> R<u128> {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                let r = i.op_register(n);
+                if r.is_xmm() {
+                    Ok(self.fpu.xmm[xmm_index(r)])
+                } else {
+                    Ok(self.reg(r) as u128)
+                }
+            }
+            _ => {
+                let l = self.mem_lin(i)?;
+                let sz = i.memory_size().size();
+                if sz == 16 {
+                    if aligned && l & 15 != 0 {
+                        return exc_code(vector::GP, 0);
+                    }
+                    let mut b = [0u8; 16];
+                    self.read_bytes(l, &mut b, self.acc_r, Acc::Read)?;
+                    Ok(u128::from_le_bytes(b))
+                } else {
+                    Ok(self.rd(l, sz.clamp(1, 8))? as u128)
+                }
+            }
+        }
+    }
+
+    fn write_xmm_op(&mut self, i: &Instruction, n: u32, v: u128, aligned: bool) -> R<()> {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                let r = i.op_register(n);
+                if r.is_xmm() {
+                    self.fpu.xmm[xmm_index(r)] = v;
+                } else {
+                    self.set_reg(r, v as u64);
+                }
+                Ok(())
+            }
+            _ => {
+                let l = self.mem_lin(i)?;
+                let sz = i.memory_size().size();
+                if sz == 16 {
+                    if aligned && l & 15 != 0 {
+                        return exc_code(vector::GP, 0);
+                    }
+                    self.write_bytes(l, &v.to_le_bytes(), self.acc_w)
+                } else {
+                    self.wr(l, sz.clamp(1, 8), v as u64)
+                }
+            }
+        }
+    }
+
+    fn fxsave(&mut self, i: &Instruction) -> R<()> {
+        let l = self.mem_lin(i)?;
+        if l & 15 != 0 {
+            return exc_code(vector::GP, 0);
+        }
+        let f = &self.fpu;
+        let mut b = [0u8; 512];
+        b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
+        b[2..4].copy_from_slice(&f.fsw.to_le_bytes());
+        b[4] = f.ftw;
+        b[6..8].copy_from_slice(&f.fop.to_le_bytes());
+        b[8..16].copy_from_slice(&f.fip.to_le_bytes());
+        b[16..24].copy_from_slice(&f.fdp.to_le_bytes());
+        b[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
+        b[28..32].copy_from_slice(&MXCSR_MASK.to_le_bytes());
+        for (k, st) in f.st.iter().enumerate() {
+            b[32 + 16 * k..32 + 16 * k + 10].copy_from_slice(&st[..10]);
+        }
+        let nx = if self.long64 { 16 } else { 8 };
+        for k in 0..nx {
+            b[160 + 16 * k..176 + 16 * k].copy_from_slice(&f.xmm[k].to_le_bytes());
+        }
+        self.write_bytes(l, &b, self.acc_w)
+    }
+
+    fn fxrstor(&mut self, i: &Instruction) -> R<()> {
+        let l = self.mem_lin(i)?;
+        if l & 15 != 0 {
+            return exc_code(vector::GP, 0);
+        }
+        let mut b = [0u8; 512];
+        self.read_bytes(l, &mut b, self.acc_r, Acc::Read)?;
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u64_at = |o: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(x)
+        };
+        let mxcsr = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
+        if mxcsr & !MXCSR_MASK != 0 {
+            return exc_code(vector::GP, 0);
+        }
+        let nx = if self.long64 { 16 } else { 8 };
+        let f = &mut self.fpu;
+        f.fcw = u16_at(0);
+        f.fsw = u16_at(2);
+        f.ftw = b[4];
+        f.fop = u16_at(6);
+        f.fip = u64_at(8);
+        f.fdp = u64_at(16);
+        f.mxcsr = mxcsr;
+        for k in 0..8 {
+            f.st[k] = [0; 16];
+            f.st[k][..10].copy_from_slice(&b[32 + 16 * k..42 + 16 * k]);
+        }
+        for k in 0..nx {
+            let mut x = [0u8; 16];
+            x.copy_from_slice(&b[160 + 16 * k..176 + 16 * k]);
+            f.xmm[k] = u128::from_le_bytes(x);
+        }
+        Ok(())
+    }
+
+    /// Packed integer compare for equality of `w`-byte lanes.
+    fn pcmpeq(a: u128, b: u128, w: usize) -> u128 {
+        let mut r = 0u128;
+        let lane = if w == 16 {
+            !0u128
+        } else {
+            (1u128 << (w * 8)) - 1
+        };
+        for k in 0..16 / w {
+            let sh = k * w * 8;
+            if (a >> sh) & lane == (b >> sh) & lane {
+                r |= lane << sh;
+            }
+        }
+        r
+    }
+
+    pub(crate) fn exec_fpu(&mut self, i: &Instruction) -> R<()> {
+        match i.mnemonic() {
+            M::Fninit => {
+                self.x87_check()?;
+                let f = &mut self.fpu;
+                f.fcw = 0x37f;
+                f.fsw = 0;
+                f.ftw = 0;
+                f.fop = 0;
+                f.fip = 0;
+                f.fdp = 0;
+                Ok(())
+            }
+            M::Wait => {
+                if self.cr0 & ((1 << 3) | cr0::MP) == (1 << 3) | cr0::MP {
+                    return exc(vector::NM);
+                }
+                if self.fpu.fsw & 0x80 != 0 {
+                    return exc(vector::MF);
+                }
+                Ok(())
+            }
+            M::Fnclex => {
+                self.x87_check()?;
+                self.fpu.fsw &= 0x7f00;
+                Ok(())
+            }
+            M::Fnstsw => {
+                self.x87_check()?;
+                let v = self.fpu.fsw as u64;
+                self.write_op(i, 0, 2, v)
+            }
+            M::Fnstcw => {
+                self.x87_check()?;
+                let v = self.fpu.fcw as u64;
+                self.write_op(i, 0, 2, v)
+            }
+            M::Fldcw => {
+                self.x87_check()?;
+                let v = self.read_op(i, 0, 2)?;
+                self.fpu.fcw = v as u16;
+                Ok(())
+            }
+            M::Fxsave | M::Fxsave64 => {
+                self.x87_check()?;
+                self.fxsave(i)
+            }
+            M::Fxrstor | M::Fxrstor64 => {
+                self.x87_check()?;
+                self.fxrstor(i)
+            }
+            M::Ldmxcsr => {
+                self.sse_check()?;
+                let v = self.read_op(i, 0, 4)? as u32;
+                if v & !MXCSR_MASK != 0 {
+                    return exc_code(vector::GP, 0);
+                }
+                self.fpu.mxcsr = v;
+                Ok(())
+            }
+            M::Stmxcsr => {
+                self.sse_check()?;
+                let v = self.fpu.mxcsr as u64;
+                self.write_op(i, 0, 4, v)
+            }
+            M::Emms => {
+                self.x87_check()?;
+                self.fpu.ftw = 0;
+                Ok(())
+            }
+            M::Movaps
+            | M::Movapd
+            | M::Movdqa
+            | M::Movups
+            | M::Movupd
+            | M::Movdqu
+            | M::Movntps
+            | M::Movntpd
+            | M::Movntdq
+            | M::Lddqu => {
+                self.sse_check()?;
+                let aligned = matches!(
+                    i.mnemonic(),
+                    M::Movaps | M::Movapd | M::Movdqa | M::Movntps | M::Movntpd | M::Movntdq
+                );
+                let v = self.read_xmm_op(i, 1, aligned)?;
+                self.write_xmm_op(i, 0, v, aligned)
+            }
+            M::Movq | M::Movd => {
+                self.sse_check()?;
+                if !i.op0_register().is_xmm()
+                    && !i.op1_register().is_xmm()
+                    && i.op0_kind() == OpKind::Register
+                    && i.op1_kind() == OpKind::Register
+                {
+                    // MMX forms.
+                    return self.unknown(i);
+                }
+                if i.op0_register().is_mm() || i.op1_register().is_mm() {
+                    return self.unknown(i);
+                }
+                let sz = if i.mnemonic() == M::Movd { 4 } else { 8 };
+                let v = self.read_xmm_op(i, 1, false)?
+                    & if sz == 4 {
+                        0xffff_ffff
+                    } else {
+                        u64::MAX as u128
+                    };
+                if i.op0_kind() == OpKind::Register && i.op0_register().is_xmm() {
+                    self.fpu.xmm[xmm_index(i.op0_register())] = v;
+                    Ok(())
+                } else if i.op0_kind() == OpKind::Register {
+                    let r = i.op0_register();
+                    self.set_reg(r, v as u64);
+                    Ok(())
+                } else {
+                    let l = self.mem_lin(i)?;
+                    self.wr(l, sz, v as u64)
+                }
+            }
+            M::Movnti => {
+                let sz = self.opsz(i, 0);
+                let v = self.reg(i.op1_register());
+                self.write_op(i, 0, sz, v)
+            }
+            M::Pxor
+            | M::Xorps
+            | M::Xorpd
+            | M::Por
+            | M::Orps
+            | M::Orpd
+            | M::Pand
+            | M::Andps
+            | M::Andpd
+            | M::Pandn
+            | M::Andnps
+            | M::Andnpd
+            | M::Pcmpeqb
+            | M::Pcmpeqw
+            | M::Pcmpeqd
+            | M::Paddq
+            | M::Psubq
+            | M::Punpcklqdq
+            | M::Punpckhqdq => {
+                self.sse_check()?;
+                if !i.op0_register().is_xmm() {
+                    return self.unknown(i);
+                }
+                let d = xmm_index(i.op0_register());
+                let a = self.fpu.xmm[d];
+                let b = self.read_xmm_op(i, 1, true)?;
+                let lo = |x: u128| x as u64;
+                let hi = |x: u128| (x >> 64) as u64;
+                let r = match i.mnemonic() {
+                    M::Pxor | M::Xorps | M::Xorpd => a ^ b,
+                    M::Por | M::Orps | M::Orpd => a | b,
+                    M::Pand | M::Andps | M::Andpd => a & b,
+                    M::Pandn | M::Andnps | M::Andnpd => !a & b,
+                    M::Pcmpeqb => Self::pcmpeq(a, b, 1),
+                    M::Pcmpeqw => Self::pcmpeq(a, b, 2),
+                    M::Pcmpeqd => Self::pcmpeq(a, b, 4),
+                    M::Paddq => {
+                        (lo(a).wrapping_add(lo(b)) as u128)
+                            | ((hi(a).wrapping_add(hi(b)) as u128) << 64)
+                    }
+                    M::Psubq => {
+                        (lo(a).wrapping_sub(lo(b)) as u128)
+                            | ((hi(a).wrapping_sub(hi(b)) as u128) << 64)
+                    }
+                    M::Punpcklqdq => (lo(a) as u128) | ((lo(b) as u128) << 64),
+                    _ => (hi(a) as u128) | ((hi(b) as u128) << 64),
+                };
+                self.fpu.xmm[d] = r;
+                Ok(())
+            }
+            M::Pmovmskb => {
+                self.sse_check()?;
+                if !i.op1_register().is_xmm() {
+                    return self.unknown(i);
+                }
+                let v = self.fpu.xmm[xmm_index(i.op1_register())];
+                let mut m = 0u64;
+                for k in 0..16 {
+                    if (v >> (k * 8 + 7)) & 1 != 0 {
+                        m |= 1 << k;
+                    }
+                }
+                self.set_reg(i.op0_register(), m);
+                Ok(())
+            }
+            M::Xgetbv
+            | M::Xsetbv
+            | M::Xsave
+            | M::Xrstor
+            | M::Xsaveopt
+            | M::Rdrand
+            | M::Rdseed
+            | M::Rdpid
+            | M::Rdfsbase
+            | M::Rdgsbase
+            | M::Wrfsbase
+            | M::Wrgsbase
+            | M::Monitor
+            | M::Mwait
+            | M::Invpcid
+            | M::Clac
+            | M::Stac
+            | M::Vmcall
+            | M::Vmmcall => {
+                // Not offered by CPUID.
+                exc(vector::UD)
+            }
+            _ => {
+                let _ = Code::INVALID;
+                self.unknown(i)
+            }
+        }
+    }
+}

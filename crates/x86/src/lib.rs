@@ -1,0 +1,702 @@
+//! visor's software x86-64 CPU.
+//!
+//! Instructions are decoded with iced-x86 and cached per guest-physical page
+//! (a write to a page drops its decoded instructions; so does a change of the
+//! page made outside the CPU, found by comparing a snapshot at the next
+//! [`Cpu::note_external_writes`]). Memory goes through a software TLB over the
+//! guest's 4-level (or PAE, or 2-level) page tables, with accessed and dirty
+//! bits, NX, U/S and R/W with CR0.WP, and global pages.
+//!
+//! Accesses to guest-physical addresses that are not RAM are MMIO: unless the
+//! CPU's local device ([`Local`], the local APIC) claims them, [`Cpu::run`]
+//! returns an exit. Reads (and port input, MSRs the CPU does not know) abort the
+//! instruction: the VMM fills [`Cpu::exit_data`], and the next `run` executes
+//! the instruction again from its start, replaying the inputs it already got.
+//! Writes (and port output) complete the instruction first and are handed out
+//! afterwards, so an instruction either completes or is restarted cleanly.
+//!
+//! A valid instruction the CPU does not implement ends the run with
+//! [`CpuExit::Unimplemented`]; an invalid encoding raises #UD in the guest.
+
+mod alu;
+mod cpuid;
+mod decode;
+mod exec;
+mod fpu;
+pub mod mem;
+mod mmu;
+mod system;
+
+use std::time::Instant;
+
+pub use cpuid::CpuidTable;
+pub use fpu::Fpu;
+pub use mem::PhysMem;
+use vcpu::{DescriptorTable, Regs, SRegs, Segment};
+
+/// RFLAGS bits.
+pub mod flags {
+    pub const CF: u64 = 1 << 0;
+    pub const PF: u64 = 1 << 2;
+    pub const AF: u64 = 1 << 4;
+    pub const ZF: u64 = 1 << 6;
+    pub const SF: u64 = 1 << 7;
+    pub const TF: u64 = 1 << 8;
+    pub const IF: u64 = 1 << 9;
+    pub const DF: u64 = 1 << 10;
+    pub const OF: u64 = 1 << 11;
+    pub const IOPL: u64 = 3 << 12;
+    pub const NT: u64 = 1 << 14;
+    pub const RF: u64 = 1 << 16;
+    pub const VM: u64 = 1 << 17;
+    pub const AC: u64 = 1 << 18;
+    pub const VIF: u64 = 1 << 19;
+    pub const VIP: u64 = 1 << 20;
+    pub const ID: u64 = 1 << 21;
+    /// The six arithmetic flags.
+    pub const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
+    /// Bits software can change at all.
+    pub const WRITABLE: u64 = ARITH | TF | IF | DF | IOPL | NT | RF | AC | ID;
+    pub const FIXED: u64 = 1 << 1;
+}
+
+/// Exception vectors.
+pub mod vector {
+    pub const DE: u8 = 0;
+    pub const DB: u8 = 1;
+    pub const BP: u8 = 3;
+    pub const OF: u8 = 4;
+    pub const BR: u8 = 5;
+    pub const UD: u8 = 6;
+    pub const NM: u8 = 7;
+    pub const DF: u8 = 8;
+    pub const TS: u8 = 10;
+    pub const NP: u8 = 11;
+    pub const SS: u8 = 12;
+    pub const GP: u8 = 13;
+    pub const PF: u8 = 14;
+    pub const MF: u8 = 16;
+    pub const AC: u8 = 17;
+    pub const XM: u8 = 19;
+}
+
+/// MSR indices the CPU implements itself.
+pub mod msr {
+    pub const TSC: u32 = 0x10;
+    pub const APIC_BASE: u32 = 0x1b;
+    pub const FEATURE_CONTROL: u32 = 0x3a;
+    pub const BIOS_SIGN_ID: u32 = 0x8b;
+    pub const MTRRCAP: u32 = 0xfe;
+    pub const SYSENTER_CS: u32 = 0x174;
+    pub const SYSENTER_ESP: u32 = 0x175;
+    pub const SYSENTER_EIP: u32 = 0x176;
+    pub const MCG_CAP: u32 = 0x179;
+    pub const MCG_STATUS: u32 = 0x17a;
+    pub const MISC_ENABLE: u32 = 0x1a0;
+    pub const PAT: u32 = 0x277;
+    pub const MTRR_DEF_TYPE: u32 = 0x2ff;
+    pub const EFER: u32 = 0xc000_0080;
+    pub const STAR: u32 = 0xc000_0081;
+    pub const LSTAR: u32 = 0xc000_0082;
+    pub const CSTAR: u32 = 0xc000_0083;
+    pub const FMASK: u32 = 0xc000_0084;
+    pub const FS_BASE: u32 = 0xc000_0100;
+    pub const GS_BASE: u32 = 0xc000_0101;
+    pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
+    pub const TSC_AUX: u32 = 0xc000_0103;
+    /// AMD HWCR (read as TscFreqSel: the TSC counts at the P0 frequency).
+    pub const AMD_HWCR: u32 = 0xc001_0015;
+}
+
+/// Segment register numbers (the x86 encoding).
+pub mod sreg {
+    pub const ES: usize = 0;
+    pub const CS: usize = 1;
+    pub const SS: usize = 2;
+    pub const DS: usize = 3;
+    pub const FS: usize = 4;
+    pub const GS: usize = 5;
+}
+
+/// A device inside the CPU's package that the CPU talks to directly (the local
+/// APIC): MMIO it claims never leaves the engine, and it supplies interrupts.
+pub trait Local {
+    /// True if guest-physical `addr` is in this device's MMIO window.
+    fn claims(&self, addr: u64) -> bool;
+    fn read(&mut self, addr: u64, data: &mut [u8]);
+    fn write(&mut self, addr: u64, data: &[u8]);
+    /// Brings timers and external lines up to date; true if an interrupt is
+    /// ready for delivery.
+    fn poll(&mut self) -> bool;
+    /// True if an interrupt is ready for delivery.
+    fn pending(&self) -> bool;
+    /// Accepts the highest-priority ready interrupt and returns its vector.
+    fn ack(&mut self) -> Option<u8>;
+    /// CR8 (task priority) was written.
+    fn set_tpr(&mut self, _cr8: u64) {}
+    /// When the device will next raise an interrupt by itself (its timer).
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+}
+
+/// Why [`Cpu::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpuExit {
+    /// `IN`/`INS`: [`Cpu::exit_data`] (`size * count` bytes) is to be filled.
+    IoIn { port: u16, size: u8, count: u32 },
+    /// `OUT`/`OUTS`: [`Cpu::exit_data`] holds `size * count` bytes.
+    IoOut { port: u16, size: u8, count: u32 },
+    /// A read of non-RAM `addr`: fill [`Cpu::exit_data`].
+    MmioRead { addr: u64 },
+    /// A write of non-RAM `addr`: the bytes are in [`Cpu::exit_data`].
+    MmioWrite { addr: u64 },
+    /// RDMSR of an MSR the CPU does not implement: set `msr_data` or `msr_fault`.
+    MsrRead { index: u32 },
+    /// WRMSR of an MSR the CPU does not implement: set `msr_fault` to refuse.
+    MsrWrite { index: u32, value: u64 },
+    /// HLT, and no interrupt is ready.
+    Hlt,
+    /// Triple fault.
+    Shutdown,
+    /// The instruction budget of this `run` is used up.
+    Budget,
+    /// The guest needs something the CPU does not implement; one line says what.
+    Unimplemented(String),
+}
+
+/// How an instruction stopped early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// An exception: vector and error code.
+    Exc(u8, Option<u32>),
+    /// The instruction needs the VMM (input, MSR) or hit something unimplemented;
+    /// the details are in `Cpu::pending`.
+    Exit,
+}
+
+pub(crate) type R<T> = Result<T, Stop>;
+
+#[inline]
+pub(crate) fn exc<T>(vector: u8) -> R<T> {
+    Err(Stop::Exc(vector, None))
+}
+
+#[inline]
+pub(crate) fn exc_code<T>(vector: u8, code: u32) -> R<T> {
+    Err(Stop::Exc(vector, Some(code)))
+}
+
+/// The MSRs the CPU keeps.
+#[derive(Clone, Debug, Default)]
+pub struct Msrs {
+    pub star: u64,
+    pub lstar: u64,
+    pub cstar: u64,
+    pub fmask: u64,
+    pub kernel_gs_base: u64,
+    pub tsc_aux: u64,
+    pub apic_base: u64,
+    pub pat: u64,
+    pub sysenter_cs: u64,
+    pub sysenter_esp: u64,
+    pub sysenter_eip: u64,
+    pub misc_enable: u64,
+    pub mtrr_def_type: u64,
+    /// Variable-range MTRRs (0x200..0x210) and fixed-range ones, as written.
+    pub mtrr: std::collections::BTreeMap<u32, u64>,
+}
+
+/// The pending exit of an aborted or completed instruction.
+#[derive(Clone, Debug)]
+pub(crate) enum Pending {
+    None,
+    /// An input exit whose bytes go to `replay[start..start + len]`.
+    Input {
+        exit: CpuExit,
+        start: usize,
+        len: usize,
+    },
+    /// An exit that needs the VMM's answer in `msr_data`/`msr_fault`.
+    Msr(CpuExit),
+    Unimplemented(String),
+}
+
+pub struct Cpu {
+    pub gpr: [u64; 16],
+    pub rip: u64,
+    pub rflags: u64,
+    /// ES, CS, SS, DS, FS, GS.
+    pub seg: [Segment; 6],
+    pub tr: Segment,
+    pub ldtr: Segment,
+    pub gdtr: DescriptorTable,
+    pub idtr: DescriptorTable,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub cr8: u64,
+    pub efer: u64,
+    pub msr: Msrs,
+    pub fpu: Fpu,
+    pub cpuid: CpuidTable,
+    /// The local APIC, when the engine models one.
+    pub local: Option<Box<dyn Local>>,
+    /// Instructions retired.
+    pub retired: u64,
+    /// The VMM's answer to an MSR exit.
+    pub msr_data: u64,
+    /// Set to 1 by the VMM to make the MSR access raise #GP.
+    pub msr_fault: u8,
+    /// Set after HLT until an interrupt arrives.
+    pub halted: bool,
+    /// Print every instruction (RIP, encoding name, RSP) on stderr.
+    pub trace: bool,
+    /// An interrupt of `local` is ready (cached `local.pending()`).
+    pub(crate) irq_ready: bool,
+    /// STI/MOV SS shadow: no interrupt before the next instruction completes.
+    pub(crate) inhibit: bool,
+
+    // Cached mode.
+    pub(crate) cpl: u8,
+    /// 16, 32 or 64: the code size.
+    pub(crate) bits: u32,
+    /// 64-bit mode (long mode with a 64-bit CS).
+    pub(crate) long64: bool,
+    /// Access bits of the TLB for reads, writes and fetches at the current CPL.
+    pub(crate) acc_r: u8,
+    pub(crate) acc_w: u8,
+    pub(crate) acc_x: u8,
+
+    pub(crate) mem: PhysMem,
+    pub(crate) tlb: Box<[mmu::TlbEntry]>,
+    pub(crate) tlb_has_large: bool,
+    pub(crate) code: decode::CodeCache,
+
+    /// Inputs this instruction already received (replayed when it runs again).
+    pub(crate) replay: Vec<u8>,
+    pub(crate) replay_pos: usize,
+    /// Output of completed instructions waiting to be handed out: MMIO writes
+    /// (address, start, length in `out`) and port output.
+    pub(crate) out: Vec<u8>,
+    pub(crate) out_queue: Vec<(CpuExit, usize, usize)>,
+    pub(crate) out_next: usize,
+    /// Whether the current instruction touched `replay` or `out`.
+    pub(crate) io_touched: bool,
+    pub(crate) pending: Pending,
+    /// What [`Cpu::exit_data`] returns: (is output, start, len).
+    xfer: (bool, usize, usize),
+    msr_waiting: bool,
+
+    /// The next instruction pointer of the instruction being executed.
+    pub(crate) next_rip: u64,
+    tsc_start: Instant,
+    pub(crate) tsc_offset: u64,
+}
+
+impl Cpu {
+    /// A CPU at the reset state (real mode), with RAM `mem`.
+    pub fn new(mem: PhysMem, cpuid: CpuidTable) -> Cpu {
+        let code = decode::CodeCache::new(mem.end());
+        let mut seg = [Segment {
+            limit: 0xffff,
+            type_: 3,
+            present: true,
+            s: true,
+            ..Default::default()
+        }; 6];
+        seg[sreg::CS].type_ = 0xb;
+        let mut cpu = Cpu {
+            gpr: [0; 16],
+            rip: 0xfff0,
+            rflags: flags::FIXED,
+            seg,
+            tr: Segment {
+                type_: 0xb,
+                present: true,
+                limit: 0xffff,
+                ..Default::default()
+            },
+            ldtr: Segment {
+                type_: 2,
+                present: true,
+                limit: 0xffff,
+                ..Default::default()
+            },
+            gdtr: DescriptorTable {
+                base: 0,
+                limit: 0xffff,
+            },
+            idtr: DescriptorTable {
+                base: 0,
+                limit: 0xffff,
+            },
+            cr0: vcpu::cr0::ET,
+            cr2: 0,
+            cr3: 0,
+            cr4: 0,
+            cr8: 0,
+            efer: 0,
+            msr: Msrs {
+                pat: 0x0007_0406_0007_0406,
+                apic_base: 0xfee0_0000 | (1 << 11) | (1 << 8),
+                misc_enable: 1,
+                ..Default::default()
+            },
+            fpu: Fpu::default(),
+            cpuid,
+            local: None,
+            retired: 0,
+            msr_data: 0,
+            msr_fault: 0,
+            halted: false,
+            trace: false,
+            irq_ready: false,
+            inhibit: false,
+            cpl: 0,
+            bits: 16,
+            long64: false,
+            acc_r: 0,
+            acc_w: 0,
+            acc_x: 0,
+            mem,
+            tlb: vec![mmu::TlbEntry::INVALID; mmu::TLB_SIZE].into_boxed_slice(),
+            tlb_has_large: false,
+            code,
+            replay: Vec::with_capacity(8192),
+            replay_pos: 0,
+            out: Vec::with_capacity(8192),
+            out_queue: Vec::new(),
+            out_next: 0,
+            io_touched: false,
+            pending: Pending::None,
+            xfer: (false, 0, 0),
+            msr_waiting: false,
+            next_rip: 0,
+            tsc_start: Instant::now(),
+            tsc_offset: 0,
+        };
+        cpu.mode_changed();
+        cpu
+    }
+
+    /// The time-stamp counter: nanoseconds since the CPU was created (1 GHz).
+    pub fn tsc(&self) -> u64 {
+        (self.tsc_start.elapsed().as_nanos() as u64).wrapping_add(self.tsc_offset)
+    }
+
+    pub fn regs(&self) -> Regs {
+        let g = &self.gpr;
+        Regs {
+            rax: g[0],
+            rcx: g[1],
+            rdx: g[2],
+            rbx: g[3],
+            rsp: g[4],
+            rbp: g[5],
+            rsi: g[6],
+            rdi: g[7],
+            r8: g[8],
+            r9: g[9],
+            r10: g[10],
+            r11: g[11],
+            r12: g[12],
+            r13: g[13],
+            r14: g[14],
+            r15: g[15],
+            rip: self.rip,
+            rflags: self.rflags,
+        }
+    }
+
+    pub fn set_regs(&mut self, r: &Regs) {
+        if r.rip != self.rip {
+            // A different instruction: whatever the old one received is void.
+            self.abandon_instruction();
+        }
+        self.gpr = [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ];
+        self.rip = r.rip;
+        self.rflags =
+            (r.rflags & (flags::WRITABLE | flags::VM | flags::VIF | flags::VIP)) | flags::FIXED;
+    }
+
+    pub fn sregs(&self) -> SRegs {
+        SRegs {
+            es: self.seg[sreg::ES],
+            cs: self.seg[sreg::CS],
+            ss: self.seg[sreg::SS],
+            ds: self.seg[sreg::DS],
+            fs: self.seg[sreg::FS],
+            gs: self.seg[sreg::GS],
+            tr: self.tr,
+            ldt: self.ldtr,
+            gdt: self.gdtr,
+            idt: self.idtr,
+            cr0: self.cr0,
+            cr2: self.cr2,
+            cr3: self.cr3,
+            cr4: self.cr4,
+            cr8: self.cr8,
+            efer: self.efer,
+        }
+    }
+
+    pub fn set_sregs(&mut self, s: &SRegs) {
+        self.seg = [s.es, s.cs, s.ss, s.ds, s.fs, s.gs];
+        self.tr = s.tr;
+        self.ldtr = s.ldt;
+        self.gdtr = s.gdt;
+        self.idtr = s.idt;
+        self.cr0 = s.cr0 | vcpu::cr0::ET;
+        self.cr2 = s.cr2;
+        self.cr3 = s.cr3;
+        self.cr4 = s.cr4;
+        self.cr8 = s.cr8 & 0xf;
+        self.efer = s.efer;
+        self.tlb_flush(true);
+        self.mode_changed();
+    }
+
+    /// Memory may have been changed outside the CPU (by the VMM between two
+    /// `run`s): decoded instructions are checked against memory before use.
+    pub fn note_external_writes(&mut self) {
+        self.code.new_epoch();
+    }
+
+    /// When the local device will next raise an interrupt by itself.
+    pub fn local_deadline(&self) -> Option<Instant> {
+        self.local.as_ref().and_then(|l| l.deadline())
+    }
+
+    /// Whether interrupts are enabled (RFLAGS.IF).
+    pub fn interrupts_enabled(&self) -> bool {
+        self.rflags & flags::IF != 0
+    }
+
+    /// The buffer of the last exit: the bytes to fill for `IoIn`/`MmioRead`,
+    /// the bytes written for `IoOut`/`MmioWrite`.
+    pub fn exit_data(&mut self) -> &mut [u8] {
+        let (output, start, len) = self.xfer;
+        let buf = if output {
+            &mut self.out
+        } else {
+            &mut self.replay
+        };
+        let end = (start + len).min(buf.len());
+        &mut buf[start.min(end)..end]
+    }
+
+    /// Recomputes what depends on CR0, CR4, EFER, CS and the CPL.
+    pub(crate) fn mode_changed(&mut self) {
+        let cs = &self.seg[sreg::CS];
+        let lma = self.efer & vcpu::efer::LMA != 0;
+        self.long64 = lma && cs.l;
+        self.bits = if self.long64 {
+            64
+        } else if cs.db {
+            32
+        } else {
+            16
+        };
+        self.cpl = if self.cr0 & vcpu::cr0::PE == 0 {
+            0
+        } else if self.rflags & flags::VM != 0 {
+            3
+        } else {
+            cs.dpl & 3
+        };
+        let user = self.cpl == 3;
+        self.acc_r = if user { mmu::A_R_U } else { mmu::A_R_S };
+        self.acc_w = if user { mmu::A_W_U } else { mmu::A_W_S };
+        self.acc_x = if user { mmu::A_X_U } else { mmu::A_X_S };
+        self.code.reset_fetch();
+    }
+
+    /// Runs up to `budget` instructions.
+    pub fn run(&mut self, budget: u64) -> CpuExit {
+        if let Some(e) = self.next_output() {
+            return e;
+        }
+        if self.msr_waiting {
+            self.msr_waiting = false;
+            self.replay.push(self.msr_fault);
+            self.replay.extend_from_slice(&self.msr_data.to_le_bytes());
+        }
+        if let Some(l) = self.local.as_mut() {
+            self.irq_ready = l.poll();
+        }
+        // Exceptions count against the budget too: a guest whose handlers
+        // fault forever must still come back.
+        let mut left = budget;
+        loop {
+            let blocked = self.inhibit;
+            self.inhibit = false;
+            if self.irq_ready && !blocked && self.rflags & flags::IF != 0 {
+                if let Some(e) = self.take_interrupt() {
+                    return e;
+                }
+            }
+            if self.halted {
+                return CpuExit::Hlt;
+            }
+            if left == 0 {
+                return CpuExit::Budget;
+            }
+            left -= 1;
+            match self.step() {
+                Ok(()) => {
+                    self.retired += 1;
+                    if self.io_touched {
+                        self.io_touched = false;
+                        self.replay.clear();
+                        self.replay_pos = 0;
+                        if let Some(e) = self.next_output() {
+                            return e;
+                        }
+                    }
+                }
+                Err(Stop::Exc(v, code)) => {
+                    self.inhibit = false;
+                    self.end_instruction_io();
+                    if !self.exception(v, code) {
+                        return self.shutdown_or_unimplemented();
+                    }
+                }
+                Err(Stop::Exit) => {
+                    // Output of the aborted instruction is void; inputs stay
+                    // for the replay.
+                    self.out.clear();
+                    self.out_queue.clear();
+                    self.out_next = 0;
+                    self.io_touched = false;
+                    self.replay_pos = 0;
+                    self.inhibit = blocked;
+                    return self.take_pending();
+                }
+            }
+        }
+    }
+
+    fn shutdown_or_unimplemented(&mut self) -> CpuExit {
+        match std::mem::replace(&mut self.pending, Pending::None) {
+            Pending::Unimplemented(s) => CpuExit::Unimplemented(s),
+            _ => CpuExit::Shutdown,
+        }
+    }
+
+    /// The next queued output, if any.
+    fn next_output(&mut self) -> Option<CpuExit> {
+        if self.out_next < self.out_queue.len() {
+            let (e, start, len) = self.out_queue[self.out_next].clone();
+            self.out_next += 1;
+            self.xfer = (true, start, len);
+            return Some(e);
+        }
+        if !self.out_queue.is_empty() {
+            self.out_queue.clear();
+            self.out.clear();
+            self.out_next = 0;
+        }
+        None
+    }
+
+    fn take_pending(&mut self) -> CpuExit {
+        match std::mem::replace(&mut self.pending, Pending::None) {
+            Pending::Input { exit, start, len } => {
+                self.xfer = (false, start, len);
+                exit
+            }
+            Pending::Msr(exit) => {
+                self.msr_waiting = true;
+                self.msr_data = 0;
+                self.msr_fault = 0;
+                exit
+            }
+            Pending::Unimplemented(s) => CpuExit::Unimplemented(s),
+            Pending::None => CpuExit::Unimplemented("internal: exit without a reason".into()),
+        }
+    }
+
+    /// An instruction ended (completed or faulted): its inputs are consumed.
+    fn end_instruction_io(&mut self) {
+        if self.io_touched {
+            self.io_touched = false;
+            self.replay.clear();
+            self.replay_pos = 0;
+            // Output of a faulting instruction is dropped (the queue is empty
+            // when an instruction starts).
+            self.out.clear();
+            self.out_queue.clear();
+            self.out_next = 0;
+        }
+    }
+
+    /// Forgets a half-executed instruction (the VMM moved RIP).
+    fn abandon_instruction(&mut self) {
+        self.replay.clear();
+        self.replay_pos = 0;
+        self.msr_waiting = false;
+        self.pending = Pending::None;
+    }
+
+    /// Records that the guest needs something not implemented, and stops.
+    pub(crate) fn unimplemented<T>(&mut self, what: String) -> R<T> {
+        self.pending = Pending::Unimplemented(what);
+        Err(Stop::Exit)
+    }
+
+    /// Takes `buf.len()` bytes of input of the current instruction: replayed if
+    /// already received, else the instruction is aborted with `exit`.
+    pub(crate) fn input(&mut self, exit: CpuExit, buf: &mut [u8]) -> R<()> {
+        self.io_touched = true;
+        let n = buf.len();
+        if self.replay_pos + n <= self.replay.len() {
+            buf.copy_from_slice(&self.replay[self.replay_pos..self.replay_pos + n]);
+            self.replay_pos += n;
+            return Ok(());
+        }
+        let start = self.replay_pos;
+        self.replay.truncate(start);
+        self.replay.resize(start + n, 0xff);
+        self.pending = Pending::Input {
+            exit,
+            start,
+            len: n,
+        };
+        Err(Stop::Exit)
+    }
+
+    /// Queues output of the current instruction (handed out once it completes).
+    pub(crate) fn output(&mut self, exit: CpuExit, data: &[u8]) {
+        self.io_touched = true;
+        let start = self.out.len();
+        self.out.extend_from_slice(data);
+        self.out_queue.push((exit, start, data.len()));
+    }
+
+    /// Asks the VMM about an MSR: replays the answer, else aborts with `exit`.
+    /// Returns the value (reads) or Ok for an accepted write; #GP if refused.
+    pub(crate) fn msr_exit(&mut self, exit: CpuExit) -> R<u64> {
+        self.io_touched = true;
+        if self.replay_pos + 9 <= self.replay.len() {
+            let fault = self.replay[self.replay_pos];
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&self.replay[self.replay_pos + 1..self.replay_pos + 9]);
+            self.replay_pos += 9;
+            if fault != 0 {
+                return exc_code(vector::GP, 0);
+            }
+            return Ok(u64::from_le_bytes(b));
+        }
+        self.replay.truncate(self.replay_pos);
+        self.pending = Pending::Msr(exit);
+        Err(Stop::Exit)
+    }
+}
+
+#[cfg(test)]
+mod tests;

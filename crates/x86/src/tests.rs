@@ -1,0 +1,689 @@
+//! Unit tests of the CPU: tiny programs assembled with iced-x86, run on 16 MiB
+//! of guest RAM.
+
+use iced_x86::code_asm::*;
+use vcpu::{DescriptorTable, Regs, SRegs, Segment};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::{flags, Cpu, CpuExit, CpuidTable, PhysMem};
+
+const CODE: u64 = 0x10_0000;
+const STACK: u64 = 0x8_0000;
+const IDT: u64 = 0x8000;
+const GDT: u64 = 0x9000;
+const TSS: u64 = 0xa000;
+const PML4: u64 = 0x20_0000;
+const HANDLER: u64 = 0x18_0000;
+const KSTACK: u64 = 0x7_0000;
+
+struct T {
+    cpu: Cpu,
+    mem: GuestMemoryMmap<()>,
+}
+
+fn asm(bits: u32, at: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bits).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(at).unwrap()
+}
+
+fn gdt_entry(flags: u64, base: u64, limit: u64) -> u64 {
+    ((base & 0xff00_0000) << 32)
+        | ((flags & 0xf0ff) << 40)
+        | ((limit & 0xf_0000) << 32)
+        | ((base & 0x00ff_ffff) << 16)
+        | (limit & 0xffff)
+}
+
+impl T {
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    /// 64-bit mode, CPL 0, paging: 0..16 MiB identity-mapped with 2 MiB user
+    /// pages, plus kernel and user segments, a TSS and an empty IDT.
+    fn long(code: &[u8]) -> T {
+        let mem = Self::mem();
+        let w = |v: u64, a: u64| mem.write_obj(v, GuestAddress(a)).unwrap();
+        // GDT: 0x10 kernel code64, 0x18 kernel data, 0x20 (STAR base), 0x28
+        // user data, 0x30 user code64, 0x38 TSS (16 bytes), 0x48 code32.
+        let entries = [
+            0,
+            0,
+            gdt_entry(0xa09b, 0, 0xfffff),
+            gdt_entry(0xc093, 0, 0xfffff),
+            0,
+            gdt_entry(0xc0f3, 0, 0xfffff),
+            gdt_entry(0xa0fb, 0, 0xfffff),
+            gdt_entry(0x0089, TSS, 0x67),
+            0,
+            gdt_entry(0xc09b, 0, 0xfffff),
+        ];
+        for (k, e) in entries.iter().enumerate() {
+            w(*e, GDT + 8 * k as u64);
+        }
+        w(KSTACK, TSS + 4); // RSP0
+        w(0x6_0000, TSS + 0x24); // IST1
+        w((PML4 + 0x1000) | 7, PML4);
+        w((PML4 + 0x2000) | 7, PML4 + 0x1000);
+        for k in 0..8u64 {
+            w((k << 21) | 0x87, PML4 + 0x2000 + 8 * k);
+        }
+        mem.write_slice(code, GuestAddress(CODE)).unwrap();
+        let mut cpu = Cpu::new(PhysMem::new(&mem), CpuidTable::software_cpu(false, None));
+        let data = Segment::flat(0x18, false, false, true);
+        let sregs = SRegs {
+            cs: Segment::flat(0x10, true, true, false),
+            ds: data,
+            es: data,
+            fs: data,
+            gs: data,
+            ss: data,
+            tr: Segment::tss(0x38, TSS, 0x67),
+            ldt: Segment {
+                unusable: true,
+                ..Default::default()
+            },
+            gdt: DescriptorTable {
+                base: GDT,
+                limit: (entries.len() * 8 - 1) as u16,
+            },
+            idt: DescriptorTable {
+                base: IDT,
+                limit: 256 * 16 - 1,
+            },
+            cr0: 0x8005_0033,
+            cr3: PML4,
+            cr4: 0x6a0,
+            efer: 0xd01,
+            ..Default::default()
+        };
+        cpu.set_sregs(&sregs);
+        cpu.set_regs(&Regs {
+            rip: CODE,
+            rsp: STACK,
+            rflags: 2,
+            ..Default::default()
+        });
+        T { cpu, mem }
+    }
+
+    /// Installs a 64-bit gate (type 0xe interrupt, 0xf trap) for `v`.
+    fn gate(&self, v: u64, handler: u64, dpl: u64, ist: u64) {
+        let lo = (handler & 0xffff)
+            | (0x10 << 16)
+            | (ist << 32)
+            | ((0x8e00 | (dpl << 13)) << 32)
+            | ((handler >> 16 & 0xffff) << 48);
+        self.mem.write_obj(lo, GuestAddress(IDT + v * 16)).unwrap();
+        self.mem
+            .write_obj(handler >> 32, GuestAddress(IDT + v * 16 + 8))
+            .unwrap();
+    }
+
+    fn code_at(&self, at: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) {
+        let c = asm(64, at, f);
+        self.mem.write_slice(&c, GuestAddress(at)).unwrap();
+    }
+
+    fn run(&mut self) -> CpuExit {
+        self.cpu.note_external_writes();
+        loop {
+            match self.cpu.run(10_000_000) {
+                CpuExit::Budget => continue,
+                e => return e,
+            }
+        }
+    }
+
+    fn read(&self, a: u64) -> u64 {
+        self.mem.read_obj(GuestAddress(a)).unwrap()
+    }
+}
+
+fn long(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> T {
+    T::long(&asm(64, CODE, f))
+}
+
+#[test]
+fn arithmetic_and_flags() {
+    let mut t = long(|a| {
+        a.mov(rax, u64::MAX)?;
+        a.add(rax, 1)?; // CF, ZF
+        a.pushfq()?;
+        a.pop(r8)?;
+        a.mov(eax, 0x7fff_ffffu32)?;
+        a.add(eax, 1)?; // OF, SF
+        a.pushfq()?;
+        a.pop(r9)?;
+        a.mov(rbx, 10u64)?;
+        a.stc()?;
+        a.adc(rbx, 5)?; // 16
+        a.mov(rcx, 3u64)?;
+        a.stc()?;
+        a.sbb(rcx, 5)?; // -3
+        a.mov(rax, 0x1_0000_0000u64)?;
+        a.mov(rdx, 0u64)?;
+        a.mov(rsi, 7u64)?;
+        a.div(rsi)?; // rax = 0x24924924, rdx = 4
+        a.mov(r10, rax)?;
+        a.mov(r11, rdx)?;
+        a.mov(rax, -100i64)?;
+        a.cqo()?;
+        a.mov(rsi, 7u64)?;
+        a.idiv(rsi)?; // -14 r -2
+        a.mov(r12, rax)?;
+        a.mov(r13, rdx)?;
+        a.mov(rax, 0x8000_0000_0000_0000u64)?;
+        a.mov(rsi, 2u64)?;
+        a.mul(rsi)?; // rdx = 1, rax = 0, CF
+        a.mov(r14, rdx)?;
+        a.mov(eax, 0x1234u32)?;
+        a.bsr(r15d, eax)?; // 12
+        a.mov(edi, 0xf0u32)?;
+        a.bt(edi, 4)?;
+        a.setc(dil)?; // edi low byte = 1
+        a.rol(eax, 4)?;
+        a.hlt()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.r8 & (flags::CF | flags::ZF), flags::CF | flags::ZF);
+    assert_eq!(
+        r.r9 & (flags::OF | flags::SF | flags::CF),
+        flags::OF | flags::SF
+    );
+    assert_eq!(r.rbx, 16);
+    assert_eq!(r.rcx, (-3i64) as u64);
+    assert_eq!((r.r10, r.r11), (0x2492_4924, 4));
+    assert_eq!((r.r12, r.r13), ((-14i64) as u64, (-2i64) as u64));
+    assert_eq!(r.r14, 1);
+    assert_eq!(r.r15, 12);
+    assert_eq!(r.rdi & 0xff, 1);
+    assert_eq!(r.rax, 0x12340);
+}
+
+#[test]
+fn divide_error_reaches_the_guest_handler() {
+    let mut t = long(|a| {
+        a.xor(ecx, ecx)?;
+        a.mov(eax, 5u32)?;
+        a.div(ecx)?;
+        a.hlt()
+    });
+    t.gate(0, HANDLER, 0, 0);
+    t.code_at(HANDLER, |a| {
+        a.mov(r15, qword_ptr(rsp))?; // faulting RIP
+        a.mov(r14, 0xdeu64)?;
+        a.hlt()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.r14, 0xde);
+    assert_eq!(r.r15, CODE + 2 + 5, "#DE is a fault: RIP of the DIV");
+}
+
+#[test]
+fn strings_and_exchanges() {
+    let mut t = long(|a| {
+        // memmove backwards with DF=1.
+        a.mov(rsi, 0x30_0000u64 + 7)?;
+        a.mov(rdi, 0x30_0000u64 + 9)?;
+        a.mov(ecx, 8u32)?;
+        a.std()?;
+        a.rep().movsb()?;
+        a.cld()?;
+        // repe cmpsb stops at the first difference.
+        a.mov(rsi, 0x30_0100u64)?;
+        a.mov(rdi, 0x30_1000u64)?;
+        a.mov(ecx, 100u32)?;
+        a.repe().cmpsb()?;
+        a.mov(r8, rcx)?;
+        // repne scasb finds a byte.
+        a.mov(rdi, 0x30_1000u64)?;
+        a.mov(al, 0x33)?;
+        a.mov(ecx, 100u32)?;
+        a.repne().scasb()?;
+        a.mov(r9, rdi)?;
+        // rep stosq.
+        a.mov(rdi, 0x30_2000u64)?;
+        a.mov(rax, 0x1122_3344_5566_7788u64)?;
+        a.mov(ecx, 4u32)?;
+        a.rep().stosq()?;
+        // cmpxchg and xadd.
+        a.mov(rbx, 0x30_3000u64)?;
+        a.mov(qword_ptr(rbx), 5)?;
+        a.mov(eax, 5u32)?;
+        a.mov(ecx, 9u32)?;
+        a.lock().cmpxchg(qword_ptr(rbx), rcx)?;
+        a.setz(r10b)?;
+        a.mov(edx, 3u32)?;
+        a.lock().xadd(qword_ptr(rbx), rdx)?;
+        a.mov(r11, qword_ptr(rbx))?; // 12
+        a.mov(r12, rdx)?; // 9
+        a.hlt()
+    });
+    t.mem
+        .write_slice(b"0123456789abcdef", GuestAddress(0x30_0000))
+        .unwrap();
+    t.mem
+        .write_slice(b"012345x789abcdef", GuestAddress(0x30_1000))
+        .unwrap();
+    t.mem
+        .write_slice(b"0123456789abcdef", GuestAddress(0x30_0100))
+        .unwrap();
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    let mut b = [0u8; 16];
+    t.mem.read_slice(&mut b, GuestAddress(0x30_0000)).unwrap();
+    assert_eq!(&b, b"0101234567abcdef");
+    assert_eq!(r.r8, 100 - 7, "repe cmpsb stopped after the 7th byte");
+    assert_eq!(r.r9, 0x30_1000 + 4);
+    assert_eq!(t.read(0x30_2018), 0x1122_3344_5566_7788);
+    assert_eq!(r.r10 & 0xff, 1);
+    assert_eq!((r.r11, r.r12), (12, 9));
+}
+
+#[test]
+fn page_fault_error_codes_and_accessed_dirty_bits() {
+    // A 4 KiB page table for 0x40_0000..: page 0 read-only, page 1 absent,
+    // page 2 writable.
+    let pt = 0x21_0000u64;
+    let mut t = long(|a| {
+        a.mov(rbx, 0x40_0000u64)?;
+        a.mov(rax, qword_ptr(rbx))?; // read: sets A
+        a.mov(qword_ptr(rbx + 0x2000), rax)?; // write: sets A and D
+        a.mov(qword_ptr(rbx), rax)?; // #PF: present, write, supervisor (WP)
+        a.hlt()
+    });
+    t.mem
+        .write_obj(pt | 7, GuestAddress(PML4 + 0x2000 + 16))
+        .unwrap();
+    t.mem.write_obj(0x50_0000u64 | 5, GuestAddress(pt)).unwrap();
+    t.mem
+        .write_obj(0x50_2000u64 | 7, GuestAddress(pt + 16))
+        .unwrap();
+    t.gate(14, HANDLER, 0, 0);
+    t.code_at(HANDLER, |a| {
+        a.pop(r14)?;
+        a.mov(r15, cr2)?;
+        a.hlt()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.r14, 3, "present | write");
+    assert_eq!(r.r15, 0x40_0000);
+    assert_eq!(t.read(pt) & 0x60, 0x20, "accessed, not dirty");
+    assert_eq!(t.read(pt + 16) & 0x60, 0x60, "accessed and dirty");
+    assert_eq!(t.read(0x50_2000), 0);
+}
+
+/// SYSCALL/SYSRET and an interrupt gate from CPL 3 with the stack switch
+/// through TSS.RSP0; a privileged instruction at CPL 3 raises #GP.
+#[test]
+fn user_mode_syscall_int_and_gp() {
+    const USER: u64 = 0x14_0000;
+    const ENTRY: u64 = 0x15_0000;
+    let mut t = T::long(&[]);
+    // Fix the TSS descriptor type to available for LTR.
+    t.mem
+        .write_obj(gdt_entry(0x0089, TSS, 0x67), GuestAddress(GDT + 0x38))
+        .unwrap();
+    t.code_at(USER, |a| {
+        a.mov(r8, 1u64)?;
+        a.syscall()?;
+        a.mov(r9, 2u64)?;
+        a.int(0x80)?;
+        a.mov(r10, 3u64)?;
+        a.cli()?; // #GP at CPL 3 (IOPL 0)
+        a.hlt()
+    });
+    t.code_at(ENTRY, |a| {
+        a.mov(r12, rcx)?; // return address
+        a.pushfq()?;
+        a.pop(r13)?;
+        a.sysretq()
+    });
+    t.gate(0x80, HANDLER, 3, 0);
+    t.code_at(HANDLER, |a| {
+        a.mov(rax, qword_ptr(rsp + 8))?; // CS
+        a.mov(rbx, qword_ptr(rsp + 32))?; // SS
+        a.mov(rdx, rsp)?;
+        a.iretq()
+    });
+    t.gate(13, HANDLER + 0x100, 0, 1);
+    t.code_at(HANDLER + 0x100, |a| {
+        a.pop(rsi)?; // error code
+        a.mov(rdi, rsp)?;
+        a.hlt()
+    });
+    let code = asm(64, CODE, |a| {
+        a.mov(ecx, 0xc000_0081u32)?;
+        a.xor(eax, eax)?;
+        a.mov(edx, 0x0020_0010u32)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0082u32)?;
+        a.mov(eax, ENTRY as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0084u32)?;
+        a.mov(eax, 0x200u32)?;
+        a.wrmsr()?;
+        a.mov(ax, 0x38)?;
+        a.ltr(ax)?;
+        a.mov(rcx, USER)?;
+        a.mov(r11d, 0x202u32)?;
+        a.mov(rsp, 0x9_0000u64)?;
+        a.sysretq()
+    });
+    t.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!((r.r8, r.r9, r.r10), (1, 2, 3));
+    assert_eq!(r.r12, USER + 10 + 2, "RCX = the instruction after SYSCALL");
+    assert_eq!(r.r13 & flags::IF, 0, "FMASK cleared IF");
+    assert_eq!(r.rax, 0x33, "user CS on the interrupt frame");
+    assert_eq!(r.rbx, 0x2b, "user SS on the interrupt frame");
+    assert_eq!(r.rdx, KSTACK - 40, "stack switched to RSP0");
+    assert_eq!(r.rsi, 0, "#GP(0)");
+    assert_eq!(r.rdi, 0x6_0000 - 40, "IST1 stack");
+    assert_eq!(t.cpu.cpl, 0);
+    assert_eq!(
+        t.read(GDT + 0x38) >> 40 & 0xf,
+        0xb,
+        "LTR marked the TSS busy"
+    );
+}
+
+#[test]
+fn self_modifying_code_is_seen() {
+    let mut t = long(|a| {
+        let mut l = a.create_label();
+        a.mov(ecx, 3u32)?;
+        a.set_label(&mut l)?;
+        a.mov(eax, 1u32)?; // imm32 patched below
+        a.add(ebx, eax)?;
+        a.mov(dword_ptr(CODE + 5 + 1), 10)?; // patch the imm32
+        a.dec(ecx)?;
+        a.jnz(l)?;
+        a.hlt()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt);
+    assert_eq!(t.cpu.regs().rbx, 1 + 10 + 10);
+}
+
+#[test]
+fn mmio_read_modify_write_restarts_cleanly() {
+    let mut t = long(|a| {
+        a.mov(rbx, 0xd000_0000u64)?;
+        a.mov(eax, 5u32)?;
+        a.add(dword_ptr(rbx + 4), eax)?;
+        a.mov(ecx, dword_ptr(rbx))?;
+        a.hlt()
+    });
+    // The MMIO hole needs identity mapping: 1 GiB pages for 3..4 GiB.
+    t.mem
+        .write_obj((3u64 << 30) | 0x83, GuestAddress(PML4 + 0x1000 + 24))
+        .unwrap();
+    assert_eq!(t.run(), CpuExit::MmioRead { addr: 0xd000_0004 });
+    assert_eq!(t.cpu.exit_data().len(), 4);
+    t.cpu.exit_data().copy_from_slice(&100u32.to_le_bytes());
+    assert_eq!(t.run(), CpuExit::MmioWrite { addr: 0xd000_0004 });
+    assert_eq!(t.cpu.exit_data(), &105u32.to_le_bytes());
+    assert_eq!(t.run(), CpuExit::MmioRead { addr: 0xd000_0000 });
+    t.cpu.exit_data().copy_from_slice(&7u32.to_le_bytes());
+    assert_eq!(t.run(), CpuExit::Hlt);
+    assert_eq!(t.cpu.regs().rcx, 7);
+    assert_eq!(t.cpu.retired, 5);
+}
+
+#[test]
+fn unimplemented_and_invalid_instructions() {
+    let mut t = long(|a| {
+        a.nop()?;
+        a.fsin()
+    });
+    assert_eq!(
+        t.run(),
+        CpuExit::Unimplemented(format!("unimplemented instruction fsin at {:#x}", CODE + 1))
+    );
+    // Garbage: #UD with no handler (IDT limit 0) ends in a triple fault.
+    let mut t = T::long(&[0x0f, 0x0b]);
+    let mut s = t.cpu.sregs();
+    s.idt.limit = 0;
+    t.cpu.set_sregs(&s);
+    assert_eq!(t.run(), CpuExit::Shutdown);
+    // An invalid encoding goes to the guest's #UD handler.
+    let mut t = T::long(&[0x0f, 0xff, 0xff]);
+    t.gate(6, HANDLER, 0, 0);
+    t.code_at(HANDLER, |a| {
+        a.mov(r15, 0x6u64)?;
+        a.hlt()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt);
+    assert_eq!(t.cpu.regs().r15, 6);
+}
+
+#[test]
+fn ports_and_msr_exits() {
+    let mut t = long(|a| {
+        a.mov(dx, 0x3f8)?;
+        a.in_(al, dx)?;
+        a.mov(bl, al)?;
+        a.out(dx, al)?;
+        a.mov(ecx, 0x4000_0200u32)?;
+        a.rdmsr()?;
+        a.mov(r8, rax)?;
+        a.wrmsr()?; // refused: #GP
+        a.hlt()
+    });
+    t.gate(13, HANDLER, 0, 0);
+    t.code_at(HANDLER, |a| {
+        a.mov(r15, 0x13u64)?;
+        a.hlt()
+    });
+    assert_eq!(
+        t.run(),
+        CpuExit::IoIn {
+            port: 0x3f8,
+            size: 1,
+            count: 1
+        }
+    );
+    t.cpu.exit_data()[0] = 0x5a;
+    assert_eq!(
+        t.run(),
+        CpuExit::IoOut {
+            port: 0x3f8,
+            size: 1,
+            count: 1
+        }
+    );
+    assert_eq!(t.cpu.exit_data(), &[0x5a]);
+    assert_eq!(t.run(), CpuExit::MsrRead { index: 0x4000_0200 });
+    t.cpu.msr_data = 0x1234_5678_9abc;
+    assert!(matches!(
+        t.run(),
+        CpuExit::MsrWrite {
+            index: 0x4000_0200,
+            ..
+        }
+    ));
+    t.cpu.msr_fault = 1;
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.rbx & 0xff, 0x5a);
+    assert_eq!(r.r8, 0x5678_9abc);
+    assert_eq!(r.rdx, 0x1234);
+    assert_eq!(r.r15, 0x13, "refused WRMSR raised #GP");
+}
+
+#[test]
+fn protected_mode_32_bit() {
+    let mem = T::mem();
+    let code = asm(32, CODE, |a| {
+        a.mov(eax, 0x1000u32)?;
+        a.push(eax)?;
+        a.pop(ebx)?;
+        a.lea(ecx, dword_ptr(ebx + ebx * 2 + 4))?;
+        a.mov(dword_ptr(0x20_0000), ecx)?;
+        a.call(CODE + 0x40)?;
+        a.hlt()
+    });
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    let sub = asm(32, CODE + 0x40, |a| {
+        a.mov(edx, 0x77u32)?;
+        a.ret()
+    });
+    mem.write_slice(&sub, GuestAddress(CODE + 0x40)).unwrap();
+    let mut cpu = Cpu::new(PhysMem::new(&mem), CpuidTable::software_cpu(false, None));
+    let data = Segment::flat(0x18, false, false, true);
+    cpu.set_sregs(&SRegs {
+        cs: Segment::flat(0x08, true, false, true),
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        cr0: 0x11,
+        ..Default::default()
+    });
+    cpu.set_regs(&Regs {
+        rip: CODE,
+        rsp: STACK,
+        rflags: 2,
+        ..Default::default()
+    });
+    let mut t = T { cpu, mem };
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.rcx, 0x3004);
+    assert_eq!(r.rdx, 0x77);
+    assert_eq!(r.rsp, STACK);
+    assert_eq!(t.read(0x20_0000) & 0xffff_ffff, 0x3004);
+}
+
+/// A local device that raises vector 0x40 once.
+struct OneShot(bool);
+
+impl crate::Local for OneShot {
+    fn claims(&self, _: u64) -> bool {
+        false
+    }
+    fn read(&mut self, _: u64, _: &mut [u8]) {}
+    fn write(&mut self, _: u64, _: &[u8]) {}
+    fn poll(&mut self) -> bool {
+        self.0
+    }
+    fn pending(&self) -> bool {
+        self.0
+    }
+    fn ack(&mut self) -> Option<u8> {
+        std::mem::take(&mut self.0).then_some(0x40)
+    }
+}
+
+#[test]
+fn sti_hlt_wakes_on_interrupt() {
+    let mut t = long(|a| {
+        a.sti()?;
+        a.hlt()?;
+        a.mov(r8, 8u64)?;
+        a.cli()?;
+        a.hlt()
+    });
+    t.gate(0x40, HANDLER, 0, 0);
+    t.code_at(HANDLER, |a| {
+        a.mov(r9, qword_ptr(rsp))?;
+        a.iretq()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt, "no interrupt yet");
+    t.cpu.local = Some(Box::new(OneShot(true)));
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.r9, CODE + 2, "interrupted after HLT");
+    assert_eq!(r.r8, 8);
+}
+
+/// Instructions per second of a tight loop (printed; run with --release for a
+/// meaningful number).
+#[test]
+fn tight_loop_speed() {
+    let n = 5_000_000u32;
+    let mut t = long(|a| {
+        let mut l = a.create_label();
+        a.mov(ecx, n)?;
+        a.xor(eax, eax)?;
+        a.set_label(&mut l)?;
+        a.add(rax, rcx)?;
+        a.dec(ecx)?;
+        a.jnz(l)?;
+        a.hlt()
+    });
+    let start = std::time::Instant::now();
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let dt = start.elapsed();
+    let insns = t.cpu.retired;
+    assert_eq!(insns, 3 + 3 * n as u64);
+    assert_eq!(t.cpu.regs().rax, (n as u64) * (n as u64 + 1) / 2);
+    eprintln!(
+        "tight loop: {insns} instructions in {dt:?}: {:.1} M instructions/s",
+        insns as f64 / dt.as_secs_f64() / 1e6
+    );
+}
+
+/// Garbage bytes (a hostile guest) never panic the CPU: random code with
+/// exception handlers that skip one byte and continue, exits answered with
+/// zeros, for a bounded number of steps.
+#[test]
+fn garbage_never_panics() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..200 {
+        let mut code = vec![0u8; 4096];
+        for b in code.iter_mut() {
+            *b = next() as u8;
+        }
+        // Bias towards 64-bit ALU/memory forms now and then.
+        if round % 3 == 0 {
+            for k in (0..4096).step_by(7) {
+                code[k] = 0x48;
+            }
+        }
+        let mut t = T::long(&code);
+        for v in 0..32u64 {
+            let with_code = matches!(v, 8 | 10..=14 | 17);
+            let h = HANDLER + v * 32;
+            t.gate(v, h, 0, 0);
+            t.code_at(h, |a| {
+                if with_code {
+                    a.add(rsp, 8)?;
+                }
+                a.add(qword_ptr(rsp), 1)?;
+                a.iretq()
+            });
+        }
+        let mut r = t.cpu.regs();
+        r.rax = next();
+        r.rbx = next() & 0xff_ffff;
+        r.rsi = 0x30_0000;
+        r.rdi = 0x30_1000;
+        r.rcx = next() & 0xffff;
+        t.cpu.set_regs(&r);
+        for _ in 0..200 {
+            match t.cpu.run(500) {
+                CpuExit::Shutdown | CpuExit::Unimplemented(_) | CpuExit::Hlt => break,
+                _ => {
+                    for b in t.cpu.exit_data() {
+                        *b = 0;
+                    }
+                }
+            }
+        }
+    }
+}
