@@ -102,7 +102,7 @@ def main():
                     " cryptomgr.notests")
     visor = os.path.join(ROOT, "target/release/visor")
     mem_mb = a.mem.rstrip("M")
-    qemu = ["qemu-system-x86_64", "-M", "microvm", "-m", mem_mb, "-display", "none",
+    qemu = ["qemu-system-x86_64", "-M", "microvm,pit=on,rtc=on", "-m", mem_mb, "-display", "none",
             "-nodefaults", "-no-reboot", "-serial", "stdio", "-kernel", kernel,
             "-initrd", initrd, "-append", CMDLINE]
     wanted = a.runners.split(",")
