@@ -9,7 +9,7 @@ runs on engine kvm; QEMU runs `-M microvm` with TCG always and with KVM when it
 boots (each line says which). Needs Debian's linux-image-amd64, busybox-static and
 qemu-system-x86 (installed when missing).
 """
-import argparse, glob, os, shutil, statistics, struct, subprocess, sys, time
+import argparse, glob, os, select, shutil, statistics, struct, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "out")
@@ -50,24 +50,21 @@ def boot(cmd, timeout):
     """Seconds from start until the marker appears, or None."""
     start = time.monotonic()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL)
+                         stderr=subprocess.STDOUT)
+    fd = p.stdout.fileno()
     buf = b""
     found = None
-    os.set_blocking(p.stdout.fileno(), False)
-    while time.monotonic() - start < timeout:
-        try:
-            chunk = p.stdout.read()
-        except BlockingIOError:
-            chunk = None
-        if chunk:
-            buf += chunk
-            if MARKER in buf:
-                found = time.monotonic() - start
-                break
-        elif p.poll() is not None:
+    while (left := timeout - (time.monotonic() - start)) > 0:
+        ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
             break
-        else:
-            time.sleep(0.005)
+        buf += chunk
+        if MARKER in buf:
+            found = time.monotonic() - start
+            break
     p.kill()
     p.wait()
     return found
