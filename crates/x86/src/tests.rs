@@ -605,10 +605,10 @@ fn sti_hlt_wakes_on_interrupt() {
     assert_eq!(r.r8, 8);
 }
 
-/// Instructions per second of a tight loop (printed; run with --release for a
-/// meaningful number).
+/// A long tight loop retires exactly the instructions it executes and computes
+/// the right sum (speed is measured by benchmarks, not here).
 #[test]
-fn tight_loop_speed() {
+fn tight_loop_retires_every_instruction() {
     let n = 5_000_000u32;
     let mut t = long(|a| {
         let mut l = a.create_label();
@@ -620,16 +620,9 @@ fn tight_loop_speed() {
         a.jnz(l)?;
         a.hlt()
     });
-    let start = std::time::Instant::now();
     assert_eq!(t.run(), CpuExit::Hlt);
-    let dt = start.elapsed();
-    let insns = t.cpu.retired;
-    assert_eq!(insns, 3 + 3 * n as u64);
+    assert_eq!(t.cpu.retired, 3 + 3 * n as u64);
     assert_eq!(t.cpu.regs().rax, (n as u64) * (n as u64 + 1) / 2);
-    eprintln!(
-        "tight loop: {insns} instructions in {dt:?}: {:.1} M instructions/s",
-        insns as f64 / dt.as_secs_f64() / 1e6
-    );
 }
 
 /// Garbage bytes (a hostile guest) never panic the CPU: random code with
