@@ -116,18 +116,15 @@ def main():
           f"{a.runs} runs each, mem {a.mem}")
     medians = {}
     for name, cmd in runners:
-        times = []
-        for _ in range(a.runs):
-            t = boot(cmd, a.timeout)
-            if t is None:
-                break
-            times.append(t)
-        if len(times) == a.runs:
+        times = [t for t in (boot(cmd, a.timeout) for _ in range(a.runs)) if t is not None]
+        missed = a.runs - len(times)
+        note = f", {missed} of {a.runs} runs did not reach the marker within {a.timeout:.0f} s" if missed else ""
+        if times:
             medians[name] = statistics.median(times)
             print(f"{name:<22} median {medians[name]:8.3f} s  "
-                  f"(min {min(times):.3f}, max {max(times):.3f})")
+                  f"(min {min(times):.3f}, max {max(times):.3f}{note})")
         else:
-            print(f"{name:<22} did not reach the marker within {a.timeout:.0f} s")
+            print(f"{name:<22} no run reached the marker within {a.timeout:.0f} s")
     v = medians.get("visor (engine kvm)")
     for peer in ("qemu microvm (kvm)", "qemu microvm (tcg)"):
         if v is not None and peer in medians:
