@@ -29,4 +29,7 @@ pub mod exit_status {
     pub const GUEST_FAILURE: i32 = 6;
     /// `--timeout` expired while the guest ran (register dump on stderr).
     pub const TIMEOUT: i32 = 8;
+    /// The guest executed a valid instruction the engine does not implement
+    /// (`unimplemented instruction <mnemonic> at <rip>` on stderr).
+    pub const UNIMPLEMENTED: i32 = 10;
 }

@@ -23,6 +23,12 @@ pub enum Outcome {
     TripleFault { regs: Box<Regs>, sregs: Box<SRegs> },
     /// The run was stopped from outside (`--timeout`) before the guest stopped.
     TimedOut { regs: Box<Regs>, sregs: Box<SRegs> },
+    /// The guest executed an instruction the engine does not implement.
+    Unimplemented {
+        what: String,
+        regs: Box<Regs>,
+        sregs: Box<SRegs>,
+    },
     /// The engine failed to enter or run the guest.
     GuestFailure {
         what: String,
@@ -40,6 +46,7 @@ impl Outcome {
             Outcome::TripleFault { .. } => TRIPLE_FAULT,
             Outcome::GuestFailure { .. } => GUEST_FAILURE,
             Outcome::TimedOut { .. } => TIMEOUT,
+            Outcome::Unimplemented { .. } => UNIMPLEMENTED,
         }
     }
 
@@ -57,7 +64,9 @@ impl Outcome {
                 format!("guest halted with nothing to wake it (rip={:#x})", regs.rip)
             }
             Outcome::TripleFault { .. } => "guest triple-faulted (shutdown)".into(),
-            Outcome::GuestFailure { what, .. } => what.clone(),
+            Outcome::GuestFailure { what, .. } | Outcome::Unimplemented { what, .. } => {
+                what.clone()
+            }
             Outcome::TimedOut { regs, .. } => {
                 format!(
                     "timed out: the guest was still running at rip={:#x}",
@@ -301,6 +310,13 @@ impl Vm {
                         "engine {} could not enter the guest (hardware entry failure reason {reason:#x})",
                         self.engine
                     ))?)
+                }
+                VcpuExit::Unimplemented { what } => {
+                    stop = Some(Outcome::Unimplemented {
+                        what,
+                        regs: Box::new(self.vcpu.regs()?),
+                        sregs: Box::new(self.vcpu.sregs()?),
+                    })
                 }
                 VcpuExit::Other { reason } => {
                     let what = format!("engine {} stopped the guest: {reason}", self.engine);

@@ -407,3 +407,28 @@ fn multiboot_info() {
     );
     assert_eq!(stdout(&o), expected);
 }
+
+/// A valid instruction the software CPU does not implement ends the run with
+/// one clear line and its own status.
+#[test]
+fn unimplemented_instruction_on_emu() {
+    let code = asm(64, 0x20_0000, |a| {
+        a.fninit()?;
+        a.fsin()?;
+        a.hlt()
+    });
+    let (_d, p) = tmp("fsin.elf", &elf64_image(0x20_0000, &code));
+    let o = visor(&["run", s(&p), "--engine", "emu"]);
+    assert_eq!(
+        o.status.code(),
+        Some(visor::exit_status::UNIMPLEMENTED),
+        "{}",
+        stderr(&o)
+    );
+    let err = stderr(&o);
+    assert_eq!(
+        err.lines().next(),
+        Some("visor: unimplemented instruction fsin at 0x200002"),
+        "{err}"
+    );
+}

@@ -209,7 +209,7 @@ impl Vcpu for EmuVcpu {
             CpuExit::Hlt => VcpuExit::Hlt,
             CpuExit::Shutdown => VcpuExit::Shutdown,
             CpuExit::Budget => VcpuExit::Interrupted,
-            CpuExit::Unimplemented(reason) => VcpuExit::Other { reason },
+            CpuExit::Unimplemented(what) => VcpuExit::Unimplemented { what },
         })
     }
 

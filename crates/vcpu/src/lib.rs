@@ -178,6 +178,9 @@ pub enum VcpuExit<'a> {
     FailEntry { reason: u64 },
     /// The engine returned without a guest event (signal, immediate exit).
     Interrupted,
+    /// The guest executed a valid instruction the engine does not implement;
+    /// `what` reads `unimplemented instruction <mnemonic> at <rip>`.
+    Unimplemented { what: String },
     /// An exit the engine has no portable name for.
     Other { reason: String },
 }
@@ -196,6 +199,7 @@ impl VcpuExit<'_> {
             VcpuExit::Shutdown => "shutdown",
             VcpuExit::FailEntry { .. } => "fail_entry",
             VcpuExit::Interrupted => "interrupted",
+            VcpuExit::Unimplemented { .. } => "unimplemented",
             VcpuExit::Other { .. } => "other",
         }
     }
