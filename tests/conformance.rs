@@ -311,8 +311,9 @@ fn cpuid(engine: Engine) {
     assert_ne!(r.r12 & (1 << 0), 0, "FPU in leaf 1 EDX");
 }
 
-/// Writes a 64-bit interrupt gate for `vector` to the IDT at IDT.
-fn set_gate(g: &Guest, vector: u64, handler: u64) {
+/// Writes a 64-bit interrupt gate for `vector` to the IDT at IDT and loads
+/// IDTR with that table.
+fn set_gate(g: &mut Guest, vector: u64, handler: u64) {
     let lo: u64 = (handler & 0xffff)
         | ((abi::SEL_CODE64 as u64) << 16)
         | (0x8e00u64 << 32)
@@ -324,6 +325,12 @@ fn set_gate(g: &Guest, vector: u64, handler: u64) {
     g.vm.mem
         .write_obj(hi, GuestAddress(IDT + vector * 16 + 8))
         .unwrap();
+    let mut s = g.vm.vcpu.sregs().unwrap();
+    s.idt = DescriptorTable {
+        base: IDT,
+        limit: 256 * 16 - 1,
+    };
+    g.vm.vcpu.set_sregs(&s).unwrap();
 }
 
 fn guest_page_fault(engine: Engine) {
@@ -353,13 +360,7 @@ fn guest_page_fault(engine: Engine) {
     main.extend_from_slice(&r.assemble(RESUME).unwrap());
 
     let mut g = Guest::long_mode(engine, &main);
-    set_gate(&g, 14, HANDLER);
-    let mut s = g.vm.vcpu.sregs().unwrap();
-    s.idt = DescriptorTable {
-        base: IDT,
-        limit: 256 * 16 - 1,
-    };
-    g.vm.vcpu.set_sregs(&s).unwrap();
+    set_gate(&mut g, 14, HANDLER);
     assert_halted(&g.run());
     let r = g.regs();
     assert_eq!(r.r15, UNMAPPED, "CR2 holds the faulting address");
@@ -387,13 +388,7 @@ fn int3_breakpoint(engine: Engine) {
     h.iretq().unwrap();
     code.extend_from_slice(&h.assemble(HANDLER).unwrap());
     let mut g = Guest::long_mode(engine, &code);
-    set_gate(&g, 3, HANDLER);
-    let mut s = g.vm.vcpu.sregs().unwrap();
-    s.idt = DescriptorTable {
-        base: IDT,
-        limit: 256 * 16 - 1,
-    };
-    g.vm.vcpu.set_sregs(&s).unwrap();
+    set_gate(&mut g, 3, HANDLER);
     assert_halted(&g.run());
     let r = g.regs();
     assert_eq!(r.r15, after_int3, "#BP pushes the address after INT3");

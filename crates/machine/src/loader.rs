@@ -290,6 +290,30 @@ fn segments_range(layout: &MemoryLayout, segs: &[Segment]) -> Result<(u64, u64),
     Ok((lo, hi))
 }
 
+/// Checks an ELF64 file's segments against guest memory, loads them (with
+/// linux-loader) and returns (entry, lowest, highest) physical addresses.
+fn load_elf64_segments(
+    mem: &GuestMemory,
+    layout: &MemoryLayout,
+    image: &[u8],
+) -> Result<(u64, u64, u64), LoadError> {
+    let (entry, segs) = elf_segments(image, true)?;
+    let (lo, hi) = segments_range(layout, &segs)?;
+    if !(lo..hi).contains(&entry) {
+        return Err(LoadError::InvalidElf(format!(
+            "entry point {entry:#x} is outside the loaded segments {lo:#x}..{hi:#x}"
+        )));
+    }
+    Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(image),
+        Some(GuestAddress(KERNEL_MIN_ADDR)),
+    )
+    .map_err(|e| LoadError::InvalidElf(e.to_string()))?;
+    Ok((entry, lo, hi))
+}
+
 fn load_elf64(
     mem: &GuestMemory,
     layout: &MemoryLayout,
@@ -307,20 +331,7 @@ fn load_elf64(
             "not a little-endian x86-64 ELF64 file".into(),
         ));
     }
-    let (entry, segs) = elf_segments(image, true)?;
-    let (lo, hi) = segments_range(layout, &segs)?;
-    if !(lo..hi).contains(&entry) {
-        return Err(LoadError::InvalidElf(format!(
-            "entry point {entry:#x} is outside the loaded segments {lo:#x}..{hi:#x}"
-        )));
-    }
-    Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(KERNEL_MIN_ADDR)),
-    )
-    .map_err(|e| LoadError::InvalidElf(e.to_string()))?;
+    let (entry, lo, hi) = load_elf64_segments(mem, layout, image)?;
 
     let cmdline = opts.cmdline.unwrap_or("").to_string();
     write_cmdline(mem, &cmdline, BOOT_CMDLINE_MAX)?;
@@ -631,20 +642,7 @@ fn load_vmlinux(
     image: &[u8],
     opts: &BootOptions,
 ) -> Result<Loaded, LoadError> {
-    let (entry, segs) = elf_segments(image, true)?;
-    let (lo, hi) = segments_range(layout, &segs)?;
-    if !(lo..hi).contains(&entry) {
-        return Err(LoadError::InvalidElf(format!(
-            "vmlinux entry {entry:#x} is outside its segments {lo:#x}..{hi:#x}"
-        )));
-    }
-    Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(KERNEL_MIN_ADDR)),
-    )
-    .map_err(|e| LoadError::InvalidElf(e.to_string()))?;
+    let (entry, _lo, hi) = load_elf64_segments(mem, layout, image)?;
     let hdr = linux_loader::loader::bootparam::setup_header {
         boot_flag: 0xaa55,
         header: 0x5372_6448,
