@@ -1170,6 +1170,26 @@ impl Cpu {
         Ok(())
     }
 
+    /// Selector and offset of a far JMP/CALL with an immediate pointer.
+    fn far_immediate(i: &Instruction) -> (u16, u64) {
+        let off = if i.op0_kind() == OpKind::FarBranch16 {
+            i.far_branch16() as u64
+        } else {
+            i.far_branch32() as u64
+        };
+        (i.far_branch_selector(), off)
+    }
+
+    /// Selector and offset of a far JMP/CALL through a memory pointer
+    /// (m16:16, m16:32 or m16:64: the offset, then the 2-byte selector).
+    fn far_pointer(&mut self, i: &Instruction) -> R<(u16, u64)> {
+        let osz = i.memory_size().size() - 2;
+        let l = self.mem_lin(i)?;
+        let off = self.rd(l, osz)?;
+        let sel = self.rd(l.wrapping_add(osz as u64), 2)? as u16;
+        Ok((sel, off))
+    }
+
     fn jmp(&mut self, i: &Instruction) -> R<()> {
         match i.op0_kind() {
             OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
@@ -1177,23 +1197,12 @@ impl Cpu {
                 Ok(())
             }
             OpKind::FarBranch16 | OpKind::FarBranch32 => {
-                let off = if i.op0_kind() == OpKind::FarBranch16 {
-                    i.far_branch16() as u64
-                } else {
-                    i.far_branch32() as u64
-                };
-                self.far_jump(i.far_branch_selector(), off, false)
+                let (sel, off) = Self::far_immediate(i);
+                self.far_jump(sel, off, false)
             }
             _ => match i.code() {
                 Code::Jmp_m1616 | Code::Jmp_m1632 | Code::Jmp_m1664 => {
-                    let osz = match i.code() {
-                        Code::Jmp_m1616 => 2,
-                        Code::Jmp_m1632 => 4,
-                        _ => 8,
-                    };
-                    let l = self.mem_lin(i)?;
-                    let off = self.rd(l, osz)?;
-                    let sel = self.rd(l.wrapping_add(osz as u64), 2)? as u16;
+                    let (sel, off) = self.far_pointer(i)?;
                     self.far_jump(sel, off, false)
                 }
                 _ => {
@@ -1214,23 +1223,12 @@ impl Cpu {
                 Ok(())
             }
             OpKind::FarBranch16 | OpKind::FarBranch32 => {
-                let off = if i.op0_kind() == OpKind::FarBranch16 {
-                    i.far_branch16() as u64
-                } else {
-                    i.far_branch32() as u64
-                };
-                self.far_jump(i.far_branch_selector(), off, true)
+                let (sel, off) = Self::far_immediate(i);
+                self.far_jump(sel, off, true)
             }
             _ => match i.code() {
                 Code::Call_m1616 | Code::Call_m1632 | Code::Call_m1664 => {
-                    let osz = match i.code() {
-                        Code::Call_m1616 => 2,
-                        Code::Call_m1632 => 4,
-                        _ => 8,
-                    };
-                    let l = self.mem_lin(i)?;
-                    let off = self.rd(l, osz)?;
-                    let sel = self.rd(l.wrapping_add(osz as u64), 2)? as u16;
+                    let (sel, off) = self.far_pointer(i)?;
                     self.far_jump(sel, off, true)
                 }
                 _ => {

@@ -680,3 +680,43 @@ fn garbage_never_panics() {
         }
     }
 }
+
+/// Far JMP and far CALL through an m16:32 pointer in memory: the offset, then
+/// the selector; the far CALL pushes CS and the return RIP.
+#[test]
+fn far_jmp_and_call_through_memory() {
+    const PTR: u64 = CODE + 0x800;
+    const T1: u64 = CODE + 0x400;
+    const T2: u64 = CODE + 0x500;
+    let mut t = long(|a| {
+        a.mov(rbx, PTR)?;
+        a.jmp(fword_ptr(rbx))?;
+        a.hlt()
+    });
+    let sel = t.cpu.sregs().cs.selector;
+    let t1 = asm(64, T1, |a| {
+        a.mov(r8, 1u64)?;
+        a.mov(rbx, PTR + 8)?;
+        a.call(fword_ptr(rbx))?;
+        a.hlt()
+    });
+    t.mem.write_slice(&t1, GuestAddress(T1)).unwrap();
+    t.code_at(T2, |a| {
+        a.mov(r9, qword_ptr(rsp))?;
+        a.mov(r10, qword_ptr(rsp + 8))?;
+        a.hlt()
+    });
+    for (at, target) in [(PTR, T1), (PTR + 8, T2)] {
+        t.mem.write_obj(target as u32, GuestAddress(at)).unwrap();
+        t.mem.write_obj(sel, GuestAddress(at + 4)).unwrap();
+    }
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.r8, 1, "the far JMP reached T1");
+    assert_eq!(
+        r.r9,
+        T1 + t1.len() as u64 - 1,
+        "return RIP: the HLT after the CALL"
+    );
+    assert_eq!(r.r10 & 0xffff, sel as u64, "CS pushed");
+}
