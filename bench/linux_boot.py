@@ -89,15 +89,16 @@ def main():
     if a.kernel == "vmlinux":
         kernel = os.path.join(OUT, "vmlinux")
         extract_vmlinux(bz, kernel)
-    global CMDLINE
-    if os.path.exists("/sys/module/kvm_pvm"):
-        # What visor's kvm engine adds on PVM hosts (crates/kvm, linux_parameters);
-        # the same command line for every runner.
-        CMDLINE += (" noxsave nopcid noinvpcid nofsgsbase"
-                    " clearcpuid=129,137,141,147,148,151,153,158,306,308,534"
-                    " initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init"
-                    " cryptomgr.notests")
     visor = os.path.join(ROOT, "target/release/visor")
+    # The Linux parameters visor's kvm engine adds on this host (PVM needs some,
+    # see README), as `visor engines` lists them; the same command line for
+    # every runner.
+    global CMDLINE
+    prefix = "linux parameters for kvm here: "
+    for line in subprocess.run([visor, "engines"], check=True, capture_output=True,
+                               text=True).stdout.splitlines():
+        if line.startswith(prefix):
+            CMDLINE += " " + line[len(prefix):]
     mem_mb = a.mem.rstrip("M")
     # QEMU boots the bzImage: microvm's PVH entry for a bare vmlinux hangs in
     # TSC calibration. The kernel inside is the same.

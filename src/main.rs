@@ -89,6 +89,12 @@ fn engines() {
         };
         println!("{:<8} {:<12} {}", e.name(), avail, e.design());
     }
+    for &e in Engine::ALL {
+        let params = e.linux_parameters();
+        if !params.is_empty() {
+            println!("linux parameters for {e} here: {}", params.join(" "));
+        }
+    }
 }
 
 fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>, String> {

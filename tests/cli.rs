@@ -182,6 +182,11 @@ fn engines_lists_kvm() {
     assert_eq!(o.status.code(), Some(0));
     let out = stdout(&o);
     assert!(out.lines().any(|l| l.starts_with("kvm ")), "{out}");
+    let params = visor::Engine::Kvm.linux_parameters();
+    if !params.is_empty() {
+        let line = format!("linux parameters for kvm here: {}", params.join(" "));
+        assert!(out.lines().any(|l| l == line), "{out}");
+    }
     let o = visor_env(&["engines"], &[("VISOR_KVM_DEVICE", "/nonexistent/kvm")]);
     assert!(stdout(&o).contains("no (/nonexistent/kvm does not exist"));
 }
