@@ -89,7 +89,6 @@ pub struct Hypercalls {
     pub advertised: bool,
     page: Option<u64>,
     stub: fn(u32) -> [u8; STUB_SIZE],
-    trap_table: Vec<TrapInfo>,
     console: Box<dyn Write + Send>,
     timer: Option<Timer>,
     /// The calls made, by number.
@@ -137,7 +136,6 @@ impl Hypercalls {
             advertised,
             page: None,
             stub,
-            trap_table: Vec::new(),
             console,
             timer: None,
             counts: [0; nr::COUNT as usize],
@@ -357,7 +355,6 @@ impl Hypercalls {
             limit: 0xfff,
         };
         ctx.vcpu.set_sregs(&s)?;
-        self.trap_table = entries;
         Ok(0)
     }
 
