@@ -13,6 +13,9 @@ pub enum Engine {
     /// No virtualization: visor's software CPU runs the guest at its real
     /// privilege (baseline and oracle).
     Emu,
+    /// Trap-and-emulate: the guest kernel runs deprivileged on the software
+    /// CPU, privileged instructions trap to the VMM, shadow page tables.
+    Trap,
 }
 
 /// Engine-independent VM options.
@@ -22,12 +25,15 @@ pub struct VmOptions {
     /// one, HLT returns to the VMM.
     pub irqchip: bool,
     /// Advertise visor's paravirtual interface (CPUID leaves 0x4000_0000..,
-    /// hypercall page MSR); `--no-pv` turns it off.
+    /// hypercall page MSR); `--no-pv` turns it off. The `trap` engine never
+    /// does: its guest does not know it is virtualized.
     pub pv: bool,
+    /// What the `trap` engine does with virtualization holes.
+    pub holes: visor_deprivileged::HolePolicy,
 }
 
 impl Engine {
-    pub const ALL: &'static [Engine] = &[Engine::Kvm, Engine::Emu];
+    pub const ALL: &'static [Engine] = &[Engine::Kvm, Engine::Emu, Engine::Trap];
     /// The engines `--engine auto` chooses from, best first: the software CPU
     /// where KVM cannot run.
     pub const AUTO: &'static [Engine] = &[Engine::Kvm, Engine::Emu];
@@ -36,6 +42,7 @@ impl Engine {
         match self {
             Engine::Kvm => "kvm",
             Engine::Emu => "emu",
+            Engine::Trap => "trap",
         }
     }
 
@@ -43,6 +50,7 @@ impl Engine {
         match self {
             Engine::Kvm => "hardware-assisted (VT-x/AMD-V through Linux KVM)",
             Engine::Emu => "software CPU, guest at its real privilege (baseline, oracle)",
+            Engine::Trap => "trap-and-emulate: deprivileged guest kernel, shadow page tables",
         }
     }
 
@@ -54,7 +62,7 @@ impl Engine {
     pub fn unavailable_reason(self) -> Option<String> {
         match self {
             Engine::Kvm => visor_kvm::unavailable_reason(),
-            Engine::Emu => None,
+            Engine::Emu | Engine::Trap => None,
         }
     }
 
@@ -63,7 +71,7 @@ impl Engine {
         match self {
             // The VMM loop turns OUT to the hypercall port into a hypercall on
             // every engine.
-            Engine::Kvm | Engine::Emu => hypercall::port_io_stub,
+            Engine::Kvm | Engine::Emu | Engine::Trap => hypercall::port_io_stub,
         }
     }
 
@@ -71,7 +79,7 @@ impl Engine {
     pub fn linux_parameters(self) -> &'static [&'static str] {
         match self {
             Engine::Kvm => visor_kvm::linux_parameters(),
-            Engine::Emu => &[],
+            Engine::Emu | Engine::Trap => &[],
         }
     }
 
@@ -105,6 +113,13 @@ impl Engine {
                 visor_emu::EmuConfig {
                     irqchip: opts.irqchip,
                     pv_signature: opts.pv.then_some(hypercall::SIGNATURE),
+                },
+            )?)),
+            Engine::Trap => Ok(Box::new(visor_deprivileged::TrapVm::new(
+                mem,
+                visor_deprivileged::TrapConfig {
+                    irqchip: opts.irqchip,
+                    holes: opts.holes,
                 },
             )?)),
         }

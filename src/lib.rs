@@ -11,6 +11,7 @@ pub mod vmm;
 
 pub use engine::{Engine, VmOptions};
 pub use stats::Stats;
+pub use visor_deprivileged::HolePolicy;
 pub use vmm::{Outcome, Vm};
 
 /// The demo guest embedded in the binary (guest/demo, built by build.rs).

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use machine::devices::{IrqTrigger, Platform};
 use machine::loader::{self, BootOptions, Initrd, KernelKind};
 use machine::MemoryLayout;
-use visor::{exit_status, Engine, Stats, Vm, VmOptions};
+use visor::{exit_status, Engine, HolePolicy, Stats, Vm, VmOptions};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +56,14 @@ struct RunArgs {
     /// Write the statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
+    /// Engine trap: end the run at the first virtualization hole (a sensitive
+    /// instruction that ran deprivileged without trapping), with an explanation.
+    #[arg(long)]
+    strict_holes: bool,
+    /// Engine trap: model an x86 where the sensitive unprivileged instructions
+    /// trap too, and emulate them.
+    #[arg(long, conflicts_with = "strict_holes")]
+    trap_sensitive: bool,
 }
 
 fn main() -> ExitCode {
@@ -177,6 +185,13 @@ fn run(args: RunArgs) -> Result<i32, String> {
     let opts = VmOptions {
         irqchip: true,
         pv: !args.no_pv,
+        holes: if args.strict_holes {
+            HolePolicy::Strict
+        } else if args.trap_sensitive {
+            HolePolicy::Trap
+        } else {
+            HolePolicy::Report
+        },
     };
     let mut vm = Vm::with_memory(engine, layout, mem, opts)?;
     vm.set_cpu_state(&loaded.cpu.regs, &loaded.cpu.sregs)

@@ -491,6 +491,7 @@ fn hypercalls(engine: Engine) {
         VmOptions {
             irqchip: false,
             pv: true,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -86,6 +86,53 @@ impl EmuVm {
     }
 }
 
+/// The engine-contract exit of a CPU exit that needs the VMM: port I/O, MMIO,
+/// MSRs, HLT, shutdown, unimplemented. Intercepted events (which an engine
+/// handles itself) become an internal-error `Unimplemented`.
+pub fn vcpu_exit(cpu: &mut Cpu, exit: CpuExit) -> VcpuExit<'_> {
+    match exit {
+        CpuExit::IoIn { port, size, .. } => VcpuExit::IoIn {
+            port,
+            size,
+            data: cpu.exit_data(),
+        },
+        CpuExit::IoOut { port, size, .. } => VcpuExit::IoOut {
+            port,
+            size,
+            data: cpu.exit_data(),
+        },
+        CpuExit::MmioRead { addr } => VcpuExit::MmioRead {
+            addr,
+            data: cpu.exit_data(),
+        },
+        CpuExit::MmioWrite { addr } => VcpuExit::MmioWrite {
+            addr,
+            data: cpu.exit_data(),
+        },
+        CpuExit::MsrRead { index } => VcpuExit::MsrRead {
+            index,
+            data: &mut cpu.msr_data,
+            fault: &mut cpu.msr_fault,
+        },
+        CpuExit::MsrWrite { index, value } => VcpuExit::MsrWrite {
+            index,
+            value,
+            fault: &mut cpu.msr_fault,
+        },
+        CpuExit::Hlt => VcpuExit::Hlt,
+        CpuExit::Shutdown => VcpuExit::Shutdown,
+        CpuExit::Budget => VcpuExit::Interrupted,
+        CpuExit::Unimplemented(what) => VcpuExit::Unimplemented { what },
+        e @ (CpuExit::Exception { .. }
+        | CpuExit::SoftInt { .. }
+        | CpuExit::Syscall { .. }
+        | CpuExit::Interrupt
+        | CpuExit::Sensitive { .. }) => VcpuExit::Unimplemented {
+            what: format!("internal: intercepted event {e:?} reached the VMM"),
+        },
+    }
+}
+
 /// A fixed interrupt with one vector to vCPU 0.
 struct VectorLine {
     lines: Arc<Lines>,
@@ -177,40 +224,7 @@ impl Vcpu for EmuVcpu {
                 e => break e,
             }
         };
-        Ok(match exit {
-            CpuExit::IoIn { port, size, .. } => VcpuExit::IoIn {
-                port,
-                size,
-                data: self.cpu.exit_data(),
-            },
-            CpuExit::IoOut { port, size, .. } => VcpuExit::IoOut {
-                port,
-                size,
-                data: self.cpu.exit_data(),
-            },
-            CpuExit::MmioRead { addr } => VcpuExit::MmioRead {
-                addr,
-                data: self.cpu.exit_data(),
-            },
-            CpuExit::MmioWrite { addr } => VcpuExit::MmioWrite {
-                addr,
-                data: self.cpu.exit_data(),
-            },
-            CpuExit::MsrRead { index } => VcpuExit::MsrRead {
-                index,
-                data: &mut self.cpu.msr_data,
-                fault: &mut self.cpu.msr_fault,
-            },
-            CpuExit::MsrWrite { index, value } => VcpuExit::MsrWrite {
-                index,
-                value,
-                fault: &mut self.cpu.msr_fault,
-            },
-            CpuExit::Hlt => VcpuExit::Hlt,
-            CpuExit::Shutdown => VcpuExit::Shutdown,
-            CpuExit::Budget => VcpuExit::Interrupted,
-            CpuExit::Unimplemented(what) => VcpuExit::Unimplemented { what },
-        })
+        Ok(vcpu_exit(&mut self.cpu, exit))
     }
 
     fn regs(&self) -> Result<Regs> {

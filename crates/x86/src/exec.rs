@@ -316,7 +316,7 @@ impl Cpu {
     }
 
     pub(crate) fn require_cpl0(&self) -> R<()> {
-        if self.cpl != 0 {
+        if self.cpl != 0 && !self.grant {
             return exc_code(vector::GP, 0);
         }
         Ok(())
@@ -342,6 +342,12 @@ impl Cpu {
             eprintln!("emu: {:#x} {:?} rsp={:#x}", self.rip, i.code(), self.gpr[4]);
         }
         self.next_rip = i.next_ip() & self.ip_mask();
+        if self.intercepts.sensitive && (self.cpl == 1 || self.cpl == 2) && !self.sensitive_ok {
+            if let Some(mnemonic) = crate::intercept::sensitive(&i) {
+                let next_rip = self.next_rip;
+                return self.event_exit(CpuExit::Sensitive { mnemonic, next_rip });
+            }
+        }
         self.exec(&i)?;
         self.rip = self.next_rip;
         Ok(())
@@ -1387,7 +1393,7 @@ impl Cpu {
     /// Checks port access rights: CPL <= IOPL, else the TSS I/O bitmap.
     fn io_check(&mut self, port: u16, sz: usize) -> R<()> {
         let pe = self.cr0 & vcpu::cr0::PE != 0;
-        if !pe || (self.cpl <= self.iopl() && self.rflags & VM == 0) {
+        if !pe || self.grant || (self.cpl <= self.iopl() && self.rflags & VM == 0) {
             return Ok(());
         }
         let tr = self.tr;

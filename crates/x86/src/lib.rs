@@ -23,6 +23,7 @@ mod cpuid;
 mod decode;
 mod exec;
 mod fpu;
+mod intercept;
 pub mod mem;
 mod mmu;
 mod system;
@@ -31,6 +32,7 @@ use std::time::Instant;
 
 pub use cpuid::CpuidTable;
 pub use fpu::Fpu;
+pub use intercept::{segment_from_descriptor, sensitive, Intercepts, IrqMode};
 pub use mem::PhysMem;
 use vcpu::{DescriptorTable, Regs, SRegs, Segment};
 
@@ -163,6 +165,23 @@ pub enum CpuExit {
     Budget,
     /// The guest needs something the CPU does not implement; one line says what.
     Unimplemented(String),
+    /// An exception whose vector is in `Intercepts::exceptions`, not delivered:
+    /// RIP is the faulting instruction (CR2 holds the address of a #PF).
+    Exception { vector: u8, code: Option<u32> },
+    /// INT n / INT3 / INTO / INT1 with `Intercepts::soft_int`, not executed:
+    /// RIP is the instruction, `next_rip` the one after it.
+    SoftInt { vector: u8, next_rip: u64 },
+    /// SYSCALL with `Intercepts::syscall`, not executed.
+    Syscall { next_rip: u64 },
+    /// An interrupt of the local device is ready (`IrqMode::Exit`); it is
+    /// still pending there.
+    Interrupt,
+    /// A sensitive unprivileged instruction at CPL 1 or 2 with
+    /// `Intercepts::sensitive`, not executed.
+    Sensitive {
+        mnemonic: &'static str,
+        next_rip: u64,
+    },
 }
 
 /// How an instruction stopped early.
@@ -220,6 +239,8 @@ pub(crate) enum Pending {
     /// An exit that needs the VMM's answer in `msr_data`/`msr_fault`.
     Msr(CpuExit),
     Unimplemented(String),
+    /// An intercepted event (no input to replay).
+    Event(CpuExit),
 }
 
 pub struct Cpu {
@@ -253,6 +274,12 @@ pub struct Cpu {
     pub halted: bool,
     /// Print every instruction (RIP, encoding name, RSP) on stderr.
     pub trace: bool,
+    /// Events handed to the engine instead of carried out.
+    pub intercepts: Intercepts,
+    /// CPL 0 rights for the current instruction (`grant_privilege_once`).
+    pub(crate) grant: bool,
+    /// No sensitive-instruction stop for the current instruction.
+    pub(crate) sensitive_ok: bool,
     /// An interrupt of `local` is ready (cached `local.pending()`).
     pub(crate) irq_ready: bool,
     /// STI/MOV SS shadow: no interrupt before the next instruction completes.
@@ -352,6 +379,9 @@ impl Cpu {
             msr_fault: 0,
             halted: false,
             trace: false,
+            intercepts: Intercepts::default(),
+            grant: false,
+            sensitive_ok: false,
             irq_ready: false,
             inhibit: false,
             cpl: 0,
@@ -536,8 +566,14 @@ impl Cpu {
             let blocked = self.inhibit;
             self.inhibit = false;
             if self.irq_ready && !blocked && self.rflags & flags::IF != 0 {
-                if let Some(e) = self.take_interrupt() {
-                    return e;
+                match self.intercepts.irq {
+                    IrqMode::Deliver => {
+                        if let Some(e) = self.take_interrupt() {
+                            return e;
+                        }
+                    }
+                    IrqMode::Exit => return CpuExit::Interrupt,
+                    IrqMode::Hold => {}
                 }
             }
             if self.halted {
@@ -550,6 +586,8 @@ impl Cpu {
             match self.step() {
                 Ok(()) => {
                     self.retired += 1;
+                    self.grant = false;
+                    self.sensitive_ok = false;
                     if self.io_touched {
                         self.io_touched = false;
                         self.replay.clear();
@@ -561,7 +599,12 @@ impl Cpu {
                 }
                 Err(Stop::Exc(v, code)) => {
                     self.inhibit = false;
+                    self.grant = false;
+                    self.sensitive_ok = false;
                     self.end_instruction_io();
+                    if self.intercepts.exceptions & (1 << v) != 0 {
+                        return CpuExit::Exception { vector: v, code };
+                    }
                     if !self.exception(v, code) {
                         return self.shutdown_or_unimplemented();
                     }
@@ -617,6 +660,7 @@ impl Cpu {
                 exit
             }
             Pending::Unimplemented(s) => CpuExit::Unimplemented(s),
+            Pending::Event(e) => e,
             Pending::None => CpuExit::Unimplemented("internal: exit without a reason".into()),
         }
     }

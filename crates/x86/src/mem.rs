@@ -15,6 +15,8 @@ struct Region {
 /// reference-counted), so the host mappings stay valid as long as this lives.
 pub struct PhysMem {
     _mem: GuestMemoryMmap<()>,
+    /// Engine-private memory added with [`PhysMem::add_private`].
+    _private: Vec<GuestMemoryMmap<()>>,
     regions: Vec<Region>,
     /// One past the highest RAM address.
     end: u64,
@@ -22,6 +24,17 @@ pub struct PhysMem {
 
 impl PhysMem {
     pub fn new(mem: &GuestMemoryMmap<()>) -> PhysMem {
+        let regions = Self::regions_of(mem);
+        let end = regions.iter().map(|r| r.start + r.len).max().unwrap_or(0);
+        PhysMem {
+            _mem: mem.clone(),
+            _private: Vec::new(),
+            regions,
+            end,
+        }
+    }
+
+    fn regions_of(mem: &GuestMemoryMmap<()>) -> Vec<Region> {
         let mut regions = Vec::new();
         for r in mem.iter() {
             if let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) {
@@ -33,12 +46,17 @@ impl PhysMem {
             }
         }
         regions.sort_by_key(|r| r.start);
-        let end = regions.iter().map(|r| r.start + r.len).max().unwrap_or(0);
-        PhysMem {
-            _mem: mem.clone(),
-            regions,
-            end,
-        }
+        regions
+    }
+
+    /// Adds memory that only the engine gives out (the `trap` engine's shadow
+    /// page tables): the CPU reaches it like RAM through page tables that map
+    /// it, but it is not part of the guest's RAM (`end` does not change). It
+    /// must not overlap the guest's RAM.
+    pub fn add_private(&mut self, mem: &GuestMemoryMmap<()>) {
+        self.regions.extend(Self::regions_of(mem));
+        self.regions.sort_by_key(|r| r.start);
+        self._private.push(mem.clone());
     }
 
     /// One past the highest RAM address.

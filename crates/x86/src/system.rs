@@ -556,6 +556,12 @@ impl Cpu {
     /// return address after the instruction.
     fn soft_int(&mut self, v: u8, soft: bool) -> R<()> {
         let ret = self.next_rip;
+        if self.intercepts.soft_int {
+            return self.event_exit(CpuExit::SoftInt {
+                vector: v,
+                next_rip: ret,
+            });
+        }
         let old_rip = self.rip;
         self.deliver(v, None, soft, ret, 0)?;
         // deliver() set rip/next_rip to the handler.
@@ -931,6 +937,10 @@ impl Cpu {
             M::Iret | M::Iretd | M::Iretq => self.iret(i),
             M::Retf => self.retf(i),
             M::Syscall => {
+                if self.intercepts.syscall {
+                    let next_rip = self.next_rip;
+                    return self.event_exit(CpuExit::Syscall { next_rip });
+                }
                 if self.efer & efer::SCE == 0 || !self.long_mode() {
                     return exc(vector::UD);
                 }
@@ -979,6 +989,9 @@ impl Cpu {
                 Ok(())
             }
             M::Cpuid => {
+                if self.intercepts.cpuid_faulting && self.cpl > 0 && !self.grant {
+                    return exc_code(vector::GP, 0);
+                }
                 let (a, b, c, d) = self.cpuid.query(self.gpr[0] as u32, self.gpr[1] as u32);
                 self.gpr[0] = a as u64;
                 self.gpr[3] = b as u64;
@@ -1119,7 +1132,9 @@ impl Cpu {
         let d = seg_from_desc(sel, raw);
         let rpl = (sel & 3) as u8;
         let conforming_code = d.s && d.type_ & 0xc == 0xc;
-        let visible = conforming_code || (d.dpl >= self.cpl && d.dpl >= rpl);
+        // A privilege grant (`grant_privilege_once`) checks as CPL 0.
+        let cpl = if self.grant { 0 } else { self.cpl };
+        let visible = conforming_code || (d.dpl >= cpl && d.dpl >= rpl);
         let ok = visible
             && match i.mnemonic() {
                 M::Verr => d.s && (d.type_ & 8 == 0 || d.type_ & 2 != 0),

@@ -1,0 +1,1269 @@
+//! Engine `trap`: classic trap-and-emulate.
+//!
+//! The guest kernel runs deprivileged at real CPL 1 on visor's software CPU.
+//! Every exception, software interrupt, SYSCALL and interrupt comes to this
+//! VMM first (the CPU's intercepts); a privileged instruction of the kernel
+//! faults with #GP and is emulated here on the virtual CPU state
+//! ([`crate::virt::Virt`]); everything else is reflected into the guest kernel
+//! through its own IDT. Memory is virtualized with shadow page tables
+//! ([`crate::shadow`]). The sensitive unprivileged instructions that do not
+//! fault at CPL 1 (Popek and Goldberg's problem with x86) are caught by the CPU
+//! and, by [`HolePolicy`], reported as virtualization holes, made fatal, or
+//! trapped and emulated as on a virtualizable x86.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iced_x86::{Code, Instruction, Mnemonic as M, OpKind, Register};
+use vcpu::{
+    cr0, cr4, efer, DescriptorTable, IrqLine, Regs, Result, SRegs, Segment, Vcpu, VcpuExit,
+};
+use visor_emu::{Lapic, Lines};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use x86::{flags, msr, sreg, vector, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
+
+use crate::shadow::Shadow;
+use crate::virt::{compress, decompress, null_stack, Guest, Virt};
+use crate::walk::{self, Acc, Fault, PHYS_BITS};
+
+const SLICE: u64 = 20_000;
+const MAX_RUN: Duration = Duration::from_millis(20);
+/// Engine-private memory (shadow page tables): above the guest's physical
+/// address width, so no guest page-table entry can name it.
+const PRIVATE_BASE: u64 = 1 << 47;
+const PRIVATE_PAGES: u64 = 4096;
+
+/// What the engine does when the deprivileged kernel executes a sensitive
+/// unprivileged instruction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HolePolicy {
+    /// Let it run (as on real x86), count it, and log its first occurrence
+    /// with what the guest saw versus what it would have seen at CPL 0.
+    #[default]
+    Report,
+    /// End the run at the first one, with the explanation (`--strict-holes`).
+    Strict,
+    /// Model a virtualizable x86 where they trap, and emulate them
+    /// (`--trap-sensitive`).
+    Trap,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrapConfig {
+    /// A local APIC in the engine (timer, vector lines); HLT waits for it.
+    pub irqchip: bool,
+    pub holes: HolePolicy,
+}
+
+pub struct TrapVm {
+    mem: GuestMemoryMmap<()>,
+    config: TrapConfig,
+    lines: Arc<Lines>,
+}
+
+impl TrapVm {
+    pub fn new(mem: &GuestMemoryMmap<()>, config: TrapConfig) -> Result<TrapVm> {
+        Ok(TrapVm {
+            mem: mem.clone(),
+            config,
+            lines: Arc::new(Lines::default()),
+        })
+    }
+
+    /// The CPUID the guest sees: the software CPU's, without visor's
+    /// paravirtual leaves (the guest is not told it is virtualized), with a
+    /// physical-address width that leaves room for the engine's memory.
+    pub fn cpuid(irqchip: bool, id: u32) -> CpuidTable {
+        let mut t = CpuidTable::software_cpu(irqchip, None);
+        let (a, b, c, d) = t.query(1, 0);
+        t.set(1, None, [a, (b & 0x00ff_ffff) | (id << 24), c, d]);
+        let (a, b, c, d) = t.query(0x8000_0008, 0);
+        t.set(0x8000_0008, None, [(a & !0xff) | PHYS_BITS, b, c, d]);
+        t
+    }
+
+    pub fn create_trap_vcpu(&mut self, id: u32) -> Result<TrapVcpu> {
+        let private = GuestMemoryMmap::<()>::from_ranges(&[(
+            GuestAddress(PRIVATE_BASE),
+            (PRIVATE_PAGES * 0x1000) as usize,
+        )])
+        .map_err(|e| vcpu::VcpuError::Engine(format!("trap engine memory: {e}")))?;
+        let mut mem = PhysMem::new(&self.mem);
+        if mem.end() > PRIVATE_BASE {
+            return Err(vcpu::VcpuError::Engine(
+                "guest memory overlaps the trap engine's private memory".into(),
+            ));
+        }
+        mem.add_private(&private);
+        let mut cpu = Cpu::new(mem, Self::cpuid(self.config.irqchip, id));
+        if self.config.irqchip {
+            cpu.local = Some(Box::new(Lapic::new(id, self.lines.clone())));
+        }
+        cpu.intercepts.exceptions = !0;
+        cpu.intercepts.soft_int = true;
+        cpu.intercepts.syscall = true;
+        cpu.intercepts.sensitive = true;
+        cpu.intercepts.cpuid_faulting = true;
+        cpu.intercepts.irq = IrqMode::Exit;
+        Ok(TrapVcpu {
+            g: Guest {
+                cpu,
+                v: Virt::default(),
+            },
+            shadow: Shadow::new(PRIVATE_BASE, PRIVATE_PAGES),
+            _private: private,
+            policy: self.config.holes,
+            irqchip: self.config.irqchip,
+            lines: self.lines.clone(),
+            last_interrupted: None,
+            halted: false,
+            c: Counters::default(),
+            pf_streak: (0, 0, 0),
+        })
+    }
+}
+
+struct VectorLine {
+    lines: Arc<Lines>,
+    vector: u8,
+}
+
+impl IrqLine for VectorLine {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.lines.raise(self.vector);
+        Ok(())
+    }
+}
+
+impl vcpu::Vm for TrapVm {
+    fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>> {
+        Ok(Box::new(self.create_trap_vcpu(id)?))
+    }
+
+    fn irq_line(&self, _gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
+        Ok(None)
+    }
+
+    fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
+        if !self.config.irqchip {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(VectorLine {
+            lines: self.lines.clone(),
+            vector,
+        })))
+    }
+}
+
+/// What the engine counts (`--stats`).
+#[derive(Default)]
+struct Counters {
+    traps: BTreeMap<&'static str, u64>,
+    holes: BTreeMap<&'static str, u64>,
+    page_faults: u64,
+    reflected_page_faults: u64,
+    interrupts: u64,
+    exceptions: u64,
+    soft_ints: u64,
+    syscalls: u64,
+}
+
+pub struct TrapVcpu {
+    g: Guest,
+    shadow: Shadow,
+    _private: GuestMemoryMmap<()>,
+    policy: HolePolicy,
+    irqchip: bool,
+    lines: Arc<Lines>,
+    last_interrupted: Option<Instant>,
+    /// The guest kernel executed HLT (emulated): waiting for an interrupt.
+    halted: bool,
+    c: Counters,
+    /// (rip, address, count) of consecutive shadow faults that were filled.
+    pf_streak: (u64, u64, u32),
+}
+
+/// How an emulated instruction ended.
+enum Done {
+    /// Completed: continue after it.
+    Next,
+    /// Let the CPU run it again with CPL 0 rights (port I/O, CPUID,
+    /// pass-through MSRs): its exits go to the VMM as usual.
+    Rerun,
+    /// The emulation set RIP itself.
+    Jumped,
+    /// HLT.
+    Halt,
+}
+
+fn mnemonic_name(m: M) -> &'static str {
+    match m {
+        M::Cli => "cli",
+        M::Sti => "sti",
+        M::Hlt => "hlt",
+        M::In => "in",
+        M::Out => "out",
+        M::Insb | M::Insw | M::Insd => "ins",
+        M::Outsb | M::Outsw | M::Outsd => "outs",
+        M::Cpuid => "cpuid",
+        M::Mov => "mov cr/dr/sreg",
+        M::Pop => "pop sreg",
+        M::Lgdt => "lgdt",
+        M::Lidt => "lidt",
+        M::Ltr => "ltr",
+        M::Lldt => "lldt",
+        M::Invlpg => "invlpg",
+        M::Rdmsr => "rdmsr",
+        M::Wrmsr => "wrmsr",
+        M::Swapgs => "swapgs",
+        M::Iretq => "iretq",
+        M::Sysretq => "sysretq",
+        M::Lmsw => "lmsw",
+        M::Clts => "clts",
+        M::Wbinvd => "wbinvd",
+        M::Invd => "invd",
+        M::Pushf | M::Pushfq | M::Pushfd => "pushf",
+        M::Popf | M::Popfq | M::Popfd => "popf",
+        M::Sgdt => "sgdt",
+        M::Sidt => "sidt",
+        M::Sldt => "sldt",
+        M::Str => "str",
+        M::Smsw => "smsw",
+        M::Lar => "lar",
+        M::Lsl => "lsl",
+        M::Verr => "verr",
+        M::Verw => "verw",
+        M::Push => "push sreg",
+        _ => "other",
+    }
+}
+
+fn canonical(a: u64) -> bool {
+    ((a as i64) << 16 >> 16) as u64 == a
+}
+
+fn sreg_index(r: Register) -> usize {
+    match r {
+        Register::ES => sreg::ES,
+        Register::CS => sreg::CS,
+        Register::SS => sreg::SS,
+        Register::DS => sreg::DS,
+        Register::FS => sreg::FS,
+        _ => sreg::GS,
+    }
+}
+
+impl TrapVcpu {
+    /// Reflects an event; a triple fault if that fails.
+    fn reflect(
+        &mut self,
+        v: u8,
+        code: Option<u32>,
+        ret: u64,
+        soft: bool,
+    ) -> Option<VcpuExit<'static>> {
+        if self.g.reflect(v, code, ret, soft) {
+            None
+        } else {
+            Some(VcpuExit::Shutdown)
+        }
+    }
+
+    fn reflect_fault(&mut self, f: Fault) -> Option<VcpuExit<'static>> {
+        if let Some(a) = f.cr2 {
+            self.g.v.cr2 = a;
+        }
+        let rip = self.g.cpu.rip;
+        self.reflect(f.vector, f.code, rip, false)
+    }
+
+    /// A #PF of the real CPU: a shadow miss to fill, or the guest's own fault.
+    fn page_fault(&mut self, code: u32) -> Option<VcpuExit<'static>> {
+        self.c.page_faults += 1;
+        let lin = self.g.cpu.cr2;
+        let user = code & 4 != 0;
+        let acc = if code & 16 != 0 {
+            Acc::Exec
+        } else if code & 2 != 0 {
+            Acc::Write
+        } else {
+            Acc::Read
+        };
+        let pg = self.g.v.paging();
+        match walk::walk(&mut self.g.cpu, pg, lin, acc, user) {
+            Ok(m) => {
+                let rip = self.g.cpu.rip;
+                let key = (rip, lin & !0xfff);
+                if (self.pf_streak.0, self.pf_streak.1) == key {
+                    self.pf_streak.2 += 1;
+                    if self.pf_streak.2 > 8 {
+                        return Some(VcpuExit::Other {
+                            reason: format!(
+                                "trap: shadow paging makes no progress at {rip:#x} (address {lin:#x}, error code {code:#x})"
+                            ),
+                        });
+                    }
+                } else {
+                    self.pf_streak = (key.0, key.1, 0);
+                }
+                let force_write = acc == Acc::Write && !user && !m.writable && !pg.wp;
+                self.shadow.map(&mut self.g.cpu, lin, &m, force_write);
+                None
+            }
+            Err(code) => {
+                self.c.reflected_page_faults += 1;
+                self.g.v.cr2 = lin;
+                let rip = self.g.cpu.rip;
+                self.reflect(vector::PF, Some(code), rip, false)
+            }
+        }
+    }
+
+    fn exception(&mut self, v: u8, code: Option<u32>) -> Option<VcpuExit<'static>> {
+        if v == vector::PF {
+            return self.page_fault(code.unwrap_or(0));
+        }
+        if v == vector::GP {
+            // A privileged instruction of the guest kernel (or CPUID, which
+            // faults at any CPL > 0 here).
+            let i = match self.g.cpu.current_instruction() {
+                Ok(i) => i,
+                Err((v2, c2)) => {
+                    let rip = self.g.cpu.rip;
+                    return self.reflect(v2, c2, rip, false);
+                }
+            };
+            let emulate = if self.g.vcpl() == 0 {
+                true
+            } else {
+                i.mnemonic() == M::Cpuid
+            };
+            if emulate {
+                if let Some(r) = self.emulate(&i) {
+                    return r;
+                }
+            }
+        }
+        self.c.exceptions += 1;
+        let rip = self.g.cpu.rip;
+        self.reflect(v, code, rip, false)
+    }
+
+    /// Emulates a faulting privileged instruction. `None` if it is not one
+    /// (the #GP is the guest's own and is reflected); else the exit, if any.
+    fn emulate(&mut self, i: &Instruction) -> Option<Option<VcpuExit<'static>>> {
+        let r = match self.emulate_insn(i) {
+            Ok(Some(d)) => d,
+            Ok(None) => return None,
+            Err(EmuErr::Fault(f)) => return Some(self.reflect_fault(f)),
+            Err(EmuErr::Unsupported(what)) => return Some(Some(VcpuExit::Unimplemented { what })),
+        };
+        *self.c.traps.entry(mnemonic_name(i.mnemonic())).or_default() += 1;
+        match r {
+            Done::Next => self.g.cpu.rip = i.next_ip(),
+            Done::Rerun => self.g.cpu.grant_privilege_once(),
+            Done::Jumped => {}
+            Done::Halt => {
+                self.g.cpu.rip = i.next_ip();
+                self.halted = true;
+            }
+        }
+        Some(None)
+    }
+
+    fn operand_address(&self, i: &Instruction) -> Emu<u64> {
+        self.g.cpu.memory_operand_address(i).ok_or(gp(0))
+    }
+
+    /// Reads a 16-bit operand (register or memory).
+    fn read_u16_operand(&mut self, i: &Instruction, op: u32) -> Emu<u16> {
+        if i.op_kind(op) == OpKind::Register {
+            return Ok(self.g.cpu.register(i.op_register(op)) as u16);
+        }
+        let a = self.operand_address(i)?;
+        let mut b = [0u8; 2];
+        self.g.read(a, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Writes a selector-like value to a register (zero-extended) or m16.
+    fn write_u16_operand(&mut self, i: &Instruction, op: u32, v: u64) -> Emu<()> {
+        if i.op_kind(op) == OpKind::Register {
+            let r = i.op_register(op);
+            self.g.cpu.set_register(r, v & mask(r.size() as u32 * 8));
+            return Ok(());
+        }
+        let a = self.operand_address(i)?;
+        Ok(self.g.write(a, &(v as u16).to_le_bytes())?)
+    }
+
+    fn emulate_insn(&mut self, i: &Instruction) -> Emu<Option<Done>> {
+        let g = &mut self.g;
+        Ok(Some(match i.mnemonic() {
+            M::Cli => {
+                g.v.vif = false;
+                Done::Next
+            }
+            M::Sti => {
+                if !g.v.vif {
+                    g.cpu.set_interrupt_shadow();
+                }
+                g.v.vif = true;
+                Done::Next
+            }
+            M::Hlt => Done::Halt,
+            M::In
+            | M::Out
+            | M::Insb
+            | M::Insw
+            | M::Insd
+            | M::Outsb
+            | M::Outsw
+            | M::Outsd
+            | M::Cpuid => Done::Rerun,
+            M::Wbinvd | M::Invd => Done::Next,
+            M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_cr() => {
+                let v = g.cpu.register(i.op1_register());
+                let n = i.op0_register().number();
+                self.write_cr(n, v)?
+            }
+            M::Mov if i.op1_kind() == OpKind::Register && i.op1_register().is_cr() => {
+                let v = match i.op1_register().number() {
+                    0 => g.v.cr0,
+                    2 => g.v.cr2,
+                    3 => g.v.cr3,
+                    4 => g.v.cr4,
+                    8 => g.cpu.cr8,
+                    _ => return Err(ud()),
+                };
+                g.cpu.set_register(i.op0_register(), v);
+                Done::Next
+            }
+            M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_dr() => {
+                let n = i.op0_register().number();
+                g.v.dr[n] = g.cpu.register(i.op1_register());
+                Done::Next
+            }
+            M::Mov if i.op1_kind() == OpKind::Register && i.op1_register().is_dr() => {
+                let n = i.op1_register().number();
+                g.cpu.set_register(i.op0_register(), g.v.dr[n]);
+                Done::Next
+            }
+            M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() => {
+                let sel = self.read_u16_operand(i, 1)?;
+                self.load_sreg(sreg_index(i.op0_register()), sel)?;
+                Done::Next
+            }
+            M::Pop if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() => {
+                let sp = g.cpu.gpr[4];
+                let sel = g.read_u64(sp)? as u16;
+                self.load_sreg(sreg_index(i.op0_register()), sel)?;
+                self.g.cpu.gpr[4] = sp.wrapping_add(8);
+                Done::Next
+            }
+            M::Lgdt | M::Lidt => {
+                let a = self.operand_address(i)?;
+                let mut b = [0u8; 10];
+                self.g.read(a, &mut b)?;
+                let t = DescriptorTable {
+                    limit: u16::from_le_bytes([b[0], b[1]]),
+                    base: u64::from_le_bytes(b[2..10].try_into().unwrap_or_default()),
+                };
+                if i.mnemonic() == M::Lgdt {
+                    self.g.v.gdtr = t;
+                    // The real CPU reads the guest's own GDT (native IRETQ to
+                    // user, segment loads that do not fault).
+                    self.g.cpu.gdtr = t;
+                } else {
+                    self.g.v.idtr = t;
+                }
+                Done::Next
+            }
+            M::Ltr => {
+                let sel = self.read_u16_operand(i, 0)?;
+                self.g.v.tr = self.system_segment(sel, &[9])?;
+                let (a, raw) = self.g.descriptor(sel)?;
+                self.g.write(a.wrapping_add(5), &[((raw >> 40) as u8) | 2])?;
+                self.g.v.tr.type_ = 0xb;
+                Done::Next
+            }
+            M::Lldt => {
+                let sel = self.read_u16_operand(i, 0)?;
+                let s = if sel & !3 == 0 {
+                    Segment {
+                        unusable: true,
+                        ..Default::default()
+                    }
+                } else {
+                    self.system_segment(sel, &[2])?
+                };
+                self.g.v.ldtr = s;
+                self.g.cpu.ldtr = s;
+                Done::Next
+            }
+            M::Invlpg => {
+                let a = self.operand_address(i)?;
+                self.shadow.invalidate(&mut self.g.cpu, a);
+                Done::Next
+            }
+            M::Rdmsr => match self.rdmsr(self.g.cpu.gpr[1] as u32)? {
+                Some(v) => {
+                    self.g.cpu.gpr[0] = v & 0xffff_ffff;
+                    self.g.cpu.gpr[2] = v >> 32;
+                    Done::Next
+                }
+                None => Done::Rerun,
+            },
+            M::Wrmsr => {
+                let (index, v) = (g.cpu.gpr[1] as u32, (g.cpu.gpr[2] << 32) | (g.cpu.gpr[0] & 0xffff_ffff));
+                if self.wrmsr(index, v)? {
+                    Done::Next
+                } else {
+                    Done::Rerun
+                }
+            }
+            M::Swapgs => {
+                std::mem::swap(&mut g.cpu.seg[sreg::GS].base, &mut g.v.kernel_gs_base);
+                Done::Next
+            }
+            M::Iretq if i.code() == Code::Iretq => self.iretq()?,
+            M::Sysretq if i.code() == Code::Sysretq => self.sysretq()?,
+            M::Lmsw => {
+                let v = self.read_u16_operand(i, 0)? as u64;
+                let cr0 = (self.g.v.cr0 & !0xe) | (v & 0xf) | (self.g.v.cr0 & 1);
+                self.write_cr(0, cr0)?
+            }
+            M::Clts => {
+                let cr0 = self.g.v.cr0 & !(1 << 3);
+                self.write_cr(0, cr0)?
+            }
+            M::Xsetbv | M::Invpcid | M::Rdpmc | M::Monitor | M::Mwait | M::Wrpkru => {
+                return Err(EmuErr::Unsupported(format!(
+                    "the trap engine does not emulate {} (a privileged instruction of the guest kernel) at {:#x}",
+                    format!("{:?}", i.mnemonic()).to_lowercase(),
+                    self.g.cpu.rip
+                )))
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    /// A system descriptor (TSS: type 9, LDT: type 2) of the guest's GDT.
+    fn system_segment(&mut self, sel: u16, types: &[u8]) -> Emu<Segment> {
+        if sel & 4 != 0 || sel & !3 == 0 {
+            return Err(gp((sel & !3) as u32));
+        }
+        let (a, raw) = self.g.descriptor(sel)?;
+        let hi = self.g.read_u64(a.wrapping_add(8))?;
+        let mut s = x86::segment_from_descriptor(sel, raw);
+        if s.s || !types.contains(&s.type_) {
+            return Err(gp((sel & !3) as u32));
+        }
+        if !s.present {
+            return Err(fault(vector::NP, (sel & !3) as u32));
+        }
+        s.base |= (hi & 0xffff_ffff) << 32;
+        Ok(s)
+    }
+
+    /// MOV to a segment register the guest kernel could not load at CPL 1.
+    fn load_sreg(&mut self, s: usize, sel: u16) -> Emu<()> {
+        let rpl = (sel & 3) as u8;
+        if sel & !3 == 0 {
+            if s == sreg::SS && rpl != 0 {
+                return Err(gp(0));
+            }
+            self.g.cpu.seg[s] = if s == sreg::SS {
+                null_stack()
+            } else {
+                let base = if s >= sreg::FS {
+                    self.g.cpu.seg[s].base
+                } else {
+                    0
+                };
+                Segment {
+                    selector: sel,
+                    base,
+                    unusable: true,
+                    ..Default::default()
+                }
+            };
+            return Ok(());
+        }
+        let (a, raw) = self.g.descriptor(sel)?;
+        let d = x86::segment_from_descriptor(sel, raw);
+        let err = (sel & !3) as u32;
+        let ok = if s == sreg::SS {
+            d.s && d.type_ & 0xa == 2 && d.dpl == 0 && rpl == 0
+        } else {
+            let conforming = d.type_ & 0xc == 0xc;
+            d.s && (d.type_ & 8 == 0 || d.type_ & 2 != 0) && (conforming || d.dpl >= rpl)
+        };
+        if !ok {
+            return Err(gp(err));
+        }
+        if !d.present {
+            return Err(fault(
+                if s == sreg::SS {
+                    vector::SS
+                } else {
+                    vector::NP
+                },
+                err,
+            ));
+        }
+        if raw & (1 << 40) == 0 {
+            self.g
+                .write(a.wrapping_add(5), &[((raw >> 40) as u8) | 1])?;
+        }
+        self.g.cpu.seg[s] = compress(d, s == sreg::SS);
+        if s == sreg::SS {
+            self.g.cpu.set_interrupt_shadow();
+        }
+        Ok(())
+    }
+
+    fn write_cr(&mut self, n: usize, v: u64) -> Emu<Done> {
+        let g = &mut self.g;
+        match n {
+            0 => {
+                if v >> 32 != 0 || (v & cr0::PG != 0 && v & cr0::PE == 0) {
+                    return Err(gp(0));
+                }
+                if v & cr0::PG == 0 || v & cr0::PE == 0 {
+                    return Err(EmuErr::Unsupported(String::from(
+                        "the trap engine runs 64-bit guests with paging on",
+                    )));
+                }
+                let old = g.v.cr0;
+                g.v.cr0 = v | cr0::ET;
+                // The real WP stays set: the shadow enforces the guest's view.
+                let follow = (1 << 1) | (1 << 2) | (1 << 3) | cr0::NE | (1 << 18);
+                g.cpu.cr0 =
+                    (g.cpu.cr0 & !follow) | (v & follow) | cr0::WP | cr0::PE | cr0::PG | cr0::ET;
+                if (old ^ v) & cr0::WP != 0 {
+                    self.shadow.reset(&mut self.g.cpu);
+                }
+                self.g.cpu.refresh_mode();
+            }
+            2 => g.v.cr2 = v,
+            3 => {
+                if v & !walk::ADDR & !0xfff != 0 {
+                    return Err(gp(0));
+                }
+                g.v.cr3 = v;
+                self.shadow.reset(&mut self.g.cpu);
+            }
+            4 => {
+                if v & cr4::PAE == 0 {
+                    return Err(EmuErr::Unsupported(String::from(
+                        "the trap engine runs 64-bit guests with paging on",
+                    )));
+                }
+                if v & (1 << 13) != 0 {
+                    // VMXE: no VMX for a deprivileged guest.
+                    return Err(gp(0));
+                }
+                g.v.cr4 = v;
+                let follow = cr4::OSFXSR | cr4::OSXMMEXCPT | (1 << 18);
+                g.cpu.cr4 = (g.cpu.cr4 & !follow) | (v & follow) | cr4::PAE;
+                self.shadow.reset(&mut self.g.cpu);
+                self.g.cpu.refresh_mode();
+            }
+            8 => {
+                if v > 15 {
+                    return Err(gp(0));
+                }
+                g.cpu.cr8 = v;
+                if let Some(l) = g.cpu.local.as_mut() {
+                    l.set_tpr(v);
+                }
+            }
+            _ => return Err(ud()),
+        }
+        Ok(Done::Next)
+    }
+
+    /// RDMSR of an MSR the VMM keeps virtual; `None`: the CPU's own.
+    fn rdmsr(&mut self, index: u32) -> Emu<Option<u64>> {
+        let v = &self.g.v;
+        Ok(Some(match index {
+            msr::EFER => v.efer,
+            msr::STAR => v.star,
+            msr::LSTAR => v.lstar,
+            msr::CSTAR => v.cstar,
+            msr::FMASK => v.fmask,
+            msr::KERNEL_GS_BASE => v.kernel_gs_base,
+            msr::SYSENTER_CS => v.sysenter[0],
+            msr::SYSENTER_ESP => v.sysenter[1],
+            msr::SYSENTER_EIP => v.sysenter[2],
+            _ => return Ok(None),
+        }))
+    }
+
+    /// WRMSR of a virtual MSR (true), or one the CPU handles (false).
+    fn wrmsr(&mut self, index: u32, val: u64) -> Emu<bool> {
+        let v = &mut self.g.v;
+        let canon = |x: u64| if canonical(x) { Ok(x) } else { Err(gp(0)) };
+        match index {
+            msr::EFER => {
+                let allowed = efer::SCE | efer::LME | efer::LMA | efer::NXE;
+                if val & !allowed != 0 {
+                    return Err(gp(0));
+                }
+                if val & efer::LME == 0 {
+                    return Err(EmuErr::Unsupported(String::from(
+                        "the trap engine runs 64-bit guests",
+                    )));
+                }
+                let nx_changed = (v.efer ^ val) & efer::NXE != 0;
+                v.efer = (val & !efer::LMA) | (v.efer & efer::LMA);
+                if nx_changed {
+                    self.shadow.reset(&mut self.g.cpu);
+                }
+            }
+            msr::STAR => v.star = val,
+            msr::LSTAR => v.lstar = canon(val)?,
+            msr::CSTAR => v.cstar = canon(val)?,
+            msr::FMASK => v.fmask = val & 0xffff_ffff,
+            msr::KERNEL_GS_BASE => v.kernel_gs_base = canon(val)?,
+            msr::SYSENTER_CS => v.sysenter[0] = val,
+            msr::SYSENTER_ESP => v.sysenter[1] = canon(val)?,
+            msr::SYSENTER_EIP => v.sysenter[2] = canon(val)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// IRETQ of the guest kernel: a return to virtual CPL 0 faults at CPL 1
+    /// and is done here; a return to user mode runs natively (and so never
+    /// comes here unless its frame is bad, which the guest sees as #GP).
+    fn iretq(&mut self) -> Emu<Done> {
+        let sp = self.g.cpu.gpr[4];
+        let mut b = [0u8; 40];
+        self.g.read(sp, &mut b)?;
+        let q = |k: usize| u64::from_le_bytes(b[k * 8..k * 8 + 8].try_into().unwrap_or_default());
+        let (rip, cs, fl, rsp, ss) = (q(0), q(1) as u16, q(2), q(3), q(4) as u16);
+        if cs & 3 != 0 {
+            // Not a return to the kernel: the CPU's #GP stands.
+            return Err(gp((cs & !3) as u32));
+        }
+        let (_, raw) = self.g.descriptor(cs)?;
+        let d = x86::segment_from_descriptor(cs, raw);
+        if !d.s || d.type_ & 8 == 0 || d.dpl != 0 || !d.l || d.db || !canonical(rip) {
+            return Err(gp((cs & !3) as u32));
+        }
+        let ss_seg = if ss & !3 == 0 {
+            null_stack()
+        } else {
+            let (_, sraw) = self.g.descriptor(ss)?;
+            let s = x86::segment_from_descriptor(ss, sraw);
+            if !s.s || s.type_ & 0xa != 2 || s.dpl != 0 || ss & 3 != 0 {
+                return Err(gp((ss & !3) as u32));
+            }
+            compress(s, true)
+        };
+        let g = &mut self.g;
+        g.cpu.seg[sreg::CS] = compress(d, true);
+        g.cpu.seg[sreg::SS] = ss_seg;
+        g.cpu.gpr[4] = rsp;
+        g.cpu.rip = rip;
+        let keep = flags::VM | flags::VIF | flags::VIP;
+        let f = (fl & flags::WRITABLE & !keep) | flags::FIXED;
+        g.set_vflags(f);
+        g.cpu.refresh_mode();
+        Ok(Done::Jumped)
+    }
+
+    /// SYSRETQ of the guest kernel: back to user mode with the guest's STAR.
+    fn sysretq(&mut self) -> Emu<Done> {
+        let g = &mut self.g;
+        if g.v.efer & efer::SCE == 0 {
+            return Err(ud());
+        }
+        let rcx = g.cpu.gpr[1];
+        if !canonical(rcx) {
+            return Err(gp(0));
+        }
+        let base = ((g.v.star >> 48) & 0xfffc) as u16;
+        g.cpu.seg[sreg::CS] = flat(base.wrapping_add(16) | 3, true, 3);
+        g.cpu.seg[sreg::SS] = flat(base.wrapping_add(8) | 3, false, 3);
+        g.cpu.rip = rcx;
+        let f = g.cpu.gpr[11];
+        g.cpu.rflags =
+            (f & 0x3c_7fd7 & !flags::IOPL) | flags::IF | (f & flags::IOPL) | flags::FIXED;
+        g.cpu.refresh_mode();
+        Ok(Done::Jumped)
+    }
+
+    /// SYSCALL from guest user mode (intercepted): into the guest kernel.
+    fn syscall(&mut self, next_rip: u64) -> Option<VcpuExit<'static>> {
+        self.c.syscalls += 1;
+        let g = &mut self.g;
+        if g.v.efer & efer::SCE == 0 {
+            let rip = g.cpu.rip;
+            return self.reflect(vector::UD, None, rip, false);
+        }
+        let flags_v = g.vflags() & !flags::RF;
+        g.cpu.gpr[1] = next_rip;
+        g.cpu.gpr[11] = flags_v;
+        let sel = ((g.v.star >> 32) & 0xfffc) as u16;
+        g.cpu.seg[sreg::CS] = compress(flat(sel, true, 0), true);
+        g.cpu.seg[sreg::SS] = compress(flat(sel.wrapping_add(8), false, 0), true);
+        g.cpu.rip = g.v.lstar;
+        let f = flags_v & !(g.v.fmask | flags::RF);
+        g.cpu.refresh_mode();
+        g.set_vflags(f);
+        None
+    }
+
+    /// A sensitive unprivileged instruction at CPL 1.
+    fn sensitive(&mut self, mnemonic: &'static str) -> Option<VcpuExit<'static>> {
+        let first = !self.c.holes.contains_key(mnemonic);
+        *self.c.holes.entry(mnemonic).or_default() += 1;
+        match self.policy {
+            HolePolicy::Report => {
+                if first {
+                    eprintln!(
+                        "visor: trap: virtualization hole: {}",
+                        self.explain(mnemonic)
+                    );
+                }
+                self.g.cpu.allow_sensitive_once();
+                None
+            }
+            HolePolicy::Strict => Some(VcpuExit::Other {
+                reason: format!(
+                    "virtualization hole (--strict-holes): {}",
+                    self.explain(mnemonic)
+                ),
+            }),
+            HolePolicy::Trap => {
+                let i = match self.g.cpu.current_instruction() {
+                    Ok(i) => i,
+                    Err((v, c)) => {
+                        let rip = self.g.cpu.rip;
+                        return self.reflect(v, c, rip, false);
+                    }
+                };
+                match self.emulate_sensitive(&i) {
+                    Ok(d) => {
+                        *self.c.traps.entry(mnemonic).or_default() += 1;
+                        match d {
+                            Done::Rerun => {
+                                self.g.cpu.grant_privilege_once();
+                                self.g.cpu.allow_sensitive_once();
+                            }
+                            _ => self.g.cpu.rip = i.next_ip(),
+                        }
+                        None
+                    }
+                    Err(EmuErr::Fault(f)) => self.reflect_fault(f),
+                    Err(EmuErr::Unsupported(what)) => Some(VcpuExit::Unimplemented {
+                        what: format!("{what}: {mnemonic} at {:#x}", self.g.cpu.rip),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// What the guest kernel sees from a sensitive instruction at CPL 1,
+    /// versus what it would see at CPL 0 on real hardware.
+    fn explain(&mut self, mnemonic: &'static str) -> String {
+        let rip = self.g.cpu.rip;
+        let g = &mut self.g;
+        let detail = match mnemonic {
+            "pushf" => format!(
+                "pushes IF={} IOPL={} (the real flags at CPL 1); at CPL 0 the kernel would push IF={} IOPL={}",
+                (g.cpu.rflags >> 9) & 1,
+                (g.cpu.rflags >> 12) & 3,
+                g.v.vif as u8,
+                g.v.iopl
+            ),
+            "popf" => {
+                let top = g.read_u64(g.cpu.gpr[4]).unwrap_or(0);
+                format!(
+                    "pops IF={} IOPL={}, but at CPL 1 with IOPL 0 POPF changes neither: the kernel's IF stays {}; at CPL 0 it would become {}",
+                    (top >> 9) & 1,
+                    (top >> 12) & 3,
+                    g.v.vif as u8,
+                    (top >> 9) & 1
+                )
+            }
+            "sgdt" => format!(
+                "stores the GDTR the CPU uses (base {:#x} limit {:#x}); the guest's is base {:#x} limit {:#x} (this VMM runs the guest on its own GDT, so they agree)",
+                g.cpu.gdtr.base, g.cpu.gdtr.limit, g.v.gdtr.base, g.v.gdtr.limit
+            ),
+            "sidt" => format!(
+                "stores the VMM's IDTR (base {:#x} limit {:#x}) instead of the guest's (base {:#x} limit {:#x})",
+                g.cpu.idtr.base, g.cpu.idtr.limit, g.v.idtr.base, g.v.idtr.limit
+            ),
+            "sldt" => format!(
+                "stores LDTR {:#x}; the guest's is {:#x}",
+                g.cpu.ldtr.selector, g.v.ldtr.selector
+            ),
+            "str" => format!(
+                "stores the VMM's task register {:#x} instead of the guest's {:#x}",
+                g.cpu.tr.selector, g.v.tr.selector
+            ),
+            "smsw" => format!(
+                "stores the real CR0 low word {:#x} instead of the guest's {:#x}",
+                g.cpu.cr0 & 0xffff,
+                g.v.cr0 & 0xffff
+            ),
+            "mov from sreg" | "push sreg" => format!(
+                "reads CS={:#x} SS={:#x} (RPL 1: the kernel runs in ring 1); at CPL 0 they would read CS={:#x} SS={:#x}",
+                g.cpu.seg[sreg::CS].selector,
+                g.cpu.seg[sreg::SS].selector,
+                g.cpu.seg[sreg::CS].selector & !3,
+                g.cpu.seg[sreg::SS].selector & !3
+            ),
+            "lar" | "lsl" | "verr" | "verw" => {
+                "checks descriptors against CPL 1: those of DPL 0 are invisible (ZF=0) where the kernel at CPL 0 would see them".to_string()
+            }
+            _ => "behaves differently at CPL 1 than at CPL 0".to_string(),
+        };
+        format!("{mnemonic} at {rip:#x} did not trap: it {detail}")
+    }
+
+    /// A sensitive instruction trapped (`--trap-sensitive`): what it would
+    /// have done at CPL 0.
+    fn emulate_sensitive(&mut self, i: &Instruction) -> Emu<Done> {
+        let g = &mut self.g;
+        match i.mnemonic() {
+            M::Pushf | M::Pushfd | M::Pushfq => {
+                let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 8);
+                let v = g.vflags() & !(flags::RF | flags::VM);
+                let sp = g.cpu.gpr[4].wrapping_sub(sz);
+                g.write(sp, &v.to_le_bytes()[..sz as usize])?;
+                g.cpu.gpr[4] = sp;
+            }
+            M::Popf | M::Popfd | M::Popfq => {
+                let sz = (i.stack_pointer_increment().unsigned_abs() as usize).clamp(2, 8);
+                let mut b = [0u8; 8];
+                let sp = g.cpu.gpr[4];
+                g.read(sp, &mut b[..sz])?;
+                let popped = u64::from_le_bytes(b);
+                let m = flags::WRITABLE & !flags::RF & mask(sz as u32 * 8);
+                let f = (g.vflags() & !m) | (popped & m);
+                g.cpu.gpr[4] = sp.wrapping_add(sz as u64);
+                g.set_vflags(f);
+            }
+            M::Sgdt | M::Sidt => {
+                let t = if i.mnemonic() == M::Sgdt {
+                    g.v.gdtr
+                } else {
+                    g.v.idtr
+                };
+                let a = self.operand_address(i)?;
+                let mut b = [0u8; 10];
+                b[..2].copy_from_slice(&t.limit.to_le_bytes());
+                b[2..].copy_from_slice(&t.base.to_le_bytes());
+                self.g.write(a, &b)?;
+            }
+            M::Sldt | M::Str => {
+                let v = if i.mnemonic() == M::Sldt {
+                    g.v.ldtr.selector
+                } else {
+                    g.v.tr.selector
+                };
+                self.write_u16_operand(i, 0, v as u64)?;
+            }
+            M::Smsw => {
+                let v = g.v.cr0;
+                self.write_u16_operand_full(i, v)?;
+            }
+            M::Mov => {
+                let s = i.op1_register();
+                let v = decompress(g.cpu.seg[sreg_index(s)]).selector;
+                self.write_u16_operand(i, 0, v as u64)?;
+            }
+            M::Push => {
+                let s = i.op0_register();
+                let v = decompress(g.cpu.seg[sreg_index(s)]).selector as u64;
+                let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 8);
+                let sp = g.cpu.gpr[4].wrapping_sub(sz);
+                g.write(sp, &v.to_le_bytes()[..sz as usize])?;
+                g.cpu.gpr[4] = sp;
+            }
+            // LAR/LSL/VERR/VERW: the CPU checks them again with CPL 0 rights.
+            M::Lar | M::Lsl | M::Verr | M::Verw => return Ok(Done::Rerun),
+            _ => {
+                return Err(EmuErr::Unsupported(String::from(
+                    "no emulation for this sensitive instruction",
+                )));
+            }
+        }
+        Ok(Done::Next)
+    }
+
+    /// SMSW: a register gets CR0 (as wide as the register), memory 16 bits.
+    fn write_u16_operand_full(&mut self, i: &Instruction, v: u64) -> Emu<()> {
+        if i.op0_kind() == OpKind::Register {
+            let r = i.op0_register();
+            self.g.cpu.set_register(r, v & mask(r.size() as u32 * 8));
+            return Ok(());
+        }
+        self.write_u16_operand(i, 0, v & 0xffff)
+    }
+
+    /// HLT of the guest kernel: waits for an interrupt. An exit if the VMM
+    /// must see it (nothing can wake the guest, or time to return).
+    fn wait_halted(&mut self, start: Instant) -> Option<VcpuExit<'static>> {
+        if !self.g.v.vif || !self.irqchip {
+            return Some(VcpuExit::Hlt);
+        }
+        let ready = self.g.cpu.local.as_mut().is_some_and(|l| l.poll());
+        if ready {
+            self.halted = false;
+            return None;
+        }
+        let now = Instant::now();
+        let left = MAX_RUN.saturating_sub(now - start);
+        if left.is_zero() {
+            self.last_interrupted = Some(now);
+            return Some(VcpuExit::Interrupted);
+        }
+        let wait = match self.g.cpu.local_deadline() {
+            Some(d) => d.saturating_duration_since(now).min(left),
+            None => left,
+        };
+        if !wait.is_zero() {
+            self.lines.wait(wait);
+        }
+        None
+    }
+
+    fn interrupt(&mut self) -> Option<VcpuExit<'static>> {
+        let v = self.g.cpu.local.as_mut().and_then(|l| l.ack())?;
+        self.halted = false;
+        self.c.interrupts += 1;
+        let rip = self.g.cpu.rip;
+        self.reflect(v, None, rip, false)
+    }
+}
+
+fn mask(bits: u32) -> u64 {
+    if bits >= 64 {
+        !0
+    } else {
+        (1u64 << bits) - 1
+    }
+}
+
+fn flat(selector: u16, code: bool, dpl: u8) -> Segment {
+    Segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: true,
+        dpl,
+        db: !code,
+        s: true,
+        l: code,
+        g: true,
+        avl: false,
+        unusable: false,
+    }
+}
+
+/// Why an emulation did not complete.
+enum EmuErr {
+    /// The architectural fault the guest gets.
+    Fault(Fault),
+    /// Something this engine does not do; one line says what.
+    Unsupported(String),
+}
+
+impl From<Fault> for EmuErr {
+    fn from(f: Fault) -> EmuErr {
+        EmuErr::Fault(f)
+    }
+}
+
+type Emu<T> = std::result::Result<T, EmuErr>;
+
+fn gp(code: u32) -> EmuErr {
+    EmuErr::Fault(Fault::gp(code))
+}
+
+fn ud() -> EmuErr {
+    EmuErr::Fault(Fault {
+        vector: vector::UD,
+        code: None,
+        cr2: None,
+    })
+}
+
+fn fault(vector: u8, code: u32) -> EmuErr {
+    EmuErr::Fault(Fault {
+        vector,
+        code: Some(code),
+        cr2: None,
+    })
+}
+
+impl Vcpu for TrapVcpu {
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        self.g.cpu.note_external_writes();
+        let start = *self.last_interrupted.get_or_insert_with(Instant::now);
+        if start.elapsed() >= MAX_RUN {
+            self.last_interrupted = Some(Instant::now());
+            return Ok(VcpuExit::Interrupted);
+        }
+        if self.g.v.efer & efer::LMA == 0 || self.g.v.cr0 & cr0::PG == 0 {
+            return Ok(VcpuExit::Unimplemented {
+                what: "the trap engine runs 64-bit long-mode guests with paging on".into(),
+            });
+        }
+        let exit = loop {
+            if self.halted {
+                if let Some(e) = self.wait_halted(start) {
+                    return Ok(e);
+                }
+                continue;
+            }
+            let cpu = &mut self.g.cpu;
+            cpu.intercepts.irq = if self.g.v.vif || cpu.cpl() == 3 {
+                IrqMode::Exit
+            } else {
+                IrqMode::Hold
+            };
+            let e = cpu.run(SLICE);
+            let handled = match e {
+                CpuExit::Budget => {
+                    if start.elapsed() >= MAX_RUN {
+                        self.last_interrupted = Some(Instant::now());
+                        return Ok(VcpuExit::Interrupted);
+                    }
+                    None
+                }
+                CpuExit::Exception { vector, code } => self.exception(vector, code),
+                CpuExit::SoftInt { vector, next_rip } => {
+                    self.c.soft_ints += 1;
+                    self.reflect(vector, None, next_rip, true)
+                }
+                CpuExit::Syscall { next_rip } => self.syscall(next_rip),
+                CpuExit::Interrupt => self.interrupt(),
+                CpuExit::Sensitive { mnemonic, .. } => self.sensitive(mnemonic),
+                e => break e,
+            };
+            if let Some(e) = handled {
+                return Ok(e);
+            }
+        };
+        Ok(visor_emu::vcpu_exit(&mut self.g.cpu, exit))
+    }
+
+    fn regs(&self) -> Result<Regs> {
+        let mut r = self.g.cpu.regs();
+        r.rflags = self.g.vflags();
+        Ok(r)
+    }
+
+    fn set_regs(&mut self, regs: &Regs) -> Result<()> {
+        self.g.cpu.set_regs(regs);
+        self.g.set_vflags(regs.rflags);
+        Ok(())
+    }
+
+    fn sregs(&self) -> Result<SRegs> {
+        let mut s = self.g.cpu.sregs();
+        let v = &self.g.v;
+        for seg in [
+            &mut s.cs, &mut s.ss, &mut s.ds, &mut s.es, &mut s.fs, &mut s.gs,
+        ] {
+            *seg = decompress(*seg);
+        }
+        s.cr0 = v.cr0;
+        s.cr2 = v.cr2;
+        s.cr3 = v.cr3;
+        s.cr4 = v.cr4;
+        s.efer = v.efer;
+        s.gdt = v.gdtr;
+        s.idt = v.idtr;
+        s.tr = v.tr;
+        s.ldt = v.ldtr;
+        Ok(s)
+    }
+
+    fn set_sregs(&mut self, s: &SRegs) -> Result<()> {
+        self.g.v.cr0 = s.cr0 | cr0::ET;
+        self.g.v.cr2 = s.cr2;
+        self.g.v.cr3 = s.cr3;
+        self.g.v.cr4 = s.cr4;
+        self.g.v.efer = s.efer;
+        self.g.v.gdtr = s.gdt;
+        self.g.v.idtr = s.idt;
+        self.g.v.tr = s.tr;
+        self.g.v.ldtr = s.ldt;
+        // The real CPU: the kernel's segments compressed to ring 1, the VMM's
+        // empty IDT and a task register without an I/O bitmap (port I/O at
+        // CPL 1 faults), paging through the shadow, NX always available to it.
+        let mut real = *s;
+        real.cs = compress(s.cs, true);
+        real.ss = if s.ss.unusable || s.ss.selector & !3 == 0 {
+            if s.cs.dpl == 0 {
+                null_stack()
+            } else {
+                s.ss
+            }
+        } else {
+            compress(s.ss, true)
+        };
+        for (dst, src) in [
+            (&mut real.ds, s.ds),
+            (&mut real.es, s.es),
+            (&mut real.fs, s.fs),
+            (&mut real.gs, s.gs),
+        ] {
+            *dst = compress(src, false);
+        }
+        real.idt = DescriptorTable { base: 0, limit: 0 };
+        real.tr = Segment {
+            type_: 0xb,
+            present: true,
+            ..Default::default()
+        };
+        real.cr0 = s.cr0 | cr0::WP | cr0::ET;
+        real.cr4 = (s.cr4 & (cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT | (1 << 18))) | cr4::PAE;
+        real.efer = s.efer | efer::NXE;
+        self.g.cpu.set_sregs(&real);
+        self.shadow.reset(&mut self.g.cpu);
+        let r = self.g.cpu.regs();
+        // Re-split IF/IOPL now that the CPL is known.
+        self.g.set_vflags(r.rflags);
+        Ok(())
+    }
+
+    fn engine_counters(&self) -> Vec<(String, u64)> {
+        let c = &self.c;
+        let mut v = vec![("guest_instructions".to_string(), self.g.cpu.retired)];
+        for (k, n) in &c.traps {
+            v.push((format!("traps/{k}"), *n));
+        }
+        for (k, n) in &c.holes {
+            v.push((format!("holes/{k}"), *n));
+        }
+        for (k, n) in [
+            ("page_faults", c.page_faults),
+            ("fills", self.shadow.fills),
+            ("flushes", self.shadow.flushes),
+            ("invalidations", self.shadow.invalidations),
+            ("reflected_page_faults", c.reflected_page_faults),
+        ] {
+            v.push((format!("shadow/{k}"), n));
+        }
+        for (k, n) in [
+            ("interrupts", c.interrupts),
+            ("exceptions", c.exceptions),
+            ("soft_ints", c.soft_ints),
+            ("syscalls", c.syscalls),
+        ] {
+            v.push((format!("reflected/{k}"), n));
+        }
+        v
+    }
+}

@@ -1,0 +1,292 @@
+//! The guest's virtual CPU as a deprivileging VMM keeps it, and what such a
+//! VMM does on the guest's behalf: reading its descriptor tables, and
+//! reflecting exceptions, interrupts and system calls into the guest kernel
+//! through the guest's own IDT and TSS.
+//!
+//! Ring compression: the guest kernel (virtual CPL 0) really runs at CPL 1.
+//! Its code and stack segments are loaded with DPL 1 and RPL 1; what the VMM
+//! shows the guest (interrupt frames, `sregs`) has the RPL the guest expects.
+//! RFLAGS.IF and IOPL of the guest kernel are virtual: the real IF stays 1 so
+//! the VMM sees every interrupt, the real IOPL stays 0 so port I/O traps.
+
+use vcpu::{DescriptorTable, Segment};
+use x86::{flags, sreg, vector, Cpu};
+
+use crate::walk::{self, Fault, Paging};
+
+/// The guest's view of the privileged CPU state.
+#[derive(Clone, Debug, Default)]
+pub struct Virt {
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub gdtr: DescriptorTable,
+    pub idtr: DescriptorTable,
+    pub tr: Segment,
+    pub ldtr: Segment,
+    /// RFLAGS.IF of the guest kernel.
+    pub vif: bool,
+    /// RFLAGS.IOPL of the guest kernel.
+    pub iopl: u8,
+    pub star: u64,
+    pub lstar: u64,
+    pub cstar: u64,
+    pub fmask: u64,
+    pub kernel_gs_base: u64,
+    pub sysenter: [u64; 3],
+    pub dr: [u64; 8],
+}
+
+impl Virt {
+    pub fn paging(&self) -> Paging {
+        Paging {
+            cr3: self.cr3,
+            wp: self.cr0 & vcpu::cr0::WP != 0,
+            nxe: self.efer & vcpu::efer::NXE != 0,
+        }
+    }
+}
+
+/// A segment as the deprivileged guest kernel really runs with it: DPL 0
+/// becomes DPL 1; code and stack selectors get RPL 1.
+pub fn compress(mut s: Segment, rpl: bool) -> Segment {
+    if !s.unusable && s.dpl == 0 {
+        s.dpl = 1;
+        if rpl {
+            s.selector |= 1;
+        }
+    }
+    s
+}
+
+/// The guest's view of a compressed segment.
+pub fn decompress(mut s: Segment) -> Segment {
+    if s.dpl == 1 {
+        s.dpl = 0;
+        s.selector &= !3;
+    }
+    s
+}
+
+/// The NULL stack segment of a kernel entered from user mode (RPL = CPL 1).
+pub fn null_stack() -> Segment {
+    Segment {
+        selector: 1,
+        dpl: 1,
+        unusable: true,
+        ..Default::default()
+    }
+}
+
+/// The guest kernel's vCPU: the real CPU plus the virtual state.
+pub struct Guest {
+    pub cpu: Cpu,
+    pub v: Virt,
+}
+
+impl Guest {
+    /// The guest's CPL: its kernel runs at real CPL 1.
+    pub fn vcpl(&self) -> u8 {
+        if self.cpu.cpl() == 3 {
+            3
+        } else {
+            0
+        }
+    }
+
+    /// RFLAGS as the guest sees them.
+    pub fn vflags(&self) -> u64 {
+        let r = self.cpu.rflags;
+        if self.vcpl() == 3 {
+            return r;
+        }
+        (r & !(flags::IF | flags::IOPL))
+            | if self.v.vif { flags::IF } else { 0 }
+            | ((self.v.iopl as u64) << 12)
+    }
+
+    /// Sets RFLAGS from the guest's view: IF and IOPL of the kernel stay virtual.
+    pub fn set_vflags(&mut self, f: u64) {
+        if self.vcpl() == 3 {
+            self.cpu.rflags = (f & !flags::IOPL) | flags::IF | flags::FIXED;
+            return;
+        }
+        self.v.vif = f & flags::IF != 0;
+        self.v.iopl = ((f >> 12) & 3) as u8;
+        self.cpu.rflags = (f & !flags::IOPL) | flags::IF | flags::FIXED;
+    }
+
+    pub fn read(&mut self, lin: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        walk::access(&mut self.cpu, self.v.paging(), lin, buf, false, false)
+    }
+
+    pub fn write(&mut self, lin: u64, data: &[u8]) -> Result<(), Fault> {
+        let mut b = data.to_vec();
+        walk::access(&mut self.cpu, self.v.paging(), lin, &mut b, true, false)
+    }
+
+    pub fn read_u64(&mut self, lin: u64) -> Result<u64, Fault> {
+        let mut b = [0u8; 8];
+        self.read(lin, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Reads the 8-byte descriptor of `sel` from the guest's GDT or LDT:
+    /// (its linear address, raw).
+    pub fn descriptor(&mut self, sel: u16) -> Result<(u64, u64), Fault> {
+        let t = if sel & 4 != 0 {
+            DescriptorTable {
+                base: self.v.ldtr.base,
+                limit: if self.v.ldtr.unusable {
+                    0
+                } else {
+                    self.v.ldtr.limit as u16
+                },
+            }
+        } else {
+            self.v.gdtr
+        };
+        let idx = (sel & !7) as u64;
+        if idx + 7 > t.limit as u64 || (sel & 4 != 0 && self.v.ldtr.unusable) {
+            return Err(Fault::gp((sel & !3) as u32));
+        }
+        let a = t.base.wrapping_add(idx);
+        Ok((a, self.read_u64(a)?))
+    }
+
+    /// Delivers an event to the guest kernel through its IDT, with the
+    /// double-fault rules. False if that ends in a triple fault.
+    pub fn reflect(&mut self, vector: u8, code: Option<u32>, ret: u64, soft: bool) -> bool {
+        let (mut v, mut code, mut soft) = (vector, code, soft);
+        loop {
+            match self.deliver(v, code, soft, ret) {
+                Ok(()) => return true,
+                Err(f) => {
+                    if let Some(a) = f.cr2 {
+                        self.v.cr2 = a;
+                    }
+                    if v == vector::DF {
+                        return false;
+                    }
+                    let class = |x: u8| match x {
+                        0 | 10..=13 => 1,
+                        14 => 2,
+                        _ => 0,
+                    };
+                    let (a, b) = (class(v), class(f.vector));
+                    if (a == 1 && b == 1) || (a == 2 && b != 0) {
+                        v = vector::DF;
+                        code = Some(0);
+                    } else {
+                        v = f.vector;
+                        code = f.code;
+                    }
+                    soft = false;
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, v: u8, code: Option<u32>, soft: bool, ret: u64) -> Result<(), Fault> {
+        let vcpl = self.vcpl();
+        let gate_err = (v as u32) * 8 + 2;
+        if v as u64 * 16 + 15 > self.v.idtr.limit as u64 {
+            return Err(Fault::gp(gate_err));
+        }
+        let a = self.v.idtr.base.wrapping_add(v as u64 * 16);
+        let lo = self.read_u64(a)?;
+        let hi = self.read_u64(a.wrapping_add(8))?;
+        let typ = (lo >> 40) & 0xf;
+        let gdpl = ((lo >> 45) & 3) as u8;
+        if typ != 0xe && typ != 0xf {
+            return Err(Fault::gp(gate_err));
+        }
+        if soft && gdpl < vcpl {
+            return Err(Fault::gp(gate_err));
+        }
+        if lo & (1 << 47) == 0 {
+            return Err(Fault {
+                vector: vector::NP,
+                code: Some(gate_err),
+                cr2: None,
+            });
+        }
+        let sel = ((lo >> 16) & 0xffff) as u16;
+        let off = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | ((hi & 0xffff_ffff) << 32);
+        let ist = (lo >> 32) & 7;
+        let serr = (sel & !3) as u32;
+        if sel & !3 == 0 {
+            return Err(Fault::gp(0));
+        }
+        let (_, raw) = self.descriptor(sel)?;
+        let d = x86::segment_from_descriptor(sel & !3, raw);
+        // Handlers run in the guest kernel (DPL 0): that is all this VMM
+        // deprivileges.
+        if !d.s || d.type_ & 8 == 0 || d.dpl != 0 || !d.l || d.db {
+            return Err(Fault::gp(serr));
+        }
+        if !d.present {
+            return Err(Fault {
+                vector: vector::NP,
+                code: Some(serr),
+                cr2: None,
+            });
+        }
+        let from_user = vcpl == 3;
+        let tss = self.v.tr.base;
+        let mut sp = if ist != 0 {
+            self.read_u64(tss.wrapping_add(0x24 + 8 * (ist - 1)))?
+        } else if from_user {
+            self.read_u64(tss.wrapping_add(4))?
+        } else {
+            self.cpu.gpr[4]
+        };
+        sp &= !0xf;
+        let ss = self.cpu.seg[sreg::SS];
+        let cs = self.cpu.seg[sreg::CS];
+        let (ss_v, cs_v) = if from_user {
+            (ss.selector, cs.selector)
+        } else {
+            (ss.selector & !3, cs.selector & !3)
+        };
+        let mut frame = vec![
+            ss_v as u64,
+            self.cpu.gpr[4],
+            self.vflags() & !flags::RF,
+            cs_v as u64,
+            ret,
+        ];
+        if let Some(c) = code {
+            frame.push(c as u64);
+        }
+        let n = frame.len() as u64;
+        let mut bytes = Vec::with_capacity(frame.len() * 8);
+        for x in frame.iter().rev() {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        let top = sp.wrapping_sub(8 * n);
+        self.write(top, &bytes)?;
+        // Committed: enter the handler at real CPL 1.
+        self.cpu.seg[sreg::CS] = compress(d, true);
+        if from_user {
+            self.cpu.seg[sreg::SS] = null_stack();
+        }
+        self.cpu.gpr[4] = top;
+        self.cpu.rip = off;
+        if from_user {
+            // The kernel's IF and IOPL start as the user's were (they are in
+            // the frame too); from now on they are virtual.
+            self.v.vif = self.cpu.rflags & flags::IF != 0;
+            self.v.iopl = ((self.cpu.rflags >> 12) & 3) as u8;
+            self.cpu.rflags = (self.cpu.rflags & !flags::IOPL) | flags::IF;
+        }
+        self.cpu.rflags &= !(flags::TF | flags::NT | flags::RF | flags::VM);
+        if typ == 0xe {
+            self.v.vif = false;
+        }
+        self.cpu.refresh_mode();
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! What the CPU hands to an engine instead of doing itself.
+//!
+//! The `emu` engine lets the CPU deliver every event through the guest's IDT.
+//! Engines that deprivilege the guest kernel (`trap`, `pv`) own the real CPU:
+//! they ask for exceptions, software interrupts, SYSCALL and ready interrupts
+//! as exits ([`Intercepts`]), keep the guest's view of the CPU themselves, and
+//! use the small API here to change the real state: RAM access that keeps the
+//! decoded-code cache coherent, TLB flushes, the current instruction, and a
+//! one-instruction grant of CPL 0 rights for instructions whose effect they
+//! want the CPU to carry out (port I/O, pass-through MSRs).
+//!
+//! Sensitive unprivileged instructions (Robin & Irvine's list) are what makes
+//! x86 not classically virtualizable: at CPL 1 they run without faulting and
+//! show the deprivileging. With [`Intercepts::sensitive`] the CPU stops before
+//! each of them when CPL is 1 or 2, so an engine can report the hole or emulate it.
+//! Of that list, the far transfers (CALL, JMP, RET far), INT n, POP and MOV to
+//! a segment register are not here: given kernel descriptors of DPL 0 they
+//! fault at CPL 1 (or are intercepted, INT n) and reach the engine anyway.
+
+use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
+use vcpu::Segment;
+
+use crate::{sreg, Cpu, CpuExit, Pending, Stop, R};
+
+/// What happens with an interrupt of the local device that is ready.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IrqMode {
+    /// Delivered through the IDT when RFLAGS.IF allows (bare hardware).
+    #[default]
+    Deliver,
+    /// [`CpuExit::Interrupt`] when RFLAGS.IF allows and no interrupt shadow is
+    /// active; the interrupt stays pending in the device.
+    Exit,
+    /// Left pending: the engine's guest has interrupts masked virtually.
+    Hold,
+}
+
+/// Events that exit to the engine instead of being carried out.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Intercepts {
+    /// Exceptions, one bit per vector: [`CpuExit::Exception`] instead of delivery.
+    pub exceptions: u32,
+    /// INT n, INT3, INTO, INT1: [`CpuExit::SoftInt`].
+    pub soft_int: bool,
+    /// SYSCALL: [`CpuExit::Syscall`].
+    pub syscall: bool,
+    /// Ready interrupts of the local device.
+    pub irq: IrqMode,
+    /// Sensitive unprivileged instructions at CPL 1 or 2: [`CpuExit::Sensitive`].
+    pub sensitive: bool,
+    /// CPUID faulting (Intel's MISC_FEATURES_ENABLES bit 0): CPUID at CPL > 0
+    /// raises #GP.
+    pub cpuid_faulting: bool,
+}
+
+/// The mnemonic of a sensitive unprivileged instruction (they read or write
+/// state that tells the privilege level, or behave differently by it, but do
+/// not fault at CPL > 0), or `None`.
+pub fn sensitive(i: &Instruction) -> Option<&'static str> {
+    let seg_reg = |op: u32| {
+        i.op_kind(op) == OpKind::Register
+            && matches!(
+                i.op_register(op),
+                Register::CS
+                    | Register::SS
+                    | Register::DS
+                    | Register::ES
+                    | Register::FS
+                    | Register::GS
+            )
+    };
+    Some(match i.mnemonic() {
+        M::Sgdt => "sgdt",
+        M::Sidt => "sidt",
+        M::Sldt => "sldt",
+        M::Str => "str",
+        M::Smsw => "smsw",
+        M::Pushf | M::Pushfd | M::Pushfq => "pushf",
+        M::Popf | M::Popfd | M::Popfq => "popf",
+        M::Lar => "lar",
+        M::Lsl => "lsl",
+        M::Verr => "verr",
+        M::Verw => "verw",
+        M::Mov if seg_reg(1) => "mov from sreg",
+        M::Push if seg_reg(0) => "push sreg",
+        _ => return None,
+    })
+}
+
+impl Cpu {
+    /// Stops the current instruction with an exit for the engine.
+    pub(crate) fn event_exit<T>(&mut self, exit: CpuExit) -> R<T> {
+        self.pending = Pending::Event(exit);
+        Err(Stop::Exit)
+    }
+
+    /// The current privilege level.
+    pub fn cpl(&self) -> u8 {
+        self.cpl
+    }
+
+    /// Recomputes the cached mode after the engine changed segments, CR0,
+    /// CR4, EFER or RFLAGS.VM directly.
+    pub fn refresh_mode(&mut self) {
+        self.mode_changed();
+    }
+
+    /// Drops TLB entries (global ones too if `all`).
+    pub fn flush_tlb(&mut self, all: bool) {
+        self.tlb_flush(all);
+    }
+
+    /// Drops the TLB entry of linear address `lin`.
+    pub fn flush_tlb_page(&mut self, lin: u64) {
+        self.tlb_flush_page(lin);
+    }
+
+    /// Blocks interrupts until the next instruction completes (the STI shadow
+    /// of an emulated STI).
+    pub fn set_interrupt_shadow(&mut self) {
+        self.inhibit = true;
+    }
+
+    /// Lets the next instruction run with CPL 0 rights for port I/O, RDMSR,
+    /// WRMSR and the other CPL-0-only checks; the grant ends when an
+    /// instruction completes or faults.
+    pub fn grant_privilege_once(&mut self) {
+        self.grant = true;
+    }
+
+    /// Lets the next instruction run without the sensitive-instruction stop
+    /// (the engine chose to let the hole happen).
+    pub fn allow_sensitive_once(&mut self) {
+        self.sensitive_ok = true;
+    }
+
+    /// Decodes the instruction at RIP (through the current page tables).
+    /// An exception (vector, error code) if it cannot be fetched.
+    pub fn current_instruction(&mut self) -> Result<Instruction, (u8, Option<u32>)> {
+        let mut i = Instruction::default();
+        match self.fetch(&mut i) {
+            Ok(()) => Ok(i),
+            Err(Stop::Exc(v, c)) => Err((v, c)),
+            Err(Stop::Exit) => {
+                self.pending = Pending::None;
+                Err((crate::vector::GP, Some(0)))
+            }
+        }
+    }
+
+    /// A general-purpose or segment register as iced-x86 names it.
+    pub fn register(&self, r: Register) -> u64 {
+        if r.is_segment_register() {
+            return self.seg[seg_index(r)].selector as u64;
+        }
+        self.reg(r)
+    }
+
+    /// Writes a general-purpose register (with x86's partial-write rules).
+    pub fn set_register(&mut self, r: Register, v: u64) {
+        self.set_reg(r, v);
+    }
+
+    /// The linear address of the memory operand of `i` (segment base
+    /// included), or `None` if it is not canonical or `i` has none.
+    pub fn memory_operand_address(&self, i: &Instruction) -> Option<u64> {
+        (0..i.op_count()).find(|&k| i.op_kind(k) == OpKind::Memory)?;
+        self.mem_lin(i).ok()
+    }
+
+    /// Reads guest RAM at physical `pa`; false if any byte is not RAM.
+    pub fn ram_read(&self, pa: u64, buf: &mut [u8]) -> bool {
+        self.mem.read(pa, buf)
+    }
+
+    /// Writes guest RAM at physical `pa`, dropping decoded instructions the
+    /// bytes replace; false (nothing written) if any byte is not RAM.
+    pub fn ram_write(&mut self, pa: u64, buf: &[u8]) -> bool {
+        if self.mem.host(pa, buf.len() as u64).is_none() {
+            return false;
+        }
+        self.phys_write(pa, buf).is_ok()
+    }
+
+    /// One past the highest address of the guest's RAM.
+    pub fn ram_end(&self) -> u64 {
+        self.mem.end()
+    }
+}
+
+/// The index into `Cpu::seg` of a segment register.
+pub(crate) fn seg_index(r: Register) -> usize {
+    match r {
+        Register::ES => sreg::ES,
+        Register::CS => sreg::CS,
+        Register::SS => sreg::SS,
+        Register::DS => sreg::DS,
+        Register::FS => sreg::FS,
+        _ => sreg::GS,
+    }
+}
+
+/// A segment register value from a raw 8-byte descriptor.
+pub fn segment_from_descriptor(selector: u16, raw: u64) -> Segment {
+    crate::system::seg_from_desc(selector, raw)
+}
