@@ -41,6 +41,10 @@ struct Json<'a> {
     guest_time_ns: u64,
     vmm_time_ns: u64,
     engine_counters: BTreeMap<&'a str, u64>,
+    /// Grouped engine counters (`group/name`), one object per group at the
+    /// top level: `traps`, `holes`, `shadow`, `reflected`, ...
+    #[serde(flatten)]
+    groups: BTreeMap<&'a str, BTreeMap<&'a str, u64>>,
     outcome: &'a str,
     exit_status: i32,
 }
@@ -117,8 +121,15 @@ impl Stats {
         }
         if !self.engine_counters.is_empty() {
             let _ = writeln!(s, "  engine counters ({}):", self.engine);
+            let mut group = "";
             for (name, n) in &self.engine_counters {
-                let _ = writeln!(s, "  {:<24} {:>12}", name, n);
+                let (g, short) = name.split_once('/').unwrap_or(("", name));
+                if g != group && !g.is_empty() {
+                    let _ = writeln!(s, "  {g}:");
+                }
+                group = g;
+                let indent = if g.is_empty() { "" } else { "  " };
+                let _ = writeln!(s, "  {indent}{:<28} {:>12}", short, n);
             }
         }
         s
@@ -138,8 +149,18 @@ impl Stats {
             engine_counters: self
                 .engine_counters
                 .iter()
+                .filter(|(k, _)| !k.contains('/'))
                 .map(|(k, v)| (k.as_str(), *v))
                 .collect(),
+            groups: {
+                let mut g: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
+                for (k, v) in &self.engine_counters {
+                    if let Some((group, name)) = k.split_once('/') {
+                        g.entry(group).or_default().insert(name, *v);
+                    }
+                }
+                g
+            },
             outcome,
             exit_status,
         };
@@ -164,5 +185,22 @@ mod tests {
         assert!(v["hypercalls"].as_object().unwrap().is_empty());
         assert_eq!(v["wall_time_ns"], 2_000_000);
         assert!(s.table().contains("io_out"));
+    }
+
+    #[test]
+    fn grouped_engine_counters() {
+        let mut s = Stats::new("trap");
+        s.engine_counters = vec![
+            ("guest_instructions".into(), 7),
+            ("traps/cli".into(), 3),
+            ("holes/popf".into(), 1),
+        ];
+        let v: serde_json::Value = serde_json::from_str(&s.to_json("powered off", 0)).unwrap();
+        assert_eq!(v["engine_counters"]["guest_instructions"], 7);
+        assert!(v["engine_counters"].get("traps/cli").is_none());
+        assert_eq!(v["traps"]["cli"], 3);
+        assert_eq!(v["holes"]["popf"], 1);
+        let t = s.table();
+        assert!(t.contains("traps:") && t.contains("popf"), "{t}");
     }
 }

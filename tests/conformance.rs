@@ -121,6 +121,10 @@ macro_rules! on_every_engine {
                 fn emu() {
                     super::run_case(visor::Engine::Emu, super::$case);
                 }
+                #[test]
+                fn trap() {
+                    super::run_case(visor::Engine::Trap, super::$case);
+                }
             }
         )*
     };

@@ -96,6 +96,25 @@ pub fn fail(code: u8) -> ! {
     }
 }
 
+/// How many trial-division passes process A makes (`passes=N` on the command
+/// line; 0: its default). Fewer make a short run for slow engines.
+pub static PASSES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// The decimal value after `key` in a space-separated command line.
+fn parameter(cmdline: &[u8], key: &[u8]) -> Option<u64> {
+    let word = cmdline
+        .split(|&b| b == b' ')
+        .find_map(|w| w.strip_prefix(key))?;
+    let mut n: u64 = 0;
+    for &d in word {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add((d - b'0') as u64)?;
+    }
+    (!word.is_empty()).then_some(n)
+}
+
 extern "C" fn kmain(info: &'static BootInfo) -> ! {
     if info.magic != BOOT_INFO_MAGIC {
         fatal("bad boot info magic");
@@ -112,6 +131,9 @@ extern "C" fn kmain(info: &'static BootInfo) -> ! {
         .ascii(cmdline)
         .s("\"")
         .end();
+    if let Some(n) = parameter(cmdline, b"passes=") {
+        PASSES.store(n, core::sync::atomic::Ordering::Relaxed);
+    }
     // SAFETY: the boot protocol guarantees mmap_count entries at mmap_addr.
     let mmap = unsafe {
         core::slice::from_raw_parts(

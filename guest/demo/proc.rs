@@ -121,7 +121,8 @@ pub fn start() -> ! {
         k.kernel_frames = mm::frames_in_use();
         // pid 1: primes (syscall); 2 and 3: ping-pong partners (int 0x80 and
         // syscall); 4: sleeps, then crosses its heap's end (int 0x80).
-        k.spawn("primes", user::primes as *const () as u64, 0);
+        let passes = crate::PASSES.load(core::sync::atomic::Ordering::Relaxed);
+        k.spawn("primes", user::primes as *const () as u64, passes);
         k.spawn("ping", user::ping as *const () as u64, 3);
         k.spawn("pong", user::pong as *const () as u64, 2);
         k.spawn("sleeper", user::sleeper as *const () as u64, 0);

@@ -218,7 +218,8 @@ const SIEVE_LIMIT: u64 = 50_000;
 /// π(50 000).
 const PRIMES_BELOW_LIMIT: u64 = 5133;
 /// Times A re-checks its sieve by trial division (CPU work at CPL 3, long
-/// enough for the timer to preempt it).
+/// enough for the timer to preempt it), unless the kernel passes another
+/// number (`passes=N` on its command line).
 const CHECK_PASSES: u64 = 100;
 /// D's naps, in timer ticks: long enough that D is the last process left and
 /// the kernel idles.
@@ -246,8 +247,9 @@ fn is_prime(n: u64) -> bool {
 
 /// Process A (`syscall`): counts primes with a sieve in its demand-paged heap.
 #[link_section = ".utext"]
-pub extern "C" fn primes(_arg: u64) -> ! {
+pub extern "C" fn primes(arg: u64) -> ! {
     let g = Gate::Syscall;
+    let passes = if arg == 0 { CHECK_PASSES } else { arg };
     let pid = call(g, sys::GETPID, 0, 0, 0);
     say!(g, |o| o
         .s(ustr!(b"A: pid "))
@@ -287,7 +289,7 @@ pub extern "C" fn primes(_arg: u64) -> ! {
         .n(largest)
         .s(ustr!(b"; checking by trial division")));
     let mut wrong = 0;
-    for _ in 0..CHECK_PASSES {
+    for _ in 0..passes {
         let mut k = 2;
         while k < SIEVE_LIMIT {
             // SAFETY: k < SIEVE_LIMIT, as above.
@@ -308,7 +310,7 @@ pub extern "C" fn primes(_arg: u64) -> ! {
     );
     say!(g, |o| o
         .s(ustr!(b"A: trial division ("))
-        .n(CHECK_PASSES)
+        .n(passes)
         .s(ustr!(b" passes, yielding between them) disagrees on "))
         .n(wrong)
         .s(ustr!(b" numbers; heap returned")));

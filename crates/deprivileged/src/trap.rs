@@ -197,6 +197,33 @@ enum Done {
     Halt,
 }
 
+/// The name a trapped instruction is counted under.
+fn trap_name(i: &Instruction) -> &'static str {
+    let reg = |k: u32| (i.op_kind(k) == OpKind::Register).then(|| i.op_register(k));
+    if i.mnemonic() != M::Mov {
+        return mnemonic_name(i.mnemonic());
+    }
+    match (reg(0), reg(1)) {
+        (Some(r), _) if r.is_cr() => match r.number() {
+            0 => "mov to cr0",
+            2 => "mov to cr2",
+            3 => "mov to cr3",
+            4 => "mov to cr4",
+            _ => "mov to cr8",
+        },
+        (_, Some(r)) if r.is_cr() => match r.number() {
+            0 => "mov from cr0",
+            2 => "mov from cr2",
+            3 => "mov from cr3",
+            4 => "mov from cr4",
+            _ => "mov from cr8",
+        },
+        (Some(r), _) if r.is_dr() => "mov to dr",
+        (_, Some(r)) if r.is_dr() => "mov from dr",
+        _ => "mov to sreg",
+    }
+}
+
 fn mnemonic_name(m: M) -> &'static str {
     match m {
         M::Cli => "cli",
@@ -207,7 +234,6 @@ fn mnemonic_name(m: M) -> &'static str {
         M::Insb | M::Insw | M::Insd => "ins",
         M::Outsb | M::Outsw | M::Outsd => "outs",
         M::Cpuid => "cpuid",
-        M::Mov => "mov cr/dr/sreg",
         M::Pop => "pop sreg",
         M::Lgdt => "lgdt",
         M::Lidt => "lidt",
@@ -359,7 +385,7 @@ impl TrapVcpu {
             Err(EmuErr::Fault(f)) => return Some(self.reflect_fault(f)),
             Err(EmuErr::Unsupported(what)) => return Some(Some(VcpuExit::Unimplemented { what })),
         };
-        *self.c.traps.entry(mnemonic_name(i.mnemonic())).or_default() += 1;
+        *self.c.traps.entry(trap_name(i)).or_default() += 1;
         match r {
             Done::Next => self.g.cpu.rip = i.next_ip(),
             Done::Rerun => self.g.cpu.grant_privilege_once(),
