@@ -2,110 +2,17 @@
 //! every registered engine through one macro, with expected registers, exits and
 //! device traffic.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
 use iced_x86::code_asm::*;
-use machine::bus::{Action, Device, StopReason};
-use vcpu::{DescriptorTable, Regs};
-use visor::{Engine, Outcome, Stats, Vm, VmOptions};
+use machine::bus::StopReason;
+use vcpu::Regs;
+use visor::{Engine, Outcome, Vm, VmOptions};
 use vm_memory::{Bytes, GuestAddress};
 
-const CODE: u64 = 0x10_0000;
-const DATA: u64 = 0x11_0000;
-const IDT: u64 = 0x8000;
-const STACK: u64 = 0x80000;
-
-/// Records every access; reads return `base + offset` in each byte.
-#[derive(Default)]
-struct Recorder {
-    writes: Vec<(u64, Vec<u8>)>,
-    reads: Vec<(u64, usize)>,
-}
-
-impl Device for Recorder {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.reads.push((offset, data.len()));
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = 0xa0u8.wrapping_add(offset as u8).wrapping_add(i as u8);
-        }
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Action {
-        self.writes.push((offset, data.to_vec()));
-        Action::Continue
-    }
-}
-
-struct Guest {
-    vm: Vm,
-    ports: Arc<Mutex<Recorder>>,
-    mmio: Arc<Mutex<Recorder>>,
-    stats: Stats,
-}
-
-const PORT_BASE: u64 = 0x80;
-const MMIO_BASE: u64 = 0xd000_0000;
-
-impl Guest {
-    /// A 16 MiB guest in 64-bit long mode (visor's boot state), `code` at CODE.
-    fn long_mode(engine: Engine, code: &[u8]) -> Guest {
-        let mut vm = Vm::new(engine, 16 << 20, VmOptions::default()).expect("create vm");
-        let sregs = machine::boot::long_mode(&vm.mem).unwrap();
-        vm.mem.write_slice(code, GuestAddress(CODE)).unwrap();
-        let regs = Regs {
-            rip: CODE,
-            rsp: STACK,
-            rflags: 2,
-            ..Default::default()
-        };
-        vm.set_cpu_state(&regs, &sregs).unwrap();
-        Guest::finish(vm, engine)
-    }
-
-    fn finish(mut vm: Vm, engine: Engine) -> Guest {
-        let ports = Arc::new(Mutex::new(Recorder::default()));
-        let mmio = Arc::new(Mutex::new(Recorder::default()));
-        vm.pio.insert(PORT_BASE, 4, ports.clone()).unwrap();
-        vm.pio
-            .insert(
-                abi::port::DEBUG_EXIT as u64,
-                1,
-                Arc::new(Mutex::new(machine::devices::DebugExit)),
-            )
-            .unwrap();
-        vm.mmio.insert(MMIO_BASE, 0x1000, mmio.clone()).unwrap();
-        Guest {
-            vm,
-            ports,
-            mmio,
-            stats: Stats::new(engine.name()),
-        }
-    }
-
-    fn run(&mut self) -> Outcome {
-        self.vm.run(&mut self.stats).expect("engine error")
-    }
-
-    fn regs(&self) -> Regs {
-        self.vm.vcpu.regs().unwrap()
-    }
-
-    fn exits(&self, name: &str) -> u64 {
-        self.stats.exits.get(name).map_or(0, |e| e.count)
-    }
-}
-
-fn asm64(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(CODE).unwrap()
-}
-
-fn assert_halted(o: &Outcome) {
-    assert!(
-        matches!(o, Outcome::Halted { .. }),
-        "expected HLT, got {o:?}"
-    );
-}
+use common::guest::*;
 
 /// Runs each case on every engine that works on this host. An engine that is
 /// not available here is reported on stderr, not silently passed.
@@ -313,28 +220,6 @@ fn cpuid(engine: Engine) {
     assert!(r.r11 >= 1, "max basic leaf");
     assert_ne!(r.r12 & (1 << 26), 0, "SSE2 in leaf 1 EDX");
     assert_ne!(r.r12 & (1 << 0), 0, "FPU in leaf 1 EDX");
-}
-
-/// Writes a 64-bit interrupt gate for `vector` to the IDT at IDT and loads
-/// IDTR with that table.
-fn set_gate(g: &mut Guest, vector: u64, handler: u64) {
-    let lo: u64 = (handler & 0xffff)
-        | ((abi::SEL_CODE64 as u64) << 16)
-        | (0x8e00u64 << 32)
-        | ((handler >> 16 & 0xffff) << 48);
-    let hi: u64 = handler >> 32;
-    g.vm.mem
-        .write_obj(lo, GuestAddress(IDT + vector * 16))
-        .unwrap();
-    g.vm.mem
-        .write_obj(hi, GuestAddress(IDT + vector * 16 + 8))
-        .unwrap();
-    let mut s = g.vm.vcpu.sregs().unwrap();
-    s.idt = DescriptorTable {
-        base: IDT,
-        limit: 256 * 16 - 1,
-    };
-    g.vm.vcpu.set_sregs(&s).unwrap();
 }
 
 fn guest_page_fault(engine: Engine) {

@@ -847,7 +847,9 @@ impl TrapVcpu {
     /// A sensitive unprivileged instruction at CPL 1.
     fn sensitive(&mut self, mnemonic: &'static str) -> Option<VcpuExit<'static>> {
         let first = !self.c.holes.contains_key(mnemonic);
-        *self.c.holes.entry(mnemonic).or_default() += 1;
+        if self.policy != HolePolicy::Trap {
+            *self.c.holes.entry(mnemonic).or_default() += 1;
+        }
         match self.policy {
             HolePolicy::Report => {
                 if first {

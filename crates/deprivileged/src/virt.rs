@@ -159,6 +159,7 @@ impl Guest {
     /// Delivers an event to the guest kernel through its IDT, with the
     /// double-fault rules. False if that ends in a triple fault.
     pub fn reflect(&mut self, vector: u8, code: Option<u32>, ret: u64, soft: bool) -> bool {
+        self.cpu.revoke_grants();
         let (mut v, mut code, mut soft) = (vector, code, soft);
         loop {
             match self.deliver(v, code, soft, ret) {

@@ -134,6 +134,13 @@ impl Cpu {
         self.sensitive_ok = true;
     }
 
+    /// Ends the grants of `grant_privilege_once` and `allow_sensitive_once`
+    /// (the instruction will not run again: the engine delivered an event).
+    pub fn revoke_grants(&mut self) {
+        self.grant = false;
+        self.sensitive_ok = false;
+    }
+
     /// Decodes the instruction at RIP (through the current page tables).
     /// An exception (vector, error code) if it cannot be fetched.
     pub fn current_instruction(&mut self) -> Result<Instruction, (u8, Option<u32>)> {

@@ -599,12 +599,15 @@ impl Cpu {
                 }
                 Err(Stop::Exc(v, code)) => {
                     self.inhibit = false;
-                    self.grant = false;
-                    self.sensitive_ok = false;
                     self.end_instruction_io();
                     if self.intercepts.exceptions & (1 << v) != 0 {
+                        // The engine may resolve it and run the instruction
+                        // again (a shadow page fault): grants stay until it
+                        // completes or the engine revokes them.
                         return CpuExit::Exception { vector: v, code };
                     }
+                    self.grant = false;
+                    self.sensitive_ok = false;
                     if !self.exception(v, code) {
                         return self.shutdown_or_unimplemented();
                     }

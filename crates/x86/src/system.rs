@@ -1119,9 +1119,11 @@ impl Cpu {
         let desc = if sel & !3 == 0 {
             None
         } else {
+            // A selector beyond the table limit fails the check (ZF=0); a
+            // fault reading the table (#PF) is raised.
             match self.read_descriptor(sel) {
                 Ok(d) => Some(d),
-                Err(Stop::Exc(..)) => None,
+                Err(Stop::Exc(vector::GP, _)) => None,
                 Err(e) => return Err(e),
             }
         };
