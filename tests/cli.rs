@@ -437,3 +437,113 @@ fn unimplemented_instruction_on_emu() {
         "{err}"
     );
 }
+
+/// The demo OS's transcript without what depends on timing (ticks, sleeps,
+/// timer interrupts) or on the host (the hypervisor signature KVM shows),
+/// sorted: process output interleaves by scheduling.
+fn transcript(out: &str) -> Vec<String> {
+    let mut v: Vec<String> = out
+        .lines()
+        .filter(|l| !l.contains("tick") && !l.contains("hypervisor signature"))
+        .map(|l| match l.find(" timer_irqs=") {
+            Some(i) => {
+                let rest = &l[i + 1..];
+                let end = rest.find(' ').map_or(l.len(), |j| i + 1 + j);
+                format!("{}{}", &l[..i], &l[end..])
+            }
+            None => l.to_string(),
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The same demo OS, not told it is virtualized, runs on the software CPU at
+/// its real privilege (`emu`) and deprivileged (`trap`) with the transcript
+/// it has under `kvm`; under `trap` its privileged instructions trap, its
+/// page tables are shadowed and its events are reflected.
+#[test]
+fn demo_os_on_emu_and_trap() {
+    let short = ["--cmdline", "passes=2", "--no-pv"];
+    let run = |engine: &str| {
+        let mut a = vec!["run", "--engine", engine];
+        a.extend_from_slice(&short);
+        stats_json(&a)
+    };
+    let (emu, _) = run("emu");
+    assert_eq!(emu.status.code(), Some(0), "{}", stderr(&emu));
+    let (trap, v) = run("trap");
+    assert_eq!(trap.status.code(), Some(0), "{}", stderr(&trap));
+    let (e, t) = (stdout(&emu), stdout(&trap));
+    demo_done(&t, "native");
+    assert_eq!(transcript(&t), transcript(&e));
+    if kvm_here() {
+        let (kvm, _) = run("kvm");
+        assert_eq!(transcript(&stdout(&kvm)), transcript(&t));
+    }
+    assert_eq!(v["engine"], "trap");
+    for t in [
+        "lgdt",
+        "lidt",
+        "ltr",
+        "wrmsr",
+        "mov to cr3",
+        "invlpg",
+        "sysretq",
+        "out",
+    ] {
+        assert!(
+            v["traps"][t].as_u64().unwrap_or(0) > 0,
+            "{t}: {}",
+            v["traps"]
+        );
+    }
+    for k in ["interrupts", "syscalls", "soft_ints"] {
+        assert!(v["reflected"][k].as_u64().unwrap_or(0) > 0, "{k}");
+    }
+    assert!(v["shadow"]["fills"].as_u64().unwrap() > 100);
+    assert!(
+        v["shadow"]["reflected_page_faults"].as_u64().unwrap() >= 15,
+        "demand paging"
+    );
+    assert!(v["engine_counters"]["guest_instructions"].as_u64().unwrap() > 1_000_000);
+}
+
+/// A kernel that saves and restores its interrupt flag with PUSHF/POPF, the
+/// classic virtualization hole: `visor run --engine trap` reports it (stderr
+/// and `--stats`), `--strict-holes` stops on it, `--trap-sensitive` emulates it.
+#[test]
+fn popf_hole_is_reported() {
+    let code = asm(64, 0x20_0000, |a| {
+        a.cli()?;
+        a.pushfq()?;
+        a.sti()?;
+        a.popfq()?; // restores IF=0, except deprivileged
+        a.pushfq()?;
+        a.pop(rax)?;
+        a.shr(eax, 9)?;
+        a.and(al, 1)?;
+        a.out(0xf4, al)?; // status 1: IF=0 as intended, 3: IF stuck at 1
+        a.hlt()
+    });
+    let (d, p) = tmp("popf.elf", &elf64_image(0x20_0000, &code));
+    let json = d.path().join("stats.json");
+    let o = visor(&["run", s(&p), "--engine", "trap", "--stats-json", s(&json)]);
+    assert_eq!(o.status.code(), Some(3), "IF stayed set: {}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("virtualization hole: popf at 0x"), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["holes"]["popf"], 1);
+    assert_eq!(v["holes"]["pushf"], 2);
+    let o = visor(&["run", s(&p), "--engine", "trap", "--trap-sensitive"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let o = visor(&["run", s(&p), "--engine", "emu"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let o = visor(&["run", s(&p), "--engine", "trap", "--strict-holes"]);
+    assert_eq!(o.status.code(), Some(6));
+    assert!(
+        stderr(&o).contains("virtualization hole (--strict-holes): pushf"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -339,3 +339,212 @@ fn privileged_instructions_are_emulated() {
     assert_eq!(s.cs.selector, 0x10, "the guest sees its own CS");
     assert_eq!(s.ss.selector, 0x18);
 }
+
+// ---- user mode, shadow paging and hostile guests ---------------------------
+
+const GDT2: u64 = 0x20_0000;
+const TSS2: u64 = 0x20_1000;
+const PML4: u64 = 0x21_0000;
+const USER_CODE: u64 = 0x12_0000;
+const USER_STACK: u64 = 0x13_0000;
+const SECRET: u64 = 0x14_0000;
+const KSTACK: u64 = 0x28_0000;
+const PF_HANDLER: u64 = CODE + 0x800;
+const GP_HANDLER: u64 = CODE + 0x900;
+/// A linear address the kernel maps through a hostile PDE.
+const HOSTILE: u64 = 0x120_0000;
+
+/// A kernel with user segments, a TSS and its own page tables: 4 KiB pages
+/// for the first 2 MiB (user code and stack pages have U; SECRET does not),
+/// 2 MiB supervisor pages up to 16 MiB.
+fn user_world(g: &mut Guest) {
+    let m = &g.vm.mem;
+    let gdt: [u64; 8] = [
+        0,
+        0,
+        0x00af_9a00_0000_ffff, // 0x10 kernel code
+        0x00cf_9200_0000_ffff, // 0x18 kernel data
+        0x00cf_f200_0000_ffff, // 0x20 user data
+        0x00af_fa00_0000_ffff, // 0x28 user code
+        0x0000_8900_0000_0088 | ((TSS2 & 0xff_ffff) << 16) | ((TSS2 >> 24 & 0xff) << 56),
+        0,
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        m.write_obj(*d, GuestAddress(GDT2 + 8 * i as u64)).unwrap();
+    }
+    let mut dtr = [0u8; 10];
+    dtr[..2].copy_from_slice(&(8u16 * 8 - 1).to_le_bytes());
+    dtr[2..].copy_from_slice(&GDT2.to_le_bytes());
+    m.write_slice(&dtr, GuestAddress(DATA + 0x300)).unwrap();
+    m.write_obj(KSTACK, GuestAddress(TSS2 + 4)).unwrap();
+    // I/O permission bitmap at 0x68 for ports 0..0x100: only port 0x80 allowed.
+    m.write_obj(0x68u16, GuestAddress(TSS2 + 0x66)).unwrap();
+    let mut bitmap = [0xffu8; 33];
+    bitmap[0x80 / 8] &= !1;
+    m.write_slice(&bitmap, GuestAddress(TSS2 + 0x68)).unwrap();
+    let (pdpt, pd, pt) = (PML4 + 0x1000, PML4 + 0x2000, PML4 + 0x3000);
+    m.write_obj(pdpt | 7, GuestAddress(PML4)).unwrap();
+    m.write_obj(pd | 7, GuestAddress(pdpt)).unwrap();
+    m.write_obj(pt | 7, GuestAddress(pd)).unwrap();
+    for i in 1..8u64 {
+        m.write_obj((i << 21) | 0x83, GuestAddress(pd + 8 * i))
+            .unwrap();
+    }
+    for i in 0..512u64 {
+        let a = i << 12;
+        let user = a == USER_CODE || a == USER_STACK;
+        m.write_obj(a | 3 | if user { 4 } else { 0 }, GuestAddress(pt + 8 * i))
+            .unwrap();
+    }
+}
+
+/// Runs `user` at CPL 3 under the kernel of [`user_world`]. The #PF handler
+/// leaves vector 14, the error code, CR2, and the faulting RIP and CS in
+/// RBX, R12, R13, R14, R15; the #GP handler the same (no CR2).
+fn run_user(
+    engine: Engine,
+    kernel_extra: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+    user: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Guest {
+    let kernel = asm64(|a| {
+        a.mov(rax, DATA + 0x300)?;
+        a.lgdt(ptr(rax))?;
+        a.mov(eax, 0x30u32)?;
+        a.ltr(ax)?;
+        a.mov(rax, PML4)?;
+        a.mov(cr3, rax)?;
+        a.mov(rsp, KSTACK)?;
+        kernel_extra(a)?;
+        a.push(0x23)?;
+        a.push((USER_STACK + 0x1000) as i32)?;
+        a.push(0x202)?;
+        a.push(0x2b)?;
+        a.push(USER_CODE as i32)?;
+        a.iretq()
+    });
+    let mut g = Guest::long_mode(engine, &kernel);
+    user_world(&mut g);
+    let handler = |v: u8, ip: u64| {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(ebx, v as u32).unwrap();
+        a.pop(r12).unwrap();
+        if v == 14 {
+            a.mov(r13, cr2).unwrap();
+        }
+        a.mov(r14, qword_ptr(rsp)).unwrap();
+        a.mov(r15, qword_ptr(rsp + 8)).unwrap();
+        a.hlt().unwrap();
+        a.assemble(ip).unwrap()
+    };
+    g.vm.mem
+        .write_slice(&handler(14, PF_HANDLER), GuestAddress(PF_HANDLER))
+        .unwrap();
+    g.vm.mem
+        .write_slice(&handler(13, GP_HANDLER), GuestAddress(GP_HANDLER))
+        .unwrap();
+    set_gate(&mut g, 14, PF_HANDLER);
+    set_gate(&mut g, 13, GP_HANDLER);
+    let mut u = CodeAssembler::new(64).unwrap();
+    user(&mut u).unwrap();
+    u.hlt().unwrap();
+    g.vm.mem
+        .write_slice(&u.assemble(USER_CODE).unwrap(), GuestAddress(USER_CODE))
+        .unwrap();
+    let o = g.run();
+    assert_halted(&o);
+    g
+}
+
+fn fault_seen(g: &Guest) -> (u64, u64, u64, u64, u64) {
+    let r = g.regs();
+    (r.rbx, r.r12, r.r13, r.r14, r.r15)
+}
+
+/// Guest user code cannot touch guest kernel pages, or run privileged
+/// instructions: the faults reach the guest kernel with the hardware's
+/// error codes, under `trap` exactly as on `emu`. Port I/O follows the guest's
+/// TSS I/O bitmap.
+#[test]
+fn user_cannot_touch_kernel() {
+    type Prog = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let cases: [(Prog, (u64, u64, u64)); 6] = [
+        (|a| a.mov(rax, qword_ptr(SECRET)), (14, 5, 0)),
+        (|a| a.mov(qword_ptr(SECRET), rax), (14, 7, 0)),
+        (|a| a.hlt(), (13, 0, 0)),
+        (|a| a.cli(), (13, 0, 0)),
+        (|a| a.in_(al, 0x81), (13, 0, 0)),
+        // Allowed by the bitmap: the fault is the HLT after it.
+        (|a| a.in_(al, 0x80), (13, 0, 2)),
+    ];
+    for (user, (v, code, at)) in cases {
+        let oracle = run_user(Engine::Emu, |_| Ok(()), user);
+        let g = run_user(Engine::Trap, |_| Ok(()), user);
+        assert_eq!(fault_seen(&g), fault_seen(&oracle));
+        let (gv, gcode, gcr2, grip, gcs) = fault_seen(&g);
+        assert_eq!((gv, gcode, grip, gcs), (v, code, USER_CODE + at, 0x2b));
+        if v == 14 {
+            assert_eq!(gcr2, SECRET);
+        }
+        assert!(counter(&g, "shadow/fills") > 0);
+    }
+}
+
+/// A guest kernel that points its page tables at memory beyond its
+/// physical-address width (where the engine keeps the shadow tables) gets a
+/// reserved-bit page fault, as hardware with that width gives; a CR3 there is
+/// refused with #GP. Nothing outside guest RAM is reached.
+#[test]
+fn hostile_page_tables_cannot_reach_vmm_memory() {
+    let pd = PML4 + 0x2000;
+    let read_through_hostile_pde = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        // PD entry 9 (linear 18 MiB): a 2 MiB page at physical 2^47.
+        a.mov(rax, (1u64 << 47) | 0x83)?;
+        a.mov(rbx, pd + 8 * 9)?;
+        a.mov(qword_ptr(rbx), rax)?;
+        a.mov(rax, qword_ptr(HOSTILE))?;
+        a.hlt()
+    };
+    let g = run_user(Engine::Trap, read_through_hostile_pde, |_| Ok(()));
+    let (vec, err, addr, _, sel) = fault_seen(&g);
+    assert_eq!(
+        (vec, err, addr, sel),
+        (14, 0x9, HOSTILE, 0x10),
+        "#PF: present, reserved bit"
+    );
+    assert_eq!(g.mmio.lock().unwrap().reads.len(), 0);
+
+    let cr3_beyond = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.mov(rax, 1u64 << 47)?;
+        a.mov(cr3, rax)?;
+        a.hlt()
+    };
+    let g = run_user(Engine::Trap, cr3_beyond, |_| Ok(()));
+    assert_eq!(fault_seen(&g).0, 13, "MOV to CR3 beyond the address width");
+    assert_eq!(fault_seen(&g).1, 0);
+}
+
+/// CR0.WP=0 lets the guest kernel write its read-only pages (as hardware
+/// does), but that never opens them to user code.
+#[test]
+fn write_protect_off_stays_supervisor_only() {
+    let kernel = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        // Make the user stack page read-only, clear WP, write it from the kernel.
+        a.mov(rbx, PML4 + 0x3000 + 8 * (USER_STACK >> 12))?;
+        a.mov(rax, USER_STACK | 5)?;
+        a.mov(qword_ptr(rbx), rax)?;
+        a.invlpg(qword_ptr(USER_STACK))?;
+        a.mov(rax, cr0)?;
+        a.btr(rax, 16)?;
+        a.mov(cr0, rax)?;
+        a.mov(qword_ptr(USER_STACK + 0x800), 0x55)?;
+        a.mov(rbp, qword_ptr(USER_STACK + 0x800))?;
+        Ok(())
+    };
+    // The user pushes onto its read-only stack: #PF, present + write + user.
+    let user = |a: &mut CodeAssembler| a.push(rax);
+    let oracle = run_user(Engine::Emu, kernel, user);
+    let g = run_user(Engine::Trap, kernel, user);
+    assert_eq!(g.regs().rbp, 0x55, "kernel write with WP=0");
+    assert_eq!(fault_seen(&g), fault_seen(&oracle));
+    assert_eq!(fault_seen(&g).1, 7);
+}

@@ -363,7 +363,10 @@ impl TrapVcpu {
             let emulate = if self.g.vcpl() == 0 {
                 true
             } else {
-                i.mnemonic() == M::Cpuid
+                // User mode: CPUID (faulting here at any CPL > 0), and port I/O
+                // that the guest's own TSS I/O bitmap allows (the real task
+                // register has none).
+                i.mnemonic() == M::Cpuid || self.user_io_permitted(&i)
             };
             if emulate {
                 if let Some(r) = self.emulate(&i) {
@@ -374,6 +377,45 @@ impl TrapVcpu {
         self.c.exceptions += 1;
         let rip = self.g.cpu.rip;
         self.reflect(v, code, rip, false)
+    }
+
+    /// Whether the guest's TSS I/O permission bitmap lets user mode run the
+    /// port I/O instruction `i` (the check the CPU makes at CPL > IOPL).
+    fn user_io_permitted(&mut self, i: &Instruction) -> bool {
+        let (port, size) = match i.mnemonic() {
+            M::In | M::Out => {
+                let (p, d) = if i.mnemonic() == M::In {
+                    (1, 0)
+                } else {
+                    (0, 1)
+                };
+                let port = if i.op_kind(p) == OpKind::Register {
+                    self.g.cpu.gpr[2] as u16
+                } else {
+                    i.immediate(p) as u16
+                };
+                (port, i.op_register(d).size() as u64)
+            }
+            M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd => (
+                self.g.cpu.gpr[2] as u16,
+                i.memory_size().size().clamp(1, 4) as u64,
+            ),
+            _ => return false,
+        };
+        let tr = self.g.v.tr;
+        if tr.unusable || tr.limit < 0x67 {
+            return false;
+        }
+        let mut b = [0u8; 2];
+        if self.g.read(tr.base.wrapping_add(0x66), &mut b).is_err() {
+            return false;
+        }
+        let at = u16::from_le_bytes(b) as u64 + (port as u64 >> 3);
+        if at + 1 > tr.limit as u64 || self.g.read(tr.base.wrapping_add(at), &mut b).is_err() {
+            return false;
+        }
+        let want = ((1u64 << size) - 1) << (port & 7);
+        u16::from_le_bytes(b) as u64 & want == 0
     }
 
     /// Emulates a faulting privileged instruction. `None` if it is not one
@@ -675,7 +717,8 @@ impl TrapVcpu {
             }
             2 => g.v.cr2 = v,
             3 => {
-                if v & !walk::ADDR & !0xfff != 0 {
+                // Bits beyond the physical-address width are reserved.
+                if v >> PHYS_BITS != 0 {
                     return Err(gp(0));
                 }
                 g.v.cr3 = v;
