@@ -16,6 +16,9 @@ pub enum Engine {
     /// Trap-and-emulate: the guest kernel runs deprivileged on the software
     /// CPU, privileged instructions trap to the VMM, shadow page tables.
     Trap,
+    /// Paravirtualization: the guest kernel runs deprivileged on the software
+    /// CPU and uses hypercalls (`int 0x82`) for every privileged operation.
+    Pv,
 }
 
 /// Engine-independent VM options.
@@ -26,14 +29,15 @@ pub struct VmOptions {
     pub irqchip: bool,
     /// Advertise visor's paravirtual interface (CPUID leaves 0x4000_0000..,
     /// hypercall page MSR); `--no-pv` turns it off. The `trap` engine never
-    /// does: its guest does not know it is virtualized.
+    /// does (its guest does not know it is virtualized); the `pv` engine
+    /// always does.
     pub pv: bool,
     /// What the `trap` engine does with virtualization holes.
     pub holes: visor_deprivileged::HolePolicy,
 }
 
 impl Engine {
-    pub const ALL: &'static [Engine] = &[Engine::Kvm, Engine::Emu, Engine::Trap];
+    pub const ALL: &'static [Engine] = &[Engine::Kvm, Engine::Emu, Engine::Trap, Engine::Pv];
     /// The engines `--engine auto` chooses from, best first: the software CPU
     /// where KVM cannot run.
     pub const AUTO: &'static [Engine] = &[Engine::Kvm, Engine::Emu];
@@ -43,6 +47,7 @@ impl Engine {
             Engine::Kvm => "kvm",
             Engine::Emu => "emu",
             Engine::Trap => "trap",
+            Engine::Pv => "pv",
         }
     }
 
@@ -51,6 +56,7 @@ impl Engine {
             Engine::Kvm => "hardware-assisted (VT-x/AMD-V through Linux KVM)",
             Engine::Emu => "software CPU, guest at its real privilege (baseline, oracle)",
             Engine::Trap => "trap-and-emulate: deprivileged guest kernel, shadow page tables",
+            Engine::Pv => "paravirtualization: deprivileged PV kernel, hypercalls through int 0x82",
         }
     }
 
@@ -62,7 +68,7 @@ impl Engine {
     pub fn unavailable_reason(self) -> Option<String> {
         match self {
             Engine::Kvm => visor_kvm::unavailable_reason(),
-            Engine::Emu | Engine::Trap => None,
+            Engine::Emu | Engine::Trap | Engine::Pv => None,
         }
     }
 
@@ -72,6 +78,8 @@ impl Engine {
             // The VMM loop turns OUT to the hypercall port into a hypercall on
             // every engine.
             Engine::Kvm | Engine::Emu | Engine::Trap => hypercall::port_io_stub,
+            // The deprivileged kernel may not do port I/O.
+            Engine::Pv => hypercall::int82_stub,
         }
     }
 
@@ -79,7 +87,7 @@ impl Engine {
     pub fn linux_parameters(self) -> &'static [&'static str] {
         match self {
             Engine::Kvm => visor_kvm::linux_parameters(),
-            Engine::Emu | Engine::Trap => &[],
+            Engine::Emu | Engine::Trap | Engine::Pv => &[],
         }
     }
 
@@ -122,6 +130,7 @@ impl Engine {
                     holes: opts.holes,
                 },
             )?)),
+            Engine::Pv => Ok(Box::new(visor_deprivileged::PvVm::new(mem)?)),
         }
     }
 }

@@ -116,6 +116,22 @@ impl Ctx<'_> {
     }
 }
 
+const IF: u64 = 1 << 9;
+
+fn canonical(a: u64) -> bool {
+    ((a as i64) << 16 >> 16) as u64 == a
+}
+
+/// The segment of `sel` in the guest's GDT (read through its page tables).
+fn descriptor(ctx: &Ctx, s: &vcpu::SRegs, sel: u16) -> Option<vcpu::Segment> {
+    let idx = (sel & !7) as u64;
+    if sel & 4 != 0 || idx == 0 || idx + 7 > s.gdt.limit as u64 {
+        return None;
+    }
+    let raw: u64 = ctx.read(s.gdt.base.wrapping_add(idx))?;
+    Some(x86::segment_from_descriptor(sel, raw))
+}
+
 fn in_ram(mem: &GuestMemory, gpa: u64, len: u64) -> bool {
     len > 0
         && gpa.checked_add(len - 1).is_some_and(|last| {
@@ -186,9 +202,34 @@ impl Hypercalls {
             cr3,
         };
         let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8];
-        let (result, after) = self.dispatch(&mut ctx, regs.rax & 0xffff_ffff, args, true)?;
+        let n = regs.rax & 0xffff_ffff;
+        // Hypercalls that change the vCPU's registers themselves.
+        let result = match n {
+            nr::IRET => {
+                self.counts[n as usize] += 1;
+                match self.iret(&mut ctx, regs)? {
+                    Ok(()) => return Ok(After::Resume),
+                    Err(e) => e,
+                }
+            }
+            nr::SET_EVENT_MASK => {
+                self.counts[n as usize] += 1;
+                let old = regs.rflags & IF == 0;
+                if args[0] != 0 {
+                    regs.rflags &= !IF;
+                } else {
+                    regs.rflags |= IF;
+                }
+                old as i64
+            }
+            _ => {
+                let (result, after) = self.dispatch(&mut ctx, n, args, true)?;
+                regs.rax = result as u64;
+                return Ok(after);
+            }
+        };
         regs.rax = result as u64;
-        Ok(after)
+        Ok(After::Resume)
     }
 
     fn dispatch(
@@ -247,10 +288,136 @@ impl Hypercalls {
             }
             nr::EVENT_CHANNEL_OP => self.event_channel_op(ctx, a)?,
             nr::MULTICALL if top => self.multicall(ctx, a[0], a[1])?,
+            nr::SET_GDT => self.set_gdt(ctx, a)?,
+            nr::SET_CALLBACKS => self.set_callbacks(ctx, a)?,
+            nr::GET_CR2 => ctx.vcpu.sregs()?.cr2 as i64,
+            nr::SET_HYPERCALL_PAGE if self.advertised => {
+                if self.set_page(ctx.mem, a[0]) {
+                    0
+                } else {
+                    EINVAL
+                }
+            }
+            // Only as the hypercall itself (they change the caller's registers).
+            nr::IRET | nr::SET_EVENT_MASK => EINVAL,
             nr::MULTICALL => EINVAL,
             _ => -errno::ENOSYS,
         };
         Ok((r, After::Resume))
+    }
+
+    /// `iret()`: pops RAX, RIP, CS, RFLAGS, RSP, SS (after the stub's return
+    /// address) and returns there. The code and stack segments come from the
+    /// guest's GDT and must be a 64-bit kernel (RPL 0) or user (RPL 3) pair.
+    fn iret(&mut self, ctx: &mut Ctx, regs: &mut Regs) -> Result<Result<(), i64>, vcpu::VcpuError> {
+        let mut f = [0u64; 7];
+        for (i, w) in f.iter_mut().enumerate() {
+            match ctx.read::<u64>(regs.rsp.wrapping_add(8 * i as u64)) {
+                Some(v) => *w = v,
+                None => return Ok(Err(EFAULT)),
+            }
+        }
+        let [_, rax, rip, cs, rflags, rsp, ss] = f;
+        let (cs, ss) = (cs as u16, ss as u16);
+        let rpl = cs & 3;
+        if (rpl != 0 && rpl != 3) || ss & 3 != rpl || !canonical(rip) {
+            return Ok(Err(EINVAL));
+        }
+        let mut s = ctx.vcpu.sregs()?;
+        let Some(code) = descriptor(ctx, &s, cs) else {
+            return Ok(Err(EINVAL));
+        };
+        if !code.s || code.type_ & 8 == 0 || !code.l || code.dpl as u16 != rpl || !code.present {
+            return Ok(Err(EINVAL));
+        }
+        let stack = if ss & !3 == 0 && rpl == 0 {
+            vcpu::Segment {
+                selector: ss,
+                unusable: true,
+                ..Default::default()
+            }
+        } else {
+            match descriptor(ctx, &s, ss) {
+                Some(d) if d.s && d.type_ & 0xa == 2 && d.dpl as u16 == rpl && d.present => d,
+                _ => return Ok(Err(EINVAL)),
+            }
+        };
+        s.cs = code;
+        s.ss = stack;
+        ctx.vcpu.set_sregs(&s)?;
+        regs.rax = rax;
+        regs.rip = rip;
+        regs.rsp = rsp;
+        regs.rflags = (rflags & 0x3f_7fd5) | 2;
+        Ok(Ok(()))
+    }
+
+    /// `set_gdt(table, entries, tss_selector)`.
+    fn set_gdt(&mut self, ctx: &mut Ctx, a: [u64; 5]) -> Result<i64, vcpu::VcpuError> {
+        let (table, entries, tss) = (a[0], a[1], a[2] as u16);
+        if entries == 0
+            || entries > 64
+            || tss & 7 != 0
+            || tss as u64 / 8 + 1 >= entries.max(1) && tss != 0
+        {
+            return Ok(EINVAL);
+        }
+        let mut raw = Vec::with_capacity(entries as usize);
+        for i in 0..entries {
+            match ctx.read::<u64>(table + 8 * i) {
+                Some(d) => raw.push(d),
+                None => return Ok(EFAULT),
+            }
+        }
+        // Code and data descriptors only, but for the one TSS (two slots).
+        let tss_slot = (tss != 0).then_some(tss as usize / 8);
+        for (i, &d) in raw.iter().enumerate() {
+            let system = d & (1 << 44) == 0 && d & (1 << 47) != 0;
+            let tss_half = tss_slot.is_some_and(|t| i == t || i == t + 1);
+            if system && !tss_half {
+                return Ok(EINVAL);
+            }
+        }
+        let mut s = ctx.vcpu.sregs()?;
+        s.gdt = vcpu::DescriptorTable {
+            base: table,
+            limit: (entries * 8 - 1) as u16,
+        };
+        if let Some(t) = tss_slot {
+            let mut tr = x86::segment_from_descriptor(tss, raw[t]);
+            if tr.s || tr.type_ != 9 || !tr.present || tr.limit < 0x67 {
+                return Ok(EINVAL);
+            }
+            tr.base |= (raw[t + 1] & 0xffff_ffff) << 32;
+            tr.type_ = 0xb;
+            let busy = raw[t] | (2 << 40);
+            if write_virt(ctx.mem, ctx.cr3, table + 8 * t as u64, &busy.to_le_bytes()).is_none() {
+                return Ok(EFAULT);
+            }
+            s.tr = tr;
+        }
+        ctx.vcpu.set_sregs(&s)?;
+        Ok(0)
+    }
+
+    /// `set_callbacks(SYSCALL, entry, star, fmask)`: the system-call MSRs,
+    /// written by the VMM for a kernel that may not write them itself.
+    fn set_callbacks(&mut self, ctx: &mut Ctx, a: [u64; 5]) -> Result<i64, vcpu::VcpuError> {
+        if a[0] != hypercall::callback::SYSCALL || !canonical(a[1]) {
+            return Ok(EINVAL);
+        }
+        let efer = ctx.vcpu.sregs()?.efer | vcpu::efer::SCE;
+        for (msr, v) in [
+            (0xc000_0081, a[2]),
+            (0xc000_0082, a[1]),
+            (0xc000_0084, a[3] & 0xffff_ffff),
+            (0xc000_0080, efer),
+        ] {
+            if !ctx.vcpu.set_msr(msr, v)? {
+                return Ok(-errno::ENOSYS);
+            }
+        }
+        Ok(0)
     }
 
     /// `sched_op(BLOCK)`: the vCPU waits until the next event is due. The only

@@ -188,7 +188,7 @@ impl Vm {
             layout,
             mem,
             hypercalls: Hypercalls::new(
-                opts.pv,
+                opts.pv || engine == Engine::Pv,
                 engine.hypercall_stub(),
                 Box::new(std::io::stdout()),
             ),
@@ -238,6 +238,7 @@ impl Vm {
                     hypercall = true;
                     name = "hypercall";
                 }
+                VcpuExit::Hypercall => hypercall = true,
                 VcpuExit::MsrWrite { index, value, fault } => {
                     let ok = index == hypercall::MSR_HYPERCALL_PAGE
                         && self.hypercalls.advertised

@@ -108,13 +108,19 @@ pub fn init() {
         g.0[8] = tss >> 32;
         g.0.as_ptr() as u64
     });
-    // SAFETY: the GDT is static and keeps the boot selectors' meaning (0x10
-    // 64-bit code, 0x18 flat data), so CS stays valid; the TSS descriptor
-    // points to the static TSS.
-    unsafe {
-        cpu::lgdt(gdt, (9 * 8 - 1) as u16);
-        cpu::load_data_segments(KERNEL_DS);
-        cpu::ltr(TSS_SEL);
+    if pvops::deprivileged() {
+        // The selectors of the boot GDT (kernel CS 0x10, data 0x18) are this
+        // GDT's too, so the segment registers stay as they are.
+        pvops::set_gdt(gdt, 9, TSS_SEL);
+    } else {
+        // SAFETY: the GDT is static and keeps the boot selectors' meaning (0x10
+        // 64-bit code, 0x18 flat data), so CS stays valid; the TSS descriptor
+        // points to the static TSS.
+        unsafe {
+            cpu::lgdt(gdt, (9 * 8 - 1) as u16);
+            cpu::load_data_segments(KERNEL_DS);
+            cpu::ltr(TSS_SEL);
+        }
     }
     (pvops::ops().set_kernel_stack)(KERNEL_STACK.top());
 

@@ -119,6 +119,8 @@ extern "C" fn kmain(info: &'static BootInfo) -> ! {
     if info.magic != BOOT_INFO_MAGIC {
         fatal("bad boot info magic");
     }
+    // First of all: a deprivileged kernel may not even touch the serial port.
+    pvops::init();
     Line::new()
         .s("visor demo guest: hello from 64-bit long mode")
         .end();
@@ -153,7 +155,6 @@ extern "C" fn kmain(info: &'static BootInfo) -> ! {
         .n(mmap.len() as u64)
         .s(" memory regions")
         .end();
-    pvops::init();
     (pvops::ops().irq_disable)();
     desc::init();
     mm::init(mmap);

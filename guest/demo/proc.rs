@@ -442,7 +442,7 @@ impl Kernel {
     /// Demand paging: a not-present fault inside [HEAP_BASE, brk) gets a
     /// zeroed frame; any other fault kills the process.
     fn page_fault(&mut self, f: &Frame) -> bool {
-        let addr = cpu::read_cr2();
+        let addr = (pvops::ops().read_cr2)();
         self.stats.pagefaults += 1;
         let p = &self.procs[self.current];
         if f.error & 1 == 0 && (HEAP_BASE..p.brk).contains(&addr) {

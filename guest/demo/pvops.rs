@@ -50,6 +50,8 @@ pub struct PvOps {
     pub outw: fn(u16, u16),
     /// Powers the machine off; `code` 0 is a clean shutdown.
     pub shutdown: fn(u64) -> !,
+    /// The address of the last page fault (CR2).
+    pub read_cr2: fn() -> u64,
 }
 
 /// `set_pte` without a TLB flush (the table is not live yet).
@@ -70,6 +72,7 @@ static NATIVE: PvOps = PvOps {
     outb: cpu::outb,
     outw: cpu::outw,
     shutdown: native::shutdown,
+    read_cr2: cpu::read_cr2,
 };
 
 static PARAVIRT: PvOps = PvOps {
@@ -87,17 +90,59 @@ static PARAVIRT: PvOps = PvOps {
     outb: cpu::outb,
     outw: cpu::outw,
     shutdown: pv::shutdown,
+    read_cr2: cpu::read_cr2,
+};
+
+/// The kernel runs deprivileged (engine `pv`): no privileged instruction at
+/// all, so interrupt masking, halting, CR2 and the timer acknowledgement are
+/// hypercalls too, and there is no local APIC.
+static DEPRIVILEGED: PvOps = PvOps {
+    mode: "pv-deprivileged",
+    irq_disable: pv::mask_events,
+    halt: pv::block_with_events,
+    timer_ack: pv::timer_rearm,
+    read_cr2: pv::get_cr2,
+    ..PARAVIRT
 };
 
 static PV_MODE: AtomicBool = AtomicBool::new(false);
+static DEPRIV_MODE: AtomicBool = AtomicBool::new(false);
 
 /// The table in use.
 pub fn ops() -> &'static PvOps {
-    if PV_MODE.load(Relaxed) {
+    if DEPRIV_MODE.load(Relaxed) {
+        &DEPRIVILEGED
+    } else if PV_MODE.load(Relaxed) {
         &PARAVIRT
     } else {
         &NATIVE
     }
+}
+
+/// Whether the kernel runs deprivileged (every privileged operation is a
+/// hypercall).
+pub fn deprivileged() -> bool {
+    DEPRIV_MODE.load(Relaxed)
+}
+
+/// The return to an interrupted context of a deprivileged kernel: the
+/// `iret` stub (0 when the kernel returns with IRETQ/SYSRETQ itself).
+pub static IRET_STUB: AtomicU64 = AtomicU64::new(0);
+
+/// `set_gdt`: the kernel's GDT and task register, for a deprivileged kernel.
+pub fn set_gdt(table: u64, entries: u64, tss: u16) {
+    pv::check("set_gdt", pv::call(nr::SET_GDT, [table, entries, tss as u64, 0, 0]));
+}
+
+/// `set_callbacks(SYSCALL)`: the system-call entry, for a deprivileged kernel.
+pub fn set_syscall_callback(entry: u64, star: u64, fmask: u64) {
+    pv::check(
+        "set_callbacks",
+        pv::call(
+            nr::SET_CALLBACKS,
+            [hypercall::callback::SYSCALL, entry, star, fmask, 0],
+        ),
+    );
 }
 
 pub fn write_cr3(pml4: u64) {
@@ -133,13 +178,35 @@ pub fn init() {
         let f = cpu::cpuid(hypercall::CPUID_FEATURES_LEAF);
         if f[0] & hypercall::FEATURE_HYPERCALL_PAGE != 0 {
             let page = HYPERCALL_PAGE.with(|p| p as *mut Page as u64);
-            // SAFETY: visor's hypercall-page MSR (its index is EBX of the
-            // features leaf); the page is kernel memory set aside for the stubs.
-            unsafe { cpu::wrmsr(f[1], page | 1) };
+            let depriv = f[0] & hypercall::FEATURE_DEPRIVILEGED != 0;
+            if depriv {
+                // No WRMSR in a deprivileged kernel: the page is registered
+                // with a bare `int 0x82`.
+                let r: i64;
+                // SAFETY: the hypercall entry of a deprivileged kernel; it
+                // clobbers only RAX.
+                unsafe {
+                    asm!("int 0x82", inlateout("rax") nr::SET_HYPERCALL_PAGE => r,
+                         in("rdi") page | 1, options(nostack))
+                };
+                pv::check("set_hypercall_page", r);
+            } else {
+                // SAFETY: visor's hypercall-page MSR (its index is EBX of the
+                // features leaf); the page is kernel memory set aside for the stubs.
+                unsafe { cpu::wrmsr(f[1], page | 1) };
+            }
             PAGE_ADDR.store(page, Relaxed);
             PV_MODE.store(true, Relaxed);
+            if depriv {
+                DEPRIV_MODE.store(true, Relaxed);
+                IRET_STUB.store(page + nr::IRET * hypercall::STUB_SIZE as u64, Relaxed);
+            }
             let v = pv::call(nr::VERSION, [0; 5]);
-            l.s("pv_ops use hypercalls (ABI ")
+            l.s(if depriv {
+                "pv_ops use hypercalls, deprivileged (ABI "
+            } else {
+                "pv_ops use hypercalls (ABI "
+            })
                 .n((v >> 16) as u64)
                 .s(".")
                 .n((v & 0xffff) as u64)
@@ -171,6 +238,10 @@ fn apic_write(reg: u64, v: u32) {
 /// vector 0xff): KVM's APIC drops fixed interrupts, the paravirtual timer event
 /// included, while it is software-disabled.
 pub fn apic_enable() {
+    if deprivileged() {
+        // No APIC and no PIC: events come through the trap table.
+        return;
+    }
     let o = ops();
     (o.outb)(0x21, 0xff);
     (o.outb)(0xa1, 0xff);
@@ -283,7 +354,7 @@ mod pv {
         ret
     }
 
-    fn check(what: &str, r: i64) {
+    pub fn check(what: &str, r: i64) {
         if r < 0 {
             Line::new()
                 .s("demo: panic: hypercall ")
@@ -398,6 +469,28 @@ mod pv {
     pub fn timer_ack() {
         apic_eoi();
         call(nr::SET_TIMER_OP, [PV_TIMER_NS.load(Relaxed), 0, 0, 0, 0]);
+    }
+
+    /// `set_event_mask(1)`: the deprivileged kernel's CLI.
+    pub fn mask_events() {
+        call(nr::SET_EVENT_MASK, [1, 0, 0, 0, 0]);
+    }
+
+    /// Unmasks events and blocks until one is due; the event is delivered
+    /// (to its trap-table handler) before events are masked again.
+    pub fn block_with_events() {
+        call(nr::SET_EVENT_MASK, [0, 0, 0, 0, 0]);
+        call(nr::SCHED_OP, [hypercall::sched::BLOCK, 0, 0, 0, 0]);
+        call(nr::SET_EVENT_MASK, [1, 0, 0, 0, 0]);
+    }
+
+    /// Re-arms the one-shot timer (events need no acknowledgement).
+    pub fn timer_rearm() {
+        call(nr::SET_TIMER_OP, [PV_TIMER_NS.load(Relaxed), 0, 0, 0, 0]);
+    }
+
+    pub fn get_cr2() -> u64 {
+        call(nr::GET_CR2, [0; 5]) as u64
     }
 
     pub fn shutdown(code: u64) -> ! {

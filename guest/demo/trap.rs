@@ -185,10 +185,18 @@ global_asm!(
     "    pop rcx",
     "    pop rbx",
     "    pop rax",
+    "    cmp qword ptr [rip + {iret_stub}], 0",
+    "    jne 3f",
     "    cmp qword ptr [rsp], {sysret}",
     "    je 2f",
     "    add rsp, 16",
     "    iretq",
+    // A deprivileged kernel returns through the `iret` hypercall: RAX and
+    // the interrupt frame on the stack.
+    "3:  add rsp, 16",
+    "    push rax",
+    "    call qword ptr [rip + {iret_stub}]",
+    "    ud2",
     // SYSRETQ: RIP from RCX, RFLAGS from R11 (both clobbered by `syscall`).
     "2:  mov rcx, [rsp + 16]",
     "    mov r11, [rsp + 32]",
@@ -210,6 +218,7 @@ global_asm!(
     "    push {sysret}",
     "    jmp demo_trap_common",
     dispatch = sym dispatch,
+    iret_stub = sym pvops::IRET_STUB,
     sysret = const SYSCALL_VECTOR,
     scratch = sym SYSCALL_USER_RSP,
     stack = sym KERNEL_STACK,
@@ -242,6 +251,10 @@ pub fn syscall_entry() -> u64 {
 /// LSTAR, and FMASK clearing IF, TF, DF and AC.
 pub fn init_syscall() {
     let star = (USER32_CS as u64) << 48 | (KERNEL_CS as u64) << 32;
+    if pvops::deprivileged() {
+        pvops::set_syscall_callback(syscall_entry(), star, 0x4_0700);
+        return;
+    }
     // SAFETY: architectural MSRs; the selectors match the GDT and the entry
     // point is `demo_syscall_entry`.
     unsafe {
@@ -316,7 +329,7 @@ fn kernel_fault(f: &Frame) -> ! {
         .s(" rip ")
         .x(f.rip)
         .s(" cr2 ")
-        .x(cpu::read_cr2())
+        .x((pvops::ops().read_cr2)())
         .s(" rsp ")
         .x(f.rsp)
         .end();

@@ -856,8 +856,8 @@ impl TrapVcpu {
             return Err(gp(0));
         }
         let base = ((g.v.star >> 48) & 0xfffc) as u16;
-        g.cpu.seg[sreg::CS] = flat(base.wrapping_add(16) | 3, true, 3);
-        g.cpu.seg[sreg::SS] = flat(base.wrapping_add(8) | 3, false, 3);
+        g.cpu.seg[sreg::CS] = crate::virt::flat(base.wrapping_add(16) | 3, true, 3);
+        g.cpu.seg[sreg::SS] = crate::virt::flat(base.wrapping_add(8) | 3, false, 3);
         g.cpu.rip = rcx;
         let f = g.cpu.gpr[11];
         g.cpu.rflags =
@@ -869,22 +869,11 @@ impl TrapVcpu {
     /// SYSCALL from guest user mode (intercepted): into the guest kernel.
     fn syscall(&mut self, next_rip: u64) -> Option<VcpuExit<'static>> {
         self.c.syscalls += 1;
-        let g = &mut self.g;
-        if g.v.efer & efer::SCE == 0 {
-            let rip = g.cpu.rip;
-            return self.reflect(vector::UD, None, rip, false);
+        if self.g.syscall(next_rip) {
+            return None;
         }
-        let flags_v = g.vflags() & !flags::RF;
-        g.cpu.gpr[1] = next_rip;
-        g.cpu.gpr[11] = flags_v;
-        let sel = ((g.v.star >> 32) & 0xfffc) as u16;
-        g.cpu.seg[sreg::CS] = compress(flat(sel, true, 0), true);
-        g.cpu.seg[sreg::SS] = compress(flat(sel.wrapping_add(8), false, 0), true);
-        g.cpu.rip = g.v.lstar;
-        let f = flags_v & !(g.v.fmask | flags::RF);
-        g.cpu.refresh_mode();
-        g.set_vflags(f);
-        None
+        let rip = self.g.cpu.rip;
+        self.reflect(vector::UD, None, rip, false)
     }
 
     /// A sensitive unprivileged instruction at CPL 1.
@@ -1123,23 +1112,6 @@ fn mask(bits: u32) -> u64 {
     }
 }
 
-fn flat(selector: u16, code: bool, dpl: u8) -> Segment {
-    Segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_: if code { 0xb } else { 0x3 },
-        present: true,
-        dpl,
-        db: !code,
-        s: true,
-        l: code,
-        g: true,
-        avl: false,
-        unusable: false,
-    }
-}
-
 /// Why an emulation did not complete.
 enum EmuErr {
     /// The architectural fault the guest gets.
@@ -1229,35 +1201,16 @@ impl Vcpu for TrapVcpu {
     }
 
     fn regs(&self) -> Result<Regs> {
-        let mut r = self.g.cpu.regs();
-        r.rflags = self.g.vflags();
-        Ok(r)
+        Ok(self.g.regs())
     }
 
     fn set_regs(&mut self, regs: &Regs) -> Result<()> {
-        self.g.cpu.set_regs(regs);
-        self.g.set_vflags(regs.rflags);
+        self.g.set_regs(regs);
         Ok(())
     }
 
     fn sregs(&self) -> Result<SRegs> {
-        let mut s = self.g.cpu.sregs();
-        let v = &self.g.v;
-        for seg in [
-            &mut s.cs, &mut s.ss, &mut s.ds, &mut s.es, &mut s.fs, &mut s.gs,
-        ] {
-            *seg = decompress(*seg);
-        }
-        s.cr0 = v.cr0;
-        s.cr2 = v.cr2;
-        s.cr3 = v.cr3;
-        s.cr4 = v.cr4;
-        s.efer = v.efer;
-        s.gdt = v.gdtr;
-        s.idt = v.idtr;
-        s.tr = v.tr;
-        s.ldt = v.ldtr;
-        Ok(s)
+        Ok(self.g.sregs())
     }
 
     fn set_sregs(&mut self, s: &SRegs) -> Result<()> {

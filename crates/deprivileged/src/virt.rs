@@ -9,7 +9,8 @@
 //! RFLAGS.IF and IOPL of the guest kernel are virtual: the real IF stays 1 so
 //! the VMM sees every interrupt, the real IOPL stays 0 so port I/O traps.
 
-use vcpu::{DescriptorTable, Segment};
+use vcpu::efer;
+use vcpu::{DescriptorTable, Regs, SRegs, Segment};
 use x86::{flags, sreg, vector, Cpu};
 
 use crate::walk::{self, Fault, Paging};
@@ -77,6 +78,24 @@ pub fn null_stack() -> Segment {
         dpl: 1,
         unusable: true,
         ..Default::default()
+    }
+}
+
+/// A flat 64-bit code or data segment (what SYSCALL and SYSRET load).
+pub fn flat(selector: u16, code: bool, dpl: u8) -> Segment {
+    Segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: true,
+        dpl,
+        db: !code,
+        s: true,
+        l: code,
+        g: true,
+        avl: false,
+        unusable: false,
     }
 }
 
@@ -154,6 +173,59 @@ impl Guest {
         }
         let a = t.base.wrapping_add(idx);
         Ok((a, self.read_u64(a)?))
+    }
+
+    /// The registers as the guest sees them.
+    pub fn regs(&self) -> Regs {
+        let mut r = self.cpu.regs();
+        r.rflags = self.vflags();
+        r
+    }
+
+    pub fn set_regs(&mut self, regs: &Regs) {
+        self.cpu.set_regs(regs);
+        self.set_vflags(regs.rflags);
+    }
+
+    /// The system registers as the guest sees them: its own control
+    /// registers, descriptor tables and selectors.
+    pub fn sregs(&self) -> SRegs {
+        let mut s = self.cpu.sregs();
+        let v = &self.v;
+        for seg in [
+            &mut s.cs, &mut s.ss, &mut s.ds, &mut s.es, &mut s.fs, &mut s.gs,
+        ] {
+            *seg = decompress(*seg);
+        }
+        s.cr0 = v.cr0;
+        s.cr2 = v.cr2;
+        s.cr3 = v.cr3;
+        s.cr4 = v.cr4;
+        s.efer = v.efer;
+        s.gdt = v.gdtr;
+        s.idt = v.idtr;
+        s.tr = v.tr;
+        s.ldt = v.ldtr;
+        s
+    }
+
+    /// SYSCALL from guest user mode into the guest kernel, with the guest's
+    /// STAR, LSTAR and FMASK. False if the guest has not enabled it (#UD).
+    pub fn syscall(&mut self, next_rip: u64) -> bool {
+        if self.v.efer & efer::SCE == 0 {
+            return false;
+        }
+        let flags_v = self.vflags() & !flags::RF;
+        self.cpu.gpr[1] = next_rip;
+        self.cpu.gpr[11] = flags_v;
+        let sel = ((self.v.star >> 32) & 0xfffc) as u16;
+        self.cpu.seg[sreg::CS] = compress(flat(sel, true, 0), true);
+        self.cpu.seg[sreg::SS] = compress(flat(sel.wrapping_add(8), false, 0), true);
+        self.cpu.rip = self.v.lstar;
+        let f = flags_v & !(self.v.fmask | flags::RF);
+        self.cpu.refresh_mode();
+        self.set_vflags(f);
+        true
     }
 
     /// Delivers an event to the guest kernel through its IDT, with the

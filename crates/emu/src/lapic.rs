@@ -25,7 +25,8 @@ impl Lines {
         self.cv.notify_all();
     }
 
-    fn take(&self) -> [u64; 4] {
+    /// Takes the raised lines (one bit per vector), clearing them.
+    pub fn take(&self) -> [u64; 4] {
         let mut out = [0u64; 4];
         for (o, p) in out.iter_mut().zip(&self.pending) {
             if p.load(Ordering::Relaxed) != 0 {

@@ -23,6 +23,12 @@ pub const SIGNATURE: [u8; 12] = *b"VisorVisorPV";
 pub const VERSION: u32 = 1 << 16;
 /// EAX of leaf 0x4000_0001: a hypercall page is available.
 pub const FEATURE_HYPERCALL_PAGE: u32 = 1 << 0;
+/// EAX of leaf 0x4000_0001: the kernel runs deprivileged (engine `pv`): every
+/// privileged operation must be a hypercall ([`nr::SET_GDT`],
+/// [`nr::SET_CALLBACKS`], [`nr::IRET`], [`nr::SET_EVENT_MASK`],
+/// [`nr::GET_CR2`]); a privileged instruction ends the guest. Events arrive on
+/// the vectors of the trap table, with no local APIC to acknowledge.
+pub const FEATURE_DEPRIVILEGED: u32 = 1 << 1;
 pub const MSR_HYPERCALL_PAGE: u32 = 0x4000_0200;
 /// Port whose 32-bit write is a hypercall under `kvm` (EAX = number).
 pub const HYPERCALL_PORT: u8 = 0xf6;
@@ -40,7 +46,32 @@ pub mod nr {
     pub const EVENT_CHANNEL_OP: u64 = 7;
     pub const MULTICALL: u64 = 8;
     pub const VERSION: u64 = 9;
-    pub const COUNT: u64 = 10;
+    /// `set_gdt(table, entries, tss_selector)`: loads the guest's GDT
+    /// (code, data and one 64-bit TSS descriptor) and its task register.
+    pub const SET_GDT: u64 = 10;
+    /// `set_callbacks(kind, entry, star, fmask)`: where SYSCALL from user mode
+    /// enters the kernel ([`super::callback::SYSCALL`]), with STAR's selectors
+    /// and the RFLAGS bits it clears.
+    pub const SET_CALLBACKS: u64 = 11;
+    /// `iret()`: returns from the kernel's event or system-call frame. The
+    /// stack holds the stub's return address, then RAX, RIP, CS, RFLAGS, RSP,
+    /// SS; all are restored, RAX included. Does not return.
+    pub const IRET: u64 = 12;
+    /// `set_event_mask(masked)`: masks (1) or unmasks (0) event delivery, the
+    /// kernel's interrupt flag; returns the previous mask.
+    pub const SET_EVENT_MASK: u64 = 13;
+    /// `get_cr2()`: the faulting address of the last page fault.
+    pub const GET_CR2: u64 = 14;
+    /// `set_hypercall_page(gpa | 1)`: what the hypercall-page MSR does, for a
+    /// deprivileged kernel, which may not execute WRMSR. It is made with a
+    /// bare `int 0x82` (there is no page yet).
+    pub const SET_HYPERCALL_PAGE: u64 = 15;
+    pub const COUNT: u64 = 16;
+}
+
+/// Kinds of `set_callbacks`.
+pub mod callback {
+    pub const SYSCALL: u64 = 0;
 }
 
 /// Name of hypercall `n`, for statistics.
@@ -56,6 +87,12 @@ pub fn name(n: u64) -> &'static str {
         nr::EVENT_CHANNEL_OP => "event_channel_op",
         nr::MULTICALL => "multicall",
         nr::VERSION => "version",
+        nr::SET_GDT => "set_gdt",
+        nr::SET_CALLBACKS => "set_callbacks",
+        nr::IRET => "iret",
+        nr::SET_EVENT_MASK => "set_event_mask",
+        nr::GET_CR2 => "get_cr2",
+        nr::SET_HYPERCALL_PAGE => "set_hypercall_page",
         _ => "invalid",
     }
 }
@@ -139,6 +176,22 @@ pub fn port_io_stub(n: u32) -> [u8; STUB_SIZE] {
     s[1..5].copy_from_slice(&n.to_le_bytes());
     s[5] = 0xe7; // out imm8, eax
     s[6] = HYPERCALL_PORT;
+    s[7] = 0xc3; // ret
+    s
+}
+
+/// The vector of `int 0x82`, the hypercall entry under engine `pv` (as in
+/// Xen's 32-bit ABI).
+pub const HYPERCALL_VECTOR: u8 = 0x82;
+
+/// The stub for hypercall `n` under an engine whose hypercalls are a software
+/// interrupt (`pv`): `mov eax, n; int 0x82; ret`, padded with INT3.
+pub fn int82_stub(n: u32) -> [u8; STUB_SIZE] {
+    let mut s = [0xcc; STUB_SIZE];
+    s[0] = 0xb8; // mov eax, imm32
+    s[1..5].copy_from_slice(&n.to_le_bytes());
+    s[5] = 0xcd; // int imm8
+    s[6] = HYPERCALL_VECTOR;
     s[7] = 0xc3; // ret
     s
 }

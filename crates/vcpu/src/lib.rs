@@ -183,6 +183,10 @@ pub enum VcpuExit<'a> {
     Unimplemented { what: String },
     /// An exit the engine has no portable name for.
     Other { reason: String },
+    /// The guest made a hypercall through the engine's own entry (`int 0x82`
+    /// under `pv`): the number and arguments are in the registers, RIP is past
+    /// the entry instruction.
+    Hypercall,
 }
 
 impl VcpuExit<'_> {
@@ -201,6 +205,7 @@ impl VcpuExit<'_> {
             VcpuExit::Interrupted => "interrupted",
             VcpuExit::Unimplemented { .. } => "unimplemented",
             VcpuExit::Other { .. } => "other",
+            VcpuExit::Hypercall => "hypercall",
         }
     }
 }
@@ -241,6 +246,12 @@ pub trait Vcpu {
     /// kernel), reported beside the VMM's own statistics.
     fn engine_counters(&self) -> Vec<(String, u64)> {
         Vec::new()
+    }
+    /// Writes one of the system-call MSRs (EFER, STAR, LSTAR, FMASK) on the
+    /// guest's behalf (the `set_callbacks` hypercall of a deprivileged guest).
+    /// `Ok(false)` where the engine leaves MSRs to the guest itself.
+    fn set_msr(&mut self, _index: u32, _value: u64) -> Result<bool> {
+        Ok(false)
     }
 }
 

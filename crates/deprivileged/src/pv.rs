@@ -1,0 +1,388 @@
+//! Engine `pv`: paravirtualization, as Xen does it for x86.
+//!
+//! The guest kernel knows it is virtualized (CPUID leaf 0x4000_0001 carries
+//! `FEATURE_DEPRIVILEGED`) and runs deprivileged at real CPL 1 on visor's
+//! software CPU. It executes no privileged instruction: each operation it
+//! needs is a hypercall, entered with `int 0x82` from the hypercall page and
+//! carried out by the VMM's one hypercall implementation (src/pv.rs). A
+//! privileged instruction is not emulated: it ends the run with its RIP.
+//!
+//! Memory: the CPU walks the guest's own page tables (no shadows); the kernel
+//! changes them only through `mmu_update`, which the VMM validates, and loads
+//! them through `new_baseptr`. Virtual interrupts are events: a timer event
+//! bound to a vector is delivered through the guest's trap table (the
+//! callback it registered) when its event mask allows, with nothing to
+//! acknowledge. SYSCALL from user mode enters at the callback the kernel
+//! registered with `set_callbacks`; the return to user mode is the `iret`
+//! hypercall.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
+use vcpu::{cr0, efer, DescriptorTable, IrqLine, Regs, Result, SRegs, Segment, Vcpu, VcpuExit};
+use visor_emu::Lines;
+use vm_memory::GuestMemoryMmap;
+use x86::{msr, vector, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
+
+use crate::virt::{compress, null_stack, Guest, Virt};
+
+const SLICE: u64 = 20_000;
+const MAX_RUN: Duration = Duration::from_millis(20);
+
+pub struct PvVm {
+    mem: GuestMemoryMmap<()>,
+    lines: Arc<Lines>,
+}
+
+impl PvVm {
+    pub fn new(mem: &GuestMemoryMmap<()>) -> Result<PvVm> {
+        Ok(PvVm {
+            mem: mem.clone(),
+            lines: Arc::new(Lines::default()),
+        })
+    }
+
+    /// visor's PV leaves with `FEATURE_DEPRIVILEGED`, and no local APIC.
+    pub fn cpuid() -> CpuidTable {
+        let features = [
+            hypercall::FEATURE_HYPERCALL_PAGE | hypercall::FEATURE_DEPRIVILEGED,
+            hypercall::MSR_HYPERCALL_PAGE,
+            hypercall::VERSION,
+            0,
+        ];
+        CpuidTable::software_cpu(false, Some((hypercall::SIGNATURE, features)))
+    }
+
+    pub fn create_pv_vcpu(&mut self) -> PvVcpu {
+        let mut cpu = Cpu::new(PhysMem::new(&self.mem), Self::cpuid());
+        cpu.intercepts.exceptions = !0;
+        cpu.intercepts.soft_int = true;
+        cpu.intercepts.syscall = true;
+        cpu.intercepts.irq = IrqMode::Hold;
+        PvVcpu {
+            g: Guest {
+                cpu,
+                v: Virt::default(),
+            },
+            lines: self.lines.clone(),
+            pending: [0; 4],
+            last_interrupted: None,
+            c: Counters::default(),
+        }
+    }
+}
+
+struct EventLine {
+    lines: Arc<Lines>,
+    vector: u8,
+}
+
+impl IrqLine for EventLine {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.lines.raise(self.vector);
+        Ok(())
+    }
+}
+
+impl vcpu::Vm for PvVm {
+    fn create_vcpu(&mut self, _id: u32) -> Result<Box<dyn Vcpu>> {
+        Ok(Box::new(self.create_pv_vcpu()))
+    }
+
+    fn irq_line(&self, _gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
+        Ok(None)
+    }
+
+    /// An event channel: raising it delivers `vector` through the guest's
+    /// trap table.
+    fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
+        Ok(Some(Arc::new(EventLine {
+            lines: self.lines.clone(),
+            vector,
+        })))
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    events: u64,
+    exceptions: u64,
+    page_faults: u64,
+    soft_ints: u64,
+    syscalls: u64,
+    hypercalls: u64,
+}
+
+pub struct PvVcpu {
+    g: Guest,
+    lines: Arc<Lines>,
+    /// Events raised and not yet delivered, one bit per vector.
+    pending: [u64; 4],
+    last_interrupted: Option<Instant>,
+    c: Counters,
+}
+
+/// Instructions a deprivileged kernel may not execute (they fault at CPL 1).
+fn privileged(i: &Instruction) -> bool {
+    let control = |k: u32| {
+        i.op_kind(k) == OpKind::Register && {
+            let r = i.op_register(k);
+            r.is_cr() || r.is_dr() || r.is_segment_register()
+        }
+    };
+    match i.mnemonic() {
+        M::Cli
+        | M::Sti
+        | M::Hlt
+        | M::In
+        | M::Out
+        | M::Insb
+        | M::Insw
+        | M::Insd
+        | M::Outsb
+        | M::Outsw
+        | M::Outsd
+        | M::Lgdt
+        | M::Lidt
+        | M::Ltr
+        | M::Lldt
+        | M::Invlpg
+        | M::Rdmsr
+        | M::Wrmsr
+        | M::Swapgs
+        | M::Sysretq
+        | M::Sysret
+        | M::Lmsw
+        | M::Clts
+        | M::Wbinvd
+        | M::Invd
+        | M::Xsetbv
+        | M::Invpcid
+        | M::Rdpmc => true,
+        M::Pop => control(0),
+        M::Iretq | M::Iretd | M::Iret => i.code() == Code::Iretq,
+        M::Mov => control(0) || control(1),
+        _ => false,
+    }
+}
+
+impl PvVcpu {
+    fn reflect(
+        &mut self,
+        v: u8,
+        code: Option<u32>,
+        ret: u64,
+        soft: bool,
+    ) -> Option<VcpuExit<'static>> {
+        if self.g.reflect(v, code, ret, soft) {
+            None
+        } else {
+            Some(VcpuExit::Shutdown)
+        }
+    }
+
+    /// Delivers the highest pending event if the kernel's event mask allows.
+    fn deliver_event(&mut self) -> Option<Option<VcpuExit<'static>>> {
+        for (p, t) in self.pending.iter_mut().zip(self.lines.take()) {
+            *p |= t;
+        }
+        if !self.g.v.vif && self.g.vcpl() == 0 {
+            return None;
+        }
+        let (w, bits) = self
+            .pending
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, b)| **b != 0)?;
+        let bit = 63 - bits.leading_zeros();
+        self.pending[w] &= !(1u64 << bit);
+        self.c.events += 1;
+        let rip = self.g.cpu.rip;
+        Some(self.reflect((w * 64 + bit as usize) as u8, None, rip, false))
+    }
+
+    fn exception(&mut self, v: u8, code: Option<u32>) -> Option<VcpuExit<'static>> {
+        let rip = self.g.cpu.rip;
+        if v == vector::GP && self.g.vcpl() == 0 {
+            if let Ok(i) = self.g.cpu.current_instruction() {
+                if privileged(&i) {
+                    let name = format!("{:?}", i.mnemonic()).to_lowercase();
+                    return Some(VcpuExit::Other {
+                        reason: format!(
+                            "pv: privileged instruction {name} at {rip:#x} in the deprivileged kernel (a PV kernel uses hypercalls; visor does not emulate it)"
+                        ),
+                    });
+                }
+            }
+        }
+        if v == vector::PF {
+            self.c.page_faults += 1;
+            self.g.v.cr2 = self.g.cpu.cr2;
+        } else {
+            self.c.exceptions += 1;
+        }
+        self.reflect(v, code, rip, false)
+    }
+}
+
+impl Vcpu for PvVcpu {
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        self.g.cpu.note_external_writes();
+        let start = *self.last_interrupted.get_or_insert_with(Instant::now);
+        if start.elapsed() >= MAX_RUN {
+            self.last_interrupted = Some(Instant::now());
+            return Ok(VcpuExit::Interrupted);
+        }
+        if self.g.v.efer & efer::LMA == 0 || self.g.v.cr0 & cr0::PG == 0 {
+            return Ok(VcpuExit::Unimplemented {
+                what: "the pv engine runs 64-bit long-mode guests with paging on".into(),
+            });
+        }
+        let exit = loop {
+            if let Some(e) = self.deliver_event() {
+                if let Some(e) = e {
+                    return Ok(e);
+                }
+                continue;
+            }
+            let handled = match self.g.cpu.run(SLICE) {
+                CpuExit::Budget => {
+                    if start.elapsed() >= MAX_RUN {
+                        self.last_interrupted = Some(Instant::now());
+                        return Ok(VcpuExit::Interrupted);
+                    }
+                    None
+                }
+                CpuExit::Exception { vector, code } => self.exception(vector, code),
+                CpuExit::SoftInt { vector, next_rip } => {
+                    if vector == hypercall::HYPERCALL_VECTOR && self.g.vcpl() == 0 {
+                        self.c.hypercalls += 1;
+                        self.g.cpu.rip = next_rip;
+                        return Ok(VcpuExit::Hypercall);
+                    }
+                    self.c.soft_ints += 1;
+                    self.reflect(vector, None, next_rip, true)
+                }
+                CpuExit::Syscall { next_rip } => {
+                    self.c.syscalls += 1;
+                    if self.g.syscall(next_rip) {
+                        None
+                    } else {
+                        let rip = self.g.cpu.rip;
+                        self.reflect(vector::UD, None, rip, false)
+                    }
+                }
+                e => break e,
+            };
+            if let Some(e) = handled {
+                return Ok(e);
+            }
+        };
+        Ok(visor_emu::vcpu_exit(&mut self.g.cpu, exit))
+    }
+
+    fn regs(&self) -> Result<Regs> {
+        Ok(self.g.regs())
+    }
+
+    fn set_regs(&mut self, regs: &Regs) -> Result<()> {
+        self.g.set_regs(regs);
+        Ok(())
+    }
+
+    fn sregs(&self) -> Result<SRegs> {
+        Ok(self.g.sregs())
+    }
+
+    /// The guest's view, as the VMM sets it (boot state, `new_baseptr`,
+    /// `set_gdt`, `set_trap_table`, `iret`). The real CPU runs the kernel's
+    /// segments at CPL 1 on the guest's own page tables.
+    fn set_sregs(&mut self, s: &SRegs) -> Result<()> {
+        let g = &mut self.g;
+        let paging_changed = g.v.cr3 != s.cr3
+            || g.v.cr0 != (s.cr0 | cr0::ET)
+            || g.v.cr4 != s.cr4
+            || g.v.efer != s.efer;
+        g.v.cr0 = s.cr0 | cr0::ET;
+        g.v.cr2 = s.cr2;
+        g.v.cr3 = s.cr3;
+        g.v.cr4 = s.cr4;
+        g.v.efer = s.efer;
+        g.v.gdtr = s.gdt;
+        g.v.idtr = s.idt;
+        g.v.tr = s.tr;
+        g.v.ldtr = s.ldt;
+        let flags_v = g.vflags();
+        let cs = compress(s.cs, true);
+        let ss = if s.ss.unusable || s.ss.selector & !3 == 0 {
+            if s.cs.dpl == 0 {
+                null_stack()
+            } else {
+                s.ss
+            }
+        } else {
+            compress(s.ss, true)
+        };
+        if paging_changed {
+            let mut real = *s;
+            real.cs = cs;
+            real.ss = ss;
+            for (dst, src) in [
+                (&mut real.ds, s.ds),
+                (&mut real.es, s.es),
+                (&mut real.fs, s.fs),
+                (&mut real.gs, s.gs),
+            ] {
+                *dst = compress(src, false);
+            }
+            real.idt = DescriptorTable { base: 0, limit: 0 };
+            real.tr = Segment {
+                type_: 0xb,
+                present: true,
+                ..Default::default()
+            };
+            real.cr0 = s.cr0 | cr0::WP | cr0::ET;
+            g.cpu.set_sregs(&real);
+        } else {
+            // Segments only (`iret`): no TLB flush.
+            g.cpu.seg[x86::sreg::CS] = cs;
+            g.cpu.seg[x86::sreg::SS] = ss;
+            g.cpu.gdtr = s.gdt;
+            g.cpu.cr2 = s.cr2;
+            g.cpu.refresh_mode();
+        }
+        g.cpu.gdtr = s.gdt;
+        g.set_vflags(flags_v);
+        Ok(())
+    }
+
+    fn set_msr(&mut self, index: u32, value: u64) -> Result<bool> {
+        let v = &mut self.g.v;
+        match index {
+            msr::STAR => v.star = value,
+            msr::LSTAR => v.lstar = value,
+            msr::FMASK => v.fmask = value,
+            msr::EFER => v.efer = (value & !efer::LMA) | (v.efer & efer::LMA),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn engine_counters(&self) -> Vec<(String, u64)> {
+        let c = &self.c;
+        let mut v = vec![("guest_instructions".to_string(), self.g.cpu.retired)];
+        for (k, n) in [
+            ("events", c.events),
+            ("exceptions", c.exceptions),
+            ("page_faults", c.page_faults),
+            ("soft_ints", c.soft_ints),
+            ("syscalls", c.syscalls),
+        ] {
+            v.push((format!("reflected/{k}"), n));
+        }
+        v.push(("hypercall_entries".to_string(), c.hypercalls));
+        v
+    }
+}

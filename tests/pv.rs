@@ -1,0 +1,108 @@
+//! Engine `pv` (paravirtualization): hypercalls through `int 0x82`, and a
+//! deprivileged kernel that may not execute a privileged instruction or make
+//! an invalid request.
+
+mod common;
+
+use common::guest::*;
+use hypercall::nr;
+use iced_x86::code_asm::*;
+use visor::{Engine, Outcome};
+use vm_memory::{Bytes, GuestAddress};
+
+const PAGE: u64 = 0x20_0000;
+const PTE: u64 = DATA + 0x800;
+
+fn stub(n: u64) -> u64 {
+    PAGE + n * hypercall::STUB_SIZE as u64
+}
+
+/// The hypercall page is registered with a bare `int 0x82`; `mmu_update`
+/// refuses an entry that maps memory outside the guest and accepts one that
+/// does not; `set_gdt` refuses a call gate; the first privileged instruction
+/// ends the run with its RIP, unemulated.
+#[test]
+fn deprivileged_kernel_is_checked() {
+    let mut cli_at = 0;
+    let code = asm64(|a| {
+        a.mov(eax, nr::SET_HYPERCALL_PAGE as u32)?;
+        a.mov(rdi, PAGE | 1)?;
+        a.int(0x82)?;
+        a.mov(r12, rax)?;
+        a.mov(rdi, DATA)?;
+        a.mov(esi, 1u32)?;
+        a.mov(rax, stub(nr::MMU_UPDATE))?;
+        a.call(rax)?;
+        a.mov(r13, rax)?;
+        a.mov(rdi, DATA + 16)?;
+        a.mov(esi, 1u32)?;
+        a.mov(rax, stub(nr::MMU_UPDATE))?;
+        a.call(rax)?;
+        a.mov(r14, rax)?;
+        a.mov(rdi, DATA + 0x100)?;
+        a.mov(esi, 2u32)?;
+        a.xor(edx, edx)?;
+        a.mov(rax, stub(nr::SET_GDT))?;
+        a.call(rax)?;
+        a.mov(r15, rax)?;
+        a.nop()?;
+        a.cli()?;
+        a.hlt()
+    });
+    // The CLI is two bytes before the end (CLI, HLT).
+    cli_at += CODE + code.len() as u64 - 2;
+    let mut g = Guest::long_mode(Engine::Pv, &code);
+    let m = &g.vm.mem;
+    // mmu_update requests: a PTE mapping 1 TiB (outside the guest), then 20 KiB.
+    for (i, v) in [PTE, (1u64 << 40) | 3, PTE, 0x5000 | 3].iter().enumerate() {
+        m.write_obj(*v, GuestAddress(DATA + 8 * i as u64)).unwrap();
+    }
+    // A GDT with a null entry and a 64-bit call gate.
+    m.write_obj(0u64, GuestAddress(DATA + 0x100)).unwrap();
+    m.write_obj(0x0000_8c00_0010_0000u64, GuestAddress(DATA + 0x108))
+        .unwrap();
+    let o = g.run();
+    let r = g.regs();
+    assert_eq!(r.r12, 0, "set_hypercall_page");
+    assert_eq!(
+        r.r13, 0,
+        "mmu_update of a frame outside guest RAM is refused"
+    );
+    assert_eq!(r.r14, 1, "a valid mmu_update is done");
+    assert_eq!(
+        r.r15 as i64,
+        -hypercall::errno::EINVAL,
+        "set_gdt with a call gate"
+    );
+    assert_eq!(g.vm.mem.read_obj::<u64>(GuestAddress(PTE)).unwrap(), 0x5003);
+    match o {
+        Outcome::GuestFailure { what, .. } => {
+            assert!(
+                what.contains(&format!("privileged instruction cli at {cli_at:#x}")),
+                "{what}"
+            );
+        }
+        o => panic!("expected the CLI to end the run, got {o:?}"),
+    }
+    assert_eq!(g.stats.hypercalls.get("mmu_update"), Some(&2));
+}
+
+/// Outside the hypercall page's entry, `int 0x82` is a software interrupt
+/// like any other: from the kernel with no hypercall page it is still a
+/// hypercall (the bootstrap), but the VMM refuses an unknown number.
+#[test]
+fn unknown_hypercall_is_enosys() {
+    let code = asm64(|a| {
+        a.mov(eax, 0x7777u32)?;
+        a.int(0x82)?;
+        a.mov(rbx, rax)?;
+        a.mov(al, 0x21)?;
+        a.out(0xf4, al)?;
+        a.hlt()
+    });
+    let mut g = Guest::long_mode(Engine::Pv, &code);
+    let o = g.run();
+    assert_eq!(g.regs().rbx as i64, -hypercall::errno::ENOSYS);
+    // The OUT is privileged too: the run ends there.
+    assert!(matches!(o, Outcome::GuestFailure { .. }), "{o:?}");
+}
