@@ -856,8 +856,8 @@ impl TrapVcpu {
             return Err(gp(0));
         }
         let base = ((g.v.star >> 48) & 0xfffc) as u16;
-        g.cpu.seg[sreg::CS] = crate::virt::flat(base.wrapping_add(16) | 3, true, 3);
-        g.cpu.seg[sreg::SS] = crate::virt::flat(base.wrapping_add(8) | 3, false, 3);
+        g.cpu.seg[sreg::CS] = crate::virt::flat(base.wrapping_add(16) | 3, true);
+        g.cpu.seg[sreg::SS] = crate::virt::flat(base.wrapping_add(8) | 3, false);
         g.cpu.rip = rcx;
         let f = g.cpu.gpr[11];
         g.cpu.rflags =

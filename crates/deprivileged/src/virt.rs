@@ -81,22 +81,10 @@ pub fn null_stack() -> Segment {
     }
 }
 
-/// A flat 64-bit code or data segment (what SYSCALL and SYSRET load).
-pub fn flat(selector: u16, code: bool, dpl: u8) -> Segment {
-    Segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_: if code { 0xb } else { 0x3 },
-        present: true,
-        dpl,
-        db: !code,
-        s: true,
-        l: code,
-        g: true,
-        avl: false,
-        unusable: false,
-    }
+/// A flat 64-bit code or data segment of DPL = the selector's RPL (what
+/// SYSCALL and SYSRET load).
+pub fn flat(selector: u16, code: bool) -> Segment {
+    Segment::flat(selector, code, code, !code)
 }
 
 /// The guest kernel's vCPU: the real CPU plus the virtual state.
@@ -219,8 +207,8 @@ impl Guest {
         self.cpu.gpr[1] = next_rip;
         self.cpu.gpr[11] = flags_v;
         let sel = ((self.v.star >> 32) & 0xfffc) as u16;
-        self.cpu.seg[sreg::CS] = compress(flat(sel, true, 0), true);
-        self.cpu.seg[sreg::SS] = compress(flat(sel.wrapping_add(8), false, 0), true);
+        self.cpu.seg[sreg::CS] = compress(flat(sel, true), true);
+        self.cpu.seg[sreg::SS] = compress(flat(sel.wrapping_add(8), false), true);
         self.cpu.rip = self.v.lstar;
         let f = flags_v & !(self.v.fmask | flags::RF);
         self.cpu.refresh_mode();
