@@ -106,3 +106,45 @@ fn unknown_hypercall_is_enosys() {
     // The OUT is privileged too: the run ends there.
     assert!(matches!(o, Outcome::GuestFailure { .. }), "{o:?}");
 }
+
+/// `mmu_update` takes effect at once: the translation the kernel used before
+/// the update is not served from a stale TLB entry afterwards.
+#[test]
+fn mmu_update_flushes_stale_translations() {
+    const LIN: u64 = 0x60_0000;
+    let code = asm64(|a| {
+        a.mov(eax, nr::SET_HYPERCALL_PAGE as u32)?;
+        a.mov(rdi, PAGE | 1)?;
+        a.int(0x82)?;
+        a.mov(rbx, qword_ptr(LIN))?;
+        a.mov(rdi, DATA)?;
+        a.mov(esi, 1u32)?;
+        a.mov(rax, stub(nr::MMU_UPDATE))?;
+        a.call(rax)?;
+        a.mov(r12, rax)?;
+        a.mov(rcx, qword_ptr(LIN))?;
+        a.mov(rax, stub(nr::SCHED_OP))?;
+        a.mov(edi, hypercall::sched::SHUTDOWN as u32)?;
+        a.mov(esi, 7u32)?;
+        a.call(rax)
+    });
+    let mut g = Guest::long_mode(Engine::Pv, &code);
+    let s = g.vm.vcpu.sregs().unwrap();
+    let m = &g.vm.mem;
+    // The boot tables map 2 MiB pages: find the PD entry of LIN.
+    let pml4e: u64 = m.read_obj(GuestAddress(s.cr3 & !0xfff)).unwrap();
+    let pdpte: u64 = m.read_obj(GuestAddress(pml4e & 0xf_ffff_f000)).unwrap();
+    let pde = (pdpte & 0xf_ffff_f000) + 8 * (LIN >> 21);
+    m.write_obj(pde, GuestAddress(DATA)).unwrap();
+    m.write_obj(0x80_0000u64 | 0x83, GuestAddress(DATA + 8))
+        .unwrap();
+    m.write_obj(0x1111u64, GuestAddress(LIN)).unwrap();
+    m.write_obj(0x2222u64, GuestAddress(0x80_0000)).unwrap();
+    let o = g.run();
+    assert!(
+        matches!(o, Outcome::Stopped(machine::bus::StopReason::Shutdown(7))),
+        "{o:?}"
+    );
+    let r = g.regs();
+    assert_eq!((r.rbx, r.r12, r.rcx), (0x1111, 1, 0x2222));
+}

@@ -346,12 +346,13 @@ impl Vcpu for PvVcpu {
             real.cr0 = s.cr0 | cr0::WP | cr0::ET;
             g.cpu.set_sregs(&real);
         } else {
-            // Segments only (`iret`): no TLB flush.
+            // The same paging registers: a CR3 reload, which flushes the
+            // non-global translations (what `mmu_update` relies on).
             g.cpu.seg[x86::sreg::CS] = cs;
             g.cpu.seg[x86::sreg::SS] = ss;
-            g.cpu.gdtr = s.gdt;
             g.cpu.cr2 = s.cr2;
             g.cpu.refresh_mode();
+            g.cpu.flush_tlb(false);
         }
         g.cpu.gdtr = s.gdt;
         g.set_vflags(flags_v);
