@@ -256,7 +256,12 @@ impl Hypercalls {
             },
             nr::MMU_UPDATE => self.mmu_update(ctx, a[0], a[1])?,
             nr::NEW_BASEPTR => {
-                if a[0] & 0xfff != 0 || !in_ram(ctx.mem, a[0], 0x1000) {
+                // The tree must be well formed: every table it links in guest RAM.
+                let read = |pa: u64| ctx.mem.read_obj::<u64>(GuestAddress(pa)).ok();
+                if a[0] & 0xfff != 0
+                    || !in_ram(ctx.mem, a[0], 0x1000)
+                    || visor_deprivileged::walk::table_frames(read, a[0]).is_err()
+                {
                     EINVAL
                 } else {
                     let mut s = ctx.vcpu.sregs()?;

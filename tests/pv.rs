@@ -148,3 +148,40 @@ fn mmu_update_flushes_stale_translations() {
     let r = g.regs();
     assert_eq!((r.rbx, r.r12, r.rcx), (0x1111, 1, 0x2222));
 }
+
+/// The live page tables are checked and protected: `new_baseptr` refuses a
+/// tree that links a table outside guest RAM, and a direct write to a live
+/// table (instead of `mmu_update`) ends the run.
+#[test]
+fn live_page_tables_are_checked_and_protected() {
+    const BAD_PML4: u64 = DATA + 0x1000;
+    const CR3_AT: u64 = DATA + 0x20;
+    let code = asm64(|a| {
+        a.mov(eax, nr::SET_HYPERCALL_PAGE as u32)?;
+        a.mov(rdi, PAGE | 1)?;
+        a.int(0x82)?;
+        a.mov(rdi, BAD_PML4)?;
+        a.mov(rax, stub(nr::NEW_BASEPTR))?;
+        a.call(rax)?;
+        a.mov(r12, rax)?;
+        a.mov(rax, qword_ptr(CR3_AT))?;
+        a.mov(rbx, qword_ptr(rax))?;
+        a.mov(qword_ptr(rax), rbx)?; // a direct write to the live PML4
+        a.hlt()
+    });
+    let mut g = Guest::long_mode(Engine::Pv, &code);
+    let root = g.vm.vcpu.sregs().unwrap().cr3 & !0xfff;
+    let m = &g.vm.mem;
+    m.write_obj(root, GuestAddress(CR3_AT)).unwrap();
+    // A PML4 whose first entry links a PDPT at 1 TiB.
+    m.write_obj((1u64 << 40) | 3, GuestAddress(BAD_PML4))
+        .unwrap();
+    let o = g.run();
+    assert_eq!(g.regs().r12 as i64, -hypercall::errno::EINVAL);
+    match o {
+        Outcome::GuestFailure { what, .. } => {
+            assert!(what.contains("write to a live page table"), "{what}")
+        }
+        o => panic!("expected the direct write to end the run, got {o:?}"),
+    }
+}

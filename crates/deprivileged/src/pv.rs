@@ -26,6 +26,7 @@ use vm_memory::GuestMemoryMmap;
 use x86::{msr, vector, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
 
 use crate::virt::{compress, null_stack, Guest, Virt};
+use crate::walk;
 
 const SLICE: u64 = 20_000;
 const MAX_RUN: Duration = Duration::from_millis(20);
@@ -217,6 +218,23 @@ impl PvVcpu {
                 }
             }
         }
+        if v == vector::PF && code.unwrap_or(0) & 3 == 3 {
+            // A write the guest's tables allow to a protected frame: the
+            // kernel wrote a live page table directly.
+            let lin = self.g.cpu.cr2;
+            let user = code.unwrap_or(0) & 4 != 0;
+            let pg = self.g.v.paging();
+            if let Ok(m) = walk::walk(&mut self.g.cpu, pg, lin, walk::Acc::Write, user) {
+                if self.g.cpu.write_protected(m.page) {
+                    return Some(VcpuExit::Other {
+                        reason: format!(
+                            "pv: write to a live page table (frame {:#x}, address {lin:#x}) at {rip:#x}: a PV kernel changes its page tables with mmu_update",
+                            m.page
+                        ),
+                    });
+                }
+            }
+        }
         if v == vector::PF {
             self.c.page_faults += 1;
             self.g.v.cr2 = self.g.cpu.cr2;
@@ -356,6 +374,15 @@ impl Vcpu for PvVcpu {
         }
         g.cpu.gdtr = s.gdt;
         g.set_vflags(flags_v);
+        // The live page tables change only through `mmu_update`: protect them
+        // from the kernel's own writes.
+        let cpu = &g.cpu;
+        let read = |pa: u64| {
+            let mut b = [0u8; 8];
+            cpu.ram_read(pa, &mut b).then(|| u64::from_le_bytes(b))
+        };
+        let frames = walk::table_frames(read, s.cr3).unwrap_or_default();
+        self.g.cpu.set_write_protected(&frames);
         Ok(())
     }
 

@@ -178,3 +178,36 @@ pub fn access(
     }
     Ok(())
 }
+
+/// The frames of a 4-level page-table tree (the PML4 and every PDPT, PD and
+/// PT it links), sorted, each once. `read` reads a page-table entry at a
+/// guest-physical address; `Err` gives the address of an entry that links a
+/// table outside guest RAM (or with reserved address bits).
+pub fn table_frames(read: impl Fn(u64) -> Option<u64>, cr3: u64) -> Result<Vec<u64>, u64> {
+    let mut frames = vec![cr3 & ADDR];
+    let mut level_tables = vec![cr3 & ADDR];
+    for level in (1..4u32).rev() {
+        let mut next = Vec::new();
+        for &t in &level_tables {
+            for i in 0..512 {
+                let at = t + 8 * i;
+                let e = read(at).ok_or(at)?;
+                if e & P == 0 || (e & PS != 0 && level < 3) {
+                    continue;
+                }
+                let f = e & ADDR;
+                if f & RSVD_ADDR != 0 || read(f).is_none() {
+                    return Err(at);
+                }
+                next.push(f);
+            }
+        }
+        next.sort_unstable();
+        next.dedup();
+        frames.extend_from_slice(&next);
+        level_tables = next;
+    }
+    frames.sort_unstable();
+    frames.dedup();
+    Ok(frames)
+}

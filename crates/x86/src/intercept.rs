@@ -141,6 +141,35 @@ impl Cpu {
         self.sensitive_ok = false;
     }
 
+    /// Protects exactly `frames` (physical page addresses of RAM) from writes
+    /// at CPL > 0: such a write raises #PF (present, write) as if the page
+    /// were read-only. The `pv` engine keeps a guest's live page tables so.
+    pub fn set_write_protected(&mut self, frames: &[u64]) {
+        self.wp_frames.clear();
+        if !frames.is_empty() {
+            self.wp_frames
+                .resize(((self.mem.end() >> 12) as usize).div_ceil(64) + 1, 0);
+            for &f in frames {
+                let i = (f >> 12) as usize;
+                if let Some(w) = self.wp_frames.get_mut(i >> 6) {
+                    *w |= 1 << (i & 63);
+                }
+            }
+        }
+        self.tlb_flush(true);
+    }
+
+    /// Whether physical page `ppage` is write-protected by the engine.
+    #[inline]
+    pub fn write_protected(&self, ppage: u64) -> bool {
+        let i = (ppage >> 12) as usize;
+        !self.wp_frames.is_empty()
+            && self
+                .wp_frames
+                .get(i >> 6)
+                .is_some_and(|w| (w >> (i & 63)) & 1 != 0)
+    }
+
     /// Decodes the instruction at RIP (through the current page tables).
     /// An exception (vector, error code) if it cannot be fetched.
     pub fn current_instruction(&mut self) -> Result<Instruction, (u8, Option<u32>)> {

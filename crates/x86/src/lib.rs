@@ -280,6 +280,9 @@ pub struct Cpu {
     pub(crate) grant: bool,
     /// No sensitive-instruction stop for the current instruction.
     pub(crate) sensitive_ok: bool,
+    /// Frames an engine protects from writes at CPL > 0 (one bit per 4 KiB
+    /// page of RAM; empty when none are).
+    pub(crate) wp_frames: Vec<u64>,
     /// An interrupt of `local` is ready (cached `local.pending()`).
     pub(crate) irq_ready: bool,
     /// STI/MOV SS shadow: no interrupt before the next instruction completes.
@@ -382,6 +385,7 @@ impl Cpu {
             intercepts: Intercepts::default(),
             grant: false,
             sensitive_ok: false,
+            wp_frames: Vec::new(),
             irq_ready: false,
             inhibit: false,
             cpl: 0,

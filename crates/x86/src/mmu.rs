@@ -133,6 +133,13 @@ impl Cpu {
         if self.code.is_code(e.ppage) {
             e.allow &= !(A_W_S | A_W_U);
         }
+        if self.write_protected(e.ppage) {
+            // An engine's protected frame: no write below CPL 0.
+            if acc == Acc::Write && self.cpl > 0 {
+                return self.pf(lin, true, acc, user, false);
+            }
+            e.allow &= !(A_W_S | A_W_U);
+        }
         self.tlb_has_large |= e.large;
         self.tlb[tlb_index(lin)] = e;
         // The entry may not allow this access (a write to a code page): the
