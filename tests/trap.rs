@@ -266,6 +266,19 @@ fn privileged_guest() -> Vec<u8> {
         a.mov(qword_ptr(rbx), 0x77)?;
         a.wbinvd()?;
         a.clts()?;
+        a.cli()?;
+        a.sti()?;
+        a.cli()?;
+        a.mov(eax, 5u32)?;
+        a.mov(cr8, rax)?;
+        a.mov(rax, cr8)?;
+        a.mov(rbp, rax)?;
+        a.mov(rax, cr0)?;
+        a.mov(cr0, rax)?;
+        a.lmsw(ax)?;
+        a.mov(rax, DATA + 0x40)?;
+        a.sidt(ptr(rax))?;
+        a.lidt(ptr(rax))?;
         // IRETQ to the kernel itself.
         let mut back = a.create_label();
         a.mov(rax, rsp)?;
@@ -299,9 +312,10 @@ fn privileged_instructions_are_emulated() {
     let g = run(Engine::Trap);
     let (a, b) = (g.regs(), oracle.regs());
     assert_eq!(
-        (a.r8, a.r9, a.r10, a.r11, a.r12, a.r13, a.r14, a.r15, a.rsi, a.rdi, a.rip),
-        (b.r8, b.r9, b.r10, b.r11, b.r12, b.r13, b.r14, b.r15, b.rsi, b.rdi, b.rip)
+        (a.r8, a.r9, a.r10, a.r11, a.r12, a.r13, a.r14, a.r15, a.rsi, a.rdi, a.rbp, a.rip),
+        (b.r8, b.r9, b.r10, b.r11, b.r12, b.r13, b.r14, b.r15, b.rsi, b.rdi, b.rbp, b.rip)
     );
+    assert_eq!(b.rbp, 5, "CR8");
     assert_eq!(b.r13, 0xffff_ffff_8765_4321);
     assert_eq!(b.r14, 0x5000);
     assert_eq!(b.r15, 77);
@@ -323,6 +337,13 @@ fn privileged_instructions_are_emulated() {
         "invlpg",
         "wbinvd",
         "clts",
+        "cli",
+        "sti",
+        "mov to cr8",
+        "mov from cr8",
+        "mov to cr0",
+        "lmsw",
+        "lidt",
         "iretq",
         "out",
         "in",

@@ -259,6 +259,13 @@ impl Vcpu for PvVcpu {
             });
         }
         let exit = loop {
+            // Exits the engine handles itself (traps, reflections) come back
+            // here without using up the CPU's budget: the time is checked on
+            // every round, so a guest that traps forever still comes back.
+            if start.elapsed() >= MAX_RUN {
+                self.last_interrupted = Some(Instant::now());
+                return Ok(VcpuExit::Interrupted);
+            }
             if let Some(e) = self.deliver_event() {
                 if let Some(e) = e {
                     return Ok(e);

@@ -1162,6 +1162,13 @@ impl Vcpu for TrapVcpu {
             });
         }
         let exit = loop {
+            // Exits the engine handles itself (traps, reflections) come back
+            // here without using up the CPU's budget: the time is checked on
+            // every round, so a guest that traps forever still comes back.
+            if start.elapsed() >= MAX_RUN {
+                self.last_interrupted = Some(Instant::now());
+                return Ok(VcpuExit::Interrupted);
+            }
             if self.halted {
                 if let Some(e) = self.wait_halted(start) {
                     return Ok(e);
