@@ -26,6 +26,7 @@ mod fpu;
 pub mod mem;
 mod mmu;
 mod system;
+pub mod vmx;
 
 use std::time::Instant;
 
@@ -253,6 +254,8 @@ pub struct Cpu {
     pub halted: bool,
     /// Print every instruction (RIP, encoding name, RSP) on stderr.
     pub trace: bool,
+    /// VMX operation: capabilities, the current VMCS, non-root state.
+    pub vmx: vmx::Vmx,
     /// An interrupt of `local` is ready (cached `local.pending()`).
     pub(crate) irq_ready: bool,
     /// STI/MOV SS shadow: no interrupt before the next instruction completes.
@@ -352,6 +355,7 @@ impl Cpu {
             msr_fault: 0,
             halted: false,
             trace: false,
+            vmx: vmx::Vmx::default(),
             irq_ready: false,
             inhibit: false,
             cpl: 0,
@@ -535,6 +539,9 @@ impl Cpu {
         loop {
             let blocked = self.inhibit;
             self.inhibit = false;
+            if self.vmx.non_root && self.vmx_boundary(blocked) {
+                continue;
+            }
             if self.irq_ready && !blocked && self.rflags & flags::IF != 0 {
                 if let Some(e) = self.take_interrupt() {
                     return e;
