@@ -174,6 +174,9 @@ pub(crate) enum Stop {
     /// The instruction needs the VMM (input, MSR) or hit something unimplemented;
     /// the details are in `Cpu::pending`.
     Exit,
+    /// The instruction caused a VM exit in its middle (an EPT violation):
+    /// the host state is loaded already.
+    VmExit,
 }
 
 pub(crate) type R<T> = Result<T, Stop>;
@@ -572,6 +575,10 @@ impl Cpu {
                     if !self.exception(v, code) {
                         return self.shutdown_or_unimplemented();
                     }
+                }
+                Err(Stop::VmExit) => {
+                    self.inhibit = false;
+                    self.end_instruction_io();
                 }
                 Err(Stop::Exit) => {
                     // Output of the aborted instruction is void; inputs stay

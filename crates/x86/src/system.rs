@@ -303,17 +303,18 @@ impl Cpu {
                 return true;
             }
             let ret = self.rip;
+            self.vmx_delivering(v, 3, code);
             match self.deliver(v, code, false, ret, 1) {
                 Ok(()) => {
                     self.halted = false;
                     self.vmx.vectoring = None;
                     return true;
                 }
+                Err(Stop::VmExit) => return true,
                 Err(Stop::Exc(v2, c2)) => {
                     if v == vector::DF {
                         return self.vmx_triple_fault();
                     }
-                    self.vmx_delivery_fault(v, code);
                     let class = |x: u8| match x {
                         0 | 10..=13 => 1,
                         14 => 2,
@@ -349,8 +350,13 @@ impl Cpu {
         self.irq_ready = l.pending();
         let v = v?;
         self.halted = false;
+        self.vmx_delivering(v, 0, None);
         match self.deliver(v, None, false, self.rip, 1) {
-            Ok(()) => None,
+            Ok(()) => {
+                self.vmx.vectoring = None;
+                None
+            }
+            Err(Stop::VmExit) => None,
             Err(Stop::Exc(v2, c2)) => {
                 if self.exception(v2, c2) {
                     None

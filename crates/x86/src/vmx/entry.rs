@@ -5,7 +5,7 @@
 
 use vcpu::{cr0, cr4, efer};
 
-use super::exit::{intr_info, GUEST_REGS};
+use super::exit::GUEST_REGS;
 use super::fields::*;
 use super::{ctl, ctl_ok, error, msr, VmFail, VmResult, CR0_FIXED0, CR4_VMXE, NO_VMCS};
 use crate::flags::{IF, VM};
@@ -415,6 +415,8 @@ impl Cpu {
             None
         };
         self.vmx.non_root = true;
+        self.vmx.ept = (self.secondary_controls() & ctl::ENABLE_EPT != 0)
+            .then(|| self.vmx.vmcs.get(EPT_POINTER));
         self.tlb_flush(true);
         self.mode_changed();
     }
@@ -528,10 +530,11 @@ impl Cpu {
         self.vmx_trace(format_args!(
             "inject vector {vector} type {kind} code {code:?}"
         ));
+        self.vmx_delivering(vector, kind, code);
         match self.deliver(vector, code, soft, ret, (kind < 4) as u32) {
-            Ok(()) => {}
+            Ok(()) => self.vmx.vectoring = None,
+            Err(Stop::VmExit) => {}
             Err(Stop::Exc(v2, c2)) => {
-                self.vmx.vectoring = Some((intr_info(vector, kind, code), code.unwrap_or(0)));
                 if !self.exception(v2, c2) {
                     self.vmx_triple_fault();
                 }

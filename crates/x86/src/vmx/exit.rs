@@ -257,6 +257,7 @@ impl Cpu {
         self.inhibit = false;
         self.halted = false;
         self.vmx.non_root = false;
+        self.vmx.ept = None;
         self.vmx.timer_deadline = None;
         self.tlb_flush(true);
         self.mode_changed();

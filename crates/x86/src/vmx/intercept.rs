@@ -472,11 +472,12 @@ impl Cpu {
         true
     }
 
-    /// Delivery of exception `v` faulted: remembered as the IDT-vectoring
-    /// information of a VM exit the nested fault may cause.
-    pub(crate) fn vmx_delivery_fault(&mut self, v: u8, code: Option<u32>) {
+    /// An event (vector `v` of interruption type `kind`) is being delivered
+    /// through the guest's IDT: the IDT-vectoring information of a VM exit
+    /// that happens meanwhile.
+    pub(crate) fn vmx_delivering(&mut self, v: u8, kind: u32, code: Option<u32>) {
         if self.vmx.non_root {
-            self.vmx.vectoring = Some((intr_info(v, 3, code), code.unwrap_or(0)));
+            self.vmx.vectoring = Some((intr_info(v, kind, code), code.unwrap_or(0)));
         }
     }
 

@@ -13,6 +13,7 @@
 //! field, in the order of [`fields::FIELDS`].
 
 mod entry;
+mod ept;
 mod exit;
 pub mod fields;
 mod insn;
@@ -133,7 +134,7 @@ pub mod ctl {
         | MONITOR_EXITING
         | PAUSE_EXITING
         | ACTIVATE_SECONDARY;
-    pub const PROC2_ALLOWED1: u32 = ENABLE_RDTSCP | ENABLE_VPID;
+    pub const PROC2_ALLOWED1: u32 = ENABLE_EPT | ENABLE_RDTSCP | ENABLE_VPID;
     pub const EXIT_ALLOWED1: u32 = EXIT_DEFAULT1
         | HOST_ADDR_SPACE_SIZE
         | ACK_INTR_ON_EXIT
@@ -230,6 +231,8 @@ pub struct Vmx {
     /// The event whose delivery faulted (IDT-vectoring information and
     /// error code of the next VM exit).
     pub(crate) vectoring: Option<(u32, u32)>,
+    /// The EPT pointer while a guest runs with EPT.
+    pub(crate) ept: Option<u64>,
     /// Log each VMX instruction and each VM exit on stderr.
     pub trace: bool,
     /// VM exits by basic exit reason.
@@ -248,6 +251,7 @@ impl Default for Vmx {
             timer_deadline: None,
             nmi_blocked: false,
             vectoring: None,
+            ept: None,
             trace: false,
             exit_counts: [0; 66],
         }

@@ -1253,3 +1253,140 @@ fn cr4_vmxe_and_cr0_fixed_bits_in_vmx_operation() {
     assert_eq!(t.run(), CpuExit::Hlt);
     assert_eq!(t.cpu.regs().r15, 13, "CR0.NE is fixed to 1");
 }
+
+const EPT: u64 = 0x31_0000;
+/// The guest-physical 2 MiB that EPT maps with 4 KiB pages.
+const EPT_4K: u64 = 0x60_0000;
+
+/// Turns EPT on: guest-physical 0..16 MiB maps to the same host-physical
+/// addresses with 2 MiB pages (RWX, write-back), except EPT_4K.. which maps
+/// with 4 KiB pages from the table at EPT + 0x3000.
+fn with_ept(t: &mut T) {
+    let put = |a: u64, v: u64| t.mem.write_obj(v, GuestAddress(a)).unwrap();
+    put(EPT, (EPT + 0x1000) | 7);
+    put(EPT + 0x1000, (EPT + 0x2000) | 7);
+    for k in 0..8u64 {
+        put(EPT + 0x2000 + 8 * k, (k << 21) | 7 | (6 << 3) | (1 << 7));
+    }
+    put(EPT + 0x2000 + 8 * 3, (EPT + 0x3000) | 7);
+    for j in 0..512u64 {
+        put(EPT + 0x3000 + 8 * j, (EPT_4K + (j << 12)) | 7 | (6 << 3));
+    }
+    set_bits(t, CPU_BASED_VM_EXEC_CONTROL, ctl::ACTIVATE_SECONDARY);
+    set_bits(t, SECONDARY_VM_EXEC_CONTROL, ctl::ENABLE_EPT);
+    w(&mut t.cpu, EPT_POINTER, EPT | 6 | (3 << 3));
+}
+
+/// Sets the EPT entry of guest-physical page EPT_4K + `page` * 4 KiB.
+fn ept_pte(t: &T, page: u64, v: u64) {
+    t.mem
+        .write_obj(v, GuestAddress(EPT + 0x3000 + 8 * page))
+        .unwrap();
+}
+
+#[test]
+fn ept_translates_guest_physical_addresses() {
+    let mut t = ready(|a| {
+        a.mov(rbx, EPT_4K + 0x1000)?;
+        a.mov(rax, qword_ptr(rbx + 8))?;
+        a.mov(qword_ptr(rbx + 16), rax)?;
+        a.cpuid()
+    });
+    with_ept(&mut t);
+    ept_pte(&t, 1, 0x70_0000 | 7 | (6 << 3));
+    t.mem.write_obj(0xabcdu64, GuestAddress(0x70_0008)).unwrap();
+    assert_eq!(go(&mut t), reason::CPUID);
+    assert_eq!(t.cpu.regs().rax, 0xabcd, "read through the remapping");
+    assert_eq!(t.read(0x70_0010), 0xabcd, "written through it");
+    assert_eq!(
+        t.read(EPT_4K + 0x1010),
+        0,
+        "not at the guest-physical address"
+    );
+}
+
+#[test]
+fn ept_violations_and_misconfiguration() {
+    // (guest code, EPT entry of page 2, exit reason, qualification, GPA)
+    let read = |a: Asm| {
+        a.mov(rbx, EPT_4K + 0x2000)?;
+        a.mov(rax, qword_ptr(rbx + 8))
+    };
+    let write = |a: Asm| {
+        a.mov(rbx, EPT_4K + 0x2000)?;
+        a.mov(qword_ptr(rbx + 8), rax)
+    };
+    let fetch = |a: Asm| {
+        a.mov(rbx, EPT_4K + 0x2000)?;
+        a.jmp(rbx)
+    };
+    let page = EPT_4K + 0x2000;
+    let cases: [(Code, u64, u32, u64, u64); 4] = [
+        (read, 0, reason::EPT_VIOLATION, 0x181, page + 8),
+        (
+            write,
+            page | 1 | (6 << 3),
+            reason::EPT_VIOLATION,
+            0x18a,
+            page + 8,
+        ),
+        (
+            fetch,
+            page | 3 | (6 << 3),
+            reason::EPT_VIOLATION,
+            0x19c,
+            page,
+        ),
+        (
+            read,
+            page | 2 | (6 << 3),
+            reason::EPT_MISCONFIG,
+            0,
+            page + 8,
+        ),
+    ];
+    for (k, (code, ent, want, qual, gpa)) in cases.into_iter().enumerate() {
+        let mut t = ready(code);
+        with_ept(&mut t);
+        ept_pte(&t, 2, ent);
+        assert_eq!(go(&mut t), want, "case {k}");
+        assert_eq!(r(&t, GUEST_PHYSICAL_ADDRESS), gpa, "case {k}");
+        if want == reason::EPT_VIOLATION {
+            assert_eq!(r(&t, EXIT_QUALIFICATION), qual, "case {k}");
+            assert_eq!(r(&t, GUEST_LINEAR_ADDRESS), gpa, "case {k}");
+        }
+    }
+}
+
+#[test]
+fn ept_violation_on_a_guest_paging_structure() {
+    // Guest-linear 16 MiB maps through a guest page table at guest-physical
+    // EPT_4K + 0x6000, which EPT does not map.
+    let mut t = ready(|a| {
+        a.mov(rbx, 0x100_0000u64)?;
+        a.mov(rax, qword_ptr(rbx))
+    });
+    with_ept(&mut t);
+    ept_pte(&t, 6, 0);
+    let pd = t.cpu.cr3 + 0x2000;
+    t.mem
+        .write_obj((EPT_4K + 0x6000) | 7, GuestAddress(pd + 8 * 8))
+        .unwrap();
+    assert_eq!(go(&mut t), reason::EPT_VIOLATION);
+    assert_eq!(
+        r(&t, EXIT_QUALIFICATION),
+        0x81,
+        "read, linear valid, not final"
+    );
+    assert_eq!(r(&t, GUEST_PHYSICAL_ADDRESS), EPT_4K + 0x6000);
+    assert_eq!(r(&t, GUEST_LINEAR_ADDRESS), 0x100_0000);
+    // An invalid EPT pointer fails the entry on the controls.
+    let mut t = ready(|a| a.cpuid());
+    with_ept(&mut t);
+    w(&mut t.cpu, EPT_POINTER, EPT | 6 | (2 << 3));
+    assert_eq!(t.run(), CpuExit::Hlt);
+    assert_eq!(
+        r(&t, VM_INSTRUCTION_ERROR) as u32,
+        error::ENTRY_INVALID_CONTROLS
+    );
+}
