@@ -13,6 +13,9 @@ pub enum Engine {
     /// No virtualization: visor's software CPU runs the guest at its real
     /// privilege (baseline and oracle).
     Emu,
+    /// Intel VMX in the software CPU, driven by a VMM written as VT-x
+    /// software.
+    Vmx,
 }
 
 /// Engine-independent VM options.
@@ -24,10 +27,14 @@ pub struct VmOptions {
     /// Advertise visor's paravirtual interface (CPUID leaves 0x4000_0000..,
     /// hypercall page MSR); `--no-pv` turns it off.
     pub pv: bool,
+    /// `vmx`: log each VMX operation and VM exit (`--trace-vmx`).
+    pub trace_vmx: bool,
+    /// `vmx`: print the VMCS at the end (`--dump-vmcs`).
+    pub dump_vmcs: bool,
 }
 
 impl Engine {
-    pub const ALL: &'static [Engine] = &[Engine::Kvm, Engine::Emu];
+    pub const ALL: &'static [Engine] = &[Engine::Kvm, Engine::Emu, Engine::Vmx];
     /// The engines `--engine auto` chooses from, best first: the software CPU
     /// where KVM cannot run.
     pub const AUTO: &'static [Engine] = &[Engine::Kvm, Engine::Emu];
@@ -36,6 +43,7 @@ impl Engine {
         match self {
             Engine::Kvm => "kvm",
             Engine::Emu => "emu",
+            Engine::Vmx => "vmx",
         }
     }
 
@@ -43,6 +51,9 @@ impl Engine {
         match self {
             Engine::Kvm => "hardware-assisted (VT-x/AMD-V through Linux KVM)",
             Engine::Emu => "software CPU, guest at its real privilege (baseline, oracle)",
+            Engine::Vmx => {
+                "Intel VMX in the software CPU, driven by a VMM written as VT-x software"
+            }
         }
     }
 
@@ -54,7 +65,7 @@ impl Engine {
     pub fn unavailable_reason(self) -> Option<String> {
         match self {
             Engine::Kvm => visor_kvm::unavailable_reason(),
-            Engine::Emu => None,
+            Engine::Emu | Engine::Vmx => None,
         }
     }
 
@@ -64,6 +75,8 @@ impl Engine {
             // The VMM loop turns OUT to the hypercall port into a hypercall on
             // every engine.
             Engine::Kvm | Engine::Emu => hypercall::port_io_stub,
+            // The vmx engine takes VMCALL as the hypercall instruction.
+            Engine::Vmx => hypercall::vmcall_stub,
         }
     }
 
@@ -71,7 +84,7 @@ impl Engine {
     pub fn linux_parameters(self) -> &'static [&'static str] {
         match self {
             Engine::Kvm => visor_kvm::linux_parameters(),
-            Engine::Emu => &[],
+            Engine::Emu | Engine::Vmx => &[],
         }
     }
 
@@ -105,6 +118,15 @@ impl Engine {
                 visor_emu::EmuConfig {
                     irqchip: opts.irqchip,
                     pv_signature: opts.pv.then_some(hypercall::SIGNATURE),
+                },
+            )?)),
+            Engine::Vmx => Ok(Box::new(visor_vmx::VmxVm::new(
+                mem,
+                visor_vmx::VmxConfig {
+                    irqchip: opts.irqchip,
+                    pv_signature: opts.pv.then_some(hypercall::SIGNATURE),
+                    trace: opts.trace_vmx,
+                    dump_vmcs: opts.dump_vmcs,
                 },
             )?)),
         }

@@ -56,6 +56,12 @@ struct RunArgs {
     /// Write the statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
+    /// Engine vmx: log each VMX operation and each VM exit, decoded.
+    #[arg(long)]
+    trace_vmx: bool,
+    /// Engine vmx: print the VMCS, grouped by area, when the run ends.
+    #[arg(long)]
+    dump_vmcs: bool,
 }
 
 fn main() -> ExitCode {
@@ -177,6 +183,8 @@ fn run(args: RunArgs) -> Result<i32, String> {
     let opts = VmOptions {
         irqchip: true,
         pv: !args.no_pv,
+        trace_vmx: args.trace_vmx,
+        dump_vmcs: args.dump_vmcs,
     };
     let mut vm = Vm::with_memory(engine, layout, mem, opts)?;
     vm.set_cpu_state(&loaded.cpu.regs, &loaded.cpu.sregs)

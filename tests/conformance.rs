@@ -121,6 +121,10 @@ macro_rules! on_every_engine {
                 fn emu() {
                     super::run_case(visor::Engine::Emu, super::$case);
                 }
+                #[test]
+                fn vmx() {
+                    super::run_case(visor::Engine::Vmx, super::$case);
+                }
             }
         )*
     };
@@ -491,6 +495,7 @@ fn hypercalls(engine: Engine) {
         VmOptions {
             irqchip: false,
             pv: true,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -20,10 +20,10 @@ use x86::{Cpu, CpuExit, CpuidTable, PhysMem};
 pub use lapic::{Lapic, Lines};
 
 /// Instructions per `Cpu::run` call: the local APIC is polled in between.
-const SLICE: u64 = 20_000;
+pub const SLICE: u64 = 20_000;
 /// Longest time `run` stays in the engine without an exit, so that the VMM can
 /// notice a stop request (`--timeout`).
-const MAX_RUN: Duration = Duration::from_millis(20);
+pub const MAX_RUN: Duration = Duration::from_millis(20);
 
 /// Options of an `emu` virtual machine.
 #[derive(Clone, Copy, Debug, Default)]
@@ -70,19 +70,100 @@ impl EmuVm {
         t
     }
 
-    pub fn create_emu_vcpu(&mut self, id: u32) -> EmuVcpu {
-        let mut cpu = Cpu::new(PhysMem::new(&self.mem), self.cpuid(id));
+    /// The guest memory.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn config(&self) -> EmuConfig {
+        self.config
+    }
+
+    /// The vector lines of the local APICs (they wake a halted vCPU).
+    pub fn lines(&self) -> Arc<Lines> {
+        self.lines.clone()
+    }
+
+    /// A software CPU `id` with physical memory `mem` (the guest's, or more),
+    /// the engine's CPUID table and, with `irqchip`, a local APIC.
+    pub fn create_cpu(&self, id: u32, mem: &GuestMemoryMmap) -> Cpu {
+        let mut cpu = Cpu::new(PhysMem::new(mem), self.cpuid(id));
         // VISOR_EMU_TRACE=1 prints every instruction (debugging only).
         cpu.trace = std::env::var_os("VISOR_EMU_TRACE").is_some_and(|v| v == "1");
         if self.config.irqchip {
             cpu.local = Some(Box::new(Lapic::new(id, self.lines.clone())));
         }
+        cpu
+    }
+
+    pub fn create_emu_vcpu(&mut self, id: u32) -> EmuVcpu {
+        let cpu = self.create_cpu(id, &self.mem);
         EmuVcpu {
             cpu,
             irqchip: self.config.irqchip,
             lines: self.lines.clone(),
             last_interrupted: None,
         }
+    }
+}
+
+/// Waits for the next interrupt of `cpu`'s local APIC (its timer) or of a
+/// vector line, at most until MAX_RUN has passed since `start`: false if
+/// that time is up.
+pub fn wait_for_interrupt(cpu: &Cpu, lines: &Lines, start: Instant) -> bool {
+    let now = Instant::now();
+    let left = MAX_RUN.saturating_sub(now - start);
+    if left.is_zero() {
+        return false;
+    }
+    let wait = match cpu.local_deadline() {
+        Some(d) => d.saturating_duration_since(now).min(left),
+        None => left,
+    };
+    if !wait.is_zero() {
+        lines.wait(wait);
+    }
+    true
+}
+
+/// The engine exit of a [`Cpu::run`] that ended with `exit` (not a VM exit).
+pub fn vcpu_exit(cpu: &mut Cpu, exit: CpuExit) -> VcpuExit<'_> {
+    match exit {
+        CpuExit::IoIn { port, size, .. } => VcpuExit::IoIn {
+            port,
+            size,
+            data: cpu.exit_data(),
+        },
+        CpuExit::IoOut { port, size, .. } => VcpuExit::IoOut {
+            port,
+            size,
+            data: cpu.exit_data(),
+        },
+        CpuExit::MmioRead { addr } => VcpuExit::MmioRead {
+            addr,
+            data: cpu.exit_data(),
+        },
+        CpuExit::MmioWrite { addr } => VcpuExit::MmioWrite {
+            addr,
+            data: cpu.exit_data(),
+        },
+        CpuExit::MsrRead { index } => VcpuExit::MsrRead {
+            index,
+            data: &mut cpu.msr_data,
+            fault: &mut cpu.msr_fault,
+        },
+        CpuExit::MsrWrite { index, value } => VcpuExit::MsrWrite {
+            index,
+            value,
+            fault: &mut cpu.msr_fault,
+        },
+        CpuExit::Hlt => VcpuExit::Hlt,
+        CpuExit::Shutdown => VcpuExit::Shutdown,
+        CpuExit::Budget => VcpuExit::Interrupted,
+        CpuExit::Unimplemented(what) => VcpuExit::Unimplemented { what },
+        CpuExit::VmExit => VcpuExit::Unimplemented {
+            what: "a VM exit with no VMM to handle it".into(),
+        },
     }
 }
 
@@ -159,58 +240,15 @@ impl Vcpu for EmuVcpu {
                     if !self.irqchip || !self.cpu.interrupts_enabled() {
                         return Ok(VcpuExit::Hlt);
                     }
-                    // Wait for the APIC timer or a vector line.
-                    let now = Instant::now();
-                    let left = MAX_RUN.saturating_sub(now - start);
-                    if left.is_zero() {
-                        self.last_interrupted = Some(now);
+                    if !wait_for_interrupt(&self.cpu, &self.lines, start) {
+                        self.last_interrupted = Some(Instant::now());
                         return Ok(VcpuExit::Interrupted);
-                    }
-                    let wait = match self.cpu.local_deadline() {
-                        Some(d) => d.saturating_duration_since(now).min(left),
-                        None => left,
-                    };
-                    if !wait.is_zero() {
-                        self.lines.wait(wait);
                     }
                 }
                 e => break e,
             }
         };
-        Ok(match exit {
-            CpuExit::IoIn { port, size, .. } => VcpuExit::IoIn {
-                port,
-                size,
-                data: self.cpu.exit_data(),
-            },
-            CpuExit::IoOut { port, size, .. } => VcpuExit::IoOut {
-                port,
-                size,
-                data: self.cpu.exit_data(),
-            },
-            CpuExit::MmioRead { addr } => VcpuExit::MmioRead {
-                addr,
-                data: self.cpu.exit_data(),
-            },
-            CpuExit::MmioWrite { addr } => VcpuExit::MmioWrite {
-                addr,
-                data: self.cpu.exit_data(),
-            },
-            CpuExit::MsrRead { index } => VcpuExit::MsrRead {
-                index,
-                data: &mut self.cpu.msr_data,
-                fault: &mut self.cpu.msr_fault,
-            },
-            CpuExit::MsrWrite { index, value } => VcpuExit::MsrWrite {
-                index,
-                value,
-                fault: &mut self.cpu.msr_fault,
-            },
-            CpuExit::Hlt => VcpuExit::Hlt,
-            CpuExit::Shutdown => VcpuExit::Shutdown,
-            CpuExit::Budget => VcpuExit::Interrupted,
-            CpuExit::Unimplemented(what) => VcpuExit::Unimplemented { what },
-        })
+        Ok(vcpu_exit(&mut self.cpu, exit))
     }
 
     fn regs(&self) -> Result<Regs> {

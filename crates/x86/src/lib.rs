@@ -164,6 +164,8 @@ pub enum CpuExit {
     Budget,
     /// The guest needs something the CPU does not implement; one line says what.
     Unimplemented(String),
+    /// A VM exit with [`vmx::Vmx::stop_on_exit`]: the VMM reads the VMCS.
+    VmExit,
 }
 
 /// How an instruction stopped early.
@@ -540,6 +542,10 @@ impl Cpu {
         // fault forever must still come back.
         let mut left = budget;
         loop {
+            if self.vmx.exited {
+                self.vmx.exited = false;
+                return CpuExit::VmExit;
+            }
             let blocked = self.inhibit;
             self.inhibit = false;
             if self.vmx.non_root && self.vmx_boundary(blocked) {

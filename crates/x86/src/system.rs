@@ -532,6 +532,7 @@ impl Cpu {
         }
         let mut cs = d;
         cs.selector = (sel & !3) | new_cpl as u16;
+        cs.type_ |= 1; // accessed, as the descriptor now is
         self.seg[sreg::CS] = cs;
         self.rip = off;
         self.next_rip = off;

@@ -415,6 +415,9 @@ impl Cpu {
             None
         };
         self.vmx.non_root = true;
+        self.vmx.mtf_from = self.retired;
+        self.vmx.pin = self.vmx.vmcs.get32(PIN_BASED_VM_EXEC_CONTROL);
+        self.vmx.proc = self.vmx.vmcs.get32(CPU_BASED_VM_EXEC_CONTROL);
         self.vmx.ept = (self.secondary_controls() & ctl::ENABLE_EPT != 0)
             .then(|| self.vmx.vmcs.get(EPT_POINTER));
         self.tlb_flush(true);

@@ -38,7 +38,7 @@ impl Exit {
 }
 
 /// The access-rights field of a segment (SDM table 25-2).
-pub(crate) fn access_rights(s: &Segment) -> u32 {
+pub fn access_rights(s: &Segment) -> u32 {
     if s.unusable {
         return 1 << 16;
     }
@@ -53,7 +53,7 @@ pub(crate) fn access_rights(s: &Segment) -> u32 {
 }
 
 /// A segment from its VMCS selector, base, limit and access rights.
-pub(crate) fn segment(selector: u16, base: u64, limit: u32, ar: u32) -> Segment {
+pub fn segment(selector: u16, base: u64, limit: u32, ar: u32) -> Segment {
     Segment {
         base,
         limit,
@@ -72,7 +72,7 @@ pub(crate) fn segment(selector: u16, base: u64, limit: u32, ar: u32) -> Segment 
 
 /// Guest segment `k` (ES, CS, SS, DS, FS, GS, LDTR, TR): the encodings of its
 /// selector, base, limit and access rights.
-pub(crate) fn guest_seg_fields(k: u32) -> (u32, u32, u32, u32) {
+pub fn guest_seg_fields(k: u32) -> (u32, u32, u32, u32) {
     (
         GUEST_ES_SELECTOR + 2 * k,
         GUEST_ES_BASE + 2 * k,
@@ -287,6 +287,7 @@ impl Cpu {
         v.set(VM_ENTRY_INTR_INFO_FIELD, entry_info & !(1 << 31));
         self.save_guest_state();
         self.count_exit(e.reason);
+        self.vmx.exited = self.vmx.stop_on_exit;
         if self.vmx.trace {
             self.vmx_trace(format_args!(
                 "exit {} ({}) qual={:#x} rip={:#x} len={} intr={:#x} idt-vectoring={:#x}",
@@ -311,6 +312,7 @@ impl Cpu {
         v.set(EXIT_QUALIFICATION, qual);
         v.set(VM_EXIT_INTR_INFO, 0);
         self.count_exit(basic);
+        self.vmx.exited = self.vmx.stop_on_exit;
         self.vmx_trace(format_args!(
             "entry failure: exit {basic} ({}) qual={qual:#x}",
             reason::name(basic)

@@ -246,6 +246,7 @@ pub mod reason {
     pub const INVALID_GUEST_STATE: u32 = 33;
     pub const MSR_LOAD_FAIL: u32 = 34;
     pub const MWAIT: u32 = 36;
+    pub const MONITOR_TRAP_FLAG: u32 = 37;
     pub const MONITOR: u32 = 39;
     pub const PAUSE: u32 = 40;
     pub const EPT_VIOLATION: u32 = 48;
@@ -290,6 +291,7 @@ pub mod reason {
             INVALID_GUEST_STATE => "INVALID_GUEST_STATE",
             MSR_LOAD_FAIL => "MSR_LOAD_FAIL",
             MWAIT => "MWAIT",
+            MONITOR_TRAP_FLAG => "MONITOR_TRAP_FLAG",
             MONITOR => "MONITOR",
             PAUSE => "PAUSE",
             EPT_VIOLATION => "EPT_VIOLATION",

@@ -36,7 +36,7 @@ fn asz_code(bytes: usize) -> u32 {
 
 impl Cpu {
     fn proc_ctl(&self) -> u32 {
-        self.vmx.vmcs.get32(CPU_BASED_VM_EXEC_CONTROL)
+        self.vmx.proc
     }
 
     /// A VM exit caused by instruction `i`.
@@ -496,14 +496,16 @@ impl Cpu {
     /// preemption timer, the interrupt window, external interrupts): true
     /// if one caused a VM exit. `blocked`: blocking by STI or MOV SS.
     pub(crate) fn vmx_boundary(&mut self, blocked: bool) -> bool {
-        let v = &self.vmx.vmcs;
-        let pin = v.get32(PIN_BASED_VM_EXEC_CONTROL);
-        let proc = v.get32(CPU_BASED_VM_EXEC_CONTROL);
+        let (pin, proc) = (self.vmx.pin, self.vmx.proc);
         if let Some(d) = self.vmx.timer_deadline {
             if self.tsc() >= d {
                 self.vm_exit(Exit::new(reason::PREEMPTION_TIMER, 0));
                 return true;
             }
+        }
+        if proc & ctl::MONITOR_TRAP_FLAG != 0 && self.retired != self.vmx.mtf_from {
+            self.vm_exit(Exit::new(reason::MONITOR_TRAP_FLAG, 0));
+            return true;
         }
         if proc & ctl::INTR_WINDOW_EXITING != 0 && self.rflags & IF != 0 && !blocked {
             self.vm_exit(Exit::new(reason::INTERRUPT_WINDOW, 0));
@@ -511,7 +513,7 @@ impl Cpu {
         }
         if pin & ctl::EXT_INTR_EXITING != 0 && self.irq_ready && !blocked {
             let mut e = Exit::new(reason::EXTERNAL_INTERRUPT, 0);
-            if v.get32(VM_EXIT_CONTROLS) & ctl::ACK_INTR_ON_EXIT != 0 {
+            if self.vmx.vmcs.get32(VM_EXIT_CONTROLS) & ctl::ACK_INTR_ON_EXIT != 0 {
                 if let Some(l) = self.local.as_mut() {
                     if let Some(vec) = l.ack() {
                         e.intr = intr_info(vec, 0, None);

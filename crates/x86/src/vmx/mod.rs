@@ -15,6 +15,7 @@
 mod entry;
 mod ept;
 mod exit;
+pub use exit::{access_rights, guest_seg_fields, segment};
 pub mod fields;
 mod insn;
 pub(crate) use insn::is_vmx;
@@ -82,6 +83,7 @@ pub mod ctl {
     pub const CR8_LOAD_EXITING: u32 = 1 << 19;
     pub const CR8_STORE_EXITING: u32 = 1 << 20;
     pub const NMI_WINDOW_EXITING: u32 = 1 << 22;
+    pub const MONITOR_TRAP_FLAG: u32 = 1 << 27;
     pub const MOV_DR_EXITING: u32 = 1 << 23;
     pub const UNCOND_IO_EXITING: u32 = 1 << 24;
     pub const USE_IO_BITMAPS: u32 = 1 << 25;
@@ -131,6 +133,7 @@ pub mod ctl {
         | UNCOND_IO_EXITING
         | USE_IO_BITMAPS
         | USE_MSR_BITMAPS
+        | MONITOR_TRAP_FLAG
         | MONITOR_EXITING
         | PAUSE_EXITING
         | ACTIVATE_SECONDARY;
@@ -233,6 +236,18 @@ pub struct Vmx {
     pub(crate) vectoring: Option<(u32, u32)>,
     /// The EPT pointer while a guest runs with EPT.
     pub(crate) ept: Option<u64>,
+    /// The pin-based and primary processor-based controls of the running
+    /// guest (the VMCS cannot change while it runs).
+    pub(crate) pin: u32,
+    pub(crate) proc: u32,
+    /// Instructions retired at VM entry (the monitor trap flag exits once
+    /// the count moves).
+    pub(crate) mtf_from: u64,
+    /// VM exits end [`Cpu::run`] with [`crate::CpuExit::VmExit`] instead of
+    /// continuing at the host RIP: the VMM is Rust code (the `vmx` engine).
+    pub stop_on_exit: bool,
+    /// A VM exit happened that `run` has not reported yet.
+    pub(crate) exited: bool,
     /// Log each VMX instruction and each VM exit on stderr.
     pub trace: bool,
     /// VM exits by basic exit reason.
@@ -252,6 +267,11 @@ impl Default for Vmx {
             nmi_blocked: false,
             vectoring: None,
             ept: None,
+            mtf_from: 0,
+            pin: 0,
+            proc: 0,
+            stop_on_exit: false,
+            exited: false,
             trace: false,
             exit_counts: [0; 66],
         }
@@ -499,8 +519,28 @@ impl Cpu {
         Ok(())
     }
 
-    /// Counts and traces a VM exit or VMX instruction.
-    pub(crate) fn vmx_trace(&self, what: std::fmt::Arguments) {
+    /// The VMCS as text: each area's fields with names and values.
+    pub fn dump_vmcs(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "VMCS at {:#x}:", self.vmx.current);
+        for a in Area::ALL {
+            let _ = writeln!(s, "  {}:", a.name());
+            for (enc, name, v) in self.vmx.vmcs.iter().filter(|f| area(f.0) == a) {
+                let _ = writeln!(s, "    {enc:#06x} {name:<32} {v:#x}");
+            }
+        }
+        s
+    }
+
+    /// Whether a VM exit (or VM-entry failure) happened since the last call,
+    /// with [`Vmx::stop_on_exit`].
+    pub fn take_vm_exit(&mut self) -> bool {
+        std::mem::take(&mut self.vmx.exited)
+    }
+
+    /// Logs a VMX event on stderr with [`Vmx::trace`].
+    pub fn vmx_trace(&self, what: std::fmt::Arguments) {
         if self.vmx.trace {
             eprintln!("vmx: {what}");
         }
