@@ -895,3 +895,91 @@ impl Drop for VmxVcpu {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::code_asm::*;
+    use vcpu::Vm as _;
+
+    const CODE: u64 = 0x10_0000;
+    const IDT: u64 = 0x8000;
+
+    /// A 64-bit guest with a local APIC: `sti; hlt` waits in the HLT
+    /// activity state; a vector line's interrupt exits (acknowledged on
+    /// exit) and is injected; the handler's OUT comes back as an exit. The
+    /// counters name the VMX exit reasons.
+    #[test]
+    fn interrupt_injected_into_a_halted_guest() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mut sregs = machine::boot::long_mode(&mem).unwrap();
+        sregs.idt = vcpu::DescriptorTable {
+            base: IDT,
+            limit: 0xfff,
+        };
+        let handler = CODE + 0x100;
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(rbx, APIC_PAGE).unwrap();
+        a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap(); // enable the APIC
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.ud2().unwrap();
+        mem.write_slice(&a.assemble(CODE).unwrap(), GuestAddress(CODE))
+            .unwrap();
+        let mut h = CodeAssembler::new(64).unwrap();
+        h.mov(dword_ptr(rbx + 0xb0), 0).unwrap(); // EOI
+        h.mov(eax, 0x77u32).unwrap();
+        h.out(0x80, al).unwrap();
+        h.hlt().unwrap();
+        mem.write_slice(&h.assemble(handler).unwrap(), GuestAddress(handler))
+            .unwrap();
+        let gate = (handler & 0xffff)
+            | (0x10 << 16)
+            | (0x8e00u64 << 32)
+            | ((handler >> 16 & 0xffff) << 48);
+        mem.write_obj(gate, GuestAddress(IDT + 0x50 * 16)).unwrap();
+
+        let config = VmxConfig {
+            irqchip: true,
+            ..Default::default()
+        };
+        let mut vm = VmxVm::new(&mem, config).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let mut regs = Regs::default();
+        (regs.rip, regs.rsp, regs.rflags) = (CODE, 0x8_0000, 2);
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&regs).unwrap();
+        assert_eq!(vcpu.sregs().unwrap().cr4 & x86::vmx::CR4_VMXE, 0);
+        let line = vm.vector_line(0x50).unwrap().expect("a vector line");
+        let mut n = 0;
+        loop {
+            match vcpu.run().unwrap() {
+                VcpuExit::Interrupted => {
+                    n += 1;
+                    if n == 2 {
+                        line.trigger().unwrap();
+                    }
+                    assert!(n < 500, "the interrupt never came");
+                }
+                VcpuExit::IoOut { port, data, .. } => {
+                    assert_eq!((port, data.to_vec()), (0x80, vec![0x77]));
+                    break;
+                }
+                e => panic!("unexpected exit {e:?}"),
+            }
+        }
+        let counters = vcpu.engine_counters();
+        let count = |name: &str| {
+            counters
+                .iter()
+                .find(|c| c.0 == format!("vmx_exit_{name}"))
+                .map_or(0, |c| c.1)
+        };
+        assert_eq!(count("HLT"), 1);
+        assert_eq!(count("EXTERNAL_INTERRUPT"), 1);
+        assert_eq!(count("IO_INSTRUCTION"), 1);
+        assert_eq!(count("EPT_VIOLATION"), 0, "the APIC page is mapped");
+        assert_eq!(vcpu.regs().unwrap().rip, handler + 17, "past the OUT");
+    }
+}

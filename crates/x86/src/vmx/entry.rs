@@ -415,7 +415,7 @@ impl Cpu {
             None
         };
         self.vmx.non_root = true;
-        self.vmx.mtf_from = self.retired;
+        self.vmx.mtf_from = u64::MAX;
         self.vmx.pin = self.vmx.vmcs.get32(PIN_BASED_VM_EXEC_CONTROL);
         self.vmx.proc = self.vmx.vmcs.get32(CPU_BASED_VM_EXEC_CONTROL);
         self.vmx.ept = (self.secondary_controls() & ctl::ENABLE_EPT != 0)

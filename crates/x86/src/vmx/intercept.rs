@@ -503,9 +503,14 @@ impl Cpu {
                 return true;
             }
         }
-        if proc & ctl::MONITOR_TRAP_FLAG != 0 && self.retired != self.vmx.mtf_from {
-            self.vm_exit(Exit::new(reason::MONITOR_TRAP_FLAG, 0));
-            return true;
+        if proc & ctl::MONITOR_TRAP_FLAG != 0 {
+            // The first boundary after VM entry starts the count.
+            if self.vmx.mtf_from == u64::MAX {
+                self.vmx.mtf_from = self.retired;
+            } else if self.retired != self.vmx.mtf_from {
+                self.vm_exit(Exit::new(reason::MONITOR_TRAP_FLAG, 0));
+                return true;
+            }
         }
         if proc & ctl::INTR_WINDOW_EXITING != 0 && self.rflags & IF != 0 && !blocked {
             self.vm_exit(Exit::new(reason::INTERRUPT_WINDOW, 0));

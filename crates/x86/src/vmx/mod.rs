@@ -240,8 +240,9 @@ pub struct Vmx {
     /// guest (the VMCS cannot change while it runs).
     pub(crate) pin: u32,
     pub(crate) proc: u32,
-    /// Instructions retired at VM entry (the monitor trap flag exits once
-    /// the count moves).
+    /// Instructions retired at the first instruction boundary after VM
+    /// entry (`u64::MAX` before it): the monitor trap flag exits once the
+    /// count moves.
     pub(crate) mtf_from: u64,
     /// VM exits end [`Cpu::run`] with [`crate::CpuExit::VmExit`] instead of
     /// continuing at the host RIP: the VMM is Rust code (the `vmx` engine).

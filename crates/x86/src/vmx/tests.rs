@@ -1390,3 +1390,42 @@ fn ept_violation_on_a_guest_paging_structure() {
         error::ENTRY_INVALID_CONTROLS
     );
 }
+
+#[test]
+fn monitor_trap_flag_exits_after_one_instruction() {
+    let mut t = ready(|a| {
+        a.mov(eax, 1u32)?;
+        a.mov(ebx, 2u32)?;
+        a.hlt()
+    });
+    set_bits(&mut t, CPU_BASED_VM_EXEC_CONTROL, ctl::MONITOR_TRAP_FLAG);
+    assert_eq!(go(&mut t), reason::MONITOR_TRAP_FLAG);
+    assert_eq!(r(&t, GUEST_RIP), GUEST + 5, "after the first instruction");
+    assert_eq!(t.cpu.regs().rax, 1);
+    assert_eq!(resume(&mut t), reason::MONITOR_TRAP_FLAG);
+    assert_eq!(r(&t, GUEST_RIP), GUEST + 10);
+}
+
+#[test]
+fn stop_on_exit_returns_to_a_rust_vmm() {
+    let mut t = ready(|a| a.cpuid());
+    t.cpu.vmx.stop_on_exit = true;
+    assert_eq!(t.cpu.vm_entry(true), Ok(()));
+    assert!(t.cpu.vmx.non_root);
+    assert!(!t.cpu.take_vm_exit());
+    assert_eq!(t.cpu.run(100), CpuExit::VmExit);
+    assert!(!t.cpu.vmx.non_root);
+    assert_eq!(r(&t, VM_EXIT_REASON), reason::CPUID as u64);
+    assert_eq!(t.cpu.rip, EXIT, "the host RIP is loaded, not run");
+    // An entry failure is reported without running anything.
+    w(&mut t.cpu, GUEST_RFLAGS, 0);
+    assert_eq!(t.cpu.vm_entry(false), Ok(()));
+    assert!(t.cpu.take_vm_exit());
+    assert_eq!(
+        r(&t, VM_EXIT_REASON),
+        (reason::INVALID_GUEST_STATE | reason::ENTRY_FAILURE) as u64
+    );
+    let dump = t.cpu.dump_vmcs();
+    assert!(dump.contains("guest-state area:"), "{dump}");
+    assert!(dump.contains("GUEST_RFLAGS"), "{dump}");
+}
