@@ -437,3 +437,49 @@ fn unimplemented_instruction_on_emu() {
         "{err}"
     );
 }
+
+/// `--engine vmx` with `--trace-vmx`, `--dump-vmcs` and `--stats`: the VMX
+/// operations and decoded exits on stderr, the VMCS by area, exit counts by
+/// VMX exit reason.
+#[test]
+fn vmx_trace_dump_and_stats() {
+    let code = asm(64, 0x20_0000, |a| {
+        a.xor(eax, eax)?;
+        a.cpuid()?;
+        a.mov(al, 0x2a)?;
+        a.out(0xf4, al)?;
+        a.hlt()
+    });
+    let (d, p) = tmp("vmx.elf", &elf64_image(0x20_0000, &code));
+    let json = d.path().join("stats.json");
+    let o = visor(&[
+        "run",
+        s(&p),
+        "--engine",
+        "vmx",
+        "--trace-vmx",
+        "--dump-vmcs",
+        "--stats",
+        "--stats-json",
+        s(&json),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some((0x2a << 1) | 1), "{err}");
+    for needle in [
+        "vmx: vmxon",
+        "vmx: vmlaunch -> Ok(())",
+        "vmx: exit CPUID",
+        "vmx: exit IO_INSTRUCTION qual=0xf40040",
+        "vmx: vmwrite GUEST_RIP",
+        "guest-state area:",
+        "host-state area:",
+        "VM_EXIT_REASON",
+        "vmx_exit_CPUID",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in stderr:\n{err}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["engine"], "vmx");
+    assert_eq!(v["engine_counters"]["vmx_exit_CPUID"], 1);
+    assert_eq!(v["engine_counters"]["vmx_exit_IO_INSTRUCTION"], 1);
+}
