@@ -559,7 +559,7 @@ impl VmxVcpu {
             Stepping::Io { port, size } => self.io_bitmap(port, size, true)?,
             Stepping::Mmio { gpa } => {
                 self.ept_map_4k(gpa, 0)?;
-                let _ = self.cpu.invept(2);
+                let _ = self.cpu.invept(2, 0);
             }
             Stepping::None => {}
         }

@@ -420,7 +420,7 @@ impl Cpu {
         self.vmx.proc = self.vmx.vmcs.get32(CPU_BASED_VM_EXEC_CONTROL);
         self.vmx.ept = (self.secondary_controls() & ctl::ENABLE_EPT != 0)
             .then(|| self.vmx.vmcs.get(EPT_POINTER));
-        self.tlb_flush(true);
+        self.tlb_enter();
         self.mode_changed();
     }
 

@@ -259,8 +259,8 @@ impl Cpu {
         self.vmx.non_root = false;
         self.vmx.ept = None;
         self.vmx.timer_deadline = None;
-        self.tlb_flush(true);
         self.mode_changed();
+        self.tlb_exit();
     }
 
     /// A VM exit: the exit information, the guest state saved, the host

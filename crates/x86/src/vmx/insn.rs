@@ -141,7 +141,7 @@ impl Cpu {
                 let lo = self.rd(l, 8)?;
                 let hi = self.rd(l.wrapping_add(8), 8)?;
                 if m == M::Invept {
-                    self.invept(kind)
+                    self.invept(kind, lo)
                 } else {
                     self.invvpid(kind, lo, hi)
                 }
@@ -155,13 +155,14 @@ impl Cpu {
         Ok(())
     }
 
-    /// INVEPT of type `kind` (1 single-context, 2 all-context). Translations
-    /// are not kept across VM entries and exits, so it flushes the TLB.
-    pub fn invept(&mut self, kind: u64) -> super::VmResult {
-        if !matches!(kind, 1 | 2) {
-            return Err(VmFail::Valid(error::INVALID_INVEPT_INVVPID_OPERAND));
+    /// INVEPT of type `kind` (1 single-context for the EPT pointer `eptp`,
+    /// 2 all-context): drops the guest translations made through EPT.
+    pub fn invept(&mut self, kind: u64, eptp: u64) -> super::VmResult {
+        match kind {
+            1 => self.tlb_drop_ept(Some(eptp)),
+            2 => self.tlb_drop_ept(None),
+            _ => return Err(VmFail::Valid(error::INVALID_INVEPT_INVVPID_OPERAND)),
         }
-        self.tlb_flush(true);
         Ok(())
     }
 
@@ -176,10 +177,11 @@ impl Cpu {
         if bad {
             return Err(VmFail::Valid(error::INVALID_INVEPT_INVVPID_OPERAND));
         }
-        if kind == 0 {
-            self.tlb_flush_page(hi);
-        } else {
-            self.tlb_flush(true);
+        let vpid = vpid as u16;
+        match kind {
+            0 => self.tlb_drop_vpid(Some(vpid), Some(hi)),
+            2 => self.tlb_drop_vpid(None, None),
+            _ => self.tlb_drop_vpid(Some(vpid), None),
         }
         Ok(())
     }

@@ -20,6 +20,7 @@ pub mod fields;
 mod insn;
 pub(crate) use insn::is_vmx;
 mod intercept;
+mod tlb;
 
 use crate::flags::{ARITH, CF, ZF};
 use crate::Cpu;
@@ -236,6 +237,12 @@ pub struct Vmx {
     pub(crate) vectoring: Option<(u32, u32)>,
     /// The EPT pointer while a guest runs with EPT.
     pub(crate) ept: Option<u64>,
+    /// The tag of the running guest's translations (None: not kept).
+    pub(crate) tlb_tag: Option<tlb::Tag>,
+    /// The root's translations while a guest with a VPID runs.
+    pub(crate) root_tlb: Option<tlb::SavedTlb>,
+    /// Translations of guests that are not running, by tag.
+    pub(crate) tlbs: std::collections::HashMap<tlb::Tag, tlb::SavedTlb>,
     /// The pin-based and primary processor-based controls of the running
     /// guest (the VMCS cannot change while it runs).
     pub(crate) pin: u32,
@@ -271,6 +278,9 @@ impl Default for Vmx {
             mtf_from: 0,
             pin: 0,
             proc: 0,
+            tlb_tag: None,
+            root_tlb: None,
+            tlbs: std::collections::HashMap::new(),
             stop_on_exit: false,
             exited: false,
             trace: false,

@@ -1429,3 +1429,70 @@ fn stop_on_exit_returns_to_a_rust_vmm() {
     assert!(dump.contains("guest-state area:"), "{dump}");
     assert!(dump.contains("GUEST_RFLAGS"), "{dump}");
 }
+
+/// A guest reads linear 0x60_0000 three times, exiting (CPUID) in between;
+/// the host remaps that page between the exits without telling the TLB.
+fn remapped_reads(vpid: bool) -> (T, [u64; 3]) {
+    let mut t = ready(|a| {
+        a.mov(rdi, 0x60_0000u64)?;
+        a.mov(rax, qword_ptr(rdi))?;
+        a.mov(r8, rax)?;
+        a.cpuid()?;
+        a.mov(rax, qword_ptr(rdi))?;
+        a.mov(r9, rax)?;
+        a.cpuid()?;
+        a.mov(rax, qword_ptr(rdi))?;
+        a.mov(r10, rax)?;
+        a.cpuid()
+    });
+    if vpid {
+        set_bits(&mut t, CPU_BASED_VM_EXEC_CONTROL, ctl::ACTIVATE_SECONDARY);
+        set_bits(&mut t, SECONDARY_VM_EXEC_CONTROL, ctl::ENABLE_VPID);
+        w(&mut t.cpu, VIRTUAL_PROCESSOR_ID, 7);
+    }
+    t.mem.write_obj(0x1111u64, GuestAddress(0x60_0000)).unwrap();
+    t.mem.write_obj(0x2222u64, GuestAddress(0x80_0000)).unwrap();
+    assert_eq!(go(&mut t), reason::CPUID);
+    // Guest PDE 3 (linear 6 MiB) now maps physical 8 MiB.
+    let pde = t.cpu.cr3 + 0x2000 + 3 * 8;
+    t.mem.write_obj(0x80_0087u64, GuestAddress(pde)).unwrap();
+    skip(&mut t);
+    assert_eq!(resume(&mut t), reason::CPUID);
+    if vpid {
+        t.cpu.invvpid(1, 7, 0).unwrap();
+    }
+    skip(&mut t);
+    assert_eq!(resume(&mut t), reason::CPUID);
+    let g = t.cpu.regs();
+    (t, [g.r8, g.r9, g.r10])
+}
+
+#[test]
+fn vpid_tagged_translations_survive_exits_until_invvpid() {
+    let (_, got) = remapped_reads(true);
+    assert_eq!(got, [0x1111, 0x1111, 0x2222], "stale until INVVPID");
+    let (_, got) = remapped_reads(false);
+    assert_eq!(got, [0x1111, 0x2222, 0x2222], "no VPID: flushed on entry");
+}
+
+#[test]
+fn invvpid_and_invept_drop_stored_translations() {
+    let (mut t, _) = remapped_reads(true);
+    assert_eq!(t.cpu.vmx.tlbs.len(), 1, "the guest's translations are kept");
+    t.cpu.invvpid(0, 7, 0x60_0000).unwrap();
+    assert_eq!(t.cpu.vmx.tlbs.len(), 1, "one page only");
+    t.cpu.invvpid(1, 8, 0).unwrap();
+    assert_eq!(t.cpu.vmx.tlbs.len(), 1, "another VPID");
+    t.cpu.invvpid(2, 0, 0).unwrap();
+    assert!(t.cpu.vmx.tlbs.is_empty(), "all contexts");
+    let mut t = ready(|a| a.cpuid());
+    with_ept(&mut t);
+    set_bits(&mut t, SECONDARY_VM_EXEC_CONTROL, ctl::ENABLE_VPID);
+    w(&mut t.cpu, VIRTUAL_PROCESSOR_ID, 1);
+    assert_eq!(go(&mut t), reason::CPUID);
+    assert_eq!(t.cpu.vmx.tlbs.len(), 1);
+    t.cpu.invept(1, 0x1000).unwrap();
+    assert_eq!(t.cpu.vmx.tlbs.len(), 1, "another EPT pointer");
+    t.cpu.invept(1, EPT | 0x1e).unwrap();
+    assert!(t.cpu.vmx.tlbs.is_empty());
+}
