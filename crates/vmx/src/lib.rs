@@ -666,8 +666,15 @@ impl VmxVcpu {
                 let (cr, kind, gpr) = (qual & 15, (qual >> 4) & 3, (qual >> 8) & 15);
                 match (cr, kind) {
                     (3, 0) => {
-                        let v = self.gpr(gpr);
+                        let width = self.cpu.phys_bits();
+                        let v = self.gpr(gpr) & ((1 << width) - 1);
                         self.vmwrite(f::GUEST_CR3, v);
+                    }
+                    (4, 0) => {
+                        // Setting CR4.VMXE: VMX is not offered.
+                        self.vmwrite(f::VM_ENTRY_INTR_INFO_FIELD, INJECT_GP);
+                        self.vmwrite(f::VM_ENTRY_EXCEPTION_ERROR_CODE, 0);
+                        return Ok(None);
                     }
                     (3, 1) => {
                         let v = self.vmread(f::GUEST_CR3);

@@ -83,7 +83,10 @@ impl Cpu {
             (VM_ENTRY_MSR_LOAD_COUNT, VM_ENTRY_MSR_LOAD_ADDR),
         ] {
             let (n, a) = (v.get(count), v.get(addr));
-            if n > 512 || (n != 0 && (a & 0xf != 0 || (a + 16 * n - 1) >> self.phys_bits() != 0)) {
+            let end = a.wrapping_add(16 * n.min(512));
+            if n > 512
+                || (n != 0 && (a & 0xf != 0 || end < a || (end - 1) >> self.phys_bits() != 0))
+            {
                 return false;
             }
         }
@@ -428,7 +431,7 @@ impl Cpu {
     /// an entry cannot be loaded.
     fn load_msr_list(&mut self, addr: u64, count: u64) -> Result<(), u64> {
         for n in 0..count {
-            let at = addr + 16 * n;
+            let at = addr.wrapping_add(16 * n);
             let (Some(index), Some(reserved), Some(value)) = (
                 self.mem.read_u32(at),
                 self.mem.read_u32(at + 4),
@@ -469,7 +472,7 @@ impl Cpu {
     /// guest runs, or when the entry failed with a VM-entry-failure exit
     /// (the host then runs); Err for VMfailInvalid/VMfailValid.
     pub fn vm_entry(&mut self, launch: bool) -> VmResult {
-        if self.vmx.current == NO_VMCS {
+        if self.vmx.current == NO_VMCS || !self.vmx.on || self.vmx.non_root {
             return Err(VmFail::Invalid);
         }
         if launch && self.vmx.vmcs.launched {

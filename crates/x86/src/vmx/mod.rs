@@ -302,8 +302,8 @@ pub(crate) fn ctl_ok(v: u32, cap: u64) -> bool {
 }
 
 impl Cpu {
-    /// The guest's physical-address width (CPUID 0x8000_0008 EAX[7:0]).
-    pub(crate) fn phys_bits(&self) -> u32 {
+    /// The physical-address width (CPUID 0x8000_0008 EAX[7:0]).
+    pub fn phys_bits(&self) -> u32 {
         match self.cpuid.query(0x8000_0008, 0).0 & 0xff {
             0 => 36,
             n => n.min(52),

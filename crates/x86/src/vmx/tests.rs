@@ -1496,3 +1496,96 @@ fn invvpid_and_invept_drop_stored_translations() {
     t.cpu.invept(1, EPT | 0x1e).unwrap();
     assert!(t.cpu.vmx.tlbs.is_empty());
 }
+
+/// A hostile root-mode guest: random VMCS contents (controls, host and
+/// guest state, injected events, EPT pointers) before VMLAUNCH and
+/// VMRESUME. Whatever fails must fail as VMfail, an entry-failure exit, an
+/// exception or a shutdown, never as a panic.
+#[test]
+fn random_vmcs_contents_never_panic() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        seed
+    };
+    let mut entered = 0;
+    for _ in 0..300 {
+        let mut t = ready(|a| {
+            a.cpuid()?;
+            a.ud2()
+        });
+        for _ in 0..(next() % 12) {
+            let (enc, _) = FIELDS[(next() >> 33) as usize % FIELDS.len()];
+            let r = next();
+            let v = match r % 5 {
+                0 => r,
+                1 => r & 0xffff,
+                2 => 1 << (r >> 58),
+                3 => r.wrapping_neg() & 0xffff_f000,
+                _ => u64::MAX,
+            };
+            let old = r_or_zero(&t, enc);
+            let v = if r % 7 == 0 { v } else { old ^ (1 << (r % 64)) };
+            let _ = t.cpu.vmwrite(enc as u64 | (r >> 63 & 1), v);
+        }
+        for _ in 0..4 {
+            let launch = !t.cpu.vmx.vmcs.launched;
+            let _ = t.cpu.vm_entry(launch);
+            entered += t.cpu.vmx.non_root as u32;
+            let _ = t.cpu.run(20_000);
+            if t.cpu.vmx.non_root {
+                let _ = t.cpu.run(20_000);
+            }
+        }
+    }
+    assert!(entered > 0, "some random VMCS still enters");
+}
+
+fn r_or_zero(t: &T, enc: u32) -> u64 {
+    t.cpu.vmread(enc as u64).unwrap_or(0)
+}
+
+/// Random bytes as the nested guest's code, with every exiting control the
+/// CPU offers and a random exception bitmap, resumed after each exit.
+#[test]
+fn random_guest_code_under_vmx_never_panics() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut exits = 0;
+    for _ in 0..100 {
+        let mut t = ready(|a| a.nop());
+        let code: Vec<u8> = (0..256).map(|_| next() as u8).collect();
+        t.mem.write_slice(&code, GuestAddress(GUEST)).unwrap();
+        let proc = (ctl::PROC_ALLOWED1 & !ctl::NMI_WINDOW_EXITING & !ctl::MONITOR_TRAP_FLAG)
+            & (next() as u32 | ctl::PROC_DEFAULT1);
+        w(&mut t.cpu, CPU_BASED_VM_EXEC_CONTROL, proc as u64);
+        w(
+            &mut t.cpu,
+            SECONDARY_VM_EXEC_CONTROL,
+            ctl::ENABLE_RDTSCP as u64,
+        );
+        w(&mut t.cpu, EXCEPTION_BITMAP, next() & 0xffff_ffff);
+        w(&mut t.cpu, IO_BITMAP_A, IO_A);
+        w(&mut t.cpu, IO_BITMAP_B, IO_B);
+        w(&mut t.cpu, MSR_BITMAP, MSR_BM);
+        for _ in 0..8 {
+            match t.cpu.run(5_000) {
+                CpuExit::Hlt if !t.cpu.vmx.non_root => {
+                    exits += 1;
+                    skip(&mut t);
+                    set_rip(&mut t, RESUME);
+                }
+                CpuExit::Hlt | CpuExit::Shutdown | CpuExit::Unimplemented(_) => break,
+                _ => {}
+            }
+        }
+    }
+    assert!(exits > 0);
+}
