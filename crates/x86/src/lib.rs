@@ -544,6 +544,9 @@ impl Cpu {
         loop {
             if self.vmx.exited {
                 self.vmx.exited = false;
+                if std::mem::take(&mut self.vmx.aborted) {
+                    return CpuExit::Shutdown;
+                }
                 return CpuExit::VmExit;
             }
             let blocked = self.inhibit;

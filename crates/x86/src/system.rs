@@ -764,7 +764,7 @@ impl Cpu {
         Ok(())
     }
 
-    fn rdmsr(&mut self, index: u32) -> R<u64> {
+    pub(crate) fn rdmsr(&mut self, index: u32) -> R<u64> {
         let m = &self.msr;
         Ok(match index {
             msr::EFER => self.efer,

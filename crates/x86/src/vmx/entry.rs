@@ -11,6 +11,26 @@ use super::{ctl, ctl_ok, error, msr, VmFail, VmResult, CR0_FIXED0, CR4_VMXE, NO_
 use crate::flags::{IF, VM};
 use crate::{Cpu, Stop};
 
+/// The MSRs an MSR-load or MSR-store list may name: those the CPU keeps
+/// itself, but FS/GS base, the x2APIC range and the VMX MSRs.
+fn list_msr(index: u32) -> bool {
+    use crate::msr::*;
+    matches!(
+        index,
+        EFER | STAR
+            | LSTAR
+            | CSTAR
+            | FMASK
+            | KERNEL_GS_BASE
+            | TSC_AUX
+            | PAT
+            | TSC
+            | SYSENTER_CS
+            | SYSENTER_ESP
+            | SYSENTER_EIP
+    )
+}
+
 fn canonical(a: u64) -> bool {
     ((a as i64) << 16 >> 16) as u64 == a
 }
@@ -427,41 +447,41 @@ impl Cpu {
         self.mode_changed();
     }
 
-    /// Processes the VM-entry MSR-load list; Err(entry number, from 1) if
-    /// an entry cannot be loaded.
-    fn load_msr_list(&mut self, addr: u64, count: u64) -> Result<(), u64> {
+    /// Processes an MSR-load list (VM entry, or VM exit for the host);
+    /// Err(entry number, from 1) if an entry cannot be loaded.
+    pub(crate) fn load_msr_list(&mut self, addr: u64, count: u64) -> Result<(), u64> {
         for n in 0..count {
             let at = addr.wrapping_add(16 * n);
             let (Some(index), Some(reserved), Some(value)) = (
                 self.mem.read_u32(at),
-                self.mem.read_u32(at + 4),
-                self.mem.read_u64(at + 8),
+                self.mem.read_u32(at.wrapping_add(4)),
+                self.mem.read_u64(at.wrapping_add(8)),
             ) else {
                 return Err(n + 1);
             };
-            // FS/GS base, the x2APIC range and the VMX MSRs cannot be loaded.
-            let forbidden = matches!(index, 0xc000_0100 | 0xc000_0101)
-                || index >> 8 == 0x8
-                || (0x480..=0x491).contains(&index);
-            if reserved != 0 || forbidden {
+            if reserved != 0 || !list_msr(index) || self.wrmsr(index, value).is_err() {
                 return Err(n + 1);
             }
-            use crate::msr::*;
-            let known = matches!(
-                index,
-                EFER | STAR
-                    | LSTAR
-                    | CSTAR
-                    | FMASK
-                    | KERNEL_GS_BASE
-                    | TSC_AUX
-                    | PAT
-                    | TSC
-                    | SYSENTER_CS
-                    | SYSENTER_ESP
-                    | SYSENTER_EIP
-            );
-            if !known || self.wrmsr(index, value).is_err() {
+        }
+        Ok(())
+    }
+
+    /// Processes the VM-exit MSR-store list: the guest's values.
+    pub(crate) fn store_msr_list(&mut self, addr: u64, count: u64) -> Result<(), u64> {
+        for n in 0..count {
+            let at = addr.wrapping_add(16 * n);
+            let (Some(index), Some(0)) =
+                (self.mem.read_u32(at), self.mem.read_u32(at.wrapping_add(4)))
+            else {
+                return Err(n + 1);
+            };
+            if !list_msr(index) {
+                return Err(n + 1);
+            }
+            let Ok(v) = self.rdmsr(index) else {
+                return Err(n + 1);
+            };
+            if !self.mem.write(at.wrapping_add(8), &v.to_le_bytes()) {
                 return Err(n + 1);
             }
         }

@@ -286,6 +286,15 @@ impl Cpu {
         let entry_info = v.get(VM_ENTRY_INTR_INFO_FIELD);
         v.set(VM_ENTRY_INTR_INFO_FIELD, entry_info & !(1 << 31));
         self.save_guest_state();
+        let v = &self.vmx.vmcs;
+        let lists = [
+            (
+                v.get(VM_EXIT_MSR_STORE_ADDR),
+                v.get(VM_EXIT_MSR_STORE_COUNT),
+            ),
+            (v.get(VM_EXIT_MSR_LOAD_ADDR), v.get(VM_EXIT_MSR_LOAD_COUNT)),
+        ];
+        let stored = self.store_msr_list(lists[0].0, lists[0].1);
         self.count_exit(e.reason);
         self.vmx.exited = self.vmx.stop_on_exit;
         if self.vmx.trace {
@@ -301,6 +310,20 @@ impl Cpu {
             ));
         }
         self.load_host_state();
+        // VMX abort: 1 saving guest MSRs failed, 4 loading host MSRs did.
+        let abort = match stored {
+            Err(_) => Some(1),
+            Ok(()) => self.load_msr_list(lists[1].0, lists[1].1).err().map(|_| 4),
+        };
+        if let Some(code) = abort {
+            self.vmx_trace(format_args!("VMX abort {code}"));
+            self.mem.write(
+                self.vmx.current.wrapping_add(4),
+                &(code as u32).to_le_bytes(),
+            );
+            self.vmx.aborted = true;
+            self.vmx.exited = true;
+        }
     }
 
     /// A VM entry that failed on the guest state or the MSR-load list:

@@ -256,6 +256,8 @@ pub struct Vmx {
     pub stop_on_exit: bool,
     /// A VM exit happened that `run` has not reported yet.
     pub(crate) exited: bool,
+    /// That exit ended in a VMX abort: the CPU shuts down.
+    pub(crate) aborted: bool,
     /// Log each VMX instruction and each VM exit on stderr.
     pub trace: bool,
     /// VM exits by basic exit reason.
@@ -283,6 +285,7 @@ impl Default for Vmx {
             tlbs: std::collections::HashMap::new(),
             stop_on_exit: false,
             exited: false,
+            aborted: false,
             trace: false,
             exit_counts: [0; 66],
         }

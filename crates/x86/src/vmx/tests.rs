@@ -1589,3 +1589,50 @@ fn random_guest_code_under_vmx_never_panics() {
     }
     assert!(exits > 0);
 }
+
+/// Writes MSR-list entries (index, value) at `at`.
+fn msr_list(t: &T, at: u64, entries: &[(u32, u64)]) {
+    for (k, (index, value)) in entries.iter().enumerate() {
+        let e = at + 16 * k as u64;
+        t.mem.write_obj(*index as u64, GuestAddress(e)).unwrap();
+        t.mem.write_obj(*value, GuestAddress(e + 8)).unwrap();
+    }
+}
+
+#[test]
+fn vm_exit_msr_store_and_load_lists() {
+    let guest = |a: Asm| {
+        a.mov(ecx, 0xc000_0082u32)?; // IA32_LSTAR
+        a.mov(eax, 0x4444_0000u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.cpuid()
+    };
+    let mut t = ready(guest);
+    set_bits(&mut t, CPU_BASED_VM_EXEC_CONTROL, ctl::USE_MSR_BITMAPS);
+    w(&mut t.cpu, MSR_BITMAP, MSR_BM);
+    msr_list(&t, MSR_LIST, &[(0xc000_0082, 0)]);
+    msr_list(&t, MSR_LIST + 0x100, &[(0xc000_0082, 0x5555_0000)]);
+    w(&mut t.cpu, VM_EXIT_MSR_STORE_ADDR, MSR_LIST);
+    w(&mut t.cpu, VM_EXIT_MSR_STORE_COUNT, 1);
+    w(&mut t.cpu, VM_EXIT_MSR_LOAD_ADDR, MSR_LIST + 0x100);
+    w(&mut t.cpu, VM_EXIT_MSR_LOAD_COUNT, 1);
+    assert_eq!(go(&mut t), reason::CPUID);
+    assert_eq!(
+        t.read(MSR_LIST + 8),
+        0x4444_0000,
+        "the guest's value stored"
+    );
+    assert_eq!(t.cpu.msr.lstar, 0x5555_0000, "the host's value loaded");
+    // An MSR a list may not name: VMX abort 1, the CPU shuts down.
+    let mut t = ready(guest);
+    msr_list(&t, MSR_LIST, &[(0xc000_0100, 0)]);
+    w(&mut t.cpu, VM_EXIT_MSR_STORE_ADDR, MSR_LIST);
+    w(&mut t.cpu, VM_EXIT_MSR_STORE_COUNT, 1);
+    assert_eq!(t.run(), CpuExit::Shutdown);
+    assert_eq!(
+        t.mem.read_obj::<u32>(GuestAddress(VMCS + 4)).unwrap(),
+        1,
+        "abort indicator"
+    );
+}
