@@ -675,6 +675,8 @@ impl Cpu {
             self.null_data_segments();
         }
         self.next_rip = if target64 { ip } else { ip & 0xffff_ffff };
+        // IRET ends (virtual-)NMI blocking.
+        self.vmx.nmi_blocked = false;
         Ok(())
     }
 

@@ -78,8 +78,10 @@ impl Cpu {
         if proc & ctl::USE_MSR_BITMAPS != 0 && !self.vmx_addr_ok(v.get(MSR_BITMAP)) {
             return false;
         }
-        // NMI-window exiting needs virtual NMIs, which are not offered.
-        if proc & ctl::NMI_WINDOW_EXITING != 0 {
+        // Virtual NMIs need NMI exiting; NMI-window exiting needs virtual NMIs.
+        if (pin & ctl::VIRTUAL_NMIS != 0 && pin & ctl::NMI_EXITING == 0)
+            || (proc & ctl::NMI_WINDOW_EXITING != 0 && pin & ctl::VIRTUAL_NMIS == 0)
+        {
             return false;
         }
         if proc2 & ctl::ENABLE_VPID != 0 && v.get(VIRTUAL_PROCESSOR_ID) == 0 {

@@ -512,6 +512,10 @@ impl Cpu {
                 return true;
             }
         }
+        if proc & ctl::NMI_WINDOW_EXITING != 0 && !self.vmx.nmi_blocked && !blocked {
+            self.vm_exit(Exit::new(reason::NMI_WINDOW, 0));
+            return true;
+        }
         if proc & ctl::INTR_WINDOW_EXITING != 0 && self.rflags & IF != 0 && !blocked {
             self.vm_exit(Exit::new(reason::INTERRUPT_WINDOW, 0));
             return true;

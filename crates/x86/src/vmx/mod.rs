@@ -70,6 +70,7 @@ pub mod ctl {
     // Pin-based.
     pub const EXT_INTR_EXITING: u32 = 1 << 0;
     pub const NMI_EXITING: u32 = 1 << 3;
+    pub const VIRTUAL_NMIS: u32 = 1 << 5;
     pub const PREEMPTION_TIMER: u32 = 1 << 6;
     // Primary processor-based.
     pub const INTR_WINDOW_EXITING: u32 = 1 << 2;
@@ -116,7 +117,8 @@ pub mod ctl {
     pub const ENTRY_DEFAULT1: u32 = 0x0000_11ff;
 
     /// Bits that may be 1.
-    pub const PIN_ALLOWED1: u32 = PIN_DEFAULT1 | EXT_INTR_EXITING | NMI_EXITING | PREEMPTION_TIMER;
+    pub const PIN_ALLOWED1: u32 =
+        PIN_DEFAULT1 | EXT_INTR_EXITING | NMI_EXITING | VIRTUAL_NMIS | PREEMPTION_TIMER;
     pub const PROC_ALLOWED1: u32 = PROC_DEFAULT1
         | INTR_WINDOW_EXITING
         | USE_TSC_OFFSETTING
@@ -230,7 +232,8 @@ pub struct Vmx {
     pub vmcs: Vmcs,
     /// TSC value at which the VMX-preemption timer expires.
     pub(crate) timer_deadline: Option<u64>,
-    /// Blocking by NMI in the guest.
+    /// Blocking by NMI in the guest (virtual-NMI blocking with "virtual
+    /// NMIs"): set by an injected NMI, cleared by IRET.
     pub(crate) nmi_blocked: bool,
     /// The event whose delivery faulted (IDT-vectoring information and
     /// error code of the next VM exit).

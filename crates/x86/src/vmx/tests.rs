@@ -1636,3 +1636,48 @@ fn vm_exit_msr_store_and_load_lists() {
         "abort indicator"
     );
 }
+
+#[test]
+fn nmi_window_waits_for_iret_under_virtual_nmi_blocking() {
+    let nmi_ctls = |t: &mut T| {
+        set_bits(
+            t,
+            PIN_BASED_VM_EXEC_CONTROL,
+            ctl::NMI_EXITING | ctl::VIRTUAL_NMIS,
+        );
+        set_bits(t, CPU_BASED_VM_EXEC_CONTROL, ctl::NMI_WINDOW_EXITING);
+    };
+    // No blocking: the window is open before the first instruction.
+    let mut t = ready(|a| a.hlt());
+    nmi_ctls(&mut t);
+    assert_eq!(go(&mut t), reason::NMI_WINDOW);
+    assert_eq!(r(&t, GUEST_RIP), GUEST);
+    // Virtual-NMI blocking: the window opens after the guest's IRET.
+    let mut t = ready(|a| {
+        let mut after = a.create_label();
+        a.mov(rax, rsp)?;
+        a.push(0x18)?;
+        a.push(rax)?;
+        a.pushfq()?;
+        a.push(0x10)?;
+        a.lea(rax, ptr(after))?;
+        a.push(rax)?;
+        a.iretq()?;
+        a.set_label(&mut after)?;
+        a.nop()?;
+        a.hlt()
+    });
+    nmi_ctls(&mut t);
+    w(&mut t.cpu, GUEST_INTERRUPTIBILITY_INFO, 8);
+    assert_eq!(go(&mut t), reason::NMI_WINDOW);
+    assert_eq!(r(&t, GUEST_RIP), GUEST + 19, "right after IRETQ");
+    assert_eq!(r(&t, GUEST_INTERRUPTIBILITY_INFO) & 8, 0);
+    // NMI-window exiting without virtual NMIs is an invalid control.
+    let mut t = ready(|a| a.hlt());
+    set_bits(&mut t, CPU_BASED_VM_EXEC_CONTROL, ctl::NMI_WINDOW_EXITING);
+    assert_eq!(t.run(), CpuExit::Hlt);
+    assert_eq!(
+        r(&t, VM_INSTRUCTION_ERROR) as u32,
+        error::ENTRY_INVALID_CONTROLS
+    );
+}
