@@ -804,8 +804,12 @@ impl Vcpu for VmxVcpu {
     }
 
     fn sregs(&self) -> Result<SRegs> {
+        let vmxe = x86::vmx::CR4_VMXE;
         if self.cpu.vmx.non_root {
-            return Ok(self.cpu.sregs());
+            // The live state: CR4.VMXE as the guest reads it.
+            let mut s = self.cpu.sregs();
+            s.cr4 = (s.cr4 & !vmxe) | (self.vmread(f::CR4_READ_SHADOW) & vmxe);
+            return Ok(s);
         }
         let seg = |k: u32| {
             let (sel, base, limit, ar) = x86::vmx::guest_seg_fields(k);
@@ -844,7 +848,11 @@ impl Vcpu for VmxVcpu {
 
     fn set_sregs(&mut self, s: &SRegs) -> Result<()> {
         if self.cpu.vmx.non_root {
-            self.cpu.set_sregs(s);
+            self.cpu.set_sregs(&SRegs {
+                cr4: s.cr4 | x86::vmx::CR4_VMXE,
+                ..*s
+            });
+            self.vmwrite(f::CR4_READ_SHADOW, s.cr4);
             return Ok(());
         }
         let segs = [s.es, s.cs, s.ss, s.ds, s.fs, s.gs, s.ldt, s.tr];

@@ -1681,3 +1681,16 @@ fn nmi_window_waits_for_iret_under_virtual_nmi_blocking() {
         error::ENTRY_INVALID_CONTROLS
     );
 }
+
+#[test]
+fn rdtscp_exits_with_rdtsc_exiting_when_enabled() {
+    let mut t = ready(|a| a.rdtscp());
+    set_bits(
+        &mut t,
+        CPU_BASED_VM_EXEC_CONTROL,
+        ctl::ACTIVATE_SECONDARY | ctl::RDTSC_EXITING,
+    );
+    set_bits(&mut t, SECONDARY_VM_EXEC_CONTROL, ctl::ENABLE_RDTSCP);
+    assert_eq!(go(&mut t), reason::RDTSCP);
+    assert_eq!(r(&t, VM_EXIT_INSTRUCTION_LEN), 3);
+}
