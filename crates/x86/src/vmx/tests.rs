@@ -1694,3 +1694,20 @@ fn rdtscp_exits_with_rdtsc_exiting_when_enabled() {
     assert_eq!(go(&mut t), reason::RDTSCP);
     assert_eq!(r(&t, VM_EXIT_INSTRUCTION_LEN), 3);
 }
+
+#[test]
+fn ept_violation_during_event_delivery_reports_idt_vectoring() {
+    let mut t = ready(|a| a.ud2());
+    with_ept(&mut t);
+    ept_pte(&t, 7, 0);
+    w(&mut t.cpu, GUEST_IDTR_BASE, EPT_4K + 0x7000);
+    assert_eq!(go(&mut t), reason::EPT_VIOLATION);
+    assert_eq!(r(&t, GUEST_PHYSICAL_ADDRESS), EPT_4K + 0x7000 + 6 * 16);
+    assert_eq!(r(&t, EXIT_QUALIFICATION), 0x181);
+    assert_eq!(
+        r(&t, IDT_VECTORING_INFO_FIELD),
+        0x8000_0306,
+        "#UD was being delivered"
+    );
+    assert_eq!(r(&t, GUEST_RIP), GUEST);
+}
