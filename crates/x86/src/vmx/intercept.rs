@@ -497,6 +497,10 @@ impl Cpu {
     /// if one caused a VM exit. `blocked`: blocking by STI or MOV SS.
     pub(crate) fn vmx_boundary(&mut self, blocked: bool) -> bool {
         let (pin, proc) = (self.vmx.pin, self.vmx.proc);
+        if std::mem::take(&mut self.vmx.init_pending) {
+            self.vm_exit(Exit::new(reason::INIT, 0));
+            return true;
+        }
         if let Some(d) = self.vmx.timer_deadline {
             if self.tsc() >= d {
                 self.vm_exit(Exit::new(reason::PREEMPTION_TIMER, 0));

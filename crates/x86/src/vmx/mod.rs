@@ -259,6 +259,8 @@ pub struct Vmx {
     pub stop_on_exit: bool,
     /// A VM exit happened that `run` has not reported yet.
     pub(crate) exited: bool,
+    /// An INIT signal is pending (blocked in VMX root operation).
+    pub(crate) init_pending: bool,
     /// That exit ended in a VMX abort: the CPU shuts down.
     pub(crate) aborted: bool,
     /// Log each VMX instruction and each VM exit on stderr.
@@ -289,6 +291,7 @@ impl Default for Vmx {
             stop_on_exit: false,
             exited: false,
             aborted: false,
+            init_pending: false,
             trace: false,
             exit_counts: [0; 66],
         }
@@ -457,6 +460,7 @@ impl Cpu {
         self.vmcs_flush();
         self.vmx.current = NO_VMCS;
         self.vmx.on = false;
+        self.vmx.init_pending = false;
         Ok(())
     }
 
@@ -548,6 +552,16 @@ impl Cpu {
             }
         }
         s
+    }
+
+    /// An INIT signal (visor has no IPIs; this is its only source): blocked
+    /// in VMX root operation, a VM exit (reason 3) in VMX non-root operation
+    /// at the next instruction boundary. Outside VMX operation the CPU does
+    /// not model INIT and ignores it.
+    pub fn signal_init(&mut self) {
+        if self.vmx.on {
+            self.vmx.init_pending = true;
+        }
     }
 
     /// Whether a VM exit (or VM-entry failure) happened since the last call,

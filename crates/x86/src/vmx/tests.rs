@@ -1711,3 +1711,22 @@ fn ept_violation_during_event_delivery_reports_idt_vectoring() {
     );
     assert_eq!(r(&t, GUEST_RIP), GUEST);
 }
+
+#[test]
+fn init_is_blocked_in_root_and_exits_in_non_root() {
+    let mut t = ready(|a| {
+        let mut l = a.create_label();
+        a.set_label(&mut l)?;
+        a.jmp(l)
+    });
+    t.cpu.signal_init(); // in root: pending
+    assert!(!t.cpu.vmx.non_root);
+    assert_eq!(go(&mut t), reason::INIT, "delivered once the guest runs");
+    assert_eq!(r(&t, GUEST_RIP), GUEST);
+    // Activity state saved as the guest had it.
+    let mut t = ready(|a| a.hlt());
+    assert_eq!(t.run(), CpuExit::Hlt, "halted in non-root");
+    t.cpu.signal_init();
+    assert_eq!(go(&mut t), reason::INIT);
+    assert_eq!(r(&t, GUEST_ACTIVITY_STATE), 1, "HLT");
+}
