@@ -159,7 +159,8 @@ impl Cpu {
         if acc == Acc::Exec && (self.efer & efer::NXE != 0 || self.cr4 & (1 << 20) != 0) {
             code |= 16;
         }
-        self.cr2 = lin;
+        // A #PF VM exit leaves CR2 alone: the value before is kept for it.
+        self.vmx.cr2_before_pf = std::mem::replace(&mut self.cr2, lin);
         exc_code(vector::PF, code)
     }
 

@@ -464,7 +464,12 @@ impl Cpu {
         if !hit {
             return false;
         }
-        let qual = if v == vector::PF { self.cr2 } else { 0 };
+        let qual = if v == vector::PF {
+            // The faulting address goes to the qualification, not to CR2.
+            std::mem::replace(&mut self.cr2, self.vmx.cr2_before_pf)
+        } else {
+            0
+        };
         let mut e = Exit::new(reason::EXCEPTION_NMI, qual);
         e.intr = intr_info(v, 3, code);
         e.intr_code = code.unwrap_or(0);

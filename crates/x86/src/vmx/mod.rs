@@ -259,6 +259,8 @@ pub struct Vmx {
     pub stop_on_exit: bool,
     /// A VM exit happened that `run` has not reported yet.
     pub(crate) exited: bool,
+    /// CR2 before the last page fault set it (a #PF VM exit restores it).
+    pub(crate) cr2_before_pf: u64,
     /// An INIT signal is pending (blocked in VMX root operation).
     pub(crate) init_pending: bool,
     /// That exit ended in a VMX abort: the CPU shuts down.
@@ -292,6 +294,7 @@ impl Default for Vmx {
             exited: false,
             aborted: false,
             init_pending: false,
+            cr2_before_pf: 0,
             trace: false,
             exit_counts: [0; 66],
         }

@@ -1076,9 +1076,11 @@ fn exception_bitmap_and_page_fault_filter() {
                 0x4000_0000,
                 "the faulting address"
             );
+            assert_eq!(t.cpu.cr2, 0, "CR2 unchanged by a #PF exit");
         } else {
             assert_eq!(e, reason::VMCALL, "delivered to the guest's handler");
             assert_eq!(t.cpu.regs().r15, 14);
+            assert_eq!(t.cpu.cr2, 0x4000_0000, "CR2 set by the delivered #PF");
         }
     }
 }
