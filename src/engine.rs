@@ -27,7 +27,8 @@ pub struct VmOptions {
     /// Advertise visor's paravirtual interface (CPUID leaves 0x4000_0000..,
     /// hypercall page MSR); `--no-pv` turns it off.
     pub pv: bool,
-    /// `vmx`: log each VMX operation and VM exit (`--trace-vmx`).
+    /// Log each VMX operation and VM exit (`--trace-vmx`): the VMM's on
+    /// `vmx`, the guest's own (nested VMX) on `emu`.
     pub trace_vmx: bool,
     /// `vmx`: print the VMCS at the end (`--dump-vmcs`).
     pub dump_vmcs: bool,
@@ -118,6 +119,7 @@ impl Engine {
                 visor_emu::EmuConfig {
                     irqchip: opts.irqchip,
                     pv_signature: opts.pv.then_some(hypercall::SIGNATURE),
+                    trace_vmx: opts.trace_vmx,
                 },
             )?)),
             Engine::Vmx => Ok(Box::new(visor_vmx::VmxVm::new(

@@ -56,7 +56,7 @@ struct RunArgs {
     /// Write the statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
-    /// Engine vmx: log each VMX operation and each VM exit, decoded.
+    /// Log each VMX operation and each VM exit, decoded (engine vmx; on emu, the guest's own).
     #[arg(long)]
     trace_vmx: bool,
     /// Engine vmx: print the VMCS, grouped by area, when the run ends.

@@ -483,3 +483,35 @@ fn vmx_trace_dump_and_stats() {
     assert_eq!(v["engine_counters"]["vmx_exit_CPUID"], 1);
     assert_eq!(v["engine_counters"]["vmx_exit_IO_INSTRUCTION"], 1);
 }
+
+/// `--trace-vmx` on `emu`: the guest's own VMX instructions (it is a
+/// hypervisor) are logged.
+#[test]
+fn emu_traces_a_guest_hypervisor() {
+    const REGION: u64 = 0x30_0000;
+    let code = asm(64, 0x20_0000, |a| {
+        a.mov(rax, cr4)?;
+        a.or(rax, 0x2000)?;
+        a.mov(cr4, rax)?;
+        a.mov(ecx, 0x3au32)?;
+        a.mov(eax, 5u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0x480u32)?;
+        a.rdmsr()?;
+        a.mov(rbx, REGION)?;
+        a.mov(dword_ptr(rbx), eax)?;
+        a.mov(qword_ptr(rbx + 0x1000), rbx)?;
+        a.vmxon(qword_ptr(rbx + 0x1000))?;
+        a.vmxoff()?;
+        a.mov(al, 0x2a)?;
+        a.out(0xf4, al)?;
+        a.hlt()
+    });
+    let (_d, p) = tmp("hv.elf", &elf64_image(0x20_0000, &code));
+    let o = visor(&["run", s(&p), "--engine", "emu", "--trace-vmx"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some((0x2a << 1) | 1), "{err}");
+    assert!(err.contains("vmx: vmxon 0x300000 -> Ok(())"), "{err}");
+    assert!(err.contains("vmx: vmxoff -> Ok(())"), "{err}");
+}

@@ -33,6 +33,8 @@ pub struct EmuConfig {
     /// visor's paravirtual CPUID leaves (signature at 0x4000_0000, features at
     /// 0x4000_0001), as the `kvm` engine offers them.
     pub pv_signature: Option<[u8; 12]>,
+    /// Log the guest's own VMX instructions and VM exits (nested VMX).
+    pub trace_vmx: bool,
 }
 
 pub struct EmuVm {
@@ -75,10 +77,6 @@ impl EmuVm {
         &self.mem
     }
 
-    pub fn config(&self) -> EmuConfig {
-        self.config
-    }
-
     /// The vector lines of the local APICs (they wake a halted vCPU).
     pub fn lines(&self) -> Arc<Lines> {
         self.lines.clone()
@@ -88,6 +86,7 @@ impl EmuVm {
     /// the engine's CPUID table and, with `irqchip`, a local APIC.
     pub fn create_cpu(&self, id: u32, mem: &GuestMemoryMmap) -> Cpu {
         let mut cpu = Cpu::new(PhysMem::new(mem), self.cpuid(id));
+        cpu.vmx.trace = self.config.trace_vmx;
         // VISOR_EMU_TRACE=1 prints every instruction (debugging only).
         cpu.trace = std::env::var_os("VISOR_EMU_TRACE").is_some_and(|v| v == "1");
         if self.config.irqchip {
@@ -326,7 +325,7 @@ mod tests {
             &mem,
             EmuConfig {
                 irqchip: true,
-                pv_signature: None,
+                ..Default::default()
             },
         )
         .unwrap();

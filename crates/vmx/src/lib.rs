@@ -82,6 +82,7 @@ impl VmxVm {
             EmuConfig {
                 irqchip: config.irqchip,
                 pv_signature: config.pv_signature,
+                trace_vmx: config.trace,
             },
         )?;
         Ok(VmxVm { emu, config })

@@ -9,6 +9,15 @@ use crate::flags::VM;
 use crate::{exc, exc_code, vector, Cpu, R};
 use vcpu::{cr0, efer};
 
+/// A mnemonic in lower case, for traces.
+struct Name(M);
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format!("{:?}", self.0).to_lowercase())
+    }
+}
+
 /// Whether `m` is one of the VMX instructions.
 pub(crate) fn is_vmx(m: M) -> bool {
     matches!(
@@ -98,7 +107,7 @@ impl Cpu {
                 } else {
                     self.vmptrld(ptr)
                 };
-                self.vmx_trace(format_args!("{m:?} {ptr:#x} -> {r:?}"));
+                self.vmx_trace(format_args!("{} {ptr:#x} -> {r:?}", Name(m)));
                 self.vm_result(r);
                 return Ok(());
             }
@@ -113,7 +122,10 @@ impl Cpu {
                 match self.vmread(enc) {
                     Ok(v) => {
                         self.write_op(i, 0, sz, v & crate::alu::mask(sz))?;
-                        self.vmx_trace(format_args!("vmread {enc:#x} -> {v:#x}"));
+                        self.vmx_trace(format_args!(
+                            "vmread {} -> {v:#x}",
+                            super::fields::name(enc as u32).unwrap_or("?")
+                        ));
                         Ok(())
                     }
                     Err(f) => Err(f),
@@ -123,13 +135,16 @@ impl Cpu {
                 let sz = self.vmx_opsz();
                 let enc = self.reg(i.op0_register());
                 let v = self.read_op(i, 1, sz)?;
-                self.vmx_trace(format_args!("vmwrite {enc:#x} <- {v:#x}"));
+                self.vmx_trace(format_args!(
+                    "vmwrite {} <- {v:#x}",
+                    super::fields::name(enc as u32).unwrap_or("?")
+                ));
                 self.vmwrite(enc, v)
             }
             M::Vmlaunch | M::Vmresume => {
                 let r = self.vm_entry(m == M::Vmlaunch);
                 if let Err(f) = r {
-                    self.vmx_trace(format_args!("{m:?} failed: {f:?}"));
+                    self.vmx_trace(format_args!("{} failed: {f:?}", Name(m)));
                     self.vm_fail(f);
                 }
                 return Ok(());
@@ -149,7 +164,7 @@ impl Cpu {
             _ => return exc(vector::UD),
         };
         if !matches!(m, M::Vmread | M::Vmwrite) {
-            self.vmx_trace(format_args!("{m:?} -> {r:?}"));
+            self.vmx_trace(format_args!("{} -> {r:?}", Name(m)));
         }
         self.vm_result(r);
         Ok(())
