@@ -469,7 +469,7 @@ fn vmx_trace_dump_and_stats() {
         "vmx: vmxon",
         "vmx: vmlaunch -> Ok(())",
         "vmx: exit CPUID",
-        "vmx: exit IO_INSTRUCTION qual=0xf40040",
+        "vmx: exit IO_INSTRUCTION out port 0xf4 size 1 (qual 0xf40040)",
         "vmx: vmwrite GUEST_RIP",
         "guest-state area:",
         "host-state area:",

@@ -576,11 +576,6 @@ impl VmxVcpu {
     fn handle_exit(&mut self) -> Result<Option<Reply>> {
         let why = self.vmread(f::VM_EXIT_REASON) as u32;
         let qual = self.vmread(f::EXIT_QUALIFICATION);
-        self.log(format_args!(
-            "exit {} qual={qual:#x} rip={:#x}",
-            reason::name(why),
-            self.vmread(f::GUEST_RIP)
-        ));
         Ok(match why & 0xffff {
             reason::CPUID => {
                 let (leaf, sub) = (self.cpu.gpr[0] as u32, self.cpu.gpr[1] as u32);
@@ -656,6 +651,8 @@ impl VmxVcpu {
             reason::TRIPLE_FAULT => Some(Reply::Shutdown),
             reason::VMCALL => {
                 // The hypercall instruction: the VMM's hypercall port.
+                let n = self.cpu.gpr[0] & 0xffff_ffff;
+                self.log(format_args!("hypercall {n} ({})", hypercall::name(n)));
                 self.io = self.cpu.gpr[0].to_le_bytes();
                 self.skip_instruction();
                 Some(Reply::IoOut {

@@ -81,6 +81,72 @@ pub fn guest_seg_fields(k: u32) -> (u32, u32, u32, u32) {
     )
 }
 
+/// The exit decoded, for traces: what the qualification and the other
+/// exit-information fields say, or nothing.
+fn describe(e: &Exit) -> String {
+    let q = e.qual;
+    let kind = [
+        "ext-int",
+        "?",
+        "NMI",
+        "exception",
+        "soft-int",
+        "priv-soft-exc",
+        "soft-exc",
+        "other",
+    ];
+    match e.reason {
+        reason::IO_INSTRUCTION => format!(
+            " {}{}{} port {:#x} size {}",
+            if q & 32 != 0 { "rep " } else { "" },
+            if q & 8 != 0 { "in" } else { "out" },
+            if q & 16 != 0 { "s" } else { "" },
+            q >> 16,
+            (q & 7) + 1
+        ),
+        reason::CR_ACCESS => {
+            let (cr, gpr) = (q & 15, (q >> 8) & 15);
+            match (q >> 4) & 3 {
+                0 => format!(" mov cr{cr} <- r{gpr}"),
+                1 => format!(" mov r{gpr} <- cr{cr}"),
+                2 => " clts".into(),
+                _ => format!(" lmsw {:#x}", q >> 16),
+            }
+        }
+        reason::DR_ACCESS => format!(
+            " mov {} dr{} (r{})",
+            if q & 16 != 0 { "from" } else { "to" },
+            q & 7,
+            (q >> 8) & 15
+        ),
+        reason::EXCEPTION_NMI | reason::EXTERNAL_INTERRUPT if e.intr >> 31 != 0 => format!(
+            " {} vector {}{}",
+            kind[(e.intr >> 8) as usize & 7],
+            e.intr & 0xff,
+            if e.intr & (1 << 11) != 0 {
+                format!(" error code {:#x}", e.intr_code)
+            } else {
+                String::new()
+            }
+        ),
+        reason::EPT_VIOLATION => format!(
+            " {} gpa {:#x} (allowed {}{}{})",
+            match q & 7 {
+                1 => "read",
+                2 => "write",
+                _ => "fetch",
+            },
+            e.gpa.unwrap_or(0),
+            if q & 8 != 0 { "r" } else { "-" },
+            if q & 16 != 0 { "w" } else { "-" },
+            if q & 32 != 0 { "x" } else { "-" },
+        ),
+        reason::EPT_MISCONFIG => format!(" gpa {:#x}", e.gpa.unwrap_or(0)),
+        reason::INVLPG => format!(" {q:#x}"),
+        _ => String::new(),
+    }
+}
+
 /// Interruption-information value: vector, type, error-code flag, valid.
 pub(crate) fn intr_info(v: u8, kind: u32, code: Option<u32>) -> u32 {
     v as u32 | (kind << 8) | ((code.is_some() as u32) << 11) | (1 << 31)
@@ -298,15 +364,13 @@ impl Cpu {
         self.count_exit(e.reason);
         self.vmx.exited = self.vmx.stop_on_exit;
         if self.vmx.trace {
+            let what = describe(&e);
             self.vmx_trace(format_args!(
-                "exit {} ({}) qual={:#x} rip={:#x} len={} intr={:#x} idt-vectoring={:#x}",
-                e.reason,
+                "exit {}{what} (qual {:#x}) rip={:#x} len={} idt-vectoring={vinfo:#x}",
                 reason::name(e.reason),
                 e.qual,
                 self.rip,
                 e.len,
-                e.intr,
-                vinfo
             ));
         }
         self.load_host_state();
