@@ -1,9 +1,10 @@
 //! Nested VMX: a guest that is itself a minimal hypervisor, written here in
 //! x86 code with iced-x86. On the `emu` engine (visor's software CPU with
 //! VMX) it enables VMX, enters VMX operation, sets up a VMCS from the
-//! capability MSRs, launches a nested guest that executes CPUID, an OUT, an
-//! exception in the exception bitmap (UD2) and HLT, handles each exit by its
-//! reason, resumes, and finally leaves VMX operation and reports success.
+//! capability MSRs and EPT tables, launches a nested guest that executes
+//! CPUID, an OUT, an exception in the exception bitmap (UD2), a load from a
+//! guest-physical address EPT does not map, and HLT, handles each exit by
+//! its reason, resumes, and finally leaves VMX operation and reports success.
 
 use iced_x86::code_asm::*;
 use vcpu::Regs;
@@ -21,6 +22,10 @@ const VMCS_REGION: u64 = 0x13_1000;
 const DATA: u64 = 0x13_2000;
 const L1_STACK: u64 = 0x8_0000;
 const L2_STACK: u64 = 0x14_0000;
+/// L1's EPT tables: PML4, PDPT, PD (guest-physical 0..16 MiB, 2 MiB pages).
+const EPT: u64 = 0x13_4000;
+/// A guest-physical address EPT does not map.
+const UNMAPPED: u64 = 0x100_0000;
 /// What L1 reports in R15.
 const SUCCESS: u64 = 0x600d;
 const FAILURE: u64 = 0xbad;
@@ -43,6 +48,8 @@ const REASON_EXCEPTION: u64 = 0;
 const REASON_CPUID: u64 = 10;
 const REASON_HLT: u64 = 12;
 const REASON_IO: u64 = 30;
+const REASON_EPT_VIOLATION: u64 = 48;
+const GUEST_PHYSICAL_ADDRESS: u32 = 0x2400;
 
 type A<'a> = &'a mut CodeAssembler;
 type Res = Result<(), IcedError>;
@@ -107,7 +114,25 @@ fn hypervisor(a: A) -> Res {
     // Controls: HLT and unconditional I/O exiting; a 64-bit host and guest;
     // #UD in the exception bitmap.
     control(a, PIN_BASED, 0x481, 0, fail)?;
-    control(a, PROC_BASED, 0x482, (1 << 7) | (1 << 24), fail)?;
+    control(a, PROC_BASED, 0x482, (1 << 7) | (1 << 24) | (1 << 31), fail)?;
+    // EPT (identity for guest-physical 0..16 MiB) and VPID 1.
+    control(a, 0x401e, 0x48b, (1 << 1) | (1 << 5), fail)?;
+    a.mov(rdi, EPT)?;
+    a.mov(rax, (EPT + 0x1000) | 7)?;
+    a.mov(qword_ptr(rdi), rax)?;
+    a.mov(rax, (EPT + 0x2000) | 7)?;
+    a.mov(qword_ptr(rdi + 0x1000), rax)?;
+    a.mov(eax, 0xb7u32)?; // RWX, write-back, 2 MiB
+    a.xor(ecx, ecx)?;
+    let mut pd = a.create_label();
+    a.set_label(&mut pd)?;
+    a.mov(qword_ptr(rdi + rcx * 8 + 0x2000), rax)?;
+    a.add(rax, 0x20_0000)?;
+    a.inc(ecx)?;
+    a.cmp(ecx, 8)?;
+    a.jne(pd)?;
+    vmwrite_imm(a, 0x201a, EPT | 6 | (3 << 3), fail)?; // EPT pointer
+    vmwrite_imm(a, 0x0000, 1, fail)?; // VPID
     control(a, EXIT_CONTROLS, 0x483, 1 << 9, fail)?;
     control(a, ENTRY_CONTROLS, 0x484, 1 << 9, fail)?;
     vmwrite_imm(a, EXCEPTION_BITMAP, 1 << 6, fail)?;
@@ -231,6 +256,13 @@ fn exit_handler(a: A) -> Res {
         a.vmread(r11, rdx)?;
         a.mov(esi, 2u32)
     })?;
+    // EPT violation: the guest-physical address in R10; the 3-byte load
+    // is skipped.
+    on_reason(a, REASON_EPT_VIOLATION, labels, |a| {
+        a.mov(rdx, GUEST_PHYSICAL_ADDRESS as u64)?;
+        a.vmread(r10, rdx)?;
+        a.mov(esi, 3u32)
+    })?;
     // HLT: the nested guest is done; leave VMX operation.
     a.cmp(ecx, REASON_HLT as i32)?;
     a.jne(fail)?;
@@ -251,6 +283,8 @@ fn nested_guest(a: A) -> Res {
     a.mov(al, 0x42)?;
     a.out(0x81, al)?;
     a.ud2()?;
+    a.mov(rdi, UNMAPPED)?;
+    a.mov(rax, qword_ptr(rdi))?;
     a.hlt()
 }
 
@@ -289,11 +323,19 @@ fn nested_hypervisor_on_emu() {
         panic!("expected HLT, got {out:?}");
     };
     assert_eq!(regs.r15, SUCCESS, "L1 reports success: {regs}");
-    let seen = (1 << REASON_CPUID) | (1 << REASON_IO) | (1 << REASON_EXCEPTION) | (1 << REASON_HLT);
+    let seen = (1 << REASON_CPUID)
+        | (1 << REASON_IO)
+        | (1 << REASON_EXCEPTION)
+        | (1 << REASON_EPT_VIOLATION)
+        | (1 << REASON_HLT);
     assert_eq!(regs.r13, seen, "exit reasons L1 handled");
     assert_eq!(regs.rbx, 0x1234_abcd, "L2 got L1's CPUID answer");
     assert_eq!(regs.r14, 0x81, "the port of L2's OUT");
     assert_eq!(regs.r11, 0x8000_0306, "#UD as a hardware exception");
+    assert_eq!(
+        regs.r10, UNMAPPED,
+        "the EPT violation's guest-physical address"
+    );
     let io_out = stats.exits.get("io_out").map_or(0, |e| e.count);
     assert_eq!(io_out, 1, "only L1's relay reaches the VMM");
 }
