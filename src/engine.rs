@@ -19,6 +19,9 @@ pub enum Engine {
     /// Paravirtualization: the guest kernel runs deprivileged on the software
     /// CPU and uses hypercalls (`int 0x82`) for every privileged operation.
     Pv,
+    /// Intel VMX in the software CPU, driven by a VMM written as VT-x
+    /// software.
+    Vmx,
 }
 
 /// Engine-independent VM options.
@@ -34,10 +37,21 @@ pub struct VmOptions {
     pub pv: bool,
     /// What the `trap` engine does with virtualization holes.
     pub holes: visor_deprivileged::HolePolicy,
+    /// Log each VMX operation and VM exit (`--trace-vmx`): the VMM's on
+    /// `vmx`, the guest's own (nested VMX) on `emu`.
+    pub trace_vmx: bool,
+    /// `vmx`: print the VMCS at the end (`--dump-vmcs`).
+    pub dump_vmcs: bool,
 }
 
 impl Engine {
-    pub const ALL: &'static [Engine] = &[Engine::Kvm, Engine::Emu, Engine::Trap, Engine::Pv];
+    pub const ALL: &'static [Engine] = &[
+        Engine::Kvm,
+        Engine::Emu,
+        Engine::Vmx,
+        Engine::Trap,
+        Engine::Pv,
+    ];
     /// The engines `--engine auto` chooses from, best first: the software CPU
     /// where KVM cannot run.
     pub const AUTO: &'static [Engine] = &[Engine::Kvm, Engine::Emu];
@@ -46,6 +60,7 @@ impl Engine {
         match self {
             Engine::Kvm => "kvm",
             Engine::Emu => "emu",
+            Engine::Vmx => "vmx",
             Engine::Trap => "trap",
             Engine::Pv => "pv",
         }
@@ -55,6 +70,9 @@ impl Engine {
         match self {
             Engine::Kvm => "hardware-assisted (VT-x/AMD-V through Linux KVM)",
             Engine::Emu => "software CPU, guest at its real privilege (baseline, oracle)",
+            Engine::Vmx => {
+                "Intel VMX in the software CPU, driven by a VMM written as VT-x software"
+            }
             Engine::Trap => "trap-and-emulate: deprivileged guest kernel, shadow page tables",
             Engine::Pv => "paravirtualization: deprivileged PV kernel, hypercalls through int 0x82",
         }
@@ -68,7 +86,7 @@ impl Engine {
     pub fn unavailable_reason(self) -> Option<String> {
         match self {
             Engine::Kvm => visor_kvm::unavailable_reason(),
-            Engine::Emu | Engine::Trap | Engine::Pv => None,
+            Engine::Emu | Engine::Vmx | Engine::Trap | Engine::Pv => None,
         }
     }
 
@@ -80,6 +98,8 @@ impl Engine {
             Engine::Kvm | Engine::Emu | Engine::Trap => hypercall::port_io_stub,
             // The deprivileged kernel may not do port I/O.
             Engine::Pv => hypercall::int82_stub,
+            // The vmx engine takes VMCALL as the hypercall instruction.
+            Engine::Vmx => hypercall::vmcall_stub,
         }
     }
 
@@ -87,7 +107,7 @@ impl Engine {
     pub fn linux_parameters(self) -> &'static [&'static str] {
         match self {
             Engine::Kvm => visor_kvm::linux_parameters(),
-            Engine::Emu | Engine::Trap | Engine::Pv => &[],
+            Engine::Emu | Engine::Vmx | Engine::Trap | Engine::Pv => &[],
         }
     }
 
@@ -121,6 +141,16 @@ impl Engine {
                 visor_emu::EmuConfig {
                     irqchip: opts.irqchip,
                     pv_signature: opts.pv.then_some(hypercall::SIGNATURE),
+                    trace_vmx: opts.trace_vmx,
+                },
+            )?)),
+            Engine::Vmx => Ok(Box::new(visor_vmx::VmxVm::new(
+                mem,
+                visor_vmx::VmxConfig {
+                    irqchip: opts.irqchip,
+                    pv_signature: opts.pv.then_some(hypercall::SIGNATURE),
+                    trace: opts.trace_vmx,
+                    dump_vmcs: opts.dump_vmcs,
                 },
             )?)),
             Engine::Trap => Ok(Box::new(visor_deprivileged::TrapVm::new(

@@ -64,6 +64,12 @@ struct RunArgs {
     /// trap too, and emulate them.
     #[arg(long, conflicts_with = "strict_holes")]
     trap_sensitive: bool,
+    /// Log each VMX operation and each VM exit, decoded (engine vmx; on emu, the guest's own).
+    #[arg(long)]
+    trace_vmx: bool,
+    /// Engine vmx: print the VMCS, grouped by area, when the run ends.
+    #[arg(long)]
+    dump_vmcs: bool,
 }
 
 fn main() -> ExitCode {
@@ -192,6 +198,8 @@ fn run(args: RunArgs) -> Result<i32, String> {
         } else {
             HolePolicy::Report
         },
+        trace_vmx: args.trace_vmx,
+        dump_vmcs: args.dump_vmcs,
     };
     let mut vm = Vm::with_memory(engine, layout, mem, opts)?;
     vm.set_cpu_state(&loaded.cpu.regs, &loaded.cpu.sregs)

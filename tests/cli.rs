@@ -587,3 +587,81 @@ fn demo_os_on_pv() {
     assert!(v["reflected"]["syscalls"].as_u64().unwrap() > 0);
     assert!(v["reflected"]["page_faults"].as_u64().unwrap() >= 15);
 }
+
+/// `--engine vmx` with `--trace-vmx`, `--dump-vmcs` and `--stats`: the VMX
+/// operations and decoded exits on stderr, the VMCS by area, exit counts by
+/// VMX exit reason.
+#[test]
+fn vmx_trace_dump_and_stats() {
+    let code = asm(64, 0x20_0000, |a| {
+        a.xor(eax, eax)?;
+        a.cpuid()?;
+        a.mov(al, 0x2a)?;
+        a.out(0xf4, al)?;
+        a.hlt()
+    });
+    let (d, p) = tmp("vmx.elf", &elf64_image(0x20_0000, &code));
+    let json = d.path().join("stats.json");
+    let o = visor(&[
+        "run",
+        s(&p),
+        "--engine",
+        "vmx",
+        "--trace-vmx",
+        "--dump-vmcs",
+        "--stats",
+        "--stats-json",
+        s(&json),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some((0x2a << 1) | 1), "{err}");
+    for needle in [
+        "vmx: vmxon",
+        "vmx: vmlaunch -> Ok(())",
+        "vmx: exit CPUID",
+        "vmx: exit IO_INSTRUCTION out port 0xf4 size 1 (qual 0xf40040)",
+        "vmx: vmwrite GUEST_RIP",
+        "guest-state area:",
+        "host-state area:",
+        "VM_EXIT_REASON",
+        "vmx_exit_CPUID",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in stderr:\n{err}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["engine"], "vmx");
+    assert_eq!(v["engine_counters"]["vmx_exit_CPUID"], 1);
+    assert_eq!(v["engine_counters"]["vmx_exit_IO_INSTRUCTION"], 1);
+}
+
+/// `--trace-vmx` on `emu`: the guest's own VMX instructions (it is a
+/// hypervisor) are logged.
+#[test]
+fn emu_traces_a_guest_hypervisor() {
+    const REGION: u64 = 0x30_0000;
+    let code = asm(64, 0x20_0000, |a| {
+        a.mov(rax, cr4)?;
+        a.or(rax, 0x2000)?;
+        a.mov(cr4, rax)?;
+        a.mov(ecx, 0x3au32)?;
+        a.mov(eax, 5u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0x480u32)?;
+        a.rdmsr()?;
+        a.mov(rbx, REGION)?;
+        a.mov(dword_ptr(rbx), eax)?;
+        a.mov(qword_ptr(rbx + 0x1000), rbx)?;
+        a.vmxon(qword_ptr(rbx + 0x1000))?;
+        a.vmxoff()?;
+        a.mov(al, 0x2a)?;
+        a.out(0xf4, al)?;
+        a.hlt()
+    });
+    let (_d, p) = tmp("hv.elf", &elf64_image(0x20_0000, &code));
+    let o = visor(&["run", s(&p), "--engine", "emu", "--trace-vmx"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some((0x2a << 1) | 1), "{err}");
+    assert!(err.contains("vmx: vmxon 0x300000 -> Ok(())"), "{err}");
+    assert!(err.contains("vmx: vmxoff -> Ok(())"), "{err}");
+}

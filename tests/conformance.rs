@@ -32,6 +32,10 @@ macro_rules! on_every_engine {
                 fn trap() {
                     super::run_case(visor::Engine::Trap, super::$case);
                 }
+                #[test]
+                fn vmx() {
+                    super::run_case(visor::Engine::Vmx, super::$case);
+                }
             }
         )*
     };

@@ -52,7 +52,11 @@ impl PvVm {
             hypercall::VERSION,
             0,
         ];
-        CpuidTable::software_cpu(false, Some((hypercall::SIGNATURE, features)))
+        let mut t = CpuidTable::software_cpu(false, Some((hypercall::SIGNATURE, features)));
+        // No VMX for a deprivileged kernel.
+        let (a, b, c, d) = t.query(1, 0);
+        t.set(1, None, [a, b, c & !(1 << 5), d]);
+        t
     }
 
     pub fn create_pv_vcpu(&mut self) -> PvVcpu {

@@ -77,7 +77,12 @@ impl TrapVm {
     pub fn cpuid(irqchip: bool, id: u32) -> CpuidTable {
         let mut t = CpuidTable::software_cpu(irqchip, None);
         let (a, b, c, d) = t.query(1, 0);
-        t.set(1, None, [a, (b & 0x00ff_ffff) | (id << 24), c, d]);
+        // No VMX for a deprivileged kernel (CR4.VMXE is refused).
+        t.set(
+            1,
+            None,
+            [a, (b & 0x00ff_ffff) | (id << 24), c & !(1 << 5), d],
+        );
         let (a, b, c, d) = t.query(0x8000_0008, 0);
         t.set(0x8000_0008, None, [(a & !0xff) | PHYS_BITS, b, c, d]);
         t

@@ -20,10 +20,10 @@ use x86::{Cpu, CpuExit, CpuidTable, PhysMem};
 pub use lapic::{Lapic, Lines};
 
 /// Instructions per `Cpu::run` call: the local APIC is polled in between.
-const SLICE: u64 = 20_000;
+pub const SLICE: u64 = 20_000;
 /// Longest time `run` stays in the engine without an exit, so that the VMM can
 /// notice a stop request (`--timeout`).
-const MAX_RUN: Duration = Duration::from_millis(20);
+pub const MAX_RUN: Duration = Duration::from_millis(20);
 
 /// Options of an `emu` virtual machine.
 #[derive(Clone, Copy, Debug, Default)]
@@ -33,6 +33,8 @@ pub struct EmuConfig {
     /// visor's paravirtual CPUID leaves (signature at 0x4000_0000, features at
     /// 0x4000_0001), as the `kvm` engine offers them.
     pub pv_signature: Option<[u8; 12]>,
+    /// Log the guest's own VMX instructions and VM exits (nested VMX).
+    pub trace_vmx: bool,
 }
 
 pub struct EmuVm {
@@ -70,13 +72,31 @@ impl EmuVm {
         t
     }
 
-    pub fn create_emu_vcpu(&mut self, id: u32) -> EmuVcpu {
-        let mut cpu = Cpu::new(PhysMem::new(&self.mem), self.cpuid(id));
+    /// The guest memory.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The vector lines of the local APICs (they wake a halted vCPU).
+    pub fn lines(&self) -> Arc<Lines> {
+        self.lines.clone()
+    }
+
+    /// A software CPU `id` with physical memory `mem` (the guest's, or more),
+    /// the engine's CPUID table and, with `irqchip`, a local APIC.
+    pub fn create_cpu(&self, id: u32, mem: &GuestMemoryMmap) -> Cpu {
+        let mut cpu = Cpu::new(PhysMem::new(mem), self.cpuid(id));
+        cpu.vmx.trace = self.config.trace_vmx;
         // VISOR_EMU_TRACE=1 prints every instruction (debugging only).
         cpu.trace = std::env::var_os("VISOR_EMU_TRACE").is_some_and(|v| v == "1");
         if self.config.irqchip {
             cpu.local = Some(Box::new(Lapic::new(id, self.lines.clone())));
         }
+        cpu
+    }
+
+    pub fn create_emu_vcpu(&mut self, id: u32) -> EmuVcpu {
+        let cpu = self.create_cpu(id, &self.mem);
         EmuVcpu {
             cpu,
             irqchip: self.config.irqchip,
@@ -84,6 +104,25 @@ impl EmuVm {
             last_interrupted: None,
         }
     }
+}
+
+/// Waits for the next interrupt of `cpu`'s local APIC (its timer) or of a
+/// vector line, at most until MAX_RUN has passed since `start`: false if
+/// that time is up.
+pub fn wait_for_interrupt(cpu: &Cpu, lines: &Lines, start: Instant) -> bool {
+    let now = Instant::now();
+    let left = MAX_RUN.saturating_sub(now - start);
+    if left.is_zero() {
+        return false;
+    }
+    let wait = match cpu.local_deadline() {
+        Some(d) => d.saturating_duration_since(now).min(left),
+        None => left,
+    };
+    if !wait.is_zero() {
+        lines.wait(wait);
+    }
+    true
 }
 
 /// The engine-contract exit of a CPU exit that needs the VMM: port I/O, MMIO,
@@ -129,6 +168,9 @@ pub fn vcpu_exit(cpu: &mut Cpu, exit: CpuExit) -> VcpuExit<'_> {
         | CpuExit::Interrupt
         | CpuExit::Sensitive { .. }) => VcpuExit::Unimplemented {
             what: format!("internal: intercepted event {e:?} reached the VMM"),
+        },
+        CpuExit::VmExit => VcpuExit::Unimplemented {
+            what: "a VM exit with no VMM to handle it".into(),
         },
     }
 }
@@ -206,19 +248,9 @@ impl Vcpu for EmuVcpu {
                     if !self.irqchip || !self.cpu.interrupts_enabled() {
                         return Ok(VcpuExit::Hlt);
                     }
-                    // Wait for the APIC timer or a vector line.
-                    let now = Instant::now();
-                    let left = MAX_RUN.saturating_sub(now - start);
-                    if left.is_zero() {
-                        self.last_interrupted = Some(now);
+                    if !wait_for_interrupt(&self.cpu, &self.lines, start) {
+                        self.last_interrupted = Some(Instant::now());
                         return Ok(VcpuExit::Interrupted);
-                    }
-                    let wait = match self.cpu.local_deadline() {
-                        Some(d) => d.saturating_duration_since(now).min(left),
-                        None => left,
-                    };
-                    if !wait.is_zero() {
-                        self.lines.wait(wait);
                     }
                 }
                 e => break e,
@@ -302,7 +334,7 @@ mod tests {
             &mem,
             EmuConfig {
                 irqchip: true,
-                pv_signature: None,
+                ..Default::default()
             },
         )
         .unwrap();

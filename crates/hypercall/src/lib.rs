@@ -195,3 +195,14 @@ pub fn int82_stub(n: u32) -> [u8; STUB_SIZE] {
     s[7] = 0xc3; // ret
     s
 }
+
+/// The stub of hypercall `n` for engines that trap VMCALL (`vmx`):
+/// `mov eax, n; vmcall; ret`, padded with INT3.
+pub fn vmcall_stub(n: u32) -> [u8; STUB_SIZE] {
+    let mut s = [0xcc; STUB_SIZE];
+    s[0] = 0xb8; // mov eax, imm32
+    s[1..5].copy_from_slice(&n.to_le_bytes());
+    s[5..8].copy_from_slice(&[0x0f, 0x01, 0xc1]); // vmcall
+    s[8] = 0xc3; // ret
+    s
+}

@@ -81,8 +81,8 @@ impl CpuidTable {
         if apic {
             edx |= 1 << 9;
         }
-        // ECX: CX16, POPCNT, hypervisor.
-        let ecx: u32 = (1 << 13) | (1 << 23) | (1 << 31);
+        // ECX: VMX, CX16, POPCNT, hypervisor.
+        let ecx: u32 = (1 << 5) | (1 << 13) | (1 << 23) | (1 << 31);
         // EBX: CLFLUSH line size 8 (64 bytes), one logical CPU, APIC ID 0.
         let ebx: u32 = (8 << 8) | (1 << 16);
         t.set(1, None, [h1[0], ebx, ecx, edx]);

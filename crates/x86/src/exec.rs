@@ -348,7 +348,9 @@ impl Cpu {
                 return self.event_exit(CpuExit::Sensitive { mnemonic, next_rip });
             }
         }
-        self.exec(&i)?;
+        if !(self.vmx.non_root && self.vmx_intercept(&i)?) {
+            self.exec(&i)?;
+        }
         self.rip = self.next_rip;
         Ok(())
     }
@@ -1290,7 +1292,7 @@ impl Cpu {
     // ---- string instructions -------------------------------------------
 
     /// Address size of a string instruction.
-    fn string_asz(i: &Instruction) -> usize {
+    pub(crate) fn string_asz(i: &Instruction) -> usize {
         for n in 0..i.op_count() {
             match i.op_kind(n) {
                 OpKind::MemorySegSI | OpKind::MemorySegDI | OpKind::MemoryESDI => return 2,
@@ -1391,7 +1393,7 @@ impl Cpu {
     }
 
     /// Checks port access rights: CPL <= IOPL, else the TSS I/O bitmap.
-    fn io_check(&mut self, port: u16, sz: usize) -> R<()> {
+    pub(crate) fn io_check(&mut self, port: u16, sz: usize) -> R<()> {
         let pe = self.cr0 & vcpu::cr0::PE != 0;
         if !pe || self.grant || (self.cpl <= self.iopl() && self.rflags & VM == 0) {
             return Ok(());

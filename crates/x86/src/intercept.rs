@@ -177,7 +177,8 @@ impl Cpu {
         match self.fetch(&mut i) {
             Ok(()) => Ok(i),
             Err(Stop::Exc(v, c)) => Err((v, c)),
-            Err(Stop::Exit) => {
+            // The engines that ask do not run VMX non-root code.
+            Err(Stop::Exit | Stop::VmExit) => {
                 self.pending = Pending::None;
                 Err((crate::vector::GP, Some(0)))
             }

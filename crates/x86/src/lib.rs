@@ -27,6 +27,7 @@ mod intercept;
 pub mod mem;
 mod mmu;
 mod system;
+pub mod vmx;
 
 use std::time::Instant;
 
@@ -182,6 +183,8 @@ pub enum CpuExit {
         mnemonic: &'static str,
         next_rip: u64,
     },
+    /// A VM exit with [`vmx::Vmx::stop_on_exit`]: the VMM reads the VMCS.
+    VmExit,
 }
 
 /// How an instruction stopped early.
@@ -192,6 +195,9 @@ pub(crate) enum Stop {
     /// The instruction needs the VMM (input, MSR) or hit something unimplemented;
     /// the details are in `Cpu::pending`.
     Exit,
+    /// The instruction caused a VM exit in its middle (an EPT violation):
+    /// the host state is loaded already.
+    VmExit,
 }
 
 pub(crate) type R<T> = Result<T, Stop>;
@@ -283,6 +289,8 @@ pub struct Cpu {
     /// Frames an engine protects from writes at CPL > 0 (one bit per 4 KiB
     /// page of RAM; empty when none are).
     pub(crate) wp_frames: Vec<u64>,
+    /// VMX operation: capabilities, the current VMCS, non-root state.
+    pub vmx: vmx::Vmx,
     /// An interrupt of `local` is ready (cached `local.pending()`).
     pub(crate) irq_ready: bool,
     /// STI/MOV SS shadow: no interrupt before the next instruction completes.
@@ -386,6 +394,7 @@ impl Cpu {
             grant: false,
             sensitive_ok: false,
             wp_frames: Vec::new(),
+            vmx: vmx::Vmx::default(),
             irq_ready: false,
             inhibit: false,
             cpl: 0,
@@ -567,8 +576,18 @@ impl Cpu {
         // fault forever must still come back.
         let mut left = budget;
         loop {
+            if self.vmx.exited {
+                self.vmx.exited = false;
+                if std::mem::take(&mut self.vmx.aborted) {
+                    return CpuExit::Shutdown;
+                }
+                return CpuExit::VmExit;
+            }
             let blocked = self.inhibit;
             self.inhibit = false;
+            if self.vmx.non_root && self.vmx_boundary(blocked) {
+                continue;
+            }
             if self.irq_ready && !blocked && self.rflags & flags::IF != 0 {
                 match self.intercepts.irq {
                     IrqMode::Deliver => {
@@ -615,6 +634,10 @@ impl Cpu {
                     if !self.exception(v, code) {
                         return self.shutdown_or_unimplemented();
                     }
+                }
+                Err(Stop::VmExit) => {
+                    self.inhibit = false;
+                    self.end_instruction_io();
                 }
                 Err(Stop::Exit) => {
                     // Output of the aborted instruction is void; inputs stay

@@ -129,6 +129,7 @@ impl Cpu {
         } else {
             self.walk(lin, acc, user)?
         };
+        self.ept_leaf(&mut e, lin, acc)?;
         e.host = self.mem.host(e.ppage, 0x1000).map_or(0, |p| p as usize);
         if self.code.is_code(e.ppage) {
             e.allow &= !(A_W_S | A_W_U);
@@ -165,7 +166,8 @@ impl Cpu {
         if acc == Acc::Exec && (self.efer & efer::NXE != 0 || self.cr4 & (1 << 20) != 0) {
             code |= 16;
         }
-        self.cr2 = lin;
+        // A #PF VM exit leaves CR2 alone: the value before is kept for it.
+        self.vmx.cr2_before_pf = std::mem::replace(&mut self.cr2, lin);
         exc_code(vector::PF, code)
     }
 
@@ -204,7 +206,9 @@ impl Cpu {
                 (self.cr3 & ADDR, 4)
             } else {
                 // PAE: the PDPTE (no permission bits).
-                let pdpte = self.pte_read((self.cr3 & 0xffff_ffe0) + ((lin >> 30) & 3) * 8, true);
+                let at =
+                    self.ept_paging_entry((self.cr3 & 0xffff_ffe0) + ((lin >> 30) & 3) * 8, lin)?;
+                let pdpte = self.pte_read(at, true);
                 if pdpte & P == 0 {
                     return self.pf(lin, false, acc, user, false);
                 }
@@ -212,7 +216,8 @@ impl Cpu {
             };
             let mut found = None;
             for level in (0..levels).rev() {
-                let addr = table + ((lin >> (12 + 9 * level)) & 0x1ff) * 8;
+                let addr =
+                    self.ept_paging_entry(table + ((lin >> (12 + 9 * level)) & 0x1ff) * 8, lin)?;
                 let ent = self.pte_read(addr, true);
                 if ent & P == 0 {
                     return self.pf(lin, false, acc, user, false);
@@ -237,7 +242,8 @@ impl Cpu {
                 None => return self.pf(lin, false, acc, user, false),
             }
         } else {
-            let addr = (self.cr3 & 0xffff_f000) + ((lin >> 22) & 0x3ff) * 4;
+            let addr =
+                self.ept_paging_entry((self.cr3 & 0xffff_f000) + ((lin >> 22) & 0x3ff) * 4, lin)?;
             let pde = self.pte_read(addr, false);
             if pde & P == 0 {
                 return self.pf(lin, false, acc, user, false);
@@ -250,7 +256,8 @@ impl Cpu {
                 // 4 MiB page (its frame is computed below).
                 (pde, 22)
             } else {
-                let addr = (pde & 0xffff_f000) + ((lin >> 12) & 0x3ff) * 4;
+                let addr =
+                    self.ept_paging_entry((pde & 0xffff_f000) + ((lin >> 12) & 0x3ff) * 4, lin)?;
                 let pte = self.pte_read(addr, false);
                 if pte & P == 0 {
                     return self.pf(lin, false, acc, user, false);

@@ -299,15 +299,21 @@ impl Cpu {
     pub(crate) fn exception(&mut self, v: u8, code: Option<u32>) -> bool {
         let (mut v, mut code) = (v, code);
         loop {
+            if self.vmx.non_root && self.vmx_exception_exits(v, code) {
+                return true;
+            }
             let ret = self.rip;
+            self.vmx_delivering(v, 3, code);
             match self.deliver(v, code, false, ret, 1) {
                 Ok(()) => {
                     self.halted = false;
+                    self.vmx.vectoring = None;
                     return true;
                 }
+                Err(Stop::VmExit) => return true,
                 Err(Stop::Exc(v2, c2)) => {
                     if v == vector::DF {
-                        return false;
+                        return self.vmx_triple_fault();
                     }
                     let class = |x: u8| match x {
                         0 | 10..=13 => 1,
@@ -344,8 +350,13 @@ impl Cpu {
         self.irq_ready = l.pending();
         let v = v?;
         self.halted = false;
+        self.vmx_delivering(v, 0, None);
         match self.deliver(v, None, false, self.rip, 1) {
-            Ok(()) => None,
+            Ok(()) => {
+                self.vmx.vectoring = None;
+                None
+            }
+            Err(Stop::VmExit) => None,
             Err(Stop::Exc(v2, c2)) => {
                 if self.exception(v2, c2) {
                     None
@@ -521,6 +532,7 @@ impl Cpu {
         }
         let mut cs = d;
         cs.selector = (sel & !3) | new_cpl as u16;
+        cs.type_ |= 1; // accessed, as the descriptor now is
         self.seg[sreg::CS] = cs;
         self.rip = off;
         self.next_rip = off;
@@ -669,6 +681,8 @@ impl Cpu {
             self.null_data_segments();
         }
         self.next_rip = if target64 { ip } else { ip & 0xffff_ffff };
+        // IRET ends (virtual-)NMI blocking.
+        self.vmx.nmi_blocked = false;
         Ok(())
     }
 
@@ -691,6 +705,10 @@ impl Cpu {
         match n {
             0 => {
                 let v = (v | cr0::ET) & 0xffff_ffff;
+                let fixed0 = crate::vmx::CR0_FIXED0;
+                if self.vmx.on && v & fixed0 != fixed0 {
+                    return exc_code(vector::GP, 0);
+                }
                 if v & cr0::PG != 0 && v & cr0::PE == 0 {
                     return exc_code(vector::GP, 0);
                 }
@@ -726,8 +744,8 @@ impl Cpu {
             4 => {
                 // PSE, PAE, PGE, OSFXSR, OSXMMEXCPT, plus harmless ones (VME,
                 // PVI, TSD, DE, MCE, PCE, FSGSBASE is not offered).
-                let allowed = 0x7ff;
-                if v & !allowed != 0 {
+                let allowed = 0x7ff | crate::vmx::CR4_VMXE;
+                if v & !allowed != 0 || (self.vmx.on && v & crate::vmx::CR4_VMXE == 0) {
                     return exc_code(vector::GP, 0);
                 }
                 if self.long_mode() && v & cr4::PAE == 0 {
@@ -754,7 +772,7 @@ impl Cpu {
         Ok(())
     }
 
-    fn rdmsr(&mut self, index: u32) -> R<u64> {
+    pub(crate) fn rdmsr(&mut self, index: u32) -> R<u64> {
         let m = &self.msr;
         Ok(match index {
             msr::EFER => self.efer,
@@ -779,14 +797,23 @@ impl Cpu {
                 m.mtrr.get(&index).copied().unwrap_or(0)
             }
             msr::MCG_CAP | msr::MCG_STATUS | msr::BIOS_SIGN_ID => 0,
-            msr::FEATURE_CONTROL => 1,
+            msr::FEATURE_CONTROL | 0x480..=0x48c => match self.vmx_msr(index) {
+                Some(v) => v,
+                None => return exc_code(vector::GP, 0),
+            },
             msr::AMD_HWCR => 1 << 24,
             _ => return self.msr_exit(CpuExit::MsrRead { index }),
         })
     }
 
-    fn wrmsr(&mut self, index: u32, v: u64) -> R<()> {
+    pub(crate) fn wrmsr(&mut self, index: u32, v: u64) -> R<()> {
         match index {
+            msr::FEATURE_CONTROL => {
+                if !self.write_feature_control(v) {
+                    return exc_code(vector::GP, 0);
+                }
+            }
+            0x480..=0x48c => return exc_code(vector::GP, 0),
             msr::EFER => {
                 let allowed = efer::SCE | efer::LME | efer::NXE;
                 if v & !(allowed | efer::LMA) != 0 {
@@ -1101,6 +1128,7 @@ impl Cpu {
                 Ok(())
             }
             M::Verr | M::Verw | M::Lar | M::Lsl => self.verify(i),
+            m if crate::vmx::is_vmx(m) => self.exec_vmx(i),
             _ => self.exec_fpu(i),
         }
     }

@@ -7,21 +7,25 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{flags, Cpu, CpuExit, CpuidTable, PhysMem};
 
-const CODE: u64 = 0x10_0000;
-const STACK: u64 = 0x8_0000;
-const IDT: u64 = 0x8000;
-const GDT: u64 = 0x9000;
-const TSS: u64 = 0xa000;
-const PML4: u64 = 0x20_0000;
-const HANDLER: u64 = 0x18_0000;
-const KSTACK: u64 = 0x7_0000;
+pub(crate) const CODE: u64 = 0x10_0000;
+pub(crate) const STACK: u64 = 0x8_0000;
+pub(crate) const IDT: u64 = 0x8000;
+pub(crate) const GDT: u64 = 0x9000;
+pub(crate) const TSS: u64 = 0xa000;
+pub(crate) const PML4: u64 = 0x20_0000;
+pub(crate) const HANDLER: u64 = 0x18_0000;
+pub(crate) const KSTACK: u64 = 0x7_0000;
 
-struct T {
-    cpu: Cpu,
-    mem: GuestMemoryMmap<()>,
+pub(crate) struct T {
+    pub(crate) cpu: Cpu,
+    pub(crate) mem: GuestMemoryMmap<()>,
 }
 
-fn asm(bits: u32, at: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+pub(crate) fn asm(
+    bits: u32,
+    at: u64,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Vec<u8> {
     let mut a = CodeAssembler::new(bits).unwrap();
     f(&mut a).unwrap();
     a.assemble(at).unwrap()
@@ -42,7 +46,7 @@ impl T {
 
     /// 64-bit mode, CPL 0, paging: 0..16 MiB identity-mapped with 2 MiB user
     /// pages, plus kernel and user segments, a TSS and an empty IDT.
-    fn long(code: &[u8]) -> T {
+    pub(crate) fn long(code: &[u8]) -> T {
         let mem = Self::mem();
         let w = |v: u64, a: u64| mem.write_obj(v, GuestAddress(a)).unwrap();
         // GDT: 0x10 kernel code64, 0x18 kernel data, 0x20 (STAR base), 0x28
@@ -109,7 +113,7 @@ impl T {
     }
 
     /// Installs a 64-bit gate (type 0xe interrupt, 0xf trap) for `v`.
-    fn gate(&self, v: u64, handler: u64, dpl: u64, ist: u64) {
+    pub(crate) fn gate(&self, v: u64, handler: u64, dpl: u64, ist: u64) {
         let lo = (handler & 0xffff)
             | (0x10 << 16)
             | (ist << 32)
@@ -121,12 +125,16 @@ impl T {
             .unwrap();
     }
 
-    fn code_at(&self, at: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) {
+    pub(crate) fn code_at(
+        &self,
+        at: u64,
+        f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    ) {
         let c = asm(64, at, f);
         self.mem.write_slice(&c, GuestAddress(at)).unwrap();
     }
 
-    fn run(&mut self) -> CpuExit {
+    pub(crate) fn run(&mut self) -> CpuExit {
         self.cpu.note_external_writes();
         loop {
             match self.cpu.run(10_000_000) {
@@ -136,7 +144,7 @@ impl T {
         }
     }
 
-    fn read(&self, a: u64) -> u64 {
+    pub(crate) fn read(&self, a: u64) -> u64 {
         self.mem.read_obj(GuestAddress(a)).unwrap()
     }
 }
@@ -564,7 +572,7 @@ fn protected_mode_32_bit() {
 }
 
 /// A local device that raises vector 0x40 once.
-struct OneShot(bool);
+pub(crate) struct OneShot(pub(crate) bool);
 
 impl crate::Local for OneShot {
     fn claims(&self, _: u64) -> bool {
