@@ -310,6 +310,29 @@ fn timeout_stops_a_spinning_guest() {
     assert_error(&visor(&["run", s(&p), "--timeout=-1"]), "--timeout");
 }
 
+/// A guest whose every instruction is an exit the engine handles itself
+/// (CPUID: a VM exit under `vmx`, a trap under `trap`; under `pv` and `emu`
+/// it runs on the CPU) still stops on `--timeout`.
+#[test]
+fn timeout_stops_a_guest_that_exits_forever() {
+    let code = asm(64, 0x20_0000, |a| {
+        let mut l = a.create_label();
+        a.set_label(&mut l)?;
+        a.cpuid()?;
+        a.jmp(l)
+    });
+    let (_d, p) = tmp("cpuid.elf", &elf64_image(0x20_0000, &code));
+    for engine in ["emu", "vmx", "trap", "pv"] {
+        let o = visor(&["run", s(&p), "--engine", engine, "--timeout", "0.3"]);
+        assert_eq!(
+            o.status.code(),
+            Some(visor::exit_status::TIMEOUT),
+            "{engine}: {}",
+            stderr(&o)
+        );
+    }
+}
+
 /// A Multiboot a.out-kludge kernel at 1 MiB that prints, on COM1, the magic in
 /// EAX, mem_lower, mem_upper, the command line, the module count and the first
 /// byte of the module, then exits through isa-debug-exit with the info flags' low
@@ -624,14 +647,15 @@ fn vmx_trace_dump_and_stats() {
         "guest-state area:",
         "host-state area:",
         "VM_EXIT_REASON",
-        "vmx_exit_CPUID",
+        "vmx_exits:",
+        "CPUID",
     ] {
         assert!(err.contains(needle), "{needle:?} not in stderr:\n{err}");
     }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(v["engine"], "vmx");
-    assert_eq!(v["engine_counters"]["vmx_exit_CPUID"], 1);
-    assert_eq!(v["engine_counters"]["vmx_exit_IO_INSTRUCTION"], 1);
+    assert_eq!(v["vmx_exits"]["CPUID"], 1);
+    assert_eq!(v["vmx_exits"]["IO_INSTRUCTION"], 1);
 }
 
 /// `--trace-vmx` on `emu`: the guest's own VMX instructions (it is a
@@ -664,4 +688,34 @@ fn emu_traces_a_guest_hypervisor() {
     assert_eq!(o.status.code(), Some((0x2a << 1) | 1), "{err}");
     assert!(err.contains("vmx: vmxon 0x300000 -> Ok(())"), "{err}");
     assert!(err.contains("vmx: vmxoff -> Ok(())"), "{err}");
+}
+
+/// The demo OS, natively and paravirtualized (hypercalls through VMCALL),
+/// under `vmx` with the transcript it has on `emu`.
+#[test]
+fn demo_os_on_vmx() {
+    for pv in [false, true] {
+        let mut args = vec!["run", "--cmdline", "passes=2", "--engine"];
+        if !pv {
+            args.push("--no-pv");
+        }
+        let run = |engine: &str| {
+            let mut a = args.clone();
+            a.insert(4, engine);
+            stats_json(&a)
+        };
+        let (vmx, v) = run("vmx");
+        assert_eq!(vmx.status.code(), Some(0), "{}", stderr(&vmx));
+        let out = stdout(&vmx);
+        demo_done(&out, if pv { "pv" } else { "native" });
+        let (emu, _) = run("emu");
+        assert_eq!(transcript(&out), transcript(&stdout(&emu)));
+        assert!(
+            v["vmx_exits"]["EXTERNAL_INTERRUPT"].as_u64().unwrap() > 100,
+            "{v}"
+        );
+        if pv {
+            assert!(v["vmx_exits"]["VMCALL"].as_u64().unwrap() > 1000, "{v}");
+        }
+    }
 }

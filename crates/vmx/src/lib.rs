@@ -744,6 +744,12 @@ impl Vcpu for VmxVcpu {
         }
         self.complete_pending();
         loop {
+            // VM exits the engine completes itself come back here without
+            // using up the CPU's budget: check the time on every round, so a
+            // guest that exits forever still comes back.
+            if start.elapsed() >= MAX_RUN {
+                return self.interrupted();
+            }
             if !self.cpu.vmx.non_root {
                 if let Some(o) = self.enter() {
                     return Ok(self.out(o));
@@ -894,7 +900,7 @@ impl Vcpu for VmxVcpu {
         let mut v = vec![("guest_instructions".to_string(), self.cpu.retired)];
         for (k, &n) in self.cpu.vmx.exit_counts.iter().enumerate() {
             if n != 0 {
-                v.push((format!("vmx_exit_{}", reason::name(k as u32)), n));
+                v.push((format!("vmx_exits/{}", reason::name(k as u32)), n));
             }
         }
         v
@@ -986,7 +992,7 @@ mod tests {
         let count = |name: &str| {
             counters
                 .iter()
-                .find(|c| c.0 == format!("vmx_exit_{name}"))
+                .find(|c| c.0 == format!("vmx_exits/{name}"))
                 .map_or(0, |c| c.1)
         };
         assert_eq!(count("HLT"), 1);
