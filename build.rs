@@ -1,8 +1,9 @@
-//! Builds the demo guest (guest/demo, `#![no_std]`) with the host's rustc for
-//! x86_64-unknown-linux-gnu as a static, non-PIE ELF64 kernel without a red zone,
-//! and leaves it in OUT_DIR for `include_bytes!`.
+//! Builds the guests with the host's rustc for x86_64-unknown-linux-gnu, static,
+//! non-PIE, without a red zone, and leaves them in OUT_DIR for `include_bytes!`:
+//! the demo OS (guest/demo, an ELF64 kernel) and the CPU benchmark (guest/bench,
+//! a flat Multiboot image).
 //!
-//! The guest is compiled without SSE (and must not call into precompiled `core`
+//! The guests are compiled without SSE (and must not call into precompiled `core`
 //! code that uses it, such as `core::fmt`): some KVM hosts (PVM, the
 //! pagetable-based KVM this project's machines run) emulate a batch of guest
 //! kernel instructions after each trap, and their emulator cannot decode SSE.
@@ -32,7 +33,8 @@ fn rustc(args: &[&str]) {
         .unwrap_or_else(|e| panic!("cannot run {rustc}: {e}"));
     if !out.status.success() {
         panic!(
-            "building the demo guest failed:\n{}",
+            "building a guest failed: rustc {}\n{}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -59,27 +61,40 @@ fn main() {
     ]);
     let abi = format!("abi={g}/libabi.rlib");
     let hypercall = format!("hypercall={g}/libhypercall.rlib");
-    let elf = out.join("demo.elf");
-    rustc(&[
-        "--crate-name=demo",
-        "--crate-type=bin",
-        "guest/demo/main.rs",
-        "--extern",
-        &abi,
-        "--extern",
-        &hypercall,
-        "-L",
-        g,
-        "-Clink-arg=-nostartfiles",
-        "-Clink-arg=-nostdlib",
-        "-Clink-arg=-static",
-        "-Clink-arg=-no-pie",
-        "-Clink-arg=-Wl,-Tguest/demo/link.ld",
-        "-Clink-arg=-Wl,--build-id=none",
-        "-o",
-        elf.to_str().unwrap(),
-    ]);
-    for p in ["guest/demo", "crates/abi/src", "crates/hypercall/src"] {
+    let kernel = |name: &str, externs: &[&str], extra: &[&str], out_file: &str| {
+        let main = format!("guest/{name}/main.rs");
+        let script = format!("-Clink-arg=-Wl,-Tguest/{name}/link.ld");
+        let out_path = out.join(out_file);
+        let mut args = vec![
+            "--crate-name",
+            name,
+            "--crate-type=bin",
+            &main,
+            "-L",
+            g,
+            "-Clink-arg=-nostartfiles",
+            "-Clink-arg=-nostdlib",
+            "-Clink-arg=-static",
+            "-Clink-arg=-no-pie",
+            &script,
+            "-Clink-arg=-Wl,--build-id=none",
+        ];
+        for e in externs {
+            args.extend(["--extern", e]);
+        }
+        args.extend(extra);
+        args.extend(["-o", out_path.to_str().unwrap()]);
+        rustc(&args);
+    };
+    kernel("demo", &[&abi, &hypercall], &[], "demo.elf");
+    // The linker writes the benchmark as a raw image (Multiboot a.out kludge).
+    kernel(
+        "bench",
+        &[&abi],
+        &["-Clink-arg=-Wl,--oformat=binary"],
+        "bench.bin",
+    );
+    for p in ["guest", "crates/abi/src", "crates/hypercall/src"] {
         println!("cargo:rerun-if-changed={p}");
     }
 }

@@ -17,6 +17,11 @@ pub use vmm::{Outcome, Vm};
 /// The demo guest embedded in the binary (guest/demo, built by build.rs).
 pub static DEMO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
 
+/// The CPU benchmark kernel (guest/bench, built by build.rs): a flat Multiboot v1
+/// image that visor, QEMU (`-kernel`) and GRUB (Bochs) all boot;
+/// `cargo run --example bench_kernel -- FILE` writes it out.
+pub static BENCH_KERNEL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bench.bin"));
+
 /// Exit statuses of `visor run`. Odd statuses belong to the guest's debug-exit
 /// port ((v << 1) | 1); visor's own are even.
 pub mod exit_status {

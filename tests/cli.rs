@@ -719,3 +719,45 @@ fn demo_os_on_vmx() {
         }
     }
 }
+
+/// The CPU benchmark kernel (guest/bench) boots on every available engine:
+/// Multiboot entry in 32-bit protected mode, its own switch to long mode, then
+/// it reads its command line and memory size from the Multiboot information and
+/// refuses, through isa-debug-exit (status 3), a bad round count and too little
+/// RAM. (The benchmark itself runs in bench/cpu_speed.py.)
+#[test]
+fn bench_kernel_checks_its_input() {
+    let (_d, p) = tmp("bench.bin", visor::BENCH_KERNEL);
+    let engines: &[&str] = if kvm_here() {
+        &["emu", "kvm"]
+    } else {
+        &["emu"]
+    };
+    for engine in engines {
+        for (args, error) in [
+            (
+                ["--cmdline", "x rounds=0"],
+                "rounds=N wants a number from 1 to 10000",
+            ),
+            (
+                ["--mem", "8M"],
+                "needs RAM up to the end of the arena (16 MiB is enough)",
+            ),
+        ] {
+            let mut a = vec!["run", s(&p), "--engine", engine];
+            a.extend(args);
+            let o = visor(&a);
+            assert_eq!(
+                o.status.code(),
+                Some(3),
+                "{engine} {args:?}: {}",
+                stderr(&o)
+            );
+            assert_eq!(
+                stdout(&o),
+                format!("bench: error: {error}\n"),
+                "{engine} {args:?}"
+            );
+        }
+    }
+}

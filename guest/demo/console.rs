@@ -42,18 +42,8 @@ impl Line {
     }
 
     /// Unsigned decimal.
-    pub fn n(&mut self, mut v: u64) -> &mut Self {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 || i == 0 {
-                break;
-            }
-        }
-        for &d in &digits[i..] {
+    pub fn n(&mut self, v: u64) -> &mut Self {
+        for &d in crate::rt::decimal(v, &mut [0; 20]) {
             self.put(d);
         }
         self

@@ -8,6 +8,7 @@
 //! [`vcpu::Vm::vector_line`] delivers fixed interrupts into it; HLT then waits
 //! inside the engine for the next interrupt. Without it, HLT exits.
 
+pub mod fuzz;
 pub mod lapic;
 
 use std::sync::Arc;

@@ -1,0 +1,76 @@
+//! Long differential runs, kvm against emu, with the generator and comparison
+//! of tests/differential.rs (tests/common/difftest.rs):
+//!
+//! ```sh
+//! cargo run --release --example difftest -- --count 1000000 --seed 0x1234 [--keep-going]
+//! ```
+//!
+//! Prints every divergence in full, progress every `--every` sequences, and a
+//! summary; exits 0 when there were none, 1 after a divergence, 2 when the run
+//! could not start (engine kvm unavailable, bad arguments).
+
+#[path = "../tests/common/difftest.rs"]
+mod difftest;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use visor::Engine;
+
+#[derive(Parser)]
+#[command(about = "Differential test of the software CPU against KVM, for long runs")]
+struct Args {
+    /// Number of sequences.
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// Seed, decimal or 0x-hex (default: the test's).
+    #[arg(long, value_parser = difftest::parse_seed)]
+    seed: Option<u64>,
+    /// Go on after a divergence and count them all.
+    #[arg(long)]
+    keep_going: bool,
+    /// Print progress every N sequences.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    every: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(why) = Engine::Kvm.unavailable_reason() {
+        eprintln!("difftest: engine kvm (the oracle) is unavailable: {why}");
+        return ExitCode::from(2);
+    }
+    let opts = difftest::Options {
+        seed: args.seed.unwrap_or(difftest::DEFAULT_SEED),
+        count: args.count,
+        keep_going: args.keep_going,
+    };
+    let start = std::time::Instant::now();
+    let every = args.every.max(1);
+    let result = difftest::run(
+        &opts,
+        |report| println!("{report}"),
+        |n, d| {
+            if n % every == 0 {
+                let secs = start.elapsed().as_secs_f64();
+                eprintln!(
+                    "difftest: {n} sequences, {d} divergences, {secs:.0} s ({:.0}/s)",
+                    n as f64 / secs
+                );
+            }
+        },
+    );
+    match result {
+        Ok(s) => {
+            println!(
+                "difftest: seed {:#x}: {} sequences, {} divergences, {:.1?}",
+                opts.seed, s.sequences, s.divergences, s.elapsed
+            );
+            ExitCode::from(u8::from(s.divergences > 0))
+        }
+        Err(e) => {
+            eprintln!("difftest: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
