@@ -647,6 +647,8 @@ fn vmx_trace_dump_and_stats() {
         "guest-state area:",
         "host-state area:",
         "VM_EXIT_REASON",
+        "vmx: VMCS at the first CPUID exit",
+        "vmx: VMCS at the first IO_INSTRUCTION exit",
         "vmx_exits:",
         "CPUID",
     ] {

@@ -156,6 +156,8 @@ pub struct VmxVcpu {
     lines: Arc<Lines>,
     trace: bool,
     dump_vmcs: bool,
+    /// Exit reasons (basic, below 128) whose first exit was dumped.
+    dumped: u128,
     launched: bool,
     pending: Pending,
     stepping: Stepping,
@@ -193,6 +195,7 @@ impl VmxVcpu {
             lines: emu.lines(),
             trace: config.trace,
             dump_vmcs: config.dump_vmcs,
+            dumped: 0,
             launched: false,
             pending: Pending::None,
             stepping: Stepping::None,
@@ -576,7 +579,17 @@ impl VmxVcpu {
     fn handle_exit(&mut self) -> Result<Option<Reply>> {
         let why = self.vmread(f::VM_EXIT_REASON) as u32;
         let qual = self.vmread(f::EXIT_QUALIFICATION);
-        Ok(match why & 0xffff {
+        let basic = why & 0xffff;
+        if self.dump_vmcs && basic < 128 && self.dumped & (1 << basic) == 0 {
+            // `--dump-vmcs`: the VMCS at the first exit of each reason.
+            self.dumped |= 1 << basic;
+            eprint!(
+                "vmx: VMCS at the first {} exit\n{}",
+                reason::name(basic),
+                self.cpu.dump_vmcs()
+            );
+        }
+        Ok(match basic {
             reason::CPUID => {
                 let (leaf, sub) = (self.cpu.gpr[0] as u32, self.cpu.gpr[1] as u32);
                 let (a, b, mut c, d) = self.cpu.cpuid.query(leaf, sub);
