@@ -42,6 +42,10 @@ pub(crate) struct CodeCache {
     /// The linear page of the last fetch and its slot in `pages`.
     fetch_vpage: u64,
     fetch_slot: usize,
+    /// The index in that page's `insns` of the last instruction fetched: the
+    /// next one in straight-line code usually follows it (decoded in the
+    /// order first executed), which spares the page's offset index.
+    fetch_ix: usize,
 }
 
 impl CodeCache {
@@ -53,6 +57,7 @@ impl CodeCache {
             epoch: 0,
             fetch_vpage: u64::MAX,
             fetch_slot: 0,
+            fetch_ix: 0,
         }
     }
 
@@ -128,10 +133,19 @@ impl Cpu {
         let lin = self.code_linear(self.rip);
         if lin & !0xfff == self.code.fetch_vpage {
             let p = &self.code.pages[self.code.fetch_slot];
-            let ix = p.index[(lin & 0xfff) as usize] as usize;
-            if let Some(ins) = p.insns.get(ix.wrapping_sub(1)) {
+            let next = self.code.fetch_ix.wrapping_add(1);
+            if let Some(ins) = p.insns.get(next) {
                 if ins.ip() == self.rip {
                     *out = *ins;
+                    self.code.fetch_ix = next;
+                    return Ok(());
+                }
+            }
+            let ix = (p.index[(lin & 0xfff) as usize] as usize).wrapping_sub(1);
+            if let Some(ins) = p.insns.get(ix) {
+                if ins.ip() == self.rip {
+                    *out = *ins;
+                    self.code.fetch_ix = ix;
                     return Ok(());
                 }
             }
@@ -201,6 +215,7 @@ impl Cpu {
         let p = &self.code.pages[slot];
         let ix = p.index[off];
         if ix != 0 && p.insns[ix as usize - 1].ip() == self.rip {
+            self.code.fetch_ix = ix as usize - 1;
             return Ok(p.insns[ix as usize - 1]);
         }
         let mut ins = Instruction::default();
@@ -218,9 +233,11 @@ impl Cpu {
             if ix != 0 {
                 // Same bytes reached at another RIP (an alias): replace.
                 p.insns[ix as usize - 1] = ins;
+                self.code.fetch_ix = ix as usize - 1;
             } else {
                 p.insns.push(ins);
                 p.index[off] = p.insns.len() as u16;
+                self.code.fetch_ix = p.insns.len() - 1;
             }
             let first = off / 64;
             let last = (off + len - 1) / 64;
