@@ -279,6 +279,40 @@ fn privileged_guest() -> Vec<u8> {
         a.mov(rax, DATA + 0x40)?;
         a.sidt(ptr(rax))?;
         a.lidt(ptr(rax))?;
+        // Far transfers to the kernel's code segment: RETF, JMP and CALL
+        // through memory (m16:64), and POP of a segment register.
+        let (mut after_retf, mut after_jmp, mut callee, mut after_call) = (
+            a.create_label(),
+            a.create_label(),
+            a.create_label(),
+            a.create_label(),
+        );
+        a.push(0x10)?;
+        a.lea(rax, ptr(after_retf))?;
+        a.push(rax)?;
+        a.db(&[0x48, 0xcb])?; // retfq
+        a.set_label(&mut after_retf)?;
+        a.lea(rax, ptr(after_jmp))?;
+        a.mov(qword_ptr(DATA + 0x60), rax)?;
+        a.mov(word_ptr(DATA + 0x68), 0x10)?;
+        // jmp far qword [DATA + 0x60]: REX.W FF /5 with an absolute disp32.
+        a.db(&[0x48, 0xff, 0x2c, 0x25])?;
+        a.dd(&[(DATA + 0x60) as u32])?;
+        a.set_label(&mut after_jmp)?;
+        a.lea(rax, ptr(callee))?;
+        a.mov(qword_ptr(DATA + 0x70), rax)?;
+        a.mov(word_ptr(DATA + 0x78), 0x10)?;
+        // call far qword [DATA + 0x70]: REX.W FF /3.
+        a.db(&[0x48, 0xff, 0x1c, 0x25])?;
+        a.dd(&[(DATA + 0x70) as u32])?;
+        a.jmp(after_call)?;
+        a.set_label(&mut callee)?;
+        a.mov(rax, qword_ptr(rsp + 8))?; // the CS the call pushed
+        a.mov(qword_ptr(DATA + 0x80), rax)?;
+        a.db(&[0x48, 0xcb])?; // retfq
+        a.set_label(&mut after_call)?;
+        a.push(0x18)?;
+        a.pop(fs)?;
         // IRETQ to the kernel itself.
         let mut back = a.create_label();
         a.mov(rax, rsp)?;
@@ -316,6 +350,12 @@ fn privileged_instructions_are_emulated() {
         (b.r8, b.r9, b.r10, b.r11, b.r12, b.r13, b.r14, b.r15, b.rsi, b.rdi, b.rbp, b.rip)
     );
     assert_eq!(b.rbp, 5, "CR8");
+    let pushed_cs = |g: &Guest| g.vm.mem.read_obj::<u64>(GuestAddress(DATA + 0x80)).unwrap();
+    assert_eq!(
+        (pushed_cs(&g), pushed_cs(&oracle)),
+        (0x10, 0x10),
+        "CALL far pushes CS"
+    );
     assert_eq!(b.r13, 0xffff_ffff_8765_4321);
     assert_eq!(b.r14, 0x5000);
     assert_eq!(b.r15, 77);
@@ -344,6 +384,10 @@ fn privileged_instructions_are_emulated() {
         "mov to cr0",
         "lmsw",
         "lidt",
+        "retf",
+        "jmp far",
+        "call far",
+        "pop sreg",
         "iretq",
         "out",
         "in",

@@ -266,7 +266,21 @@ fn mnemonic_name(m: M) -> &'static str {
         M::Verr => "verr",
         M::Verw => "verw",
         M::Push => "push sreg",
+        M::Retf => "retf",
+        M::Jmp => "jmp far",
+        M::Call => "call far",
         _ => "other",
+    }
+}
+
+/// The offset size of a far JMP/CALL through memory (m16:16, m16:32,
+/// m16:64), or `None` for any other JMP/CALL.
+fn far_memory(i: &Instruction) -> Option<usize> {
+    match i.code() {
+        Code::Jmp_m1616 | Code::Call_m1616 => Some(2),
+        Code::Jmp_m1632 | Code::Call_m1632 => Some(4),
+        Code::Jmp_m1664 | Code::Call_m1664 => Some(8),
+        _ => None,
     }
 }
 
@@ -601,6 +615,8 @@ impl TrapVcpu {
                 Done::Next
             }
             M::Iretq if i.code() == Code::Iretq => self.iretq()?,
+            M::Retf => self.far_return(i)?,
+            M::Jmp | M::Call if far_memory(i).is_some() => self.far_transfer(i)?,
             M::Sysretq if i.code() == Code::Sysretq => self.sysretq()?,
             M::Lmsw => {
                 let v = self.read_u16_operand(i, 0)? as u64;
@@ -620,6 +636,89 @@ impl TrapVcpu {
             }
             _ => return Ok(None),
         }))
+    }
+
+    /// The kernel code segment of a far transfer to selector `sel` with RPL
+    /// 0 (one that faults at CPL 1 because the descriptor has DPL 0).
+    fn kernel_code(&mut self, sel: u16) -> Emu<Segment> {
+        let err = (sel & !3) as u32;
+        if sel & 3 != 0 || sel & !3 == 0 {
+            return Err(gp(err));
+        }
+        let (_, raw) = self.g.descriptor(sel)?;
+        let d = x86::segment_from_descriptor(sel, raw);
+        if !d.s || d.type_ & 8 == 0 || d.dpl != 0 || !d.l || d.db {
+            return Err(gp(err));
+        }
+        if !d.present {
+            return Err(fault(vector::NP, err));
+        }
+        Ok(compress(d, true))
+    }
+
+    /// RETF to the kernel's own code segment (a return to user mode runs
+    /// natively; one that faults is the guest's).
+    fn far_return(&mut self, i: &Instruction) -> Emu<Done> {
+        let sz = match i.code() {
+            Code::Retfq | Code::Retfq_imm16 => 8,
+            Code::Retfw | Code::Retfw_imm16 => 2,
+            _ => 4,
+        };
+        let sp = self.g.cpu.gpr[4];
+        let mut b = [0u8; 16];
+        self.g.read(sp, &mut b[..2 * sz])?;
+        let word = |k: usize| {
+            let mut w = [0u8; 8];
+            w[..sz].copy_from_slice(&b[k * sz..k * sz + sz]);
+            u64::from_le_bytes(w)
+        };
+        let (rip, sel) = (word(0), word(1) as u16);
+        if sel & 3 != 0 {
+            return Err(gp((sel & !3) as u32));
+        }
+        let cs = self.kernel_code(sel)?;
+        if !canonical(rip) {
+            return Err(gp(0));
+        }
+        let imm = if i.op_count() > 0 { i.immediate(0) } else { 0 };
+        self.g.cpu.seg[sreg::CS] = cs;
+        self.g.cpu.rip = rip;
+        self.g.cpu.gpr[4] = sp.wrapping_add(2 * sz as u64).wrapping_add(imm);
+        self.g.cpu.refresh_mode();
+        Ok(Done::Jumped)
+    }
+
+    /// Far JMP or CALL through memory to the kernel's own code segment.
+    fn far_transfer(&mut self, i: &Instruction) -> Emu<Done> {
+        let Some(sz) = far_memory(i) else {
+            return Err(ud());
+        };
+        let a = self.operand_address(i)?;
+        let mut b = [0u8; 10];
+        self.g.read(a, &mut b[..sz + 2])?;
+        let mut w = [0u8; 8];
+        w[..sz].copy_from_slice(&b[..sz]);
+        let target = u64::from_le_bytes(w);
+        let sel = u16::from_le_bytes([b[sz], b[sz + 1]]);
+        let cs = self.kernel_code(sel)?;
+        if !canonical(target) {
+            return Err(gp(0));
+        }
+        if i.mnemonic() == M::Call {
+            // Push the caller's CS (as the guest knows it) and return address.
+            let old_cs = (self.g.cpu.seg[sreg::CS].selector & !3) as u64;
+            let sp = self.g.cpu.gpr[4];
+            let mut frame = Vec::with_capacity(2 * sz);
+            frame.extend_from_slice(&i.next_ip().to_le_bytes()[..sz]);
+            frame.extend_from_slice(&old_cs.to_le_bytes()[..sz]);
+            let top = sp.wrapping_sub(2 * sz as u64);
+            self.g.write(top, &frame)?;
+            self.g.cpu.gpr[4] = top;
+        }
+        self.g.cpu.seg[sreg::CS] = cs;
+        self.g.cpu.rip = target;
+        self.g.cpu.refresh_mode();
+        Ok(Done::Jumped)
     }
 
     /// A system descriptor (TSS: type 9, LDT: type 2) of the guest's GDT.
