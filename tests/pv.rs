@@ -198,8 +198,13 @@ fn random_kernel_code_never_panics() {
         x ^= x << 17;
         x
     };
+    // VISOR_RANDOM_COUNT runs more programs per engine (150 by default).
+    let count = std::env::var("VISOR_RANDOM_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
     for engine in [Engine::Trap, Engine::Pv] {
-        for _ in 0..150 {
+        for _ in 0..count {
             let mut code = vec![0u8; 64];
             for b in code.iter_mut() {
                 *b = next() as u8;
