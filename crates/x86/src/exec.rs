@@ -349,10 +349,87 @@ impl Cpu {
             }
         }
         if !(self.vmx.non_root && self.vmx_intercept(&i)?) {
-            self.exec(&i)?;
+            match self.exec_fast(&i) {
+                Some(r) => r?,
+                None => self.exec(&i)?,
+            }
         }
         self.rip = self.next_rip;
         Ok(())
+    }
+
+    /// The most frequent instruction forms of compiled 64-bit code, run
+    /// without the call into `exec` and its generic operand queries (same
+    /// semantics); `None` leaves the instruction to `exec`.
+    #[inline(always)]
+    fn exec_fast(&mut self, i: &Instruction) -> Option<R<()>> {
+        // GPR index of a 32- or 64-bit register (iced numbers them in order).
+        let r32 = |r: Register| r as usize - Register::EAX as usize;
+        let r64 = |r: Register| r as usize - Register::RAX as usize;
+        Some(match i.code() {
+            Code::Mov_r32_rm32 => {
+                let v = if i.op1_kind() == OpKind::Register {
+                    self.gpr[r32(i.op1_register())] & 0xffff_ffff
+                } else {
+                    match self.mem_lin(i).and_then(|l| self.rd(l, 4)) {
+                        Ok(v) => v,
+                        Err(e) => return Some(Err(e)),
+                    }
+                };
+                self.gpr[r32(i.op0_register())] = v;
+                Ok(())
+            }
+            Code::Mov_rm32_r32 | Code::Mov_rm64_r64 => {
+                let wide = i.code() == Code::Mov_rm64_r64;
+                let (src, sz) = if wide {
+                    (self.gpr[r64(i.op1_register())], 8)
+                } else {
+                    (self.gpr[r32(i.op1_register())] & 0xffff_ffff, 4)
+                };
+                if i.op0_kind() == OpKind::Register {
+                    let d = i.op0_register();
+                    self.gpr[if wide { r64(d) } else { r32(d) }] = src;
+                    Ok(())
+                } else {
+                    self.mem_lin(i).and_then(|l| self.wr(l, sz, src))
+                }
+            }
+            Code::Lea_r64_m => {
+                self.gpr[r64(i.op0_register())] = self.ea(i);
+                Ok(())
+            }
+            Code::Cmp_rm64_r64 | Code::Cmp_rm32_r32 | Code::Cmp_r32_rm32 | Code::Cmp_rm64_imm32 => {
+                let sz = match i.code() {
+                    Code::Cmp_rm64_r64 | Code::Cmp_rm64_imm32 => 8,
+                    _ => 4,
+                };
+                let a = match self.read_op(i, 0, sz) {
+                    Ok(v) => v,
+                    Err(e) => return Some(Err(e)),
+                };
+                let b = match self.read_op(i, 1, sz) {
+                    Ok(v) => v & mask(sz),
+                    Err(e) => return Some(Err(e)),
+                };
+                let (_, f) = alu::sub(a, b, false, sz);
+                self.set_arith(f);
+                Ok(())
+            }
+            Code::Jb_rel8_64
+            | Code::Jae_rel8_64
+            | Code::Jb_rel32_64
+            | Code::Jae_rel32_64
+            | Code::Jne_rel8_64
+            | Code::Je_rel8_64
+            | Code::Jne_rel32_64
+            | Code::Je_rel32_64 => {
+                if self.cond(i.condition_code()) {
+                    self.next_rip = i.near_branch_target();
+                }
+                Ok(())
+            }
+            _ => return None,
+        })
     }
 
     fn unimpl<T>(&mut self, i: &Instruction) -> R<T> {
