@@ -366,6 +366,52 @@ impl Cpu {
         // GPR index of a 32- or 64-bit register (iced numbers them in order).
         let r32 = |r: Register| r as usize - Register::EAX as usize;
         let r64 = |r: Register| r as usize - Register::RAX as usize;
+        if self.long64 && i.is_jcc_short_or_near() {
+            if self.cond(i.condition_code()) {
+                self.next_rip = i.near_branch_target();
+            }
+            return Some(Ok(()));
+        }
+        // ALU forms: (operation as in `alu2`, 8 = TEST; operand size).
+        let alu = match i.code() {
+            Code::Add_rm64_r64
+            | Code::Add_r64_rm64
+            | Code::Add_rm64_imm8
+            | Code::Add_rm64_imm32 => Some((0, 8)),
+            Code::Add_rm32_r32
+            | Code::Add_r32_rm32
+            | Code::Add_rm32_imm8
+            | Code::Add_rm32_imm32 => Some((0, 4)),
+            Code::Sub_rm64_r64
+            | Code::Sub_r64_rm64
+            | Code::Sub_rm64_imm8
+            | Code::Sub_rm64_imm32 => Some((5, 8)),
+            Code::Sub_rm32_r32
+            | Code::Sub_r32_rm32
+            | Code::Sub_rm32_imm8
+            | Code::Sub_rm32_imm32 => Some((5, 4)),
+            Code::And_rm64_r64 | Code::And_rm64_imm8 | Code::And_rm64_imm32 => Some((4, 8)),
+            Code::And_rm32_r32 | Code::And_rm32_imm8 | Code::And_rm32_imm32 => Some((4, 4)),
+            Code::Or_rm64_r64 | Code::Or_rm32_r32 => {
+                Some((1, if i.code() == Code::Or_rm64_r64 { 8 } else { 4 }))
+            }
+            Code::Xor_rm64_r64 | Code::Xor_r64_rm64 => Some((6, 8)),
+            Code::Xor_rm32_r32 | Code::Xor_r32_rm32 => Some((6, 4)),
+            Code::Cmp_rm64_r64
+            | Code::Cmp_r64_rm64
+            | Code::Cmp_rm64_imm8
+            | Code::Cmp_rm64_imm32 => Some((7, 8)),
+            Code::Cmp_rm32_r32
+            | Code::Cmp_r32_rm32
+            | Code::Cmp_rm32_imm8
+            | Code::Cmp_rm32_imm32 => Some((7, 4)),
+            Code::Test_rm64_r64 => Some((8, 8)),
+            Code::Test_rm32_r32 => Some((8, 4)),
+            _ => None,
+        };
+        if let Some((op, sz)) = alu {
+            return Some(self.alu_fast(i, op, sz));
+        }
         Some(match i.code() {
             Code::Mov_r32_rm32 => {
                 let v = if i.op1_kind() == OpKind::Register {
@@ -398,38 +444,66 @@ impl Cpu {
                 self.gpr[r64(i.op0_register())] = self.ea(i);
                 Ok(())
             }
-            Code::Cmp_rm64_r64 | Code::Cmp_rm32_r32 | Code::Cmp_r32_rm32 | Code::Cmp_rm64_imm32 => {
-                let sz = match i.code() {
-                    Code::Cmp_rm64_r64 | Code::Cmp_rm64_imm32 => 8,
-                    _ => 4,
+            Code::Mov_r64_rm64 => {
+                let v = if i.op1_kind() == OpKind::Register {
+                    self.gpr[r64(i.op1_register())]
+                } else {
+                    match self.mem_lin(i).and_then(|l| self.rd(l, 8)) {
+                        Ok(v) => v,
+                        Err(e) => return Some(Err(e)),
+                    }
                 };
-                let a = match self.read_op(i, 0, sz) {
-                    Ok(v) => v,
-                    Err(e) => return Some(Err(e)),
-                };
-                let b = match self.read_op(i, 1, sz) {
-                    Ok(v) => v & mask(sz),
-                    Err(e) => return Some(Err(e)),
-                };
-                let (_, f) = alu::sub(a, b, false, sz);
-                self.set_arith(f);
+                self.gpr[r64(i.op0_register())] = v;
                 Ok(())
             }
-            Code::Jb_rel8_64
-            | Code::Jae_rel8_64
-            | Code::Jb_rel32_64
-            | Code::Jae_rel32_64
-            | Code::Jne_rel8_64
-            | Code::Je_rel8_64
-            | Code::Jne_rel32_64
-            | Code::Je_rel32_64 => {
-                if self.cond(i.condition_code()) {
-                    self.next_rip = i.near_branch_target();
+            Code::Mov_r32_imm32 => {
+                self.gpr[r32(i.op0_register())] = i.immediate(1) & 0xffff_ffff;
+                Ok(())
+            }
+            Code::Mov_r64_imm64 => {
+                self.gpr[r64(i.op0_register())] = i.immediate(1);
+                Ok(())
+            }
+            Code::Push_r64 => self.push(self.gpr[r64(i.op0_register())], 8),
+            Code::Pop_r64 => match self.pop(8) {
+                Ok(v) => {
+                    self.gpr[r64(i.op0_register())] = v;
+                    Ok(())
                 }
+                Err(e) => Err(e),
+            },
+            Code::Call_rel32_64 => {
+                let ret = self.next_rip;
+                self.push(ret, 8)
+                    .map(|()| self.next_rip = i.near_branch_target())
+            }
+            Code::Retnq => self.pop(8).map(|t| self.next_rip = t),
+            Code::Jmp_rel8_64 | Code::Jmp_rel32_64 => {
+                self.next_rip = i.near_branch_target();
                 Ok(())
             }
             _ => return None,
         })
+    }
+
+    /// ADD, SUB, AND, OR, XOR, CMP (`op` as in `alu2`) and TEST (8) of
+    /// 32- or 64-bit operands, for `exec_fast`.
+    #[inline(always)]
+    fn alu_fast(&mut self, i: &Instruction, op: u8, sz: usize) -> R<()> {
+        let a = self.read_op(i, 0, sz)?;
+        let b = self.read_op(i, 1, sz)? & mask(sz);
+        let (r, f) = match op {
+            0 => alu::add(a, b, false, sz),
+            1 => alu::logic(a | b, sz),
+            4 | 8 => alu::logic(a & b, sz),
+            5 | 7 => alu::sub(a, b, false, sz),
+            _ => alu::logic(a ^ b, sz),
+        };
+        if op != 7 && op != 8 {
+            self.write_op(i, 0, sz, r)?;
+        }
+        self.set_arith(f);
+        Ok(())
     }
 
     fn unimpl<T>(&mut self, i: &Instruction) -> R<T> {
