@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use iced_x86::code_asm::*;
 use machine::bus::StopReason;
-use vcpu::Regs;
-use visor::{Engine, Outcome, Vm, VmOptions};
+use visor::{Engine, Outcome, VmOptions};
 use vm_memory::{Bytes, GuestAddress};
 
 use common::guest::*;
@@ -378,25 +377,14 @@ fn hypercalls(engine: Engine) {
         a.call(rax)?;
         a.hlt()
     });
-    let mut vm = Vm::new(
+    let mut g = Guest::long_mode_with(
         engine,
-        16 << 20,
+        &code,
         VmOptions {
-            irqchip: false,
             pv: true,
             ..Default::default()
         },
-    )
-    .unwrap();
-    let sregs = machine::boot::long_mode(&vm.mem).unwrap();
-    vm.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-    let regs = Regs {
-        rip: CODE,
-        rsp: STACK,
-        rflags: 2,
-        ..Default::default()
-    };
-    vm.set_cpu_state(&regs, &sregs).unwrap();
+    );
     let console = Arc::new(Mutex::new(Vec::new()));
     struct Sink(Arc<Mutex<Vec<u8>>>);
     impl std::io::Write for Sink {
@@ -408,12 +396,11 @@ fn hypercalls(engine: Engine) {
             Ok(())
         }
     }
-    vm.hypercalls = visor::pv::Hypercalls::new(
+    g.vm.hypercalls = visor::pv::Hypercalls::new(
         true,
         engine.hypercall_stub(),
         Box::new(Sink(console.clone())),
     );
-    let mut g = Guest::finish(vm, engine);
     let mem = &g.vm.mem;
     mem.write_slice(b"hello!", GuestAddress(DATA)).unwrap();
     mem.write_obj(0x5555_aaaa_u64, GuestAddress(0x60_0008))

@@ -13,6 +13,14 @@ use vm_memory::{Bytes, GuestAddress};
 const PAGE: u64 = 0x20_0000;
 const PTE: u64 = DATA + 0x800;
 
+/// The deprivileged kernel's bootstrap: the hypercall page at PAGE through a
+/// bare `int 0x82` (RAX: the result).
+fn set_hypercall_page(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(eax, nr::SET_HYPERCALL_PAGE as u32)?;
+    a.mov(rdi, PAGE | 1)?;
+    a.int(0x82)
+}
+
 fn stub(n: u64) -> u64 {
     PAGE + n * hypercall::STUB_SIZE as u64
 }
@@ -25,9 +33,7 @@ fn stub(n: u64) -> u64 {
 fn deprivileged_kernel_is_checked() {
     let mut cli_at = 0;
     let code = asm64(|a| {
-        a.mov(eax, nr::SET_HYPERCALL_PAGE as u32)?;
-        a.mov(rdi, PAGE | 1)?;
-        a.int(0x82)?;
+        set_hypercall_page(a)?;
         a.mov(r12, rax)?;
         a.mov(rdi, DATA)?;
         a.mov(esi, 1u32)?;
@@ -113,9 +119,7 @@ fn unknown_hypercall_is_enosys() {
 fn mmu_update_flushes_stale_translations() {
     const LIN: u64 = 0x60_0000;
     let code = asm64(|a| {
-        a.mov(eax, nr::SET_HYPERCALL_PAGE as u32)?;
-        a.mov(rdi, PAGE | 1)?;
-        a.int(0x82)?;
+        set_hypercall_page(a)?;
         a.mov(rbx, qword_ptr(LIN))?;
         a.mov(rdi, DATA)?;
         a.mov(esi, 1u32)?;
@@ -157,9 +161,7 @@ fn live_page_tables_are_checked_and_protected() {
     const BAD_PML4: u64 = DATA + 0x1000;
     const CR3_AT: u64 = DATA + 0x20;
     let code = asm64(|a| {
-        a.mov(eax, nr::SET_HYPERCALL_PAGE as u32)?;
-        a.mov(rdi, PAGE | 1)?;
-        a.int(0x82)?;
+        set_hypercall_page(a)?;
         a.mov(rdi, BAD_PML4)?;
         a.mov(rax, stub(nr::NEW_BASEPTR))?;
         a.call(rax)?;
@@ -213,9 +215,7 @@ fn random_kernel_code_never_panics() {
             // random number and arguments.
             if next() % 2 == 0 {
                 let pre = asm64(|a| {
-                    a.mov(eax, nr::SET_HYPERCALL_PAGE as u32)?;
-                    a.mov(rdi, PAGE | 1)?;
-                    a.int(0x82)?;
+                    set_hypercall_page(a)?;
                     a.mov(eax, (next() % 20) as u32)?;
                     a.mov(rdi, next())?;
                     a.mov(rsi, next() % 4)?;
