@@ -13,6 +13,7 @@ use machine::paging::{read_virt, write_virt};
 use machine::GuestMemory;
 use vcpu::{IrqLine, Regs, Vcpu};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use x86::canonical;
 
 /// Guest-physical page where, under engines that run the guest kernel on the
 /// CPU's own IDT (`kvm`), `set_trap_table` materializes the trap table as a
@@ -117,10 +118,6 @@ impl Ctx<'_> {
 }
 
 const IF: u64 = 1 << 9;
-
-fn canonical(a: u64) -> bool {
-    ((a as i64) << 16 >> 16) as u64 == a
-}
 
 /// The segment of `sel` in the guest's GDT (read through its page tables).
 fn descriptor(ctx: &Ctx, s: &vcpu::SRegs, sel: u16) -> Option<vcpu::Segment> {

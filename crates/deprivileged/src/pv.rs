@@ -17,19 +17,15 @@
 //! hypercall.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
-use vcpu::{cr0, efer, DescriptorTable, IrqLine, Regs, Result, SRegs, Segment, Vcpu, VcpuExit};
-use visor_emu::Lines;
+use vcpu::{cr0, efer, IrqLine, Regs, Result, SRegs, Vcpu, VcpuExit};
+use visor_emu::{Lines, RunClock, VectorLine, SLICE};
 use vm_memory::GuestMemoryMmap;
 use x86::{msr, vector, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
 
-use crate::virt::{compress, null_stack, Guest, Virt};
+use crate::virt::{real_sregs, Guest, Virt};
 use crate::walk;
-
-const SLICE: u64 = 20_000;
-const MAX_RUN: Duration = Duration::from_millis(20);
 
 pub struct PvVm {
     mem: GuestMemoryMmap<()>,
@@ -72,21 +68,9 @@ impl PvVm {
             },
             lines: self.lines.clone(),
             pending: [0; 4],
-            last_interrupted: None,
+            clock: RunClock::default(),
             c: Counters::default(),
         }
-    }
-}
-
-struct EventLine {
-    lines: Arc<Lines>,
-    vector: u8,
-}
-
-impl IrqLine for EventLine {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.lines.raise(self.vector);
-        Ok(())
     }
 }
 
@@ -102,10 +86,7 @@ impl vcpu::Vm for PvVm {
     /// An event channel: raising it delivers `vector` through the guest's
     /// trap table.
     fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
-        Ok(Some(Arc::new(EventLine {
-            lines: self.lines.clone(),
-            vector,
-        })))
+        Ok(Some(Arc::new(VectorLine::new(self.lines.clone(), vector))))
     }
 }
 
@@ -124,7 +105,7 @@ pub struct PvVcpu {
     lines: Arc<Lines>,
     /// Events raised and not yet delivered, one bit per vector.
     pending: [u64; 4],
-    last_interrupted: Option<Instant>,
+    clock: RunClock,
     c: Counters,
 }
 
@@ -252,9 +233,8 @@ impl PvVcpu {
 impl Vcpu for PvVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         self.g.cpu.note_external_writes();
-        let start = *self.last_interrupted.get_or_insert_with(Instant::now);
-        if start.elapsed() >= MAX_RUN {
-            self.last_interrupted = Some(Instant::now());
+        let start = self.clock.start();
+        if self.clock.expired(start) {
             return Ok(VcpuExit::Interrupted);
         }
         if self.g.v.efer & efer::LMA == 0 || self.g.v.cr0 & cr0::PG == 0 {
@@ -266,8 +246,7 @@ impl Vcpu for PvVcpu {
             // Exits the engine handles itself (traps, reflections) come back
             // here without using up the CPU's budget: the time is checked on
             // every round, so a guest that traps forever still comes back.
-            if start.elapsed() >= MAX_RUN {
-                self.last_interrupted = Some(Instant::now());
+            if self.clock.expired(start) {
                 return Ok(VcpuExit::Interrupted);
             }
             if let Some(e) = self.deliver_event() {
@@ -277,13 +256,8 @@ impl Vcpu for PvVcpu {
                 continue;
             }
             let handled = match self.g.cpu.run(SLICE) {
-                CpuExit::Budget => {
-                    if start.elapsed() >= MAX_RUN {
-                        self.last_interrupted = Some(Instant::now());
-                        return Ok(VcpuExit::Interrupted);
-                    }
-                    None
-                }
+                // The time is checked at the top of the loop.
+                CpuExit::Budget => None,
                 CpuExit::Exception { vector, code } => self.exception(vector, code),
                 CpuExit::SoftInt { vector, next_rip } => {
                     if vector == hypercall::HYPERCALL_VECTOR && self.g.vcpl() == 0 {
@@ -334,51 +308,16 @@ impl Vcpu for PvVcpu {
             || g.v.cr0 != (s.cr0 | cr0::ET)
             || g.v.cr4 != s.cr4
             || g.v.efer != s.efer;
-        g.v.cr0 = s.cr0 | cr0::ET;
-        g.v.cr2 = s.cr2;
-        g.v.cr3 = s.cr3;
-        g.v.cr4 = s.cr4;
-        g.v.efer = s.efer;
-        g.v.gdtr = s.gdt;
-        g.v.idtr = s.idt;
-        g.v.tr = s.tr;
-        g.v.ldtr = s.ldt;
+        g.v.load(s);
         let flags_v = g.vflags();
-        let cs = compress(s.cs, true);
-        let ss = if s.ss.unusable || s.ss.selector & !3 == 0 {
-            if s.cs.dpl == 0 {
-                null_stack()
-            } else {
-                s.ss
-            }
-        } else {
-            compress(s.ss, true)
-        };
+        let real = real_sregs(s);
         if paging_changed {
-            let mut real = *s;
-            real.cs = cs;
-            real.ss = ss;
-            for (dst, src) in [
-                (&mut real.ds, s.ds),
-                (&mut real.es, s.es),
-                (&mut real.fs, s.fs),
-                (&mut real.gs, s.gs),
-            ] {
-                *dst = compress(src, false);
-            }
-            real.idt = DescriptorTable { base: 0, limit: 0 };
-            real.tr = Segment {
-                type_: 0xb,
-                present: true,
-                ..Default::default()
-            };
-            real.cr0 = s.cr0 | cr0::WP | cr0::ET;
             g.cpu.set_sregs(&real);
         } else {
             // The same paging registers: a CR3 reload, which flushes the
             // non-global translations (what `mmu_update` relies on).
-            g.cpu.seg[x86::sreg::CS] = cs;
-            g.cpu.seg[x86::sreg::SS] = ss;
+            g.cpu.seg[x86::sreg::CS] = real.cs;
+            g.cpu.seg[x86::sreg::SS] = real.ss;
             g.cpu.cr2 = s.cr2;
             g.cpu.refresh_mode();
             g.cpu.flush_tlb(false);
@@ -388,11 +327,7 @@ impl Vcpu for PvVcpu {
         // The live page tables change only through `mmu_update`: protect them
         // from the kernel's own writes.
         let cpu = &g.cpu;
-        let read = |pa: u64| {
-            let mut b = [0u8; 8];
-            cpu.ram_read(pa, &mut b).then(|| u64::from_le_bytes(b))
-        };
-        let frames = walk::table_frames(read, s.cr3).unwrap_or_default();
+        let frames = walk::table_frames(|pa| cpu.ram_read_u64(pa), s.cr3).unwrap_or_default();
         self.g.cpu.set_write_protected(&frames);
         Ok(())
     }

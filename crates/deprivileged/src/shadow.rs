@@ -12,14 +12,9 @@
 
 use x86::Cpu;
 
-use crate::walk::{Mapping, ADDR};
+use x86::pte::{ACCESSED, ADDR, DIRTY, NX, P, RW, US};
 
-const P: u64 = 1;
-const RW: u64 = 2;
-const US: u64 = 4;
-const ACCESSED: u64 = 1 << 5;
-const DIRTY: u64 = 1 << 6;
-const NX: u64 = 1 << 63;
+use crate::walk::Mapping;
 
 /// The shadow tables and their page pool.
 pub struct Shadow {
@@ -70,21 +65,12 @@ impl Shadow {
         cpu.flush_tlb(true);
     }
 
-    fn entry(cpu: &Cpu, pa: u64) -> u64 {
-        let mut b = [0u8; 8];
-        if cpu.ram_read(pa, &mut b) {
-            u64::from_le_bytes(b)
-        } else {
-            0
-        }
-    }
-
     /// The address of the leaf slot of `lin`, creating tables if `create`.
     fn leaf_slot(&mut self, cpu: &mut Cpu, lin: u64, create: bool) -> Option<u64> {
         let mut table = self.root;
         for level in (1..4u32).rev() {
             let slot = table + ((lin >> (12 + 9 * level)) & 0x1ff) * 8;
-            let e = Self::entry(cpu, slot);
+            let e = cpu.ram_read_u64(slot).unwrap_or(0);
             table = if e & P != 0 {
                 e & ADDR
             } else if create {

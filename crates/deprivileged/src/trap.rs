@@ -13,22 +13,20 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use iced_x86::{Code, Instruction, Mnemonic as M, OpKind, Register};
+use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
 use vcpu::{
     cr0, cr4, efer, DescriptorTable, IrqLine, Regs, Result, SRegs, Segment, Vcpu, VcpuExit,
 };
-use visor_emu::{Lapic, Lines};
+use visor_emu::{Lapic, Lines, RunClock, VectorLine, SLICE};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use x86::{flags, msr, sreg, vector, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
+use x86::{canonical, flags, msr, sreg, vector, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
 
 use crate::shadow::Shadow;
-use crate::virt::{compress, decompress, null_stack, Guest, Virt};
+use crate::virt::{compress, decompress, null_stack, real_sregs, Guest, Virt};
 use crate::walk::{self, Acc, Fault, PHYS_BITS};
 
-const SLICE: u64 = 20_000;
-const MAX_RUN: Duration = Duration::from_millis(20);
 /// Engine-private memory (shadow page tables): above the guest's physical
 /// address width, so no guest page-table entry can name it.
 const PRIVATE_BASE: u64 = 1 << 47;
@@ -121,23 +119,11 @@ impl TrapVm {
             policy: self.config.holes,
             irqchip: self.config.irqchip,
             lines: self.lines.clone(),
-            last_interrupted: None,
+            clock: RunClock::default(),
             halted: false,
             c: Counters::default(),
             pf_streak: (0, 0, 0),
         })
-    }
-}
-
-struct VectorLine {
-    lines: Arc<Lines>,
-    vector: u8,
-}
-
-impl IrqLine for VectorLine {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.lines.raise(self.vector);
-        Ok(())
     }
 }
 
@@ -154,10 +140,7 @@ impl vcpu::Vm for TrapVm {
         if !self.config.irqchip {
             return Ok(None);
         }
-        Ok(Some(Arc::new(VectorLine {
-            lines: self.lines.clone(),
-            vector,
-        })))
+        Ok(Some(Arc::new(VectorLine::new(self.lines.clone(), vector))))
     }
 }
 
@@ -181,7 +164,7 @@ pub struct TrapVcpu {
     policy: HolePolicy,
     irqchip: bool,
     lines: Arc<Lines>,
-    last_interrupted: Option<Instant>,
+    clock: RunClock,
     /// The guest kernel executed HLT (emulated): waiting for an interrupt.
     halted: bool,
     c: Counters,
@@ -254,18 +237,6 @@ fn mnemonic_name(m: M) -> &'static str {
         M::Clts => "clts",
         M::Wbinvd => "wbinvd",
         M::Invd => "invd",
-        M::Pushf | M::Pushfq | M::Pushfd => "pushf",
-        M::Popf | M::Popfq | M::Popfd => "popf",
-        M::Sgdt => "sgdt",
-        M::Sidt => "sidt",
-        M::Sldt => "sldt",
-        M::Str => "str",
-        M::Smsw => "smsw",
-        M::Lar => "lar",
-        M::Lsl => "lsl",
-        M::Verr => "verr",
-        M::Verw => "verw",
-        M::Push => "push sreg",
         M::Retf => "retf",
         M::Jmp => "jmp far",
         M::Call => "call far",
@@ -281,21 +252,6 @@ fn far_memory(i: &Instruction) -> Option<usize> {
         Code::Jmp_m1632 | Code::Call_m1632 => Some(4),
         Code::Jmp_m1664 | Code::Call_m1664 => Some(8),
         _ => None,
-    }
-}
-
-fn canonical(a: u64) -> bool {
-    ((a as i64) << 16 >> 16) as u64 == a
-}
-
-fn sreg_index(r: Register) -> usize {
-    match r {
-        Register::ES => sreg::ES,
-        Register::CS => sreg::CS,
-        Register::SS => sreg::SS,
-        Register::DS => sreg::DS,
-        Register::FS => sreg::FS,
-        _ => sreg::GS,
     }
 }
 
@@ -539,13 +495,13 @@ impl TrapVcpu {
             }
             M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() => {
                 let sel = self.read_u16_operand(i, 1)?;
-                self.load_sreg(sreg_index(i.op0_register()), sel)?;
+                self.load_sreg(x86::seg_index(i.op0_register()), sel)?;
                 Done::Next
             }
             M::Pop if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() => {
                 let sp = g.cpu.gpr[4];
                 let sel = g.read_u64(sp)? as u16;
-                self.load_sreg(sreg_index(i.op0_register()), sel)?;
+                self.load_sreg(x86::seg_index(i.op0_register()), sel)?;
                 self.g.cpu.gpr[4] = sp.wrapping_add(8);
                 Done::Next
             }
@@ -1140,12 +1096,12 @@ impl TrapVcpu {
             }
             M::Mov => {
                 let s = i.op1_register();
-                let v = decompress(g.cpu.seg[sreg_index(s)]).selector;
+                let v = decompress(g.cpu.seg[x86::seg_index(s)]).selector;
                 self.write_u16_operand(i, 0, v as u64)?;
             }
             M::Push => {
                 let s = i.op0_register();
-                let v = decompress(g.cpu.seg[sreg_index(s)]).selector as u64;
+                let v = decompress(g.cpu.seg[x86::seg_index(s)]).selector as u64;
                 let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 8);
                 let sp = g.cpu.gpr[4].wrapping_sub(sz);
                 g.write(sp, &v.to_le_bytes()[..sz as usize])?;
@@ -1183,18 +1139,9 @@ impl TrapVcpu {
             self.halted = false;
             return None;
         }
-        let now = Instant::now();
-        let left = MAX_RUN.saturating_sub(now - start);
-        if left.is_zero() {
-            self.last_interrupted = Some(now);
+        if !visor_emu::wait_for_interrupt(&self.g.cpu, &self.lines, start) {
+            self.clock.restart();
             return Some(VcpuExit::Interrupted);
-        }
-        let wait = match self.g.cpu.local_deadline() {
-            Some(d) => d.saturating_duration_since(now).min(left),
-            None => left,
-        };
-        if !wait.is_zero() {
-            self.lines.wait(wait);
         }
         None
     }
@@ -1255,9 +1202,8 @@ fn fault(vector: u8, code: u32) -> EmuErr {
 impl Vcpu for TrapVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         self.g.cpu.note_external_writes();
-        let start = *self.last_interrupted.get_or_insert_with(Instant::now);
-        if start.elapsed() >= MAX_RUN {
-            self.last_interrupted = Some(Instant::now());
+        let start = self.clock.start();
+        if self.clock.expired(start) {
             return Ok(VcpuExit::Interrupted);
         }
         if self.g.v.efer & efer::LMA == 0 || self.g.v.cr0 & cr0::PG == 0 {
@@ -1269,8 +1215,7 @@ impl Vcpu for TrapVcpu {
             // Exits the engine handles itself (traps, reflections) come back
             // here without using up the CPU's budget: the time is checked on
             // every round, so a guest that traps forever still comes back.
-            if start.elapsed() >= MAX_RUN {
-                self.last_interrupted = Some(Instant::now());
+            if self.clock.expired(start) {
                 return Ok(VcpuExit::Interrupted);
             }
             if self.halted {
@@ -1287,13 +1232,8 @@ impl Vcpu for TrapVcpu {
             };
             let e = cpu.run(SLICE);
             let handled = match e {
-                CpuExit::Budget => {
-                    if start.elapsed() >= MAX_RUN {
-                        self.last_interrupted = Some(Instant::now());
-                        return Ok(VcpuExit::Interrupted);
-                    }
-                    None
-                }
+                // The time is checked at the top of the loop.
+                CpuExit::Budget => None,
                 CpuExit::Exception { vector, code } => self.exception(vector, code),
                 CpuExit::SoftInt { vector, next_rip } => {
                     self.c.soft_ints += 1;
@@ -1325,44 +1265,9 @@ impl Vcpu for TrapVcpu {
     }
 
     fn set_sregs(&mut self, s: &SRegs) -> Result<()> {
-        self.g.v.cr0 = s.cr0 | cr0::ET;
-        self.g.v.cr2 = s.cr2;
-        self.g.v.cr3 = s.cr3;
-        self.g.v.cr4 = s.cr4;
-        self.g.v.efer = s.efer;
-        self.g.v.gdtr = s.gdt;
-        self.g.v.idtr = s.idt;
-        self.g.v.tr = s.tr;
-        self.g.v.ldtr = s.ldt;
-        // The real CPU: the kernel's segments compressed to ring 1, the VMM's
-        // empty IDT and a task register without an I/O bitmap (port I/O at
-        // CPL 1 faults), paging through the shadow, NX always available to it.
-        let mut real = *s;
-        real.cs = compress(s.cs, true);
-        real.ss = if s.ss.unusable || s.ss.selector & !3 == 0 {
-            if s.cs.dpl == 0 {
-                null_stack()
-            } else {
-                s.ss
-            }
-        } else {
-            compress(s.ss, true)
-        };
-        for (dst, src) in [
-            (&mut real.ds, s.ds),
-            (&mut real.es, s.es),
-            (&mut real.fs, s.fs),
-            (&mut real.gs, s.gs),
-        ] {
-            *dst = compress(src, false);
-        }
-        real.idt = DescriptorTable { base: 0, limit: 0 };
-        real.tr = Segment {
-            type_: 0xb,
-            present: true,
-            ..Default::default()
-        };
-        real.cr0 = s.cr0 | cr0::WP | cr0::ET;
+        self.g.v.load(s);
+        // Paging through the shadow, with NX always available to it.
+        let mut real = real_sregs(s);
         real.cr4 = (s.cr4 & (cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT | (1 << 18))) | cr4::PAE;
         real.efer = s.efer | efer::NXE;
         self.g.cpu.set_sregs(&real);

@@ -41,6 +41,19 @@ pub struct Virt {
 }
 
 impl Virt {
+    /// Takes the guest's view of the system registers (what the VMM sets).
+    pub fn load(&mut self, s: &SRegs) {
+        self.cr0 = s.cr0 | vcpu::cr0::ET;
+        self.cr2 = s.cr2;
+        self.cr3 = s.cr3;
+        self.cr4 = s.cr4;
+        self.efer = s.efer;
+        self.gdtr = s.gdt;
+        self.idtr = s.idt;
+        self.tr = s.tr;
+        self.ldtr = s.ldt;
+    }
+
     pub fn paging(&self) -> Paging {
         Paging {
             cr3: self.cr3,
@@ -69,6 +82,39 @@ pub fn decompress(mut s: Segment) -> Segment {
         s.selector &= !3;
     }
     s
+}
+
+/// The system registers the real CPU runs a deprivileged guest with, for the
+/// guest's `s`: its segments compressed to ring 1, the VMM's empty IDT, a task
+/// register without an I/O bitmap (port I/O at CPL 1 faults), CR0.WP set.
+pub fn real_sregs(s: &SRegs) -> SRegs {
+    let mut real = *s;
+    real.cs = compress(s.cs, true);
+    real.ss = if s.ss.unusable || s.ss.selector & !3 == 0 {
+        if s.cs.dpl == 0 {
+            null_stack()
+        } else {
+            s.ss
+        }
+    } else {
+        compress(s.ss, true)
+    };
+    for (dst, src) in [
+        (&mut real.ds, s.ds),
+        (&mut real.es, s.es),
+        (&mut real.fs, s.fs),
+        (&mut real.gs, s.gs),
+    ] {
+        *dst = compress(src, false);
+    }
+    real.idt = DescriptorTable { base: 0, limit: 0 };
+    real.tr = Segment {
+        type_: 0xb,
+        present: true,
+        ..Default::default()
+    };
+    real.cr0 = s.cr0 | vcpu::cr0::WP | vcpu::cr0::ET;
+    real
 }
 
 /// The NULL stack segment of a kernel entered from user mode (RPL = CPL 1).

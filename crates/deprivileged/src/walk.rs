@@ -4,6 +4,7 @@
 //! every frame address is checked against the guest's physical-address width,
 //! so nothing the guest writes in its tables can name memory outside its own.
 
+use x86::pte::{ACCESSED, ADDR, DIRTY, NX, P, PS, RW, US};
 use x86::Cpu;
 
 /// The physical-address width the deprivileged engines report to the guest
@@ -11,14 +12,6 @@ use x86::Cpu;
 /// memory lies above it.
 pub const PHYS_BITS: u32 = 46;
 
-const P: u64 = 1;
-const RW: u64 = 2;
-const US: u64 = 4;
-const ACCESSED: u64 = 1 << 5;
-const DIRTY: u64 = 1 << 6;
-const PS: u64 = 1 << 7;
-const NX: u64 = 1 << 63;
-pub(crate) const ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// Frame bits from PHYS_BITS to 51.
 const RSVD_ADDR: u64 = ADDR & !((1u64 << PHYS_BITS) - 1);
 
@@ -52,11 +45,6 @@ pub struct Paging {
     pub nxe: bool,
 }
 
-fn read_u64(cpu: &Cpu, pa: u64) -> Option<u64> {
-    let mut b = [0u8; 8];
-    cpu.ram_read(pa, &mut b).then(|| u64::from_le_bytes(b))
-}
-
 /// Walks the guest's tables for `lin`. On failure, the #PF error code the
 /// hardware would give. Sets accessed bits (and the dirty bit of a write).
 pub fn walk(cpu: &mut Cpu, pg: Paging, lin: u64, acc: Acc, user: bool) -> Result<Mapping, u32> {
@@ -73,7 +61,7 @@ pub fn walk(cpu: &mut Cpu, pg: Paging, lin: u64, acc: Acc, user: bool) -> Result
     for (n, level) in (0..4u32).rev().enumerate() {
         let addr = table + ((lin >> (12 + 9 * level)) & 0x1ff) * 8;
         // Tables outside RAM read as not present.
-        let ent = read_u64(cpu, addr).unwrap_or(0);
+        let ent = cpu.ram_read_u64(addr).unwrap_or(0);
         if ent & P == 0 {
             return Err(err(false, false));
         }
@@ -157,7 +145,7 @@ pub fn access(
     let mut done = 0;
     while done < buf.len() {
         let a = lin.wrapping_add(done as u64);
-        if ((a as i64) << 16 >> 16) as u64 != a {
+        if !x86::canonical(a) {
             return Err(Fault::gp(0));
         }
         let n = (buf.len() - done).min(0x1000 - (a & 0xfff) as usize);

@@ -26,6 +26,38 @@ pub const SLICE: u64 = 20_000;
 /// notice a stop request (`--timeout`).
 pub const MAX_RUN: Duration = Duration::from_millis(20);
 
+/// The VMM notices a stop request (`--timeout`) only on `Interrupted`, and a
+/// signal does not interrupt the software CPU: the engines built on it return
+/// `Interrupted` at least every [`MAX_RUN`], however often the guest exits
+/// otherwise. This keeps the time of the current period.
+#[derive(Default)]
+pub struct RunClock {
+    last: Option<Instant>,
+}
+
+impl RunClock {
+    /// When the current period began (the first `run`, or the last
+    /// `Interrupted`).
+    pub fn start(&mut self) -> Instant {
+        *self.last.get_or_insert_with(Instant::now)
+    }
+
+    /// Whether the period that began at `start` is over; if so, the next one
+    /// begins now and `run` is to return `Interrupted`.
+    pub fn expired(&mut self, start: Instant) -> bool {
+        if start.elapsed() < MAX_RUN {
+            return false;
+        }
+        self.restart();
+        true
+    }
+
+    /// Begins a new period (`run` returns `Interrupted` for another reason).
+    pub fn restart(&mut self) {
+        self.last = Some(Instant::now());
+    }
+}
+
 /// Options of an `emu` virtual machine.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EmuConfig {
@@ -102,7 +134,7 @@ impl EmuVm {
             cpu,
             irqchip: self.config.irqchip,
             lines: self.lines.clone(),
-            last_interrupted: None,
+            clock: RunClock::default(),
         }
     }
 }
@@ -176,10 +208,17 @@ pub fn vcpu_exit(cpu: &mut Cpu, exit: CpuExit) -> VcpuExit<'_> {
     }
 }
 
-/// A fixed interrupt with one vector to vCPU 0.
-struct VectorLine {
+/// A fixed interrupt with one vector to vCPU 0 (also the event line of the
+/// engines built on the software CPU).
+pub struct VectorLine {
     lines: Arc<Lines>,
     vector: u8,
+}
+
+impl VectorLine {
+    pub fn new(lines: Arc<Lines>, vector: u8) -> VectorLine {
+        VectorLine { lines, vector }
+    }
 }
 
 impl IrqLine for VectorLine {
@@ -203,10 +242,7 @@ impl vcpu::Vm for EmuVm {
         if !self.config.irqchip {
             return Ok(None);
         }
-        Ok(Some(Arc::new(VectorLine {
-            lines: self.lines.clone(),
-            vector,
-        })))
+        Ok(Some(Arc::new(VectorLine::new(self.lines.clone(), vector))))
     }
 }
 
@@ -214,8 +250,7 @@ pub struct EmuVcpu {
     cpu: Cpu,
     irqchip: bool,
     lines: Arc<Lines>,
-    /// When `run` last returned `Interrupted` (or first ran).
-    last_interrupted: Option<Instant>,
+    clock: RunClock,
 }
 
 impl EmuVcpu {
@@ -229,19 +264,14 @@ impl Vcpu for EmuVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         // The VMM may have written guest memory since the last exit.
         self.cpu.note_external_writes();
-        // The VMM notices a stop request (`--timeout`) only on `Interrupted`,
-        // and a signal does not interrupt the software CPU: return it at
-        // least every MAX_RUN, however often the guest exits otherwise.
-        let start = *self.last_interrupted.get_or_insert_with(Instant::now);
-        if start.elapsed() >= MAX_RUN {
-            self.last_interrupted = Some(Instant::now());
+        let start = self.clock.start();
+        if self.clock.expired(start) {
             return Ok(VcpuExit::Interrupted);
         }
         let exit = loop {
             match self.cpu.run(SLICE) {
                 CpuExit::Budget => {
-                    if start.elapsed() >= MAX_RUN {
-                        self.last_interrupted = Some(Instant::now());
+                    if self.clock.expired(start) {
                         return Ok(VcpuExit::Interrupted);
                     }
                 }
@@ -250,7 +280,7 @@ impl Vcpu for EmuVcpu {
                         return Ok(VcpuExit::Hlt);
                     }
                     if !wait_for_interrupt(&self.cpu, &self.lines, start) {
-                        self.last_interrupted = Some(Instant::now());
+                        self.clock.restart();
                         return Ok(VcpuExit::Interrupted);
                     }
                 }

@@ -22,10 +22,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use vcpu::{IrqLine, Regs, Result, SRegs, Segment, Vcpu, VcpuError, VcpuExit};
-use visor_emu::{EmuConfig, EmuVm, Lines, MAX_RUN, SLICE};
+use visor_emu::{EmuConfig, EmuVm, Lines, RunClock, SLICE};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
@@ -166,7 +165,7 @@ pub struct VmxVcpu {
     io: [u8; 8],
     msr_data: u64,
     msr_fault: u8,
-    last_interrupted: Option<Instant>,
+    clock: RunClock,
 }
 
 fn vmx_error(what: &str, f: VmFail) -> VcpuError {
@@ -203,7 +202,7 @@ impl VmxVcpu {
             io: [0; 8],
             msr_data: 0,
             msr_fault: 0,
-            last_interrupted: None,
+            clock: RunClock::default(),
         };
         v.enable_vmx()?;
         v.setup_vmcs()?;
@@ -743,7 +742,7 @@ impl VmxVcpu {
     }
 
     fn interrupted(&mut self) -> Result<VcpuExit<'_>> {
-        self.last_interrupted = Some(Instant::now());
+        self.clock.restart();
         Ok(VcpuExit::Interrupted)
     }
 }
@@ -751,17 +750,17 @@ impl VmxVcpu {
 impl Vcpu for VmxVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         self.cpu.note_external_writes();
-        let start = *self.last_interrupted.get_or_insert_with(Instant::now);
-        if start.elapsed() >= MAX_RUN {
-            return self.interrupted();
+        let start = self.clock.start();
+        if self.clock.expired(start) {
+            return Ok(VcpuExit::Interrupted);
         }
         self.complete_pending();
         loop {
             // VM exits the engine completes itself come back here without
             // using up the CPU's budget: check the time on every round, so a
             // guest that exits forever still comes back.
-            if start.elapsed() >= MAX_RUN {
-                return self.interrupted();
+            if self.clock.expired(start) {
+                return Ok(VcpuExit::Interrupted);
             }
             if !self.cpu.vmx.non_root {
                 if let Some(o) = self.enter() {
@@ -774,11 +773,8 @@ impl Vcpu for VmxVcpu {
                         return Ok(self.out(o));
                     }
                 }
-                CpuExit::Budget => {
-                    if start.elapsed() >= MAX_RUN {
-                        return self.interrupted();
-                    }
-                }
+                // The time is checked at the top of the loop.
+                CpuExit::Budget => {}
                 CpuExit::Hlt => {
                     // The guest waits in the HLT activity state.
                     if !self.irqchip {

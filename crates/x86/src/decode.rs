@@ -156,7 +156,7 @@ impl Cpu {
 
     #[cold]
     fn fetch_slow(&mut self, lin: u64) -> R<Instruction> {
-        if self.long64 && ((lin as i64) << 16 >> 16) as u64 != lin {
+        if self.long64 && !crate::canonical(lin) {
             return crate::exc_code(vector::GP, 0);
         }
         let need = self.acc_x;

@@ -6,7 +6,7 @@ use iced_x86::{Code, ConditionCode, Instruction, Mnemonic as M, OpKind, Register
 use crate::alu::{self, mask, sext};
 use crate::flags::*;
 use crate::mmu::Acc;
-use crate::{exc, exc_code, sreg, vector, Cpu, CpuExit, Stop, R};
+use crate::{canonical, exc, exc_code, sreg, vector, Cpu, CpuExit, Stop, R};
 
 /// Most iterations of a REP string instruction per step (the rest continue at
 /// the next step, so interrupts and budgets stay responsive).
@@ -29,11 +29,6 @@ pub(crate) fn reg_size(r: Register) -> usize {
         71..=76 => 2,
         _ => 8,
     }
-}
-
-#[inline(always)]
-fn canonical(a: u64) -> bool {
-    ((a as i64) << 16 >> 16) as u64 == a
 }
 
 impl Cpu {

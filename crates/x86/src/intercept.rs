@@ -145,18 +145,21 @@ impl Cpu {
     /// at CPL > 0: such a write raises #PF (present, write) as if the page
     /// were read-only. The `pv` engine keeps a guest's live page tables so.
     pub fn set_write_protected(&mut self, frames: &[u64]) {
-        self.wp_frames.clear();
+        let mut bits = Vec::new();
         if !frames.is_empty() {
-            self.wp_frames
-                .resize(((self.mem.end() >> 12) as usize).div_ceil(64) + 1, 0);
+            bits.resize(((self.mem.end() >> 12) as usize).div_ceil(64) + 1, 0);
             for &f in frames {
                 let i = (f >> 12) as usize;
-                if let Some(w) = self.wp_frames.get_mut(i >> 6) {
+                if let Some(w) = bits.get_mut(i >> 6) {
                     *w |= 1 << (i & 63);
                 }
             }
         }
-        self.tlb_flush(true);
+        // The same set (the usual case): the TLB's write permissions stand.
+        if bits != self.wp_frames {
+            self.wp_frames = bits;
+            self.tlb_flush(true);
+        }
     }
 
     /// Whether physical page `ppage` is write-protected by the engine.
@@ -210,6 +213,11 @@ impl Cpu {
         self.mem.read(pa, buf)
     }
 
+    /// Reads a little-endian u64 of RAM at physical `pa` (a page-table entry).
+    pub fn ram_read_u64(&self, pa: u64) -> Option<u64> {
+        self.mem.read_u64(pa)
+    }
+
     /// Writes guest RAM at physical `pa`, dropping decoded instructions the
     /// bytes replace; false (nothing written) if any byte is not RAM.
     pub fn ram_write(&mut self, pa: u64, buf: &[u8]) -> bool {
@@ -225,8 +233,8 @@ impl Cpu {
     }
 }
 
-/// The index into `Cpu::seg` of a segment register.
-pub(crate) fn seg_index(r: Register) -> usize {
+/// The index into `Cpu::seg` (the `sreg` numbers) of a segment register.
+pub fn seg_index(r: Register) -> usize {
     match r {
         Register::ES => sreg::ES,
         Register::CS => sreg::CS,

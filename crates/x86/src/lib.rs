@@ -33,7 +33,7 @@ use std::time::Instant;
 
 pub use cpuid::CpuidTable;
 pub use fpu::Fpu;
-pub use intercept::{segment_from_descriptor, sensitive, Intercepts, IrqMode};
+pub use intercept::{seg_index, segment_from_descriptor, sensitive, Intercepts, IrqMode};
 pub use mem::PhysMem;
 use vcpu::{DescriptorTable, Regs, SRegs, Segment};
 
@@ -61,6 +61,27 @@ pub mod flags {
     /// Bits software can change at all.
     pub const WRITABLE: u64 = ARITH | TF | IF | DF | IOPL | NT | RF | AC | ID;
     pub const FIXED: u64 = 1 << 1;
+}
+
+/// Whether a 64-bit linear address is canonical (48-bit).
+#[inline(always)]
+pub fn canonical(a: u64) -> bool {
+    ((a as i64) << 16 >> 16) as u64 == a
+}
+
+/// Bits of a page-table entry (4-level and PAE paging).
+pub mod pte {
+    pub const P: u64 = 1;
+    pub const RW: u64 = 2;
+    pub const US: u64 = 4;
+    pub const ACCESSED: u64 = 1 << 5;
+    pub const DIRTY: u64 = 1 << 6;
+    /// A large page (in a PDE or PDPTE).
+    pub const PS: u64 = 1 << 7;
+    pub const G: u64 = 1 << 8;
+    pub const NX: u64 = 1 << 63;
+    /// The frame address.
+    pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
 }
 
 /// Exception vectors.

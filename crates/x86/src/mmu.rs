@@ -16,15 +16,7 @@ pub(crate) const A_W_U: u8 = 16;
 pub(crate) const A_X_U: u8 = 32;
 
 pub(crate) const CR4_PSE: u64 = 1 << 4;
-const P: u64 = 1;
-const RW: u64 = 2;
-const US: u64 = 4;
-const ACCESSED: u64 = 1 << 5;
-const DIRTY: u64 = 1 << 6;
-const PS: u64 = 1 << 7;
-const G: u64 = 1 << 8;
-const NX: u64 = 1 << 63;
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
+use crate::pte::{ACCESSED, ADDR, DIRTY, G, NX, P, PS, RW, US};
 
 /// The kind of an access.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -9,12 +9,7 @@ use vcpu::{cr0, cr4, efer, Segment};
 use crate::alu::mask;
 use crate::flags::*;
 use crate::mmu::{A_R_S, A_W_S, A_W_U};
-use crate::{exc, exc_code, msr, sreg, vector, Cpu, CpuExit, Pending, Stop, R};
-
-#[inline]
-fn canonical(a: u64) -> bool {
-    ((a as i64) << 16 >> 16) as u64 == a
-}
+use crate::{canonical, exc, exc_code, msr, sreg, vector, Cpu, CpuExit, Pending, Stop, R};
 
 /// A segment register value from a descriptor.
 pub(crate) fn seg_from_desc(sel: u16, raw: u64) -> Segment {

@@ -9,7 +9,7 @@ use super::exit::GUEST_REGS;
 use super::fields::*;
 use super::{ctl, ctl_ok, error, msr, VmFail, VmResult, CR0_FIXED0, CR4_VMXE, NO_VMCS};
 use crate::flags::{IF, VM};
-use crate::{Cpu, Stop};
+use crate::{canonical, Cpu, Stop};
 
 /// The MSRs an MSR-load or MSR-store list may name: those the CPU keeps
 /// itself, but FS/GS base, the x2APIC range and the VMX MSRs.
@@ -29,10 +29,6 @@ fn list_msr(index: u32) -> bool {
             | SYSENTER_ESP
             | SYSENTER_EIP
     )
-}
-
-fn canonical(a: u64) -> bool {
-    ((a as i64) << 16 >> 16) as u64 == a
 }
 
 /// A PAT value whose eight entries are all valid memory types.
