@@ -154,20 +154,6 @@ fn privileged(i: &Instruction) -> bool {
 }
 
 impl PvVcpu {
-    fn reflect(
-        &mut self,
-        v: u8,
-        code: Option<u32>,
-        ret: u64,
-        soft: bool,
-    ) -> Option<VcpuExit<'static>> {
-        if self.g.reflect(v, code, ret, soft) {
-            None
-        } else {
-            Some(VcpuExit::Shutdown)
-        }
-    }
-
     /// Delivers the highest pending event if the kernel's event mask allows.
     fn deliver_event(&mut self) -> Option<Option<VcpuExit<'static>>> {
         for (p, t) in self.pending.iter_mut().zip(self.lines.take()) {
@@ -186,7 +172,10 @@ impl PvVcpu {
         self.pending[w] &= !(1u64 << bit);
         self.c.events += 1;
         let rip = self.g.cpu.rip;
-        Some(self.reflect((w * 64 + bit as usize) as u8, None, rip, false))
+        Some(
+            self.g
+                .reflect((w * 64 + bit as usize) as u8, None, rip, false),
+        )
     }
 
     fn exception(&mut self, v: u8, code: Option<u32>) -> Option<VcpuExit<'static>> {
@@ -226,7 +215,7 @@ impl PvVcpu {
         } else {
             self.c.exceptions += 1;
         }
-        self.reflect(v, code, rip, false)
+        self.g.reflect(v, code, rip, false)
     }
 }
 
@@ -266,16 +255,11 @@ impl Vcpu for PvVcpu {
                         return Ok(VcpuExit::Hypercall);
                     }
                     self.c.soft_ints += 1;
-                    self.reflect(vector, None, next_rip, true)
+                    self.g.reflect(vector, None, next_rip, true)
                 }
                 CpuExit::Syscall { next_rip } => {
                     self.c.syscalls += 1;
-                    if self.g.syscall(next_rip) {
-                        None
-                    } else {
-                        let rip = self.g.cpu.rip;
-                        self.reflect(vector::UD, None, rip, false)
-                    }
+                    self.g.syscall(next_rip)
                 }
                 e => break e,
             };

@@ -256,27 +256,12 @@ fn far_memory(i: &Instruction) -> Option<usize> {
 }
 
 impl TrapVcpu {
-    /// Reflects an event; a triple fault if that fails.
-    fn reflect(
-        &mut self,
-        v: u8,
-        code: Option<u32>,
-        ret: u64,
-        soft: bool,
-    ) -> Option<VcpuExit<'static>> {
-        if self.g.reflect(v, code, ret, soft) {
-            None
-        } else {
-            Some(VcpuExit::Shutdown)
-        }
-    }
-
     fn reflect_fault(&mut self, f: Fault) -> Option<VcpuExit<'static>> {
         if let Some(a) = f.cr2 {
             self.g.v.cr2 = a;
         }
         let rip = self.g.cpu.rip;
-        self.reflect(f.vector, f.code, rip, false)
+        self.g.reflect(f.vector, f.code, rip, false)
     }
 
     /// A #PF of the real CPU: a shadow miss to fill, or the guest's own fault.
@@ -316,7 +301,7 @@ impl TrapVcpu {
                 self.c.reflected_page_faults += 1;
                 self.g.v.cr2 = lin;
                 let rip = self.g.cpu.rip;
-                self.reflect(vector::PF, Some(code), rip, false)
+                self.g.reflect(vector::PF, Some(code), rip, false)
             }
         }
     }
@@ -332,7 +317,7 @@ impl TrapVcpu {
                 Ok(i) => i,
                 Err((v2, c2)) => {
                     let rip = self.g.cpu.rip;
-                    return self.reflect(v2, c2, rip, false);
+                    return self.g.reflect(v2, c2, rip, false);
                 }
             };
             let emulate = if self.g.vcpl() == 0 {
@@ -351,7 +336,7 @@ impl TrapVcpu {
         }
         self.c.exceptions += 1;
         let rip = self.g.cpu.rip;
-        self.reflect(v, code, rip, false)
+        self.g.reflect(v, code, rip, false)
     }
 
     /// Whether the guest's TSS I/O permission bitmap lets user mode run the
@@ -926,16 +911,6 @@ impl TrapVcpu {
         Ok(Done::Jumped)
     }
 
-    /// SYSCALL from guest user mode (intercepted): into the guest kernel.
-    fn syscall(&mut self, next_rip: u64) -> Option<VcpuExit<'static>> {
-        self.c.syscalls += 1;
-        if self.g.syscall(next_rip) {
-            return None;
-        }
-        let rip = self.g.cpu.rip;
-        self.reflect(vector::UD, None, rip, false)
-    }
-
     /// A sensitive unprivileged instruction at CPL 1.
     fn sensitive(&mut self, mnemonic: &'static str) -> Option<VcpuExit<'static>> {
         let first = !self.c.holes.contains_key(mnemonic);
@@ -964,7 +939,7 @@ impl TrapVcpu {
                     Ok(i) => i,
                     Err((v, c)) => {
                         let rip = self.g.cpu.rip;
-                        return self.reflect(v, c, rip, false);
+                        return self.g.reflect(v, c, rip, false);
                     }
                 };
                 match self.emulate_sensitive(&i) {
@@ -1151,7 +1126,7 @@ impl TrapVcpu {
         self.halted = false;
         self.c.interrupts += 1;
         let rip = self.g.cpu.rip;
-        self.reflect(v, None, rip, false)
+        self.g.reflect(v, None, rip, false)
     }
 }
 
@@ -1237,9 +1212,12 @@ impl Vcpu for TrapVcpu {
                 CpuExit::Exception { vector, code } => self.exception(vector, code),
                 CpuExit::SoftInt { vector, next_rip } => {
                     self.c.soft_ints += 1;
-                    self.reflect(vector, None, next_rip, true)
+                    self.g.reflect(vector, None, next_rip, true)
                 }
-                CpuExit::Syscall { next_rip } => self.syscall(next_rip),
+                CpuExit::Syscall { next_rip } => {
+                    self.c.syscalls += 1;
+                    self.g.syscall(next_rip)
+                }
                 CpuExit::Interrupt => self.interrupt(),
                 CpuExit::Sensitive { mnemonic, .. } => self.sensitive(mnemonic),
                 e => break e,

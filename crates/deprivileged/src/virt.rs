@@ -10,7 +10,7 @@
 //! the VMM sees every interrupt, the real IOPL stays 0 so port I/O traps.
 
 use vcpu::efer;
-use vcpu::{DescriptorTable, Regs, SRegs, Segment};
+use vcpu::{DescriptorTable, Regs, SRegs, Segment, VcpuExit};
 use x86::{flags, sreg, vector, Cpu};
 
 use crate::walk::{self, Fault, Paging};
@@ -244,10 +244,11 @@ impl Guest {
     }
 
     /// SYSCALL from guest user mode into the guest kernel, with the guest's
-    /// STAR, LSTAR and FMASK. False if the guest has not enabled it (#UD).
-    pub fn syscall(&mut self, next_rip: u64) -> bool {
+    /// STAR, LSTAR and FMASK; #UD (reflected) if the guest has not enabled it.
+    pub fn syscall(&mut self, next_rip: u64) -> Option<VcpuExit<'static>> {
         if self.v.efer & efer::SCE == 0 {
-            return false;
+            let rip = self.cpu.rip;
+            return self.reflect(vector::UD, None, rip, false);
         }
         let flags_v = self.vflags() & !flags::RF;
         self.cpu.gpr[1] = next_rip;
@@ -259,23 +260,29 @@ impl Guest {
         let f = flags_v & !(self.v.fmask | flags::RF);
         self.cpu.refresh_mode();
         self.set_vflags(f);
-        true
+        None
     }
 
     /// Delivers an event to the guest kernel through its IDT, with the
-    /// double-fault rules. False if that ends in a triple fault.
-    pub fn reflect(&mut self, vector: u8, code: Option<u32>, ret: u64, soft: bool) -> bool {
+    /// double-fault rules: `None`, or the shutdown exit of a triple fault.
+    pub fn reflect(
+        &mut self,
+        vector: u8,
+        code: Option<u32>,
+        ret: u64,
+        soft: bool,
+    ) -> Option<VcpuExit<'static>> {
         self.cpu.revoke_grants();
         let (mut v, mut code, mut soft) = (vector, code, soft);
         loop {
             match self.deliver(v, code, soft, ret) {
-                Ok(()) => return true,
+                Ok(()) => return None,
                 Err(f) => {
                     if let Some(a) = f.cr2 {
                         self.v.cr2 = a;
                     }
                     if v == vector::DF {
-                        return false;
+                        return Some(VcpuExit::Shutdown);
                     }
                     let class = |x: u8| match x {
                         0 | 10..=13 => 1,
