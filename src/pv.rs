@@ -357,11 +357,9 @@ impl Hypercalls {
     /// `set_gdt(table, entries, tss_selector)`.
     fn set_gdt(&mut self, ctx: &mut Ctx, a: [u64; 5]) -> Result<i64, vcpu::VcpuError> {
         let (table, entries, tss) = (a[0], a[1], a[2] as u16);
-        if entries == 0
-            || entries > 64
-            || tss & 7 != 0
-            || tss as u64 / 8 + 1 >= entries.max(1) && tss != 0
-        {
+        // The TSS descriptor takes slots tss/8 and tss/8 + 1.
+        let tss_fits = tss == 0 || (tss & 7 == 0 && tss as u64 / 8 + 1 < entries);
+        if entries == 0 || entries > 64 || !tss_fits {
             return Ok(EINVAL);
         }
         let mut raw = Vec::with_capacity(entries as usize);
