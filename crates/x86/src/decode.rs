@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 
 use crate::mmu::Acc;
+use crate::uop::Uop;
 use crate::{exc, vector, Cpu, R};
 
 const PAGE: usize = 4096;
@@ -19,6 +20,8 @@ struct CodePage {
     /// 0: not decoded; else 1 + index into `insns`, by page offset.
     index: Box<[u16; PAGE]>,
     insns: Vec<Instruction>,
+    /// The same instructions pre-decoded (same indexes as `insns`).
+    uops: Vec<Uop>,
     /// 64-byte chunks that decoded instructions cover.
     chunks: u64,
 }
@@ -28,6 +31,7 @@ impl CodePage {
         if !self.insns.is_empty() {
             self.index.fill(0);
             self.insns.clear();
+            self.uops.clear();
         }
         self.chunks = 0;
     }
@@ -46,6 +50,9 @@ pub(crate) struct CodeCache {
     /// next one in straight-line code usually follows it (decoded in the
     /// order first executed), which spares the page's offset index.
     fetch_ix: usize,
+    /// The instruction being run when it is not in a page's `insns` (it
+    /// crosses a page boundary, or its page is full): see `Uop::uncached`.
+    pub uncached: Instruction,
 }
 
 impl CodeCache {
@@ -58,6 +65,7 @@ impl CodeCache {
             fetch_vpage: u64::MAX,
             fetch_slot: 0,
             fetch_ix: 0,
+            uncached: Instruction::default(),
         }
     }
 
@@ -68,6 +76,13 @@ impl CodeCache {
 
     pub fn reset_fetch(&mut self) {
         self.fetch_vpage = u64::MAX;
+    }
+
+    /// The decoded instruction of the uop that the last fetch returned
+    /// (valid until the next fetch or invalidation).
+    #[inline]
+    pub fn current(&self) -> Instruction {
+        self.pages[self.fetch_slot].insns[self.fetch_ix]
     }
 
     #[inline]
@@ -126,26 +141,38 @@ impl Cpu {
         }
     }
 
-    /// Puts the instruction at RIP into `out` (an out-parameter: returning
-    /// the 40-byte instruction inside a `Result` costs store-forwarding stalls).
-    #[inline(always)]
+    /// The decoded instruction at RIP, for engines that look at it.
     pub(crate) fn fetch(&mut self, out: &mut Instruction) -> R<()> {
+        let mut u = Uop::EMPTY;
+        self.fetch_uop(&mut u)?;
+        *out = if u.is_uncached() {
+            self.code.uncached
+        } else {
+            self.code.current()
+        };
+        Ok(())
+    }
+
+    /// Puts the pre-decoded instruction at RIP into `out` (an out-parameter:
+    /// a uop returned inside a `Result` costs a store-forwarding stall).
+    #[inline(always)]
+    pub(crate) fn fetch_uop(&mut self, out: &mut Uop) -> R<()> {
         let lin = self.code_linear(self.rip);
         if lin & !0xfff == self.code.fetch_vpage {
             let p = &self.code.pages[self.code.fetch_slot];
             let next = self.code.fetch_ix.wrapping_add(1);
-            if let Some(ins) = p.insns.get(next) {
-                if ins.ip() == self.rip {
-                    *out = *ins;
+            if let Some(u) = p.uops.get(next) {
+                if u.ip == self.rip {
                     self.code.fetch_ix = next;
+                    *out = *u;
                     return Ok(());
                 }
             }
             let ix = (p.index[(lin & 0xfff) as usize] as usize).wrapping_sub(1);
-            if let Some(ins) = p.insns.get(ix) {
-                if ins.ip() == self.rip {
-                    *out = *ins;
+            if let Some(u) = p.uops.get(ix) {
+                if u.ip == self.rip {
                     self.code.fetch_ix = ix;
+                    *out = *u;
                     return Ok(());
                 }
             }
@@ -155,7 +182,7 @@ impl Cpu {
     }
 
     #[cold]
-    fn fetch_slow(&mut self, lin: u64) -> R<Instruction> {
+    fn fetch_slow(&mut self, lin: u64) -> R<Uop> {
         if self.long64 && !crate::canonical(lin) {
             return crate::exc_code(vector::GP, 0);
         }
@@ -196,6 +223,7 @@ impl Cpu {
                     snapshot,
                     index: Box::new([0u16; PAGE]),
                     insns: Vec::new(),
+                    uops: Vec::new(),
                     chunks: 0,
                 });
                 let s = self.code.pages.len() - 1;
@@ -214,28 +242,32 @@ impl Cpu {
         let off = (lin & 0xfff) as usize;
         let p = &self.code.pages[slot];
         let ix = p.index[off];
-        if ix != 0 && p.insns[ix as usize - 1].ip() == self.rip {
+        if ix != 0 && p.uops[ix as usize - 1].ip == self.rip {
             self.code.fetch_ix = ix as usize - 1;
-            return Ok(p.insns[ix as usize - 1]);
+            return Ok(p.uops[ix as usize - 1]);
         }
         let mut ins = Instruction::default();
         let mut dec = Decoder::with_ip(bits, &p.snapshot[off..], self.rip, DecoderOptions::NONE);
         dec.decode_out(&mut ins);
         if ins.is_invalid() {
             if dec.last_error() == DecoderError::NoMoreBytes {
-                return self.fetch_crossing(lin);
+                let ins = self.fetch_crossing(lin)?;
+                return Ok(self.run_uncached(ins));
             }
             return exc(vector::UD);
         }
         let len = ins.len();
+        let uop = Uop::new(&ins, bits);
         let p = &mut self.code.pages[slot];
         if p.insns.len() < u16::MAX as usize - 1 {
             if ix != 0 {
                 // Same bytes reached at another RIP (an alias): replace.
                 p.insns[ix as usize - 1] = ins;
+                p.uops[ix as usize - 1] = uop;
                 self.code.fetch_ix = ix as usize - 1;
             } else {
                 p.insns.push(ins);
+                p.uops.push(uop);
                 p.index[off] = p.insns.len() as u16;
                 self.code.fetch_ix = p.insns.len() - 1;
             }
@@ -249,8 +281,17 @@ impl Cpu {
                 self.code.set_code(ppage, true);
                 self.tlb_protect_code(ppage);
             }
+            return Ok(uop);
         }
-        Ok(ins)
+        Ok(self.run_uncached(ins))
+    }
+
+    /// A uop for an instruction kept outside the page cache. The next fetch
+    /// goes through `fetch_slow` again.
+    fn run_uncached(&mut self, ins: Instruction) -> Uop {
+        self.code.uncached = ins;
+        self.code.fetch_vpage = u64::MAX;
+        Uop::uncached(&ins)
     }
 
     /// An instruction that crosses into the next page: decoded every time.

@@ -331,25 +331,42 @@ impl Cpu {
     /// Executes one instruction.
     #[inline]
     pub(crate) fn step(&mut self) -> R<()> {
-        let mut i = Instruction::default();
-        self.fetch(&mut i)?;
+        let mut u = crate::uop::Uop::EMPTY;
+        self.fetch_uop(&mut u)?;
+        if self.trace || self.intercepts.sensitive || self.vmx.non_root {
+            // Engines that look at every instruction: the generic path.
+            let i = if u.is_uncached() {
+                self.code.uncached
+            } else {
+                self.code.current()
+            };
+            self.exec_insn(&i)?;
+        } else {
+            self.next_rip = u.ip.wrapping_add(u.len as u64);
+            (u.run)(self, &u)?;
+        }
+        self.rip = self.next_rip;
+        Ok(())
+    }
+
+    /// Runs decoded instruction `i` (at RIP); sets `next_rip`.
+    pub(crate) fn exec_insn(&mut self, i: &Instruction) -> R<()> {
         if self.trace {
             eprintln!("emu: {:#x} {:?} rsp={:#x}", self.rip, i.code(), self.gpr[4]);
         }
         self.next_rip = i.next_ip() & self.ip_mask();
         if self.intercepts.sensitive && (self.cpl == 1 || self.cpl == 2) && !self.sensitive_ok {
-            if let Some(mnemonic) = crate::intercept::sensitive(&i) {
+            if let Some(mnemonic) = crate::intercept::sensitive(i) {
                 let next_rip = self.next_rip;
                 return self.event_exit(CpuExit::Sensitive { mnemonic, next_rip });
             }
         }
-        if !(self.vmx.non_root && self.vmx_intercept(&i)?) {
-            match self.exec_fast(&i) {
+        if !(self.vmx.non_root && self.vmx_intercept(i)?) {
+            match self.exec_fast(i) {
                 Some(r) => r?,
-                None => self.exec(&i)?,
+                None => self.exec(i)?,
             }
         }
-        self.rip = self.next_rip;
         Ok(())
     }
 
@@ -827,41 +844,11 @@ impl Cpu {
                 self.set_arith(if v == 0 { ZF } else { 0 });
                 Ok(())
             }
-            M::Seta
-            | M::Setae
-            | M::Setb
-            | M::Setbe
-            | M::Sete
-            | M::Setg
-            | M::Setge
-            | M::Setl
-            | M::Setle
-            | M::Setne
-            | M::Setno
-            | M::Setnp
-            | M::Setns
-            | M::Seto
-            | M::Setp
-            | M::Sets => {
+            m if crate::uop::is_setcc(m) => {
                 let v = self.cond(i.condition_code()) as u64;
                 self.write_op(i, 0, 1, v)
             }
-            M::Cmova
-            | M::Cmovae
-            | M::Cmovb
-            | M::Cmovbe
-            | M::Cmove
-            | M::Cmovg
-            | M::Cmovge
-            | M::Cmovl
-            | M::Cmovle
-            | M::Cmovne
-            | M::Cmovno
-            | M::Cmovnp
-            | M::Cmovns
-            | M::Cmovo
-            | M::Cmovp
-            | M::Cmovs => {
+            m if crate::uop::is_cmov(m) => {
                 let sz = self.opsz(i, 0);
                 let src = self.read_op(i, 1, sz)?;
                 let r = i.op0_register();

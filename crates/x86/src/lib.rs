@@ -27,6 +27,7 @@ mod intercept;
 pub mod mem;
 mod mmu;
 mod system;
+mod uop;
 pub mod vmx;
 
 use std::time::Instant;

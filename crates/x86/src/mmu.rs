@@ -331,6 +331,18 @@ impl Cpu {
     /// Reads with the access bit `need` (A_R_S for implicit supervisor reads).
     #[inline]
     pub(crate) fn rd_as(&mut self, lin: u64, size: usize, need: u8) -> R<u64> {
+        self.rd_tlb(lin, size, need)
+    }
+
+    /// A read with the CPU's rights, inlined into the caller (the uops).
+    #[inline(always)]
+    pub(crate) fn rd_inline(&mut self, lin: u64, size: usize) -> R<u64> {
+        let need = self.acc_r;
+        self.rd_tlb(lin, size, need)
+    }
+
+    #[inline(always)]
+    fn rd_tlb(&mut self, lin: u64, size: usize, need: u8) -> R<u64> {
         let e = &self.tlb[tlb_index(lin)];
         let off = (lin & 0xfff) as usize;
         if e.vpage == lin & !0xfff && e.allow & need != 0 && e.host != 0 && off + size <= 0x1000 {
@@ -377,6 +389,18 @@ impl Cpu {
 
     #[inline]
     pub(crate) fn wr_as(&mut self, lin: u64, size: usize, v: u64, need: u8) -> R<()> {
+        self.wr_tlb(lin, size, v, need)
+    }
+
+    /// A write with the CPU's rights, inlined into the caller (the uops).
+    #[inline(always)]
+    pub(crate) fn wr_inline(&mut self, lin: u64, size: usize, v: u64) -> R<()> {
+        let need = self.acc_w;
+        self.wr_tlb(lin, size, v, need)
+    }
+
+    #[inline(always)]
+    fn wr_tlb(&mut self, lin: u64, size: usize, v: u64, need: u8) -> R<()> {
         let e = &self.tlb[tlb_index(lin)];
         let off = (lin & 0xfff) as usize;
         if e.vpage == lin & !0xfff && e.allow & need != 0 && e.host != 0 && off + size <= 0x1000 {
