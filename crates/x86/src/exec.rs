@@ -333,8 +333,8 @@ impl Cpu {
     pub(crate) fn step(&mut self) -> R<()> {
         let mut u = crate::uop::Uop::EMPTY;
         self.fetch_uop(&mut u)?;
-        if self.trace || self.intercepts.sensitive || self.vmx.non_root {
-            // Engines that look at every instruction: the generic path.
+        if self.trace || self.vmx.non_root {
+            // Tracing, and VMX non-root operation: the generic path.
             let i = if u.is_uncached() {
                 self.code.uncached
             } else {

@@ -627,10 +627,18 @@ impl Cpu {
             if left == 0 {
                 return CpuExit::Budget;
             }
-            left -= 1;
-            match self.step() {
+            // (Sensitive-instruction intercepts are checked by the generic
+            // path, and no uop with a handler of its own is sensitive.)
+            let plain =
+                !(blocked || self.trace || self.vmx.non_root || self.grant || self.sensitive_ok);
+            let r = if plain {
+                self.burst(&mut left)
+            } else {
+                left -= 1;
+                self.step().map(|()| self.retired += 1)
+            };
+            match r {
                 Ok(()) => {
-                    self.retired += 1;
                     self.grant = false;
                     self.sensitive_ok = false;
                     if self.io_touched {
@@ -674,6 +682,28 @@ impl Cpu {
                 }
             }
         }
+    }
+
+    /// Runs uops back to back while nothing needs the checks between
+    /// instructions of `run`: it stops after the budget, an instruction run
+    /// by the generic path (which may change IF, the interrupt shadow, HLT,
+    /// the mode...), or an instruction that touched I/O. The caller made sure
+    /// no interrupt shadow, grant, trace or VMX non-root operation is on.
+    #[inline(always)]
+    fn burst(&mut self, left: &mut u64) -> R<()> {
+        let mut u = uop::Uop::EMPTY;
+        while *left > 0 {
+            self.fetch_uop(&mut u)?;
+            *left -= 1;
+            self.next_rip = u.ip.wrapping_add(u.len as u64);
+            (u.run)(self, &u)?;
+            self.rip = self.next_rip;
+            self.retired += 1;
+            if !u.is_fast() || self.io_touched {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn shutdown_or_unimplemented(&mut self) -> CpuExit {

@@ -42,6 +42,9 @@ pub(crate) struct Uop {
     pub seg: u8,
     /// The instruction is in `CodeCache::uncached`, not in a page's cache.
     uncached: bool,
+    /// A handler of its own (not `generic`): it changes nothing but
+    /// registers, arithmetic flags, RIP and memory.
+    fast: bool,
 }
 
 impl Uop {
@@ -59,6 +62,7 @@ impl Uop {
         scale: 0,
         seg: 0,
         uncached: false,
+        fast: false,
     };
 
     /// The uop of `i`, decoded in `bits`-bit code.
@@ -76,10 +80,12 @@ impl Uop {
             scale: 0,
             seg: sreg::DS as u8,
             uncached: false,
+            fast: false,
         };
         if bits == 64 {
             if let Some(run) = pick(i, &mut u) {
                 u.run = run;
+                u.fast = true;
             }
         }
         u
@@ -95,6 +101,10 @@ impl Uop {
 
     pub(crate) fn is_uncached(&self) -> bool {
         self.uncached
+    }
+
+    pub(crate) fn is_fast(&self) -> bool {
+        self.fast
     }
 }
 
