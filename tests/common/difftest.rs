@@ -155,14 +155,27 @@ macro_rules! ri {
         .unwrap()
     };
 }
+/// The scratch byte at `disp` as a memory operand: [r15 + disp], or the same
+/// address through an index, [r15 + r15*2 + disp - 2*SCRATCH] or
+/// [r15*4 + disp - 3*SCRATCH] (R15 holds SCRATCH throughout), so that every
+/// addressing form is compared.
+fn at(disp: i32) -> AsmMemoryOperand {
+    let s = SCRATCH as i32;
+    match disp % 4 {
+        2 => r15 + r15 * 2 + (disp - 2 * s),
+        3 => r15 * 4 + (disp - 3 * s),
+        _ => r15 + disp,
+    }
+}
+
 /// Register, memory.
 macro_rules! rm {
     ($a:expr, $op:ident, $sz:expr, $d:expr, $disp:expr) => {
         match $sz {
-            1 => $a.$op(R8[$d], byte_ptr(r15 + $disp)),
-            2 => $a.$op(R16[$d], word_ptr(r15 + $disp)),
-            4 => $a.$op(R32[$d], dword_ptr(r15 + $disp)),
-            _ => $a.$op(R64[$d], qword_ptr(r15 + $disp)),
+            1 => $a.$op(R8[$d], byte_ptr(at($disp))),
+            2 => $a.$op(R16[$d], word_ptr(at($disp))),
+            4 => $a.$op(R32[$d], dword_ptr(at($disp))),
+            _ => $a.$op(R64[$d], qword_ptr(at($disp))),
         }
         .unwrap()
     };
@@ -171,10 +184,10 @@ macro_rules! rm {
 macro_rules! mr {
     ($a:expr, $op:ident, $sz:expr, $disp:expr, $s:expr) => {
         match $sz {
-            1 => $a.$op(byte_ptr(r15 + $disp), R8[$s]),
-            2 => $a.$op(word_ptr(r15 + $disp), R16[$s]),
-            4 => $a.$op(dword_ptr(r15 + $disp), R32[$s]),
-            _ => $a.$op(qword_ptr(r15 + $disp), R64[$s]),
+            1 => $a.$op(byte_ptr(at($disp)), R8[$s]),
+            2 => $a.$op(word_ptr(at($disp)), R16[$s]),
+            4 => $a.$op(dword_ptr(at($disp)), R32[$s]),
+            _ => $a.$op(qword_ptr(at($disp)), R64[$s]),
         }
         .unwrap()
     };
@@ -183,10 +196,10 @@ macro_rules! mr {
 macro_rules! mi {
     ($a:expr, $op:ident, $sz:expr, $disp:expr, $i:expr) => {
         match $sz {
-            1 => $a.$op(byte_ptr(r15 + $disp), $i),
-            2 => $a.$op(word_ptr(r15 + $disp), $i),
-            4 => $a.$op(dword_ptr(r15 + $disp), $i),
-            _ => $a.$op(qword_ptr(r15 + $disp), $i),
+            1 => $a.$op(byte_ptr(at($disp)), $i),
+            2 => $a.$op(word_ptr(at($disp)), $i),
+            4 => $a.$op(dword_ptr(at($disp)), $i),
+            _ => $a.$op(qword_ptr(at($disp)), $i),
         }
         .unwrap()
     };
@@ -207,10 +220,10 @@ macro_rules! r1 {
 macro_rules! m1 {
     ($a:expr, $op:ident, $sz:expr, $disp:expr) => {
         match $sz {
-            1 => $a.$op(byte_ptr(r15 + $disp)),
-            2 => $a.$op(word_ptr(r15 + $disp)),
-            4 => $a.$op(dword_ptr(r15 + $disp)),
-            _ => $a.$op(qword_ptr(r15 + $disp)),
+            1 => $a.$op(byte_ptr(at($disp))),
+            2 => $a.$op(word_ptr(at($disp))),
+            4 => $a.$op(dword_ptr(at($disp))),
+            _ => $a.$op(qword_ptr(at($disp))),
         }
         .unwrap()
     };
@@ -419,15 +432,15 @@ impl Gen<'_> {
             (0, 2) => a.imul_2(R16[d], R16[s]),
             (0, 4) => a.imul_2(R32[d], R32[s]),
             (0, _) => a.imul_2(R64[d], R64[s]),
-            (1, 2) => a.imul_2(R16[d], word_ptr(r15 + disp)),
-            (1, 4) => a.imul_2(R32[d], dword_ptr(r15 + disp)),
-            (1, _) => a.imul_2(R64[d], qword_ptr(r15 + disp)),
+            (1, 2) => a.imul_2(R16[d], word_ptr(at(disp))),
+            (1, 4) => a.imul_2(R32[d], dword_ptr(at(disp))),
+            (1, _) => a.imul_2(R64[d], qword_ptr(at(disp))),
             (2, 2) => a.imul_3(R16[d], R16[s], imm),
             (2, 4) => a.imul_3(R32[d], R32[s], imm),
             (2, _) => a.imul_3(R64[d], R64[s], imm),
-            (_, 2) => a.imul_3(R16[d], word_ptr(r15 + disp), imm),
-            (_, 4) => a.imul_3(R32[d], dword_ptr(r15 + disp), imm),
-            (_, _) => a.imul_3(R64[d], qword_ptr(r15 + disp), imm),
+            (_, 2) => a.imul_3(R16[d], word_ptr(at(disp)), imm),
+            (_, 4) => a.imul_3(R32[d], dword_ptr(at(disp)), imm),
+            (_, _) => a.imul_3(R64[d], qword_ptr(at(disp)), imm),
         }
         .unwrap();
         self.flags(CF | OF, SF | ZF | AF | PF);
@@ -508,21 +521,21 @@ impl Gen<'_> {
             ($op:ident) => {
                 match (which, mem) {
                     (0, false) => a.$op(R16[d], R8[s]),
-                    (0, true) => a.$op(R16[d], byte_ptr(r15 + disp)),
+                    (0, true) => a.$op(R16[d], byte_ptr(at(disp))),
                     (1, false) => a.$op(R32[d], R8[s]),
-                    (1, true) => a.$op(R32[d], byte_ptr(r15 + disp)),
+                    (1, true) => a.$op(R32[d], byte_ptr(at(disp))),
                     (2, false) => a.$op(R64[d], R8[s]),
-                    (2, true) => a.$op(R64[d], byte_ptr(r15 + disp)),
+                    (2, true) => a.$op(R64[d], byte_ptr(at(disp))),
                     (3, false) => a.$op(R32[d], R16[s]),
-                    (3, true) => a.$op(R32[d], word_ptr(r15 + disp)),
+                    (3, true) => a.$op(R32[d], word_ptr(at(disp))),
                     (_, false) => a.$op(R64[d], R16[s]),
-                    (_, true) => a.$op(R64[d], word_ptr(r15 + disp)),
+                    (_, true) => a.$op(R64[d], word_ptr(at(disp))),
                 }
             };
         }
         if which == 5 && sign {
             if mem {
-                a.movsxd(R64[d], dword_ptr(r15 + disp))
+                a.movsxd(R64[d], dword_ptr(at(disp)))
             } else {
                 a.movsxd(R64[d], R32[s])
             }
@@ -630,12 +643,12 @@ impl Gen<'_> {
                     (1, 2) => self.a.$op(R16[d], imm),
                     (1, 4) => self.a.$op(R32[d], imm),
                     (1, _) => self.a.$op(R64[d], imm),
-                    (2, 2) => self.a.$op(word_ptr(r15 + disp), R16[s]),
-                    (2, 4) => self.a.$op(dword_ptr(r15 + disp), R32[s]),
-                    (2, _) => self.a.$op(qword_ptr(r15 + disp), R64[s]),
-                    (_, 2) => self.a.$op(word_ptr(r15 + disp), imm),
-                    (_, 4) => self.a.$op(dword_ptr(r15 + disp), imm),
-                    (_, _) => self.a.$op(qword_ptr(r15 + disp), imm),
+                    (2, 2) => self.a.$op(word_ptr(at(disp)), R16[s]),
+                    (2, 4) => self.a.$op(dword_ptr(at(disp)), R32[s]),
+                    (2, _) => self.a.$op(qword_ptr(at(disp)), R64[s]),
+                    (_, 2) => self.a.$op(word_ptr(at(disp)), imm),
+                    (_, 4) => self.a.$op(dword_ptr(at(disp)), imm),
+                    (_, _) => self.a.$op(qword_ptr(at(disp)), imm),
                 }
                 .unwrap()
             };
@@ -655,12 +668,12 @@ impl Gen<'_> {
         let a = &mut self.a;
         match self.rng.below(3) {
             0 => a.push(R64[s]),
-            1 => a.push(qword_ptr(r15 + disp)),
+            1 => a.push(qword_ptr(at(disp))),
             _ => a.push(imm),
         }
         .unwrap();
         if self.rng.chance(3) {
-            a.pop(qword_ptr(r15 + disp2))
+            a.pop(qword_ptr(at(disp2)))
         } else {
             a.pop(R64[d])
         }

@@ -7,6 +7,14 @@
 //! guest's 4-level (or PAE, or 2-level) page tables, with accessed and dirty
 //! bits, NX, U/S and R/W with CR0.WP, and global pages.
 //!
+//! Each cached instruction is also pre-decoded into a uop (`uop.rs`): the
+//! frequent forms of 64-bit code (MOV, LEA, MOVZX, ALU, shifts by an
+//! immediate, Jcc, SETcc, CMOVcc, JMP, CALL, RET, PUSH, POP) get a handler of
+//! their own with operands resolved at decode time, and [`Cpu::run`] runs such
+//! uops back to back, without the checks between instructions (interrupts,
+//! HLT, VMX) that only the other instructions can make necessary. Everything
+//! else goes through the generic path (`exec`).
+//!
 //! Accesses to guest-physical addresses that are not RAM are MMIO: unless the
 //! CPU's local device ([`Local`], the local APIC) claims them, [`Cpu::run`]
 //! returns an exit. Reads (and port input, MSRs the CPU does not know) abort the
