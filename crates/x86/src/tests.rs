@@ -728,3 +728,73 @@ fn far_jmp_and_call_through_memory() {
     );
     assert_eq!(r.r10 & 0xffff, sel as u64, "CS pushed");
 }
+
+/// The memory forms that the uops resolve at decode time (RIP-relative,
+/// FS-relative, base + index * scale, index only), byte registers that are
+/// not the low byte of a GPR (left to the generic path), and the fault of a
+/// non-canonical address: #GP, or #SS when the stack pointer is the base.
+#[test]
+fn uop_address_forms_and_canonical_faults() {
+    const DATA: u64 = 0x40_0000;
+    let mut t = long(|a| {
+        let mut value = a.create_label();
+        let mut after = a.create_label();
+        a.mov(r8, qword_ptr(value))?; // RIP-relative
+        a.mov(ecx, 0xc000_0100u32)?; // FS.base = DATA
+        a.mov(eax, DATA as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(rsi, 2u64)?;
+        a.mov(qword_ptr(rsi * 8 + 0x10).fs(), r8)?; // DATA + 0x20
+        a.mov(rdi, DATA)?;
+        a.mov(r9, qword_ptr(rdi + rsi * 8 + 0x10))?;
+        a.add(r9, qword_ptr(rsi * 4 + (DATA as i32 + 0x18)))?;
+        a.mov(ebx, 0x1234u32)?;
+        a.mov(ah, bh)?; // high byte registers: generic path
+        a.movzx(esi, ah)?;
+        a.cmp(r9, r8)?;
+        a.setne(r11b)?;
+        a.mov(rdi, 0x8000_0000_0000u64)?; // non-canonical
+        a.mov(r12, qword_ptr(rdi))?; // #GP
+        a.mov(rsp, rdi)?;
+        a.mov(r13, qword_ptr(rsp + 8))?; // #SS
+        a.hlt()?;
+        a.set_label(&mut value)?;
+        a.dq(&[0x1122_3344_5566_7788])?;
+        a.set_label(&mut after)?;
+        a.nop()
+    });
+    t.gate(13, HANDLER, 0, 1);
+    t.gate(12, HANDLER + 0x100, 0, 1);
+    // Each handler records its vector in R14 (in order) and skips the
+    // faulting MOV (3 and 5 bytes long).
+    t.code_at(HANDLER, |a| {
+        a.shl(r14, 8)?;
+        a.or(r14, 13)?;
+        a.add(qword_ptr(rsp + 8), 3)?; // past the error code: RIP
+        a.add(rsp, 8)?;
+        a.iretq()
+    });
+    t.code_at(HANDLER + 0x100, |a| {
+        a.shl(r14, 8)?;
+        a.or(r14, 12)?;
+        a.mov(r15, qword_ptr(rsp + 8))?;
+        a.add(r15, 5)?;
+        a.mov(qword_ptr(rsp + 8), r15)?;
+        a.mov(r15, STACK)?;
+        a.mov(qword_ptr(rsp + 32), r15)?; // a usable RSP to return to
+        a.add(rsp, 8)?;
+        a.iretq()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.r8, 0x1122_3344_5566_7788);
+    assert_eq!(t.read(DATA + 0x20), r.r8, "FS-relative store");
+    assert_eq!(r.r9, r.r8.wrapping_mul(2), "indexed loads");
+    assert_eq!(r.rax >> 8 & 0xff, 0x12, "MOV AH, BH");
+    assert_eq!(r.rsi, 0x12, "MOVZX from AH");
+    assert_eq!(r.r11 & 0xff, 1);
+    assert_eq!(r.r12, 0, "the faulting load wrote nothing");
+    assert_eq!(r.r13, 0);
+    assert_eq!(r.r14, 13 << 8 | 12, "#GP, then #SS");
+}
