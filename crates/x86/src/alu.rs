@@ -51,6 +51,19 @@ pub(crate) fn szp(r: u64, sz: usize) -> u64 {
     f
 }
 
+/// The truncated signed product of the two- and three-operand IMUL:
+/// CF and OF when it does not fit.
+#[inline(always)]
+pub(crate) fn imul(a: u64, b: u64, sz: usize) -> (u64, u64) {
+    let p = (sext(a, sz) as i64 as i128) * (sext(b, sz) as i64 as i128);
+    let r = (p as u64) & mask(sz);
+    let mut f = szp(r, sz);
+    if sext(r, sz) as i64 as i128 != p {
+        f |= CF | OF;
+    }
+    (r, f)
+}
+
 #[inline(always)]
 pub(crate) fn add(a: u64, b: u64, carry: bool, sz: usize) -> (u64, u64) {
     let m = mask(sz);

@@ -743,13 +743,7 @@ impl Cpu {
                 } else {
                     (self.read_op(i, 1, sz)?, i.immediate(2) & mask(sz))
                 };
-                let p = (sext(a, sz) as i64 as i128) * (sext(b, sz) as i64 as i128);
-                let r = (p as u64) & mask(sz);
-                let over = sext(r, sz) as i64 as i128 != p;
-                let mut f = alu::szp(r, sz);
-                if over {
-                    f |= CF | OF;
-                }
+                let (r, f) = alu::imul(a, b, sz);
                 self.set_reg(i.op0_register(), r);
                 self.set_arith(f);
                 Ok(())
@@ -1235,6 +1229,12 @@ impl Cpu {
     fn div(&mut self, i: &Instruction) -> R<()> {
         let sz = self.opsz(i, 0);
         let d = self.read_op(i, 0, sz)?;
+        self.divide(d, sz, i.mnemonic() == M::Idiv)
+    }
+
+    /// DIV (IDIV if `signed`) of rDX:rAX (AX for bytes) by `d`.
+    #[inline]
+    pub(crate) fn divide(&mut self, d: u64, sz: usize, signed: bool) -> R<()> {
         if d == 0 {
             return exc(vector::DE);
         }
@@ -1245,7 +1245,7 @@ impl Cpu {
             (self.gpr[0] & mask(sz), self.gpr[2] & mask(sz))
         };
         let n = ((hi as u128) << bits) | lo as u128;
-        let (q, r) = if i.mnemonic() == M::Div {
+        let (q, r) = if !signed {
             let q = n / d as u128;
             if q > mask(sz) as u128 {
                 return exc(vector::DE);

@@ -246,13 +246,13 @@ fn pick(i: &Instruction, u: &mut Uop) -> Option<Handler> {
             return Some(if mem1 {
                 memory(i, u)?;
                 if ssz == 1 {
-                    load::<1>
+                    movzx_load::<1>
                 } else {
-                    load::<2>
+                    movzx_load::<2>
                 }
             } else if ssz == 1 {
                 u.r1 = gpr8(i.op1_register())?;
-                mov_rr::<1>
+                movzx_rr::<1>
             } else {
                 // A 16-bit register: its GPR number as for 32 bits.
                 let n = i.op1_register() as usize;
@@ -260,7 +260,37 @@ fn pick(i: &Instruction, u: &mut Uop) -> Option<Handler> {
                     return None;
                 }
                 u.r1 = (n - Register::AX as usize) as u8;
-                mov_rr::<2>
+                movzx_rr::<2>
+            });
+        }
+        Code::Imul_r32_rm32 | Code::Imul_r64_rm64 => {
+            let sz = if i.code() == Code::Imul_r64_rm64 {
+                8
+            } else {
+                4
+            };
+            u.r0 = gpr(i.op0_register(), sz)?;
+            return Some(if mem1 {
+                memory(i, u)?;
+                by_sz!(imul_rm, sz)
+            } else {
+                u.r1 = gpr(i.op1_register(), sz)?;
+                by_sz!(imul_rr, sz)
+            });
+        }
+        Code::Div_rm32 | Code::Div_rm64 | Code::Idiv_rm32 | Code::Idiv_rm64 if !mem0 => {
+            let sz = if matches!(i.code(), Code::Div_rm64 | Code::Idiv_rm64) {
+                8
+            } else {
+                4
+            };
+            u.r0 = gpr(i.op0_register(), sz)?;
+            let signed = mnem == M::Idiv;
+            return Some(match (signed, sz) {
+                (false, 4) => div_r::<false, 4>,
+                (false, _) => div_r::<false, 8>,
+                (true, 4) => div_r::<true, 4>,
+                (true, _) => div_r::<true, 8>,
             });
         }
         _ => {}
@@ -304,9 +334,9 @@ fn pick(i: &Instruction, u: &mut Uop) -> Option<Handler> {
             return None;
         }
         return match (mem0, mem1, imm) {
-            (false, false, false) if sz != 1 => Some(by_op_sz!(alu_rr, op, sz)),
-            (false, false, true) if sz != 1 => Some(by_op_sz!(alu_ri, op, sz)),
-            (false, true, _) if sz != 1 => Some(by_op_sz!(alu_rm, op, sz)),
+            (false, false, false) => Some(by_op_sz!(alu_rr, op, sz)),
+            (false, false, true) => Some(by_op_sz!(alu_ri, op, sz)),
+            (false, true, _) => Some(by_op_sz!(alu_rm, op, sz)),
             (true, false, false) => Some(by_op_sz!(alu_mr, op, sz)),
             (true, false, true) => Some(by_op_sz!(alu_mi, op, sz)),
             _ => None,
@@ -314,13 +344,21 @@ fn pick(i: &Instruction, u: &mut Uop) -> Option<Handler> {
     }
     match mnem {
         M::Mov if i.op_count() == 2 => match (mem0, mem1, imm) {
-            (false, false, false) if sz != 1 => Some(by_sz!(mov_rr, sz)),
-            (false, false, true) if sz != 1 => Some(by_sz!(mov_ri, sz)),
-            (false, true, _) if sz != 1 => Some(by_sz!(load, sz)),
+            (false, false, false) => Some(by_sz!(mov_rr, sz)),
+            (false, false, true) => Some(by_sz!(mov_ri, sz)),
+            (false, true, _) => Some(by_sz!(load, sz)),
             (true, false, false) => Some(by_sz!(store, sz)),
             (true, false, true) => Some(by_sz!(store_imm, sz)),
             _ => None,
         },
+        M::Inc | M::Dec if !mem0 && i.op_count() == 1 => Some(match (mnem == M::Dec, sz) {
+            (false, 1) => incdec::<false, 1>,
+            (false, 4) => incdec::<false, 4>,
+            (false, _) => incdec::<false, 8>,
+            (true, 1) => incdec::<true, 1>,
+            (true, 4) => incdec::<true, 4>,
+            (true, _) => incdec::<true, 8>,
+        }),
         M::Shl | M::Shr | M::Sar if !mem0 && imm && sz != 1 => {
             let op = match mnem {
                 M::Shl => SHL,
@@ -628,13 +666,13 @@ fn lea<const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
 }
 
 fn mov_rr<const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
-    // Also MOVZX from a register: r0 gets the low SZ bytes of r1, zero-extended.
-    let v = cpu.g(u.r1) & mask(SZ);
-    if SZ <= 2 {
-        cpu.gpr[u.r0 as usize & 15] = v;
-    } else {
-        cpu.set_g::<SZ>(u.r0, v);
-    }
+    cpu.set_g::<SZ>(u.r0, cpu.g(u.r1));
+    Ok(())
+}
+
+/// MOVZX from a register: r0 gets the low SZ bytes of r1, zero-extended.
+fn movzx_rr<const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
+    cpu.gpr[u.r0 as usize & 15] = cpu.g(u.r1) & mask(SZ);
     Ok(())
 }
 
@@ -643,15 +681,17 @@ fn mov_ri<const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
     Ok(())
 }
 
-/// MOV from memory, and MOVZX from memory (SZ 1 or 2: zero-extended).
 fn load<const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
     let l = cpu.u_lin(u)?;
     let v = cpu.rd_inline(l, SZ)?;
-    if SZ <= 2 {
-        cpu.gpr[u.r0 as usize & 15] = v;
-    } else {
-        cpu.set_g::<SZ>(u.r0, v);
-    }
+    cpu.set_g::<SZ>(u.r0, v);
+    Ok(())
+}
+
+/// MOVZX from memory.
+fn movzx_load<const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
+    let l = cpu.u_lin(u)?;
+    cpu.gpr[u.r0 as usize & 15] = cpu.rd_inline(l, SZ)?;
     Ok(())
 }
 
@@ -752,4 +792,38 @@ fn cmov4<const CC_: u8>(cpu: &mut Cpu, u: &Uop) -> R<()> {
     };
     cpu.set_g::<4>(u.r0, v);
     Ok(())
+}
+
+/// INC (DEC if `DEC`) of a register: CF is kept.
+fn incdec<const DEC: bool, const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
+    let a = cpu.g(u.r0) & mask(SZ);
+    let (r, f) = if DEC {
+        alu::sub(a, 1, false, SZ)
+    } else {
+        alu::add(a, 1, false, SZ)
+    };
+    cpu.set_g::<SZ>(u.r0, r);
+    cpu.rflags = (cpu.rflags & !ARITH) | (f & !CF) | (cpu.rflags & CF);
+    Ok(())
+}
+
+fn imul_rr<const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
+    let (r, f) = alu::imul(cpu.g(u.r0) & mask(SZ), cpu.g(u.r1) & mask(SZ), SZ);
+    cpu.set_g::<SZ>(u.r0, r);
+    cpu.rflags = (cpu.rflags & !ARITH) | f;
+    Ok(())
+}
+
+fn imul_rm<const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
+    let l = cpu.u_lin(u)?;
+    let b = cpu.rd_inline(l, SZ)?;
+    let (r, f) = alu::imul(cpu.g(u.r0) & mask(SZ), b, SZ);
+    cpu.set_g::<SZ>(u.r0, r);
+    cpu.rflags = (cpu.rflags & !ARITH) | f;
+    Ok(())
+}
+
+/// DIV or IDIV by a register (#DE as `exec`).
+fn div_r<const SIGNED: bool, const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
+    cpu.divide(cpu.g(u.r0) & mask(SZ), SZ, SIGNED)
 }
