@@ -53,6 +53,9 @@ pub(crate) struct CodeCache {
     /// The instruction being run when it is not in a page's `insns` (it
     /// crosses a page boundary, or its page is full): see `Uop::uncached`.
     pub uncached: Instruction,
+    /// Its uop: one element (a heap buffer like the pages' `uops`, so that
+    /// pointers to either live as long; see `Cpu::fetch_uop`).
+    uncached_uop: Vec<Uop>,
 }
 
 impl CodeCache {
@@ -66,6 +69,7 @@ impl CodeCache {
             fetch_slot: 0,
             fetch_ix: 0,
             uncached: Instruction::default(),
+            uncached_uop: vec![Uop::EMPTY],
         }
     }
 
@@ -143,9 +147,10 @@ impl Cpu {
 
     /// The decoded instruction at RIP, for engines that look at it.
     pub(crate) fn fetch(&mut self, out: &mut Instruction) -> R<()> {
-        let mut u = Uop::EMPTY;
-        self.fetch_uop(&mut u)?;
-        *out = if u.is_uncached() {
+        let p = self.fetch_uop()?;
+        // SAFETY: see `fetch_uop`; nothing runs between the fetch and this read.
+        let uncached = unsafe { (*p).is_uncached() };
+        *out = if uncached {
             self.code.uncached
         } else {
             self.code.current()
@@ -153,10 +158,15 @@ impl Cpu {
         Ok(())
     }
 
-    /// Puts the pre-decoded instruction at RIP into `out` (an out-parameter:
-    /// a uop returned inside a `Result` costs a store-forwarding stall).
+    /// The pre-decoded instruction at RIP: a pointer into the cache, so the
+    /// uop is neither copied nor borrowed from the CPU while it runs. It
+    /// points into a heap buffer (a page's `uops`, or `uncached_uop`) that
+    /// stays allocated, unmoved and unwritten until the next fetch: only
+    /// `fetch_slow` pushes or overwrites uops; a write to a code page clears
+    /// the page's vectors, which frees nothing and writes no element; and
+    /// the pages (with their vectors) live as long as the CPU.
     #[inline(always)]
-    pub(crate) fn fetch_uop(&mut self, out: &mut Uop) -> R<()> {
+    pub(crate) fn fetch_uop(&mut self) -> R<*const Uop> {
         let lin = self.code_linear(self.rip);
         if lin & !0xfff == self.code.fetch_vpage {
             let p = &self.code.pages[self.code.fetch_slot];
@@ -164,25 +174,22 @@ impl Cpu {
             if let Some(u) = p.uops.get(next) {
                 if u.ip == self.rip {
                     self.code.fetch_ix = next;
-                    *out = *u;
-                    return Ok(());
+                    return Ok(u);
                 }
             }
             let ix = (p.index[(lin & 0xfff) as usize] as usize).wrapping_sub(1);
             if let Some(u) = p.uops.get(ix) {
                 if u.ip == self.rip {
                     self.code.fetch_ix = ix;
-                    *out = *u;
-                    return Ok(());
+                    return Ok(u);
                 }
             }
         }
-        *out = self.fetch_slow(lin)?;
-        Ok(())
+        self.fetch_slow(lin)
     }
 
     #[cold]
-    fn fetch_slow(&mut self, lin: u64) -> R<Uop> {
+    fn fetch_slow(&mut self, lin: u64) -> R<*const Uop> {
         if self.long64 && !crate::canonical(lin) {
             return crate::exc_code(vector::GP, 0);
         }
@@ -244,7 +251,7 @@ impl Cpu {
         let ix = p.index[off];
         if ix != 0 && p.uops[ix as usize - 1].ip == self.rip {
             self.code.fetch_ix = ix as usize - 1;
-            return Ok(p.uops[ix as usize - 1]);
+            return Ok(&p.uops[ix as usize - 1]);
         }
         let mut ins = Instruction::default();
         let mut dec = Decoder::with_ip(bits, &p.snapshot[off..], self.rip, DecoderOptions::NONE);
@@ -260,17 +267,18 @@ impl Cpu {
         let uop = Uop::new(&ins, bits);
         let p = &mut self.code.pages[slot];
         if p.insns.len() < u16::MAX as usize - 1 {
-            if ix != 0 {
+            let at = if ix != 0 {
                 // Same bytes reached at another RIP (an alias): replace.
                 p.insns[ix as usize - 1] = ins;
                 p.uops[ix as usize - 1] = uop;
-                self.code.fetch_ix = ix as usize - 1;
+                ix as usize - 1
             } else {
                 p.insns.push(ins);
                 p.uops.push(uop);
                 p.index[off] = p.insns.len() as u16;
-                self.code.fetch_ix = p.insns.len() - 1;
-            }
+                p.insns.len() - 1
+            };
+            self.code.fetch_ix = at;
             let first = off / 64;
             let last = (off + len - 1) / 64;
             for c in first..=last.min(63) {
@@ -281,17 +289,18 @@ impl Cpu {
                 self.code.set_code(ppage, true);
                 self.tlb_protect_code(ppage);
             }
-            return Ok(uop);
+            return Ok(&self.code.pages[slot].uops[at]);
         }
         Ok(self.run_uncached(ins))
     }
 
     /// A uop for an instruction kept outside the page cache. The next fetch
     /// goes through `fetch_slow` again.
-    fn run_uncached(&mut self, ins: Instruction) -> Uop {
+    fn run_uncached(&mut self, ins: Instruction) -> *const Uop {
         self.code.uncached = ins;
         self.code.fetch_vpage = u64::MAX;
-        Uop::uncached(&ins)
+        self.code.uncached_uop[0] = Uop::uncached(&ins);
+        &self.code.uncached_uop[0]
     }
 
     /// An instruction that crosses into the next page: decoded every time.

@@ -331,8 +331,9 @@ impl Cpu {
     /// Executes one instruction.
     #[inline]
     pub(crate) fn step(&mut self) -> R<()> {
-        let mut u = crate::uop::Uop::EMPTY;
-        self.fetch_uop(&mut u)?;
+        let p = self.fetch_uop()?;
+        // SAFETY: `fetch_uop` gives a valid pointer; copied at once.
+        let u = unsafe { *p };
         if self.trace || self.vmx.non_root {
             // Tracing, and VMX non-root operation: the generic path.
             let i = if u.is_uncached() {

@@ -699,12 +699,14 @@ impl Cpu {
     /// no interrupt shadow, grant, trace or VMX non-root operation is on.
     #[inline(always)]
     fn burst(&mut self, left: &mut u64) -> R<()> {
-        let mut u = uop::Uop::EMPTY;
         while *left > 0 {
-            self.fetch_uop(&mut u)?;
+            let p = self.fetch_uop()?;
+            // SAFETY: the uop stays valid and unchanged while its handler
+            // runs (see `fetch_uop`), and no `&mut` to it exists meanwhile.
+            let u = unsafe { &*p };
             *left -= 1;
             self.next_rip = u.ip.wrapping_add(u.len as u64);
-            (u.run)(self, &u)?;
+            (u.run)(self, u)?;
             self.rip = self.next_rip;
             self.retired += 1;
             if !u.is_fast() || self.io_touched {
