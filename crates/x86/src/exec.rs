@@ -334,8 +334,8 @@ impl Cpu {
         let p = self.fetch_uop()?;
         // SAFETY: `fetch_uop` gives a valid pointer; copied at once.
         let u = unsafe { *p };
-        if self.trace || self.vmx.non_root {
-            // Tracing, and VMX non-root operation: the generic path.
+        if self.trace {
+            // Tracing: the generic path.
             let i = if u.is_uncached() {
                 self.code.uncached
             } else {

@@ -635,10 +635,14 @@ impl Cpu {
             if left == 0 {
                 return CpuExit::Budget;
             }
-            // (Sensitive-instruction intercepts are checked by the generic
-            // path, and no uop with a handler of its own is sensitive.)
-            let plain =
-                !(blocked || self.trace || self.vmx.non_root || self.grant || self.sensitive_ok);
+            // (Sensitive-instruction intercepts and VMX instruction exits
+            // are checked by the generic path: no uop with a handler of its
+            // own is sensitive or exits.)
+            let plain = !(blocked
+                || self.trace
+                || (self.vmx.non_root && !self.vmx_quiet())
+                || self.grant
+                || self.sensitive_ok);
             let r = if plain {
                 self.burst(&mut left)
             } else {
@@ -696,7 +700,8 @@ impl Cpu {
     /// instructions of `run`: it stops after the budget, an instruction run
     /// by the generic path (which may change IF, the interrupt shadow, HLT,
     /// the mode...), or an instruction that touched I/O. The caller made sure
-    /// no interrupt shadow, grant, trace or VMX non-root operation is on.
+    /// no interrupt shadow, grant or trace is on, and in VMX non-root
+    /// operation no exit between instructions is armed.
     #[inline(always)]
     fn burst(&mut self, left: &mut u64) -> R<()> {
         while *left > 0 {

@@ -500,6 +500,17 @@ impl Cpu {
     /// Events at an instruction boundary in VMX non-root operation (the
     /// preemption timer, the interrupt window, external interrupts): true
     /// if one caused a VM exit. `blocked`: blocking by STI or MOV SS.
+    /// Whether none of the exits that can come between any two
+    /// instructions is armed (the preemption timer, the monitor trap flag,
+    /// NMI- and interrupt-window exiting): then non-root code runs uops back
+    /// to back, with `vmx_boundary` checked before each burst.
+    pub(crate) fn vmx_quiet(&self) -> bool {
+        self.vmx.timer_deadline.is_none()
+            && self.vmx.proc
+                & (ctl::MONITOR_TRAP_FLAG | ctl::NMI_WINDOW_EXITING | ctl::INTR_WINDOW_EXITING)
+                == 0
+    }
+
     pub(crate) fn vmx_boundary(&mut self, blocked: bool) -> bool {
         let (pin, proc) = (self.vmx.pin, self.vmx.proc);
         if std::mem::take(&mut self.vmx.init_pending) {
