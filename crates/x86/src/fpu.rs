@@ -63,6 +63,24 @@ impl Cpu {
         Ok(())
     }
 
+    /// CR0/CR4 allow SSE instructions (else #UD or #NM).
+    pub(crate) fn sse_ready(&self) -> R<()> {
+        self.sse_check()
+    }
+
+    pub(crate) fn xmm_reg(&self, r: Register) -> u128 {
+        self.fpu.xmm[xmm_index(r)]
+    }
+
+    pub(crate) fn set_xmm_reg(&mut self, r: Register, v: u128) {
+        self.fpu.xmm[xmm_index(r)] = v;
+    }
+
+    /// The source operand (1): an XMM register or memory.
+    pub(crate) fn xmm_src(&mut self, i: &Instruction, aligned: bool) -> R<u128> {
+        self.read_xmm_op(i, 1, aligned)
+    }
+
     fn read_xmm_op(&mut self, i: &Instruction, n: u32, aligned: bool) -> R<u128> {
         match i.op_kind(n) {
             OpKind::Register => {
@@ -408,10 +426,13 @@ impl Cpu {
                 // Not offered by CPUID.
                 exc(vector::UD)
             }
-            _ => {
-                let _ = Code::INVALID;
-                self.unknown(i)
-            }
+            _ => match self.exec_sse_int(i) {
+                Some(r) => r,
+                None => {
+                    let _ = Code::INVALID;
+                    self.unknown(i)
+                }
+            },
         }
     }
 }

@@ -34,6 +34,7 @@ mod fpu;
 mod intercept;
 pub mod mem;
 mod mmu;
+mod sse;
 mod system;
 mod uop;
 pub mod vmx;

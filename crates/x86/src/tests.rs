@@ -798,3 +798,325 @@ fn uop_address_forms_and_canonical_faults() {
     assert_eq!(r.r13, 0);
     assert_eq!(r.r14, 13 << 8 | 12, "#GP, then #SS");
 }
+
+/// The SSE2 integer, shuffle, unpack and pack instructions against the host
+/// CPU (its intrinsics) on random and edge-case lanes.
+#[test]
+fn sse2_integer_ops_match_the_host() {
+    use std::arch::x86_64::*;
+    const DATA: u64 = 0x40_0000;
+    const N: usize = 12;
+    // SAFETY: SSE2 is part of the x86-64 baseline this crate is built for.
+    let cases = unsafe { sse2_cases() }; // Lanes: random bytes mixed with 0, 0x7f, 0x80 and 0xff.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut byte = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        match seed % 8 {
+            0 => 0,
+            1 => 0x7f,
+            2 => 0x80,
+            3 => 0xff,
+            _ => (seed >> 24) as u8,
+        }
+    };
+    let inputs: Vec<(u128, u128)> = (0..N)
+        .map(|k| {
+            let mut v = [0u8; 32];
+            v.iter_mut().for_each(|b| *b = byte());
+            if k == 0 {
+                // Shift counts for the shifts by XMM: a small one.
+                v[16..].fill(0);
+                v[16] = 5;
+            }
+            let a = u128::from_le_bytes(v[..16].try_into().unwrap());
+            let b = u128::from_le_bytes(v[16..].try_into().unwrap());
+            (a, b)
+        })
+        .collect();
+    for (name, op, host) in &cases {
+        let mut t = long(|a| {
+            for k in 0..N as u64 {
+                a.movdqu(xmm0, xmmword_ptr(DATA + 48 * k))?;
+                a.movdqu(xmm1, xmmword_ptr(DATA + 48 * k + 16))?;
+                op(a)?;
+                a.movdqu(xmmword_ptr(DATA + 48 * k + 32), xmm0)?;
+            }
+            a.hlt()
+        });
+        for (k, (a, b)) in inputs.iter().enumerate() {
+            let at = DATA + 48 * k as u64;
+            t.mem.write_obj(*a, GuestAddress(at)).unwrap();
+            t.mem.write_obj(*b, GuestAddress(at + 16)).unwrap();
+        }
+        assert_eq!(t.run(), CpuExit::Hlt, "{name}");
+        for (k, (a, b)) in inputs.iter().enumerate() {
+            let got: u128 = t
+                .mem
+                .read_obj(GuestAddress(DATA + 48 * k as u64 + 32))
+                .unwrap();
+            // SAFETY: __m128i and u128 are both 16 plain bytes.
+            let want: u128 = unsafe {
+                std::mem::transmute::<__m128i, u128>(host(
+                    std::mem::transmute::<u128, __m128i>(*a),
+                    std::mem::transmute::<u128, __m128i>(*b),
+                ))
+            };
+            assert_eq!(got, want, "{name} of {a:#034x}, {b:#034x}");
+        }
+    }
+}
+
+type SseOp = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+type SseHost =
+    fn(std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) -> std::arch::x86_64::__m128i;
+
+/// Each instruction of `sse2_integer_ops_match_the_host` with its intrinsic.
+#[target_feature(enable = "sse2")]
+fn sse2_cases() -> Vec<(&'static str, SseOp, SseHost)> {
+    use std::arch::x86_64::*;
+    vec![
+        ("paddb", |a| a.paddb(xmm0, xmm1), |x, y| _mm_add_epi8(x, y)),
+        ("paddw", |a| a.paddw(xmm0, xmm1), |x, y| _mm_add_epi16(x, y)),
+        ("paddd", |a| a.paddd(xmm0, xmm1), |x, y| _mm_add_epi32(x, y)),
+        ("psubb", |a| a.psubb(xmm0, xmm1), |x, y| _mm_sub_epi8(x, y)),
+        ("psubw", |a| a.psubw(xmm0, xmm1), |x, y| _mm_sub_epi16(x, y)),
+        ("psubd", |a| a.psubd(xmm0, xmm1), |x, y| _mm_sub_epi32(x, y)),
+        (
+            "paddusb",
+            |a| a.paddusb(xmm0, xmm1),
+            |x, y| _mm_adds_epu8(x, y),
+        ),
+        (
+            "paddusw",
+            |a| a.paddusw(xmm0, xmm1),
+            |x, y| _mm_adds_epu16(x, y),
+        ),
+        (
+            "psubusb",
+            |a| a.psubusb(xmm0, xmm1),
+            |x, y| _mm_subs_epu8(x, y),
+        ),
+        (
+            "psubusw",
+            |a| a.psubusw(xmm0, xmm1),
+            |x, y| _mm_subs_epu16(x, y),
+        ),
+        (
+            "paddsb",
+            |a| a.paddsb(xmm0, xmm1),
+            |x, y| _mm_adds_epi8(x, y),
+        ),
+        (
+            "paddsw",
+            |a| a.paddsw(xmm0, xmm1),
+            |x, y| _mm_adds_epi16(x, y),
+        ),
+        (
+            "psubsb",
+            |a| a.psubsb(xmm0, xmm1),
+            |x, y| _mm_subs_epi8(x, y),
+        ),
+        (
+            "psubsw",
+            |a| a.psubsw(xmm0, xmm1),
+            |x, y| _mm_subs_epi16(x, y),
+        ),
+        (
+            "pminub",
+            |a| a.pminub(xmm0, xmm1),
+            |x, y| _mm_min_epu8(x, y),
+        ),
+        (
+            "pmaxub",
+            |a| a.pmaxub(xmm0, xmm1),
+            |x, y| _mm_max_epu8(x, y),
+        ),
+        (
+            "pminsw",
+            |a| a.pminsw(xmm0, xmm1),
+            |x, y| _mm_min_epi16(x, y),
+        ),
+        (
+            "pmaxsw",
+            |a| a.pmaxsw(xmm0, xmm1),
+            |x, y| _mm_max_epi16(x, y),
+        ),
+        ("pavgb", |a| a.pavgb(xmm0, xmm1), |x, y| _mm_avg_epu8(x, y)),
+        ("pavgw", |a| a.pavgw(xmm0, xmm1), |x, y| _mm_avg_epu16(x, y)),
+        (
+            "pcmpgtb",
+            |a| a.pcmpgtb(xmm0, xmm1),
+            |x, y| _mm_cmpgt_epi8(x, y),
+        ),
+        (
+            "pcmpgtw",
+            |a| a.pcmpgtw(xmm0, xmm1),
+            |x, y| _mm_cmpgt_epi16(x, y),
+        ),
+        (
+            "pcmpgtd",
+            |a| a.pcmpgtd(xmm0, xmm1),
+            |x, y| _mm_cmpgt_epi32(x, y),
+        ),
+        (
+            "pcmpeqb",
+            |a| a.pcmpeqb(xmm0, xmm1),
+            |x, y| _mm_cmpeq_epi8(x, y),
+        ),
+        (
+            "pmullw",
+            |a| a.pmullw(xmm0, xmm1),
+            |x, y| _mm_mullo_epi16(x, y),
+        ),
+        (
+            "pmulhw",
+            |a| a.pmulhw(xmm0, xmm1),
+            |x, y| _mm_mulhi_epi16(x, y),
+        ),
+        (
+            "pmulhuw",
+            |a| a.pmulhuw(xmm0, xmm1),
+            |x, y| _mm_mulhi_epu16(x, y),
+        ),
+        (
+            "pmuludq",
+            |a| a.pmuludq(xmm0, xmm1),
+            |x, y| _mm_mul_epu32(x, y),
+        ),
+        (
+            "pmaddwd",
+            |a| a.pmaddwd(xmm0, xmm1),
+            |x, y| _mm_madd_epi16(x, y),
+        ),
+        (
+            "psadbw",
+            |a| a.psadbw(xmm0, xmm1),
+            |x, y| _mm_sad_epu8(x, y),
+        ),
+        (
+            "punpcklbw",
+            |a| a.punpcklbw(xmm0, xmm1),
+            |x, y| _mm_unpacklo_epi8(x, y),
+        ),
+        (
+            "punpcklwd",
+            |a| a.punpcklwd(xmm0, xmm1),
+            |x, y| _mm_unpacklo_epi16(x, y),
+        ),
+        (
+            "punpckldq",
+            |a| a.punpckldq(xmm0, xmm1),
+            |x, y| _mm_unpacklo_epi32(x, y),
+        ),
+        (
+            "punpckhbw",
+            |a| a.punpckhbw(xmm0, xmm1),
+            |x, y| _mm_unpackhi_epi8(x, y),
+        ),
+        (
+            "punpckhwd",
+            |a| a.punpckhwd(xmm0, xmm1),
+            |x, y| _mm_unpackhi_epi16(x, y),
+        ),
+        (
+            "punpckhdq",
+            |a| a.punpckhdq(xmm0, xmm1),
+            |x, y| _mm_unpackhi_epi32(x, y),
+        ),
+        (
+            "packsswb",
+            |a| a.packsswb(xmm0, xmm1),
+            |x, y| _mm_packs_epi16(x, y),
+        ),
+        (
+            "packuswb",
+            |a| a.packuswb(xmm0, xmm1),
+            |x, y| _mm_packus_epi16(x, y),
+        ),
+        (
+            "packssdw",
+            |a| a.packssdw(xmm0, xmm1),
+            |x, y| _mm_packs_epi32(x, y),
+        ),
+        (
+            "pshufd",
+            |a| a.pshufd(xmm0, xmm1, 0x1b),
+            |_, y| _mm_shuffle_epi32::<0x1b>(y),
+        ),
+        (
+            "pshuflw",
+            |a| a.pshuflw(xmm0, xmm1, 0x9c),
+            |_, y| _mm_shufflelo_epi16::<0x9c>(y),
+        ),
+        (
+            "pshufhw",
+            |a| a.pshufhw(xmm0, xmm1, 0x63),
+            |_, y| _mm_shufflehi_epi16::<0x63>(y),
+        ),
+        (
+            "shufps",
+            |a| a.shufps(xmm0, xmm1, 0xb4),
+            |x, y| {
+                _mm_castps_si128(_mm_shuffle_ps::<0xb4>(
+                    _mm_castsi128_ps(x),
+                    _mm_castsi128_ps(y),
+                ))
+            },
+        ),
+        ("psllw", |a| a.psllw(xmm0, 3), |x, _| _mm_slli_epi16::<3>(x)),
+        (
+            "pslld",
+            |a| a.pslld(xmm0, 31),
+            |x, _| _mm_slli_epi32::<31>(x),
+        ),
+        (
+            "psllq",
+            |a| a.psllq(xmm0, 64),
+            |x, _| _mm_slli_epi64::<64>(x),
+        ),
+        (
+            "psrlw",
+            |a| a.psrlw(xmm0, 15),
+            |x, _| _mm_srli_epi16::<15>(x),
+        ),
+        ("psrld", |a| a.psrld(xmm0, 7), |x, _| _mm_srli_epi32::<7>(x)),
+        (
+            "psrlq",
+            |a| a.psrlq(xmm0, 33),
+            |x, _| _mm_srli_epi64::<33>(x),
+        ),
+        (
+            "psraw",
+            |a| a.psraw(xmm0, 20),
+            |x, _| _mm_srai_epi16::<20>(x),
+        ),
+        ("psrad", |a| a.psrad(xmm0, 9), |x, _| _mm_srai_epi32::<9>(x)),
+        (
+            "pslldq",
+            |a| a.pslldq(xmm0, 5),
+            |x, _| _mm_slli_si128::<5>(x),
+        ),
+        (
+            "psrldq",
+            |a| a.psrldq(xmm0, 11),
+            |x, _| _mm_srli_si128::<11>(x),
+        ),
+        (
+            "psrlw xmm",
+            |a| a.psrlw(xmm0, xmm1),
+            |x, y| _mm_srl_epi16(x, y),
+        ),
+        (
+            "pslld xmm",
+            |a| a.pslld(xmm0, xmm1),
+            |x, y| _mm_sll_epi32(x, y),
+        ),
+        (
+            "psrad xmm",
+            |a| a.psrad(xmm0, xmm1),
+            |x, y| _mm_sra_epi32(x, y),
+        ),
+    ]
+}
