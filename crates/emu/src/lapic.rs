@@ -3,9 +3,11 @@
 //! the timer (one-shot and periodic). The timer counts at 1 GHz before the
 //! divider, as KVM's does, against the host's monotonic clock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::legacy::Legacy;
 
 pub const APIC_BASE: u64 = 0xfee0_0000;
 
@@ -14,6 +16,8 @@ pub const APIC_BASE: u64 = 0xfee0_0000;
 #[derive(Default)]
 pub struct Lines {
     pending: [AtomicU64; 4],
+    /// Something else (the PICs) has an interrupt for the vCPU.
+    kicked: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
 }
@@ -25,8 +29,16 @@ impl Lines {
         self.cv.notify_all();
     }
 
+    /// Wakes the vCPU to look at its interrupt sources.
+    pub fn kick(&self) {
+        self.kicked.store(true, Ordering::SeqCst);
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.cv.notify_all();
+    }
+
     /// Takes the raised lines (one bit per vector), clearing them.
     pub fn take(&self) -> [u64; 4] {
+        self.kicked.store(false, Ordering::SeqCst);
         let mut out = [0u64; 4];
         for (o, p) in out.iter_mut().zip(&self.pending) {
             if p.load(Ordering::Relaxed) != 0 {
@@ -37,7 +49,8 @@ impl Lines {
     }
 
     fn any(&self) -> bool {
-        self.pending.iter().any(|p| p.load(Ordering::SeqCst) != 0)
+        self.kicked.load(Ordering::SeqCst)
+            || self.pending.iter().any(|p| p.load(Ordering::SeqCst) != 0)
     }
 
     /// Waits until a line is raised or `timeout` passes.
@@ -67,7 +80,9 @@ pub struct Lapic {
     timer_div: u32,
     /// When the current count reaches zero.
     deadline: Option<Instant>,
-    lines: std::sync::Arc<Lines>,
+    lines: Arc<Lines>,
+    /// The PICs and the PIT, whose interrupts come in through LINT0.
+    legacy: Option<Arc<Mutex<Legacy>>>,
     /// Fixed interrupts the APIC dropped because it was software-disabled.
     pub dropped: u64,
 }
@@ -75,7 +90,7 @@ pub struct Lapic {
 const LVT_MASKED: u32 = 1 << 16;
 
 impl Lapic {
-    pub fn new(id: u32, lines: std::sync::Arc<Lines>) -> Lapic {
+    pub fn new(id: u32, lines: Arc<Lines>) -> Lapic {
         Lapic {
             id,
             tpr: 0,
@@ -93,8 +108,30 @@ impl Lapic {
             timer_div: 0,
             deadline: None,
             lines,
+            legacy: None,
             dropped: 0,
         }
+    }
+
+    /// Connects the VM's PICs (and PIT) to LINT0.
+    pub fn with_legacy(mut self, legacy: Arc<Mutex<Legacy>>) -> Lapic {
+        self.legacy = Some(legacy);
+        self
+    }
+
+    fn legacy(&self) -> Option<std::sync::MutexGuard<'_, Legacy>> {
+        self.legacy
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// LINT0 is unmasked and in ExtINT mode, and the PICs request an
+    /// interrupt.
+    fn extint(&self) -> bool {
+        let lint0 = self.lvt[3];
+        lint0 & LVT_MASKED == 0
+            && (lint0 >> 8) & 7 == 7
+            && self.legacy().is_some_and(|l| l.pic.intr())
     }
 
     fn enabled(&self) -> bool {
@@ -266,7 +303,11 @@ impl x86::Local for Lapic {
     }
 
     fn poll(&mut self) -> bool {
-        self.fire_timer(Instant::now());
+        let now = Instant::now();
+        self.fire_timer(now);
+        if let Some(mut l) = self.legacy() {
+            l.poll(now);
+        }
         let raised = self.lines.take();
         if raised.iter().any(|&w| w != 0) {
             for (k, w) in raised.iter().enumerate() {
@@ -286,6 +327,9 @@ impl x86::Local for Lapic {
     }
 
     fn pending(&self) -> bool {
+        if self.extint() {
+            return true;
+        }
         match Self::highest(&self.irr) {
             Some(v) => (v as u32 & 0xf0) > (self.ppr() & 0xf0),
             None => false,
@@ -293,6 +337,10 @@ impl x86::Local for Lapic {
     }
 
     fn ack(&mut self) -> Option<u8> {
+        if self.extint() {
+            // The PICs give the vector (INTA); the APIC keeps no state.
+            return self.legacy().map(|mut l| l.pic.ack());
+        }
         if !self.pending() {
             return None;
         }
@@ -307,7 +355,11 @@ impl x86::Local for Lapic {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        self.deadline
+        let pit = self.legacy().and_then(|l| l.deadline());
+        match (self.deadline, pit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 

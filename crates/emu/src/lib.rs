@@ -10,8 +10,9 @@
 
 pub mod fuzz;
 pub mod lapic;
+pub mod legacy;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vcpu::{IrqLine, Regs, Result, SRegs, Vcpu, VcpuExit};
@@ -19,6 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use x86::{Cpu, CpuExit, CpuidTable, PhysMem};
 
 pub use lapic::{Lapic, Lines};
+pub use legacy::Legacy;
 
 /// Instructions per `Cpu::run` call: the local APIC is polled in between.
 pub const SLICE: u64 = 20_000;
@@ -74,6 +76,8 @@ pub struct EmuVm {
     mem: GuestMemoryMmap<()>,
     config: EmuConfig,
     lines: Arc<Lines>,
+    /// With `irqchip`: the PICs and the PIT.
+    legacy: Arc<Mutex<Legacy>>,
 }
 
 impl EmuVm {
@@ -83,6 +87,7 @@ impl EmuVm {
             mem: mem.clone(),
             config,
             lines: Arc::new(Lines::default()),
+            legacy: Arc::new(Mutex::new(Legacy::default())),
         })
     }
 
@@ -123,9 +128,19 @@ impl EmuVm {
         // VISOR_EMU_TRACE=1 prints every instruction (debugging only).
         cpu.trace = std::env::var_os("VISOR_EMU_TRACE").is_some_and(|v| v == "1");
         if self.config.irqchip {
-            cpu.local = Some(Box::new(Lapic::new(id, self.lines.clone())));
+            let mut lapic = Lapic::new(id, self.lines.clone());
+            if id == 0 {
+                lapic = lapic.with_legacy(self.legacy.clone());
+            }
+            cpu.local = Some(Box::new(lapic));
         }
         cpu
+    }
+
+    /// The PICs and the PIT (with `irqchip`; engines that answer their
+    /// ports use [`legacy_io`]).
+    pub fn legacy(&self) -> Option<Arc<Mutex<Legacy>>> {
+        self.config.irqchip.then(|| self.legacy.clone())
     }
 
     pub fn create_emu_vcpu(&mut self, id: u32) -> EmuVcpu {
@@ -134,6 +149,7 @@ impl EmuVm {
             cpu,
             irqchip: self.config.irqchip,
             lines: self.lines.clone(),
+            legacy: self.legacy(),
             clock: RunClock::default(),
         }
     }
@@ -154,6 +170,31 @@ pub fn wait_for_interrupt(cpu: &Cpu, lines: &Lines, start: Instant) -> bool {
     };
     if !wait.is_zero() {
         lines.wait(wait);
+    }
+    true
+}
+
+/// Answers port I/O to the PICs and the PIT inside the engine, as KVM's
+/// in-kernel irqchip does: true if `exit` was such an access (then the CPU
+/// runs on, replaying an input).
+pub fn legacy_io(cpu: &mut Cpu, legacy: &Mutex<Legacy>, exit: &CpuExit) -> bool {
+    let (port, size, input) = match *exit {
+        CpuExit::IoIn { port, size, .. } => (port, size, true),
+        CpuExit::IoOut { port, size, .. } => (port, size, false),
+        _ => return false,
+    };
+    if !legacy::claims_port(port) {
+        return false;
+    }
+    let mut l = legacy.lock().unwrap_or_else(|p| p.into_inner());
+    let size = size.max(1) as usize;
+    for (k, b) in cpu.exit_data().iter_mut().enumerate() {
+        let p = port.wrapping_add((k % size) as u16);
+        if input {
+            *b = l.read(p);
+        } else {
+            l.write(p, *b);
+        }
     }
     true
 }
@@ -233,9 +274,16 @@ impl vcpu::Vm for EmuVm {
         Ok(Box::new(self.create_emu_vcpu(id)))
     }
 
-    fn irq_line(&self, _gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
-        // No IOAPIC/PIC yet: devices are polled.
-        Ok(None)
+    fn irq_line(&self, gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
+        // ISA IRQs go to the PICs.
+        let Some(legacy) = self.legacy().filter(|_| gsi < 16) else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(legacy::IrqPin {
+            legacy,
+            lines: self.lines.clone(),
+            irq: gsi as u8,
+        })))
     }
 
     fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
@@ -250,6 +298,7 @@ pub struct EmuVcpu {
     cpu: Cpu,
     irqchip: bool,
     lines: Arc<Lines>,
+    legacy: Option<Arc<Mutex<Legacy>>>,
     clock: RunClock,
 }
 
@@ -284,7 +333,14 @@ impl Vcpu for EmuVcpu {
                         return Ok(VcpuExit::Interrupted);
                     }
                 }
-                e => break e,
+                e => {
+                    if let Some(l) = &self.legacy {
+                        if legacy_io(&mut self.cpu, l, &e) {
+                            continue;
+                        }
+                    }
+                    break e;
+                }
             }
         };
         Ok(vcpu_exit(&mut self.cpu, exit))
@@ -324,18 +380,46 @@ mod tests {
     const HANDLER: u64 = 0x10_0800;
     const IDT: u64 = 0x8000;
 
-    /// A vector line raised from another thread wakes `sti; hlt` through the
-    /// local APIC; the handler's EOI and port write come back as exits.
-    #[test]
-    fn vector_line_wakes_halted_guest() {
+    /// 16 MiB of guest memory with visor's long-mode boot state and an IDT
+    /// at IDT (0xfee0_0000 is inside the boot identity map of 4 GiB).
+    fn long_mode_mem() -> (GuestMemoryMmap<()>, SRegs) {
         let mem: GuestMemoryMmap<()> =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let mut sregs = machine::boot::long_mode(&mem).unwrap();
-        // 0xfee0_0000 is inside the boot identity map (first 4 GiB).
         sregs.idt = vcpu::DescriptorTable {
             base: IDT,
             limit: 0xfff,
         };
+        (mem, sregs)
+    }
+
+    /// An `emu` VM with an irqchip and its vCPU 0, about to run CODE.
+    fn vm_at_code(mem: &GuestMemoryMmap<()>, sregs: &SRegs) -> (EmuVm, Box<dyn Vcpu>) {
+        let mut vm = EmuVm::new(
+            mem,
+            EmuConfig {
+                irqchip: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.set_sregs(sregs).unwrap();
+        vcpu.set_regs(&Regs {
+            rip: CODE,
+            rsp: 0x8_0000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        (vm, vcpu)
+    }
+
+    /// A vector line raised from another thread wakes `sti; hlt` through the
+    /// local APIC; the handler's EOI and port write come back as exits.
+    #[test]
+    fn vector_line_wakes_halted_guest() {
+        let (mem, sregs) = long_mode_mem();
         let mut a = CodeAssembler::new(64).unwrap();
         a.mov(rbx, lapic::APIC_BASE).unwrap();
         a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap(); // SVR: enable
@@ -361,23 +445,7 @@ mod tests {
         mem.write_obj(0u64, GuestAddress(IDT + 0x50 * 16 + 8))
             .unwrap();
 
-        let mut vm = EmuVm::new(
-            &mem,
-            EmuConfig {
-                irqchip: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let mut vcpu = vm.create_vcpu(0).unwrap();
-        vcpu.set_sregs(&sregs).unwrap();
-        vcpu.set_regs(&Regs {
-            rip: CODE,
-            rsp: 0x8_0000,
-            rflags: 2,
-            ..Default::default()
-        })
-        .unwrap();
+        let (vm, mut vcpu) = vm_at_code(&mem, &sregs);
         let line = vm.vector_line(0x50).unwrap().expect("a vector line");
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
@@ -397,6 +465,83 @@ mod tests {
         }
         t.join().unwrap();
         assert!(vcpu.engine_counters()[0].1 >= 6);
-        assert!(vm.irq_line(4).unwrap().is_none());
+        assert!(vm.irq_line(16).unwrap().is_none(), "ISA IRQs only");
+    }
+
+    /// The legacy platform end to end: the guest programs the PICs (vectors
+    /// 0x20-0x2f) and the PIT's channel 0 (periodic, 2 ms) with port I/O that
+    /// the engine answers itself, then halts; IRQ 0 comes in through LINT0
+    /// (ExtINT), and IRQ 4 from a device thread wakes it too. Each handler
+    /// reports on port 0x80 and sends the PIC an EOI.
+    #[test]
+    fn pic_and_pit_interrupts_reach_a_halted_guest() {
+        let (mem, sregs) = long_mode_mem();
+        let mut a = CodeAssembler::new(64).unwrap();
+        for (port, v) in legacy::PIC_INIT.into_iter().chain([
+            (0x21, 0xec), // unmask IRQ 0, 1 and 4
+            (0x43, 0x34), // channel 0: lo/hi, mode 2
+            (0x40, 0x9a),
+            (0x40, 0x09), // 2458 ticks: about 2 ms
+        ]) {
+            a.mov(al, v as i32).unwrap();
+            a.out(port as i32, al).unwrap();
+        }
+        a.in_(al, 0x21).unwrap();
+        a.out(0x81, al).unwrap(); // the mask reads back
+        let mut l = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.jmp(l).unwrap();
+        mem.write_slice(&a.assemble(CODE).unwrap(), GuestAddress(CODE))
+            .unwrap();
+        for (vector, tag) in [(0x20u64, 0xa0u8), (0x24, 0xa4)] {
+            let at = HANDLER + (vector - 0x20) * 0x40;
+            let mut h = CodeAssembler::new(64).unwrap();
+            h.push(rax).unwrap();
+            h.mov(al, tag as i32).unwrap();
+            h.out(0x80, al).unwrap();
+            h.mov(al, 0x20).unwrap();
+            h.out(0x20, al).unwrap(); // EOI
+            h.pop(rax).unwrap();
+            h.iretq().unwrap();
+            mem.write_slice(&h.assemble(at).unwrap(), GuestAddress(at))
+                .unwrap();
+            let lo: u64 =
+                (at & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | ((at >> 16 & 0xffff) << 48);
+            mem.write_obj(lo, GuestAddress(IDT + vector * 16)).unwrap();
+            mem.write_obj(0u64, GuestAddress(IDT + vector * 16 + 8))
+                .unwrap();
+        }
+        let (vm, mut vcpu) = vm_at_code(&mem, &sregs);
+        let irq4 = vm.irq_line(4).unwrap().expect("ISA IRQ 4");
+        let start = Instant::now();
+        let (mut ticks, mut irq4_seen, mut mask) = (0, false, None);
+        let mut fired = false;
+        while start.elapsed() < Duration::from_secs(5) && (ticks < 5 || !irq4_seen) {
+            if ticks >= 2 && !fired {
+                irq4.trigger().unwrap();
+                fired = true;
+            }
+            match vcpu.run().unwrap() {
+                VcpuExit::Interrupted => {}
+                VcpuExit::IoOut {
+                    port: 0x81, data, ..
+                } => mask = Some(data[0]),
+                VcpuExit::IoOut {
+                    port: 0x80, data, ..
+                } => match data[0] {
+                    0xa0 => ticks += 1,
+                    0xa4 => irq4_seen = true,
+                    v => panic!("unexpected tag {v:#x}"),
+                },
+                e => panic!("unexpected exit {e:?}"),
+            }
+        }
+        assert_eq!(mask, Some(0xec));
+        assert!(ticks >= 5, "PIT ticks: {ticks}");
+        assert!(irq4_seen, "IRQ 4 from the device line");
+        // 5 ticks of 2 ms: not much sooner than 10 ms.
+        assert!(start.elapsed() >= Duration::from_millis(8));
     }
 }

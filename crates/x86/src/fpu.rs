@@ -1,6 +1,8 @@
 //! x87 and SSE state: FNINIT, FWAIT, control/status words, FXSAVE/FXRSTOR,
-//! MXCSR, and the SSE moves and logic operations. x87 arithmetic is not
-//! implemented (the run ends with an "unimplemented instruction" exit).
+//! MXCSR, and the SSE moves and logic operations. Of the x87 data
+//! instructions only FILD is implemented (Linux runs it on AMD CPUs to clear
+//! the x87 pointers before FXRSTOR); the others end the run with an
+//! "unimplemented instruction" exit.
 
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind, Register};
 use vcpu::{cr0, cr4};
@@ -40,6 +42,24 @@ impl Default for Fpu {
 }
 
 const MXCSR_MASK: u32 = 0xffff;
+
+/// The 80-bit extended-precision value of `n` (exact: 64-bit significand).
+fn int_to_f80(n: i64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if n == 0 {
+        return out;
+    }
+    let m = n.unsigned_abs();
+    let shift = m.leading_zeros();
+    let exponent = 16383 + 63 - shift as u16;
+    out[..8].copy_from_slice(&(m << shift).to_le_bytes());
+    let se = exponent | if n < 0 { 0x8000 } else { 0 };
+    out[8..10].copy_from_slice(&se.to_le_bytes());
+    out
+}
+
+/// The x87 "real indefinite" QNaN.
+const F80_INDEFINITE: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff, 0, 0, 0, 0, 0, 0];
 
 fn xmm_index(r: Register) -> usize {
     (r as usize).wrapping_sub(Register::XMM0 as usize) & 15
@@ -214,6 +234,28 @@ impl Cpu {
         r
     }
 
+    /// Pushes `v` onto the x87 stack. Into a full register: stack overflow
+    /// (IE, SF and C1); with IE masked the indefinite QNaN is pushed instead.
+    fn x87_push(&mut self, v: [u8; 16]) {
+        let f = &mut self.fpu;
+        let top = ((f.fsw >> 11) + 7) & 7;
+        let mut v = v;
+        if f.ftw & (1 << top) != 0 {
+            f.fsw |= 0x0241;
+            if f.fcw & 1 == 0 {
+                // Unmasked: nothing is pushed; ES and B, and #MF at the
+                // next x87 instruction.
+                f.fsw |= 0x8080;
+                return;
+            }
+            v = F80_INDEFINITE;
+        }
+        f.st.rotate_right(1);
+        f.st[0] = v;
+        f.fsw = (f.fsw & !0x3800) | (top << 11);
+        f.ftw |= 1 << top;
+    }
+
     pub(crate) fn exec_fpu(&mut self, i: &Instruction) -> R<()> {
         match i.mnemonic() {
             M::Fninit => {
@@ -234,6 +276,16 @@ impl Cpu {
                 if self.fpu.fsw & 0x80 != 0 {
                     return exc(vector::MF);
                 }
+                Ok(())
+            }
+            M::Fild => {
+                self.x87_check()?;
+                let sz = i.memory_size().size().clamp(2, 8);
+                let l = self.mem_lin(i)?;
+                let v = self.rd(l, sz)?;
+                self.fpu.fip = self.rip;
+                self.fpu.fdp = l;
+                self.x87_push(int_to_f80(crate::alu::sext(v, sz) as i64));
                 Ok(())
             }
             M::Fnclex => {
