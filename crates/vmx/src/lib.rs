@@ -21,10 +21,10 @@
 //! EPT tables) live in memory after guest RAM that no EPT entry maps.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vcpu::{IrqLine, Regs, Result, SRegs, Segment, Vcpu, VcpuError, VcpuExit};
-use visor_emu::{EmuConfig, EmuVm, Lines, RunClock, SLICE};
+use visor_emu::{EmuConfig, EmuVm, Legacy, Lines, RunClock, SLICE};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
@@ -153,6 +153,8 @@ pub struct VmxVcpu {
     ept_next: u64,
     irqchip: bool,
     lines: Arc<Lines>,
+    /// The PICs and the PIT, whose ports the engine answers (as `emu`).
+    legacy: Option<Arc<Mutex<Legacy>>>,
     trace: bool,
     dump_vmcs: bool,
     /// Exit reasons (basic, below 128) whose first exit was dumped.
@@ -192,6 +194,7 @@ impl VmxVcpu {
             ept_next: private + EPT_POOL,
             irqchip: config.irqchip,
             lines: emu.lines(),
+            legacy: emu.legacy(),
             trace: config.trace,
             dump_vmcs: config.dump_vmcs,
             dumped: 0,
@@ -615,9 +618,32 @@ impl VmxVcpu {
                 let port = (qual >> 16) as u16;
                 let size = (qual & 7) as u8 + 1;
                 let input = qual & 8 != 0;
+                let legacy = self
+                    .legacy
+                    .clone()
+                    .filter(|_| visor_emu::legacy::claims_port(port));
                 if qual & 16 != 0 {
                     self.io_bitmap(port, size, false)?;
                     self.single_step(Stepping::Io { port, size });
+                    None
+                } else if let Some(l) = legacy {
+                    // The PICs and the PIT answer inside the engine.
+                    let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
+                    if input {
+                        for k in 0..size as usize {
+                            self.io[k] = l.read(port.wrapping_add(k as u16));
+                        }
+                        self.pending = Pending::In { size };
+                        drop(l);
+                        self.complete_pending();
+                    } else {
+                        let v = self.cpu.gpr[0].to_le_bytes();
+                        for (k, b) in v.iter().take(size as usize).enumerate() {
+                            l.write(port.wrapping_add(k as u16), *b);
+                        }
+                        drop(l);
+                        self.skip_instruction();
+                    }
                     None
                 } else if input {
                     self.io = [0xff; 8];
