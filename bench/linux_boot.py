@@ -5,8 +5,9 @@ busybox initramfs (whose /init prints a marker and reboots).
 Usage: bench/linux_boot.py [--runs N] [--kernel bzimage|vmlinux] [--timeout S]
 
 Prints, for each runner, the median of N boots and the ratio visor/QEMU. visor
-runs on engine kvm; QEMU runs `-M microvm` with TCG always and with KVM when it
-boots (each line says which). Needs Debian's linux-image-amd64, busybox-static and
+runs on engine kvm, and (runner `visor-emu`) on its software CPU with the
+bzImage; QEMU runs `-M microvm` with TCG always and with KVM when it boots (each
+line says which). The software CPU is compared with QEMU's TCG. Needs Debian's linux-image-amd64, busybox-static and
 qemu-system-x86 (installed when missing).
 """
 import argparse, glob, os, select, shutil, statistics, struct, subprocess, sys, time
@@ -76,7 +77,7 @@ def main():
     ap.add_argument("--kernel", choices=["bzimage", "vmlinux"], default="vmlinux")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--mem", default="256M")
-    ap.add_argument("--runners", default="visor,qemu-tcg,qemu-kvm",
+    ap.add_argument("--runners", default="visor,visor-emu,qemu-tcg,qemu-kvm",
                     help="comma-separated subset of visor, qemu-tcg, qemu-kvm")
     a = ap.parse_args()
     ensure_packages()
@@ -109,6 +110,8 @@ def main():
     runners = [r for key, r in [
         ("visor", ("visor (engine kvm)", [visor, "run", kernel, "--mem", a.mem, "--initrd",
                                           initrd, "--cmdline", CMDLINE])),
+        ("visor-emu", ("visor (engine emu)", [visor, "run", bz, "--engine", "emu", "--mem",
+                                              a.mem, "--initrd", initrd, "--cmdline", CMDLINE])),
         ("qemu-tcg", ("qemu microvm (tcg)", qemu + ["-accel", "tcg"])),
         ("qemu-kvm", ("qemu microvm (kvm)",
                       qemu + ["-accel", "kvm", "-cpu", "host,-arch-capabilities"])),
@@ -130,6 +133,10 @@ def main():
     for peer in ("qemu microvm (kvm)", "qemu microvm (tcg)"):
         if v is not None and peer in medians:
             print(f"ratio visor/{peer}: {v / medians[peer]:.2f}")
+    e = medians.get("visor (engine emu)")
+    t = medians.get("qemu microvm (tcg)")
+    if e is not None and t is not None:
+        print(f"ratio visor (engine emu)/qemu microvm (tcg): {e / t:.2f} (time; above 1: QEMU faster)")
 
 
 if __name__ == "__main__":
