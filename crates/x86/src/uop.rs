@@ -147,10 +147,18 @@ fn gpr8(r: Register) -> Option<u8> {
     }
 }
 
+fn gpr16(r: Register) -> Option<u8> {
+    let n = r as usize;
+    (Register::AX as usize..=Register::R15W as usize)
+        .contains(&n)
+        .then(|| (n - Register::AX as usize) as u8)
+}
+
 /// The GPR number of a register of `sz` bytes.
 fn gpr(r: Register, sz: usize) -> Option<u8> {
     match sz {
         1 => gpr8(r),
+        2 => gpr16(r),
         4 => gpr32(r),
         8 => gpr64(r),
         _ => None,
@@ -198,12 +206,19 @@ fn pick(i: &Instruction, u: &mut Uop) -> Option<Handler> {
     let imm = matches!(
         k1,
         OpKind::Immediate8
+            | OpKind::Immediate8to16
             | OpKind::Immediate8to32
             | OpKind::Immediate8to64
+            | OpKind::Immediate16
             | OpKind::Immediate32
             | OpKind::Immediate32to64
             | OpKind::Immediate64
     );
+    // Any other kind of second operand (string, far branch...) is not a
+    // form with a handler.
+    if !(imm || matches!(k1, OpKind::Register | OpKind::Memory)) {
+        return None;
+    }
     let mem0 = k0 == OpKind::Memory;
     let mem1 = k1 == OpKind::Memory;
     let mnem = i.mnemonic();
@@ -254,13 +269,39 @@ fn pick(i: &Instruction, u: &mut Uop) -> Option<Handler> {
                 u.r1 = gpr8(i.op1_register())?;
                 movzx_rr::<1>
             } else {
-                // A 16-bit register: its GPR number as for 32 bits.
-                let n = i.op1_register() as usize;
-                if !(Register::AX as usize..=Register::R15W as usize).contains(&n) {
-                    return None;
-                }
-                u.r1 = (n - Register::AX as usize) as u8;
+                u.r1 = gpr16(i.op1_register())?;
                 movzx_rr::<2>
+            });
+        }
+        Code::Movsxd_r64_rm32
+        | Code::Movsx_r32_rm8
+        | Code::Movsx_r64_rm8
+        | Code::Movsx_r32_rm16
+        | Code::Movsx_r64_rm16 => {
+            let (dsz, ssz) = match i.code() {
+                Code::Movsxd_r64_rm32 => (8, 4),
+                Code::Movsx_r32_rm8 => (4, 1),
+                Code::Movsx_r64_rm8 => (8, 1),
+                Code::Movsx_r32_rm16 => (4, 2),
+                _ => (8, 2),
+            };
+            u.r0 = gpr(i.op0_register(), dsz)?;
+            if mem1 {
+                memory(i, u)?;
+            } else {
+                u.r1 = gpr(i.op1_register(), ssz)?;
+            }
+            return Some(match (mem1, dsz, ssz) {
+                (false, 8, 4) => movsx_rr::<8, 4>,
+                (false, 4, 1) => movsx_rr::<4, 1>,
+                (false, 8, 1) => movsx_rr::<8, 1>,
+                (false, 4, _) => movsx_rr::<4, 2>,
+                (false, _, _) => movsx_rr::<8, 2>,
+                (true, 8, 4) => movsx_load::<8, 4>,
+                (true, 4, 1) => movsx_load::<4, 1>,
+                (true, 8, 1) => movsx_load::<8, 1>,
+                (true, 4, _) => movsx_load::<4, 2>,
+                (true, _, _) => movsx_load::<8, 2>,
             });
         }
         Code::Imul_r32_rm32 | Code::Imul_r64_rm64 => {
@@ -296,16 +337,14 @@ fn pick(i: &Instruction, u: &mut Uop) -> Option<Handler> {
         _ => {}
     }
     let sz = match i.op0_kind() {
-        OpKind::Register => match i.op0_register().size() {
-            s @ (1 | 4 | 8) => s,
-            _ => return None,
-        },
-        OpKind::Memory => match i.memory_size().size() {
-            s @ (1 | 4 | 8) => s,
-            _ => return None,
-        },
+        OpKind::Register => i.op0_register().size(),
+        OpKind::Memory => i.memory_size().size(),
         _ => return None,
     };
+    // 16-bit operands: MOV only.
+    if !(matches!(sz, 1 | 4 | 8) || (sz == 2 && mnem == M::Mov)) {
+        return None;
+    }
     if imm {
         u.imm = i.immediate(1) & mask(sz);
     }
@@ -446,11 +485,12 @@ const SHL: u8 = 4;
 const SHR: u8 = 5;
 const SAR: u8 = 7;
 
-/// `$f::<SZ>` for a runtime size of 1, 4 or 8.
+/// `$f::<SZ>` for a runtime size of 1, 2, 4 or 8.
 macro_rules! by_sz {
     ($f:ident, $sz:expr) => {
         match $sz {
             1 => $f::<1> as Handler,
+            2 => $f::<2>,
             4 => $f::<4>,
             _ => $f::<8>,
         }
@@ -685,6 +725,21 @@ fn load<const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
     let l = cpu.u_lin(u)?;
     let v = cpu.rd_inline(l, SZ)?;
     cpu.set_g::<SZ>(u.r0, v);
+    Ok(())
+}
+
+/// MOVSX/MOVSXD from a register: the low SZ bytes of r1, sign-extended to
+/// DSZ (a 32-bit destination zero-extends).
+fn movsx_rr<const DSZ: usize, const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
+    let v = crate::alu::sext(cpu.g(u.r1), SZ);
+    cpu.set_g::<DSZ>(u.r0, v);
+    Ok(())
+}
+
+fn movsx_load<const DSZ: usize, const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
+    let l = cpu.u_lin(u)?;
+    let v = crate::alu::sext(cpu.rd_inline(l, SZ)?, SZ);
+    cpu.set_g::<DSZ>(u.r0, v);
     Ok(())
 }
 
