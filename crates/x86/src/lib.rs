@@ -8,8 +8,9 @@
 //! bits, NX, U/S and R/W with CR0.WP, and global pages.
 //!
 //! Each cached instruction is also pre-decoded into a uop (`uop.rs`): the
-//! frequent forms of 64-bit code (MOV, LEA, MOVZX, ALU, shifts by an
-//! immediate, Jcc, SETcc, CMOVcc, JMP, CALL, RET, PUSH, POP) get a handler of
+//! frequent forms of 64-bit code (MOV, LEA, MOVZX/MOVSX, ALU, INC/DEC, IMUL,
+//! DIV by a register, shifts by an immediate, Jcc, SETcc, CMOVcc, JMP, CALL,
+//! RET, PUSH, POP) get a handler of
 //! their own with operands resolved at decode time, and [`Cpu::run`] runs such
 //! uops back to back, without the checks between instructions (interrupts,
 //! HLT, VMX) that only the other instructions can make necessary. Everything
