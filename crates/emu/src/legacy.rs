@@ -486,6 +486,20 @@ impl Legacy {
             _ => self.pic.write(port, v),
         }
     }
+
+    /// Port input into (or output from) `data`, `size` bytes per access
+    /// from `port` up (the chips' registers are bytes).
+    pub fn transfer(&mut self, port: u16, size: usize, data: &mut [u8], input: bool) {
+        let size = size.max(1);
+        for (k, b) in data.iter_mut().enumerate() {
+            let p = port.wrapping_add((k % size) as u16);
+            if input {
+                *b = self.read(p);
+            } else {
+                self.write(p, *b);
+            }
+        }
+    }
 }
 
 /// ISA IRQ `irq` of a VM's PICs, for a device: an edge, and a wake-up for a

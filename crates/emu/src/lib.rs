@@ -77,7 +77,7 @@ pub struct EmuVm {
     config: EmuConfig,
     lines: Arc<Lines>,
     /// With `irqchip`: the PICs and the PIT.
-    legacy: Arc<Mutex<Legacy>>,
+    legacy: Option<Arc<Mutex<Legacy>>>,
 }
 
 impl EmuVm {
@@ -87,7 +87,9 @@ impl EmuVm {
             mem: mem.clone(),
             config,
             lines: Arc::new(Lines::default()),
-            legacy: Arc::new(Mutex::new(Legacy::default())),
+            legacy: config
+                .irqchip
+                .then(|| Arc::new(Mutex::new(Legacy::default()))),
         })
     }
 
@@ -129,8 +131,8 @@ impl EmuVm {
         cpu.trace = std::env::var_os("VISOR_EMU_TRACE").is_some_and(|v| v == "1");
         if self.config.irqchip {
             let mut lapic = Lapic::new(id, self.lines.clone());
-            if id == 0 {
-                lapic = lapic.with_legacy(self.legacy.clone());
+            if let Some(l) = self.legacy.clone().filter(|_| id == 0) {
+                lapic = lapic.with_legacy(l);
             }
             cpu.local = Some(Box::new(lapic));
         }
@@ -140,7 +142,7 @@ impl EmuVm {
     /// The PICs and the PIT (with `irqchip`; engines that answer their
     /// ports use [`legacy_io`]).
     pub fn legacy(&self) -> Option<Arc<Mutex<Legacy>>> {
-        self.config.irqchip.then(|| self.legacy.clone())
+        self.legacy.clone()
     }
 
     pub fn create_emu_vcpu(&mut self, id: u32) -> EmuVcpu {
@@ -186,16 +188,12 @@ pub fn legacy_io(cpu: &mut Cpu, legacy: &Mutex<Legacy>, exit: &CpuExit) -> bool 
     if !legacy::claims_port(port) {
         return false;
     }
-    let mut l = legacy.lock().unwrap_or_else(|p| p.into_inner());
-    let size = size.max(1) as usize;
-    for (k, b) in cpu.exit_data().iter_mut().enumerate() {
-        let p = port.wrapping_add((k % size) as u16);
-        if input {
-            *b = l.read(p);
-        } else {
-            l.write(p, *b);
-        }
-    }
+    legacy.lock().unwrap_or_else(|p| p.into_inner()).transfer(
+        port,
+        size as usize,
+        cpu.exit_data(),
+        input,
+    );
     true
 }
 

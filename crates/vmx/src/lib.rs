@@ -628,20 +628,20 @@ impl VmxVcpu {
                     None
                 } else if let Some(l) = legacy {
                     // The PICs and the PIT answer inside the engine.
-                    let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
+                    let n = size as usize;
+                    if !input {
+                        self.io = self.cpu.gpr[0].to_le_bytes();
+                    }
+                    l.lock().unwrap_or_else(|p| p.into_inner()).transfer(
+                        port,
+                        n,
+                        &mut self.io[..n],
+                        input,
+                    );
                     if input {
-                        for k in 0..size as usize {
-                            self.io[k] = l.read(port.wrapping_add(k as u16));
-                        }
                         self.pending = Pending::In { size };
-                        drop(l);
                         self.complete_pending();
                     } else {
-                        let v = self.cpu.gpr[0].to_le_bytes();
-                        for (k, b) in v.iter().take(size as usize).enumerate() {
-                            l.write(port.wrapping_add(k as u16), *b);
-                        }
-                        drop(l);
                         self.skip_instruction();
                     }
                     None

@@ -51,6 +51,64 @@ pub(crate) fn szp(r: u64, sz: usize) -> u64 {
     f
 }
 
+/// The two-operand ALU operations by their ModRM /reg number (ADD 0, OR 1,
+/// ADC 2, SBB 3, AND 4, SUB 5, XOR 6, CMP 7) and TEST as 8; `cf` is the
+/// carry ADC and SBB take in.
+#[inline(always)]
+pub(crate) fn binary(op: u8, a: u64, b: u64, cf: bool, sz: usize) -> (u64, u64) {
+    match op {
+        0 => add(a, b, false, sz),
+        1 => logic(a | b, sz),
+        2 => add(a, b, cf, sz),
+        3 => sub(a, b, cf, sz),
+        4 | 8 => logic(a & b, sz),
+        5 | 7 => sub(a, b, false, sz),
+        _ => logic(a ^ b, sz),
+    }
+}
+
+/// The condition `cc` (an iced `ConditionCode as u8`) on the flags `f`.
+#[inline(always)]
+pub(crate) fn condition(f: u64, cc: u8) -> bool {
+    use iced_x86::ConditionCode as C;
+    let b = |x: u64| f & x != 0;
+    const O: u8 = C::o as u8;
+    const NO: u8 = C::no as u8;
+    const B: u8 = C::b as u8;
+    const AE: u8 = C::ae as u8;
+    const E: u8 = C::e as u8;
+    const NE: u8 = C::ne as u8;
+    const BE: u8 = C::be as u8;
+    const A: u8 = C::a as u8;
+    const S: u8 = C::s as u8;
+    const NS: u8 = C::ns as u8;
+    const P: u8 = C::p as u8;
+    const NP: u8 = C::np as u8;
+    const L: u8 = C::l as u8;
+    const GE: u8 = C::ge as u8;
+    const LE: u8 = C::le as u8;
+    const G: u8 = C::g as u8;
+    match cc {
+        O => b(OF),
+        NO => !b(OF),
+        B => b(CF),
+        AE => !b(CF),
+        E => b(ZF),
+        NE => !b(ZF),
+        BE => b(CF) || b(ZF),
+        A => !b(CF) && !b(ZF),
+        S => b(SF),
+        NS => !b(SF),
+        P => b(PF),
+        NP => !b(PF),
+        L => b(SF) != b(OF),
+        GE => b(SF) == b(OF),
+        LE => b(ZF) || b(SF) != b(OF),
+        G => !b(ZF) && b(SF) == b(OF),
+        _ => true,
+    }
+}
+
 /// The truncated signed product of the two- and three-operand IMUL:
 /// CF and OF when it does not fit.
 #[inline(always)]

@@ -52,7 +52,7 @@ pub(crate) struct CodeCache {
     fetch_ix: usize,
     /// The instruction being run when it is not in a page's `insns` (it
     /// crosses a page boundary, or its page is full): see `Uop::uncached`.
-    pub uncached: Instruction,
+    uncached: Instruction,
     /// Its uop: one element (a heap buffer like the pages' `uops`, so that
     /// pointers to either live as long; see `Cpu::fetch_uop`).
     uncached_uop: Vec<Uop>,
@@ -82,11 +82,15 @@ impl CodeCache {
         self.fetch_vpage = u64::MAX;
     }
 
-    /// The decoded instruction of the uop that the last fetch returned
+    /// The decoded instruction of `u`, the uop the last fetch returned
     /// (valid until the next fetch or invalidation).
     #[inline]
-    pub fn current(&self) -> Instruction {
-        self.pages[self.fetch_slot].insns[self.fetch_ix]
+    pub fn insn_of(&self, u: &Uop) -> Instruction {
+        if u.is_uncached() {
+            self.uncached
+        } else {
+            self.pages[self.fetch_slot].insns[self.fetch_ix]
+        }
     }
 
     #[inline]
@@ -149,12 +153,7 @@ impl Cpu {
     pub(crate) fn fetch(&mut self, out: &mut Instruction) -> R<()> {
         let p = self.fetch_uop()?;
         // SAFETY: see `fetch_uop`; nothing runs between the fetch and this read.
-        let uncached = unsafe { (*p).is_uncached() };
-        *out = if uncached {
-            self.code.uncached
-        } else {
-            self.code.current()
-        };
+        *out = self.code.insn_of(unsafe { &*p });
         Ok(())
     }
 

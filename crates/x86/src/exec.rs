@@ -278,27 +278,7 @@ impl Cpu {
 
     #[inline]
     pub(crate) fn cond(&self, cc: ConditionCode) -> bool {
-        let f = self.rflags;
-        let b = |x: u64| f & x != 0;
-        match cc {
-            ConditionCode::o => b(OF),
-            ConditionCode::no => !b(OF),
-            ConditionCode::b => b(CF),
-            ConditionCode::ae => !b(CF),
-            ConditionCode::e => b(ZF),
-            ConditionCode::ne => !b(ZF),
-            ConditionCode::be => b(CF) || b(ZF),
-            ConditionCode::a => !b(CF) && !b(ZF),
-            ConditionCode::s => b(SF),
-            ConditionCode::ns => !b(SF),
-            ConditionCode::p => b(PF),
-            ConditionCode::np => !b(PF),
-            ConditionCode::l => b(SF) != b(OF),
-            ConditionCode::ge => b(SF) == b(OF),
-            ConditionCode::le => b(ZF) || b(SF) != b(OF),
-            ConditionCode::g => !b(ZF) && b(SF) == b(OF),
-            _ => true,
-        }
+        alu::condition(self.rflags, cc as u8)
     }
 
     #[inline]
@@ -336,11 +316,7 @@ impl Cpu {
         let u = unsafe { *p };
         if self.trace {
             // Tracing: the generic path.
-            let i = if u.is_uncached() {
-                self.code.uncached
-            } else {
-                self.code.current()
-            };
+            let i = self.code.insn_of(&u);
             self.exec_insn(&i)?;
         } else {
             self.next_rip = u.ip.wrapping_add(u.len as u64);
@@ -505,13 +481,7 @@ impl Cpu {
     fn alu_fast(&mut self, i: &Instruction, op: u8, sz: usize) -> R<()> {
         let a = self.read_op(i, 0, sz)?;
         let b = self.read_op(i, 1, sz)? & mask(sz);
-        let (r, f) = match op {
-            0 => alu::add(a, b, false, sz),
-            1 => alu::logic(a | b, sz),
-            4 | 8 => alu::logic(a & b, sz),
-            5 | 7 => alu::sub(a, b, false, sz),
-            _ => alu::logic(a ^ b, sz),
-        };
+        let (r, f) = alu::binary(op, a, b, false, sz);
         if op != 7 && op != 8 {
             self.write_op(i, 0, sz, r)?;
         }
@@ -1063,16 +1033,7 @@ impl Cpu {
         let d = self.dst(i)?;
         let a = self.dst_read(d, sz)?;
         let b = self.read_op(i, 1, sz)?;
-        let cf = self.rflags & CF != 0;
-        let (r, f) = match op {
-            0 => alu::add(a, b, false, sz),
-            1 => alu::logic(a | b, sz),
-            2 => alu::add(a, b, cf, sz),
-            3 => alu::sub(a, b, cf, sz),
-            4 => alu::logic(a & b, sz),
-            5 | 7 => alu::sub(a, b, false, sz),
-            _ => alu::logic(a ^ b, sz),
-        };
+        let (r, f) = alu::binary(op, a, b, self.rflags & CF != 0, sz);
         if op != 7 {
             self.dst_write(d, sz, r)?;
         }

@@ -8,6 +8,7 @@ use iced_x86::{Code, Instruction, Mnemonic as M, OpKind, Register};
 use vcpu::{cr0, cr4};
 
 use crate::mmu::Acc;
+use crate::sse;
 use crate::{exc, exc_code, vector, Cpu, R};
 
 #[derive(Clone, Debug)]
@@ -73,7 +74,8 @@ impl Cpu {
         Ok(())
     }
 
-    fn sse_check(&self) -> R<()> {
+    /// CR0/CR4 allow SSE instructions (else #UD or #NM).
+    pub(crate) fn sse_check(&self) -> R<()> {
         if self.cr0 & (1 << 2) != 0 || self.cr4 & cr4::OSFXSR == 0 {
             return exc(vector::UD);
         }
@@ -81,11 +83,6 @@ impl Cpu {
             return exc(vector::NM);
         }
         Ok(())
-    }
-
-    /// CR0/CR4 allow SSE instructions (else #UD or #NM).
-    pub(crate) fn sse_ready(&self) -> R<()> {
-        self.sse_check()
     }
 
     pub(crate) fn xmm_reg(&self, r: Register) -> u128 {
@@ -96,12 +93,7 @@ impl Cpu {
         self.fpu.xmm[xmm_index(r)] = v;
     }
 
-    /// The source operand (1): an XMM register or memory.
-    pub(crate) fn xmm_src(&mut self, i: &Instruction, aligned: bool) -> R<u128> {
-        self.read_xmm_op(i, 1, aligned)
-    }
-
-    fn read_xmm_op(&mut self, i: &Instruction, n: u32, aligned: bool) -> R<u128> {
+    pub(crate) fn read_xmm_op(&mut self, i: &Instruction, n: u32, aligned: bool) -> R<u128> {
         match i.op_kind(n) {
             OpKind::Register => {
                 let r = i.op_register(n);
@@ -215,23 +207,6 @@ impl Cpu {
             f.xmm[k] = u128::from_le_bytes(x);
         }
         Ok(())
-    }
-
-    /// Packed integer compare for equality of `w`-byte lanes.
-    fn pcmpeq(a: u128, b: u128, w: usize) -> u128 {
-        let mut r = 0u128;
-        let lane = if w == 16 {
-            !0u128
-        } else {
-            (1u128 << (w * 8)) - 1
-        };
-        for k in 0..16 / w {
-            let sh = k * w * 8;
-            if (a >> sh) & lane == (b >> sh) & lane {
-                r |= lane << sh;
-            }
-        }
-        r
     }
 
     /// Pushes `v` onto the x87 stack. Into a full register: stack overflow
@@ -417,26 +392,18 @@ impl Cpu {
                 let d = xmm_index(i.op0_register());
                 let a = self.fpu.xmm[d];
                 let b = self.read_xmm_op(i, 1, true)?;
-                let lo = |x: u128| x as u64;
-                let hi = |x: u128| (x >> 64) as u64;
                 let r = match i.mnemonic() {
                     M::Pxor | M::Xorps | M::Xorpd => a ^ b,
                     M::Por | M::Orps | M::Orpd => a | b,
                     M::Pand | M::Andps | M::Andpd => a & b,
                     M::Pandn | M::Andnps | M::Andnpd => !a & b,
-                    M::Pcmpeqb => Self::pcmpeq(a, b, 1),
-                    M::Pcmpeqw => Self::pcmpeq(a, b, 2),
-                    M::Pcmpeqd => Self::pcmpeq(a, b, 4),
-                    M::Paddq => {
-                        (lo(a).wrapping_add(lo(b)) as u128)
-                            | ((hi(a).wrapping_add(hi(b)) as u128) << 64)
-                    }
-                    M::Psubq => {
-                        (lo(a).wrapping_sub(lo(b)) as u128)
-                            | ((hi(a).wrapping_sub(hi(b)) as u128) << 64)
-                    }
-                    M::Punpcklqdq => (lo(a) as u128) | ((lo(b) as u128) << 64),
-                    _ => (hi(a) as u128) | ((hi(b) as u128) << 64),
+                    M::Pcmpeqb => sse::pcmpeq(a, b, 1),
+                    M::Pcmpeqw => sse::pcmpeq(a, b, 2),
+                    M::Pcmpeqd => sse::pcmpeq(a, b, 4),
+                    M::Paddq => sse::map(a, b, 8, u64::wrapping_add),
+                    M::Psubq => sse::map(a, b, 8, u64::wrapping_sub),
+                    M::Punpcklqdq => sse::unpack(a, b, 8, false),
+                    _ => sse::unpack(a, b, 8, true),
                 };
                 self.fpu.xmm[d] = r;
                 Ok(())

@@ -10,11 +10,11 @@
 //! Each cached instruction is also pre-decoded into a uop (`uop.rs`): the
 //! frequent forms of 64-bit code (MOV, LEA, MOVZX/MOVSX, ALU, INC/DEC, IMUL,
 //! DIV by a register, shifts by an immediate, Jcc, SETcc, CMOVcc, JMP, CALL,
-//! RET, PUSH, POP) get a handler of
-//! their own with operands resolved at decode time, and [`Cpu::run`] runs such
-//! uops back to back, without the checks between instructions (interrupts,
-//! HLT, VMX) that only the other instructions can make necessary. Everything
-//! else goes through the generic path (`exec`).
+//! RET, PUSH, POP) get a handler of their own with operands resolved at
+//! decode time, and [`Cpu::run`] runs such uops back to back, without the
+//! checks between instructions (interrupts, HLT, VMX) that only the other
+//! instructions can make necessary. Everything else goes through the
+//! generic path (`exec`).
 //!
 //! Accesses to guest-physical addresses that are not RAM are MMIO: unless the
 //! CPU's local device ([`Local`], the local APIC) claims them, [`Cpu::run`]

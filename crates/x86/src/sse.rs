@@ -26,12 +26,17 @@ fn sx(v: u64, w: usize) -> i64 {
 }
 
 /// `f` over each pair of `w`-byte lanes of `a` and `b`.
-fn map(a: u128, b: u128, w: usize, f: impl Fn(u64, u64) -> u64) -> u128 {
+pub(crate) fn map(a: u128, b: u128, w: usize, f: impl Fn(u64, u64) -> u64) -> u128 {
     let mut r = 0u128;
     for k in 0..16 / w {
         r |= ((f(lane(a, w, k), lane(b, w, k)) as u128) & lane_mask(w)) << (k * w * 8);
     }
     r
+}
+
+/// All ones in each `w`-byte lane where `a` and `b` are equal (PCMPEQ).
+pub(crate) fn pcmpeq(a: u128, b: u128, w: usize) -> u128 {
+    map(a, b, w, |x, y| 0u64.wrapping_sub((x == y) as u64))
 }
 
 /// Saturates `v` to a signed `w`-byte lane.
@@ -46,7 +51,7 @@ fn sat_u(v: i64, w: usize) -> u64 {
 }
 
 /// Interleaves the low (or high) halves' `w`-byte lanes of `a` and `b`.
-fn unpack(a: u128, b: u128, w: usize, high: bool) -> u128 {
+pub(crate) fn unpack(a: u128, b: u128, w: usize, high: bool) -> u128 {
     let n = 8 / w;
     let base = if high { n } else { 0 };
     let mut r = 0u128;
@@ -113,14 +118,14 @@ impl Cpu {
         }
         Some(match m {
             M::Pextrw if xmm1 && i.op0_kind() == OpKind::Register => (|| {
-                self.sse_ready()?;
+                self.sse_check()?;
                 let v = self.xmm_reg(i.op1_register());
                 let w = lane(v, 2, (i.immediate(2) & 7) as usize);
                 self.set_reg(i.op0_register(), w);
                 Ok(())
             })(),
             M::Pinsrw if xmm0 => (|| {
-                self.sse_ready()?;
+                self.sse_check()?;
                 let src = if i.op1_kind() == OpKind::Register {
                     self.reg(i.op1_register()) & 0xffff
                 } else {
@@ -134,7 +139,7 @@ impl Cpu {
                 Ok(())
             })(),
             M::Movmskps | M::Movmskpd if xmm1 => (|| {
-                self.sse_ready()?;
+                self.sse_check()?;
                 let v = self.xmm_reg(i.op1_register());
                 let w = if m == M::Movmskps { 4 } else { 8 };
                 let mut r = 0u64;
@@ -150,7 +155,7 @@ impl Cpu {
                 && i.op1_kind() == OpKind::Immediate8 =>
             {
                 (|| {
-                    self.sse_ready()?;
+                    self.sse_check()?;
                     let a = self.xmm_reg(i.op0_register());
                     let c = i.immediate(1) & 0xff;
                     let v = Self::sse_shift(m, a, c);
@@ -159,7 +164,7 @@ impl Cpu {
                 })()
             }
             M::Movhlps | M::Movlhps if xmm0 && xmm1 => (|| {
-                self.sse_ready()?;
+                self.sse_check()?;
                 let a = self.xmm_reg(i.op0_register());
                 let b = self.xmm_reg(i.op1_register());
                 let v = if m == M::Movhlps {
@@ -171,7 +176,7 @@ impl Cpu {
                 Ok(())
             })(),
             M::Movhps | M::Movhpd | M::Movlps | M::Movlpd => (|| {
-                self.sse_ready()?;
+                self.sse_check()?;
                 let high = matches!(m, M::Movhps | M::Movhpd);
                 let sh = if high { 64 } else { 0 };
                 if xmm0 && mem1 {
@@ -314,9 +319,9 @@ impl Cpu {
             _ => return None,
         };
         Some((|| {
-            self.sse_ready()?;
+            self.sse_check()?;
             // The SSE2 forms of all of these take an aligned m128.
-            let b = self.xmm_src(i, true)?;
+            let b = self.read_xmm_op(i, 1, true)?;
             let a = self.xmm_reg(i.op0_register());
             let imm = if i.op_count() > 2 {
                 i.immediate(2) as u8
@@ -330,8 +335,8 @@ impl Cpu {
 
     /// PSLL/PSRL/PSRA by the count in an XMM register or m128.
     fn sse_shift_by_xmm(&mut self, i: &Instruction, m: M) -> R<()> {
-        self.sse_ready()?;
-        let c = self.xmm_src(i, true)? as u64;
+        self.sse_check()?;
+        let c = self.read_xmm_op(i, 1, true)? as u64;
         let a = self.xmm_reg(i.op0_register());
         self.set_xmm_reg(i.op0_register(), Self::sse_shift(m, a, c));
         Ok(())

@@ -93,8 +93,8 @@ impl Uop {
 
     /// A uop that runs an instruction not kept in the decoded-page cache.
     pub(crate) fn uncached(i: &Instruction) -> Uop {
+        // (Bits 0: no handler of its own, so `generic`.)
         let mut u = Uop::new(i, 0);
-        u.run = generic_uncached;
         u.uncached = true;
         u
     }
@@ -109,13 +109,8 @@ impl Uop {
 }
 
 /// Any instruction: the decoded iced-x86 instruction through `exec`.
-fn generic(cpu: &mut Cpu, _: &Uop) -> R<()> {
-    let i = cpu.code.current();
-    cpu.exec_insn(&i)
-}
-
-fn generic_uncached(cpu: &mut Cpu, _: &Uop) -> R<()> {
-    let i = cpu.code.uncached;
+fn generic(cpu: &mut Cpu, u: &Uop) -> R<()> {
+    let i = cpu.code.insn_of(u);
     cpu.exec_insn(&i)
 }
 
@@ -556,40 +551,7 @@ use by_cc;
 /// Condition `CC` (a `ConditionCode as u8`) on `f`.
 #[inline(always)]
 fn holds<const CC_: u8>(f: u64) -> bool {
-    let b = |x: u64| f & x != 0;
-    const O: u8 = CC::o as u8;
-    const NO: u8 = CC::no as u8;
-    const B: u8 = CC::b as u8;
-    const AE: u8 = CC::ae as u8;
-    const E: u8 = CC::e as u8;
-    const NE: u8 = CC::ne as u8;
-    const BE: u8 = CC::be as u8;
-    const A: u8 = CC::a as u8;
-    const S: u8 = CC::s as u8;
-    const NS: u8 = CC::ns as u8;
-    const P: u8 = CC::p as u8;
-    const NP: u8 = CC::np as u8;
-    const L: u8 = CC::l as u8;
-    const GE: u8 = CC::ge as u8;
-    const LE: u8 = CC::le as u8;
-    match CC_ {
-        O => b(OF),
-        NO => !b(OF),
-        B => b(CF),
-        AE => !b(CF),
-        E => b(ZF),
-        NE => !b(ZF),
-        BE => b(CF) || b(ZF),
-        A => !b(CF) && !b(ZF),
-        S => b(SF),
-        NS => !b(SF),
-        P => b(PF),
-        NP => !b(PF),
-        L => b(SF) != b(OF),
-        GE => b(SF) == b(OF),
-        LE => b(ZF) || b(SF) != b(OF),
-        _ => !b(ZF) && b(SF) == b(OF),
-    }
+    alu::condition(f, CC_)
 }
 
 // ---- operand access --------------------------------------------------------
@@ -631,31 +593,19 @@ impl Cpu {
         self.gpr[r as usize & 15]
     }
 
-    /// Writes a register of `SZ` bytes (8-bit writes merge; 32-bit writes
-    /// zero-extend).
+    /// Writes a register of `SZ` bytes (`set_gpr_sz`, the size known at
+    /// compile time).
     #[inline(always)]
     fn set_g<const SZ: usize>(&mut self, r: u8, v: u64) {
-        let g = &mut self.gpr[r as usize & 15];
-        *g = match SZ {
-            1 => (*g & !0xff) | (v & 0xff),
-            2 => (*g & !0xffff) | (v & 0xffff),
-            4 => v & 0xffff_ffff,
-            _ => v,
-        };
+        self.set_gpr_sz(r as usize & 15, SZ, v);
     }
 
     /// OP (`alu2` numbering, 8 = TEST) of `a` and `b`: sets the arithmetic
     /// flags and returns the result.
     #[inline(always)]
     fn u_alu<const OP: u8, const SZ: usize>(&mut self, a: u64, b: u64) -> u64 {
-        let (r, f) = match OP {
-            ADD => alu::add(a, b, false, SZ),
-            OR => alu::logic(a | b, SZ),
-            AND | TEST => alu::logic(a & b, SZ),
-            SUB | CMP => alu::sub(a, b, false, SZ),
-            _ => alu::logic(a ^ b, SZ),
-        };
-        self.rflags = (self.rflags & !ARITH) | f;
+        let (r, f) = alu::binary(OP, a, b, false, SZ);
+        self.set_arith(f);
         r
     }
 }
@@ -821,7 +771,7 @@ fn shift_ri<const OP: u8, const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
     }
     let (r, f) = alu::shift(OP, a, u.imm as u32, SZ, cpu.rflags);
     cpu.set_g::<SZ>(u.r0, r);
-    cpu.rflags = (cpu.rflags & !ARITH) | f;
+    cpu.set_arith(f);
     Ok(())
 }
 
@@ -858,14 +808,14 @@ fn incdec<const DEC: bool, const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
         alu::add(a, 1, false, SZ)
     };
     cpu.set_g::<SZ>(u.r0, r);
-    cpu.rflags = (cpu.rflags & !ARITH) | (f & !CF) | (cpu.rflags & CF);
+    cpu.set_arith((f & !CF) | (cpu.rflags & CF));
     Ok(())
 }
 
 fn imul_rr<const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
     let (r, f) = alu::imul(cpu.g(u.r0) & mask(SZ), cpu.g(u.r1) & mask(SZ), SZ);
     cpu.set_g::<SZ>(u.r0, r);
-    cpu.rflags = (cpu.rflags & !ARITH) | f;
+    cpu.set_arith(f);
     Ok(())
 }
 
@@ -874,7 +824,7 @@ fn imul_rm<const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
     let b = cpu.rd_inline(l, SZ)?;
     let (r, f) = alu::imul(cpu.g(u.r0) & mask(SZ), b, SZ);
     cpu.set_g::<SZ>(u.r0, r);
-    cpu.rflags = (cpu.rflags & !ARITH) | f;
+    cpu.set_arith(f);
     Ok(())
 }
 

@@ -497,9 +497,6 @@ impl Cpu {
         true
     }
 
-    /// Events at an instruction boundary in VMX non-root operation (the
-    /// preemption timer, the interrupt window, external interrupts): true
-    /// if one caused a VM exit. `blocked`: blocking by STI or MOV SS.
     /// Whether none of the exits that can come between any two
     /// instructions is armed (the preemption timer, the monitor trap flag,
     /// NMI- and interrupt-window exiting): then non-root code runs uops back
@@ -511,6 +508,9 @@ impl Cpu {
                 == 0
     }
 
+    /// Events at an instruction boundary in VMX non-root operation (the
+    /// preemption timer, the interrupt window, external interrupts): true
+    /// if one caused a VM exit. `blocked`: blocking by STI or MOV SS.
     pub(crate) fn vmx_boundary(&mut self, blocked: bool) -> bool {
         let (pin, proc) = (self.vmx.pin, self.vmx.proc);
         if std::mem::take(&mut self.vmx.init_pending) {
