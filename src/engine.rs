@@ -52,8 +52,9 @@ impl Engine {
         Engine::Trap,
         Engine::Pv,
     ];
-    /// The engines `--engine auto` chooses from, best first: the software CPU
-    /// where KVM cannot run.
+    /// The engines `--engine auto` chooses from, best first: the fastest
+    /// software engine where KVM cannot run (or cannot run a Linux guest to
+    /// user space).
     pub const AUTO: &'static [Engine] = &[Engine::Kvm, Engine::Emu];
 
     pub fn name(self) -> &'static str {
@@ -111,12 +112,31 @@ impl Engine {
         }
     }
 
-    /// The best engine available on this host (`--engine auto`).
-    pub fn auto() -> Result<Engine, String> {
+    /// Why this engine cannot run a Linux guest to user space on this host
+    /// although it is available (KVM on a PVM host), or `None`.
+    pub fn linux_limit(self) -> Option<&'static str> {
+        match self {
+            Engine::Kvm => visor_kvm::linux_userspace_unsupported(),
+            Engine::Emu | Engine::Vmx | Engine::Trap | Engine::Pv => None,
+        }
+    }
+
+    /// The best engine available on this host (`--engine auto`) for a
+    /// kernel, `linux` if it is a Linux kernel: with the reason an engine
+    /// ahead of it was passed over for Linux, if one was (the caller says
+    /// so in one line).
+    pub fn auto(linux: bool) -> Result<(Engine, Option<&'static str>), String> {
         let mut why = Vec::new();
+        let mut passed = None;
         for &e in Engine::AUTO {
             match e.unavailable_reason() {
-                None => return Ok(e),
+                None => match e.linux_limit().filter(|_| linux) {
+                    Some(limit) => {
+                        passed.get_or_insert(limit);
+                        why.push(format!("{}: {limit}", e.name()));
+                    }
+                    None => return Ok((e, passed)),
+                },
                 Some(r) => why.push(format!("{}: {r}", e.name())),
             }
         }

@@ -115,9 +115,17 @@ fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
 }
 
-fn select_engine(name: &str) -> Result<Engine, String> {
+/// The engine `--engine` names for a kernel of kind `kind`. On a host where
+/// an engine cannot run Linux to user space (KVM on PVM), `auto` passes it
+/// over for a Linux kernel and says so, and naming it explicitly warns.
+fn select_engine(name: &str, kind: KernelKind) -> Result<Engine, String> {
+    let linux = kind == KernelKind::Linux;
     if name == "auto" {
-        return Engine::auto();
+        let (e, passed) = Engine::auto(linux)?;
+        if let Some(why) = passed {
+            eprintln!("visor: {why}; using engine {e}");
+        }
+        return Ok(e);
     }
     let e = Engine::from_name(name).ok_or_else(|| {
         let names: Vec<_> = Engine::ALL.iter().map(|e| e.name()).collect();
@@ -126,10 +134,13 @@ fn select_engine(name: &str) -> Result<Engine, String> {
             names.join(", ")
         )
     })?;
-    match e.unavailable_reason() {
-        Some(why) => Err(format!("engine {e} is not available: {why}")),
-        None => Ok(e),
+    if let Some(why) = e.unavailable_reason() {
+        return Err(format!("engine {e} is not available: {why}"));
     }
+    if let Some(why) = e.linux_limit().filter(|_| linux) {
+        eprintln!("visor: warning: {why}: the kernel will not reach init on engine {e}");
+    }
+    Ok(e)
 }
 
 fn run(args: RunArgs) -> Result<i32, String> {
@@ -153,7 +164,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
     };
     let kind = loader::detect(&image).map_err(|e| format!("{kernel_name}: {e}"))?;
     // An unavailable engine is reported after the kernel is checked.
-    let engine = select_engine(&args.engine);
+    let engine = select_engine(&args.engine, kind);
     let mut cmdline = args.cmdline.clone();
     if let (KernelKind::Linux, Ok(engine)) = (kind, &engine) {
         let needs = engine.linux_parameters();

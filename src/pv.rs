@@ -464,6 +464,7 @@ impl Hypercalls {
             if ctx.mem.write_obj(req.val, GuestAddress(req.ptr)).is_err() {
                 break;
             }
+            ctx.vcpu.memory_written(req.ptr, 8);
             done += 1;
         }
         if done > 0 {
@@ -515,6 +516,7 @@ impl Hypercalls {
             {
                 return Ok(EFAULT);
             }
+            ctx.vcpu.memory_written(at, 16);
         }
         let mut s = ctx.vcpu.sregs()?;
         s.idt = vcpu::DescriptorTable {

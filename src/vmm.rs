@@ -1,13 +1,13 @@
 //! The VM and the VMM loop, written once for every engine: run the vCPU, complete
 //! its exit against the buses, count it, repeat.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use machine::bus::StopReason;
 use machine::{Action, Bus, GuestMemory, MemoryLayout};
-use vcpu::{Regs, SRegs, Vcpu, VcpuError, VcpuExit};
+use vcpu::{Kick, Regs, SRegs, Vcpu, VcpuError, VcpuExit};
 
 use crate::pv::{After, Hypercalls};
 use crate::{Engine, Stats, VmOptions};
@@ -103,12 +103,12 @@ pub struct Vm {
     stop: Arc<AtomicBool>,
 }
 
-/// Stops a running [`Vm`] from another thread: sets the flag and kicks the vCPU
-/// thread with SIGUSR1 until the engine returns to the loop.
+/// Stops a running [`Vm`] from another thread: sets the flag and kicks the
+/// vCPU (see [`vcpu::Kick`]).
 #[derive(Clone)]
 pub struct Stopper {
     flag: Arc<AtomicBool>,
-    thread: libc::pthread_t,
+    kick: Arc<Kick>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int) {}
@@ -116,20 +116,36 @@ extern "C" fn kick_handler(_: libc::c_int) {}
 /// Set by SIGUSR2: the loop prints the vCPU's registers and goes on.
 static DUMP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
+/// The kick of the vCPU that runs now, for SIGUSR2's handler. Each
+/// [`Vm::run`] stores its own; the previous one is leaked (a handler may be
+/// using it), a few bytes a run.
+static SIGNAL_KICK: AtomicPtr<Kick> = AtomicPtr::new(std::ptr::null_mut());
+
 extern "C" fn dump_handler(_: libc::c_int) {
     DUMP_REQUESTED.store(true, Ordering::SeqCst);
+    let k = SIGNAL_KICK.load(Ordering::SeqCst);
+    // SAFETY: a non-null SIGNAL_KICK came from `Arc::into_raw` and is never
+    // released, so it points at a live Kick; `Kick::kick` only touches
+    // atomics and makes async-signal-safe system calls.
+    if let Some(k) = unsafe { k.as_ref() } {
+        k.kick();
+    }
 }
 
-/// SIGUSR1 kicks the vCPU out of the engine (no-op handler, no SA_RESTART);
-/// SIGUSR2 also asks for a register dump (`kill -USR2 <pid>` on a guest that
-/// seems stuck).
+/// The kick signal interrupts a vCPU thread blocked in KVM_RUN (no-op
+/// handler, no SA_RESTART); SIGUSR2 asks for a register dump (`kill -USR2
+/// <pid>` on a guest that seems stuck).
 fn install_signal_handlers() {
     for (sig, handler) in [
-        (libc::SIGUSR1, kick_handler as extern "C" fn(libc::c_int)),
+        (
+            vcpu::KICK_SIGNAL,
+            kick_handler as extern "C" fn(libc::c_int),
+        ),
         (libc::SIGUSR2, dump_handler),
     ] {
-        // SAFETY: the handlers only store to an atomic, which is async-signal-safe;
-        // without SA_RESTART a blocking KVM_RUN returns EINTR to the loop.
+        // SAFETY: the handlers only store to atomics and make
+        // async-signal-safe system calls; without SA_RESTART a blocking
+        // KVM_RUN returns EINTR to the loop.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = handler as *const () as usize;
@@ -140,20 +156,24 @@ fn install_signal_handlers() {
 }
 
 impl Stopper {
+    /// Stops the VM: its run ends with [`Outcome::TimedOut`].
     pub fn stop(&self) {
         self.flag.store(true, Ordering::SeqCst);
+        self.kick.kick();
     }
 
-    /// Stops the VM after `after`, kicking until the run has ended.
+    /// Stops the VM after `after`. A kick that reaches a KVM vCPU just before
+    /// it enters the guest is seen only at the guest's next exit, so the
+    /// kick is repeated until the engine has taken it.
     pub fn stop_after(self, after: Duration) {
         std::thread::spawn(move || {
             std::thread::sleep(after);
             self.stop();
-            loop {
-                // SAFETY: signalling a thread of this process; SIGUSR1 has a no-op
-                // handler installed by `Vm::stopper`, so it only interrupts KVM_RUN.
-                unsafe { libc::pthread_kill(self.thread, libc::SIGUSR1) };
+            while self.kick.pending() {
                 std::thread::sleep(Duration::from_millis(20));
+                if self.kick.pending() {
+                    self.kick.kick();
+                }
             }
         });
     }
@@ -201,9 +221,17 @@ impl Vm {
         install_signal_handlers();
         Stopper {
             flag: self.stop.clone(),
-            // SAFETY: pthread_self has no preconditions.
-            thread: unsafe { libc::pthread_self() },
+            kick: self.vcpu.kick(),
         }
+    }
+
+    /// Writes `data` to guest memory at `gpa` between runs, and tells the
+    /// engine (which may cache code decoded or translated from there).
+    pub fn write_memory(&mut self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        vm_memory::Bytes::write_slice(&self.mem, data, vm_memory::GuestAddress(gpa))
+            .map_err(|e| format!("writing {} bytes at {gpa:#x}: {e}", data.len()))?;
+        self.vcpu.memory_written(gpa, data.len() as u64);
+        Ok(())
     }
 
     pub fn set_cpu_state(&mut self, regs: &Regs, sregs: &SRegs) -> Result<(), VcpuError> {
@@ -214,6 +242,7 @@ impl Vm {
     /// Runs the vCPU until the machine stops, recording every exit in `stats`.
     pub fn run(&mut self, stats: &mut Stats) -> Result<Outcome, VcpuError> {
         install_signal_handlers();
+        SIGNAL_KICK.store(Arc::into_raw(self.vcpu.kick()).cast_mut(), Ordering::SeqCst);
         let start = Instant::now();
         let out = self.run_loop(stats);
         stats.wall_time += start.elapsed();
@@ -231,6 +260,7 @@ impl Vm {
             let mut name = exit.name();
             let mut stop = None;
             let mut hypercall = false;
+            let mut written = None;
             match exit {
                 VcpuExit::IoOut { port, size: 4, .. }
                     if port == hypercall::HYPERCALL_PORT as u16 && self.hypercalls.page().is_some() =>
@@ -246,6 +276,8 @@ impl Vm {
                     if !ok {
                         *fault = 1;
                     }
+                    // The hypercall page was written (its stubs).
+                    written = self.hypercalls.page().filter(|_| ok);
                 }
                 VcpuExit::MsrRead { index, data, fault } => {
                     if index == hypercall::MSR_HYPERCALL_PAGE && self.hypercalls.advertised {
@@ -323,6 +355,9 @@ impl Vm {
                     let what = format!("engine {} stopped the guest: {reason}", self.engine);
                     stop = Some(self.failure(what)?)
                 }
+            }
+            if let Some(gpa) = written {
+                self.vcpu.memory_written(gpa, 0x1000);
             }
             if hypercall {
                 let mut regs = self.vcpu.regs()?;

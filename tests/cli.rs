@@ -8,6 +8,9 @@ use std::process::{Command, Output};
 use iced_x86::code_asm::*;
 use machine::loader::elf64_image;
 
+#[path = "common/engines.rs"]
+mod engines;
+
 fn visor(args: &[&str]) -> Output {
     visor_env(args, &[])
 }
@@ -47,13 +50,7 @@ fn assert_error(o: &Output, needle: &str) {
 }
 
 fn kvm_here() -> bool {
-    match visor::Engine::Kvm.unavailable_reason() {
-        None => true,
-        Some(why) => {
-            eprintln!("SKIPPED: engine kvm unavailable: {why}");
-            false
-        }
-    }
+    engines::available(visor::Engine::Kvm)
 }
 
 fn tmp(name: &str, data: &[u8]) -> (tempfile::TempDir, PathBuf) {

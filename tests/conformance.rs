@@ -41,14 +41,9 @@ macro_rules! on_every_engine {
 }
 
 fn run_case(engine: Engine, case: fn(Engine)) {
-    if let Some(why) = engine.unavailable_reason() {
-        if std::env::var_os("VISOR_REQUIRE_ENGINES").is_some() {
-            panic!("engine {engine} is required but unavailable: {why}");
-        }
-        eprintln!("SKIPPED on engine {engine}: {why}");
-        return;
+    if common::engines::available(engine) {
+        case(engine)
     }
-    case(engine)
 }
 
 on_every_engine!(

@@ -40,8 +40,7 @@ fn kernel_for_host(dir: &std::path::Path) -> Option<std::path::PathBuf> {
 /// the E820 map visor gave it come out on the early serial console.
 #[test]
 fn early_boot_reaches_the_console() {
-    if let Some(why) = visor::Engine::Kvm.unavailable_reason() {
-        eprintln!("SKIPPED: engine kvm unavailable: {why}");
+    if !common::engines::available(visor::Engine::Kvm) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -118,8 +117,7 @@ fn debian_linux_boots_to_busybox() {
     let (Some(bzimage), Some(busybox)) = (initramfs::debian_kernel(), initramfs::busybox()) else {
         panic!("Debian's kernel or busybox is missing: ./test.sh installs linux-image-amd64 and busybox-static");
     };
-    if let Some(why) = visor::Engine::Kvm.unavailable_reason() {
-        eprintln!("SKIPPED: engine kvm unavailable: {why}");
+    if !common::engines::available(visor::Engine::Kvm) {
         return;
     }
     let pvm = visor_kvm::host_is_pvm();
@@ -282,4 +280,54 @@ fn boot_to_busybox(
         engine.name(),
         start.elapsed()
     );
+}
+
+/// Runs visor on Debian's bzImage for a second and returns its stderr and
+/// the engine its statistics name.
+fn engine_chosen_for_linux(engine_args: &[&str]) -> (String, String) {
+    let bzimage = initramfs::debian_kernel()
+        .expect("Debian's kernel is missing: ./test.sh installs linux-image-amd64");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("stats.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_visor"))
+        .arg("run")
+        .arg(&bzimage)
+        .args(engine_args)
+        .args(["--mem", "256M", "--timeout", "1", "--stats-json"])
+        .arg(&json)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(8), "timed out: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (err, v["engine"].as_str().unwrap_or_default().to_string())
+}
+
+/// `--engine auto` never picks an engine that cannot run Linux here: on a
+/// PVM host it passes `kvm` over for a Linux kernel and says so in one line;
+/// an explicit `--engine kvm` warns. Where KVM can run Linux, auto keeps it.
+#[test]
+fn auto_engine_for_linux_fits_the_host() {
+    let (err, engine) = engine_chosen_for_linux(&[]);
+    let pvm_line = "visor: /dev/kvm here is PVM, which cannot run Linux user space; using engine";
+    if visor_kvm::host_is_pvm() && visor::Engine::Kvm.unavailable_reason().is_none() {
+        assert_ne!(engine, "kvm", "{err}");
+        assert_eq!(err.matches(pvm_line).count(), 1, "{err}");
+        assert!(err.contains(&format!("{pvm_line} {engine}")), "{err}");
+        let (err, engine) = engine_chosen_for_linux(&["--engine", "kvm"]);
+        assert_eq!(engine, "kvm");
+        assert!(
+            err.contains("visor: warning: /dev/kvm here is PVM, which cannot run Linux user space"),
+            "{err}"
+        );
+    } else {
+        assert!(!err.contains("PVM"), "{err}");
+        let expect = if visor::Engine::Kvm.unavailable_reason().is_none() {
+            "kvm"
+        } else {
+            "emu"
+        };
+        assert_eq!(engine, expect, "{err}");
+    }
 }

@@ -839,10 +839,8 @@ impl Runner {
 
     /// Runs `code` at CPL 3 from `init` (its RSP is the user stack) and `scratch`.
     fn run(&mut self, code: &[u8], init: &Regs, scratch: &[u8]) -> Result<(Regs, Vec<u8>), String> {
-        let mem = &self.vm.mem;
-        mem.write_slice(code, GuestAddress(CODE))
-            .and_then(|()| mem.write_slice(scratch, GuestAddress(SCRATCH)))
-            .map_err(|e| e.to_string())?;
+        self.vm.write_memory(CODE, code)?;
+        self.vm.write_memory(SCRATCH, scratch)?;
         self.vm
             .set_cpu_state(init, &self.sregs)
             .map_err(|e| e.to_string())?;

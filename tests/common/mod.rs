@@ -2,5 +2,6 @@
 
 #![allow(dead_code)]
 
+pub mod engines;
 pub mod guest;
 pub mod initramfs;

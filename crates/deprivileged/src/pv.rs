@@ -19,8 +19,8 @@
 use std::sync::Arc;
 
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
-use vcpu::{cr0, efer, IrqLine, Regs, Result, SRegs, Vcpu, VcpuExit};
-use visor_emu::{Lines, RunClock, VectorLine, SLICE};
+use softplat::{Platform, Step};
+use vcpu::{cr0, efer, IrqLine, Kick, Regs, Result, SRegs, Vcpu, VcpuExit};
 use vm_memory::GuestMemoryMmap;
 use x86::{msr, vector, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
 
@@ -29,14 +29,15 @@ use crate::walk;
 
 pub struct PvVm {
     mem: GuestMemoryMmap<()>,
-    lines: Arc<Lines>,
+    /// Only the vector lines (event channels): no local APIC, no PICs.
+    platform: Arc<Platform>,
 }
 
 impl PvVm {
     pub fn new(mem: &GuestMemoryMmap<()>) -> Result<PvVm> {
         Ok(PvVm {
             mem: mem.clone(),
-            lines: Arc::new(Lines::default()),
+            platform: Arc::new(Platform::new(false, false)),
         })
     }
 
@@ -66,9 +67,8 @@ impl PvVm {
                 cpu,
                 v: Virt::default(),
             },
-            lines: self.lines.clone(),
+            platform: self.platform.clone(),
             pending: [0; 4],
-            clock: RunClock::default(),
             c: Counters::default(),
         }
     }
@@ -86,7 +86,7 @@ impl vcpu::Vm for PvVm {
     /// An event channel: raising it delivers `vector` through the guest's
     /// trap table.
     fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
-        Ok(Some(Arc::new(VectorLine::new(self.lines.clone(), vector))))
+        Ok(Some(self.platform.vector_line(vector)))
     }
 }
 
@@ -102,10 +102,9 @@ struct Counters {
 
 pub struct PvVcpu {
     g: Guest,
-    lines: Arc<Lines>,
+    platform: Arc<Platform>,
     /// Events raised and not yet delivered, one bit per vector.
     pending: [u64; 4],
-    clock: RunClock,
     c: Counters,
 }
 
@@ -156,7 +155,7 @@ fn privileged(i: &Instruction) -> bool {
 impl PvVcpu {
     /// Delivers the highest pending event if the kernel's event mask allows.
     fn deliver_event(&mut self) -> Option<Option<VcpuExit<'static>>> {
-        for (p, t) in self.pending.iter_mut().zip(self.lines.take()) {
+        for (p, t) in self.pending.iter_mut().zip(self.platform.lines().take()) {
             *p |= t;
         }
         if !self.g.v.vif && self.g.vcpl() == 0 {
@@ -219,55 +218,69 @@ impl PvVcpu {
     }
 }
 
+impl softplat::Engine for PvVcpu {
+    type Reply = std::convert::Infallible;
+
+    fn cpu(&mut self) -> &mut Cpu {
+        &mut self.g.cpu
+    }
+
+    fn platform(&self) -> &Platform {
+        &self.platform
+    }
+
+    /// Pending events are delivered before guest code runs.
+    fn prepare(&mut self) -> Step<Self::Reply> {
+        while let Some(e) = self.deliver_event() {
+            if let Some(e) = e {
+                return Step::Exit(e);
+            }
+        }
+        Step::Run
+    }
+
+    fn exit(&mut self, exit: CpuExit) -> Step<Self::Reply> {
+        let handled = match exit {
+            CpuExit::Exception { vector, code } => self.exception(vector, code),
+            CpuExit::SoftInt { vector, next_rip } => {
+                if vector == hypercall::HYPERCALL_VECTOR && self.g.vcpl() == 0 {
+                    self.c.hypercalls += 1;
+                    self.g.cpu.rip = next_rip;
+                    return Step::Exit(VcpuExit::Hypercall);
+                }
+                self.c.soft_ints += 1;
+                self.g.reflect(vector, None, next_rip, true)
+            }
+            CpuExit::Syscall { next_rip } => {
+                self.c.syscalls += 1;
+                self.g.syscall(next_rip)
+            }
+            e => return Step::Common(e),
+        };
+        crate::trap::handled(handled)
+    }
+
+    fn reply(&mut self, reply: Self::Reply) -> VcpuExit<'_> {
+        match reply {}
+    }
+}
+
 impl Vcpu for PvVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
-        self.g.cpu.note_external_writes();
-        let start = self.clock.start();
-        if self.clock.expired(start) {
-            return Ok(VcpuExit::Interrupted);
-        }
         if self.g.v.efer & efer::LMA == 0 || self.g.v.cr0 & cr0::PG == 0 {
             return Ok(VcpuExit::Unimplemented {
                 what: "the pv engine runs 64-bit long-mode guests with paging on".into(),
             });
         }
-        let exit = loop {
-            // Exits the engine handles itself (traps, reflections) come back
-            // here without using up the CPU's budget: the time is checked on
-            // every round, so a guest that traps forever still comes back.
-            if self.clock.expired(start) {
-                return Ok(VcpuExit::Interrupted);
-            }
-            if let Some(e) = self.deliver_event() {
-                if let Some(e) = e {
-                    return Ok(e);
-                }
-                continue;
-            }
-            let handled = match self.g.cpu.run(SLICE) {
-                // The time is checked at the top of the loop.
-                CpuExit::Budget => None,
-                CpuExit::Exception { vector, code } => self.exception(vector, code),
-                CpuExit::SoftInt { vector, next_rip } => {
-                    if vector == hypercall::HYPERCALL_VECTOR && self.g.vcpl() == 0 {
-                        self.c.hypercalls += 1;
-                        self.g.cpu.rip = next_rip;
-                        return Ok(VcpuExit::Hypercall);
-                    }
-                    self.c.soft_ints += 1;
-                    self.g.reflect(vector, None, next_rip, true)
-                }
-                CpuExit::Syscall { next_rip } => {
-                    self.c.syscalls += 1;
-                    self.g.syscall(next_rip)
-                }
-                e => break e,
-            };
-            if let Some(e) = handled {
-                return Ok(e);
-            }
-        };
-        Ok(visor_emu::vcpu_exit(&mut self.g.cpu, exit))
+        softplat::run(self)
+    }
+
+    fn kick(&self) -> Arc<Kick> {
+        self.platform.kick()
+    }
+
+    fn memory_written(&mut self, gpa: u64, len: u64) {
+        softplat::memory_written(&mut self.g.cpu, gpa, len);
     }
 
     fn regs(&self) -> Result<Regs> {

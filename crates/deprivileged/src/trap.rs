@@ -13,13 +13,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
+use softplat::{Platform, Step};
 use vcpu::{
-    cr0, cr4, efer, DescriptorTable, IrqLine, Regs, Result, SRegs, Segment, Vcpu, VcpuExit,
+    cr0, cr4, efer, DescriptorTable, IrqLine, Kick, Regs, Result, SRegs, Segment, Vcpu, VcpuExit,
 };
-use visor_emu::{Lapic, Lines, RunClock, VectorLine, SLICE};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use x86::{canonical, flags, msr, sreg, vector, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
 
@@ -57,7 +56,9 @@ pub struct TrapConfig {
 pub struct TrapVm {
     mem: GuestMemoryMmap<()>,
     config: TrapConfig,
-    lines: Arc<Lines>,
+    /// A local APIC with `irqchip` (no PICs: the guest is a 64-bit kernel
+    /// of visor's own boot protocol).
+    platform: Arc<Platform>,
 }
 
 impl TrapVm {
@@ -65,7 +66,7 @@ impl TrapVm {
         Ok(TrapVm {
             mem: mem.clone(),
             config,
-            lines: Arc::new(Lines::default()),
+            platform: Arc::new(Platform::new(config.irqchip, false)),
         })
     }
 
@@ -100,9 +101,7 @@ impl TrapVm {
         }
         mem.add_private(&private);
         let mut cpu = Cpu::new(mem, Self::cpuid(self.config.irqchip, id));
-        if self.config.irqchip {
-            cpu.local = Some(Box::new(Lapic::new(id, self.lines.clone())));
-        }
+        cpu.local = self.platform.lapic(id);
         cpu.intercepts.exceptions = !0;
         cpu.intercepts.soft_int = true;
         cpu.intercepts.syscall = true;
@@ -117,9 +116,7 @@ impl TrapVm {
             shadow: Shadow::new(PRIVATE_BASE, PRIVATE_PAGES),
             _private: private,
             policy: self.config.holes,
-            irqchip: self.config.irqchip,
-            lines: self.lines.clone(),
-            clock: RunClock::default(),
+            platform: self.platform.clone(),
             halted: false,
             c: Counters::default(),
             pf_streak: (0, 0, 0),
@@ -137,10 +134,10 @@ impl vcpu::Vm for TrapVm {
     }
 
     fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
-        if !self.config.irqchip {
-            return Ok(None);
-        }
-        Ok(Some(Arc::new(VectorLine::new(self.lines.clone(), vector))))
+        Ok(self
+            .platform
+            .has_lapic()
+            .then(|| self.platform.vector_line(vector)))
     }
 }
 
@@ -162,9 +159,7 @@ pub struct TrapVcpu {
     shadow: Shadow,
     _private: GuestMemoryMmap<()>,
     policy: HolePolicy,
-    irqchip: bool,
-    lines: Arc<Lines>,
-    clock: RunClock,
+    platform: Arc<Platform>,
     /// The guest kernel executed HLT (emulated): waiting for an interrupt.
     halted: bool,
     c: Counters,
@@ -1105,20 +1100,18 @@ impl TrapVcpu {
 
     /// HLT of the guest kernel: waits for an interrupt. An exit if the VMM
     /// must see it (nothing can wake the guest, or time to return).
-    fn wait_halted(&mut self, start: Instant) -> Option<VcpuExit<'static>> {
-        if !self.g.v.vif || !self.irqchip {
-            return Some(VcpuExit::Hlt);
+    /// The guest kernel halted: it goes on when its local APIC has an
+    /// interrupt for it, or stops the run if nothing can wake it.
+    fn wait_halted(&mut self) -> Step<std::convert::Infallible> {
+        if !self.g.v.vif || !self.platform.has_lapic() {
+            return Step::Exit(VcpuExit::Hlt);
         }
         let ready = self.g.cpu.local.as_mut().is_some_and(|l| l.poll());
         if ready {
             self.halted = false;
-            return None;
+            return Step::Run;
         }
-        if !visor_emu::wait_for_interrupt(&self.g.cpu, &self.lines, start) {
-            self.clock.restart();
-            return Some(VcpuExit::Interrupted);
-        }
-        None
+        Step::Wait
     }
 
     fn interrupt(&mut self) -> Option<VcpuExit<'static>> {
@@ -1174,59 +1167,78 @@ fn fault(vector: u8, code: u32) -> EmuErr {
     })
 }
 
+/// An exit the engine handled itself, or the one the VMM gets.
+pub(crate) fn handled<R>(e: Option<VcpuExit<'static>>) -> Step<R> {
+    e.map_or(Step::Run, Step::Exit)
+}
+
+impl softplat::Engine for TrapVcpu {
+    type Reply = std::convert::Infallible;
+
+    fn cpu(&mut self) -> &mut Cpu {
+        &mut self.g.cpu
+    }
+
+    fn platform(&self) -> &Platform {
+        &self.platform
+    }
+
+    /// A halted kernel waits; the CPU's interrupts exit while the virtual
+    /// IF (or user mode) lets the guest take them.
+    fn prepare(&mut self) -> Step<Self::Reply> {
+        if self.halted {
+            let s = self.wait_halted();
+            if !matches!(s, Step::Run) {
+                return s;
+            }
+        }
+        let cpu = &mut self.g.cpu;
+        cpu.intercepts.irq = if self.g.v.vif || cpu.cpl() == 3 {
+            IrqMode::Exit
+        } else {
+            IrqMode::Hold
+        };
+        Step::Run
+    }
+
+    fn exit(&mut self, exit: CpuExit) -> Step<Self::Reply> {
+        match exit {
+            CpuExit::Exception { vector, code } => handled(self.exception(vector, code)),
+            CpuExit::SoftInt { vector, next_rip } => {
+                self.c.soft_ints += 1;
+                handled(self.g.reflect(vector, None, next_rip, true))
+            }
+            CpuExit::Syscall { next_rip } => {
+                self.c.syscalls += 1;
+                handled(self.g.syscall(next_rip))
+            }
+            CpuExit::Interrupt => handled(self.interrupt()),
+            CpuExit::Sensitive { mnemonic, .. } => handled(self.sensitive(mnemonic)),
+            e => Step::Common(e),
+        }
+    }
+
+    fn reply(&mut self, reply: Self::Reply) -> VcpuExit<'_> {
+        match reply {}
+    }
+}
+
 impl Vcpu for TrapVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
-        self.g.cpu.note_external_writes();
-        let start = self.clock.start();
-        if self.clock.expired(start) {
-            return Ok(VcpuExit::Interrupted);
-        }
         if self.g.v.efer & efer::LMA == 0 || self.g.v.cr0 & cr0::PG == 0 {
             return Ok(VcpuExit::Unimplemented {
                 what: "the trap engine runs 64-bit long-mode guests with paging on".into(),
             });
         }
-        let exit = loop {
-            // Exits the engine handles itself (traps, reflections) come back
-            // here without using up the CPU's budget: the time is checked on
-            // every round, so a guest that traps forever still comes back.
-            if self.clock.expired(start) {
-                return Ok(VcpuExit::Interrupted);
-            }
-            if self.halted {
-                if let Some(e) = self.wait_halted(start) {
-                    return Ok(e);
-                }
-                continue;
-            }
-            let cpu = &mut self.g.cpu;
-            cpu.intercepts.irq = if self.g.v.vif || cpu.cpl() == 3 {
-                IrqMode::Exit
-            } else {
-                IrqMode::Hold
-            };
-            let e = cpu.run(SLICE);
-            let handled = match e {
-                // The time is checked at the top of the loop.
-                CpuExit::Budget => None,
-                CpuExit::Exception { vector, code } => self.exception(vector, code),
-                CpuExit::SoftInt { vector, next_rip } => {
-                    self.c.soft_ints += 1;
-                    self.g.reflect(vector, None, next_rip, true)
-                }
-                CpuExit::Syscall { next_rip } => {
-                    self.c.syscalls += 1;
-                    self.g.syscall(next_rip)
-                }
-                CpuExit::Interrupt => self.interrupt(),
-                CpuExit::Sensitive { mnemonic, .. } => self.sensitive(mnemonic),
-                e => break e,
-            };
-            if let Some(e) = handled {
-                return Ok(e);
-            }
-        };
-        Ok(visor_emu::vcpu_exit(&mut self.g.cpu, exit))
+        softplat::run(self)
+    }
+
+    fn kick(&self) -> Arc<Kick> {
+        self.platform.kick()
+    }
+
+    fn memory_written(&mut self, gpa: u64, len: u64) {
+        softplat::memory_written(&mut self.g.cpu, gpa, len);
     }
 
     fn regs(&self) -> Result<Regs> {

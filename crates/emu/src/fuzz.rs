@@ -33,7 +33,7 @@ use vcpu::{DescriptorTable, Regs, SRegs, Segment};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use x86::{Cpu, CpuExit, CpuidTable, PhysMem};
 
-use crate::lapic::{Lapic, Lines};
+use softplat::{Lapic, Lines};
 
 /// Instructions (and delivered exceptions) one input may use.
 pub const BUDGET: u64 = 20_000;

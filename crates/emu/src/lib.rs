@@ -3,67 +3,27 @@
 //! the baseline of the other engines and their oracle.
 //!
 //! Port I/O, MMIO outside RAM and MSRs the CPU does not know leave the engine
-//! as exits, like KVM's. With `irqchip`, the engine models a local APIC
-//! (lapic.rs; its timer runs on the host clock at 1 GHz like KVM's) and
-//! [`vcpu::Vm::vector_line`] delivers fixed interrupts into it; HLT then waits
-//! inside the engine for the next interrupt. Without it, HLT exits.
+//! as exits, like KVM's. With `irqchip`, the engine has the software platform
+//! (crates/softplat: a local APIC whose timer runs on the host clock at 1 GHz
+//! like KVM's, the PICs and the PIT) and [`vcpu::Vm::vector_line`] delivers
+//! fixed interrupts into it; HLT then waits inside the engine for the next
+//! interrupt. Without it, HLT exits. The run loop is the platform's
+//! ([`softplat::run`]); this crate is its simplest hook.
 
 pub mod fuzz;
-pub mod lapic;
-pub mod legacy;
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use vcpu::{IrqLine, Regs, Result, SRegs, Vcpu, VcpuExit};
+use softplat::{Platform, Step};
+use vcpu::{IrqLine, Kick, Regs, Result, SRegs, Vcpu, VcpuExit};
 use vm_memory::GuestMemoryMmap;
-use x86::{Cpu, CpuExit, CpuidTable, PhysMem};
-
-pub use lapic::{Lapic, Lines};
-pub use legacy::Legacy;
-
-/// Instructions per `Cpu::run` call: the local APIC is polled in between.
-pub const SLICE: u64 = 20_000;
-/// Longest time `run` stays in the engine without an exit, so that the VMM can
-/// notice a stop request (`--timeout`).
-pub const MAX_RUN: Duration = Duration::from_millis(20);
-
-/// The VMM notices a stop request (`--timeout`) only on `Interrupted`, and a
-/// signal does not interrupt the software CPU: the engines built on it return
-/// `Interrupted` at least every [`MAX_RUN`], however often the guest exits
-/// otherwise. This keeps the time of the current period.
-#[derive(Default)]
-pub struct RunClock {
-    last: Option<Instant>,
-}
-
-impl RunClock {
-    /// When the current period began (the first `run`, or the last
-    /// `Interrupted`).
-    pub fn start(&mut self) -> Instant {
-        *self.last.get_or_insert_with(Instant::now)
-    }
-
-    /// Whether the period that began at `start` is over; if so, the next one
-    /// begins now and `run` is to return `Interrupted`.
-    pub fn expired(&mut self, start: Instant) -> bool {
-        if start.elapsed() < MAX_RUN {
-            return false;
-        }
-        self.restart();
-        true
-    }
-
-    /// Begins a new period (`run` returns `Interrupted` for another reason).
-    pub fn restart(&mut self) {
-        self.last = Some(Instant::now());
-    }
-}
+use x86::{Cpu, CpuExit};
 
 /// Options of an `emu` virtual machine.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EmuConfig {
-    /// Model a local APIC (timer, vector lines); HLT then waits for it.
+    /// Model a local APIC (timer, vector lines) and the PICs and PIT; HLT then
+    /// waits for them.
     pub irqchip: bool,
     /// visor's paravirtual CPUID leaves (signature at 0x4000_0000, features at
     /// 0x4000_0001), as the `kvm` engine offers them.
@@ -72,12 +32,11 @@ pub struct EmuConfig {
     pub trace_vmx: bool,
 }
 
+/// An `emu` virtual machine: guest memory and the software platform.
 pub struct EmuVm {
     mem: GuestMemoryMmap<()>,
     config: EmuConfig,
-    lines: Arc<Lines>,
-    /// With `irqchip`: the PICs and the PIT.
-    legacy: Option<Arc<Mutex<Legacy>>>,
+    platform: Arc<Platform>,
 }
 
 impl EmuVm {
@@ -86,30 +45,8 @@ impl EmuVm {
         Ok(EmuVm {
             mem: mem.clone(),
             config,
-            lines: Arc::new(Lines::default()),
-            legacy: config
-                .irqchip
-                .then(|| Arc::new(Mutex::new(Legacy::default()))),
+            platform: Arc::new(Platform::new(config.irqchip, true)),
         })
-    }
-
-    /// The CPUID table of the engine's CPU.
-    pub fn cpuid(&self, id: u32) -> CpuidTable {
-        let pv = self.config.pv_signature.map(|sig| {
-            (
-                sig,
-                [
-                    hypercall::FEATURE_HYPERCALL_PAGE,
-                    hypercall::MSR_HYPERCALL_PAGE,
-                    hypercall::VERSION,
-                    0,
-                ],
-            )
-        });
-        let mut t = CpuidTable::software_cpu(self.config.irqchip, pv);
-        let (a, b, c, d) = t.query(1, 0);
-        t.set(1, None, [a, (b & 0x00ff_ffff) | (id << 24), c, d]);
-        t
     }
 
     /// The guest memory.
@@ -117,153 +54,21 @@ impl EmuVm {
         &self.mem
     }
 
-    /// The vector lines of the local APICs (they wake a halted vCPU).
-    pub fn lines(&self) -> Arc<Lines> {
-        self.lines.clone()
-    }
-
-    /// A software CPU `id` with physical memory `mem` (the guest's, or more),
-    /// the engine's CPUID table and, with `irqchip`, a local APIC.
-    pub fn create_cpu(&self, id: u32, mem: &GuestMemoryMmap) -> Cpu {
-        let mut cpu = Cpu::new(PhysMem::new(mem), self.cpuid(id));
+    /// The software CPU `id`.
+    fn create_cpu(&self, id: u32) -> Cpu {
+        let cpuid = self.platform.cpuid(id, self.config.pv_signature);
+        let mut cpu = self.platform.create_cpu(id, &self.mem, cpuid);
         cpu.vmx.trace = self.config.trace_vmx;
-        // VISOR_EMU_TRACE=1 prints every instruction (debugging only).
-        cpu.trace = std::env::var_os("VISOR_EMU_TRACE").is_some_and(|v| v == "1");
-        if self.config.irqchip {
-            let mut lapic = Lapic::new(id, self.lines.clone());
-            if let Some(l) = self.legacy.clone().filter(|_| id == 0) {
-                lapic = lapic.with_legacy(l);
-            }
-            cpu.local = Some(Box::new(lapic));
-        }
         cpu
     }
 
-    /// The PICs and the PIT (with `irqchip`; engines that answer their
-    /// ports use [`legacy_io`]).
-    pub fn legacy(&self) -> Option<Arc<Mutex<Legacy>>> {
-        self.legacy.clone()
-    }
-
+    /// The vCPU `id` of this VM.
     pub fn create_emu_vcpu(&mut self, id: u32) -> EmuVcpu {
-        let cpu = self.create_cpu(id, &self.mem);
+        let cpu = self.create_cpu(id);
         EmuVcpu {
             cpu,
-            irqchip: self.config.irqchip,
-            lines: self.lines.clone(),
-            legacy: self.legacy(),
-            clock: RunClock::default(),
+            platform: self.platform.clone(),
         }
-    }
-}
-
-/// Waits for the next interrupt of `cpu`'s local APIC (its timer) or of a
-/// vector line, at most until MAX_RUN has passed since `start`: false if
-/// that time is up.
-pub fn wait_for_interrupt(cpu: &Cpu, lines: &Lines, start: Instant) -> bool {
-    let now = Instant::now();
-    let left = MAX_RUN.saturating_sub(now - start);
-    if left.is_zero() {
-        return false;
-    }
-    let wait = match cpu.local_deadline() {
-        Some(d) => d.saturating_duration_since(now).min(left),
-        None => left,
-    };
-    if !wait.is_zero() {
-        lines.wait(wait);
-    }
-    true
-}
-
-/// Answers port I/O to the PICs and the PIT inside the engine, as KVM's
-/// in-kernel irqchip does: true if `exit` was such an access (then the CPU
-/// runs on, replaying an input).
-pub fn legacy_io(cpu: &mut Cpu, legacy: &Mutex<Legacy>, exit: &CpuExit) -> bool {
-    let (port, size, input) = match *exit {
-        CpuExit::IoIn { port, size, .. } => (port, size, true),
-        CpuExit::IoOut { port, size, .. } => (port, size, false),
-        _ => return false,
-    };
-    if !legacy::claims_port(port) {
-        return false;
-    }
-    legacy.lock().unwrap_or_else(|p| p.into_inner()).transfer(
-        port,
-        size as usize,
-        cpu.exit_data(),
-        input,
-    );
-    true
-}
-
-/// The engine-contract exit of a CPU exit that needs the VMM: port I/O, MMIO,
-/// MSRs, HLT, shutdown, unimplemented. Intercepted events (which an engine
-/// handles itself) become an internal-error `Unimplemented`.
-pub fn vcpu_exit(cpu: &mut Cpu, exit: CpuExit) -> VcpuExit<'_> {
-    match exit {
-        CpuExit::IoIn { port, size, .. } => VcpuExit::IoIn {
-            port,
-            size,
-            data: cpu.exit_data(),
-        },
-        CpuExit::IoOut { port, size, .. } => VcpuExit::IoOut {
-            port,
-            size,
-            data: cpu.exit_data(),
-        },
-        CpuExit::MmioRead { addr } => VcpuExit::MmioRead {
-            addr,
-            data: cpu.exit_data(),
-        },
-        CpuExit::MmioWrite { addr } => VcpuExit::MmioWrite {
-            addr,
-            data: cpu.exit_data(),
-        },
-        CpuExit::MsrRead { index } => VcpuExit::MsrRead {
-            index,
-            data: &mut cpu.msr_data,
-            fault: &mut cpu.msr_fault,
-        },
-        CpuExit::MsrWrite { index, value } => VcpuExit::MsrWrite {
-            index,
-            value,
-            fault: &mut cpu.msr_fault,
-        },
-        CpuExit::Hlt => VcpuExit::Hlt,
-        CpuExit::Shutdown => VcpuExit::Shutdown,
-        CpuExit::Budget => VcpuExit::Interrupted,
-        CpuExit::Unimplemented(what) => VcpuExit::Unimplemented { what },
-        e @ (CpuExit::Exception { .. }
-        | CpuExit::SoftInt { .. }
-        | CpuExit::Syscall { .. }
-        | CpuExit::Interrupt
-        | CpuExit::Sensitive { .. }) => VcpuExit::Unimplemented {
-            what: format!("internal: intercepted event {e:?} reached the VMM"),
-        },
-        CpuExit::VmExit => VcpuExit::Unimplemented {
-            what: "a VM exit with no VMM to handle it".into(),
-        },
-    }
-}
-
-/// A fixed interrupt with one vector to vCPU 0 (also the event line of the
-/// engines built on the software CPU).
-pub struct VectorLine {
-    lines: Arc<Lines>,
-    vector: u8,
-}
-
-impl VectorLine {
-    pub fn new(lines: Arc<Lines>, vector: u8) -> VectorLine {
-        VectorLine { lines, vector }
-    }
-}
-
-impl IrqLine for VectorLine {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.lines.raise(self.vector);
-        Ok(())
     }
 }
 
@@ -273,31 +78,21 @@ impl vcpu::Vm for EmuVm {
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
-        // ISA IRQs go to the PICs.
-        let Some(legacy) = self.legacy().filter(|_| gsi < 16) else {
-            return Ok(None);
-        };
-        Ok(Some(Arc::new(legacy::IrqPin {
-            legacy,
-            lines: self.lines.clone(),
-            irq: gsi as u8,
-        })))
+        Ok(self.platform.irq_line(gsi))
     }
 
     fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
-        if !self.config.irqchip {
-            return Ok(None);
-        }
-        Ok(Some(Arc::new(VectorLine::new(self.lines.clone(), vector))))
+        Ok(self
+            .platform
+            .has_lapic()
+            .then(|| self.platform.vector_line(vector)))
     }
 }
 
+/// The vCPU of engine `emu`.
 pub struct EmuVcpu {
     cpu: Cpu,
-    irqchip: bool,
-    lines: Arc<Lines>,
-    legacy: Option<Arc<Mutex<Legacy>>>,
-    clock: RunClock,
+    platform: Arc<Platform>,
 }
 
 impl EmuVcpu {
@@ -307,41 +102,35 @@ impl EmuVcpu {
     }
 }
 
+impl softplat::Engine for EmuVcpu {
+    type Reply = std::convert::Infallible;
+
+    fn cpu(&mut self) -> &mut Cpu {
+        &mut self.cpu
+    }
+
+    fn platform(&self) -> &Platform {
+        &self.platform
+    }
+
+    fn exit(&mut self, exit: CpuExit) -> Step<Self::Reply> {
+        match exit {
+            // HLT waits in the engine when an interrupt can end it.
+            CpuExit::Hlt if self.platform.has_lapic() && self.cpu.interrupts_enabled() => {
+                Step::Wait
+            }
+            e => Step::Common(e),
+        }
+    }
+
+    fn reply(&mut self, reply: Self::Reply) -> VcpuExit<'_> {
+        match reply {}
+    }
+}
+
 impl Vcpu for EmuVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
-        // The VMM may have written guest memory since the last exit.
-        self.cpu.note_external_writes();
-        let start = self.clock.start();
-        if self.clock.expired(start) {
-            return Ok(VcpuExit::Interrupted);
-        }
-        let exit = loop {
-            match self.cpu.run(SLICE) {
-                CpuExit::Budget => {
-                    if self.clock.expired(start) {
-                        return Ok(VcpuExit::Interrupted);
-                    }
-                }
-                CpuExit::Hlt => {
-                    if !self.irqchip || !self.cpu.interrupts_enabled() {
-                        return Ok(VcpuExit::Hlt);
-                    }
-                    if !wait_for_interrupt(&self.cpu, &self.lines, start) {
-                        self.clock.restart();
-                        return Ok(VcpuExit::Interrupted);
-                    }
-                }
-                e => {
-                    if let Some(l) = &self.legacy {
-                        if legacy_io(&mut self.cpu, l, &e) {
-                            continue;
-                        }
-                    }
-                    break e;
-                }
-            }
-        };
-        Ok(vcpu_exit(&mut self.cpu, exit))
+        softplat::run(self)
     }
 
     fn regs(&self) -> Result<Regs> {
@@ -362,6 +151,14 @@ impl Vcpu for EmuVcpu {
         Ok(())
     }
 
+    fn kick(&self) -> Arc<Kick> {
+        self.platform.kick()
+    }
+
+    fn memory_written(&mut self, gpa: u64, len: u64) {
+        softplat::memory_written(&mut self.cpu, gpa, len);
+    }
+
     fn engine_counters(&self) -> Vec<(String, u64)> {
         vec![("guest_instructions".into(), self.cpu.retired)]
     }
@@ -371,6 +168,8 @@ impl Vcpu for EmuVcpu {
 mod tests {
     use super::*;
     use iced_x86::code_asm::*;
+    use softplat::{lapic, legacy};
+    use std::time::{Duration, Instant};
     use vcpu::Vm as _;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -464,6 +263,54 @@ mod tests {
         t.join().unwrap();
         assert!(vcpu.engine_counters()[0].1 >= 6);
         assert!(vm.irq_line(16).unwrap().is_none(), "ISA IRQs only");
+    }
+
+    /// The contract's kick: a guest that spins forever and one halted with
+    /// nothing to wake it each come back with `Interrupted` when another
+    /// thread kicks the vCPU, and not before.
+    #[test]
+    fn kick_interrupts_a_spinning_and_a_halted_guest() {
+        let (mem, sregs) = long_mode_mem();
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut spin = a.create_label();
+        a.out(0x80, al).unwrap();
+        a.set_label(&mut spin).unwrap();
+        a.pause().unwrap();
+        a.jmp(spin).unwrap();
+        mem.write_slice(&a.assemble(CODE).unwrap(), GuestAddress(CODE))
+            .unwrap();
+        let mut h = CodeAssembler::new(64).unwrap();
+        h.sti().unwrap();
+        h.hlt().unwrap();
+        h.out(0x81, al).unwrap();
+        mem.write_slice(&h.assemble(HANDLER).unwrap(), GuestAddress(HANDLER))
+            .unwrap();
+        let (_vm, mut vcpu) = vm_at_code(&mem, &sregs);
+        // The first OUT shows the guest runs; then it spins without exits.
+        assert!(matches!(
+            vcpu.run().unwrap(),
+            VcpuExit::IoOut { port: 0x80, .. }
+        ));
+        let kick = vcpu.kick();
+        for round in 0..2 {
+            let k = kick.clone();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                k.kick();
+            });
+            let start = Instant::now();
+            let e = vcpu.run().unwrap().name();
+            assert_eq!(e, "interrupted", "round {round}");
+            assert!(
+                start.elapsed() >= Duration::from_millis(25),
+                "round {round}"
+            );
+            t.join().unwrap();
+            // Round 2: the guest halts with interrupts on and no timer.
+            let mut r = vcpu.regs().unwrap();
+            r.rip = HANDLER;
+            vcpu.set_regs(&r).unwrap();
+        }
     }
 
     /// The legacy platform end to end: the guest programs the PICs (vectors

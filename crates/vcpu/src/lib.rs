@@ -7,7 +7,9 @@
 //! calls `run` again.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// General-purpose registers, instruction pointer and flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -247,11 +249,151 @@ pub trait Vcpu {
     fn engine_counters(&self) -> Vec<(String, u64)> {
         Vec::new()
     }
+    /// The vCPU's kick: the VMM keeps it to make `run` return `Interrupted`
+    /// from another thread (see [`Kick`]). The same handle every time.
+    fn kick(&self) -> Arc<Kick>;
+    /// The VMM (or anything outside the engine) wrote `len` bytes of guest
+    /// memory at guest-physical `gpa` since the last `run`. An engine that
+    /// caches anything derived from guest memory (decoded or translated code)
+    /// drops what the write may have changed; the VMM must report every such
+    /// write before the next `run`. It does not flush cached address
+    /// translations: a VMM that changes page tables flushes them explicitly.
+    fn memory_written(&mut self, gpa: u64, len: u64);
     /// Writes one of the system-call MSRs (EFER, STAR, LSTAR, FMASK) on the
     /// guest's behalf (the `set_callbacks` hypercall of a deprivileged guest).
     /// `Ok(false)` where the engine leaves MSRs to the guest itself.
     fn set_msr(&mut self, _index: u32, _value: u64) -> Result<bool> {
         Ok(false)
+    }
+}
+
+/// The kick of one vCPU: makes its current or next [`Vcpu::run`] return
+/// [`VcpuExit::Interrupted`] promptly, from any thread, as KVM's
+/// `immediate_exit` and a signal do. Engines never return `Interrupted` on a
+/// timer of their own: the VMM kicks when it wants the loop back (`--timeout`,
+/// a register dump).
+///
+/// [`Kick::kick`] only stores to atomics, wakes a futex and signals a thread,
+/// so it may be called from a signal handler.
+///
+/// The kick also carries the vCPU's wake-up word: an engine that waits in the
+/// host for a guest interrupt (HLT) waits on it with [`Kick::wait`], and
+/// whatever raises an interrupt for the vCPU calls [`Kick::wake`].
+#[derive(Debug, Default)]
+pub struct Kick {
+    /// A kick that the engine has not taken yet.
+    requested: AtomicBool,
+    /// The futex word: bumped by every wake-up.
+    word: AtomicU32,
+    /// The thread id (gettid) inside `run` of an engine that blocks in the host
+    /// kernel (KVM_RUN), to signal; 0 when none.
+    thread: AtomicU64,
+}
+
+/// The signal [`Kick::kick`] sends a thread registered with
+/// [`Kick::enter_blocking`]; the VMM installs a handler for it that does
+/// nothing and does not set `SA_RESTART`, so a blocking ioctl returns `EINTR`.
+pub const KICK_SIGNAL: i32 = libc::SIGUSR1;
+
+impl Kick {
+    /// A new kick, shared between the engine and the VMM.
+    pub fn new() -> Arc<Kick> {
+        Arc::new(Kick::default())
+    }
+
+    /// Asks the vCPU to return `Interrupted`. A kick that lands while an engine
+    /// that blocks in the host kernel is between its check and its entry is
+    /// seen at the guest's next exit: a caller that needs a bound repeats it.
+    pub fn kick(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        self.wake();
+        let tid = self.thread.load(Ordering::SeqCst);
+        if tid != 0 {
+            // SAFETY: tgkill takes plain integers and is async-signal-safe. It
+            // reaches only threads of this process (the thread group is ours):
+            // if the registered thread has left and its id was reused, the
+            // signal goes to another thread of visor, where KICK_SIGNAL's
+            // handler does nothing.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_tgkill,
+                    libc::getpid(),
+                    tid as libc::pid_t,
+                    KICK_SIGNAL,
+                )
+            };
+        }
+    }
+
+    /// Takes a pending kick (the engine returns `Interrupted` if true).
+    pub fn take(&self) -> bool {
+        self.requested.load(Ordering::Relaxed) && self.requested.swap(false, Ordering::SeqCst)
+    }
+
+    /// Whether a kick is pending, without taking it.
+    pub fn pending(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Wakes a vCPU waiting in [`Kick::wait`] (an interrupt was raised for it).
+    pub fn wake(&self) {
+        self.word.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: FUTEX_WAKE on the address of a live AtomicU32 that this
+        // struct owns; the kernel only compares and wakes, never writes it.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.word.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                i32::MAX,
+            )
+        };
+    }
+
+    /// The wake-up word: read it before checking for work, then pass it to
+    /// [`Kick::wait`], so that a wake-up in between is not lost.
+    pub fn seen(&self) -> u32 {
+        self.word.load(Ordering::SeqCst)
+    }
+
+    /// Waits until [`Kick::wake`] or [`Kick::kick`] has been called since
+    /// `seen` was read, or `timeout` has passed (`None`: no timeout).
+    pub fn wait(&self, seen: u32, timeout: Option<Duration>) {
+        if self.pending() {
+            return;
+        }
+        let ts = timeout.map(|d| libc::timespec {
+            tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        });
+        let tsp = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: FUTEX_WAIT on a live AtomicU32 owned by this struct, with a
+        // timeout that is null or points at a timespec on this stack frame;
+        // the kernel returns at once if the word no longer equals `seen`.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.word.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                seen,
+                tsp,
+            )
+        };
+    }
+
+    /// The calling thread is about to block in the host kernel for the vCPU
+    /// (KVM_RUN): a kick from now on signals it with [`KICK_SIGNAL`].
+    pub fn enter_blocking(&self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.thread.store(tid as u64, Ordering::SeqCst);
+    }
+
+    /// The thread registered with [`Kick::enter_blocking`] is back.
+    pub fn leave_blocking(&self) {
+        self.thread.store(0, Ordering::SeqCst);
     }
 }
 

@@ -21,10 +21,10 @@
 //! EPT tables) live in memory after guest RAM that no EPT entry maps.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use vcpu::{IrqLine, Regs, Result, SRegs, Segment, Vcpu, VcpuError, VcpuExit};
-use visor_emu::{EmuConfig, EmuVm, Legacy, Lines, RunClock, SLICE};
+use softplat::{Platform, Step};
+use vcpu::{IrqLine, Kick, Regs, Result, SRegs, Segment, Vcpu, VcpuError, VcpuExit};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
@@ -69,36 +69,37 @@ pub struct VmxConfig {
     pub dump_vmcs: bool,
 }
 
+/// A `vmx` virtual machine: guest memory and the software platform.
 pub struct VmxVm {
-    emu: EmuVm,
+    mem: GuestMemoryMmap,
+    platform: Arc<Platform>,
     config: VmxConfig,
 }
 
 impl VmxVm {
     pub fn new(mem: &GuestMemoryMmap, config: VmxConfig) -> Result<VmxVm> {
-        let emu = EmuVm::new(
-            mem,
-            EmuConfig {
-                irqchip: config.irqchip,
-                pv_signature: config.pv_signature,
-                trace_vmx: config.trace,
-            },
-        )?;
-        Ok(VmxVm { emu, config })
+        Ok(VmxVm {
+            mem: mem.clone(),
+            platform: Arc::new(Platform::new(config.irqchip, true)),
+            config,
+        })
     }
 }
 
 impl vcpu::Vm for VmxVm {
     fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>> {
-        Ok(Box::new(VmxVcpu::new(&self.emu, id, self.config)?))
+        Ok(Box::new(VmxVcpu::new(self, id)?))
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
-        self.emu.irq_line(gsi)
+        Ok(self.platform.irq_line(gsi))
     }
 
     fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
-        self.emu.vector_line(vector)
+        Ok(self
+            .platform
+            .has_lapic()
+            .then(|| self.platform.vector_line(vector)))
     }
 }
 
@@ -132,7 +133,7 @@ enum Stepping {
 }
 
 /// What `run` returns, before borrowing the buffers.
-enum Reply {
+pub enum Reply {
     IoIn { port: u16, size: u8 },
     IoOut { port: u16, size: u8 },
     MsrRead { index: u32 },
@@ -151,10 +152,9 @@ pub struct VmxVcpu {
     private: u64,
     /// Next free page of the EPT pool.
     ept_next: u64,
-    irqchip: bool,
-    lines: Arc<Lines>,
-    /// The PICs and the PIT, whose ports the engine answers (as `emu`).
-    legacy: Option<Arc<Mutex<Legacy>>>,
+    /// The local APIC, and the PICs and the PIT, whose ports the engine
+    /// answers (as `emu`).
+    platform: Arc<Platform>,
     trace: bool,
     dump_vmcs: bool,
     /// Exit reasons (basic, below 128) whose first exit was dumped.
@@ -167,7 +167,8 @@ pub struct VmxVcpu {
     io: [u8; 8],
     msr_data: u64,
     msr_fault: u8,
-    clock: RunClock,
+    /// The first VMREAD or VMWRITE of the VMM that failed.
+    failed: std::cell::Cell<Option<(&'static str, u32, VmFail)>>,
 }
 
 fn vmx_error(what: &str, f: VmFail) -> VcpuError {
@@ -175,8 +176,9 @@ fn vmx_error(what: &str, f: VmFail) -> VcpuError {
 }
 
 impl VmxVcpu {
-    fn new(emu: &EmuVm, id: u32, config: VmxConfig) -> Result<VmxVcpu> {
-        let guest = emu.mem();
+    fn new(vm: &VmxVm, id: u32) -> Result<VmxVcpu> {
+        let config = vm.config;
+        let guest = &vm.mem;
         let private = (guest.last_addr().0 + 1).next_multiple_of(TWO_MB);
         let region =
             GuestRegionMmap::from_range(GuestAddress(private), PRIVATE_SIZE as usize, None)
@@ -184,7 +186,8 @@ impl VmxVcpu {
         let mem = guest
             .insert_region(Arc::new(region))
             .map_err(|e| VcpuError::Engine(format!("vmx: private memory: {e}")))?;
-        let mut cpu = emu.create_cpu(id, &mem);
+        let cpuid = vm.platform.cpuid(id, config.pv_signature);
+        let mut cpu = vm.platform.create_cpu(id, &mem, cpuid);
         cpu.vmx.trace = config.trace;
         cpu.vmx.stop_on_exit = true;
         let mut v = VmxVcpu {
@@ -192,9 +195,7 @@ impl VmxVcpu {
             mem,
             private,
             ept_next: private + EPT_POOL,
-            irqchip: config.irqchip,
-            lines: emu.lines(),
-            legacy: emu.legacy(),
+            platform: vm.platform.clone(),
             trace: config.trace,
             dump_vmcs: config.dump_vmcs,
             dumped: 0,
@@ -205,7 +206,7 @@ impl VmxVcpu {
             io: [0; 8],
             msr_data: 0,
             msr_fault: 0,
-            clock: RunClock::default(),
+            failed: std::cell::Cell::new(None),
         };
         v.enable_vmx()?;
         v.setup_vmcs()?;
@@ -219,8 +220,17 @@ impl VmxVcpu {
         }
     }
 
+    /// VMREAD of a field the VMM's own VMCS must have. A failure is a bug of
+    /// this VMM: it is kept (the first one) and ends the run with an error at
+    /// the next check ([`VmxVcpu::check`]); the read gives 0 meanwhile.
     fn vmread(&self, field: u32) -> u64 {
-        let v = self.cpu.vmread(field as u64).unwrap_or(0);
+        let v = match self.cpu.vmread(field as u64) {
+            Ok(v) => v,
+            Err(e) => {
+                self.fail(field, "vmread", e);
+                0
+            }
+        };
         self.log(format_args!(
             "vmread {} -> {v:#x}",
             f::name(field).unwrap_or("?")
@@ -235,6 +245,26 @@ impl VmxVcpu {
         ));
         if let Err(e) = self.cpu.vmwrite(field as u64, v) {
             self.log(format_args!("vmwrite failed: {e:?}"));
+            self.fail(field, "vmwrite", e);
+        }
+    }
+
+    /// Keeps the first failed VMREAD/VMWRITE.
+    fn fail(&self, field: u32, op: &'static str, e: VmFail) {
+        if self.failed.get().is_none() {
+            self.failed.set(Some((op, field, e)));
+        }
+    }
+
+    /// An error if one of the VMM's VMREADs or VMWRITEs failed: the VMM's
+    /// view of the guest is wrong, so the run must not go on.
+    fn check(&self) -> Result<()> {
+        match self.failed.get() {
+            None => Ok(()),
+            Some((op, field, e)) => Err(VcpuError::Engine(format!(
+                "vmx: {op} of {} ({field:#x}) failed: {e:?}",
+                f::name(field).unwrap_or("an unknown field")
+            ))),
         }
     }
 
@@ -300,7 +330,7 @@ impl VmxVcpu {
     fn setup_vmcs(&mut self) -> Result<()> {
         let pin = self.adjust(
             vmx_msr::PINBASED_CTLS,
-            if self.irqchip {
+            if self.platform.has_lapic() {
                 ctl::EXT_INTR_EXITING
             } else {
                 0
@@ -421,7 +451,7 @@ impl VmxVcpu {
                 }
             }
         }
-        if self.irqchip {
+        if self.platform.has_lapic() {
             self.ept_map_4k(APIC_PAGE, 3)?;
         }
         Ok(())
@@ -606,7 +636,7 @@ impl VmxVcpu {
             }
             reason::HLT => {
                 self.skip_instruction();
-                if self.irqchip && self.vmread(f::GUEST_RFLAGS) & RFLAGS_IF != 0 {
+                if self.platform.has_lapic() && self.vmread(f::GUEST_RFLAGS) & RFLAGS_IF != 0 {
                     // Wait in the HLT activity state for an interrupt.
                     self.vmwrite(f::GUEST_ACTIVITY_STATE, 1);
                     None
@@ -619,9 +649,10 @@ impl VmxVcpu {
                 let size = (qual & 7) as u8 + 1;
                 let input = qual & 8 != 0;
                 let legacy = self
-                    .legacy
-                    .clone()
-                    .filter(|_| visor_emu::legacy::claims_port(port));
+                    .platform
+                    .legacy()
+                    .cloned()
+                    .filter(|_| softplat::legacy::claims_port(port));
                 if qual & 16 != 0 {
                     self.io_bitmap(port, size, false)?;
                     self.single_step(Stepping::Io { port, size });
@@ -766,53 +797,62 @@ impl VmxVcpu {
             Reply::Other(reason) => VcpuExit::Other { reason },
         }
     }
+}
 
-    fn interrupted(&mut self) -> Result<VcpuExit<'_>> {
-        self.clock.restart();
-        Ok(VcpuExit::Interrupted)
+impl softplat::Engine for VmxVcpu {
+    type Reply = Reply;
+
+    fn cpu(&mut self) -> &mut Cpu {
+        &mut self.cpu
+    }
+
+    fn platform(&self) -> &Platform {
+        &self.platform
+    }
+
+    /// VM entry (launch or resume) when the CPU is in root mode.
+    fn prepare(&mut self) -> Step<Reply> {
+        if let Err(e) = self.check() {
+            return Step::Fail(e);
+        }
+        if !self.cpu.vmx.non_root {
+            if let Some(o) = self.enter() {
+                return Step::Reply(o);
+            }
+        }
+        Step::Run
+    }
+
+    fn exit(&mut self, exit: CpuExit) -> Step<Reply> {
+        match exit {
+            CpuExit::VmExit => match self.handle_exit().and_then(|o| self.check().map(|()| o)) {
+                Ok(Some(o)) => Step::Reply(o),
+                Ok(None) => Step::Run,
+                Err(e) => Step::Fail(e),
+            },
+            // The guest waits in the HLT activity state.
+            CpuExit::Hlt if self.platform.has_lapic() => Step::Wait,
+            e => Step::Common(e),
+        }
+    }
+
+    fn reply(&mut self, reply: Reply) -> VcpuExit<'_> {
+        self.out(reply)
     }
 }
 
 impl Vcpu for VmxVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
-        self.cpu.note_external_writes();
-        let start = self.clock.start();
-        if self.clock.expired(start) {
-            return Ok(VcpuExit::Interrupted);
-        }
         self.complete_pending();
-        loop {
-            // VM exits the engine completes itself come back here without
-            // using up the CPU's budget: check the time on every round, so a
-            // guest that exits forever still comes back.
-            if self.clock.expired(start) {
-                return Ok(VcpuExit::Interrupted);
-            }
-            if !self.cpu.vmx.non_root {
-                if let Some(o) = self.enter() {
-                    return Ok(self.out(o));
-                }
-            }
-            match self.cpu.run(SLICE) {
-                CpuExit::VmExit => {
-                    if let Some(o) = self.handle_exit()? {
-                        return Ok(self.out(o));
-                    }
-                }
-                // The time is checked at the top of the loop.
-                CpuExit::Budget => {}
-                CpuExit::Hlt => {
-                    // The guest waits in the HLT activity state.
-                    if !self.irqchip {
-                        return Ok(VcpuExit::Hlt);
-                    }
-                    if !visor_emu::wait_for_interrupt(&self.cpu, &self.lines, start) {
-                        return self.interrupted();
-                    }
-                }
-                e => return Ok(visor_emu::vcpu_exit(&mut self.cpu, e)),
-            }
-        }
+        softplat::run(self)
+    }
+
+    fn kick(&self) -> Arc<Kick> {
+        self.platform.kick()
+    }
+
+    fn memory_written(&mut self, gpa: u64, len: u64) {
+        softplat::memory_written(&mut self.cpu, gpa, len);
     }
 
     fn regs(&self) -> Result<Regs> {
@@ -822,7 +862,7 @@ impl Vcpu for VmxVcpu {
             r.rip = self.vmread(f::GUEST_RIP);
             r.rflags = self.vmread(f::GUEST_RFLAGS);
         }
-        Ok(r)
+        self.check().map(|()| r)
     }
 
     fn set_regs(&mut self, regs: &Regs) -> Result<()> {
@@ -839,7 +879,7 @@ impl Vcpu for VmxVcpu {
         self.vmwrite(f::GUEST_RSP, regs.rsp);
         self.vmwrite(f::GUEST_RIP, regs.rip);
         self.vmwrite(f::GUEST_RFLAGS, regs.rflags | 2);
-        Ok(())
+        self.check()
     }
 
     fn sregs(&self) -> Result<SRegs> {
@@ -859,6 +899,7 @@ impl Vcpu for VmxVcpu {
                 self.vmread(ar) as u32,
             )
         };
+        self.check()?;
         Ok(SRegs {
             es: seg(0),
             cs: seg(1),
@@ -928,7 +969,7 @@ impl Vcpu for VmxVcpu {
         self.vmwrite(f::CR4_READ_SHADOW, s.cr4);
         self.cpu.cr2 = s.cr2;
         self.cpu.cr8 = s.cr8 & 0xf;
-        Ok(())
+        self.check()
     }
 
     fn engine_counters(&self) -> Vec<(String, u64)> {
@@ -1006,14 +1047,16 @@ mod tests {
         vcpu.set_regs(&regs).unwrap();
         assert_eq!(vcpu.sregs().unwrap().cr4 & x86::vmx::CR4_VMXE, 0);
         let line = vm.vector_line(0x50).unwrap().expect("a vector line");
+        // The guest halts first; the line rises later, from another thread.
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(40));
+            line.trigger().unwrap();
+        });
         let mut n = 0;
         loop {
             match vcpu.run().unwrap() {
                 VcpuExit::Interrupted => {
                     n += 1;
-                    if n == 2 {
-                        line.trigger().unwrap();
-                    }
                     assert!(n < 500, "the interrupt never came");
                 }
                 VcpuExit::IoOut { port, data, .. } => {
@@ -1023,6 +1066,7 @@ mod tests {
                 e => panic!("unexpected exit {e:?}"),
             }
         }
+        t.join().unwrap();
         let counters = vcpu.engine_counters();
         let count = |name: &str| {
             counters
@@ -1035,5 +1079,21 @@ mod tests {
         assert_eq!(count("IO_INSTRUCTION"), 1);
         assert_eq!(count("EPT_VIOLATION"), 0, "the APIC page is mapped");
         assert_eq!(vcpu.regs().unwrap().rip, handler + 17, "past the OUT");
+    }
+
+    /// A VMWRITE of the VMM that fails (a field no VMCS has) ends the run
+    /// with an error naming it, instead of going on with a wrong VMCS.
+    #[test]
+    fn failed_vmwrite_ends_the_run() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let vm = VmxVm::new(&mem, VmxConfig::default()).unwrap();
+        let mut v = VmxVcpu::new(&vm, 0).unwrap();
+        v.set_sregs(&machine::boot::long_mode(&mem).unwrap())
+            .unwrap();
+        v.vmwrite(0x7fff_fffe, 1);
+        let e = v.run().map(|x| x.name()).unwrap_err().to_string();
+        assert!(e.contains("vmwrite") && e.contains("0x7ffffffe"), "{e}");
+        assert!(v.regs().is_err(), "the state is not trusted either");
     }
 }

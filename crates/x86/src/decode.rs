@@ -246,11 +246,20 @@ impl Cpu {
         self.code.fetch_vpage = lin & !0xfff;
         self.code.fetch_slot = slot;
         let off = (lin & 0xfff) as usize;
-        let p = &self.code.pages[slot];
+        let p = &mut self.code.pages[slot];
         let ix = p.index[off];
         if ix != 0 && p.uops[ix as usize - 1].ip == self.rip {
             self.code.fetch_ix = ix as usize - 1;
             return Ok(&p.uops[ix as usize - 1]);
+        }
+        // The guest's writes to chunks with no decoded instruction leave the
+        // page's decoded code alone (`CodeCache::written`), so the snapshot of
+        // those chunks may be old: refresh the ones this instruction can
+        // cover before decoding it.
+        for c in off / 64..=(off + 14).min(PAGE - 1) / 64 {
+            if p.chunks & (1 << c) == 0 {
+                p.snapshot[c * 64..c * 64 + 64].copy_from_slice(&current[c * 64..c * 64 + 64]);
+            }
         }
         let mut ins = Instruction::default();
         let mut dec = Decoder::with_ip(bits, &p.snapshot[off..], self.rip, DecoderOptions::NONE);

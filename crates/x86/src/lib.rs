@@ -536,10 +536,37 @@ impl Cpu {
         self.mode_changed();
     }
 
-    /// Memory may have been changed outside the CPU (by the VMM between two
-    /// `run`s): decoded instructions are checked against memory before use.
+    /// Memory may have been changed outside the CPU, where is not known:
+    /// decoded instructions are checked against memory before use.
     pub fn note_external_writes(&mut self) {
         self.code.new_epoch();
+    }
+
+    /// `len` bytes of guest-physical memory at `pa` were written outside the
+    /// CPU (by the VMM between two `run`s): decoded instructions there are
+    /// dropped. A range too large to walk page by page starts a new epoch
+    /// instead (every page is checked against memory before use).
+    pub fn external_write(&mut self, pa: u64, len: u64) {
+        const MAX_PAGES: u64 = 256;
+        if len == 0 {
+            return;
+        }
+        let last = pa.saturating_add(len - 1);
+        if (last >> 12) - (pa >> 12) >= MAX_PAGES {
+            self.note_external_writes();
+            return;
+        }
+        let mut at = pa;
+        loop {
+            let end = (at | 0xfff).min(last);
+            if self.code.is_code(at & !0xfff) {
+                self.code_written(at, (end - at + 1) as usize);
+            }
+            if end == last {
+                break;
+            }
+            at = end + 1;
+        }
     }
 
     /// When the local device will next raise an interrupt by itself.

@@ -499,7 +499,7 @@ impl Cpu {
     }
 
     /// A write hit a page with decoded code.
-    fn code_written(&mut self, pa: u64, len: usize) {
+    pub(crate) fn code_written(&mut self, pa: u64, len: usize) {
         if self.code.written(pa, len) {
             // The page's instructions were dropped; the fetch shortcut may
             // point at them.

@@ -420,6 +420,25 @@ fn self_modifying_code_is_seen() {
     assert_eq!(t.cpu.regs().rbx, 1 + 10 + 10);
 }
 
+/// A store into a part of a code page that holds no decoded instruction yet,
+/// then a jump there: the new bytes run, not those the page held when its
+/// first instruction was decoded.
+#[test]
+fn code_written_before_its_first_fetch_is_seen() {
+    let target = CODE + 0x200;
+    let mut t = long(|a| {
+        a.mov(dword_ptr(target + 1), 2)?; // patch the imm32 of `mov eax, 1`
+        a.mov(rbx, target)?;
+        a.jmp(rbx)
+    });
+    t.code_at(target, |a| {
+        a.mov(eax, 1u32)?;
+        a.hlt()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt);
+    assert_eq!(t.cpu.regs().rax, 2);
+}
+
 #[test]
 fn mmio_read_modify_write_restarts_cleanly() {
     let mut t = long(|a| {

@@ -454,7 +454,9 @@ impl Pit {
 /// The PICs and the PIT of one VM.
 #[derive(Default, Debug)]
 pub struct Legacy {
+    /// The master and slave 8259A.
     pub pic: Pic,
+    /// The 8254.
     pub pit: Pit,
 }
 
@@ -471,6 +473,7 @@ impl Legacy {
         self.pit.ch[0].next_edge
     }
 
+    /// A byte read of one of the chips' ports.
     pub fn read(&mut self, port: u16) -> u8 {
         let now = Instant::now();
         match port {
@@ -479,6 +482,7 @@ impl Legacy {
         }
     }
 
+    /// A byte write of one of the chips' ports.
     pub fn write(&mut self, port: u16, v: u8) {
         let now = Instant::now();
         match port {
@@ -505,8 +509,11 @@ impl Legacy {
 /// ISA IRQ `irq` of a VM's PICs, for a device: an edge, and a wake-up for a
 /// halted vCPU.
 pub struct IrqPin {
+    /// The VM's PICs.
     pub legacy: Arc<Mutex<Legacy>>,
+    /// The vCPU's lines (to wake it).
     pub lines: Arc<Lines>,
+    /// The ISA IRQ (0-15).
     pub irq: u8,
 }
 
@@ -517,15 +524,14 @@ impl vcpu::IrqLine for IrqPin {
             .unwrap_or_else(|p| p.into_inner())
             .pic
             .raise(self.irq);
-        self.lines.kick();
+        self.lines.external();
         Ok(())
     }
 }
 
 /// The usual initialisation of the PICs (port, value): vectors 0x20-0x27 on
 /// the master and 0x28-0x2f on the slave, cascade on IRQ 2, 8086 mode.
-#[cfg(test)]
-pub(crate) const PIC_INIT: [(u16, u8); 8] = [
+pub const PIC_INIT: [(u16, u8); 8] = [
     (0x20, 0x11),
     (0x21, 0x20),
     (0x21, 0x04),

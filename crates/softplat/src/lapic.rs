@@ -1,39 +1,62 @@
-//! The local APIC of the `emu` engine (xAPIC registers at 0xfee0_0000): ID,
+//! The local APIC of the software engines (xAPIC registers at 0xfee0_0000): ID,
 //! version, TPR/PPR, EOI, SVR, ISR/IRR/TMR, ESR, ICR (self-IPIs), the LVT and
 //! the timer (one-shot and periodic). The timer counts at 1 GHz before the
 //! divider, as KVM's does, against the host's monotonic clock.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use vcpu::Kick;
 
 use crate::legacy::Legacy;
 
+/// The guest-physical address of the local APIC's registers.
 pub const APIC_BASE: u64 = 0xfee0_0000;
 
 /// Fixed interrupts raised from other threads (vector lines), and the wake-up
-/// of a halted vCPU.
-#[derive(Default)]
+/// of a halted vCPU through its [`Kick`].
 pub struct Lines {
     pending: [AtomicU64; 4],
     /// Something else (the PICs) has an interrupt for the vCPU.
     kicked: AtomicBool,
-    lock: Mutex<()>,
-    cv: Condvar,
+    /// The vCPU's kick: its futex word wakes a waiting vCPU, and a VMM kick
+    /// ends the wait too.
+    kick: Arc<Kick>,
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Lines::new(Kick::new())
+    }
 }
 
 impl Lines {
-    pub fn raise(&self, vector: u8) {
-        self.pending[vector as usize / 64].fetch_or(1 << (vector % 64), Ordering::SeqCst);
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.cv.notify_all();
+    /// Lines that wake the vCPU of `kick`.
+    pub fn new(kick: Arc<Kick>) -> Lines {
+        Lines {
+            pending: Default::default(),
+            kicked: AtomicBool::new(false),
+            kick,
+        }
     }
 
-    /// Wakes the vCPU to look at its interrupt sources.
-    pub fn kick(&self) {
+    /// The vCPU's kick.
+    pub fn kick_handle(&self) -> &Arc<Kick> {
+        &self.kick
+    }
+
+    /// Raises fixed interrupt `vector`.
+    pub fn raise(&self, vector: u8) {
+        self.pending[vector as usize / 64].fetch_or(1 << (vector % 64), Ordering::SeqCst);
+        self.kick.wake();
+    }
+
+    /// Wakes the vCPU to look at its interrupt sources other than the lines
+    /// (the PICs have an interrupt for it).
+    pub fn external(&self) {
         self.kicked.store(true, Ordering::SeqCst);
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.cv.notify_all();
+        self.kick.wake();
     }
 
     /// Takes the raised lines (one bit per vector), clearing them.
@@ -53,16 +76,18 @@ impl Lines {
             || self.pending.iter().any(|p| p.load(Ordering::SeqCst) != 0)
     }
 
-    /// Waits until a line is raised or `timeout` passes.
-    pub fn wait(&self, timeout: Duration) {
-        let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+    /// Waits until a line is raised, the vCPU is kicked, or `timeout` passes
+    /// (`None`: no timeout).
+    pub fn wait(&self, timeout: Option<Duration>) {
+        let seen = self.kick.seen();
         if self.any() {
             return;
         }
-        let _ = self.cv.wait_timeout(g, timeout);
+        self.kick.wait(seen, timeout);
     }
 }
 
+/// One vCPU's local APIC.
 pub struct Lapic {
     id: u32,
     tpr: u32,
@@ -90,6 +115,7 @@ pub struct Lapic {
 const LVT_MASKED: u32 = 1 << 16;
 
 impl Lapic {
+    /// The APIC of vCPU `id`, fed by `lines`, in the state a BIOS leaves.
     pub fn new(id: u32, lines: Arc<Lines>) -> Lapic {
         Lapic {
             id,
