@@ -56,6 +56,13 @@ pub(crate) struct CodeCache {
     /// Its uop: one element (a heap buffer like the pages' `uops`, so that
     /// pointers to either live as long; see `Cpu::fetch_uop`).
     uncached_uop: Vec<Uop>,
+    /// Whether dropped pages are logged (an engine translates from them).
+    pub logging: bool,
+    /// Physical pages whose decoded instructions were dropped since the
+    /// last [`Cpu::take_code_invalidations`].
+    pub dropped: Vec<u64>,
+    /// Every page may have changed (a new epoch).
+    pub dropped_all: bool,
 }
 
 impl CodeCache {
@@ -70,11 +77,15 @@ impl CodeCache {
             fetch_ix: 0,
             uncached: Instruction::default(),
             uncached_uop: vec![Uop::EMPTY],
+            logging: false,
+            dropped: Vec::new(),
+            dropped_all: false,
         }
     }
 
     pub fn new_epoch(&mut self) {
         self.epoch += 1;
+        self.dropped_all |= self.logging;
         self.fetch_vpage = u64::MAX;
     }
 
@@ -134,6 +145,9 @@ impl CodeCache {
         }
         page.clear();
         self.set_code(ppage, false);
+        if self.logging {
+            self.dropped.push(ppage);
+        }
         true
     }
 }
@@ -147,6 +161,72 @@ impl Cpu {
         } else {
             self.seg[crate::sreg::CS].base.wrapping_add(rip) & 0xffff_ffff
         }
+    }
+
+    /// The instruction at `rip` (in the current mode and address space) and
+    /// the guest-physical address of its first byte, decoded through the
+    /// cache (so a later write to it is seen as a code write), for an engine
+    /// that translates it. `None` if the fetch would fault, or the
+    /// instruction crosses a page (the engine leaves it to the interpreter).
+    /// Nothing else of the CPU's state changes.
+    pub fn decode_for_translation(&mut self, rip: u64) -> Option<(Instruction, u64)> {
+        let saved = self.rip;
+        self.rip = rip;
+        let r = self.fetch_uop();
+        self.rip = saved;
+        // SAFETY: see `fetch_uop`; nothing runs between the fetch and this read.
+        let u = unsafe { &*r.ok()? };
+        if u.is_uncached() {
+            return None;
+        }
+        let insn = self.code.insn_of(u);
+        let lin = self.code_linear(rip);
+        Some((insn, self.code.pages[self.code.fetch_slot].ppage | (lin & 0xfff)))
+    }
+
+    /// The guest-physical address of the instruction at RIP, if it can be
+    /// fetched without a fault (no fault is raised).
+    #[inline]
+    pub fn code_phys(&mut self) -> Option<u64> {
+        let lin = self.code_linear(self.rip);
+        if lin & !0xfff == self.code.fetch_vpage {
+            return Some(self.code.pages[self.code.fetch_slot].ppage | (lin & 0xfff));
+        }
+        if self.long64 && !crate::canonical(lin) {
+            return None;
+        }
+        let need = self.acc_x;
+        self.translate(lin, Acc::Exec, need).ok().map(|(pa, _)| pa)
+    }
+
+    /// Turns the log of dropped code pages on (see
+    /// [`Cpu::take_code_invalidations`]).
+    pub fn log_code_invalidations(&mut self) {
+        self.code.logging = true;
+    }
+
+    /// The physical pages whose decoded code was dropped (written, or found
+    /// changed) since the last call, or `None` for "any page may have
+    /// changed": an engine drops what it derived from them.
+    pub fn take_code_invalidations(&mut self) -> Option<Vec<u64>> {
+        if std::mem::take(&mut self.code.dropped_all) {
+            self.code.dropped.clear();
+            return None;
+        }
+        Some(std::mem::take(&mut self.code.dropped))
+    }
+
+    /// Whether code pages were dropped since the last
+    /// [`Cpu::take_code_invalidations`].
+    #[inline]
+    pub fn code_invalidated(&self) -> bool {
+        self.code.dropped_all || !self.code.dropped.is_empty()
+    }
+
+    /// The default operand size of code in the current mode: 16, 32 or 64.
+    #[inline]
+    pub fn code_bits(&self) -> u32 {
+        self.bits
     }
 
     /// The decoded instruction at RIP, for engines that look at it.
@@ -212,6 +292,9 @@ impl Cpu {
                 if p.epoch != epoch || p.bits != bits {
                     if p.bits != bits || p.snapshot[..] != *current {
                         p.clear();
+                        if self.code.logging {
+                            self.code.dropped.push(ppage);
+                        }
                         p.snapshot.copy_from_slice(current);
                         p.bits = bits;
                     }

@@ -175,6 +175,30 @@ pub trait Local {
     }
 }
 
+/// Runs guest code faster than the interpreter (the `bt` engine's
+/// translated code): [`Cpu::run_accel`] asks it before each instruction it
+/// would otherwise run in a burst of uops.
+pub trait Accel {
+    /// False for the interpreter alone (the hook compiles away).
+    const ENABLED: bool = true;
+    /// Runs guest instructions from RIP, at most `left`, as the interpreter
+    /// would (registers, RIP, RFLAGS, memory and `retired` updated) and
+    /// returns how many retired: 0 leaves the next instruction to the
+    /// interpreter. It must stop before any instruction that can fault,
+    /// exit, or change what the checks between instructions look at.
+    fn run(&mut self, cpu: &mut Cpu, left: u64) -> u64;
+}
+
+/// No accelerator: [`Cpu::run`].
+struct NoAccel;
+
+impl Accel for NoAccel {
+    const ENABLED: bool = false;
+    fn run(&mut self, _: &mut Cpu, _: u64) -> u64 {
+        0
+    }
+}
+
 /// Why [`Cpu::run`] returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CpuExit {
@@ -620,6 +644,19 @@ impl Cpu {
 
     /// Runs up to `budget` instructions.
     pub fn run(&mut self, budget: u64) -> CpuExit {
+        self.run_with(budget, &mut NoAccel)
+    }
+
+    /// Runs up to `budget` instructions, letting `accel` run those it can
+    /// (translated code) wherever the interpreter would run a burst of uops:
+    /// the checks between instructions (interrupts, HLT, VMX, traces)
+    /// stay the interpreter's.
+    pub fn run_accel<A: Accel>(&mut self, budget: u64, accel: &mut A) -> CpuExit {
+        self.run_with(budget, accel)
+    }
+
+    #[inline(always)]
+    fn run_with<A: Accel>(&mut self, budget: u64, accel: &mut A) -> CpuExit {
         if let Some(e) = self.next_output() {
             return e;
         }
@@ -673,7 +710,7 @@ impl Cpu {
                 || self.grant
                 || self.sensitive_ok);
             let r = if plain {
-                self.burst(&mut left)
+                self.burst(&mut left, accel)
             } else {
                 left -= 1;
                 self.step().map(|()| self.retired += 1)
@@ -732,8 +769,15 @@ impl Cpu {
     /// no interrupt shadow, grant or trace is on, and in VMX non-root
     /// operation no exit between instructions is armed.
     #[inline(always)]
-    fn burst(&mut self, left: &mut u64) -> R<()> {
+    fn burst<A: Accel>(&mut self, left: &mut u64, accel: &mut A) -> R<()> {
         while *left > 0 {
+            if A::ENABLED {
+                let n = accel.run(self, *left);
+                *left -= n.min(*left);
+                if *left == 0 {
+                    break;
+                }
+            }
             let p = self.fetch_uop()?;
             // SAFETY: the uop stays valid and unchanged while its handler
             // runs (see `fetch_uop`), and no `&mut` to it exists meanwhile.
