@@ -133,7 +133,8 @@ impl Gate {
 
     /// The 16-byte descriptor of the gate, as its low and high quadwords.
     pub fn descriptor(&self) -> (u64, u64) {
-        let attr = (self.present as u64) << 7 | (self.dpl as u64 & 3) << 5 | self.type_ as u64 & 0xf;
+        let attr =
+            (self.present as u64) << 7 | (self.dpl as u64 & 3) << 5 | self.type_ as u64 & 0xf;
         let lo = (self.offset & 0xffff)
             | (self.selector as u64) << 16
             | (self.ist as u64 & 7) << 32

@@ -142,7 +142,11 @@ fn four_level_4k_sets_accessed_then_dirty() {
         assert_eq!(m.get(at) & DIRTY, 0);
     }
     // The dirty bit shows in later reads.
-    assert!(go(&mut m, &long(PML4), LIN, Access::Read, false).unwrap().dirty);
+    assert!(
+        go(&mut m, &long(PML4), LIN, Access::Read, false)
+            .unwrap()
+            .dirty
+    );
 }
 
 #[test]
@@ -154,7 +158,10 @@ fn without_accessed_dirty_the_tables_are_only_read() {
     };
     let t = go(&mut m, &pg, LIN, Access::Write, false).unwrap();
     assert_eq!(t.page, FRAME);
-    assert!(t.dirty, "the access dirties the page even if the bit stays clear");
+    assert!(
+        t.dirty,
+        "the access dirties the page even if the bit stays clear"
+    );
     assert_eq!(m.writes, 0);
     assert_eq!(m.get(PT + 32), FRAME | ALL);
 }
@@ -188,7 +195,9 @@ fn ps_in_a_pml4e_is_ignored_or_reserved() {
     let mut m = Mem::four_level(ALL, ALL);
     m.set(PML4 + 8, PDPT | ALL | PS);
     assert_eq!(
-        go(&mut m, &long(PML4), LIN, Access::Read, false).unwrap().page,
+        go(&mut m, &long(PML4), LIN, Access::Read, false)
+            .unwrap()
+            .page,
         FRAME
     );
     let full = Paging {
@@ -217,7 +226,9 @@ fn full_reserved_bit_checks() {
     assert_eq!(m.writes, 0, "a faulting walk sets no bits");
     // Without the full checks the same entry maps the frame.
     assert_eq!(
-        go(&mut m, &long(PML4), LIN, Access::Read, true).unwrap().page,
+        go(&mut m, &long(PML4), LIN, Access::Read, true)
+            .unwrap()
+            .page,
         (1 << 36) | FRAME
     );
     // Misaligned large pages.
@@ -394,10 +405,7 @@ fn two_level_with_and_without_pse() {
     // A 4 MiB page with PSE (bits 13..20 are address bits 32..39); without
     // PSE the same PDE points to a page table.
     m.set32(PD + 5 * 4, (0x80_0000 | (0x12 << 13) | ALL | PS) as u32);
-    let pse = Paging {
-        pse: true,
-        ..pg
-    };
+    let pse = Paging { pse: true, ..pg };
     let t = go(&mut m, &pse, lin, Access::Read, false).unwrap();
     assert_eq!((t.page, t.size_shift), (0x12_0080_6000, 22));
     let t = go(&mut m, &pg, lin, Access::Read, false);
