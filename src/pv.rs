@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use arch::rflags::IF;
-use arch::{canonical, efer, msr, pte, Gate};
+use arch::{canonical, desc, efer, msr, pte, Gate};
 use hypercall::{errno, nr, MmuUpdate, MulticallEntry, TrapInfo, STUB_SIZE};
 use machine::paging::{read_virt, write_virt};
 use machine::GuestMemory;
@@ -371,7 +371,7 @@ impl Hypercalls {
         // Code and data descriptors only, but for the one TSS (two slots).
         let tss_slot = (tss != 0).then_some(tss as usize / 8);
         for (i, &d) in raw.iter().enumerate() {
-            let system = d & (1 << 44) == 0 && d & (1 << 47) != 0;
+            let system = d & desc::S == 0 && d & desc::PRESENT != 0;
             let tss_half = tss_slot.is_some_and(|t| i == t || i == t + 1);
             if system && !tss_half {
                 return Ok(EINVAL);
@@ -389,7 +389,7 @@ impl Hypercalls {
             }
             tr.base |= (raw[t + 1] & 0xffff_ffff) << 32;
             tr.type_ = 0xb;
-            let busy = raw[t] | (2 << 40);
+            let busy = raw[t] | desc::TSS_BUSY;
             if write_virt(ctx.mem, ctx.cr3, table + 8 * t as u64, &busy.to_le_bytes()).is_none() {
                 return Ok(EFAULT);
             }

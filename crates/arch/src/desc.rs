@@ -1,5 +1,16 @@
 //! Segment and gate descriptors: encoding a GDT/LDT entry, decoding one into
-//! the segment register image, and interrupt/trap gates.
+//! the segment register image, bits the CPU sets in descriptors, and
+//! interrupt/trap gates.
+
+/// Accessed: type bit 0 of a code or data segment descriptor, set by the CPU
+/// when it loads the segment.
+pub const ACCESSED: u64 = 1 << 40;
+/// Busy: type bit 1 of a TSS descriptor, set by LTR.
+pub const TSS_BUSY: u64 = 1 << 41;
+/// S: a code or data segment (clear: a system descriptor).
+pub const S: u64 = 1 << 44;
+/// Present.
+pub const PRESENT: u64 = 1 << 47;
 
 /// A segment register with its hidden (descriptor cache) part.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -74,10 +85,10 @@ impl Segment {
             limit: if g { (limit << 12) | 0xfff } else { limit },
             selector,
             type_: ((raw >> 40) & 0xf) as u8,
-            present: raw & (1 << 47) != 0,
+            present: raw & PRESENT != 0,
             dpl: ((raw >> 45) & 3) as u8,
             db: raw & (1 << 54) != 0,
-            s: raw & (1 << 44) != 0,
+            s: raw & S != 0,
             l: raw & (1 << 53) != 0,
             g,
             avl: raw & (1 << 52) != 0,
@@ -127,7 +138,7 @@ impl Gate {
             ist: ((lo >> 32) & 7) as u8,
             type_: ((lo >> 40) & 0xf) as u8,
             dpl: ((lo >> 45) & 3) as u8,
-            present: lo & (1 << 47) != 0,
+            present: lo & PRESENT != 0,
         }
     }
 

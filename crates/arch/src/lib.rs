@@ -9,9 +9,9 @@
 //!   of a page-fault error code ([`pf`]);
 //! - MSR numbers ([`msr`]) and exception vectors ([`vector`]);
 //! - linear-address helpers ([`canonical`]);
-//! - segment and gate descriptors: the segment register image [`Segment`] with
-//!   its decoding from a descriptor, descriptor encoding ([`gdt_entry`]) and
-//!   interrupt/trap gates ([`Gate`]);
+//! - segment and gate descriptors ([`desc`]): the segment register image
+//!   [`Segment`] with its decoding from a descriptor, descriptor encoding
+//!   ([`gdt_entry`]), descriptor bits, and interrupt/trap gates ([`Gate`]);
 //! - the guest page walker ([`paging`]): 4-level, PAE and 2-level paging,
 //!   generic over how page-table entries are read and written, used by the
 //!   software CPU's TLB, the deprivileged engines and the machine's own
@@ -21,7 +21,7 @@
 #![no_std]
 #![deny(missing_docs)]
 
-mod desc;
+pub mod desc;
 pub mod paging;
 
 pub use desc::{gdt_entry, Gate, Segment};
@@ -132,6 +132,8 @@ pub mod rflags {
     pub const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
     /// Bits software can change at all.
     pub const WRITABLE: u64 = ARITH | TF | IF | DF | IOPL | NT | RF | AC | ID;
+    /// The bits SYSRET loads from R11 (RF and VM end up clear, bit 1 set).
+    pub const SYSRET_LOADED: u64 = 0x3c_7fd7;
 }
 
 /// Bits of a page-table entry. The low twelve are the same at every level and

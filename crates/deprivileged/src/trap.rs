@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arch::paging::Access;
-use arch::{canonical, cr0, cr4, efer, msr, pf, rflags, vector};
+use arch::{canonical, cr0, cr4, desc, efer, msr, pf, rflags, vector};
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
 use softplat::{Platform, Step};
 use vcpu::{DescriptorTable, IrqLine, Kick, Regs, Result, SRegs, Segment, Vcpu, VcpuExit};
@@ -507,7 +507,7 @@ impl TrapVcpu {
                 let sel = self.read_u16_operand(i, 0)?;
                 self.g.v.tr = self.system_segment(sel, &[9])?;
                 let (a, raw) = self.g.descriptor(sel)?;
-                self.g.write(a.wrapping_add(5), &[((raw >> 40) as u8) | 2])?;
+                self.g.write(a.wrapping_add(5), &[((raw | desc::TSS_BUSY) >> 40) as u8])?;
                 self.g.v.tr.type_ = 0xb;
                 Done::Next
             }
@@ -721,9 +721,9 @@ impl TrapVcpu {
                 err,
             ));
         }
-        if raw & (1 << 40) == 0 {
+        if raw & desc::ACCESSED == 0 {
             self.g
-                .write(a.wrapping_add(5), &[((raw >> 40) as u8) | 1])?;
+                .write(a.wrapping_add(5), &[((raw | desc::ACCESSED) >> 40) as u8])?;
         }
         self.g.cpu.seg[s] = compress(d, s == sreg::SS);
         if s == sreg::SS {
@@ -900,8 +900,10 @@ impl TrapVcpu {
         g.cpu.seg[sreg::SS] = crate::virt::flat(base.wrapping_add(8) | 3, false);
         g.cpu.rip = rcx;
         let f = g.cpu.gpr[11];
-        g.cpu.rflags =
-            (f & 0x3c_7fd7 & !rflags::IOPL) | rflags::IF | (f & rflags::IOPL) | rflags::FIXED;
+        g.cpu.rflags = (f & rflags::SYSRET_LOADED & !rflags::IOPL)
+            | rflags::IF
+            | (f & rflags::IOPL)
+            | rflags::FIXED;
         g.cpu.refresh_mode();
         Ok(Done::Jumped)
     }

@@ -4,7 +4,7 @@
 //! instructions.
 
 use arch::rflags::*;
-use arch::{canonical, cr0, cr4, efer, msr, vector, Gate, Segment};
+use arch::{canonical, cr0, cr4, desc, efer, msr, vector, Gate, Segment};
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
 
 use crate::alu::mask;
@@ -49,8 +49,8 @@ impl Cpu {
     }
 
     fn set_accessed(&mut self, addr: u64, raw: u64) -> R<()> {
-        if raw & (1 << 40) == 0 {
-            let b = ((raw >> 40) as u8) | 1;
+        if raw & desc::ACCESSED == 0 {
+            let b = ((raw | desc::ACCESSED) >> 40) as u8;
             self.wr_as(addr.wrapping_add(5), 1, b as u64, A_W_S)?;
         }
         Ok(())
@@ -895,7 +895,7 @@ impl Cpu {
             return exc_code(vector::NP, (sel & !3) as u32);
         }
         // Mark it busy.
-        let b = ((raw >> 40) as u8) | 2;
+        let b = ((raw | desc::TSS_BUSY) >> 40) as u8;
         self.wr_as(addr.wrapping_add(5), 1, b as u64, A_W_S)?;
         d.type_ |= 2;
         self.tr = d;
@@ -959,7 +959,7 @@ impl Cpu {
                     self.next_rip = self.gpr[1] & 0xffff_ffff;
                 }
                 self.seg[sreg::SS] = Segment::flat(base.wrapping_add(8) | 3, false, false, true);
-                self.rflags = (self.gpr[11] & 0x3c_7fd7) | FIXED;
+                self.rflags = (self.gpr[11] & SYSRET_LOADED) | FIXED;
                 self.mode_changed();
                 Ok(())
             }
