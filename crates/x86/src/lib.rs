@@ -5,7 +5,8 @@
 //! page made outside the CPU, found by comparing a snapshot at the next
 //! [`Cpu::note_external_writes`]). Memory goes through a software TLB over the
 //! guest's 4-level (or PAE, or 2-level) page tables, with accessed and dirty
-//! bits, NX, U/S and R/W with CR0.WP, and global pages.
+//! bits, NX, U/S and R/W with CR0.WP, and global pages; the walk that fills it
+//! is `arch::paging`, as are the architectural definitions the CPU uses.
 //!
 //! Each cached instruction is also pre-decoded into a uop (`uop.rs`): the
 //! frequent forms of 64-bit code (MOV, LEA, MOVZX/MOVSX, ALU, INC/DEC, IMUL,
