@@ -59,7 +59,15 @@ fn main() {
         "--out-dir",
         g,
     ]);
+    rustc(&[
+        "--crate-name=arch",
+        "--crate-type=rlib",
+        "crates/arch/src/lib.rs",
+        "--out-dir",
+        g,
+    ]);
     let abi = format!("abi={g}/libabi.rlib");
+    let arch = format!("arch={g}/libarch.rlib");
     let hypercall = format!("hypercall={g}/libhypercall.rlib");
     let kernel = |name: &str, externs: &[&str], extra: &[&str], out_file: &str| {
         let main = format!("guest/{name}/main.rs");
@@ -86,7 +94,7 @@ fn main() {
         args.extend(["-o", out_path.to_str().unwrap()]);
         rustc(&args);
     };
-    kernel("demo", &[&abi, &hypercall], &[], "demo.elf");
+    kernel("demo", &[&abi, &arch, &hypercall], &[], "demo.elf");
     // The linker writes the benchmark as a raw image (Multiboot a.out kludge).
     kernel(
         "bench",
@@ -94,7 +102,12 @@ fn main() {
         &["-Clink-arg=-Wl,--oformat=binary"],
         "bench.bin",
     );
-    for p in ["guest", "crates/abi/src", "crates/hypercall/src"] {
+    for p in [
+        "guest",
+        "crates/abi/src",
+        "crates/arch/src",
+        "crates/hypercall/src",
+    ] {
         println!("cargo:rerun-if-changed={p}");
     }
 }

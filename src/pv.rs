@@ -8,12 +8,13 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use arch::rflags::IF;
+use arch::{canonical, desc, efer, msr, pte, Gate};
 use hypercall::{errno, nr, MmuUpdate, MulticallEntry, TrapInfo, STUB_SIZE};
 use machine::paging::{read_virt, write_virt};
 use machine::GuestMemory;
 use vcpu::{IrqLine, Regs, Vcpu};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use x86::canonical;
 
 /// Guest-physical page where, under engines that run the guest kernel on the
 /// CPU's own IDT (`kvm`), `set_trap_table` materializes the trap table as a
@@ -117,8 +118,6 @@ impl Ctx<'_> {
     }
 }
 
-const IF: u64 = 1 << 9;
-
 /// The segment of `sel` in the guest's GDT (read through its page tables).
 fn descriptor(ctx: &Ctx, s: &vcpu::SRegs, sel: u16) -> Option<vcpu::Segment> {
     let idx = (sel & !7) as u64;
@@ -126,7 +125,7 @@ fn descriptor(ctx: &Ctx, s: &vcpu::SRegs, sel: u16) -> Option<vcpu::Segment> {
         return None;
     }
     let raw: u64 = ctx.read(s.gdt.base.wrapping_add(idx))?;
-    Some(x86::segment_from_descriptor(sel, raw))
+    Some(vcpu::Segment::from_descriptor(sel, raw))
 }
 
 fn in_ram(mem: &GuestMemory, gpa: u64, len: u64) -> bool {
@@ -372,7 +371,7 @@ impl Hypercalls {
         // Code and data descriptors only, but for the one TSS (two slots).
         let tss_slot = (tss != 0).then_some(tss as usize / 8);
         for (i, &d) in raw.iter().enumerate() {
-            let system = d & (1 << 44) == 0 && d & (1 << 47) != 0;
+            let system = d & desc::S == 0 && d & desc::PRESENT != 0;
             let tss_half = tss_slot.is_some_and(|t| i == t || i == t + 1);
             if system && !tss_half {
                 return Ok(EINVAL);
@@ -384,13 +383,13 @@ impl Hypercalls {
             limit: (entries * 8 - 1) as u16,
         };
         if let Some(t) = tss_slot {
-            let mut tr = x86::segment_from_descriptor(tss, raw[t]);
+            let mut tr = vcpu::Segment::from_descriptor(tss, raw[t]);
             if tr.s || tr.type_ != 9 || !tr.present || tr.limit < 0x67 {
                 return Ok(EINVAL);
             }
             tr.base |= (raw[t + 1] & 0xffff_ffff) << 32;
             tr.type_ = 0xb;
-            let busy = raw[t] | (2 << 40);
+            let busy = raw[t] | desc::TSS_BUSY;
             if write_virt(ctx.mem, ctx.cr3, table + 8 * t as u64, &busy.to_le_bytes()).is_none() {
                 return Ok(EFAULT);
             }
@@ -406,12 +405,12 @@ impl Hypercalls {
         if a[0] != hypercall::callback::SYSCALL || !canonical(a[1]) {
             return Ok(EINVAL);
         }
-        let efer = ctx.vcpu.sregs()?.efer | vcpu::efer::SCE;
+        let efer = ctx.vcpu.sregs()?.efer | efer::SCE;
         for (msr, v) in [
-            (0xc000_0081, a[2]),
-            (0xc000_0082, a[1]),
-            (0xc000_0084, a[3] & 0xffff_ffff),
-            (0xc000_0080, efer),
+            (msr::STAR, a[2]),
+            (msr::LSTAR, a[1]),
+            (msr::FMASK, a[3] & 0xffff_ffff),
+            (msr::EFER, efer),
         ] {
             if !ctx.vcpu.set_msr(msr, v)? {
                 return Ok(-errno::ENOSYS);
@@ -481,7 +480,7 @@ impl Hypercalls {
         if r.ptr & 7 != 0 || !in_ram(mem, r.ptr, 8) {
             return false;
         }
-        r.val & 1 == 0 || in_ram(mem, r.val & 0x000f_ffff_ffff_f000, 0x1000)
+        r.val & 1 == 0 || in_ram(mem, r.val & pte::ADDR, 0x1000)
     }
 
     fn set_trap_table(
@@ -503,13 +502,15 @@ impl Hypercalls {
         // Materialize the table as the hardware IDT of an engine that runs the
         // guest kernel on the CPU.
         for t in &entries {
-            let gate_type: u64 = if t.flags & 4 != 0 { 0xe } else { 0xf };
-            let present = (t.address != 0) as u64;
-            let lo = (t.address & 0xffff)
-                | ((t.cs as u64) << 16)
-                | (((present << 7) | (((t.flags & 3) as u64) << 5) | gate_type) << 40)
-                | ((t.address >> 16 & 0xffff) << 48);
-            let hi = t.address >> 32;
+            let (lo, hi) = Gate {
+                offset: t.address,
+                selector: t.cs,
+                ist: 0,
+                type_: if t.flags & 4 != 0 { 0xe } else { 0xf },
+                dpl: t.flags & 3,
+                present: t.address != 0,
+            }
+            .descriptor();
             let at = PV_IDT + t.vector as u64 * 16;
             if ctx.mem.write_obj(lo, GuestAddress(at)).is_err()
                 || ctx.mem.write_obj(hi, GuestAddress(at + 8)).is_err()

@@ -5,6 +5,7 @@
 
 mod common;
 
+use arch::rflags::IF;
 use common::guest::*;
 use iced_x86::code_asm::*;
 use visor::{Engine, HolePolicy, Outcome, VmOptions};
@@ -24,8 +25,6 @@ fn counter(g: &Guest, name: &str) -> u64 {
         .find(|(k, _)| k == name)
         .map_or(0, |(_, v)| *v)
 }
-
-const IF: u64 = 1 << 9;
 
 /// Each sensitive unprivileged instruction that x86 runs at CPL 1 without
 /// faulting, executed by a guest kernel that believes it is at CPL 0.

@@ -3,12 +3,6 @@
 
 use core::arch::asm;
 
-pub const MSR_EFER: u32 = 0xc000_0080;
-pub const MSR_STAR: u32 = 0xc000_0081;
-pub const MSR_LSTAR: u32 = 0xc000_0082;
-pub const MSR_FMASK: u32 = 0xc000_0084;
-pub const EFER_SCE: u64 = 1 << 0;
-
 pub fn outb(port: u16, v: u8) {
     // SAFETY: port I/O in the guest kernel at CPL 0.
     unsafe {

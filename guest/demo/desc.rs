@@ -4,6 +4,8 @@
 
 use core::cell::UnsafeCell;
 
+use arch::gdt_entry;
+
 use crate::{cpu, pvops, trap, Global};
 
 pub const KERNEL_CS: u16 = 0x10;
@@ -43,12 +45,12 @@ struct Gdt([u64; 9]);
 
 static GDT: Global<Gdt> = Global::new(Gdt([
     0,
-    0x00cf_9a00_0000_ffff, // 0x08: 32-bit kernel code (unused)
-    0x00af_9a00_0000_ffff, // 0x10: 64-bit kernel code
-    0x00cf_9200_0000_ffff, // 0x18: kernel data
-    0x00cf_fa00_0000_ffff, // 0x20: 32-bit user code (SYSRET base, unused)
-    0x00cf_f200_0000_ffff, // 0x28: user data
-    0x00af_fa00_0000_ffff, // 0x30: 64-bit user code
+    gdt_entry(0xc09a, 0, 0xfffff), // 0x08: 32-bit kernel code (unused)
+    gdt_entry(0xa09a, 0, 0xfffff), // 0x10: 64-bit kernel code
+    gdt_entry(0xc092, 0, 0xfffff), // 0x18: kernel data
+    gdt_entry(0xc0fa, 0, 0xfffff), // 0x20: 32-bit user code (SYSRET base, unused)
+    gdt_entry(0xc0f2, 0, 0xfffff), // 0x28: user data
+    gdt_entry(0xa0fa, 0, 0xfffff), // 0x30: 64-bit user code
     0,                     // 0x38: TSS, low half
     0,                     // 0x40: TSS, high half
 ]));
@@ -72,14 +74,15 @@ pub struct Gate {
 impl Gate {
     /// The 16-byte hardware descriptor, as two quadwords.
     pub fn descriptor(&self) -> (u64, u64) {
-        let a = self.handler;
-        let attr = 0x80 | (self.dpl as u64 & 3) << 5 | 0xe;
-        let lo = (a & 0xffff)
-            | (KERNEL_CS as u64) << 16
-            | (self.ist as u64 & 7) << 32
-            | attr << 40
-            | (a >> 16 & 0xffff) << 48;
-        (lo, a >> 32)
+        arch::Gate {
+            offset: self.handler,
+            selector: KERNEL_CS,
+            ist: self.ist,
+            type_: 0xe,
+            dpl: self.dpl,
+            present: true,
+        }
+        .descriptor()
     }
 }
 
@@ -100,11 +103,7 @@ pub fn init() {
         t as *mut Tss as u64
     });
     let gdt = GDT.with(|g| {
-        let limit = 103u64;
-        g.0[7] = (limit & 0xffff)
-            | (tss & 0xff_ffff) << 16
-            | 0x89 << 40 // present, 64-bit TSS (available)
-            | (tss >> 24 & 0xff) << 56;
+        g.0[7] = gdt_entry(0x89, tss, 103); // present, 64-bit TSS (available)
         g.0[8] = tss >> 32;
         g.0.as_ptr() as u64
     });

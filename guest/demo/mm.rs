@@ -10,22 +10,15 @@
 //! Every write to a live page-table entry goes through pv_ops `set_pte`.
 
 use abi::{MemoryRegion, MEM_RAM};
+use arch::pte::{ADDR, P, PCD, PS, PWT, RW, US};
 
 use crate::console::Line;
 use crate::pvops::{self, NO_FLUSH};
 use crate::{cpu, fatal, Global};
 
 pub const PAGE: u64 = 4096;
-pub const P: u64 = 1;
-pub const RW: u64 = 1 << 1;
-pub const US: u64 = 1 << 2;
-const PWT: u64 = 1 << 3;
-const PCD: u64 = 1 << 4;
-const PS: u64 = 1 << 7;
 /// Software bit: the frame belongs to the process (freed with it).
 pub const OWNED: u64 = 1 << 9;
-pub const NX: u64 = 1 << 63;
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 /// RAM the kernel uses: what the identity map covers.
 const IDENTITY_LIMIT: u64 = 1 << 30;

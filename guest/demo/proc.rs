@@ -6,7 +6,10 @@
 //! next process's frame over it.
 
 use crate::console::Line;
-use crate::mm::{self, NX, OWNED, PAGE, RW, US};
+use arch::pte::{NX, RW, US};
+use arch::{pf, vector};
+
+use crate::mm::{self, OWNED, PAGE};
 use crate::trap::{self, Frame, INT80_VECTOR, SPURIOUS_VECTOR, SYSCALL_VECTOR, TIMER_VECTOR};
 use crate::user::{self, sys};
 use crate::{cpu, fail, fatal, pvops, Global};
@@ -259,8 +262,10 @@ impl Kernel {
     /// has no protected-mode INT n (KVM injects #UD at CPL > 0). On a CPU that
     /// runs the gates itself neither case arises.
     fn complete_gate(&self, f: &mut Frame) -> bool {
-        const FETCH: u64 = 1 << 4;
-        if f.vector == 14 && f.rip == trap::syscall_entry() && f.error & FETCH != 0 {
+        if f.vector == vector::PF as u64
+            && f.rip == trap::syscall_entry()
+            && f.error & pf::FETCH as u64 != 0
+        {
             f.rip = f.rcx;
             // RFLAGS as `syscall` saved it in R11, without IOPL or other
             // privileged bits (R11 is the user's here), with IF.
@@ -269,7 +274,7 @@ impl Kernel {
             f.error = 0;
             return true;
         }
-        if f.vector == 6
+        if f.vector == vector::UD as u64
             && self.user_byte(f.rip) == Some(0xcd)
             && self.user_byte(f.rip + 1) == Some(0x80)
         {

@@ -11,6 +11,8 @@
 use core::arch::{asm, global_asm};
 use core::sync::atomic::AtomicU64;
 
+use arch::{efer, msr};
+
 use crate::console::Line;
 use crate::desc::{KERNEL_CS, KERNEL_STACK, KERNEL_STACK_SIZE, USER32_CS, USER_CS, USER_DS};
 use crate::{cpu, fail, proc, pvops};
@@ -258,10 +260,10 @@ pub fn init_syscall() {
     // SAFETY: architectural MSRs; the selectors match the GDT and the entry
     // point is `demo_syscall_entry`.
     unsafe {
-        cpu::wrmsr(cpu::MSR_STAR, star);
-        cpu::wrmsr(cpu::MSR_LSTAR, syscall_entry());
-        cpu::wrmsr(cpu::MSR_FMASK, 0x4_0700);
-        cpu::wrmsr(cpu::MSR_EFER, cpu::rdmsr(cpu::MSR_EFER) | cpu::EFER_SCE);
+        cpu::wrmsr(msr::STAR, star);
+        cpu::wrmsr(msr::LSTAR, syscall_entry());
+        cpu::wrmsr(msr::FMASK, 0x4_0700);
+        cpu::wrmsr(msr::EFER, cpu::rdmsr(msr::EFER) | efer::SCE);
     }
 }
 

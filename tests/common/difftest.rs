@@ -44,6 +44,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arch::gdt_entry;
+use arch::pte::{P, RW, US};
+use arch::rflags::{AF, ARITH, CF, IOPL, OF, PF, SF, ZF};
 use iced_x86::code_asm::*;
 use iced_x86::{Decoder, DecoderOptions, OpKind};
 use machine::bus::{Action, Device, StopReason};
@@ -61,14 +64,6 @@ const PORT: u16 = 0x80;
 const SEL_UDATA: u16 = 0x2b;
 const SEL_UCODE: u16 = 0x33;
 
-const CF: u64 = 1;
-const PF: u64 = 1 << 2;
-const AF: u64 = 1 << 4;
-const ZF: u64 = 1 << 6;
-const SF: u64 = 1 << 7;
-const OF: u64 = 1 << 11;
-const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
-const IOPL: u64 = 3 << 12;
 const ALL_BUT_AF: u64 = CF | PF | ZF | SF | OF;
 
 /// The seed of the test's sequences.
@@ -764,10 +759,6 @@ fn disassemble(code: &[u8]) -> String {
     out
 }
 
-fn gdt_entry(flags: u64, limit: u64) -> u64 {
-    ((flags & 0xf0ff) << 40) | ((limit & 0xf_0000) << 32) | (limit & 0xffff)
-}
-
 struct Runner {
     vm: Vm,
     stats: Stats,
@@ -787,13 +778,13 @@ impl Runner {
         // The boot GDT plus user data (0x2b) and 64-bit user code (0x33).
         let entries = [
             0,
-            gdt_entry(0xc09b, 0xfffff),
-            gdt_entry(0xa09b, 0xfffff),
-            gdt_entry(0xc093, 0xfffff),
-            gdt_entry(0x008b, 0x67),
+            gdt_entry(0xc09b, 0, 0xfffff),
+            gdt_entry(0xa09b, 0, 0xfffff),
+            gdt_entry(0xc093, 0, 0xfffff),
+            gdt_entry(0x008b, 0, 0x67),
             0,
-            gdt_entry(0xc0f3, 0xfffff),
-            gdt_entry(0xa0fb, 0xfffff),
+            gdt_entry(0xc0f3, 0, 0xfffff),
+            gdt_entry(0xa0fb, 0, 0xfffff),
         ];
         for (i, e) in entries.iter().enumerate() {
             write(*e, GDT + 8 * i as u64)?;
@@ -802,7 +793,7 @@ impl Runner {
         sregs.gdt.limit = (entries.len() * 8 - 1) as u16;
         // Identity map of the first GiB (2 MiB pages), user-accessible but for the
         // first 2 MiB (GDT, page tables, ring-0 stub and stack).
-        const P_RW_U: u64 = 0x7;
+        const P_RW_U: u64 = P | RW | US;
         let read = |at: u64| {
             mem.read_obj::<u64>(GuestAddress(at))
                 .map_err(|e| format!("reading {at:#x}: {e}"))

@@ -18,11 +18,13 @@
 
 use std::sync::Arc;
 
+use arch::paging::Access;
+use arch::{cr0, efer, msr, pf, vector};
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
 use softplat::{Platform, Step};
-use vcpu::{cr0, efer, IrqLine, Kick, Regs, Result, SRegs, Vcpu, VcpuExit};
+use vcpu::{IrqLine, Kick, Regs, Result, SRegs, Vcpu, VcpuExit};
 use vm_memory::GuestMemoryMmap;
-use x86::{msr, vector, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
+use x86::{Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
 
 use crate::virt::{real_sregs, Guest, Virt};
 use crate::walk;
@@ -191,13 +193,14 @@ impl PvVcpu {
                 }
             }
         }
-        if v == vector::PF && code.unwrap_or(0) & 3 == 3 {
+        let write_fault = pf::PRESENT | pf::WRITE;
+        if v == vector::PF && code.unwrap_or(0) & write_fault == write_fault {
             // A write the guest's tables allow to a protected frame: the
             // kernel wrote a live page table directly.
             let lin = self.g.cpu.cr2;
-            let user = code.unwrap_or(0) & 4 != 0;
+            let user = code.unwrap_or(0) & pf::USER != 0;
             let pg = self.g.v.paging();
-            if let Ok(m) = walk::walk(&mut self.g.cpu, pg, lin, walk::Acc::Write, user) {
+            if let Ok(m) = walk::walk(&mut self.g.cpu, pg, lin, Access::Write, user) {
                 if self.g.cpu.write_protected(m.page) {
                     return Some(VcpuExit::Other {
                         reason: format!(

@@ -10,11 +10,9 @@
 //! the stale translation, exactly as on hardware, so guest page-table pages
 //! need no write protection.
 
+use arch::paging::Translation;
+use arch::pte::{ACCESSED, ADDR, DIRTY, NX, P, RW, US};
 use x86::Cpu;
-
-use x86::pte::{ACCESSED, ADDR, DIRTY, NX, P, RW, US};
-
-use crate::walk::Mapping;
 
 /// The shadow tables and their page pool.
 pub struct Shadow {
@@ -88,7 +86,7 @@ impl Shadow {
     /// faulted. Writable only once the guest's dirty bit is set, so the first
     /// write comes back to set it. `force_write`: a supervisor write the guest
     /// allows through CR0.WP=0 (mapped writable, and supervisor-only).
-    pub fn map(&mut self, cpu: &mut Cpu, lin: u64, m: &Mapping, force_write: bool) {
+    pub fn map(&mut self, cpu: &mut Cpu, lin: u64, m: &Translation, force_write: bool) {
         let mut leaf = m.page | P | ACCESSED;
         if (m.writable && m.dirty) || force_write {
             leaf |= RW | DIRTY;

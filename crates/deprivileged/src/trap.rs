@@ -14,17 +14,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use arch::paging::Access;
+use arch::{canonical, cr0, cr4, desc, efer, msr, pf, rflags, vector};
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
 use softplat::{Platform, Step};
-use vcpu::{
-    cr0, cr4, efer, DescriptorTable, IrqLine, Kick, Regs, Result, SRegs, Segment, Vcpu, VcpuExit,
-};
+use vcpu::{DescriptorTable, IrqLine, Kick, Regs, Result, SRegs, Segment, Vcpu, VcpuExit};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use x86::{canonical, flags, msr, sreg, vector, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
+use x86::{sreg, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
 
 use crate::shadow::Shadow;
 use crate::virt::{compress, decompress, null_stack, real_sregs, Guest, Virt};
-use crate::walk::{self, Acc, Fault, PHYS_BITS};
+use crate::walk::{self, Fault, PHYS_BITS};
 
 /// Engine-private memory (shadow page tables): above the guest's physical
 /// address width, so no guest page-table entry can name it.
@@ -263,13 +263,13 @@ impl TrapVcpu {
     fn page_fault(&mut self, code: u32) -> Option<VcpuExit<'static>> {
         self.c.page_faults += 1;
         let lin = self.g.cpu.cr2;
-        let user = code & 4 != 0;
-        let acc = if code & 16 != 0 {
-            Acc::Exec
-        } else if code & 2 != 0 {
-            Acc::Write
+        let user = code & pf::USER != 0;
+        let acc = if code & pf::FETCH != 0 {
+            Access::Exec
+        } else if code & pf::WRITE != 0 {
+            Access::Write
         } else {
-            Acc::Read
+            Access::Read
         };
         let pg = self.g.v.paging();
         match walk::walk(&mut self.g.cpu, pg, lin, acc, user) {
@@ -288,7 +288,7 @@ impl TrapVcpu {
                 } else {
                     self.pf_streak = (key.0, key.1, 0);
                 }
-                let force_write = acc == Acc::Write && !user && !m.writable && !pg.wp;
+                let force_write = acc == Access::Write && !user && !m.writable && !pg.wp;
                 self.shadow.map(&mut self.g.cpu, lin, &m, force_write);
                 None
             }
@@ -507,7 +507,7 @@ impl TrapVcpu {
                 let sel = self.read_u16_operand(i, 0)?;
                 self.g.v.tr = self.system_segment(sel, &[9])?;
                 let (a, raw) = self.g.descriptor(sel)?;
-                self.g.write(a.wrapping_add(5), &[((raw >> 40) as u8) | 2])?;
+                self.g.write(a.wrapping_add(5), &[((raw | desc::TSS_BUSY) >> 40) as u8])?;
                 self.g.v.tr.type_ = 0xb;
                 Done::Next
             }
@@ -560,7 +560,7 @@ impl TrapVcpu {
                 self.write_cr(0, cr0)?
             }
             M::Clts => {
-                let cr0 = self.g.v.cr0 & !(1 << 3);
+                let cr0 = self.g.v.cr0 & !cr0::TS;
                 self.write_cr(0, cr0)?
             }
             M::Xsetbv | M::Invpcid | M::Rdpmc | M::Monitor | M::Mwait | M::Wrpkru => {
@@ -582,7 +582,7 @@ impl TrapVcpu {
             return Err(gp(err));
         }
         let (_, raw) = self.g.descriptor(sel)?;
-        let d = x86::segment_from_descriptor(sel, raw);
+        let d = Segment::from_descriptor(sel, raw);
         if !d.s || d.type_ & 8 == 0 || d.dpl != 0 || !d.l || d.db {
             return Err(gp(err));
         }
@@ -664,7 +664,7 @@ impl TrapVcpu {
         }
         let (a, raw) = self.g.descriptor(sel)?;
         let hi = self.g.read_u64(a.wrapping_add(8))?;
-        let mut s = x86::segment_from_descriptor(sel, raw);
+        let mut s = Segment::from_descriptor(sel, raw);
         if s.s || !types.contains(&s.type_) {
             return Err(gp((sel & !3) as u32));
         }
@@ -700,7 +700,7 @@ impl TrapVcpu {
             return Ok(());
         }
         let (a, raw) = self.g.descriptor(sel)?;
-        let d = x86::segment_from_descriptor(sel, raw);
+        let d = Segment::from_descriptor(sel, raw);
         let err = (sel & !3) as u32;
         let ok = if s == sreg::SS {
             d.s && d.type_ & 0xa == 2 && d.dpl == 0 && rpl == 0
@@ -721,9 +721,9 @@ impl TrapVcpu {
                 err,
             ));
         }
-        if raw & (1 << 40) == 0 {
+        if raw & desc::ACCESSED == 0 {
             self.g
-                .write(a.wrapping_add(5), &[((raw >> 40) as u8) | 1])?;
+                .write(a.wrapping_add(5), &[((raw | desc::ACCESSED) >> 40) as u8])?;
         }
         self.g.cpu.seg[s] = compress(d, s == sreg::SS);
         if s == sreg::SS {
@@ -747,7 +747,7 @@ impl TrapVcpu {
                 let old = g.v.cr0;
                 g.v.cr0 = v | cr0::ET;
                 // The real WP stays set: the shadow enforces the guest's view.
-                let follow = (1 << 1) | (1 << 2) | (1 << 3) | cr0::NE | (1 << 18);
+                let follow = cr0::MP | cr0::EM | cr0::TS | cr0::NE | cr0::AM;
                 g.cpu.cr0 =
                     (g.cpu.cr0 & !follow) | (v & follow) | cr0::WP | cr0::PE | cr0::PG | cr0::ET;
                 if (old ^ v) & cr0::WP != 0 {
@@ -770,12 +770,12 @@ impl TrapVcpu {
                         "the trap engine runs 64-bit guests with paging on",
                     )));
                 }
-                if v & (1 << 13) != 0 {
-                    // VMXE: no VMX for a deprivileged guest.
+                if v & cr4::VMXE != 0 {
+                    // No VMX for a deprivileged guest.
                     return Err(gp(0));
                 }
                 g.v.cr4 = v;
-                let follow = cr4::OSFXSR | cr4::OSXMMEXCPT | (1 << 18);
+                let follow = cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE;
                 g.cpu.cr4 = (g.cpu.cr4 & !follow) | (v & follow) | cr4::PAE;
                 self.shadow.reset(&mut self.g.cpu);
                 self.g.cpu.refresh_mode();
@@ -859,7 +859,7 @@ impl TrapVcpu {
             return Err(gp((cs & !3) as u32));
         }
         let (_, raw) = self.g.descriptor(cs)?;
-        let d = x86::segment_from_descriptor(cs, raw);
+        let d = Segment::from_descriptor(cs, raw);
         if !d.s || d.type_ & 8 == 0 || d.dpl != 0 || !d.l || d.db || !canonical(rip) {
             return Err(gp((cs & !3) as u32));
         }
@@ -867,7 +867,7 @@ impl TrapVcpu {
             null_stack()
         } else {
             let (_, sraw) = self.g.descriptor(ss)?;
-            let s = x86::segment_from_descriptor(ss, sraw);
+            let s = Segment::from_descriptor(ss, sraw);
             if !s.s || s.type_ & 0xa != 2 || s.dpl != 0 || ss & 3 != 0 {
                 return Err(gp((ss & !3) as u32));
             }
@@ -878,8 +878,8 @@ impl TrapVcpu {
         g.cpu.seg[sreg::SS] = ss_seg;
         g.cpu.gpr[4] = rsp;
         g.cpu.rip = rip;
-        let keep = flags::VM | flags::VIF | flags::VIP;
-        let f = (fl & flags::WRITABLE & !keep) | flags::FIXED;
+        let keep = rflags::VM | rflags::VIF | rflags::VIP;
+        let f = (fl & rflags::WRITABLE & !keep) | rflags::FIXED;
         g.set_vflags(f);
         g.cpu.refresh_mode();
         Ok(Done::Jumped)
@@ -900,8 +900,10 @@ impl TrapVcpu {
         g.cpu.seg[sreg::SS] = crate::virt::flat(base.wrapping_add(8) | 3, false);
         g.cpu.rip = rcx;
         let f = g.cpu.gpr[11];
-        g.cpu.rflags =
-            (f & 0x3c_7fd7 & !flags::IOPL) | flags::IF | (f & flags::IOPL) | flags::FIXED;
+        g.cpu.rflags = (f & rflags::SYSRET_LOADED & !rflags::IOPL)
+            | rflags::IF
+            | (f & rflags::IOPL)
+            | rflags::FIXED;
         g.cpu.refresh_mode();
         Ok(Done::Jumped)
     }
@@ -1024,7 +1026,7 @@ impl TrapVcpu {
         match i.mnemonic() {
             M::Pushf | M::Pushfd | M::Pushfq => {
                 let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 8);
-                let v = g.vflags() & !(flags::RF | flags::VM);
+                let v = g.vflags() & !(rflags::RF | rflags::VM);
                 let sp = g.cpu.gpr[4].wrapping_sub(sz);
                 g.write(sp, &v.to_le_bytes()[..sz as usize])?;
                 g.cpu.gpr[4] = sp;
@@ -1035,7 +1037,7 @@ impl TrapVcpu {
                 let sp = g.cpu.gpr[4];
                 g.read(sp, &mut b[..sz])?;
                 let popped = u64::from_le_bytes(b);
-                let m = flags::WRITABLE & !flags::RF & mask(sz as u32 * 8);
+                let m = rflags::WRITABLE & !rflags::RF & mask(sz as u32 * 8);
                 let f = (g.vflags() & !m) | (popped & m);
                 g.cpu.gpr[4] = sp.wrapping_add(sz as u64);
                 g.set_vflags(f);
@@ -1258,7 +1260,7 @@ impl Vcpu for TrapVcpu {
         self.g.v.load(s);
         // Paging through the shadow, with NX always available to it.
         let mut real = real_sregs(s);
-        real.cr4 = (s.cr4 & (cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT | (1 << 18))) | cr4::PAE;
+        real.cr4 = (s.cr4 & (cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE)) | cr4::PAE;
         real.efer = s.efer | efer::NXE;
         self.g.cpu.set_sregs(&real);
         self.shadow.reset(&mut self.g.cpu);

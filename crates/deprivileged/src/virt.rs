@@ -9,11 +9,12 @@
 //! RFLAGS.IF and IOPL of the guest kernel are virtual: the real IF stays 1 so
 //! the VMM sees every interrupt, the real IOPL stays 0 so port I/O traps.
 
-use vcpu::efer;
+use arch::paging::Paging;
+use arch::{cr0, efer, rflags, vector, Gate};
 use vcpu::{DescriptorTable, Regs, SRegs, Segment, VcpuExit};
-use x86::{flags, sreg, vector, Cpu};
+use x86::{sreg, Cpu};
 
-use crate::walk::{self, Fault, Paging};
+use crate::walk::{self, Fault};
 
 /// The guest's view of the privileged CPU state.
 #[derive(Clone, Debug, Default)]
@@ -43,7 +44,7 @@ pub struct Virt {
 impl Virt {
     /// Takes the guest's view of the system registers (what the VMM sets).
     pub fn load(&mut self, s: &SRegs) {
-        self.cr0 = s.cr0 | vcpu::cr0::ET;
+        self.cr0 = s.cr0 | cr0::ET;
         self.cr2 = s.cr2;
         self.cr3 = s.cr3;
         self.cr4 = s.cr4;
@@ -55,11 +56,11 @@ impl Virt {
     }
 
     pub fn paging(&self) -> Paging {
-        Paging {
-            cr3: self.cr3,
-            wp: self.cr0 & vcpu::cr0::WP != 0,
-            nxe: self.efer & vcpu::efer::NXE != 0,
-        }
+        walk::paging(
+            self.cr3,
+            self.cr0 & cr0::WP != 0,
+            self.efer & efer::NXE != 0,
+        )
     }
 }
 
@@ -113,7 +114,7 @@ pub fn real_sregs(s: &SRegs) -> SRegs {
         present: true,
         ..Default::default()
     };
-    real.cr0 = s.cr0 | vcpu::cr0::WP | vcpu::cr0::ET;
+    real.cr0 = s.cr0 | cr0::WP | cr0::ET;
     real
 }
 
@@ -155,20 +156,20 @@ impl Guest {
         if self.vcpl() == 3 {
             return r;
         }
-        (r & !(flags::IF | flags::IOPL))
-            | if self.v.vif { flags::IF } else { 0 }
+        (r & !(rflags::IF | rflags::IOPL))
+            | if self.v.vif { rflags::IF } else { 0 }
             | ((self.v.iopl as u64) << 12)
     }
 
     /// Sets RFLAGS from the guest's view: IF and IOPL of the kernel stay virtual.
     pub fn set_vflags(&mut self, f: u64) {
         if self.vcpl() == 3 {
-            self.cpu.rflags = (f & !flags::IOPL) | flags::IF | flags::FIXED;
+            self.cpu.rflags = (f & !rflags::IOPL) | rflags::IF | rflags::FIXED;
             return;
         }
-        self.v.vif = f & flags::IF != 0;
+        self.v.vif = f & rflags::IF != 0;
         self.v.iopl = ((f >> 12) & 3) as u8;
-        self.cpu.rflags = (f & !flags::IOPL) | flags::IF | flags::FIXED;
+        self.cpu.rflags = (f & !rflags::IOPL) | rflags::IF | rflags::FIXED;
     }
 
     pub fn read(&mut self, lin: u64, buf: &mut [u8]) -> Result<(), Fault> {
@@ -250,14 +251,14 @@ impl Guest {
             let rip = self.cpu.rip;
             return self.reflect(vector::UD, None, rip, false);
         }
-        let flags_v = self.vflags() & !flags::RF;
+        let flags_v = self.vflags() & !rflags::RF;
         self.cpu.gpr[1] = next_rip;
         self.cpu.gpr[11] = flags_v;
         let sel = ((self.v.star >> 32) & 0xfffc) as u16;
         self.cpu.seg[sreg::CS] = compress(flat(sel, true), true);
         self.cpu.seg[sreg::SS] = compress(flat(sel.wrapping_add(8), false), true);
         self.cpu.rip = self.v.lstar;
-        let f = flags_v & !(self.v.fmask | flags::RF);
+        let f = flags_v & !(self.v.fmask | rflags::RF);
         self.cpu.refresh_mode();
         self.set_vflags(f);
         None
@@ -312,30 +313,27 @@ impl Guest {
         let a = self.v.idtr.base.wrapping_add(v as u64 * 16);
         let lo = self.read_u64(a)?;
         let hi = self.read_u64(a.wrapping_add(8))?;
-        let typ = (lo >> 40) & 0xf;
-        let gdpl = ((lo >> 45) & 3) as u8;
-        if typ != 0xe && typ != 0xf {
+        let gate = Gate::from_descriptor(lo, hi);
+        if gate.type_ != 0xe && gate.type_ != 0xf {
             return Err(Fault::gp(gate_err));
         }
-        if soft && gdpl < vcpl {
+        if soft && gate.dpl < vcpl {
             return Err(Fault::gp(gate_err));
         }
-        if lo & (1 << 47) == 0 {
+        if !gate.present {
             return Err(Fault {
                 vector: vector::NP,
                 code: Some(gate_err),
                 cr2: None,
             });
         }
-        let sel = ((lo >> 16) & 0xffff) as u16;
-        let off = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | ((hi & 0xffff_ffff) << 32);
-        let ist = (lo >> 32) & 7;
+        let (sel, off, ist) = (gate.selector, gate.offset, gate.ist as u64);
         let serr = (sel & !3) as u32;
         if sel & !3 == 0 {
             return Err(Fault::gp(0));
         }
         let (_, raw) = self.descriptor(sel)?;
-        let d = x86::segment_from_descriptor(sel & !3, raw);
+        let d = Segment::from_descriptor(sel & !3, raw);
         // Handlers run in the guest kernel (DPL 0): that is all this VMM
         // deprivileges.
         if !d.s || d.type_ & 8 == 0 || d.dpl != 0 || !d.l || d.db {
@@ -368,7 +366,7 @@ impl Guest {
         let mut frame = vec![
             ss_v as u64,
             self.cpu.gpr[4],
-            self.vflags() & !flags::RF,
+            self.vflags() & !rflags::RF,
             cs_v as u64,
             ret,
         ];
@@ -392,12 +390,12 @@ impl Guest {
         if from_user {
             // The kernel's IF and IOPL start as the user's were (they are in
             // the frame too); from now on they are virtual.
-            self.v.vif = self.cpu.rflags & flags::IF != 0;
+            self.v.vif = self.cpu.rflags & rflags::IF != 0;
             self.v.iopl = ((self.cpu.rflags >> 12) & 3) as u8;
-            self.cpu.rflags = (self.cpu.rflags & !flags::IOPL) | flags::IF;
+            self.cpu.rflags = (self.cpu.rflags & !rflags::IOPL) | rflags::IF;
         }
-        self.cpu.rflags &= !(flags::TF | flags::NT | flags::RF | flags::VM);
-        if typ == 0xe {
+        self.cpu.rflags &= !(rflags::TF | rflags::NT | rflags::RF | rflags::VM);
+        if gate.type_ == 0xe {
             self.v.vif = false;
         }
         self.cpu.refresh_mode();

@@ -1,10 +1,15 @@
-//! The VMM's own walk of the guest's page tables (4-level, long mode), with the
-//! architectural checks and accessed/dirty updates, and guest-linear memory
-//! access built on it. Page-table entries are read from guest RAM only, and
-//! every frame address is checked against the guest's physical-address width,
-//! so nothing the guest writes in its tables can name memory outside its own.
+//! The VMM's own walk of the guest's page tables (4-level, long mode): the
+//! walker of `arch` over guest RAM, with the hardware's reserved-bit checks
+//! and accessed/dirty updates; guest-linear memory access built on it; and the
+//! frames of a page-table tree. Page-table entries are read from guest RAM
+//! only, and every frame address is checked against the guest's
+//! physical-address width, so nothing the guest writes in its tables can name
+//! memory outside its own.
 
-use x86::pte::{ACCESSED, ADDR, DIRTY, NX, P, PS, RW, US};
+use std::convert::Infallible;
+
+use arch::paging::{self, Access, Mode, PageTables, Paging, Reserved, Translation, WalkError};
+use arch::pte::{ADDR, P, PS};
 use x86::Cpu;
 
 /// The physical-address width the deprivileged engines report to the guest
@@ -15,101 +20,53 @@ pub const PHYS_BITS: u32 = 46;
 /// Frame bits from PHYS_BITS to 51.
 const RSVD_ADDR: u64 = ADDR & !((1u64 << PHYS_BITS) - 1);
 
-/// The kind of an access.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Acc {
-    Read,
-    Write,
-    Exec,
+/// The paging of the guest's (virtual) CPU, always in long mode: CR3, CR0.WP
+/// and EFER.NXE; reserved bits checked at [`PHYS_BITS`].
+pub fn paging(cr3: u64, wp: bool, nxe: bool) -> Paging {
+    Paging {
+        mode: Mode::FourLevel,
+        cr3,
+        wp,
+        nxe,
+        pse: false,
+        pge: false,
+        smep: false,
+        reserved: Reserved::Full {
+            phys_bits: PHYS_BITS,
+        },
+        accessed_dirty: true,
+    }
 }
 
-/// What the guest's tables say about a 4 KiB page.
-#[derive(Clone, Copy, Debug)]
-pub struct Mapping {
-    /// Guest-physical address of the page.
-    pub page: u64,
-    pub writable: bool,
-    pub user: bool,
-    pub nx: bool,
-    /// The leaf's dirty bit (after this access).
-    pub dirty: bool,
-}
+/// Guest RAM holding the guest's tables; entries outside RAM read as not
+/// present.
+struct Ram<'a>(&'a mut Cpu);
 
-/// The paging controls of the guest's (virtual) CPU.
-#[derive(Clone, Copy, Debug)]
-pub struct Paging {
-    pub cr3: u64,
-    /// CR0.WP.
-    pub wp: bool,
-    /// EFER.NXE.
-    pub nxe: bool,
+impl PageTables for Ram<'_> {
+    type Error = Infallible;
+
+    fn read(&mut self, at: u64, _wide: bool) -> u64 {
+        self.0.ram_read_u64(at).unwrap_or(0)
+    }
+
+    fn write(&mut self, at: u64, _wide: bool, value: u64) {
+        self.0.ram_write(at, &value.to_le_bytes());
+    }
 }
 
 /// Walks the guest's tables for `lin`. On failure, the #PF error code the
 /// hardware would give. Sets accessed bits (and the dirty bit of a write).
-pub fn walk(cpu: &mut Cpu, pg: Paging, lin: u64, acc: Acc, user: bool) -> Result<Mapping, u32> {
-    let err = |present: bool, rsvd: bool| -> u32 {
-        (present as u32)
-            | if acc == Acc::Write { 2 } else { 0 }
-            | if user { 4 } else { 0 }
-            | if rsvd { 8 } else { 0 }
-            | if acc == Acc::Exec && pg.nxe { 16 } else { 0 }
-    };
-    let mut table = pg.cr3 & ADDR & !RSVD_ADDR;
-    let mut path = [(0u64, 0u64); 4];
-    let (mut rw, mut us, mut nx) = (true, true, false);
-    for (n, level) in (0..4u32).rev().enumerate() {
-        let addr = table + ((lin >> (12 + 9 * level)) & 0x1ff) * 8;
-        // Tables outside RAM read as not present.
-        let ent = cpu.ram_read_u64(addr).unwrap_or(0);
-        if ent & P == 0 {
-            return Err(err(false, false));
-        }
-        let large = ent & PS != 0 && level > 0;
-        let mut bad = ent & RSVD_ADDR != 0 || (ent & NX != 0 && !pg.nxe);
-        bad |= large
-            && match level {
-                3 => true,
-                2 => ent & 0x3fff_e000 != 0,
-                _ => ent & 0x1f_e000 != 0,
-            };
-        if bad {
-            return Err(err(true, true));
-        }
-        path[n] = (addr, ent);
-        rw &= ent & RW != 0;
-        us &= ent & US != 0;
-        nx |= ent & NX != 0;
-        if level == 0 || large {
-            let size_mask = (1u64 << (12 + 9 * level)) - 1;
-            let page = ((ent & ADDR & !size_mask) | (lin & size_mask)) & !0xfff;
-            let nx = nx && pg.nxe;
-            let deny = (user && !us)
-                || (acc == Acc::Write && !rw && (user || pg.wp))
-                || (acc == Acc::Exec && nx);
-            if deny {
-                return Err(err(true, false));
-            }
-            for (i, &(a, e)) in path[..=n].iter().enumerate() {
-                let mut v = e | ACCESSED;
-                if i == n && acc == Acc::Write {
-                    v |= DIRTY;
-                }
-                if v != e {
-                    cpu.ram_write(a, &v.to_le_bytes());
-                }
-            }
-            return Ok(Mapping {
-                page,
-                writable: rw,
-                user: us,
-                nx,
-                dirty: acc == Acc::Write || ent & DIRTY != 0,
-            });
-        }
-        table = ent & ADDR;
-    }
-    Err(err(false, false))
+pub fn walk(
+    cpu: &mut Cpu,
+    pg: Paging,
+    lin: u64,
+    acc: Access,
+    user: bool,
+) -> Result<Translation, u32> {
+    paging::walk(&mut Ram(cpu), &pg, lin, acc, user).map_err(|e| match e {
+        WalkError::PageFault(code) => code,
+        WalkError::Tables(never) => match never {},
+    })
 }
 
 /// A fault the VMM met touching guest memory on the guest's behalf.
@@ -124,7 +81,7 @@ pub struct Fault {
 impl Fault {
     pub fn gp(code: u32) -> Fault {
         Fault {
-            vector: x86::vector::GP,
+            vector: arch::vector::GP,
             code: Some(code),
             cr2: None,
         }
@@ -145,13 +102,13 @@ pub fn access(
     let mut done = 0;
     while done < buf.len() {
         let a = lin.wrapping_add(done as u64);
-        if !x86::canonical(a) {
+        if !arch::canonical(a) {
             return Err(Fault::gp(0));
         }
         let n = (buf.len() - done).min(0x1000 - (a & 0xfff) as usize);
-        let acc = if write { Acc::Write } else { Acc::Read };
+        let acc = if write { Access::Write } else { Access::Read };
         let m = walk(cpu, pg, a, acc, user).map_err(|code| Fault {
-            vector: x86::vector::PF,
+            vector: arch::vector::PF,
             code: Some(code),
             cr2: Some(a),
         })?;

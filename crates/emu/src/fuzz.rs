@@ -29,6 +29,8 @@
 
 use std::sync::Arc;
 
+use arch::pte::{P, PS, RW, US};
+use arch::{cr0, cr4, efer, gdt_entry, rflags};
 use vcpu::{DescriptorTable, Regs, SRegs, Segment};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use x86::{Cpu, CpuExit, CpuidTable, PhysMem};
@@ -112,32 +114,28 @@ impl Answers<'_> {
     }
 }
 
-fn gdt_entry(access: u64, flags: u64) -> u64 {
-    (access << 40) | (flags << 52) | (0xf << 48) | 0xffff
-}
-
 /// Writes the page tables, descriptor tables and handler; the CPU state to
 /// start `code` with.
 fn build(mem: &GuestMemoryMmap<()>, code: &[u8], flags: u8) -> Option<(Regs, SRegs)> {
     let w = |v: u64, at: u64| mem.write_obj(v, GuestAddress(at)).ok();
-    w(PDPT | 7, PML4)?;
+    w(PDPT | P | RW | US, PML4)?;
     for gib in 0..4u64 {
         let pd = PD + gib * 0x1000;
-        w(pd | 7, PDPT + gib * 8)?;
+        w(pd | P | RW | US, PDPT + gib * 8)?;
         for i in 0..512u64 {
             let addr = (gib << 30) | (i << 21);
-            let user = if addr == 0 { 0 } else { 4 };
-            w(addr | 0x83 | user, pd + i * 8)?;
+            let user = if addr == 0 { 0 } else { US };
+            w(addr | P | RW | PS | user, pd + i * 8)?;
         }
     }
     let gdt = [
         0,
-        gdt_entry(0x9b, 0xa), // 0x08 kernel code64
-        gdt_entry(0x93, 0xc), // 0x10 kernel data
-        gdt_entry(0xf3, 0xc), // 0x18 user data
-        gdt_entry(0xfb, 0xa), // 0x20 user code64
+        gdt_entry(0xa09b, 0, 0xfffff), // 0x08 kernel code64
+        gdt_entry(0xc093, 0, 0xfffff), // 0x10 kernel data
+        gdt_entry(0xc0f3, 0, 0xfffff), // 0x18 user data
+        gdt_entry(0xa0fb, 0, 0xfffff), // 0x20 user code64
         // 0x28: 64-bit TSS, busy (16 bytes).
-        0x67 | ((TSS & 0xff_ffff) << 16) | (0x8b << 40) | ((TSS >> 24 & 0xff) << 56),
+        gdt_entry(0x008b, TSS, 0x67),
         TSS >> 32,
     ];
     for (i, e) in gdt.iter().enumerate() {
@@ -193,18 +191,18 @@ fn build(mem: &GuestMemoryMmap<()>, code: &[u8], flags: u8) -> Option<(Regs, SRe
             base: IDT,
             limit: 256 * 16 - 1,
         },
-        cr0: 0x8005_0033, // PG, WP, NE, ET, MP, PE
+        cr0: cr0::PG | cr0::AM | cr0::WP | cr0::NE | cr0::ET | cr0::MP | cr0::PE,
         cr3: PML4,
-        cr4: 0x6a0,  // OSXMMEXCPT, OSFXSR, PGE, PAE
-        efer: 0xd01, // NXE, LMA, LME, SCE
+        cr4: cr4::OSXMMEXCPT | cr4::OSFXSR | cr4::PGE | cr4::PAE,
+        efer: efer::NXE | efer::LMA | efer::LME | efer::SCE,
         ..Default::default()
     };
-    let mut rflags = 2;
+    let mut rflags = rflags::FIXED;
     if flags & 4 != 0 {
-        rflags |= 1 << 9;
+        rflags |= rflags::IF;
     }
     if flags & 8 != 0 {
-        rflags |= 3 << 12;
+        rflags |= rflags::IOPL;
     }
     // Registers: pointers into RAM, MMIO and the APIC, and boundary values.
     let regs = Regs {

@@ -2,7 +2,9 @@
 //! and identity-mapped page tables.
 
 use abi::*;
-use vcpu::{cr0, cr4, efer, DescriptorTable, Regs, SRegs, Segment};
+use arch::pte::{P, PS, RW};
+use arch::{cr0, cr4, efer, gdt_entry};
+use vcpu::{DescriptorTable, Regs, SRegs, Segment};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::GuestMemory;
@@ -12,14 +14,6 @@ use crate::GuestMemory;
 pub struct CpuState {
     pub regs: Regs,
     pub sregs: SRegs,
-}
-
-fn gdt_entry(flags: u64, base: u64, limit: u64) -> u64 {
-    ((base & 0xff00_0000) << 32)
-        | ((flags & 0xf0ff) << 40)
-        | ((limit & 0xf_0000) << 32)
-        | ((base & 0x00ff_ffff) << 16)
-        | (limit & 0xffff)
 }
 
 /// Writes the boot GDT: null, 32-bit code (0x08), 64-bit code (0x10), flat data
@@ -44,8 +38,7 @@ pub fn write_gdt(mem: &GuestMemory) -> Result<DescriptorTable, vm_memory::GuestM
 
 /// Writes page tables identity-mapping the first 4 GiB with 2 MiB pages.
 pub fn write_identity_page_tables(mem: &GuestMemory) -> Result<u64, vm_memory::GuestMemoryError> {
-    const P_RW: u64 = 0x3;
-    const PS: u64 = 0x80;
+    const P_RW: u64 = P | RW;
     mem.write_obj(BOOT_PDPT | P_RW, GuestAddress(BOOT_PML4))?;
     for i in 0..4u64 {
         mem.write_obj(
@@ -110,19 +103,4 @@ pub fn protected_mode(mem: &GuestMemory) -> Result<SRegs, vm_memory::GuestMemory
         cr0: cr0::PE | cr0::ET,
         ..base_sregs(gdt)
     })
-}
-
-/// RFLAGS at entry: only the reserved bit 1.
-pub const RFLAGS_RESERVED: u64 = 0x2;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gdt_encoding() {
-        assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);
-        assert_eq!(gdt_entry(0xc093, 0, 0xfffff), 0x00cf_9300_0000_ffff);
-        assert_eq!(gdt_entry(0xc09b, 0, 0xfffff), 0x00cf_9b00_0000_ffff);
-    }
 }

@@ -6,11 +6,12 @@
 use std::io::Cursor;
 
 use abi::*;
+use arch::rflags;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::boot::{self, CpuState, RFLAGS_RESERVED};
+use crate::boot::{self, CpuState};
 use crate::{GuestMemory, MemoryLayout};
 
 /// The three kinds of kernel visor boots.
@@ -373,7 +374,7 @@ fn load_elf64(
         rip: entry,
         rdi: BOOT_INFO,
         rsp: BOOT_STACK_TOP,
-        rflags: RFLAGS_RESERVED,
+        rflags: rflags::FIXED,
         ..Default::default()
     };
     Ok(Loaded {
@@ -531,7 +532,7 @@ fn load_multiboot(
         rip: entry,
         rax: MB_BOOT_MAGIC,
         rbx: mbi,
-        rflags: RFLAGS_RESERVED,
+        rflags: rflags::FIXED,
         ..Default::default()
     };
     Ok(Loaded {
@@ -702,7 +703,7 @@ fn boot_linux(
     let regs = vcpu::Regs {
         rip: entry,
         rsi: BOOT_INFO,
-        rflags: RFLAGS_RESERVED,
+        rflags: rflags::FIXED,
         ..Default::default()
     };
     Ok(Loaded {

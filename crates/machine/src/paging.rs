@@ -1,31 +1,45 @@
-//! Software walks of the guest's 4-level page tables, for the VMM's own accesses
-//! to guest-virtual addresses (hypercall arguments).
+//! The VMM's own accesses to guest-virtual addresses (hypercall arguments),
+//! through the guest's 4-level page tables with the walker of `arch`.
 
+use arch::paging::{self, Access, Mode, PageTables, Paging, Reserved};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::GuestMemory;
 
-const PRESENT: u64 = 1;
-const PS: u64 = 1 << 7;
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
+/// The guest's tables in guest memory; entries outside it read as not present.
+struct Tables<'a>(&'a GuestMemory);
+
+impl PageTables for Tables<'_> {
+    type Error = core::convert::Infallible;
+
+    fn read(&mut self, at: u64, _wide: bool) -> u64 {
+        self.0.read_obj(GuestAddress(at)).unwrap_or(0)
+    }
+
+    fn write(&mut self, at: u64, _wide: bool, value: u64) {
+        // A write outside guest memory has no entry to update.
+        let _ = self.0.write_obj(value, GuestAddress(at));
+    }
+}
 
 /// Translates `gva` through the 4-level page tables at `cr3`; `None` if a level
-/// is not present or a table lies outside guest memory.
+/// is not present or a table lies outside guest memory. Only presence is
+/// checked (the access is the VMM's, made as if by the kernel with CR0.WP
+/// clear and NX allowed), and no accessed or dirty bit is set.
 pub fn translate(mem: &GuestMemory, cr3: u64, gva: u64) -> Option<u64> {
-    let mut table = cr3 & ADDR;
-    for level in (0..4).rev() {
-        let index = (gva >> (12 + 9 * level)) & 0x1ff;
-        let entry: u64 = mem.read_obj(GuestAddress(table + index * 8)).ok()?;
-        if entry & PRESENT == 0 {
-            return None;
-        }
-        if level > 0 && level < 3 && entry & PS != 0 {
-            let size = 1u64 << (12 + 9 * level);
-            return Some((entry & ADDR & !(size - 1)) | (gva & (size - 1)));
-        }
-        table = entry & ADDR;
-    }
-    Some(table | (gva & 0xfff))
+    let pg = Paging {
+        mode: Mode::FourLevel,
+        cr3,
+        wp: false,
+        nxe: true,
+        pse: false,
+        pge: false,
+        smep: false,
+        reserved: Reserved::NxOnly,
+        accessed_dirty: false,
+    };
+    let t = paging::walk(&mut Tables(mem), &pg, gva, Access::Read, false).ok()?;
+    Some(t.page | (gva & 0xfff))
 }
 
 /// Reads `buf.len()` bytes at guest-virtual `gva`, page by page.

@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The segment register image lives with the other architectural definitions.
+pub use arch::Segment;
+
 /// General-purpose registers, instruction pointer and flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Regs {
@@ -32,62 +35,6 @@ pub struct Regs {
     pub r15: u64,
     pub rip: u64,
     pub rflags: u64,
-}
-
-/// A segment register with its hidden (descriptor cache) part.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Segment {
-    pub base: u64,
-    pub limit: u32,
-    pub selector: u16,
-    /// Descriptor type field (4 bits).
-    pub type_: u8,
-    pub present: bool,
-    pub dpl: u8,
-    /// Default operation size (D/B bit).
-    pub db: bool,
-    /// Descriptor type: code/data (true) or system (false).
-    pub s: bool,
-    /// 64-bit code segment (L bit).
-    pub l: bool,
-    /// Granularity (limit in 4 KiB units).
-    pub g: bool,
-    pub avl: bool,
-    pub unusable: bool,
-}
-
-impl Segment {
-    /// A flat 4 GiB code or data segment, as loaded from a descriptor with the given
-    /// selector. `long` selects a 64-bit code segment; `big` the D/B bit.
-    pub fn flat(selector: u16, code: bool, long: bool, big: bool) -> Self {
-        Segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_: if code { 0xb } else { 0x3 },
-            present: true,
-            dpl: (selector & 3) as u8,
-            db: big,
-            s: true,
-            l: long,
-            g: true,
-            avl: false,
-            unusable: false,
-        }
-    }
-
-    /// A 64-bit TSS (busy) for `tr`.
-    pub fn tss(selector: u16, base: u64, limit: u32) -> Self {
-        Segment {
-            base,
-            limit,
-            selector,
-            type_: 0xb,
-            present: true,
-            s: false,
-            ..Default::default()
-        }
-    }
 }
 
 /// GDTR / IDTR.
@@ -116,29 +63,6 @@ pub struct SRegs {
     pub cr4: u64,
     pub cr8: u64,
     pub efer: u64,
-}
-
-pub mod cr0 {
-    pub const PE: u64 = 1 << 0;
-    pub const MP: u64 = 1 << 1;
-    pub const ET: u64 = 1 << 4;
-    pub const NE: u64 = 1 << 5;
-    pub const WP: u64 = 1 << 16;
-    pub const PG: u64 = 1 << 31;
-}
-
-pub mod cr4 {
-    pub const PAE: u64 = 1 << 5;
-    pub const PGE: u64 = 1 << 7;
-    pub const OSFXSR: u64 = 1 << 9;
-    pub const OSXMMEXCPT: u64 = 1 << 10;
-}
-
-pub mod efer {
-    pub const SCE: u64 = 1 << 0;
-    pub const LME: u64 = 1 << 8;
-    pub const LMA: u64 = 1 << 10;
-    pub const NXE: u64 = 1 << 11;
 }
 
 /// Why `Vcpu::run` returned. Data-carrying exits borrow the engine's exit buffer:

@@ -23,13 +23,15 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use arch::msr::{self, feature_control};
+use arch::{cr0, cr4, efer, pte, rflags};
 use softplat::{Platform, Step};
 use vcpu::{IrqLine, Kick, Regs, Result, SRegs, Segment, Vcpu, VcpuError, VcpuExit};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
 use x86::vmx::fields::{self as f, reason};
-use x86::vmx::{ctl, msr as vmx_msr, VmFail};
+use x86::vmx::{ctl, VmFail};
 use x86::{Cpu, CpuExit};
 
 /// Size of the VMM's private memory.
@@ -51,7 +53,6 @@ const EPT_PS: u64 = 1 << 7;
 const TWO_MB: u64 = 2 << 20;
 
 const APIC_PAGE: u64 = 0xfee0_0000;
-const RFLAGS_IF: u64 = 1 << 9;
 /// Interruption information: valid, #UD and #GP (hardware exceptions).
 const INJECT_UD: u64 = 0x8000_0306;
 const INJECT_GP: u64 = 0x8000_0b0d;
@@ -296,14 +297,13 @@ impl VmxVcpu {
                 unusable: true,
                 ..Default::default()
             },
-            cr0: 0x8000_0031,
-            cr4: (1 << 5) | x86::vmx::CR4_VMXE,
-            efer: (1 << 8) | (1 << 10),
+            cr0: cr0::PG | cr0::NE | cr0::ET | cr0::PE,
+            cr4: cr4::PAE | cr4::VMXE,
+            efer: efer::LME | efer::LMA,
             ..Default::default()
         });
-        self.cpu.vmx.feature_control =
-            x86::vmx::feature::LOCK | x86::vmx::feature::VMXON_OUTSIDE_SMX;
-        let revision = self.cpu.vmx_msr(vmx_msr::BASIC).unwrap_or(0) as u32 & 0x7fff_ffff;
+        self.cpu.vmx.feature_control = feature_control::LOCK | feature_control::VMXON_OUTSIDE_SMX;
+        let revision = self.cpu.vmx_msr(msr::VMX_BASIC).unwrap_or(0) as u32 & 0x7fff_ffff;
         for r in [VMXON_REGION, VMCS_REGION] {
             self.write_private(self.private + r, &revision.to_le_bytes())?;
         }
@@ -329,7 +329,7 @@ impl VmxVcpu {
 
     fn setup_vmcs(&mut self) -> Result<()> {
         let pin = self.adjust(
-            vmx_msr::PINBASED_CTLS,
+            msr::VMX_PINBASED_CTLS,
             if self.platform.has_lapic() {
                 ctl::EXT_INTR_EXITING
             } else {
@@ -337,15 +337,15 @@ impl VmxVcpu {
             },
         );
         let proc = self.adjust(
-            vmx_msr::PROCBASED_CTLS,
+            msr::VMX_PROCBASED_CTLS,
             ctl::HLT_EXITING | ctl::USE_IO_BITMAPS | ctl::USE_MSR_BITMAPS | ctl::ACTIVATE_SECONDARY,
         );
-        let proc2 = self.adjust(vmx_msr::PROCBASED_CTLS2, ctl::ENABLE_EPT | ctl::ENABLE_VPID);
+        let proc2 = self.adjust(msr::VMX_PROCBASED_CTLS2, ctl::ENABLE_EPT | ctl::ENABLE_VPID);
         let exit = self.adjust(
-            vmx_msr::EXIT_CTLS,
+            msr::VMX_EXIT_CTLS,
             ctl::HOST_ADDR_SPACE_SIZE | ctl::ACK_INTR_ON_EXIT | ctl::SAVE_EFER,
         );
-        let entry = self.adjust(vmx_msr::ENTRY_CTLS, ctl::LOAD_GUEST_EFER);
+        let entry = self.adjust(msr::VMX_ENTRY_CTLS, ctl::LOAD_GUEST_EFER);
         // Every port exits; no MSR in the bitmaps' ranges does (the CPU
         // implements them), the others exit.
         self.write_private(self.private + IO_BITMAP_A, &[0xff; 0x2000])?;
@@ -410,7 +410,7 @@ impl VmxVcpu {
             let at = table + ((gpa >> (12 + 9 * l)) & 0x1ff) * 8;
             let e = self.read_private(at);
             table = if e & EPT_RWX != 0 {
-                e & 0x000f_ffff_ffff_f000
+                e & pte::ADDR
             } else {
                 let t = self.ept_page()?;
                 self.write_private(at, &(t | EPT_RWX).to_le_bytes())?;
@@ -520,7 +520,7 @@ impl VmxVcpu {
     fn inject_interrupt(&mut self) {
         let proc = self.vmread(f::CPU_BASED_VM_EXEC_CONTROL) as u32;
         if let Some(&v) = self.irqs.front() {
-            let open = self.vmread(f::GUEST_RFLAGS) & RFLAGS_IF != 0
+            let open = self.vmread(f::GUEST_RFLAGS) & rflags::IF != 0
                 && self.vmread(f::GUEST_INTERRUPTIBILITY_INFO) & 3 == 0
                 && self.vmread(f::VM_ENTRY_INTR_INFO_FIELD) & (1 << 31) == 0;
             if open {
@@ -636,7 +636,7 @@ impl VmxVcpu {
             }
             reason::HLT => {
                 self.skip_instruction();
-                if self.platform.has_lapic() && self.vmread(f::GUEST_RFLAGS) & RFLAGS_IF != 0 {
+                if self.platform.has_lapic() && self.vmread(f::GUEST_RFLAGS) & rflags::IF != 0 {
                     // Wait in the HLT activity state for an interrupt.
                     self.vmwrite(f::GUEST_ACTIVITY_STATE, 1);
                     None
@@ -883,7 +883,7 @@ impl Vcpu for VmxVcpu {
     }
 
     fn sregs(&self) -> Result<SRegs> {
-        let vmxe = x86::vmx::CR4_VMXE;
+        let vmxe = cr4::VMXE;
         if self.cpu.vmx.non_root {
             // The live state: CR4.VMXE as the guest reads it.
             let mut s = self.cpu.sregs();
@@ -920,7 +920,7 @@ impl Vcpu for VmxVcpu {
             cr0: self.vmread(f::GUEST_CR0),
             cr2: self.cpu.cr2,
             cr3: self.vmread(f::GUEST_CR3),
-            cr4: self.vmread(f::GUEST_CR4) & !x86::vmx::CR4_VMXE,
+            cr4: self.vmread(f::GUEST_CR4) & !cr4::VMXE,
             cr8: self.cpu.cr8,
             efer: self.vmread(f::GUEST_IA32_EFER),
         })
@@ -929,7 +929,7 @@ impl Vcpu for VmxVcpu {
     fn set_sregs(&mut self, s: &SRegs) -> Result<()> {
         if self.cpu.vmx.non_root {
             self.cpu.set_sregs(&SRegs {
-                cr4: s.cr4 | x86::vmx::CR4_VMXE,
+                cr4: s.cr4 | cr4::VMXE,
                 ..*s
             });
             self.vmwrite(f::CR4_READ_SHADOW, s.cr4);
@@ -954,18 +954,18 @@ impl Vcpu for VmxVcpu {
             (f::GUEST_IDTR_LIMIT, s.idt.limit as u64),
             (f::GUEST_CR0, s.cr0 | 0x10),
             (f::GUEST_CR3, s.cr3),
-            (f::GUEST_CR4, s.cr4 | x86::vmx::CR4_VMXE),
+            (f::GUEST_CR4, s.cr4 | cr4::VMXE),
             (f::GUEST_IA32_EFER, s.efer),
         ];
         for (field, v) in fields {
             self.vmwrite(field, v);
         }
         let entry = self.vmread(f::VM_ENTRY_CONTROLS) as u32 & !ctl::IA32E_MODE_GUEST;
-        let lma = s.efer & (1 << 10) != 0;
+        let lma = s.efer & efer::LMA != 0;
         let ia32e = if lma { ctl::IA32E_MODE_GUEST } else { 0 };
         self.vmwrite(f::VM_ENTRY_CONTROLS, (entry | ia32e) as u64);
         // CR4.VMXE is the VMM's: the guest reads its own value.
-        self.vmwrite(f::CR4_GUEST_HOST_MASK, x86::vmx::CR4_VMXE);
+        self.vmwrite(f::CR4_GUEST_HOST_MASK, cr4::VMXE);
         self.vmwrite(f::CR4_READ_SHADOW, s.cr4);
         self.cpu.cr2 = s.cr2;
         self.cpu.cr8 = s.cr8 & 0xf;
@@ -1045,7 +1045,7 @@ mod tests {
         (regs.rip, regs.rsp, regs.rflags) = (CODE, 0x8_0000, 2);
         vcpu.set_sregs(&sregs).unwrap();
         vcpu.set_regs(&regs).unwrap();
-        assert_eq!(vcpu.sregs().unwrap().cr4 & x86::vmx::CR4_VMXE, 0);
+        assert_eq!(vcpu.sregs().unwrap().cr4 & cr4::VMXE, 0);
         let line = vm.vector_line(0x50).unwrap().expect("a vector line");
         // The guest halts first; the line rises later, from another thread.
         let t = std::thread::spawn(move || {

@@ -1,7 +1,7 @@
 //! Integer arithmetic with exact flags. Every function takes operands already
 //! truncated to `sz` bytes and returns (result, arithmetic flags).
 
-use crate::flags::*;
+use arch::rflags::*;
 
 #[inline(always)]
 pub(crate) fn mask(sz: usize) -> u64 {

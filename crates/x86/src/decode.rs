@@ -4,9 +4,11 @@ use std::collections::HashMap;
 
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 
-use crate::mmu::Acc;
+use arch::paging::Access;
+use arch::vector;
+
 use crate::uop::Uop;
-use crate::{exc, vector, Cpu, R};
+use crate::{exc, Cpu, R};
 
 const PAGE: usize = 4096;
 
@@ -269,11 +271,11 @@ impl Cpu {
 
     #[cold]
     fn fetch_slow(&mut self, lin: u64) -> R<*const Uop> {
-        if self.long64 && !crate::canonical(lin) {
+        if self.long64 && !arch::canonical(lin) {
             return crate::exc_code(vector::GP, 0);
         }
         let need = self.acc_x;
-        let (pa, _) = self.translate(lin, Acc::Exec, need)?;
+        let (pa, _) = self.translate(lin, Access::Exec, need)?;
         let ppage = pa & !0xfff;
         let Some(host) = self.mem.host(ppage, PAGE as u64) else {
             return self.unimplemented(format!(
@@ -400,7 +402,7 @@ impl Cpu {
         let first = PAGE - off;
         let mut buf = [0u8; 15];
         let need = self.acc_x;
-        let (pa1, _) = self.translate(lin, Acc::Exec, need)?;
+        let (pa1, _) = self.translate(lin, Access::Exec, need)?;
         let n1 = first.min(15);
         if !self.mem.read(pa1, &mut buf[..n1]) {
             return exc(vector::UD);
@@ -415,7 +417,7 @@ impl Cpu {
             return exc(vector::UD);
         }
         // Only now is the second page needed (and may fault).
-        let (pa2, _) = self.translate(lin.wrapping_add(first as u64), Acc::Exec, need)?;
+        let (pa2, _) = self.translate(lin.wrapping_add(first as u64), Access::Exec, need)?;
         if !self.mem.read(pa2, &mut buf[n1..]) {
             return exc(vector::UD);
         }

@@ -4,9 +4,11 @@
 use iced_x86::{Code, ConditionCode, Instruction, Mnemonic as M, OpKind, Register};
 
 use crate::alu::{self, mask, sext};
-use crate::flags::*;
-use crate::mmu::Acc;
-use crate::{canonical, exc, exc_code, sreg, vector, Cpu, CpuExit, Stop, R};
+use arch::paging::Access;
+use arch::rflags::*;
+use arch::{canonical, cr0, vector};
+
+use crate::{exc, exc_code, sreg, Cpu, CpuExit, Stop, R};
 
 /// Most iterations of a REP string instruction per step (the rest continue at
 /// the next step, so interrupts and budgets stay responsive).
@@ -303,7 +305,7 @@ impl Cpu {
 
     /// Whether IF-changing instructions are allowed (CPL <= IOPL).
     fn iopl_ok(&self) -> bool {
-        self.cr0 & vcpu::cr0::PE == 0 || self.cpl <= self.iopl()
+        self.cr0 & cr0::PE == 0 || self.cpl <= self.iopl()
     }
 
     // ---- the step ------------------------------------------------------
@@ -988,7 +990,7 @@ impl Cpu {
             M::Clflush | M::Clflushopt => {
                 // Checks the address like a read.
                 let l = self.mem_lin(i)?;
-                self.translate(l, Acc::Read, self.acc_r)?;
+                self.translate(l, Access::Read, self.acc_r)?;
                 Ok(())
             }
             M::Hlt => {
@@ -1144,7 +1146,7 @@ impl Cpu {
     /// POPF/IRET flag loading with the privilege rules.
     pub(crate) fn write_flags(&mut self, v: u64, sz: usize) {
         let mut m = WRITABLE & !(IOPL | IF);
-        if self.cpl == 0 || self.cr0 & vcpu::cr0::PE == 0 {
+        if self.cpl == 0 || self.cr0 & cr0::PE == 0 {
             m |= IOPL | IF;
         } else if self.cpl <= self.iopl() {
             m |= IF;
@@ -1372,7 +1374,7 @@ impl Cpu {
             let nsp = self.gpr[4].wrapping_sub(size);
             let l = self.lin(sreg::SS, nsp & m)?;
             // The new stack top must be writable.
-            self.translate(l, Acc::Write, self.acc_w)?;
+            self.translate(l, Access::Write, self.acc_w)?;
             self.set_gpr_sz(5, sz, frame);
             self.set_sp(nsp);
             Ok(())
@@ -1489,7 +1491,7 @@ impl Cpu {
 
     /// Checks port access rights: CPL <= IOPL, else the TSS I/O bitmap.
     pub(crate) fn io_check(&mut self, port: u16, sz: usize) -> R<()> {
-        let pe = self.cr0 & vcpu::cr0::PE != 0;
+        let pe = self.cr0 & cr0::PE != 0;
         if !pe || self.grant || (self.cpl <= self.iopl() && self.rflags & VM == 0) {
             return Ok(());
         }
@@ -1581,8 +1583,12 @@ impl Cpu {
         } else {
             d
         };
-        self.translate(lo, Acc::Write, self.acc_w)?;
-        self.translate(lo.wrapping_add((n * sz) as u64 - 1), Acc::Write, self.acc_w)?;
+        self.translate(lo, Access::Write, self.acc_w)?;
+        self.translate(
+            lo.wrapping_add((n * sz) as u64 - 1),
+            Access::Write,
+            self.acc_w,
+        )?;
         let mut buf = [0u8; 4096];
         self.input(
             CpuExit::IoIn {

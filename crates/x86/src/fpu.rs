@@ -4,12 +4,12 @@
 //! the x87 pointers before FXRSTOR); the others end the run with an
 //! "unimplemented instruction" exit.
 
+use arch::paging::Access;
+use arch::{cr0, cr4, vector};
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind, Register};
-use vcpu::{cr0, cr4};
 
-use crate::mmu::Acc;
 use crate::sse;
-use crate::{exc, exc_code, vector, Cpu, R};
+use crate::{exc, exc_code, Cpu, R};
 
 #[derive(Clone, Debug)]
 pub struct Fpu {
@@ -68,7 +68,7 @@ fn xmm_index(r: Register) -> usize {
 
 impl Cpu {
     fn x87_check(&self) -> R<()> {
-        if self.cr0 & ((1 << 2) | (1 << 3)) != 0 {
+        if self.cr0 & (cr0::EM | cr0::TS) != 0 {
             return exc(vector::NM);
         }
         Ok(())
@@ -76,10 +76,10 @@ impl Cpu {
 
     /// CR0/CR4 allow SSE instructions (else #UD or #NM).
     pub(crate) fn sse_check(&self) -> R<()> {
-        if self.cr0 & (1 << 2) != 0 || self.cr4 & cr4::OSFXSR == 0 {
+        if self.cr0 & cr0::EM != 0 || self.cr4 & cr4::OSFXSR == 0 {
             return exc(vector::UD);
         }
-        if self.cr0 & (1 << 3) != 0 {
+        if self.cr0 & cr0::TS != 0 {
             return exc(vector::NM);
         }
         Ok(())
@@ -111,7 +111,7 @@ impl Cpu {
                         return exc_code(vector::GP, 0);
                     }
                     let mut b = [0u8; 16];
-                    self.read_bytes(l, &mut b, self.acc_r, Acc::Read)?;
+                    self.read_bytes(l, &mut b, self.acc_r, Access::Read)?;
                     Ok(u128::from_le_bytes(b))
                 } else {
                     Ok(self.rd(l, sz.clamp(1, 8))? as u128)
@@ -177,7 +177,7 @@ impl Cpu {
             return exc_code(vector::GP, 0);
         }
         let mut b = [0u8; 512];
-        self.read_bytes(l, &mut b, self.acc_r, Acc::Read)?;
+        self.read_bytes(l, &mut b, self.acc_r, Access::Read)?;
         let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
         let u64_at = |o: usize| {
             let mut x = [0u8; 8];
@@ -245,7 +245,7 @@ impl Cpu {
                 Ok(())
             }
             M::Wait => {
-                if self.cr0 & ((1 << 3) | cr0::MP) == (1 << 3) | cr0::MP {
+                if self.cr0 & (cr0::TS | cr0::MP) == cr0::TS | cr0::MP {
                     return exc(vector::NM);
                 }
                 if self.fpu.fsw & 0x80 != 0 {

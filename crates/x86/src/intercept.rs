@@ -18,7 +18,6 @@
 //! fault at CPL 1 (or are intercepted, INT n) and reach the engine anyway.
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
-use vcpu::Segment;
 
 use crate::{sreg, Cpu, CpuExit, Pending, Stop, R};
 
@@ -183,7 +182,7 @@ impl Cpu {
             // The engines that ask do not run VMX non-root code.
             Err(Stop::Exit | Stop::VmExit) => {
                 self.pending = Pending::None;
-                Err((crate::vector::GP, Some(0)))
+                Err((arch::vector::GP, Some(0)))
             }
         }
     }
@@ -243,9 +242,4 @@ pub fn seg_index(r: Register) -> usize {
         Register::FS => sreg::FS,
         _ => sreg::GS,
     }
-}
-
-/// A segment register value from a raw 8-byte descriptor.
-pub fn segment_from_descriptor(selector: u16, raw: u64) -> Segment {
-    crate::system::seg_from_desc(selector, raw)
 }

@@ -5,7 +5,8 @@
 //! page made outside the CPU, found by comparing a snapshot at the next
 //! [`Cpu::note_external_writes`]). Memory goes through a software TLB over the
 //! guest's 4-level (or PAE, or 2-level) page tables, with accessed and dirty
-//! bits, NX, U/S and R/W with CR0.WP, and global pages.
+//! bits, NX, U/S and R/W with CR0.WP, and global pages; the walk that fills it
+//! is `arch::paging`, as are the architectural definitions the CPU uses.
 //!
 //! Each cached instruction is also pre-decoded into a uop (`uop.rs`): the
 //! frequent forms of 64-bit code (MOV, LEA, MOVZX/MOVSX, ALU, INC/DEC, IMUL,
@@ -42,106 +43,12 @@ pub mod vmx;
 
 use std::time::Instant;
 
+use arch::{rflags, vector};
 pub use cpuid::CpuidTable;
 pub use fpu::Fpu;
-pub use intercept::{seg_index, segment_from_descriptor, sensitive, Intercepts, IrqMode};
+pub use intercept::{seg_index, sensitive, Intercepts, IrqMode};
 pub use mem::PhysMem;
 use vcpu::{DescriptorTable, Regs, SRegs, Segment};
-
-/// RFLAGS bits.
-pub mod flags {
-    pub const CF: u64 = 1 << 0;
-    pub const PF: u64 = 1 << 2;
-    pub const AF: u64 = 1 << 4;
-    pub const ZF: u64 = 1 << 6;
-    pub const SF: u64 = 1 << 7;
-    pub const TF: u64 = 1 << 8;
-    pub const IF: u64 = 1 << 9;
-    pub const DF: u64 = 1 << 10;
-    pub const OF: u64 = 1 << 11;
-    pub const IOPL: u64 = 3 << 12;
-    pub const NT: u64 = 1 << 14;
-    pub const RF: u64 = 1 << 16;
-    pub const VM: u64 = 1 << 17;
-    pub const AC: u64 = 1 << 18;
-    pub const VIF: u64 = 1 << 19;
-    pub const VIP: u64 = 1 << 20;
-    pub const ID: u64 = 1 << 21;
-    /// The six arithmetic flags.
-    pub const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
-    /// Bits software can change at all.
-    pub const WRITABLE: u64 = ARITH | TF | IF | DF | IOPL | NT | RF | AC | ID;
-    pub const FIXED: u64 = 1 << 1;
-}
-
-/// Whether a 64-bit linear address is canonical (48-bit).
-#[inline(always)]
-pub fn canonical(a: u64) -> bool {
-    ((a as i64) << 16 >> 16) as u64 == a
-}
-
-/// Bits of a page-table entry (4-level and PAE paging).
-pub mod pte {
-    pub const P: u64 = 1;
-    pub const RW: u64 = 2;
-    pub const US: u64 = 4;
-    pub const ACCESSED: u64 = 1 << 5;
-    pub const DIRTY: u64 = 1 << 6;
-    /// A large page (in a PDE or PDPTE).
-    pub const PS: u64 = 1 << 7;
-    pub const G: u64 = 1 << 8;
-    pub const NX: u64 = 1 << 63;
-    /// The frame address.
-    pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
-}
-
-/// Exception vectors.
-pub mod vector {
-    pub const DE: u8 = 0;
-    pub const DB: u8 = 1;
-    pub const BP: u8 = 3;
-    pub const OF: u8 = 4;
-    pub const BR: u8 = 5;
-    pub const UD: u8 = 6;
-    pub const NM: u8 = 7;
-    pub const DF: u8 = 8;
-    pub const TS: u8 = 10;
-    pub const NP: u8 = 11;
-    pub const SS: u8 = 12;
-    pub const GP: u8 = 13;
-    pub const PF: u8 = 14;
-    pub const MF: u8 = 16;
-    pub const AC: u8 = 17;
-    pub const XM: u8 = 19;
-}
-
-/// MSR indices the CPU implements itself.
-pub mod msr {
-    pub const TSC: u32 = 0x10;
-    pub const APIC_BASE: u32 = 0x1b;
-    pub const FEATURE_CONTROL: u32 = 0x3a;
-    pub const BIOS_SIGN_ID: u32 = 0x8b;
-    pub const MTRRCAP: u32 = 0xfe;
-    pub const SYSENTER_CS: u32 = 0x174;
-    pub const SYSENTER_ESP: u32 = 0x175;
-    pub const SYSENTER_EIP: u32 = 0x176;
-    pub const MCG_CAP: u32 = 0x179;
-    pub const MCG_STATUS: u32 = 0x17a;
-    pub const MISC_ENABLE: u32 = 0x1a0;
-    pub const PAT: u32 = 0x277;
-    pub const MTRR_DEF_TYPE: u32 = 0x2ff;
-    pub const EFER: u32 = 0xc000_0080;
-    pub const STAR: u32 = 0xc000_0081;
-    pub const LSTAR: u32 = 0xc000_0082;
-    pub const CSTAR: u32 = 0xc000_0083;
-    pub const FMASK: u32 = 0xc000_0084;
-    pub const FS_BASE: u32 = 0xc000_0100;
-    pub const GS_BASE: u32 = 0xc000_0101;
-    pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
-    pub const TSC_AUX: u32 = 0xc000_0103;
-    /// AMD HWCR (read as TscFreqSel: the TSC counts at the P0 frequency).
-    pub const AMD_HWCR: u32 = 0xc001_0015;
-}
 
 /// Segment register numbers (the x86 encoding).
 pub mod sreg {
@@ -404,7 +311,7 @@ impl Cpu {
         let mut cpu = Cpu {
             gpr: [0; 16],
             rip: 0xfff0,
-            rflags: flags::FIXED,
+            rflags: rflags::FIXED,
             seg,
             tr: Segment {
                 type_: 0xb,
@@ -426,7 +333,7 @@ impl Cpu {
                 base: 0,
                 limit: 0xffff,
             },
-            cr0: vcpu::cr0::ET,
+            cr0: arch::cr0::ET,
             cr2: 0,
             cr3: 0,
             cr4: 0,
@@ -519,8 +426,8 @@ impl Cpu {
             r.r12, r.r13, r.r14, r.r15,
         ];
         self.rip = r.rip;
-        self.rflags =
-            (r.rflags & (flags::WRITABLE | flags::VM | flags::VIF | flags::VIP)) | flags::FIXED;
+        self.rflags = (r.rflags & (rflags::WRITABLE | rflags::VM | rflags::VIF | rflags::VIP))
+            | rflags::FIXED;
     }
 
     pub fn sregs(&self) -> SRegs {
@@ -550,7 +457,7 @@ impl Cpu {
         self.ldtr = s.ldt;
         self.gdtr = s.gdt;
         self.idtr = s.idt;
-        self.cr0 = s.cr0 | vcpu::cr0::ET;
+        self.cr0 = s.cr0 | arch::cr0::ET;
         self.cr2 = s.cr2;
         self.cr3 = s.cr3;
         self.cr4 = s.cr4;
@@ -600,7 +507,7 @@ impl Cpu {
 
     /// Whether interrupts are enabled (RFLAGS.IF).
     pub fn interrupts_enabled(&self) -> bool {
-        self.rflags & flags::IF != 0
+        self.rflags & rflags::IF != 0
     }
 
     /// The buffer of the last exit: the bytes to fill for `IoIn`/`MmioRead`,
@@ -619,7 +526,7 @@ impl Cpu {
     /// Recomputes what depends on CR0, CR4, EFER, CS and the CPL.
     pub(crate) fn mode_changed(&mut self) {
         let cs = &self.seg[sreg::CS];
-        let lma = self.efer & vcpu::efer::LMA != 0;
+        let lma = self.efer & arch::efer::LMA != 0;
         self.long64 = lma && cs.l;
         self.bits = if self.long64 {
             64
@@ -628,9 +535,9 @@ impl Cpu {
         } else {
             16
         };
-        self.cpl = if self.cr0 & vcpu::cr0::PE == 0 {
+        self.cpl = if self.cr0 & arch::cr0::PE == 0 {
             0
-        } else if self.rflags & flags::VM != 0 {
+        } else if self.rflags & rflags::VM != 0 {
             3
         } else {
             cs.dpl & 3
@@ -684,7 +591,7 @@ impl Cpu {
             if self.vmx.non_root && self.vmx_boundary(blocked) {
                 continue;
             }
-            if self.irq_ready && !blocked && self.rflags & flags::IF != 0 {
+            if self.irq_ready && !blocked && self.rflags & rflags::IF != 0 {
                 match self.intercepts.irq {
                     IrqMode::Deliver => {
                         if let Some(e) = self.take_interrupt() {

@@ -1,9 +1,11 @@
-//! Linear and physical memory access: the software TLB, page walks (4-level,
-//! PAE, 2-level), page faults, and MMIO.
+//! Linear and physical memory access: the software TLB, filled by the guest
+//! page walker of `arch` (4-level, PAE, 2-level), page faults, and MMIO.
+
+use arch::paging::{self, Access, PageTables, Paging, WalkError};
+use arch::{cr0, vector};
 
 use crate::mem::{load, store};
-use crate::{exc_code, vector, Cpu, CpuExit, R};
-use vcpu::{cr0, cr4, efer};
+use crate::{exc_code, Cpu, CpuExit, Stop, R};
 
 pub(crate) const TLB_SIZE: usize = 1024;
 
@@ -14,17 +16,6 @@ pub(crate) const A_X_S: u8 = 4;
 pub(crate) const A_R_U: u8 = 8;
 pub(crate) const A_W_U: u8 = 16;
 pub(crate) const A_X_U: u8 = 32;
-
-pub(crate) const CR4_PSE: u64 = 1 << 4;
-use crate::pte::{ACCESSED, ADDR, DIRTY, G, NX, P, PS, RW, US};
-
-/// The kind of an access.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Acc {
-    Read,
-    Write,
-    Exec,
-}
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct TlbEntry {
@@ -97,7 +88,7 @@ impl Cpu {
     /// Translates `lin` for an access of kind `acc` needing TLB bit `need`:
     /// (physical address, TLB entry host address of the page).
     #[inline]
-    pub(crate) fn translate(&mut self, lin: u64, acc: Acc, need: u8) -> R<(u64, usize)> {
+    pub(crate) fn translate(&mut self, lin: u64, acc: Access, need: u8) -> R<(u64, usize)> {
         let e = &self.tlb[tlb_index(lin)];
         if e.vpage == lin & !0xfff && e.allow & need != 0 {
             return Ok((e.ppage | (lin & 0xfff), e.host));
@@ -106,7 +97,7 @@ impl Cpu {
         Ok((e.ppage | (lin & 0xfff), e.host))
     }
 
-    fn tlb_fill(&mut self, lin: u64, acc: Acc, need: u8) -> R<TlbEntry> {
+    fn tlb_fill(&mut self, lin: u64, acc: Access, need: u8) -> R<TlbEntry> {
         let user = need & (A_R_U | A_W_U | A_X_U) != 0;
         let mut e = if self.cr0 & cr0::PG == 0 {
             let ppage = lin & 0xffff_f000;
@@ -128,8 +119,9 @@ impl Cpu {
         }
         if self.write_protected(e.ppage) {
             // An engine's protected frame: no write below CPL 0.
-            if acc == Acc::Write && self.cpl > 0 {
-                return self.pf(lin, true, acc, user, false);
+            if acc == Access::Write && self.cpl > 0 {
+                let pg = Paging::new(self.cr0, self.cr3, self.cr4, self.efer);
+                return self.pf(lin, pg.fault_code(true, acc, user, false));
             }
             e.allow &= !(A_W_S | A_W_U);
         }
@@ -141,181 +133,45 @@ impl Cpu {
         Ok(e)
     }
 
-    fn pf<T>(&mut self, lin: u64, present: bool, acc: Acc, user: bool, rsvd: bool) -> R<T> {
-        let mut code = 0u32;
-        if present {
-            code |= 1;
-        }
-        if acc == Acc::Write {
-            code |= 2;
-        }
-        if user {
-            code |= 4;
-        }
-        if rsvd {
-            code |= 8;
-        }
-        if acc == Acc::Exec && (self.efer & efer::NXE != 0 || self.cr4 & (1 << 20) != 0) {
-            code |= 16;
-        }
+    /// Raises #PF for `lin` with error code `code`.
+    fn pf<T>(&mut self, lin: u64, code: u32) -> R<T> {
         // A #PF VM exit leaves CR2 alone: the value before is kept for it.
         self.vmx.cr2_before_pf = std::mem::replace(&mut self.cr2, lin);
         exc_code(vector::PF, code)
     }
 
-    fn pte_read(&self, addr: u64, wide: bool) -> u64 {
-        if wide {
-            self.mem.read_u64(addr).unwrap_or(0)
-        } else {
-            self.mem.read_u32(addr).unwrap_or(0) as u64
-        }
-    }
-
-    fn pte_set(&self, addr: u64, wide: bool, old: u64, bits: u64) {
-        if old & bits != bits {
-            let v = old | bits;
-            if wide {
-                self.mem.write(addr, &v.to_le_bytes());
-            } else {
-                self.mem.write(addr, &(v as u32).to_le_bytes());
-            }
-        }
-    }
-
-    /// Walks the page tables for `lin`.
-    fn walk(&mut self, lin: u64, acc: Acc, user: bool) -> R<TlbEntry> {
-        let lma = self.efer & efer::LMA != 0;
-        let pae = self.cr4 & cr4::PAE != 0;
-        let nxe = self.efer & efer::NXE != 0;
-        // (entry address, entry, wide) of each level, for the A/D updates.
-        let mut path: [(u64, u64, bool); 4] = [(0, 0, false); 4];
-        let mut n = 0;
-        let mut rw = true;
-        let mut us = true;
-        let mut nx = false;
-        let (leaf, size_shift) = if lma || pae {
-            let (mut table, levels) = if lma {
-                (self.cr3 & ADDR, 4)
-            } else {
-                // PAE: the PDPTE (no permission bits).
-                let at =
-                    self.ept_paging_entry((self.cr3 & 0xffff_ffe0) + ((lin >> 30) & 3) * 8, lin)?;
-                let pdpte = self.pte_read(at, true);
-                if pdpte & P == 0 {
-                    return self.pf(lin, false, acc, user, false);
-                }
-                (pdpte & ADDR, 2)
-            };
-            let mut found = None;
-            for level in (0..levels).rev() {
-                let addr =
-                    self.ept_paging_entry(table + ((lin >> (12 + 9 * level)) & 0x1ff) * 8, lin)?;
-                let ent = self.pte_read(addr, true);
-                if ent & P == 0 {
-                    return self.pf(lin, false, acc, user, false);
-                }
-                if ent & NX != 0 && !nxe {
-                    return self.pf(lin, true, acc, user, true);
-                }
-                path[n] = (addr, ent, true);
-                n += 1;
-                rw &= ent & RW != 0;
-                us &= ent & US != 0;
-                nx |= ent & NX != 0;
-                let large = ent & PS != 0 && (level == 1 || (level == 2 && lma));
-                if level == 0 || large {
-                    found = Some((ent, 12 + 9 * level));
-                    break;
-                }
-                table = ent & ADDR;
-            }
-            match found {
-                Some(f) => f,
-                None => return self.pf(lin, false, acc, user, false),
-            }
-        } else {
-            let addr =
-                self.ept_paging_entry((self.cr3 & 0xffff_f000) + ((lin >> 22) & 0x3ff) * 4, lin)?;
-            let pde = self.pte_read(addr, false);
-            if pde & P == 0 {
-                return self.pf(lin, false, acc, user, false);
-            }
-            path[0] = (addr, pde, false);
-            n = 1;
-            rw &= pde & RW != 0;
-            us &= pde & US != 0;
-            if pde & PS != 0 && self.cr4 & CR4_PSE != 0 {
-                // 4 MiB page (its frame is computed below).
-                (pde, 22)
-            } else {
-                let addr =
-                    self.ept_paging_entry((pde & 0xffff_f000) + ((lin >> 12) & 0x3ff) * 4, lin)?;
-                let pte = self.pte_read(addr, false);
-                if pte & P == 0 {
-                    return self.pf(lin, false, acc, user, false);
-                }
-                path[1] = (addr, pte, false);
-                n = 2;
-                rw &= pte & RW != 0;
-                us &= pte & US != 0;
-                (pte, 12)
-            }
+    /// Walks the page tables for `lin`: the TLB entry of its page, with the
+    /// accesses the tables allow.
+    fn walk(&mut self, lin: u64, acc: Access, user: bool) -> R<TlbEntry> {
+        let pg = Paging::new(self.cr0, self.cr3, self.cr4, self.efer);
+        let t = match paging::walk(&mut Tables { cpu: self, lin }, &pg, lin, acc, user) {
+            Ok(t) => t,
+            Err(WalkError::PageFault(code)) => return self.pf(lin, code),
+            Err(WalkError::Tables(stop)) => return Err(stop),
         };
-        let nx = nx && nxe;
-        let wp = self.cr0 & cr0::WP != 0;
-        // Permission check.
-        let denied =
-            (user && !us) || (acc == Acc::Write && !rw && (user || wp)) || (acc == Acc::Exec && nx);
-        if denied {
-            return self.pf(lin, true, acc, user, false);
-        }
-        // Accessed bits on every level, dirty on the leaf for writes.
-        for &(addr, ent, wide) in &path[..n - 1] {
-            self.pte_set(addr, wide, ent, ACCESSED);
-        }
-        let (laddr, lent, lwide) = path[n - 1];
-        let dirty = acc == Acc::Write || lent & DIRTY != 0;
-        self.pte_set(
-            laddr,
-            lwide,
-            lent,
-            if acc == Acc::Write {
-                ACCESSED | DIRTY
-            } else {
-                ACCESSED
-            },
-        );
-        let size = 1u64 << size_shift;
-        let frame = if size_shift == 22 && !(lma || pae) {
-            // Bits 13..20 of a 4 MiB PDE are physical address bits 32..39.
-            (leaf & 0xffc0_0000) | ((leaf >> 13) & 0xff) << 32
-        } else {
-            leaf & ADDR & !(size - 1)
-        };
-        let ppage = frame | (lin & (size - 1) & !0xfff);
         let mut allow = A_R_S;
-        if !nx {
+        if !t.nx {
             allow |= A_X_S;
         }
-        if dirty && (rw || !wp) {
+        if t.dirty && (t.writable || !pg.wp) {
             allow |= A_W_S;
         }
-        if us {
+        if t.user {
             allow |= A_R_U;
-            if !nx {
+            if !t.nx {
                 allow |= A_X_U;
             }
-            if dirty && rw {
+            if t.dirty && t.writable {
                 allow |= A_W_U;
             }
         }
         Ok(TlbEntry {
             vpage: lin & !0xfff,
-            ppage,
+            ppage: t.page,
             host: 0,
             allow,
-            global: leaf & G != 0 && self.cr4 & cr4::PGE != 0,
-            large: size_shift > 12,
+            global: t.global,
+            large: t.size_shift > 12,
         })
     }
 
@@ -350,11 +206,11 @@ impl Cpu {
             // from `PhysMem::host(ppage, 0x1000)`) and `off + size <= 0x1000`.
             return Ok(unsafe { load((e.host + off) as *const u8, size) });
         }
-        self.rd_slow(lin, size, need, Acc::Read)
+        self.rd_slow(lin, size, need, Access::Read)
     }
 
     #[cold]
-    fn rd_slow(&mut self, lin: u64, size: usize, need: u8, acc: Acc) -> R<u64> {
+    fn rd_slow(&mut self, lin: u64, size: usize, need: u8, acc: Access) -> R<u64> {
         let mut b = [0u8; 16];
         self.read_bytes(lin, &mut b[..size], need, acc)?;
         let mut v = [0u8; 8];
@@ -363,7 +219,7 @@ impl Cpu {
     }
 
     /// Reads `buf.len()` (at most 4096) bytes at linear `lin`.
-    pub(crate) fn read_bytes(&mut self, lin: u64, buf: &mut [u8], need: u8, acc: Acc) -> R<()> {
+    pub(crate) fn read_bytes(&mut self, lin: u64, buf: &mut [u8], need: u8, acc: Access) -> R<()> {
         let off = (lin & 0xfff) as usize;
         let first = buf.len().min(0x1000 - off);
         let (pa1, _) = self.translate(lin, acc, need)?;
@@ -443,7 +299,7 @@ impl Cpu {
         if e.vpage == lin & !0xfff && e.allow & need != 0 {
             return Ok((e.ppage | (lin & 0xfff), e.host));
         }
-        let e = self.tlb_fill(lin, Acc::Write, need)?;
+        let e = self.tlb_fill(lin, Access::Write, need)?;
         Ok((e.ppage | (lin & 0xfff), e.host))
     }
 
@@ -504,6 +360,42 @@ impl Cpu {
             // The page's instructions were dropped; the fetch shortcut may
             // point at them.
             self.code.reset_fetch();
+        }
+    }
+}
+
+/// The guest's page tables as the CPU reaches them: in guest RAM (entries
+/// outside it read as 0, not present), through EPT while a nested guest runs
+/// with it.
+struct Tables<'a> {
+    cpu: &'a mut Cpu,
+    /// The linear address being translated (for EPT violations).
+    lin: u64,
+}
+
+impl PageTables for Tables<'_> {
+    type Error = Stop;
+
+    #[inline]
+    fn locate(&mut self, gpa: u64) -> R<u64> {
+        self.cpu.ept_paging_entry(gpa, self.lin)
+    }
+
+    #[inline]
+    fn read(&mut self, at: u64, wide: bool) -> u64 {
+        if wide {
+            self.cpu.mem.read_u64(at).unwrap_or(0)
+        } else {
+            self.cpu.mem.read_u32(at).unwrap_or(0) as u64
+        }
+    }
+
+    #[inline]
+    fn write(&mut self, at: u64, wide: bool, value: u64) {
+        if wide {
+            self.cpu.mem.write(at, &value.to_le_bytes());
+        } else {
+            self.cpu.mem.write(at, &(value as u32).to_le_bytes());
         }
     }
 }

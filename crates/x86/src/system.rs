@@ -3,50 +3,13 @@
 //! SYSRET, control registers, MSRs, CPUID and the descriptor-table
 //! instructions.
 
+use arch::rflags::*;
+use arch::{canonical, cr0, cr4, desc, efer, msr, vector, Gate, Segment};
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
-use vcpu::{cr0, cr4, efer, Segment};
 
 use crate::alu::mask;
-use crate::flags::*;
 use crate::mmu::{A_R_S, A_W_S, A_W_U};
-use crate::{canonical, exc, exc_code, msr, sreg, vector, Cpu, CpuExit, Pending, Stop, R};
-
-/// A segment register value from a descriptor.
-pub(crate) fn seg_from_desc(sel: u16, raw: u64) -> Segment {
-    let limit = ((raw & 0xffff) | ((raw >> 32) & 0xf_0000)) as u32;
-    let g = raw & (1 << 55) != 0;
-    Segment {
-        base: ((raw >> 16) & 0xff_ffff) | (((raw >> 56) & 0xff) << 24),
-        limit: if g { (limit << 12) | 0xfff } else { limit },
-        selector: sel,
-        type_: ((raw >> 40) & 0xf) as u8,
-        present: raw & (1 << 47) != 0,
-        dpl: ((raw >> 45) & 3) as u8,
-        db: raw & (1 << 54) != 0,
-        s: raw & (1 << 44) != 0,
-        l: raw & (1 << 53) != 0,
-        g,
-        avl: raw & (1 << 52) != 0,
-        unusable: false,
-    }
-}
-
-fn flat(selector: u16, code: bool, long: bool, dpl: u8) -> Segment {
-    Segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_: if code { 0xb } else { 0x3 },
-        present: true,
-        dpl,
-        db: !long,
-        s: true,
-        l: long,
-        g: true,
-        avl: false,
-        unusable: false,
-    }
-}
+use crate::{exc, exc_code, sreg, Cpu, CpuExit, Pending, Stop, R};
 
 fn null_seg(selector: u16, dpl: u8) -> Segment {
     Segment {
@@ -86,8 +49,8 @@ impl Cpu {
     }
 
     fn set_accessed(&mut self, addr: u64, raw: u64) -> R<()> {
-        if raw & (1 << 40) == 0 {
-            let b = ((raw >> 40) as u8) | 1;
+        if raw & desc::ACCESSED == 0 {
+            let b = ((raw | desc::ACCESSED) >> 40) as u8;
             self.wr_as(addr.wrapping_add(5), 1, b as u64, A_W_S)?;
         }
         Ok(())
@@ -113,7 +76,7 @@ impl Cpu {
             return Ok(());
         }
         let (addr, raw) = self.read_descriptor(sel)?;
-        let d = seg_from_desc(sel, raw);
+        let d = Segment::from_descriptor(sel, raw);
         let rpl = (sel & 3) as u8;
         let err = (sel & !3) as u32;
         if s == sreg::SS {
@@ -151,7 +114,7 @@ impl Cpu {
             return exc_code(vector::GP, 0);
         }
         let (addr, raw) = self.read_descriptor(sel)?;
-        let d = seg_from_desc(sel, raw);
+        let d = Segment::from_descriptor(sel, raw);
         let err = (sel & !3) as u32;
         if !d.s || d.type_ & 8 == 0 {
             return exc_code(vector::GP, err);
@@ -398,8 +361,8 @@ impl Cpu {
         } else {
             0
         };
-        let typ = ((lo >> 40) & 0xf) as u8;
-        let gdpl = ((lo >> 45) & 3) as u8;
+        let gate = Gate::from_descriptor(lo, hi);
+        let (typ, gdpl) = (gate.type_, gate.dpl);
         if !long && typ == 5 {
             return self.unimplemented(format!("task gate for vector {v}"));
         }
@@ -414,20 +377,17 @@ impl Cpu {
         if soft && gdpl < self.cpl {
             return exc_code(vector::GP, gate_err);
         }
-        if lo & (1 << 47) == 0 {
+        if !gate.present {
             return exc_code(vector::NP, gate_err);
         }
-        let sel = ((lo >> 16) & 0xffff) as u16;
-        let mut off = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000);
-        if long {
-            off |= (hi & 0xffff_ffff) << 32;
-        }
-        let ist = if long { (lo >> 32) & 7 } else { 0 };
+        let sel = gate.selector;
+        let mut off = gate.offset;
+        let ist = if long { gate.ist as u64 } else { 0 };
         if sel & !3 == 0 {
             return exc_code(vector::GP, ext);
         }
         let (_, raw) = self.read_descriptor(sel)?;
-        let d = seg_from_desc(sel, raw);
+        let d = Segment::from_descriptor(sel, raw);
         let serr = (sel & !3) as u32 + ext;
         if !d.s || d.type_ & 8 == 0 || d.dpl > self.cpl {
             return exc_code(vector::GP, serr);
@@ -487,7 +447,7 @@ impl Cpu {
                     return exc_code(vector::TS, ext);
                 }
                 let (_, sraw) = self.read_descriptor(ss)?;
-                let sd = seg_from_desc(ss, sraw);
+                let sd = Segment::from_descriptor(ss, sraw);
                 if !sd.s || sd.type_ & 0xa != 2 || sd.dpl != new_cpl || (ss & 3) as u8 != new_cpl {
                     return exc_code(vector::TS, (ss & !3) as u32 + ext);
                 }
@@ -739,8 +699,8 @@ impl Cpu {
             4 => {
                 // PSE, PAE, PGE, OSFXSR, OSXMMEXCPT, plus harmless ones (VME,
                 // PVI, TSD, DE, MCE, PCE, FSGSBASE is not offered).
-                let allowed = 0x7ff | crate::vmx::CR4_VMXE;
-                if v & !allowed != 0 || (self.vmx.on && v & crate::vmx::CR4_VMXE == 0) {
+                let allowed = 0x7ff | cr4::VMXE;
+                if v & !allowed != 0 || (self.vmx.on && v & cr4::VMXE == 0) {
                     return exc_code(vector::GP, 0);
                 }
                 if self.long_mode() && v & cr4::PAE == 0 {
@@ -748,7 +708,7 @@ impl Cpu {
                 }
                 let changed = self.cr4 ^ v;
                 self.cr4 = v;
-                if changed & (cr4::PAE | cr4::PGE | crate::mmu::CR4_PSE) != 0 {
+                if changed & (cr4::PAE | cr4::PGE | cr4::PSE) != 0 {
                     self.tlb_flush(true);
                 }
             }
@@ -890,7 +850,7 @@ impl Cpu {
             return exc_code(vector::GP, (sel & !3) as u32);
         }
         let (addr, raw) = self.read_descriptor(sel)?;
-        let mut d = seg_from_desc(sel, raw);
+        let mut d = Segment::from_descriptor(sel, raw);
         if self.long_mode() {
             if (sel & !7) as u64 + 15 > self.gdtr.limit as u64 {
                 return exc_code(vector::GP, (sel & !3) as u32);
@@ -935,7 +895,7 @@ impl Cpu {
             return exc_code(vector::NP, (sel & !3) as u32);
         }
         // Mark it busy.
-        let b = ((raw >> 40) as u8) | 2;
+        let b = ((raw | desc::TSS_BUSY) >> 40) as u8;
         self.wr_as(addr.wrapping_add(5), 1, b as u64, A_W_S)?;
         d.type_ |= 2;
         self.tr = d;
@@ -971,8 +931,8 @@ impl Cpu {
                 self.rflags &= !(self.msr.fmask | RF);
                 self.rflags |= FIXED;
                 let sel = ((self.msr.star >> 32) & 0xfffc) as u16;
-                self.seg[sreg::CS] = flat(sel, true, true, 0);
-                self.seg[sreg::SS] = flat(sel.wrapping_add(8), false, false, 0);
+                self.seg[sreg::CS] = Segment::flat(sel, true, true, false);
+                self.seg[sreg::SS] = Segment::flat(sel.wrapping_add(8), false, false, true);
                 self.next_rip = if self.long64 {
                     self.msr.lstar
                 } else {
@@ -991,14 +951,15 @@ impl Cpu {
                     if !canonical(self.gpr[1]) {
                         return exc_code(vector::GP, 0);
                     }
-                    self.seg[sreg::CS] = flat(base.wrapping_add(16) | 3, true, true, 3);
+                    self.seg[sreg::CS] =
+                        Segment::flat(base.wrapping_add(16) | 3, true, true, false);
                     self.next_rip = self.gpr[1];
                 } else {
-                    self.seg[sreg::CS] = flat(base | 3, true, false, 3);
+                    self.seg[sreg::CS] = Segment::flat(base | 3, true, false, true);
                     self.next_rip = self.gpr[1] & 0xffff_ffff;
                 }
-                self.seg[sreg::SS] = flat(base.wrapping_add(8) | 3, false, false, 3);
-                self.rflags = (self.gpr[11] & 0x3c_7fd7) | FIXED;
+                self.seg[sreg::SS] = Segment::flat(base.wrapping_add(8) | 3, false, false, true);
+                self.rflags = (self.gpr[11] & SYSRET_LOADED) | FIXED;
                 self.mode_changed();
                 Ok(())
             }
@@ -1022,7 +983,7 @@ impl Cpu {
                 Ok(())
             }
             M::Rdtsc | M::Rdtscp => {
-                if self.cr4 & (1 << 2) != 0 && self.cpl != 0 {
+                if self.cr4 & cr4::TSD != 0 && self.cpl != 0 {
                     return exc_code(vector::GP, 0);
                 }
                 let t = self.tsc();
@@ -1096,7 +1057,7 @@ impl Cpu {
             }
             M::Clts => {
                 self.require_cpl0()?;
-                self.cr0 &= !(1 << 3);
+                self.cr0 &= !cr0::TS;
                 Ok(())
             }
             M::Invlpg => {
@@ -1154,7 +1115,7 @@ impl Cpu {
             self.rflags &= !ZF;
             return Ok(());
         };
-        let d = seg_from_desc(sel, raw);
+        let d = Segment::from_descriptor(sel, raw);
         let rpl = (sel & 3) as u8;
         let conforming_code = d.s && d.type_ & 0xc == 0xc;
         // A privilege grant (`grant_privilege_once`) checks as CPL 0.

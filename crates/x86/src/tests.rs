@@ -5,7 +5,9 @@ use iced_x86::code_asm::*;
 use vcpu::{DescriptorTable, Regs, SRegs, Segment};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::{flags, Cpu, CpuExit, CpuidTable, PhysMem};
+use arch::{gdt_entry, rflags};
+
+use crate::{Cpu, CpuExit, CpuidTable, PhysMem};
 
 pub(crate) const CODE: u64 = 0x10_0000;
 pub(crate) const STACK: u64 = 0x8_0000;
@@ -29,14 +31,6 @@ pub(crate) fn asm(
     let mut a = CodeAssembler::new(bits).unwrap();
     f(&mut a).unwrap();
     a.assemble(at).unwrap()
-}
-
-fn gdt_entry(flags: u64, base: u64, limit: u64) -> u64 {
-    ((base & 0xff00_0000) << 32)
-        | ((flags & 0xf0ff) << 40)
-        | ((limit & 0xf_0000) << 32)
-        | ((base & 0x00ff_ffff) << 16)
-        | (limit & 0xffff)
 }
 
 impl T {
@@ -196,10 +190,10 @@ fn arithmetic_and_flags() {
     });
     assert_eq!(t.run(), CpuExit::Hlt);
     let r = t.cpu.regs();
-    assert_eq!(r.r8 & (flags::CF | flags::ZF), flags::CF | flags::ZF);
+    assert_eq!(r.r8 & (rflags::CF | rflags::ZF), rflags::CF | rflags::ZF);
     assert_eq!(
-        r.r9 & (flags::OF | flags::SF | flags::CF),
-        flags::OF | flags::SF
+        r.r9 & (rflags::OF | rflags::SF | rflags::CF),
+        rflags::OF | rflags::SF
     );
     assert_eq!(r.rbx, 16);
     assert_eq!(r.rcx, (-3i64) as u64);
@@ -389,7 +383,7 @@ fn user_mode_syscall_int_and_gp() {
     let r = t.cpu.regs();
     assert_eq!((r.r8, r.r9, r.r10), (1, 2, 3));
     assert_eq!(r.r12, USER + 10 + 2, "RCX = the instruction after SYSCALL");
-    assert_eq!(r.r13 & flags::IF, 0, "FMASK cleared IF");
+    assert_eq!(r.r13 & rflags::IF, 0, "FMASK cleared IF");
     assert_eq!(r.rax, 0x33, "user CS on the interrupt frame");
     assert_eq!(r.rbx, 0x2b, "user SS on the interrupt frame");
     assert_eq!(r.rdx, KSTACK - 40, "stack switched to RSP0");

@@ -10,8 +10,9 @@
 use iced_x86::{Code, ConditionCode as CC, Instruction, Mnemonic as M, OpKind, Register};
 
 use crate::alu::{self, mask};
-use crate::flags::*;
-use crate::{canonical, exc_code, sreg, vector, Cpu, R};
+use crate::{exc_code, sreg, Cpu, R};
+use arch::rflags::*;
+use arch::{canonical, vector};
 
 /// A handler: executes the uop; `next_rip` is preset to the next instruction.
 pub(crate) type Handler = fn(&mut Cpu, &Uop) -> R<()>;

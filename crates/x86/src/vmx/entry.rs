@@ -3,18 +3,18 @@
 //! done), the guest-state load, the VM-entry MSR-load list and event
 //! injection.
 
-use vcpu::{cr0, cr4, efer};
+use arch::rflags::{IF, VM};
+use arch::{canonical, cr0, cr4, efer, msr};
 
 use super::exit::GUEST_REGS;
 use super::fields::*;
-use super::{ctl, ctl_ok, error, msr, VmFail, VmResult, CR0_FIXED0, CR4_VMXE, NO_VMCS};
-use crate::flags::{IF, VM};
-use crate::{canonical, Cpu, Stop};
+use super::{ctl, ctl_ok, error, VmFail, VmResult, CR0_FIXED0, NO_VMCS};
+use crate::{Cpu, Stop};
 
 /// The MSRs an MSR-load or MSR-store list may name: those the CPU keeps
 /// itself, but FS/GS base, the x2APIC range and the VMX MSRs.
 fn list_msr(index: u32) -> bool {
-    use crate::msr::*;
+    use arch::msr::*;
     matches!(
         index,
         EFER | STAR
@@ -55,11 +55,11 @@ impl Cpu {
         let pin = v.get32(PIN_BASED_VM_EXEC_CONTROL);
         let proc = v.get32(CPU_BASED_VM_EXEC_CONTROL);
         let proc2 = self.secondary_controls();
-        if !ctl_ok(pin, cap(msr::PINBASED_CTLS))
-            || !ctl_ok(proc, cap(msr::PROCBASED_CTLS))
-            || !ctl_ok(proc2, cap(msr::PROCBASED_CTLS2))
-            || !ctl_ok(v.get32(VM_EXIT_CONTROLS), cap(msr::EXIT_CTLS))
-            || !ctl_ok(v.get32(VM_ENTRY_CONTROLS), cap(msr::ENTRY_CTLS))
+        if !ctl_ok(pin, cap(msr::VMX_PINBASED_CTLS))
+            || !ctl_ok(proc, cap(msr::VMX_PROCBASED_CTLS))
+            || !ctl_ok(proc2, cap(msr::VMX_PROCBASED_CTLS2))
+            || !ctl_ok(v.get32(VM_EXIT_CONTROLS), cap(msr::VMX_EXIT_CTLS))
+            || !ctl_ok(v.get32(VM_ENTRY_CONTROLS), cap(msr::VMX_ENTRY_CTLS))
         {
             return false;
         }
@@ -156,7 +156,7 @@ impl Cpu {
         if host_cr0 & CR0_FIXED0 != CR0_FIXED0 || host_cr0 >> 32 != 0 {
             return false;
         }
-        if host_cr4 & CR4_VMXE == 0 || host_cr4 & !Self::cr4_fixed1() != 0 {
+        if host_cr4 & cr4::VMXE == 0 || host_cr4 & !Self::cr4_fixed1() != 0 {
             return false;
         }
         if v.get(HOST_CR3) >> self.phys_bits() != 0 {
@@ -232,7 +232,7 @@ impl Cpu {
         if gcr0 & CR0_FIXED0 != CR0_FIXED0 || gcr0 >> 32 != 0 {
             return fail;
         }
-        if gcr4 & CR4_VMXE == 0 || gcr4 & !Self::cr4_fixed1() != 0 {
+        if gcr4 & cr4::VMXE == 0 || gcr4 & !Self::cr4_fixed1() != 0 {
             return fail;
         }
         if ia32e && gcr4 & cr4::PAE == 0 {

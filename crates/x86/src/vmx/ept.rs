@@ -8,14 +8,15 @@
 //! entry and VM exit, so its entries never mix guests (VPIDs and EPTPs are
 //! accepted and checked, not used as tags).
 
+use arch::paging::Access;
+// An EPT entry's frame address and large-page bit (7) sit where those of a
+// page-table entry do.
+use arch::pte::{ADDR, PS};
+
 use super::exit::Exit;
 use super::fields::reason;
-use crate::mmu::{Acc, TlbEntry, A_R_S, A_R_U, A_W_S, A_W_U, A_X_S, A_X_U};
+use crate::mmu::{TlbEntry, A_R_S, A_R_U, A_W_S, A_W_U, A_X_S, A_X_U};
 use crate::{Cpu, Stop, R};
-
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
-/// Bit 7 of an EPT entry: a large page (2 MiB in a PDE).
-const PS: u64 = 1 << 7;
 
 /// The TLB access bits an EPT permission set (bit 0 R, 1 W, 2 X) allows.
 fn tlb_bits(rwx: u8) -> u8 {
@@ -39,7 +40,7 @@ impl Cpu {
     pub(crate) fn ept_paging_entry(&mut self, gpa: u64, lin: u64) -> R<u64> {
         match self.vmx.ept {
             None => Ok(gpa),
-            Some(eptp) => Ok(self.ept_walk(eptp, gpa, Acc::Read, lin, false)?.0),
+            Some(eptp) => Ok(self.ept_walk(eptp, gpa, Access::Read, lin, false)?.0),
         }
     }
 
@@ -47,7 +48,7 @@ impl Cpu {
     /// `acc` to `lin`) to host-physical, narrowing its access bits to the EPT
     /// permissions.
     #[inline]
-    pub(crate) fn ept_leaf(&mut self, e: &mut TlbEntry, lin: u64, acc: Acc) -> R<()> {
+    pub(crate) fn ept_leaf(&mut self, e: &mut TlbEntry, lin: u64, acc: Access) -> R<()> {
         if let Some(eptp) = self.vmx.ept {
             let gpa = e.ppage | (lin & 0xfff);
             let (hpa, rwx) = self.ept_walk(eptp, gpa, acc, lin, true)?;
@@ -64,7 +65,7 @@ impl Cpu {
         &mut self,
         eptp: u64,
         gpa: u64,
-        acc: Acc,
+        acc: Access,
         lin: u64,
         fin: bool,
     ) -> R<(u64, u8)> {
@@ -101,9 +102,9 @@ impl Cpu {
             if leaf {
                 let size = 1u64 << (12 + 9 * level);
                 let need = match acc {
-                    Acc::Read => 1,
-                    Acc::Write => 2,
-                    Acc::Exec => 4,
+                    Access::Read => 1,
+                    Access::Write => 2,
+                    Access::Exec => 4,
                 };
                 if rwx & need == 0 {
                     return Err(self.ept_violation(gpa, acc, rwx, lin, fin));
@@ -117,11 +118,11 @@ impl Cpu {
 
     /// An EPT violation: the VM exit, with the access, the permissions of
     /// the translation, and the guest-linear address.
-    fn ept_violation(&mut self, gpa: u64, acc: Acc, rwx: u8, lin: u64, fin: bool) -> Stop {
+    fn ept_violation(&mut self, gpa: u64, acc: Access, rwx: u8, lin: u64, fin: bool) -> Stop {
         let access = match acc {
-            Acc::Read => 1,
-            Acc::Write => 2,
-            Acc::Exec => 4,
+            Access::Read => 1,
+            Access::Write => 2,
+            Access::Exec => 4,
         };
         let qual = access | ((rwx as u64) << 3) | (1 << 7) | ((fin as u64) << 8);
         let mut e = Exit::new(reason::EPT_VIOLATION, qual);

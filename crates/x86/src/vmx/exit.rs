@@ -2,11 +2,11 @@
 //! host-state load (SDM vol. 3C ch. 28), and VM-entry failures that load the
 //! host state the same way.
 
-use vcpu::{cr0, efer, Segment};
+use arch::rflags::FIXED;
+use arch::{cr0, efer, Segment};
 
 use super::fields::*;
 use super::{ctl, Cpu};
-use crate::flags::FIXED;
 use crate::sreg;
 
 /// What a VM exit reports besides the guest state.

@@ -4,10 +4,11 @@
 
 use iced_x86::{Instruction, Mnemonic as M};
 
-use super::{error, feature, VmFail, CR0_FIXED0, CR4_VMXE};
-use crate::flags::VM;
-use crate::{exc, exc_code, vector, Cpu, R};
-use vcpu::{cr0, efer};
+use super::{error, VmFail, CR0_FIXED0};
+use crate::{exc, exc_code, Cpu, R};
+use arch::msr::feature_control;
+use arch::rflags::VM;
+use arch::{cr0, cr4, efer, vector};
 
 /// A mnemonic in lower case, for traces.
 struct Name(M);
@@ -73,15 +74,15 @@ impl Cpu {
         }
         self.vmx_mode_check()?;
         if m == M::Vmxon {
-            if self.cr4 & CR4_VMXE == 0 {
+            if self.cr4 & cr4::VMXE == 0 {
                 return exc(vector::UD);
             }
             self.require_cpl0()?;
             if !self.vmx.on {
                 let fc = self.vmx.feature_control;
                 if self.cr0 & CR0_FIXED0 != CR0_FIXED0
-                    || fc & feature::LOCK == 0
-                    || fc & feature::VMXON_OUTSIDE_SMX == 0
+                    || fc & feature_control::LOCK == 0
+                    || fc & feature_control::VMXON_OUTSIDE_SMX == 0
                 {
                     return exc_code(vector::GP, 0);
                 }

@@ -10,8 +10,9 @@ use super::fields::*;
 use super::{ctl, insn};
 use crate::alu::mask;
 use crate::exec::reg_size;
-use crate::flags::{IF, OF};
-use crate::{exc, exc_code, sreg, vector, Cpu, R};
+use crate::{exc, exc_code, sreg, Cpu, R};
+use arch::rflags::{IF, OF};
+use arch::{cr4, vector};
 
 /// The number (0-15) of a general-purpose register.
 fn gpr_index(r: Register) -> u32 {
@@ -69,7 +70,7 @@ impl Cpu {
                 self.insn_exit(i, reason::INVLPG, l, 0)
             }
             M::Rdpmc if proc & ctl::RDPMC_EXITING != 0 => {
-                if self.cpl != 0 && self.cr4 & (1 << 8) == 0 {
+                if self.cpl != 0 && self.cr4 & cr4::PCE == 0 {
                     return exc_code(vector::GP, 0);
                 }
                 self.insn_exit(i, reason::RDPMC, 0, 0)
@@ -109,7 +110,7 @@ impl Cpu {
         if p && self.secondary_controls() & ctl::ENABLE_RDTSCP == 0 {
             return exc(vector::UD);
         }
-        if self.cr4 & (1 << 2) != 0 && self.cpl != 0 {
+        if self.cr4 & cr4::TSD != 0 && self.cpl != 0 {
             return exc_code(vector::GP, 0);
         }
         if proc & ctl::RDTSC_EXITING != 0 {

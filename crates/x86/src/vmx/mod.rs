@@ -22,7 +22,10 @@ pub(crate) use insn::is_vmx;
 mod intercept;
 mod tlb;
 
-use crate::flags::{ARITH, CF, ZF};
+use arch::cr4;
+use arch::msr::{self, feature_control};
+use arch::rflags::{ARITH, CF, ZF};
+
 use crate::Cpu;
 use fields::*;
 
@@ -37,33 +40,6 @@ pub const NO_VMCS: u64 = u64::MAX;
 /// IA32_VMX_MISC bits 4:0: the preemption timer counts down every 2^5 TSC
 /// ticks.
 pub const TIMER_RATE: u32 = 5;
-
-/// VMX MSR indices.
-pub mod msr {
-    pub const BASIC: u32 = 0x480;
-    pub const PINBASED_CTLS: u32 = 0x481;
-    pub const PROCBASED_CTLS: u32 = 0x482;
-    pub const EXIT_CTLS: u32 = 0x483;
-    pub const ENTRY_CTLS: u32 = 0x484;
-    pub const MISC: u32 = 0x485;
-    pub const CR0_FIXED0: u32 = 0x486;
-    pub const CR0_FIXED1: u32 = 0x487;
-    pub const CR4_FIXED0: u32 = 0x488;
-    pub const CR4_FIXED1: u32 = 0x489;
-    pub const VMCS_ENUM: u32 = 0x48a;
-    pub const PROCBASED_CTLS2: u32 = 0x48b;
-    pub const EPT_VPID_CAP: u32 = 0x48c;
-}
-
-/// IA32_FEATURE_CONTROL bits.
-pub mod feature {
-    pub const LOCK: u64 = 1 << 0;
-    pub const VMXON_IN_SMX: u64 = 1 << 1;
-    pub const VMXON_OUTSIDE_SMX: u64 = 1 << 2;
-}
-
-/// CR4.VMXE.
-pub const CR4_VMXE: u64 = 1 << 13;
 
 /// VM-execution, VM-exit and VM-entry control bits.
 pub mod ctl {
@@ -329,7 +305,7 @@ impl Cpu {
 
     /// CR4 bits that may be 1 in VMX operation (IA32_VMX_CR4_FIXED1).
     pub(crate) fn cr4_fixed1() -> u64 {
-        0x7ff | CR4_VMXE
+        0x7ff | cr4::VMXE
     }
 
     /// The VMX capability MSRs and IA32_FEATURE_CONTROL; None for others.
@@ -348,22 +324,22 @@ impl Cpu {
             | (1 << 42) // all-context
             | (1 << 43); // single-context retaining globals
         Some(match index {
-            crate::msr::FEATURE_CONTROL => self.vmx.feature_control,
-            msr::BASIC => REVISION as u64 | (REGION_SIZE << 32) | (6 << 50) | (1 << 54),
-            msr::PINBASED_CTLS => ctl_msr(PIN_DEFAULT1, PIN_ALLOWED1),
-            msr::PROCBASED_CTLS => ctl_msr(PROC_DEFAULT1, PROC_ALLOWED1),
-            msr::EXIT_CTLS => ctl_msr(EXIT_DEFAULT1, EXIT_ALLOWED1),
-            msr::ENTRY_CTLS => ctl_msr(ENTRY_DEFAULT1, ENTRY_ALLOWED1),
+            msr::FEATURE_CONTROL => self.vmx.feature_control,
+            msr::VMX_BASIC => REVISION as u64 | (REGION_SIZE << 32) | (6 << 50) | (1 << 54),
+            msr::VMX_PINBASED_CTLS => ctl_msr(PIN_DEFAULT1, PIN_ALLOWED1),
+            msr::VMX_PROCBASED_CTLS => ctl_msr(PROC_DEFAULT1, PROC_ALLOWED1),
+            msr::VMX_EXIT_CTLS => ctl_msr(EXIT_DEFAULT1, EXIT_ALLOWED1),
+            msr::VMX_ENTRY_CTLS => ctl_msr(ENTRY_DEFAULT1, ENTRY_ALLOWED1),
             // Timer rate, EFER.LMA stored on exit, HLT activity state, 4 CR3
             // targets, up to 512 MSR-list entries.
-            msr::MISC => TIMER_RATE as u64 | (1 << 5) | (1 << 6) | (4 << 16),
-            msr::CR0_FIXED0 => CR0_FIXED0,
-            msr::CR0_FIXED1 => 0xffff_ffff,
-            msr::CR4_FIXED0 => CR4_VMXE,
-            msr::CR4_FIXED1 => Self::cr4_fixed1(),
-            msr::VMCS_ENUM => (highest_index() as u64) << 1,
-            msr::PROCBASED_CTLS2 => ctl_msr(0, PROC2_ALLOWED1),
-            msr::EPT_VPID_CAP => ept,
+            msr::VMX_MISC => TIMER_RATE as u64 | (1 << 5) | (1 << 6) | (4 << 16),
+            msr::VMX_CR0_FIXED0 => CR0_FIXED0,
+            msr::VMX_CR0_FIXED1 => 0xffff_ffff,
+            msr::VMX_CR4_FIXED0 => cr4::VMXE,
+            msr::VMX_CR4_FIXED1 => Self::cr4_fixed1(),
+            msr::VMX_VMCS_ENUM => (highest_index() as u64) << 1,
+            msr::VMX_PROCBASED_CTLS2 => ctl_msr(0, PROC2_ALLOWED1),
+            msr::VMX_EPT_VPID_CAP => ept,
             _ => return None,
         })
     }
@@ -371,8 +347,10 @@ impl Cpu {
     /// WRMSR to IA32_FEATURE_CONTROL: false (#GP) when locked or reserved
     /// bits are set.
     pub(crate) fn write_feature_control(&mut self, v: u64) -> bool {
-        let ok_bits = feature::LOCK | feature::VMXON_IN_SMX | feature::VMXON_OUTSIDE_SMX;
-        if self.vmx.feature_control & feature::LOCK != 0 || v & !ok_bits != 0 {
+        let ok_bits = feature_control::LOCK
+            | feature_control::VMXON_IN_SMX
+            | feature_control::VMXON_OUTSIDE_SMX;
+        if self.vmx.feature_control & feature_control::LOCK != 0 || v & !ok_bits != 0 {
             return false;
         }
         self.vmx.feature_control = v;

@@ -6,9 +6,11 @@ use iced_x86::code_asm::*;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::fields::*;
-use super::{ctl, error, VmFail, CR4_VMXE, NO_VMCS, REVISION};
+use super::{ctl, error, VmFail, NO_VMCS, REVISION};
 use crate::tests::{asm, OneShot, CODE, GDT, HANDLER, IDT, STACK, T, TSS};
-use crate::{flags, Cpu, CpuExit};
+use crate::{Cpu, CpuExit};
+use arch::msr;
+use arch::{cr4, rflags};
 
 const VMXON: u64 = 0x30_0000;
 const VMCS: u64 = 0x30_1000;
@@ -36,7 +38,7 @@ type Code = fn(Asm) -> Result<(), IcedError>;
 /// and `code` at CODE.
 fn root(code: impl FnOnce(Asm) -> Result<(), IcedError>) -> T {
     let mut t = T::long(&asm(64, CODE, code));
-    t.cpu.cr4 |= CR4_VMXE;
+    t.cpu.cr4 |= cr4::VMXE;
     t.cpu.vmx.feature_control = 5;
     for r in [VMXON, VMCS, VMCS2] {
         t.mem.write_obj(REVISION, GuestAddress(r)).unwrap();
@@ -191,9 +193,9 @@ fn prologue(a: Asm) -> Result<(), IcedError> {
 /// Err(Valid(error)).
 fn outcome(t: &T, k: u64) -> Result<(), VmFail> {
     let f = t.read(RESULTS + 16 * k);
-    if f & flags::CF != 0 {
+    if f & rflags::CF != 0 {
         Err(VmFail::Invalid)
-    } else if f & flags::ZF != 0 {
+    } else if f & rflags::ZF != 0 {
         Err(VmFail::Valid(t.read(RESULTS + 16 * k + 8) as u32))
     } else {
         Ok(())
@@ -251,19 +253,19 @@ fn capability_msrs_cpuid_and_feature_control() {
     assert!(c.write_feature_control(5));
     assert!(!c.write_feature_control(4));
     for (m, must) in [
-        (super::msr::PINBASED_CTLS, ctl::PIN_DEFAULT1),
-        (super::msr::PROCBASED_CTLS, ctl::PROC_DEFAULT1),
-        (super::msr::EXIT_CTLS, ctl::EXIT_DEFAULT1),
-        (super::msr::ENTRY_CTLS, ctl::ENTRY_DEFAULT1),
+        (msr::VMX_PINBASED_CTLS, ctl::PIN_DEFAULT1),
+        (msr::VMX_PROCBASED_CTLS, ctl::PROC_DEFAULT1),
+        (msr::VMX_EXIT_CTLS, ctl::EXIT_DEFAULT1),
+        (msr::VMX_ENTRY_CTLS, ctl::ENTRY_DEFAULT1),
     ] {
         let v = c.vmx_msr(m).unwrap();
         assert_eq!(v as u32, must);
         assert_eq!((v >> 32) as u32 & must, must, "allowed-1 covers allowed-0");
     }
-    assert_eq!(c.vmx_msr(super::msr::CR0_FIXED0), Some(0x8000_0021));
-    assert_eq!(c.vmx_msr(super::msr::CR4_FIXED0), Some(CR4_VMXE));
+    assert_eq!(c.vmx_msr(msr::VMX_CR0_FIXED0), Some(0x8000_0021));
+    assert_eq!(c.vmx_msr(msr::VMX_CR4_FIXED0), Some(cr4::VMXE));
     assert_eq!(
-        c.vmx_msr(super::msr::VMCS_ENUM),
+        c.vmx_msr(msr::VMX_VMCS_ENUM),
         Some((highest_index() as u64) << 1)
     );
     assert_eq!(c.vmx_msr(0x10), None);
@@ -284,7 +286,7 @@ fn before_vmxon() -> T {
 #[test]
 fn vmxon_needs_cr4_vmxe_and_feature_control() {
     let mut t = before_vmxon();
-    t.cpu.cr4 &= !CR4_VMXE;
+    t.cpu.cr4 &= !cr4::VMXE;
     assert_eq!(t.run(), CpuExit::Hlt);
     assert_eq!(t.cpu.regs().r15, 6, "#UD without CR4.VMXE");
     let mut t = before_vmxon();
@@ -500,7 +502,7 @@ fn launch_state_rules_and_vmcs_kept_in_memory() {
     set_rip(&mut t, RESUME);
     assert_eq!(t.run(), CpuExit::Hlt);
     assert_eq!(t.cpu.rip, RESUME + 4, "VMRESUME fell through");
-    assert_ne!(t.cpu.rflags & flags::ZF, 0);
+    assert_ne!(t.cpu.rflags & rflags::ZF, 0);
     assert_eq!(
         r(&t, VM_INSTRUCTION_ERROR) as u32,
         error::VMRESUME_NONLAUNCHED
@@ -657,7 +659,7 @@ fn vm_entry_checks() {
         match want {
             Fail(n) => {
                 assert_eq!(t.cpu.rip, CODE + 4, "{what}: VMLAUNCH fell through");
-                assert_ne!(t.cpu.rflags & flags::ZF, 0, "{what}");
+                assert_ne!(t.cpu.rflags & rflags::ZF, 0, "{what}");
                 assert_eq!(r(&t, VM_INSTRUCTION_ERROR), *n as u64, "{what}");
             }
             Exit(reason, qual) => {
@@ -714,7 +716,7 @@ fn exit_saves_guest_state_and_loads_host_state() {
     });
     assert_eq!(go(&mut t), reason::CPUID);
     assert_eq!(r(&t, GUEST_RSP), 0x47_0000);
-    assert_ne!(r(&t, GUEST_RFLAGS) & flags::CF, 0);
+    assert_ne!(r(&t, GUEST_RFLAGS) & rflags::CF, 0);
     assert_eq!(r(&t, GUEST_CS_SELECTOR), 0x10);
     assert_eq!(r(&t, GUEST_CS_AR_BYTES) & 0xffff, 0xa09b);
     assert_eq!(r(&t, GUEST_TR_BASE), TSS);
@@ -923,14 +925,14 @@ fn cr_access_exits_masks_and_shadows() {
     });
     w(&mut t.cpu, CR0_GUEST_HOST_MASK, 8);
     w(&mut t.cpu, CR0_READ_SHADOW, 0);
-    w(&mut t.cpu, CR4_GUEST_HOST_MASK, CR4_VMXE);
+    w(&mut t.cpu, CR4_GUEST_HOST_MASK, cr4::VMXE);
     w(&mut t.cpu, CR4_READ_SHADOW, 0);
     let gcr0 = r(&t, GUEST_CR0) | 8;
     w(&mut t.cpu, GUEST_CR0, gcr0);
     assert_eq!(go(&mut t), reason::CR_ACCESS);
     let g = t.cpu.regs();
     assert_eq!(g.rax & 8, 0, "CR0.TS read from the shadow");
-    assert_eq!(g.rbx & CR4_VMXE, 0, "CR4.VMXE hidden");
+    assert_eq!(g.rbx & cr4::VMXE, 0, "CR4.VMXE hidden");
     // MOV CR0, RCX: CR 0, type 0, register 1.
     assert_eq!(r(&t, EXIT_QUALIFICATION), 1 << 8);
     assert_ne!(r(&t, GUEST_CR0) & 8, 0, "the host-owned TS kept");
@@ -1176,7 +1178,7 @@ fn event_injection_of_each_type() {
     // External interrupt: returns to the guest RIP, IF cleared.
     let g = inject(0x40, 0x8000_0040, 0, 0).cpu.regs();
     assert_eq!((g.r8, g.r9), (GUEST, 0x10));
-    assert_eq!(g.r10 & flags::IF, flags::IF);
+    assert_eq!(g.r10 & rflags::IF, rflags::IF);
     // NMI.
     let t = inject(2, 0x8000_0202, 0, 0);
     assert_eq!(t.cpu.regs().r8, GUEST);
@@ -1234,7 +1236,7 @@ fn cr4_vmxe_and_cr0_fixed_bits_in_vmx_operation() {
         a.mov(rbx, PTRS)?;
         a.vmxon(qword_ptr(rbx))?;
         a.mov(rax, cr4)?;
-        a.and(rax, !(CR4_VMXE as i32))?;
+        a.and(rax, !(cr4::VMXE as i32))?;
         a.mov(cr4, rax)?;
         a.hlt()
     });
