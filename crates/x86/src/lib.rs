@@ -42,7 +42,7 @@ pub mod vmx;
 
 use std::time::Instant;
 
-pub use cpuid::CpuidTable;
+pub use cpuid::{CpuidTable, APIC_TIMER_KHZ, TSC_KHZ};
 pub use fpu::Fpu;
 pub use intercept::{seg_index, segment_from_descriptor, sensitive, Intercepts, IrqMode};
 pub use mem::PhysMem;
@@ -456,7 +456,8 @@ impl Cpu {
         cpu
     }
 
-    /// The time-stamp counter: nanoseconds since the CPU was created (1 GHz).
+    /// The time-stamp counter: nanoseconds since the CPU was created (1 GHz,
+    /// [`TSC_KHZ`], which CPUID leaf 0x4000_0010 tells the guest).
     pub fn tsc(&self) -> u64 {
         (self.tsc_start.elapsed().as_nanos() as u64).wrapping_add(self.tsc_offset)
     }
