@@ -38,7 +38,8 @@ pub struct Stats {
 /// how much each counter grew between its start and its end.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Phase {
-    /// `abi::bench::NAMES`, or `phase<n>` for a number that names none.
+    /// `abi::bench::NAMES` (`<name> baseline` with `abi::bench::BASELINE`),
+    /// or `phase<n>` for a number that names none.
     pub name: String,
     /// Counters that grew, by how much: the engine's (as in
     /// `engine_counters`, `group/name`), the VMM's exits (`exits/<reason>`)
@@ -110,8 +111,12 @@ impl Stats {
             }
         }
         if phase != 0 {
-            let name =
-                abi::bench::name(phase).map_or_else(|| format!("phase{phase}"), str::to_string);
+            let base = phase & !abi::bench::BASELINE;
+            let name = match abi::bench::name(base) {
+                Some(n) if base != phase => format!("{n} baseline"),
+                Some(n) => n.to_string(),
+                None => format!("phase{phase}"),
+            };
             self.open_phase = Some((name, now));
         }
     }
@@ -270,8 +275,10 @@ mod tests {
         s.mark_phase(0, vec![("traps/mov to cr8".into(), 105), ("x".into(), 1)]);
         s.mark_phase(0, vec![]);
         s.mark_phase(999, vec![]);
+        s.mark_phase(cr8wr | abi::bench::BASELINE, vec![]);
         s.mark_phase(0, vec![]);
-        assert_eq!(s.phases.len(), 2);
+        assert_eq!(s.phases.len(), 3);
+        assert_eq!(s.phases[2].name, "cr8wr baseline");
         let p = &s.phases[0];
         assert_eq!(p.name, "cr8wr");
         assert_eq!(p.counters["traps/mov to cr8"], 100);

@@ -491,6 +491,9 @@ pub extern "C" fn bench(fixed: u64, target: u64) -> ! {
 fn bench_one(phase: u32, fixed: u64, target: u64, run: fn(u64) -> u64) {
     let g = Gate::Syscall;
     let n = crate::bench::iterations(fixed, target, run);
+    call(g, sys::BENCH_PHASE, (phase | abi::bench::BASELINE) as u64, 0, 0);
+    run(0);
+    call(g, sys::BENCH_PHASE, 0, 0, 0);
     call(g, sys::BENCH_PHASE, phase as u64, 0, 0);
     let t = run(n);
     call(g, sys::BENCH_PHASE, 0, 0, 0);

@@ -112,6 +112,12 @@ pub mod bench {
     pub const HYPERCALL: u32 = 9;
     pub const CPUID: u32 = 10;
 
+    /// Added to a benchmark's phase number: the same benchmark run for zero
+    /// iterations just before, so that what the phase itself costs (its
+    /// markers; for a user-mode benchmark the system calls that announce it)
+    /// can be subtracted. Its phase is named `<name> baseline`.
+    pub const BASELINE: u32 = 1 << 16;
+
     /// The name of phase `phase`, if it is one.
     pub fn name(phase: u32) -> Option<&'static str> {
         NAMES.get((phase as usize).checked_sub(1)?).copied()
