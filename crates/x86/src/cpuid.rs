@@ -135,3 +135,27 @@ impl CpuidTable {
         t
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The timing leaf is there with and without the paravirtual leaves, and
+    /// leaf 0x4000_0000 reaches it.
+    #[test]
+    fn timing_leaf() {
+        let timing = hypercall::CPUID_TIMING_LEAF;
+        for (apic, pv) in [
+            (true, None),
+            (false, Some((*b"VisorVisorPV", [1, 2, 3, 4]))),
+        ] {
+            let t = CpuidTable::software_cpu(apic, pv);
+            let (max, ..) = t.query(hypercall::CPUID_SIGNATURE_LEAF, 0);
+            assert_eq!(max, timing);
+            let apic_khz = if apic { APIC_TIMER_KHZ } else { 0 };
+            assert_eq!(t.query(timing, 0), (TSC_KHZ, apic_khz, 0, 0));
+        }
+        let t = CpuidTable::software_cpu(false, Some((*b"VisorVisorPV", [1, 2, 3, 4])));
+        assert_eq!(t.query(hypercall::CPUID_FEATURES_LEAF, 0), (1, 2, 3, 4));
+    }
+}
