@@ -209,7 +209,9 @@ pub fn compare(args: CompareArgs) -> Result<i32, String> {
     }
     let mut cols = columns(args.engines.as_deref())?;
     if let Some(k) = &args.kernel {
-        File::open(k).map_err(|e| format!("cannot read kernel {}: {e}", k.display()))?;
+        let image =
+            std::fs::read(k).map_err(|e| format!("cannot read kernel {}: {e}", k.display()))?;
+        machine::loader::detect(&image).map_err(|e| format!("{}: {e}", k.display()))?;
     }
     let json = args
         .json
@@ -222,10 +224,11 @@ pub fn compare(args: CompareArgs) -> Result<i32, String> {
         .map(|p| create("--plot", p))
         .transpose()?;
     if cols.iter().all(|c| c.unavailable.is_some()) {
-        let why: Vec<_> = cols
+        let mut why: Vec<_> = cols
             .iter()
             .map(|c| format!("{}: {}", c.engine, c.unavailable.as_deref().unwrap_or("")))
             .collect();
+        why.dedup();
         return Err(format!(
             "no engine asked for can run here ({})",
             why.join("; ")
@@ -235,8 +238,10 @@ pub fn compare(args: CompareArgs) -> Result<i32, String> {
     let dir = std::env::temp_dir().join(format!("visor-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let runs = args.runs;
-    for col in cols.iter_mut().filter(|c| c.unavailable.is_none()) {
-        for i in 1..=runs {
+    // Round by round, so that a change in the machine's load spreads over
+    // every column.
+    for i in 1..=runs {
+        for col in cols.iter_mut().filter(|c| c.unavailable.is_none()) {
             let start = Instant::now();
             let stats = dir.join(format!("{}-{}-{i}.json", col.engine, col.mode.name()));
             let run = run_once(&exe, &args, col, &stats);
@@ -254,6 +259,20 @@ pub fn compare(args: CompareArgs) -> Result<i32, String> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let benches = cells(&cols);
+    if benches.iter().all(|b| {
+        b.results
+            .iter()
+            .all(|c| c.ns_per_op.is_none() && c.cycles_per_op.is_none())
+    }) {
+        let why = cols
+            .iter()
+            .flat_map(|c| &c.runs)
+            .find_map(|r| r.failure.clone());
+        return Err(format!(
+            "no benchmark ran ({})",
+            why.unwrap_or_else(|| "the kernel printed no `bench:` line".into())
+        ));
+    }
     let kernel = args
         .kernel
         .as_ref()

@@ -1015,4 +1015,6 @@ fn compare_bad_input() {
         &visor(&["compare", "/nonexistent/kernel"]),
         "cannot read kernel",
     );
+    let (_d, p) = tmp("junk.bin", b"no kernel");
+    assert_error(&visor(&["compare", s(&p)]), "not a kernel");
 }
