@@ -24,6 +24,26 @@ pub enum Engine {
     Vmx,
 }
 
+/// How a guest kernel runs on an engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GuestMode {
+    /// Natively: privileged instructions (`visor run --no-pv` where the
+    /// engine offers the paravirtual interface).
+    Native,
+    /// Paravirtualized: visor's hypercalls (the default where the engine
+    /// offers them).
+    Pv,
+}
+
+impl GuestMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestMode::Native => "native",
+            GuestMode::Pv => "pv",
+        }
+    }
+}
+
 /// Engine-independent VM options.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct VmOptions {
@@ -81,6 +101,23 @@ impl Engine {
 
     pub fn from_name(name: &str) -> Option<Engine> {
         Engine::ALL.iter().copied().find(|e| e.name() == name)
+    }
+
+    /// The engines' names, comma-separated.
+    pub fn names() -> String {
+        let names: Vec<_> = Engine::ALL.iter().map(|e| e.name()).collect();
+        names.join(", ")
+    }
+
+    /// The ways a kernel can run on this engine: natively, paravirtualized
+    /// (hypercalls), or both. `trap` never tells its guest it is
+    /// virtualized; `pv` always does.
+    pub fn guest_modes(self) -> &'static [GuestMode] {
+        match self {
+            Engine::Kvm | Engine::Emu | Engine::Vmx => &[GuestMode::Native, GuestMode::Pv],
+            Engine::Trap => &[GuestMode::Native],
+            Engine::Pv => &[GuestMode::Pv],
+        }
     }
 
     /// `None` when the engine can run here, else why not.

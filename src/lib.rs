@@ -9,7 +9,7 @@ pub mod pv;
 pub mod stats;
 pub mod vmm;
 
-pub use engine::{Engine, VmOptions};
+pub use engine::{Engine, GuestMode, VmOptions};
 pub use stats::Stats;
 pub use visor_deprivileged::HolePolicy;
 pub use vmm::{Outcome, Vm};

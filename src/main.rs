@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod compare;
+mod plot;
+
 use clap::{Parser, Subcommand};
 use machine::devices::{IrqTrigger, Platform};
 use machine::loader::{self, BootOptions, Initrd, KernelKind};
@@ -26,6 +29,8 @@ enum Cmd {
     Run(RunArgs),
     /// List the engines and whether each can run on this host.
     Engines,
+    /// Run the demo OS's nanobenchmarks on every engine and mode, side by side.
+    Compare(compare::CompareArgs),
 }
 
 #[derive(clap::Args, Default)]
@@ -83,15 +88,16 @@ fn main() -> ExitCode {
             engines();
             0
         }
-        Cmd::Run(args) => match run(args) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("visor: error: {e}");
-                exit_status::ERROR
-            }
-        },
+        Cmd::Run(args) => run(args).unwrap_or_else(error),
+        Cmd::Compare(args) => compare::compare(args).unwrap_or_else(error),
     };
     ExitCode::from(code as u8)
+}
+
+/// Reports bad input or a VMM error: one line, status 2.
+fn error(e: String) -> i32 {
+    eprintln!("visor: error: {e}");
+    exit_status::ERROR
 }
 
 fn engines() {
@@ -128,10 +134,9 @@ fn select_engine(name: &str, kind: KernelKind) -> Result<Engine, String> {
         return Ok(e);
     }
     let e = Engine::from_name(name).ok_or_else(|| {
-        let names: Vec<_> = Engine::ALL.iter().map(|e| e.name()).collect();
         format!(
             "unknown engine {name:?} (engines: auto, {})",
-            names.join(", ")
+            Engine::names()
         )
     })?;
     if let Some(why) = e.unavailable_reason() {

@@ -1,5 +1,6 @@
 //! Run statistics: VM exits by reason with handling time, time in the guest
-//! versus in the VMM, hypercalls by name, and the engine's own counters.
+//! versus in the VMM, hypercalls by name, the engine's own counters, and what
+//! all of them grew by during each benchmark phase the guest announced.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,7 +28,28 @@ pub struct Stats {
     pub vmm_time: Duration,
     pub wall_time: Duration,
     pub engine_counters: Vec<(String, u64)>,
+    /// The benchmark phases, in the order they ended.
+    pub phases: Vec<Phase>,
+    /// The phase under way: its name and the counters at its start.
+    open_phase: Option<(String, BTreeMap<String, u64>)>,
 }
+
+/// One benchmark phase (`abi::port::BENCH_PHASE`, `bench_phase` hypercall):
+/// how much each counter grew between its start and its end.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Phase {
+    /// `abi::bench::NAMES` (`<name> baseline` with `abi::bench::BASELINE`),
+    /// or `phase<n>` for a number that names none.
+    pub name: String,
+    /// Counters that grew, by how much: the engine's (as in
+    /// `engine_counters`, `group/name`), the VMM's exits (`exits/<reason>`)
+    /// and hypercalls (`hypercalls/<name>`). The exit of the marker that
+    /// closes the phase is counted in it.
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// Phases recorded at most (a guest that announces more is not followed).
+pub const MAX_PHASES: usize = 4096;
 
 #[derive(Serialize)]
 struct Json<'a> {
@@ -45,6 +67,7 @@ struct Json<'a> {
     /// top level: `traps`, `holes`, `shadow`, `reflected`, ...
     #[serde(flatten)]
     groups: BTreeMap<&'a str, BTreeMap<&'a str, u64>>,
+    phases: &'a [Phase],
     outcome: &'a str,
     exit_status: i32,
 }
@@ -62,6 +85,40 @@ impl Stats {
         e.count += 1;
         e.total_ns += handling.as_nanos() as u64;
         self.vmm_time += handling;
+    }
+
+    /// A phase boundary the guest announced: `phase` 0 ends the phase under
+    /// way, any other number also starts phase `phase`. `engine` is the
+    /// engine's counters now.
+    pub fn mark_phase(&mut self, phase: u32, engine: Vec<(String, u64)>) {
+        let mut now: BTreeMap<String, u64> = engine.into_iter().collect();
+        for (reason, e) in &self.exits {
+            now.insert(format!("exits/{reason}"), e.count);
+        }
+        for (name, n) in &self.hypercalls {
+            now.insert(format!("hypercalls/{name}"), *n);
+        }
+        if let Some((name, start)) = self.open_phase.take() {
+            let counters = now
+                .iter()
+                .filter_map(|(k, v)| {
+                    let grew = v.saturating_sub(start.get(k).copied().unwrap_or(0));
+                    (grew > 0).then(|| (k.clone(), grew))
+                })
+                .collect();
+            if self.phases.len() < MAX_PHASES {
+                self.phases.push(Phase { name, counters });
+            }
+        }
+        if phase != 0 {
+            let base = phase & !abi::bench::BASELINE;
+            let name = match abi::bench::name(base) {
+                Some(n) if base != phase => format!("{n} baseline"),
+                Some(n) => n.to_string(),
+                None => format!("phase{phase}"),
+            };
+            self.open_phase = Some((name, now));
+        }
     }
 
     pub fn total_exits(&self) -> u64 {
@@ -161,6 +218,7 @@ impl Stats {
                 }
                 g
             },
+            phases: &self.phases,
             outcome,
             exit_status,
         };
@@ -202,5 +260,33 @@ mod tests {
         assert_eq!(v["holes"]["popf"], 1);
         let t = s.table();
         assert!(t.contains("traps:") && t.contains("popf"), "{t}");
+    }
+
+    /// A phase records how much each counter grew between its markers, under
+    /// the benchmark's name; counters that did not grow are left out.
+    #[test]
+    fn phases() {
+        let mut s = Stats::new("trap");
+        let cr8wr = abi::bench::phase("cr8wr").unwrap();
+        s.record_exit("io_out", Duration::ZERO);
+        s.mark_phase(cr8wr, vec![("traps/mov to cr8".into(), 5), ("x".into(), 1)]);
+        s.record_exit("io_out", Duration::ZERO);
+        *s.hypercalls.entry("version".into()).or_default() += 3;
+        s.mark_phase(0, vec![("traps/mov to cr8".into(), 105), ("x".into(), 1)]);
+        s.mark_phase(0, vec![]);
+        s.mark_phase(999, vec![]);
+        s.mark_phase(cr8wr | abi::bench::BASELINE, vec![]);
+        s.mark_phase(0, vec![]);
+        assert_eq!(s.phases.len(), 3);
+        assert_eq!(s.phases[2].name, "cr8wr baseline");
+        let p = &s.phases[0];
+        assert_eq!(p.name, "cr8wr");
+        assert_eq!(p.counters["traps/mov to cr8"], 100);
+        assert_eq!(p.counters["exits/io_out"], 1);
+        assert_eq!(p.counters["hypercalls/version"], 3);
+        assert!(!p.counters.contains_key("x"));
+        assert_eq!(s.phases[1].name, "phase999");
+        let v: serde_json::Value = serde_json::from_str(&s.to_json("powered off", 0)).unwrap();
+        assert_eq!(v["phases"][0]["counters"]["traps/mov to cr8"], 100);
     }
 }

@@ -261,6 +261,8 @@ impl Vm {
             let mut stop = None;
             let mut hypercall = false;
             let mut written = None;
+            // A benchmark phase boundary (docs/costs.md).
+            let mut phase = None;
             match exit {
                 VcpuExit::IoOut { port, size: 4, .. }
                     if port == hypercall::HYPERCALL_PORT as u16 && self.hypercalls.page().is_some() =>
@@ -269,6 +271,9 @@ impl Vm {
                     name = "hypercall";
                 }
                 VcpuExit::Hypercall => hypercall = true,
+                VcpuExit::IoOut { port, size: 4, data } if port == abi::port::BENCH_PHASE => {
+                    phase = data.get(..4).and_then(|d| d.try_into().ok()).map(u32::from_le_bytes);
+                }
                 VcpuExit::MsrWrite { index, value, fault } => {
                     let ok = index == hypercall::MSR_HYPERCALL_PAGE
                         && self.hypercalls.advertised
@@ -362,12 +367,15 @@ impl Vm {
             if hypercall {
                 let mut regs = self.vcpu.regs()?;
                 let n = regs.rax & 0xffff_ffff;
-                let after = self.hypercalls.call(
-                    &self.mem,
-                    &mut *self.vcpu,
-                    &*self.engine_vm,
-                    &mut regs,
-                )?;
+                let after = if n == hypercall::nr::BENCH_PHASE {
+                    // The loop's own: it records the counters below.
+                    phase = Some(regs.rdi as u32);
+                    regs.rax = 0;
+                    After::Resume
+                } else {
+                    self.hypercalls
+                        .call(&self.mem, &mut *self.vcpu, &*self.engine_vm, &mut regs)?
+                };
                 self.vcpu.set_regs(&regs)?;
                 *stats
                     .hypercalls
@@ -376,6 +384,9 @@ impl Vm {
                 if let After::Shutdown(code) = after {
                     stop = Some(Outcome::Stopped(StopReason::Shutdown(code as u8)));
                 }
+            }
+            if let Some(p) = phase {
+                stats.mark_phase(p, self.vcpu.engine_counters());
             }
             let handled = Instant::now();
             stats.record_exit(name, handled - exited);

@@ -760,3 +760,261 @@ fn bench_kernel_checks_its_input() {
         }
     }
 }
+
+/// The `key=value` fields of a `bench:` line.
+fn bench_fields(line: &str) -> std::collections::BTreeMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect()
+}
+
+/// `--cmdline bench` (short loops) on every engine and guest mode of the
+/// registry: one line per benchmark, each a plausible measurement or the
+/// reason there is none, where the design cannot do the operation (no
+/// hypercall natively, no port I/O in a deprivileged PV kernel; under `kvm`
+/// on PVM hosts user-mode system-call gates). The TSC frequency comes from
+/// CPUID: the software CPU's counts nanoseconds.
+#[test]
+fn nanobenchmarks_on_every_engine() {
+    use visor::{Engine, GuestMode};
+    for &engine in Engine::ALL {
+        if let Some(why) = engine.unavailable_reason() {
+            eprintln!("SKIPPED on engine {engine}: {why}");
+            continue;
+        }
+        for &mode in engine.guest_modes() {
+            let mut a = vec![
+                "run",
+                "--engine",
+                engine.name(),
+                "--cmdline",
+                "bench iterations=40",
+            ];
+            if mode == GuestMode::Native {
+                a.push("--no-pv");
+            }
+            let o = visor(&a);
+            let out = stdout(&o);
+            let what = format!("{engine}/{}", mode.name());
+            assert_eq!(o.status.code(), Some(0), "{what}: {}{out}", stderr(&o));
+            let tsc = out
+                .lines()
+                .find_map(|l| l.strip_prefix("bench: tsc_khz="))
+                .unwrap_or_else(|| panic!("{what}: no TSC line: {out}"));
+            let khz: u64 = tsc.split_whitespace().next().unwrap().parse().unwrap();
+            assert!(khz > 0, "{what}: {tsc}");
+            if engine != Engine::Kvm {
+                assert_eq!(khz, 1_000_000, "{what}: the software CPU's TSC counts ns");
+            }
+            for name in abi::bench::NAMES {
+                let prefix = format!("bench: name={name} ");
+                let lines: Vec<&str> = out.lines().filter(|l| l.starts_with(&prefix)).collect();
+                assert_eq!(lines.len(), 1, "{what} {name}: {out}");
+                let line = lines[0].trim_end();
+                let f = bench_fields(line);
+                assert_eq!(f["mode"], mode.name(), "{what}: {line}");
+                if let Some((_, why)) = line.split_once(" unavailable=") {
+                    let expected = (name == "hypercall" && mode == GuestMode::Native)
+                        || (name == "in" && engine == Engine::Pv);
+                    assert!(
+                        expected || engine == Engine::Kvm,
+                        "{what}: unexpected {line}"
+                    );
+                    assert!(!why.trim().is_empty(), "{what}: {line}");
+                    continue;
+                }
+                assert_eq!(f["iterations"], "40", "{what}: {line}");
+                let cycles: f64 = f["cycles_per_op"].parse().unwrap();
+                let ns: f64 = f["ns_per_op"].parse().unwrap();
+                assert!(
+                    cycles.is_finite() && cycles > 0.0 && ns.is_finite() && ns > 0.0,
+                    "{what}: {line}"
+                );
+            }
+        }
+    }
+}
+
+/// `visor compare` on `emu`, `trap` and `pv` (one run, short loops): the
+/// JSON has every benchmark for every engine and mode, and what one
+/// operation cost in mechanism is what each design must do; the SVG chart is
+/// XML with one labelled group of bars per benchmark.
+#[test]
+fn compare_engines_json_and_plot() {
+    let d = tempfile::tempdir().unwrap();
+    let (json, svg) = (d.path().join("c.json"), d.path().join("c.svg"));
+    let o = visor(&[
+        "compare",
+        "--engines",
+        "emu,trap,pv",
+        "--runs",
+        "1",
+        "--iterations",
+        "60",
+        "--json",
+        s(&json),
+        "--plot",
+        s(&svg),
+    ]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{}{out}", stderr(&o));
+    for needle in [
+        "benchmark",
+        "emu/native",
+        "emu/pv",
+        "trap/native",
+        "pv/pv",
+        "mechanism per operation",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let cols: Vec<String> = v["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{}/{}",
+                c["engine"].as_str().unwrap(),
+                c["mode"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(cols, ["emu/native", "emu/pv", "trap/native", "pv/pv"]);
+    let benches = v["benchmarks"].as_array().unwrap();
+    let names: Vec<&str> = benches
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, abi::bench::NAMES);
+    let mut measured = 0;
+    let result = |bench: &str, col: &str| -> &serde_json::Value {
+        let b = benches.iter().find(|b| b["name"] == bench).unwrap();
+        let i = cols.iter().position(|c| c == col).unwrap();
+        &b["results"][i]
+    };
+    for b in benches {
+        let results = b["results"].as_array().unwrap();
+        assert_eq!(results.len(), cols.len(), "{b}");
+        let mut fastest = f64::INFINITY;
+        for (r, col) in results.iter().zip(&cols) {
+            assert_eq!(
+                format!(
+                    "{}/{}",
+                    r["engine"].as_str().unwrap(),
+                    r["mode"].as_str().unwrap()
+                ),
+                *col
+            );
+            match r["ns_per_op"].as_f64() {
+                Some(ns) => {
+                    assert!(ns > 0.0 && ns.is_finite(), "{r}");
+                    assert_eq!(r["runs"][0]["iterations"], 60, "{r}");
+                    fastest = fastest.min(r["ratio"].as_f64().unwrap());
+                    measured += 1;
+                }
+                None => assert!(!r["unavailable"].as_str().unwrap().is_empty(), "{r}"),
+            }
+            if col.starts_with("emu/") {
+                for k in r["per_op"].as_object().unwrap().keys() {
+                    assert!(
+                        !["traps/", "reflected/", "shadow/", "holes/"]
+                            .iter()
+                            .any(|p| k.starts_with(p)),
+                        "emu has no traps: {col} {}: {k}",
+                        b["name"]
+                    );
+                }
+            }
+        }
+        if fastest.is_finite() {
+            assert_eq!(fastest, 1.0, "{b}");
+        }
+    }
+    let per_op = |bench: &str, col: &str, counter: &str| -> f64 {
+        result(bench, col)["per_op"][counter]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    // A port read is one VMM exit wherever the kernel may do port I/O;
+    // under `trap` it is also the trap of the deprivileged IN.
+    for col in ["emu/native", "emu/pv", "trap/native"] {
+        assert_eq!(per_op("in", col, "exits/io_in"), 1.0, "{col}");
+    }
+    assert!(per_op("in", "trap/native", "traps/in") >= 1.0);
+    assert!(result("in", "pv/pv")["unavailable"].is_string());
+    assert!(per_op("cr8wr", "trap/native", "traps/mov to cr8") >= 1.0);
+    assert_eq!(per_op("cr8wr", "emu/native", "exits/hypercall"), 0.0);
+    for col in ["emu/pv", "pv/pv"] {
+        assert_eq!(
+            per_op("cr8wr", col, "hypercalls/set_event_mask"),
+            1.0,
+            "{col}"
+        );
+        assert_eq!(per_op("hypercall", col, "hypercalls/version"), 1.0, "{col}");
+        assert_eq!(per_op("ptemod", col, "hypercalls/mmu_update"), 1.0, "{col}");
+    }
+    assert_eq!(per_op("hypercall", "pv/pv", "hypercall_entries"), 1.0);
+    assert!(per_op("ptemod", "trap/native", "traps/invlpg") >= 1.0);
+    assert_eq!(per_op("syscall", "trap/native", "reflected/soft_ints"), 1.0);
+    assert_eq!(
+        per_op("syscall/sysret", "trap/native", "reflected/syscalls"),
+        1.0
+    );
+    assert_eq!(per_op("syscall", "pv/pv", "hypercalls/iret"), 1.0);
+    assert_eq!(
+        per_op("divzero", "trap/native", "reflected/exceptions"),
+        1.0
+    );
+    assert_eq!(per_op("pgfault", "pv/pv", "reflected/page_faults"), 1.0);
+    assert_eq!(per_op("pgfault", "pv/pv", "hypercalls/mmu_update"), 2.0);
+    assert_eq!(per_op("cpuid", "trap/native", "traps/cpuid"), 1.0);
+    for col in &cols {
+        assert_eq!(per_op("call/ret", col, "exits/io_out"), 0.0, "{col}");
+        assert!(
+            per_op("call/ret", col, "guest_instructions") >= 2.0,
+            "{col}"
+        );
+    }
+
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).expect("the chart is XML");
+    assert!(doc.root_element().has_tag_name("svg"));
+    let texts: Vec<&str> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for label in names.iter().copied().chain(cols.iter().map(String::as_str)) {
+        assert_eq!(texts.iter().filter(|t| **t == label).count(), 1, "{label}");
+    }
+    // The background, a box per column in the legend, and a bar per measurement.
+    let rects = doc.descendants().filter(|n| n.has_tag_name("rect")).count();
+    assert_eq!(rects, 1 + cols.len() + measured);
+}
+
+/// `visor compare` refuses bad input before it runs anything.
+#[test]
+fn compare_bad_input() {
+    assert_error(
+        &visor(&["compare", "--engines", "emu,warp"]),
+        "unknown engine \"warp\"",
+    );
+    assert_error(&visor(&["compare", "--runs", "0"]), "--runs 0");
+    assert_error(
+        &visor(&["compare", "--plot", "/nonexistent/dir/chart.svg"]),
+        "--plot /nonexistent/dir/chart.svg: cannot write",
+    );
+    assert_error(
+        &visor(&["compare", "--json", "/nonexistent/dir/c.json"]),
+        "--json /nonexistent/dir/c.json: cannot write",
+    );
+    assert_error(
+        &visor(&["compare", "/nonexistent/kernel"]),
+        "cannot read kernel",
+    );
+    let (_d, p) = tmp("junk.bin", b"no kernel");
+    assert_error(&visor(&["compare", s(&p)]), "not a kernel");
+}

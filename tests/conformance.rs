@@ -52,6 +52,7 @@ on_every_engine!(
     rep_outsb_insb,
     mmio_unbacked,
     cpuid,
+    timing_leaf,
     guest_page_fault,
     triple_fault,
     debug_exit,
@@ -218,6 +219,43 @@ fn cpuid(engine: Engine) {
     assert!(r.r11 >= 1, "max basic leaf");
     assert_ne!(r.r12 & (1 << 26), 0, "SSE2 in leaf 1 EDX");
     assert_ne!(r.r12 & (1 << 0), 0, "FPU in leaf 1 EDX");
+}
+
+/// visor's timing leaf (`hypercall::CPUID_TIMING_LEAF`), reached from leaf
+/// 0x4000_0000 with and without the paravirtual interface: the TSC's
+/// frequency in kHz (the software CPU's TSC counts nanoseconds); no local
+/// APIC timer here (no irqchip).
+fn timing_leaf(engine: Engine) {
+    for pv in [false, true] {
+        let code = asm64(|a| {
+            a.mov(eax, hypercall::CPUID_SIGNATURE_LEAF)?;
+            a.cpuid()?;
+            a.mov(r8, rax)?;
+            a.mov(eax, hypercall::CPUID_TIMING_LEAF)?;
+            a.xor(ecx, ecx)?;
+            a.cpuid()?;
+            a.mov(r9, rax)?;
+            a.mov(r10, rbx)?;
+            a.hlt()
+        });
+        let opts = VmOptions {
+            pv,
+            ..VmOptions::default()
+        };
+        let mut g = Guest::long_mode_with(engine, &code, opts);
+        assert_halted(&g.run());
+        let r = g.regs();
+        assert!(
+            r.r8 >= hypercall::CPUID_TIMING_LEAF as u64,
+            "max leaf {:#x}",
+            r.r8
+        );
+        assert!(r.r9 > 0, "TSC kHz");
+        if engine != Engine::Kvm {
+            assert_eq!(r.r9, x86::TSC_KHZ as u64);
+        }
+        assert_eq!(r.r10, 0, "no APIC timer (pv {pv})");
+    }
 }
 
 fn guest_page_fault(engine: Engine) {

@@ -57,6 +57,16 @@ impl Line {
         self.n(v.unsigned_abs())
     }
 
+    /// `v / 100` with two decimals.
+    pub fn f2(&mut self, v: u64) -> &mut Self {
+        let frac = v % 100;
+        self.n(v / 100).s(".");
+        if frac < 10 {
+            self.put(b'0');
+        }
+        self.n(frac)
+    }
+
     /// Hexadecimal with a 0x prefix.
     pub fn x(&mut self, v: u64) -> &mut Self {
         self.s("0x");

@@ -17,6 +17,13 @@ pub fn outw(port: u16, v: u16) {
     }
 }
 
+pub fn outl(port: u16, v: u32) {
+    // SAFETY: port I/O in the guest kernel at CPL 0.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    }
+}
+
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: port I/O in the guest kernel at CPL 0.
@@ -70,6 +77,22 @@ pub fn read_cr2() -> u64 {
 pub unsafe fn write_cr3(pml4: u64) {
     // SAFETY: the caller's contract.
     unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) }
+}
+
+/// Sets the task priority (CR8, the local APIC's TPR).
+pub fn write_cr8(v: u64) {
+    // SAFETY: the kernel runs with interrupts disabled; a task priority only
+    // masks interrupts further.
+    unsafe { asm!("mov cr8, {}", in(reg) v, options(nomem, nostack, preserves_flags)) }
+}
+
+/// The time-stamp counter (RDTSC, allowed at every privilege level).
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDTSC reads a counter; CR4.TSD is clear, so user mode may too.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (hi as u64) << 32 | lo as u64
 }
 
 pub fn invlpg(va: u64) {

@@ -11,7 +11,9 @@
 //!   exit, sbrk (heap pages are demand-paged by the page-fault handler), send and
 //!   recv (a small blocking mailbox per process), ticks;
 //! - every low-level operation goes through one table, [`pvops::PvOps`]: native
-//!   instructions, or visor's hypercalls when CPUID advertises them.
+//!   instructions, or visor's hypercalls when CPUID advertises them;
+//! - with `bench` on the command line, the nanobenchmarks instead of the
+//!   processes (bench.rs).
 //!
 //! The user programs (user.rs) run natively even where ring 0 is emulated, so
 //! the kernel keeps its own work small. Nothing here uses SSE or `core::fmt`.
@@ -23,6 +25,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod console;
 mod cpu;
 mod desc;
@@ -103,7 +106,7 @@ pub fn fail(code: u8) -> ! {
 pub static PASSES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// The decimal value after `key` in a space-separated command line.
-fn parameter(cmdline: &[u8], key: &[u8]) -> Option<u64> {
+pub fn parameter(cmdline: &[u8], key: &[u8]) -> Option<u64> {
     let word = cmdline
         .split(|&b| b == b' ')
         .find_map(|w| w.strip_prefix(key))?;
@@ -138,6 +141,7 @@ extern "C" fn kmain(info: &'static BootInfo) -> ! {
     if let Some(n) = parameter(cmdline, b"passes=") {
         PASSES.store(n, core::sync::atomic::Ordering::Relaxed);
     }
+    bench::configure(cmdline);
     // SAFETY: the boot protocol guarantees mmap_count entries at mmap_addr.
     let mmap = unsafe {
         core::slice::from_raw_parts(

@@ -218,6 +218,31 @@ pub fn map(pml4: u64, va: u64, pa: u64, flags: u64) -> bool {
     }
 }
 
+/// Moves the mapping of user page `from` to user page `to`, which must be
+/// unmapped: `to` first, then `from` is cleared. False if `from` is not mapped.
+pub fn move_page(pml4: u64, from: u64, to: u64) -> bool {
+    let Some(old) = pte_addr(pml4, from, false) else {
+        return false;
+    };
+    let e = read(old);
+    if e & P == 0 {
+        return false;
+    }
+    let Some(new) = pte_addr(pml4, to, true) else {
+        return false;
+    };
+    pvops::set_pte(new, e, to);
+    pvops::set_pte(old, 0, from);
+    true
+}
+
+/// The page-table entry of user page `va` (its address and value), if its
+/// page table exists.
+pub fn pte(pml4: u64, va: u64) -> Option<(u64, u64)> {
+    let pte = pte_addr(pml4, va, false)?;
+    Some((pte, read(pte)))
+}
+
 /// Unmaps the user page `va`, freeing its frame if the process owns it.
 pub fn unmap(pml4: u64, va: u64) {
     if let Some(pte) = pte_addr(pml4, va, false) {

@@ -12,7 +12,7 @@ use arch::{pf, vector};
 use crate::mm::{self, OWNED, PAGE};
 use crate::trap::{self, Frame, INT80_VECTOR, SPURIOUS_VECTOR, SYSCALL_VECTOR, TIMER_VECTOR};
 use crate::user::{self, sys};
-use crate::{cpu, fail, fatal, pvops, Global};
+use crate::{bench, cpu, fail, fatal, pvops, Global};
 
 const MAX_PROCS: usize = 8;
 /// Values a process's mailbox holds before `send` returns EAGAIN.
@@ -119,22 +119,35 @@ static KERNEL: Global<Kernel> = Global::new(Kernel {
 });
 
 /// Creates the user processes and runs the first one; the scheduler takes over.
+/// With `bench` on the command line: the kernel-mode benchmarks, then the
+/// bench process alone, without a timer.
 pub fn start() -> ! {
     let (pml4, frame) = KERNEL.with(|k| {
         k.kernel_frames = mm::frames_in_use();
-        // pid 1: primes (syscall); 2 and 3: ping-pong partners (int 0x80 and
-        // syscall); 4: sleeps, then crosses its heap's end (int 0x80).
-        let passes = crate::PASSES.load(core::sync::atomic::Ordering::Relaxed);
-        k.spawn("primes", user::primes as *const () as u64, passes);
-        k.spawn("ping", user::ping as *const () as u64, 3);
-        k.spawn("pong", user::pong as *const () as u64, 2);
-        k.spawn("sleeper", user::sleeper as *const () as u64, 0);
+        if bench::enabled() {
+            let (fixed, target) = bench::params();
+            k.spawn("bench", user::bench as *const () as u64, fixed);
+            k.procs[0].frame.rsi = target;
+        } else {
+            // pid 1: primes (syscall); 2 and 3: ping-pong partners (int 0x80
+            // and syscall); 4: sleeps, then crosses its heap's end (int 0x80).
+            let passes = crate::PASSES.load(core::sync::atomic::Ordering::Relaxed);
+            k.spawn("primes", user::primes as *const () as u64, passes);
+            k.spawn("ping", user::ping as *const () as u64, 3);
+            k.spawn("pong", user::pong as *const () as u64, 2);
+            k.spawn("sleeper", user::sleeper as *const () as u64, 0);
+        }
         let p = &k.procs[0];
         k.current = 0;
         k.cr3 = p.pml4;
         (p.pml4, p.frame)
     });
     pvops::apic_enable();
+    if bench::enabled() {
+        pvops::write_cr3(pml4);
+        bench::kernel(pml4);
+        trap::enter_user(&frame)
+    }
     (pvops::ops().timer_start)(TIMER_VECTOR as u8, TIMER_PERIOD_NS);
     Line::new()
         .s("demo: timer at 100 Hz (vector ")
@@ -232,6 +245,11 @@ impl Kernel {
             }
             SYSCALL_VECTOR | INT80_VECTOR => self.syscall(f),
             14 => self.page_fault(f),
+            // `divzero`: step over the benchmark's division.
+            0 if bench::enabled() && self.user_bytes_are(f.rip, &bench::DIV_RCX) => {
+                f.rip += bench::DIV_RCX.len() as u64;
+                false
+            }
             SPURIOUS_VECTOR => false,
             v => {
                 let pid = self.procs[self.current].pid;
@@ -283,6 +301,14 @@ impl Kernel {
             return true;
         }
         false
+    }
+
+    /// Whether the current process's memory at `va` holds `bytes`.
+    fn user_bytes_are(&self, va: u64, bytes: &[u8]) -> bool {
+        bytes
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| self.user_byte(va.wrapping_add(i as u64)) == Some(b))
     }
 
     /// A byte of the current process's memory, if mapped user-readable.
@@ -376,6 +402,14 @@ impl Kernel {
                 v as i64
             }
             sys::TICKS => self.ticks as i64,
+            sys::BENCH_PHASE if bench::enabled() => {
+                bench::user_phase(a as u32, self.stats.gate_fixups);
+                0
+            }
+            sys::BENCH_REPORT if bench::enabled() => {
+                bench::user_report(a as u32, b, c);
+                0
+            }
             _ => ENOSYS,
         };
         f.rax = r as u64;
@@ -450,6 +484,9 @@ impl Kernel {
         let addr = (pvops::ops().read_cr2)();
         self.stats.pagefaults += 1;
         let p = &self.procs[self.current];
+        if f.error & 1 == 0 && bench::resolve_fault(p.pml4, addr) {
+            return false;
+        }
         if f.error & 1 == 0 && (HEAP_BASE..p.brk).contains(&addr) {
             if let Some(frame) = mm::alloc() {
                 if mm::map(p.pml4, addr & !(PAGE - 1), frame, US | RW | NX | OWNED) {

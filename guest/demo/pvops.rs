@@ -52,6 +52,13 @@ pub struct PvOps {
     pub shutdown: fn(u64) -> !,
     /// The address of the last page fault (CR2).
     pub read_cr2: fn() -> u64,
+    /// Writes the interrupt priority the kernel runs at, unchanged: CR8 (the
+    /// TPR) = 0 natively, where IF alone masks interrupts; the event mask
+    /// (masked) with hypercalls. Only the `cr8wr` benchmark uses it.
+    pub set_priority: fn(),
+    /// Starts benchmark phase `n`, or ends it (0): the platform's
+    /// `BENCH_PHASE` port, or the `bench_phase` hypercall without port I/O.
+    pub bench_phase: fn(u32),
 }
 
 /// `set_pte` without a TLB flush (the table is not live yet).
@@ -73,6 +80,8 @@ static NATIVE: PvOps = PvOps {
     outw: cpu::outw,
     shutdown: native::shutdown,
     read_cr2: cpu::read_cr2,
+    set_priority: native::set_priority,
+    bench_phase: native::bench_phase,
 };
 
 static PARAVIRT: PvOps = PvOps {
@@ -91,6 +100,8 @@ static PARAVIRT: PvOps = PvOps {
     outw: cpu::outw,
     shutdown: pv::shutdown,
     read_cr2: cpu::read_cr2,
+    set_priority: pv::mask_events,
+    bench_phase: native::bench_phase,
 };
 
 /// The kernel runs deprivileged (engine `pv`): no privileged instruction at
@@ -102,6 +113,7 @@ static DEPRIVILEGED: PvOps = PvOps {
     halt: pv::block_with_events,
     timer_ack: pv::timer_rearm,
     read_cr2: pv::get_cr2,
+    bench_phase: pv::bench_phase,
     ..PARAVIRT
 };
 
@@ -117,6 +129,11 @@ pub fn ops() -> &'static PvOps {
     } else {
         &NATIVE
     }
+}
+
+/// Whether the kernel uses visor's hypercalls (deprivileged or not).
+pub fn paravirtual() -> bool {
+    PV_MODE.load(Relaxed)
 }
 
 /// Whether the kernel runs deprivileged (every privileged operation is a
@@ -165,6 +182,11 @@ pub fn timer_ack() {
     (ops().timer_ack)()
 }
 
+/// The null hypercall (`version`), in paravirtual mode.
+pub fn version() -> i64 {
+    pv::call(nr::VERSION, [0; 5])
+}
+
 /// Picks the table: hypercalls if visor advertises them, native otherwise.
 pub fn init() {
     let sig = cpu::cpuid(hypercall::CPUID_SIGNATURE_LEAF);
@@ -201,7 +223,7 @@ pub fn init() {
                 DEPRIV_MODE.store(true, Relaxed);
                 IRET_STUB.store(page + nr::IRET * hypercall::STUB_SIZE as u64, Relaxed);
             }
-            let v = pv::call(nr::VERSION, [0; 5]);
+            let v = version();
             l.s(if depriv {
                 "pv_ops use hypercalls, deprivileged (ABI "
             } else {
@@ -317,6 +339,14 @@ mod native {
         apic_write(APIC_TIMER_DIV, 0xb);
         apic_write(APIC_LVT_TIMER, 1 << 17 | vector as u32);
         apic_write(APIC_TIMER_INIT, period_ns.min(u32::MAX as u64) as u32);
+    }
+
+    pub fn set_priority() {
+        cpu::write_cr8(0);
+    }
+
+    pub fn bench_phase(n: u32) {
+        cpu::outl(abi::port::BENCH_PHASE, n);
     }
 
     pub fn shutdown(code: u64) -> ! {
@@ -487,6 +517,10 @@ mod pv {
     /// Re-arms the one-shot timer (events need no acknowledgement).
     pub fn timer_rearm() {
         call(nr::SET_TIMER_OP, [PV_TIMER_NS.load(Relaxed), 0, 0, 0, 0]);
+    }
+
+    pub fn bench_phase(n: u32) {
+        call(nr::BENCH_PHASE, [n as u64, 0, 0, 0, 0]);
     }
 
     pub fn get_cr2() -> u64 {

@@ -12,6 +12,8 @@
 use core::arch::asm;
 use core::mem::MaybeUninit;
 
+use crate::bench::timed;
+
 /// System call numbers (RAX; arguments in RDI, RSI, RDX; result in RAX).
 pub mod sys {
     /// write(fd, buf, len) -> bytes written
@@ -30,6 +32,11 @@ pub mod sys {
     pub const RECV: u64 = 7;
     /// ticks() -> timer ticks since boot
     pub const TICKS: u64 = 8;
+    /// bench_phase(n): starts benchmark phase n, or ends it (0); only with
+    /// `bench` on the kernel command line (bench.rs)
+    pub const BENCH_PHASE: u64 = 9;
+    /// bench_report(phase, iterations, ticks): the kernel prints the result
+    pub const BENCH_REPORT: u64 = 10;
 }
 
 unsafe extern "C" {
@@ -463,4 +470,68 @@ pub extern "C" fn sleeper(_arg: u64) -> ! {
     // SAFETY: deliberately outside the heap: the kernel kills the process.
     unsafe { (brk as *mut u8).write_volatile(1) };
     exit(g, 0)
+}
+
+/// The bench process (`--cmdline bench`, bench.rs): times the user-mode
+/// nanobenchmarks, each inside a phase, and has the kernel report them.
+/// `fixed`: the iteration count, or 0 to size each loop to take `target`
+/// TSC ticks.
+#[link_section = ".utext"]
+pub extern "C" fn bench(fixed: u64, target: u64) -> ! {
+    use abi::bench::{DIVZERO, PGFAULT, SYSCALL, SYSCALL_SYSRET};
+    bench_one(SYSCALL, fixed, target, time_int80);
+    bench_one(SYSCALL_SYSRET, fixed, target, time_syscall);
+    bench_one(PGFAULT, fixed, target, time_pgfault);
+    bench_one(DIVZERO, fixed, target, time_divzero);
+    exit(Gate::Syscall, 0)
+}
+
+#[link_section = ".utext"]
+#[inline(never)]
+fn bench_one(phase: u32, fixed: u64, target: u64, run: fn(u64) -> u64) {
+    let g = Gate::Syscall;
+    let n = crate::bench::iterations(fixed, target, run);
+    call(g, sys::BENCH_PHASE, (phase | abi::bench::BASELINE) as u64, 0, 0);
+    run(0);
+    call(g, sys::BENCH_PHASE, 0, 0, 0);
+    call(g, sys::BENCH_PHASE, phase as u64, 0, 0);
+    let t = run(n);
+    call(g, sys::BENCH_PHASE, 0, 0, 0);
+    call(g, sys::BENCH_REPORT, phase as u64, n, t);
+}
+
+#[link_section = ".utext"]
+#[inline(never)]
+fn time_int80(n: u64) -> u64 {
+    timed!(n, |_i| call(Gate::Int80, sys::GETPID, 0, 0, 0))
+}
+
+#[link_section = ".utext"]
+#[inline(never)]
+fn time_syscall(n: u64) -> u64 {
+    timed!(n, |_i| call(Gate::Syscall, sys::GETPID, 0, 0, 0))
+}
+
+/// Touches `pgfault`'s two pages in turn: each touch is a page fault that
+/// the kernel resolves by mapping the page and unmapping the other.
+#[link_section = ".utext"]
+#[inline(never)]
+fn time_pgfault(n: u64) -> u64 {
+    timed!(n, |i| {
+        let p = (crate::bench::FAULT_PAGES + (i & 1) * 4096) as *mut u64;
+        // SAFETY: one of the two pages the kernel maps on the fault.
+        unsafe { p.write_volatile(i) }
+    })
+}
+
+/// Divides by zero: #DE goes to the kernel, which steps over the `div`.
+#[link_section = ".utext"]
+#[inline(never)]
+fn time_divzero(n: u64) -> u64 {
+    // SAFETY: `div rcx` (bench::DIV_RCX) with RCX = 0: the kernel returns
+    // after it with every register unchanged.
+    timed!(n, |_i| unsafe {
+        asm!("div rcx", inout("rax") 1u64 => _, inout("rdx") 0u64 => _, in("rcx") 0u64,
+             options(nomem, nostack))
+    })
 }

@@ -76,4 +76,81 @@ pub mod port {
     /// i8042 command port: writing 0xfe resets the machine (ends the run, status 0).
     pub const I8042_COMMAND: u16 = 0x64;
     pub const I8042_RESET: u8 = 0xfe;
+    /// Benchmark phases: a 32-bit write of `n` starts phase `n` (1 and up,
+    /// see [`crate::bench`]), of 0 ends it. The VMM records the engine's
+    /// counters at both ends. Kernels that may not do port I/O (engine `pv`)
+    /// use the `bench_phase` hypercall instead.
+    pub const BENCH_PHASE: u16 = 0xf5;
+}
+
+/// The nanobenchmarks of the demo OS (`--cmdline bench`) and the phases that
+/// frame them (docs/costs.md).
+pub mod bench {
+    /// The benchmarks, in the order of their phase numbers: the phase of
+    /// `NAMES[i]` is `i + 1`.
+    pub const NAMES: [&str; 10] = [
+        "syscall",
+        "syscall/sysret",
+        "in",
+        "cr8wr",
+        "call/ret",
+        "pgfault",
+        "divzero",
+        "ptemod",
+        "hypercall",
+        "cpuid",
+    ];
+
+    pub const SYSCALL: u32 = 1;
+    pub const SYSCALL_SYSRET: u32 = 2;
+    pub const IN: u32 = 3;
+    pub const CR8WR: u32 = 4;
+    pub const CALL_RET: u32 = 5;
+    pub const PGFAULT: u32 = 6;
+    pub const DIVZERO: u32 = 7;
+    pub const PTEMOD: u32 = 8;
+    pub const HYPERCALL: u32 = 9;
+    pub const CPUID: u32 = 10;
+
+    /// Added to a benchmark's phase number: the same benchmark run for zero
+    /// iterations just before, so that what the phase itself costs (its
+    /// markers; for a user-mode benchmark the system calls that announce it)
+    /// can be subtracted. Its phase is named `<name> baseline`.
+    pub const BASELINE: u32 = 1 << 16;
+
+    /// The name of phase `phase`, if it is one.
+    pub fn name(phase: u32) -> Option<&'static str> {
+        NAMES.get((phase as usize).checked_sub(1)?).copied()
+    }
+
+    /// The phase number of benchmark `name`.
+    pub fn phase(name: &str) -> Option<u32> {
+        NAMES.iter().position(|n| *n == name).map(|i| i as u32 + 1)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn numbers_name_the_benchmarks() {
+            for (n, name) in [
+                (SYSCALL, "syscall"),
+                (SYSCALL_SYSRET, "syscall/sysret"),
+                (IN, "in"),
+                (CR8WR, "cr8wr"),
+                (CALL_RET, "call/ret"),
+                (PGFAULT, "pgfault"),
+                (DIVZERO, "divzero"),
+                (PTEMOD, "ptemod"),
+                (HYPERCALL, "hypercall"),
+                (CPUID, "cpuid"),
+            ] {
+                assert_eq!(super::name(n), Some(name));
+                assert_eq!(phase(name), Some(n));
+            }
+            assert_eq!(super::name(0), None);
+            assert_eq!(super::name(NAMES.len() as u32 + 1), None);
+        }
+    }
 }

@@ -13,10 +13,20 @@
 //! engine's trapping instruction (port I/O to [`HYPERCALL_PORT`] under `kvm`,
 //! `int 0x82` or `vmcall` under the software engines), then returns. Stubs
 //! clobber nothing but RAX.
+//!
+//! Timing: CPUID leaf [`CPUID_TIMING_LEAF`] gives the TSC's frequency on every
+//! engine, with or without the paravirtual interface.
 #![no_std]
 
 pub const CPUID_SIGNATURE_LEAF: u32 = 0x4000_0000;
 pub const CPUID_FEATURES_LEAF: u32 = 0x4000_0001;
+/// visor's timing leaf, at the place and in the layout VMware and QEMU use
+/// for theirs: EAX the frequency of the TSC in kHz (RDTSC ticks per
+/// millisecond), EBX the frequency of the local APIC timer's input clock in
+/// kHz (0 without a local APIC), ECX and EDX 0. It describes the virtual
+/// hardware, not the paravirtual interface, so `--no-pv` leaves it in place;
+/// EAX of leaf 0x4000_0000 (the highest hypervisor leaf) reaches it.
+pub const CPUID_TIMING_LEAF: u32 = 0x4000_0010;
 /// EBX, ECX, EDX of leaf 0x4000_0000.
 pub const SIGNATURE: [u8; 12] = *b"VisorVisorPV";
 /// ABI version in ECX of leaf 0x4000_0001: major << 16 | minor.
@@ -66,7 +76,12 @@ pub mod nr {
     /// deprivileged kernel, which may not execute WRMSR. It is made with a
     /// bare `int 0x82` (there is no page yet).
     pub const SET_HYPERCALL_PAGE: u64 = 15;
-    pub const COUNT: u64 = 16;
+    /// `bench_phase(n)`: starts benchmark phase `n` (ends the phase with 0),
+    /// as a 32-bit write of `n` to the platform's `BENCH_PHASE` port does, for
+    /// kernels that may not do port I/O. The VMM loop records the engine's
+    /// counters (docs/costs.md); returns 0. Not inside a multicall.
+    pub const BENCH_PHASE: u64 = 16;
+    pub const COUNT: u64 = 17;
 }
 
 /// Kinds of `set_callbacks`.
@@ -93,6 +108,7 @@ pub fn name(n: u64) -> &'static str {
         nr::SET_EVENT_MASK => "set_event_mask",
         nr::GET_CR2 => "get_cr2",
         nr::SET_HYPERCALL_PAGE => "set_hypercall_page",
+        nr::BENCH_PHASE => "bench_phase",
         _ => "invalid",
     }
 }

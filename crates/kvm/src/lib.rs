@@ -210,19 +210,26 @@ impl KvmVm {
             .vm
             .create_vcpu(id as u64)
             .map_err(os("KVM_CREATE_VCPU"))?;
-        let mut cpuid = self
+        let supported = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(os("KVM_GET_SUPPORTED_CPUID"))?;
-        for e in cpuid.as_mut_slice() {
+        let mut entries = supported.as_slice().to_vec();
+        for e in entries.iter_mut() {
             if e.function == 1 {
                 // Initial APIC id in EBX[31:24].
                 e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
             }
         }
         if let Some(sig) = self.config.pv_signature {
-            cpuid = pv_leaves(&cpuid, sig)?;
+            pv_leaves(&mut entries, sig);
         }
+        // The guest's TSC ticks at the rate KVM gives it (the host's TSC
+        // unless scaled); 0 (unknown) where KVM cannot tell.
+        let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
+        timing_leaf(&mut entries, tsc_khz, self.config.irqchip);
+        let cpuid = CpuId::from_entries(&entries)
+            .map_err(|e| VcpuError::Engine(format!("CPUID table: {e:?}")))?;
         fd.set_cpuid2(&cpuid).map_err(os("KVM_SET_CPUID2"))?;
         let fpu = kvm_fpu {
             fcw: 0x37f,
@@ -253,41 +260,60 @@ impl KvmVm {
     }
 }
 
-/// `cpuid` with KVM's hypervisor leaves moved from 0x4000_00xx to 0x4000_01xx
-/// and visor's at 0x4000_0000 (signature) and 0x4000_0001 (features).
-fn pv_leaves(cpuid: &CpuId, sig: [u8; 12]) -> Result<CpuId> {
-    let w = |i: usize| u32::from_le_bytes(sig[i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]));
-    let mut entries: Vec<kvm_cpuid_entry2> = cpuid
-        .as_slice()
-        .iter()
-        .map(|e| {
-            let mut e = *e;
-            if e.function & 0xffff_ff00 == 0x4000_0000 {
-                e.function += 0x100;
-                if e.function == 0x4000_0100 {
-                    e.eax += 0x100; // its max leaf moves with it
-                }
-            }
-            e
-        })
-        .collect();
-    let leaf = |function, eax, ebx, ecx, edx| kvm_cpuid_entry2 {
+fn leaf(function: u32, [eax, ebx, ecx, edx]: [u32; 4]) -> kvm_cpuid_entry2 {
+    kvm_cpuid_entry2 {
         function,
         eax,
         ebx,
         ecx,
         edx,
         ..Default::default()
-    };
-    entries.push(leaf(0x4000_0000, 0x4000_0001, w(0), w(1), w(2)));
+    }
+}
+
+/// Moves KVM's hypervisor leaves from 0x4000_00xx to 0x4000_01xx and puts
+/// visor's at 0x4000_0000 (signature) and 0x4000_0001 (features).
+fn pv_leaves(entries: &mut Vec<kvm_cpuid_entry2>, sig: [u8; 12]) {
+    let w = |i: usize| u32::from_le_bytes(sig[i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]));
+    for e in entries.iter_mut() {
+        if e.function & 0xffff_ff00 == 0x4000_0000 {
+            e.function += 0x100;
+            if e.function == 0x4000_0100 {
+                e.eax += 0x100; // its max leaf moves with it
+            }
+        }
+    }
     entries.push(leaf(
-        0x4000_0001,
-        hypercall::FEATURE_HYPERCALL_PAGE,
-        hypercall::MSR_HYPERCALL_PAGE,
-        hypercall::VERSION,
-        0,
+        hypercall::CPUID_SIGNATURE_LEAF,
+        [hypercall::CPUID_FEATURES_LEAF, w(0), w(1), w(2)],
     ));
-    CpuId::from_entries(&entries).map_err(|e| VcpuError::Engine(format!("CPUID table: {e:?}")))
+    entries.push(leaf(
+        hypercall::CPUID_FEATURES_LEAF,
+        [
+            hypercall::FEATURE_HYPERCALL_PAGE,
+            hypercall::MSR_HYPERCALL_PAGE,
+            hypercall::VERSION,
+            0,
+        ],
+    ));
+}
+
+/// visor's timing leaf (`hypercall::CPUID_TIMING_LEAF`): the TSC's frequency
+/// and the local APIC timer's (KVM's counts at 1 GHz) in kHz. The highest
+/// hypervisor leaf of 0x4000_0000 (visor's or KVM's own) is raised to reach
+/// it, as QEMU does for the same leaf.
+fn timing_leaf(entries: &mut Vec<kvm_cpuid_entry2>, tsc_khz: u32, apic: bool) {
+    let timing = hypercall::CPUID_TIMING_LEAF;
+    entries.retain(|e| e.function != timing);
+    match entries
+        .iter_mut()
+        .find(|e| e.function == hypercall::CPUID_SIGNATURE_LEAF)
+    {
+        Some(e) => e.eax = e.eax.max(timing),
+        None => entries.push(leaf(hypercall::CPUID_SIGNATURE_LEAF, [timing, 0, 0, 0])),
+    }
+    let apic_khz = if apic { 1_000_000 } else { 0 };
+    entries.push(leaf(timing, [tsc_khz, apic_khz, 0, 0]));
 }
 
 impl vcpu::Vm for KvmVm {

@@ -1,5 +1,12 @@
 //! The CPUID table the guest sees.
 
+/// The software CPU's TSC frequency in kHz: RDTSC counts nanoseconds
+/// ([`crate::Cpu::tsc`]), whatever the host's TSC does.
+pub const TSC_KHZ: u32 = 1_000_000;
+/// The input clock of the software engines' local APIC timer, in kHz: it
+/// counts nanoseconds before its divider, as KVM's does.
+pub const APIC_TIMER_KHZ: u32 = 1_000_000;
+
 /// One CPUID leaf (and subleaf, when `index` is `Some`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuidEntry {
@@ -55,8 +62,9 @@ impl CpuidTable {
 
     /// What the software CPU implements, with the host's vendor, family/model
     /// and brand string. `apic`: a local APIC is present. `pv`: the
-    /// hypervisor leaves 0x4000_0000 (signature, max leaf 0x4000_0001) and the
-    /// features leaf `pv_features` (EAX, EBX, ECX, EDX).
+    /// hypervisor leaves 0x4000_0000 (signature) and 0x4000_0001 (the
+    /// features, EAX, EBX, ECX, EDX). The timing leaf 0x4000_0010 is always
+    /// there (`hypercall::CPUID_TIMING_LEAF`).
     pub fn software_cpu(apic: bool, pv: Option<([u8; 12], [u32; 4])>) -> CpuidTable {
         let mut t = CpuidTable::default();
         let h0 = host(0, 0);
@@ -107,11 +115,47 @@ impl CpuidTable {
         t.set(0x8000_0007, None, [0, 0, 0, 1 << 8]);
         let h8 = host(0x8000_0008, 0);
         t.set(0x8000_0008, None, [h8[0] & 0xffff, 0, 0, 0]);
-        if let Some((sig, features)) = pv {
-            let w = |i: usize| u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]]);
-            t.set(0x4000_0000, None, [0x4000_0001, w(0), w(4), w(8)]);
-            t.set(0x4000_0001, None, features);
+        // The hypervisor range: visor's signature and features with `pv`,
+        // and its timing leaf always (without `pv` under an empty signature).
+        let max = hypercall::CPUID_TIMING_LEAF;
+        match pv {
+            Some((sig, features)) => {
+                let w = |i: usize| u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]]);
+                t.set(
+                    hypercall::CPUID_SIGNATURE_LEAF,
+                    None,
+                    [max, w(0), w(4), w(8)],
+                );
+                t.set(hypercall::CPUID_FEATURES_LEAF, None, features);
+            }
+            None => t.set(hypercall::CPUID_SIGNATURE_LEAF, None, [max, 0, 0, 0]),
         }
+        let apic_khz = if apic { APIC_TIMER_KHZ } else { 0 };
+        t.set(max, None, [TSC_KHZ, apic_khz, 0, 0]);
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The timing leaf is there with and without the paravirtual leaves, and
+    /// leaf 0x4000_0000 reaches it.
+    #[test]
+    fn timing_leaf() {
+        let timing = hypercall::CPUID_TIMING_LEAF;
+        for (apic, pv) in [
+            (true, None),
+            (false, Some((*b"VisorVisorPV", [1, 2, 3, 4]))),
+        ] {
+            let t = CpuidTable::software_cpu(apic, pv);
+            let (max, ..) = t.query(hypercall::CPUID_SIGNATURE_LEAF, 0);
+            assert_eq!(max, timing);
+            let apic_khz = if apic { APIC_TIMER_KHZ } else { 0 };
+            assert_eq!(t.query(timing, 0), (TSC_KHZ, apic_khz, 0, 0));
+        }
+        let t = CpuidTable::software_cpu(false, Some((*b"VisorVisorPV", [1, 2, 3, 4])));
+        assert_eq!(t.query(hypercall::CPUID_FEATURES_LEAF, 0), (1, 2, 3, 4));
     }
 }

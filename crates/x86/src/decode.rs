@@ -183,7 +183,10 @@ impl Cpu {
         }
         let insn = self.code.insn_of(u);
         let lin = self.code_linear(rip);
-        Some((insn, self.code.pages[self.code.fetch_slot].ppage | (lin & 0xfff)))
+        Some((
+            insn,
+            self.code.pages[self.code.fetch_slot].ppage | (lin & 0xfff),
+        ))
     }
 
     /// The guest-physical address of the instruction at RIP, if it can be
@@ -194,11 +197,13 @@ impl Cpu {
         if lin & !0xfff == self.code.fetch_vpage {
             return Some(self.code.pages[self.code.fetch_slot].ppage | (lin & 0xfff));
         }
-        if self.long64 && !crate::canonical(lin) {
+        if self.long64 && !arch::canonical(lin) {
             return None;
         }
         let need = self.acc_x;
-        self.translate(lin, Acc::Exec, need).ok().map(|(pa, _)| pa)
+        self.translate(lin, Access::Exec, need)
+            .ok()
+            .map(|(pa, _)| pa)
     }
 
     /// Turns the log of dropped code pages on (see

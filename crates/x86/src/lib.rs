@@ -44,7 +44,7 @@ pub mod vmx;
 use std::time::Instant;
 
 use arch::{rflags, vector};
-pub use cpuid::CpuidTable;
+pub use cpuid::{CpuidTable, APIC_TIMER_KHZ, TSC_KHZ};
 pub use fpu::Fpu;
 pub use intercept::{seg_index, sensitive, Intercepts, IrqMode};
 pub use mem::PhysMem;
@@ -387,7 +387,8 @@ impl Cpu {
         cpu
     }
 
-    /// The time-stamp counter: nanoseconds since the CPU was created (1 GHz).
+    /// The time-stamp counter: nanoseconds since the CPU was created (1 GHz,
+    /// [`TSC_KHZ`], which CPUID leaf 0x4000_0010 tells the guest).
     pub fn tsc(&self) -> u64 {
         (self.tsc_start.elapsed().as_nanos() as u64).wrapping_add(self.tsc_offset)
     }
