@@ -18,7 +18,7 @@ use clap::Parser;
 use visor::Engine;
 
 #[derive(Parser)]
-#[command(about = "Differential test of the software CPU against KVM, for long runs")]
+#[command(about = "Differential test of a software engine against KVM (or emu), for long runs")]
 struct Args {
     /// Number of sequences.
     #[arg(long, default_value_t = 1_000_000)]
@@ -26,6 +26,12 @@ struct Args {
     /// Seed, decimal or 0x-hex (default: the test's).
     #[arg(long, value_parser = difftest::parse_seed)]
     seed: Option<u64>,
+    /// The engine checked (against kvm, or against emu with `--oracle emu`).
+    #[arg(long, default_value = "emu")]
+    engine: String,
+    /// The oracle: kvm (the hardware) or emu (the software CPU).
+    #[arg(long, default_value = "kvm")]
+    oracle: String,
     /// Go on after a divergence and count them all.
     #[arg(long)]
     keep_going: bool,
@@ -36,11 +42,22 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(why) = Engine::Kvm.unavailable_reason() {
-        eprintln!("difftest: engine kvm (the oracle) is unavailable: {why}");
+    let (Some(oracle), Some(subject)) = (
+        Engine::from_name(&args.oracle),
+        Engine::from_name(&args.engine),
+    ) else {
+        eprintln!("difftest: unknown engine (engines: {})", Engine::names());
         return ExitCode::from(2);
+    };
+    for e in [oracle, subject] {
+        if let Some(why) = e.unavailable_reason() {
+            eprintln!("difftest: engine {e} is unavailable: {why}");
+            return ExitCode::from(2);
+        }
     }
     let opts = difftest::Options {
+        oracle,
+        subject,
         seed: args.seed.unwrap_or(difftest::DEFAULT_SEED),
         count: args.count,
         keep_going: args.keep_going,

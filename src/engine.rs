@@ -22,6 +22,9 @@ pub enum Engine {
     /// Intel VMX in the software CPU, driven by a VMM written as VT-x
     /// software.
     Vmx,
+    /// Binary translation: guest code translated into host x86-64 code in a
+    /// code cache; what is not translated runs in the software CPU.
+    Bt,
 }
 
 /// How a guest kernel runs on an engine.
@@ -62,6 +65,9 @@ pub struct VmOptions {
     pub trace_vmx: bool,
     /// `vmx`: print the VMCS at the end (`--dump-vmcs`).
     pub dump_vmcs: bool,
+    /// `bt`: the code cache's size in bytes (`--bt-cache`; default
+    /// [`visor_bt::DEFAULT_CACHE`]).
+    pub bt_cache: Option<usize>,
 }
 
 impl Engine {
@@ -71,6 +77,7 @@ impl Engine {
         Engine::Vmx,
         Engine::Trap,
         Engine::Pv,
+        Engine::Bt,
     ];
     /// The engines `--engine auto` chooses from, best first: the fastest
     /// software engine where KVM cannot run (or cannot run a Linux guest to
@@ -84,6 +91,7 @@ impl Engine {
             Engine::Vmx => "vmx",
             Engine::Trap => "trap",
             Engine::Pv => "pv",
+            Engine::Bt => "bt",
         }
     }
 
@@ -96,6 +104,9 @@ impl Engine {
             }
             Engine::Trap => "trap-and-emulate: deprivileged guest kernel, shadow page tables",
             Engine::Pv => "paravirtualization: deprivileged PV kernel, hypercalls through int 0x82",
+            Engine::Bt => {
+                "binary translation: guest code translated into host code, the rest interpreted"
+            }
         }
     }
 
@@ -114,7 +125,9 @@ impl Engine {
     /// virtualized; `pv` always does.
     pub fn guest_modes(self) -> &'static [GuestMode] {
         match self {
-            Engine::Kvm | Engine::Emu | Engine::Vmx => &[GuestMode::Native, GuestMode::Pv],
+            Engine::Kvm | Engine::Emu | Engine::Vmx | Engine::Bt => {
+                &[GuestMode::Native, GuestMode::Pv]
+            }
             Engine::Trap => &[GuestMode::Native],
             Engine::Pv => &[GuestMode::Pv],
         }
@@ -124,7 +137,7 @@ impl Engine {
     pub fn unavailable_reason(self) -> Option<String> {
         match self {
             Engine::Kvm => visor_kvm::unavailable_reason(),
-            Engine::Emu | Engine::Vmx | Engine::Trap | Engine::Pv => None,
+            Engine::Emu | Engine::Vmx | Engine::Trap | Engine::Pv | Engine::Bt => None,
         }
     }
 
@@ -133,7 +146,7 @@ impl Engine {
         match self {
             // The VMM loop turns OUT to the hypercall port into a hypercall on
             // every engine.
-            Engine::Kvm | Engine::Emu | Engine::Trap => hypercall::port_io_stub,
+            Engine::Kvm | Engine::Emu | Engine::Trap | Engine::Bt => hypercall::port_io_stub,
             // The deprivileged kernel may not do port I/O.
             Engine::Pv => hypercall::int82_stub,
             // The vmx engine takes VMCALL as the hypercall instruction.
@@ -145,7 +158,7 @@ impl Engine {
     pub fn linux_parameters(self) -> &'static [&'static str] {
         match self {
             Engine::Kvm => visor_kvm::linux_parameters(),
-            Engine::Emu | Engine::Vmx | Engine::Trap | Engine::Pv => &[],
+            Engine::Emu | Engine::Vmx | Engine::Trap | Engine::Pv | Engine::Bt => &[],
         }
     }
 
@@ -154,7 +167,7 @@ impl Engine {
     pub fn linux_limit(self) -> Option<&'static str> {
         match self {
             Engine::Kvm => visor_kvm::linux_userspace_unsupported(),
-            Engine::Emu | Engine::Vmx | Engine::Trap | Engine::Pv => None,
+            Engine::Emu | Engine::Vmx | Engine::Trap | Engine::Pv | Engine::Bt => None,
         }
     }
 
@@ -218,6 +231,14 @@ impl Engine {
                 },
             )?)),
             Engine::Pv => Ok(Box::new(visor_deprivileged::PvVm::new(mem)?)),
+            Engine::Bt => Ok(Box::new(visor_bt::BtVm::new(
+                mem,
+                visor_bt::BtConfig {
+                    irqchip: opts.irqchip,
+                    pv_signature: opts.pv.then_some(hypercall::SIGNATURE),
+                    cache_size: opts.bt_cache.unwrap_or(visor_bt::DEFAULT_CACHE),
+                },
+            )?)),
         }
     }
 }

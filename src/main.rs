@@ -75,6 +75,10 @@ struct RunArgs {
     /// Engine vmx: print the VMCS, grouped by area, when the run ends.
     #[arg(long)]
     dump_vmcs: bool,
+    /// Engine bt: the size of the code cache (e.g. 16M; default 64M). A full
+    /// cache is emptied whole.
+    #[arg(long, value_name = "SIZE")]
+    bt_cache: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -159,6 +163,17 @@ fn run(args: RunArgs) -> Result<i32, String> {
                 .map_err(|_| format!("--timeout {t}: not a number of seconds"))
         })
         .transpose()?;
+    let bt_cache = args
+        .bt_cache
+        .as_deref()
+        .map(|c| {
+            let n = machine::memory::parse_size(c).map_err(|e| format!("--bt-cache: {e}"))?;
+            if !(64 << 10..=4 << 30).contains(&n) {
+                return Err(format!("--bt-cache {c}: between 64K and 4G"));
+            }
+            usize::try_from(n).map_err(|_| format!("--bt-cache {c}: too large"))
+        })
+        .transpose()?;
     let (image, kernel_name) = match &args.kernel {
         Some(p) => (read_file("kernel", p)?, p.display().to_string()),
         None => (visor::DEMO_GUEST.to_vec(), "demo".to_string()),
@@ -216,6 +231,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
         },
         trace_vmx: args.trace_vmx,
         dump_vmcs: args.dump_vmcs,
+        bt_cache,
     };
     let mut vm = Vm::with_memory(engine, layout, mem, opts)?;
     vm.set_cpu_state(&loaded.cpu.regs, &loaded.cpu.sregs)

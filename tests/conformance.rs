@@ -35,6 +35,10 @@ macro_rules! on_every_engine {
                 fn vmx() {
                     super::run_case(visor::Engine::Vmx, super::$case);
                 }
+                #[test]
+                fn bt() {
+                    super::run_case(visor::Engine::Bt, super::$case);
+                }
             }
         )*
     };

@@ -14,11 +14,8 @@ use visor::Engine;
 
 const SEQUENCES: u64 = 10_000;
 
-#[test]
-fn kvm_vs_emu() {
-    if !engines::available(Engine::Kvm) {
-        return;
-    }
+/// Runs the sequences on `subject` against `oracle`; none may diverge.
+fn differential(oracle: Engine, subject: Engine) {
     let seed = std::env::var("VISOR_DIFF_SEED")
         .map(|s| difftest::parse_seed(&s).expect("VISOR_DIFF_SEED"))
         .unwrap_or(difftest::DEFAULT_SEED);
@@ -27,6 +24,8 @@ fn kvm_vs_emu() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(SEQUENCES);
     let opts = difftest::Options {
+        oracle,
+        subject,
         seed,
         count,
         keep_going: false,
@@ -39,7 +38,30 @@ fn kvm_vs_emu() {
     }
     assert_eq!((s.sequences, s.divergences), (count, 0));
     eprintln!(
-        "differential: {} sequences, seed {seed:#x}, {:.2?}",
+        "differential {oracle} vs {subject}: {} sequences, seed {seed:#x}, {:.2?}",
         s.sequences, s.elapsed
     );
+}
+
+/// The software CPU against the hardware.
+#[test]
+fn kvm_vs_emu() {
+    if engines::available(Engine::Kvm) {
+        differential(Engine::Kvm, Engine::Emu);
+    }
+}
+
+/// The binary translator against the hardware.
+#[test]
+fn kvm_vs_bt() {
+    if engines::available(Engine::Kvm) {
+        differential(Engine::Kvm, Engine::Bt);
+    }
+}
+
+/// The binary translator against its oracle, the software CPU (runs on
+/// every host).
+#[test]
+fn emu_vs_bt() {
+    differential(Engine::Emu, Engine::Bt);
 }

@@ -760,6 +760,7 @@ fn disassemble(code: &[u8]) -> String {
 }
 
 struct Runner {
+    engine: Engine,
     vm: Vm,
     stats: Stats,
     sregs: SRegs,
@@ -822,6 +823,7 @@ impl Runner {
             .insert(PORT as u64, 1, Arc::new(Mutex::new(StopPort)))
             .map_err(|e| e.to_string())?;
         Ok(Runner {
+            engine,
             vm,
             stats: Stats::new(engine.name()),
             sregs,
@@ -872,6 +874,10 @@ fn mem_diff(a: &[u8], b: &[u8]) -> String {
 
 /// A differential run: `count` sequences from `seed`.
 pub struct Options {
+    /// The engine whose results are right (`kvm`: the hardware), and the
+    /// one checked against it.
+    pub oracle: Engine,
+    pub subject: Engine,
     pub seed: u64,
     pub count: u64,
     /// Go on after a divergence (else the run ends at the first one).
@@ -903,8 +909,8 @@ pub fn run(
 ) -> Result<Summary, String> {
     let seed = opts.seed;
     let mut rng = Rng(seed);
-    let mut hw = Runner::new(Engine::Kvm)?;
-    let mut sw = Runner::new(Engine::Emu)?;
+    let mut hw = Runner::new(opts.oracle)?;
+    let mut sw = Runner::new(opts.subject)?;
     let start = Instant::now();
     let mut scratch = vec![0u8; SCRATCH_LEN];
     let mut divergences = 0;
@@ -972,16 +978,19 @@ fn compare(
 ) -> Option<(&'static str, String)> {
     let (hr, hm) = match hw.run(code, init, scratch) {
         Ok(r) => r,
-        Err(e) => return Some(("kvm run", e)),
+        Err(e) => return Some(("oracle run", e)),
     };
     let (sr, sm) = match sw.run(code, init, scratch) {
         Ok(r) => r,
-        Err(e) => return Some(("emu run", e)),
+        Err(e) => return Some(("subject run", e)),
     };
     // IOPL is not compared: the sequences cannot change it, and PVM reports
     // RFLAGS.IOPL as 0 after the exit (it keeps the guest's IOPL to itself).
     let mask = !(ARITH & !defined) & !IOPL;
-    let states = format!("kvm:\n{hr}\nemu:\n{sr}\ncompared flags mask {mask:#x}");
+    let states = format!(
+        "{}:\n{hr}\n{}:\n{sr}\ncompared flags mask {mask:#x}",
+        hw.engine, sw.engine
+    );
     if gprs(&hr) != gprs(&sr) {
         Some(("registers", states))
     } else if hr.rflags & mask != sr.rflags & mask {

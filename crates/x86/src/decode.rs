@@ -26,6 +26,9 @@ struct CodePage {
     uops: Vec<Uop>,
     /// 64-byte chunks that decoded instructions cover.
     chunks: u64,
+    /// One bit per byte offset: the accelerator said it has nothing for
+    /// code starting there (see `Accel::run`).
+    no_accel: Box<[u64; PAGE / 64]>,
 }
 
 impl CodePage {
@@ -36,6 +39,7 @@ impl CodePage {
             self.uops.clear();
         }
         self.chunks = 0;
+        self.no_accel.fill(0);
     }
 }
 
@@ -206,6 +210,28 @@ impl Cpu {
             .map(|(pa, _)| pa)
     }
 
+    /// Whether the accelerator said it has nothing for the code at RIP
+    /// (known only for the page of the last fetch).
+    #[inline(always)]
+    pub(crate) fn no_accel_here(&self) -> bool {
+        let lin = self.code_linear(self.rip);
+        if lin & !0xfff != self.code.fetch_vpage {
+            return false;
+        }
+        let off = (lin & 0xfff) as usize;
+        self.code.pages[self.code.fetch_slot].no_accel[off / 64] >> (off % 64) & 1 != 0
+    }
+
+    /// Remembers that the accelerator has nothing for the code at RIP, until
+    /// the page's decoded code is dropped.
+    pub(crate) fn set_no_accel_here(&mut self) {
+        let lin = self.code_linear(self.rip);
+        if lin & !0xfff == self.code.fetch_vpage {
+            let off = (lin & 0xfff) as usize;
+            self.code.pages[self.code.fetch_slot].no_accel[off / 64] |= 1 << (off % 64);
+        }
+    }
+
     /// Turns the log of dropped code pages on (see
     /// [`Cpu::take_code_invalidations`]).
     pub fn log_code_invalidations(&mut self) {
@@ -321,6 +347,7 @@ impl Cpu {
                     insns: Vec::new(),
                     uops: Vec::new(),
                     chunks: 0,
+                    no_accel: Box::new([0; PAGE / 64]),
                 });
                 let s = self.code.pages.len() - 1;
                 self.code.map.insert(ppage, s);

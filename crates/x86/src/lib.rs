@@ -90,10 +90,13 @@ pub trait Accel {
     const ENABLED: bool = true;
     /// Runs guest instructions from RIP, at most `left`, as the interpreter
     /// would (registers, RIP, RFLAGS, memory and `retired` updated) and
-    /// returns how many retired: 0 leaves the next instruction to the
-    /// interpreter. It must stop before any instruction that can fault,
-    /// exit, or change what the checks between instructions look at.
-    fn run(&mut self, cpu: &mut Cpu, left: u64) -> u64;
+    /// returns how many retired: `Some(0)` leaves the next instruction to
+    /// the interpreter; `None` says in addition that nothing will ever run
+    /// from this RIP's bytes in this mode (the CPU remembers it until the
+    /// page's decoded code is dropped, and does not ask again). It must stop
+    /// before any instruction that can fault, exit, or change what the
+    /// checks between instructions look at.
+    fn run(&mut self, cpu: &mut Cpu, left: u64) -> Option<u64>;
 }
 
 /// No accelerator: [`Cpu::run`].
@@ -101,8 +104,8 @@ struct NoAccel;
 
 impl Accel for NoAccel {
     const ENABLED: bool = false;
-    fn run(&mut self, _: &mut Cpu, _: u64) -> u64 {
-        0
+    fn run(&mut self, _: &mut Cpu, _: u64) -> Option<u64> {
+        Some(0)
     }
 }
 
@@ -679,11 +682,15 @@ impl Cpu {
     #[inline(always)]
     fn burst<A: Accel>(&mut self, left: &mut u64, accel: &mut A) -> R<()> {
         while *left > 0 {
-            if A::ENABLED {
-                let n = accel.run(self, *left);
-                *left -= n.min(*left);
-                if *left == 0 {
-                    break;
+            if A::ENABLED && !self.no_accel_here() {
+                match accel.run(self, *left) {
+                    Some(n) => {
+                        *left -= n.min(*left);
+                        if *left == 0 {
+                            break;
+                        }
+                    }
+                    None => self.set_no_accel_here(),
                 }
             }
             let p = self.fetch_uop()?;

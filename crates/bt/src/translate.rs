@@ -1,0 +1,495 @@
+//! Translation of guest code into host code.
+//!
+//! A block starts at a guest RIP and holds the run of instructions from
+//! there that may be translated *identically*: each is re-encoded from its
+//! decoded form with the guest's registers renamed to host registers, and
+//! runs on the host CPU exactly as it would on the guest's. Only forms on
+//! the allow-list ([`identical`]) qualify: integer operations on registers
+//! and immediates (and LEA, which computes but does not access), in 64-bit
+//! code. They cannot fault, touch memory, transfer control or change
+//! anything the interpreter checks between instructions, so the state after
+//! a block is exactly the interpreter's after the same instructions. The
+//! block ends before the first instruction that is not on the list, at the
+//! end of the page, or after [`MAX_BLOCK`] instructions; that instruction
+//! (a memory access, a branch, a privileged or sensitive instruction, ...)
+//! is the interpreter's, as a callout.
+//!
+//! Host code of a block: a prologue that saves the callee-saved registers,
+//! loads the guest's arithmetic flags into RFLAGS (POPFQ of CF, PF, AF, ZF,
+//! SF and OF only) and the guest registers the block uses into host
+//! registers; the translated instructions; and an epilogue that stores those
+//! registers and the arithmetic flags back. Guest registers keep their own
+//! host register, except RSP (the host's stack stays the host's) and RDI
+//! (the pointer to the guest's registers), which take host registers the
+//! block does not otherwise use.
+
+use iced_x86::code_asm::*;
+use iced_x86::{
+    Code, ConditionCode, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic as M,
+    OpAccess, OpKind, Register,
+};
+
+/// The most instructions in one block.
+pub const MAX_BLOCK: usize = 64;
+/// The fewest: a shorter run costs more in the block's prologue and
+/// epilogue than the interpreter takes for it.
+pub const MIN_BLOCK: usize = 3;
+
+/// Whether `i` is a direct jump that may end a block: JMP or Jcc with a
+/// relative target, resolved in the block's host code (a branch cannot
+/// fault; a fault fetching at its target is the interpreter's).
+pub fn direct_branch(i: &Instruction) -> bool {
+    i.is_jcc_short_or_near() || i.is_jmp_short_or_near()
+}
+
+/// RFLAGS' arithmetic flags: CF, PF, AF, ZF, SF, OF.
+const ARITH: u64 = arch::rflags::ARITH;
+
+const GPR64: [Register; 16] = [
+    Register::RAX,
+    Register::RCX,
+    Register::RDX,
+    Register::RBX,
+    Register::RSP,
+    Register::RBP,
+    Register::RSI,
+    Register::RDI,
+    Register::R8,
+    Register::R9,
+    Register::R10,
+    Register::R11,
+    Register::R12,
+    Register::R13,
+    Register::R14,
+    Register::R15,
+];
+const GPR32: [Register; 16] = [
+    Register::EAX,
+    Register::ECX,
+    Register::EDX,
+    Register::EBX,
+    Register::ESP,
+    Register::EBP,
+    Register::ESI,
+    Register::EDI,
+    Register::R8D,
+    Register::R9D,
+    Register::R10D,
+    Register::R11D,
+    Register::R12D,
+    Register::R13D,
+    Register::R14D,
+    Register::R15D,
+];
+const GPR16: [Register; 16] = [
+    Register::AX,
+    Register::CX,
+    Register::DX,
+    Register::BX,
+    Register::SP,
+    Register::BP,
+    Register::SI,
+    Register::DI,
+    Register::R8W,
+    Register::R9W,
+    Register::R10W,
+    Register::R11W,
+    Register::R12W,
+    Register::R13W,
+    Register::R14W,
+    Register::R15W,
+];
+/// The low bytes (SPL..DIL with a REX prefix; never AH..BH).
+const GPR8: [Register; 16] = [
+    Register::AL,
+    Register::CL,
+    Register::DL,
+    Register::BL,
+    Register::SPL,
+    Register::BPL,
+    Register::SIL,
+    Register::DIL,
+    Register::R8L,
+    Register::R9L,
+    Register::R10L,
+    Register::R11L,
+    Register::R12L,
+    Register::R13L,
+    Register::R14L,
+    Register::R15L,
+];
+
+/// The encoding number (0-15) of a general-purpose register of any size,
+/// or `None` for any other register and for AH, CH, DH and BH (which cannot
+/// be renamed: they exist only without a REX prefix).
+fn gpr_number(r: Register) -> Option<usize> {
+    if matches!(r, Register::AH | Register::CH | Register::DH | Register::BH) {
+        return None;
+    }
+    if !r.is_gpr() {
+        return None;
+    }
+    GPR64.iter().position(|&g| g == r.full_register())
+}
+
+fn renamed(r: Register, to: usize) -> Register {
+    match r.size() {
+        8 => GPR64[to],
+        4 => GPR32[to],
+        2 => GPR16[to],
+        _ => GPR8[to],
+    }
+}
+
+/// Whether `i` is on the allow-list of instructions emitted identically.
+pub fn identical(i: &Instruction) -> bool {
+    let allowed = matches!(
+        i.mnemonic(),
+        M::Add
+            | M::Or
+            | M::Adc
+            | M::Sbb
+            | M::And
+            | M::Sub
+            | M::Xor
+            | M::Cmp
+            | M::Test
+            | M::Mov
+            | M::Movzx
+            | M::Movsx
+            | M::Movsxd
+            | M::Lea
+            | M::Inc
+            | M::Dec
+            | M::Neg
+            | M::Not
+            | M::Shl
+            | M::Shr
+            | M::Sar
+            | M::Rol
+            | M::Ror
+            | M::Imul
+            | M::Mul
+            | M::Bswap
+            | M::Xchg
+            | M::Bt
+            | M::Bts
+            | M::Btr
+            | M::Btc
+            | M::Cdq
+            | M::Cqo
+            | M::Cdqe
+            | M::Cwde
+            | M::Cbw
+            | M::Cwd
+            | M::Nop
+    ) // SETcc and CMOVcc (a Jcc's branch operand is refused below).
+        || i.condition_code() != ConditionCode::None;
+    if !allowed || i.has_lock_prefix() || i.has_rep_prefix() || i.has_repne_prefix() {
+        return false;
+    }
+    for k in 0..i.op_count() {
+        match i.op_kind(k) {
+            OpKind::Register => {
+                if gpr_number(i.op_register(k)).is_none() {
+                    return false;
+                }
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate8_2nd
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => {}
+            // LEA computes an address and accesses nothing; RIP-relative
+            // forms would tie the block to one linear address.
+            OpKind::Memory if i.mnemonic() == M::Lea => {
+                let regs_ok = [i.memory_base(), i.memory_index()]
+                    .iter()
+                    .all(|&r| r == Register::None || gpr_number(r).is_some());
+                if !regs_ok {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// A translated block, before it is placed in the code cache.
+pub struct Translation {
+    /// The host code.
+    pub code: Vec<u8>,
+    /// Guest instructions it runs.
+    pub count: u32,
+    /// Guest bytes it covers.
+    pub len: u64,
+    /// The guest instructions, as translated (for `--stats` and the
+    /// worked example in docs/bt.md).
+    pub guest: Vec<Instruction>,
+}
+
+/// Builds blocks; keeps the instruction-information factory between them.
+pub struct Translator {
+    info: InstructionInfoFactory,
+}
+
+impl Default for Translator {
+    fn default() -> Self {
+        Translator {
+            info: InstructionInfoFactory::new(),
+        }
+    }
+}
+
+impl Translator {
+    /// Every general-purpose register `i` reads or writes, explicitly or
+    /// implicitly, or `None` if it uses another kind of register.
+    fn gprs_used(&mut self, i: &Instruction) -> Option<u16> {
+        let mut set = 0u16;
+        for u in self.info.info(i).used_registers() {
+            if u.access() == OpAccess::None {
+                continue;
+            }
+            set |= 1 << gpr_number(u.register())?;
+        }
+        // LEA's address registers are read without being "used" memory.
+        for r in [i.memory_base(), i.memory_index()] {
+            if r != Register::None && i.mnemonic() == M::Lea {
+                set |= 1 << gpr_number(r)?;
+            }
+        }
+        Some(set)
+    }
+
+    /// Translates the run of identical instructions in `guest` (decoded in
+    /// order from one page of 64-bit code). `None` if the first one cannot
+    /// be translated.
+    pub fn translate(&mut self, guest: &[Instruction]) -> Option<Translation> {
+        let mut used = 0u16;
+        let mut taken = Vec::new();
+        for i in guest.iter().take(MAX_BLOCK) {
+            if !identical(i) {
+                break;
+            }
+            let Some(u) = self.gprs_used(i) else { break };
+            let all = used | u;
+            // RSP and RDI need host registers the block leaves free.
+            let need = (all >> 4 & 1) + (all >> 7 & 1);
+            let free = (!all & !(1 << 4 | 1 << 7)).count_ones() as u16;
+            if free < need {
+                break;
+            }
+            used = all;
+            taken.push(*i);
+        }
+        let branch = guest
+            .get(taken.len())
+            .filter(|i| direct_branch(i) && taken.len() < MAX_BLOCK)
+            .copied();
+        if taken.len() + usize::from(branch.is_some()) < MIN_BLOCK {
+            return None;
+        }
+        let map = host_registers(used);
+        let code = emit(&taken, branch.as_ref(), used, &map).ok()?;
+        taken.extend(branch);
+        Some(Translation {
+            code,
+            count: taken.len() as u32,
+            len: taken.iter().map(|i| i.len() as u64).sum(),
+            guest: taken,
+        })
+    }
+}
+
+/// The host register of each guest register: its own, but for RSP and RDI,
+/// which take registers the block does not use.
+fn host_registers(used: u16) -> [usize; 16] {
+    let mut map: [usize; 16] = std::array::from_fn(|n| n);
+    let mut spare = (0..16).filter(|&n| n != 4 && n != 7 && used & (1 << n) == 0);
+    for g in [4, 7] {
+        if used & (1 << g) != 0 {
+            // `translate` made sure enough are free.
+            map[g] = spare.next().unwrap_or(g);
+        }
+    }
+    map
+}
+
+/// `i` with its registers renamed by `map`.
+fn rename(i: &Instruction, map: &[usize; 16]) -> Instruction {
+    let mut o = *i;
+    let r = |reg: Register| match gpr_number(reg) {
+        Some(n) => renamed(reg, map[n]),
+        None => reg,
+    };
+    for k in 0..i.op_count() {
+        if i.op_kind(k) == OpKind::Register {
+            o.set_op_register(k, r(i.op_register(k)));
+        }
+    }
+    if i.mnemonic() == M::Lea {
+        o.set_memory_base(r(i.memory_base()));
+        o.set_memory_index(r(i.memory_index()));
+    }
+    o
+}
+
+/// The block's host code; it returns (RAX) how far RIP moves: past the
+/// block, or to the branch's target.
+fn emit(
+    guest: &[Instruction],
+    branch: Option<&Instruction>,
+    used: u16,
+    map: &[usize; 16],
+) -> Result<Vec<u8>, IcedError> {
+    let start = guest.first().or(branch).map_or(0, |i| i.ip());
+    let end = branch.or(guest.last()).map_or(start, |i| i.next_ip());
+    let mut a = CodeAssembler::new(64)?;
+    let callee_saved = [rbx, rbp, r12, r13, r14, r15];
+    for r in callee_saved {
+        a.push(r)?;
+    }
+    // The guest's arithmetic flags into RFLAGS (DF, TF, AC and the system
+    // flags stay the host's).
+    a.push(rsi)?;
+    a.push(qword_ptr(rsi))?;
+    a.and(qword_ptr(rsp), ARITH as i32)?;
+    a.popfq()?;
+    for g in (0..16).filter(|g| used & (1 << g) != 0) {
+        a.add_instruction(Instruction::with2(
+            Code::Mov_r64_rm64,
+            GPR64[map[g]],
+            MemoryOperand::with_base_displ(Register::RDI, 8 * g as i64),
+        )?)?;
+    }
+    for i in guest {
+        // No IP: the assembler takes an instruction's IP for a label.
+        let mut o = rename(i, map);
+        o.set_ip(0);
+        a.add_instruction(o)?;
+    }
+    for g in (0..16).filter(|g| used & (1 << g) != 0) {
+        a.add_instruction(Instruction::with2(
+            Code::Mov_rm64_r64,
+            MemoryOperand::with_base_displ(Register::RDI, 8 * g as i64),
+            GPR64[map[g]],
+        )?)?;
+    }
+    // Where RIP goes (MOV and CMOVcc leave the flags alone).
+    a.mov(rax, end.wrapping_sub(start))?;
+    if let Some(b) = branch {
+        a.mov(rcx, b.near_branch_target().wrapping_sub(start))?;
+        if b.is_jmp_short_or_near() {
+            a.mov(rax, rcx)?;
+        } else {
+            cmov(&mut a, b.condition_code())?;
+        }
+    }
+    // The arithmetic flags back into the guest's RFLAGS.
+    a.pushfq()?;
+    a.pop(rdx)?;
+    a.mov(rsi, qword_ptr(rsp))?;
+    a.and(rdx, ARITH as i32)?;
+    a.mov(rcx, qword_ptr(rsi))?;
+    a.and(rcx, !(ARITH as i32))?;
+    a.or(rcx, rdx)?;
+    a.mov(qword_ptr(rsi), rcx)?;
+    a.pop(rsi)?;
+    for r in callee_saved.into_iter().rev() {
+        a.pop(r)?;
+    }
+    a.ret()?;
+    a.assemble(0)
+}
+
+/// `cmovcc rax, rcx` for the condition of a Jcc.
+fn cmov(a: &mut CodeAssembler, cc: ConditionCode) -> Result<(), IcedError> {
+    use ConditionCode as C;
+    match cc {
+        C::o => a.cmovo(rax, rcx),
+        C::no => a.cmovno(rax, rcx),
+        C::b => a.cmovb(rax, rcx),
+        C::ae => a.cmovae(rax, rcx),
+        C::e => a.cmove(rax, rcx),
+        C::ne => a.cmovne(rax, rcx),
+        C::be => a.cmovbe(rax, rcx),
+        C::a => a.cmova(rax, rcx),
+        C::s => a.cmovs(rax, rcx),
+        C::ns => a.cmovns(rax, rcx),
+        C::p => a.cmovp(rax, rcx),
+        C::np => a.cmovnp(rax, rcx),
+        C::l => a.cmovl(rax, rcx),
+        C::ge => a.cmovge(rax, rcx),
+        C::le => a.cmovle(rax, rcx),
+        C::g => a.cmovg(rax, rcx),
+        C::None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions};
+
+    fn decode(bytes: &[u8]) -> Vec<Instruction> {
+        Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE)
+            .into_iter()
+            .collect()
+    }
+
+    #[test]
+    fn lea_imul_and_stack_arithmetic_are_translated() {
+        // lea rsi, [rax+rdx*4+12]; imul rdi, rsi, 3; add rsp, 8; sub rsp, 8
+        let g = decode(&[
+            0x48, 0x8d, 0x74, 0x90, 0x0c, 0x48, 0x6b, 0xfe, 0x03, 0x48, 0x83, 0xc4, 0x08, 0x48,
+            0x83, 0xec, 0x08,
+        ]);
+        for i in &g {
+            assert!(identical(i), "{i:?}");
+        }
+        let t = Translator::default().translate(&g).unwrap();
+        assert_eq!(t.count, 4);
+    }
+
+    #[test]
+    fn allow_list() {
+        let ok = |b: &[u8]| identical(&decode(b)[0]);
+        assert!(ok(&[0x48, 0x01, 0xd8])); // add rax, rbx
+        assert!(ok(&[0x48, 0x8d, 0x44, 0x24, 0x08])); // lea rax, [rsp+8]
+        assert!(!ok(&[0x48, 0x8b, 0x03])); // mov rax, [rbx]
+        assert!(!ok(&[0x48, 0x8d, 0x05, 0, 0, 0, 0])); // lea rax, [rip]
+        assert!(!ok(&[0x00, 0xe0])); // add al, ah
+        assert!(!ok(&[0x0f, 0x20, 0xc0])); // mov rax, cr0
+        assert!(!ok(&[0x48, 0xf7, 0xf3])); // div rbx
+        assert!(!ok(&[0x0f, 0x05])); // syscall
+        assert!(!ok(&[0xcd, 0x80])); // int 0x80
+        assert!(!ok(&[0x9c])); // pushfq
+        assert!(!ok(&[0xfa])); // cli
+        assert!(!ok(&[0x8c, 0xd8])); // mov eax, ds
+    }
+
+    #[test]
+    fn rsp_and_rdi_are_renamed() {
+        // add rsp, 8; mov rdi, rsp; inc rax
+        let g = decode(&[0x48, 0x83, 0xc4, 0x08, 0x48, 0x89, 0xe7, 0x48, 0xff, 0xc0]);
+        let t = Translator::default().translate(&g).unwrap();
+        assert_eq!((t.count, t.len), (3, 10));
+        let host: Vec<_> = decode(&t.code);
+        let body: Vec<String> = host
+            .iter()
+            .filter(|i| i.mnemonic() == M::Add || (i.mnemonic() == M::Mov && i.op_count() == 2))
+            .map(|i| format!("{i}"))
+            .collect();
+        assert!(
+            !body
+                .iter()
+                .any(|s| s.starts_with("add rsp") || s.starts_with("mov rdi,rsp")),
+            "{body:?}"
+        );
+    }
+}
