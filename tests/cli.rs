@@ -173,12 +173,62 @@ fn no_arguments_runs_the_demo() {
     demo_done(&stdout(&o), "pv");
 }
 
+/// The demo OS on the binary translator, natively and paravirtualized: the
+/// same transcript as on `emu` (timing lines aside), with code run
+/// translated and the rest by the software CPU.
+#[test]
+fn demo_os_on_bt_native_and_pv() {
+    for mode in [&["--no-pv"][..], &[][..]] {
+        let run = |engine: &str| {
+            let mut a = vec!["run", "--engine", engine, "--cmdline", "passes=2"];
+            a.extend_from_slice(mode);
+            stats_json(&a)
+        };
+        let (emu, _) = run("emu");
+        assert_eq!(emu.status.code(), Some(0), "{}", stderr(&emu));
+        let (bt, v) = run("bt");
+        assert_eq!(bt.status.code(), Some(0), "{}", stderr(&bt));
+        let (e, b) = (stdout(&emu), stdout(&bt));
+        demo_done(&b, if mode.is_empty() { "pv" } else { "native" });
+        assert_eq!(transcript(&b), transcript(&e), "mode {mode:?}");
+        assert_eq!(v["engine"], "bt");
+        let c = &v["bt"];
+        for k in ["blocks_translated", "run_identical", "run_interpreted"] {
+            assert!(c[k].as_u64().unwrap_or(0) > 0, "{k}: {v}");
+        }
+        assert!(c["code_cache_bytes"].as_u64().unwrap() <= c["code_cache_size"].as_u64().unwrap());
+    }
+}
+
+/// `--bt-cache`: a small code cache fills and is emptied whole, and the
+/// guest runs on; a size outside 64K..4G is refused.
+#[test]
+fn bt_code_cache_is_bounded() {
+    let (o, v) = stats_json(&[
+        "run",
+        "--engine",
+        "bt",
+        "--bt-cache",
+        "64K",
+        "--cmdline",
+        "passes=1",
+        "--no-pv",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let c = &v["bt"];
+    assert_eq!(c["code_cache_size"], 64 << 10, "{v}");
+    assert!(c["code_cache_bytes"].as_u64().unwrap() <= 64 << 10);
+    let o = visor(&["run", "--engine", "bt", "--bt-cache", "1K"]);
+    assert_error(&o, "--bt-cache");
+}
+
 #[test]
 fn engines_lists_kvm() {
     let o = visor(&["engines"]);
     assert_eq!(o.status.code(), Some(0));
     let out = stdout(&o);
     assert!(out.lines().any(|l| l.starts_with("kvm ")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("bt ")), "{out}");
     let params = visor::Engine::Kvm.linux_parameters();
     if !params.is_empty() {
         let line = format!("linux parameters for kvm here: {}", params.join(" "));

@@ -153,6 +153,20 @@ fn debian_linux_boots_to_busybox_on_the_software_cpu() {
     );
 }
 
+/// The same boot on the binary translator (engine `bt`).
+#[test]
+fn debian_linux_boots_to_busybox_on_bt() {
+    let (Some(bzimage), Some(busybox)) = (initramfs::debian_kernel(), initramfs::busybox()) else {
+        panic!("Debian's kernel or busybox is missing: ./test.sh installs linux-image-amd64 and busybox-static");
+    };
+    boot_to_busybox(
+        visor::Engine::Bt,
+        &bzimage,
+        &busybox,
+        Duration::from_secs(600),
+    );
+}
+
 /// Boots `kernel` on `engine` with the busybox initramfs: init prints
 /// [`READY`], echoes a line typed on the console and prints the marker.
 fn boot_to_busybox(
