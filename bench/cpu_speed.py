@@ -73,13 +73,13 @@ def checksum(name, data):
     return m.group(1).decode()
 
 
-def run_visor(kernel, rounds, timeout):
+def run_visor(kernel, rounds, timeout, engine="emu"):
     visor = os.path.join(ROOT, "target", "release", "visor")
-    serial = os.path.join(OUT, "visor.out")
-    stats = os.path.join(OUT, "visor.json")
+    serial = os.path.join(OUT, f"visor-{engine}.out")
+    stats = os.path.join(OUT, f"visor-{engine}.json")
     with open(serial, "wb") as out:
         wall, work, data, status = timed(
-            [visor, "run", kernel, "--engine", "emu", "--cmdline", f"rounds={rounds}",
+            [visor, "run", kernel, "--engine", engine, "--cmdline", f"rounds={rounds}",
              "--stats-json", stats], serial, timeout, stdout=out)
     if status != 1:  # the guest writes 0 to isa-debug-exit: status 1
         sys.exit(f"visor exited with status {status}; output:\n{data.decode(errors='replace')}")
@@ -166,6 +166,7 @@ def main():
     ap.add_argument("--runs", type=int, default=1, help="runs of each emulator (median)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--no-bt", action="store_true", help="leave out visor's engine bt")
     ap.add_argument("--no-bochs", action="store_true")
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
@@ -183,6 +184,8 @@ def main():
                    check=True)
 
     runners = [("visor emu", run_visor)]
+    if not a.no_bt:
+        runners.append(("visor bt", lambda k, r, t: run_visor(k, r, t, "bt")))
     if not a.no_qemu:
         runners.append(("QEMU TCG", run_qemu))
     if not a.no_bochs:
@@ -215,6 +218,11 @@ def main():
     for name, (_, work, _) in results.items():
         if name != "visor emu":
             print(f"speed visor/{name}: {work / visor_work:.3f} (work time {name} / visor)")
+    if "visor bt" in results:
+        bt_work = results["visor bt"][1]
+        for name, (_, work, _) in results.items():
+            if name != "visor bt":
+                print(f"speed bt/{name}: {work / bt_work:.3f} (work time {name} / bt)")
     json.dump({"rounds": a.rounds, "instructions": insns,
                "results": {k: {"wall_s": v[0], "work_s": v[1], "checksums": sorted(v[2])}
                            for k, v in results.items()}},

@@ -77,8 +77,8 @@ def main():
     ap.add_argument("--kernel", choices=["bzimage", "vmlinux"], default="vmlinux")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--mem", default="256M")
-    ap.add_argument("--runners", default="visor,visor-emu,qemu-tcg,qemu-kvm",
-                    help="comma-separated subset of visor, qemu-tcg, qemu-kvm")
+    ap.add_argument("--runners", default="visor,visor-emu,visor-bt,qemu-tcg,qemu-kvm",
+                    help="comma-separated subset of visor, visor-emu, visor-bt, qemu-tcg, qemu-kvm")
     a = ap.parse_args()
     ensure_packages()
     os.makedirs(OUT, exist_ok=True)
@@ -112,6 +112,8 @@ def main():
                                           initrd, "--cmdline", CMDLINE])),
         ("visor-emu", ("visor (engine emu)", [visor, "run", bz, "--engine", "emu", "--mem",
                                               a.mem, "--initrd", initrd, "--cmdline", CMDLINE])),
+        ("visor-bt", ("visor (engine bt)", [visor, "run", bz, "--engine", "bt", "--mem",
+                                            a.mem, "--initrd", initrd, "--cmdline", CMDLINE])),
         ("qemu-tcg", ("qemu microvm (tcg)", qemu + ["-accel", "tcg"])),
         ("qemu-kvm", ("qemu microvm (kvm)",
                       qemu + ["-accel", "kvm", "-cpu", "host,-arch-capabilities"])),
@@ -133,8 +135,11 @@ def main():
     for peer in ("qemu microvm (kvm)", "qemu microvm (tcg)"):
         if v is not None and peer in medians:
             print(f"ratio visor/{peer}: {v / medians[peer]:.2f}")
-    e = medians.get("visor (engine emu)")
     t = medians.get("qemu microvm (tcg)")
+    b = medians.get("visor (engine bt)")
+    if b and t:
+        print(f"ratio visor (engine bt)/qemu microvm (tcg): {b / t:.2f} (time; above 1: QEMU faster)")
+    e = medians.get("visor (engine emu)")
     if e is not None and t is not None:
         print(f"ratio visor (engine emu)/qemu microvm (tcg): {e / t:.2f} (time; above 1: QEMU faster)")
 

@@ -177,3 +177,46 @@ fn code_cache_holds_only_allowed_instructions() {
         }
     }
 }
+
+/// docs/bt.md's worked example: the loop of `arithmetic_loop_runs_translated`
+/// is one block of nine instructions, the Jcc resolved by a CMOVcc, guest
+/// RSP and RDI in other host registers. Printed with `--nocapture`.
+#[test]
+fn worked_example() {
+    let code = asm(|a| {
+        a.mov(ecx, 1000u32)?;
+        a.xor(eax, eax)?;
+        a.mov(rdi, 7u64)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.add(rax, rbx)?;
+        a.adc(rdx, 0)?;
+        a.rol(rbx, 7)?;
+        a.lea(rsi, qword_ptr(rax + rdx * 4 + 12))?;
+        a.imul_3(rdi, rsi, 3)?;
+        a.add(rsp, 8)?;
+        a.sub(rsp, 8)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    let v = run_both(&code);
+    let (_, host) = v
+        .blocks()
+        .host_code()
+        .into_iter()
+        .max_by_key(|(_, h)| h.len())
+        .expect("a block at the loop");
+    let mut text = String::new();
+    let mut cmov = false;
+    for i in Decoder::with_ip(64, &host, 0, DecoderOptions::NONE) {
+        cmov |= i.mnemonic() == M::Cmovne;
+        assert!(
+            !(i.op0_register() == Register::RSP && i.mnemonic() == M::Add),
+            "guest RSP is renamed"
+        );
+        text += &format!("{:3x}: {i}\n", i.ip());
+    }
+    eprintln!("{text}");
+    assert!(cmov, "{text}");
+}
