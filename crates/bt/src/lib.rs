@@ -468,5 +468,27 @@ impl Vcpu for BtVcpu {
     }
 }
 
+/// The fuzzing harness on `bt` (the cargo-fuzz target `exec_bytes_bt` and
+/// crates/bt/tests/exec_bytes.rs): `data` runs on the software CPU alone
+/// (`emu`, the oracle) and with translated code; neither may panic, and both
+/// must end the same way with the same registers and memory. Inputs with a
+/// local APIC (flags bit 1) are compared only for not panicking: its timer
+/// runs on the host clock. Returns the two reports.
+pub fn exec_bytes_differential(data: &[u8]) -> (softplat::fuzz::Report, softplat::fuzz::Report) {
+    let oracle = softplat::fuzz::exec_bytes(data);
+    let bt = softplat::fuzz::exec_bytes_with(
+        data,
+        |cpu| {
+            cpu.log_code_invalidations();
+            CodeCache::new(1 << 20).ok().map(Blocks::new)
+        },
+        |cpu, left, blocks| match blocks {
+            Some(b) => cpu.run_accel(left, b),
+            None => cpu.run(left),
+        },
+    );
+    (oracle, bt)
+}
+
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,9 @@
 //! interrupt. Without it, HLT exits. The run loop is the platform's
 //! ([`softplat::run`]); this crate is its simplest hook.
 
-pub mod fuzz;
+/// The fuzzing harness of the software CPU (it lives with the platform, so
+/// that every engine on the software CPU can use it).
+pub use softplat::fuzz;
 
 use std::sync::Arc;
 

@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod fuzz;
 pub mod lapic;
 pub mod legacy;
 

@@ -1,4 +1,4 @@
-//! Fuzzing harness of the software CPU: arbitrary bytes run as guest code in
+//! Fuzzing harness of the software CPU and the engines built on it: arbitrary bytes run as guest code in
 //! 64-bit mode, at CPL 3 or CPL 0, for a bounded number of instructions, with
 //! every exit (port I/O, MMIO, MSRs) answered. Whatever the bytes are, the CPU
 //! must not panic and must come back within its budget.
@@ -32,10 +32,11 @@ use std::sync::Arc;
 use arch::pte::{P, PS, RW, US};
 use arch::{cr0, cr4, efer, gdt_entry, rflags};
 use vcpu::{DescriptorTable, Regs, SRegs, Segment};
+
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use x86::{Cpu, CpuExit, CpuidTable, PhysMem};
 
-use softplat::{Lapic, Lines};
+use crate::{Lapic, Lines};
 
 /// Instructions (and delivered exceptions) one input may use.
 pub const BUDGET: u64 = 20_000;
@@ -52,6 +53,7 @@ const PDPT: u64 = 0x5000;
 const PD: u64 = 0x6000;
 const HANDLER: u64 = 0xa000;
 const KSTACK: u64 = 0x10_0000;
+/// Where the code runs.
 pub const CODE: u64 = 0x20_0000;
 /// Code longer than this is cut.
 pub const MAX_CODE: usize = 0x10_0000;
@@ -89,7 +91,12 @@ pub struct Report {
     /// Exits by kind: port input, port output, MMIO read, MMIO write, MSR read,
     /// MSR write.
     pub exits: [u64; 6],
+    /// How the run ended.
     pub end: Option<End>,
+    /// The registers at the end.
+    pub regs: Option<Regs>,
+    /// A hash of guest memory at the end (FNV-1a over all of RAM).
+    pub mem_hash: u64,
 }
 
 /// What the harness answers reads with: the input's own bytes, over and over
@@ -231,6 +238,17 @@ fn build(mem: &GuestMemoryMmap<()>, code: &[u8], flags: u8) -> Option<(Regs, SRe
 /// Runs `data` (a flags byte, then code) on a fresh software CPU; see the
 /// module documentation. Never panics, whatever `data` is.
 pub fn exec_bytes(data: &[u8]) -> Report {
+    exec_bytes_with(data, |_| {}, |cpu, left, _: &mut ()| cpu.run(left))
+}
+
+/// [`exec_bytes`] with the CPU run by `run` (`Cpu::run`, or `Cpu::run_accel`
+/// with an engine's accelerator made by `setup` on the CPU): the harness
+/// of every engine built on the software CPU.
+pub fn exec_bytes_with<S>(
+    data: &[u8],
+    setup: impl FnOnce(&mut Cpu) -> S,
+    mut run: impl FnMut(&mut Cpu, u64, &mut S) -> CpuExit,
+) -> Report {
     let mut report = Report::default();
     let Some((&flags, code)) = data.split_first() else {
         return report;
@@ -253,6 +271,7 @@ pub fn exec_bytes(data: &[u8]) -> Report {
     cpu.msr.lstar = HANDLER;
     cpu.set_sregs(&sregs);
     cpu.set_regs(&regs);
+    let mut state = setup(&mut cpu);
     let mut answers = Answers {
         bytes: if flags & 0x20 != 0 { &[0xff] } else { data },
         pos: 0,
@@ -268,7 +287,7 @@ pub fn exec_bytes(data: &[u8]) -> Report {
             break End::Exits;
         }
         exits += 1;
-        match cpu.run(left) {
+        match run(&mut cpu, left, &mut state) {
             CpuExit::IoIn { .. } => {
                 report.exits[0] += 1;
                 answers.fill(cpu.exit_data());
@@ -301,7 +320,14 @@ pub fn exec_bytes(data: &[u8]) -> Report {
         }
     });
     // The state must be readable whatever happened.
-    let _ = (cpu.regs(), cpu.sregs());
+    let _ = cpu.sregs();
+    report.regs = Some(cpu.regs());
+    let mut ram = vec![0u8; RAM as usize];
+    if mem.read_slice(&mut ram, GuestAddress(0)).is_ok() {
+        report.mem_hash = ram.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+    }
     report.instructions = cpu.retired;
     report
 }
