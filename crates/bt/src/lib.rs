@@ -475,9 +475,11 @@ impl Vcpu for BtVcpu {
 /// local APIC (flags bit 1) are compared only for not panicking: its timer
 /// runs on the host clock. Returns the two reports.
 pub fn exec_bytes_differential(data: &[u8]) -> (softplat::fuzz::Report, softplat::fuzz::Report) {
-    let oracle = softplat::fuzz::exec_bytes(data);
+    let oracle =
+        softplat::fuzz::exec_bytes_with(data, true, |_| {}, |cpu, left, _: &mut ()| cpu.run(left));
     let bt = softplat::fuzz::exec_bytes_with(
         data,
+        true,
         |cpu| {
             cpu.log_code_invalidations();
             CodeCache::new(1 << 20).ok().map(Blocks::new)
