@@ -3,12 +3,13 @@
 //!
 //! It owns what a hypercall does: the hypercall page, the checks of every
 //! argument, the guest-memory reads and writes, the PV timer and its thread,
-//! the calls made by number. Engines only deliver the call (`kvm`, `emu` and
-//! `trap` as a port-I/O exit on `HYPERCALL_PORT`, `vmx` as a VMCALL exit,
-//! `pv` as its own hypercall exit) and answer through the engine contract
-//! (`vcpu`): registers, [`vcpu::Vcpu::flush_tlb`] after page-table changes,
-//! and [`vcpu::Vcpu::as_pv`] for what a deprivileged kernel may not do
-//! itself. The service depends on no engine.
+//! the calls made by number. Engines only deliver the call (as a port-I/O
+//! exit on `HYPERCALL_PORT`: the stub's OUT under `kvm`, `emu` and `trap`,
+//! the stub's VMCALL under `vmx`; as its own hypercall exit from `int 0x82`
+//! under `pv`) and answer through the engine contract (`vcpu`): registers,
+//! [`vcpu::Vcpu::flush_tlb`] after page-table changes, and
+//! [`vcpu::Vcpu::as_pv`] for what a deprivileged kernel may not do itself.
+//! The service depends on no engine and not on the software CPU.
 //!
 //! Everything a hypercall touches is checked: guest-virtual arguments are
 //! translated through the guest's page tables, physical addresses must be

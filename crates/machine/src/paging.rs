@@ -122,6 +122,31 @@ mod tests {
     use crate::MemoryLayout;
 
     #[test]
+    fn table_frames_of_a_tree() {
+        let l = MemoryLayout::new(16 << 20).unwrap();
+        let m = l.create().unwrap();
+        let cr3 = crate::boot::write_identity_page_tables(&m).unwrap();
+        let read = |pa: u64| m.read_obj::<u64>(GuestAddress(pa)).ok();
+        // The PML4, the PDPT and four PDs of 2 MiB pages (which link no table).
+        let pd = abi::BOOT_PD;
+        let expect = vec![
+            cr3,
+            abi::BOOT_PDPT,
+            pd,
+            pd + 0x1000,
+            pd + 0x2000,
+            pd + 0x3000,
+        ];
+        assert_eq!(table_frames(read, cr3), Ok(expect));
+        // A PD entry that links a page table outside RAM.
+        m.write_obj((1u64 << 40) | 3, GuestAddress(pd + 0x1000 + 8))
+            .unwrap();
+        assert_eq!(table_frames(read, cr3), Err(pd + 0x1000 + 8));
+        // A root outside RAM.
+        assert_eq!(table_frames(read, 1 << 40), Err(1 << 40));
+    }
+
+    #[test]
     fn walks_boot_tables_and_4k_pages() {
         let l = MemoryLayout::new(16 << 20).unwrap();
         let m = l.create().unwrap();
