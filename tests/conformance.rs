@@ -1,6 +1,6 @@
 //! The conformance suite: tiny guests, assembled here with iced-x86, each run on
-//! every registered engine through one macro, with expected registers, exits and
-//! device traffic.
+//! every engine it applies to through one macro, with expected registers, exits
+//! and device traffic.
 
 mod common;
 
@@ -41,8 +41,9 @@ fn run_case(engine: Engine, case: fn(Engine)) {
 // operation a hypercall, so HLT, IN/OUT, WRMSR, MOV from CR2 and IRETQ end
 // its run (docs/hypercalls.md). These cases need them: each ends with HLT;
 // port_io, rep_outsb_insb and debug_exit are port I/O; guest_page_fault reads
-// CR2 and, with int3_breakpoint, returns with IRETQ; hypercalls registers its
-// page with WRMSR. What a PV kernel does instead is in tests/pv.rs.
+// CR2 and, with int3_breakpoint, returns with IRETQ; hypercalls counts the
+// WRMSR that registers its page. What a PV kernel does instead is in
+// tests/pv.rs.
 on_engines!(
     [kvm, emu, trap, vmx]:
     arithmetic_hlt,

@@ -207,9 +207,16 @@ fn random_kernel_code_never_panics() {
             if next() % 2 == 0 {
                 map_top(&g, 0x40_0000, 0x60_0000);
             }
-            // Stop at the engine's first time check (20 ms) if still running.
-            g.vm.stopper().stop();
-            let _ = g.run();
+            // Stopped after 20 ms if still running (a kick: the software
+            // engines take it at once).
+            let stopper = g.vm.stopper();
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    stopper.stop();
+                });
+                let _ = g.run();
+            });
         }
     }
 }
