@@ -402,13 +402,8 @@ pub fn hypercall_args(data: &[u8]) -> Report {
                 vcpu.regs.rax = input.number();
                 let n = vcpu.regs.rax & 0xffff_ffff;
                 let [a0, a1, a2, a3, a4] = input.args(n);
-                (
-                    vcpu.regs.rdi,
-                    vcpu.regs.rsi,
-                    vcpu.regs.rdx,
-                    vcpu.regs.r10,
-                    vcpu.regs.r8,
-                ) = (a0, a1, a2, a3, a4);
+                let r = &mut vcpu.regs;
+                (r.rdi, r.rsi, r.rdx, r.r10, r.r8) = (a0, a1, a2, a3, a4);
                 // Mostly, what the call reads is there: the records its
                 // pointer argument points at, `iret`'s frame on the stack.
                 let record = match n {
