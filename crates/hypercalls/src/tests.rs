@@ -717,6 +717,26 @@ fn set_event_mask() {
     assert_eq!(t.vcpu.regs.rflags & IF, 0, "any non-zero masks");
 }
 
+/// `bench_phase(n)` is the VMM loop's: the service answers 0 and hands it
+/// the phase; not inside a multicall.
+#[test]
+fn bench_phase() {
+    let mut t = T::new();
+    assert_eq!(
+        t.call_after(nr::BENCH_PHASE, &[3]),
+        (0, After::BenchPhase(3))
+    );
+    assert_eq!(
+        t.call_after(nr::BENCH_PHASE, &[1 << 32]),
+        (0, After::BenchPhase(0)),
+        "a 32-bit phase number"
+    );
+    multicall_entry(&t, DATA, nr::BENCH_PHASE, [5, 0, 0, 0, 0]);
+    assert_eq!(t.call(nr::MULTICALL, &[DATA, 1]), 0);
+    assert_eq!(t.get(DATA + 48) as i64, ENOSYS);
+    assert_eq!(t.hc.counts[nr::BENCH_PHASE as usize], 3);
+}
+
 #[test]
 fn get_cr2() {
     let mut t = T::new();
