@@ -5,7 +5,6 @@
 
 pub mod console;
 pub mod engine;
-pub mod pv;
 pub mod stats;
 pub mod vmm;
 

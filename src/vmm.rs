@@ -9,7 +9,8 @@ use machine::bus::StopReason;
 use machine::{Action, Bus, GuestMemory, MemoryLayout};
 use vcpu::{Kick, Regs, SRegs, Vcpu, VcpuError, VcpuExit};
 
-use crate::pv::{After, Hypercalls};
+use visor_hypercalls::{After, Hypercalls};
+
 use crate::{Engine, Stats, VmOptions};
 
 /// How a run ended.
@@ -95,10 +96,11 @@ pub struct Vm {
     pub engine: Engine,
     pub pio: Bus,
     pub mmio: Bus,
+    /// The paravirtual interface (hypercall page, hypercalls); its timer
+    /// thread may hold an interrupt line of the engine VM.
+    pub hypercalls: Hypercalls,
     pub layout: MemoryLayout,
     pub mem: GuestMemory,
-    /// The paravirtual interface (hypercall page, hypercalls).
-    pub hypercalls: Hypercalls,
     /// Set by [`Stopper::stop`]; the loop ends with [`Outcome::TimedOut`].
     stop: Arc<AtomicBool>,
 }
@@ -365,24 +367,19 @@ impl Vm {
                 self.vcpu.memory_written(gpa, 0x1000);
             }
             if hypercall {
-                let mut regs = self.vcpu.regs()?;
-                let n = regs.rax & 0xffff_ffff;
-                let after = if n == hypercall::nr::BENCH_PHASE {
-                    // The loop's own: it records the counters below.
-                    phase = Some(regs.rdi as u32);
-                    regs.rax = 0;
-                    After::Resume
-                } else {
-                    self.hypercalls
-                        .call(&self.mem, &mut *self.vcpu, &*self.engine_vm, &mut regs)?
-                };
-                self.vcpu.set_regs(&regs)?;
+                let call = self
+                    .hypercalls
+                    .call(&self.mem, &mut *self.vcpu, &*self.engine_vm)?;
                 *stats
                     .hypercalls
-                    .entry(hypercall::name(n).to_string())
+                    .entry(hypercall::name(call.number).to_string())
                     .or_default() += 1;
-                if let After::Shutdown(code) = after {
-                    stop = Some(Outcome::Stopped(StopReason::Shutdown(code as u8)));
+                match call.after {
+                    After::Resume => {}
+                    After::Shutdown(code) => {
+                        stop = Some(Outcome::Stopped(StopReason::Shutdown(code as u8)))
+                    }
+                    After::BenchPhase(p) => phase = Some(p),
                 }
             }
             if let Some(p) = phase {

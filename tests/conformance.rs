@@ -1,10 +1,8 @@
 //! The conformance suite: tiny guests, assembled here with iced-x86, each run on
-//! every registered engine through one macro, with expected registers, exits and
-//! device traffic.
+//! every engine it applies to through one macro, with expected registers, exits
+//! and device traffic.
 
 mod common;
-
-use std::sync::{Arc, Mutex};
 
 use iced_x86::code_asm::*;
 use machine::bus::StopReason;
@@ -13,34 +11,23 @@ use vm_memory::{Bytes, GuestAddress};
 
 use common::guest::*;
 
-/// Runs each case on every engine that works on this host. An engine that is
-/// not available here is reported on stderr, not silently passed.
-macro_rules! on_every_engine {
-    ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
+/// Runs each case on each listed engine, where it works on this host. An
+/// engine that is not available here is reported on stderr, not silently
+/// passed.
+macro_rules! on_engines {
+    (@case $case:ident [$($engine:ident),*]) => {
+        mod $case {
+            $(
                 #[test]
-                fn kvm() {
-                    super::run_case(visor::Engine::Kvm, super::$case);
+                fn $engine() {
+                    let engine = visor::Engine::from_name(stringify!($engine)).unwrap();
+                    super::run_case(engine, super::$case);
                 }
-                #[test]
-                fn emu() {
-                    super::run_case(visor::Engine::Emu, super::$case);
-                }
-                #[test]
-                fn trap() {
-                    super::run_case(visor::Engine::Trap, super::$case);
-                }
-                #[test]
-                fn vmx() {
-                    super::run_case(visor::Engine::Vmx, super::$case);
-                }
-                #[test]
-                fn bt() {
-                    super::run_case(visor::Engine::Bt, super::$case);
-                }
-            }
-        )*
+            )*
+        }
+    };
+    ($engines:tt: $($case:ident),* $(,)?) => {
+        $( on_engines!(@case $case $engines); )*
     };
 }
 
@@ -50,7 +37,15 @@ fn run_case(engine: Engine, case: fn(Engine)) {
     }
 }
 
-on_every_engine!(
+// Engine `pv` runs a deprivileged kernel: at CPL 1, with every privileged
+// operation a hypercall, so HLT, IN/OUT, WRMSR, MOV from CR2 and IRETQ end
+// its run (docs/hypercalls.md). These cases need them: each ends with HLT;
+// port_io, rep_outsb_insb and debug_exit are port I/O; guest_page_fault reads
+// CR2 and, with int3_breakpoint, returns with IRETQ; hypercalls counts the
+// WRMSR that registers its page. What a PV kernel does instead is in
+// tests/pv.rs.
+on_engines!(
+    [kvm, emu, trap, vmx, bt]:
     arithmetic_hlt,
     port_io,
     rep_outsb_insb,
@@ -58,11 +53,20 @@ on_every_engine!(
     cpuid,
     timing_leaf,
     guest_page_fault,
-    triple_fault,
     debug_exit,
     int3_breakpoint,
     fwait,
     hypercalls,
+);
+
+// Cases a PV kernel can run too: they use no privileged instruction (the
+// hypercall page is registered as each engine's kernel can, see
+// `hypercall_page`).
+on_engines!(
+    [kvm, emu, trap, vmx, bt, pv]:
+    triple_fault,
+    mmu_update_flushes_stale_translations,
+    hypercall_arguments_near_the_top,
 );
 
 fn arithmetic_hlt(engine: Engine) {
@@ -383,10 +387,7 @@ fn hypercalls(engine: Engine) {
     const MAPPED: u64 = 0x4000_0000; // PD 1, entry 0 of the boot tables
     let stub = |n: u64| PAGE + n * hypercall::STUB_SIZE as u64;
     let code = asm64(|a| {
-        a.mov(ecx, hypercall::MSR_HYPERCALL_PAGE)?;
-        a.mov(eax, (PAGE | 1) as u32)?;
-        a.xor(edx, edx)?;
-        a.wrmsr()?;
+        hypercall_page(a, engine, PAGE)?;
         a.mov(rax, stub(nr::VERSION))?;
         a.call(rax)?;
         a.mov(r12, rax)?;
@@ -422,22 +423,9 @@ fn hypercalls(engine: Engine) {
             ..Default::default()
         },
     );
-    let console = Arc::new(Mutex::new(Vec::new()));
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    g.vm.hypercalls = visor::pv::Hypercalls::new(
-        true,
-        engine.hypercall_stub(),
-        Box::new(Sink(console.clone())),
-    );
+    let console = machine::devices::Capture::default();
+    g.vm.hypercalls =
+        visor_hypercalls::Hypercalls::new(true, engine.hypercall_stub(), Box::new(console.clone()));
     let mem = &g.vm.mem;
     mem.write_slice(b"hello!", GuestAddress(DATA)).unwrap();
     mem.write_obj(0x5555_aaaa_u64, GuestAddress(0x60_0008))
@@ -467,7 +455,7 @@ fn hypercalls(engine: Engine) {
     let r = g.regs();
     assert_eq!(r.r12, hypercall::VERSION as u64, "version");
     assert_eq!(r.r13, 6, "console_io wrote 6 bytes");
-    assert_eq!(&*console.lock().unwrap(), b"hello!");
+    assert_eq!(console.contents(), b"hello!");
     assert_eq!(
         r.r14, 1,
         "mmu_update applied the valid request and stopped at the invalid one"
@@ -487,4 +475,164 @@ fn hypercalls(engine: Engine) {
     assert_eq!(g.vm.hypercalls.counts[nr::VERSION as usize], 3);
     assert_eq!(g.exits("hypercall"), 5);
     assert_eq!(g.exits("msr_write"), 1, "the hypercall-page MSR");
+}
+
+/// A guest with visor's paravirtual interface, `code` at CODE.
+fn pv_guest(engine: Engine, code: &[u8]) -> Guest {
+    let opts = VmOptions {
+        pv: true,
+        ..Default::default()
+    };
+    Guest::long_mode_with(engine, code, opts)
+}
+
+/// `mmu_update` takes effect at once: the translation the kernel used before
+/// the update is not served from a stale TLB entry afterwards, even a global
+/// one (the engine's `flush_tlb`: a TLB flush, dropped shadow tables,
+/// INVVPID, an MMU reset in KVM).
+fn mmu_update_flushes_stale_translations(engine: Engine) {
+    use hypercall::nr;
+    const PAGE: u64 = 0x12_0000;
+    const LIN: u64 = 0x60_0000;
+    let code = asm64(|a| {
+        hypercall_page(a, engine, PAGE)?;
+        a.mov(rbx, qword_ptr(LIN))?;
+        a.mov(rdi, DATA)?;
+        a.mov(esi, 1u32)?;
+        a.mov(rax, stub(PAGE, nr::MMU_UPDATE))?;
+        a.call(rax)?;
+        a.mov(r12, rax)?;
+        a.mov(rcx, qword_ptr(LIN))?;
+        a.mov(rax, stub(PAGE, nr::SCHED_OP))?;
+        a.mov(edi, hypercall::sched::SHUTDOWN as u32)?;
+        a.mov(esi, 7u32)?;
+        a.call(rax)
+    });
+    let mut g = pv_guest(engine, &code);
+    let mut s = g.vm.vcpu.sregs().unwrap();
+    s.cr4 |= arch::cr4::PGE;
+    g.vm.vcpu.set_sregs(&s).unwrap();
+    let m = &g.vm.mem;
+    // The boot tables map 2 MiB pages: find the PD entry of LIN, and make
+    // its translation global.
+    let pml4e: u64 = m.read_obj(GuestAddress(s.cr3 & !0xfff)).unwrap();
+    let pdpte: u64 = m.read_obj(GuestAddress(pml4e & 0xf_ffff_f000)).unwrap();
+    let pde = (pdpte & 0xf_ffff_f000) + 8 * (LIN >> 21);
+    let boot: u64 = m.read_obj(GuestAddress(pde)).unwrap();
+    m.write_obj(boot | 0x100, GuestAddress(pde)).unwrap();
+    m.write_obj(pde, GuestAddress(DATA)).unwrap();
+    m.write_obj(0x80_0000u64 | 0x83, GuestAddress(DATA + 8))
+        .unwrap();
+    m.write_obj(0x1111u64, GuestAddress(LIN)).unwrap();
+    m.write_obj(0x2222u64, GuestAddress(0x80_0000)).unwrap();
+    let o = g.run();
+    assert!(
+        matches!(o, Outcome::Stopped(StopReason::Shutdown(7))),
+        "{o:?}"
+    );
+    let r = g.regs();
+    assert_eq!((r.rbx, r.r12, r.rcx), (0x1111, 1, 0x2222));
+}
+
+/// Hypercall arguments at the top of the address space, which the guest
+/// maps so that they translate and only the VMM's address arithmetic can
+/// fail: an array whose next element would lie at 2^64. Each call gets the
+/// error docs/hypercalls.md gives, in a debug build too (no overflow panic),
+/// and the VMM runs on to the guest's shutdown.
+fn hypercall_arguments_near_the_top(engine: Engine) {
+    use hypercall::{errno, nr};
+    const PAGE: u64 = 0x12_0000;
+    const TABLES: u64 = 0x40_0000;
+    const FRAME: u64 = 0x60_0000;
+    /// 16 bytes below 2^64: one `TrapInfo`, `MmuUpdate` or two GDT entries fit.
+    const NEAR_TOP: u64 = 0xffff_ffff_ffff_fff0;
+    /// One `MulticallEntry` (56 bytes) below 2^64.
+    const LAST_ENTRY: u64 = u64::MAX - 55;
+    let top_pa = |va: u64| FRAME + (va - TOP);
+    let call = |a: &mut CodeAssembler, n: u64, out: AsmRegister64| -> Result<(), IcedError> {
+        a.mov(rax, stub(PAGE, n))?;
+        a.call(rax)?;
+        a.mov(out, rax)
+    };
+    let code = asm64(|a| {
+        hypercall_page(a, engine, PAGE)?;
+        // set_trap_table(2^64 - 16, 2): entry 1 would lie at 2^64.
+        a.mov(rdi, NEAR_TOP)?;
+        a.mov(esi, 2u32)?;
+        call(a, nr::SET_TRAP_TABLE, r12)?;
+        // mmu_update(2^64 - 16, 2): request 0 applies, request 1 would lie at
+        // 2^64 and ends the batch.
+        a.mov(rdi, NEAR_TOP)?;
+        a.mov(esi, 2u32)?;
+        call(a, nr::MMU_UPDATE, r14)?;
+        // multicall(2^64 - 56, 2): entry 0 runs (its result overwrites the
+        // request above), entry 1 would lie at 2^64.
+        a.mov(rdi, LAST_ENTRY)?;
+        a.mov(esi, 2u32)?;
+        call(a, nr::MULTICALL, r13)?;
+        // set_gdt(2^64 - 16, 3, 0): entry 2 would lie at 2^64.
+        a.mov(rdi, NEAR_TOP)?;
+        a.mov(esi, 3u32)?;
+        a.xor(edx, edx)?;
+        call(a, nr::SET_GDT, r15)?;
+        // console_io(WRITE, 2^64 - 16, 17): the buffer would cross 2^64.
+        a.xor(edi, edi)?;
+        a.mov(rsi, NEAR_TOP)?;
+        a.mov(edx, 17u32)?;
+        call(a, nr::CONSOLE_IO, rbp)?;
+        // iret with its frame at 2^64 - 24 (the stub's return address
+        // pushed below 2^64 - 16): the fourth word would lie at 2^64.
+        a.mov(rsp, NEAR_TOP)?;
+        call(a, nr::IRET, r8)?;
+        a.mov(rsp, STACK)?;
+        // The VMM runs on.
+        call(a, nr::VERSION, r9)?;
+        a.mov(edi, hypercall::sched::SHUTDOWN as u32)?;
+        a.mov(esi, 7u32)?;
+        a.mov(rax, stub(PAGE, nr::SCHED_OP))?;
+        a.call(rax)
+    });
+    let mut g = pv_guest(engine, &code);
+    map_top(&g, TABLES, FRAME);
+    let m = &g.vm.mem;
+    // The multicall's entry 0: version. The mmu_update's request 0 maps
+    // 1 GiB (PD 1, entry 0) to 6 MiB.
+    let pde = abi::BOOT_PD + 0x1000;
+    m.write_obj(nr::VERSION, GuestAddress(top_pa(LAST_ENTRY)))
+        .unwrap();
+    m.write_obj(-1i64, GuestAddress(top_pa(LAST_ENTRY) + 48))
+        .unwrap();
+    m.write_obj(pde, GuestAddress(top_pa(NEAR_TOP))).unwrap();
+    m.write_obj(0x60_0083u64, GuestAddress(top_pa(NEAR_TOP) + 8))
+        .unwrap();
+    let o = g.run();
+    assert!(
+        matches!(o, Outcome::Stopped(StopReason::Shutdown(7))),
+        "{o:?}"
+    );
+    let r = g.regs();
+    let efault = -errno::EFAULT as u64;
+    assert_eq!(r.r12, efault, "set_trap_table");
+    assert_eq!(r.r13, efault, "multicall");
+    let entry0: i64 =
+        g.vm.mem
+            .read_obj(GuestAddress(top_pa(LAST_ENTRY) + 48))
+            .unwrap();
+    assert_eq!(entry0, hypercall::VERSION as i64, "multicall entry 0 ran");
+    assert_eq!(r.r14, 1, "mmu_update applied request 0 and stopped");
+    let pde_now: u64 = g.vm.mem.read_obj(GuestAddress(pde)).unwrap();
+    assert_eq!(pde_now, 0x60_0083);
+    assert_eq!(r.r15, efault, "set_gdt");
+    assert_eq!(r.rbp, efault, "console_io");
+    assert_eq!(r.r8, efault, "iret");
+    assert_eq!(r.r9, hypercall::VERSION as u64, "the VMM runs on");
+    for name in [
+        "set_trap_table",
+        "multicall",
+        "mmu_update",
+        "set_gdt",
+        "iret",
+    ] {
+        assert_eq!(g.stats.hypercalls.get(name), Some(&1), "{name}");
+    }
 }

@@ -99,6 +99,46 @@ impl Guest {
     }
 }
 
+/// Registers the hypercall page at `page` as the engine's guest kernel can:
+/// WRMSR to the hypercall-page MSR, or under `pv`, whose kernel may not
+/// execute WRMSR, the bootstrap hypercall through a bare `int 0x82` (RAX:
+/// its result).
+pub fn hypercall_page(a: &mut CodeAssembler, engine: Engine, page: u64) -> Result<(), IcedError> {
+    if engine == Engine::Pv {
+        a.mov(eax, hypercall::nr::SET_HYPERCALL_PAGE as u32)?;
+        a.mov(rdi, page | 1)?;
+        a.int(0x82)
+    } else {
+        a.mov(ecx, hypercall::MSR_HYPERCALL_PAGE)?;
+        a.mov(eax, (page | 1) as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()
+    }
+}
+
+/// The start of the last 2 MiB of the address space.
+pub const TOP: u64 = 0xffff_ffff_ffe0_0000;
+
+/// Maps the last 2 MiB of the address space (from [`TOP`]) to guest-physical
+/// `frame` (2 MiB aligned), through new tables at `tables` (two pages) linked
+/// into the boot page tables: hypercall arguments up there then translate, and
+/// only the VMM's address arithmetic can fail.
+pub fn map_top(g: &Guest, tables: u64, frame: u64) {
+    let (pdpt, pd) = (tables, tables + 0x1000);
+    for (at, entry) in [
+        (abi::BOOT_PML4 + 511 * 8, pdpt | 3),
+        (pdpt + 511 * 8, pd | 3),
+        (pd + 511 * 8, frame | 0x83),
+    ] {
+        g.vm.mem.write_obj(entry, GuestAddress(at)).unwrap();
+    }
+}
+
+/// The address of hypercall `n`'s stub in the hypercall page at `page`.
+pub fn stub(page: u64, n: u64) -> u64 {
+    page + n * hypercall::STUB_SIZE as u64
+}
+
 pub fn asm64(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
     let mut a = CodeAssembler::new(64).unwrap();
     f(&mut a).unwrap();

@@ -429,6 +429,13 @@ impl Vcpu for BtVcpu {
         softplat::memory_written(&mut self.cpu, gpa, len);
     }
 
+    /// Blocks hold no translation of guest addresses (their code is keyed by
+    /// physical address): the software CPU's TLB is all there is to flush.
+    fn flush_tlb(&mut self) -> Result<()> {
+        self.cpu.flush_tlb(true);
+        Ok(())
+    }
+
     fn engine_counters(&self) -> Vec<(String, u64)> {
         let s = &self.tr.stats;
         let total = self.cpu.retired;

@@ -4,7 +4,7 @@
 //! `FEATURE_DEPRIVILEGED`) and runs deprivileged at real CPL 1 on visor's
 //! software CPU. It executes no privileged instruction: each operation it
 //! needs is a hypercall, entered with `int 0x82` from the hypercall page and
-//! carried out by the VMM's one hypercall implementation (src/pv.rs). A
+//! carried out by the VMM's one hypercall service (crates/hypercalls). A
 //! privileged instruction is not emulated: it ends the run with its RIP.
 //!
 //! Memory: the CPU walks the guest's own page tables (no shadows); the kernel
@@ -19,10 +19,11 @@
 use std::sync::Arc;
 
 use arch::paging::Access;
-use arch::{cr0, efer, msr, pf, vector};
+use arch::{cr0, efer, pf, vector};
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
+use machine::paging::table_frames;
 use softplat::{Platform, Step};
-use vcpu::{IrqLine, Kick, Regs, Result, SRegs, Vcpu, VcpuExit};
+use vcpu::{IrqLine, Kick, Paravirtual, Regs, Result, SRegs, Vcpu, VcpuExit};
 use vm_memory::GuestMemoryMmap;
 use x86::{Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
 
@@ -268,6 +269,29 @@ impl softplat::Engine for PvVcpu {
     }
 }
 
+impl PvVcpu {
+    /// The live page tables change only through `mmu_update`: protects the
+    /// frames of the current tree from the kernel's own writes.
+    fn protect_tables(&mut self) {
+        let cpu = &self.g.cpu;
+        let frames = table_frames(|pa| cpu.ram_read_u64(pa), self.g.v.cr3).unwrap_or_default();
+        self.g.cpu.set_write_protected(&frames);
+    }
+}
+
+/// The system-call MSRs are the virtual CPU's: the real CPU's SYSCALL exits
+/// to the engine, which enters the kernel where they say.
+impl Paravirtual for PvVcpu {
+    fn set_syscall_entry(&mut self, entry: u64, star: u64, fmask: u64) -> Result<()> {
+        let v = &mut self.g.v;
+        v.lstar = entry;
+        v.star = star;
+        v.fmask = fmask;
+        v.efer |= efer::SCE;
+        Ok(())
+    }
+}
+
 impl Vcpu for PvVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         if self.g.v.efer & efer::LMA == 0 || self.g.v.cr0 & cr0::PG == 0 {
@@ -314,34 +338,29 @@ impl Vcpu for PvVcpu {
         if paging_changed {
             g.cpu.set_sregs(&real);
         } else {
-            // The same paging registers: a CR3 reload, which flushes the
-            // non-global translations (what `mmu_update` relies on).
+            // The same paging registers: the translations stand (a flush is
+            // `flush_tlb`); only the code and stack segments change.
             g.cpu.seg[x86::sreg::CS] = real.cs;
             g.cpu.seg[x86::sreg::SS] = real.ss;
             g.cpu.cr2 = s.cr2;
             g.cpu.refresh_mode();
-            g.cpu.flush_tlb(false);
         }
         g.cpu.gdtr = s.gdt;
         g.set_vflags(flags_v);
-        // The live page tables change only through `mmu_update`: protect them
-        // from the kernel's own writes.
-        let cpu = &g.cpu;
-        let frames = walk::table_frames(|pa| cpu.ram_read_u64(pa), s.cr3).unwrap_or_default();
-        self.g.cpu.set_write_protected(&frames);
+        self.protect_tables();
         Ok(())
     }
 
-    fn set_msr(&mut self, index: u32, value: u64) -> Result<bool> {
-        let v = &mut self.g.v;
-        match index {
-            msr::STAR => v.star = value,
-            msr::LSTAR => v.lstar = value,
-            msr::FMASK => v.fmask = value,
-            msr::EFER => v.efer = (value & !efer::LMA) | (v.efer & efer::LMA),
-            _ => return Ok(false),
-        }
-        Ok(true)
+    /// After `mmu_update`: the CPU's TLB goes, and the write protection
+    /// follows the tables the update linked in or out.
+    fn flush_tlb(&mut self) -> Result<()> {
+        self.g.cpu.flush_tlb(true);
+        self.protect_tables();
+        Ok(())
+    }
+
+    fn as_pv(&mut self) -> Option<&mut dyn Paravirtual> {
+        Some(self)
     }
 
     fn engine_counters(&self) -> Vec<(String, u64)> {

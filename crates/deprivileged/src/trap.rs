@@ -1270,6 +1270,13 @@ impl Vcpu for TrapVcpu {
         Ok(())
     }
 
+    /// The shadow tables are this engine's TLB: they go, as on a guest CR3
+    /// write.
+    fn flush_tlb(&mut self) -> Result<()> {
+        self.shadow.reset(&mut self.g.cpu);
+        Ok(())
+    }
+
     fn engine_counters(&self) -> Vec<(String, u64)> {
         let c = &self.c;
         let mut v = vec![("guest_instructions".to_string(), self.g.cpu.retired)];

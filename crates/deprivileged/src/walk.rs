@@ -1,24 +1,20 @@
 //! The VMM's own walk of the guest's page tables (4-level, long mode): the
 //! walker of `arch` over guest RAM, with the hardware's reserved-bit checks
-//! and accessed/dirty updates; guest-linear memory access built on it; and the
-//! frames of a page-table tree. Page-table entries are read from guest RAM
-//! only, and every frame address is checked against the guest's
-//! physical-address width, so nothing the guest writes in its tables can name
-//! memory outside its own.
+//! and accessed/dirty updates; guest-linear memory access built on it (the
+//! frames of a page-table tree are `machine::paging::table_frames`).
+//! Page-table entries are read from guest RAM only, and every frame address
+//! is checked against the guest's physical-address width, so nothing the
+//! guest writes in its tables can name memory outside its own.
 
 use std::convert::Infallible;
 
 use arch::paging::{self, Access, Mode, PageTables, Paging, Reserved, Translation, WalkError};
-use arch::pte::{ADDR, P, PS};
 use x86::Cpu;
 
 /// The physical-address width the deprivileged engines report to the guest
 /// (CPUID 0x8000_0008): frame bits above it are reserved, and engine-private
 /// memory lies above it.
 pub const PHYS_BITS: u32 = 46;
-
-/// Frame bits from PHYS_BITS to 51.
-const RSVD_ADDR: u64 = ADDR & !((1u64 << PHYS_BITS) - 1);
 
 /// The paging of the guest's (virtual) CPU, always in long mode: CR3, CR0.WP
 /// and EFER.NXE; reserved bits checked at [`PHYS_BITS`].
@@ -122,37 +118,4 @@ pub fn access(
         done += n;
     }
     Ok(())
-}
-
-/// The frames of a 4-level page-table tree (the PML4 and every PDPT, PD and
-/// PT it links), sorted, each once. `read` reads a page-table entry at a
-/// guest-physical address; `Err` gives the address of an entry that links a
-/// table outside guest RAM (or with reserved address bits).
-pub fn table_frames(read: impl Fn(u64) -> Option<u64>, cr3: u64) -> Result<Vec<u64>, u64> {
-    let mut frames = vec![cr3 & ADDR];
-    let mut level_tables = vec![cr3 & ADDR];
-    for level in (1..4u32).rev() {
-        let mut next = Vec::new();
-        for &t in &level_tables {
-            for i in 0..512 {
-                let at = t + 8 * i;
-                let e = read(at).ok_or(at)?;
-                if e & P == 0 || (e & PS != 0 && level < 3) {
-                    continue;
-                }
-                let f = e & ADDR;
-                if f & RSVD_ADDR != 0 || read(f).is_none() {
-                    return Err(at);
-                }
-                next.push(f);
-            }
-        }
-        next.sort_unstable();
-        next.dedup();
-        frames.extend_from_slice(&next);
-        level_tables = next;
-    }
-    frames.sort_unstable();
-    frames.dedup();
-    Ok(frames)
 }

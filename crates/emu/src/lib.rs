@@ -161,6 +161,11 @@ impl Vcpu for EmuVcpu {
         softplat::memory_written(&mut self.cpu, gpa, len);
     }
 
+    fn flush_tlb(&mut self) -> Result<()> {
+        self.cpu.flush_tlb(true);
+        Ok(())
+    }
+
     fn engine_counters(&self) -> Vec<(String, u64)> {
         vec![("guest_instructions".into(), self.cpu.retired)]
     }

@@ -11,7 +11,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vcpu::{IrqLine, Kick, Regs, Result, SRegs, Segment, Vcpu, VcpuError, VcpuExit};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Options of a KVM virtual machine.
@@ -119,18 +119,24 @@ fn os(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
     move |e| VcpuError::os(op, std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// A KVM virtual machine over visor's guest memory.
 pub struct KvmVm {
     kvm: Kvm,
     vm: Arc<VmFd>,
     config: KvmConfig,
+    /// The guest memory KVM's memory slots point into, held so that its
+    /// mappings outlive the VM (declared after `vm`: dropped after it).
+    mem: GuestMemoryMmap<()>,
 }
 
 impl KvmVm {
-    /// Creates a VM whose RAM is `mem`. The mappings stay valid for as long as
-    /// `mem` lives; the caller keeps `mem` alive longer than the VM.
-    pub fn new<M: GuestMemoryBackend>(mem: &M, config: KvmConfig) -> Result<Self> {
+    /// Creates a VM whose RAM is `mem`. The VM and each of its vCPUs hold a
+    /// clone of `mem` (the same mappings), so the memory KVM writes into stays
+    /// mapped for as long as KVM can reach it.
+    pub fn new(mem: &GuestMemoryMmap<()>, config: KvmConfig) -> Result<Self> {
         let kvm = open().map_err(VcpuError::Engine)?;
         let vm = kvm.create_vm().map_err(os("KVM_CREATE_VM"))?;
+        let mem = mem.clone();
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -142,9 +148,15 @@ impl KvmVm {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
-            // SAFETY: `host` is the start of a live mmap of `region.len()` bytes owned
-            // by `mem`, which the caller keeps alive for the VM's lifetime; the slots
-            // do not overlap because vm-memory's regions do not.
+            // SAFETY: `host` is the start of a live mmap of `region.len()` bytes of
+            // `mem`. KVM reads and writes it while the VM exists: in ioctls on the
+            // VM and on its vCPUs. The kernel's VM lives until its last file
+            // descriptor closes, the VM's own (`vm`) or a vCPU's, and `KvmVm` and
+            // every `KvmVcpu` hold a clone of `mem` that they drop after their
+            // descriptor, so the mapping outlives every access. (An `Msi` line
+            // holds the VM's descriptor without a clone, but signalling an MSI
+            // does not touch guest memory.) The slots do not overlap because
+            // vm-memory's regions do not.
             unsafe { vm.set_user_memory_region(r) }.map_err(os("KVM_SET_USER_MEMORY_REGION"))?;
         }
         // RDMSR/WRMSR of MSRs KVM does not know exit to the VMM (paravirtual
@@ -170,6 +182,7 @@ impl KvmVm {
             kvm,
             vm: Arc::new(vm),
             config,
+            mem,
         })
     }
 }
@@ -256,6 +269,7 @@ impl KvmVm {
             stats,
             completed_by_vmm: 0,
             kick: Kick::new(),
+            _mem: self.mem.clone(),
         })
     }
 }
@@ -341,6 +355,7 @@ impl vcpu::Vm for KvmVm {
     }
 }
 
+/// A vCPU of a [`KvmVm`].
 pub struct KvmVcpu {
     fd: VcpuFd,
     /// KVM's binary statistics of this vCPU (KVM_GET_STATS_FD), where the host has them.
@@ -351,6 +366,9 @@ pub struct KvmVcpu {
     /// a kick signals it ([`vcpu::KICK_SIGNAL`], whose handler the VMM
     /// installs) so that KVM_RUN returns EINTR.
     kick: Arc<Kick>,
+    /// The guest memory: `fd` keeps the kernel's VM, and with it the memory
+    /// slots, alive after the [`KvmVm`] is gone (see `KvmVm::new`).
+    _mem: GuestMemoryMmap<()>,
 }
 
 impl KvmVcpu {
@@ -733,6 +751,21 @@ impl Vcpu for KvmVcpu {
         s.cr4 = n.cr4;
         s.cr8 = n.cr8;
         s.efer = n.efer;
+        self.fd.set_sregs(&s).map_err(os("KVM_SET_SREGS"))
+    }
+
+    /// KVM_SET_SREGS flushes only when it changes CR0, CR3, CR4 or EFER: it
+    /// then resets KVM's MMU context for the vCPU, which drops every
+    /// translation, global ones included (and newer kernels also request a
+    /// guest TLB flush). Setting the same registers again flushes nothing.
+    /// So this sets CR3 with PWT (bit 3, always a legal CR3 bit) flipped,
+    /// then the real CR3 again: the guest's registers end as they were.
+    fn flush_tlb(&mut self) -> Result<()> {
+        const PWT: u64 = 1 << 3;
+        let mut s = self.fd.get_sregs().map_err(os("KVM_GET_SREGS"))?;
+        s.cr3 ^= PWT;
+        self.fd.set_sregs(&s).map_err(os("KVM_SET_SREGS"))?;
+        s.cr3 ^= PWT;
         self.fd.set_sregs(&s).map_err(os("KVM_SET_SREGS"))
     }
 }

@@ -27,6 +27,31 @@ impl Trigger for IrqTrigger {
 
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// An output that keeps what is written to it, shared by its clones: a
+/// console to read back (tests, tools).
+#[derive(Clone, Debug, Default)]
+pub struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// Everything written so far.
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A 16550A UART (vm-superio) at 8 consecutive ports.
 pub struct Serial {
     uart: vm_superio::Serial<IrqTrigger, NoEvents, SerialOut>,
@@ -148,27 +173,15 @@ impl Platform {
 mod tests {
     use super::*;
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn platform_ports() {
         let mut pio = crate::Bus::new();
-        let sink = Sink::default();
+        let sink = Capture::default();
         let p = Platform::attach(&mut pio, IrqTrigger::default(), Box::new(sink.clone())).unwrap();
         for &c in b"hi" {
             assert_eq!(pio.write(0x3f8, &[c]), Some(Action::Continue));
         }
-        assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+        assert_eq!(sink.contents(), b"hi");
         assert_eq!(p.serial.lock().unwrap().enqueue_input(b"k"), 1);
         let mut lsr = [0];
         pio.read(0x3fd, &mut lsr);

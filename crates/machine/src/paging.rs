@@ -1,7 +1,10 @@
 //! The VMM's own accesses to guest-virtual addresses (hypercall arguments),
-//! through the guest's 4-level page tables with the walker of `arch`.
+//! through the guest's 4-level page tables with the walker of `arch`, and
+//! the frames of a page-table tree (what `new_baseptr` checks and the `pv`
+//! engine write-protects).
 
 use arch::paging::{self, Access, Mode, PageTables, Paging, Reserved};
+use arch::pte::{ADDR, P, PS};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::GuestMemory;
@@ -56,8 +59,17 @@ pub fn read_virt(mem: &GuestMemory, cr3: u64, gva: u64, buf: &mut [u8]) -> Optio
     Some(())
 }
 
-/// Writes `buf` at guest-virtual `gva`, page by page.
-pub fn write_virt(mem: &GuestMemory, cr3: u64, gva: u64, buf: &[u8]) -> Option<()> {
+/// Writes `buf` at guest-virtual `gva`, page by page, and calls `written`
+/// with the guest-physical address and length of each piece it wrote (for
+/// the engine's caches). `None` at the first page that does not translate to
+/// guest RAM (the pieces before it are written).
+pub fn write_virt(
+    mem: &GuestMemory,
+    cr3: u64,
+    gva: u64,
+    buf: &[u8],
+    mut written: impl FnMut(u64, u64),
+) -> Option<()> {
     let mut done = 0;
     while done < buf.len() {
         let va = gva.checked_add(done as u64)?;
@@ -65,15 +77,74 @@ pub fn write_virt(mem: &GuestMemory, cr3: u64, gva: u64, buf: &[u8]) -> Option<(
         let pa = translate(mem, cr3, va)?;
         mem.write_slice(&buf[done..done + chunk], GuestAddress(pa))
             .ok()?;
+        written(pa, chunk as u64);
         done += chunk;
     }
     Some(())
+}
+
+/// The frames of a 4-level page-table tree (the PML4 and every PDPT, PD and
+/// PT it links), sorted, each once. `read` reads a page-table entry at a
+/// guest-physical address and answers `None` outside guest RAM; `Err` gives
+/// the address of an entry that links a table outside guest RAM.
+pub fn table_frames(read: impl Fn(u64) -> Option<u64>, cr3: u64) -> Result<Vec<u64>, u64> {
+    let mut frames = vec![cr3 & ADDR];
+    let mut level_tables = vec![cr3 & ADDR];
+    for level in (1..4u32).rev() {
+        let mut next = Vec::new();
+        for &t in &level_tables {
+            for i in 0..512 {
+                let at = t + 8 * i;
+                let e = read(at).ok_or(at)?;
+                if e & P == 0 || (e & PS != 0 && level < 3) {
+                    continue;
+                }
+                let f = e & ADDR;
+                if read(f).is_none() {
+                    return Err(at);
+                }
+                next.push(f);
+            }
+        }
+        next.sort_unstable();
+        next.dedup();
+        frames.extend_from_slice(&next);
+        level_tables = next;
+    }
+    frames.sort_unstable();
+    frames.dedup();
+    Ok(frames)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::MemoryLayout;
+
+    #[test]
+    fn table_frames_of_a_tree() {
+        let l = MemoryLayout::new(16 << 20).unwrap();
+        let m = l.create().unwrap();
+        let cr3 = crate::boot::write_identity_page_tables(&m).unwrap();
+        let read = |pa: u64| m.read_obj::<u64>(GuestAddress(pa)).ok();
+        // The PML4, the PDPT and four PDs of 2 MiB pages (which link no table).
+        let pd = abi::BOOT_PD;
+        let expect = vec![
+            cr3,
+            abi::BOOT_PDPT,
+            pd,
+            pd + 0x1000,
+            pd + 0x2000,
+            pd + 0x3000,
+        ];
+        assert_eq!(table_frames(read, cr3), Ok(expect));
+        // A PD entry that links a page table outside RAM.
+        m.write_obj((1u64 << 40) | 3, GuestAddress(pd + 0x1000 + 8))
+            .unwrap();
+        assert_eq!(table_frames(read, cr3), Err(pd + 0x1000 + 8));
+        // A root outside RAM.
+        assert_eq!(table_frames(read, 1 << 40), Err(1 << 40));
+    }
 
     #[test]
     fn walks_boot_tables_and_4k_pages() {
@@ -90,12 +161,14 @@ mod tests {
         m.write_obj(0x80_0000u64 | 3, GuestAddress(pt)).unwrap();
         assert_eq!(translate(&m, pml4, 0x4000_0123), Some(0x80_0123));
         assert_eq!(translate(&m, pml4, 0x4000_1000), None);
-        write_virt(&m, pml4, 0x4000_0ffe, b"ab").unwrap();
+        let mut pieces = Vec::new();
+        write_virt(&m, pml4, 0x4000_0ffe, b"ab", |pa, n| pieces.push((pa, n))).unwrap();
+        assert_eq!(pieces, [(0x80_0ffe, 2)]);
         let mut b = [0u8; 2];
         read_virt(&m, pml4, 0x4000_0ffe, &mut b).unwrap();
         assert_eq!(&b, b"ab");
         assert!(
-            write_virt(&m, pml4, 0x4000_0fff, b"ab").is_none(),
+            write_virt(&m, pml4, 0x4000_0fff, b"ab", |_, _| {}).is_none(),
             "crosses into an unmapped page"
         );
     }

@@ -183,12 +183,28 @@ pub trait Vcpu {
     /// write before the next `run`. It does not flush cached address
     /// translations: a VMM that changes page tables flushes them explicitly.
     fn memory_written(&mut self, gpa: u64, len: u64);
-    /// Writes one of the system-call MSRs (EFER, STAR, LSTAR, FMASK) on the
-    /// guest's behalf (the `set_callbacks` hypercall of a deprivileged guest).
-    /// `Ok(false)` where the engine leaves MSRs to the guest itself.
-    fn set_msr(&mut self, _index: u32, _value: u64) -> Result<bool> {
-        Ok(false)
+    /// Drops every translation the vCPU caches from the guest's page tables,
+    /// global ones included, and leaves the guest's state (CR3 included) as it
+    /// is. The VMM calls it after it changed the guest's page tables itself
+    /// (the `mmu_update` hypercall), so that the guest sees the change at
+    /// once. Setting the same [`SRegs`] again is not a flush.
+    fn flush_tlb(&mut self) -> Result<()>;
+    /// The paravirtual side of an engine whose guest kernel runs
+    /// deprivileged (engine `pv`): what the hypercall service does there on
+    /// the kernel's behalf. `None`, the default, for engines that run the
+    /// guest kernel with the privilege to do it itself.
+    fn as_pv(&mut self) -> Option<&mut dyn Paravirtual> {
+        None
     }
+}
+
+/// What the hypercall service does for a deprivileged guest kernel that the
+/// kernel may not do itself ([`Vcpu::as_pv`]).
+pub trait Paravirtual {
+    /// Where SYSCALL from user mode enters the kernel (`set_callbacks` with
+    /// kind SYSCALL): LSTAR = `entry`, STAR = `star`, FMASK = `fmask`, and
+    /// EFER.SCE set.
+    fn set_syscall_entry(&mut self, entry: u64, star: u64, fmask: u64) -> Result<()>;
 }
 
 /// The kick of one vCPU: makes its current or next [`Vcpu::run`] return

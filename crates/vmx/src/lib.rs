@@ -43,6 +43,9 @@ const IO_BITMAP_A: u64 = 0x2000;
 const IO_BITMAP_B: u64 = 0x3000;
 const MSR_BITMAP: u64 = 0x4000;
 const EPT_PML4: u64 = 0x5000;
+/// The guest's virtual-processor identifier: its translations are tagged
+/// with it and survive VM exits.
+const VPID: u16 = 1;
 /// EPT tables are allocated from here on.
 const EPT_POOL: u64 = 0x6000;
 
@@ -362,7 +365,7 @@ impl VmxVcpu {
             (f::IO_BITMAP_B, p + IO_BITMAP_B),
             (f::MSR_BITMAP, p + MSR_BITMAP),
             (f::EPT_POINTER, (p + EPT_PML4) | 6 | (3 << 3)),
-            (f::VIRTUAL_PROCESSOR_ID, 1),
+            (f::VIRTUAL_PROCESSOR_ID, VPID as u64),
             (f::VMCS_LINK_POINTER, u64::MAX),
             (f::HOST_CR0, self.cpu.cr0),
             (f::HOST_CR3, 0),
@@ -970,6 +973,21 @@ impl Vcpu for VmxVcpu {
         self.cpu.cr2 = s.cr2;
         self.cpu.cr8 = s.cr8 & 0xf;
         self.check()
+    }
+
+    /// In VMX non-root operation the CPU's TLB is the guest's. Otherwise the
+    /// guest's translations are stored under its VPID and come back at the
+    /// next VM entry: the VMM drops them with INVVPID (single context), as a
+    /// VT-x hypervisor does after it changed the guest's page tables.
+    fn flush_tlb(&mut self) -> Result<()> {
+        if self.cpu.vmx.non_root {
+            self.cpu.flush_tlb(true);
+            return Ok(());
+        }
+        self.log(format_args!("invvpid single-context {VPID}"));
+        self.cpu
+            .invvpid(1, VPID as u64, 0)
+            .map_err(|e| vmx_error("INVVPID", e))
     }
 
     fn engine_counters(&self) -> Vec<(String, u64)> {

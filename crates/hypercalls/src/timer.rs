@@ -1,0 +1,108 @@
+//! The one-shot timer of `set_timer_op`: a thread that raises the line bound
+//! with `event_channel_op` when the deadline passes. The thread is started
+//! when a guest first uses the timer and ends when the [`Timer`] is dropped
+//! (with the hypercall service, with the VM): the drop tells it to stop and
+//! joins it.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use vcpu::IrqLine;
+
+/// What the timer thread and the hypercalls share.
+#[derive(Default)]
+pub(crate) struct State {
+    /// When the line is raised next; `None`: disarmed.
+    pub deadline: Option<Instant>,
+    /// The event line (`event_channel_op(BIND_VIRQ, VIRQ_TIMER)`).
+    pub line: Option<Arc<dyn IrqLine>>,
+    /// `event_channel_op(MASK)`: an expiry while masked is dropped.
+    pub masked: bool,
+    /// Events delivered.
+    pub fired: u64,
+    /// Set by the drop: the thread returns.
+    stop: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock means the other side panicked while holding it;
+        // the state is plain data and stays usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The thread: waits for the deadline, raises the line, until told to
+    /// stop.
+    fn run(&self) {
+        let mut st = self.lock();
+        while !st.stop {
+            let Some(deadline) = st.deadline else {
+                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            let now = Instant::now();
+            if now < deadline {
+                st = self
+                    .changed
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
+            st.deadline = None;
+            if let (Some(line), false) = (&st.line, st.masked) {
+                // A line that cannot be raised (the engine's VM is going
+                // away) loses the event, as a masked one does.
+                if line.trigger().is_ok() {
+                    st.fired += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The timer of one VM and its thread.
+pub(crate) struct Timer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Timer {
+    /// Starts the thread. Fails if the host cannot create one.
+    pub fn start() -> std::io::Result<Timer> {
+        let shared = Arc::new(Shared::default());
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("visor-pv-timer".into())
+            .spawn(move || s.run())?;
+        Ok(Timer {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `f` on the state and wakes the thread to look at it again.
+    pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let r = f(&mut self.shared.lock());
+        self.shared.changed.notify_all();
+        r
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        self.with(|s| s.stop = true);
+        if let Some(t) = self.thread.take() {
+            // The thread only waits and raises a line: it returns at once.
+            // A panic in it has been reported on stderr already.
+            let _ = t.join();
+        }
+    }
+}
