@@ -29,6 +29,9 @@
 //! platform's ([`softplat`]); `bt` is its hook that runs a slice through
 //! translated code.
 
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod cache;
 pub mod translate;
 

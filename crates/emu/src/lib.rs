@@ -10,6 +10,9 @@
 //! interrupt. Without it, HLT exits. The run loop is the platform's
 //! ([`softplat::run`]); this crate is its simplest hook.
 
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 /// The fuzzing harness of the software CPU (it lives with the platform, so
 /// that every engine on the software CPU can use it).
 pub use softplat::fuzz;

@@ -25,6 +25,9 @@
 //! and its seeded run in `cargo test`); [`double`] the vCPU and VM without a
 //! CPU that it and the unit tests drive the service with.
 
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod double;
 pub mod fuzz;
 mod timer;

@@ -6,6 +6,9 @@
 //! buffer, and the one VMM loop completes it against the machine's buses before it
 //! calls `run` again.
 
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,51 +20,87 @@ pub use arch::Segment;
 /// General-purpose registers, instruction pointer and flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Regs {
+    /// RAX.
     pub rax: u64,
+    /// RBX.
     pub rbx: u64,
+    /// RCX.
     pub rcx: u64,
+    /// RDX.
     pub rdx: u64,
+    /// RSI.
     pub rsi: u64,
+    /// RDI.
     pub rdi: u64,
+    /// RSP.
     pub rsp: u64,
+    /// RBP.
     pub rbp: u64,
+    /// R8.
     pub r8: u64,
+    /// R9.
     pub r9: u64,
+    /// R10.
     pub r10: u64,
+    /// R11.
     pub r11: u64,
+    /// R12.
     pub r12: u64,
+    /// R13.
     pub r13: u64,
+    /// R14.
     pub r14: u64,
+    /// R15.
     pub r15: u64,
+    /// The instruction pointer.
     pub rip: u64,
+    /// RFLAGS.
     pub rflags: u64,
 }
 
 /// GDTR / IDTR.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DescriptorTable {
+    /// Linear base address.
     pub base: u64,
+    /// Limit (size - 1).
     pub limit: u16,
 }
 
 /// System registers: segments, descriptor tables, control registers and EFER.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SRegs {
+    /// CS.
     pub cs: Segment,
+    /// DS.
     pub ds: Segment,
+    /// ES.
     pub es: Segment,
+    /// FS.
     pub fs: Segment,
+    /// GS.
     pub gs: Segment,
+    /// SS.
     pub ss: Segment,
+    /// The task register.
     pub tr: Segment,
+    /// The LDT register.
     pub ldt: Segment,
+    /// GDTR.
     pub gdt: DescriptorTable,
+    /// IDTR.
     pub idt: DescriptorTable,
+    /// CR0.
     pub cr0: u64,
+    /// CR2.
     pub cr2: u64,
+    /// CR3.
     pub cr3: u64,
+    /// CR4.
     pub cr4: u64,
+    /// CR8.
     pub cr8: u64,
+    /// IA32_EFER.
     pub efer: u64,
 }
 
@@ -73,27 +112,53 @@ pub enum VcpuExit<'a> {
     /// `IN`/`INS` from `port`; `data` holds `count * size` bytes to fill
     /// (`count > 1` for a `REP INS` that the engine batched).
     IoIn {
+        /// The port.
         port: u16,
+        /// Bytes per access (1, 2 or 4).
         size: u8,
+        /// The bytes to fill.
         data: &'a mut [u8],
     },
     /// `OUT`/`OUTS` to `port`; `data` holds `count * size` bytes.
-    IoOut { port: u16, size: u8, data: &'a [u8] },
+    IoOut {
+        /// The port.
+        port: u16,
+        /// Bytes per access (1, 2 or 4).
+        size: u8,
+        /// The bytes written.
+        data: &'a [u8],
+    },
     /// A read of guest-physical `addr` that no RAM backs.
-    MmioRead { addr: u64, data: &'a mut [u8] },
+    MmioRead {
+        /// The guest-physical address.
+        addr: u64,
+        /// The bytes to fill.
+        data: &'a mut [u8],
+    },
     /// A write of guest-physical `addr` that no RAM backs.
-    MmioWrite { addr: u64, data: &'a [u8] },
+    MmioWrite {
+        /// The guest-physical address.
+        addr: u64,
+        /// The bytes written.
+        data: &'a [u8],
+    },
     /// `RDMSR` of an MSR the engine does not implement: the VMM fills `data`, or
     /// sets `fault` to 1 to raise #GP in the guest.
     MsrRead {
+        /// The MSR (ECX).
         index: u32,
+        /// The value to return.
         data: &'a mut u64,
+        /// 1 to raise #GP instead.
         fault: &'a mut u8,
     },
     /// `WRMSR` of an MSR the engine does not implement; `fault` as for reads.
     MsrWrite {
+        /// The MSR (ECX).
         index: u32,
+        /// The value (EDX:EAX).
         value: u64,
+        /// 1 to raise #GP instead.
         fault: &'a mut u8,
     },
     /// `HLT` with no interrupt the engine itself can deliver.
@@ -101,14 +166,23 @@ pub enum VcpuExit<'a> {
     /// The guest caused a shutdown (triple fault).
     Shutdown,
     /// The engine could not enter the guest (invalid guest state).
-    FailEntry { reason: u64 },
+    FailEntry {
+        /// The hardware's (or the engine's) entry-failure reason.
+        reason: u64,
+    },
     /// The engine returned without a guest event (signal, immediate exit).
     Interrupted,
     /// The guest executed a valid instruction the engine does not implement;
     /// `what` reads `unimplemented instruction <mnemonic> at <rip>`.
-    Unimplemented { what: String },
+    Unimplemented {
+        /// What, in one line.
+        what: String,
+    },
     /// An exit the engine has no portable name for.
-    Other { reason: String },
+    Other {
+        /// Why, in one line.
+        reason: String,
+    },
     /// The guest made a hypercall through the engine's own entry (`int 0x82`
     /// under `pv`): the number and arguments are in the registers, RIP is past
     /// the entry instruction.
@@ -139,17 +213,22 @@ impl VcpuExit<'_> {
 /// An engine error: the engine itself failed (not the guest).
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
+    /// A system call of the engine failed.
     #[error("{op}: {source}")]
     Os {
+        /// What the engine was doing.
         op: &'static str,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
+    /// Anything else the engine could not do, in one line.
     #[error("{0}")]
     Engine(String),
 }
 
 impl VcpuError {
+    /// An OS error of `op`.
     pub fn os(op: &'static str, source: impl Into<std::io::Error>) -> Self {
         VcpuError::Os {
             op,
@@ -158,15 +237,21 @@ impl VcpuError {
     }
 }
 
+/// The result of an engine operation.
 pub type Result<T> = std::result::Result<T, VcpuError>;
 
 /// One virtual CPU of an engine.
 pub trait Vcpu {
     /// Runs the guest until the next exit the VMM must handle.
     fn run(&mut self) -> Result<VcpuExit<'_>>;
+    /// The general-purpose registers, RIP and RFLAGS.
     fn regs(&self) -> Result<Regs>;
+    /// Sets the general-purpose registers, RIP and RFLAGS.
     fn set_regs(&mut self, regs: &Regs) -> Result<()>;
+    /// The system registers.
     fn sregs(&self) -> Result<SRegs>;
+    /// Sets the system registers (a mode change, a new address space: the
+    /// engine drops what depended on the old ones).
     fn set_sregs(&mut self, sregs: &SRegs) -> Result<()>;
     /// Counters the engine keeps itself (for example exits handled inside the host
     /// kernel), reported beside the VMM's own statistics.
@@ -345,6 +430,7 @@ pub trait IrqLine: Send + Sync {
 
 /// A virtual machine of an engine: owns the vCPUs and the interrupt controller.
 pub trait Vm {
+    /// Creates vCPU `id` (visor runs one, id 0).
     fn create_vcpu(&mut self, id: u32) -> Result<Box<dyn Vcpu>>;
     /// The interrupt line `gsi`, if the engine models an interrupt controller.
     fn irq_line(&self, gsi: u32) -> Result<Option<Arc<dyn IrqLine>>>;
