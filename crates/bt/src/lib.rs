@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use iced_x86::{Instruction, Mnemonic};
 use softplat::{Platform, Step};
-use vcpu::{IrqLine, Kick, Regs, Result, SRegs, Vcpu, VcpuError, VcpuExit};
+use vcpu::{IrqLine, Result, Vcpu, VcpuError, VcpuExit};
 use vm_memory::GuestMemoryMmap;
 use x86::{Accel, Cpu, CpuExit};
 
@@ -115,10 +115,7 @@ impl vcpu::Vm for BtVm {
     }
 
     fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
-        Ok(self
-            .platform
-            .has_lapic()
-            .then(|| self.platform.vector_line(vector)))
+        Ok(self.platform.apic_vector_line(vector))
     }
 }
 
@@ -388,12 +385,7 @@ impl softplat::Engine for BtVcpu {
     }
 
     fn exit(&mut self, exit: CpuExit) -> Step<Self::Reply> {
-        match exit {
-            CpuExit::Hlt if self.platform.has_lapic() && self.cpu.interrupts_enabled() => {
-                Step::Wait
-            }
-            e => Step::Common(e),
-        }
+        softplat::plain_exit(&self.platform, &self.cpu, exit)
     }
 
     fn reply(&mut self, reply: Self::Reply) -> VcpuExit<'_> {
@@ -406,38 +398,7 @@ impl Vcpu for BtVcpu {
         softplat::run(self)
     }
 
-    fn regs(&self) -> Result<Regs> {
-        Ok(self.cpu.regs())
-    }
-
-    fn set_regs(&mut self, regs: &Regs) -> Result<()> {
-        self.cpu.set_regs(regs);
-        Ok(())
-    }
-
-    fn sregs(&self) -> Result<SRegs> {
-        Ok(self.cpu.sregs())
-    }
-
-    fn set_sregs(&mut self, sregs: &SRegs) -> Result<()> {
-        self.cpu.set_sregs(sregs);
-        Ok(())
-    }
-
-    fn kick(&self) -> Arc<Kick> {
-        self.platform.kick()
-    }
-
-    fn memory_written(&mut self, gpa: u64, len: u64) {
-        softplat::memory_written(&mut self.cpu, gpa, len);
-    }
-
-    /// Blocks hold no translation of guest addresses (their code is keyed by
-    /// physical address): the software CPU's TLB is all there is to flush.
-    fn flush_tlb(&mut self) -> Result<()> {
-        self.cpu.flush_tlb(true);
-        Ok(())
-    }
+    softplat::plain_cpu_state!();
 
     fn engine_counters(&self) -> Vec<(String, u64)> {
         let s = &self.tr.stats;

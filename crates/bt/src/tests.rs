@@ -5,6 +5,7 @@ use iced_x86::{Decoder, DecoderOptions, Mnemonic as M, OpKind, Register};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+use vcpu::Regs;
 
 const CODE: u64 = 0x10_0000;
 
@@ -63,11 +64,12 @@ fn counter(v: &BtVcpu, name: &str) -> u64 {
         .map_or(0, |c| c.1)
 }
 
-/// A loop of register arithmetic, flags carried across blocks (ADC after
-/// ADD, a conditional branch closing the loop), with RSP and RDI renamed.
-#[test]
-fn arithmetic_loop_runs_translated() {
-    let code = asm(|a| {
+/// The loop of `arithmetic_loop_runs_translated` and `worked_example`, then
+/// `tail`, then HLT.
+fn arithmetic_loop(
+    tail: impl FnOnce(&mut CodeAssembler) -> std::result::Result<(), IcedError>,
+) -> Vec<u8> {
+    asm(|a| {
         a.mov(ecx, 1000u32)?;
         a.xor(eax, eax)?;
         a.mov(rdi, 7u64)?;
@@ -82,9 +84,18 @@ fn arithmetic_loop_runs_translated() {
         a.sub(rsp, 8)?;
         a.dec(ecx)?;
         a.jnz(top)?;
-        a.setc(r8b)?;
-        a.cmovz(r9, rbx)?;
+        tail(a)?;
         a.hlt()
+    })
+}
+
+/// A loop of register arithmetic, flags carried across blocks (ADC after
+/// ADD, a conditional branch closing the loop), with RSP and RDI renamed.
+#[test]
+fn arithmetic_loop_runs_translated() {
+    let code = arithmetic_loop(|a| {
+        a.setc(r8b)?;
+        a.cmovz(r9, rbx)
     });
     let v = run_both(&code);
     assert!(
@@ -183,23 +194,7 @@ fn code_cache_holds_only_allowed_instructions() {
 /// RSP and RDI in other host registers. Printed with `--nocapture`.
 #[test]
 fn worked_example() {
-    let code = asm(|a| {
-        a.mov(ecx, 1000u32)?;
-        a.xor(eax, eax)?;
-        a.mov(rdi, 7u64)?;
-        let mut top = a.create_label();
-        a.set_label(&mut top)?;
-        a.add(rax, rbx)?;
-        a.adc(rdx, 0)?;
-        a.rol(rbx, 7)?;
-        a.lea(rsi, qword_ptr(rax + rdx * 4 + 12))?;
-        a.imul_3(rdi, rsi, 3)?;
-        a.add(rsp, 8)?;
-        a.sub(rsp, 8)?;
-        a.dec(ecx)?;
-        a.jnz(top)?;
-        a.hlt()
-    });
+    let code = arithmetic_loop(|_| Ok(()));
     let v = run_both(&code);
     let (_, host) = v
         .blocks()

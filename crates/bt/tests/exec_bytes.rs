@@ -5,21 +5,10 @@
 //! memory. Half of the inputs are runs of register arithmetic (what `bt`
 //! translates) with random bytes between them.
 
+use softplat::fuzz::Rng;
 use visor_bt::exec_bytes_differential;
 
 const INPUTS: usize = 1_000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 /// Register-only instructions on the allow-list, some with flags carried
 /// from one to the next, and a backward conditional jump. An instruction
@@ -50,15 +39,15 @@ fn random_inputs_agree_with_emu() {
     let mut rng = Rng(0xb7_5eed);
     let mut translated_kinds = 0;
     for n in 0..INPUTS {
-        let len = (rng.next() % 200) as usize;
-        let mut data: Vec<u8> = (0..=len).map(|_| rng.next() as u8).collect();
+        let len = (rng.next_u64() % 200) as usize;
+        let mut data: Vec<u8> = (0..=len).map(|_| rng.next_u64() as u8).collect();
         if n % 2 == 0 {
             data.truncate(1);
-            for _ in 0..(rng.next() % 40) {
-                let s = ARITH[(rng.next() % ARITH.len() as u64) as usize];
+            for _ in 0..(rng.next_u64() % 40) {
+                let s = ARITH[(rng.next_u64() % ARITH.len() as u64) as usize];
                 data.extend_from_slice(s);
-                if rng.next().is_multiple_of(8) {
-                    data.push(rng.next() as u8);
+                if rng.next_u64().is_multiple_of(8) {
+                    data.push(rng.next_u64() as u8);
                 }
             }
             data.push(0xf4); // hlt

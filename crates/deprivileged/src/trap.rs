@@ -134,10 +134,7 @@ impl vcpu::Vm for TrapVm {
     }
 
     fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
-        Ok(self
-            .platform
-            .has_lapic()
-            .then(|| self.platform.vector_line(vector)))
+        Ok(self.platform.apic_vector_line(vector))
     }
 }
 

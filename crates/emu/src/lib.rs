@@ -20,7 +20,7 @@ pub use softplat::fuzz;
 use std::sync::Arc;
 
 use softplat::{Platform, Step};
-use vcpu::{IrqLine, Kick, Regs, Result, SRegs, Vcpu, VcpuExit};
+use vcpu::{IrqLine, Result, Vcpu, VcpuExit};
 use vm_memory::GuestMemoryMmap;
 use x86::{Cpu, CpuExit};
 
@@ -87,10 +87,7 @@ impl vcpu::Vm for EmuVm {
     }
 
     fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
-        Ok(self
-            .platform
-            .has_lapic()
-            .then(|| self.platform.vector_line(vector)))
+        Ok(self.platform.apic_vector_line(vector))
     }
 }
 
@@ -119,13 +116,7 @@ impl softplat::Engine for EmuVcpu {
     }
 
     fn exit(&mut self, exit: CpuExit) -> Step<Self::Reply> {
-        match exit {
-            // HLT waits in the engine when an interrupt can end it.
-            CpuExit::Hlt if self.platform.has_lapic() && self.cpu.interrupts_enabled() => {
-                Step::Wait
-            }
-            e => Step::Common(e),
-        }
+        softplat::plain_exit(&self.platform, &self.cpu, exit)
     }
 
     fn reply(&mut self, reply: Self::Reply) -> VcpuExit<'_> {
@@ -138,36 +129,7 @@ impl Vcpu for EmuVcpu {
         softplat::run(self)
     }
 
-    fn regs(&self) -> Result<Regs> {
-        Ok(self.cpu.regs())
-    }
-
-    fn set_regs(&mut self, regs: &Regs) -> Result<()> {
-        self.cpu.set_regs(regs);
-        Ok(())
-    }
-
-    fn sregs(&self) -> Result<SRegs> {
-        Ok(self.cpu.sregs())
-    }
-
-    fn set_sregs(&mut self, sregs: &SRegs) -> Result<()> {
-        self.cpu.set_sregs(sregs);
-        Ok(())
-    }
-
-    fn kick(&self) -> Arc<Kick> {
-        self.platform.kick()
-    }
-
-    fn memory_written(&mut self, gpa: u64, len: u64) {
-        softplat::memory_written(&mut self.cpu, gpa, len);
-    }
-
-    fn flush_tlb(&mut self) -> Result<()> {
-        self.cpu.flush_tlb(true);
-        Ok(())
-    }
+    softplat::plain_cpu_state!();
 
     fn engine_counters(&self) -> Vec<(String, u64)> {
         vec![("guest_instructions".into(), self.cpu.retired)]
@@ -181,6 +143,7 @@ mod tests {
     use softplat::{lapic, legacy};
     use std::time::{Duration, Instant};
     use vcpu::Vm as _;
+    use vcpu::{Regs, SRegs};
     use vm_memory::{Bytes, GuestAddress};
 
     const CODE: u64 = 0x10_0000;

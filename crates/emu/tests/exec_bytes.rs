@@ -5,21 +5,10 @@
 
 use std::collections::BTreeMap;
 
+use visor_emu::fuzz::Rng;
 use visor_emu::fuzz::{exec_bytes, End, BUDGET};
 
 const INPUTS: usize = 3_000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 /// Instructions that exit or change the machine (with the harness's initial
 /// registers: RCX = 1 is an MSR the CPU does not know, R9 the local APIC, R10
@@ -45,11 +34,11 @@ const SNIPPETS: &[&[u8]] = &[
 ];
 
 fn input(rng: &mut Rng) -> Vec<u8> {
-    let len = 1 + (rng.next() % 256) as usize;
-    let spliced = rng.next() & 1 != 0;
+    let len = 1 + (rng.next_u64() % 256) as usize;
+    let spliced = rng.next_u64() & 1 != 0;
     let mut data = Vec::with_capacity(len + 4);
     while data.len() < len {
-        let r = rng.next();
+        let r = rng.next_u64();
         if spliced && r & 7 == 0 {
             data.extend_from_slice(SNIPPETS[(r >> 8) as usize % SNIPPETS.len()]);
         } else {

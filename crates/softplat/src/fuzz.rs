@@ -53,6 +53,20 @@ const PDPT: u64 = 0x5000;
 const PD: u64 = 0x6000;
 const HANDLER: u64 = 0xa000;
 const KSTACK: u64 = 0x10_0000;
+/// The pseudo-random numbers of the seeded harness runs (xorshift64*): the
+/// same inputs on every run of `cargo test`.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
 /// Where the code runs.
 pub const CODE: u64 = 0x20_0000;
 /// Code longer than this is cut.

@@ -132,6 +132,13 @@ impl Platform {
         }))
     }
 
+    /// A line that raises fixed interrupt `vector` in vCPU 0's local APIC,
+    /// if the platform has local APICs (the engine contract's
+    /// `Vm::vector_line` of the engines that model the APIC).
+    pub fn apic_vector_line(&self, vector: u8) -> Option<Arc<dyn IrqLine>> {
+        self.lapic.then(|| self.vector_line(vector))
+    }
+
     /// A line that raises fixed interrupt `vector` on vCPU 0.
     pub fn vector_line(&self, vector: u8) -> Arc<dyn IrqLine> {
         Arc::new(VectorLine {
@@ -235,6 +242,16 @@ pub fn run<E: Engine>(e: &mut E) -> Result<VcpuExit<'_>> {
     }
 }
 
+/// What an exit means to an engine that runs the guest at its real
+/// privilege (`emu`, `bt`): HLT waits in the engine when an interrupt can end
+/// it (a local APIC, and IF set); everything gets the common handling.
+pub fn plain_exit<R>(platform: &Platform, cpu: &Cpu, exit: CpuExit) -> Step<R> {
+    match exit {
+        CpuExit::Hlt if platform.has_lapic() && cpu.interrupts_enabled() => Step::Wait,
+        e => Step::Common(e),
+    }
+}
+
 /// Waits for the next interrupt of `cpu`'s local APIC (its timer, the PIT
 /// behind it), a raised vector line, or a kick.
 fn wait_for_interrupt(cpu: &Cpu, lines: &Lines) {
@@ -316,6 +333,47 @@ pub fn vcpu_exit(cpu: &mut Cpu, exit: CpuExit) -> VcpuExit<'_> {
             what: "a VM exit with no VMM to handle it".into(),
         },
     }
+}
+
+/// The engine-contract methods of a vCPU whose state is the software CPU's
+/// own (`emu`, `bt`): registers, system registers, the kick, memory written
+/// by the VMM, TLB flushes. For a type with fields `cpu: Cpu` and
+/// `platform: Arc<Platform>`; expands inside its `impl vcpu::Vcpu`.
+#[macro_export]
+macro_rules! plain_cpu_state {
+    () => {
+        fn regs(&self) -> vcpu::Result<vcpu::Regs> {
+            Ok(self.cpu.regs())
+        }
+
+        fn set_regs(&mut self, regs: &vcpu::Regs) -> vcpu::Result<()> {
+            self.cpu.set_regs(regs);
+            Ok(())
+        }
+
+        fn sregs(&self) -> vcpu::Result<vcpu::SRegs> {
+            Ok(self.cpu.sregs())
+        }
+
+        fn set_sregs(&mut self, sregs: &vcpu::SRegs) -> vcpu::Result<()> {
+            self.cpu.set_sregs(sregs);
+            Ok(())
+        }
+
+        fn kick(&self) -> std::sync::Arc<vcpu::Kick> {
+            self.platform.kick()
+        }
+
+        fn memory_written(&mut self, gpa: u64, len: u64) {
+            $crate::memory_written(&mut self.cpu, gpa, len);
+        }
+
+        /// The software CPU's TLB is all the translations there are.
+        fn flush_tlb(&mut self) -> vcpu::Result<()> {
+            self.cpu.flush_tlb(true);
+            Ok(())
+        }
+    };
 }
 
 /// Reports guest-memory writes made outside the CPU to its caches (the
