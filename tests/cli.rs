@@ -193,7 +193,7 @@ fn demo_os_on_bt_native_and_pv() {
         assert_eq!(transcript(&b), transcript(&e), "mode {mode:?}");
         assert_eq!(v["engine"], "bt");
         let c = &v["bt"];
-        for k in ["blocks_translated", "run_identical", "run_interpreted"] {
+        for k in ["blocks_translated", "run_translated", "run_interpreted"] {
             assert!(c[k].as_u64().unwrap_or(0) > 0, "{k}: {v}");
         }
         assert!(c["code_cache_bytes"].as_u64().unwrap() <= c["code_cache_size"].as_u64().unwrap());

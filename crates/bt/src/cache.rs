@@ -5,10 +5,23 @@
 
 use std::io;
 
+use x86::TlbProbe;
+
 /// The signature of a translated block: the guest's GPRs (`Cpu::gpr`, 16
-/// in the order of their encoding numbers) and RFLAGS.
-/// It returns how far RIP moves.
-pub type BlockFn = unsafe extern "sysv64" fn(gpr: *mut u64, rflags: *mut u64) -> u64;
+/// in the order of their encoding numbers), RFLAGS, and the software TLB
+/// it probes for memory accesses.
+pub type BlockFn =
+    unsafe extern "sysv64" fn(gpr: *mut u64, rflags: *mut u64, tlb: *const TlbProbe) -> BlockExit;
+
+/// What a block returns (in RAX and RDX).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockExit {
+    /// How far RIP moves.
+    pub delta: u64,
+    /// Guest instructions completed.
+    pub count: u64,
+}
 
 /// Executable memory for translated blocks.
 pub struct CodeCache {
@@ -95,21 +108,32 @@ impl CodeCache {
     /// The one place where visor jumps into generated code. It is sound
     /// because of how every block is built (translate.rs): only instructions
     /// of the allow-list, re-encoded with registers renamed, between a
-    /// prologue and an epilogue of the translator's own; none of them
-    /// accesses memory other than `gpr[0..16]`, `*rflags` and the host stack
-    /// frame the prologue makes, or faults; a guest branch at the end is
-    /// turned into a CMOVcc of the value returned, never a host jump; the epilogue
+    /// prologue and an epilogue of the translator's own; they access no
+    /// memory but `gpr[0..16]`, `*rflags`, the host stack frame the prologue
+    /// makes, the software TLB's entries through `tlb` (reads), and guest
+    /// RAM through a host address an entry gives, only after the probe has
+    /// checked the entry's tag, its access bit, that its page is RAM and
+    /// that the access stays within the page (the CPU's own fast path relies
+    /// on the same entries, which map whole pages of guest RAM); nothing
+    /// faults; a guest branch at the end is turned into a CMOVcc of the
+    /// value returned, the only host jumps go to the block's own exits; the epilogue
     /// restores every callee-saved register and returns. `offset` was
     /// returned by [`CodeCache::add`] since the last [`CodeCache::clear`]
     /// (the translator drops its blocks when it clears the cache).
-    pub fn run(&self, offset: usize, gpr: &mut [u64; 16], rflags: &mut u64) -> u64 {
+    pub fn run(
+        &self,
+        offset: usize,
+        gpr: &mut [u64; 16],
+        rflags: &mut u64,
+        tlb: &TlbProbe,
+    ) -> BlockExit {
         debug_assert!(offset < self.used);
         // SAFETY: see above; the executable view maps the bytes `add` wrote
         // at `offset`, a whole block, and the pointers passed are valid for
         // the accesses the block makes for the duration of the call.
         unsafe {
             let f: BlockFn = std::mem::transmute(self.rx.add(offset));
-            f(gpr.as_mut_ptr(), rflags)
+            f(gpr.as_mut_ptr(), rflags, tlb)
         }
     }
 }

@@ -44,7 +44,7 @@ use iced_x86::{Instruction, Mnemonic};
 use softplat::{Platform, Step};
 use vcpu::{IrqLine, Result, Vcpu, VcpuError, VcpuExit};
 use vm_memory::GuestMemoryMmap;
-use x86::{Accel, Cpu, CpuExit};
+use x86::{Accel, Cpu, CpuExit, TlbProbe};
 
 use cache::CodeCache;
 use translate::Translator;
@@ -95,12 +95,13 @@ impl BtVm {
         let cpuid = self.platform.cpuid(id, self.config.pv_signature);
         let mut cpu = self.platform.create_cpu(id, &self.mem, cpuid);
         cpu.log_code_invalidations();
+        let tlb_mask = cpu.tlb_probe().mask;
         let cache = CodeCache::new(self.config.cache_size)
             .map_err(|e| VcpuError::os("bt: code cache", e))?;
         Ok(BtVcpu {
             cpu,
             platform: self.platform.clone(),
-            tr: Blocks::new(cache),
+            tr: Blocks::new(cache, tlb_mask),
         })
     }
 }
@@ -148,6 +149,11 @@ struct Stats {
     translate_time: Duration,
     /// Guest instructions run by translated code.
     identical_runs: u64,
+    /// Of the instructions put into blocks, those that access memory
+    /// through the inline TLB probe.
+    translated_memory: u64,
+    /// Blocks left early at a memory access the probe could not serve.
+    side_exits: u64,
 }
 
 /// The translated blocks of one vCPU and their code cache: the
@@ -161,14 +167,18 @@ pub struct Blocks {
     at: HashMap<u64, u32, BuildHasherDefault<AddrHasher>>,
     /// Guest-physical addresses of the blocks of each physical page.
     by_page: HashMap<u64, Vec<u64>>,
+    /// What the blocks' TLB probes read (`Cpu::tlb_probe`, refreshed before
+    /// each run).
+    probe: Option<TlbProbe>,
     stats: Stats,
 }
 
 impl Blocks {
-    fn new(cache: CodeCache) -> Blocks {
+    fn new(cache: CodeCache, tlb_mask: u64) -> Blocks {
         Blocks {
             cache,
-            translator: Translator::default(),
+            translator: Translator::new(tlb_mask),
+            probe: None,
             blocks: Vec::new(),
             at: HashMap::default(),
             by_page: HashMap::new(),
@@ -222,7 +232,7 @@ impl Blocks {
                 next = Some(i.mnemonic());
                 break;
             }
-            if !translate::identical(&i) {
+            if !translate::identical(&i) && translate::memory_form(&i).is_none() {
                 if translate::direct_branch(&i) {
                     guest.push(i);
                 } else {
@@ -262,6 +272,7 @@ impl Blocks {
                 block.len = t.len;
                 self.stats.blocks += 1;
                 self.stats.translated += t.count as u64;
+                self.stats.translated_memory += t.memory as u64;
             }
         }
         let ix = self.blocks.len() as u32;
@@ -340,11 +351,18 @@ impl Accel for Blocks {
                 return Some(done);
             }
             b.runs += 1;
-            let delta = self.cache.run(off, &mut cpu.gpr, &mut cpu.rflags);
-            cpu.rip = cpu.rip.wrapping_add(delta);
-            cpu.retired += n;
-            self.stats.identical_runs += n;
-            done += n;
+            let probe = self.probe.insert(cpu.tlb_probe());
+            let exit = self.cache.run(off, &mut cpu.gpr, &mut cpu.rflags, probe);
+            cpu.rip = cpu.rip.wrapping_add(exit.delta);
+            cpu.retired += exit.count;
+            self.stats.identical_runs += exit.count;
+            done += exit.count;
+            if exit.count < n {
+                // A memory access found no usable TLB entry: the
+                // interpreter carries it out (and fills the entry).
+                self.stats.side_exits += 1;
+                return Some(done);
+            }
         }
     }
 }
@@ -407,7 +425,12 @@ impl Vcpu for BtVcpu {
             ("guest_instructions".to_string(), total),
             ("bt/blocks_translated".into(), s.blocks),
             ("bt/instructions_translated".into(), s.translated),
-            ("bt/run_identical".into(), s.identical_runs),
+            (
+                "bt/instructions_translated_memory".into(),
+                s.translated_memory,
+            ),
+            ("bt/run_translated".into(), s.identical_runs),
+            ("bt/side_exits".into(), s.side_exits),
             (
                 "bt/run_interpreted".into(),
                 total.saturating_sub(s.identical_runs),
@@ -453,7 +476,8 @@ pub fn exec_bytes_differential(data: &[u8]) -> (softplat::fuzz::Report, softplat
         true,
         |cpu| {
             cpu.log_code_invalidations();
-            CodeCache::new(1 << 20).ok().map(Blocks::new)
+            let mask = cpu.tlb_probe().mask;
+            CodeCache::new(1 << 20).ok().map(|c| Blocks::new(c, mask))
         },
         |cpu, left, blocks| match blocks {
             Some(b) => cpu.run_accel(left, b),

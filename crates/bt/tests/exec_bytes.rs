@@ -10,7 +10,8 @@ use visor_bt::exec_bytes_differential;
 
 const INPUTS: usize = 1_000;
 
-/// Register-only instructions on the allow-list, some with flags carried
+/// Register-only instructions on the allow-list, stack-relative loads,
+/// stores and read-modify-writes (the TLB probe's memory forms), some with flags carried
 /// from one to the next, and a backward conditional jump. An instruction
 /// that leaves flags undefined by the SDM (MUL, IMUL, ROL by 7) is followed
 /// by one that defines them all, so that no undefined flag, which the host
@@ -31,6 +32,11 @@ const ARITH: &[&[u8]] = &[
     &[0xff, 0xc9],                                     // dec ecx
     &[0x75, 0xf0],                                     // jnz -16
     &[0x48, 0x99],                                     // cqo
+    &[0x48, 0x89, 0x44, 0x24, 0xf8],                   // mov [rsp-8], rax
+    &[0x48, 0x03, 0x44, 0x24, 0xf0],                   // add rax, [rsp-16]
+    &[0x48, 0x8b, 0x5c, 0x24, 0xf8],                   // mov rbx, [rsp-8]
+    &[0x48, 0x83, 0x6c, 0x24, 0xf8, 0x03],             // sub qword [rsp-8], 3
+    &[0x0f, 0xb6, 0x4c, 0x24, 0xf9],                   // movzx ecx, byte [rsp-7]
     &[0x48, 0xf7, 0xe3, 0x48, 0x83, 0xc0, 0x00],       // mul rbx; add rax, 0
 ];
 

@@ -48,6 +48,7 @@ pub use cpuid::{CpuidTable, APIC_TIMER_KHZ, TSC_KHZ};
 pub use fpu::Fpu;
 pub use intercept::{seg_index, sensitive, Intercepts, IrqMode};
 pub use mem::PhysMem;
+pub use mmu::{TlbProbe, TLB_ALLOW, TLB_ENTRY_SIZE, TLB_HOST, TLB_VPAGE};
 use vcpu::{DescriptorTable, Regs, SRegs, Segment};
 
 /// Segment register numbers (the x86 encoding).

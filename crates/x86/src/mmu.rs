@@ -17,7 +17,10 @@ pub(crate) const A_R_U: u8 = 8;
 pub(crate) const A_W_U: u8 = 16;
 pub(crate) const A_X_U: u8 = 32;
 
+/// One TLB entry. `repr(C)`: translated code reads `vpage`, `host` and
+/// `allow` at the offsets [`TlbProbe`] gives.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct TlbEntry {
     /// Linear page address; `u64::MAX` when invalid (never page-aligned).
     pub vpage: u64,
@@ -39,6 +42,48 @@ impl TlbEntry {
         global: false,
         large: false,
     };
+}
+
+/// What translated code needs to probe the software TLB itself (engine
+/// `bt`): where the entries are and how to read one. An entry for a linear
+/// page gives its host address when its `allow` byte has the bit of the
+/// access (`acc_r` or `acc_w` for the current CPL: write access is only
+/// there once the dirty bit is set and the page holds no decoded code) and
+/// its host address is not 0 (RAM). Valid until the CPU is dropped; the
+/// entries change whenever the CPU runs.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct TlbProbe {
+    /// The first entry.
+    pub base: u64,
+    /// The number of entries minus one (indexed by linear page number).
+    pub mask: u64,
+    /// The `allow` bit of a read at the current CPL.
+    pub acc_r: u64,
+    /// The `allow` bit of a write at the current CPL.
+    pub acc_w: u64,
+}
+
+/// The size of an entry, and the offsets of its linear page, host address
+/// and access bits.
+pub const TLB_ENTRY_SIZE: usize = std::mem::size_of::<TlbEntry>();
+/// Offset of the linear page in an entry.
+pub const TLB_VPAGE: usize = std::mem::offset_of!(TlbEntry, vpage);
+/// Offset of the host address of the page.
+pub const TLB_HOST: usize = std::mem::offset_of!(TlbEntry, host);
+/// Offset of the access-bits byte.
+pub const TLB_ALLOW: usize = std::mem::offset_of!(TlbEntry, allow);
+
+impl Cpu {
+    /// The software TLB, for translated code that probes it.
+    pub fn tlb_probe(&self) -> TlbProbe {
+        TlbProbe {
+            base: self.tlb.as_ptr() as u64,
+            mask: (TLB_SIZE - 1) as u64,
+            acc_r: self.acc_r as u64,
+            acc_w: self.acc_w as u64,
+        }
+    }
 }
 
 #[inline(always)]
