@@ -26,7 +26,7 @@
 use iced_x86::code_asm::*;
 use iced_x86::{
     Code, ConditionCode, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic as M,
-    OpAccess, OpKind, Register,
+    OpAccess, OpKind, Register, RflagsBits,
 };
 
 /// The most instructions in one block.
@@ -434,12 +434,55 @@ impl Translator {
                 MemoryOperand::with_base_displ(Register::RDI, 8 * g as i64),
             )?)?;
         }
+        // Which guest flags must hold their true value right after each
+        // instruction's probe: what it or a later instruction reads before
+        // writing it with a defined value (a flag the SDM leaves undefined
+        // may keep its old value on the host), where any later memory
+        // instruction counts as reading every flag (its probe may leave the
+        // block there, and the interpreter, or the handler of a fault it
+        // raises, sees the flags), as does the block's end.
+        let all = RflagsBits::OF
+            | RflagsBits::SF
+            | RflagsBits::ZF
+            | RflagsBits::AF
+            | RflagsBits::CF
+            | RflagsBits::PF;
+        let mut needed = vec![all; guest.len()];
+        let mut live = all;
+        for (k, (i, form)) in guest.iter().zip(forms).enumerate().rev() {
+            // Shifts and rotates leave every flag alone when their masked
+            // count is 0, which CL (or the immediate) decides at run time.
+            let shift = matches!(
+                i.mnemonic(),
+                M::Shl
+                    | M::Shr
+                    | M::Sar
+                    | M::Sal
+                    | M::Rol
+                    | M::Ror
+                    | M::Rcl
+                    | M::Rcr
+                    | M::Shld
+                    | M::Shrd
+            );
+            let defined = if shift {
+                0
+            } else {
+                i.rflags_written() | i.rflags_cleared() | i.rflags_set()
+            };
+            needed[k] = i.rflags_read() | (live & !defined);
+            live = if *form == Form::Identical {
+                needed[k]
+            } else {
+                all
+            };
+        }
         let mut misses = Vec::new();
         for (k, (i, form)) in guest.iter().zip(forms).enumerate() {
             let mut o = rename(i, &r.map);
             if let Form::Memory(write) = *form {
                 let miss = a.create_label();
-                self.probe(&mut a, i, write, r, miss)?;
+                self.probe(&mut a, i, write, r, miss, needed[k] & all != 0)?;
                 let host = GPR64[r.scratch[0]];
                 o.set_memory_base(host);
                 o.set_memory_index(Register::None);
@@ -474,7 +517,8 @@ impl Translator {
     /// stack, the entry for its page checked (tag, access bit for the
     /// current CPL, RAM, the access within the page) and the host address
     /// put in scratch 0; on any failure a jump to `miss` (flags still
-    /// saved). On the hit path the flags are restored.
+    /// saved). On the hit path the flags are restored when `flags_live`
+    /// (POPFQ is slow), else their saved copy is dropped.
     fn probe(
         &self,
         a: &mut CodeAssembler,
@@ -482,6 +526,7 @@ impl Translator {
         write: bool,
         r: &Registers,
         miss: CodeLabel,
+        flags_live: bool,
     ) -> Result<(), IcedError> {
         let s1 = GPR64[r.scratch[0]];
         let [s1a, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
@@ -530,7 +575,14 @@ impl Translator {
         a.jz(miss)?;
         a.sub(s3a, qword_ptr(s2a + x86::TLB_VPAGE as i32))?;
         a.add(s1a, s3a)?;
-        a.popfq()
+        if flags_live {
+            a.popfq()
+        } else {
+            // Nothing can see the flags before they are written again:
+            // drop the saved copy (LEA leaves the flags alone; a miss still
+            // restores it).
+            a.lea(rsp, qword_ptr(rsp + 8))
+        }
     }
 }
 
