@@ -119,8 +119,8 @@ extern "C" fn kick_handler(_: libc::c_int) {}
 static DUMP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 /// The kick of the vCPU that runs now, for SIGUSR2's handler. Each
-/// [`Vm::run`] stores its own; the previous one is leaked (a handler may be
-/// using it), a few bytes a run.
+/// [`Vm::run`] of another vCPU stores its own; the previous one is leaked (a
+/// handler may be using it): one `Kick` per vCPU that ever ran.
 static SIGNAL_KICK: AtomicPtr<Kick> = AtomicPtr::new(std::ptr::null_mut());
 
 extern "C" fn dump_handler(_: libc::c_int) {
@@ -244,7 +244,10 @@ impl Vm {
     /// Runs the vCPU until the machine stops, recording every exit in `stats`.
     pub fn run(&mut self, stats: &mut Stats) -> Result<Outcome, VcpuError> {
         install_signal_handlers();
-        SIGNAL_KICK.store(Arc::into_raw(self.vcpu.kick()).cast_mut(), Ordering::SeqCst);
+        let kick = self.vcpu.kick();
+        if !std::ptr::eq(SIGNAL_KICK.load(Ordering::SeqCst), Arc::as_ptr(&kick)) {
+            SIGNAL_KICK.store(Arc::into_raw(kick).cast_mut(), Ordering::SeqCst);
+        }
         let start = Instant::now();
         let out = self.run_loop(stats);
         stats.wall_time += start.elapsed();

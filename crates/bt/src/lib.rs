@@ -261,10 +261,11 @@ impl Blocks {
                 }
             };
             if let Some(off) = off {
-                if (t.count as usize) < guest.len() {
-                    block.next = Some(guest[t.count as usize].mnemonic());
-                } else if t.guest.last().is_some_and(translate::direct_branch) {
-                    block.next = None;
+                // The translator may stop short of what was decoded (no
+                // host registers left): the interpreter's instruction is
+                // then the first one it left.
+                if let Some(i) = guest.get(t.count as usize) {
+                    block.next = Some(i.mnemonic());
                 }
                 block.code = Some(off);
                 block.code_len = t.code.len();

@@ -141,11 +141,16 @@ fn renamed(r: Register, to: usize) -> Register {
     }
 }
 
-/// Whether `i` is on the allow-list of instructions emitted identically.
-pub fn identical(i: &Instruction) -> bool {
-    let allowed = matches!(
-        i.mnemonic(),
-        M::Add
+/// The integer operations both translations take: MOV and its extending
+/// forms, the two-operand ALU operations, and INC, DEC, NEG and NOT.
+fn integer_op(m: M) -> bool {
+    matches!(
+        m,
+        M::Mov
+            | M::Movzx
+            | M::Movsx
+            | M::Movsxd
+            | M::Add
             | M::Or
             | M::Adc
             | M::Sbb
@@ -154,15 +159,35 @@ pub fn identical(i: &Instruction) -> bool {
             | M::Xor
             | M::Cmp
             | M::Test
-            | M::Mov
-            | M::Movzx
-            | M::Movsx
-            | M::Movsxd
-            | M::Lea
             | M::Inc
             | M::Dec
             | M::Neg
             | M::Not
+    )
+}
+
+/// Whether an operand of kind `k` is an immediate.
+fn immediate(k: OpKind) -> bool {
+    matches!(
+        k,
+        OpKind::Immediate8
+            | OpKind::Immediate8_2nd
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
+}
+
+/// Whether `i` is on the allow-list of instructions emitted identically.
+pub fn identical(i: &Instruction) -> bool {
+    let allowed = integer_op(i.mnemonic())
+        || matches!(
+            i.mnemonic(),
+            M::Lea
             | M::Shl
             | M::Shr
             | M::Sar
@@ -183,7 +208,7 @@ pub fn identical(i: &Instruction) -> bool {
             | M::Cbw
             | M::Cwd
             | M::Nop
-    ) // SETcc and CMOVcc (a Jcc's branch operand is refused below).
+        ) // SETcc and CMOVcc (a Jcc's branch operand is refused below).
         || i.condition_code() != ConditionCode::None;
     if !allowed || i.has_lock_prefix() || i.has_rep_prefix() || i.has_repne_prefix() {
         return false;
@@ -195,15 +220,7 @@ pub fn identical(i: &Instruction) -> bool {
                     return false;
                 }
             }
-            OpKind::Immediate8
-            | OpKind::Immediate8_2nd
-            | OpKind::Immediate16
-            | OpKind::Immediate32
-            | OpKind::Immediate64
-            | OpKind::Immediate8to16
-            | OpKind::Immediate8to32
-            | OpKind::Immediate8to64
-            | OpKind::Immediate32to64 => {}
+            k if immediate(k) => {}
             // LEA computes an address and accesses nothing; RIP-relative
             // forms would tie the block to one linear address.
             OpKind::Memory if i.mnemonic() == M::Lea => {
@@ -229,27 +246,11 @@ pub fn identical(i: &Instruction) -> bool {
 /// one linear address), in a segment whose base is 0 in 64-bit mode (not FS
 /// or GS), and at most 8 bytes long.
 pub fn memory_form(i: &Instruction) -> Option<bool> {
-    let listed = matches!(
-        i.mnemonic(),
-        M::Mov
-            | M::Movzx
-            | M::Movsx
-            | M::Movsxd
-            | M::Add
-            | M::Or
-            | M::Adc
-            | M::Sbb
-            | M::And
-            | M::Sub
-            | M::Xor
-            | M::Cmp
-            | M::Test
-            | M::Inc
-            | M::Dec
-            | M::Neg
-            | M::Not
-    );
-    if !listed || i.has_lock_prefix() || i.has_rep_prefix() || i.has_repne_prefix() {
+    if !integer_op(i.mnemonic())
+        || i.has_lock_prefix()
+        || i.has_rep_prefix()
+        || i.has_repne_prefix()
+    {
         return None;
     }
     let mut memory = None;
@@ -257,13 +258,7 @@ pub fn memory_form(i: &Instruction) -> Option<bool> {
         match i.op_kind(k) {
             OpKind::Register => gpr_number(i.op_register(k)).map(|_| ())?,
             OpKind::Memory if memory.is_none() => memory = Some(k),
-            OpKind::Immediate8
-            | OpKind::Immediate16
-            | OpKind::Immediate32
-            | OpKind::Immediate8to16
-            | OpKind::Immediate8to32
-            | OpKind::Immediate8to64
-            | OpKind::Immediate32to64 => {}
+            k if immediate(k) => {}
             _ => return None,
         }
     }
@@ -302,9 +297,6 @@ pub struct Translation {
     pub memory: u32,
     /// Guest bytes it covers.
     pub len: u64,
-    /// The guest instructions, as translated (for `--stats` and the
-    /// worked example in docs/bt.md).
-    pub guest: Vec<Instruction>,
 }
 
 /// Builds blocks; keeps the instruction-information factory between them.
@@ -395,7 +387,6 @@ impl Translator {
             count: taken.len() as u32,
             memory,
             len: taken.iter().map(|i| i.len() as u64).sum(),
-            guest: taken,
         })
     }
 

@@ -1237,7 +1237,7 @@ impl Vcpu for TrapVcpu {
     }
 
     fn memory_written(&mut self, gpa: u64, len: u64) {
-        softplat::memory_written(&mut self.g.cpu, gpa, len);
+        self.g.cpu.external_write(gpa, len);
     }
 
     fn regs(&self) -> Result<Regs> {

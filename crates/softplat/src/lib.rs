@@ -365,7 +365,7 @@ macro_rules! plain_cpu_state {
         }
 
         fn memory_written(&mut self, gpa: u64, len: u64) {
-            $crate::memory_written(&mut self.cpu, gpa, len);
+            self.cpu.external_write(gpa, len);
         }
 
         /// The software CPU's TLB is all the translations there are.
@@ -374,10 +374,4 @@ macro_rules! plain_cpu_state {
             Ok(())
         }
     };
-}
-
-/// Reports guest-memory writes made outside the CPU to its caches (the
-/// contract's `Vcpu::memory_written`, the same for every software engine).
-pub fn memory_written(cpu: &mut Cpu, gpa: u64, len: u64) {
-    cpu.external_write(gpa, len);
 }

@@ -852,7 +852,7 @@ impl Vcpu for VmxVcpu {
     }
 
     fn memory_written(&mut self, gpa: u64, len: u64) {
-        softplat::memory_written(&mut self.cpu, gpa, len);
+        self.cpu.external_write(gpa, len);
     }
 
     fn regs(&self) -> Result<Regs> {

@@ -174,7 +174,8 @@ impl Cpu {
     /// cache (so a later write to it is seen as a code write), for an engine
     /// that translates it. `None` if the fetch would fault, or the
     /// instruction crosses a page (the engine leaves it to the interpreter).
-    /// Nothing else of the CPU's state changes.
+    /// Nothing architectural changes beyond what fetching the instruction
+    /// does (the walk's accessed bits).
     pub fn decode_for_translation(&mut self, rip: u64) -> Option<(Instruction, u64)> {
         let saved = self.rip;
         self.rip = rip;
@@ -197,10 +198,10 @@ impl Cpu {
     /// fetched without a fault (no fault is raised).
     #[inline]
     pub fn code_phys(&mut self) -> Option<u64> {
-        let lin = self.code_linear(self.rip);
-        if lin & !0xfff == self.code.fetch_vpage {
-            return Some(self.code.pages[self.code.fetch_slot].ppage | (lin & 0xfff));
+        if let Some((page, off)) = self.rip_in_fetch_page() {
+            return Some(self.code.pages[page].ppage | off as u64);
         }
+        let lin = self.code_linear(self.rip);
         if self.long64 && !arch::canonical(lin) {
             return None;
         }
@@ -214,22 +215,26 @@ impl Cpu {
     /// (known only for the page of the last fetch).
     #[inline(always)]
     pub(crate) fn no_accel_here(&self) -> bool {
-        let lin = self.code_linear(self.rip);
-        if lin & !0xfff != self.code.fetch_vpage {
-            return false;
-        }
-        let off = (lin & 0xfff) as usize;
-        self.code.pages[self.code.fetch_slot].no_accel[off / 64] >> (off % 64) & 1 != 0
+        self.rip_in_fetch_page().is_some_and(|(page, off)| {
+            self.code.pages[page].no_accel[off / 64] >> (off % 64) & 1 != 0
+        })
     }
 
     /// Remembers that the accelerator has nothing for the code at RIP, until
     /// the page's decoded code is dropped.
     pub(crate) fn set_no_accel_here(&mut self) {
-        let lin = self.code_linear(self.rip);
-        if lin & !0xfff == self.code.fetch_vpage {
-            let off = (lin & 0xfff) as usize;
-            self.code.pages[self.code.fetch_slot].no_accel[off / 64] |= 1 << (off % 64);
+        if let Some((page, off)) = self.rip_in_fetch_page() {
+            self.code.pages[page].no_accel[off / 64] |= 1 << (off % 64);
         }
+    }
+
+    /// The slot of the last fetch's page and RIP's offset in it, if RIP is
+    /// in that page.
+    #[inline(always)]
+    fn rip_in_fetch_page(&self) -> Option<(usize, usize)> {
+        let lin = self.code_linear(self.rip);
+        (lin & !0xfff == self.code.fetch_vpage)
+            .then_some((self.code.fetch_slot, (lin & 0xfff) as usize))
     }
 
     /// Turns the log of dropped code pages on (see
