@@ -168,8 +168,8 @@ fn run(args: RunArgs) -> Result<i32, String> {
         .as_deref()
         .map(|c| {
             let n = machine::memory::parse_size(c).map_err(|e| format!("--bt-cache: {e}"))?;
-            if !(64 << 10..=4 << 30).contains(&n) {
-                return Err(format!("--bt-cache {c}: between 64K and 4G"));
+            if !(64 << 10..=1 << 30).contains(&n) {
+                return Err(format!("--bt-cache {c}: between 64K and 1G"));
             }
             usize::try_from(n).map_err(|_| format!("--bt-cache {c}: too large"))
         })

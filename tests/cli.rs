@@ -201,7 +201,7 @@ fn demo_os_on_bt_native_and_pv() {
 }
 
 /// `--bt-cache`: a small code cache fills and is emptied whole, and the
-/// guest runs on; a size outside 64K..4G is refused.
+/// guest runs on; a size outside 64K..1G is refused.
 #[test]
 fn bt_code_cache_is_bounded() {
     let (o, v) = stats_json(&[

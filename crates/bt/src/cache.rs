@@ -5,23 +5,15 @@
 
 use std::io;
 
-use x86::TlbProbe;
+use crate::translate::{self, Ctx, Runtime};
 
-/// The signature of a translated block: the guest's GPRs (`Cpu::gpr`, 16
-/// in the order of their encoding numbers), RFLAGS, and the software TLB
-/// it probes for memory accesses.
-pub type BlockFn =
-    unsafe extern "sysv64" fn(gpr: *mut u64, rflags: *mut u64, tlb: *const TlbProbe) -> BlockExit;
+/// The runtime's entry ([`crate::translate::Runtime::enter`]): the context
+/// translated code runs on, and the host address of the block to start.
+pub type EnterFn = unsafe extern "sysv64" fn(ctx: *mut Ctx, code: u64);
 
-/// What a block returns (in RAX and RDX).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct BlockExit {
-    /// How far RIP moves.
-    pub delta: u64,
-    /// Guest instructions completed.
-    pub count: u64,
-}
+/// The largest cache: every jump within it, from a block to the runtime or
+/// to another block, is in reach of a 32-bit displacement.
+pub const MAX_SIZE: usize = 1 << 30;
 
 /// Executable memory for translated blocks.
 pub struct CodeCache {
@@ -32,6 +24,9 @@ pub struct CodeCache {
     rx: *const u8,
     size: usize,
     used: usize,
+    /// Bytes at the start that hold the runtime (kept by `clear`).
+    reserved: usize,
+    rt: Runtime,
 }
 
 // SAFETY: the cache owns both mappings; nothing else refers to them, and it
@@ -39,9 +34,10 @@ pub struct CodeCache {
 unsafe impl Send for CodeCache {}
 
 impl CodeCache {
-    /// A cache of `size` bytes (rounded up to whole pages).
+    /// A cache of `size` bytes (rounded up to whole pages, at most
+    /// [`MAX_SIZE`]).
     pub fn new(size: usize) -> io::Result<CodeCache> {
-        let size = size.max(4096).next_multiple_of(4096);
+        let size = size.clamp(4096, MAX_SIZE).next_multiple_of(4096);
         // SAFETY: memfd_create with a NUL-terminated name and plain flags.
         let fd = unsafe { libc::memfd_create(c"visor-bt".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -53,6 +49,8 @@ impl CodeCache {
             rx: std::ptr::null(),
             size,
             used: 0,
+            reserved: 0,
+            rt: Runtime::default(),
         };
         // SAFETY: ftruncate of the memfd this function just created.
         if unsafe { libc::ftruncate(fd, size as libc::off_t) } != 0 {
@@ -62,7 +60,56 @@ impl CodeCache {
         cache.rx = map(fd, size, libc::PROT_READ | libc::PROT_EXEC)?
             .cast_const()
             .cast();
+        let (code, rt) = translate::runtime(cache.rx as u64)
+            .map_err(|e| io::Error::other(format!("bt runtime: {e}")))?;
+        cache
+            .add(&code)
+            .ok_or_else(|| io::Error::other("bt: code cache too small"))?;
+        cache.reserved = cache.used;
+        cache.rt = rt;
         Ok(cache)
+    }
+
+    /// The runtime's routines.
+    pub fn runtime(&self) -> Runtime {
+        self.rt
+    }
+
+    /// The host (executable) address the next block added will have.
+    pub fn next_addr(&self) -> u64 {
+        self.rx as u64 + self.used.next_multiple_of(16) as u64
+    }
+
+    /// The host address of `offset`.
+    pub fn addr(&self, offset: usize) -> u64 {
+        self.rx as u64 + offset as u64
+    }
+
+    /// Points the patchable jump (`E9 rel32`) at host address `slot` to
+    /// host address `to`; nothing if `slot` is not such a jump in the part
+    /// of the cache in use, or `to` is out of its reach.
+    pub fn link(&mut self, slot: u64, to: u64) -> bool {
+        let Some(off) = slot.checked_sub(self.rx as u64) else {
+            return false;
+        };
+        let off = off as usize;
+        if off < self.reserved || off.saturating_add(5) > self.used {
+            return false;
+        }
+        let Ok(rel) = i32::try_from(to.wrapping_sub(slot + 5) as i64) else {
+            return false;
+        };
+        // SAFETY: `off..off + 5` lies within the bytes written so far, in
+        // the writable view this cache owns; the jump is only ever executed
+        // by this vCPU's thread, which is here, not in the cache.
+        unsafe {
+            let p = self.rw.add(off);
+            if *p != 0xe9 {
+                return false;
+            }
+            std::ptr::copy_nonoverlapping(rel.to_le_bytes().as_ptr(), p.add(1), 4);
+        }
+        true
     }
 
     /// Bytes of code in the cache.
@@ -89,9 +136,9 @@ impl CodeCache {
         Some(at)
     }
 
-    /// Forgets every block.
+    /// Forgets every block (the runtime stays).
     pub fn clear(&mut self) {
-        self.used = 0;
+        self.used = self.reserved;
     }
 
     /// The code at `offset`, in the executable view.
@@ -103,37 +150,38 @@ impl CodeCache {
         unsafe { std::slice::from_raw_parts(self.rx.add(start), end - start) }
     }
 
-    /// Runs the block at `offset` on the guest's registers.
+    /// Runs translated code from the block at host address `code` on the
+    /// context `ctx`, until it leaves the cache.
     ///
     /// The one place where visor jumps into generated code. It is sound
-    /// because of how every block is built (translate.rs): only instructions
-    /// of the allow-list, re-encoded with registers renamed, between a
-    /// prologue and an epilogue of the translator's own; they access no
-    /// memory but `gpr[0..16]`, `*rflags`, the host stack frame the prologue
-    /// makes, the software TLB's entries through `tlb` (reads), and guest
-    /// RAM through a host address an entry gives, only after the probe has
-    /// checked the entry's tag, its access bit, that its page is RAM and
-    /// that the access stays within the page (the CPU's own fast path relies
-    /// on the same entries, which map whole pages of guest RAM); nothing
-    /// faults; a guest branch at the end is turned into a CMOVcc of the
-    /// value returned, the only host jumps go to the block's own exits; the epilogue
-    /// restores every callee-saved register and returns. `offset` was
-    /// returned by [`CodeCache::add`] since the last [`CodeCache::clear`]
-    /// (the translator drops its blocks when it clears the cache).
-    pub fn run(
-        &self,
-        offset: usize,
-        gpr: &mut [u64; 16],
-        rflags: &mut u64,
-        tlb: &TlbProbe,
-    ) -> BlockExit {
-        debug_assert!(offset < self.used);
-        // SAFETY: see above; the executable view maps the bytes `add` wrote
-        // at `offset`, a whole block, and the pointers passed are valid for
-        // the accesses the block makes for the duration of the call.
+    /// because of how the runtime and every block are built (translate.rs):
+    /// only instructions of the allow-list, re-encoded with registers
+    /// renamed, between templates of the translator's own. They access no
+    /// memory but the context (through RDI), the host stack frame the
+    /// runtime makes, the software TLB's entries and the jump cache through
+    /// the addresses in the context (reads), and guest RAM through a host
+    /// address a TLB entry gives, only after the probe has checked the
+    /// entry's tag, its access bit, that its page is RAM and that the
+    /// access stays within the page (the CPU's own fast path relies on the
+    /// same entries, which map whole pages of guest RAM); nothing faults.
+    /// Host jumps go only to the block's own labels, to the runtime, to a
+    /// block the dispatcher linked (a block in the cache), or, from the
+    /// lookup, to the code address of a jump-cache entry whose key matched
+    /// (the dispatcher fills entries only with blocks in the cache and
+    /// empties the table whenever blocks are dropped; an empty entry's key
+    /// matches no RIP). The runtime restores every callee-saved register
+    /// and returns. `code` is a block's address since the last
+    /// [`CodeCache::clear`], and `ctx.tlb` and `ctx.jc` point at the
+    /// vCPU's TLB and jump cache.
+    pub fn run(&self, code: u64, ctx: &mut Ctx) {
+        debug_assert!(code >= self.rx as u64 + self.reserved as u64);
+        debug_assert!(code < self.rx as u64 + self.used as u64);
+        // SAFETY: see above; `enter` is the runtime at the start of the
+        // executable view, and `ctx` is valid for the accesses the code
+        // makes for the duration of the call.
         unsafe {
-            let f: BlockFn = std::mem::transmute(self.rx.add(offset));
-            f(gpr.as_mut_ptr(), rflags, tlb)
+            let f: EnterFn = std::mem::transmute(self.rt.enter);
+            f(ctx, code)
         }
     }
 }
@@ -171,11 +219,12 @@ mod tests {
     #[test]
     fn writable_and_executable_views_differ_and_share_bytes() {
         let mut c = CodeCache::new(8192).unwrap();
+        let rt = c.used();
         let at = c.add(&[0xc3]).unwrap();
         assert_eq!(c.code(at, 1), &[0xc3]);
         assert_ne!(c.rw.cast_const(), c.rx);
         assert!(c.add(&[0; 9000]).is_none(), "bounded");
         c.clear();
-        assert_eq!(c.used(), 0);
+        assert_eq!(c.used(), rt, "the runtime stays");
     }
 }

@@ -35,7 +35,7 @@
 pub mod cache;
 pub mod translate;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,10 +44,13 @@ use iced_x86::{Instruction, Mnemonic};
 use softplat::{Platform, Step};
 use vcpu::{IrqLine, Result, Vcpu, VcpuError, VcpuExit};
 use vm_memory::GuestMemoryMmap;
-use x86::{Accel, Cpu, CpuExit, TlbProbe};
+use x86::{Accel, Cpu, CpuExit};
 
 use cache::CodeCache;
-use translate::Translator;
+use translate::{
+    Ctx, JcEntry, Translator, CALLOUT_MEMORY, CALLOUT_MEMORY_HARD, CALLOUT_NONE, JC_EMPTY,
+    JC_ENTRIES, SLOT_NONE, SLOT_STOP,
+};
 
 /// The code cache's size unless `--bt-cache` says otherwise.
 pub const DEFAULT_CACHE: usize = 64 << 20;
@@ -122,19 +125,18 @@ impl vcpu::Vm for BtVm {
 
 /// One translated block.
 struct Block {
-    /// Offset in the code cache; `None`: the instruction here is not
+    /// Host address of its code; `None`: the instruction here is not
     /// translated (the interpreter runs it; remembered so that it is not
     /// looked at again).
-    code: Option<usize>,
+    code: Option<u64>,
     /// Host code bytes.
     code_len: usize,
-    /// Guest instructions and bytes.
+    /// Guest instructions.
     count: u32,
-    len: u64,
-    /// Times run.
-    runs: u64,
-    /// The instruction after the block, which the interpreter runs.
-    next: Option<Mnemonic>,
+    /// Its first instruction's mnemonic when `code` is `None`.
+    first: Option<Mnemonic>,
+    /// The patchable jumps of other blocks linked to it (host addresses).
+    incoming: Vec<u64>,
 }
 
 /// What the engine counts (`--stats`, key `bt`).
@@ -144,7 +146,11 @@ struct Stats {
     /// Guest instructions put into blocks.
     translated: u64,
     flushes: u64,
-    invalidated: u64,
+    /// Blocks dropped because their page was written, by the guest or the
+    /// VMM (`memory_written`).
+    invalidated_written: u64,
+    /// Blocks dropped because the CPU dropped every decoded page.
+    invalidated_all: u64,
     invalidations_all: u64,
     translate_time: Duration,
     /// Guest instructions run by translated code.
@@ -154,7 +160,28 @@ struct Stats {
     translated_memory: u64,
     /// Blocks left early at a memory access the probe could not serve.
     side_exits: u64,
+    /// Of those, the ones where the page's TLB entry was there but could
+    /// not serve it (a write to code, MMIO, an access across pages).
+    side_exits_hard: u64,
+    /// Times the dispatcher (Rust) entered the code cache.
+    dispatches: u64,
+    /// Patchable jumps linked to their target block, and unlinked again.
+    links: u64,
+    unlinks: u64,
+    /// Lookups in generated code that missed (the dispatcher's work).
+    lookup_misses: u64,
+    /// Jump cache emptied (TLB flush, CPL class change, blocks dropped).
+    jc_clears: u64,
+    /// Memory instructions retranslated into callouts because their probe
+    /// kept missing (adaptive translation).
+    adaptive: u64,
+    /// Instructions translated code left to the interpreter, by mnemonic
+    /// (`Mnemonic as usize`).
+    callouts: Vec<u64>,
 }
+
+/// Side exits at one instruction before it is retranslated as a callout.
+pub const ADAPT_AFTER: u32 = 64;
 
 /// The translated blocks of one vCPU and their code cache: the
 /// accelerator the software CPU calls ([`x86::Accel`]).
@@ -162,28 +189,72 @@ pub struct Blocks {
     cache: CodeCache,
     translator: Translator,
     blocks: Vec<Block>,
-    /// Block index by guest-physical address (looked up before every
-    /// instruction the interpreter would run: a multiplicative hash).
+    /// Block index by guest-physical address (looked up by the dispatcher:
+    /// a multiplicative hash).
     at: HashMap<u64, u32, BuildHasherDefault<AddrHasher>>,
     /// Guest-physical addresses of the blocks of each physical page.
     by_page: HashMap<u64, Vec<u64>>,
-    /// What the blocks' TLB probes read (`Cpu::tlb_probe`, refreshed before
-    /// each run).
-    probe: Option<TlbProbe>,
+    /// The context translated code runs on (boxed: generated code holds
+    /// its address while it runs).
+    ctx: Box<Ctx>,
+    /// The jump cache: guest RIP (and CPL class) to block, looked up by
+    /// generated code for the targets it cannot link.
+    jc: Box<[JcEntry]>,
+    /// What the jump cache's entries were made under: the TLB generation
+    /// and the CPL's class (user or not).
+    jc_made: (u64, bool),
+    /// Side exits by guest-physical address of the memory instruction.
+    misses: HashMap<u64, u32, BuildHasherDefault<AddrHasher>>,
+    /// Memory instructions the translator leaves to the interpreter
+    /// (adaptive translation), by guest-physical address.
+    callout_at: HashSet<u64>,
     stats: Stats,
 }
 
 impl Blocks {
     fn new(cache: CodeCache, tlb_mask: u64) -> Blocks {
         Blocks {
+            translator: Translator::new(tlb_mask, cache.runtime()),
             cache,
-            translator: Translator::new(tlb_mask),
-            probe: None,
             blocks: Vec::new(),
             at: HashMap::default(),
             by_page: HashMap::new(),
-            stats: Stats::default(),
+            ctx: Box::default(),
+            jc: vec![
+                JcEntry {
+                    key: JC_EMPTY,
+                    code: 0
+                };
+                JC_ENTRIES
+            ]
+            .into_boxed_slice(),
+            jc_made: (u64::MAX, false),
+            misses: HashMap::default(),
+            callout_at: HashSet::new(),
+            stats: Stats {
+                callouts: vec![0; Mnemonic::values().count()],
+                ..Stats::default()
+            },
         }
+    }
+
+    /// Counts a callout to the interpreter's `m`.
+    fn callout(&mut self, m: Mnemonic) {
+        if let Some(n) = self.stats.callouts.get_mut(m as usize) {
+            *n += 1;
+        }
+    }
+
+    /// Empties the jump cache.
+    fn clear_jc(&mut self) {
+        let exit = self.cache.runtime().exit;
+        for e in self.jc.iter_mut() {
+            *e = JcEntry {
+                key: JC_EMPTY,
+                code: exit,
+            };
+        }
+        self.stats.jc_clears += 1;
     }
 
     /// Forgets every block (and the code cache's contents).
@@ -192,7 +263,24 @@ impl Blocks {
         self.at.clear();
         self.by_page.clear();
         self.cache.clear();
+        self.clear_jc();
         self.stats.flushes += 1;
+    }
+
+    /// Drops the block at guest-physical `pa`: nothing reaches it any more,
+    /// and the jumps linked to it leave the cache again (to the dispatcher,
+    /// which links them to what is there next).
+    fn drop_block(&mut self, pa: u64) -> bool {
+        let Some(ix) = self.at.remove(&pa) else {
+            return false;
+        };
+        let exit = self.cache.runtime().exit;
+        for slot in std::mem::take(&mut self.blocks[ix as usize].incoming) {
+            if self.cache.link(slot, exit) {
+                self.stats.unlinks += 1;
+            }
+        }
+        true
     }
 
     /// Drops the blocks the CPU's log of dropped code pages names.
@@ -200,20 +288,49 @@ impl Blocks {
         match cpu.take_code_invalidations() {
             None => {
                 self.stats.invalidations_all += 1;
-                self.stats.invalidated += self.at.len() as u64;
+                self.stats.invalidated_all += self.at.len() as u64;
                 self.blocks.clear();
                 self.at.clear();
                 self.by_page.clear();
+                self.callout_at.clear();
             }
             Some(pages) => {
                 for p in pages {
                     for pa in self.by_page.remove(&p).unwrap_or_default() {
-                        if self.at.remove(&pa).is_some() {
-                            self.stats.invalidated += 1;
+                        if self.drop_block(pa) {
+                            self.stats.invalidated_written += 1;
                         }
                     }
+                    self.callout_at.retain(|&a| a & !0xfff != p);
                 }
             }
+        }
+        self.clear_jc();
+    }
+
+    /// A side exit at the memory instruction at RIP (guest-physical `pa`)
+    /// of block `ix`: after [`ADAPT_AFTER`] of them the instruction becomes
+    /// the interpreter's and the block is dropped, to be translated again
+    /// without it (adaptive translation).
+    fn side_exit(&mut self, pa: u64, block: u32) {
+        self.stats.side_exits += 1;
+        self.stats.side_exits_hard += 1;
+        let n = self.misses.entry(pa).or_default();
+        *n += 1;
+        if *n < ADAPT_AFTER {
+            return;
+        }
+        self.misses.remove(&pa);
+        self.callout_at.insert(pa);
+        self.stats.adaptive += 1;
+        let start = self
+            .at
+            .iter()
+            .find(|&(_, &ix)| ix == block)
+            .map(|(&start, _)| start);
+        if let Some(start) = start {
+            self.drop_block(start);
+            self.clear_jc();
         }
     }
 
@@ -223,60 +340,56 @@ impl Blocks {
         let mut guest: Vec<Instruction> = Vec::new();
         let mut rip = cpu.rip;
         let page = pa & !0xfff;
-        let mut next = None;
+        let mut callout = None;
         while guest.len() < translate::MAX_BLOCK {
             let Some((i, ipa)) = cpu.decode_for_translation(rip) else {
+                // A fetch fault or an instruction across pages.
+                callout = Some(Mnemonic::INVALID);
                 break;
             };
             if ipa & !0xfff != page {
-                next = Some(i.mnemonic());
                 break;
             }
-            if !translate::identical(&i) && translate::memory_form(&i).is_none() {
-                if translate::direct_branch(&i) {
+            if self.callout_at.contains(&ipa)
+                || (!translate::identical(&i) && translate::memory_form(&i).is_none())
+            {
+                if translate::direct_branch(&i) && !self.callout_at.contains(&ipa) {
                     guest.push(i);
                 } else {
-                    next = Some(i.mnemonic());
+                    callout = Some(i.mnemonic());
                 }
                 break;
             }
             rip = i.next_ip();
             guest.push(i);
         }
-        let t = self.translator.translate(&guest);
+        let ix = self.blocks.len() as u32;
         let mut block = Block {
             code: None,
             code_len: 0,
             count: 0,
-            len: 0,
-            runs: 0,
-            next,
+            first: guest.first().map(|i| i.mnemonic()).or(callout),
+            incoming: Vec::new(),
         };
-        if let Some(t) = t {
-            let off = match self.cache.add(&t.code) {
-                Some(o) => Some(o),
-                None => {
-                    self.flush();
-                    self.cache.add(&t.code)
-                }
-            };
-            if let Some(off) = off {
-                // The translator may stop short of what was decoded (no
-                // host registers left): the interpreter's instruction is
-                // then the first one it left.
-                if let Some(i) = guest.get(t.count as usize) {
-                    block.next = Some(i.mnemonic());
-                }
-                block.code = Some(off);
-                block.code_len = t.code.len();
-                block.count = t.count;
-                block.len = t.len;
-                self.stats.blocks += 1;
-                self.stats.translated += t.count as u64;
-                self.stats.translated_memory += t.memory as u64;
-            }
+        let at = self.cache.next_addr();
+        let mut t = self.translator.translate(&guest, callout, at, ix);
+        let mut placed = t.as_ref().and_then(|t| self.cache.add(&t.code));
+        if t.is_some() && placed.is_none() {
+            // The cache is full: empty it and translate for the new place.
+            self.flush();
+            let at = self.cache.next_addr();
+            t = self.translator.translate(&guest, callout, at, 0);
+            placed = t.as_ref().and_then(|t| self.cache.add(&t.code));
         }
         let ix = self.blocks.len() as u32;
+        if let (Some(t), Some(off)) = (t, placed) {
+            block.code = Some(self.cache.addr(off));
+            block.code_len = t.code.len();
+            block.count = t.count;
+            self.stats.blocks += 1;
+            self.stats.translated += t.count as u64;
+            self.stats.translated_memory += t.memory as u64;
+        }
         self.blocks.push(block);
         self.at.insert(pa, ix);
         self.by_page.entry(page).or_default().push(pa);
@@ -291,10 +404,26 @@ impl Blocks {
             .iter()
             .filter_map(|(&pa, &ix)| {
                 let b = &self.blocks[ix as usize];
-                b.code
-                    .map(|off| (pa, self.cache.code(off, b.code_len).to_vec()))
+                b.code.map(|addr| {
+                    let off = (addr - self.cache.addr(0)) as usize;
+                    (pa, self.cache.code(off, b.code_len).to_vec())
+                })
             })
             .collect()
+    }
+
+    /// The host address of the block at RIP (guest-physical `pa`),
+    /// translated if need be; `Err(first)` if nothing is translated there
+    /// (`first`: the mnemonic the interpreter runs).
+    fn block_at(&mut self, cpu: &mut Cpu, pa: u64) -> std::result::Result<(u32, u64), Mnemonic> {
+        let ix = match self.at.get(&pa) {
+            Some(&ix) => ix,
+            None => self.translate(cpu, pa),
+        };
+        let b = &self.blocks[ix as usize];
+        b.code
+            .map(|c| (ix, c))
+            .ok_or(b.first.unwrap_or(Mnemonic::INVALID))
     }
 }
 
@@ -322,49 +451,107 @@ impl Hasher for AddrHasher {
 }
 
 impl Accel for Blocks {
-    /// Runs blocks back to back from RIP, until one is missing (the
-    /// interpreter's instruction comes next) or `left` would be exceeded.
+    /// Runs translated code from RIP, at most `left` instructions: the
+    /// dispatcher enters the code cache at the block of RIP (translating
+    /// it first if need be), and the blocks go from one to the next through
+    /// linked jumps and the jump cache; when the code leaves the cache for
+    /// a block that is missing, the dispatcher finds it, links the jump
+    /// that led there if both are in one guest page, and enters again. It
+    /// returns when the interpreter's instruction is next (a callout, or a
+    /// memory access the probe could not serve), or the budget is spent.
     #[inline]
     fn run(&mut self, cpu: &mut Cpu, left: u64) -> Option<u64> {
         if cpu.code_bits() != 64 {
             return Some(0);
         }
-        let mut done = 0;
-        loop {
-            if cpu.code_invalidated() {
-                self.invalidate(cpu);
-            }
-            let Some(pa) = cpu.code_phys() else {
-                return Some(done);
-            };
-            let ix = match self.at.get(&pa) {
-                Some(&ix) => ix,
-                None => self.translate(cpu, pa),
-            };
-            let b = &mut self.blocks[ix as usize];
-            let Some(off) = b.code else {
-                // Nothing translatable starts here: a fact of these bytes,
-                // which the CPU remembers for the first one.
-                return if done == 0 { None } else { Some(done) };
-            };
-            let n = b.count as u64;
-            if done + n > left {
-                return Some(done);
-            }
-            b.runs += 1;
-            let probe = self.probe.insert(cpu.tlb_probe());
-            let exit = self.cache.run(off, &mut cpu.gpr, &mut cpu.rflags, probe);
-            cpu.rip = cpu.rip.wrapping_add(exit.delta);
-            cpu.retired += exit.count;
-            self.stats.identical_runs += exit.count;
-            done += exit.count;
-            if exit.count < n {
-                // A memory access found no usable TLB entry: the
-                // interpreter carries it out (and fills the entry).
-                self.stats.side_exits += 1;
-                return Some(done);
-            }
+        if cpu.code_invalidated() {
+            self.invalidate(cpu);
         }
+        let user = cpu.cpl() == 3;
+        let made = (cpu.tlb_generation(), user);
+        if made != self.jc_made {
+            self.clear_jc();
+            self.jc_made = made;
+        }
+        let Some(pa) = cpu.code_phys() else {
+            return Some(0);
+        };
+        let (ix, mut code) = match self.block_at(cpu, pa) {
+            Ok(b) => b,
+            Err(m) => {
+                self.callout(m);
+                return None;
+            }
+        };
+        if self.blocks[ix as usize].count as u64 > left {
+            return Some(0);
+        }
+        let probe = cpu.tlb_probe();
+        let ctx = &mut *self.ctx;
+        ctx.gpr = cpu.gpr;
+        ctx.rip = cpu.rip;
+        ctx.set_rflags(cpu.rflags);
+        ctx.left = left;
+        ctx.tlb = probe.base;
+        ctx.acc_r = probe.acc_r;
+        ctx.acc_w = probe.acc_w;
+        ctx.jc = self.jc.as_ptr() as u64;
+        ctx.key_xor = translate::jc_key(0, user);
+        ctx.callout = CALLOUT_NONE;
+        let key = translate::jc_key(cpu.rip, user);
+        self.jc[translate::jc_index(key)] = JcEntry { key, code };
+        loop {
+            self.stats.dispatches += 1;
+            self.cache.run(code, &mut self.ctx);
+            let ctx = &mut *self.ctx;
+            cpu.rip = ctx.rip;
+            let slot = ctx.slot;
+            if slot == SLOT_STOP {
+                let (block, callout) = (ctx.block, ctx.callout);
+                // A stop for the budget leaves no reason.
+                ctx.callout = CALLOUT_NONE;
+                if callout == CALLOUT_MEMORY {
+                    // The interpreter's walk fills the TLB entry.
+                    self.stats.side_exits += 1;
+                } else if callout == CALLOUT_MEMORY_HARD {
+                    // A memory access the page's entry could not serve.
+                    if let Some(pa) = cpu.code_phys() {
+                        self.side_exit(pa, block);
+                    }
+                } else if let Ok(m) = Mnemonic::try_from(callout as usize) {
+                    self.callout(m);
+                }
+                break;
+            }
+            self.stats.lookup_misses += 1;
+            let Some(pa) = cpu.code_phys() else { break };
+            let flushes = self.stats.flushes;
+            let next = self.block_at(cpu, pa);
+            let (nix, ncode) = match next {
+                Ok(b) => b,
+                Err(m) => {
+                    self.callout(m);
+                    break;
+                }
+            };
+            if self.blocks[nix as usize].count as u64 > self.ctx.left {
+                break;
+            }
+            if slot != SLOT_NONE && flushes == self.stats.flushes && self.cache.link(slot, ncode) {
+                self.blocks[nix as usize].incoming.push(slot);
+                self.stats.links += 1;
+            }
+            let key = translate::jc_key(cpu.rip, user);
+            self.jc[translate::jc_index(key)] = JcEntry { key, code: ncode };
+            code = ncode;
+        }
+        let ctx = &*self.ctx;
+        cpu.gpr = ctx.gpr;
+        cpu.rflags = ctx.rflags(cpu.rflags);
+        let done = left - ctx.left;
+        cpu.retired += done;
+        self.stats.identical_runs += done;
+        Some(done)
     }
 }
 
@@ -432,6 +619,7 @@ impl Vcpu for BtVcpu {
             ),
             ("bt/run_translated".into(), s.identical_runs),
             ("bt/side_exits".into(), s.side_exits),
+            ("bt/side_exits/hard".into(), s.side_exits_hard),
             (
                 "bt/run_interpreted".into(),
                 total.saturating_sub(s.identical_runs),
@@ -439,25 +627,43 @@ impl Vcpu for BtVcpu {
             ("bt/code_cache_bytes".into(), self.tr.cache.used() as u64),
             ("bt/code_cache_size".into(), self.tr.cache.size() as u64),
             ("bt/cache_flushes".into(), s.flushes),
-            ("bt/invalidated_blocks".into(), s.invalidated),
+            (
+                "bt/invalidated_blocks/written".into(),
+                s.invalidated_written,
+            ),
+            ("bt/invalidated_blocks/all".into(), s.invalidated_all),
             ("bt/invalidations_all".into(), s.invalidations_all),
+            ("bt/adaptive_callouts".into(), s.adaptive),
+            ("bt/blocks_run".into(), self.tr.ctx.entries),
+            ("bt/exits/dispatcher".into(), s.dispatches),
+            ("bt/exits/lookup".into(), self.tr.ctx.lookups),
+            (
+                "bt/exits/lookup_hits".into(),
+                self.tr.ctx.lookups.saturating_sub(s.lookup_misses),
+            ),
+            ("bt/exits/lookup_misses".into(), s.lookup_misses),
+            (
+                "bt/exits/chained".into(),
+                self.tr
+                    .ctx
+                    .entries
+                    .saturating_sub(s.dispatches)
+                    .saturating_sub(self.tr.ctx.lookups.saturating_sub(s.lookup_misses)),
+            ),
+            ("bt/links".into(), s.links),
+            ("bt/unlinks".into(), s.unlinks),
+            ("bt/jump_cache_clears".into(), s.jc_clears),
             (
                 "bt/translate_us".into(),
                 s.translate_time.as_micros() as u64,
             ),
         ];
-        // The instructions that ended blocks, as often as the interpreter
-        // ran them right after a block.
-        let mut after: BTreeMap<String, u64> = BTreeMap::new();
-        for b in self.tr.at.values().map(|&ix| &self.tr.blocks[ix as usize]) {
-            if let (Some(m), true) = (b.next, b.runs > 0) {
-                *after.entry(format!("{m:?}").to_lowercase()).or_default() += b.runs;
+        // Every instruction translated code left to the interpreter, by
+        // mnemonic.
+        for (m, &n) in Mnemonic::values().zip(&s.callouts) {
+            if n > 0 {
+                v.push((format!("bt/callout/{}", format!("{m:?}").to_lowercase()), n));
             }
-        }
-        let mut after: Vec<_> = after.into_iter().collect();
-        after.sort_by_key(|e| std::cmp::Reverse(e.1));
-        for (m, n) in after.into_iter().take(12) {
-            v.push((format!("bt/callout_after_block/{m}"), n));
         }
         v
     }

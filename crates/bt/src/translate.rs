@@ -25,15 +25,15 @@
 
 use iced_x86::code_asm::*;
 use iced_x86::{
-    Code, ConditionCode, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic as M,
-    OpAccess, OpKind, Register, RflagsBits,
+    BlockEncoderOptions, Code, ConditionCode, Instruction, InstructionInfoFactory, MemoryOperand,
+    Mnemonic as M, OpAccess, OpKind, Register, RflagsBits,
 };
 
 /// The most instructions in one block.
 pub const MAX_BLOCK: usize = 64;
 /// The fewest: a shorter run costs more in the block's prologue and
 /// epilogue than the interpreter takes for it.
-pub const MIN_BLOCK: usize = 3;
+pub const MIN_BLOCK: usize = 1;
 
 /// Whether `i` is a direct jump that may end a block: JMP or Jcc with a
 /// relative target, resolved in the block's host code (a branch cannot
@@ -184,6 +184,10 @@ fn immediate(k: OpKind) -> bool {
 
 /// Whether `i` is on the allow-list of instructions emitted identically.
 pub fn identical(i: &Instruction) -> bool {
+    // NOP (with a memory operand too: it accesses nothing) is dropped.
+    if i.mnemonic() == M::Nop {
+        return !i.has_lock_prefix();
+    }
     let allowed = integer_op(i.mnemonic())
         || matches!(
             i.mnemonic(),
@@ -237,14 +241,25 @@ pub fn identical(i: &Instruction) -> bool {
     true
 }
 
+/// Whether `i` is LEA of a RIP-relative address into a 32- or 64-bit
+/// general-purpose register.
+pub fn lea_rip(i: &Instruction) -> bool {
+    i.mnemonic() == M::Lea
+        && i.memory_base() == Register::RIP
+        && i.op0_kind() == OpKind::Register
+        && gpr_number(i.op0_register()).is_some()
+        && matches!(i.op0_register().size(), 4 | 8)
+}
+
 /// Whether `i` is a form with one memory operand that translated code
 /// carries out through an inline probe of the software TLB, and if so
 /// whether it writes memory: MOV (load, store, store of an immediate),
 /// MOVZX/MOVSX/MOVSXD loads, and the integer ALU operations, INC, DEC, NEG
 /// and NOT on memory. The address must be made of general-purpose registers
-/// (no RIP: a block is keyed by physical address and may run at more than
-/// one linear address), in a segment whose base is 0 in 64-bit mode (not FS
-/// or GS), and at most 8 bytes long.
+/// or be RIP-relative (the block adds the offset to the guest's RIP, since
+/// it is keyed by physical address and may run at more than one linear
+/// address), in a segment whose base is 0 in 64-bit mode (not FS or GS),
+/// and at most 8 bytes long.
 pub fn memory_form(i: &Instruction) -> Option<bool> {
     if !integer_op(i.mnemonic())
         || i.has_lock_prefix()
@@ -263,9 +278,11 @@ pub fn memory_form(i: &Instruction) -> Option<bool> {
         }
     }
     let k = memory?;
-    let regs_ok = [i.memory_base(), i.memory_index()]
-        .iter()
-        .all(|&r| r == Register::None || gpr_number(r).is_some());
+    // RIP-relative: the block computes the address from the guest's RIP.
+    let regs_ok = (i.memory_base() == Register::RIP && i.memory_index() == Register::None)
+        || [i.memory_base(), i.memory_index()]
+            .iter()
+            .all(|&r| r == Register::None || gpr_number(r).is_some());
     let seg_ok = matches!(
         i.memory_segment(),
         Register::DS | Register::ES | Register::SS | Register::CS
@@ -285,11 +302,181 @@ enum Form {
     /// Re-encoded to access the host address an inline TLB probe found;
     /// `true` if it writes.
     Memory(bool),
+    /// LEA of a RIP-relative address into a 32- or 64-bit register: the
+    /// guest's RIP plus an offset.
+    LeaRip,
+}
+
+/// The state translated code runs on, addressed through host RDI from the
+/// moment the runtime enters the code cache until it leaves it: the
+/// guest's registers, RIP and arithmetic flags, the instruction budget, and
+/// what the code needs to probe the software TLB and the jump cache.
+#[repr(C)]
+#[derive(Clone, Debug, Default)]
+pub struct Ctx {
+    /// The guest's general-purpose registers, by encoding number.
+    pub gpr: [u64; 16],
+    /// The guest's RIP (in 64-bit code, its linear address).
+    pub rip: u64,
+    /// The guest's arithmetic flags as LAHF and SETO leave them in AX:
+    /// bits 15:8 SF, ZF, AF, PF and CF; bit 0 OF.
+    pub flags: u64,
+    /// Guest instructions that may still run.
+    pub left: u64,
+    /// How the code left the cache: [`SLOT_STOP`] (the interpreter runs
+    /// the next instruction), [`SLOT_NONE`] (the next block is missing from
+    /// the jump cache), or the host address of the patchable jump of a
+    /// block's exit whose target is missing (the dispatcher links it).
+    pub slot: u64,
+    /// The software TLB's first entry ([`x86::TlbProbe::base`]).
+    pub tlb: u64,
+    /// The TLB's access bit of a read at the current CPL.
+    pub acc_r: u64,
+    /// The TLB's access bit of a write at the current CPL.
+    pub acc_w: u64,
+    /// The jump cache's first entry.
+    pub jc: u64,
+    /// XORed into RIP to make a jump-cache key ([`jc_key`]).
+    pub key_xor: u64,
+    /// Blocks entered.
+    pub entries: u64,
+    /// Jump-cache lookups made by generated code.
+    pub lookups: u64,
+    /// The block that left through a memory access or a callout, and the
+    /// mnemonic (`iced_x86::Mnemonic as u32`) of the instruction it left
+    /// to the interpreter (`u32::MAX` for a memory access).
+    pub block: u32,
+    /// See `block`.
+    pub callout: u32,
+}
+
+/// [`Ctx::slot`]: the interpreter runs the next instruction.
+pub const SLOT_STOP: u64 = u64::MAX;
+/// [`Ctx::slot`]: the dispatcher looks the next block up.
+pub const SLOT_NONE: u64 = 0;
+/// [`Ctx::callout`]: a memory access whose page had no TLB entry.
+pub const CALLOUT_MEMORY: u32 = u32::MAX;
+/// [`Ctx::callout`]: a memory access whose page's TLB entry could not serve
+/// it (a write to a page holding code, MMIO, an access across pages).
+pub const CALLOUT_MEMORY_HARD: u32 = u32::MAX - 2;
+/// [`Ctx::callout`]: no reason (the budget).
+pub const CALLOUT_NONE: u32 = u32::MAX - 1;
+
+impl Ctx {
+    /// Takes the arithmetic flags of `rflags`.
+    pub fn set_rflags(&mut self, rflags: u64) {
+        let of = rflags >> 11 & 1;
+        self.flags = (rflags & 0xd5 | 2) << 8 | of;
+    }
+
+    /// `rflags` with its arithmetic flags replaced by the context's.
+    pub fn rflags(&self, rflags: u64) -> u64 {
+        let f = (self.flags >> 8 & 0xd5) | (self.flags & 1) << 11;
+        rflags & !ARITH | f
+    }
+}
+
+fn ctx_off(off: usize) -> i32 {
+    off as i32
+}
+
+macro_rules! ctx {
+    ($field:ident) => {
+        ctx_off(std::mem::offset_of!(Ctx, $field))
+    };
+}
+
+/// Entries of the jump cache (a power of two).
+pub const JC_ENTRIES: usize = 4096;
+/// The key of an empty jump-cache entry: not canonical, so no guest RIP
+/// has it.
+pub const JC_EMPTY: u64 = 1 << 48;
+
+/// One jump-cache entry: a key ([`jc_key`]) and the host address of its
+/// block's code.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct JcEntry {
+    /// [`jc_key`] of the block's guest RIP, or [`JC_EMPTY`].
+    pub key: u64,
+    /// Host address of the block's code.
+    pub code: u64,
+}
+
+/// The jump cache's key of a guest RIP: the RIP with bit 63 flipped at
+/// CPL 3 (what can be fetched differs between supervisor and user); keys of
+/// canonical addresses never collide.
+pub fn jc_key(rip: u64, user: bool) -> u64 {
+    rip ^ (u64::from(user) << 63)
+}
+
+/// The slot of `key` in the jump cache (the generated lookup computes the
+/// same).
+pub fn jc_index(key: u64) -> usize {
+    ((key ^ key >> 12) as usize) & (JC_ENTRIES - 1)
+}
+
+/// Host addresses of the runtime's routines, at the start of the code
+/// cache.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Runtime {
+    /// `extern "sysv64" fn(ctx: *mut Ctx, code: u64)`: saves the host's
+    /// callee-saved registers and jumps to a block.
+    pub enter: u64,
+    /// Leaves the cache with [`SLOT_STOP`].
+    pub stop: u64,
+    /// Leaves the cache (restores the callee-saved registers and returns).
+    pub exit: u64,
+    /// Looks the block at the context's RIP up in the jump cache and jumps
+    /// to it, or leaves the cache.
+    pub lookup: u64,
+}
+
+/// The runtime's code, for host address `base`.
+pub fn runtime(base: u64) -> Result<(Vec<u8>, Runtime), IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut enter = a.create_label();
+    let mut stop = a.create_label();
+    let mut exit = a.create_label();
+    let mut lookup = a.create_label();
+    a.set_label(&mut enter)?;
+    for reg in [rbx, rbp, r12, r13, r14, r15] {
+        a.push(reg)?;
+    }
+    a.jmp(rsi)?;
+    a.set_label(&mut stop)?;
+    a.mov(qword_ptr(rdi + ctx!(slot)), -1)?;
+    a.set_label(&mut exit)?;
+    for reg in [r15, r14, r13, r12, rbp, rbx] {
+        a.pop(reg)?;
+    }
+    a.ret()?;
+    a.set_label(&mut lookup)?;
+    a.inc(qword_ptr(rdi + ctx!(lookups)))?;
+    a.mov(rax, qword_ptr(rdi + ctx!(rip)))?;
+    a.xor(rax, qword_ptr(rdi + ctx!(key_xor)))?;
+    a.mov(rcx, rax)?;
+    a.shr(rcx, 12)?;
+    a.xor(rcx, rax)?;
+    a.and(ecx, (JC_ENTRIES - 1) as u32)?;
+    a.shl(ecx, 4)?;
+    a.add(rcx, qword_ptr(rdi + ctx!(jc)))?;
+    a.cmp(rax, qword_ptr(rcx))?;
+    a.jne(exit)?;
+    a.jmp(qword_ptr(rcx + 8))?;
+    let r = a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let rt = Runtime {
+        enter: r.label_ip(&enter)?,
+        stop: r.label_ip(&stop)?,
+        exit: r.label_ip(&exit)?,
+        lookup: r.label_ip(&lookup)?,
+    };
+    Ok((r.inner.code_buffer, rt))
 }
 
 /// A translated block, before it is placed in the code cache.
 pub struct Translation {
-    /// The host code.
+    /// The host code, for the host address it was translated for.
     pub code: Vec<u8>,
     /// Guest instructions it runs (when no memory access leaves early).
     pub count: u32,
@@ -297,6 +484,25 @@ pub struct Translation {
     pub memory: u32,
     /// Guest bytes it covers.
     pub len: u64,
+    /// The guest instruction it leaves to the interpreter at its end, if
+    /// it ends before one.
+    pub callout: Option<M>,
+}
+
+/// Where a probe goes when it cannot serve the access.
+#[derive(Clone, Copy)]
+struct Miss {
+    cold: CodeLabel,
+    hard: CodeLabel,
+}
+
+/// How a block's host code ends.
+enum End<'a> {
+    /// A direct JMP or Jcc, resolved in host code.
+    Branch(&'a Instruction),
+    /// Past the last instruction; `Some` if the interpreter runs the next
+    /// one (its mnemonic).
+    Next(Option<M>),
 }
 
 /// Builds blocks; keeps the instruction-information factory between them.
@@ -304,23 +510,30 @@ pub struct Translator {
     info: InstructionInfoFactory,
     /// Entries of the software TLB minus one (the index mask).
     tlb_mask: u64,
+    /// The runtime's routines in the code cache.
+    rt: Runtime,
 }
 
 impl Translator {
-    /// A translator for a software TLB of `tlb_mask + 1` entries.
-    pub fn new(tlb_mask: u64) -> Translator {
+    /// A translator for a software TLB of `tlb_mask + 1` entries, whose
+    /// blocks leave through the runtime `rt`.
+    pub fn new(tlb_mask: u64, rt: Runtime) -> Translator {
         Translator {
             info: InstructionInfoFactory::new(),
             tlb_mask,
+            rt,
         }
     }
 
     /// Every general-purpose register `i` reads or writes, explicitly or
     /// implicitly, or `None` if it uses another kind of register.
     fn gprs_used(&mut self, i: &Instruction) -> Option<u16> {
+        if i.mnemonic() == M::Nop {
+            return Some(0);
+        }
         let mut set = 0u16;
         for u in self.info.info(i).used_registers() {
-            if u.access() == OpAccess::None {
+            if u.access() == OpAccess::None || u.register() == Register::RIP {
                 continue;
             }
             set |= 1 << gpr_number(u.register())?;
@@ -328,7 +541,7 @@ impl Translator {
         for k in 0..i.op_count() {
             if i.op_kind(k) == OpKind::Memory {
                 for r in [i.memory_base(), i.memory_index()] {
-                    if r != Register::None {
+                    if r != Register::None && r != Register::RIP {
                         set |= 1 << gpr_number(r)?;
                     }
                 }
@@ -339,25 +552,44 @@ impl Translator {
 
     /// Translates the run of instructions from the start of `guest`
     /// (decoded in order from one page of 64-bit code) that are identical
-    /// or memory forms, and a direct branch after them. `None` if that
-    /// run is too short to be worth a block.
-    pub fn translate(&mut self, guest: &[Instruction]) -> Option<Translation> {
+    /// or memory forms, and a direct branch after them, into host code for
+    /// host address `at`, as block number `id`. `callout` is the mnemonic
+    /// of the instruction after `guest` if the interpreter must run it.
+    /// `None` if that run is too short to be worth a block.
+    pub fn translate(
+        &mut self,
+        guest: &[Instruction],
+        callout: Option<M>,
+        at: u64,
+        id: u32,
+    ) -> Option<Translation> {
         let mut used = 0u16;
         let mut taken = Vec::new();
         let mut forms = Vec::new();
         for i in guest.iter().take(MAX_BLOCK) {
             let form = if identical(i) {
                 Form::Identical
+            } else if lea_rip(i) {
+                Form::LeaRip
             } else if let Some(w) = memory_form(i) {
                 Form::Memory(w)
             } else {
                 break;
             };
+            // A RIP-relative operand's offset from the block's start must
+            // fit a displacement.
+            let start = guest[0].ip();
+            if i.is_ip_rel_memory_operand()
+                && i32::try_from(i.memory_displacement64().wrapping_sub(start) as i64).is_err()
+            {
+                break;
+            }
             let Some(u) = self.gprs_used(i) else { break };
             let all = used | u;
-            let memory = forms.contains(&Form::Memory(false))
-                || forms.contains(&Form::Memory(true))
-                || matches!(form, Form::Memory(_));
+            let memory = forms
+                .iter()
+                .chain([&form])
+                .any(|f| matches!(f, Form::Memory(_)));
             // RSP, RDI and, with memory accesses, three scratch registers
             // need host registers the block leaves free.
             let need = (all >> 4 & 1) + (all >> 7 & 1) + if memory { 3 } else { 0 };
@@ -376,62 +608,68 @@ impl Translator {
         if taken.len() + usize::from(branch.is_some()) < MIN_BLOCK {
             return None;
         }
-        let regs = Registers::new(used, forms.iter().any(|f| *f != Form::Identical));
-        let code = self
-            .emit(&taken, &forms, branch.as_ref(), used, &regs)
-            .ok()?;
-        let memory = forms.iter().filter(|f| **f != Form::Identical).count() as u32;
+        // The interpreter's instruction comes next only if the block took
+        // everything it was given; else the next one starts a block.
+        let callout = if taken.len() == guest.len() {
+            callout
+        } else {
+            None
+        };
+        let end = match &branch {
+            Some(b) => End::Branch(b),
+            None => End::Next(callout),
+        };
+        let regs = Registers::new(used, forms.iter().any(|f| matches!(f, Form::Memory(_))));
+        let code = self.emit(&taken, &forms, end, used, &regs, at, id).ok()?;
+        let memory = forms
+            .iter()
+            .filter(|f| matches!(f, Form::Memory(_)))
+            .count() as u32;
         taken.extend(branch);
         Some(Translation {
             code,
             count: taken.len() as u32,
             memory,
             len: taken.iter().map(|i| i.len() as u64).sum(),
+            callout: if branch.is_some() { None } else { callout },
         })
     }
 
-    /// The block's host code; it returns (RAX) how far RIP moves, past the
-    /// block or to the branch's target, and (RDX) how many guest
-    /// instructions it completed: fewer than the block's when a memory
-    /// access finds no usable TLB entry (the interpreter carries that one
-    /// out).
+    /// The block's host code, for host address `at`: it checks the budget,
+    /// loads what it needs of the context, runs the guest's instructions,
+    /// stores the registers and flags back, and leaves: to the next block
+    /// through a patchable jump (a target in the same guest page, which the
+    /// dispatcher links once the target exists), through the jump cache
+    /// (another page), or out of the cache (the interpreter's instruction
+    /// is next, or a memory access found no usable TLB entry: the block
+    /// stops before it).
+    #[allow(clippy::too_many_arguments)]
     fn emit(
         &self,
         guest: &[Instruction],
         forms: &[Form],
-        branch: Option<&Instruction>,
+        end: End,
         used: u16,
         r: &Registers,
+        at: u64,
+        id: u32,
     ) -> Result<Vec<u8>, IcedError> {
+        let branch = match end {
+            End::Branch(b) => Some(b),
+            End::Next(_) => None,
+        };
         let start = guest.first().or(branch).map_or(0, |i| i.ip());
-        let end = branch.or(guest.last()).map_or(start, |i| i.next_ip());
+        let next = branch.or(guest.last()).map_or(start, |i| i.next_ip());
+        let count = guest.len() + usize::from(branch.is_some());
         let mut a = CodeAssembler::new(64)?;
-        let callee_saved = [rbx, rbp, r12, r13, r14, r15];
-        for reg in callee_saved {
-            a.push(reg)?;
-        }
-        // [rsp + 8]: the guest's RFLAGS; [rsp]: the TLB probe.
-        a.push(rsi)?;
-        a.push(rdx)?;
-        // The guest's arithmetic flags into RFLAGS (DF, TF, AC and the
-        // system flags stay the host's).
-        a.push(qword_ptr(rsi))?;
-        a.and(qword_ptr(rsp), ARITH as i32)?;
-        a.popfq()?;
-        for g in (0..16).filter(|g| used & (1 << g) != 0) {
-            a.add_instruction(Instruction::with2(
-                Code::Mov_r64_rm64,
-                GPR64[r.map[g]],
-                MemoryOperand::with_base_displ(Register::RDI, 8 * g as i64),
-            )?)?;
-        }
         // Which guest flags must hold their true value right after each
         // instruction's probe: what it or a later instruction reads before
         // writing it with a defined value (a flag the SDM leaves undefined
         // may keep its old value on the host), where any later memory
         // instruction counts as reading every flag (its probe may leave the
         // block there, and the interpreter, or the handler of a fault it
-        // raises, sees the flags), as does the block's end.
+        // raises, sees the flags), as does the block's end. What is live
+        // before the first instruction is loaded from the context.
         let all = RflagsBits::OF
             | RflagsBits::SF
             | RflagsBits::ZF
@@ -440,6 +678,7 @@ impl Translator {
             | RflagsBits::PF;
         let mut needed = vec![all; guest.len()];
         let mut live = all;
+        let mut writes_flags = false;
         for (k, (i, form)) in guest.iter().zip(forms).enumerate().rev() {
             // Shifts and rotates leave every flag alone when their masked
             // count is 0, which CL (or the immediate) decides at run time.
@@ -456,24 +695,76 @@ impl Translator {
                     | M::Shld
                     | M::Shrd
             );
+            writes_flags |= shift || i.rflags_modified() != 0;
             let defined = if shift {
                 0
             } else {
                 i.rflags_written() | i.rflags_cleared() | i.rflags_set()
             };
             needed[k] = i.rflags_read() | (live & !defined);
-            live = if *form == Form::Identical {
-                needed[k]
-            } else {
+            live = if matches!(form, Form::Memory(_)) {
                 all
+            } else {
+                needed[k]
             };
+        }
+        let flags_in = live & all != 0;
+        let mut slots = Vec::new();
+
+        // Entry: the budget, then the context.
+        let mut over = a.create_label();
+        a.sub(qword_ptr(rdi + ctx!(left)), count as i32)?;
+        a.jb(over)?;
+        if flags_in {
+            // OF from AL (1 + 0x7f overflows, 0 + 0x7f does not), the
+            // others from AH.
+            a.movzx(eax, word_ptr(rdi + ctx!(flags)))?;
+            a.add(al, 0x7f)?;
+            a.sahf()?;
+        }
+        for g in (0..16).filter(|g| used & (1 << g) != 0) {
+            a.add_instruction(Instruction::with2(
+                Code::Mov_r64_rm64,
+                GPR64[r.map[g]],
+                MemoryOperand::with_base_displ(Register::RDI, ctx!(gpr) as i64 + 8 * g as i64),
+            )?)?;
         }
         let mut misses = Vec::new();
         for (k, (i, form)) in guest.iter().zip(forms).enumerate() {
             let mut o = rename(i, &r.map);
+            if *form == Form::LeaRip {
+                // The guest's RIP is the block's start until it leaves.
+                let dst = renamed(
+                    i.op0_register(),
+                    r.map[gpr_number(i.op0_register()).unwrap_or(0)],
+                );
+                let full = GPR64[r.map[gpr_number(i.op0_register()).unwrap_or(0)]];
+                a.add_instruction(Instruction::with2(
+                    Code::Mov_r64_rm64,
+                    full,
+                    MemoryOperand::with_base_displ(Register::RDI, ctx!(rip) as i64),
+                )?)?;
+                let code = if dst.size() == 8 {
+                    Code::Lea_r64_m
+                } else {
+                    Code::Lea_r32_m
+                };
+                a.add_instruction(Instruction::with2(
+                    code,
+                    dst,
+                    MemoryOperand::with_base_displ(
+                        full,
+                        i.memory_displacement64().wrapping_sub(start) as i64,
+                    ),
+                )?)?;
+                continue;
+            }
             if let Form::Memory(write) = *form {
-                let miss = a.create_label();
-                self.probe(&mut a, i, write, r, miss, needed[k] & all != 0)?;
+                let miss = Miss {
+                    cold: a.create_label(),
+                    hard: a.create_label(),
+                };
+                self.probe(&mut a, i, write, r, miss, needed[k] & all != 0, start)?;
                 let host = GPR64[r.scratch[0]];
                 o.set_memory_base(host);
                 o.set_memory_index(Register::None);
@@ -483,24 +774,81 @@ impl Translator {
                 o.set_segment_prefix(Register::None);
                 misses.push((miss, k));
             }
+            if i.mnemonic() == M::Nop {
+                continue;
+            }
             // No IP: the assembler takes an instruction's IP for a label.
             o.set_ip(0);
             a.add_instruction(o)?;
         }
-        epilogue(
-            &mut a,
-            used,
-            &r.map,
-            Exit::End { start, end, branch },
-            guest.len() + usize::from(branch.is_some()),
-        )?;
-        for (mut miss, k) in misses {
-            a.set_label(&mut miss)?;
-            a.popfq()?;
-            let at = guest[k].ip().wrapping_sub(start);
-            epilogue(&mut a, used, &r.map, Exit::At(at), k)?;
+        store(&mut a, used, &r.map, writes_flags)?;
+        let page = start & !0xfff;
+        let mut leave = |a: &mut CodeAssembler, target: u64, stop: Option<M>| {
+            let delta = target.wrapping_sub(start);
+            add_rip(a, delta)?;
+            if let Some(m) = stop {
+                a.mov(dword_ptr(rdi + ctx!(block)), id)?;
+                a.mov(dword_ptr(rdi + ctx!(callout)), m as u32)?;
+                a.jmp(self.rt.stop)
+            } else if target & !0xfff == page {
+                // Linked by the dispatcher once the target is translated.
+                let mut slot = a.create_label();
+                a.lea(rax, ptr(slot))?;
+                a.mov(qword_ptr(rdi + ctx!(slot)), rax)?;
+                a.set_label(&mut slot)?;
+                a.db(&[0xe9, 0, 0, 0, 0])?;
+                slots.push(slot);
+                Ok(())
+            } else {
+                a.mov(qword_ptr(rdi + ctx!(slot)), SLOT_NONE as i32)?;
+                a.jmp(self.rt.lookup)
+            }
+        };
+        match end {
+            End::Branch(b) if b.is_jmp_short_or_near() => {
+                leave(&mut a, b.near_branch_target(), None)?;
+            }
+            End::Branch(b) => {
+                let mut taken = a.create_label();
+                jcc(&mut a, b.condition_code(), taken)?;
+                leave(&mut a, next, None)?;
+                a.set_label(&mut taken)?;
+                leave(&mut a, b.near_branch_target(), None)?;
+            }
+            End::Next(stop) => leave(&mut a, next, stop)?,
         }
-        a.assemble(0)
+        for (mut miss, k) in misses {
+            let mut flags = a.create_label();
+            a.set_label(&mut miss.hard)?;
+            a.mov(dword_ptr(rdi + ctx!(callout)), CALLOUT_MEMORY_HARD)?;
+            a.jmp(flags)?;
+            a.set_label(&mut miss.cold)?;
+            a.mov(dword_ptr(rdi + ctx!(callout)), CALLOUT_MEMORY)?;
+            a.set_label(&mut flags)?;
+            a.popfq()?;
+            store(&mut a, used, &r.map, writes_flags)?;
+            // The budget was taken for the whole block.
+            a.add(qword_ptr(rdi + ctx!(left)), (count - k) as i32)?;
+            add_rip(&mut a, guest[k].ip().wrapping_sub(start))?;
+            a.mov(dword_ptr(rdi + ctx!(block)), id)?;
+            a.jmp(self.rt.stop)?;
+        }
+        // Not enough budget for the block: give it back and stop.
+        a.set_label(&mut over)?;
+        a.add(qword_ptr(rdi + ctx!(left)), count as i32)?;
+        a.jmp(self.rt.stop)?;
+        let res = a.assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+        let mut code = res.inner.code_buffer.clone();
+        // The slots leave the cache until the dispatcher links them (a
+        // lookup that hit would never let it).
+        for slot in &slots {
+            let ip = res.label_ip(slot)?;
+            let off = (ip - at) as usize;
+            // The cache is at most [`crate::cache::MAX_SIZE`]: in reach.
+            let rel = self.rt.exit.wrapping_sub(ip + 5) as i32;
+            code[off + 1..off + 5].copy_from_slice(&rel.to_le_bytes());
+        }
+        Ok(code)
     }
 
     /// The inline TLB probe before memory instruction `i`: the guest's
@@ -508,7 +856,8 @@ impl Translator {
     /// stack, the entry for its page checked (tag, access bit for the
     /// current CPL, RAM, the access within the page) and the host address
     /// put in scratch 0; on any failure a jump to `miss` (flags still
-    /// saved). On the hit path the flags are restored when `flags_live`
+    /// saved): `miss.cold` if the entry is another page's, `miss.hard` if
+    /// it is this page's but cannot serve the access. On the hit path the flags are restored when `flags_live`
     /// (POPFQ is slow), else their saved copy is dropped.
     fn probe(
         &self,
@@ -516,8 +865,9 @@ impl Translator {
         i: &Instruction,
         write: bool,
         r: &Registers,
-        miss: CodeLabel,
+        miss: Miss,
         flags_live: bool,
+        start: u64,
     ) -> Result<(), IcedError> {
         let s1 = GPR64[r.scratch[0]];
         let [s1a, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
@@ -527,43 +877,52 @@ impl Translator {
             None => reg,
         };
         let size = i.memory_size().size() as i32;
-        // LEA leaves the flags alone.
-        a.add_instruction(Instruction::with2(
-            Code::Lea_r64_m,
-            s1,
-            MemoryOperand::new(
-                ren(i.memory_base()),
-                ren(i.memory_index()),
-                i.memory_index_scale(),
-                i.memory_displacement64() as i64,
-                i.memory_displ_size(),
-                false,
-                Register::None,
-            ),
-        )?)?;
+        // LEA leaves the flags alone; so does MOV. The guest's RIP is the
+        // block's start until it leaves.
+        if i.is_ip_rel_memory_operand() {
+            a.mov(s1a, qword_ptr(rdi + ctx!(rip)))?;
+            let off = i.memory_displacement64().wrapping_sub(start) as i32;
+            a.lea(s1a, qword_ptr(s1a + off))?;
+        } else {
+            a.add_instruction(Instruction::with2(
+                Code::Lea_r64_m,
+                s1,
+                MemoryOperand::new(
+                    ren(i.memory_base()),
+                    ren(i.memory_index()),
+                    i.memory_index_scale(),
+                    i.memory_displacement64() as i64,
+                    i.memory_displ_size(),
+                    false,
+                    Register::None,
+                ),
+            )?)?;
+        }
         a.pushfq()?;
-        // [rsp + 8]: the probe (the saved flags are at [rsp]).
-        a.mov(s3a, qword_ptr(rsp + 8))?;
         a.mov(s2a, s1a)?;
         a.shr(s2a, 12)?;
         a.and(s2a, self.tlb_mask as i32)?;
         a.imul_3(s2a, s2a, x86::TLB_ENTRY_SIZE as i32)?;
-        a.add(s2a, qword_ptr(s3a))?;
-        let acc = if write { 24 } else { 16 };
-        a.mov(s3a, qword_ptr(s3a + acc))?;
-        a.test(byte_ptr(s2a + x86::TLB_ALLOW as i32), s3ab)?;
-        a.jz(miss)?;
-        a.mov(s3a, s1a)?;
-        a.and(s3a, 0xfff)?;
-        a.cmp(s3a, 0x1000 - size)?;
-        a.ja(miss)?;
+        a.add(s2a, qword_ptr(rdi + ctx!(tlb)))?;
+        // Not this page's entry: a cold miss, which the interpreter's walk
+        // fills.
         a.mov(s3a, s1a)?;
         a.and(s3a, -0x1000)?;
         a.cmp(s3a, qword_ptr(s2a + x86::TLB_VPAGE as i32))?;
-        a.jne(miss)?;
+        a.jne(miss.cold)?;
+        // The page's entry, but no fast access: a write to a page that
+        // holds code (or not yet dirty), MMIO, or an access across pages.
+        let acc = if write { ctx!(acc_w) } else { ctx!(acc_r) };
+        a.mov(s3a, qword_ptr(rdi + acc))?;
+        a.test(byte_ptr(s2a + x86::TLB_ALLOW as i32), s3ab)?;
+        a.jz(miss.hard)?;
+        a.mov(s3a, s1a)?;
+        a.and(s3a, 0xfff)?;
+        a.cmp(s3a, 0x1000 - size)?;
+        a.ja(miss.hard)?;
         a.mov(s3a, qword_ptr(s2a + x86::TLB_HOST as i32))?;
         a.test(s3a, s3a)?;
-        a.jz(miss)?;
+        a.jz(miss.hard)?;
         a.sub(s3a, qword_ptr(s2a + x86::TLB_VPAGE as i32))?;
         a.add(s1a, s3a)?;
         if flags_live {
@@ -586,65 +945,38 @@ const ASM8: [AsmRegister8; 16] = [
     al, cl, dl, bl, spl, bpl, sil, dil, r8b, r9b, r10b, r11b, r12b, r13b, r14b, r15b,
 ];
 
-/// Where a block's exit sends RIP.
-enum Exit<'a> {
-    /// The end of the block, or its branch's target.
-    End {
-        start: u64,
-        end: u64,
-        branch: Option<&'a Instruction>,
-    },
-    /// The guest instruction at this offset from the block's start (the
-    /// interpreter runs it).
-    At(u64),
-}
-
-/// Stores the guest's registers and arithmetic flags back and returns
-/// (where RIP goes, `count` instructions completed).
-fn epilogue(
+/// Stores the guest's registers back into the context, then (if the block
+/// writes any) its arithmetic flags; neither changes the host's flags.
+fn store(
     a: &mut CodeAssembler,
     used: u16,
     map: &[usize; 16],
-    exit: Exit,
-    count: usize,
+    flags: bool,
 ) -> Result<(), IcedError> {
     for g in (0..16).filter(|g| used & (1 << g) != 0) {
         a.add_instruction(Instruction::with2(
             Code::Mov_rm64_r64,
-            MemoryOperand::with_base_displ(Register::RDI, 8 * g as i64),
+            MemoryOperand::with_base_displ(Register::RDI, ctx!(gpr) as i64 + 8 * g as i64),
             GPR64[map[g]],
         )?)?;
     }
-    // Where RIP goes (MOV and CMOVcc leave the flags alone).
-    match exit {
-        Exit::End { start, end, branch } => {
-            a.mov(rax, end.wrapping_sub(start))?;
-            if let Some(b) = branch {
-                a.mov(rcx, b.near_branch_target().wrapping_sub(start))?;
-                if b.is_jmp_short_or_near() {
-                    a.mov(rax, rcx)?;
-                } else {
-                    cmov(a, b.condition_code())?;
-                }
-            }
+    if flags {
+        a.lahf()?;
+        a.seto(al)?;
+        a.mov(word_ptr(rdi + ctx!(flags)), ax)?;
+    }
+    Ok(())
+}
+
+/// Moves the context's RIP by `delta`.
+fn add_rip(a: &mut CodeAssembler, delta: u64) -> Result<(), IcedError> {
+    match i32::try_from(delta as i64) {
+        Ok(d) => a.add(qword_ptr(rdi + ctx!(rip)), d),
+        Err(_) => {
+            a.mov(rax, delta)?;
+            a.add(qword_ptr(rdi + ctx!(rip)), rax)
         }
-        Exit::At(at) => a.mov(rax, at)?,
     }
-    // The arithmetic flags back into the guest's RFLAGS.
-    a.pushfq()?;
-    a.pop(rcx)?;
-    a.mov(r8, qword_ptr(rsp + 8))?;
-    a.and(rcx, ARITH as i32)?;
-    a.mov(r9, qword_ptr(r8))?;
-    a.and(r9, !(ARITH as i32))?;
-    a.or(r9, rcx)?;
-    a.mov(qword_ptr(r8), r9)?;
-    a.mov(edx, count as u32)?;
-    a.add(rsp, 16)?;
-    for reg in [r15, r14, r13, r12, rbp, rbx] {
-        a.pop(reg)?;
-    }
-    a.ret()
 }
 
 /// The host registers of a block: each guest register's (its own, but for
@@ -694,27 +1026,27 @@ fn rename(i: &Instruction, map: &[usize; 16]) -> Instruction {
     o
 }
 
-/// `cmovcc rax, rcx` for the condition of a Jcc.
-fn cmov(a: &mut CodeAssembler, cc: ConditionCode) -> Result<(), IcedError> {
+/// `jcc label` for the condition of a guest Jcc.
+fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> Result<(), IcedError> {
     use ConditionCode as C;
     match cc {
-        C::o => a.cmovo(rax, rcx),
-        C::no => a.cmovno(rax, rcx),
-        C::b => a.cmovb(rax, rcx),
-        C::ae => a.cmovae(rax, rcx),
-        C::e => a.cmove(rax, rcx),
-        C::ne => a.cmovne(rax, rcx),
-        C::be => a.cmovbe(rax, rcx),
-        C::a => a.cmova(rax, rcx),
-        C::s => a.cmovs(rax, rcx),
-        C::ns => a.cmovns(rax, rcx),
-        C::p => a.cmovp(rax, rcx),
-        C::np => a.cmovnp(rax, rcx),
-        C::l => a.cmovl(rax, rcx),
-        C::ge => a.cmovge(rax, rcx),
-        C::le => a.cmovle(rax, rcx),
-        C::g => a.cmovg(rax, rcx),
-        C::None => Ok(()),
+        C::o => a.jo(l),
+        C::no => a.jno(l),
+        C::b => a.jb(l),
+        C::ae => a.jae(l),
+        C::e => a.je(l),
+        C::ne => a.jne(l),
+        C::be => a.jbe(l),
+        C::a => a.ja(l),
+        C::s => a.js(l),
+        C::ns => a.jns(l),
+        C::p => a.jp(l),
+        C::np => a.jnp(l),
+        C::l => a.jl(l),
+        C::ge => a.jge(l),
+        C::le => a.jle(l),
+        C::g => a.jg(l),
+        C::None => a.jmp(l),
     }
 }
 
@@ -739,7 +1071,9 @@ mod tests {
         for i in &g {
             assert!(identical(i), "{i:?}");
         }
-        let t = Translator::new(1023).translate(&g).unwrap();
+        let t = Translator::new(1023, Runtime::default())
+            .translate(&g, None, 0x1000_0000, 0)
+            .unwrap();
         assert_eq!(t.count, 4);
     }
 
@@ -764,7 +1098,9 @@ mod tests {
     fn rsp_and_rdi_are_renamed() {
         // add rsp, 8; mov rdi, rsp; inc rax
         let g = decode(&[0x48, 0x83, 0xc4, 0x08, 0x48, 0x89, 0xe7, 0x48, 0xff, 0xc0]);
-        let t = Translator::new(1023).translate(&g).unwrap();
+        let t = Translator::new(1023, Runtime::default())
+            .translate(&g, None, 0x1000_0000, 0)
+            .unwrap();
         assert_eq!((t.count, t.len), (3, 10));
         let host: Vec<_> = decode(&t.code);
         let body: Vec<String> = host

@@ -277,6 +277,9 @@ pub struct Cpu {
     pub(crate) mem: PhysMem,
     pub(crate) tlb: Box<[mmu::TlbEntry]>,
     pub(crate) tlb_has_large: bool,
+    /// Counts TLB flushes (whole or one page), for engines that keep
+    /// something derived from translations ([`Cpu::tlb_generation`]).
+    pub(crate) tlb_gen: u64,
     pub(crate) code: decode::CodeCache,
 
     /// Inputs this instruction already received (replayed when it runs again).
@@ -373,6 +376,7 @@ impl Cpu {
             mem,
             tlb: vec![mmu::TlbEntry::INVALID; mmu::TLB_SIZE].into_boxed_slice(),
             tlb_has_large: false,
+            tlb_gen: 0,
             code,
             replay: Vec::with_capacity(8192),
             replay_pos: 0,

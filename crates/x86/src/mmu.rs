@@ -75,6 +75,13 @@ pub const TLB_HOST: usize = std::mem::offset_of!(TlbEntry, host);
 pub const TLB_ALLOW: usize = std::mem::offset_of!(TlbEntry, allow);
 
 impl Cpu {
+    /// Changes whenever TLB entries are flushed (INVLPG, MOV to CR3, a mode
+    /// change, ...): what an engine derived from linear-to-physical
+    /// translations (engine `bt`'s jump cache) is stale once it changes.
+    pub fn tlb_generation(&self) -> u64 {
+        self.tlb_gen
+    }
+
     /// The software TLB, for translated code that probes it.
     pub fn tlb_probe(&self) -> TlbProbe {
         TlbProbe {
@@ -94,6 +101,7 @@ fn tlb_index(lin: u64) -> usize {
 impl Cpu {
     /// Drops TLB entries (the global ones too if `all`).
     pub(crate) fn tlb_flush(&mut self, all: bool) {
+        self.tlb_gen = self.tlb_gen.wrapping_add(1);
         let mut large = false;
         for e in self.tlb.iter_mut() {
             if all || !e.global {
@@ -108,6 +116,7 @@ impl Cpu {
 
     /// INVLPG.
     pub(crate) fn tlb_flush_page(&mut self, lin: u64) {
+        self.tlb_gen = self.tlb_gen.wrapping_add(1);
         if self.tlb_has_large {
             // 4 KiB pieces of a large page may sit anywhere in the TLB.
             self.tlb_flush(true);
