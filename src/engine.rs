@@ -80,9 +80,9 @@ impl Engine {
         Engine::Bt,
     ];
     /// The engines `--engine auto` chooses from, best first: the fastest
-    /// software engine where KVM cannot run (or cannot run a Linux guest to
-    /// user space).
-    pub const AUTO: &'static [Engine] = &[Engine::Kvm, Engine::Emu];
+    /// software engine (`bt`, binary translation) where KVM cannot run (or
+    /// cannot run a Linux guest to user space); `emu` last.
+    pub const AUTO: &'static [Engine] = &[Engine::Kvm, Engine::Bt, Engine::Emu];
 
     pub fn name(self) -> &'static str {
         match self {

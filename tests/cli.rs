@@ -300,7 +300,7 @@ fn kvm_missing() {
         "engine kvm is not available: /nonexistent/kvm does not exist",
     );
     assert_error(&visor(&["run", "--engine", "warp"]), "unknown engine");
-    // `--engine auto` falls back to the software CPU.
+    // `--engine auto` falls back to the fastest software engine, bt.
     let code = asm(64, 0x20_0000, |a| {
         a.mov(al, 0x2a)?;
         a.out(0xf4, al)?;
@@ -311,7 +311,7 @@ fn kvm_missing() {
     let o = visor_env(&["run", s(&p), "--stats-json", s(&json)], &nokvm);
     assert_eq!(o.status.code(), Some((0x2a << 1) | 1), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(v["engine"], "emu");
+    assert_eq!(v["engine"], "bt");
     assert!(v["engine_counters"]["guest_instructions"].as_u64().unwrap() >= 2);
 }
 
@@ -778,9 +778,9 @@ fn demo_os_on_vmx() {
 fn bench_kernel_checks_its_input() {
     let (_d, p) = tmp("bench.bin", visor::BENCH_KERNEL);
     let engines: &[&str] = if kvm_here() {
-        &["emu", "kvm"]
+        &["emu", "bt", "kvm"]
     } else {
-        &["emu"]
+        &["emu", "bt"]
     };
     for engine in engines {
         for (args, error) in [

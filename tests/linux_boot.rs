@@ -340,7 +340,7 @@ fn auto_engine_for_linux_fits_the_host() {
         let expect = if visor::Engine::Kvm.unavailable_reason().is_none() {
             "kvm"
         } else {
-            "emu"
+            "bt"
         };
         assert_eq!(engine, expect, "{err}");
     }

@@ -8,8 +8,8 @@ use std::io;
 use crate::translate::{self, Ctx, Runtime};
 
 /// The runtime's entry ([`crate::translate::Runtime::enter`]): the context
-/// translated code runs on, and the host address of the block to start.
-pub type EnterFn = unsafe extern "sysv64" fn(ctx: *mut Ctx, code: u64);
+/// translated code runs on (`ctx.code`: the block to start).
+pub type EnterFn = unsafe extern "sysv64" fn(ctx: *mut Ctx);
 
 /// The largest cache: every jump within it, from a block to the runtime or
 /// to another block, is in reach of a 32-bit displacement.
@@ -85,31 +85,30 @@ impl CodeCache {
         self.rx as u64 + offset as u64
     }
 
-    /// Points the patchable jump (`E9 rel32`) at host address `slot` to
-    /// host address `to`; nothing if `slot` is not such a jump in the part
-    /// of the cache in use, or `to` is out of its reach.
-    pub fn link(&mut self, slot: u64, to: u64) -> bool {
-        let Some(off) = slot.checked_sub(self.rx as u64) else {
-            return false;
-        };
-        let off = off as usize;
+    /// Points the patchable jump (`E9 rel32`) at offset `off` to host
+    /// address `to`: where it went before, or `None` (nothing changed) if
+    /// there is no such jump in the part of the cache in use, or `to` is
+    /// out of its reach.
+    pub fn link(&mut self, off: u64, to: u64) -> Option<u64> {
+        let off = usize::try_from(off).ok()?;
+        let slot = self.rx as u64 + off as u64;
         if off < self.reserved || off.saturating_add(5) > self.used {
-            return false;
+            return None;
         }
-        let Ok(rel) = i32::try_from(to.wrapping_sub(slot + 5) as i64) else {
-            return false;
-        };
+        let rel = i32::try_from(to.wrapping_sub(slot + 5) as i64).ok()?;
         // SAFETY: `off..off + 5` lies within the bytes written so far, in
         // the writable view this cache owns; the jump is only ever executed
         // by this vCPU's thread, which is here, not in the cache.
         unsafe {
             let p = self.rw.add(off);
             if *p != 0xe9 {
-                return false;
+                return None;
             }
+            let mut old = [0u8; 4];
+            std::ptr::copy_nonoverlapping(p.add(1), old.as_mut_ptr(), 4);
             std::ptr::copy_nonoverlapping(rel.to_le_bytes().as_ptr(), p.add(1), 4);
+            Some((slot + 5).wrapping_add(i32::from_le_bytes(old) as i64 as u64))
         }
-        true
     }
 
     /// Bytes of code in the cache.
@@ -150,8 +149,8 @@ impl CodeCache {
         unsafe { std::slice::from_raw_parts(self.rx.add(start), end - start) }
     }
 
-    /// Runs translated code from the block at host address `code` on the
-    /// context `ctx`, until it leaves the cache.
+    /// Runs translated code from the block at host address `ctx.code` on
+    /// the context `ctx`, until it leaves the cache.
     ///
     /// The one place where visor jumps into generated code. It is sound
     /// because of how the runtime and every block are built (translate.rs):
@@ -170,18 +169,18 @@ impl CodeCache {
     /// (the dispatcher fills entries only with blocks in the cache and
     /// empties the table whenever blocks are dropped; an empty entry's key
     /// matches no RIP). The runtime restores every callee-saved register
-    /// and returns. `code` is a block's address since the last
+    /// and returns. `ctx.code` is a block's address since the last
     /// [`CodeCache::clear`], and `ctx.tlb` and `ctx.jc` point at the
     /// vCPU's TLB and jump cache.
-    pub fn run(&self, code: u64, ctx: &mut Ctx) {
-        debug_assert!(code >= self.rx as u64 + self.reserved as u64);
-        debug_assert!(code < self.rx as u64 + self.used as u64);
+    pub fn run(&self, ctx: &mut Ctx) {
+        debug_assert!(ctx.code >= self.rx as u64 + self.reserved as u64);
+        debug_assert!(ctx.code < self.rx as u64 + self.used as u64);
         // SAFETY: see above; `enter` is the runtime at the start of the
         // executable view, and `ctx` is valid for the accesses the code
         // makes for the duration of the call.
         unsafe {
             let f: EnterFn = std::mem::transmute(self.rt.enter);
-            f(ctx, code)
+            f(ctx)
         }
     }
 }

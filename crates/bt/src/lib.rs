@@ -135,8 +135,9 @@ struct Block {
     count: u32,
     /// Its first instruction's mnemonic when `code` is `None`.
     first: Option<Mnemonic>,
-    /// The patchable jumps of other blocks linked to it (host addresses).
-    incoming: Vec<u64>,
+    /// The patchable jumps linked to it: their offsets in the cache, and
+    /// where each went before (its stub, which leaves the cache).
+    incoming: Vec<(u64, u64)>,
 }
 
 /// What the engine counts (`--stats`, key `bt`).
@@ -274,9 +275,8 @@ impl Blocks {
         let Some(ix) = self.at.remove(&pa) else {
             return false;
         };
-        let exit = self.cache.runtime().exit;
-        for slot in std::mem::take(&mut self.blocks[ix as usize].incoming) {
-            if self.cache.link(slot, exit) {
+        for (slot, stub) in std::mem::take(&mut self.blocks[ix as usize].incoming) {
+            if self.cache.link(slot, stub).is_some() {
                 self.stats.unlinks += 1;
             }
         }
@@ -398,18 +398,24 @@ impl Blocks {
     }
 
     /// The host code in the cache, block by block: (guest-physical
-    /// address, host bytes), for tests that check what was generated.
-    pub fn host_code(&self) -> Vec<(u64, Vec<u8>)> {
+    /// address, host address, host bytes), for tests that check what was
+    /// generated.
+    pub fn host_code(&self) -> Vec<(u64, u64, Vec<u8>)> {
         self.at
             .iter()
             .filter_map(|(&pa, &ix)| {
                 let b = &self.blocks[ix as usize];
                 b.code.map(|addr| {
                     let off = (addr - self.cache.addr(0)) as usize;
-                    (pa, self.cache.code(off, b.code_len).to_vec())
+                    (pa, addr, self.cache.code(off, b.code_len).to_vec())
                 })
             })
             .collect()
+    }
+
+    /// The runtime's routines (tests: where blocks may jump).
+    pub fn runtime(&self) -> translate::Runtime {
+        self.cache.runtime()
     }
 
     /// The host address of the block at RIP (guest-physical `pa`),
@@ -424,6 +430,19 @@ impl Blocks {
         b.code
             .map(|c| (ix, c))
             .ok_or(b.first.unwrap_or(Mnemonic::INVALID))
+    }
+}
+
+impl Drop for Blocks {
+    /// With `VISOR_BT_DUMP=PATH`, writes the code cache's bytes to PATH
+    /// (offsets as `perf` reports them for the `memfd:visor-bt` mapping:
+    /// `objdump -D -b binary -m i386:x86-64 PATH`).
+    fn drop(&mut self) {
+        if let Some(path) = std::env::var_os("VISOR_BT_DUMP") {
+            if let Err(e) = std::fs::write(&path, self.cache.code(0, self.cache.used())) {
+                eprintln!("visor: bt: writing {}: {e}", path.to_string_lossy());
+            }
+        }
     }
 }
 
@@ -451,17 +470,19 @@ impl Hasher for AddrHasher {
 }
 
 impl Accel for Blocks {
-    /// Runs translated code from RIP, at most `left` instructions: the
+    /// Runs translated code from RIP, about `left` instructions: the
     /// dispatcher enters the code cache at the block of RIP (translating
     /// it first if need be), and the blocks go from one to the next through
     /// linked jumps and the jump cache; when the code leaves the cache for
     /// a block that is missing, the dispatcher finds it, links the jump
     /// that led there if both are in one guest page, and enters again. It
     /// returns when the interpreter's instruction is next (a callout, or a
-    /// memory access the probe could not serve), or the budget is spent.
+    /// memory access the probe could not serve), or the budget is spent:
+    /// loops and lookups check it, so a run of forward jumps within a page
+    /// may go past it by less than a page of instructions.
     #[inline]
     fn run(&mut self, cpu: &mut Cpu, left: u64) -> Option<u64> {
-        if cpu.code_bits() != 64 {
+        if cpu.code_bits() != 64 || left == 0 {
             return Some(0);
         }
         if cpu.code_invalidated() {
@@ -473,25 +494,22 @@ impl Accel for Blocks {
             self.clear_jc();
             self.jc_made = made;
         }
-        let Some(pa) = cpu.code_phys() else {
-            return Some(0);
-        };
-        let (ix, mut code) = match self.block_at(cpu, pa) {
-            Ok(b) => b,
+        let pa = cpu.code_phys()?;
+        let code = match self.block_at(cpu, pa) {
+            Ok((_, code)) => code,
             Err(m) => {
                 self.callout(m);
                 return None;
             }
         };
-        if self.blocks[ix as usize].count as u64 > left {
-            return Some(0);
-        }
         let probe = cpu.tlb_probe();
         let ctx = &mut *self.ctx;
         ctx.gpr = cpu.gpr;
-        ctx.rip = cpu.rip;
+        ctx.vpage = cpu.rip & !0xfff;
         ctx.set_rflags(cpu.rflags);
-        ctx.left = left;
+        ctx.count = 0;
+        ctx.limit = left;
+        ctx.code = code;
         ctx.tlb = probe.base;
         ctx.acc_r = probe.acc_r;
         ctx.acc_w = probe.acc_w;
@@ -502,9 +520,9 @@ impl Accel for Blocks {
         self.jc[translate::jc_index(key)] = JcEntry { key, code };
         loop {
             self.stats.dispatches += 1;
-            self.cache.run(code, &mut self.ctx);
+            self.cache.run(&mut self.ctx);
             let ctx = &mut *self.ctx;
-            cpu.rip = ctx.rip;
+            cpu.rip = ctx.rip_out();
             let slot = ctx.slot;
             if slot == SLOT_STOP {
                 let (block, callout) = (ctx.block, ctx.callout);
@@ -523,32 +541,37 @@ impl Accel for Blocks {
                 }
                 break;
             }
+            if ctx.count >= ctx.limit {
+                break;
+            }
             self.stats.lookup_misses += 1;
             let Some(pa) = cpu.code_phys() else { break };
             let flushes = self.stats.flushes;
-            let next = self.block_at(cpu, pa);
-            let (nix, ncode) = match next {
-                Ok(b) => b,
+            let ncode = match self.block_at(cpu, pa) {
+                Ok((nix, ncode)) => {
+                    if slot != SLOT_NONE && flushes == self.stats.flushes {
+                        if let Some(stub) = self.cache.link(slot, ncode) {
+                            self.blocks[nix as usize].incoming.push((slot, stub));
+                            self.stats.links += 1;
+                        }
+                    }
+                    ncode
+                }
                 Err(m) => {
                     self.callout(m);
                     break;
                 }
             };
-            if self.blocks[nix as usize].count as u64 > self.ctx.left {
-                break;
-            }
-            if slot != SLOT_NONE && flushes == self.stats.flushes && self.cache.link(slot, ncode) {
-                self.blocks[nix as usize].incoming.push(slot);
-                self.stats.links += 1;
-            }
             let key = translate::jc_key(cpu.rip, user);
             self.jc[translate::jc_index(key)] = JcEntry { key, code: ncode };
-            code = ncode;
+            let ctx = &mut *self.ctx;
+            ctx.vpage = cpu.rip & !0xfff;
+            ctx.code = ncode;
         }
         let ctx = &*self.ctx;
         cpu.gpr = ctx.gpr;
         cpu.rflags = ctx.rflags(cpu.rflags);
-        let done = left - ctx.left;
+        let done = ctx.count;
         cpu.retired += done;
         self.stats.identical_runs += done;
         Some(done)
@@ -634,7 +657,6 @@ impl Vcpu for BtVcpu {
             ("bt/invalidated_blocks/all".into(), s.invalidated_all),
             ("bt/invalidations_all".into(), s.invalidations_all),
             ("bt/adaptive_callouts".into(), s.adaptive),
-            ("bt/blocks_run".into(), self.tr.ctx.entries),
             ("bt/exits/dispatcher".into(), s.dispatches),
             ("bt/exits/lookup".into(), self.tr.ctx.lookups),
             (
@@ -642,14 +664,6 @@ impl Vcpu for BtVcpu {
                 self.tr.ctx.lookups.saturating_sub(s.lookup_misses),
             ),
             ("bt/exits/lookup_misses".into(), s.lookup_misses),
-            (
-                "bt/exits/chained".into(),
-                self.tr
-                    .ctx
-                    .entries
-                    .saturating_sub(s.dispatches)
-                    .saturating_sub(self.tr.ctx.lookups.saturating_sub(s.lookup_misses)),
-            ),
             ("bt/links".into(), s.links),
             ("bt/unlinks".into(), s.unlinks),
             ("bt/jump_cache_clears".into(), s.jc_clears),
@@ -670,29 +684,47 @@ impl Vcpu for BtVcpu {
 }
 
 /// The fuzzing harness on `bt` (the cargo-fuzz target `exec_bytes_bt` and
-/// crates/bt/tests/exec_bytes.rs): `data` runs on the software CPU alone
-/// (`emu`, the oracle) and with translated code; neither may panic, and both
-/// must end the same way with the same registers and memory. Inputs with a
-/// local APIC (flags bit 1) are compared only for not panicking: its timer
-/// runs on the host clock. Returns the two reports.
+/// crates/bt/tests/exec_bytes.rs): `data` runs with translated code and on
+/// the software CPU alone (`emu`, the oracle), for as many instructions as
+/// the translated run retired if it went past the harness's budget (it may,
+/// by less than [`BUDGET_SLACK`]); neither may panic, and both must end the
+/// same way with the same registers and memory. Its translator is strict
+/// about undefined flags ([`translate::Translator::strict`]). Inputs with a local APIC
+/// (flags bit 1) are compared only for not panicking: its timer runs on the
+/// host clock. Returns the two reports (oracle, `bt`).
 pub fn exec_bytes_differential(data: &[u8]) -> (softplat::fuzz::Report, softplat::fuzz::Report) {
-    let oracle =
-        softplat::fuzz::exec_bytes_with(data, true, |_| {}, |cpu, left, _: &mut ()| cpu.run(left));
     let bt = softplat::fuzz::exec_bytes_with(
         data,
         true,
         |cpu| {
             cpu.log_code_invalidations();
             let mask = cpu.tlb_probe().mask;
-            CodeCache::new(1 << 20).ok().map(|c| Blocks::new(c, mask))
+            CodeCache::new(1 << 20).ok().map(|c| {
+                let mut b = Blocks::new(c, mask);
+                b.translator.strict();
+                b
+            })
         },
         |cpu, left, blocks| match blocks {
             Some(b) => cpu.run_accel(left, b),
             None => cpu.run(left),
         },
     );
+    let budget = bt.instructions.max(softplat::fuzz::BUDGET);
+    let oracle = softplat::fuzz::exec_bytes_budget(
+        data,
+        true,
+        budget,
+        |_| {},
+        |cpu, left, _: &mut ()| cpu.run(left),
+    );
     (oracle, bt)
 }
+
+/// How far past its budget a run of translated code may go: loops and
+/// lookups check the budget, forward jumps within a page do not, and a run
+/// of them covers each byte of the page at most once.
+pub const BUDGET_SLACK: u64 = 4096;
 
 #[cfg(test)]
 mod tests;

@@ -308,26 +308,41 @@ enum Form {
 }
 
 /// The state translated code runs on, addressed through host RDI from the
-/// moment the runtime enters the code cache until it leaves it: the
-/// guest's registers, RIP and arithmetic flags, the instruction budget, and
-/// what the code needs to probe the software TLB and the jump cache.
+/// moment the runtime enters the code cache until it leaves it. While code
+/// in the cache runs, the guest's registers other than RSP, RDI and R15
+/// live in the host registers of the same numbers and its arithmetic flags
+/// in the host's RFLAGS (its *home* state); `gpr` holds them only outside
+/// the cache and while a block has borrowed their host register. RSP and
+/// RDI (host RSP is the host's stack, host RDI points here) and R15 (host
+/// R15 counts the instructions run) live in `gpr` and are loaded into
+/// borrowed host registers by the blocks that use them.
 #[repr(C)]
 #[derive(Clone, Debug, Default)]
 pub struct Ctx {
     /// The guest's general-purpose registers, by encoding number.
     pub gpr: [u64; 16],
-    /// The guest's RIP (in 64-bit code, its linear address).
-    pub rip: u64,
+    /// The linear address of the page of the block that runs (64-bit
+    /// code: RIP's page).
+    pub vpage: u64,
+    /// Where the code left: RIP minus `vpage`.
+    pub next: u64,
     /// The guest's arithmetic flags as LAHF and SETO leave them in AX:
     /// bits 15:8 SF, ZF, AF, PF and CF; bit 0 OF.
     pub flags: u64,
-    /// Guest instructions that may still run.
-    pub left: u64,
+    /// Guest instructions run since the runtime entered the cache.
+    pub count: u64,
+    /// The budget: a loop's backward jump and a lookup leave the cache
+    /// once `count` reaches it (a run of forward jumps within one page may
+    /// go past it, by less than a page of instructions).
+    pub limit: u64,
     /// How the code left the cache: [`SLOT_STOP`] (the interpreter runs
-    /// the next instruction), [`SLOT_NONE`] (the next block is missing from
-    /// the jump cache), or the host address of the patchable jump of a
-    /// block's exit whose target is missing (the dispatcher links it).
+    /// the next instruction, or the budget is spent), [`SLOT_NONE`] (the
+    /// next block is missing from the jump cache), or the offset in the
+    /// cache of the patchable jump of a block's exit whose target is not
+    /// linked yet (the dispatcher links it).
     pub slot: u64,
+    /// The host address the runtime jumps to.
+    pub code: u64,
     /// The software TLB's first entry ([`x86::TlbProbe::base`]).
     pub tlb: u64,
     /// The TLB's access bit of a read at the current CPL.
@@ -338,13 +353,14 @@ pub struct Ctx {
     pub jc: u64,
     /// XORed into RIP to make a jump-cache key ([`jc_key`]).
     pub key_xor: u64,
-    /// Blocks entered.
-    pub entries: u64,
     /// Jump-cache lookups made by generated code.
     pub lookups: u64,
+    /// The lookup's RIP.
+    pub rip: u64,
     /// The block that left through a memory access or a callout, and the
     /// mnemonic (`iced_x86::Mnemonic as u32`) of the instruction it left
-    /// to the interpreter (`u32::MAX` for a memory access).
+    /// to the interpreter, or [`CALLOUT_MEMORY`], [`CALLOUT_MEMORY_HARD`]
+    /// or [`CALLOUT_NONE`].
     pub block: u32,
     /// See `block`.
     pub callout: u32,
@@ -362,6 +378,12 @@ pub const CALLOUT_MEMORY_HARD: u32 = u32::MAX - 2;
 /// [`Ctx::callout`]: no reason (the budget).
 pub const CALLOUT_NONE: u32 = u32::MAX - 1;
 
+/// Guest registers that live in host registers of the same number while
+/// code in the cache runs (all but RSP, RDI and R15).
+const HOMED: u16 = !(1 << 4 | 1 << 7 | 1 << 15);
+/// The others: loaded from the context by the blocks that use them.
+const IN_CONTEXT: [usize; 3] = [4, 7, 15];
+
 impl Ctx {
     /// Takes the arithmetic flags of `rflags`.
     pub fn set_rflags(&mut self, rflags: u64) {
@@ -374,6 +396,11 @@ impl Ctx {
         let f = (self.flags >> 8 & 0xd5) | (self.flags & 1) << 11;
         rflags & !ARITH | f
     }
+
+    /// The guest's RIP where the code left the cache.
+    pub fn rip_out(&self) -> u64 {
+        self.vpage.wrapping_add(self.next)
+    }
 }
 
 fn ctx_off(off: usize) -> i32 {
@@ -384,6 +411,29 @@ macro_rules! ctx {
     ($field:ident) => {
         ctx_off(std::mem::offset_of!(Ctx, $field))
     };
+}
+
+/// The context's slot of guest register `g`.
+fn gpr_slot(g: usize) -> MemoryOperand {
+    MemoryOperand::with_base_displ(Register::RDI, ctx!(gpr) as i64 + 8 * g as i64)
+}
+
+/// `mov [ctx.gpr[g]], host` (no flag changes).
+fn spill(a: &mut CodeAssembler, g: usize, host: usize) -> Result<(), IcedError> {
+    a.add_instruction(Instruction::with2(
+        Code::Mov_rm64_r64,
+        gpr_slot(g),
+        GPR64[host],
+    )?)
+}
+
+/// `mov host, [ctx.gpr[g]]` (no flag changes).
+fn fill(a: &mut CodeAssembler, host: usize, g: usize) -> Result<(), IcedError> {
+    a.add_instruction(Instruction::with2(
+        Code::Mov_r64_rm64,
+        GPR64[host],
+        gpr_slot(g),
+    )?)
 }
 
 /// Entries of the jump cache (a power of two).
@@ -420,40 +470,77 @@ pub fn jc_index(key: u64) -> usize {
 /// cache.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Runtime {
-    /// `extern "sysv64" fn(ctx: *mut Ctx, code: u64)`: saves the host's
-    /// callee-saved registers and jumps to a block.
+    /// `extern "sysv64" fn(ctx: *mut Ctx)`: saves the host's callee-saved
+    /// registers, loads the guest's home state and jumps to `ctx.code`.
     pub enter: u64,
     /// Leaves the cache with [`SLOT_STOP`].
     pub stop: u64,
-    /// Leaves the cache (restores the callee-saved registers and returns).
+    /// Leaves the cache: stores the home state and returns.
     pub exit: u64,
-    /// Looks the block at the context's RIP up in the jump cache and jumps
-    /// to it, or leaves the cache.
+    /// Looks the block at `ctx.vpage + ctx.next` up in the jump cache and
+    /// jumps to it, or leaves the cache (not found, or the budget spent).
     pub lookup: u64,
+    /// Leaves the cache with the flags already in `ctx.flags`.
+    pub exit_saved: u64,
 }
 
 /// The runtime's code, for host address `base`.
 pub fn runtime(base: u64) -> Result<(Vec<u8>, Runtime), IcedError> {
+    let homed: Vec<usize> = (0..16).filter(|g| HOMED & (1 << g) != 0).collect();
     let mut a = CodeAssembler::new(64)?;
     let mut enter = a.create_label();
     let mut stop = a.create_label();
     let mut exit = a.create_label();
+    let mut exit_saved = a.create_label();
     let mut lookup = a.create_label();
+    let mut miss = a.create_label();
+    let mut spent = a.create_label();
     a.set_label(&mut enter)?;
     for reg in [rbx, rbp, r12, r13, r14, r15] {
         a.push(reg)?;
     }
-    a.jmp(rsi)?;
+    a.mov(r15, qword_ptr(rdi + ctx!(count)))?;
+    // OF from AL (1 + 0x7f overflows, 0 + 0x7f does not), the others
+    // from AH.
+    a.movzx(eax, word_ptr(rdi + ctx!(flags)))?;
+    a.add(al, 0x7f)?;
+    a.sahf()?;
+    for &g in &homed {
+        fill(&mut a, g, g)?;
+    }
+    a.jmp(qword_ptr(rdi + ctx!(code)))?;
+
     a.set_label(&mut stop)?;
     a.mov(qword_ptr(rdi + ctx!(slot)), -1)?;
     a.set_label(&mut exit)?;
+    spill(&mut a, 0, 0)?;
+    a.lahf()?;
+    a.seto(al)?;
+    a.mov(word_ptr(rdi + ctx!(flags)), ax)?;
+    fill(&mut a, 0, 0)?;
+    a.set_label(&mut exit_saved)?;
+    for &g in &homed {
+        spill(&mut a, g, g)?;
+    }
+    a.mov(qword_ptr(rdi + ctx!(count)), r15)?;
     for reg in [r15, r14, r13, r12, rbp, rbx] {
         a.pop(reg)?;
     }
     a.ret()?;
+
+    // The lookup borrows RAX and RCX and saves the flags.
     a.set_label(&mut lookup)?;
+    spill(&mut a, 0, 0)?;
+    spill(&mut a, 1, 1)?;
+    a.lahf()?;
+    a.seto(al)?;
+    a.mov(word_ptr(rdi + ctx!(flags)), ax)?;
     a.inc(qword_ptr(rdi + ctx!(lookups)))?;
-    a.mov(rax, qword_ptr(rdi + ctx!(rip)))?;
+    a.cmp(r15, qword_ptr(rdi + ctx!(limit)))?;
+    a.jae(spent)?;
+    a.mov(rax, qword_ptr(rdi + ctx!(vpage)))?;
+    a.add(rax, qword_ptr(rdi + ctx!(next)))?;
+    a.mov(qword_ptr(rdi + ctx!(rip)), rax)?;
     a.xor(rax, qword_ptr(rdi + ctx!(key_xor)))?;
     a.mov(rcx, rax)?;
     a.shr(rcx, 12)?;
@@ -462,14 +549,36 @@ pub fn runtime(base: u64) -> Result<(Vec<u8>, Runtime), IcedError> {
     a.shl(ecx, 4)?;
     a.add(rcx, qword_ptr(rdi + ctx!(jc)))?;
     a.cmp(rax, qword_ptr(rcx))?;
-    a.jne(exit)?;
-    a.jmp(qword_ptr(rcx + 8))?;
+    a.jne(miss)?;
+    a.mov(rax, qword_ptr(rcx + 8))?;
+    a.mov(qword_ptr(rdi + ctx!(code)), rax)?;
+    a.mov(rax, qword_ptr(rdi + ctx!(rip)))?;
+    a.and(rax, -0x1000)?;
+    a.mov(qword_ptr(rdi + ctx!(vpage)), rax)?;
+    a.movzx(eax, word_ptr(rdi + ctx!(flags)))?;
+    a.add(al, 0x7f)?;
+    a.sahf()?;
+    fill(&mut a, 0, 0)?;
+    fill(&mut a, 1, 1)?;
+    a.jmp(qword_ptr(rdi + ctx!(code)))?;
+    a.set_label(&mut spent)?;
+    a.mov(qword_ptr(rdi + ctx!(slot)), -1)?;
+    fill(&mut a, 0, 0)?;
+    fill(&mut a, 1, 1)?;
+    a.jmp(exit_saved)?;
+    a.set_label(&mut miss)?;
+    a.mov(qword_ptr(rdi + ctx!(slot)), SLOT_NONE as i32)?;
+    fill(&mut a, 0, 0)?;
+    fill(&mut a, 1, 1)?;
+    a.jmp(exit_saved)?;
+
     let r = a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
     let rt = Runtime {
         enter: r.label_ip(&enter)?,
         stop: r.label_ip(&stop)?,
         exit: r.label_ip(&exit)?,
         lookup: r.label_ip(&lookup)?,
+        exit_saved: r.label_ip(&exit_saved)?,
     };
     Ok((r.inner.code_buffer, rt))
 }
@@ -484,9 +593,6 @@ pub struct Translation {
     pub memory: u32,
     /// Guest bytes it covers.
     pub len: u64,
-    /// The guest instruction it leaves to the interpreter at its end, if
-    /// it ends before one.
-    pub callout: Option<M>,
 }
 
 /// Where a probe goes when it cannot serve the access.
@@ -505,6 +611,9 @@ enum End<'a> {
     Next(Option<M>),
 }
 
+/// The value patched into the `mov [ctx.slot], imm32` of an exit's stub.
+const SLOT_PLACEHOLDER: i32 = 0x7ead_beef;
+
 /// Builds blocks; keeps the instruction-information factory between them.
 pub struct Translator {
     info: InstructionInfoFactory,
@@ -512,6 +621,9 @@ pub struct Translator {
     tlb_mask: u64,
     /// The runtime's routines in the code cache.
     rt: Runtime,
+    /// Whether flags the SDM leaves undefined must come out as the software
+    /// CPU computes them (see [`Translator::strict`]).
+    strict: bool,
 }
 
 impl Translator {
@@ -522,7 +634,19 @@ impl Translator {
             info: InstructionInfoFactory::new(),
             tlb_mask,
             rt,
+            strict: false,
         }
+    }
+
+    /// Makes blocks leave every instruction that may leave a flag the SDM
+    /// calls undefined to the interpreter, unless the next instruction of
+    /// the block writes that flag with a defined value first: the host CPU
+    /// computes undefined flags its own way (this machine's AMD CPU sets AF
+    /// after a shift, the software CPU clears it), so only then does a run
+    /// match the software CPU bit for bit, pushed RFLAGS images included
+    /// (the differential fuzzing harness).
+    pub fn strict(&mut self) {
+        self.strict = true;
     }
 
     /// Every general-purpose register `i` reads or writes, explicitly or
@@ -555,7 +679,7 @@ impl Translator {
     /// or memory forms, and a direct branch after them, into host code for
     /// host address `at`, as block number `id`. `callout` is the mnemonic
     /// of the instruction after `guest` if the interpreter must run it.
-    /// `None` if that run is too short to be worth a block.
+    /// `None` if nothing at the start can be translated.
     pub fn translate(
         &mut self,
         guest: &[Instruction],
@@ -563,6 +687,12 @@ impl Translator {
         at: u64,
         id: u32,
     ) -> Option<Translation> {
+        let start = guest.first()?.ip();
+        // Offsets from the block's page must fit a displacement.
+        let fits = |target: u64| {
+            i32::try_from(((start & 0xfff) as i64).wrapping_add(target.wrapping_sub(start) as i64))
+                .is_ok()
+        };
         let mut used = 0u16;
         let mut taken = Vec::new();
         let mut forms = Vec::new();
@@ -576,12 +706,10 @@ impl Translator {
             } else {
                 break;
             };
-            // A RIP-relative operand's offset from the block's start must
-            // fit a displacement.
-            let start = guest[0].ip();
-            if i.is_ip_rel_memory_operand()
-                && i32::try_from(i.memory_displacement64().wrapping_sub(start) as i64).is_err()
-            {
+            if i.is_ip_rel_memory_operand() && !fits(i.memory_displacement64()) {
+                break;
+            }
+            if self.strict && undefined_flags_live(i, guest.get(taken.len() + 1)) {
                 break;
             }
             let Some(u) = self.gprs_used(i) else { break };
@@ -590,11 +718,7 @@ impl Translator {
                 .iter()
                 .chain([&form])
                 .any(|f| matches!(f, Form::Memory(_)));
-            // RSP, RDI and, with memory accesses, three scratch registers
-            // need host registers the block leaves free.
-            let need = (all >> 4 & 1) + (all >> 7 & 1) + if memory { 3 } else { 0 };
-            let free = (!all & !(1 << 4 | 1 << 7)).count_ones() as u16;
-            if free < need {
+            if Registers::borrowed(all, memory) > (HOMED & !all).count_ones() as usize {
                 break;
             }
             used = all;
@@ -603,9 +727,9 @@ impl Translator {
         }
         let branch = guest
             .get(taken.len())
-            .filter(|i| direct_branch(i) && taken.len() < MAX_BLOCK)
+            .filter(|i| direct_branch(i) && taken.len() < MAX_BLOCK && fits(i.near_branch_target()))
             .copied();
-        if taken.len() + usize::from(branch.is_some()) < MIN_BLOCK {
+        if taken.is_empty() && branch.is_none() {
             return None;
         }
         // The interpreter's instruction comes next only if the block took
@@ -620,7 +744,10 @@ impl Translator {
             None => End::Next(callout),
         };
         let regs = Registers::new(used, forms.iter().any(|f| matches!(f, Form::Memory(_))));
-        let code = self.emit(&taken, &forms, end, used, &regs, at, id).ok()?;
+        let code = self
+            .emit(&taken, &forms, end, &regs, at, id)
+            .ok()
+            .flatten()?;
         let memory = forms
             .iter()
             .filter(|f| matches!(f, Form::Memory(_)))
@@ -631,29 +758,29 @@ impl Translator {
             count: taken.len() as u32,
             memory,
             len: taken.iter().map(|i| i.len() as u64).sum(),
-            callout: if branch.is_some() { None } else { callout },
         })
     }
 
-    /// The block's host code, for host address `at`: it checks the budget,
-    /// loads what it needs of the context, runs the guest's instructions,
-    /// stores the registers and flags back, and leaves: to the next block
-    /// through a patchable jump (a target in the same guest page, which the
-    /// dispatcher links once the target exists), through the jump cache
-    /// (another page), or out of the cache (the interpreter's instruction
-    /// is next, or a memory access found no usable TLB entry: the block
-    /// stops before it).
-    #[allow(clippy::too_many_arguments)]
+    /// The block's host code, for host address `at`. It starts in the home
+    /// state (see [`Ctx`]): it counts its instructions (host R15), borrows
+    /// the host registers it needs for guest RSP, RDI and R15 and for
+    /// scratch (their guest values go to the context), runs the guest's
+    /// instructions, gives the borrowed registers back and leaves: to the
+    /// next block through a patchable jump (a target in the same guest
+    /// page, which the dispatcher links once the target exists; a backward
+    /// one checks the budget first), through the runtime's lookup (another
+    /// page), or out of the cache (the interpreter's instruction is next,
+    /// or a memory access found no usable TLB entry: the block stops
+    /// before it).
     fn emit(
         &self,
         guest: &[Instruction],
         forms: &[Form],
         end: End,
-        used: u16,
         r: &Registers,
         at: u64,
         id: u32,
-    ) -> Result<Vec<u8>, IcedError> {
+    ) -> Result<Option<Vec<u8>>, IcedError> {
         let branch = match end {
             End::Branch(b) => Some(b),
             End::Next(_) => None,
@@ -661,88 +788,46 @@ impl Translator {
         let start = guest.first().or(branch).map_or(0, |i| i.ip());
         let next = branch.or(guest.last()).map_or(start, |i| i.next_ip());
         let count = guest.len() + usize::from(branch.is_some());
+        // RIP relative to the block's page.
+        let rel = |target: u64| {
+            ((start & 0xfff) as i64).wrapping_add(target.wrapping_sub(start) as i64) as i32
+        };
         let mut a = CodeAssembler::new(64)?;
-        // Which guest flags must hold their true value right after each
-        // instruction's probe: what it or a later instruction reads before
-        // writing it with a defined value (a flag the SDM leaves undefined
-        // may keep its old value on the host), where any later memory
-        // instruction counts as reading every flag (its probe may leave the
-        // block there, and the interpreter, or the handler of a fault it
-        // raises, sees the flags), as does the block's end. What is live
-        // before the first instruction is loaded from the context.
-        let all = RflagsBits::OF
-            | RflagsBits::SF
-            | RflagsBits::ZF
-            | RflagsBits::AF
-            | RflagsBits::CF
-            | RflagsBits::PF;
-        let mut needed = vec![all; guest.len()];
-        let mut live = all;
-        let mut writes_flags = false;
-        for (k, (i, form)) in guest.iter().zip(forms).enumerate().rev() {
-            // Shifts and rotates leave every flag alone when their masked
-            // count is 0, which CL (or the immediate) decides at run time.
-            let shift = matches!(
-                i.mnemonic(),
-                M::Shl
-                    | M::Shr
-                    | M::Sar
-                    | M::Sal
-                    | M::Rol
-                    | M::Ror
-                    | M::Rcl
-                    | M::Rcr
-                    | M::Shld
-                    | M::Shrd
-            );
-            writes_flags |= shift || i.rflags_modified() != 0;
-            let defined = if shift {
-                0
-            } else {
-                i.rflags_written() | i.rflags_cleared() | i.rflags_set()
-            };
-            needed[k] = i.rflags_read() | (live & !defined);
-            live = if matches!(form, Form::Memory(_)) {
-                all
-            } else {
-                needed[k]
-            };
-        }
-        let flags_in = live & all != 0;
         let mut slots = Vec::new();
 
-        // Entry: the budget, then the context.
-        let mut over = a.create_label();
-        a.sub(qword_ptr(rdi + ctx!(left)), count as i32)?;
-        a.jb(over)?;
-        if flags_in {
-            // OF from AL (1 + 0x7f overflows, 0 + 0x7f does not), the
-            // others from AH.
-            a.movzx(eax, word_ptr(rdi + ctx!(flags)))?;
-            a.add(al, 0x7f)?;
-            a.sahf()?;
+        // Entry: count, borrow.
+        a.lea(r15, qword_ptr(r15 + count as i32))?;
+        for &h in &r.borrowed {
+            spill(&mut a, h, h)?;
         }
-        for g in (0..16).filter(|g| used & (1 << g) != 0) {
-            a.add_instruction(Instruction::with2(
-                Code::Mov_r64_rm64,
-                GPR64[r.map[g]],
-                MemoryOperand::with_base_displ(Register::RDI, ctx!(gpr) as i64 + 8 * g as i64),
-            )?)?;
+        for &g in &IN_CONTEXT {
+            if r.used & (1 << g) != 0 {
+                fill(&mut a, r.map[g], g)?;
+            }
         }
         let mut misses = Vec::new();
+        // Whether the guest's flags wait on the host stack (saved by a
+        // probe) rather than in RFLAGS: a run of memory accesses that do
+        // not touch the flags saves them once; the first instruction that
+        // touches them restores them (POPFQ, slow) or, if it writes every
+        // arithmetic flag without reading one, drops the saved copy.
+        let mut saved = false;
+        let restore = |a: &mut CodeAssembler, i: Option<&Instruction>| match i {
+            Some(i) if flags_overwritten(i) => a.lea(rsp, qword_ptr(rsp + 8)),
+            _ => a.popfq(),
+        };
         for (k, (i, form)) in guest.iter().zip(forms).enumerate() {
-            let mut o = rename(i, &r.map);
+            if i.mnemonic() == M::Nop {
+                continue;
+            }
+            let touches = i.rflags_read() != 0 || i.rflags_modified() != 0;
             if *form == Form::LeaRip {
-                // The guest's RIP is the block's start until it leaves.
-                let dst = renamed(
-                    i.op0_register(),
-                    r.map[gpr_number(i.op0_register()).unwrap_or(0)],
-                );
-                let full = GPR64[r.map[gpr_number(i.op0_register()).unwrap_or(0)]];
+                let full = r.map[gpr_number(i.op0_register()).unwrap_or(0)];
+                let dst = renamed(i.op0_register(), full);
                 a.add_instruction(Instruction::with2(
                     Code::Mov_r64_rm64,
-                    full,
-                    MemoryOperand::with_base_displ(Register::RDI, ctx!(rip) as i64),
+                    GPR64[full],
+                    MemoryOperand::with_base_displ(Register::RDI, ctx!(vpage) as i64),
                 )?)?;
                 let code = if dst.size() == 8 {
                     Code::Lea_r64_m
@@ -753,18 +838,23 @@ impl Translator {
                     code,
                     dst,
                     MemoryOperand::with_base_displ(
-                        full,
-                        i.memory_displacement64().wrapping_sub(start) as i64,
+                        GPR64[full],
+                        rel(i.memory_displacement64()) as i64,
                     ),
                 )?)?;
                 continue;
             }
+            let mut o = rename(i, &r.map);
             if let Form::Memory(write) = *form {
                 let miss = Miss {
                     cold: a.create_label(),
                     hard: a.create_label(),
                 };
-                self.probe(&mut a, i, write, r, miss, needed[k] & all != 0, start)?;
+                let rip_rel = i
+                    .is_ip_rel_memory_operand()
+                    .then(|| rel(i.memory_displacement64()));
+                self.probe(&mut a, i, write, r, miss, !saved, rip_rel)?;
+                saved = true;
                 let host = GPR64[r.scratch[0]];
                 o.set_memory_base(host);
                 o.set_memory_index(Register::None);
@@ -774,35 +864,66 @@ impl Translator {
                 o.set_segment_prefix(Register::None);
                 misses.push((miss, k));
             }
-            if i.mnemonic() == M::Nop {
-                continue;
+            if saved && touches {
+                restore(&mut a, Some(i))?;
+                saved = false;
             }
             // No IP: the assembler takes an instruction's IP for a label.
             o.set_ip(0);
             a.add_instruction(o)?;
         }
-        store(&mut a, used, &r.map, writes_flags)?;
-        let page = start & !0xfff;
+        if saved {
+            restore(&mut a, None)?;
+        }
+        r.give_back(&mut a)?;
+        let page_start = start & !0xfff;
         let mut leave = |a: &mut CodeAssembler, target: u64, stop: Option<M>| {
-            let delta = target.wrapping_sub(start);
-            add_rip(a, delta)?;
             if let Some(m) = stop {
+                a.mov(qword_ptr(rdi + ctx!(next)), rel(target))?;
                 a.mov(dword_ptr(rdi + ctx!(block)), id)?;
                 a.mov(dword_ptr(rdi + ctx!(callout)), m as u32)?;
-                a.jmp(self.rt.stop)
-            } else if target & !0xfff == page {
-                // Linked by the dispatcher once the target is translated.
-                let mut slot = a.create_label();
-                a.lea(rax, ptr(slot))?;
-                a.mov(qword_ptr(rdi + ctx!(slot)), rax)?;
+                return a.jmp(self.rt.stop);
+            }
+            if target & !0xfff != page_start {
+                a.mov(qword_ptr(rdi + ctx!(next)), rel(target))?;
+                return a.jmp(self.rt.lookup);
+            }
+            // Linked by the dispatcher once the target is translated;
+            // until then the jump goes to the stub, which leaves.
+            let mut stub = a.create_label();
+            let mut slot = a.create_label();
+            if target < next {
+                // Back into this block or before it (a loop): check the
+                // budget, with the flags kept in AX. Forward jumps do not:
+                // each goes past the end of the block it leaves, so a run
+                // of them within a page covers each byte at most once.
+                let mut spent = a.create_label();
+                spill(a, 0, 0)?;
+                a.lahf()?;
+                a.seto(al)?;
+                a.cmp(r15, qword_ptr(rdi + ctx!(limit)))?;
+                a.jae(spent)?;
+                a.add(al, 0x7f)?;
+                a.sahf()?;
+                fill(a, 0, 0)?;
                 a.set_label(&mut slot)?;
                 a.db(&[0xe9, 0, 0, 0, 0])?;
-                slots.push(slot);
-                Ok(())
+                a.set_label(&mut spent)?;
+                a.mov(word_ptr(rdi + ctx!(flags)), ax)?;
+                fill(a, 0, 0)?;
+                a.mov(qword_ptr(rdi + ctx!(next)), rel(target))?;
+                a.mov(qword_ptr(rdi + ctx!(slot)), -1)?;
+                a.jmp(self.rt.exit_saved)?;
             } else {
-                a.mov(qword_ptr(rdi + ctx!(slot)), SLOT_NONE as i32)?;
-                a.jmp(self.rt.lookup)
+                // No label here: the block's taken branch may have one on
+                // this instruction; the slot is the 5 bytes before the stub.
+                a.db(&[0xe9, 0, 0, 0, 0])?;
             }
+            a.set_label(&mut stub)?;
+            slots.push((if target < next { Some(slot) } else { None }, stub));
+            a.mov(qword_ptr(rdi + ctx!(slot)), SLOT_PLACEHOLDER)?;
+            a.mov(qword_ptr(rdi + ctx!(next)), rel(target))?;
+            a.jmp(self.rt.exit)
         };
         match end {
             End::Branch(b) if b.is_jmp_short_or_near() => {
@@ -826,39 +947,53 @@ impl Translator {
             a.mov(dword_ptr(rdi + ctx!(callout)), CALLOUT_MEMORY)?;
             a.set_label(&mut flags)?;
             a.popfq()?;
-            store(&mut a, used, &r.map, writes_flags)?;
-            // The budget was taken for the whole block.
-            a.add(qword_ptr(rdi + ctx!(left)), (count - k) as i32)?;
-            add_rip(&mut a, guest[k].ip().wrapping_sub(start))?;
+            r.give_back(&mut a)?;
+            // The count was taken for the whole block.
+            a.lea(r15, qword_ptr(r15 - (count - k) as i32))?;
+            a.mov(qword_ptr(rdi + ctx!(next)), rel(guest[k].ip()))?;
             a.mov(dword_ptr(rdi + ctx!(block)), id)?;
             a.jmp(self.rt.stop)?;
         }
-        // Not enough budget for the block: give it back and stop.
-        a.set_label(&mut over)?;
-        a.add(qword_ptr(rdi + ctx!(left)), count as i32)?;
-        a.jmp(self.rt.stop)?;
         let res = a.assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
         let mut code = res.inner.code_buffer.clone();
-        // The slots leave the cache until the dispatcher links them (a
-        // lookup that hit would never let it).
-        for slot in &slots {
-            let ip = res.label_ip(slot)?;
+        // Each slot jumps to its stub until it is linked; the stub tells
+        // the dispatcher where the slot is (its offset in the cache: the
+        // cache is at most [`crate::cache::MAX_SIZE`], and the runtime is
+        // at its start).
+        for (slot, stub) in &slots {
+            let stub_ip = res.label_ip(stub)?;
+            let ip = match slot {
+                Some(l) => res.label_ip(l)?,
+                None => stub_ip - 5,
+            };
             let off = (ip - at) as usize;
-            // The cache is at most [`crate::cache::MAX_SIZE`]: in reach.
-            let rel = self.rt.exit.wrapping_sub(ip + 5) as i32;
+            let rel = stub_ip.wrapping_sub(ip + 5) as i32;
             code[off + 1..off + 5].copy_from_slice(&rel.to_le_bytes());
+            let s = (stub_ip - at) as usize;
+            let Some(imm) = code[s..]
+                .windows(4)
+                .take(16)
+                .position(|w| w == SLOT_PLACEHOLDER.to_le_bytes())
+            else {
+                return Ok(None);
+            };
+            let cache_off = (ip - self.rt.enter) as u32;
+            code[s + imm..s + imm + 4].copy_from_slice(&cache_off.to_le_bytes());
         }
-        Ok(code)
+        Ok(Some(code))
     }
 
     /// The inline TLB probe before memory instruction `i`: the guest's
-    /// linear address in scratch 0, then, with the flags saved on the
+    /// linear address in scratch 0 (for a RIP-relative operand, the
+    /// block's page plus `rip_rel`), then, with the guest's flags on the
     /// stack, the entry for its page checked (tag, access bit for the
     /// current CPL, RAM, the access within the page) and the host address
     /// put in scratch 0; on any failure a jump to `miss` (flags still
     /// saved): `miss.cold` if the entry is another page's, `miss.hard` if
-    /// it is this page's but cannot serve the access. On the hit path the flags are restored when `flags_live`
-    /// (POPFQ is slow), else their saved copy is dropped.
+    /// it is this page's but cannot serve the access. The flags are saved
+    /// first if `save_flags` (else they are on the stack already), and stay
+    /// there on the hit path.
+    #[allow(clippy::too_many_arguments)]
     fn probe(
         &self,
         a: &mut CodeAssembler,
@@ -866,8 +1001,8 @@ impl Translator {
         write: bool,
         r: &Registers,
         miss: Miss,
-        flags_live: bool,
-        start: u64,
+        save_flags: bool,
+        rip_rel: Option<i32>,
     ) -> Result<(), IcedError> {
         let s1 = GPR64[r.scratch[0]];
         let [s1a, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
@@ -877,11 +1012,9 @@ impl Translator {
             None => reg,
         };
         let size = i.memory_size().size() as i32;
-        // LEA leaves the flags alone; so does MOV. The guest's RIP is the
-        // block's start until it leaves.
-        if i.is_ip_rel_memory_operand() {
-            a.mov(s1a, qword_ptr(rdi + ctx!(rip)))?;
-            let off = i.memory_displacement64().wrapping_sub(start) as i32;
+        // MOV and LEA leave the flags alone.
+        if let Some(off) = rip_rel {
+            a.mov(s1a, qword_ptr(rdi + ctx!(vpage)))?;
             a.lea(s1a, qword_ptr(s1a + off))?;
         } else {
             a.add_instruction(Instruction::with2(
@@ -898,7 +1031,9 @@ impl Translator {
                 ),
             )?)?;
         }
-        a.pushfq()?;
+        if save_flags {
+            a.pushfq()?;
+        }
         a.mov(s2a, s1a)?;
         a.shr(s2a, 12)?;
         a.and(s2a, self.tlb_mask as i32)?;
@@ -924,15 +1059,7 @@ impl Translator {
         a.test(s3a, s3a)?;
         a.jz(miss.hard)?;
         a.sub(s3a, qword_ptr(s2a + x86::TLB_VPAGE as i32))?;
-        a.add(s1a, s3a)?;
-        if flags_live {
-            a.popfq()
-        } else {
-            // Nothing can see the flags before they are written again:
-            // drop the saved copy (LEA leaves the flags alone; a miss still
-            // restores it).
-            a.lea(rsp, qword_ptr(rsp + 8))
-        }
+        a.add(s1a, s3a)
     }
 }
 
@@ -945,65 +1072,121 @@ const ASM8: [AsmRegister8; 16] = [
     al, cl, dl, bl, spl, bpl, sil, dil, r8b, r9b, r10b, r11b, r12b, r13b, r14b, r15b,
 ];
 
-/// Stores the guest's registers back into the context, then (if the block
-/// writes any) its arithmetic flags; neither changes the host's flags.
-fn store(
-    a: &mut CodeAssembler,
-    used: u16,
-    map: &[usize; 16],
-    flags: bool,
-) -> Result<(), IcedError> {
-    for g in (0..16).filter(|g| used & (1 << g) != 0) {
-        a.add_instruction(Instruction::with2(
-            Code::Mov_rm64_r64,
-            MemoryOperand::with_base_displ(Register::RDI, ctx!(gpr) as i64 + 8 * g as i64),
-            GPR64[map[g]],
-        )?)?;
-    }
-    if flags {
-        a.lahf()?;
-        a.seto(al)?;
-        a.mov(word_ptr(rdi + ctx!(flags)), ax)?;
-    }
-    Ok(())
-}
-
-/// Moves the context's RIP by `delta`.
-fn add_rip(a: &mut CodeAssembler, delta: u64) -> Result<(), IcedError> {
-    match i32::try_from(delta as i64) {
-        Ok(d) => a.add(qword_ptr(rdi + ctx!(rip)), d),
-        Err(_) => {
-            a.mov(rax, delta)?;
-            a.add(qword_ptr(rdi + ctx!(rip)), rax)
-        }
-    }
-}
-
-/// The host registers of a block: each guest register's (its own, but for
-/// RSP and RDI, which take registers the block does not use) and, for
-/// memory accesses, three scratch registers it does not use either.
+/// The host registers of a block: each guest register's (its own for the
+/// homed ones; for RSP, RDI and R15, a host register the block borrows) and,
+/// for memory accesses, three scratch registers it borrows too. A borrowed
+/// host register is one whose guest register the block does not use: its
+/// value waits in the context until the block gives it back.
 struct Registers {
+    used: u16,
     map: [usize; 16],
     scratch: [usize; 3],
+    borrowed: Vec<usize>,
 }
 
 impl Registers {
+    /// How many host registers a block using `used` borrows.
+    fn borrowed(used: u16, memory: bool) -> usize {
+        IN_CONTEXT.iter().filter(|&&g| used & (1 << g) != 0).count() + if memory { 3 } else { 0 }
+    }
+
     fn new(used: u16, memory: bool) -> Registers {
         let mut map: [usize; 16] = std::array::from_fn(|n| n);
         // `translate` made sure enough are free.
-        let mut spare = (0..16).filter(|&n| n != 4 && n != 7 && used & (1 << n) == 0);
-        for g in [4, 7] {
+        let mut spare = (0..16).filter(|&n| HOMED & (1 << n) != 0 && used & (1 << n) == 0);
+        let mut borrowed = Vec::new();
+        for g in IN_CONTEXT {
             if used & (1 << g) != 0 {
-                map[g] = spare.next().unwrap_or(g);
+                map[g] = spare.next().unwrap_or(0);
+                borrowed.push(map[g]);
             }
         }
         let mut scratch = [0; 3];
         if memory {
             for s in scratch.iter_mut() {
                 *s = spare.next().unwrap_or(0);
+                borrowed.push(*s);
             }
         }
-        Registers { map, scratch }
+        Registers {
+            used,
+            map,
+            scratch,
+            borrowed,
+        }
+    }
+
+    /// Stores guest RSP, RDI and R15 back into the context and gives the
+    /// borrowed host registers their guest values again (no flag changes).
+    fn give_back(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        for &g in &IN_CONTEXT {
+            if self.used & (1 << g) != 0 {
+                spill(a, g, self.map[g])?;
+            }
+        }
+        for &h in &self.borrowed {
+            fill(a, h, h)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `i` writes every arithmetic flag without reading one, so that
+/// the flags before it are dead. Flags the SDM leaves undefined count as
+/// written: the host CPU running the instruction writes them as the CPU
+/// does. Shifts and rotates write none when their masked count is 0,
+/// which is known only at run time.
+fn flags_overwritten(i: &Instruction) -> bool {
+    let shift = matches!(
+        i.mnemonic(),
+        M::Shl | M::Shr | M::Sar | M::Sal | M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shld | M::Shrd
+    );
+    let all = RflagsBits::OF
+        | RflagsBits::SF
+        | RflagsBits::ZF
+        | RflagsBits::AF
+        | RflagsBits::CF
+        | RflagsBits::PF;
+    !shift && i.rflags_read() == 0 && i.rflags_modified() & all == all
+}
+
+/// Whether `i` may leave a flag undefined that `next` (the instruction
+/// after it in the block, if any) does not write with a defined value
+/// before reading it. Shifts and rotates count as leaving AF and OF
+/// undefined.
+fn undefined_flags_live(i: &Instruction, next: Option<&Instruction>) -> bool {
+    let shift = matches!(
+        i.mnemonic(),
+        M::Shl | M::Shr | M::Sar | M::Sal | M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shld | M::Shrd
+    );
+    let undefined = i.rflags_undefined()
+        | if shift {
+            RflagsBits::AF | RflagsBits::OF
+        } else {
+            0
+        };
+    if undefined == 0 {
+        return false;
+    }
+    match next {
+        Some(n) if identical(n) && n.rflags_read() & undefined == 0 => {
+            let defined = n.rflags_written() | n.rflags_cleared() | n.rflags_set();
+            let n_shift = matches!(
+                n.mnemonic(),
+                M::Shl
+                    | M::Shr
+                    | M::Sar
+                    | M::Sal
+                    | M::Rol
+                    | M::Ror
+                    | M::Rcl
+                    | M::Rcr
+                    | M::Shld
+                    | M::Shrd
+            );
+            n_shift || defined & undefined != undefined
+        }
+        _ => true,
     }
 }
 

@@ -265,6 +265,19 @@ pub fn exec_bytes_with<S>(
     data: &[u8],
     hash_memory: bool,
     setup: impl FnOnce(&mut Cpu) -> S,
+    run: impl FnMut(&mut Cpu, u64, &mut S) -> CpuExit,
+) -> Report {
+    exec_bytes_budget(data, hash_memory, BUDGET, setup, run)
+}
+
+/// [`exec_bytes_with`] with a budget of `budget` instructions instead of
+/// [`BUDGET`] (an engine that may run past the budget is compared with the
+/// oracle run for as many instructions as it ran).
+pub fn exec_bytes_budget<S>(
+    data: &[u8],
+    hash_memory: bool,
+    budget: u64,
+    setup: impl FnOnce(&mut Cpu) -> S,
     mut run: impl FnMut(&mut Cpu, u64, &mut S) -> CpuExit,
 ) -> Report {
     let mut report = Report::default();
@@ -297,7 +310,7 @@ pub fn exec_bytes_with<S>(
     let msr_fault = flags & 0x10 != 0;
     let mut exits = 0;
     report.end = Some(loop {
-        let left = BUDGET.saturating_sub(cpu.retired);
+        let left = budget.saturating_sub(cpu.retired);
         if left == 0 {
             break End::Budget;
         }
