@@ -350,10 +350,8 @@ impl Blocks {
             if ipa & !0xfff != page {
                 break;
             }
-            if self.callout_at.contains(&ipa)
-                || (!translate::identical(&i) && translate::memory_form(&i).is_none())
-            {
-                if translate::direct_branch(&i) && !self.callout_at.contains(&ipa) {
+            if self.callout_at.contains(&ipa) || !translate::translatable(&i) {
+                if translate::terminator(&i) && !self.callout_at.contains(&ipa) {
                     guest.push(i);
                 } else {
                     callout = Some(i.mnemonic());

@@ -251,6 +251,103 @@ pub fn lea_rip(i: &Instruction) -> bool {
         && matches!(i.op0_register().size(), 4 | 8)
 }
 
+/// Whether the translator can carry `i` out in a block (identically, as
+/// a memory form, a RIP-relative LEA, or a checked division).
+pub fn translatable(i: &Instruction) -> bool {
+    identical(i) || memory_form(i).is_some() || lea_rip(i) || division(i) || stack_op(i)
+}
+
+/// Whether `i` is PUSH or POP of a 64-bit general-purpose register.
+pub fn stack_op(i: &Instruction) -> bool {
+    matches!(i.code(), Code::Push_r64 | Code::Pop_r64) && gpr_number(i.op0_register()).is_some()
+}
+
+/// Whether `i` is a near CALL with a relative target.
+pub fn call_near(i: &Instruction) -> bool {
+    i.code() == Code::Call_rel32_64
+}
+
+/// Whether `i` is a near RET (of 64 bits, with or without bytes to pop).
+pub fn return_near(i: &Instruction) -> bool {
+    matches!(i.code(), Code::Retnq | Code::Retnq_imm16)
+}
+
+/// Whether `i` ends a block in host code: a direct JMP or Jcc, a direct
+/// CALL or a RET.
+pub fn terminator(i: &Instruction) -> bool {
+    direct_branch(i) || call_near(i) || return_near(i)
+}
+
+/// Whether `i` is DIV or IDIV by a 32- or 64-bit general-purpose register.
+pub fn division(i: &Instruction) -> bool {
+    matches!(i.mnemonic(), M::Div | M::Idiv)
+        && !i.has_lock_prefix()
+        && i.op_count() == 1
+        && i.op0_kind() == OpKind::Register
+        && gpr_number(i.op0_register()).is_some()
+        && matches!(i.op0_register().size(), 4 | 8)
+}
+
+/// Jumps to `fault` unless division `o` (its registers renamed) cannot
+/// raise #DE: a divisor that is not 0 and, for DIV, a high half of the
+/// dividend below it (the quotient fits); for IDIV, a dividend that is its
+/// low half sign-extended and not the most negative value divided by -1
+/// (a narrower condition than the SDM's: what it leaves out goes to the
+/// interpreter). Uses host register `s`; changes the flags.
+fn division_check(
+    a: &mut CodeAssembler,
+    o: &Instruction,
+    s: usize,
+    fault: CodeLabel,
+) -> Result<(), IcedError> {
+    let d = o.op0_register();
+    let wide = d.size() == 8;
+    let n = gpr_number(d).unwrap_or(0);
+    let (div, t) = (ASM64[n], ASM64[s]);
+    let div32 = ASM32[n];
+    let t32 = ASM32[s];
+    if wide {
+        a.test(div, div)?;
+    } else {
+        a.test(div32, div32)?;
+    }
+    a.jz(fault)?;
+    if o.mnemonic() == M::Div {
+        if wide {
+            a.cmp(rdx, div)?;
+        } else {
+            a.cmp(edx, div32)?;
+        }
+        return a.jae(fault);
+    }
+    // IDIV: RDX = sign of RAX.
+    if wide {
+        a.mov(t, rax)?;
+        a.sar(t, 63)?;
+        a.cmp(t, rdx)?;
+    } else {
+        a.mov(t32, eax)?;
+        a.sar(t32, 31)?;
+        a.cmp(t32, edx)?;
+    }
+    a.jne(fault)?;
+    let mut ok = a.create_label();
+    if wide {
+        a.cmp(div, -1)?;
+        a.jne(ok)?;
+        a.mov(t, rax)?;
+        a.neg(t)?;
+    } else {
+        a.cmp(div32, -1)?;
+        a.jne(ok)?;
+        a.mov(t32, eax)?;
+        a.neg(t32)?;
+    }
+    a.jo(fault)?;
+    a.set_label(&mut ok)?;
+    a.nop()
+}
+
 /// Whether `i` is a form with one memory operand that translated code
 /// carries out through an inline probe of the software TLB, and if so
 /// whether it writes memory: MOV (load, store, store of an immediate),
@@ -305,6 +402,13 @@ enum Form {
     /// LEA of a RIP-relative address into a 32- or 64-bit register: the
     /// guest's RIP plus an offset.
     LeaRip,
+    /// DIV or IDIV of RDX:RAX (EDX:EAX) by a register, after a check that
+    /// it cannot raise #DE (else the block stops before it).
+    Div,
+    /// PUSH or POP of a 64-bit register, through the TLB probe.
+    Push,
+    /// See `Push`.
+    Pop,
 }
 
 /// The state translated code runs on, addressed through host RDI from the
@@ -480,6 +584,8 @@ pub struct Runtime {
     /// Looks the block at `ctx.vpage + ctx.next` up in the jump cache and
     /// jumps to it, or leaves the cache (not found, or the budget spent).
     pub lookup: u64,
+    /// [`Runtime::lookup`] for the RIP in `ctx.rip` (a return).
+    pub lookup_abs: u64,
     /// Leaves the cache with the flags already in `ctx.flags`.
     pub exit_saved: u64,
 }
@@ -493,6 +599,7 @@ pub fn runtime(base: u64) -> Result<(Vec<u8>, Runtime), IcedError> {
     let mut exit = a.create_label();
     let mut exit_saved = a.create_label();
     let mut lookup = a.create_label();
+    let mut lookup_abs = a.create_label();
     let mut miss = a.create_label();
     let mut spent = a.create_label();
     a.set_label(&mut enter)?;
@@ -528,19 +635,36 @@ pub fn runtime(base: u64) -> Result<(Vec<u8>, Runtime), IcedError> {
     }
     a.ret()?;
 
-    // The lookup borrows RAX and RCX and saves the flags.
+    // The lookups borrow RAX and RCX and save the flags; `lookup` for
+    // RIP = vpage + next, `lookup_abs` for RIP in `ctx.rip`.
+    let mut common = a.create_label();
     a.set_label(&mut lookup)?;
     spill(&mut a, 0, 0)?;
     spill(&mut a, 1, 1)?;
     a.lahf()?;
     a.seto(al)?;
     a.mov(word_ptr(rdi + ctx!(flags)), ax)?;
-    a.inc(qword_ptr(rdi + ctx!(lookups)))?;
-    a.cmp(r15, qword_ptr(rdi + ctx!(limit)))?;
-    a.jae(spent)?;
     a.mov(rax, qword_ptr(rdi + ctx!(vpage)))?;
     a.add(rax, qword_ptr(rdi + ctx!(next)))?;
     a.mov(qword_ptr(rdi + ctx!(rip)), rax)?;
+    a.jmp(common)?;
+    a.set_label(&mut lookup_abs)?;
+    spill(&mut a, 0, 0)?;
+    spill(&mut a, 1, 1)?;
+    a.lahf()?;
+    a.seto(al)?;
+    a.mov(word_ptr(rdi + ctx!(flags)), ax)?;
+    a.mov(rax, qword_ptr(rdi + ctx!(rip)))?;
+    a.mov(rcx, rax)?;
+    a.and(rax, -0x1000)?;
+    a.mov(qword_ptr(rdi + ctx!(vpage)), rax)?;
+    a.and(ecx, 0xfff)?;
+    a.mov(qword_ptr(rdi + ctx!(next)), rcx)?;
+    a.set_label(&mut common)?;
+    a.inc(qword_ptr(rdi + ctx!(lookups)))?;
+    a.cmp(r15, qword_ptr(rdi + ctx!(limit)))?;
+    a.jae(spent)?;
+    a.mov(rax, qword_ptr(rdi + ctx!(rip)))?;
     a.xor(rax, qword_ptr(rdi + ctx!(key_xor)))?;
     a.mov(rcx, rax)?;
     a.shr(rcx, 12)?;
@@ -578,6 +702,7 @@ pub fn runtime(base: u64) -> Result<(Vec<u8>, Runtime), IcedError> {
         stop: r.label_ip(&stop)?,
         exit: r.label_ip(&exit)?,
         lookup: r.label_ip(&lookup)?,
+        lookup_abs: r.label_ip(&lookup_abs)?,
         exit_saved: r.label_ip(&exit_saved)?,
     };
     Ok((r.inner.code_buffer, rt))
@@ -593,6 +718,13 @@ pub struct Translation {
     pub memory: u32,
     /// Guest bytes it covers.
     pub len: u64,
+}
+
+/// The address a probe checks: the block's page plus an offset (a
+/// RIP-relative operand), or an operand of host registers.
+enum Address {
+    Rip(i32),
+    Mem(MemoryOperand),
 }
 
 /// Where a probe goes when it cannot serve the access.
@@ -701,6 +833,12 @@ impl Translator {
                 Form::Identical
             } else if lea_rip(i) {
                 Form::LeaRip
+            } else if division(i) {
+                Form::Div
+            } else if stack_op(i) && i.code() == Code::Push_r64 {
+                Form::Push
+            } else if stack_op(i) {
+                Form::Pop
             } else if let Some(w) = memory_form(i) {
                 Form::Memory(w)
             } else {
@@ -717,7 +855,7 @@ impl Translator {
             let memory = forms
                 .iter()
                 .chain([&form])
-                .any(|f| matches!(f, Form::Memory(_)));
+                .any(|f| matches!(f, Form::Memory(_) | Form::Div | Form::Push | Form::Pop));
             if Registers::borrowed(all, memory) > (HOMED & !all).count_ones() as usize {
                 break;
             }
@@ -727,8 +865,29 @@ impl Translator {
         }
         let branch = guest
             .get(taken.len())
-            .filter(|i| direct_branch(i) && taken.len() < MAX_BLOCK && fits(i.near_branch_target()))
+            .filter(|i| {
+                terminator(i)
+                    && taken.len() < MAX_BLOCK
+                    && (return_near(i) || fits(i.near_branch_target()))
+            })
             .copied();
+        // A call or a return needs the stack pointer and scratch registers.
+        let (used, memory) = match &branch {
+            Some(b) if call_near(b) || return_near(b) => {
+                let all = used | 1 << 4;
+                if Registers::borrowed(all, true) > (HOMED & !all).count_ones() as usize {
+                    // The block ends before it: the interpreter's.
+                    return self.translate(&guest[..taken.len()], Some(b.mnemonic()), at, id);
+                }
+                (all, true)
+            }
+            _ => (
+                used,
+                forms
+                    .iter()
+                    .any(|f| matches!(f, Form::Memory(_) | Form::Div | Form::Push | Form::Pop)),
+            ),
+        };
         if taken.is_empty() && branch.is_none() {
             return None;
         }
@@ -743,14 +902,14 @@ impl Translator {
             Some(b) => End::Branch(b),
             None => End::Next(callout),
         };
-        let regs = Registers::new(used, forms.iter().any(|f| matches!(f, Form::Memory(_))));
+        let regs = Registers::new(used, memory);
         let code = self
             .emit(&taken, &forms, end, &regs, at, id)
             .ok()
             .flatten()?;
         let memory = forms
             .iter()
-            .filter(|f| matches!(f, Form::Memory(_)))
+            .filter(|f| matches!(f, Form::Memory(_) | Form::Push | Form::Pop))
             .count() as u32;
         taken.extend(branch);
         Some(Translation {
@@ -844,16 +1003,66 @@ impl Translator {
                 )?)?;
                 continue;
             }
+            if matches!(form, Form::Push | Form::Pop) {
+                let miss = Miss {
+                    cold: a.create_label(),
+                    hard: a.create_label(),
+                };
+                let push = *form == Form::Push;
+                self.push_pop(
+                    &mut a,
+                    r,
+                    miss,
+                    !saved,
+                    push.then(|| i.op0_register()),
+                    (!push).then(|| i.op0_register()),
+                )?;
+                saved = true;
+                misses.push((miss, k));
+                continue;
+            }
             let mut o = rename(i, &r.map);
+            if *form == Form::Div {
+                let miss = Miss {
+                    cold: a.create_label(),
+                    hard: a.create_label(),
+                };
+                if !saved {
+                    a.pushfq()?;
+                }
+                division_check(&mut a, &o, r.scratch[0], miss.hard)?;
+                // Every flag is undefined after it: the saved copy goes.
+                a.lea(rsp, qword_ptr(rsp + 8))?;
+                saved = false;
+                misses.push((miss, k));
+                o.set_ip(0);
+                a.add_instruction(o)?;
+                continue;
+            }
             if let Form::Memory(write) = *form {
                 let miss = Miss {
                     cold: a.create_label(),
                     hard: a.create_label(),
                 };
-                let rip_rel = i
-                    .is_ip_rel_memory_operand()
-                    .then(|| rel(i.memory_displacement64()));
-                self.probe(&mut a, i, write, r, miss, !saved, rip_rel)?;
+                let addr = if i.is_ip_rel_memory_operand() {
+                    Address::Rip(rel(i.memory_displacement64()))
+                } else {
+                    let ren = |reg: Register| match gpr_number(reg) {
+                        Some(n) => renamed(reg, r.map[n]),
+                        None => reg,
+                    };
+                    Address::Mem(MemoryOperand::new(
+                        ren(i.memory_base()),
+                        ren(i.memory_index()),
+                        i.memory_index_scale(),
+                        i.memory_displacement64() as i64,
+                        i.memory_displ_size(),
+                        false,
+                        Register::None,
+                    ))
+                };
+                let size = i.memory_size().size() as i32;
+                self.probe(&mut a, addr, size, write, r, miss, !saved)?;
                 saved = true;
                 let host = GPR64[r.scratch[0]];
                 o.set_memory_base(host);
@@ -871,6 +1080,46 @@ impl Translator {
             // No IP: the assembler takes an instruction's IP for a label.
             o.set_ip(0);
             a.add_instruction(o)?;
+        }
+        let s2 = r.scratch[1];
+        match branch {
+            Some(b) if call_near(b) => {
+                // Push the return address (the block's page plus an
+                // offset), then jump.
+                let miss = Miss {
+                    cold: a.create_label(),
+                    hard: a.create_label(),
+                };
+                self.push_pop(&mut a, r, miss, !saved, None, None)?;
+                saved = true;
+                a.mov(ASM64[s2], qword_ptr(rdi + ctx!(vpage)))?;
+                a.lea(ASM64[s2], qword_ptr(ASM64[s2] + rel(next)))?;
+                a.mov(qword_ptr(ASM64[r.scratch[0]]), ASM64[s2])?;
+                a.lea(ASM64[r.map[4]], qword_ptr(ASM64[r.map[4]] - 8))?;
+                misses.push((miss, guest.len()));
+            }
+            Some(b) if return_near(b) => {
+                // Pop the target; a non-canonical one faults (#GP) in the
+                // interpreter, at the RET.
+                let miss = Miss {
+                    cold: a.create_label(),
+                    hard: a.create_label(),
+                };
+                self.push_pop(&mut a, r, miss, !saved, None, Some(Register::None))?;
+                saved = true;
+                let [s1a, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
+                a.mov(s2a, qword_ptr(s1a))?;
+                a.mov(s3a, s2a)?;
+                a.shl(s3a, 16)?;
+                a.sar(s3a, 16)?;
+                a.cmp(s3a, s2a)?;
+                a.jne(miss.hard)?;
+                let pop = 8 + i32::from(b.immediate16());
+                a.lea(ASM64[r.map[4]], qword_ptr(ASM64[r.map[4]] + pop))?;
+                a.mov(qword_ptr(rdi + ctx!(rip)), s2a)?;
+                misses.push((miss, guest.len()));
+            }
+            _ => {}
         }
         if saved {
             restore(&mut a, None)?;
@@ -926,7 +1175,8 @@ impl Translator {
             a.jmp(self.rt.exit)
         };
         match end {
-            End::Branch(b) if b.is_jmp_short_or_near() => {
+            End::Branch(b) if return_near(b) => a.jmp(self.rt.lookup_abs)?,
+            End::Branch(b) if b.is_jmp_short_or_near() || call_near(b) => {
                 leave(&mut a, b.near_branch_target(), None)?;
             }
             End::Branch(b) => {
@@ -950,7 +1200,8 @@ impl Translator {
             r.give_back(&mut a)?;
             // The count was taken for the whole block.
             a.lea(r15, qword_ptr(r15 - (count - k) as i32))?;
-            a.mov(qword_ptr(rdi + ctx!(next)), rel(guest[k].ip()))?;
+            let ip = guest.get(k).or(branch).map_or(start, |i| i.ip());
+            a.mov(qword_ptr(rdi + ctx!(next)), rel(ip))?;
             a.mov(dword_ptr(rdi + ctx!(block)), id)?;
             a.jmp(self.rt.stop)?;
         }
@@ -983,6 +1234,41 @@ impl Translator {
         Ok(Some(code))
     }
 
+    /// PUSH `push` or POP into `pop` (a 64-bit guest register) through the
+    /// probe, or, with neither, only the probe of the slot a push would
+    /// write (a CALL); with `pop` = `Register::None`, only the probe of the
+    /// top of the stack (a RET). Scratch 0 then holds the slot's host
+    /// address.
+    #[allow(clippy::too_many_arguments)]
+    fn push_pop(
+        &self,
+        a: &mut CodeAssembler,
+        r: &Registers,
+        miss: Miss,
+        save_flags: bool,
+        push: Option<Register>,
+        pop: Option<Register>,
+    ) -> Result<(), IcedError> {
+        let stack = GPR64[r.map[4]];
+        let at = if pop.is_some() { 0 } else { -8 };
+        let addr = Address::Mem(MemoryOperand::with_base_displ(stack, at));
+        self.probe(a, addr, 8, pop.is_none(), r, miss, save_flags)?;
+        let slot = ASM64[r.scratch[0]];
+        let host = |g: Register| ASM64[r.map[gpr_number(g).unwrap_or(0)]];
+        match (push, pop) {
+            (Some(g), _) => {
+                a.mov(qword_ptr(slot), host(g))?;
+                a.lea(host(Register::RSP), qword_ptr(host(Register::RSP) - 8))
+            }
+            (_, Some(Register::RSP)) => a.mov(host(Register::RSP), qword_ptr(slot)),
+            (_, Some(Register::None)) | (None, None) => Ok(()),
+            (_, Some(g)) => {
+                a.mov(host(g), qword_ptr(slot))?;
+                a.lea(host(Register::RSP), qword_ptr(host(Register::RSP) + 8))
+            }
+        }
+    }
+
     /// The inline TLB probe before memory instruction `i`: the guest's
     /// linear address in scratch 0 (for a RIP-relative operand, the
     /// block's page plus `rip_rel`), then, with the guest's flags on the
@@ -997,39 +1283,23 @@ impl Translator {
     fn probe(
         &self,
         a: &mut CodeAssembler,
-        i: &Instruction,
+        addr: Address,
+        size: i32,
         write: bool,
         r: &Registers,
         miss: Miss,
         save_flags: bool,
-        rip_rel: Option<i32>,
     ) -> Result<(), IcedError> {
         let s1 = GPR64[r.scratch[0]];
         let [s1a, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
         let s3ab = ASM8[r.scratch[2]];
-        let ren = |reg: Register| match gpr_number(reg) {
-            Some(n) => renamed(reg, r.map[n]),
-            None => reg,
-        };
-        let size = i.memory_size().size() as i32;
         // MOV and LEA leave the flags alone.
-        if let Some(off) = rip_rel {
-            a.mov(s1a, qword_ptr(rdi + ctx!(vpage)))?;
-            a.lea(s1a, qword_ptr(s1a + off))?;
-        } else {
-            a.add_instruction(Instruction::with2(
-                Code::Lea_r64_m,
-                s1,
-                MemoryOperand::new(
-                    ren(i.memory_base()),
-                    ren(i.memory_index()),
-                    i.memory_index_scale(),
-                    i.memory_displacement64() as i64,
-                    i.memory_displ_size(),
-                    false,
-                    Register::None,
-                ),
-            )?)?;
+        match addr {
+            Address::Rip(off) => {
+                a.mov(s1a, qword_ptr(rdi + ctx!(vpage)))?;
+                a.lea(s1a, qword_ptr(s1a + off))?;
+            }
+            Address::Mem(m) => a.add_instruction(Instruction::with2(Code::Lea_r64_m, s1, m)?)?,
         }
         if save_flags {
             a.pushfq()?;
@@ -1066,6 +1336,10 @@ impl Translator {
 /// The general-purpose registers for the assembler, by encoding number.
 const ASM64: [AsmRegister64; 16] = [
     rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15,
+];
+/// Their low doublewords.
+const ASM32: [AsmRegister32; 16] = [
+    eax, ecx, edx, ebx, esp, ebp, esi, edi, r8d, r9d, r10d, r11d, r12d, r13d, r14d, r15d,
 ];
 /// Their low bytes.
 const ASM8: [AsmRegister8; 16] = [
