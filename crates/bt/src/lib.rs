@@ -398,8 +398,14 @@ impl softplat::Engine for BtVcpu {
         &self.platform
     }
 
-    /// A slice through translated code and the interpreter.
+    /// A slice through translated code and the interpreter; the
+    /// interpreter alone while a debugger watches the guest (it stops at
+    /// instruction boundaries and on data accesses that translated code
+    /// does not report).
     fn slice(&mut self) -> CpuExit {
+        if self.cpu.guest_debug_active() {
+            return self.cpu.run(softplat::SLICE);
+        }
         self.cpu.run_accel(softplat::SLICE, &mut self.tr)
     }
 

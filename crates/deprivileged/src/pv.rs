@@ -310,6 +310,11 @@ impl Vcpu for PvVcpu {
         self.g.cpu.external_write(gpa, len);
     }
 
+    fn set_guest_debug(&mut self, debug: &vcpu::GuestDebug) -> Result<()> {
+        self.g.cpu.set_guest_debug(debug);
+        Ok(())
+    }
+
     fn regs(&self) -> Result<Regs> {
         Ok(self.g.regs())
     }

@@ -1240,6 +1240,11 @@ impl Vcpu for TrapVcpu {
         self.g.cpu.external_write(gpa, len);
     }
 
+    fn set_guest_debug(&mut self, debug: &vcpu::GuestDebug) -> Result<()> {
+        self.g.cpu.set_guest_debug(debug);
+        Ok(())
+    }
+
     fn regs(&self) -> Result<Regs> {
         Ok(self.g.regs())
     }

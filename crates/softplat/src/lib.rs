@@ -217,6 +217,7 @@ pub fn run<E: Engine>(e: &mut E) -> Result<VcpuExit<'_>> {
         let step = match e.prepare() {
             Step::Run => match e.slice() {
                 CpuExit::Budget => Step::Run,
+                CpuExit::Debug(d) => Step::Exit(VcpuExit::Debug(d)),
                 x => e.exit(x),
             },
             s => s,
@@ -329,6 +330,7 @@ pub fn vcpu_exit(cpu: &mut Cpu, exit: CpuExit) -> VcpuExit<'_> {
         | CpuExit::Sensitive { .. }) => VcpuExit::Unimplemented {
             what: format!("internal: intercepted event {e:?} reached the VMM"),
         },
+        CpuExit::Debug(d) => VcpuExit::Debug(d),
         CpuExit::VmExit => VcpuExit::Unimplemented {
             what: "a VM exit with no VMM to handle it".into(),
         },
@@ -371,6 +373,11 @@ macro_rules! plain_cpu_state {
         /// The software CPU's TLB is all the translations there are.
         fn flush_tlb(&mut self) -> vcpu::Result<()> {
             self.cpu.flush_tlb(true);
+            Ok(())
+        }
+
+        fn set_guest_debug(&mut self, debug: &vcpu::GuestDebug) -> vcpu::Result<()> {
+            self.cpu.set_guest_debug(debug);
             Ok(())
         }
     };

@@ -855,6 +855,11 @@ impl Vcpu for VmxVcpu {
         self.cpu.external_write(gpa, len);
     }
 
+    fn set_guest_debug(&mut self, debug: &vcpu::GuestDebug) -> Result<()> {
+        self.cpu.set_guest_debug(debug);
+        Ok(())
+    }
+
     fn regs(&self) -> Result<Regs> {
         let mut r = self.cpu.regs();
         if !self.cpu.vmx.non_root {

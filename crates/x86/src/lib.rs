@@ -30,6 +30,7 @@
 
 mod alu;
 mod cpuid;
+mod debug;
 mod decode;
 mod exec;
 mod fpu;
@@ -152,6 +153,8 @@ pub enum CpuExit {
     },
     /// A VM exit with [`vmx::Vmx::stop_on_exit`]: the VMM reads the VMCS.
     VmExit,
+    /// An event the VMM's debugger asked for ([`Cpu::set_guest_debug`]).
+    Debug(vcpu::DebugEvent),
 }
 
 /// How an instruction stopped early.
@@ -262,6 +265,8 @@ pub struct Cpu {
     pub(crate) irq_ready: bool,
     /// STI/MOV SS shadow: no interrupt before the next instruction completes.
     pub(crate) inhibit: bool,
+    /// The VMM's debugger (breakpoints, watchpoints, single-step).
+    pub(crate) debug: debug::DebugState,
 
     // Cached mode.
     pub(crate) cpl: u8,
@@ -364,6 +369,7 @@ impl Cpu {
             vmx: vmx::Vmx::default(),
             irq_ready: false,
             inhibit: false,
+            debug: debug::DebugState::default(),
             cpl: 0,
             bits: 16,
             long64: false,
@@ -596,7 +602,8 @@ impl Cpu {
             if self.vmx.non_root && self.vmx_boundary(blocked) {
                 continue;
             }
-            if self.irq_ready && !blocked && self.rflags & rflags::IF != 0 {
+            let held = self.debug.active && self.debug.holds_interrupts(self.halted);
+            if self.irq_ready && !blocked && !held && self.rflags & rflags::IF != 0 {
                 match self.intercepts.irq {
                     IrqMode::Deliver => {
                         if let Some(e) = self.take_interrupt() {
@@ -605,6 +612,11 @@ impl Cpu {
                     }
                     IrqMode::Exit => return CpuExit::Interrupt,
                     IrqMode::Hold => {}
+                }
+            }
+            if self.debug.active {
+                if let Some(e) = self.debug_boundary() {
+                    return e;
                 }
             }
             if self.halted {
@@ -620,7 +632,8 @@ impl Cpu {
                 || self.trace
                 || (self.vmx.non_root && !self.vmx_quiet())
                 || self.grant
-                || self.sensitive_ok);
+                || self.sensitive_ok
+                || self.debug.active);
             let r = if plain {
                 self.burst(&mut left, accel)
             } else {
