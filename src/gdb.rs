@@ -564,6 +564,16 @@ impl<'a> DebugTarget<'a> {
         self.debug.hw_breakpoints.len() + self.debug.watchpoints.len()
     }
 
+    /// Takes `new` as the breakpoints and watchpoints if the engine can
+    /// (`kvm` has four debug registers for all); false if not.
+    fn try_debug(&mut self, new: GuestDebug) -> bool {
+        if self.vm.vcpu.set_guest_debug(&new).is_err() {
+            return false;
+        }
+        self.debug = new;
+        true
+    }
+
     /// Runs the guest until a debug event, the end of the guest, or bytes
     /// from the client (`fd` readable).
     fn run_guest(&mut self, fd: RawFd) -> Result<Ran, String> {
@@ -890,10 +900,12 @@ impl Breakpoints for DebugTarget<'_> {
 
 impl SwBreakpoint for DebugTarget<'_> {
     fn add_sw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
-        if !self.debug.breakpoints.contains(&addr) {
-            self.debug.breakpoints.push(addr);
+        if self.debug.breakpoints.contains(&addr) {
+            return Ok(true);
         }
-        Ok(true)
+        let mut new = self.debug.clone();
+        new.breakpoints.push(addr);
+        Ok(self.try_debug(new))
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
@@ -911,8 +923,9 @@ impl HwBreakpoint for DebugTarget<'_> {
         if self.hw_used() >= HW_SLOTS {
             return Ok(false);
         }
-        self.debug.hw_breakpoints.push(addr);
-        Ok(true)
+        let mut new = self.debug.clone();
+        new.hw_breakpoints.push(addr);
+        Ok(self.try_debug(new))
     }
 
     fn remove_hw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
@@ -937,16 +950,17 @@ impl HwWatchpoint for DebugTarget<'_> {
         len: u64,
         kind: GdbWatchKind,
     ) -> TargetResult<bool, Self> {
-        // What one debug register covers: 1, 2, 4 or 8 aligned bytes.
-        if !matches!(len, 1 | 2 | 4 | 8) || addr % len != 0 || self.hw_used() >= HW_SLOTS {
+        // Any length on the software CPU; the engine says what it can.
+        if len == 0 || self.hw_used() >= HW_SLOTS {
             return Ok(false);
         }
-        self.debug.watchpoints.push(Watchpoint {
+        let mut new = self.debug.clone();
+        new.watchpoints.push(Watchpoint {
             addr,
             len,
             kind: watch_kind(kind),
         });
-        Ok(true)
+        Ok(self.try_debug(new))
     }
 
     fn remove_hw_watchpoint(
@@ -1212,7 +1226,13 @@ fn session(target: &mut DebugTarget<'_>, mut stream: Stream) -> Result<SessionEn
                     Err(_) => return Ok(SessionEnd::Gone),
                 }
             }
-            GdbStubStateMachine::Running(g) if pending.is_empty() => match target.run_guest(fd)? {
+            GdbStubStateMachine::Running(mut g) if pending.is_empty() => match {
+                // The ack of the resuming packet goes out first.
+                if g.borrow_conn().flush().is_err() {
+                    return Ok(SessionEnd::Gone);
+                }
+                target.run_guest(fd)?
+            } {
                 Ran::Stop(reason) => match g.report_stop(target, reason) {
                     Ok(s) => s,
                     Err(_) => return Ok(SessionEnd::Gone),

@@ -131,6 +131,10 @@ impl Vcpu for EmuVcpu {
 
     softplat::plain_cpu_state!();
 
+    fn debug_info(&mut self, what: &str) -> Option<String> {
+        softplat::debug_info(self, what)
+    }
+
     fn engine_counters(&self) -> Vec<(String, u64)> {
         vec![("guest_instructions".into(), self.cpu.retired)]
     }

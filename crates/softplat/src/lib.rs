@@ -337,6 +337,16 @@ pub fn vcpu_exit(cpu: &mut Cpu, exit: CpuExit) -> VcpuExit<'_> {
     }
 }
 
+/// What the engines on the software CPU show a debugger's monitor
+/// (`Vcpu::debug_info`): `apic`, the local APIC (and PICs/PIT); what else
+/// an engine shows, it answers before asking this.
+pub fn debug_info<E: Engine>(e: &mut E, what: &str) -> Option<String> {
+    match what {
+        "apic" => e.cpu().debug_local_state(),
+        _ => None,
+    }
+}
+
 /// The engine-contract methods of a vCPU whose state is the software CPU's
 /// own (`emu`, `bt`): registers, system registers, the kick, memory written
 /// by the VMM, TLB flushes. For a type with fields `cpu: Cpu` and
@@ -379,6 +389,10 @@ macro_rules! plain_cpu_state {
         fn set_guest_debug(&mut self, debug: &vcpu::GuestDebug) -> vcpu::Result<()> {
             self.cpu.set_guest_debug(debug);
             Ok(())
+        }
+
+        fn time_paused(&mut self, paused: std::time::Duration) {
+            self.cpu.time_paused(paused);
         }
     };
 }

@@ -860,6 +860,18 @@ impl Vcpu for VmxVcpu {
         Ok(())
     }
 
+    fn time_paused(&mut self, paused: std::time::Duration) {
+        self.cpu.time_paused(paused);
+    }
+
+    /// `vmcs`: the VMCS decoded by area, as `--dump-vmcs` prints it.
+    fn debug_info(&mut self, what: &str) -> Option<String> {
+        if what != "vmcs" {
+            return softplat::debug_info(self, what);
+        }
+        Some(self.cpu.dump_vmcs())
+    }
+
     fn regs(&self) -> Result<Regs> {
         let mut r = self.cpu.regs();
         if !self.cpu.vmx.non_root {

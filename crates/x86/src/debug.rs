@@ -143,6 +143,18 @@ impl Cpu {
         }
     }
 
+    /// Reads guest-physical RAM at `pa` for a debugger; false if it is not
+    /// all RAM.
+    pub fn debug_read_phys(&self, pa: u64, buf: &mut [u8]) -> bool {
+        self.mem.read(pa, buf)
+    }
+
+    /// The local device's state in a few lines (`monitor regs`), if the
+    /// CPU has one.
+    pub fn debug_local_state(&self) -> Option<String> {
+        self.local.as_ref().map(|l| l.describe())
+    }
+
     /// Whether data accesses are to be checked against watchpoints.
     #[inline(always)]
     pub(crate) fn watching(&self) -> bool {

@@ -82,6 +82,13 @@ pub trait Local {
     fn deadline(&self) -> Option<Instant> {
         None
     }
+    /// The CPU was stopped for `paused` (a debugger): timers on the host
+    /// clock move on by as much, so that the guest does not see it.
+    fn time_paused(&mut self, _paused: std::time::Duration) {}
+    /// Its state in a few lines, for a debugger (`monitor regs`).
+    fn describe(&self) -> String {
+        String::new()
+    }
 }
 
 /// Runs guest code faster than the interpreter (the `bt` engine's
@@ -508,6 +515,17 @@ impl Cpu {
                 break;
             }
             at = end + 1;
+        }
+    }
+
+    /// The CPU was stopped for `paused` (by the VMM's debugger): the
+    /// time-stamp counter and the local device's timers go on from where
+    /// they were.
+    pub fn time_paused(&mut self, paused: std::time::Duration) {
+        let ns = u64::try_from(paused.as_nanos()).unwrap_or(u64::MAX);
+        self.tsc_offset = self.tsc_offset.wrapping_sub(ns);
+        if let Some(l) = self.local.as_mut() {
+            l.time_paused(paused);
         }
     }
 
