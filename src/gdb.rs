@@ -1226,47 +1226,51 @@ fn session(target: &mut DebugTarget<'_>, mut stream: Stream) -> Result<SessionEn
                     Err(_) => return Ok(SessionEnd::Gone),
                 }
             }
-            GdbStubStateMachine::Running(mut g) if pending.is_empty() => match {
+            GdbStubStateMachine::Running(mut g) if pending.is_empty() => {
                 // The ack of the resuming packet goes out first.
                 if g.borrow_conn().flush().is_err() {
                     return Ok(SessionEnd::Gone);
                 }
-                target.run_guest(fd)?
-            } {
-                Ran::Stop(reason) => match g.report_stop(target, reason) {
-                    Ok(s) => s,
-                    Err(_) => return Ok(SessionEnd::Gone),
-                },
-                Ran::Finished(o) => {
-                    let reason = match &o {
-                        Outcome::Stopped(_) | Outcome::Halted { .. } => {
-                            SingleThreadStopReason::Exited(o.exit_status() as u8)
-                        }
-                        Outcome::Unimplemented { .. } => {
-                            SingleThreadStopReason::Terminated(Signal::SIGILL)
-                        }
-                        Outcome::TimedOut { .. } => {
-                            SingleThreadStopReason::Terminated(Signal::SIGKILL)
-                        }
-                        _ => SingleThreadStopReason::Terminated(Signal::SIGSEGV),
-                    };
-                    eprintln!("\r\nvisor: {}", o.describe());
-                    target.finished = Some(o);
-                    match g.report_stop(target, reason) {
+                let ran = target.run_guest(fd)?;
+                match ran {
+                    Ran::Stop(reason) => match g.report_stop(target, reason) {
                         Ok(s) => s,
-                        Err(_) => {
-                            return Ok(SessionEnd::Finished(target.finished.take().expect("set")))
+                        Err(_) => return Ok(SessionEnd::Gone),
+                    },
+                    Ran::Finished(o) => {
+                        let reason = match &o {
+                            Outcome::Stopped(_) | Outcome::Halted { .. } => {
+                                SingleThreadStopReason::Exited(o.exit_status() as u8)
+                            }
+                            Outcome::Unimplemented { .. } => {
+                                SingleThreadStopReason::Terminated(Signal::SIGILL)
+                            }
+                            Outcome::TimedOut { .. } => {
+                                SingleThreadStopReason::Terminated(Signal::SIGKILL)
+                            }
+                            _ => SingleThreadStopReason::Terminated(Signal::SIGSEGV),
+                        };
+                        eprintln!("\r\nvisor: {}", o.describe());
+                        target.finished = Some(o);
+                        match g.report_stop(target, reason) {
+                            Ok(s) => s,
+                            Err(_) => {
+                                return Ok(SessionEnd::Finished(
+                                    target.finished.take().expect("set"),
+                                ))
+                            }
                         }
                     }
-                }
-                Ran::Data(false) => GdbStubStateMachine::Running(g),
-                Ran::Data(true) => {
-                    if !read_more(&mut stream, &mut buf, &mut framer, &mut pending) {
-                        return Ok(SessionEnd::Gone);
+                    Ran::Data(false) => GdbStubStateMachine::Running(g),
+                    Ran::Data(true) => {
+                        if !read_more(&mut stream, &mut buf, &mut framer, &mut pending) {
+                            return Ok(SessionEnd::Gone);
+                        }
+                        GdbStubStateMachine::Running(g)
                     }
-                    GdbStubStateMachine::Running(g)
                 }
-            },
+            }
+
             GdbStubStateMachine::Idle(g) if pending.is_empty() => {
                 if !read_more(&mut stream, &mut buf, &mut framer, &mut pending) {
                     return Ok(SessionEnd::Gone);
@@ -1331,11 +1335,8 @@ fn read_more(
             match framer.push(b) {
                 Some(Frame::Byte(b)) => pending.push_back(b),
                 Some(Frame::Packet(p)) => pending.extend(p),
-                Some(Frame::Bad) => {
-                    if stream.write_all(b"-").is_err() {
-                        return false;
-                    }
-                }
+                Some(Frame::Bad) if stream.write_all(b"-").is_err() => return false,
+                Some(Frame::Bad) => {}
                 None => {}
             }
         }

@@ -237,6 +237,13 @@ print/x $pc
 delete
 "
     };
+    // The engine's own window: what `monitor` shows besides stats and regs.
+    let (special, shows) = match engine {
+        Engine::Vmx => ("vmcs", "VMCS at 0x"),
+        Engine::Trap | Engine::Pv => ("virt", "virtual cpl="),
+        Engine::Bt => ("translation", "block at rip 0x"),
+        _ => ("vmcs", "`vmcs` is for engine vmx"),
+    };
     let script = format!(
         "set pagination off
 set confirm off
@@ -256,7 +263,11 @@ stepi
 echo @stepped\\n
 print/x $rip
 delete
-{exit_cmds}continue
+{exit_cmds}monitor help
+monitor stats
+monitor regs
+monitor {special}
+continue
 ",
         port = v.port
     );
@@ -300,6 +311,18 @@ delete
         if watch {
             assert_eq!(after, exit + 1, "{ctx}");
         }
+    }
+    for (what, line) in [
+        ("help", "translation "),
+        ("stats", &format!("visor stats: engine {engine}")),
+        ("regs", "cr0="),
+        (special, shows),
+    ] {
+        assert!(out.contains(line), "monitor {what}: {ctx}");
+    }
+    // (`pv` has no local APIC: events come through its trap table.)
+    if engine != Engine::Kvm && engine != Engine::Pv {
+        assert!(out.contains("apic id=0"), "monitor regs: {ctx}");
     }
     assert!(out.contains("exited normally"), "{ctx}");
     assert_eq!(status, Some(0), "{ctx}");

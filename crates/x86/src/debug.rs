@@ -88,7 +88,7 @@ impl Cpu {
             Some(hit)
         } else if d.step && now != d.start {
             Some(DebugEvent::Step)
-        } else if d.breakpoints.binary_search(&self.rip).is_ok() && !(now == d.start) {
+        } else if d.breakpoints.binary_search(&self.rip).is_ok() && now != d.start {
             Some(DebugEvent::Breakpoint)
         } else {
             None
