@@ -5,6 +5,10 @@
 //! devices: a [`Vcpu::run`] call returns a [`VcpuExit`] that borrows the exit's data
 //! buffer, and the one VMM loop completes it against the machine's buses before it
 //! calls `run` again.
+//!
+//! A debugger attached to the VMM (`visor run --gdb`) reaches the guest
+//! through [`Vcpu::set_guest_debug`] ([`GuestDebug`]: breakpoints,
+//! watchpoints, single-step the guest cannot see) and [`VcpuExit::Debug`].
 
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]

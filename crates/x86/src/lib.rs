@@ -27,6 +27,11 @@
 //!
 //! A valid instruction the CPU does not implement ends the run with
 //! [`CpuExit::Unimplemented`]; an invalid encoding raises #UD in the guest.
+//!
+//! The VMM's debugger (`debug.rs`, [`Cpu::set_guest_debug`]) has breakpoints,
+//! watchpoints and single-step of its own, invisible to the guest: checked at
+//! instruction boundaries and on the slow memory path, reported as
+//! [`CpuExit::Debug`].
 
 mod alu;
 mod cpuid;
