@@ -94,7 +94,19 @@ fn main() {
         args.extend(["-o", out_path.to_str().unwrap()]);
         rustc(&args);
     };
-    kernel("demo", &[&abi, &arch, &hypercall], &[], "demo.elf");
+    // The demo kernel keeps its symbols and debug information (gdb's source
+    // lines and Rust names: `visor run --gdb`); a copy goes beside the
+    // visor binary (target/<profile>/demo.elf) for gdb to load.
+    kernel(
+        "demo",
+        &[&abi, &arch, &hypercall],
+        &["-Cdebuginfo=2", "-Cstrip=none"],
+        "demo.elf",
+    );
+    if let Some(profile_dir) = out.ancestors().nth(3) {
+        // OUT_DIR is target/<profile>/build/visor-<hash>/out.
+        let _ = std::fs::copy(out.join("demo.elf"), profile_dir.join("demo.elf"));
+    }
     // The linker writes the benchmark as a raw image (Multiboot a.out kludge).
     kernel(
         "bench",

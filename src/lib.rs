@@ -5,6 +5,7 @@
 
 pub mod console;
 pub mod engine;
+pub mod gdb;
 pub mod stats;
 pub mod vmm;
 

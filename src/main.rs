@@ -79,6 +79,11 @@ struct RunArgs {
     /// cache is emptied whole.
     #[arg(long, value_name = "SIZE")]
     bt_cache: Option<String>,
+    /// Wait for gdb on [HOST:]PORT (host 127.0.0.1 by default) or a Unix
+    /// socket path, with the guest stopped before its first instruction
+    /// (`target remote :PORT` in gdb; `monitor help` for visor's commands).
+    #[arg(long, value_name = "[HOST:]PORT|PATH")]
+    gdb: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -174,6 +179,11 @@ fn run(args: RunArgs) -> Result<i32, String> {
             usize::try_from(n).map_err(|_| format!("--bt-cache {c}: too large"))
         })
         .transpose()?;
+    let gdb_addr = args
+        .gdb
+        .as_deref()
+        .map(visor::gdb::parse_addr)
+        .transpose()?;
     let (image, kernel_name) = match &args.kernel {
         Some(p) => (read_file("kernel", p)?, p.display().to_string()),
         None => (visor::DEMO_GUEST.to_vec(), "demo".to_string()),
@@ -218,6 +228,10 @@ fn run(args: RunArgs) -> Result<i32, String> {
     drop(image);
 
     let engine = engine?;
+    let gdb = gdb_addr
+        .as_ref()
+        .map(visor::gdb::Listener::bind)
+        .transpose()?;
     // The platform every kernel sees: PIC, IOAPIC, local APIC and PIT.
     let opts = VmOptions {
         irqchip: true,
@@ -261,11 +275,16 @@ fn run(args: RunArgs) -> Result<i32, String> {
         vm.stopper().stop_after(d);
     }
     let mut stats = Stats::new(engine.name());
-    let result = vm.run(&mut stats);
+    let result = match gdb {
+        Some(listener) => visor::gdb::serve(&mut vm, &mut stats, listener),
+        None => vm
+            .run(&mut stats)
+            .map_err(|e| format!("engine {engine}: {e}")),
+    };
     if let Some(r) = raw.as_ref() {
         r.restore();
     }
-    let outcome = result.map_err(|e| format!("engine {engine}: {e}"))?;
+    let outcome = result?;
     let code = outcome.exit_status();
     match &outcome {
         visor::Outcome::Stopped(_) => {}

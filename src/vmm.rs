@@ -36,6 +36,13 @@ pub enum Outcome {
         regs: Box<Regs>,
         sregs: Box<SRegs>,
     },
+    /// The vCPU stopped for the debugger ([`vcpu::Vcpu::set_guest_debug`]);
+    /// `run` may be called again.
+    Debug(vcpu::DebugEvent),
+    /// [`Pauser::pause`] stopped the run; `run` may be called again.
+    Paused,
+    /// The debugger killed the guest (`--gdb`).
+    Killed,
 }
 
 impl Outcome {
@@ -48,6 +55,7 @@ impl Outcome {
             Outcome::GuestFailure { .. } => GUEST_FAILURE,
             Outcome::TimedOut { .. } => TIMEOUT,
             Outcome::Unimplemented { .. } => UNIMPLEMENTED,
+            Outcome::Debug(_) | Outcome::Paused | Outcome::Killed => OK,
         }
     }
 
@@ -68,6 +76,9 @@ impl Outcome {
             Outcome::GuestFailure { what, .. } | Outcome::Unimplemented { what, .. } => {
                 what.clone()
             }
+            Outcome::Debug(e) => format!("stopped for the debugger ({e:?})"),
+            Outcome::Paused => "paused".into(),
+            Outcome::Killed => "the debugger killed the guest".into(),
             Outcome::TimedOut { regs, .. } => {
                 format!(
                     "timed out: the guest was still running at rip={:#x}",
@@ -103,6 +114,42 @@ pub struct Vm {
     pub mem: GuestMemory,
     /// Set by [`Stopper::stop`]; the loop ends with [`Outcome::TimedOut`].
     stop: Arc<AtomicBool>,
+    /// Set by [`Pauser::pause`]; the loop ends with [`Outcome::Paused`].
+    pause: Arc<AtomicBool>,
+}
+
+/// Pauses a running [`Vm`] from another thread (a debugger's Ctrl-C): its
+/// `run` returns [`Outcome::Paused`], and may be called again.
+#[derive(Clone)]
+pub struct Pauser {
+    flag: Arc<AtomicBool>,
+    kick: Arc<Kick>,
+}
+
+impl Pauser {
+    /// Pauses the VM.
+    pub fn pause(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.kick.kick();
+    }
+
+    /// Whether a pause was asked and not yet taken by the run.
+    pub fn pending(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Forgets a pause the run has not taken (it ended for another reason).
+    pub fn clear(&self) {
+        self.flag.store(false, Ordering::SeqCst);
+    }
+
+    /// Repeats the kick while the pause has not been taken (see
+    /// [`Stopper::stop_after`]).
+    pub fn kick_again(&self) {
+        if self.pending() {
+            self.kick.kick();
+        }
+    }
 }
 
 /// Stops a running [`Vm`] from another thread: sets the flag and kicks the
@@ -215,6 +262,7 @@ impl Vm {
                 Box::new(std::io::stdout()),
             ),
             stop: Arc::new(AtomicBool::new(false)),
+            pause: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -223,6 +271,16 @@ impl Vm {
         install_signal_handlers();
         Stopper {
             flag: self.stop.clone(),
+            kick: self.vcpu.kick(),
+        }
+    }
+
+    /// A handle that pauses this VM's run; call on the thread that will
+    /// run it.
+    pub fn pauser(&self) -> Pauser {
+        install_signal_handlers();
+        Pauser {
+            flag: self.pause.clone(),
             kick: self.vcpu.kick(),
         }
     }
@@ -335,8 +393,11 @@ impl Vm {
                             regs: Box::new(self.vcpu.regs()?),
                             sregs: Box::new(self.vcpu.sregs()?),
                         })
+                    } else if self.pause.swap(false, Ordering::SeqCst) {
+                        stop = Some(Outcome::Paused);
                     }
                 }
+                VcpuExit::Debug(e) => stop = Some(Outcome::Debug(e)),
                 VcpuExit::Hlt => {
                     stop = Some(Outcome::Halted {
                         regs: Box::new(self.vcpu.regs()?),

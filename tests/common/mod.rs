@@ -5,3 +5,4 @@
 pub mod engines;
 pub mod guest;
 pub mod initramfs;
+pub mod transcript;

@@ -213,6 +213,66 @@ pub struct Blocks {
 }
 
 impl Blocks {
+    /// The block at the CPU's RIP for a debugger: guest instructions and
+    /// host code, each as address, bytes and mnemonic.
+    fn describe_at(&mut self, cpu: &mut Cpu) -> String {
+        let rip = cpu.rip;
+        let Some(pa) = cpu.code_phys() else {
+            return format!("rip {rip:#x}: not mapped for execution");
+        };
+        if cpu.code_bits() != 64 {
+            return format!("rip {rip:#x}: not 64-bit code (the interpreter runs it)");
+        }
+        let ix = match self.at.get(&pa) {
+            Some(&ix) => ix,
+            None => self.translate(cpu, pa),
+        };
+        let b = &self.blocks[ix as usize];
+        let mut s = format!(
+            "block at rip {rip:#x} (guest-physical {pa:#x}): {} guest instructions, {} bytes, run {} times\n",
+            b.count, b.len, b.runs
+        );
+        let Some(off) = b.code else {
+            s.push_str("not translated: the interpreter runs the instruction here");
+            if let Some(m) = b.next {
+                s.push_str(&format!(" ({m:?})"));
+            }
+            return s;
+        };
+        let list = |out: &mut String, bytes: &[u8], ip: u64| {
+            let mut d = iced_x86::Decoder::with_ip(64, bytes, ip, iced_x86::DecoderOptions::NONE);
+            while d.can_decode() {
+                let i = d.decode();
+                let at = (i.ip() - ip) as usize;
+                let hex: Vec<String> = bytes[at..at + i.len()]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                out.push_str(&format!(
+                    "  {:#018x}  {:<30} {:?}\n",
+                    i.ip(),
+                    hex.join(" "),
+                    i.mnemonic()
+                ));
+            }
+        };
+        let mut guest = vec![0u8; b.len as usize];
+        if cpu.debug_read_phys(pa, &mut guest) {
+            s.push_str("guest code:\n");
+            list(&mut s, &guest, rip);
+        }
+        let host = self.cache.code(off, b.code_len);
+        s.push_str(&format!(
+            "host code ({} bytes in the code cache):\n",
+            host.len()
+        ));
+        list(&mut s, host, host.as_ptr() as u64);
+        if let Some(m) = b.next {
+            s.push_str(&format!("then the interpreter runs {m:?}\n"));
+        }
+        s
+    }
+
     fn new(cache: CodeCache, tlb_mask: u64) -> Blocks {
         Blocks {
             translator: Translator::new(tlb_mask, cache.runtime()),
@@ -606,8 +666,14 @@ impl softplat::Engine for BtVcpu {
         &self.platform
     }
 
-    /// A slice through translated code and the interpreter.
+    /// A slice through translated code and the interpreter; the
+    /// interpreter alone while a debugger watches the guest (it stops at
+    /// instruction boundaries and on data accesses that translated code
+    /// does not report).
     fn slice(&mut self) -> CpuExit {
+        if self.cpu.guest_debug_active() {
+            return self.cpu.run(softplat::SLICE);
+        }
         self.cpu.run_accel(softplat::SLICE, &mut self.tr)
     }
 
@@ -626,6 +692,15 @@ impl Vcpu for BtVcpu {
     }
 
     softplat::plain_cpu_state!();
+
+    /// `translation`: the block at RIP (translated now if it was not),
+    /// its guest instructions beside the host code they became.
+    fn debug_info(&mut self, what: &str) -> Option<String> {
+        if what != "translation" {
+            return softplat::debug_info(self, what);
+        }
+        Some(self.tr.describe_at(&mut self.cpu))
+    }
 
     fn engine_counters(&self) -> Vec<(String, u64)> {
         let s = &self.tr.stats;

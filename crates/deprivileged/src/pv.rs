@@ -310,6 +310,33 @@ impl Vcpu for PvVcpu {
         self.g.cpu.external_write(gpa, len);
     }
 
+    fn set_guest_debug(&mut self, debug: &vcpu::GuestDebug) -> Result<()> {
+        self.g.cpu.set_guest_debug(debug);
+        Ok(())
+    }
+
+    fn time_paused(&mut self, paused: std::time::Duration) {
+        self.g.cpu.time_paused(paused);
+    }
+
+    /// `virt`: the virtual CPU and the events waiting (the kernel runs on
+    /// its own page tables: no shadow).
+    fn debug_info(&mut self, what: &str) -> Option<String> {
+        if what != "virt" {
+            return softplat::debug_info(self, what);
+        }
+        let mut s = self.g.describe();
+        let waiting: Vec<String> = (0..256u32)
+            .filter(|&v| self.pending[(v / 64) as usize] & (1 << (v % 64)) != 0)
+            .map(|v| format!("{v:#x}"))
+            .collect();
+        s.push_str(&format!(
+            "\npaging: the guest's own tables (no shadow); events pending: [{}]",
+            waiting.join(",")
+        ));
+        Some(s)
+    }
+
     fn regs(&self) -> Result<Regs> {
         Ok(self.g.regs())
     }

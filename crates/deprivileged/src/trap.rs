@@ -1240,6 +1240,38 @@ impl Vcpu for TrapVcpu {
         self.g.cpu.external_write(gpa, len);
     }
 
+    fn set_guest_debug(&mut self, debug: &vcpu::GuestDebug) -> Result<()> {
+        self.g.cpu.set_guest_debug(debug);
+        Ok(())
+    }
+
+    fn time_paused(&mut self, paused: std::time::Duration) {
+        self.g.cpu.time_paused(paused);
+    }
+
+    /// `virt`: the virtual CPU, the shadow tables, the holes so far.
+    fn debug_info(&mut self, what: &str) -> Option<String> {
+        if what != "virt" {
+            return softplat::debug_info(self, what);
+        }
+        let mut s = self.g.describe();
+        s.push_str(&format!(
+            "\nshadow paging: root {:#x}, {} leaves filled, {} flushes, {} invalidations; halted={}",
+            self.shadow.root,
+            self.shadow.fills,
+            self.shadow.flushes,
+            self.shadow.invalidations,
+            self.halted
+        ));
+        if self.c.holes.is_empty() {
+            s.push_str("\nholes so far: none");
+        }
+        for (k, n) in &self.c.holes {
+            s.push_str(&format!("\nhole {k}: {n} times"));
+        }
+        Some(s)
+    }
+
     fn regs(&self) -> Result<Regs> {
         Ok(self.g.regs())
     }

@@ -150,6 +150,36 @@ impl Guest {
         }
     }
 
+    /// The virtual CPU beside the real one, for a debugger (`monitor
+    /// virt`).
+    pub fn describe(&self) -> String {
+        let v = &self.v;
+        format!(
+            "virtual cpl={} (real cpl={}) virtual if={} iopl={}\n\
+             guest cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} (real cr3={:#x})\n\
+             guest gdtr={:#x}/{:#x} idtr={:#x}/{:#x} tr={:#x}\n\
+             guest lstar={:#x} star={:#x} fmask={:#x} kernel_gs_base={:#x}",
+            self.vcpl(),
+            self.cpu.cpl(),
+            v.vif as u8,
+            v.iopl,
+            v.cr0,
+            v.cr3,
+            v.cr4,
+            v.efer,
+            self.cpu.cr3,
+            v.gdtr.base,
+            v.gdtr.limit,
+            v.idtr.base,
+            v.idtr.limit,
+            v.tr.selector,
+            v.lstar,
+            v.star,
+            v.fmask,
+            v.kernel_gs_base,
+        )
+    }
+
     /// RFLAGS as the guest sees them.
     pub fn vflags(&self) -> u64 {
         let r = self.cpu.rflags;

@@ -131,6 +131,10 @@ impl Vcpu for EmuVcpu {
 
     softplat::plain_cpu_state!();
 
+    fn debug_info(&mut self, what: &str) -> Option<String> {
+        softplat::debug_info(self, what)
+    }
+
     fn engine_counters(&self) -> Vec<(String, u64)> {
         vec![("guest_instructions".into(), self.cpu.retired)]
     }
@@ -284,6 +288,103 @@ mod tests {
             r.rip = HANDLER;
             vcpu.set_regs(&r).unwrap();
         }
+    }
+
+    /// The VMM's debugger on the software CPU: a breakpoint in code the
+    /// guest rewrites stays (memory is not patched) and is passed when the
+    /// run resumes there; read and write watchpoints stop after the
+    /// instruction; a step runs one instruction, and one that exits to the
+    /// VMM (OUT) ends its step after the exit; the guest's RFLAGS.TF and
+    /// debug registers are untouched.
+    #[test]
+    fn guest_debug_breakpoints_watchpoints_and_steps() {
+        use vcpu::{DebugEvent, GuestDebug, WatchKind, Watchpoint};
+        const DATA: u64 = 0x20_0000;
+        let (mem, sregs) = long_mode_mem();
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut target = a.create_label();
+        a.lea(rbx, ptr(target)).unwrap();
+        // The guest rewrites the instruction at `target` (a NOP, with the
+        // same byte: a real write that drops what was decoded there).
+        a.mov(byte_ptr(rbx), 0x90).unwrap();
+        a.set_label(&mut target).unwrap();
+        a.nop().unwrap();
+        a.mov(rax, qword_ptr(DATA)).unwrap(); // read
+        a.mov(qword_ptr(DATA + 8), rax).unwrap(); // write
+        a.out(0x80, al).unwrap();
+        a.nop().unwrap();
+        a.hlt().unwrap();
+        let code = a.assemble(CODE).unwrap();
+        mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+        mem.write_obj(0x1234u64, GuestAddress(DATA)).unwrap();
+        // Where each instruction is (by decoding the bytes).
+        let mut d = iced_x86::Decoder::with_ip(64, &code, CODE, 0);
+        let ips: Vec<u64> =
+            std::iter::from_fn(|| d.can_decode().then(|| d.decode().ip())).collect();
+        let (nop_at, write_at, out_at, after_out) = (ips[2], ips[4], ips[5], ips[6]);
+
+        let (_vm, mut vcpu) = vm_at_code(&mem, &sregs);
+        let dbg = GuestDebug {
+            breakpoints: vec![nop_at],
+            watchpoints: vec![
+                Watchpoint {
+                    addr: DATA,
+                    len: 8,
+                    kind: WatchKind::Read,
+                },
+                Watchpoint {
+                    addr: DATA + 12,
+                    len: 1,
+                    kind: WatchKind::Write,
+                },
+            ],
+            ..Default::default()
+        };
+        vcpu.set_guest_debug(&dbg).unwrap();
+        let run = |vcpu: &mut Box<dyn Vcpu>| match vcpu.run().unwrap() {
+            VcpuExit::Debug(e) => (e, vcpu.regs().unwrap().rip),
+            e => panic!("unexpected exit {e:?}"),
+        };
+        assert_eq!(run(&mut vcpu), (DebugEvent::Breakpoint, nop_at));
+        // Resumed at the breakpoint: passed; the read stops after the load.
+        vcpu.set_guest_debug(&dbg).unwrap();
+        assert_eq!(
+            run(&mut vcpu),
+            (
+                DebugEvent::Watch {
+                    addr: DATA,
+                    kind: WatchKind::Read
+                },
+                write_at
+            )
+        );
+        assert_eq!(vcpu.regs().unwrap().rax, 0x1234);
+        vcpu.set_guest_debug(&dbg).unwrap();
+        assert_eq!(
+            run(&mut vcpu),
+            (
+                DebugEvent::Watch {
+                    addr: DATA + 12,
+                    kind: WatchKind::Write
+                },
+                out_at
+            )
+        );
+        // A step over OUT: the port exit first, then the step's end.
+        let step = GuestDebug {
+            single_step: true,
+            ..Default::default()
+        };
+        vcpu.set_guest_debug(&step).unwrap();
+        assert!(matches!(
+            vcpu.run().unwrap(),
+            VcpuExit::IoOut { port: 0x80, .. }
+        ));
+        assert_eq!(run(&mut vcpu), (DebugEvent::Step, after_out));
+        assert_eq!(vcpu.regs().unwrap().rflags & (1 << 8), 0, "TF untouched");
+        // Without debugging the guest runs on to HLT.
+        vcpu.set_guest_debug(&GuestDebug::default()).unwrap();
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
     }
 
     /// The legacy platform end to end: the guest programs the PICs (vectors

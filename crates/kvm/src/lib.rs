@@ -269,6 +269,7 @@ impl KvmVm {
             stats,
             completed_by_vmm: 0,
             kick: Kick::new(),
+            debug_slots: [None; 4],
             _mem: self.mem.clone(),
         })
     }
@@ -366,6 +367,9 @@ pub struct KvmVcpu {
     /// a kick signals it ([`vcpu::KICK_SIGNAL`], whose handler the VMM
     /// installs) so that KVM_RUN returns EINTR.
     kick: Arc<Kick>,
+    /// What the VMM's debugger put in the debug registers KVM_SET_GUEST_DEBUG
+    /// offers (DR0-DR3): breakpoints (`None` kind) and watchpoints.
+    debug_slots: [Option<(u64, Option<vcpu::WatchKind>)>; 4],
     /// The guest memory: `fd` keeps the kernel's VM, and with it the memory
     /// slots, alive after the [`KvmVm`] is gone (see `KvmVm::new`).
     _mem: GuestMemoryMmap<()>,
@@ -539,6 +543,61 @@ enum Kind {
     MsrWrite,
 }
 
+/// DR6.BS: a single step.
+const DR6_BS: u64 = 1 << 14;
+
+impl KvmVcpu {
+    /// The debug exit whose DR6 is `dr6`: the step, or the slot that hit.
+    fn debug_exit(&self, dr6: u64) -> VcpuExit<'static> {
+        for (i, slot) in self.debug_slots.iter().enumerate() {
+            match slot {
+                Some((_, None)) if dr6 & (1 << i) != 0 => {
+                    return VcpuExit::Debug(vcpu::DebugEvent::Breakpoint)
+                }
+                Some((addr, Some(kind))) if dr6 & (1 << i) != 0 => {
+                    return VcpuExit::Debug(vcpu::DebugEvent::Watch {
+                        addr: *addr,
+                        kind: *kind,
+                    })
+                }
+                _ => {}
+            }
+        }
+        if dr6 & DR6_BS != 0 {
+            return VcpuExit::Debug(vcpu::DebugEvent::Step);
+        }
+        VcpuExit::Other {
+            reason: format!("a debug exit with DR6 {dr6:#x} and no slot of the debugger"),
+        }
+    }
+}
+
+/// DR7's bits for slot `i`: enabled (L), the condition and the length.
+fn dr7_slot(i: usize, watch: Option<(vcpu::WatchKind, u64)>) -> Result<u64> {
+    let (rw, len) = match watch {
+        None => (0b00, 0b00),
+        Some((kind, len)) => (
+            match kind {
+                vcpu::WatchKind::Write => 0b01,
+                // x86 has no read-only condition: reads and writes.
+                vcpu::WatchKind::Read | vcpu::WatchKind::Access => 0b11,
+            },
+            match len {
+                1 => 0b00,
+                2 => 0b01,
+                4 => 0b11,
+                8 => 0b10,
+                _ => {
+                    return Err(VcpuError::Engine(format!(
+                        "a watchpoint of {len} bytes does not fit a debug register (1, 2, 4 or 8)"
+                    )))
+                }
+            },
+        ),
+    };
+    Ok((1 << (i * 2)) | (rw << (16 + i * 4)) | (len << (18 + i * 4)))
+}
+
 impl Vcpu for KvmVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         self.kick.enter_blocking();
@@ -559,6 +618,7 @@ impl Vcpu for KvmVcpu {
             Ok(KvmExit::Shutdown) => return Ok(VcpuExit::Shutdown),
             Ok(KvmExit::FailEntry(reason, _cpu)) => return Ok(VcpuExit::FailEntry { reason }),
             Ok(KvmExit::Intr) => return Ok(VcpuExit::Interrupted),
+            Ok(KvmExit::Debug(d)) => return Ok(self.debug_exit(d.dr6)),
             Ok(KvmExit::InternalError) => {
                 if self.complete_failed_emulation()? {
                     return Ok(VcpuExit::Interrupted);
@@ -760,6 +820,53 @@ impl Vcpu for KvmVcpu {
     /// guest TLB flush). Setting the same registers again flushes nothing.
     /// So this sets CR3 with PWT (bit 3, always a legal CR3 bit) flipped,
     /// then the real CR3 again: the guest's registers end as they were.
+    /// Through KVM_SET_GUEST_DEBUG: every breakpoint, software or hardware,
+    /// and every watchpoint takes one of the four debug registers KVM offers
+    /// (guest memory is never patched); more is an error.
+    fn set_guest_debug(&mut self, debug: &vcpu::GuestDebug) -> Result<()> {
+        let mut dbg = kvm_bindings::kvm_guest_debug::default();
+        let mut slots = [None; 4];
+        let wanted: Vec<(u64, Option<(vcpu::WatchKind, u64)>)> = debug
+            .breakpoints
+            .iter()
+            .chain(&debug.hw_breakpoints)
+            .map(|&a| (a, None))
+            .chain(
+                debug
+                    .watchpoints
+                    .iter()
+                    .map(|w| (w.addr, Some((w.kind, w.len)))),
+            )
+            .collect();
+        if wanted.len() > 4 {
+            return Err(VcpuError::Engine(format!(
+                "{} breakpoints and watchpoints: KVM offers 4 debug registers",
+                wanted.len()
+            )));
+        }
+        let mut dr7 = 0;
+        for (i, &(addr, watch)) in wanted.iter().enumerate() {
+            dr7 |= dr7_slot(i, watch)?;
+            dbg.arch.debugreg[i] = addr;
+            slots[i] = Some((addr, watch.map(|(k, _)| k)));
+        }
+        dbg.arch.debugreg[7] = dr7;
+        if debug.is_active() {
+            dbg.control = kvm_bindings::KVM_GUESTDBG_ENABLE;
+            if debug.single_step {
+                dbg.control |= kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
+            }
+            if !wanted.is_empty() {
+                dbg.control |= kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+            }
+        }
+        self.fd
+            .set_guest_debug(&dbg)
+            .map_err(os("KVM_SET_GUEST_DEBUG"))?;
+        self.debug_slots = slots;
+        Ok(())
+    }
+
     fn flush_tlb(&mut self) -> Result<()> {
         const PWT: u64 = 1 << 3;
         let mut s = self.fd.get_sregs().map_err(os("KVM_GET_SREGS"))?;

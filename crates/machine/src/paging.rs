@@ -45,6 +45,30 @@ pub fn translate(mem: &GuestMemory, cr3: u64, gva: u64) -> Option<u64> {
     Some(t.page | (gva & 0xfff))
 }
 
+/// Translates linear `gva` as a CPU with these control registers would
+/// (no paging: the address itself; else 4-level, PAE or 2-level), for a
+/// debugger: only presence is checked, no accessed or dirty bit is set.
+/// `None` if a level is not present or a table lies outside guest memory.
+pub fn translate_current(
+    mem: &GuestMemory,
+    cr0: u64,
+    cr3: u64,
+    cr4: u64,
+    efer: u64,
+    gva: u64,
+) -> Option<u64> {
+    if cr0 & arch::cr0::PG == 0 {
+        return Some(gva & 0xffff_ffff);
+    }
+    let pg = Paging {
+        wp: false,
+        accessed_dirty: false,
+        ..Paging::new(cr0, cr3, cr4, efer)
+    };
+    let t = paging::walk(&mut Tables(mem), &pg, gva, Access::Read, false).ok()?;
+    Some(t.page | (gva & 0xfff))
+}
+
 /// Reads `buf.len()` bytes at guest-virtual `gva`, page by page.
 pub fn read_virt(mem: &GuestMemory, cr3: u64, gva: u64, buf: &mut [u8]) -> Option<()> {
     let mut done = 0;

@@ -347,7 +347,8 @@ pub fn exec_bytes_budget<S>(
             | CpuExit::Syscall { .. }
             | CpuExit::Interrupt
             | CpuExit::Sensitive { .. }
-            | CpuExit::VmExit => break End::Event,
+            | CpuExit::VmExit
+            | CpuExit::Debug(_) => break End::Event,
         }
     });
     // The state must be readable whatever happened.

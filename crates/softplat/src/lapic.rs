@@ -380,6 +380,52 @@ impl x86::Local for Lapic {
         self.tpr = ((cr8 & 0xf) << 4) as u32;
     }
 
+    fn describe(&self) -> String {
+        let bits = |r: &[u32; 8]| {
+            (0..256u32)
+                .filter(|&v| r[(v / 32) as usize] & (1 << (v % 32)) != 0)
+                .map(|v| format!("{v:#x}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let left = self
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        let mut s = format!(
+            "apic id={} tpr={:#x} svr={:#x} isr=[{}] irr=[{}] esr={:#x}\n\
+             apic lvt timer={:#x} lint0={:#x} lint1={:#x} error={:#x}\n\
+             apic timer initial={:#x} divide={:#x} next in {:?}",
+            self.id,
+            self.tpr,
+            self.svr,
+            bits(&self.isr),
+            bits(&self.irr),
+            self.esr,
+            self.lvt[0],
+            self.lvt[3],
+            self.lvt[4],
+            self.lvt[5],
+            self.timer_init,
+            self.timer_div,
+            left,
+        );
+        if let Some(l) = self.legacy() {
+            s.push_str(&format!(
+                "\npic/pit: irq 0 next at {:?}",
+                l.deadline()
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+            ));
+        }
+        s
+    }
+
+    fn time_paused(&mut self, paused: Duration) {
+        self.deadline = self.deadline.map(|t| t + paused);
+        if let Some(mut l) = self.legacy() {
+            l.time_paused(paused);
+        }
+    }
+
     fn deadline(&self) -> Option<Instant> {
         let pit = self.legacy().and_then(|l| l.deadline());
         match (self.deadline, pit) {

@@ -468,6 +468,15 @@ impl Legacy {
         self.pic.intr()
     }
 
+    /// The vCPU was stopped for `paused` (a debugger): the counters go on
+    /// from where they were, as if no time had passed.
+    pub fn time_paused(&mut self, paused: Duration) {
+        for c in &mut self.pit.ch {
+            c.start = c.start.map(|t| t + paused);
+            c.next_edge = c.next_edge.map(|t| t + paused);
+        }
+    }
+
     /// When channel 0 next raises IRQ 0.
     pub fn deadline(&self) -> Option<Instant> {
         self.pit.ch[0].next_edge

@@ -217,6 +217,7 @@ pub fn run<E: Engine>(e: &mut E) -> Result<VcpuExit<'_>> {
         let step = match e.prepare() {
             Step::Run => match e.slice() {
                 CpuExit::Budget => Step::Run,
+                CpuExit::Debug(d) => Step::Exit(VcpuExit::Debug(d)),
                 x => e.exit(x),
             },
             s => s,
@@ -329,9 +330,20 @@ pub fn vcpu_exit(cpu: &mut Cpu, exit: CpuExit) -> VcpuExit<'_> {
         | CpuExit::Sensitive { .. }) => VcpuExit::Unimplemented {
             what: format!("internal: intercepted event {e:?} reached the VMM"),
         },
+        CpuExit::Debug(d) => VcpuExit::Debug(d),
         CpuExit::VmExit => VcpuExit::Unimplemented {
             what: "a VM exit with no VMM to handle it".into(),
         },
+    }
+}
+
+/// What the engines on the software CPU show a debugger's monitor
+/// (`Vcpu::debug_info`): `apic`, the local APIC (and PICs/PIT); what else
+/// an engine shows, it answers before asking this.
+pub fn debug_info<E: Engine>(e: &mut E, what: &str) -> Option<String> {
+    match what {
+        "apic" => e.cpu().debug_local_state(),
+        _ => None,
     }
 }
 
@@ -372,6 +384,15 @@ macro_rules! plain_cpu_state {
         fn flush_tlb(&mut self) -> vcpu::Result<()> {
             self.cpu.flush_tlb(true);
             Ok(())
+        }
+
+        fn set_guest_debug(&mut self, debug: &vcpu::GuestDebug) -> vcpu::Result<()> {
+            self.cpu.set_guest_debug(debug);
+            Ok(())
+        }
+
+        fn time_paused(&mut self, paused: std::time::Duration) {
+            self.cpu.time_paused(paused);
         }
     };
 }

@@ -5,6 +5,10 @@
 //! devices: a [`Vcpu::run`] call returns a [`VcpuExit`] that borrows the exit's data
 //! buffer, and the one VMM loop completes it against the machine's buses before it
 //! calls `run` again.
+//!
+//! A debugger attached to the VMM (`visor run --gdb`) reaches the guest
+//! through [`Vcpu::set_guest_debug`] ([`GuestDebug`]: breakpoints,
+//! watchpoints, single-step the guest cannot see) and [`VcpuExit::Debug`].
 
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -187,6 +191,77 @@ pub enum VcpuExit<'a> {
     /// under `pv`): the number and arguments are in the registers, RIP is past
     /// the entry instruction.
     Hypercall,
+    /// A debug event the VMM asked for with [`Vcpu::set_guest_debug`] (the
+    /// guest never sees it): RIP is where the guest stopped.
+    Debug(DebugEvent),
+}
+
+/// What a debugger attached to the VMM asks of a vCPU, as KVM's
+/// `KVM_SET_GUEST_DEBUG` does: invisible to the guest (its own debug
+/// registers and RFLAGS.TF are untouched). The VMM sets it again before
+/// every resume; an engine compares addresses with RIP and with the linear
+/// addresses the guest accesses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestDebug {
+    /// Stop after one instruction (interrupts are held while stepping, as
+    /// QEMU's and KVM's debuggers do by default, unless the vCPU is halted).
+    pub single_step: bool,
+    /// Stop before the instruction at each of these RIP values (software
+    /// breakpoints: the engine compares RIP, guest memory is not patched).
+    pub breakpoints: Vec<u64>,
+    /// Stop before the instruction at each of these linear addresses
+    /// (hardware breakpoints; an engine may limit their number).
+    pub hw_breakpoints: Vec<u64>,
+    /// Stop after an instruction that accessed one of these ranges.
+    pub watchpoints: Vec<Watchpoint>,
+}
+
+impl GuestDebug {
+    /// Whether anything is asked at all.
+    pub fn is_active(&self) -> bool {
+        self.single_step
+            || !self.breakpoints.is_empty()
+            || !self.hw_breakpoints.is_empty()
+            || !self.watchpoints.is_empty()
+    }
+}
+
+/// A range of linear addresses whose accesses stop the vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watchpoint {
+    /// The first linear address.
+    pub addr: u64,
+    /// The length in bytes (at least 1).
+    pub len: u64,
+    /// Which accesses.
+    pub kind: WatchKind,
+}
+
+/// The accesses a [`Watchpoint`] catches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchKind {
+    /// Writes.
+    Write,
+    /// Reads.
+    Read,
+    /// Reads and writes.
+    Access,
+}
+
+/// Why a vCPU stopped for the debugger ([`VcpuExit::Debug`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DebugEvent {
+    /// One instruction ran (or an exception was delivered).
+    Step,
+    /// RIP reached a breakpoint; the instruction there has not run.
+    Breakpoint,
+    /// The instruction before RIP accessed linear `addr` of a watchpoint.
+    Watch {
+        /// The address accessed (the first in the watched range).
+        addr: u64,
+        /// What the access was: [`WatchKind::Read`] or [`WatchKind::Write`].
+        kind: WatchKind,
+    },
 }
 
 impl VcpuExit<'_> {
@@ -206,6 +281,7 @@ impl VcpuExit<'_> {
             VcpuExit::Unimplemented { .. } => "unimplemented",
             VcpuExit::Other { .. } => "other",
             VcpuExit::Hypercall => "hypercall",
+            VcpuExit::Debug(_) => "debug",
         }
     }
 }
@@ -279,6 +355,28 @@ pub trait Vcpu {
     /// the kernel's behalf. `None`, the default, for engines that run the
     /// guest kernel with the privilege to do it itself.
     fn as_pv(&mut self) -> Option<&mut dyn Paravirtual> {
+        None
+    }
+    /// Sets what a debugger attached to the VMM asks of the vCPU (see
+    /// [`GuestDebug`]); the next `run` returns [`VcpuExit::Debug`] when it
+    /// happens. The default: the engine cannot.
+    fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<()> {
+        let _ = debug;
+        Err(VcpuError::Engine(
+            "this engine cannot debug its guest".into(),
+        ))
+    }
+    /// The vCPU was stopped (for a debugger) for `paused`: an engine whose
+    /// clocks and timers run on the host clock moves them on by as much, so
+    /// that the guest does not see the time pass. The default does nothing.
+    fn time_paused(&mut self, paused: Duration) {
+        let _ = paused;
+    }
+    /// Lines about the engine's own state for a debugger's `monitor`
+    /// command `what` (`vmcs`, `virt`, `translation`), or `None` if the
+    /// engine has no such state.
+    fn debug_info(&mut self, what: &str) -> Option<String> {
+        let _ = what;
         None
     }
 }

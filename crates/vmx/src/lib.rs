@@ -855,6 +855,23 @@ impl Vcpu for VmxVcpu {
         self.cpu.external_write(gpa, len);
     }
 
+    fn set_guest_debug(&mut self, debug: &vcpu::GuestDebug) -> Result<()> {
+        self.cpu.set_guest_debug(debug);
+        Ok(())
+    }
+
+    fn time_paused(&mut self, paused: std::time::Duration) {
+        self.cpu.time_paused(paused);
+    }
+
+    /// `vmcs`: the VMCS decoded by area, as `--dump-vmcs` prints it.
+    fn debug_info(&mut self, what: &str) -> Option<String> {
+        if what != "vmcs" {
+            return softplat::debug_info(self, what);
+        }
+        Some(self.cpu.dump_vmcs())
+    }
+
     fn regs(&self) -> Result<Regs> {
         let mut r = self.cpu.regs();
         if !self.cpu.vmx.non_root {

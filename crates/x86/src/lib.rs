@@ -27,9 +27,15 @@
 //!
 //! A valid instruction the CPU does not implement ends the run with
 //! [`CpuExit::Unimplemented`]; an invalid encoding raises #UD in the guest.
+//!
+//! The VMM's debugger (`debug.rs`, [`Cpu::set_guest_debug`]) has breakpoints,
+//! watchpoints and single-step of its own, invisible to the guest: checked at
+//! instruction boundaries and on the slow memory path, reported as
+//! [`CpuExit::Debug`].
 
 mod alu;
 mod cpuid;
+mod debug;
 mod decode;
 mod exec;
 mod fpu;
@@ -80,6 +86,13 @@ pub trait Local {
     /// When the device will next raise an interrupt by itself (its timer).
     fn deadline(&self) -> Option<Instant> {
         None
+    }
+    /// The CPU was stopped for `paused` (a debugger): timers on the host
+    /// clock move on by as much, so that the guest does not see it.
+    fn time_paused(&mut self, _paused: std::time::Duration) {}
+    /// Its state in a few lines, for a debugger (`monitor regs`).
+    fn describe(&self) -> String {
+        String::new()
     }
 }
 
@@ -152,6 +165,8 @@ pub enum CpuExit {
     },
     /// A VM exit with [`vmx::Vmx::stop_on_exit`]: the VMM reads the VMCS.
     VmExit,
+    /// An event the VMM's debugger asked for ([`Cpu::set_guest_debug`]).
+    Debug(vcpu::DebugEvent),
 }
 
 /// How an instruction stopped early.
@@ -262,6 +277,8 @@ pub struct Cpu {
     pub(crate) irq_ready: bool,
     /// STI/MOV SS shadow: no interrupt before the next instruction completes.
     pub(crate) inhibit: bool,
+    /// The VMM's debugger (breakpoints, watchpoints, single-step).
+    pub(crate) debug: debug::DebugState,
 
     // Cached mode.
     pub(crate) cpl: u8,
@@ -367,6 +384,7 @@ impl Cpu {
             vmx: vmx::Vmx::default(),
             irq_ready: false,
             inhibit: false,
+            debug: debug::DebugState::default(),
             cpl: 0,
             bits: 16,
             long64: false,
@@ -509,6 +527,17 @@ impl Cpu {
         }
     }
 
+    /// The CPU was stopped for `paused` (by the VMM's debugger): the
+    /// time-stamp counter and the local device's timers go on from where
+    /// they were.
+    pub fn time_paused(&mut self, paused: std::time::Duration) {
+        let ns = u64::try_from(paused.as_nanos()).unwrap_or(u64::MAX);
+        self.tsc_offset = self.tsc_offset.wrapping_sub(ns);
+        if let Some(l) = self.local.as_mut() {
+            l.time_paused(paused);
+        }
+    }
+
     /// When the local device will next raise an interrupt by itself.
     pub fn local_deadline(&self) -> Option<Instant> {
         self.local.as_ref().and_then(|l| l.deadline())
@@ -600,7 +629,8 @@ impl Cpu {
             if self.vmx.non_root && self.vmx_boundary(blocked) {
                 continue;
             }
-            if self.irq_ready && !blocked && self.rflags & rflags::IF != 0 {
+            let held = self.debug.active && self.debug.holds_interrupts(self.halted);
+            if self.irq_ready && !blocked && !held && self.rflags & rflags::IF != 0 {
                 match self.intercepts.irq {
                     IrqMode::Deliver => {
                         if let Some(e) = self.take_interrupt() {
@@ -609,6 +639,11 @@ impl Cpu {
                     }
                     IrqMode::Exit => return CpuExit::Interrupt,
                     IrqMode::Hold => {}
+                }
+            }
+            if self.debug.active {
+                if let Some(e) = self.debug_boundary() {
+                    return e;
                 }
             }
             if self.halted {
@@ -624,7 +659,8 @@ impl Cpu {
                 || self.trace
                 || (self.vmx.non_root && !self.vmx_quiet())
                 || self.grant
-                || self.sensitive_ok);
+                || self.sensitive_ok
+                || self.debug.active);
             let r = if plain {
                 self.burst(&mut left, accel)
             } else {

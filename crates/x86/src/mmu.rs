@@ -171,6 +171,9 @@ impl Cpu {
         if self.code.is_code(e.ppage) {
             e.allow &= !(A_W_S | A_W_U);
         }
+        if self.watching() {
+            e.allow &= !self.debug_slow_bits(e.vpage);
+        }
         if self.write_protected(e.ppage) {
             // An engine's protected frame: no write below CPL 0.
             if acc == Access::Write && self.cpl > 0 {
@@ -282,6 +285,9 @@ impl Cpu {
         } else {
             None
         };
+        if self.watching() && acc != Access::Exec {
+            self.debug_access(lin, buf.len(), false);
+        }
         let (a, b) = buf.split_at_mut(first);
         self.phys_read(pa1, a)?;
         if let Some(pa2) = pa2 {
@@ -339,6 +345,9 @@ impl Cpu {
         } else {
             None
         };
+        if self.watching() {
+            self.debug_access(lin, buf.len(), true);
+        }
         self.phys_write(pa1, &buf[..first])?;
         if let Some((pa2, _)) = pa2 {
             self.phys_write(pa2, &buf[first..])?;

@@ -1,0 +1,564 @@
+//! `visor run --gdb` end to end: Debian's gdb (./test.sh installs it) in
+//! batch mode against the demo OS on every usable engine, a raw client that
+//! misbehaves, and bad `--gdb` input.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+#[path = "common/engines.rs"]
+mod engines;
+#[path = "common/transcript.rs"]
+mod transcript;
+
+use transcript::transcript;
+use visor::Engine;
+
+/// Whether gdb is here (./test.sh installs Debian's when it is missing).
+fn gdb_here() -> bool {
+    let ok = Command::new("gdb")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: no gdb (./test.sh installs Debian's)");
+    }
+    ok
+}
+
+/// The arguments of a short demo run on `engine` (natively where the
+/// engine can, paravirtualized on `pv`).
+fn demo_args(engine: Engine) -> Vec<String> {
+    let mut a: Vec<String> = ["run", "--engine", engine.name(), "--cmdline", "passes=2"]
+        .map(String::from)
+        .to_vec();
+    if engine != Engine::Pv {
+        a.push("--no-pv".into());
+    }
+    a
+}
+
+/// The transcript of the same demo run without a debugger, on `emu` (the
+/// oracle), natively or paravirtualized.
+fn reference(pv: bool) -> &'static str {
+    static REFS: [OnceLock<String>; 2] = [OnceLock::new(), OnceLock::new()];
+    REFS[pv as usize].get_or_init(|| {
+        let mut a = demo_args(Engine::Emu);
+        if pv {
+            a.pop();
+        }
+        let o = Command::new(env!("CARGO_BIN_EXE_visor"))
+            .args(&a)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run visor");
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    })
+}
+
+/// A `visor run --gdb 127.0.0.1:0` waiting for its debugger: the port it
+/// got, its stderr as it comes.
+struct Visor {
+    child: Child,
+    port: u16,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Visor {
+    fn start(args: &[String]) -> Visor {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_visor"))
+            .args(args)
+            .args(["--gdb", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start visor");
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        let port = line
+            .split("waiting for gdb on 127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        let stderr = Arc::new(Mutex::new(line));
+        let s = stderr.clone();
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = err.read_to_string(&mut rest);
+            s.lock().unwrap().push_str(&rest);
+        });
+        Visor {
+            child,
+            port,
+            stderr,
+        }
+    }
+
+    /// Waits for the end (at most `limit`): status, stdout, stderr.
+    fn finish(mut self, limit: Duration) -> (Option<i32>, String, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s.code();
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("visor did not end: {}", self.stderr.lock().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        // The stderr thread ends with the process.
+        std::thread::sleep(Duration::from_millis(100));
+        let err = self.stderr.lock().unwrap().clone();
+        assert!(!err.contains("panicked"), "visor panicked: {err}");
+        (status, out, err)
+    }
+}
+
+/// A test that fails leaves no visor behind (it would wait for its
+/// debugger forever, holding what the test's parent gave it).
+impl Drop for Visor {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs gdb in batch mode with `script` on `elf`, at most `limit`.
+fn gdb(elf: &Path, script: &str, limit: Duration) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let cmds = dir.path().join("cmds.gdb");
+    std::fs::write(&cmds, script).unwrap();
+    let mut child = Command::new("gdb")
+        .args(["-batch", "-nx", "-x"])
+        .arg(&cmds)
+        .arg(elf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gdb");
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o: Output = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The value of gdb's `$N = 0x...` line after the line that contains
+/// `after`.
+fn hex_after(out: &str, marker: &str) -> u64 {
+    let line = out
+        .lines()
+        .skip_while(|l| !l.contains(marker))
+        .find(|l| l.starts_with('$'))
+        .unwrap_or_else(|| panic!("no value after {marker:?}:\n{out}"));
+    let v = line.split(" = ").nth(1).unwrap().trim();
+    u64::from_str_radix(v.trim_start_matches("0x"), 16)
+        .unwrap_or_else(|_| panic!("{line:?}:\n{out}"))
+}
+
+/// The demo kernel's ELF, with its symbols and debug information.
+fn demo_elf() -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("demo.elf");
+    std::fs::write(&p, visor::DEMO_GUEST).unwrap();
+    (d, p)
+}
+
+/// The session of the issue on one engine: a watchpoint hit, a breakpoint
+/// at a named function, RIP and a register checked, one step, known memory
+/// read, breakpoints deleted, and the guest run to its end with the
+/// transcript it has without a debugger.
+fn debug_session(engine: Engine) {
+    if !engines::available(engine) || !gdb_here() {
+        return;
+    }
+    // KVM on a PVM host runs guest ring 0 in PVM's emulator, which does
+    // not check the debug registers for data accesses: no watchpoint there
+    // (and no exact step over an instruction that exits, below).
+    let watch = engine != Engine::Kvm || visor_kvm::linux_userspace_unsupported().is_none();
+    let (_d, elf) = demo_elf();
+    let v = Visor::start(&demo_args(engine));
+    let watch_cmds = if watch {
+        "watch *(unsigned long *)&'demo::PASSES'
+continue
+echo @passes\\n
+print/x *(unsigned long *)&'demo::PASSES'
+delete
+rwatch *(unsigned long *)&'demo::PASSES'
+continue
+delete
+"
+    } else {
+        ""
+    };
+    // Stepping over an instruction that exits to the VMM: OUT to the
+    // serial port (native), the hypercall's INT 0x82 (pv).
+    let exit_cmds = if engine == Engine::Pv {
+        "break *((char *)&'demo::pvops::pv::console_write' + 26)
+continue
+stepi
+stepi
+echo @exit\\n
+print/x $pc
+x/i $pc
+stepi
+echo @after\\n
+print/x $pc
+delete
+"
+    } else {
+        "break *((char *)&'demo::cpu::outb' + 4)
+continue
+echo @exit\\n
+print/x $pc
+x/i $pc
+stepi
+echo @after\\n
+print/x $pc
+delete
+"
+    };
+    // The engine's own window: what `monitor` shows besides stats and regs.
+    let (special, shows) = match engine {
+        Engine::Vmx => ("vmcs", "VMCS at 0x"),
+        Engine::Trap | Engine::Pv => ("virt", "virtual cpl="),
+        Engine::Bt => ("translation", "block at rip 0x"),
+        _ => ("vmcs", "`vmcs` is for engine vmx"),
+    };
+    let script = format!(
+        "set pagination off
+set confirm off
+target remote 127.0.0.1:{port}
+set language c
+echo @start\\n
+x/4xb _start
+{watch_cmds}break demo::proc::Kernel::tick
+continue
+echo @rip\\n
+print/x $rip
+echo @rdi\\n
+print/x $rdi
+echo @kernel\\n
+print/x &'demo::proc::KERNEL'
+stepi
+echo @stepped\\n
+print/x $rip
+delete
+hbreak demo::proc::Kernel::tick
+continue
+echo @hbreak\\n
+print/x $rip
+delete
+{exit_cmds}monitor help
+monitor stats
+monitor regs
+monitor {special}
+continue
+",
+        port = v.port
+    );
+    let out = gdb(&elf, &script, Duration::from_secs(240));
+    let (status, stdout, stderr) = v.finish(Duration::from_secs(240));
+    let ctx = format!("engine {engine}\n--- gdb:\n{out}\n--- visor stderr:\n{stderr}");
+    // The first instruction, before the guest ran: `and rsp, -16`.
+    assert!(out.contains("0x48\t0x83\t0xe4\t0xf0"), "{ctx}");
+    if watch {
+        assert!(out.contains("Hardware watchpoint 1"), "{ctx}");
+        assert!(out.contains("New value = 2"), "{ctx}");
+        assert_eq!(hex_after(&out, "@passes"), 2, "{ctx}");
+    }
+    if watch {
+        assert!(out.contains("Hardware read watchpoint 2"), "{ctx}");
+        assert!(out.contains("Value = 2"), "{ctx}");
+    }
+    let n = if watch { 3 } else { 1 };
+    assert!(
+        out.contains(&format!("Breakpoint {n}, demo::proc::Kernel::tick")),
+        "{ctx}"
+    );
+    let at: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("Breakpoint {n} at 0x")))
+        .and_then(|r| u64::from_str_radix(r.split(':').next()?, 16).ok())
+        .unwrap_or_else(|| panic!("no breakpoint address: {ctx}"));
+    let rip = hex_after(&out, "@rip");
+    assert_eq!(rip, at, "{ctx}");
+    // `tick(&mut self)`: RDI is the kernel state.
+    assert_eq!(hex_after(&out, "@rdi"), hex_after(&out, "@kernel"), "{ctx}");
+    assert!(out.contains("Hardware assisted breakpoint"), "{ctx}");
+    assert_eq!(hex_after(&out, "@hbreak"), at, "{ctx}");
+    let stepped = hex_after(&out, "@stepped");
+    assert!(
+        stepped > rip && stepped < rip + 16,
+        "one instruction: {ctx}"
+    );
+    let (exit, after) = (hex_after(&out, "@exit"), hex_after(&out, "@after"));
+    if engine == Engine::Pv {
+        assert!(out.contains("int    $0x82"), "{ctx}");
+        assert_eq!(after, exit + 2, "{ctx}");
+    } else {
+        assert!(out.contains("out    %al,(%dx)"), "{ctx}");
+        // PVM emulates a batch of ring-0 instructions after a trap: its
+        // step over the OUT runs the RET after it too.
+        if watch {
+            assert_eq!(after, exit + 1, "{ctx}");
+        }
+    }
+    for (what, line) in [
+        ("help", "translation "),
+        ("stats", &format!("visor stats: engine {engine}")),
+        ("regs", "cr0="),
+        (special, shows),
+    ] {
+        assert!(out.contains(line), "monitor {what}: {ctx}");
+    }
+    // (`pv` has no local APIC: events come through its trap table.)
+    if engine != Engine::Kvm && engine != Engine::Pv {
+        assert!(out.contains("apic id=0"), "monitor regs: {ctx}");
+    }
+    assert!(out.contains("exited normally"), "{ctx}");
+    assert_eq!(status, Some(0), "{ctx}");
+    assert_eq!(
+        transcript(&stdout),
+        transcript(reference(engine == Engine::Pv)),
+        "{ctx}"
+    );
+}
+
+#[test]
+fn gdb_session_emu() {
+    debug_session(Engine::Emu);
+}
+
+#[test]
+fn gdb_session_vmx() {
+    debug_session(Engine::Vmx);
+}
+
+#[test]
+fn gdb_session_trap() {
+    debug_session(Engine::Trap);
+}
+
+#[test]
+fn gdb_session_pv() {
+    debug_session(Engine::Pv);
+}
+
+#[test]
+fn gdb_session_bt() {
+    debug_session(Engine::Bt);
+}
+
+#[test]
+fn gdb_session_kvm() {
+    debug_session(Engine::Kvm);
+}
+
+/// A raw remote-protocol client.
+struct Client(TcpStream);
+
+impl Client {
+    fn connect(port: u16) -> Client {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Client(s)
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.0.write_all(bytes).unwrap();
+    }
+
+    fn packet(&mut self, body: &str) {
+        let sum = body.bytes().fold(0u8, |s, b| s.wrapping_add(b));
+        self.send(format!("${body}#{sum:02x}").as_bytes());
+    }
+
+    /// The next reply packet's body (acks before it skipped).
+    fn reply(&mut self) -> String {
+        self.try_reply().expect("a reply")
+    }
+
+    /// The next reply packet's body, or `None` if the connection ended.
+    fn try_reply(&mut self) -> Option<String> {
+        let mut body = Vec::new();
+        let mut b = [0u8];
+        loop {
+            self.0.read_exact(&mut b).ok()?;
+            if b[0] == b'$' {
+                break;
+            }
+        }
+        loop {
+            self.0.read_exact(&mut b).ok()?;
+            if b[0] == b'#' {
+                break;
+            }
+            body.push(b[0]);
+        }
+        let mut sum = [0u8; 2];
+        self.0.read_exact(&mut sum).ok()?;
+        // Run-length encoding: `X*n` is X and n - 29 more of it.
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < body.len() {
+            if body[i] == b'*' && i + 1 < body.len() && !out.is_empty() {
+                let last = *out.last().unwrap();
+                out.extend(std::iter::repeat_n(last, (body[i + 1] - 29) as usize));
+                i += 2;
+            } else {
+                out.push(body[i]);
+                i += 1;
+            }
+        }
+        Some(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// The next byte (an ack or a nack).
+    fn byte(&mut self) -> u8 {
+        let mut b = [0u8];
+        self.0.read_exact(&mut b).unwrap();
+        b[0]
+    }
+
+    fn ask(&mut self, body: &str) -> String {
+        self.packet(body);
+        self.reply()
+    }
+}
+
+/// Garbage, a bad checksum, a packet gdbstub cannot parse, unmapped memory,
+/// a second client, Ctrl-C while running, a client gone in the middle of a
+/// packet: the VMM answers with errors, keeps running, and takes the next
+/// client, which kills the guest.
+#[test]
+fn protocol_robustness() {
+    // The full demo run: long enough to be stopped while it runs.
+    let v = Visor::start(&["run", "--engine", "emu", "--no-pv"].map(String::from));
+    let mut c = Client::connect(v.port);
+    c.send(b"hello \x00\xff garbage");
+    let stop = c.ask("?");
+    assert!(stop.starts_with('T') || stop.starts_with('S'), "{stop}");
+    c.send(b"$g#00");
+    assert_eq!(c.byte(), b'-', "a bad checksum is refused");
+    let regs = c.ask("g");
+    // RIP (after 16 registers) is the entry point, 0x200000.
+    assert_eq!(&regs[256..272], "0000200000000000", "{regs}");
+    assert!(c.ask("mfffffffffffff000,10").starts_with('E'));
+    assert!(c.ask("mffffffffffffffff,10").starts_with('E'));
+    assert!(c.ask("m200000,4").starts_with("4883e4f0"));
+    assert!(c.ask("m zz").starts_with('E'), "unparsable: an error");
+    // A second client is closed at once.
+    let mut second = TcpStream::connect(("127.0.0.1", v.port)).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(second.read(&mut buf).unwrap_or(0), 0, "refused");
+    // The first one still works; the guest runs and Ctrl-C stops it.
+    assert!(c.ask("m200000,1").starts_with("48"));
+    c.packet("c");
+    assert_eq!(c.byte(), b'+');
+    std::thread::sleep(Duration::from_millis(300));
+    c.send(&[3]);
+    let stop = c.reply();
+    assert!(stop.starts_with("T02") || stop.starts_with("S02"), "{stop}");
+    // Gone in the middle of a packet: the guest runs on.
+    c.packet("c");
+    c.send(b"$m2000");
+    drop(c);
+    // The next client: refused until the VMM has seen the first one go
+    // (a loaded machine may take a while).
+    let start = Instant::now();
+    let (mut c, stop) = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut c = Client::connect(v.port);
+        c.packet("?");
+        match c.try_reply() {
+            Some(stop) => break (c, stop),
+            None => assert!(start.elapsed() < Duration::from_secs(30), "never taken"),
+        }
+    };
+    assert!(stop.starts_with('T') || stop.starts_with('S'), "{stop}");
+    c.packet("k");
+    let (status, _, err) = v.finish(Duration::from_secs(60));
+    assert_eq!(status, Some(0), "{err}");
+    assert!(err.contains("refused a second gdb client"), "{err}");
+    assert!(err.contains("the debugger killed the guest"), "{err}");
+}
+
+/// Asserts one `visor: error:` line and status 2.
+fn assert_error(args: &[&str], needle: &str) {
+    let o = Command::new(env!("CARGO_BIN_EXE_visor"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let lines: Vec<_> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("visor: error: --gdb"), "{err}");
+    assert!(lines[0].contains(needle), "{needle:?}: {err}");
+}
+
+#[test]
+fn bad_gdb_addresses() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    assert_error(&["run", "--engine", "emu", "--gdb", &port], "cannot listen");
+    for bad in [
+        "12x",
+        "host:",
+        "127.0.0.1:99999",
+        ":",
+        "no.such.host.invalid:1",
+    ] {
+        assert_error(&["run", "--engine", "emu", "--gdb", bad], "--gdb");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let in_missing_dir = d.path().join("no/such/dir/sock");
+    assert_error(
+        &[
+            "run",
+            "--engine",
+            "emu",
+            "--gdb",
+            in_missing_dir.to_str().unwrap(),
+        ],
+        "cannot listen",
+    );
+}
