@@ -131,10 +131,14 @@ struct Block {
     code: Option<u64>,
     /// Host code bytes.
     code_len: usize,
-    /// Guest instructions.
+    /// Guest instructions and bytes.
     count: u32,
+    len: u64,
     /// Its first instruction's mnemonic when `code` is `None`.
     first: Option<Mnemonic>,
+    /// The instruction the interpreter runs after it, if it ends before
+    /// one.
+    callout: Option<Mnemonic>,
     /// The patchable jumps linked to it: their offsets in the cache, and
     /// where each went before (its stub, which leaves the cache).
     incoming: Vec<(u64, u64)>,
@@ -229,12 +233,12 @@ impl Blocks {
         };
         let b = &self.blocks[ix as usize];
         let mut s = format!(
-            "block at rip {rip:#x} (guest-physical {pa:#x}): {} guest instructions, {} bytes, run {} times\n",
-            b.count, b.len, b.runs
+            "block at rip {rip:#x} (guest-physical {pa:#x}): {} guest instructions, {} bytes\n",
+            b.count, b.len
         );
-        let Some(off) = b.code else {
+        let Some(addr) = b.code else {
             s.push_str("not translated: the interpreter runs the instruction here");
-            if let Some(m) = b.next {
+            if let Some(m) = b.first {
                 s.push_str(&format!(" ({m:?})"));
             }
             return s;
@@ -261,13 +265,15 @@ impl Blocks {
             s.push_str("guest code:\n");
             list(&mut s, &guest, rip);
         }
-        let host = self.cache.code(off, b.code_len);
+        let host = self
+            .cache
+            .code((addr - self.cache.addr(0)) as usize, b.code_len);
         s.push_str(&format!(
             "host code ({} bytes in the code cache):\n",
             host.len()
         ));
-        list(&mut s, host, host.as_ptr() as u64);
-        if let Some(m) = b.next {
+        list(&mut s, host, addr);
+        if let Some(m) = b.callout {
             s.push_str(&format!("then the interpreter runs {m:?}\n"));
         }
         s
@@ -427,6 +433,8 @@ impl Blocks {
             code_len: 0,
             count: 0,
             first: guest.first().map(|i| i.mnemonic()).or(callout),
+            callout,
+            len: 0,
             incoming: Vec::new(),
         };
         let at = self.cache.next_addr();
@@ -444,6 +452,10 @@ impl Blocks {
             block.code = Some(self.cache.addr(off));
             block.code_len = t.code.len();
             block.count = t.count;
+            block.len = t.len;
+            if (t.count as usize) < guest.len() {
+                block.callout = None;
+            }
             self.stats.blocks += 1;
             self.stats.translated += t.count as u64;
             self.stats.translated_memory += t.memory as u64;
