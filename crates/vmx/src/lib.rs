@@ -11,7 +11,10 @@
 //! - I/O: IN/OUT through the exit qualification and RAX; string I/O, and
 //!   MMIO found by EPT violations, are completed by passing the port or page
 //!   through and single-stepping the instruction with the monitor trap flag.
-//! - CPUID from the engine's table (VMX hidden); HLT as the HLT activity
+//! - CPUID from the engine's table, VMX hidden; the secondary controls
+//!   that instructions it advertises need (RDTSCP, INVPCID, XSAVES) are
+//!   derived from it, and what the CPU's VMX cannot enable is hidden
+//!   ([`guest_cpuid`]); HLT as the HLT activity
 //!   state until an interrupt is due; external interrupts acknowledged on
 //!   exit and injected through VM-entry event injection (interrupt-window
 //!   exiting while the guest cannot take them).
@@ -32,7 +35,7 @@ use vm_memory::{
 };
 use x86::vmx::fields::{self as f, reason};
 use x86::vmx::{ctl, VmFail};
-use x86::{Cpu, CpuExit};
+use x86::{Cpu, CpuExit, CpuidTable};
 
 /// Size of the VMM's private memory.
 const PRIVATE_SIZE: u64 = 4 << 20;
@@ -59,6 +62,47 @@ const APIC_PAGE: u64 = 0xfee0_0000;
 /// Interruption information: valid, #UD and #GP (hardware exceptions).
 const INJECT_UD: u64 = 0x8000_0306;
 const INJECT_GP: u64 = 0x8000_0b0d;
+
+/// Instructions the CPU model's CPUID can advertise that VMX non-root
+/// operation executes only with a secondary control set (#UD without it):
+/// (leaf, subleaf, register 0..=3 for EAX..EDX, bit, control).
+const CPUID_CONTROLS: [(u32, u32, usize, u32, u32); 3] = [
+    (0x8000_0001, 0, 3, 27, ctl::ENABLE_RDTSCP),
+    (7, 0, 1, 10, ctl::ENABLE_INVPCID),
+    (0xd, 1, 0, 3, ctl::ENABLE_XSAVES),
+];
+
+/// The CPUID the guest is shown and the secondary controls it needs, derived
+/// as KVM derives them: each instruction of [`CPUID_CONTROLS`] the model
+/// advertises gets its control where the CPU's VMX allows it (`proc2_cap`,
+/// IA32_VMX_PROCBASED_CTLS2) and is hidden where it does not. VMX itself is
+/// not offered to the guest.
+pub fn guest_cpuid(model: &CpuidTable, proc2_cap: u64) -> (CpuidTable, u32) {
+    let mut shown = model.clone();
+    let mut controls = 0;
+    let mut clear = |leaf: u32, sub: u32, reg: usize, bit: u32| {
+        if let Some(e) = shown
+            .entries
+            .iter_mut()
+            .find(|e| e.function == leaf && e.index.is_none_or(|i| i == sub))
+        {
+            e.regs[reg] &= !(1 << bit);
+        }
+    };
+    clear(1, 0, 2, 5); // VMX
+    for (leaf, sub, reg, bit, control) in CPUID_CONTROLS {
+        let (a, b, c, d) = model.query(leaf, sub);
+        if [a, b, c, d][reg] & (1 << bit) == 0 {
+            continue;
+        }
+        if (proc2_cap >> 32) as u32 & control != 0 {
+            controls |= control;
+        } else {
+            clear(leaf, sub, reg, bit);
+        }
+    }
+    (shown, controls)
+}
 
 /// Options of a `vmx` virtual machine.
 #[derive(Clone, Copy, Debug, Default)]
@@ -158,6 +202,8 @@ pub struct VmxVcpu {
     platform: Arc<Platform>,
     trace: bool,
     dump_vmcs: bool,
+    /// The CPUID the guest is shown ([`guest_cpuid`]).
+    shown: CpuidTable,
     /// Exit reasons (basic, below 128) whose first exit was dumped.
     dumped: u128,
     launched: bool,
@@ -199,6 +245,7 @@ impl VmxVcpu {
             platform: vm.platform.clone(),
             trace: config.trace,
             dump_vmcs: config.dump_vmcs,
+            shown: CpuidTable::default(),
             dumped: 0,
             launched: false,
             pending: Pending::None,
@@ -340,7 +387,13 @@ impl VmxVcpu {
             msr::VMX_PROCBASED_CTLS,
             ctl::HLT_EXITING | ctl::USE_IO_BITMAPS | ctl::USE_MSR_BITMAPS | ctl::ACTIVATE_SECONDARY,
         );
-        let proc2 = self.adjust(msr::VMX_PROCBASED_CTLS2, ctl::ENABLE_EPT | ctl::ENABLE_VPID);
+        let proc2_cap = self.cpu.vmx_msr(msr::VMX_PROCBASED_CTLS2).unwrap_or(0);
+        let (shown, needed) = guest_cpuid(&self.cpu.cpuid, proc2_cap);
+        self.shown = shown;
+        let proc2 = self.adjust(
+            msr::VMX_PROCBASED_CTLS2,
+            ctl::ENABLE_EPT | ctl::ENABLE_VPID | needed,
+        );
         let exit = self.adjust(
             msr::VMX_EXIT_CTLS,
             ctl::HOST_ADDR_SPACE_SIZE | ctl::ACK_INTR_ON_EXIT | ctl::SAVE_EFER,
@@ -624,10 +677,7 @@ impl VmxVcpu {
         Ok(match basic {
             reason::CPUID => {
                 let (leaf, sub) = (self.cpu.gpr[0] as u32, self.cpu.gpr[1] as u32);
-                let (a, b, mut c, d) = self.cpu.cpuid.query(leaf, sub);
-                if leaf == 1 {
-                    c &= !(1 << 5); // no VMX for the guest
-                }
+                let (a, b, c, d) = self.shown.query(leaf, sub);
                 for (n, v) in [(0, a), (3, b), (1, c), (2, d)] {
                     self.cpu.gpr[n] = v as u64;
                 }
@@ -1110,5 +1160,33 @@ mod tests {
         let e = v.run().map(|x| x.name()).unwrap_err().to_string();
         assert!(e.contains("vmwrite") && e.contains("0x7ffffffe"), "{e}");
         assert!(v.regs().is_err(), "the state is not trusted either");
+    }
+
+    /// The secondary controls come from the CPUID the guest is shown: an
+    /// advertised instruction gets its control where the VMX capability MSR
+    /// allows it and is hidden where it does not; VMX is never shown.
+    #[test]
+    fn controls_follow_the_shown_cpuid() {
+        let mut model = CpuidTable::software_cpu(true, None);
+        model.set(7, Some(0), [0, 1 << 10, 0, 0]); // INVPCID
+        model.set(0xd, Some(1), [1 << 3, 0, 0, 0]); // XSAVES
+        let cap = ((ctl::ENABLE_EPT | ctl::ENABLE_RDTSCP | ctl::ENABLE_INVPCID) as u64) << 32;
+        let (shown, controls) = guest_cpuid(&model, cap);
+        assert_eq!(controls, ctl::ENABLE_RDTSCP | ctl::ENABLE_INVPCID);
+        assert_ne!(shown.query(0x8000_0001, 0).3 & (1 << 27), 0, "RDTSCP");
+        assert_ne!(shown.query(7, 0).1 & (1 << 10), 0, "INVPCID");
+        assert_eq!(shown.query(0xd, 1).0 & (1 << 3), 0, "XSAVES hidden");
+        assert_eq!(shown.query(1, 0).2 & (1 << 5), 0, "VMX hidden");
+        // Without the RDTSCP control the guest is not told about RDTSCP.
+        let (shown, controls) = guest_cpuid(&model, 0);
+        assert_eq!(controls, 0);
+        assert_eq!(shown.query(0x8000_0001, 0).3 & (1 << 27), 0);
+        // The engine's own CPU: RDTSCP advertised and enabled.
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let vm = VmxVm::new(&mem, VmxConfig::default()).unwrap();
+        let v = VmxVcpu::new(&vm, 0).unwrap();
+        let proc2 = v.vmread(f::SECONDARY_VM_EXEC_CONTROL) as u32;
+        assert_ne!(proc2 & ctl::ENABLE_RDTSCP, 0);
     }
 }

@@ -73,6 +73,9 @@ pub mod ctl {
     pub const ENABLE_EPT: u32 = 1 << 1;
     pub const ENABLE_RDTSCP: u32 = 1 << 3;
     pub const ENABLE_VPID: u32 = 1 << 5;
+    pub const UNRESTRICTED_GUEST: u32 = 1 << 7;
+    pub const ENABLE_INVPCID: u32 = 1 << 12;
+    pub const ENABLE_XSAVES: u32 = 1 << 20;
     // VM-exit.
     pub const HOST_ADDR_SPACE_SIZE: u32 = 1 << 9;
     pub const ACK_INTR_ON_EXIT: u32 = 1 << 15;
