@@ -2,6 +2,7 @@
 //! MMIO buses with their devices, kernel loaders and the initial CPU state.
 //! Nothing here knows which engine runs the guest.
 
+pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod devices;

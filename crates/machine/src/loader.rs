@@ -88,6 +88,9 @@ pub struct Loaded {
 pub const DEFAULT_LINUX_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
+/// Processors of a visor VM (the ACPI tables and fw_cfg say so).
+pub const CPUS: u8 = 1;
+
 const MB_MAGIC: u32 = 0x1bad_b002;
 const MB_BOOT_MAGIC: u64 = 0x2bad_b002;
 
@@ -114,7 +117,10 @@ pub fn load(
     image: &[u8],
     opts: &BootOptions,
 ) -> Result<Loaded, LoadError> {
-    match detect(image)? {
+    let kind = detect(image)?;
+    // The ACPI tables, for every kind of kernel (Linux is also told where).
+    crate::acpi::write(mem, CPUS)?;
+    match kind {
         KernelKind::Linux if image.starts_with(b"\x7fELF") => {
             load_vmlinux(mem, layout, image, opts)
         }
@@ -688,6 +694,7 @@ fn boot_linux(
         hdr.ramdisk_size = i.data.len() as u32;
     }
     params.hdr = hdr;
+    params.acpi_rsdp_addr = crate::acpi::ACPI_BASE;
     let e820 = layout.e820();
     for (slot, &(addr, size, kind)) in params.e820_table.iter_mut().zip(e820.iter()) {
         *slot = boot_e820_entry {

@@ -482,7 +482,8 @@ impl VmxVcpu {
     }
 
     /// EPT identity-maps guest RAM (2 MiB pages where a whole 2 MiB is RAM)
-    /// and, with a local APIC, its page; everything else is MMIO.
+    /// and, with a local APIC, its page (and the I/O APIC's); everything
+    /// else is MMIO.
     fn map_guest_memory(&mut self) -> Result<()> {
         self.write_private(self.private + EPT_PML4, &[0; 0x1000])?;
         let ranges: Vec<(u64, u64)> = self
@@ -506,6 +507,10 @@ impl VmxVcpu {
         }
         if self.platform.has_lapic() {
             self.ept_map_4k(APIC_PAGE, 3)?;
+        }
+        if self.platform.legacy().is_some() {
+            // The I/O APIC, answered by the CPU's local device as the APIC.
+            self.ept_map_4k(softplat::ioapic::IOAPIC_BASE, 3)?;
         }
         Ok(())
     }
