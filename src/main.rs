@@ -7,7 +7,7 @@ mod compare;
 mod plot;
 
 use clap::{Parser, Subcommand};
-use machine::devices::{IrqTrigger, Platform};
+use machine::devices::Platform;
 use machine::loader::{self, BootOptions, Initrd, KernelKind};
 use machine::MemoryLayout;
 use visor::{exit_status, Engine, HolePolicy, Stats, Vm, VmOptions};
@@ -236,13 +236,18 @@ fn run(args: RunArgs) -> Result<i32, String> {
     let mut vm = Vm::with_memory(engine, layout, mem, opts)?;
     vm.set_cpu_state(&loaded.cpu.regs, &loaded.cpu.sregs)
         .map_err(|e| format!("engine {engine}: setting the boot CPU state: {e}"))?;
-    let serial_irq = vm
-        .engine_vm
-        .irq_line(4)
-        .map_err(|e| format!("engine {engine}: {e}"))?;
+    let mut isa_irqs = Vec::new();
+    for irq in 0..16 {
+        isa_irqs.push(
+            vm.engine_vm
+                .irq_line(irq)
+                .map_err(|e| format!("engine {engine}: {e}"))?,
+        );
+    }
     let platform = Platform::attach(
         &mut vm.pio,
-        IrqTrigger(serial_irq),
+        &mut vm.mmio,
+        isa_irqs,
         Box::new(std::io::stdout()),
     )
     .map_err(|e| e.to_string())?;

@@ -1,6 +1,6 @@
 //! Platform devices: the COM1 UART, isa-debug-exit, the ACPI PM registers
-//! (power-off, PM timer), the reset control register, port 0x92 and the
-//! i8042 reset line.
+//! (power-off, PM timer), the reset control register, port 0x92, the i8042
+//! reset line, and [`Platform`], which maps them with the HPET.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -240,18 +240,26 @@ impl Device for I8042 {
     }
 }
 
-/// The platform's standard port-I/O devices.
+/// The platform's standard devices.
 pub struct Platform {
     pub serial: Arc<Mutex<Serial>>,
 }
 
 impl Platform {
-    /// Creates the devices and maps them on `pio`.
+    /// Creates the devices and maps them on `pio` and `mmio`; `isa_irqs`
+    /// holds the engine's line of ISA IRQ n at index n, where it has one.
     pub fn attach(
         pio: &mut crate::Bus,
-        serial_irq: IrqTrigger,
+        mmio: &mut crate::Bus,
+        isa_irqs: crate::hpet::IsaLines,
         serial_out: SerialOut,
     ) -> Result<Self, crate::bus::Overlap> {
+        let serial_irq = IrqTrigger(isa_irqs.get(4).cloned().flatten());
+        mmio.insert(
+            crate::acpi::HPET_ADDR,
+            0x400,
+            Arc::new(Mutex::new(crate::hpet::Hpet::new(isa_irqs))),
+        )?;
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
         pio.insert(abi::port::COM1 as u64, 8, serial.clone())?;
         pio.insert(
@@ -281,9 +289,12 @@ mod tests {
 
     #[test]
     fn platform_ports() {
-        let mut pio = crate::Bus::new();
+        let (mut pio, mut mmio) = (crate::Bus::new(), crate::Bus::new());
         let sink = Capture::default();
-        let p = Platform::attach(&mut pio, IrqTrigger::default(), Box::new(sink.clone())).unwrap();
+        let p = Platform::attach(&mut pio, &mut mmio, Vec::new(), Box::new(sink.clone())).unwrap();
+        let mut cap = [0u8; 4];
+        assert!(mmio.read(crate::acpi::HPET_ADDR, &mut cap));
+        assert_eq!(u32::from_le_bytes(cap), crate::acpi::HPET_BLOCK_ID);
         for &c in b"hi" {
             assert_eq!(pio.write(0x3f8, &[c]), Some(Action::Continue));
         }

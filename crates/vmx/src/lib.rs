@@ -368,8 +368,18 @@ impl VmxVcpu {
         Ok(())
     }
 
-    /// `want` adjusted to a control capability MSR.
+    /// `want` adjusted to a control capability MSR: its TRUE counterpart
+    /// where IA32_VMX_BASIC bit 55 offers them (so default1 controls the
+    /// VMM does not want, CR3-load/store exiting, stay clear, as KVM does
+    /// with EPT).
     fn adjust(&self, msr: u32, want: u32) -> u32 {
+        let basic = self.cpu.vmx_msr(msr::VMX_BASIC).unwrap_or(0);
+        let msr = match msr {
+            msr::VMX_PINBASED_CTLS..=msr::VMX_ENTRY_CTLS if basic & (1 << 55) != 0 => {
+                msr + (msr::VMX_TRUE_PINBASED_CTLS - msr::VMX_PINBASED_CTLS)
+            }
+            m => m,
+        };
         let cap = self.cpu.vmx_msr(msr).unwrap_or(0);
         (want | cap as u32) & (cap >> 32) as u32
     }

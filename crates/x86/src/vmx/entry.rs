@@ -55,11 +55,12 @@ impl Cpu {
         let pin = v.get32(PIN_BASED_VM_EXEC_CONTROL);
         let proc = v.get32(CPU_BASED_VM_EXEC_CONTROL);
         let proc2 = self.secondary_controls();
-        if !ctl_ok(pin, cap(msr::VMX_PINBASED_CTLS))
-            || !ctl_ok(proc, cap(msr::VMX_PROCBASED_CTLS))
+        // IA32_VMX_BASIC bit 55: the checks use the TRUE capability MSRs.
+        if !ctl_ok(pin, cap(msr::VMX_TRUE_PINBASED_CTLS))
+            || !ctl_ok(proc, cap(msr::VMX_TRUE_PROCBASED_CTLS))
             || !ctl_ok(proc2, cap(msr::VMX_PROCBASED_CTLS2))
-            || !ctl_ok(v.get32(VM_EXIT_CONTROLS), cap(msr::VMX_EXIT_CTLS))
-            || !ctl_ok(v.get32(VM_ENTRY_CONTROLS), cap(msr::VMX_ENTRY_CTLS))
+            || !ctl_ok(v.get32(VM_EXIT_CONTROLS), cap(msr::VMX_TRUE_EXIT_CTLS))
+            || !ctl_ok(v.get32(VM_ENTRY_CONTROLS), cap(msr::VMX_TRUE_ENTRY_CTLS))
         {
             return false;
         }

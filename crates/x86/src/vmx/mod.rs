@@ -95,6 +95,12 @@ pub mod ctl {
     pub const EXIT_DEFAULT1: u32 = 0x0003_6dff;
     pub const ENTRY_DEFAULT1: u32 = 0x0000_11ff;
 
+    /// The default1 bits that the TRUE capability MSRs let software clear
+    /// (IA32_VMX_BASIC bit 55): CR3-load and CR3-store exiting. The other
+    /// default1 bits stay 1 in the TRUE MSRs too (this CPU has no "load/save
+    /// debug controls" to turn off).
+    pub const PROC_TRUE_DEFAULT1: u32 = PROC_DEFAULT1 & !(CR3_LOAD_EXITING | CR3_STORE_EXITING);
+
     /// Bits that may be 1.
     pub const PIN_ALLOWED1: u32 =
         PIN_DEFAULT1 | EXT_INTR_EXITING | NMI_EXITING | VIRTUAL_NMIS | PREEMPTION_TIMER;
@@ -328,7 +334,11 @@ impl Cpu {
             | (1 << 43); // single-context retaining globals
         Some(match index {
             msr::FEATURE_CONTROL => self.vmx.feature_control,
-            msr::VMX_BASIC => REVISION as u64 | (REGION_SIZE << 32) | (6 << 50) | (1 << 54),
+            // Write-back VMCS memory, INS/OUTS information, the TRUE
+            // capability MSRs (bit 55).
+            msr::VMX_BASIC => {
+                REVISION as u64 | (REGION_SIZE << 32) | (6 << 50) | (1 << 54) | (1 << 55)
+            }
             msr::VMX_PINBASED_CTLS => ctl_msr(PIN_DEFAULT1, PIN_ALLOWED1),
             msr::VMX_PROCBASED_CTLS => ctl_msr(PROC_DEFAULT1, PROC_ALLOWED1),
             msr::VMX_EXIT_CTLS => ctl_msr(EXIT_DEFAULT1, EXIT_ALLOWED1),
@@ -343,6 +353,12 @@ impl Cpu {
             msr::VMX_VMCS_ENUM => (highest_index() as u64) << 1,
             msr::VMX_PROCBASED_CTLS2 => ctl_msr(0, PROC2_ALLOWED1),
             msr::VMX_EPT_VPID_CAP => ept,
+            // The TRUE controls: the same allowed-1 settings; allowed-0
+            // settings a subset of the plain MSRs' (SDM vol. 3D, A.3).
+            msr::VMX_TRUE_PINBASED_CTLS => ctl_msr(PIN_DEFAULT1, PIN_ALLOWED1),
+            msr::VMX_TRUE_PROCBASED_CTLS => ctl_msr(PROC_TRUE_DEFAULT1, PROC_ALLOWED1),
+            msr::VMX_TRUE_EXIT_CTLS => ctl_msr(EXIT_DEFAULT1, EXIT_ALLOWED1),
+            msr::VMX_TRUE_ENTRY_CTLS => ctl_msr(ENTRY_DEFAULT1, ENTRY_ALLOWED1),
             _ => return None,
         })
     }
