@@ -215,9 +215,23 @@ fn run(args: RunArgs) -> Result<i32, String> {
     };
     let loaded =
         loader::load(&mem, &layout, &image, &boot).map_err(|e| format!("{kernel_name}: {e}"))?;
-    drop(image);
+    // What QEMU's fw_cfg device tells a guest (docs/platform.md).
+    let fw_cfg = machine::fw_cfg::FwCfg::new(machine::fw_cfg::Config {
+        cpus: loader::CPUS as u16,
+        ram: layout.size,
+        e820: layout.e820(),
+        kernel: Some((image, loaded.kernel, loaded.cpu.regs.rip)),
+        cmdline: Some((loaded.cmdline.clone(), abi::BOOT_CMDLINE)),
+        initrd: initrd
+            .map(|(data, _)| data)
+            .zip(loaded.initrd)
+            .map(|(data, (at, _))| (data, at)),
+    });
 
     let engine = engine?;
+    engine
+        .boots(kind)
+        .map_err(|e| format!("{kernel_name}: {e}"))?;
     // The platform every kernel sees: PIC, IOAPIC, local APIC and PIT.
     let opts = VmOptions {
         irqchip: true,
@@ -251,6 +265,13 @@ fn run(args: RunArgs) -> Result<i32, String> {
         Box::new(std::io::stdout()),
     )
     .map_err(|e| e.to_string())?;
+    vm.pio
+        .insert(
+            machine::fw_cfg::SELECTOR as u64,
+            2,
+            std::sync::Arc::new(std::sync::Mutex::new(fw_cfg)),
+        )
+        .map_err(|e| e.to_string())?;
 
     let raw = std::sync::Arc::new(visor::console::RawMode::enable());
     let raw_q = raw.clone();

@@ -6,6 +6,7 @@ pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod devices;
+pub mod fw_cfg;
 pub mod hpet;
 pub mod loader;
 pub mod memory;

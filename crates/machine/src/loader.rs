@@ -82,6 +82,9 @@ pub struct Loaded {
     pub kernel: (u64, u64),
     /// Command line the kernel received.
     pub cmdline: String,
+    /// Guest-physical address and length of the initrd (Multiboot: the
+    /// module), if there is one.
+    pub initrd: Option<(u64, u64)>,
 }
 
 /// Linux command line used when none is given.
@@ -388,6 +391,7 @@ fn load_elf64(
         cpu: CpuState { regs, sregs },
         kernel: (lo, hi),
         cmdline,
+        initrd: opts.initrd.as_ref().map(|_| (initrd_addr, initrd_len)),
     })
 }
 
@@ -502,8 +506,10 @@ fn load_multiboot(
     }
     let mut info_flags = 1 | (1 << 2) | (1 << 3) | (1 << 6) | (1 << 9);
     let mut mods_count = 0u32;
+    let mut initrd = None;
     if let Some(m) = &opts.initrd {
         let start = place_high(mem, m.data, hi, layout.low_end())?;
+        initrd = Some((start, m.data.len() as u64));
         let name_addr = strings + 16;
         let name = m.name.as_bytes();
         let name = &name[..name.len().min(0x100 - 17)];
@@ -546,6 +552,7 @@ fn load_multiboot(
         cpu: CpuState { regs, sregs },
         kernel: (lo, hi),
         cmdline,
+        initrd,
     })
 }
 
@@ -718,6 +725,10 @@ fn boot_linux(
         cpu: CpuState { regs, sregs },
         kernel: (KERNEL_MIN_ADDR, kernel_end),
         cmdline,
+        initrd: opts
+            .initrd
+            .as_ref()
+            .map(|i| ({ params.hdr.ramdisk_image } as u64, i.data.len() as u64)),
     })
 }
 

@@ -402,7 +402,7 @@ impl VmxVcpu {
         self.shown = shown;
         let proc2 = self.adjust(
             msr::VMX_PROCBASED_CTLS2,
-            ctl::ENABLE_EPT | ctl::ENABLE_VPID | needed,
+            ctl::ENABLE_EPT | ctl::ENABLE_VPID | ctl::UNRESTRICTED_GUEST | needed,
         );
         let exit = self.adjust(
             msr::VMX_EXIT_CTLS,
@@ -675,6 +675,25 @@ impl VmxVcpu {
         Ok(())
     }
 
+    /// The guest's CR0 went from `old` to `new` through the VMM: turning
+    /// paging on with EFER.LME enters IA-32e mode (EFER.LMA and the entry
+    /// control), turning it off leaves it, as the CPU does for a MOV to CR0.
+    fn paging_changed(&mut self, old: u64, new: u64) {
+        let (was, now) = (old & cr0::PG != 0, new & cr0::PG != 0);
+        if was == now {
+            return;
+        }
+        let e = self.vmread(f::GUEST_IA32_EFER);
+        let lma = now && e & efer::LME != 0;
+        self.vmwrite(
+            f::GUEST_IA32_EFER,
+            if lma { e | efer::LMA } else { e & !efer::LMA },
+        );
+        let entry = self.vmread(f::VM_ENTRY_CONTROLS) as u32 & !ctl::IA32E_MODE_GUEST;
+        let ia32e = if lma { ctl::IA32E_MODE_GUEST } else { 0 };
+        self.vmwrite(f::VM_ENTRY_CONTROLS, (entry | ia32e) as u64);
+    }
+
     /// Handles the VM exit that just happened: None to resume the guest.
     fn handle_exit(&mut self) -> Result<Option<Reply>> {
         let why = self.vmread(f::VM_EXIT_REASON) as u32;
@@ -797,6 +816,20 @@ impl VmxVcpu {
             reason::CR_ACCESS => {
                 let (cr, kind, gpr) = (qual & 15, (qual >> 4) & 3, (qual >> 8) & 15);
                 match (cr, kind) {
+                    (0, 0) => {
+                        // MOV to CR0 that changes NE against the shadow:
+                        // the guest's value in the shadow, NE kept set.
+                        let v = self.gpr(gpr) & 0xffff_ffff;
+                        if v & cr0::PG != 0 && v & cr0::PE == 0 {
+                            self.vmwrite(f::VM_ENTRY_INTR_INFO_FIELD, INJECT_GP);
+                            self.vmwrite(f::VM_ENTRY_EXCEPTION_ERROR_CODE, 0);
+                            return Ok(None);
+                        }
+                        let old = self.vmread(f::GUEST_CR0);
+                        self.vmwrite(f::GUEST_CR0, v | cr0::ET | cr0::NE);
+                        self.vmwrite(f::CR0_READ_SHADOW, v);
+                        self.paging_changed(old, v);
+                    }
                     (3, 0) => {
                         let width = self.cpu.phys_bits();
                         let v = self.gpr(gpr) & ((1 << width) - 1);
@@ -953,6 +986,7 @@ impl Vcpu for VmxVcpu {
             // The live state: CR4.VMXE as the guest reads it.
             let mut s = self.cpu.sregs();
             s.cr4 = (s.cr4 & !vmxe) | (self.vmread(f::CR4_READ_SHADOW) & vmxe);
+            s.cr0 = (s.cr0 & !cr0::NE) | (self.vmread(f::CR0_READ_SHADOW) & cr0::NE);
             return Ok(s);
         }
         let seg = |k: u32| {
@@ -982,7 +1016,8 @@ impl Vcpu for VmxVcpu {
                 base: self.vmread(f::GUEST_IDTR_BASE),
                 limit: self.vmread(f::GUEST_IDTR_LIMIT) as u16,
             },
-            cr0: self.vmread(f::GUEST_CR0),
+            cr0: (self.vmread(f::GUEST_CR0) & !cr0::NE)
+                | (self.vmread(f::CR0_READ_SHADOW) & cr0::NE),
             cr2: self.cpu.cr2,
             cr3: self.vmread(f::GUEST_CR3),
             cr4: self.vmread(f::GUEST_CR4) & !cr4::VMXE,
@@ -994,10 +1029,12 @@ impl Vcpu for VmxVcpu {
     fn set_sregs(&mut self, s: &SRegs) -> Result<()> {
         if self.cpu.vmx.non_root {
             self.cpu.set_sregs(&SRegs {
+                cr0: s.cr0 | cr0::NE,
                 cr4: s.cr4 | cr4::VMXE,
                 ..*s
             });
             self.vmwrite(f::CR4_READ_SHADOW, s.cr4);
+            self.vmwrite(f::CR0_READ_SHADOW, s.cr0);
             return Ok(());
         }
         let segs = [s.es, s.cs, s.ss, s.ds, s.fs, s.gs, s.ldt, s.tr];
@@ -1017,7 +1054,7 @@ impl Vcpu for VmxVcpu {
             (f::GUEST_GDTR_LIMIT, s.gdt.limit as u64),
             (f::GUEST_IDTR_BASE, s.idt.base),
             (f::GUEST_IDTR_LIMIT, s.idt.limit as u64),
-            (f::GUEST_CR0, s.cr0 | 0x10),
+            (f::GUEST_CR0, s.cr0 | cr0::ET | cr0::NE),
             (f::GUEST_CR3, s.cr3),
             (f::GUEST_CR4, s.cr4 | cr4::VMXE),
             (f::GUEST_IA32_EFER, s.efer),
@@ -1029,9 +1066,13 @@ impl Vcpu for VmxVcpu {
         let lma = s.efer & efer::LMA != 0;
         let ia32e = if lma { ctl::IA32E_MODE_GUEST } else { 0 };
         self.vmwrite(f::VM_ENTRY_CONTROLS, (entry | ia32e) as u64);
-        // CR4.VMXE is the VMM's: the guest reads its own value.
+        // CR4.VMXE is the VMM's: the guest reads its own value. So is
+        // CR0.NE, which VMX operation needs set (a Multiboot kernel starts
+        // with it clear), as KVM keeps it.
         self.vmwrite(f::CR4_GUEST_HOST_MASK, cr4::VMXE);
         self.vmwrite(f::CR4_READ_SHADOW, s.cr4);
+        self.vmwrite(f::CR0_GUEST_HOST_MASK, cr0::NE);
+        self.vmwrite(f::CR0_READ_SHADOW, s.cr0);
         self.cpu.cr2 = s.cr2;
         self.cpu.cr8 = s.cr8 & 0xf;
         self.check()

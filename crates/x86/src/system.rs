@@ -660,7 +660,7 @@ impl Cpu {
         match n {
             0 => {
                 let v = (v | cr0::ET) & 0xffff_ffff;
-                let fixed0 = crate::vmx::CR0_FIXED0;
+                let fixed0 = self.cr0_fixed0();
                 if self.vmx.on && v & fixed0 != fixed0 {
                     return exc_code(vector::GP, 0);
                 }

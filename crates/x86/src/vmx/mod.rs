@@ -125,7 +125,7 @@ pub mod ctl {
         | MONITOR_EXITING
         | PAUSE_EXITING
         | ACTIVATE_SECONDARY;
-    pub const PROC2_ALLOWED1: u32 = ENABLE_EPT | ENABLE_RDTSCP | ENABLE_VPID;
+    pub const PROC2_ALLOWED1: u32 = ENABLE_EPT | ENABLE_RDTSCP | ENABLE_VPID | UNRESTRICTED_GUEST;
     pub const EXIT_ALLOWED1: u32 = EXIT_DEFAULT1
         | HOST_ADDR_SPACE_SIZE
         | ACK_INTR_ON_EXIT
@@ -140,6 +140,19 @@ pub mod ctl {
 
 /// CR0 bits that must be 1 in VMX operation (PE, NE, PG).
 pub const CR0_FIXED0: u64 = 0x8000_0021;
+
+impl Cpu {
+    /// The CR0 bits that must be 1 now: [`CR0_FIXED0`], except PE and PG
+    /// for a guest with "unrestricted guest" (SDM vol. 3C, 26.3.1.1 and
+    /// 25.3: such a guest may run with protection or paging off).
+    pub(crate) fn cr0_fixed0(&self) -> u64 {
+        if self.vmx.non_root && self.secondary_controls() & ctl::UNRESTRICTED_GUEST != 0 {
+            CR0_FIXED0 & !(arch::cr0::PE | arch::cr0::PG)
+        } else {
+            CR0_FIXED0
+        }
+    }
+}
 
 /// Why a VMX instruction failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
