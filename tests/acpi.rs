@@ -72,8 +72,16 @@ fn iasl_disassembles_every_table() {
         ["apic", "dsdt", "facp", "facs", "hpet", "rsdp", "xsdt"]
     );
 
+    // iasl 20200925 (Debian 12) reads the length of every binary table at
+    // offset 4, which in the RSDP is part of its signature: it refuses a
+    // standalone RSDP ("Binary file does not contain a valid ACPI table").
+    // The RSDP's two checksums are checked here instead.
+    let sum = |b: &[u8]| b.iter().fold(0u8, |a, &x| a.wrapping_add(x));
+    assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
+    assert_eq!(sum(&rsdp), 0, "RSDP extended checksum");
+    assert_eq!(rsdp[15], 2, "RSDP revision 2 (XSDT)");
     let dir = tempfile::tempdir().unwrap();
-    for (name, bytes) in &tables {
+    for (name, bytes) in tables.iter().filter(|t| t.0 != "rsdp") {
         let dat = dir.path().join(format!("{name}.dat"));
         std::fs::write(&dat, bytes).unwrap();
         let out = Command::new("iasl")
