@@ -921,8 +921,10 @@ fn demo_os_on_vmx() {
     }
 }
 
-/// The CPU benchmark kernel (guest/bench) boots on every available engine:
-/// Multiboot entry in 32-bit protected mode, its own switch to long mode, then
+/// The CPU benchmark kernel (guest/bench) boots on every available engine
+/// that starts Multiboot kernels (`vmx` as an unrestricted guest, which
+/// follows the kernel from paging off into long mode): Multiboot entry in
+/// 32-bit protected mode, its own switch to long mode, then
 /// it reads its command line and memory size from the Multiboot information and
 /// refuses, through isa-debug-exit (status 3), a bad round count and too little
 /// RAM. (The benchmark itself runs in bench/cpu_speed.py.)
@@ -930,9 +932,9 @@ fn demo_os_on_vmx() {
 fn bench_kernel_checks_its_input() {
     let (_d, p) = tmp("bench.bin", visor::BENCH_KERNEL);
     let engines: &[&str] = if kvm_here() {
-        &["emu", "kvm"]
+        &["emu", "vmx", "bt", "kvm"]
     } else {
-        &["emu"]
+        &["emu", "vmx", "bt"]
     };
     for engine in engines {
         for (args, error) in [
