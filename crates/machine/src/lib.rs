@@ -1,5 +1,7 @@
 //! visor's machine model, shared by every engine: guest memory, the port-I/O and
-//! MMIO buses with their devices, kernel loaders and the initial CPU state.
+//! MMIO buses with their devices (serial, ACPI PM registers, reset ports, HPET,
+//! fw_cfg), the ACPI tables, kernel loaders and the initial CPU state
+//! (docs/platform.md).
 //! Nothing here knows which engine runs the guest.
 
 pub mod acpi;

@@ -19,6 +19,12 @@
 //!   exit and injected through VM-entry event injection (interrupt-window
 //!   exiting while the guest cannot take them).
 //! - VMCALL is the hypercall instruction of paravirtual guests.
+//! - "Unrestricted guest" (as KVM on Intel): a guest with paging off (a
+//!   Multiboot kernel) enters as it is, on EPT; CR0.NE, which VMX operation
+//!   needs, is the VMM's (guest/host mask, read shadow), and a MOV to CR0
+//!   that exits for it is completed here, entering or leaving IA-32e mode.
+//!   The controls are adjusted to the TRUE capability MSRs, so CR3 accesses
+//!   do not exit.
 //!
 //! The VMM's own structures (VMXON and VMCS regions, I/O and MSR bitmaps,
 //! EPT tables) live in memory after guest RAM that no EPT entry maps.
