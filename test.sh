@@ -8,6 +8,7 @@ need=()
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 [ -x /bin/busybox ] || command -v busybox >/dev/null 2>&1 || need+=(busybox-static)
 command -v gdb >/dev/null 2>&1 || need+=(gdb)
+command -v iasl >/dev/null 2>&1 || need+=(acpica-tools)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]}"
   SUDO=""

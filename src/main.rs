@@ -7,7 +7,7 @@ mod compare;
 mod plot;
 
 use clap::{Parser, Subcommand};
-use machine::devices::{IrqTrigger, Platform};
+use machine::devices::Platform;
 use machine::loader::{self, BootOptions, Initrd, KernelKind};
 use machine::MemoryLayout;
 use visor::{exit_status, Engine, HolePolicy, Stats, Vm, VmOptions};
@@ -225,9 +225,23 @@ fn run(args: RunArgs) -> Result<i32, String> {
     };
     let loaded =
         loader::load(&mem, &layout, &image, &boot).map_err(|e| format!("{kernel_name}: {e}"))?;
-    drop(image);
+    // What QEMU's fw_cfg device tells a guest (docs/platform.md).
+    let fw_cfg = machine::fw_cfg::FwCfg::new(machine::fw_cfg::Config {
+        cpus: loader::CPUS as u16,
+        ram: layout.size,
+        e820: layout.e820(),
+        kernel: Some((image, loaded.kernel, loaded.cpu.regs.rip)),
+        cmdline: Some((loaded.cmdline.clone(), abi::BOOT_CMDLINE)),
+        initrd: initrd
+            .map(|(data, _)| data)
+            .zip(loaded.initrd)
+            .map(|(data, (at, _))| (data, at)),
+    });
 
     let engine = engine?;
+    engine
+        .boots(kind)
+        .map_err(|e| format!("{kernel_name}: {e}"))?;
     let gdb = gdb_addr
         .as_ref()
         .map(visor::gdb::Listener::bind)
@@ -250,16 +264,28 @@ fn run(args: RunArgs) -> Result<i32, String> {
     let mut vm = Vm::with_memory(engine, layout, mem, opts)?;
     vm.set_cpu_state(&loaded.cpu.regs, &loaded.cpu.sregs)
         .map_err(|e| format!("engine {engine}: setting the boot CPU state: {e}"))?;
-    let serial_irq = vm
-        .engine_vm
-        .irq_line(4)
-        .map_err(|e| format!("engine {engine}: {e}"))?;
+    let mut isa_irqs = Vec::new();
+    for irq in 0..16 {
+        isa_irqs.push(
+            vm.engine_vm
+                .irq_line(irq)
+                .map_err(|e| format!("engine {engine}: {e}"))?,
+        );
+    }
     let platform = Platform::attach(
         &mut vm.pio,
-        IrqTrigger(serial_irq),
+        &mut vm.mmio,
+        isa_irqs,
         Box::new(std::io::stdout()),
     )
     .map_err(|e| e.to_string())?;
+    vm.pio
+        .insert(
+            machine::fw_cfg::SELECTOR as u64,
+            2,
+            std::sync::Arc::new(std::sync::Mutex::new(fw_cfg)),
+        )
+        .map_err(|e| e.to_string())?;
 
     let raw = std::sync::Arc::new(visor::console::RawMode::enable());
     let raw_q = raw.clone();

@@ -462,6 +462,158 @@ fn multiboot_kernel() -> Vec<u8> {
     k
 }
 
+/// A Multiboot kernel written for QEMU's `-kernel`: in 32-bit protected
+/// mode with paging off it checks fw_cfg's signature, reads the CPU count
+/// and the RAM size from it, prints `fw_cfg QEMU cpus=N ram=NM` on COM1 and
+/// powers off through the ACPI PM1a control block.
+fn fw_cfg_kernel() -> Vec<u8> {
+    const BASE: u32 = 0x10_0000;
+    const FLAGS: u32 = (1 << 16) | 2;
+    let header: [u32; 8] = [
+        0x1bad_b002,
+        FLAGS,
+        0u32.wrapping_sub(0x1bad_b002u32.wrapping_add(FLAGS)),
+        BASE,
+        BASE,
+        0,
+        BASE + 0x2000,
+        BASE + 32,
+    ];
+    let mut k: Vec<u8> = header.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let code = asm(32, BASE as u64 + 32, |a| {
+        let mut dec = a.create_label();
+        let mut text = a.create_label();
+        let mut read4 = a.create_label();
+        let mut off = a.create_label();
+        let mut no_fw_cfg = a.create_label();
+        let say = |a: &mut CodeAssembler, t: &str| -> Result<(), IcedError> {
+            for b in t.bytes() {
+                a.mov(al, b as u32)?;
+                a.out(dx, al)?;
+            }
+            Ok(())
+        };
+        a.mov(esp, 0x80000u32)?;
+        // Item 0: the signature.
+        a.xor(eax, eax)?;
+        a.call(read4)?;
+        a.cmp(eax, u32::from_le_bytes(*b"QEMU"))?;
+        a.jne(no_fw_cfg)?;
+        a.mov(edx, 0x3f8u32)?;
+        say(a, "fw_cfg QEMU cpus=")?;
+        // Item 5: the CPU count (16 bits).
+        a.mov(eax, 5u32)?;
+        a.call(read4)?;
+        a.movzx(eax, ax)?;
+        a.call(dec)?;
+        a.mov(edx, 0x3f8u32)?;
+        say(a, " ram=")?;
+        // Item 3: the RAM size (64 bits), printed in MiB.
+        a.mov(eax, 3u32)?;
+        a.call(read4)?;
+        a.mov(esi, eax)?;
+        a.mov(edx, 0x511u32)?;
+        a.in_(al, dx)?; // the high half's low byte (below 1 TiB: enough)
+        a.movzx(eax, al)?;
+        a.shl(eax, 12)?;
+        a.shr(esi, 20)?;
+        a.or(eax, esi)?;
+        a.call(dec)?;
+        a.mov(edx, 0x3f8u32)?;
+        say(a, "M\n")?;
+        a.set_label(&mut off)?;
+        a.mov(edx, 0x604u32)?;
+        a.mov(eax, 0x2000u32)?;
+        a.out(dx, ax)?;
+        a.hlt()?;
+        a.set_label(&mut no_fw_cfg)?;
+        a.mov(edx, 0x3f8u32)?;
+        say(a, "no fw_cfg\n")?;
+        a.jmp(off)?;
+        // read4: selects item AX, reads 4 bytes into EAX (little-endian).
+        a.set_label(&mut read4)?;
+        a.mov(edx, 0x510u32)?;
+        a.out(dx, ax)?;
+        a.inc(edx)?;
+        a.mov(ecx, 4u32)?;
+        let mut more = a.create_label();
+        a.set_label(&mut more)?;
+        a.in_(al, dx)?;
+        a.ror(eax, 8)?;
+        a.dec(ecx)?;
+        a.jnz(more)?;
+        a.ret()?;
+        // dec: prints EAX in decimal.
+        a.set_label(&mut dec)?;
+        a.mov(ecx, 10u32)?;
+        a.xor(ebx, ebx)?;
+        let mut div = a.create_label();
+        a.set_label(&mut div)?;
+        a.xor(edx, edx)?;
+        a.div(ecx)?;
+        a.add(edx, 0x30)?;
+        a.push(edx)?;
+        a.inc(ebx)?;
+        a.test(eax, eax)?;
+        a.jnz(div)?;
+        a.mov(edx, 0x3f8u32)?;
+        a.set_label(&mut text)?;
+        a.pop(eax)?;
+        a.out(dx, al)?;
+        a.dec(ebx)?;
+        a.jnz(text)?;
+        a.ret()
+    });
+    k.extend_from_slice(&code);
+    k
+}
+
+/// The fw_cfg kernel prints the same line on every engine that starts a
+/// Multiboot kernel and powers off (status 0): `vmx` through "unrestricted
+/// guest". `pv`, whose kernels start in long mode, says so and names the
+/// engines that can run it; so does `trap`, which does not yet run a guest
+/// with paging off.
+#[test]
+fn multiboot_fw_cfg_on_every_engine() {
+    let (_d, p) = tmp("fwcfg.bin", &fw_cfg_kernel());
+    for engine in ["kvm", "emu", "bt", "vmx"] {
+        if engine == "kvm" && !kvm_here() {
+            continue;
+        }
+        let o = visor(&[
+            "run",
+            s(&p),
+            "--engine",
+            engine,
+            "--mem",
+            "64M",
+            "--timeout",
+            "20",
+        ]);
+        assert_eq!(
+            stdout(&o),
+            "fw_cfg QEMU cpus=1 ram=64M\n",
+            "{engine}: {}",
+            stderr(&o)
+        );
+        assert_eq!(o.status.code(), Some(0), "{engine}: {}", stderr(&o));
+    }
+    for engine in ["pv", "trap"] {
+        let o = visor(&["run", s(&p), "--engine", engine, "--mem", "64M"]);
+        assert_eq!(
+            o.status.code(),
+            Some(visor::exit_status::ERROR),
+            "{}",
+            stderr(&o)
+        );
+        let err = stderr(&o);
+        assert!(
+            err.contains("long mode") && err.contains("run it on engine kvm, emu, vmx, bt"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn multiboot_info() {
     if !kvm_here() {
@@ -753,8 +905,10 @@ fn demo_os_on_vmx() {
     }
 }
 
-/// The CPU benchmark kernel (guest/bench) boots on every available engine:
-/// Multiboot entry in 32-bit protected mode, its own switch to long mode, then
+/// The CPU benchmark kernel (guest/bench) boots on every available engine
+/// that starts Multiboot kernels (`vmx` as an unrestricted guest, which
+/// follows the kernel from paging off into long mode): Multiboot entry in
+/// 32-bit protected mode, its own switch to long mode, then
 /// it reads its command line and memory size from the Multiboot information and
 /// refuses, through isa-debug-exit (status 3), a bad round count and too little
 /// RAM. (The benchmark itself runs in bench/cpu_speed.py.)
@@ -762,9 +916,9 @@ fn demo_os_on_vmx() {
 fn bench_kernel_checks_its_input() {
     let (_d, p) = tmp("bench.bin", visor::BENCH_KERNEL);
     let engines: &[&str] = if kvm_here() {
-        &["emu", "bt", "kvm"]
+        &["emu", "vmx", "bt", "kvm"]
     } else {
-        &["emu", "bt"]
+        &["emu", "vmx", "bt"]
     };
     for engine in engines {
         for (args, error) in [

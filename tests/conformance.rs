@@ -59,6 +59,11 @@ on_engines!(
     hypercalls,
 );
 
+// The CPU model advertises RDTSCP; `kvm` shows the guest what this host's
+// KVM supports (a PVM host offers no RDTSCP), so the case is the software
+// engines'.
+on_engines!([emu, trap, vmx, bt]: rdtscp);
+
 // Cases a PV kernel can run too: they use no privileged instruction (the
 // hypercall page is registered as each engine's kernel can, see
 // `hypercall_page`).
@@ -344,6 +349,37 @@ fn fwait(engine: Engine) {
     let r = g.regs();
     assert_eq!(r.rbx, 0x77);
     assert_eq!(r.rip, CODE + code.len() as u64);
+}
+
+/// RDTSCP, which CPUID advertises (leaf 0x8000_0001 EDX bit 27), reads the
+/// TSC, moving forward, and IA32_TSC_AUX as the kernel wrote it (on `vmx`
+/// the engine's VMM enables it through its secondary controls).
+fn rdtscp(engine: Engine) {
+    let code = asm64(|a| {
+        a.mov(eax, 0x8000_0001u32)?;
+        a.cpuid()?;
+        a.mov(r8, rdx)?;
+        a.mov(ecx, 0xc000_0103u32)?; // IA32_TSC_AUX
+        a.mov(eax, 0x2au32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.rdtscp()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.mov(r9, rax)?;
+        a.mov(r10, rcx)?;
+        a.rdtscp()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.mov(r11, rax)?;
+        a.hlt()
+    });
+    let mut g = Guest::long_mode(engine, &code);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_ne!(r.r8 & (1 << 27), 0, "RDTSCP advertised");
+    assert_eq!(r.r10, 0x2a, "IA32_TSC_AUX in ECX");
+    assert!(r.r11 > r.r9, "the TSC moves: {:#x} then {:#x}", r.r9, r.r11);
 }
 
 fn triple_fault(engine: Engine) {

@@ -85,8 +85,16 @@ fn fail_here(a: A, fail: &mut CodeLabel) -> Res {
 }
 
 /// L1's entry: VMX on, the VMCS, VMLAUNCH.
-fn hypervisor(a: A) -> Res {
+/// L1. With `true_ctls` it reads its controls' allowed settings from the
+/// TRUE capability MSRs (after checking IA32_VMX_BASIC bit 55), which let
+/// it leave CR3-load and CR3-store exiting clear.
+fn hypervisor(a: A, true_ctls: bool) -> Res {
     let mut fail = a.create_label();
+    let (pin_msr, proc_msr, exit_msr, entry_msr) = if true_ctls {
+        (0x48d, 0x48e, 0x48f, 0x490)
+    } else {
+        (0x481, 0x482, 0x483, 0x484)
+    };
     // CR4.VMXE; IA32_FEATURE_CONTROL: lock with VMXON outside SMX.
     a.mov(rax, cr4)?;
     a.or(rax, 0x2000)?;
@@ -98,6 +106,10 @@ fn hypervisor(a: A) -> Res {
     // The revision identifier into both regions.
     a.mov(ecx, 0x480u32)?;
     a.rdmsr()?;
+    if true_ctls {
+        a.bt(edx, 55 - 32)?;
+        a.jae(fail)?;
+    }
     a.mov(rbx, DATA)?;
     a.mov(rcx, VMXON_REGION)?;
     a.mov(dword_ptr(rcx), eax)?;
@@ -113,8 +125,14 @@ fn hypervisor(a: A) -> Res {
     a.jbe(fail)?;
     // Controls: HLT and unconditional I/O exiting; a 64-bit host and guest;
     // #UD in the exception bitmap.
-    control(a, PIN_BASED, 0x481, 0, fail)?;
-    control(a, PROC_BASED, 0x482, (1 << 7) | (1 << 24) | (1 << 31), fail)?;
+    control(a, PIN_BASED, pin_msr, 0, fail)?;
+    control(
+        a,
+        PROC_BASED,
+        proc_msr,
+        (1 << 7) | (1 << 24) | (1 << 31),
+        fail,
+    )?;
     // EPT (identity for guest-physical 0..16 MiB) and VPID 1.
     control(a, 0x401e, 0x48b, (1 << 1) | (1 << 5), fail)?;
     a.mov(rdi, EPT)?;
@@ -133,8 +151,8 @@ fn hypervisor(a: A) -> Res {
     a.jne(pd)?;
     vmwrite_imm(a, 0x201a, EPT | 6 | (3 << 3), fail)?; // EPT pointer
     vmwrite_imm(a, 0x0000, 1, fail)?; // VPID
-    control(a, EXIT_CONTROLS, 0x483, 1 << 9, fail)?;
-    control(a, ENTRY_CONTROLS, 0x484, 1 << 9, fail)?;
+    control(a, EXIT_CONTROLS, exit_msr, 1 << 9, fail)?;
+    control(a, ENTRY_CONTROLS, entry_msr, 1 << 9, fail)?;
     vmwrite_imm(a, EXCEPTION_BITMAP, 1 << 6, fail)?;
     // Host and guest control registers: L1's own.
     for (reg, host, guest) in [
@@ -275,8 +293,14 @@ fn exit_handler(a: A) -> Res {
     fail_here(a, &mut fail)
 }
 
-/// The nested guest.
-fn nested_guest(a: A) -> Res {
+/// The nested guest; with `move_cr3` it first reads and writes back CR3, which
+/// exits to L1 only if L1 asked for CR3 exiting (L1's handler fails on a
+/// CR-access exit).
+fn nested_guest(a: A, move_cr3: bool) -> Res {
+    if move_cr3 {
+        a.mov(rax, cr3)?;
+        a.mov(cr3, rax)?;
+    }
     a.xor(eax, eax)?;
     a.cpuid()?;
     a.mov(ebx, eax)?;
@@ -294,13 +318,13 @@ fn assemble(at: u64, f: impl FnOnce(A) -> Res) -> Vec<u8> {
     a.assemble(at).unwrap()
 }
 
-fn run_nested(engine: Engine) -> (Outcome, Stats) {
+fn run_nested(engine: Engine, true_ctls: bool) -> (Outcome, Stats) {
     let mut vm = Vm::new(engine, 16 << 20, VmOptions::default()).expect("create vm");
     let sregs = machine::boot::long_mode(&vm.mem).unwrap();
     for (at, code) in [
-        (L1, assemble(L1, hypervisor)),
+        (L1, assemble(L1, |a| hypervisor(a, true_ctls))),
         (L1_EXIT, assemble(L1_EXIT, exit_handler)),
-        (L2, assemble(L2, nested_guest)),
+        (L2, assemble(L2, |a| nested_guest(a, true_ctls))),
     ] {
         vm.mem.write_slice(&code, GuestAddress(at)).unwrap();
     }
@@ -318,7 +342,19 @@ fn run_nested(engine: Engine) -> (Outcome, Stats) {
 
 #[test]
 fn nested_hypervisor_on_emu() {
-    let (out, stats) = run_nested(Engine::Emu);
+    check_nested(false);
+}
+
+/// L1 clears CR3-load and CR3-store exiting through the TRUE controls: L2's
+/// MOV from and to CR3 run without an exit (a CR-access exit would end L1
+/// with FAILURE), the rest as before.
+#[test]
+fn nested_hypervisor_with_true_controls() {
+    check_nested(true);
+}
+
+fn check_nested(true_ctls: bool) {
+    let (out, stats) = run_nested(Engine::Emu, true_ctls);
     let Outcome::Halted { regs } = out else {
         panic!("expected HLT, got {out:?}");
     };

@@ -1,7 +1,9 @@
 //! A busybox initramfs in the cpio "newc" format, written from scratch: `/init`
 //! prints a marker line and reboots (visor's i8042 reset ends the run). With
 //! `visor.input=1` on the kernel command line it first prints [`READY`], reads a
-//! line from the console and echoes it after [`INPUT`].
+//! line from the console and echoes it after [`INPUT`]. With
+//! `visor.poweroff=1` it prints /proc/interrupts before the marker and powers
+//! off (`poweroff -f`: ACPI S5) instead of rebooting.
 
 /// The line the test kernel's init prints, followed by the size of /proc/cmdline.
 pub const MARKER: &str = "VISOR-LINUX-BOOT-OK";
@@ -63,6 +65,11 @@ pub fn build(busybox: &[u8]) -> Vec<u8> {
          \x20 $B echo {READY}\n\
          \x20 read -t 120 line\n\
          \x20 $B echo {INPUT}$line\n\
+         fi\n\
+         if $B grep -q visor.poweroff=1 /proc/cmdline; then\n\
+         \x20 $B cat /proc/interrupts\n\
+         \x20 $B echo {MARKER} $($B cat /proc/cmdline | $B wc -c)\n\
+         \x20 $B poweroff -f\n\
          fi\n\
          $B echo {MARKER} $($B cat /proc/cmdline | $B wc -c)\n\
          $B reboot -f\n"

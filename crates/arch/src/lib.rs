@@ -272,6 +272,14 @@ pub mod msr {
     pub const VMX_PROCBASED_CTLS2: u32 = 0x48b;
     /// IA32_VMX_EPT_VPID_CAP.
     pub const VMX_EPT_VPID_CAP: u32 = 0x48c;
+    /// IA32_VMX_TRUE_PINBASED_CTLS (with IA32_VMX_BASIC bit 55).
+    pub const VMX_TRUE_PINBASED_CTLS: u32 = 0x48d;
+    /// IA32_VMX_TRUE_PROCBASED_CTLS.
+    pub const VMX_TRUE_PROCBASED_CTLS: u32 = 0x48e;
+    /// IA32_VMX_TRUE_EXIT_CTLS.
+    pub const VMX_TRUE_EXIT_CTLS: u32 = 0x48f;
+    /// IA32_VMX_TRUE_ENTRY_CTLS.
+    pub const VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
     /// IA32_EFER (bits in [`crate::efer`]).
     pub const EFER: u32 = 0xc000_0080;
     /// IA32_STAR: SYSCALL/SYSRET selectors.

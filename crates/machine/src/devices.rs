@@ -1,5 +1,6 @@
-//! Platform devices: the COM1 UART, isa-debug-exit, the power port and the
-//! i8042 reset line.
+//! Platform devices: the COM1 UART, isa-debug-exit, the ACPI PM registers
+//! (power-off, PM timer), the reset control register, port 0x92, the i8042
+//! reset line, and [`Platform`], which maps them with the HPET.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -107,19 +108,114 @@ impl Device for DebugExit {
     }
 }
 
-/// The power port: a 16-bit write of `abi::port::POWER_OFF` powers the machine off.
-pub struct Power;
+/// The ACPI fixed-hardware registers at [`crate::acpi::PM_BASE`]: the PM1a
+/// event block (PM1_STS, write 1 to clear; PM1_EN), the PM1a control block
+/// (PM1_CNT at [`abi::port::POWER`]: SCI_EN reads 1, the machine is always
+/// in ACPI mode; SLP_EN with SLP_TYP 0, the DSDT's S5, powers off: a 16-bit
+/// write of [`abi::port::POWER_OFF`]) and the 24-bit PM timer at 3.579545 MHz
+/// on the host's monotonic clock. Byte and word accesses work on each.
+pub struct Pm {
+    regs: [u8; 8],
+    start: std::time::Instant,
+}
 
-impl Device for Power {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+/// PM1_CNT bits.
+const SCI_EN: u16 = 1;
+const SLP_EN: u16 = 1 << 13;
+/// The PM timer's frequency.
+pub const PM_TIMER_HZ: u128 = 3_579_545;
+
+impl Default for Pm {
+    fn default() -> Self {
+        Pm {
+            regs: [0; 8],
+            start: std::time::Instant::now(),
+        }
     }
+}
+
+impl Pm {
+    fn timer(&self) -> u32 {
+        ((self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000) & 0xff_ffff) as u32
+    }
+}
+
+impl Device for Pm {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let tmr = self.timer().to_le_bytes();
+        for (k, b) in data.iter_mut().enumerate() {
+            let at = offset as usize + k;
+            *b = match at {
+                4 => self.regs[4] | SCI_EN as u8,
+                0..=7 => self.regs[at],
+                8..=11 => tmr[at - 8],
+                _ => 0xff,
+            };
+        }
+    }
+
     fn write(&mut self, offset: u64, data: &[u8]) -> Action {
-        let mut v = [0u8; 2];
-        let n = data.len().min(2);
-        v[..n].copy_from_slice(&data[..n]);
-        if offset == 0 && u16::from_le_bytes(v) == abi::port::POWER_OFF {
-            Action::Stop(StopReason::PowerOff)
+        let mut control = false;
+        for (k, &b) in data.iter().enumerate() {
+            match offset as usize + k {
+                // PM1_STS: write 1 to clear.
+                at @ 0..=1 => self.regs[at] &= !b,
+                at @ 2..=3 => self.regs[at] = b,
+                at @ 4..=5 => {
+                    self.regs[at] = b;
+                    control = true;
+                }
+                _ => {}
+            }
+        }
+        let cnt = u16::from_le_bytes([self.regs[4], self.regs[5]]);
+        if control && cnt & SLP_EN != 0 {
+            // SLP_EN is write-only: it reads 0.
+            self.regs[5] &= !((SLP_EN >> 8) as u8);
+            if (cnt >> 10) & 7 == 0 {
+                return Action::Stop(StopReason::PowerOff);
+            }
+        }
+        Action::Continue
+    }
+}
+
+/// The reset control register at [`crate::acpi::RESET_PORT`] (the FADT's
+/// reset register): a write with bit 2 (reset CPU) set resets.
+#[derive(Default)]
+pub struct ResetControl(u8);
+
+impl Device for ResetControl {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(self.0);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) -> Action {
+        let v = data.first().copied().unwrap_or(0);
+        self.0 = v & !4;
+        if v & 4 != 0 {
+            Action::Stop(StopReason::Reset)
+        } else {
+            Action::Continue
+        }
+    }
+}
+
+/// Port 0x92, System Control Port A: bit 0 set resets the machine (fast
+/// reset); bit 1 is the fast A20 gate. visor's memory never wraps at 1 MiB,
+/// so A20 is always enabled and bit 1 reads 1.
+#[derive(Default)]
+pub struct PortA;
+
+/// The A20 gate bit of port 0x92.
+pub const A20: u8 = 2;
+
+impl Device for PortA {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(A20);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) -> Action {
+        if data.first().is_some_and(|v| v & 1 != 0) {
+            Action::Stop(StopReason::Reset)
         } else {
             Action::Continue
         }
@@ -144,18 +240,26 @@ impl Device for I8042 {
     }
 }
 
-/// The platform's standard port-I/O devices.
+/// The platform's standard devices.
 pub struct Platform {
     pub serial: Arc<Mutex<Serial>>,
 }
 
 impl Platform {
-    /// Creates the devices and maps them on `pio`.
+    /// Creates the devices and maps them on `pio` and `mmio`; `isa_irqs`
+    /// holds the engine's line of ISA IRQ n at index n, where it has one.
     pub fn attach(
         pio: &mut crate::Bus,
-        serial_irq: IrqTrigger,
+        mmio: &mut crate::Bus,
+        isa_irqs: crate::hpet::IsaLines,
         serial_out: SerialOut,
     ) -> Result<Self, crate::bus::Overlap> {
+        let serial_irq = IrqTrigger(isa_irqs.get(4).cloned().flatten());
+        mmio.insert(
+            crate::acpi::HPET_ADDR,
+            0x400,
+            Arc::new(Mutex::new(crate::hpet::Hpet::new(isa_irqs))),
+        )?;
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
         pio.insert(abi::port::COM1 as u64, 8, serial.clone())?;
         pio.insert(
@@ -163,7 +267,17 @@ impl Platform {
             1,
             Arc::new(Mutex::new(DebugExit)),
         )?;
-        pio.insert(abi::port::POWER as u64, 2, Arc::new(Mutex::new(Power)))?;
+        pio.insert(
+            crate::acpi::PM_BASE as u64,
+            12,
+            Arc::new(Mutex::new(Pm::default())),
+        )?;
+        pio.insert(
+            crate::acpi::RESET_PORT as u64,
+            1,
+            Arc::new(Mutex::new(ResetControl::default())),
+        )?;
+        pio.insert(0x92, 1, Arc::new(Mutex::new(PortA)))?;
         pio.insert(0x60, 5, Arc::new(Mutex::new(I8042)))?;
         Ok(Platform { serial })
     }
@@ -175,9 +289,12 @@ mod tests {
 
     #[test]
     fn platform_ports() {
-        let mut pio = crate::Bus::new();
+        let (mut pio, mut mmio) = (crate::Bus::new(), crate::Bus::new());
         let sink = Capture::default();
-        let p = Platform::attach(&mut pio, IrqTrigger::default(), Box::new(sink.clone())).unwrap();
+        let p = Platform::attach(&mut pio, &mut mmio, Vec::new(), Box::new(sink.clone())).unwrap();
+        let mut cap = [0u8; 4];
+        assert!(mmio.read(crate::acpi::HPET_ADDR, &mut cap));
+        assert_eq!(u32::from_le_bytes(cap), crate::acpi::HPET_BLOCK_ID);
         for &c in b"hi" {
             assert_eq!(pio.write(0x3f8, &[c]), Some(Action::Continue));
         }
@@ -203,5 +320,44 @@ mod tests {
             Some(Action::Stop(StopReason::Reset))
         );
         assert_eq!(pio.write(0x64, &[0xaa]), Some(Action::Continue));
+        // ACPI: SCI_EN reads 1; SLP_TYP 5 with SLP_EN is no sleep state
+        // visor has; SLP_TYP 0 (S5) powers off, also as two byte writes.
+        let mut cnt = [0u8; 2];
+        pio.read(0x604, &mut cnt);
+        assert_eq!(cnt[0] & 1, 1);
+        assert_eq!(pio.write(0x604, &[0, 0x34]), Some(Action::Continue));
+        assert_eq!(pio.write(0x604, &[0, 0]), Some(Action::Continue));
+        assert_eq!(pio.write(0x604, &[0]), Some(Action::Continue));
+        assert_eq!(
+            pio.write(0x605, &[0x20]),
+            Some(Action::Stop(StopReason::PowerOff))
+        );
+        // PM1_STS is write-1-to-clear; PM1_EN keeps what is written.
+        assert_eq!(pio.write(0x602, &[0x20, 1]), Some(Action::Continue));
+        let mut en = [0u8; 2];
+        pio.read(0x602, &mut en);
+        assert_eq!(en, [0x20, 1]);
+        // The PM timer counts (3.58 MHz: 2 ms are about 7,159 ticks).
+        let mut t0 = [0u8; 4];
+        pio.read(0x608, &mut t0);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut t1 = [0u8; 4];
+        pio.read(0x608, &mut t1);
+        let d = u32::from_le_bytes(t1).wrapping_sub(u32::from_le_bytes(t0)) & 0xff_ffff;
+        assert!(d >= 7_000, "{d} ticks in 2 ms");
+        // The reset register and port 0x92.
+        assert_eq!(pio.write(0xcf9, &[2]), Some(Action::Continue));
+        assert_eq!(
+            pio.write(0xcf9, &[6]),
+            Some(Action::Stop(StopReason::Reset))
+        );
+        let mut a = [0u8];
+        pio.read(0x92, &mut a);
+        assert_eq!(a[0], A20);
+        assert_eq!(pio.write(0x92, &[A20]), Some(Action::Continue));
+        assert_eq!(
+            pio.write(0x92, &[A20 | 1]),
+            Some(Action::Stop(StopReason::Reset))
+        );
     }
 }

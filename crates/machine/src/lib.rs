@@ -1,10 +1,15 @@
 //! visor's machine model, shared by every engine: guest memory, the port-I/O and
-//! MMIO buses with their devices, kernel loaders and the initial CPU state.
+//! MMIO buses with their devices (serial, ACPI PM registers, reset ports, HPET,
+//! fw_cfg), the ACPI tables, kernel loaders and the initial CPU state
+//! (docs/platform.md).
 //! Nothing here knows which engine runs the guest.
 
+pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod devices;
+pub mod fw_cfg;
+pub mod hpet;
 pub mod loader;
 pub mod memory;
 pub mod paging;

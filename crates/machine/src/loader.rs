@@ -82,11 +82,17 @@ pub struct Loaded {
     pub kernel: (u64, u64),
     /// Command line the kernel received.
     pub cmdline: String,
+    /// Guest-physical address and length of the initrd (Multiboot: the
+    /// module), if there is one.
+    pub initrd: Option<(u64, u64)>,
 }
 
 /// Linux command line used when none is given.
 pub const DEFAULT_LINUX_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Processors of a visor VM (the ACPI tables and fw_cfg say so).
+pub const CPUS: u8 = 1;
 
 const MB_MAGIC: u32 = 0x1bad_b002;
 const MB_BOOT_MAGIC: u64 = 0x2bad_b002;
@@ -114,7 +120,10 @@ pub fn load(
     image: &[u8],
     opts: &BootOptions,
 ) -> Result<Loaded, LoadError> {
-    match detect(image)? {
+    let kind = detect(image)?;
+    // The ACPI tables, for every kind of kernel (Linux is also told where).
+    crate::acpi::write(mem, CPUS)?;
+    match kind {
         KernelKind::Linux if image.starts_with(b"\x7fELF") => {
             load_vmlinux(mem, layout, image, opts)
         }
@@ -382,6 +391,7 @@ fn load_elf64(
         cpu: CpuState { regs, sregs },
         kernel: (lo, hi),
         cmdline,
+        initrd: opts.initrd.as_ref().map(|_| (initrd_addr, initrd_len)),
     })
 }
 
@@ -496,8 +506,10 @@ fn load_multiboot(
     }
     let mut info_flags = 1 | (1 << 2) | (1 << 3) | (1 << 6) | (1 << 9);
     let mut mods_count = 0u32;
+    let mut initrd = None;
     if let Some(m) = &opts.initrd {
         let start = place_high(mem, m.data, hi, layout.low_end())?;
+        initrd = Some((start, m.data.len() as u64));
         let name_addr = strings + 16;
         let name = m.name.as_bytes();
         let name = &name[..name.len().min(0x100 - 17)];
@@ -540,6 +552,7 @@ fn load_multiboot(
         cpu: CpuState { regs, sregs },
         kernel: (lo, hi),
         cmdline,
+        initrd,
     })
 }
 
@@ -688,6 +701,7 @@ fn boot_linux(
         hdr.ramdisk_size = i.data.len() as u32;
     }
     params.hdr = hdr;
+    params.acpi_rsdp_addr = crate::acpi::ACPI_BASE;
     let e820 = layout.e820();
     for (slot, &(addr, size, kind)) in params.e820_table.iter_mut().zip(e820.iter()) {
         *slot = boot_e820_entry {
@@ -711,6 +725,10 @@ fn boot_linux(
         cpu: CpuState { regs, sregs },
         kernel: (KERNEL_MIN_ADDR, kernel_end),
         cmdline,
+        initrd: opts
+            .initrd
+            .as_ref()
+            .map(|i| ({ params.hdr.ramdisk_image } as u64, i.data.len() as u64)),
     })
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use vcpu::Kick;
 
+use crate::ioapic::IOAPIC_BASE;
 use crate::legacy::Legacy;
 
 /// The guest-physical address of the local APIC's registers.
@@ -241,7 +242,16 @@ impl Lapic {
             0x80 => self.tpr = v & 0xff,
             0xb0 => {
                 if let Some(h) = Self::highest(&self.isr) {
-                    self.isr[h as usize / 32] &= !(1 << (h % 32));
+                    let (w, bit) = (h as usize / 32, 1 << (h % 32));
+                    self.isr[w] &= !bit;
+                    if self.tmr[w] & bit != 0 {
+                        // A level-triggered interrupt: the EOI goes to the
+                        // I/O APIC, whose Remote IRR clears.
+                        self.tmr[w] &= !bit;
+                        if let Some(mut l) = self.legacy() {
+                            l.ioapic.eoi(h);
+                        }
+                    }
                 }
             }
             0xd0 => self.ldr = v & 0xff00_0000,
@@ -306,11 +316,19 @@ impl Lapic {
 }
 
 impl x86::Local for Lapic {
+    /// The local APIC's page, and with the legacy platform the I/O APIC's
+    /// (answered inside the engine, as KVM's in-kernel irqchip does).
     fn claims(&self, addr: u64) -> bool {
-        addr & !0xfff == APIC_BASE
+        addr & !0xfff == APIC_BASE || (addr & !0xfff == IOAPIC_BASE && self.legacy.is_some())
     }
 
     fn read(&mut self, addr: u64, data: &mut [u8]) {
+        if addr & !0xfff == IOAPIC_BASE {
+            if let Some(l) = self.legacy() {
+                l.ioapic.read(addr & 0xfff, data);
+            }
+            return;
+        }
         let off = addr & 0xfff;
         let v = self.read_reg(off & !0xf).to_le_bytes();
         for (k, b) in data.iter_mut().enumerate() {
@@ -320,6 +338,12 @@ impl x86::Local for Lapic {
     }
 
     fn write(&mut self, addr: u64, data: &[u8]) {
+        if addr & !0xfff == IOAPIC_BASE {
+            if let Some(mut l) = self.legacy() {
+                l.ioapic.write(addr & 0xfff, data);
+            }
+            return;
+        }
         let off = addr & 0xfff;
         if off & 0xf != 0 || data.len() < 4 {
             return; // only aligned 32-bit writes are defined
@@ -331,8 +355,25 @@ impl x86::Local for Lapic {
     fn poll(&mut self) -> bool {
         let now = Instant::now();
         self.fire_timer(now);
-        if let Some(mut l) = self.legacy() {
+        let messages = self.legacy().map(|mut l| {
             l.poll(now);
+            l.ioapic.take()
+        });
+        for m in messages.unwrap_or_default() {
+            if !m.accepted_by(self.id, self.ldr) {
+                continue;
+            }
+            if !self.enabled() {
+                self.dropped += 1;
+                continue;
+            }
+            self.set_irr(m.vector);
+            let (w, bit) = (m.vector as usize / 32, 1u32 << (m.vector % 32));
+            if m.level {
+                self.tmr[w] |= bit;
+            } else {
+                self.tmr[w] &= !bit;
+            }
         }
         let raised = self.lines.take();
         if raised.iter().any(|&w| w != 0) {
@@ -496,5 +537,50 @@ mod tests {
             w(&mut l, 0xb0, 0);
         }
         assert!(l.deadline().is_some(), "periodic keeps running");
+    }
+
+    /// With the legacy platform the local APIC answers the I/O APIC's page:
+    /// a device's ISA IRQ 4, routed on pin 4 to vector 0x44, and the PIT's
+    /// IRQ 0 on pin 2 arrive as fixed interrupts; a level-triggered entry
+    /// waits for the EOI.
+    #[test]
+    fn ioapic_routes_isa_irqs() {
+        let lines = std::sync::Arc::new(Lines::default());
+        let legacy = Arc::new(Mutex::new(Legacy::default()));
+        let mut l = Lapic::new(0, lines.clone()).with_legacy(legacy.clone());
+        w(&mut l, 0xf0, 0x1ff);
+        w(&mut l, 0x350, LVT_MASKED); // LINT0 masked: the PICs are not used
+        let io = |l: &mut Lapic, reg: u32, v: u32| {
+            l.write(IOAPIC_BASE, &reg.to_le_bytes());
+            l.write(IOAPIC_BASE + 0x10, &v.to_le_bytes());
+        };
+        assert!(l.claims(IOAPIC_BASE + 0x10));
+        io(&mut l, 0x10 + 8, 0x44); // pin 4: vector 0x44, edge, APIC 0
+        io(&mut l, 0x10 + 9, 0);
+        let pin = crate::legacy::IrqPin {
+            legacy: legacy.clone(),
+            lines: lines.clone(),
+            irq: 4,
+        };
+        vcpu::IrqLine::trigger(&pin).unwrap();
+        assert!(l.poll());
+        assert_eq!(l.ack(), Some(0x44));
+        w(&mut l, 0xb0, 0);
+        // Pin 2 level-triggered at vector 0x50: no second delivery before
+        // the EOI.
+        io(&mut l, 0x10 + 4, 0x50 | (1 << 15));
+        io(&mut l, 0x10 + 5, 0);
+        legacy.lock().unwrap().raise_isa(0);
+        assert!(l.poll());
+        assert_eq!(l.ack(), Some(0x50));
+        legacy.lock().unwrap().raise_isa(0);
+        assert!(!l.poll(), "Remote IRR set");
+        w(&mut l, 0xb0, 0);
+        legacy.lock().unwrap().raise_isa(0);
+        assert!(l.poll(), "after the EOI");
+        let mut b = [0u8; 4];
+        l.write(IOAPIC_BASE, &1u32.to_le_bytes());
+        l.read(IOAPIC_BASE + 0x10, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x0017_0011, "version register");
     }
 }

@@ -5,11 +5,14 @@
 //! port 0x61) counting at 1.193182 MHz on the host's monotonic clock.
 //! Channel 0 drives IRQ 0; the PICs' output reaches the CPU through the
 //! local APIC's LINT0 in ExtINT mode (the virtual-wire mode firmware sets up).
-//! Devices raise ISA IRQs through [`IrqPin`] (the engine's `irq_line`).
+//! Devices raise ISA IRQs through [`IrqPin`] (the engine's `irq_line`); each
+//! ISA IRQ also reaches the I/O APIC ([`crate::ioapic`]), which the guest
+//! uses instead of the PICs once it leaves virtual-wire mode.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::ioapic::{isa_pin, Ioapic};
 use crate::lapic::Lines;
 
 /// The PIT's input clock.
@@ -408,15 +411,16 @@ impl Pit {
         c.next_edge = None;
     }
 
-    /// Raises IRQ 0 on `pic` for each rising edge of channel 0 up to `now`
-    /// (missed periods collapse into one).
-    fn tick(&mut self, now: Instant, pic: &mut Pic) {
+    /// Whether channel 0 had a rising edge (IRQ 0) up to `now` (missed
+    /// periods collapse into one).
+    fn tick(&mut self, now: Instant) -> bool {
         let c = &mut self.ch[0];
-        let Some(edge) = c.next_edge else { return };
+        let Some(edge) = c.next_edge else {
+            return false;
+        };
         if now < edge {
-            return;
+            return false;
         }
-        pic.raise(0);
         c.next_edge = match (c.periodic(), c.start) {
             (true, Some(s)) => {
                 let t = c.ticks(now).unwrap_or(0);
@@ -425,6 +429,7 @@ impl Pit {
             }
             _ => None,
         };
+        true
     }
 
     fn read(&mut self, port: u16, now: Instant) -> u8 {
@@ -451,20 +456,34 @@ impl Pit {
     }
 }
 
-/// The PICs and the PIT of one VM.
-#[derive(Default, Debug)]
+/// The PICs, the I/O APIC and the PIT of one VM.
+#[derive(Debug)]
 pub struct Legacy {
     /// The master and slave 8259A.
     pub pic: Pic,
+    /// The I/O APIC (ID 1, after the one local APIC).
+    pub ioapic: Ioapic,
     /// The 8254.
     pub pit: Pit,
+}
+
+impl Default for Legacy {
+    fn default() -> Legacy {
+        Legacy {
+            pic: Pic::default(),
+            ioapic: Ioapic::new(1),
+            pit: Pit::default(),
+        }
+    }
 }
 
 impl Legacy {
     /// Brings the PIT's IRQ 0 up to `now`; true if the PICs request an
     /// interrupt.
     pub fn poll(&mut self, now: Instant) -> bool {
-        self.pit.tick(now, &mut self.pic);
+        if self.pit.tick(now) {
+            self.raise_isa(0);
+        }
         self.pic.intr()
     }
 
@@ -475,6 +494,13 @@ impl Legacy {
             c.start = c.start.map(|t| t + paused);
             c.next_edge = c.next_edge.map(|t| t + paused);
         }
+    }
+
+    /// An edge on ISA IRQ `irq`: to the PICs, and to the I/O APIC's pin for
+    /// it ([`isa_pin`]).
+    pub fn raise_isa(&mut self, irq: u8) {
+        self.pic.raise(irq);
+        self.ioapic.raise(isa_pin(irq));
     }
 
     /// When channel 0 next raises IRQ 0.
@@ -531,8 +557,7 @@ impl vcpu::IrqLine for IrqPin {
         self.legacy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .pic
-            .raise(self.irq);
+            .raise_isa(self.irq);
         self.lines.external();
         Ok(())
     }

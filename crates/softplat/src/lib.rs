@@ -7,7 +7,8 @@
 //! - [`lapic`]: the local APIC (registers, timer on the host clock, vector
 //!   lines raised from other threads) and [`Lines`], the wake-up of a vCPU;
 //! - [`legacy`]: the 8259A PIC pair and the 8254 PIT, reaching the CPU through
-//!   LINT0 (ExtINT);
+//!   LINT0 (ExtINT), and [`ioapic`], the I/O APIC the ISA IRQs reach too
+//!   (its registers answered by vCPU 0's local APIC device);
 //! - [`Platform`]: one VM's set of them, with its interrupt lines for the
 //!   engine contract (`irq_line`, `vector_line`) and the vCPU's [`Kick`];
 //! - [`run`]: the run loop, written once. An engine supplies an [`Engine`]
@@ -22,6 +23,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod fuzz;
+pub mod ioapic;
 pub mod lapic;
 pub mod legacy;
 

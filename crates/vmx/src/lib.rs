@@ -11,11 +11,20 @@
 //! - I/O: IN/OUT through the exit qualification and RAX; string I/O, and
 //!   MMIO found by EPT violations, are completed by passing the port or page
 //!   through and single-stepping the instruction with the monitor trap flag.
-//! - CPUID from the engine's table (VMX hidden); HLT as the HLT activity
+//! - CPUID from the engine's table, VMX hidden; the secondary controls
+//!   that instructions it advertises need (RDTSCP, INVPCID, XSAVES) are
+//!   derived from it, and what the CPU's VMX cannot enable is hidden
+//!   ([`guest_cpuid`]); HLT as the HLT activity
 //!   state until an interrupt is due; external interrupts acknowledged on
 //!   exit and injected through VM-entry event injection (interrupt-window
 //!   exiting while the guest cannot take them).
 //! - VMCALL is the hypercall instruction of paravirtual guests.
+//! - "Unrestricted guest" (as KVM on Intel): a guest with paging off (a
+//!   Multiboot kernel) enters as it is, on EPT; CR0.NE, which VMX operation
+//!   needs, is the VMM's (guest/host mask, read shadow), and a MOV to CR0
+//!   that exits for it is completed here, entering or leaving IA-32e mode.
+//!   The controls are adjusted to the TRUE capability MSRs, so CR3 accesses
+//!   do not exit.
 //!
 //! The VMM's own structures (VMXON and VMCS regions, I/O and MSR bitmaps,
 //! EPT tables) live in memory after guest RAM that no EPT entry maps.
@@ -32,7 +41,7 @@ use vm_memory::{
 };
 use x86::vmx::fields::{self as f, reason};
 use x86::vmx::{ctl, VmFail};
-use x86::{Cpu, CpuExit};
+use x86::{Cpu, CpuExit, CpuidTable};
 
 /// Size of the VMM's private memory.
 const PRIVATE_SIZE: u64 = 4 << 20;
@@ -59,6 +68,47 @@ const APIC_PAGE: u64 = 0xfee0_0000;
 /// Interruption information: valid, #UD and #GP (hardware exceptions).
 const INJECT_UD: u64 = 0x8000_0306;
 const INJECT_GP: u64 = 0x8000_0b0d;
+
+/// Instructions the CPU model's CPUID can advertise that VMX non-root
+/// operation executes only with a secondary control set (#UD without it):
+/// (leaf, subleaf, register 0..=3 for EAX..EDX, bit, control).
+const CPUID_CONTROLS: [(u32, u32, usize, u32, u32); 3] = [
+    (0x8000_0001, 0, 3, 27, ctl::ENABLE_RDTSCP),
+    (7, 0, 1, 10, ctl::ENABLE_INVPCID),
+    (0xd, 1, 0, 3, ctl::ENABLE_XSAVES),
+];
+
+/// The CPUID the guest is shown and the secondary controls it needs, derived
+/// as KVM derives them: each instruction of [`CPUID_CONTROLS`] the model
+/// advertises gets its control where the CPU's VMX allows it (`proc2_cap`,
+/// IA32_VMX_PROCBASED_CTLS2) and is hidden where it does not. VMX itself is
+/// not offered to the guest.
+pub fn guest_cpuid(model: &CpuidTable, proc2_cap: u64) -> (CpuidTable, u32) {
+    let mut shown = model.clone();
+    let mut controls = 0;
+    let mut clear = |leaf: u32, sub: u32, reg: usize, bit: u32| {
+        if let Some(e) = shown
+            .entries
+            .iter_mut()
+            .find(|e| e.function == leaf && e.index.is_none_or(|i| i == sub))
+        {
+            e.regs[reg] &= !(1 << bit);
+        }
+    };
+    clear(1, 0, 2, 5); // VMX
+    for (leaf, sub, reg, bit, control) in CPUID_CONTROLS {
+        let (a, b, c, d) = model.query(leaf, sub);
+        if [a, b, c, d][reg] & (1 << bit) == 0 {
+            continue;
+        }
+        if (proc2_cap >> 32) as u32 & control != 0 {
+            controls |= control;
+        } else {
+            clear(leaf, sub, reg, bit);
+        }
+    }
+    (shown, controls)
+}
 
 /// Options of a `vmx` virtual machine.
 #[derive(Clone, Copy, Debug, Default)]
@@ -158,6 +208,8 @@ pub struct VmxVcpu {
     platform: Arc<Platform>,
     trace: bool,
     dump_vmcs: bool,
+    /// The CPUID the guest is shown ([`guest_cpuid`]).
+    shown: CpuidTable,
     /// Exit reasons (basic, below 128) whose first exit was dumped.
     dumped: u128,
     launched: bool,
@@ -199,6 +251,7 @@ impl VmxVcpu {
             platform: vm.platform.clone(),
             trace: config.trace,
             dump_vmcs: config.dump_vmcs,
+            shown: CpuidTable::default(),
             dumped: 0,
             launched: false,
             pending: Pending::None,
@@ -321,8 +374,18 @@ impl VmxVcpu {
         Ok(())
     }
 
-    /// `want` adjusted to a control capability MSR.
+    /// `want` adjusted to a control capability MSR: its TRUE counterpart
+    /// where IA32_VMX_BASIC bit 55 offers them (so default1 controls the
+    /// VMM does not want, CR3-load/store exiting, stay clear, as KVM does
+    /// with EPT).
     fn adjust(&self, msr: u32, want: u32) -> u32 {
+        let basic = self.cpu.vmx_msr(msr::VMX_BASIC).unwrap_or(0);
+        let msr = match msr {
+            msr::VMX_PINBASED_CTLS..=msr::VMX_ENTRY_CTLS if basic & (1 << 55) != 0 => {
+                msr + (msr::VMX_TRUE_PINBASED_CTLS - msr::VMX_PINBASED_CTLS)
+            }
+            m => m,
+        };
         let cap = self.cpu.vmx_msr(msr).unwrap_or(0);
         (want | cap as u32) & (cap >> 32) as u32
     }
@@ -340,7 +403,13 @@ impl VmxVcpu {
             msr::VMX_PROCBASED_CTLS,
             ctl::HLT_EXITING | ctl::USE_IO_BITMAPS | ctl::USE_MSR_BITMAPS | ctl::ACTIVATE_SECONDARY,
         );
-        let proc2 = self.adjust(msr::VMX_PROCBASED_CTLS2, ctl::ENABLE_EPT | ctl::ENABLE_VPID);
+        let proc2_cap = self.cpu.vmx_msr(msr::VMX_PROCBASED_CTLS2).unwrap_or(0);
+        let (shown, needed) = guest_cpuid(&self.cpu.cpuid, proc2_cap);
+        self.shown = shown;
+        let proc2 = self.adjust(
+            msr::VMX_PROCBASED_CTLS2,
+            ctl::ENABLE_EPT | ctl::ENABLE_VPID | ctl::UNRESTRICTED_GUEST | needed,
+        );
         let exit = self.adjust(
             msr::VMX_EXIT_CTLS,
             ctl::HOST_ADDR_SPACE_SIZE | ctl::ACK_INTR_ON_EXIT | ctl::SAVE_EFER,
@@ -429,7 +498,8 @@ impl VmxVcpu {
     }
 
     /// EPT identity-maps guest RAM (2 MiB pages where a whole 2 MiB is RAM)
-    /// and, with a local APIC, its page; everything else is MMIO.
+    /// and, with a local APIC, its page (and the I/O APIC's); everything
+    /// else is MMIO.
     fn map_guest_memory(&mut self) -> Result<()> {
         self.write_private(self.private + EPT_PML4, &[0; 0x1000])?;
         let ranges: Vec<(u64, u64)> = self
@@ -453,6 +523,10 @@ impl VmxVcpu {
         }
         if self.platform.has_lapic() {
             self.ept_map_4k(APIC_PAGE, 3)?;
+        }
+        if self.platform.legacy().is_some() {
+            // The I/O APIC, answered by the CPU's local device as the APIC.
+            self.ept_map_4k(softplat::ioapic::IOAPIC_BASE, 3)?;
         }
         Ok(())
     }
@@ -607,6 +681,25 @@ impl VmxVcpu {
         Ok(())
     }
 
+    /// The guest's CR0 went from `old` to `new` through the VMM: turning
+    /// paging on with EFER.LME enters IA-32e mode (EFER.LMA and the entry
+    /// control), turning it off leaves it, as the CPU does for a MOV to CR0.
+    fn paging_changed(&mut self, old: u64, new: u64) {
+        let (was, now) = (old & cr0::PG != 0, new & cr0::PG != 0);
+        if was == now {
+            return;
+        }
+        let e = self.vmread(f::GUEST_IA32_EFER);
+        let lma = now && e & efer::LME != 0;
+        self.vmwrite(
+            f::GUEST_IA32_EFER,
+            if lma { e | efer::LMA } else { e & !efer::LMA },
+        );
+        let entry = self.vmread(f::VM_ENTRY_CONTROLS) as u32 & !ctl::IA32E_MODE_GUEST;
+        let ia32e = if lma { ctl::IA32E_MODE_GUEST } else { 0 };
+        self.vmwrite(f::VM_ENTRY_CONTROLS, (entry | ia32e) as u64);
+    }
+
     /// Handles the VM exit that just happened: None to resume the guest.
     fn handle_exit(&mut self) -> Result<Option<Reply>> {
         let why = self.vmread(f::VM_EXIT_REASON) as u32;
@@ -624,10 +717,7 @@ impl VmxVcpu {
         Ok(match basic {
             reason::CPUID => {
                 let (leaf, sub) = (self.cpu.gpr[0] as u32, self.cpu.gpr[1] as u32);
-                let (a, b, mut c, d) = self.cpu.cpuid.query(leaf, sub);
-                if leaf == 1 {
-                    c &= !(1 << 5); // no VMX for the guest
-                }
+                let (a, b, c, d) = self.shown.query(leaf, sub);
                 for (n, v) in [(0, a), (3, b), (1, c), (2, d)] {
                     self.cpu.gpr[n] = v as u64;
                 }
@@ -732,6 +822,20 @@ impl VmxVcpu {
             reason::CR_ACCESS => {
                 let (cr, kind, gpr) = (qual & 15, (qual >> 4) & 3, (qual >> 8) & 15);
                 match (cr, kind) {
+                    (0, 0) => {
+                        // MOV to CR0 that changes NE against the shadow:
+                        // the guest's value in the shadow, NE kept set.
+                        let v = self.gpr(gpr) & 0xffff_ffff;
+                        if v & cr0::PG != 0 && v & cr0::PE == 0 {
+                            self.vmwrite(f::VM_ENTRY_INTR_INFO_FIELD, INJECT_GP);
+                            self.vmwrite(f::VM_ENTRY_EXCEPTION_ERROR_CODE, 0);
+                            return Ok(None);
+                        }
+                        let old = self.vmread(f::GUEST_CR0);
+                        self.vmwrite(f::GUEST_CR0, v | cr0::ET | cr0::NE);
+                        self.vmwrite(f::CR0_READ_SHADOW, v);
+                        self.paging_changed(old, v);
+                    }
                     (3, 0) => {
                         let width = self.cpu.phys_bits();
                         let v = self.gpr(gpr) & ((1 << width) - 1);
@@ -905,6 +1009,7 @@ impl Vcpu for VmxVcpu {
             // The live state: CR4.VMXE as the guest reads it.
             let mut s = self.cpu.sregs();
             s.cr4 = (s.cr4 & !vmxe) | (self.vmread(f::CR4_READ_SHADOW) & vmxe);
+            s.cr0 = (s.cr0 & !cr0::NE) | (self.vmread(f::CR0_READ_SHADOW) & cr0::NE);
             return Ok(s);
         }
         let seg = |k: u32| {
@@ -934,7 +1039,8 @@ impl Vcpu for VmxVcpu {
                 base: self.vmread(f::GUEST_IDTR_BASE),
                 limit: self.vmread(f::GUEST_IDTR_LIMIT) as u16,
             },
-            cr0: self.vmread(f::GUEST_CR0),
+            cr0: (self.vmread(f::GUEST_CR0) & !cr0::NE)
+                | (self.vmread(f::CR0_READ_SHADOW) & cr0::NE),
             cr2: self.cpu.cr2,
             cr3: self.vmread(f::GUEST_CR3),
             cr4: self.vmread(f::GUEST_CR4) & !cr4::VMXE,
@@ -946,10 +1052,12 @@ impl Vcpu for VmxVcpu {
     fn set_sregs(&mut self, s: &SRegs) -> Result<()> {
         if self.cpu.vmx.non_root {
             self.cpu.set_sregs(&SRegs {
+                cr0: s.cr0 | cr0::NE,
                 cr4: s.cr4 | cr4::VMXE,
                 ..*s
             });
             self.vmwrite(f::CR4_READ_SHADOW, s.cr4);
+            self.vmwrite(f::CR0_READ_SHADOW, s.cr0);
             return Ok(());
         }
         let segs = [s.es, s.cs, s.ss, s.ds, s.fs, s.gs, s.ldt, s.tr];
@@ -969,7 +1077,7 @@ impl Vcpu for VmxVcpu {
             (f::GUEST_GDTR_LIMIT, s.gdt.limit as u64),
             (f::GUEST_IDTR_BASE, s.idt.base),
             (f::GUEST_IDTR_LIMIT, s.idt.limit as u64),
-            (f::GUEST_CR0, s.cr0 | 0x10),
+            (f::GUEST_CR0, s.cr0 | cr0::ET | cr0::NE),
             (f::GUEST_CR3, s.cr3),
             (f::GUEST_CR4, s.cr4 | cr4::VMXE),
             (f::GUEST_IA32_EFER, s.efer),
@@ -981,9 +1089,13 @@ impl Vcpu for VmxVcpu {
         let lma = s.efer & efer::LMA != 0;
         let ia32e = if lma { ctl::IA32E_MODE_GUEST } else { 0 };
         self.vmwrite(f::VM_ENTRY_CONTROLS, (entry | ia32e) as u64);
-        // CR4.VMXE is the VMM's: the guest reads its own value.
+        // CR4.VMXE is the VMM's: the guest reads its own value. So is
+        // CR0.NE, which VMX operation needs set (a Multiboot kernel starts
+        // with it clear), as KVM keeps it.
         self.vmwrite(f::CR4_GUEST_HOST_MASK, cr4::VMXE);
         self.vmwrite(f::CR4_READ_SHADOW, s.cr4);
+        self.vmwrite(f::CR0_GUEST_HOST_MASK, cr0::NE);
+        self.vmwrite(f::CR0_READ_SHADOW, s.cr0);
         self.cpu.cr2 = s.cr2;
         self.cpu.cr8 = s.cr8 & 0xf;
         self.check()
@@ -1127,5 +1239,33 @@ mod tests {
         let e = v.run().map(|x| x.name()).unwrap_err().to_string();
         assert!(e.contains("vmwrite") && e.contains("0x7ffffffe"), "{e}");
         assert!(v.regs().is_err(), "the state is not trusted either");
+    }
+
+    /// The secondary controls come from the CPUID the guest is shown: an
+    /// advertised instruction gets its control where the VMX capability MSR
+    /// allows it and is hidden where it does not; VMX is never shown.
+    #[test]
+    fn controls_follow_the_shown_cpuid() {
+        let mut model = CpuidTable::software_cpu(true, None);
+        model.set(7, Some(0), [0, 1 << 10, 0, 0]); // INVPCID
+        model.set(0xd, Some(1), [1 << 3, 0, 0, 0]); // XSAVES
+        let cap = ((ctl::ENABLE_EPT | ctl::ENABLE_RDTSCP | ctl::ENABLE_INVPCID) as u64) << 32;
+        let (shown, controls) = guest_cpuid(&model, cap);
+        assert_eq!(controls, ctl::ENABLE_RDTSCP | ctl::ENABLE_INVPCID);
+        assert_ne!(shown.query(0x8000_0001, 0).3 & (1 << 27), 0, "RDTSCP");
+        assert_ne!(shown.query(7, 0).1 & (1 << 10), 0, "INVPCID");
+        assert_eq!(shown.query(0xd, 1).0 & (1 << 3), 0, "XSAVES hidden");
+        assert_eq!(shown.query(1, 0).2 & (1 << 5), 0, "VMX hidden");
+        // Without the RDTSCP control the guest is not told about RDTSCP.
+        let (shown, controls) = guest_cpuid(&model, 0);
+        assert_eq!(controls, 0);
+        assert_eq!(shown.query(0x8000_0001, 0).3 & (1 << 27), 0);
+        // The engine's own CPU: RDTSCP advertised and enabled.
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let vm = VmxVm::new(&mem, VmxConfig::default()).unwrap();
+        let v = VmxVcpu::new(&vm, 0).unwrap();
+        let proc2 = v.vmread(f::SECONDARY_VM_EXEC_CONTROL) as u32;
+        assert_ne!(proc2 & ctl::ENABLE_RDTSCP, 0);
     }
 }

@@ -660,7 +660,7 @@ impl Cpu {
         match n {
             0 => {
                 let v = (v | cr0::ET) & 0xffff_ffff;
-                let fixed0 = crate::vmx::CR0_FIXED0;
+                let fixed0 = self.cr0_fixed0();
                 if self.vmx.on && v & fixed0 != fixed0 {
                     return exc_code(vector::GP, 0);
                 }
@@ -752,7 +752,7 @@ impl Cpu {
                 m.mtrr.get(&index).copied().unwrap_or(0)
             }
             msr::MCG_CAP | msr::MCG_STATUS | msr::BIOS_SIGN_ID => 0,
-            msr::FEATURE_CONTROL | 0x480..=0x48c => match self.vmx_msr(index) {
+            msr::FEATURE_CONTROL | 0x480..=0x490 => match self.vmx_msr(index) {
                 Some(v) => v,
                 None => return exc_code(vector::GP, 0),
             },
@@ -768,7 +768,7 @@ impl Cpu {
                     return exc_code(vector::GP, 0);
                 }
             }
-            0x480..=0x48c => return exc_code(vector::GP, 0),
+            0x480..=0x490 => return exc_code(vector::GP, 0),
             msr::EFER => {
                 let allowed = efer::SCE | efer::LME | efer::NXE;
                 if v & !(allowed | efer::LMA) != 0 {

@@ -55,15 +55,19 @@ impl Cpu {
         let pin = v.get32(PIN_BASED_VM_EXEC_CONTROL);
         let proc = v.get32(CPU_BASED_VM_EXEC_CONTROL);
         let proc2 = self.secondary_controls();
-        if !ctl_ok(pin, cap(msr::VMX_PINBASED_CTLS))
-            || !ctl_ok(proc, cap(msr::VMX_PROCBASED_CTLS))
+        // IA32_VMX_BASIC bit 55: the checks use the TRUE capability MSRs.
+        if !ctl_ok(pin, cap(msr::VMX_TRUE_PINBASED_CTLS))
+            || !ctl_ok(proc, cap(msr::VMX_TRUE_PROCBASED_CTLS))
             || !ctl_ok(proc2, cap(msr::VMX_PROCBASED_CTLS2))
-            || !ctl_ok(v.get32(VM_EXIT_CONTROLS), cap(msr::VMX_EXIT_CTLS))
-            || !ctl_ok(v.get32(VM_ENTRY_CONTROLS), cap(msr::VMX_ENTRY_CTLS))
+            || !ctl_ok(v.get32(VM_EXIT_CONTROLS), cap(msr::VMX_TRUE_EXIT_CTLS))
+            || !ctl_ok(v.get32(VM_ENTRY_CONTROLS), cap(msr::VMX_TRUE_ENTRY_CTLS))
         {
             return false;
         }
         if v.get32(CR3_TARGET_COUNT) > 4 {
+            return false;
+        }
+        if proc2 & ctl::UNRESTRICTED_GUEST != 0 && proc2 & ctl::ENABLE_EPT == 0 {
             return false;
         }
         if proc & ctl::USE_IO_BITMAPS != 0
@@ -229,7 +233,20 @@ impl Cpu {
         let gcr4 = v.get(GUEST_CR4);
         let fail = Err(0);
         // Control registers.
-        if gcr0 & CR0_FIXED0 != CR0_FIXED0 || gcr0 >> 32 != 0 {
+        // Unrestricted guest: PE and PG may be 0 (but PG needs PE).
+        let unrestricted = self.secondary_controls() & ctl::UNRESTRICTED_GUEST != 0;
+        let fixed0 = if unrestricted {
+            CR0_FIXED0 & !(cr0::PE | cr0::PG)
+        } else {
+            CR0_FIXED0
+        };
+        if gcr0 & fixed0 != fixed0 || gcr0 >> 32 != 0 {
+            return fail;
+        }
+        if gcr0 & cr0::PG != 0 && gcr0 & cr0::PE == 0 {
+            return fail;
+        }
+        if ia32e && gcr0 & cr0::PG == 0 {
             return fail;
         }
         if gcr4 & cr4::VMXE == 0 || gcr4 & !Self::cr4_fixed1() != 0 {
@@ -295,11 +312,21 @@ impl Cpu {
         {
             return fail;
         }
-        if cs.unusable || !matches!(cs.type_, 9 | 11 | 13 | 15) || !cs.s || !cs.present {
+        // An unrestricted guest's CS may be a read/write accessed data
+        // segment with DPL 0 (as real mode leaves it).
+        let data_cs = unrestricted && cs.type_ == 3;
+        if cs.unusable || !(matches!(cs.type_, 9 | 11 | 13 | 15) || data_cs) || !cs.s || !cs.present
+        {
             return fail;
         }
-        let conforming = cs.type_ & 4 != 0;
-        if (!conforming && cs.dpl != ss.dpl) || (conforming && cs.dpl > ss.dpl) {
+        let conforming = cs.type_ & 4 != 0 && !data_cs;
+        if data_cs && cs.dpl != 0 {
+            return fail;
+        }
+        if !data_cs && ((!conforming && cs.dpl != ss.dpl) || (conforming && cs.dpl > ss.dpl)) {
+            return fail;
+        }
+        if gcr0 & cr0::PE == 0 && !ss.unusable && ss.dpl != 0 {
             return fail;
         }
         if ia32e && cs.l && cs.db {
@@ -308,14 +335,14 @@ impl Cpu {
         if cs.base >> 32 != 0 || !limit_ok(cs.limit, cs.g) {
             return fail;
         }
-        if ss.selector & 3 != cs.selector & 3 {
+        if !unrestricted && ss.selector & 3 != cs.selector & 3 {
             return fail;
         }
         if !ss.unusable
             && (!matches!(ss.type_, 3 | 7)
                 || !ss.s
                 || !ss.present
-                || ss.dpl as u16 != ss.selector & 3
+                || (!unrestricted && ss.dpl as u16 != ss.selector & 3)
                 || !limit_ok(ss.limit, ss.g))
         {
             return fail;

@@ -73,6 +73,9 @@ pub mod ctl {
     pub const ENABLE_EPT: u32 = 1 << 1;
     pub const ENABLE_RDTSCP: u32 = 1 << 3;
     pub const ENABLE_VPID: u32 = 1 << 5;
+    pub const UNRESTRICTED_GUEST: u32 = 1 << 7;
+    pub const ENABLE_INVPCID: u32 = 1 << 12;
+    pub const ENABLE_XSAVES: u32 = 1 << 20;
     // VM-exit.
     pub const HOST_ADDR_SPACE_SIZE: u32 = 1 << 9;
     pub const ACK_INTR_ON_EXIT: u32 = 1 << 15;
@@ -91,6 +94,12 @@ pub mod ctl {
     pub const PROC_DEFAULT1: u32 = 0x0401_e172;
     pub const EXIT_DEFAULT1: u32 = 0x0003_6dff;
     pub const ENTRY_DEFAULT1: u32 = 0x0000_11ff;
+
+    /// The default1 bits that the TRUE capability MSRs let software clear
+    /// (IA32_VMX_BASIC bit 55): CR3-load and CR3-store exiting. The other
+    /// default1 bits stay 1 in the TRUE MSRs too (this CPU has no "load/save
+    /// debug controls" to turn off).
+    pub const PROC_TRUE_DEFAULT1: u32 = PROC_DEFAULT1 & !(CR3_LOAD_EXITING | CR3_STORE_EXITING);
 
     /// Bits that may be 1.
     pub const PIN_ALLOWED1: u32 =
@@ -116,7 +125,7 @@ pub mod ctl {
         | MONITOR_EXITING
         | PAUSE_EXITING
         | ACTIVATE_SECONDARY;
-    pub const PROC2_ALLOWED1: u32 = ENABLE_EPT | ENABLE_RDTSCP | ENABLE_VPID;
+    pub const PROC2_ALLOWED1: u32 = ENABLE_EPT | ENABLE_RDTSCP | ENABLE_VPID | UNRESTRICTED_GUEST;
     pub const EXIT_ALLOWED1: u32 = EXIT_DEFAULT1
         | HOST_ADDR_SPACE_SIZE
         | ACK_INTR_ON_EXIT
@@ -131,6 +140,19 @@ pub mod ctl {
 
 /// CR0 bits that must be 1 in VMX operation (PE, NE, PG).
 pub const CR0_FIXED0: u64 = 0x8000_0021;
+
+impl Cpu {
+    /// The CR0 bits that must be 1 now: [`CR0_FIXED0`], except PE and PG
+    /// for a guest with "unrestricted guest" (SDM vol. 3C, 26.3.1.1 and
+    /// 25.3: such a guest may run with protection or paging off).
+    pub(crate) fn cr0_fixed0(&self) -> u64 {
+        if self.vmx.non_root && self.secondary_controls() & ctl::UNRESTRICTED_GUEST != 0 {
+            CR0_FIXED0 & !(arch::cr0::PE | arch::cr0::PG)
+        } else {
+            CR0_FIXED0
+        }
+    }
+}
 
 /// Why a VMX instruction failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -325,7 +347,11 @@ impl Cpu {
             | (1 << 43); // single-context retaining globals
         Some(match index {
             msr::FEATURE_CONTROL => self.vmx.feature_control,
-            msr::VMX_BASIC => REVISION as u64 | (REGION_SIZE << 32) | (6 << 50) | (1 << 54),
+            // Write-back VMCS memory, INS/OUTS information, the TRUE
+            // capability MSRs (bit 55).
+            msr::VMX_BASIC => {
+                REVISION as u64 | (REGION_SIZE << 32) | (6 << 50) | (1 << 54) | (1 << 55)
+            }
             msr::VMX_PINBASED_CTLS => ctl_msr(PIN_DEFAULT1, PIN_ALLOWED1),
             msr::VMX_PROCBASED_CTLS => ctl_msr(PROC_DEFAULT1, PROC_ALLOWED1),
             msr::VMX_EXIT_CTLS => ctl_msr(EXIT_DEFAULT1, EXIT_ALLOWED1),
@@ -340,6 +366,12 @@ impl Cpu {
             msr::VMX_VMCS_ENUM => (highest_index() as u64) << 1,
             msr::VMX_PROCBASED_CTLS2 => ctl_msr(0, PROC2_ALLOWED1),
             msr::VMX_EPT_VPID_CAP => ept,
+            // The TRUE controls: the same allowed-1 settings; allowed-0
+            // settings a subset of the plain MSRs' (SDM vol. 3D, A.3).
+            msr::VMX_TRUE_PINBASED_CTLS => ctl_msr(PIN_DEFAULT1, PIN_ALLOWED1),
+            msr::VMX_TRUE_PROCBASED_CTLS => ctl_msr(PROC_TRUE_DEFAULT1, PROC_ALLOWED1),
+            msr::VMX_TRUE_EXIT_CTLS => ctl_msr(EXIT_DEFAULT1, EXIT_ALLOWED1),
+            msr::VMX_TRUE_ENTRY_CTLS => ctl_msr(ENTRY_DEFAULT1, ENTRY_ALLOWED1),
             _ => return None,
         })
     }

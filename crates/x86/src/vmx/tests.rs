@@ -271,6 +271,102 @@ fn capability_msrs_cpuid_and_feature_control() {
     assert_eq!(c.vmx_msr(0x10), None);
 }
 
+/// IA32_VMX_BASIC bit 55 and the TRUE control MSRs, against the SDM's rules
+/// (vol. 3D, A.2-A.5): each TRUE MSR has the allowed-1 settings of its plain
+/// MSR; its allowed-0 settings are a subset of the plain MSR's, which are
+/// the default1 class; what must be 1 may be 1. In TRUE_PROCBASED_CTLS
+/// CR3-load and CR3-store exiting may be 0, and VM entry takes a VMCS
+/// without them: the guest's MOV to and from CR3 do not exit.
+#[test]
+fn true_capability_msrs_follow_the_sdm() {
+    let mut t = root(|a| {
+        a.mov(ecx, 0x48eu32)?;
+        a.rdmsr()?;
+        a.mov(r9d, eax)?;
+        a.mov(r10d, edx)?;
+        a.hlt()
+    });
+    fault_handlers(&t);
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let g = t.cpu.regs();
+    let c = &t.cpu;
+    let true_proc = c.vmx_msr(msr::VMX_TRUE_PROCBASED_CTLS).unwrap();
+    assert_eq!(
+        (g.r10 << 32) | g.r9,
+        true_proc,
+        "RDMSR of IA32_VMX_TRUE_PROCBASED_CTLS"
+    );
+    assert_ne!(c.vmx_msr(msr::VMX_BASIC).unwrap() & (1 << 55), 0);
+    for (plain, tru, default1) in [
+        (
+            msr::VMX_PINBASED_CTLS,
+            msr::VMX_TRUE_PINBASED_CTLS,
+            ctl::PIN_DEFAULT1,
+        ),
+        (
+            msr::VMX_PROCBASED_CTLS,
+            msr::VMX_TRUE_PROCBASED_CTLS,
+            ctl::PROC_DEFAULT1,
+        ),
+        (
+            msr::VMX_EXIT_CTLS,
+            msr::VMX_TRUE_EXIT_CTLS,
+            ctl::EXIT_DEFAULT1,
+        ),
+        (
+            msr::VMX_ENTRY_CTLS,
+            msr::VMX_TRUE_ENTRY_CTLS,
+            ctl::ENTRY_DEFAULT1,
+        ),
+    ] {
+        let (p, q) = (c.vmx_msr(plain).unwrap(), c.vmx_msr(tru).unwrap());
+        assert_eq!(p >> 32, q >> 32, "{tru:#x}: the same allowed-1 settings");
+        assert_eq!(
+            p as u32, default1,
+            "{plain:#x}: allowed-0 is the default1 class"
+        );
+        assert_eq!(
+            q as u32 & !(p as u32),
+            0,
+            "{tru:#x}: allowed-0 within the plain MSR's"
+        );
+        assert_eq!(
+            q as u32 & !((q >> 32) as u32),
+            0,
+            "{tru:#x}: must-be-1 may be 1"
+        );
+    }
+    assert_eq!(
+        true_proc as u32 & (ctl::CR3_LOAD_EXITING | ctl::CR3_STORE_EXITING),
+        0,
+        "CR3-load/store exiting may be 0"
+    );
+    let mut t = ready(|a| {
+        a.mov(rax, cr3)?;
+        a.mov(cr3, rax)?;
+        a.mov(rbx, 0x77u64)?;
+        a.hlt()
+    });
+    w(
+        &mut t.cpu,
+        CPU_BASED_VM_EXEC_CONTROL,
+        (ctl::PROC_TRUE_DEFAULT1 | ctl::HLT_EXITING) as u64,
+    );
+    assert_eq!(go(&mut t), reason::HLT, "no CR-access exit");
+    assert_eq!(t.cpu.regs().rbx, 0x77);
+    // A default1 control the TRUE MSR still requires (bit 1) cannot be 0.
+    let mut t = ready(|a| a.hlt());
+    w(
+        &mut t.cpu,
+        CPU_BASED_VM_EXEC_CONTROL,
+        (ctl::PROC_TRUE_DEFAULT1 & !(1 << 1)) as u64,
+    );
+    assert_eq!(
+        t.cpu.vm_entry(true),
+        Err(VmFail::Valid(error::ENTRY_INVALID_CONTROLS))
+    );
+}
+
 /// A root CPU about to VMXON with the fault handlers of `fault_handlers`.
 fn before_vmxon() -> T {
     let t = root(|a| {
