@@ -586,6 +586,8 @@ impl Accel for Blocks {
         ctx.jc = self.jc.as_ptr() as u64;
         ctx.key_xor = translate::jc_key(0, user);
         ctx.callout = CALLOUT_NONE;
+        ctx.fs_base = cpu.seg[x86::sreg::FS].base;
+        ctx.gs_base = cpu.seg[x86::sreg::GS].base;
         let key = translate::jc_key(cpu.rip, user);
         self.jc[translate::jc_index(key)] = JcEntry { key, code };
         loop {

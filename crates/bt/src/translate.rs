@@ -358,8 +358,25 @@ fn division_check(
 /// address), in a segment whose base is 0 in 64-bit mode (not FS or GS),
 /// and at most 8 bytes long.
 pub fn memory_form(i: &Instruction) -> Option<bool> {
-    if !integer_op(i.mnemonic())
-        || i.has_lock_prefix()
+    let exchange = matches!(i.mnemonic(), M::Xadd | M::Cmpxchg | M::Xchg);
+    // LOCK: the host's locked instruction on guest RAM is as atomic.
+    let lockable = exchange
+        || matches!(
+            i.mnemonic(),
+            M::Add
+                | M::Or
+                | M::Adc
+                | M::Sbb
+                | M::And
+                | M::Sub
+                | M::Xor
+                | M::Inc
+                | M::Dec
+                | M::Neg
+                | M::Not
+        );
+    if !(integer_op(i.mnemonic()) || exchange)
+        || (i.has_lock_prefix() && !(lockable && i.op0_kind() == OpKind::Memory))
         || i.has_rep_prefix()
         || i.has_repne_prefix()
     {
@@ -382,13 +399,13 @@ pub fn memory_form(i: &Instruction) -> Option<bool> {
             .all(|&r| r == Register::None || gpr_number(r).is_some());
     let seg_ok = matches!(
         i.memory_segment(),
-        Register::DS | Register::ES | Register::SS | Register::CS
+        Register::DS | Register::ES | Register::SS | Register::CS | Register::FS | Register::GS
     );
     let size = i.memory_size().size();
     if !regs_ok || !seg_ok || !(1..=8).contains(&size) {
         return None;
     }
-    Some(k == 0 && !matches!(i.mnemonic(), M::Cmp | M::Test))
+    Some((k == 0 || i.mnemonic() == M::Xchg) && !matches!(i.mnemonic(), M::Cmp | M::Test))
 }
 
 /// How the translator carries out one guest instruction.
@@ -461,6 +478,11 @@ pub struct Ctx {
     pub lookups: u64,
     /// The lookup's RIP.
     pub rip: u64,
+    /// The FS and GS segment bases (64-bit code adds them to FS: and GS:
+    /// addresses; they change only in the interpreter).
+    pub fs_base: u64,
+    /// See `fs_base`.
+    pub gs_base: u64,
     /// The block that left through a memory access or a callout, and the
     /// mnemonic (`iced_x86::Mnemonic as u32`) of the instruction it left
     /// to the interpreter, or [`CALLOUT_MEMORY`], [`CALLOUT_MEMORY_HARD`]
@@ -1062,7 +1084,16 @@ impl Translator {
                     ))
                 };
                 let size = i.memory_size().size() as i32;
-                self.probe(&mut a, addr, size, write, r, miss, !saved)?;
+                self.probe(
+                    &mut a,
+                    addr,
+                    size,
+                    write,
+                    r,
+                    miss,
+                    !saved,
+                    i.memory_segment(),
+                )?;
                 saved = true;
                 let host = GPR64[r.scratch[0]];
                 o.set_memory_base(host);
@@ -1252,7 +1283,7 @@ impl Translator {
         let stack = GPR64[r.map[4]];
         let at = if pop.is_some() { 0 } else { -8 };
         let addr = Address::Mem(MemoryOperand::with_base_displ(stack, at));
-        self.probe(a, addr, 8, pop.is_none(), r, miss, save_flags)?;
+        self.probe(a, addr, 8, pop.is_none(), r, miss, save_flags, Register::SS)?;
         let slot = ASM64[r.scratch[0]];
         let host = |g: Register| ASM64[r.map[gpr_number(g).unwrap_or(0)]];
         match (push, pop) {
@@ -1289,6 +1320,7 @@ impl Translator {
         r: &Registers,
         miss: Miss,
         save_flags: bool,
+        segment: Register,
     ) -> Result<(), IcedError> {
         let s1 = GPR64[r.scratch[0]];
         let [s1a, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
@@ -1303,6 +1335,11 @@ impl Translator {
         }
         if save_flags {
             a.pushfq()?;
+        }
+        match segment {
+            Register::FS => a.add(s1a, qword_ptr(rdi + ctx!(fs_base)))?,
+            Register::GS => a.add(s1a, qword_ptr(rdi + ctx!(gs_base)))?,
+            _ => {}
         }
         a.mov(s2a, s1a)?;
         a.shr(s2a, 12)?;
