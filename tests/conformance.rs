@@ -223,7 +223,13 @@ fn cpuid(engine: Engine) {
     for w in [host.ebx, host.edx, host.ecx] {
         hv.extend_from_slice(&w.to_le_bytes());
     }
-    assert_eq!(vendor, hv, "vendor string");
+    if engine == Engine::Kvm {
+        assert_eq!(vendor, hv, "vendor string");
+    } else {
+        // The software CPU's model, whatever the host is.
+        assert_eq!(&vendor[..], x86::model::VENDOR, "vendor string");
+        assert_eq!(r.r11, x86::model::MAX_BASIC as u64, "max basic leaf");
+    }
     assert!(r.r11 >= 1, "max basic leaf");
     assert_ne!(r.r12 & (1 << 26), 0, "SSE2 in leaf 1 EDX");
     assert_ne!(r.r12 & (1 << 0), 0, "FPU in leaf 1 EDX");
@@ -635,4 +641,284 @@ fn hypercall_arguments_near_the_top(engine: Engine) {
     ] {
         assert_eq!(g.stats.hypercalls.get(name), Some(&1), "{name}");
     }
+}
+
+// The CPU model's checks and faults (issue 16), on the software engines:
+// the values expected are the SDM's, with the model's MAXPHYADDR (46).
+on_engines!(
+    [emu, trap, vmx, bt]:
+    reserved_bits_give_rsvd_page_faults,
+    cr0_high_bits_give_gp,
+    invlpg_of_a_noncanonical_address_is_a_noop,
+    rdpru_gives_ud,
+    unknown_msr_gives_gp,
+);
+
+// NMIs through the local APIC (an irqchip). (Engine `vmx`: its VMM answers
+// the guest's CPUID from the table, without IA32_APIC_BASE's enable.)
+on_engines!(
+    [emu, vmx, bt]:
+    self_nmi_is_delivered_once_and_blocked_until_iret,
+);
+on_engines!(
+    [emu, bt]:
+    apic_global_disable,
+);
+
+/// Where a fault handler for the cases below lives, and what it records:
+/// R12 = 0xfa17, R13 = the RIP pushed, R14 = the error code (if any), R15 =
+/// CR2; then HLT.
+const CATCH: u64 = CODE + 0x800;
+
+/// `main` at CODE (ending in HLT) with a handler for `vector` at [`CATCH`].
+fn catching(engine: Engine, vector: u64, code: bool, main: &[u8]) -> Guest {
+    catching_with(engine, vector, code, main, VmOptions::default())
+}
+
+fn catching_with(engine: Engine, vector: u64, code: bool, main: &[u8], opts: VmOptions) -> Guest {
+    let mut bytes = main.to_vec();
+    assert!(bytes.len() <= (CATCH - CODE) as usize);
+    bytes.resize((CATCH - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(64).unwrap();
+    if code {
+        h.pop(r14).unwrap();
+    }
+    h.mov(r13, qword_ptr(rsp)).unwrap();
+    h.mov(r15, cr2).unwrap();
+    h.mov(r12, 0xfa17u64).unwrap();
+    h.hlt().unwrap();
+    bytes.extend_from_slice(&h.assemble(CATCH).unwrap());
+    let mut g = Guest::long_mode_with(engine, &bytes, opts);
+    set_gate(&mut g, vector, CATCH);
+    g
+}
+
+/// A PTE, PDE, PDPTE or PML4E with a reserved bit set, at each level, for
+/// reads, writes and fetches: #PF with P and RSVD (and W or I/D) in the
+/// error code, CR2 the address (SDM vol. 3 4.7, 4.5.4).
+fn reserved_bits_give_rsvd_page_faults(engine: Engine) {
+    const LIN: u64 = 0x80_0000_0000; // PML4 entry 1
+    const PDPT: u64 = 0x30_0000;
+    const PD: u64 = PDPT + 0x1000;
+    const PT: u64 = PDPT + 0x2000;
+    const FRAME: u64 = 0x31_0000;
+    const PML4E: u64 = abi::BOOT_PML4 + 8;
+    let b = |n: u32| 1u64 << n;
+    // (what, entry address, value, access: 0 read, 1 write, 2 fetch, code)
+    let cases: [(&str, u64, u64, u8, u32); 11] = [
+        ("PML4E bit 51", PML4E, PDPT | 3 | b(51), 0, 9),
+        ("PML4E PS", PML4E, PDPT | 3 | b(7), 0, 9),
+        ("PDPTE bit 51", PDPT, PD | 3 | b(51), 0, 9),
+        ("1 GiB PDPTE bit 13", PDPT, 0x83 | b(13), 0, 9),
+        ("PDE bit 51", PD, PT | 3 | b(51), 0, 9),
+        ("2 MiB PDE bit 13", PD, 0x20_0000 | 0x83 | b(13), 0, 9),
+        ("PTE bit 51", PT, FRAME | 3 | b(51), 0, 9),
+        ("PTE bit 46 (MAXPHYADDR)", PT, FRAME | 3 | b(46), 0, 9),
+        ("PTE bit 51, write", PT, FRAME | 3 | b(51), 1, 0xb),
+        ("PTE bit 51, fetch", PT, FRAME | 3 | b(51), 2, 0x19),
+        ("PTE bit 45 is an address bit", PT, FRAME | 3 | b(45), 0, 0),
+    ];
+    for (what, at, value, access, want) in cases {
+        let main = asm64(|a| {
+            a.mov(rbx, LIN)?;
+            match access {
+                0 => a.mov(rax, qword_ptr(rbx))?,
+                1 => a.mov(qword_ptr(rbx), rax)?,
+                _ => a.call(rbx)?,
+            }
+            a.mov(r11, 0xd0e5u64)?;
+            a.hlt()
+        });
+        let mut g = catching(engine, 14, true, &main);
+        let m = &g.vm.mem;
+        for (ta, v) in [
+            (PML4E, PDPT | 3),
+            (PDPT, PD | 3),
+            (PD, PT | 3),
+            (PT, FRAME | 3),
+        ] {
+            m.write_obj(v, GuestAddress(ta)).unwrap();
+        }
+        m.write_obj(value, GuestAddress(at)).unwrap();
+        let o = g.run();
+        let r = g.regs();
+        if want == 0 {
+            // Bit 45 is below MAXPHYADDR: a frame outside RAM, read as MMIO.
+            assert_ne!(r.r12, 0xfa17, "{what}: {o:?}");
+            continue;
+        }
+        assert_halted(&o);
+        assert_eq!(r.r12, 0xfa17, "{what}: no #PF");
+        assert_eq!(r.r14, want as u64, "{what}: error code");
+        assert_eq!(r.r15, LIN, "{what}: CR2");
+        let fault_rip = if access == 2 { LIN } else { CODE + 10 };
+        assert_eq!(r.r13, fault_rip, "{what}: RIP of the fault");
+    }
+}
+
+/// MOV to CR0 with bit 32 set raises #GP(0) (SDM vol. 2 MOV CR); CR0 is
+/// unchanged.
+fn cr0_high_bits_give_gp(engine: Engine) {
+    let main = asm64(|a| {
+        a.mov(rax, cr0)?;
+        a.mov(rbp, rax)?;
+        a.bts(rax, 32)?;
+        a.mov(cr0, rax)?;
+        a.mov(r11, 0xd0e5u64)?;
+        a.hlt()
+    });
+    let mut g = catching(engine, 13, true, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r12, 0xfa17, "#GP");
+    assert_eq!(r.r14, 0, "error code");
+    assert_eq!(r.r13, CODE + 11, "RIP of MOV to CR0");
+    assert_eq!(g.vm.vcpu.sregs().unwrap().cr0, r.rbp, "CR0 unchanged");
+}
+
+/// INVLPG of a non-canonical address does nothing (SDM vol. 2 INVLPG).
+fn invlpg_of_a_noncanonical_address_is_a_noop(engine: Engine) {
+    let main = asm64(|a| {
+        a.mov(rbx, 0x8000_0000_0000u64)?;
+        a.invlpg(ptr(rbx))?;
+        a.mov(r11, 0xd0e5u64)?;
+        a.hlt()
+    });
+    let mut g = catching(engine, 13, true, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_ne!(r.r12, 0xfa17, "no #GP");
+    assert_eq!(r.r11, 0xd0e5, "INVLPG returned");
+}
+
+/// RDPRU is not in the model: #UD in the guest, not the end of the run.
+fn rdpru_gives_ud(engine: Engine) {
+    let mut main = asm64(|a| a.nop());
+    main.truncate(0);
+    main.extend_from_slice(&[0x31, 0xc9]); // xor ecx, ecx
+    main.extend_from_slice(&[0x0f, 0x01, 0xfd]); // rdpru
+    main.push(0xf4);
+    let mut g = catching(engine, 6, false, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r12, 0xfa17, "#UD");
+    assert_eq!(r.r13, CODE + 2, "RIP of RDPRU");
+}
+
+/// An MSR outside the model (AMD's performance counter 0xc001_0000) raises
+/// #GP in the guest; the VMM sees no exit for it.
+fn unknown_msr_gives_gp(engine: Engine) {
+    let main = asm64(|a| {
+        a.mov(ecx, 0xc001_0000u32)?;
+        a.rdmsr()?;
+        a.hlt()
+    });
+    let mut g = catching(engine, 13, true, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r12, 0xfa17, "#GP");
+    assert_eq!(r.r13, CODE + 5, "RIP of RDMSR");
+    if engine != Engine::Vmx {
+        // (The vmx engine's VMM hands its guest's MSR exits to visor's.)
+        assert_eq!(g.exits("msr_read"), 0);
+    }
+}
+
+const APIC: u64 = 0xfee0_0000;
+/// ICR: NMI delivery mode, shorthand "self".
+const ICR_SELF_NMI: u32 = (1 << 18) | (4 << 8);
+
+/// A self-NMI through the ICR is delivered once; a second one sent from the
+/// NMI handler waits until its IRET (SDM vol. 3 6.7.1, 10.6.1).
+fn self_nmi_is_delivered_once_and_blocked_until_iret(engine: Engine) {
+    const NMI: u64 = CODE + 0x800;
+    let main = asm64(|a| {
+        a.xor(r12d, r12d)?;
+        a.mov(rbx, APIC + 0x300)?;
+        a.mov(dword_ptr(rbx), ICR_SELF_NMI)?;
+        // Some instructions for the NMI to arrive in.
+        a.mov(ecx, 100u32)?;
+        let mut lp = a.create_label();
+        a.set_label(&mut lp)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.mov(al, 0)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)
+    });
+    let mut code = main;
+    code.resize((NMI - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(64).unwrap();
+    let mut second = h.create_label();
+    h.inc(r12).unwrap();
+    h.cmp(r12, 1).unwrap();
+    h.jne(second).unwrap();
+    // The first NMI sends another and runs on: it stays pending.
+    h.mov(dword_ptr(rbx), ICR_SELF_NMI).unwrap();
+    for _ in 0..20 {
+        h.nop().unwrap();
+    }
+    h.mov(r13, r12).unwrap();
+    h.set_label(&mut second).unwrap();
+    h.iretq().unwrap();
+    code.extend_from_slice(&h.assemble(NMI).unwrap());
+    let opts = VmOptions {
+        irqchip: true,
+        ..VmOptions::default()
+    };
+    let mut g = Guest::long_mode_with(engine, &code, opts);
+    set_gate(&mut g, 2, NMI);
+    let o = g.run();
+    assert!(
+        matches!(o, Outcome::Stopped(StopReason::DebugExit(0))),
+        "{o:?}"
+    );
+    let r = g.regs();
+    assert_eq!(r.r13, 1, "the second NMI waited for IRET");
+    assert_eq!(r.r12, 2, "two NMIs, each delivered once");
+    assert_eq!(r.rsp, STACK);
+}
+
+/// Clearing IA32_APIC_BASE's global enable takes the APIC out of CPUID
+/// (leaf 1 EDX bit 9) and off the bus; setting it brings it back (SDM vol.
+/// 3 10.4.3).
+fn apic_global_disable(engine: Engine) {
+    let main = asm64(|a| {
+        a.mov(eax, 1u32)?;
+        a.cpuid()?;
+        a.mov(r8, rdx)?;
+        a.mov(ecx, 0x1bu32)?;
+        a.rdmsr()?;
+        a.mov(r9, rax)?;
+        a.and(eax, !(1u32 << 11) as i32)?;
+        a.wrmsr()?;
+        a.mov(eax, 1u32)?;
+        a.cpuid()?;
+        a.mov(r10, rdx)?;
+        // The version register is no longer there.
+        a.mov(rbx, APIC + 0x30)?;
+        a.mov(r11d, dword_ptr(rbx))?;
+        a.mov(ecx, 0x1bu32)?;
+        a.mov(rax, r9)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(r12d, dword_ptr(rbx))?;
+        a.mov(al, 0)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)
+    });
+    let opts = VmOptions {
+        irqchip: true,
+        ..VmOptions::default()
+    };
+    let mut g = Guest::long_mode_with(engine, &main, opts);
+    let o = g.run();
+    assert!(
+        matches!(o, Outcome::Stopped(StopReason::DebugExit(0))),
+        "{o:?}"
+    );
+    let r = g.regs();
+    assert_ne!(r.r8 & (1 << 9), 0, "APIC in CPUID");
+    assert_eq!(r.r9 & !0xfff, 0xfee0_0000 | 0x900 & !0xfff);
+    assert_eq!(r.r10 & (1 << 9), 0, "APIC gone from CPUID");
+    assert_eq!(r.r11 as u32, 0xffff_ffff, "no APIC on the bus");
+    assert_eq!(r.r12 as u8, 0x14, "the APIC is back (version 0x14)");
 }

@@ -1,6 +1,9 @@
-//! The local APIC of the software engines (xAPIC registers at 0xfee0_0000): ID,
-//! version, TPR/PPR, EOI, SVR, ISR/IRR/TMR, ESR, ICR (self-IPIs), the LVT and
-//! the timer (one-shot and periodic). The timer counts at 1 GHz before the
+//! The local APIC of the software engines (xAPIC registers at 0xfee0_0000,
+//! movable through IA32_APIC_BASE): ID, version, TPR/PPR, EOI, SVR, ISR/IRR/TMR,
+//! ESR, ICR (fixed and NMI self-IPIs), the LVT with LINT1 (NMI or fixed), and
+//! the timer (one-shot and periodic); software disable (SVR) and global
+//! disable (IA32_APIC_BASE bit 11: the APIC is off the bus, the PICs' INTR
+//! reaches the CPU directly, and it comes back in its power-up state). The timer counts at 1 GHz before the
 //! divider, as KVM's does, against the host's monotonic clock.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +21,8 @@ pub const APIC_BASE: u64 = 0xfee0_0000;
 /// of a halted vCPU through its [`Kick`].
 pub struct Lines {
     pending: [AtomicU64; 4],
+    /// An edge on LINT1.
+    lint1: AtomicBool,
     /// Something else (the PICs) has an interrupt for the vCPU.
     kicked: AtomicBool,
     /// The vCPU's kick: its futex word wakes a waiting vCPU, and a VMM kick
@@ -36,6 +41,7 @@ impl Lines {
     pub fn new(kick: Arc<Kick>) -> Lines {
         Lines {
             pending: Default::default(),
+            lint1: AtomicBool::new(false),
             kicked: AtomicBool::new(false),
             kick,
         }
@@ -49,6 +55,13 @@ impl Lines {
     /// Raises fixed interrupt `vector`.
     pub fn raise(&self, vector: u8) {
         self.pending[vector as usize / 64].fetch_or(1 << (vector % 64), Ordering::SeqCst);
+        self.kick.wake();
+    }
+
+    /// An edge on the LINT1 pin (wired to NMI sources): the LAPIC delivers
+    /// it as its LVT LINT1 entry says.
+    pub fn lint1(&self) {
+        self.lint1.store(true, Ordering::SeqCst);
         self.kick.wake();
     }
 
@@ -73,6 +86,7 @@ impl Lines {
 
     fn any(&self) -> bool {
         self.kicked.load(Ordering::SeqCst)
+            || self.lint1.load(Ordering::SeqCst)
             || self.pending.iter().any(|p| p.load(Ordering::SeqCst) != 0)
     }
 
@@ -110,6 +124,12 @@ pub struct Lapic {
     legacy: Option<Arc<Mutex<Legacy>>>,
     /// Fixed interrupts the APIC dropped because it was software-disabled.
     pub dropped: u64,
+    /// The registers' physical page (IA32_APIC_BASE).
+    base: u64,
+    /// Globally enabled (IA32_APIC_BASE bit 11).
+    global: bool,
+    /// An NMI waits for the CPU.
+    nmi: bool,
 }
 
 const LVT_MASKED: u32 = 1 << 16;
@@ -136,7 +156,20 @@ impl Lapic {
             lines,
             legacy: None,
             dropped: 0,
+            base: APIC_BASE,
+            global: true,
+            nmi: false,
         }
+    }
+
+    /// Back to the power-up state (SDM vol. 3 10.4.7.1), keeping the ID, the
+    /// lines and the PICs: software-disabled, every LVT entry masked.
+    fn power_up(&mut self) {
+        let mut fresh = Lapic::new(self.id, self.lines.clone());
+        fresh.legacy = self.legacy.take();
+        fresh.dropped = self.dropped;
+        fresh.lvt = [LVT_MASKED; 6];
+        *self = fresh;
     }
 
     /// Connects the VM's PICs (and PIT) to LINT0.
@@ -262,8 +295,11 @@ impl Lapic {
                 let to_self = shorthand == 1
                     || shorthand == 2
                     || (shorthand == 0 && self.icr[1] >> 24 == self.id);
-                if mode == 0 && to_self {
-                    self.set_irr(v as u8);
+                match mode {
+                    0 if to_self => self.set_irr(v as u8),
+                    // NMI: the vector is ignored (SDM vol. 3 10.6.1).
+                    4 if to_self => self.nmi = true,
+                    _ => {}
                 }
             }
             0x310 => self.icr[1] = v & 0xff00_0000,
@@ -307,7 +343,7 @@ impl Lapic {
 
 impl x86::Local for Lapic {
     fn claims(&self, addr: u64) -> bool {
-        addr & !0xfff == APIC_BASE
+        self.global && addr & !0xfff == self.base
     }
 
     fn read(&mut self, addr: u64, data: &mut [u8]) {
@@ -334,6 +370,16 @@ impl x86::Local for Lapic {
         if let Some(mut l) = self.legacy() {
             l.poll(now);
         }
+        if self.lines.lint1.swap(false, Ordering::SeqCst) {
+            let lint1 = self.lvt[4];
+            if self.global && lint1 & LVT_MASKED == 0 {
+                match (lint1 >> 8) & 7 {
+                    4 => self.nmi = true,
+                    0 => self.set_irr(lint1 as u8),
+                    _ => {}
+                }
+            }
+        }
         let raised = self.lines.take();
         if raised.iter().any(|&w| w != 0) {
             for (k, w) in raised.iter().enumerate() {
@@ -341,7 +387,7 @@ impl x86::Local for Lapic {
                 while w != 0 {
                     let b = w.trailing_zeros();
                     w &= w - 1;
-                    if self.enabled() {
+                    if self.global && self.enabled() {
                         self.set_irr((k * 64 + b as usize) as u8);
                     } else {
                         self.dropped += 1;
@@ -353,6 +399,10 @@ impl x86::Local for Lapic {
     }
 
     fn pending(&self) -> bool {
+        if !self.global {
+            // No APIC: the PICs' INTR goes to the CPU.
+            return self.legacy().is_some_and(|l| l.pic.intr());
+        }
         if self.extint() {
             return true;
         }
@@ -363,7 +413,7 @@ impl x86::Local for Lapic {
     }
 
     fn ack(&mut self) -> Option<u8> {
-        if self.extint() {
+        if !self.global || self.extint() {
             // The PICs give the vector (INTA); the APIC keeps no state.
             return self.legacy().map(|mut l| l.pic.ack());
         }
@@ -378,6 +428,26 @@ impl x86::Local for Lapic {
 
     fn set_tpr(&mut self, cr8: u64) {
         self.tpr = ((cr8 & 0xf) << 4) as u32;
+    }
+
+    fn set_base(&mut self, base: u64, enabled: bool) {
+        if enabled && !self.global {
+            self.power_up();
+        }
+        self.base = base;
+        self.global = enabled;
+        if !enabled {
+            self.nmi = false;
+            self.deadline = None;
+        }
+    }
+
+    fn nmi_pending(&self) -> bool {
+        self.nmi
+    }
+
+    fn take_nmi(&mut self) -> bool {
+        std::mem::take(&mut self.nmi)
     }
 
     fn deadline(&self) -> Option<Instant> {

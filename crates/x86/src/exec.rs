@@ -986,7 +986,16 @@ impl Cpu {
             | M::Prefetcht2
             | M::Prefetchw
             | M::Endbr32
-            | M::Endbr64 => Ok(()),
+            | M::Endbr64
+            | M::Rdsspd
+            | M::Rdsspq
+            | M::Bndcl
+            | M::Bndcn
+            | M::Bndcu
+            | M::Bndldx
+            | M::Bndmk
+            | M::Bndmov
+            | M::Bndstx => Ok(()),
             M::Clflush | M::Clflushopt => {
                 // Checks the address like a read.
                 let l = self.mem_lin(i)?;

@@ -36,6 +36,7 @@ mod fpu;
 mod intercept;
 pub mod mem;
 mod mmu;
+pub mod model;
 mod sse;
 mod system;
 mod uop;
@@ -77,6 +78,19 @@ pub trait Local {
     fn ack(&mut self) -> Option<u8>;
     /// CR8 (task priority) was written.
     fn set_tpr(&mut self, _cr8: u64) {}
+    /// IA32_APIC_BASE was written: the registers' physical page, and the
+    /// global enable (a globally disabled APIC claims no MMIO and raises no
+    /// interrupt).
+    fn set_base(&mut self, _base: u64, _enabled: bool) {}
+    /// True if an NMI is ready (a self-NMI through the ICR, LINT1 in NMI
+    /// mode).
+    fn nmi_pending(&self) -> bool {
+        false
+    }
+    /// Takes the ready NMI.
+    fn take_nmi(&mut self) -> bool {
+        false
+    }
     /// When the device will next raise an interrupt by itself (its timer).
     fn deadline(&self) -> Option<Instant> {
         None
@@ -260,8 +274,14 @@ pub struct Cpu {
     pub vmx: vmx::Vmx,
     /// An interrupt of `local` is ready (cached `local.pending()`).
     pub(crate) irq_ready: bool,
+    /// An NMI of `local` is ready (cached `local.nmi_pending()`).
+    pub(crate) nmi_ready: bool,
     /// STI/MOV SS shadow: no interrupt before the next instruction completes.
     pub(crate) inhibit: bool,
+    /// MAXPHYADDR: that of `cpuid`, or wider if the memory the CPU has (an
+    /// engine's private memory) needs it (taken at creation and by
+    /// `set_sregs`).
+    pub(crate) maxphyaddr: u32,
 
     // Cached mode.
     pub(crate) cpl: u8,
@@ -363,7 +383,9 @@ impl Cpu {
             wp_frames: Vec::new(),
             vmx: vmx::Vmx::default(),
             irq_ready: false,
+            nmi_ready: false,
             inhibit: false,
+            maxphyaddr: 36,
             cpl: 0,
             bits: 16,
             long64: false,
@@ -387,8 +409,13 @@ impl Cpu {
             tsc_start: Instant::now(),
             tsc_offset: 0,
         };
+        cpu.maxphyaddr = cpu.walk_width();
         cpu.mode_changed();
         cpu
+    }
+
+    fn walk_width(&self) -> u32 {
+        self.phys_bits().max(self.mem.width())
     }
 
     /// The time-stamp counter: nanoseconds since the CPU was created (1 GHz,
@@ -468,6 +495,7 @@ impl Cpu {
         self.cr4 = s.cr4;
         self.cr8 = s.cr8 & 0xf;
         self.efer = s.efer;
+        self.maxphyaddr = self.walk_width();
         self.tlb_flush(true);
         self.mode_changed();
     }
@@ -579,6 +607,7 @@ impl Cpu {
         }
         if let Some(l) = self.local.as_mut() {
             self.irq_ready = l.poll();
+            self.nmi_ready = l.nmi_pending();
         }
         // Exceptions count against the budget too: a guest whose handlers
         // fault forever must still come back.
@@ -594,6 +623,14 @@ impl Cpu {
             let blocked = self.inhibit;
             self.inhibit = false;
             if self.vmx.non_root && self.vmx_boundary(blocked) {
+                continue;
+            }
+            // An NMI: not in the shadow of STI or MOV SS, nor while NMIs
+            // are blocked (from the delivery of one to the next IRET).
+            if self.nmi_ready && !blocked && !self.vmx.nmi_blocked {
+                if let Some(e) = self.take_nmi() {
+                    return e;
+                }
                 continue;
             }
             if self.irq_ready && !blocked && self.rflags & rflags::IF != 0 {
@@ -710,7 +747,7 @@ impl Cpu {
         Ok(())
     }
 
-    fn shutdown_or_unimplemented(&mut self) -> CpuExit {
+    pub(crate) fn shutdown_or_unimplemented(&mut self) -> CpuExit {
         match std::mem::replace(&mut self.pending, Pending::None) {
             Pending::Unimplemented(s) => CpuExit::Unimplemented(s),
             _ => CpuExit::Shutdown,

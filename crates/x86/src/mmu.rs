@@ -1,7 +1,7 @@
 //! Linear and physical memory access: the software TLB, filled by the guest
 //! page walker of `arch` (4-level, PAE, 2-level), page faults, and MMIO.
 
-use arch::paging::{self, Access, PageTables, Paging, WalkError};
+use arch::paging::{self, Access, PageTables, Paging, Reserved, WalkError};
 use arch::{cr0, vector};
 
 use crate::mem::{load, store};
@@ -165,7 +165,7 @@ impl Cpu {
         if self.write_protected(e.ppage) {
             // An engine's protected frame: no write below CPL 0.
             if acc == Access::Write && self.cpl > 0 {
-                let pg = Paging::new(self.cr0, self.cr3, self.cr4, self.efer);
+                let pg = self.paging();
                 return self.pf(lin, pg.fault_code(true, acc, user, false));
             }
             e.allow &= !(A_W_S | A_W_U);
@@ -178,6 +178,17 @@ impl Cpu {
         Ok(e)
     }
 
+    /// The paging the CPU's control registers select, with every reserved
+    /// bit checked at the model's MAXPHYADDR.
+    fn paging(&self) -> Paging {
+        Paging {
+            reserved: Reserved::Full {
+                phys_bits: self.maxphyaddr,
+            },
+            ..Paging::new(self.cr0, self.cr3, self.cr4, self.efer)
+        }
+    }
+
     /// Raises #PF for `lin` with error code `code`.
     fn pf<T>(&mut self, lin: u64, code: u32) -> R<T> {
         // A #PF VM exit leaves CR2 alone: the value before is kept for it.
@@ -188,7 +199,7 @@ impl Cpu {
     /// Walks the page tables for `lin`: the TLB entry of its page, with the
     /// accesses the tables allow.
     fn walk(&mut self, lin: u64, acc: Access, user: bool) -> R<TlbEntry> {
-        let pg = Paging::new(self.cr0, self.cr3, self.cr4, self.efer);
+        let pg = self.paging();
         let t = match paging::walk(&mut Tables { cpu: self, lin }, &pg, lin, acc, user) {
             Ok(t) => t,
             Err(WalkError::PageFault(code)) => return self.pf(lin, code),
@@ -386,6 +397,10 @@ impl Cpu {
             if l.claims(pa) {
                 l.write(pa, buf);
                 self.irq_ready = l.pending();
+                self.nmi_ready = l.nmi_pending();
+                // The run loop looks at interrupts after this instruction
+                // (a self-IPI is not left waiting for a burst's end).
+                self.io_touched = true;
                 return Ok(());
             }
         }

@@ -11,6 +11,14 @@ use crate::alu::mask;
 use crate::mmu::{A_R_S, A_W_S, A_W_U};
 use crate::{exc, exc_code, sreg, Cpu, CpuExit, Pending, Stop, R};
 
+/// The CR0 bits the architecture defines (PE MP EM TS ET NE WP AM NW CD PG).
+const CR0_DEFINED: u64 = 0xe005_003f;
+
+/// IA32_APIC_BASE: the global enable.
+const APIC_ENABLE: u64 = 1 << 11;
+/// IA32_APIC_BASE: this is the bootstrap processor.
+const APIC_BSP: u64 = 1 << 8;
+
 fn null_seg(selector: u16, dpl: u8) -> Segment {
     Segment {
         selector,
@@ -309,20 +317,23 @@ impl Cpu {
         let v = v?;
         self.halted = false;
         self.vmx_delivering(v, 0, None);
-        match self.deliver(v, None, false, self.rip, 1) {
-            Ok(()) => {
-                self.vmx.vectoring = None;
-                None
-            }
-            Err(Stop::VmExit) => None,
+        let r = self.deliver(v, None, false, self.rip, 1);
+        if r.is_ok() {
+            self.vmx.vectoring = None;
+        }
+        self.delivered(r, v)
+    }
+
+    /// The end of an interrupt's or NMI's delivery: nothing, or an exit if
+    /// it failed beyond recovery.
+    fn delivered(&mut self, r: R<()>, v: u8) -> Option<CpuExit> {
+        match r {
+            Ok(()) | Err(Stop::VmExit) => None,
             Err(Stop::Exc(v2, c2)) => {
                 if self.exception(v2, c2) {
                     None
                 } else {
-                    Some(match std::mem::replace(&mut self.pending, Pending::None) {
-                        Pending::Unimplemented(s) => CpuExit::Unimplemented(s),
-                        _ => CpuExit::Shutdown,
-                    })
+                    Some(self.shutdown_or_unimplemented())
                 }
             }
             Err(Stop::Exit) => Some(match std::mem::replace(&mut self.pending, Pending::None) {
@@ -330,6 +341,26 @@ impl Cpu {
                 _ => CpuExit::Unimplemented(format!("delivery of interrupt {v} touches MMIO")),
             }),
         }
+    }
+
+    /// Delivers a ready NMI of the local device (vector 2, SDM vol. 3
+    /// 6.7.1): NMIs are blocked from now until the next IRET. An exit if
+    /// delivery failed beyond recovery.
+    pub(crate) fn take_nmi(&mut self) -> Option<CpuExit> {
+        let l = self.local.as_mut()?;
+        let taken = l.take_nmi();
+        self.nmi_ready = l.nmi_pending();
+        if !taken {
+            return None;
+        }
+        self.halted = false;
+        self.vmx.nmi_blocked = true;
+        self.vmx_delivering(vector::NMI, 2, None);
+        let r = self.deliver(vector::NMI, None, false, self.rip, 1);
+        if r.is_ok() {
+            self.vmx.vectoring = None;
+        }
+        self.delivered(r, vector::NMI)
     }
 
     /// Delivers vector `v` through the IDT. `soft`: INT n (DPL check); `ret`:
@@ -557,6 +588,7 @@ impl Cpu {
             c.base = (cs as u64) << 4;
             self.next_rip = ip & mask(sz);
             self.mode_changed();
+            self.vmx.nmi_blocked = false;
             return Ok(());
         }
         if self.rflags & NT != 0 && !self.long_mode() {
@@ -659,7 +691,12 @@ impl Cpu {
         self.require_cpl0()?;
         match n {
             0 => {
-                let v = (v | cr0::ET) & 0xffff_ffff;
+                // Bits 63:32 are reserved (#GP); the reserved bits below
+                // them read as 0 whatever is written (SDM vol. 3 2.5).
+                if v >> 32 != 0 {
+                    return exc_code(vector::GP, 0);
+                }
+                let v = (v | cr0::ET) & CR0_DEFINED;
                 let fixed0 = crate::vmx::CR0_FIXED0;
                 if self.vmx.on && v & fixed0 != fixed0 {
                     return exc_code(vector::GP, 0);
@@ -684,6 +721,12 @@ impl Cpu {
                     }
                     self.efer &= !efer::LMA;
                 }
+                if pg && !self.long_mode() && self.pae_legacy(v, self.cr4) {
+                    let reload = (self.cr0 ^ v) & (cr0::PG | cr0::CD | cr0::NW) != 0;
+                    if reload {
+                        self.check_pdptes(self.cr3)?;
+                    }
+                }
                 let changed = self.cr0 ^ v;
                 self.cr0 = v;
                 if changed & (cr0::PG | cr0::WP | cr0::PE) != 0 {
@@ -693,18 +736,30 @@ impl Cpu {
             }
             2 => self.cr2 = v,
             3 => {
-                self.cr3 = v & 0x000f_ffff_ffff_ffff;
+                // Bits from MAXPHYADDR up are reserved (no PCIDs: bit 63
+                // too); outside long mode the operand has 32 bits.
+                if v >> self.maxphyaddr != 0 {
+                    return exc_code(vector::GP, 0);
+                }
+                if self.pae_legacy(self.cr0, self.cr4) {
+                    self.check_pdptes(v)?;
+                }
+                self.cr3 = v;
                 self.tlb_flush(false);
             }
             4 => {
-                // PSE, PAE, PGE, OSFXSR, OSXMMEXCPT, plus harmless ones (VME,
-                // PVI, TSD, DE, MCE, PCE, FSGSBASE is not offered).
-                let allowed = 0x7ff | cr4::VMXE;
-                if v & !allowed != 0 || (self.vmx.on && v & cr4::VMXE == 0) {
+                if v & !crate::model::cr4_allowed(&self.cpuid) != 0
+                    || (self.vmx.on && v & cr4::VMXE == 0)
+                {
                     return exc_code(vector::GP, 0);
                 }
                 if self.long_mode() && v & cr4::PAE == 0 {
                     return exc_code(vector::GP, 0);
+                }
+                if self.pae_legacy(self.cr0, v)
+                    && (self.cr4 ^ v) & (cr4::PAE | cr4::PGE | cr4::PSE) != 0
+                {
+                    self.check_pdptes(self.cr3)?;
                 }
                 let changed = self.cr4 ^ v;
                 self.cr4 = v;
@@ -723,6 +778,27 @@ impl Cpu {
                 }
             }
             _ => return exc(vector::UD),
+        }
+        Ok(())
+    }
+
+    /// PAE paging outside long mode with these CR0 and CR4: the PDPTEs
+    /// are loaded from CR3 when CR3 is written and when paging or PAE is
+    /// switched on.
+    fn pae_legacy(&self, cr0v: u64, cr4v: u64) -> bool {
+        cr0v & cr0::PG != 0 && cr4v & cr4::PAE != 0 && self.efer & efer::LMA == 0
+    }
+
+    /// Checks the four PDPTEs at `cr3` as their load does (SDM vol. 3
+    /// 4.4.1): a present one with a reserved bit set (bits 2:1, 8:5, and
+    /// those from MAXPHYADDR up) makes the instruction raise #GP(0).
+    fn check_pdptes(&mut self, cr3: u64) -> R<()> {
+        let reserved = 0x1e6 | !((1u64 << self.maxphyaddr) - 1);
+        for k in 0..4 {
+            let e = self.mem.read_u64((cr3 & 0xffff_ffe0) + 8 * k).unwrap_or(0);
+            if e & 1 != 0 && e & reserved != 0 {
+                return exc_code(vector::GP, 0);
+            }
         }
         Ok(())
     }
@@ -751,13 +827,18 @@ impl Cpu {
             0x200..=0x20f | 0x250 | 0x258 | 0x259 | 0x268..=0x26f => {
                 m.mtrr.get(&index).copied().unwrap_or(0)
             }
-            msr::MCG_CAP | msr::MCG_STATUS | msr::BIOS_SIGN_ID => 0,
+            msr::BIOS_SIGN_ID => crate::model::MICROCODE << 32,
+            msr::ARCH_CAPABILITIES => crate::model::ARCH_CAPABILITIES,
+            msr::DEBUGCTL => 0,
             msr::FEATURE_CONTROL | 0x480..=0x48c => match self.vmx_msr(index) {
                 Some(v) => v,
                 None => return exc_code(vector::GP, 0),
             },
-            msr::AMD_HWCR => 1 << 24,
-            _ => return self.msr_exit(CpuExit::MsrRead { index }),
+            i if msr::HYPERVISOR_RANGE.contains(&i) => {
+                return self.msr_exit(CpuExit::MsrRead { index })
+            }
+            // Not in the model (docs/cpu-model.md).
+            _ => return exc_code(vector::GP, 0),
         })
     }
 
@@ -786,7 +867,13 @@ impl Cpu {
                 self.mode_changed();
             }
             msr::STAR => self.msr.star = v,
-            msr::LSTAR | msr::CSTAR | msr::KERNEL_GS_BASE | msr::FS_BASE | msr::GS_BASE
+            msr::LSTAR
+            | msr::CSTAR
+            | msr::KERNEL_GS_BASE
+            | msr::FS_BASE
+            | msr::GS_BASE
+            | msr::SYSENTER_ESP
+            | msr::SYSENTER_EIP
                 if !canonical(v) =>
             {
                 return exc_code(vector::GP, 0)
@@ -797,25 +884,58 @@ impl Cpu {
             msr::FS_BASE => self.seg[sreg::FS].base = v,
             msr::GS_BASE => self.seg[sreg::GS].base = v,
             msr::KERNEL_GS_BASE => self.msr.kernel_gs_base = v,
-            msr::TSC_AUX => self.msr.tsc_aux = v & 0xffff_ffff,
+            msr::TSC_AUX if v >> 32 != 0 => return exc_code(vector::GP, 0),
+            msr::TSC_AUX => self.msr.tsc_aux = v,
             msr::TSC => {
                 let now = self.tsc().wrapping_sub(self.tsc_offset);
                 self.tsc_offset = v.wrapping_sub(now);
             }
-            msr::APIC_BASE => self.msr.apic_base = (v & !0x6ff) | (self.msr.apic_base & 0x100),
-            msr::PAT => self.msr.pat = v,
+            msr::APIC_BASE => self.write_apic_base(v)?,
+            msr::PAT => {
+                // Each entry a memory type: UC, WC, WT, WP, WB or UC-.
+                if (0..8).any(|k| matches!((v >> (8 * k)) & 0xff, 2 | 3 | 8..)) {
+                    return exc_code(vector::GP, 0);
+                }
+                self.msr.pat = v;
+            }
             msr::SYSENTER_CS => self.msr.sysenter_cs = v,
             msr::SYSENTER_ESP => self.msr.sysenter_esp = v,
             msr::SYSENTER_EIP => self.msr.sysenter_eip = v,
             msr::MISC_ENABLE => self.msr.misc_enable = v,
+            msr::MTRR_DEF_TYPE if v & !0xcff != 0 => return exc_code(vector::GP, 0),
             msr::MTRR_DEF_TYPE => self.msr.mtrr_def_type = v,
             0x200..=0x20f | 0x250 | 0x258 | 0x259 | 0x268..=0x26f => {
                 self.msr.mtrr.insert(index, v);
             }
-            msr::MCG_STATUS | msr::BIOS_SIGN_ID | msr::AMD_HWCR => {}
-            _ => {
+            // Writes start a microcode update on hardware: none here.
+            msr::BIOS_SIGN_ID => {}
+            // LBR and BTF (bits 0 and 1) and the rest are not modelled.
+            msr::DEBUGCTL if v != 0 => return exc_code(vector::GP, 0),
+            msr::DEBUGCTL => {}
+            i if msr::HYPERVISOR_RANGE.contains(&i) => {
                 self.msr_exit(CpuExit::MsrWrite { index, value: v })?;
             }
+            // Read-only (IA32_ARCH_CAPABILITIES, IA32_MTRRCAP) or not in the
+            // model (docs/cpu-model.md).
+            _ => return exc_code(vector::GP, 0),
+        }
+        Ok(())
+    }
+
+    /// WRMSR to IA32_APIC_BASE (SDM vol. 3 10.4.4): bits 0-7, 9, 10 (no
+    /// x2APIC) and those from MAXPHYADDR up are reserved; BSP (bit 8) is
+    /// read-only. Clearing the global enable (bit 11) takes the local APIC
+    /// off the bus and out of CPUID.1:EDX.
+    fn write_apic_base(&mut self, v: u64) -> R<()> {
+        let base_mask = ((1u64 << self.maxphyaddr) - 1) & !0xfff;
+        if v & !(base_mask | APIC_ENABLE | APIC_BSP) != 0 {
+            return exc_code(vector::GP, 0);
+        }
+        self.msr.apic_base = (v & !APIC_BSP) | (self.msr.apic_base & APIC_BSP);
+        if let Some(l) = self.local.as_mut() {
+            l.set_base(v & base_mask, v & APIC_ENABLE != 0);
+            self.irq_ready = l.pending();
+            self.nmi_ready = l.nmi_pending();
         }
         Ok(())
     }
@@ -857,6 +977,11 @@ impl Cpu {
             }
             let hi = self.rd_as(addr.wrapping_add(8), 8, A_R_S)?;
             d.base |= (hi & 0xffff_ffff) << 32;
+            // The upper half's type field must be 0, and the base canonical
+            // (SDM vol. 2 LLDT, LTR: #GP(selector)).
+            if (hi >> 40) & 0x1f != 0 || !canonical(d.base) {
+                return exc_code(vector::GP, (sel & !3) as u32);
+            }
         }
         Ok((addr, raw, d))
     }
@@ -923,7 +1048,8 @@ impl Cpu {
                     let next_rip = self.next_rip;
                     return self.event_exit(CpuExit::Syscall { next_rip });
                 }
-                if self.efer & efer::SCE == 0 || !self.long_mode() {
+                // Intel: SYSCALL only in 64-bit mode.
+                if self.efer & efer::SCE == 0 || !self.long64 {
                     return exc(vector::UD);
                 }
                 self.gpr[1] = self.next_rip;
@@ -942,7 +1068,7 @@ impl Cpu {
                 Ok(())
             }
             M::Sysret | M::Sysretq => {
-                if self.efer & efer::SCE == 0 || !self.long_mode() {
+                if self.efer & efer::SCE == 0 || !self.long64 {
                     return exc(vector::UD);
                 }
                 self.require_cpl0()?;
@@ -975,7 +1101,12 @@ impl Cpu {
                 if self.intercepts.cpuid_faulting && self.cpl > 0 && !self.grant {
                     return exc_code(vector::GP, 0);
                 }
-                let (a, b, c, d) = self.cpuid.query(self.gpr[0] as u32, self.gpr[1] as u32);
+                let leaf = self.gpr[0] as u32;
+                let (a, b, c, mut d) = self.cpuid.query(leaf, self.gpr[1] as u32);
+                if leaf == 1 && self.msr.apic_base & APIC_ENABLE == 0 {
+                    // CPUID.1:EDX.APIC follows IA32_APIC_BASE's global enable.
+                    d &= !crate::model::leaf1_edx::APIC;
+                }
                 self.gpr[0] = a as u64;
                 self.gpr[3] = b as u64;
                 self.gpr[1] = c as u64;
@@ -1010,6 +1141,9 @@ impl Cpu {
             M::Lgdt | M::Lidt => {
                 self.require_cpl0()?;
                 let (limit, base) = self.read_dtr(i)?;
+                if self.long64 && !canonical(base) {
+                    return exc_code(vector::GP, 0);
+                }
                 let t = vcpu::DescriptorTable { base, limit };
                 if i.mnemonic() == M::Lgdt {
                     self.gdtr = t;
@@ -1062,7 +1196,19 @@ impl Cpu {
             }
             M::Invlpg => {
                 self.require_cpl0()?;
-                let l = self.mem_lin(i)?;
+                // A non-canonical address is a no-op (SDM vol. 2 INVLPG).
+                let seg = Self::mem_seg(i);
+                let mut l = self.ea(i);
+                if self.long64 {
+                    if seg >= sreg::FS {
+                        l = l.wrapping_add(self.seg[seg].base);
+                    }
+                    if !canonical(l) {
+                        return Ok(());
+                    }
+                } else {
+                    l = self.lin(seg, l)?;
+                }
                 self.tlb_flush_page(l);
                 Ok(())
             }
