@@ -922,3 +922,156 @@ fn apic_global_disable(engine: Engine) {
     assert_eq!(r.r11 as u32, 0xffff_ffff, "no APIC on the bus");
     assert_eq!(r.r12 as u8, 0x14, "the APIC is back (version 0x14)");
 }
+
+// Debug registers and single-step (SDM vol. 3 ch. 18).
+on_engines!(
+    [emu, trap, vmx, bt]:
+    dr0_execute_breakpoint,
+    dr1_write_watchpoint,
+);
+// (Engine `trap` emulates MOV SS and IRETQ of its deprivileged kernel
+// without the single-step trap they owe.)
+on_engines!(
+    [emu, vmx, bt]:
+    single_step_across_mov_ss,
+);
+
+/// A #DB handler at [`CATCH`]: R12 counts, R13 = the RIP pushed, R14 = DR6,
+/// R15 = the RFLAGS pushed; it clears DR6, sets RF in the frame (so an
+/// instruction breakpoint lets the instruction run) and returns.
+fn debug_guest(engine: Engine, main: &[u8]) -> Guest {
+    let mut bytes = main.to_vec();
+    bytes.resize((CATCH - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.inc(r12).unwrap();
+    h.mov(r13, qword_ptr(rsp)).unwrap();
+    h.mov(r15, qword_ptr(rsp + 16)).unwrap();
+    h.mov(rax, dr6).unwrap();
+    h.mov(r14, rax).unwrap();
+    h.xor(eax, eax).unwrap();
+    h.mov(dr6, rax).unwrap();
+    h.or(qword_ptr(rsp + 16), 0x10000).unwrap();
+    h.iretq().unwrap();
+    bytes.extend_from_slice(&h.assemble(CATCH).unwrap());
+    let mut g = Guest::long_mode(engine, &bytes);
+    set_gate(&mut g, 1, CATCH);
+    g
+}
+
+/// DR0 execute breakpoint: #DB before the instruction (a fault: RIP is the
+/// instruction, RF pushed clear), DR6.B0; with RF set in the frame the
+/// instruction then runs once.
+fn dr0_execute_breakpoint(engine: Engine) {
+    let target = CODE + 0x40;
+    let mut main = asm64(|a| {
+        a.xor(r12d, r12d)?;
+        a.mov(rax, target)?;
+        a.mov(dr0, rax)?;
+        a.mov(eax, 1u32)?; // L0, execute, length 1
+        a.mov(dr7, rax)?;
+        a.xor(ebx, ebx)?;
+        a.mov(rax, target)?;
+        a.jmp(rax)
+    });
+    main.resize((target - CODE) as usize, 0x90);
+    main.extend_from_slice(&[0xff, 0xc3]); // inc ebx
+    main.push(0xf4); // hlt
+    let mut g = debug_guest(engine, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r12, 1, "one #DB");
+    assert_eq!(r.r13, target, "a fault: RIP of the instruction");
+    assert_eq!(r.r14, 0xffff_0ff1, "DR6.B0");
+    assert_eq!(r.r15 & 0x10000, 0, "RF pushed clear");
+    assert_eq!(r.rbx, 1, "the instruction ran once");
+}
+
+/// DR1 write watchpoint (4 bytes): a read does not trigger it; a write
+/// does, as a trap after the instruction, with DR6.B1.
+fn dr1_write_watchpoint(engine: Engine) {
+    const WATCHED: u64 = DATA + 8;
+    let main = asm64(|a| {
+        a.xor(r12d, r12d)?;
+        a.mov(rax, WATCHED)?;
+        a.mov(dr1, rax)?;
+        // L1, R/W1 = 01 (writes), LEN1 = 11 (4 bytes).
+        a.mov(eax, (1u32 << 2) | (1 << 20) | (3 << 22))?;
+        a.mov(dr7, rax)?;
+        a.mov(rbx, WATCHED)?;
+        a.mov(ecx, dword_ptr(rbx))?; // read: nothing
+        a.mov(dword_ptr(rbx + 4), ecx)?; // next to it: nothing
+        a.mov(word_ptr(rbx + 2), cx)?; // inside: #DB
+        a.mov(r8, 0x5a5au64)?;
+        a.hlt()
+    });
+    let mut g = debug_guest(engine, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r12, 1, "one #DB");
+    // The instruction after the 4-byte write (mov [rbx+2], cx: 4 bytes).
+    let after = main.len() as u64 - 11;
+    assert_eq!(r.r13, CODE + after, "a trap: RIP after the write");
+    assert_eq!(r.r14, 0xffff_0ff2, "DR6.B1");
+    assert_eq!(r.r8, 0x5a5a);
+}
+
+/// TF single-step: a #DB (DR6.BS) after each instruction that starts with
+/// TF set; POPF setting TF traps only after the next instruction; MOV SS
+/// delays the trap by one instruction (SDM vol. 3 6.8.3, 18.3.1.4).
+fn single_step_across_mov_ss(engine: Engine) {
+    const LOG: u64 = DATA;
+    let mut marks = Vec::new();
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut labels: Vec<CodeLabel> = (0..8).map(|_| a.create_label()).collect();
+    a.xor(r12d, r12d).unwrap();
+    a.mov(dx, ss).unwrap();
+    a.pushfq().unwrap();
+    a.or(qword_ptr(rsp), 0x100).unwrap();
+    a.popfq().unwrap(); // TF from now on
+    for (k, l) in labels.iter_mut().enumerate() {
+        a.set_label(l).unwrap();
+        match k {
+            0 => a.nop().unwrap(),
+            1 => a.mov(ss, dx).unwrap(),
+            2 => a.nop().unwrap(),
+            3 => a.pushfq().unwrap(),
+            4 => a.and(qword_ptr(rsp), !0x100).unwrap(),
+            5 => a.popfq().unwrap(),
+            6 => a.nop().unwrap(),
+            _ => a.hlt().unwrap(),
+        }
+    }
+    let res = a
+        .assemble_options(
+            CODE,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .unwrap();
+    for l in &labels {
+        marks.push(res.label_ip(l).unwrap());
+    }
+    let main = res.inner.code_buffer;
+    let mut bytes = main.clone();
+    bytes.resize((CATCH - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.mov(rax, qword_ptr(rsp)).unwrap();
+    h.mov(rcx, LOG).unwrap();
+    h.mov(qword_ptr(rcx + r12 * 8), rax).unwrap();
+    h.inc(r12).unwrap();
+    h.mov(rax, dr6).unwrap();
+    h.mov(r14, rax).unwrap();
+    h.iretq().unwrap();
+    bytes.extend_from_slice(&h.assemble(CATCH).unwrap());
+    let mut g = Guest::long_mode(engine, &bytes);
+    set_gate(&mut g, 1, CATCH);
+    assert_halted(&g.run());
+    let r = g.regs();
+    let log: Vec<u64> = (0..r.r12)
+        .map(|k| g.vm.mem.read_obj(GuestAddress(LOG + 8 * k)).unwrap())
+        .collect();
+    // After nop (0), mov ss + nop together (1, 2), pushfq (3), and (4),
+    // popfq (5, which clears TF but started with it).
+    let want = vec![marks[1], marks[3], marks[4], marks[5], marks[6]];
+    assert_eq!(log, want, "RIPs of the single-step traps");
+    assert_ne!(r.r14 & 0x4000, 0, "DR6.BS");
+}

@@ -463,16 +463,10 @@ impl TrapVcpu {
                 g.cpu.set_register(i.op0_register(), v);
                 Done::Next
             }
-            M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_dr() => {
-                let n = i.op0_register().number();
-                g.v.dr[n] = g.cpu.register(i.op1_register());
-                Done::Next
-            }
-            M::Mov if i.op1_kind() == OpKind::Register && i.op1_register().is_dr() => {
-                let n = i.op1_register().number();
-                g.cpu.set_register(i.op0_register(), g.v.dr[n]);
-                Done::Next
-            }
+            // The CPU's debug registers are the guest's: its breakpoints
+            // raise #DB, which the engine reflects.
+            M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_dr() => Done::Rerun,
+            M::Mov if i.op1_kind() == OpKind::Register && i.op1_register().is_dr() => Done::Rerun,
             M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() => {
                 let sel = self.read_u16_operand(i, 1)?;
                 self.load_sreg(x86::seg_index(i.op0_register()), sel)?;

@@ -1063,6 +1063,7 @@ impl Cpu {
                 self.load_seg(s, sel)?;
                 if s == sreg::SS {
                     self.inhibit = true;
+                    self.ss_shadow = true;
                 }
                 return Ok(());
             }
@@ -1073,8 +1074,8 @@ impl Cpu {
                 );
             }
             if r0.is_dr() {
-                self.require_cpl0()?;
-                return Ok(());
+                let v = self.reg(i.op1_register());
+                return self.write_dr(r0 as usize - Register::DR0 as usize, v);
             }
         }
         if k1 == OpKind::Register {
@@ -1085,13 +1086,7 @@ impl Cpu {
                 return Ok(());
             }
             if r1.is_dr() {
-                self.require_cpl0()?;
-                let n = r1 as usize - Register::DR0 as usize;
-                let v = match n {
-                    6 => 0xffff_0ff0,
-                    7 => 0x400,
-                    _ => 0,
-                };
+                let v = self.read_dr(r1 as usize - Register::DR0 as usize)?;
                 self.set_reg(i.op0_register(), v);
                 return Ok(());
             }
@@ -1134,6 +1129,7 @@ impl Cpu {
                 self.pop(sz)?;
                 if s == sreg::SS {
                     self.inhibit = true;
+                    self.ss_shadow = true;
                 }
                 return Ok(());
             }
@@ -1500,6 +1496,7 @@ impl Cpu {
 
     /// Checks port access rights: CPL <= IOPL, else the TSS I/O bitmap.
     pub(crate) fn io_check(&mut self, port: u16, sz: usize) -> R<()> {
+        self.watch_io(port, sz);
         let pe = self.cr0 & cr0::PE != 0;
         if !pe || self.grant || (self.cpl <= self.iopl() && self.rflags & VM == 0) {
             return Ok(());

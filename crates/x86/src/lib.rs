@@ -25,11 +25,18 @@
 //! Writes (and port output) complete the instruction first and are handed out
 //! afterwards, so an instruction either completes or is restarted cleanly.
 //!
-//! A valid instruction the CPU does not implement ends the run with
-//! [`CpuExit::Unimplemented`]; an invalid encoding raises #UD in the guest.
+//! The CPU shows one model, whatever the host ([`model`], docs/cpu-model.md):
+//! an instruction whose CPUID features the model does not advertise, or an
+//! invalid encoding, raises #UD in the guest; MSRs outside the model raise
+//! #GP. A valid instruction of the model that the CPU does not implement
+//! ends the run with [`CpuExit::Unimplemented`]. The architecture's checks
+//! follow the SDM: reserved bits in paging structures and control registers,
+//! canonical addresses, debug registers and single-step (`debug.rs`), NMIs
+//! from the local device with their blocking, and real mode.
 
 mod alu;
 mod cpuid;
+mod debug;
 mod decode;
 mod exec;
 mod fpu;
@@ -46,6 +53,7 @@ use std::time::Instant;
 
 use arch::{rflags, vector};
 pub use cpuid::{CpuidTable, APIC_TIMER_KHZ, TSC_KHZ};
+pub use debug::DebugRegs;
 pub use fpu::Fpu;
 pub use intercept::{seg_index, sensitive, Intercepts, IrqMode};
 pub use mem::PhysMem;
@@ -278,6 +286,23 @@ pub struct Cpu {
     pub(crate) nmi_ready: bool,
     /// STI/MOV SS shadow: no interrupt before the next instruction completes.
     pub(crate) inhibit: bool,
+    /// The debug registers.
+    pub dbg: DebugRegs,
+    /// A data breakpoint is enabled (its pages get no fast TLB access).
+    pub(crate) watching: bool,
+    /// Breakpoints the current instruction hit (DR6 bits).
+    pub(crate) db_hits: u64,
+    /// A #DB trap waiting for the end of the instruction after MOV SS.
+    pub(crate) db_deferred: u64,
+    /// The current instruction is MOV SS or POP SS.
+    pub(crate) ss_shadow: bool,
+    /// The #DB being raised is an instruction breakpoint's (a fault that
+    /// pushes RF as it is).
+    pub(crate) ibp_fault: bool,
+    /// The current instruction delivered a software interrupt.
+    pub(crate) soft_int_done: bool,
+    /// A #DB trap of the last instruction waits for delivery.
+    pub(crate) db_trap: bool,
     /// MAXPHYADDR: that of `cpuid`, or wider if the memory the CPU has (an
     /// engine's private memory) needs it (taken at creation and by
     /// `set_sregs`).
@@ -385,6 +410,14 @@ impl Cpu {
             irq_ready: false,
             nmi_ready: false,
             inhibit: false,
+            dbg: DebugRegs::default(),
+            watching: false,
+            db_hits: 0,
+            db_deferred: 0,
+            ss_shadow: false,
+            ibp_fault: false,
+            soft_int_done: false,
+            db_trap: false,
             maxphyaddr: 36,
             cpl: 0,
             bits: 16,
@@ -622,6 +655,20 @@ impl Cpu {
             }
             let blocked = self.inhibit;
             self.inhibit = false;
+            if self.db_trap {
+                // The last instruction's #DB trap, before any interrupt.
+                self.db_trap = false;
+                if self.intercepts.exceptions & (1 << vector::DB) != 0 {
+                    return CpuExit::Exception {
+                        vector: vector::DB,
+                        code: None,
+                    };
+                }
+                if !self.trap_exception(vector::DB) {
+                    return self.shutdown_or_unimplemented();
+                }
+                continue;
+            }
             if self.vmx.non_root && self.vmx_boundary(blocked) {
                 continue;
             }
@@ -654,12 +701,16 @@ impl Cpu {
             // are checked by the generic path: no uop with a handler of its
             // own is sensitive or exits.)
             let plain = !(blocked
+                || self.debug_active()
                 || self.trace
                 || (self.vmx.non_root && !self.vmx_quiet())
                 || self.grant
                 || self.sensitive_ok);
             let r = if plain {
                 self.burst(&mut left, accel)
+            } else if self.debug_active() {
+                left -= 1;
+                self.step_debug()
             } else {
                 left -= 1;
                 self.step().map(|()| self.retired += 1)
@@ -744,6 +795,20 @@ impl Cpu {
                 break;
             }
         }
+        Ok(())
+    }
+
+    /// One instruction with the debug checks around it; a #DB trap it
+    /// raises is delivered before the next.
+    fn step_debug(&mut self) -> R<()> {
+        let tf = self.rflags & rflags::TF != 0;
+        self.db_hits = 0;
+        self.debug_before()?;
+        self.ss_shadow = false;
+        self.soft_int_done = false;
+        self.step()?;
+        self.retired += 1;
+        self.db_trap = self.debug_after(tf, self.soft_int_done);
         Ok(())
     }
 

@@ -162,6 +162,11 @@ impl Cpu {
         if self.code.is_code(e.ppage) {
             e.allow &= !(A_W_S | A_W_U);
         }
+        if self.watched_page(e.vpage) {
+            // A data breakpoint: every access to the page takes the slow
+            // path, which reports hits.
+            e.allow &= !(A_R_S | A_W_S | A_R_U | A_W_U);
+        }
         if self.write_protected(e.ppage) {
             // An engine's protected frame: no write below CPL 0.
             if acc == Access::Write && self.cpl > 0 {
@@ -276,6 +281,7 @@ impl Cpu {
 
     /// Reads `buf.len()` (at most 4096) bytes at linear `lin`.
     pub(crate) fn read_bytes(&mut self, lin: u64, buf: &mut [u8], need: u8, acc: Access) -> R<()> {
+        self.watch_access(lin, buf.len(), acc);
         let off = (lin & 0xfff) as usize;
         let first = buf.len().min(0x1000 - off);
         let (pa1, _) = self.translate(lin, acc, need)?;
@@ -333,6 +339,7 @@ impl Cpu {
     /// Writes `buf` (at most 4096 bytes) at linear `lin`; both pages are
     /// checked before anything is written.
     pub(crate) fn write_bytes(&mut self, lin: u64, buf: &[u8], need: u8) -> R<()> {
+        self.watch_access(lin, buf.len(), Access::Write);
         let off = (lin & 0xfff) as usize;
         let first = buf.len().min(0x1000 - off);
         let (pa1, _) = self.translate_write(lin, need)?;

@@ -263,10 +263,30 @@ impl Cpu {
     /// Delivers an exception, applying the double-fault rules; false if the
     /// CPU shut down (triple fault) or needs something unimplemented.
     pub(crate) fn exception(&mut self, v: u8, code: Option<u32>) -> bool {
+        self.raise(v, code, true)
+    }
+
+    /// Delivers a trap-class #DB (single-step, data or I/O breakpoint)
+    /// after the instruction; false as for [`Cpu::exception`].
+    pub(crate) fn trap_exception(&mut self, v: u8) -> bool {
+        self.raise(v, None, false)
+    }
+
+    /// Delivers exception `v`: a fault pushes RF set (but for an
+    /// instruction breakpoint's #DB), a trap RF as it is (SDM vol. 3
+    /// 18.3.1.1).
+    fn raise(&mut self, v: u8, code: Option<u32>, fault: bool) -> bool {
         let (mut v, mut code) = (v, code);
+        let ibp = std::mem::take(&mut self.ibp_fault);
         loop {
             if self.vmx.non_root && self.vmx_exception_exits(v, code) {
                 return true;
+            }
+            if fault && !(ibp && v == vector::DB) {
+                self.rflags |= RF;
+            }
+            if v == vector::DB {
+                self.debug_delivered();
             }
             let ret = self.rip;
             self.vmx_delivering(v, 3, code);
@@ -554,6 +574,7 @@ impl Cpu {
     /// return address after the instruction.
     fn soft_int(&mut self, v: u8, soft: bool) -> R<()> {
         let ret = self.next_rip;
+        self.soft_int_done = true;
         if self.intercepts.soft_int {
             return self.event_exit(CpuExit::SoftInt {
                 vector: v,
