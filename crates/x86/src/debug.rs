@@ -188,6 +188,7 @@ impl Cpu {
     /// at its linear address (unless RF) is a #DB fault. RF is cleared
     /// once the instruction passes the check.
     pub(crate) fn debug_before(&mut self) -> R<()> {
+        self.ibp_fault = false;
         if self.rflags & RF == 0 && self.dbg.dr7 & 0xff != 0 {
             let lin = self.seg[crate::sreg::CS].base.wrapping_add(self.rip);
             let lin = if self.long64 { lin } else { lin & 0xffff_ffff };

@@ -303,6 +303,16 @@ impl Cpu {
         ((self.rflags >> 12) & 3) as u8
     }
 
+    /// Virtual-8086 mode's IOPL-sensitive instructions (PUSHF, POPF, INT n,
+    /// IRET; CLI and STI through [`Cpu::iopl_ok`]) raise #GP(0) below IOPL
+    /// 3 (SDM vol. 3 20.2.7; no VME).
+    pub(crate) fn v86_iopl(&self) -> R<()> {
+        if self.rflags & VM != 0 && self.iopl() < 3 {
+            return exc_code(vector::GP, 0);
+        }
+        Ok(())
+    }
+
     /// Whether IF-changing instructions are allowed (CPL <= IOPL).
     fn iopl_ok(&self) -> bool {
         self.cr0 & cr0::PE == 0 || self.cpl <= self.iopl()
@@ -644,10 +654,12 @@ impl Cpu {
             M::Push => self.push_insn(i),
             M::Pop => self.pop_insn(i),
             M::Pushf | M::Pushfd | M::Pushfq => {
+                self.v86_iopl()?;
                 let sz = Self::stack_sz(i);
                 self.push(self.rflags & !(RF | VM) & mask(sz), sz)
             }
             M::Popf | M::Popfd | M::Popfq => {
+                self.v86_iopl()?;
                 let sz = Self::stack_sz(i);
                 let v = self.pop(sz)?;
                 self.write_flags(v, sz);

@@ -32,7 +32,8 @@
 //! ends the run with [`CpuExit::Unimplemented`]. The architecture's checks
 //! follow the SDM: reserved bits in paging structures and control registers,
 //! canonical addresses, debug registers and single-step (`debug.rs`), NMIs
-//! from the local device with their blocking, and real mode.
+//! from the local device with their blocking, real mode and virtual-8086
+//! mode.
 
 mod alu;
 mod cpuid;

@@ -396,9 +396,7 @@ impl Cpu {
         if self.cr0 & cr0::PE == 0 {
             return self.deliver_real(v, ret);
         }
-        if self.rflags & VM != 0 {
-            return self.unimplemented(format!("interrupt {v} in virtual-8086 mode"));
-        }
+        let v86 = self.rflags & VM != 0;
         let long = self.long_mode();
         let esz: u64 = if long { 16 } else { 8 };
         let gate_err = (v as u32) * 8 + 2 + if soft { 0 } else { ext };
@@ -450,6 +448,11 @@ impl Cpu {
             return exc_code(vector::NP, serr);
         }
         let conforming = d.type_ & 4 != 0;
+        // From virtual-8086 mode only to a ring-0 non-conforming segment
+        // (SDM vol. 3 20.3.1.1).
+        if v86 && (conforming || d.dpl != 0) {
+            return exc_code(vector::GP, serr);
+        }
         let new_cpl = if conforming { self.cpl } else { d.dpl };
         let old_cs = self.seg[sreg::CS].selector as u64;
         let old_ss = self.seg[sreg::SS].selector as u64;
@@ -510,12 +513,19 @@ impl Cpu {
                 (self.seg[sreg::SS], old_sp, false)
             };
             let spm = if ss_seg.db { 0xffff_ffffu64 } else { 0xffff };
-            let mut frame = [0u64; 6];
+            let mut frame = [0u64; 10];
             let mut n = 0;
+            if v86 {
+                // GS, FS, DS and ES above the usual frame.
+                for s in [sreg::GS, sreg::FS, sreg::DS, sreg::ES] {
+                    frame[n] = self.seg[s].selector as u64;
+                    n += 1;
+                }
+            }
             if switched {
-                frame[0] = old_ss;
-                frame[1] = old_sp;
-                n = 2;
+                frame[n] = old_ss;
+                frame[n + 1] = old_sp;
+                n += 2;
             }
             for x in [old_flags, old_cs, ret] {
                 frame[n] = x;
@@ -532,6 +542,11 @@ impl Cpu {
             }
             if switched {
                 self.seg[sreg::SS] = ss_seg;
+            }
+            if v86 {
+                for s in [sreg::GS, sreg::FS, sreg::DS, sreg::ES] {
+                    self.seg[s] = null_seg(0, 0);
+                }
             }
             self.gpr[4] = (self.gpr[4] & !spm) | (sp & spm);
             off &= if gsz == 2 { 0xffff } else { 0xffff_ffff };
@@ -573,6 +588,10 @@ impl Cpu {
     /// INT n / INT3 / INTO / INT1: delivered as software interrupts with the
     /// return address after the instruction.
     fn soft_int(&mut self, v: u8, soft: bool) -> R<()> {
+        if soft && v != vector::BP && v != vector::OF {
+            // INT n (not INT3 or INTO).
+            self.v86_iopl()?;
+        }
         let ret = self.next_rip;
         self.soft_int_done = true;
         if self.intercepts.soft_int {
@@ -595,9 +614,9 @@ impl Cpu {
             _ => 8,
         };
         if !self.protected() {
-            if self.rflags & VM != 0 {
-                return self.unimplemented(format!("iret in virtual-8086 mode at {:#x}", self.rip));
-            }
+            // Virtual-8086 mode: as in real mode with IOPL 3 (IOPL and VM
+            // stay), else #GP(0).
+            self.v86_iopl()?;
             let ip = self.peek(0, sz)?;
             let cs = self.peek(sz as u64, sz)? as u16;
             let fl = self.peek(2 * sz as u64, sz)?;
@@ -619,7 +638,7 @@ impl Cpu {
         let cs = self.peek(sz as u64, sz)? as u16;
         let fl = self.peek(2 * sz as u64, sz)?;
         if fl & VM != 0 && self.cpl == 0 && sz == 4 && !self.long_mode() {
-            return self.unimplemented(format!("iret to virtual-8086 mode at {:#x}", self.rip));
+            return self.iret_to_v86(ip, cs, fl);
         }
         let new_cpl = (cs & 3) as u8;
         let err = (cs & !3) as u32;
@@ -690,6 +709,43 @@ impl Cpu {
         }
         self.next_rip = if target64 { ip } else { ip & 0xffff_ffff };
         // IRET ends (virtual-)NMI blocking.
+        self.vmx.nmi_blocked = false;
+        Ok(())
+    }
+
+    /// IRET from ring 0 to virtual-8086 mode (SDM vol. 2 IRET,
+    /// RETURN-TO-VIRTUAL-8086-MODE): EIP, CS, EFLAGS, then ESP, SS, ES, DS,
+    /// FS and GS from the 32-bit stack; the segments loaded as in real mode
+    /// with DPL 3.
+    fn iret_to_v86(&mut self, ip: u64, cs: u16, fl: u64) -> R<()> {
+        let mut w = [0u64; 6];
+        for (k, x) in w.iter_mut().enumerate() {
+            *x = self.peek(4 * (3 + k as u64), 4)?;
+        }
+        let [esp, ss, es, ds, fs, gs] = w;
+        self.rflags = (fl & (WRITABLE | VM | VIF | VIP) & 0xffff_ffff) | FIXED;
+        for (s, sel) in [
+            (sreg::CS, cs),
+            (sreg::SS, ss as u16),
+            (sreg::ES, es as u16),
+            (sreg::DS, ds as u16),
+            (sreg::FS, fs as u16),
+            (sreg::GS, gs as u16),
+        ] {
+            self.seg[s] = Segment {
+                selector: sel,
+                base: (sel as u64) << 4,
+                limit: 0xffff,
+                type_: if s == sreg::CS { 0xb } else { 3 },
+                present: true,
+                s: true,
+                dpl: 3,
+                ..Default::default()
+            };
+        }
+        self.gpr[4] = esp & 0xffff_ffff;
+        self.next_rip = ip & 0xffff;
+        self.mode_changed();
         self.vmx.nmi_blocked = false;
         Ok(())
     }
