@@ -497,6 +497,35 @@ mod tests {
         assert_eq!(r(&mut l, 0x30) & 0xff, 0x14);
     }
 
+    /// NMIs: a self-NMI through the ICR (the vector field ignored), LINT1
+    /// in NMI mode and masked, and none while globally disabled, after
+    /// which the APIC comes back in its power-up state.
+    #[test]
+    fn nmis_and_global_disable() {
+        let lines = std::sync::Arc::new(Lines::default());
+        let mut l = Lapic::new(0, lines.clone());
+        w(&mut l, 0xf0, 0x1ff);
+        w(&mut l, 0x300, (1 << 18) | (4 << 8) | 0x33);
+        assert!(l.nmi_pending());
+        assert!(l.take_nmi());
+        assert!(!l.take_nmi(), "delivered once");
+        assert_eq!(l.ack(), None, "no fixed interrupt for it");
+        lines.lint1(); // LINT1 in NMI mode (reset state)
+        l.poll();
+        assert!(l.take_nmi());
+        w(&mut l, 0x360, LVT_MASKED | 0x400);
+        lines.lint1();
+        l.poll();
+        assert!(!l.take_nmi(), "masked");
+        l.set_base(APIC_BASE, false);
+        assert!(!l.claims(APIC_BASE), "off the bus");
+        assert!(!l.nmi_pending());
+        l.set_base(APIC_BASE, true);
+        assert!(l.claims(APIC_BASE));
+        assert_eq!(r(&mut l, 0xf0), 0xff, "software-disabled after power-up");
+        assert_eq!(r(&mut l, 0x360), LVT_MASKED, "LVT masked after power-up");
+    }
+
     #[test]
     fn timer_one_shot_and_periodic() {
         let lines = std::sync::Arc::new(Lines::default());
