@@ -999,6 +999,17 @@ impl Cpu {
         Ok(())
     }
 
+    /// What CPUID `leaf`, `sub` returns on this CPU now: the table, with
+    /// CPUID.1:EDX.APIC following IA32_APIC_BASE's global enable. (A VMM
+    /// emulating CPUID for its guest asks this.)
+    pub fn cpuid_of(&self, leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
+        let (a, b, c, mut d) = self.cpuid.query(leaf, sub);
+        if leaf == 1 && self.msr.apic_base & APIC_ENABLE == 0 {
+            d &= !crate::model::leaf1_edx::APIC;
+        }
+        (a, b, c, d)
+    }
+
     /// WRMSR to IA32_APIC_BASE (SDM vol. 3 10.4.4): bits 0-7, 9, 10 (no
     /// x2APIC) and those from MAXPHYADDR up are reserved; BSP (bit 8) is
     /// read-only. Clearing the global enable (bit 11) takes the local APIC
@@ -1178,12 +1189,7 @@ impl Cpu {
                 if self.intercepts.cpuid_faulting && self.cpl > 0 && !self.grant {
                     return exc_code(vector::GP, 0);
                 }
-                let leaf = self.gpr[0] as u32;
-                let (a, b, c, mut d) = self.cpuid.query(leaf, self.gpr[1] as u32);
-                if leaf == 1 && self.msr.apic_base & APIC_ENABLE == 0 {
-                    // CPUID.1:EDX.APIC follows IA32_APIC_BASE's global enable.
-                    d &= !crate::model::leaf1_edx::APIC;
-                }
+                let (a, b, c, d) = self.cpuid_of(self.gpr[0] as u32, self.gpr[1] as u32);
                 self.gpr[0] = a as u64;
                 self.gpr[3] = b as u64;
                 self.gpr[1] = c as u64;
