@@ -228,7 +228,13 @@ fn cpuid(engine: Engine) {
     for w in [host.ebx, host.edx, host.ecx] {
         hv.extend_from_slice(&w.to_le_bytes());
     }
-    assert_eq!(vendor, hv, "vendor string");
+    if engine == Engine::Kvm {
+        assert_eq!(vendor, hv, "vendor string");
+    } else {
+        // The software CPU's model, whatever the host is.
+        assert_eq!(&vendor[..], x86::model::VENDOR, "vendor string");
+        assert_eq!(r.r11, x86::model::MAX_BASIC as u64, "max basic leaf");
+    }
     assert!(r.r11 >= 1, "max basic leaf");
     assert_ne!(r.r12 & (1 << 26), 0, "SSE2 in leaf 1 EDX");
     assert_ne!(r.r12 & (1 << 0), 0, "FPU in leaf 1 EDX");
@@ -671,4 +677,639 @@ fn hypercall_arguments_near_the_top(engine: Engine) {
     ] {
         assert_eq!(g.stats.hypercalls.get(name), Some(&1), "{name}");
     }
+}
+
+// The CPU model's checks and faults (issue 16), on the software engines:
+// the values expected are the SDM's, with the model's MAXPHYADDR (46).
+on_engines!(
+    [emu, trap, vmx, bt]:
+    reserved_bits_give_rsvd_page_faults,
+    cr0_high_bits_give_gp,
+    invlpg_of_a_noncanonical_address_is_a_noop,
+    rdpru_gives_ud,
+    unknown_msr_gives_gp,
+);
+
+// NMIs through the local APIC (an irqchip). (Engine `vmx`: its VMM answers
+// the guest's CPUID from the table, without IA32_APIC_BASE's enable.)
+on_engines!(
+    [emu, vmx, bt]:
+    self_nmi_is_delivered_once_and_blocked_until_iret,
+);
+on_engines!(
+    [emu, bt]:
+    apic_global_disable,
+);
+
+/// Where a fault handler for the cases below lives, and what it records:
+/// R12 = 0xfa17, R13 = the RIP pushed, R14 = the error code (if any), R15 =
+/// CR2; then HLT.
+const CATCH: u64 = CODE + 0x800;
+
+/// `main` at CODE (ending in HLT) with a handler for `vector` at [`CATCH`].
+fn catching(engine: Engine, vector: u64, code: bool, main: &[u8]) -> Guest {
+    let mut bytes = main.to_vec();
+    assert!(bytes.len() <= (CATCH - CODE) as usize);
+    bytes.resize((CATCH - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(64).unwrap();
+    if code {
+        h.pop(r14).unwrap();
+    }
+    h.mov(r13, qword_ptr(rsp)).unwrap();
+    h.mov(r15, cr2).unwrap();
+    h.mov(r12, 0xfa17u64).unwrap();
+    h.hlt().unwrap();
+    bytes.extend_from_slice(&h.assemble(CATCH).unwrap());
+    let mut g = Guest::long_mode(engine, &bytes);
+    set_gate(&mut g, vector, CATCH);
+    g
+}
+
+/// A PTE, PDE, PDPTE or PML4E with a reserved bit set, at each level, for
+/// reads, writes and fetches: #PF with P and RSVD (and W or I/D) in the
+/// error code, CR2 the address (SDM vol. 3 4.7, 4.5.4).
+fn reserved_bits_give_rsvd_page_faults(engine: Engine) {
+    const LIN: u64 = 0x80_0000_0000; // PML4 entry 1
+    const PDPT: u64 = 0x30_0000;
+    const PD: u64 = PDPT + 0x1000;
+    const PT: u64 = PDPT + 0x2000;
+    const FRAME: u64 = 0x31_0000;
+    const PML4E: u64 = abi::BOOT_PML4 + 8;
+    let b = |n: u32| 1u64 << n;
+    // (what, entry address, value, access: 0 read, 1 write, 2 fetch, code)
+    let cases: [(&str, u64, u64, u8, u32); 11] = [
+        ("PML4E bit 51", PML4E, PDPT | 3 | b(51), 0, 9),
+        ("PML4E PS", PML4E, PDPT | 3 | b(7), 0, 9),
+        ("PDPTE bit 51", PDPT, PD | 3 | b(51), 0, 9),
+        ("1 GiB PDPTE bit 13", PDPT, 0x83 | b(13), 0, 9),
+        ("PDE bit 51", PD, PT | 3 | b(51), 0, 9),
+        ("2 MiB PDE bit 13", PD, 0x20_0000 | 0x83 | b(13), 0, 9),
+        ("PTE bit 51", PT, FRAME | 3 | b(51), 0, 9),
+        ("PTE bit 46 (MAXPHYADDR)", PT, FRAME | 3 | b(46), 0, 9),
+        ("PTE bit 51, write", PT, FRAME | 3 | b(51), 1, 0xb),
+        ("PTE bit 51, fetch", PT, FRAME | 3 | b(51), 2, 0x19),
+        ("PTE bit 45 is an address bit", PT, FRAME | 3 | b(45), 0, 0),
+    ];
+    for (what, at, value, access, want) in cases {
+        let main = asm64(|a| {
+            a.mov(rbx, LIN)?;
+            match access {
+                0 => a.mov(rax, qword_ptr(rbx))?,
+                1 => a.mov(qword_ptr(rbx), rax)?,
+                _ => a.call(rbx)?,
+            }
+            a.mov(r11, 0xd0e5u64)?;
+            a.hlt()
+        });
+        let mut g = catching(engine, 14, true, &main);
+        let m = &g.vm.mem;
+        for (ta, v) in [
+            (PML4E, PDPT | 3),
+            (PDPT, PD | 3),
+            (PD, PT | 3),
+            (PT, FRAME | 3),
+        ] {
+            m.write_obj(v, GuestAddress(ta)).unwrap();
+        }
+        m.write_obj(value, GuestAddress(at)).unwrap();
+        let o = g.run();
+        let r = g.regs();
+        if want == 0 {
+            // Bit 45 is below MAXPHYADDR: a frame outside RAM, read as MMIO.
+            assert_ne!(r.r12, 0xfa17, "{what}: {o:?}");
+            continue;
+        }
+        assert_halted(&o);
+        assert_eq!(r.r12, 0xfa17, "{what}: no #PF");
+        assert_eq!(r.r14, want as u64, "{what}: error code");
+        assert_eq!(r.r15, LIN, "{what}: CR2");
+        let fault_rip = if access == 2 { LIN } else { CODE + 10 };
+        assert_eq!(r.r13, fault_rip, "{what}: RIP of the fault");
+    }
+}
+
+/// MOV to CR0 with bit 32 set raises #GP(0) (SDM vol. 2 MOV CR); CR0 is
+/// unchanged.
+fn cr0_high_bits_give_gp(engine: Engine) {
+    let main = asm64(|a| {
+        a.mov(rax, cr0)?;
+        a.mov(rbp, rax)?;
+        a.bts(rax, 32)?;
+        a.mov(cr0, rax)?;
+        a.mov(r11, 0xd0e5u64)?;
+        a.hlt()
+    });
+    let mut g = catching(engine, 13, true, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r12, 0xfa17, "#GP");
+    assert_eq!(r.r14, 0, "error code");
+    assert_eq!(r.r13, CODE + 11, "RIP of MOV to CR0");
+    assert_eq!(g.vm.vcpu.sregs().unwrap().cr0, r.rbp, "CR0 unchanged");
+}
+
+/// INVLPG of a non-canonical address does nothing (SDM vol. 2 INVLPG).
+fn invlpg_of_a_noncanonical_address_is_a_noop(engine: Engine) {
+    let main = asm64(|a| {
+        a.mov(rbx, 0x8000_0000_0000u64)?;
+        a.invlpg(ptr(rbx))?;
+        a.mov(r11, 0xd0e5u64)?;
+        a.hlt()
+    });
+    let mut g = catching(engine, 13, true, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_ne!(r.r12, 0xfa17, "no #GP");
+    assert_eq!(r.r11, 0xd0e5, "INVLPG returned");
+}
+
+/// RDPRU is not in the model: #UD in the guest, not the end of the run.
+fn rdpru_gives_ud(engine: Engine) {
+    let mut main = vec![0x31, 0xc9]; // xor ecx, ecx
+    main.extend_from_slice(&[0x0f, 0x01, 0xfd]); // rdpru
+    main.push(0xf4);
+    let mut g = catching(engine, 6, false, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r12, 0xfa17, "#UD");
+    assert_eq!(r.r13, CODE + 2, "RIP of RDPRU");
+}
+
+/// An MSR outside the model (AMD's performance counter 0xc001_0000) raises
+/// #GP in the guest; the VMM sees no exit for it.
+fn unknown_msr_gives_gp(engine: Engine) {
+    let main = asm64(|a| {
+        a.mov(ecx, 0xc001_0000u32)?;
+        a.rdmsr()?;
+        a.hlt()
+    });
+    let mut g = catching(engine, 13, true, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r12, 0xfa17, "#GP");
+    assert_eq!(r.r13, CODE + 5, "RIP of RDMSR");
+    if engine != Engine::Vmx {
+        // (The vmx engine's VMM hands its guest's MSR exits to visor's.)
+        assert_eq!(g.exits("msr_read"), 0);
+    }
+}
+
+const APIC: u64 = 0xfee0_0000;
+/// ICR: NMI delivery mode, shorthand "self".
+const ICR_SELF_NMI: u32 = (1 << 18) | (4 << 8);
+
+/// A self-NMI through the ICR is delivered once; a second one sent from the
+/// NMI handler waits until its IRET (SDM vol. 3 6.7.1, 10.6.1).
+fn self_nmi_is_delivered_once_and_blocked_until_iret(engine: Engine) {
+    const NMI: u64 = CODE + 0x800;
+    let main = asm64(|a| {
+        a.xor(r12d, r12d)?;
+        a.mov(rbx, APIC + 0x300)?;
+        a.mov(dword_ptr(rbx), ICR_SELF_NMI)?;
+        // Some instructions for the NMI to arrive in.
+        a.mov(ecx, 100u32)?;
+        let mut lp = a.create_label();
+        a.set_label(&mut lp)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.mov(al, 0)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)
+    });
+    let mut code = main;
+    code.resize((NMI - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(64).unwrap();
+    let mut second = h.create_label();
+    h.inc(r12).unwrap();
+    h.cmp(r12, 1).unwrap();
+    h.jne(second).unwrap();
+    // The first NMI sends another and runs on: it stays pending.
+    h.mov(dword_ptr(rbx), ICR_SELF_NMI).unwrap();
+    for _ in 0..20 {
+        h.nop().unwrap();
+    }
+    h.mov(r13, r12).unwrap();
+    h.set_label(&mut second).unwrap();
+    h.iretq().unwrap();
+    code.extend_from_slice(&h.assemble(NMI).unwrap());
+    let opts = VmOptions {
+        irqchip: true,
+        ..VmOptions::default()
+    };
+    let mut g = Guest::long_mode_with(engine, &code, opts);
+    set_gate(&mut g, 2, NMI);
+    let o = g.run();
+    assert!(
+        matches!(o, Outcome::Stopped(StopReason::DebugExit(0))),
+        "{o:?}"
+    );
+    let r = g.regs();
+    assert_eq!(r.r13, 1, "the second NMI waited for IRET");
+    assert_eq!(r.r12, 2, "two NMIs, each delivered once");
+    assert_eq!(r.rsp, STACK);
+}
+
+/// Clearing IA32_APIC_BASE's global enable takes the APIC out of CPUID
+/// (leaf 1 EDX bit 9) and off the bus; setting it brings it back (SDM vol.
+/// 3 10.4.3).
+fn apic_global_disable(engine: Engine) {
+    let main = asm64(|a| {
+        a.mov(eax, 1u32)?;
+        a.cpuid()?;
+        a.mov(r8, rdx)?;
+        a.mov(ecx, 0x1bu32)?;
+        a.rdmsr()?;
+        a.mov(r9, rax)?;
+        a.and(eax, !(1u32 << 11) as i32)?;
+        a.wrmsr()?;
+        a.mov(eax, 1u32)?;
+        a.cpuid()?;
+        a.mov(r10, rdx)?;
+        // The version register is no longer there.
+        a.mov(rbx, APIC + 0x30)?;
+        a.mov(r11d, dword_ptr(rbx))?;
+        a.mov(ecx, 0x1bu32)?;
+        a.mov(rax, r9)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(r12d, dword_ptr(rbx))?;
+        a.mov(al, 0)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)
+    });
+    let opts = VmOptions {
+        irqchip: true,
+        ..VmOptions::default()
+    };
+    let mut g = Guest::long_mode_with(engine, &main, opts);
+    let o = g.run();
+    assert!(
+        matches!(o, Outcome::Stopped(StopReason::DebugExit(0))),
+        "{o:?}"
+    );
+    let r = g.regs();
+    assert_ne!(r.r8 & (1 << 9), 0, "APIC in CPUID");
+    assert_eq!(r.r9 & !0xfff, 0xfee0_0000);
+    assert_eq!(r.r10 & (1 << 9), 0, "APIC gone from CPUID");
+    assert_eq!(r.r11 as u32, 0xffff_ffff, "no APIC on the bus");
+    assert_eq!(r.r12 as u8, 0x14, "the APIC is back (version 0x14)");
+}
+
+// Debug registers and single-step (SDM vol. 3 ch. 18).
+on_engines!(
+    [emu, trap, vmx, bt]:
+    dr0_execute_breakpoint,
+    dr1_write_watchpoint,
+);
+// (Engine `trap` emulates MOV SS and IRETQ of its deprivileged kernel
+// without the single-step trap they owe.)
+on_engines!(
+    [emu, vmx, bt]:
+    single_step_across_mov_ss,
+);
+
+/// A #DB handler at [`CATCH`]: R12 counts, R13 = the RIP pushed, R14 = DR6,
+/// R15 = the RFLAGS pushed; it clears DR6, sets RF in the frame (so an
+/// instruction breakpoint lets the instruction run) and returns.
+fn debug_guest(engine: Engine, main: &[u8]) -> Guest {
+    let mut bytes = main.to_vec();
+    bytes.resize((CATCH - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.inc(r12).unwrap();
+    h.mov(r13, qword_ptr(rsp)).unwrap();
+    h.mov(r15, qword_ptr(rsp + 16)).unwrap();
+    h.mov(rax, dr6).unwrap();
+    h.mov(r14, rax).unwrap();
+    h.xor(eax, eax).unwrap();
+    h.mov(dr6, rax).unwrap();
+    h.or(qword_ptr(rsp + 16), 0x10000).unwrap();
+    h.iretq().unwrap();
+    bytes.extend_from_slice(&h.assemble(CATCH).unwrap());
+    let mut g = Guest::long_mode(engine, &bytes);
+    set_gate(&mut g, 1, CATCH);
+    g
+}
+
+/// DR0 execute breakpoint: #DB before the instruction (a fault: RIP is the
+/// instruction, RF pushed clear), DR6.B0; with RF set in the frame the
+/// instruction then runs once.
+fn dr0_execute_breakpoint(engine: Engine) {
+    let target = CODE + 0x40;
+    let mut main = asm64(|a| {
+        a.xor(r12d, r12d)?;
+        a.mov(rax, target)?;
+        a.mov(dr0, rax)?;
+        a.mov(eax, 1u32)?; // L0, execute, length 1
+        a.mov(dr7, rax)?;
+        a.xor(ebx, ebx)?;
+        a.mov(rax, target)?;
+        a.jmp(rax)
+    });
+    main.resize((target - CODE) as usize, 0x90);
+    main.extend_from_slice(&[0xff, 0xc3]); // inc ebx
+    main.push(0xf4); // hlt
+    let mut g = debug_guest(engine, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r12, 1, "one #DB");
+    assert_eq!(r.r13, target, "a fault: RIP of the instruction");
+    assert_eq!(r.r14, 0xffff_0ff1, "DR6.B0");
+    assert_eq!(r.r15 & 0x10000, 0, "RF pushed clear");
+    assert_eq!(r.rbx, 1, "the instruction ran once");
+}
+
+/// DR1 write watchpoint (4 bytes): a read does not trigger it; a write
+/// does, as a trap after the instruction, with DR6.B1.
+fn dr1_write_watchpoint(engine: Engine) {
+    const WATCHED: u64 = DATA + 8;
+    let main = asm64(|a| {
+        a.xor(r12d, r12d)?;
+        a.mov(rax, WATCHED)?;
+        a.mov(dr1, rax)?;
+        // L1, R/W1 = 01 (writes), LEN1 = 11 (4 bytes).
+        a.mov(eax, (1u32 << 2) | (1 << 20) | (3 << 22))?;
+        a.mov(dr7, rax)?;
+        a.mov(rbx, WATCHED)?;
+        a.mov(ecx, dword_ptr(rbx))?; // read: nothing
+        a.mov(dword_ptr(rbx + 4), ecx)?; // next to it: nothing
+        a.mov(word_ptr(rbx + 2), cx)?; // inside: #DB
+        a.mov(r8, 0x5a5au64)?;
+        a.hlt()
+    });
+    let mut g = debug_guest(engine, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r12, 1, "one #DB");
+    // The instruction after the 4-byte write (mov [rbx+2], cx: 4 bytes).
+    let after = main.len() as u64 - 11;
+    assert_eq!(r.r13, CODE + after, "a trap: RIP after the write");
+    assert_eq!(r.r14, 0xffff_0ff2, "DR6.B1");
+    assert_eq!(r.r8, 0x5a5a);
+}
+
+/// TF single-step: a #DB (DR6.BS) after each instruction that starts with
+/// TF set; POPF setting TF traps only after the next instruction; MOV SS
+/// delays the trap by one instruction (SDM vol. 3 6.8.3, 18.3.1.4).
+fn single_step_across_mov_ss(engine: Engine) {
+    const LOG: u64 = DATA;
+    let mut marks = Vec::new();
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut labels: Vec<CodeLabel> = (0..8).map(|_| a.create_label()).collect();
+    a.xor(r12d, r12d).unwrap();
+    a.mov(dx, ss).unwrap();
+    a.pushfq().unwrap();
+    a.or(qword_ptr(rsp), 0x100).unwrap();
+    a.popfq().unwrap(); // TF from now on
+    for (k, l) in labels.iter_mut().enumerate() {
+        a.set_label(l).unwrap();
+        match k {
+            0 => a.nop().unwrap(),
+            1 => a.mov(ss, dx).unwrap(),
+            2 => a.nop().unwrap(),
+            3 => a.pushfq().unwrap(),
+            4 => a.and(qword_ptr(rsp), !0x100).unwrap(),
+            5 => a.popfq().unwrap(),
+            6 => a.nop().unwrap(),
+            _ => a.hlt().unwrap(),
+        }
+    }
+    let res = a
+        .assemble_options(
+            CODE,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .unwrap();
+    for l in &labels {
+        marks.push(res.label_ip(l).unwrap());
+    }
+    let main = res.inner.code_buffer;
+    let mut bytes = main.clone();
+    bytes.resize((CATCH - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.mov(rax, qword_ptr(rsp)).unwrap();
+    h.mov(rcx, LOG).unwrap();
+    h.mov(qword_ptr(rcx + r12 * 8), rax).unwrap();
+    h.inc(r12).unwrap();
+    h.mov(rax, dr6).unwrap();
+    h.mov(r14, rax).unwrap();
+    h.iretq().unwrap();
+    bytes.extend_from_slice(&h.assemble(CATCH).unwrap());
+    let mut g = Guest::long_mode(engine, &bytes);
+    set_gate(&mut g, 1, CATCH);
+    assert_halted(&g.run());
+    let r = g.regs();
+    let log: Vec<u64> = (0..r.r12)
+        .map(|k| g.vm.mem.read_obj(GuestAddress(LOG + 8 * k)).unwrap())
+        .collect();
+    // After nop (0), mov ss + nop together (1, 2), pushfq (3), and (4),
+    // popfq (5, which clears TF but started with it).
+    let want = [marks[1], marks[3], marks[4], marks[5], marks[6]];
+    assert_eq!(log, want, "RIPs of the single-step traps");
+    assert_ne!(r.r14 & 0x4000, 0, "DR6.BS");
+}
+
+// Real mode (SDM vol. 3 9.9, 20.1): engines whose CPU runs it.
+on_engines!(
+    [emu, bt]:
+    real_mode_round_trip,
+    virtual_8086_mode,
+);
+
+/// From 32-bit protected mode to real mode (through a 16-bit code segment,
+/// CR0.PE clear, a far jump), an INT through the real-mode IVT and IRET
+/// back, then to protected mode again (CR0.PE set, a far jump to a 32-bit
+/// segment).
+fn real_mode_round_trip(engine: Engine) {
+    const GDT: u64 = 0x6000;
+    const GDTR: u64 = 0x6100;
+    const IVTR: u64 = 0x6110;
+    const PM16: u64 = 0x7000;
+    const REAL: u64 = 0x7100;
+    const HANDLER: u64 = 0x7200;
+    const STACK16: u64 = 0x6800;
+    const PM32: u64 = CODE + 0x100;
+    let far = |prefix: &[u8], off: u32, width: usize, sel: u16| {
+        let mut b = prefix.to_vec();
+        b.push(0xea);
+        b.extend_from_slice(&off.to_le_bytes()[..width]);
+        b.extend_from_slice(&sel.to_le_bytes());
+        b
+    };
+    // 32-bit: load the GDT, on to the 16-bit code segment.
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.lgdt(ptr(GDTR)).unwrap();
+    let mut main = a.assemble(CODE).unwrap();
+    main.extend(far(&[], PM16 as u32, 4, 0x18));
+    main.resize((PM32 - CODE) as usize, 0xcc);
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.mov(ax, 0x10).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.mov(es, ax).unwrap();
+    a.mov(ss, ax).unwrap();
+    a.mov(esp, STACK as u32).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.mov(edi, eax).unwrap();
+    a.hlt().unwrap();
+    let pm32 = a.assemble(PM32).unwrap();
+    let pm32_end = PM32 + pm32.len() as u64;
+    main.extend(pm32);
+    // 16-bit protected mode: 16-bit data segments, PE off, far jump.
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(ax, 0x20).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.mov(es, ax).unwrap();
+    a.mov(ss, ax).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.and(eax, !1i32).unwrap();
+    a.mov(cr0, eax).unwrap();
+    let mut pm16 = a.assemble(PM16).unwrap();
+    pm16.extend(far(&[], REAL as u32, 2, 0));
+    // Real mode: segments, the IVT, INT 0x50, back to protected mode.
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.xor(ax, ax).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.mov(es, ax).unwrap();
+    a.mov(ss, ax).unwrap();
+    a.mov(sp, STACK16 as i32).unwrap();
+    a.lidt(ptr(IVTR)).unwrap();
+    a.xor(bx, bx).unwrap();
+    a.int(0x50).unwrap();
+    a.mov(si, bx).unwrap();
+    a.mov(bp, sp).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.or(al, 1).unwrap();
+    a.mov(cr0, eax).unwrap();
+    let mut real = a.assemble(REAL).unwrap();
+    real.extend(far(&[0x66], PM32 as u32, 4, 0x08));
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(bx, 0x1234).unwrap();
+    a.mov(cx, sp).unwrap();
+    a.mov(dx, word_ptr(STACK16 - 4)).unwrap(); // the CS pushed
+    a.iret().unwrap();
+    let handler = a.assemble(HANDLER).unwrap();
+
+    let mut vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
+    let sregs = machine::boot::protected_mode(&vm.mem).unwrap();
+    let m = &vm.mem;
+    m.write_slice(&main, GuestAddress(CODE)).unwrap();
+    m.write_slice(&pm16, GuestAddress(PM16)).unwrap();
+    m.write_slice(&real, GuestAddress(REAL)).unwrap();
+    m.write_slice(&handler, GuestAddress(HANDLER)).unwrap();
+    let gdt: [u64; 5] = [
+        0,
+        0x00cf_9a00_0000_ffff, // 32-bit code
+        0x00cf_9200_0000_ffff, // 32-bit data
+        0x0000_9a00_0000_ffff, // 16-bit code, limit 64 KiB
+        0x0000_9200_0000_ffff, // 16-bit data
+    ];
+    for (k, d) in gdt.iter().enumerate() {
+        m.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
+    }
+    m.write_obj(0x27u16, GuestAddress(GDTR)).unwrap();
+    m.write_obj(GDT as u32, GuestAddress(GDTR + 2)).unwrap();
+    m.write_obj(0x3ffu16, GuestAddress(IVTR)).unwrap();
+    m.write_obj(0u32, GuestAddress(IVTR + 2)).unwrap();
+    // IVT entry 0x50: 0000:HANDLER.
+    m.write_obj(HANDLER as u32, GuestAddress(0x50 * 4)).unwrap();
+    let regs = vcpu::Regs {
+        rip: CODE,
+        rsp: STACK,
+        rflags: 2,
+        ..Default::default()
+    };
+    vm.set_cpu_state(&regs, &sregs).unwrap();
+    let mut g = Guest::finish(vm, engine);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.rbx & 0xffff, 0x1234, "the INT handler ran");
+    assert_eq!(r.rsi & 0xffff, 0x1234, "and IRET came back");
+    assert_eq!(r.rcx & 0xffff, STACK16 - 6, "INT pushed FLAGS, CS, IP");
+    assert_eq!(r.rdx & 0xffff, 0, "the real-mode CS pushed");
+    assert_eq!(r.rbp & 0xffff, STACK16, "IRET popped them");
+    assert_eq!(r.rdi & 1, 1, "protected mode again");
+    let s = g.vm.vcpu.sregs().unwrap();
+    assert_eq!(s.cs.selector, 0x08);
+    assert!(s.cs.db, "32-bit code");
+    assert_eq!(r.rip, pm32_end, "HLT in the 32-bit segment");
+}
+
+/// Virtual-8086 mode under a 32-bit monitor (SDM vol. 3 ch. 20): IRETD to
+/// it, real-mode segments at CPL 3, INT n through a DPL-3 gate to a ring-0
+/// handler (GS, FS, DS, ES pushed above the frame, the data segments
+/// nulled), IRETD back, and with IOPL 0 CLI raises #GP(0).
+fn virtual_8086_mode(engine: Engine) {
+    const V86: u64 = 0x7000; // CS 0x700
+    const INT21: u64 = CODE + 0x200;
+    const GP: u64 = CODE + 0x300;
+    const IDT32: u64 = 0x5000;
+    const IDTR: u64 = 0x5800;
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.lidt(ptr(IDTR)).unwrap();
+    for v in [0i32, 0, 0x700, 0, 0x600, 0x100, 0x23002, 0x700, 0] {
+        a.push(v).unwrap(); // GS FS DS ES SS ESP EFLAGS CS EIP
+    }
+    a.iretd().unwrap();
+    let mut main = a.assemble(CODE).unwrap();
+    main.resize((INT21 - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(32).unwrap();
+    h.mov(ecx, dword_ptr(esp + 8)).unwrap(); // EFLAGS
+    h.mov(edx, dword_ptr(esp + 24)).unwrap(); // DS
+    h.mov(di, ds).unwrap();
+    h.and(dword_ptr(esp + 8), !0x3000).unwrap(); // back with IOPL 0
+    h.iretd().unwrap();
+    main.extend(h.assemble(INT21).unwrap());
+    main.resize((GP - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(32).unwrap();
+    h.pop(eax).unwrap(); // error code
+    h.mov(ebp, dword_ptr(esp)).unwrap(); // EIP
+    h.hlt().unwrap();
+    main.extend(h.assemble(GP).unwrap());
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(ax, word_ptr(0x10)).unwrap();
+    a.mov(bx, ax).unwrap();
+    a.int(0x21).unwrap();
+    a.mov(si, 0x5555).unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    let v86 = a.assemble(0).unwrap();
+    let cli_at = v86.len() as u64 - 2;
+
+    let mut vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
+    let sregs = machine::boot::protected_mode(&vm.mem).unwrap();
+    let m = &vm.mem;
+    m.write_slice(&main, GuestAddress(CODE)).unwrap();
+    m.write_slice(&v86, GuestAddress(V86)).unwrap();
+    m.write_obj(0xbeefu16, GuestAddress(V86 + 0x10)).unwrap();
+    // The TSS (at 0): ESP0, SS0.
+    m.write_obj(0x9000u32, GuestAddress(sregs.tr.base + 4))
+        .unwrap();
+    m.write_obj(abi::SEL_DATA as u32, GuestAddress(sregs.tr.base + 8))
+        .unwrap();
+    let gate = |handler: u64, dpl: u64| -> u64 {
+        (handler & 0xffff)
+            | ((abi::SEL_CODE32 as u64) << 16)
+            | ((0x8e00 | dpl << 13) << 32)
+            | ((handler >> 16) << 48)
+    };
+    m.write_obj(gate(INT21, 3), GuestAddress(IDT32 + 0x21 * 8))
+        .unwrap();
+    m.write_obj(gate(GP, 0), GuestAddress(IDT32 + 13 * 8))
+        .unwrap();
+    m.write_obj(0x7ffu16, GuestAddress(IDTR)).unwrap();
+    m.write_obj(IDT32 as u32, GuestAddress(IDTR + 2)).unwrap();
+    let regs = vcpu::Regs {
+        rip: CODE,
+        rsp: STACK,
+        rflags: 2,
+        ..Default::default()
+    };
+    vm.set_cpu_state(&regs, &sregs).unwrap();
+    let mut g = Guest::finish(vm, engine);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.rbx & 0xffff, 0xbeef, "DS 0x700 reaches 0x7010");
+    assert_eq!(r.rcx & 0x23000, 0x23000, "EFLAGS pushed with VM and IOPL 3");
+    assert_eq!(r.rdx, 0x700, "DS pushed above the frame");
+    assert_eq!(r.rdi & 0xffff, 0, "DS nulled in the handler");
+    assert_eq!(r.rsi & 0xffff, 0x5555, "IRETD back to virtual-8086 mode");
+    assert_eq!(r.rax, 0, "#GP(0)");
+    assert_eq!(r.rbp, cli_at, "CLI with IOPL 0 faults");
 }

@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::initramfs::{self, INPUT, MARKER, READY};
+use common::initramfs::{self, INPUT, MARKER, MSR_WARNINGS, READY};
 
 const CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd visor.input=1";
@@ -348,6 +348,19 @@ fn boot_to_busybox(
         .iter()
         .find(|l| l.starts_with(MARKER))
         .unwrap_or_else(|| panic!("no marker; {ctx}"));
+    // The kernel's log (dmesg, read by init): on the software CPU's model
+    // it touches no MSR that is not there.
+    let warnings = console
+        .iter()
+        .find_map(|l| l.strip_prefix(MSR_WARNINGS))
+        .unwrap_or_else(|| panic!("no count of MSR warnings; {ctx}"));
+    if engine != visor::Engine::Kvm {
+        let lines: Vec<_> = console
+            .iter()
+            .filter(|l| l.contains("unchecked MSR access"))
+            .collect();
+        assert_eq!(warnings, "0", "{lines:?}; {ctx}");
+    }
     assert!(marker);
     // /proc/cmdline is the command line plus a newline.
     assert_eq!(m, &format!("{MARKER} {}", cmdline.len() + 1), "{ctx}");

@@ -9,6 +9,8 @@
 pub const MARKER: &str = "VISOR-LINUX-BOOT-OK";
 pub const READY: &str = "VISOR-READY";
 pub const INPUT: &str = "VISOR-INPUT:";
+/// Followed by how many `unchecked MSR access` lines the kernel logged.
+pub const MSR_WARNINGS: &str = "VISOR-MSR-WARNINGS:";
 
 struct Cpio {
     out: Vec<u8>,
@@ -66,6 +68,7 @@ pub fn build(busybox: &[u8]) -> Vec<u8> {
          \x20 read -t 120 line\n\
          \x20 $B echo {INPUT}$line\n\
          fi\n\
+         $B echo {MSR_WARNINGS}$($B dmesg | $B grep -c 'unchecked MSR access')\n\
          if $B grep -q visor.poweroff=1 /proc/cmdline; then\n\
          \x20 $B cat /proc/interrupts\n\
          \x20 $B echo {MARKER} $($B cat /proc/cmdline | $B wc -c)\n\

@@ -54,8 +54,14 @@ pub mod cr0 {
 
 /// CR4 bits.
 pub mod cr4 {
+    /// Virtual-8086 mode extensions.
+    pub const VME: u64 = 1 << 0;
+    /// Protected-mode virtual interrupts.
+    pub const PVI: u64 = 1 << 1;
     /// Time-stamp disable: RDTSC/RDTSCP only at CPL 0.
     pub const TSD: u64 = 1 << 2;
+    /// Debugging extensions: DR4/DR5 raise #UD instead of aliasing DR6/DR7.
+    pub const DE: u64 = 1 << 3;
     /// Page-size extensions: 4 MiB pages with 2-level paging.
     pub const PSE: u64 = 1 << 4;
     /// Physical-address extension (PAE or 4-level paging).
@@ -298,8 +304,13 @@ pub mod msr {
     pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
     /// IA32_TSC_AUX (read by RDTSCP).
     pub const TSC_AUX: u32 = 0xc000_0103;
-    /// AMD HWCR (read as TscFreqSel: the TSC counts at the P0 frequency).
-    pub const AMD_HWCR: u32 = 0xc001_0015;
+    /// IA32_ARCH_CAPABILITIES.
+    pub const ARCH_CAPABILITIES: u32 = 0x10a;
+    /// IA32_DEBUGCTL.
+    pub const DEBUGCTL: u32 = 0x1d9;
+    /// The MSRs a hypervisor defines (0x4000_0000..=0x4000_ffff): visor's
+    /// VMM owns them.
+    pub const HYPERVISOR_RANGE: core::ops::RangeInclusive<u32> = 0x4000_0000..=0x4000_ffff;
 
     /// IA32_FEATURE_CONTROL bits.
     pub mod feature_control {

@@ -51,10 +51,12 @@ pub enum Mode {
 pub enum Reserved {
     /// Only NX without EFER.NXE: what the software CPU has always checked.
     NxOnly,
-    /// NX without EFER.NXE, frame-address bits from `phys_bits` to 51 (CR3's
-    /// too are ignored), PS in a PML4E, and the frame bits below a large
-    /// page's alignment, as the hardware checks them. PAE PDPTEs are not
-    /// checked.
+    /// NX without EFER.NXE, frame-address bits from `phys_bits` to 51 (with
+    /// PAE paging up to 62; CR3's are ignored), PS in a PML4E, the frame
+    /// bits below a large page's alignment, and with 32-bit paging the bits
+    /// of a 4 MiB PDE beyond PSE-36's address bits, as the hardware checks
+    /// them (SDM vol. 3 4.3, 4.4.2, 4.5.4). PAE PDPTEs are not checked here:
+    /// their load (MOV to CR3) does that.
     Full {
         /// The physical-address width (CPUID 0x8000_0008 EAX[7:0]).
         phys_bits: u32,
@@ -225,6 +227,14 @@ pub fn walk<T: PageTables + ?Sized>(
         rw &= pde & RW != 0;
         us &= pde & US != 0;
         if pde & PS != 0 && pg.pse {
+            if let Reserved::Full { phys_bits } = pg.reserved {
+                // PDE bits 20:13 hold physical-address bits 39:32 (PSE-36)
+                // up to MAXPHYADDR; the rest of them and bit 21 are reserved.
+                let high = phys_bits.clamp(32, 40) - 32;
+                if pde & (0x3f_e000 & !(((1u64 << high) - 1) << 13)) != 0 {
+                    return fault(true, true);
+                }
+            }
             (pde, 22)
         } else {
             let at = tables
@@ -243,6 +253,11 @@ pub fn walk<T: PageTables + ?Sized>(
     } else {
         let rsvd_addr = match pg.reserved {
             Reserved::NxOnly => 0,
+            // PAE entries reserve bits 62:52 as well (4-level paging ignores
+            // them).
+            Reserved::Full { phys_bits } if pg.mode == Mode::Pae => {
+                !NX & !((1u64 << phys_bits.min(52)) - 1)
+            }
             Reserved::Full { phys_bits } => ADDR & !((1u64 << phys_bits.min(52)) - 1),
         };
         let (mut table, mut level) = if pg.mode == Mode::FourLevel {

@@ -71,8 +71,9 @@ impl TrapVm {
     }
 
     /// The CPUID the guest sees: the software CPU's, without visor's
-    /// paravirtual leaves (the guest is not told it is virtualized), with a
-    /// physical-address width that leaves room for the engine's memory.
+    /// paravirtual leaves (the guest is not told it is virtualized); the
+    /// model's physical-address width ([`PHYS_BITS`]) leaves room for the
+    /// engine's memory.
     pub fn cpuid(irqchip: bool, id: u32) -> CpuidTable {
         let mut t = CpuidTable::software_cpu(irqchip, None);
         let (a, b, c, d) = t.query(1, 0);
@@ -82,8 +83,6 @@ impl TrapVm {
             None,
             [a, (b & 0x00ff_ffff) | (id << 24), c & !(1 << 5), d],
         );
-        let (a, b, c, d) = t.query(0x8000_0008, 0);
-        t.set(0x8000_0008, None, [(a & !0xff) | PHYS_BITS, b, c, d]);
         t
     }
 
@@ -302,7 +301,11 @@ impl TrapVcpu {
         if v == vector::PF {
             return self.page_fault(code.unwrap_or(0));
         }
-        if v == vector::GP {
+        if v == vector::GP && self.g.cpu.privilege_granted() {
+            // The emulated instruction's own #GP (an MSR outside the CPU
+            // model): the guest's.
+            self.g.cpu.revoke_grants();
+        } else if v == vector::GP {
             // A privileged instruction of the guest kernel (or CPUID, which
             // faults at any CPL > 0 here).
             let i = match self.g.cpu.current_instruction() {
@@ -460,16 +463,10 @@ impl TrapVcpu {
                 g.cpu.set_register(i.op0_register(), v);
                 Done::Next
             }
-            M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_dr() => {
-                let n = i.op0_register().number();
-                g.v.dr[n] = g.cpu.register(i.op1_register());
-                Done::Next
-            }
-            M::Mov if i.op1_kind() == OpKind::Register && i.op1_register().is_dr() => {
-                let n = i.op1_register().number();
-                g.cpu.set_register(i.op0_register(), g.v.dr[n]);
-                Done::Next
-            }
+            // The CPU's debug registers are the guest's: its breakpoints
+            // raise #DB, which the engine reflects.
+            M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_dr() => Done::Rerun,
+            M::Mov if i.op1_kind() == OpKind::Register && i.op1_register().is_dr() => Done::Rerun,
             M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() => {
                 let sel = self.read_u16_operand(i, 1)?;
                 self.load_sreg(x86::seg_index(i.op0_register()), sel)?;
@@ -523,8 +520,10 @@ impl TrapVcpu {
                 Done::Next
             }
             M::Invlpg => {
-                let a = self.operand_address(i)?;
-                self.shadow.invalidate(&mut self.g.cpu, a);
+                // A non-canonical address (no address here) is a no-op.
+                if let Some(a) = self.g.cpu.memory_operand_address(i) {
+                    self.shadow.invalidate(&mut self.g.cpu, a);
+                }
                 Done::Next
             }
             M::Rdmsr => match self.rdmsr(self.g.cpu.gpr[1] as u32)? {

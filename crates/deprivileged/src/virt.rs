@@ -38,7 +38,6 @@ pub struct Virt {
     pub fmask: u64,
     pub kernel_gs_base: u64,
     pub sysenter: [u64; 3],
-    pub dr: [u64; 8],
 }
 
 impl Virt {

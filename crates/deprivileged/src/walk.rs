@@ -12,9 +12,9 @@ use arch::paging::{self, Access, Mode, PageTables, Paging, Reserved, Translation
 use x86::Cpu;
 
 /// The physical-address width the deprivileged engines report to the guest
-/// (CPUID 0x8000_0008): frame bits above it are reserved, and engine-private
-/// memory lies above it.
-pub const PHYS_BITS: u32 = 46;
+/// (CPUID 0x8000_0008), the CPU model's: frame bits above it are reserved,
+/// and engine-private memory lies above it.
+pub const PHYS_BITS: u32 = x86::model::PHYS_BITS;
 
 /// The paging of the guest's (virtual) CPU, always in long mode: CR3, CR0.WP
 /// and EFER.NXE; reserved bits checked at [`PHYS_BITS`].

@@ -15,22 +15,26 @@ const INPUTS: usize = 3_000;
 /// the first byte above RAM), spliced into half of the inputs so that more than
 /// their first bytes decode to something that matters.
 const SNIPPETS: &[&[u8]] = &[
-    &[0x0f, 0x32],       // rdmsr
-    &[0x0f, 0x30],       // wrmsr
-    &[0xec],             // in al, dx
-    &[0xee],             // out dx, al
-    &[0xf3, 0x6c],       // rep insb
-    &[0xf3, 0x6e],       // rep outsb
-    &[0x41, 0x8a, 0x02], // mov al, [r10]
-    &[0x41, 0x88, 0x02], // mov [r10], al
-    &[0x41, 0x8b, 0x01], // mov eax, [r9]
-    &[0x41, 0x89, 0x01], // mov [r9], eax
-    &[0x0f, 0xa2],       // cpuid
-    &[0x0f, 0x05],       // syscall
-    &[0xcd, 0x80],       // int 0x80
-    &[0x48, 0xcf],       // iretq
-    &[0xfb],             // sti
-    &[0x0f, 0x22, 0xd8], // mov cr3, rax
+    // RDMSR and WRMSR of an MSR in the VMM's range (others fault in the CPU
+    // model, docs/cpu-model.md), and of whatever ECX holds.
+    &[0xb9, 0x00, 0x02, 0x00, 0x40, 0x0f, 0x32], // mov ecx, 0x4000_0200; rdmsr
+    &[0xb9, 0x00, 0x02, 0x00, 0x40, 0x0f, 0x30], // mov ecx, 0x4000_0200; wrmsr
+    &[0x0f, 0x32],                               // rdmsr
+    &[0x0f, 0x30],                               // wrmsr
+    &[0xec],                                     // in al, dx
+    &[0xee],                                     // out dx, al
+    &[0xf3, 0x6c],                               // rep insb
+    &[0xf3, 0x6e],                               // rep outsb
+    &[0x41, 0x8a, 0x02],                         // mov al, [r10]
+    &[0x41, 0x88, 0x02],                         // mov [r10], al
+    &[0x41, 0x8b, 0x01],                         // mov eax, [r9]
+    &[0x41, 0x89, 0x01],                         // mov [r9], eax
+    &[0x0f, 0xa2],                               // cpuid
+    &[0x0f, 0x05],                               // syscall
+    &[0xcd, 0x80],                               // int 0x80
+    &[0x48, 0xcf],                               // iretq
+    &[0xfb],                                     // sti
+    &[0x0f, 0x22, 0xd8],                         // mov cr3, rax
 ];
 
 fn input(rng: &mut Rng) -> Vec<u8> {

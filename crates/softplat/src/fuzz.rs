@@ -16,7 +16,7 @@
 //! | 1 | with a local APIC (MMIO at 0xfee0_0000, timer, self-IPIs) |
 //! | 2 | RFLAGS.IF set |
 //! | 3 | RFLAGS.IOPL 3 (port I/O allowed at CPL 3) |
-//! | 4 | MSRs the CPU does not know fault |
+//! | 4 | MSRs the VMM answers (0x4000_0000..=0x4000_ffff) fault |
 //! | 5 | port, MMIO and MSR reads return all ones (else the input's bytes, cycled) |
 //! | 6, 7 | ignored |
 //!

@@ -1,6 +1,9 @@
-//! The local APIC of the software engines (xAPIC registers at 0xfee0_0000): ID,
-//! version, TPR/PPR, EOI, SVR, ISR/IRR/TMR, ESR, ICR (self-IPIs), the LVT and
-//! the timer (one-shot and periodic). The timer counts at 1 GHz before the
+//! The local APIC of the software engines (xAPIC registers at 0xfee0_0000,
+//! movable through IA32_APIC_BASE): ID, version, TPR/PPR, EOI, SVR, ISR/IRR/TMR,
+//! ESR, ICR (fixed and NMI self-IPIs), the LVT with LINT1 (NMI or fixed), and
+//! the timer (one-shot and periodic); software disable (SVR) and global
+//! disable (IA32_APIC_BASE bit 11: the APIC is off the bus, the PICs' INTR
+//! reaches the CPU directly, and it comes back in its power-up state). The timer counts at 1 GHz before the
 //! divider, as KVM's does, against the host's monotonic clock.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +22,8 @@ pub const APIC_BASE: u64 = 0xfee0_0000;
 /// of a halted vCPU through its [`Kick`].
 pub struct Lines {
     pending: [AtomicU64; 4],
+    /// An edge on LINT1.
+    lint1: AtomicBool,
     /// Something else (the PICs) has an interrupt for the vCPU.
     kicked: AtomicBool,
     /// The vCPU's kick: its futex word wakes a waiting vCPU, and a VMM kick
@@ -37,6 +42,7 @@ impl Lines {
     pub fn new(kick: Arc<Kick>) -> Lines {
         Lines {
             pending: Default::default(),
+            lint1: AtomicBool::new(false),
             kicked: AtomicBool::new(false),
             kick,
         }
@@ -50,6 +56,13 @@ impl Lines {
     /// Raises fixed interrupt `vector`.
     pub fn raise(&self, vector: u8) {
         self.pending[vector as usize / 64].fetch_or(1 << (vector % 64), Ordering::SeqCst);
+        self.kick.wake();
+    }
+
+    /// An edge on the LINT1 pin (wired to NMI sources): the LAPIC delivers
+    /// it as its LVT LINT1 entry says.
+    pub fn lint1(&self) {
+        self.lint1.store(true, Ordering::SeqCst);
         self.kick.wake();
     }
 
@@ -74,6 +87,7 @@ impl Lines {
 
     fn any(&self) -> bool {
         self.kicked.load(Ordering::SeqCst)
+            || self.lint1.load(Ordering::SeqCst)
             || self.pending.iter().any(|p| p.load(Ordering::SeqCst) != 0)
     }
 
@@ -111,6 +125,12 @@ pub struct Lapic {
     legacy: Option<Arc<Mutex<Legacy>>>,
     /// Fixed interrupts the APIC dropped because it was software-disabled.
     pub dropped: u64,
+    /// The registers' physical page (IA32_APIC_BASE).
+    base: u64,
+    /// Globally enabled (IA32_APIC_BASE bit 11).
+    global: bool,
+    /// An NMI waits for the CPU.
+    nmi: bool,
 }
 
 const LVT_MASKED: u32 = 1 << 16;
@@ -137,7 +157,20 @@ impl Lapic {
             lines,
             legacy: None,
             dropped: 0,
+            base: APIC_BASE,
+            global: true,
+            nmi: false,
         }
+    }
+
+    /// Back to the power-up state (SDM vol. 3 10.4.7.1), keeping the ID, the
+    /// lines and the PICs: software-disabled, every LVT entry masked.
+    fn power_up(&mut self) {
+        let mut fresh = Lapic::new(self.id, self.lines.clone());
+        fresh.legacy = self.legacy.take();
+        fresh.dropped = self.dropped;
+        fresh.lvt = [LVT_MASKED; 6];
+        *self = fresh;
     }
 
     /// Connects the VM's PICs (and PIT) to LINT0.
@@ -272,8 +305,11 @@ impl Lapic {
                 let to_self = shorthand == 1
                     || shorthand == 2
                     || (shorthand == 0 && self.icr[1] >> 24 == self.id);
-                if mode == 0 && to_self {
-                    self.set_irr(v as u8);
+                match mode {
+                    0 if to_self => self.set_irr(v as u8),
+                    // NMI: the vector is ignored (SDM vol. 3 10.6.1).
+                    4 if to_self => self.nmi = true,
+                    _ => {}
                 }
             }
             0x310 => self.icr[1] = v & 0xff00_0000,
@@ -319,7 +355,8 @@ impl x86::Local for Lapic {
     /// The local APIC's page, and with the legacy platform the I/O APIC's
     /// (answered inside the engine, as KVM's in-kernel irqchip does).
     fn claims(&self, addr: u64) -> bool {
-        addr & !0xfff == APIC_BASE || (addr & !0xfff == IOAPIC_BASE && self.legacy.is_some())
+        (self.global && addr & !0xfff == self.base)
+            || (addr & !0xfff == IOAPIC_BASE && self.legacy.is_some())
     }
 
     fn read(&mut self, addr: u64, data: &mut [u8]) {
@@ -375,6 +412,16 @@ impl x86::Local for Lapic {
                 self.tmr[w] &= !bit;
             }
         }
+        if self.lines.lint1.swap(false, Ordering::SeqCst) {
+            let lint1 = self.lvt[4];
+            if self.global && lint1 & LVT_MASKED == 0 {
+                match (lint1 >> 8) & 7 {
+                    4 => self.nmi = true,
+                    0 => self.set_irr(lint1 as u8),
+                    _ => {}
+                }
+            }
+        }
         let raised = self.lines.take();
         if raised.iter().any(|&w| w != 0) {
             for (k, w) in raised.iter().enumerate() {
@@ -382,7 +429,7 @@ impl x86::Local for Lapic {
                 while w != 0 {
                     let b = w.trailing_zeros();
                     w &= w - 1;
-                    if self.enabled() {
+                    if self.global && self.enabled() {
                         self.set_irr((k * 64 + b as usize) as u8);
                     } else {
                         self.dropped += 1;
@@ -394,6 +441,10 @@ impl x86::Local for Lapic {
     }
 
     fn pending(&self) -> bool {
+        if !self.global {
+            // No APIC: the PICs' INTR goes to the CPU.
+            return self.legacy().is_some_and(|l| l.pic.intr());
+        }
         if self.extint() {
             return true;
         }
@@ -404,7 +455,7 @@ impl x86::Local for Lapic {
     }
 
     fn ack(&mut self) -> Option<u8> {
-        if self.extint() {
+        if !self.global || self.extint() {
             // The PICs give the vector (INTA); the APIC keeps no state.
             return self.legacy().map(|mut l| l.pic.ack());
         }
@@ -467,6 +518,26 @@ impl x86::Local for Lapic {
         }
     }
 
+    fn set_base(&mut self, base: u64, enabled: bool) {
+        if enabled && !self.global {
+            self.power_up();
+        }
+        self.base = base;
+        self.global = enabled;
+        if !enabled {
+            self.nmi = false;
+            self.deadline = None;
+        }
+    }
+
+    fn nmi_pending(&self) -> bool {
+        self.nmi
+    }
+
+    fn take_nmi(&mut self) -> bool {
+        std::mem::take(&mut self.nmi)
+    }
+
     fn deadline(&self) -> Option<Instant> {
         let pit = self.legacy().and_then(|l| l.deadline());
         match (self.deadline, pit) {
@@ -512,6 +583,35 @@ mod tests {
         w(&mut l, 0x80, 0);
         assert!(l.pending());
         assert_eq!(r(&mut l, 0x30) & 0xff, 0x14);
+    }
+
+    /// NMIs: a self-NMI through the ICR (the vector field ignored), LINT1
+    /// in NMI mode and masked, and none while globally disabled, after
+    /// which the APIC comes back in its power-up state.
+    #[test]
+    fn nmis_and_global_disable() {
+        let lines = std::sync::Arc::new(Lines::default());
+        let mut l = Lapic::new(0, lines.clone());
+        w(&mut l, 0xf0, 0x1ff);
+        w(&mut l, 0x300, (1 << 18) | (4 << 8) | 0x33);
+        assert!(l.nmi_pending());
+        assert!(l.take_nmi());
+        assert!(!l.take_nmi(), "delivered once");
+        assert_eq!(l.ack(), None, "no fixed interrupt for it");
+        lines.lint1(); // LINT1 in NMI mode (reset state)
+        l.poll();
+        assert!(l.take_nmi());
+        w(&mut l, 0x360, LVT_MASKED | 0x400);
+        lines.lint1();
+        l.poll();
+        assert!(!l.take_nmi(), "masked");
+        l.set_base(APIC_BASE, false);
+        assert!(!l.claims(APIC_BASE), "off the bus");
+        assert!(!l.nmi_pending());
+        l.set_base(APIC_BASE, true);
+        assert!(l.claims(APIC_BASE));
+        assert_eq!(r(&mut l, 0xf0), 0xff, "software-disabled after power-up");
+        assert_eq!(r(&mut l, 0x360), LVT_MASKED, "LVT masked after power-up");
     }
 
     #[test]

@@ -393,6 +393,9 @@ impl Cpu {
             }
             return exc(vector::UD);
         }
+        if !crate::model::allows(&self.cpuid, &ins) {
+            return exc(vector::UD);
+        }
         let len = ins.len();
         let uop = Uop::new(&ins, bits);
         let p = &mut self.code.pages[slot];
@@ -448,6 +451,9 @@ impl Cpu {
         let mut dec = Decoder::with_ip(self.bits, &buf[..n1], self.rip, DecoderOptions::NONE);
         dec.decode_out(&mut ins);
         if !ins.is_invalid() {
+            if !crate::model::allows(&self.cpuid, &ins) {
+                return exc(vector::UD);
+            }
             return Ok(ins);
         }
         if dec.last_error() != DecoderError::NoMoreBytes || n1 >= 15 {
@@ -460,7 +466,7 @@ impl Cpu {
         }
         let mut dec = Decoder::with_ip(self.bits, &buf, self.rip, DecoderOptions::NONE);
         dec.decode_out(&mut ins);
-        if ins.is_invalid() {
+        if ins.is_invalid() || !crate::model::allows(&self.cpuid, &ins) {
             return exc(vector::UD);
         }
         Ok(ins)

@@ -303,6 +303,16 @@ impl Cpu {
         ((self.rflags >> 12) & 3) as u8
     }
 
+    /// Virtual-8086 mode's IOPL-sensitive instructions (PUSHF, POPF, INT n,
+    /// IRET; CLI and STI through [`Cpu::iopl_ok`]) raise #GP(0) below IOPL
+    /// 3 (SDM vol. 3 20.2.7; no VME).
+    pub(crate) fn v86_iopl(&self) -> R<()> {
+        if self.rflags & VM != 0 && self.iopl() < 3 {
+            return exc_code(vector::GP, 0);
+        }
+        Ok(())
+    }
+
     /// Whether IF-changing instructions are allowed (CPL <= IOPL).
     fn iopl_ok(&self) -> bool {
         self.cr0 & cr0::PE == 0 || self.cpl <= self.iopl()
@@ -644,10 +654,12 @@ impl Cpu {
             M::Push => self.push_insn(i),
             M::Pop => self.pop_insn(i),
             M::Pushf | M::Pushfd | M::Pushfq => {
+                self.v86_iopl()?;
                 let sz = Self::stack_sz(i);
                 self.push(self.rflags & !(RF | VM) & mask(sz), sz)
             }
             M::Popf | M::Popfd | M::Popfq => {
+                self.v86_iopl()?;
                 let sz = Self::stack_sz(i);
                 let v = self.pop(sz)?;
                 self.write_flags(v, sz);
@@ -986,7 +998,16 @@ impl Cpu {
             | M::Prefetcht2
             | M::Prefetchw
             | M::Endbr32
-            | M::Endbr64 => Ok(()),
+            | M::Endbr64
+            | M::Rdsspd
+            | M::Rdsspq
+            | M::Bndcl
+            | M::Bndcn
+            | M::Bndcu
+            | M::Bndldx
+            | M::Bndmk
+            | M::Bndmov
+            | M::Bndstx => Ok(()),
             M::Clflush | M::Clflushopt => {
                 // Checks the address like a read.
                 let l = self.mem_lin(i)?;
@@ -1054,6 +1075,7 @@ impl Cpu {
                 self.load_seg(s, sel)?;
                 if s == sreg::SS {
                     self.inhibit = true;
+                    self.ss_shadow = true;
                 }
                 return Ok(());
             }
@@ -1064,8 +1086,8 @@ impl Cpu {
                 );
             }
             if r0.is_dr() {
-                self.require_cpl0()?;
-                return Ok(());
+                let v = self.reg(i.op1_register());
+                return self.write_dr(r0 as usize - Register::DR0 as usize, v);
             }
         }
         if k1 == OpKind::Register {
@@ -1076,13 +1098,7 @@ impl Cpu {
                 return Ok(());
             }
             if r1.is_dr() {
-                self.require_cpl0()?;
-                let n = r1 as usize - Register::DR0 as usize;
-                let v = match n {
-                    6 => 0xffff_0ff0,
-                    7 => 0x400,
-                    _ => 0,
-                };
+                let v = self.read_dr(r1 as usize - Register::DR0 as usize)?;
                 self.set_reg(i.op0_register(), v);
                 return Ok(());
             }
@@ -1125,6 +1141,7 @@ impl Cpu {
                 self.pop(sz)?;
                 if s == sreg::SS {
                     self.inhibit = true;
+                    self.ss_shadow = true;
                 }
                 return Ok(());
             }
@@ -1491,6 +1508,7 @@ impl Cpu {
 
     /// Checks port access rights: CPL <= IOPL, else the TSS I/O bitmap.
     pub(crate) fn io_check(&mut self, port: u16, sz: usize) -> R<()> {
+        self.watch_io(port, sz);
         let pe = self.cr0 & cr0::PE != 0;
         if !pe || self.grant || (self.cpl <= self.iopl() && self.rflags & VM == 0) {
             return Ok(());

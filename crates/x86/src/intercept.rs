@@ -127,6 +127,12 @@ impl Cpu {
         self.grant = true;
     }
 
+    /// Whether the instruction at RIP runs (or just faulted) with the grant
+    /// of `grant_privilege_once`: its fault is then the instruction's own.
+    pub fn privilege_granted(&self) -> bool {
+        self.grant
+    }
+
     /// Lets the next instruction run without the sensitive-instruction stop
     /// (the engine chose to let the hole happen).
     pub fn allow_sensitive_once(&mut self) {

@@ -25,13 +25,20 @@
 //! Writes (and port output) complete the instruction first and are handed out
 //! afterwards, so an instruction either completes or is restarted cleanly.
 //!
-//! A valid instruction the CPU does not implement ends the run with
-//! [`CpuExit::Unimplemented`]; an invalid encoding raises #UD in the guest.
+//! The CPU shows one model, whatever the host ([`model`], docs/cpu-model.md):
+//! an instruction whose CPUID features the model does not advertise, or an
+//! invalid encoding, raises #UD in the guest; MSRs outside the model raise
+//! #GP. A valid instruction of the model that the CPU does not implement
+//! ends the run with [`CpuExit::Unimplemented`]. The architecture's checks
+//! follow the SDM: reserved bits in paging structures and control registers,
+//! canonical addresses, debug registers and single-step (`debug.rs`), NMIs
+//! from the local device with their blocking, real mode and virtual-8086
+//! mode.
 //!
-//! The VMM's debugger (`debug.rs`, [`Cpu::set_guest_debug`]) has breakpoints,
-//! watchpoints and single-step of its own, invisible to the guest: checked at
-//! instruction boundaries and on the slow memory path, reported as
-//! [`CpuExit::Debug`].
+//! The VMM's debugger (`guest_debug.rs`, [`Cpu::set_guest_debug`]) has
+//! breakpoints, watchpoints and single-step of its own, invisible to the
+//! guest: checked at instruction boundaries and on the slow memory path,
+//! reported as [`CpuExit::Debug`].
 
 mod alu;
 mod cpuid;
@@ -39,9 +46,11 @@ mod debug;
 mod decode;
 mod exec;
 mod fpu;
+mod guest_debug;
 mod intercept;
 pub mod mem;
 mod mmu;
+pub mod model;
 mod sse;
 mod system;
 mod uop;
@@ -51,6 +60,7 @@ use std::time::Instant;
 
 use arch::{rflags, vector};
 pub use cpuid::{CpuidTable, APIC_TIMER_KHZ, TSC_KHZ};
+pub use debug::DebugRegs;
 pub use fpu::Fpu;
 pub use intercept::{seg_index, sensitive, Intercepts, IrqMode};
 pub use mem::PhysMem;
@@ -83,6 +93,19 @@ pub trait Local {
     fn ack(&mut self) -> Option<u8>;
     /// CR8 (task priority) was written.
     fn set_tpr(&mut self, _cr8: u64) {}
+    /// IA32_APIC_BASE was written: the registers' physical page, and the
+    /// global enable (a globally disabled APIC claims no MMIO and raises no
+    /// interrupt).
+    fn set_base(&mut self, _base: u64, _enabled: bool) {}
+    /// True if an NMI is ready (a self-NMI through the ICR, LINT1 in NMI
+    /// mode).
+    fn nmi_pending(&self) -> bool {
+        false
+    }
+    /// Takes the ready NMI.
+    fn take_nmi(&mut self) -> bool {
+        false
+    }
     /// When the device will next raise an interrupt by itself (its timer).
     fn deadline(&self) -> Option<Instant> {
         None
@@ -275,10 +298,33 @@ pub struct Cpu {
     pub vmx: vmx::Vmx,
     /// An interrupt of `local` is ready (cached `local.pending()`).
     pub(crate) irq_ready: bool,
+    /// An NMI of `local` is ready (cached `local.nmi_pending()`).
+    pub(crate) nmi_ready: bool,
     /// STI/MOV SS shadow: no interrupt before the next instruction completes.
     pub(crate) inhibit: bool,
     /// The VMM's debugger (breakpoints, watchpoints, single-step).
-    pub(crate) debug: debug::DebugState,
+    pub(crate) debug: guest_debug::DebugState,
+    /// The debug registers.
+    pub dbg: DebugRegs,
+    /// A data breakpoint is enabled (its pages get no fast TLB access).
+    pub(crate) watching: bool,
+    /// Breakpoints the current instruction hit (DR6 bits).
+    pub(crate) db_hits: u64,
+    /// A #DB trap waiting for the end of the instruction after MOV SS.
+    pub(crate) db_deferred: u64,
+    /// The current instruction is MOV SS or POP SS.
+    pub(crate) ss_shadow: bool,
+    /// The #DB being raised is an instruction breakpoint's (a fault that
+    /// pushes RF as it is).
+    pub(crate) ibp_fault: bool,
+    /// The current instruction delivered a software interrupt.
+    pub(crate) soft_int_done: bool,
+    /// A #DB trap of the last instruction waits for delivery.
+    pub(crate) db_trap: bool,
+    /// MAXPHYADDR: that of `cpuid`, or wider if the memory the CPU has (an
+    /// engine's private memory) needs it (taken at creation and by
+    /// `set_sregs`).
+    pub(crate) maxphyaddr: u32,
 
     // Cached mode.
     pub(crate) cpl: u8,
@@ -383,8 +429,18 @@ impl Cpu {
             wp_frames: Vec::new(),
             vmx: vmx::Vmx::default(),
             irq_ready: false,
+            nmi_ready: false,
             inhibit: false,
-            debug: debug::DebugState::default(),
+            debug: guest_debug::DebugState::default(),
+            dbg: DebugRegs::default(),
+            watching: false,
+            db_hits: 0,
+            db_deferred: 0,
+            ss_shadow: false,
+            ibp_fault: false,
+            soft_int_done: false,
+            db_trap: false,
+            maxphyaddr: 36,
             cpl: 0,
             bits: 16,
             long64: false,
@@ -409,8 +465,13 @@ impl Cpu {
             tsc_start: Instant::now(),
             tsc_offset: 0,
         };
+        cpu.maxphyaddr = cpu.walk_width();
         cpu.mode_changed();
         cpu
+    }
+
+    fn walk_width(&self) -> u32 {
+        self.phys_bits().max(self.mem.width())
     }
 
     /// The time-stamp counter: nanoseconds since the CPU was created (1 GHz,
@@ -490,6 +551,7 @@ impl Cpu {
         self.cr4 = s.cr4;
         self.cr8 = s.cr8 & 0xf;
         self.efer = s.efer;
+        self.maxphyaddr = self.walk_width();
         self.tlb_flush(true);
         self.mode_changed();
     }
@@ -612,6 +674,7 @@ impl Cpu {
         }
         if let Some(l) = self.local.as_mut() {
             self.irq_ready = l.poll();
+            self.nmi_ready = l.nmi_pending();
         }
         // Exceptions count against the budget too: a guest whose handlers
         // fault forever must still come back.
@@ -626,7 +689,29 @@ impl Cpu {
             }
             let blocked = self.inhibit;
             self.inhibit = false;
+            if self.db_trap {
+                // The last instruction's #DB trap, before any interrupt.
+                self.db_trap = false;
+                if self.intercepts.exceptions & (1 << vector::DB) != 0 {
+                    return CpuExit::Exception {
+                        vector: vector::DB,
+                        code: None,
+                    };
+                }
+                if !self.trap_exception(vector::DB) {
+                    return self.shutdown_or_unimplemented();
+                }
+                continue;
+            }
             if self.vmx.non_root && self.vmx_boundary(blocked) {
+                continue;
+            }
+            // An NMI: not in the shadow of STI or MOV SS, nor while NMIs
+            // are blocked (from the delivery of one to the next IRET).
+            if self.nmi_ready && !blocked && !self.vmx.nmi_blocked {
+                if let Some(e) = self.take_nmi() {
+                    return e;
+                }
                 continue;
             }
             let held = self.debug.active && self.debug.holds_interrupts(self.halted);
@@ -656,6 +741,7 @@ impl Cpu {
             // are checked by the generic path: no uop with a handler of its
             // own is sensitive or exits.)
             let plain = !(blocked
+                || self.debug_active()
                 || self.trace
                 || (self.vmx.non_root && !self.vmx_quiet())
                 || self.grant
@@ -663,6 +749,9 @@ impl Cpu {
                 || self.debug.active);
             let r = if plain {
                 self.burst(&mut left, accel)
+            } else if self.debug_active() {
+                left -= 1;
+                self.step_debug()
             } else {
                 left -= 1;
                 self.step().map(|()| self.retired += 1)
@@ -750,7 +839,21 @@ impl Cpu {
         Ok(())
     }
 
-    fn shutdown_or_unimplemented(&mut self) -> CpuExit {
+    /// One instruction with the debug checks around it; a #DB trap it
+    /// raises is delivered before the next.
+    fn step_debug(&mut self) -> R<()> {
+        let tf = self.rflags & rflags::TF != 0;
+        self.db_hits = 0;
+        self.debug_before()?;
+        self.ss_shadow = false;
+        self.soft_int_done = false;
+        self.step()?;
+        self.retired += 1;
+        self.db_trap = self.debug_after(tf, self.soft_int_done);
+        Ok(())
+    }
+
+    pub(crate) fn shutdown_or_unimplemented(&mut self) -> CpuExit {
         match std::mem::replace(&mut self.pending, Pending::None) {
             Pending::Unimplemented(s) => CpuExit::Unimplemented(s),
             _ => CpuExit::Shutdown,

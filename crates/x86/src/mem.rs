@@ -59,6 +59,18 @@ impl PhysMem {
         self._private.push(mem.clone());
     }
 
+    /// The physical-address width that reaches all of this memory, the
+    /// engine-private part too.
+    pub fn width(&self) -> u32 {
+        let top = self
+            .regions
+            .iter()
+            .map(|r| r.start + r.len)
+            .max()
+            .unwrap_or(0);
+        64 - top.saturating_sub(1).leading_zeros()
+    }
+
     /// One past the highest RAM address.
     pub fn end(&self) -> u64 {
         self.end

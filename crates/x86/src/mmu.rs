@@ -1,7 +1,7 @@
 //! Linear and physical memory access: the software TLB, filled by the guest
 //! page walker of `arch` (4-level, PAE, 2-level), page faults, and MMIO.
 
-use arch::paging::{self, Access, PageTables, Paging, WalkError};
+use arch::paging::{self, Access, PageTables, Paging, Reserved, WalkError};
 use arch::{cr0, vector};
 
 use crate::mem::{load, store};
@@ -174,10 +174,15 @@ impl Cpu {
         if self.watching() {
             e.allow &= !self.debug_slow_bits(e.vpage);
         }
+        if self.watched_page(e.vpage) {
+            // A data breakpoint: every access to the page takes the slow
+            // path, which reports hits.
+            e.allow &= !(A_R_S | A_W_S | A_R_U | A_W_U);
+        }
         if self.write_protected(e.ppage) {
             // An engine's protected frame: no write below CPL 0.
             if acc == Access::Write && self.cpl > 0 {
-                let pg = Paging::new(self.cr0, self.cr3, self.cr4, self.efer);
+                let pg = self.paging();
                 return self.pf(lin, pg.fault_code(true, acc, user, false));
             }
             e.allow &= !(A_W_S | A_W_U);
@@ -190,6 +195,17 @@ impl Cpu {
         Ok(e)
     }
 
+    /// The paging the CPU's control registers select, with every reserved
+    /// bit checked at the model's MAXPHYADDR.
+    fn paging(&self) -> Paging {
+        Paging {
+            reserved: Reserved::Full {
+                phys_bits: self.maxphyaddr,
+            },
+            ..Paging::new(self.cr0, self.cr3, self.cr4, self.efer)
+        }
+    }
+
     /// Raises #PF for `lin` with error code `code`.
     fn pf<T>(&mut self, lin: u64, code: u32) -> R<T> {
         // A #PF VM exit leaves CR2 alone: the value before is kept for it.
@@ -200,7 +216,7 @@ impl Cpu {
     /// Walks the page tables for `lin`: the TLB entry of its page, with the
     /// accesses the tables allow.
     fn walk(&mut self, lin: u64, acc: Access, user: bool) -> R<TlbEntry> {
-        let pg = Paging::new(self.cr0, self.cr3, self.cr4, self.efer);
+        let pg = self.paging();
         let t = match paging::walk(&mut Tables { cpu: self, lin }, &pg, lin, acc, user) {
             Ok(t) => t,
             Err(WalkError::PageFault(code)) => return self.pf(lin, code),
@@ -277,6 +293,7 @@ impl Cpu {
 
     /// Reads `buf.len()` (at most 4096) bytes at linear `lin`.
     pub(crate) fn read_bytes(&mut self, lin: u64, buf: &mut [u8], need: u8, acc: Access) -> R<()> {
+        self.watch_access(lin, buf.len(), acc);
         let off = (lin & 0xfff) as usize;
         let first = buf.len().min(0x1000 - off);
         let (pa1, _) = self.translate(lin, acc, need)?;
@@ -337,6 +354,7 @@ impl Cpu {
     /// Writes `buf` (at most 4096 bytes) at linear `lin`; both pages are
     /// checked before anything is written.
     pub(crate) fn write_bytes(&mut self, lin: u64, buf: &[u8], need: u8) -> R<()> {
+        self.watch_access(lin, buf.len(), Access::Write);
         let off = (lin & 0xfff) as usize;
         let first = buf.len().min(0x1000 - off);
         let (pa1, _) = self.translate_write(lin, need)?;
@@ -404,6 +422,10 @@ impl Cpu {
             if l.claims(pa) {
                 l.write(pa, buf);
                 self.irq_ready = l.pending();
+                self.nmi_ready = l.nmi_pending();
+                // The run loop looks at interrupts after this instruction
+                // (a self-IPI is not left waiting for a burst's end).
+                self.io_touched = true;
                 return Ok(());
             }
         }

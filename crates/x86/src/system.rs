@@ -11,6 +11,14 @@ use crate::alu::mask;
 use crate::mmu::{A_R_S, A_W_S, A_W_U};
 use crate::{exc, exc_code, sreg, Cpu, CpuExit, Pending, Stop, R};
 
+/// The CR0 bits the architecture defines (PE MP EM TS ET NE WP AM NW CD PG).
+const CR0_DEFINED: u64 = 0xe005_003f;
+
+/// IA32_APIC_BASE: the global enable.
+const APIC_ENABLE: u64 = 1 << 11;
+/// IA32_APIC_BASE: this is the bootstrap processor.
+const APIC_BSP: u64 = 1 << 8;
+
 fn null_seg(selector: u16, dpl: u8) -> Segment {
     Segment {
         selector,
@@ -255,10 +263,30 @@ impl Cpu {
     /// Delivers an exception, applying the double-fault rules; false if the
     /// CPU shut down (triple fault) or needs something unimplemented.
     pub(crate) fn exception(&mut self, v: u8, code: Option<u32>) -> bool {
+        self.raise(v, code, true)
+    }
+
+    /// Delivers a trap-class #DB (single-step, data or I/O breakpoint)
+    /// after the instruction; false as for [`Cpu::exception`].
+    pub(crate) fn trap_exception(&mut self, v: u8) -> bool {
+        self.raise(v, None, false)
+    }
+
+    /// Delivers exception `v`: a fault pushes RF set (but for an
+    /// instruction breakpoint's #DB), a trap RF as it is (SDM vol. 3
+    /// 18.3.1.1).
+    fn raise(&mut self, v: u8, code: Option<u32>, fault: bool) -> bool {
         let (mut v, mut code) = (v, code);
+        let ibp = std::mem::take(&mut self.ibp_fault);
         loop {
             if self.vmx.non_root && self.vmx_exception_exits(v, code) {
                 return true;
+            }
+            if fault && !(ibp && v == vector::DB) {
+                self.rflags |= RF;
+            }
+            if v == vector::DB {
+                self.debug_delivered();
             }
             let ret = self.rip;
             self.vmx_delivering(v, 3, code);
@@ -309,20 +337,23 @@ impl Cpu {
         let v = v?;
         self.halted = false;
         self.vmx_delivering(v, 0, None);
-        match self.deliver(v, None, false, self.rip, 1) {
-            Ok(()) => {
-                self.vmx.vectoring = None;
-                None
-            }
-            Err(Stop::VmExit) => None,
+        let r = self.deliver(v, None, false, self.rip, 1);
+        if r.is_ok() {
+            self.vmx.vectoring = None;
+        }
+        self.delivered(r, v)
+    }
+
+    /// The end of an interrupt's or NMI's delivery: nothing, or an exit if
+    /// it failed beyond recovery.
+    fn delivered(&mut self, r: R<()>, v: u8) -> Option<CpuExit> {
+        match r {
+            Ok(()) | Err(Stop::VmExit) => None,
             Err(Stop::Exc(v2, c2)) => {
                 if self.exception(v2, c2) {
                     None
                 } else {
-                    Some(match std::mem::replace(&mut self.pending, Pending::None) {
-                        Pending::Unimplemented(s) => CpuExit::Unimplemented(s),
-                        _ => CpuExit::Shutdown,
-                    })
+                    Some(self.shutdown_or_unimplemented())
                 }
             }
             Err(Stop::Exit) => Some(match std::mem::replace(&mut self.pending, Pending::None) {
@@ -330,6 +361,26 @@ impl Cpu {
                 _ => CpuExit::Unimplemented(format!("delivery of interrupt {v} touches MMIO")),
             }),
         }
+    }
+
+    /// Delivers a ready NMI of the local device (vector 2, SDM vol. 3
+    /// 6.7.1): NMIs are blocked from now until the next IRET. An exit if
+    /// delivery failed beyond recovery.
+    pub(crate) fn take_nmi(&mut self) -> Option<CpuExit> {
+        let l = self.local.as_mut()?;
+        let taken = l.take_nmi();
+        self.nmi_ready = l.nmi_pending();
+        if !taken {
+            return None;
+        }
+        self.halted = false;
+        self.vmx.nmi_blocked = true;
+        self.vmx_delivering(vector::NMI, 2, None);
+        let r = self.deliver(vector::NMI, None, false, self.rip, 1);
+        if r.is_ok() {
+            self.vmx.vectoring = None;
+        }
+        self.delivered(r, vector::NMI)
     }
 
     /// Delivers vector `v` through the IDT. `soft`: INT n (DPL check); `ret`:
@@ -345,9 +396,7 @@ impl Cpu {
         if self.cr0 & cr0::PE == 0 {
             return self.deliver_real(v, ret);
         }
-        if self.rflags & VM != 0 {
-            return self.unimplemented(format!("interrupt {v} in virtual-8086 mode"));
-        }
+        let v86 = self.rflags & VM != 0;
         let long = self.long_mode();
         let esz: u64 = if long { 16 } else { 8 };
         let gate_err = (v as u32) * 8 + 2 + if soft { 0 } else { ext };
@@ -399,6 +448,11 @@ impl Cpu {
             return exc_code(vector::NP, serr);
         }
         let conforming = d.type_ & 4 != 0;
+        // From virtual-8086 mode only to a ring-0 non-conforming segment
+        // (SDM vol. 3 20.3.1.1).
+        if v86 && (conforming || d.dpl != 0) {
+            return exc_code(vector::GP, serr);
+        }
         let new_cpl = if conforming { self.cpl } else { d.dpl };
         let old_cs = self.seg[sreg::CS].selector as u64;
         let old_ss = self.seg[sreg::SS].selector as u64;
@@ -459,12 +513,19 @@ impl Cpu {
                 (self.seg[sreg::SS], old_sp, false)
             };
             let spm = if ss_seg.db { 0xffff_ffffu64 } else { 0xffff };
-            let mut frame = [0u64; 6];
+            let mut frame = [0u64; 10];
             let mut n = 0;
+            if v86 {
+                // GS, FS, DS and ES above the usual frame.
+                for s in [sreg::GS, sreg::FS, sreg::DS, sreg::ES] {
+                    frame[n] = self.seg[s].selector as u64;
+                    n += 1;
+                }
+            }
             if switched {
-                frame[0] = old_ss;
-                frame[1] = old_sp;
-                n = 2;
+                frame[n] = old_ss;
+                frame[n + 1] = old_sp;
+                n += 2;
             }
             for x in [old_flags, old_cs, ret] {
                 frame[n] = x;
@@ -481,6 +542,11 @@ impl Cpu {
             }
             if switched {
                 self.seg[sreg::SS] = ss_seg;
+            }
+            if v86 {
+                for s in [sreg::GS, sreg::FS, sreg::DS, sreg::ES] {
+                    self.seg[s] = null_seg(0, 0);
+                }
             }
             self.gpr[4] = (self.gpr[4] & !spm) | (sp & spm);
             off &= if gsz == 2 { 0xffff } else { 0xffff_ffff };
@@ -522,7 +588,12 @@ impl Cpu {
     /// INT n / INT3 / INTO / INT1: delivered as software interrupts with the
     /// return address after the instruction.
     fn soft_int(&mut self, v: u8, soft: bool) -> R<()> {
+        if soft && v != vector::BP && v != vector::OF {
+            // INT n (not INT3 or INTO).
+            self.v86_iopl()?;
+        }
         let ret = self.next_rip;
+        self.soft_int_done = true;
         if self.intercepts.soft_int {
             return self.event_exit(CpuExit::SoftInt {
                 vector: v,
@@ -543,9 +614,9 @@ impl Cpu {
             _ => 8,
         };
         if !self.protected() {
-            if self.rflags & VM != 0 {
-                return self.unimplemented(format!("iret in virtual-8086 mode at {:#x}", self.rip));
-            }
+            // Virtual-8086 mode: as in real mode with IOPL 3 (IOPL and VM
+            // stay), else #GP(0).
+            self.v86_iopl()?;
             let ip = self.peek(0, sz)?;
             let cs = self.peek(sz as u64, sz)? as u16;
             let fl = self.peek(2 * sz as u64, sz)?;
@@ -557,6 +628,7 @@ impl Cpu {
             c.base = (cs as u64) << 4;
             self.next_rip = ip & mask(sz);
             self.mode_changed();
+            self.vmx.nmi_blocked = false;
             return Ok(());
         }
         if self.rflags & NT != 0 && !self.long_mode() {
@@ -566,7 +638,7 @@ impl Cpu {
         let cs = self.peek(sz as u64, sz)? as u16;
         let fl = self.peek(2 * sz as u64, sz)?;
         if fl & VM != 0 && self.cpl == 0 && sz == 4 && !self.long_mode() {
-            return self.unimplemented(format!("iret to virtual-8086 mode at {:#x}", self.rip));
+            return self.iret_to_v86(ip, cs, fl);
         }
         let new_cpl = (cs & 3) as u8;
         let err = (cs & !3) as u32;
@@ -641,6 +713,43 @@ impl Cpu {
         Ok(())
     }
 
+    /// IRET from ring 0 to virtual-8086 mode (SDM vol. 2 IRET,
+    /// RETURN-TO-VIRTUAL-8086-MODE): EIP, CS, EFLAGS, then ESP, SS, ES, DS,
+    /// FS and GS from the 32-bit stack; the segments loaded as in real mode
+    /// with DPL 3.
+    fn iret_to_v86(&mut self, ip: u64, cs: u16, fl: u64) -> R<()> {
+        let mut w = [0u64; 6];
+        for (k, x) in w.iter_mut().enumerate() {
+            *x = self.peek(4 * (3 + k as u64), 4)?;
+        }
+        let [esp, ss, es, ds, fs, gs] = w;
+        self.rflags = (fl & (WRITABLE | VM | VIF | VIP) & 0xffff_ffff) | FIXED;
+        for (s, sel) in [
+            (sreg::CS, cs),
+            (sreg::SS, ss as u16),
+            (sreg::ES, es as u16),
+            (sreg::DS, ds as u16),
+            (sreg::FS, fs as u16),
+            (sreg::GS, gs as u16),
+        ] {
+            self.seg[s] = Segment {
+                selector: sel,
+                base: (sel as u64) << 4,
+                limit: 0xffff,
+                type_: if s == sreg::CS { 0xb } else { 3 },
+                present: true,
+                s: true,
+                dpl: 3,
+                ..Default::default()
+            };
+        }
+        self.gpr[4] = esp & 0xffff_ffff;
+        self.next_rip = ip & 0xffff;
+        self.mode_changed();
+        self.vmx.nmi_blocked = false;
+        Ok(())
+    }
+
     // ---- control registers and MSRs ------------------------------------
 
     pub(crate) fn read_cr(&mut self, n: usize) -> R<u64> {
@@ -659,7 +768,12 @@ impl Cpu {
         self.require_cpl0()?;
         match n {
             0 => {
-                let v = (v | cr0::ET) & 0xffff_ffff;
+                // Bits 63:32 are reserved (#GP); the reserved bits below
+                // them read as 0 whatever is written (SDM vol. 3 2.5).
+                if v >> 32 != 0 {
+                    return exc_code(vector::GP, 0);
+                }
+                let v = (v | cr0::ET) & CR0_DEFINED;
                 let fixed0 = self.cr0_fixed0();
                 if self.vmx.on && v & fixed0 != fixed0 {
                     return exc_code(vector::GP, 0);
@@ -684,6 +798,12 @@ impl Cpu {
                     }
                     self.efer &= !efer::LMA;
                 }
+                if pg && !self.long_mode() && self.pae_legacy(v, self.cr4) {
+                    let reload = (self.cr0 ^ v) & (cr0::PG | cr0::CD | cr0::NW) != 0;
+                    if reload {
+                        self.check_pdptes(self.cr3)?;
+                    }
+                }
                 let changed = self.cr0 ^ v;
                 self.cr0 = v;
                 if changed & (cr0::PG | cr0::WP | cr0::PE) != 0 {
@@ -693,18 +813,30 @@ impl Cpu {
             }
             2 => self.cr2 = v,
             3 => {
-                self.cr3 = v & 0x000f_ffff_ffff_ffff;
+                // Bits from MAXPHYADDR up are reserved (no PCIDs: bit 63
+                // too); outside long mode the operand has 32 bits.
+                if v >> self.maxphyaddr != 0 {
+                    return exc_code(vector::GP, 0);
+                }
+                if self.pae_legacy(self.cr0, self.cr4) {
+                    self.check_pdptes(v)?;
+                }
+                self.cr3 = v;
                 self.tlb_flush(false);
             }
             4 => {
-                // PSE, PAE, PGE, OSFXSR, OSXMMEXCPT, plus harmless ones (VME,
-                // PVI, TSD, DE, MCE, PCE, FSGSBASE is not offered).
-                let allowed = 0x7ff | cr4::VMXE;
-                if v & !allowed != 0 || (self.vmx.on && v & cr4::VMXE == 0) {
+                if v & !crate::model::cr4_allowed(&self.cpuid) != 0
+                    || (self.vmx.on && v & cr4::VMXE == 0)
+                {
                     return exc_code(vector::GP, 0);
                 }
                 if self.long_mode() && v & cr4::PAE == 0 {
                     return exc_code(vector::GP, 0);
+                }
+                if self.pae_legacy(self.cr0, v)
+                    && (self.cr4 ^ v) & (cr4::PAE | cr4::PGE | cr4::PSE) != 0
+                {
+                    self.check_pdptes(self.cr3)?;
                 }
                 let changed = self.cr4 ^ v;
                 self.cr4 = v;
@@ -723,6 +855,27 @@ impl Cpu {
                 }
             }
             _ => return exc(vector::UD),
+        }
+        Ok(())
+    }
+
+    /// PAE paging outside long mode with these CR0 and CR4: the PDPTEs
+    /// are loaded from CR3 when CR3 is written and when paging or PAE is
+    /// switched on.
+    fn pae_legacy(&self, cr0v: u64, cr4v: u64) -> bool {
+        cr0v & cr0::PG != 0 && cr4v & cr4::PAE != 0 && self.efer & efer::LMA == 0
+    }
+
+    /// Checks the four PDPTEs at `cr3` as their load does (SDM vol. 3
+    /// 4.4.1): a present one with a reserved bit set (bits 2:1, 8:5, and
+    /// those from MAXPHYADDR up) makes the instruction raise #GP(0).
+    fn check_pdptes(&mut self, cr3: u64) -> R<()> {
+        let reserved = 0x1e6 | !((1u64 << self.maxphyaddr) - 1);
+        for k in 0..4 {
+            let e = self.mem.read_u64((cr3 & 0xffff_ffe0) + 8 * k).unwrap_or(0);
+            if e & 1 != 0 && e & reserved != 0 {
+                return exc_code(vector::GP, 0);
+            }
         }
         Ok(())
     }
@@ -751,13 +904,18 @@ impl Cpu {
             0x200..=0x20f | 0x250 | 0x258 | 0x259 | 0x268..=0x26f => {
                 m.mtrr.get(&index).copied().unwrap_or(0)
             }
-            msr::MCG_CAP | msr::MCG_STATUS | msr::BIOS_SIGN_ID => 0,
+            msr::BIOS_SIGN_ID => crate::model::MICROCODE << 32,
+            msr::ARCH_CAPABILITIES => crate::model::ARCH_CAPABILITIES,
+            msr::DEBUGCTL => 0,
             msr::FEATURE_CONTROL | 0x480..=0x490 => match self.vmx_msr(index) {
                 Some(v) => v,
                 None => return exc_code(vector::GP, 0),
             },
-            msr::AMD_HWCR => 1 << 24,
-            _ => return self.msr_exit(CpuExit::MsrRead { index }),
+            i if msr::HYPERVISOR_RANGE.contains(&i) => {
+                return self.msr_exit(CpuExit::MsrRead { index })
+            }
+            // Not in the model (docs/cpu-model.md).
+            _ => return exc_code(vector::GP, 0),
         })
     }
 
@@ -786,7 +944,13 @@ impl Cpu {
                 self.mode_changed();
             }
             msr::STAR => self.msr.star = v,
-            msr::LSTAR | msr::CSTAR | msr::KERNEL_GS_BASE | msr::FS_BASE | msr::GS_BASE
+            msr::LSTAR
+            | msr::CSTAR
+            | msr::KERNEL_GS_BASE
+            | msr::FS_BASE
+            | msr::GS_BASE
+            | msr::SYSENTER_ESP
+            | msr::SYSENTER_EIP
                 if !canonical(v) =>
             {
                 return exc_code(vector::GP, 0)
@@ -797,25 +961,69 @@ impl Cpu {
             msr::FS_BASE => self.seg[sreg::FS].base = v,
             msr::GS_BASE => self.seg[sreg::GS].base = v,
             msr::KERNEL_GS_BASE => self.msr.kernel_gs_base = v,
-            msr::TSC_AUX => self.msr.tsc_aux = v & 0xffff_ffff,
+            msr::TSC_AUX if v >> 32 != 0 => return exc_code(vector::GP, 0),
+            msr::TSC_AUX => self.msr.tsc_aux = v,
             msr::TSC => {
                 let now = self.tsc().wrapping_sub(self.tsc_offset);
                 self.tsc_offset = v.wrapping_sub(now);
             }
-            msr::APIC_BASE => self.msr.apic_base = (v & !0x6ff) | (self.msr.apic_base & 0x100),
-            msr::PAT => self.msr.pat = v,
+            msr::APIC_BASE => self.write_apic_base(v)?,
+            msr::PAT => {
+                // Each entry a memory type: UC, WC, WT, WP, WB or UC-.
+                if (0..8).any(|k| matches!((v >> (8 * k)) & 0xff, 2 | 3 | 8..)) {
+                    return exc_code(vector::GP, 0);
+                }
+                self.msr.pat = v;
+            }
             msr::SYSENTER_CS => self.msr.sysenter_cs = v,
             msr::SYSENTER_ESP => self.msr.sysenter_esp = v,
             msr::SYSENTER_EIP => self.msr.sysenter_eip = v,
             msr::MISC_ENABLE => self.msr.misc_enable = v,
+            msr::MTRR_DEF_TYPE if v & !0xcff != 0 => return exc_code(vector::GP, 0),
             msr::MTRR_DEF_TYPE => self.msr.mtrr_def_type = v,
             0x200..=0x20f | 0x250 | 0x258 | 0x259 | 0x268..=0x26f => {
                 self.msr.mtrr.insert(index, v);
             }
-            msr::MCG_STATUS | msr::BIOS_SIGN_ID | msr::AMD_HWCR => {}
-            _ => {
+            // Writes start a microcode update on hardware: none here.
+            msr::BIOS_SIGN_ID => {}
+            // LBR and BTF (bits 0 and 1) and the rest are not modelled.
+            msr::DEBUGCTL if v != 0 => return exc_code(vector::GP, 0),
+            msr::DEBUGCTL => {}
+            i if msr::HYPERVISOR_RANGE.contains(&i) => {
                 self.msr_exit(CpuExit::MsrWrite { index, value: v })?;
             }
+            // Read-only (IA32_ARCH_CAPABILITIES, IA32_MTRRCAP) or not in the
+            // model (docs/cpu-model.md).
+            _ => return exc_code(vector::GP, 0),
+        }
+        Ok(())
+    }
+
+    /// What CPUID `leaf`, `sub` returns on this CPU now: the table, with
+    /// CPUID.1:EDX.APIC following IA32_APIC_BASE's global enable. (A VMM
+    /// emulating CPUID for its guest asks this.)
+    pub fn cpuid_of(&self, leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
+        let (a, b, c, mut d) = self.cpuid.query(leaf, sub);
+        if leaf == 1 && self.msr.apic_base & APIC_ENABLE == 0 {
+            d &= !crate::model::leaf1_edx::APIC;
+        }
+        (a, b, c, d)
+    }
+
+    /// WRMSR to IA32_APIC_BASE (SDM vol. 3 10.4.4): bits 0-7, 9, 10 (no
+    /// x2APIC) and those from MAXPHYADDR up are reserved; BSP (bit 8) is
+    /// read-only. Clearing the global enable (bit 11) takes the local APIC
+    /// off the bus and out of CPUID.1:EDX.
+    fn write_apic_base(&mut self, v: u64) -> R<()> {
+        let base_mask = ((1u64 << self.maxphyaddr) - 1) & !0xfff;
+        if v & !(base_mask | APIC_ENABLE | APIC_BSP) != 0 {
+            return exc_code(vector::GP, 0);
+        }
+        self.msr.apic_base = (v & !APIC_BSP) | (self.msr.apic_base & APIC_BSP);
+        if let Some(l) = self.local.as_mut() {
+            l.set_base(v & base_mask, v & APIC_ENABLE != 0);
+            self.irq_ready = l.pending();
+            self.nmi_ready = l.nmi_pending();
         }
         Ok(())
     }
@@ -857,6 +1065,11 @@ impl Cpu {
             }
             let hi = self.rd_as(addr.wrapping_add(8), 8, A_R_S)?;
             d.base |= (hi & 0xffff_ffff) << 32;
+            // The upper half's type field must be 0, and the base canonical
+            // (SDM vol. 2 LLDT, LTR: #GP(selector)).
+            if (hi >> 40) & 0x1f != 0 || !canonical(d.base) {
+                return exc_code(vector::GP, (sel & !3) as u32);
+            }
         }
         Ok((addr, raw, d))
     }
@@ -923,7 +1136,8 @@ impl Cpu {
                     let next_rip = self.next_rip;
                     return self.event_exit(CpuExit::Syscall { next_rip });
                 }
-                if self.efer & efer::SCE == 0 || !self.long_mode() {
+                // Intel: SYSCALL only in 64-bit mode.
+                if self.efer & efer::SCE == 0 || !self.long64 {
                     return exc(vector::UD);
                 }
                 self.gpr[1] = self.next_rip;
@@ -942,7 +1156,7 @@ impl Cpu {
                 Ok(())
             }
             M::Sysret | M::Sysretq => {
-                if self.efer & efer::SCE == 0 || !self.long_mode() {
+                if self.efer & efer::SCE == 0 || !self.long64 {
                     return exc(vector::UD);
                 }
                 self.require_cpl0()?;
@@ -975,7 +1189,7 @@ impl Cpu {
                 if self.intercepts.cpuid_faulting && self.cpl > 0 && !self.grant {
                     return exc_code(vector::GP, 0);
                 }
-                let (a, b, c, d) = self.cpuid.query(self.gpr[0] as u32, self.gpr[1] as u32);
+                let (a, b, c, d) = self.cpuid_of(self.gpr[0] as u32, self.gpr[1] as u32);
                 self.gpr[0] = a as u64;
                 self.gpr[3] = b as u64;
                 self.gpr[1] = c as u64;
@@ -1010,6 +1224,9 @@ impl Cpu {
             M::Lgdt | M::Lidt => {
                 self.require_cpl0()?;
                 let (limit, base) = self.read_dtr(i)?;
+                if self.long64 && !canonical(base) {
+                    return exc_code(vector::GP, 0);
+                }
                 let t = vcpu::DescriptorTable { base, limit };
                 if i.mnemonic() == M::Lgdt {
                     self.gdtr = t;
@@ -1062,7 +1279,19 @@ impl Cpu {
             }
             M::Invlpg => {
                 self.require_cpl0()?;
-                let l = self.mem_lin(i)?;
+                // A non-canonical address is a no-op (SDM vol. 2 INVLPG).
+                let seg = Self::mem_seg(i);
+                let mut l = self.ea(i);
+                if self.long64 {
+                    if seg >= sreg::FS {
+                        l = l.wrapping_add(self.seg[seg].base);
+                    }
+                    if !canonical(l) {
+                        return Ok(());
+                    }
+                } else {
+                    l = self.lin(seg, l)?;
+                }
                 self.tlb_flush_page(l);
                 Ok(())
             }

@@ -1133,3 +1133,285 @@ fn sse2_cases() -> Vec<(&'static str, SseOp, SseHost)> {
         ),
     ]
 }
+
+/// MOV DR: DR0-DR3 hold what is written, DR4/DR5 alias DR6/DR7 (CR4.DE
+/// clear), DR6/DR7 keep their fixed bits (SDM vol. 3 18.2).
+#[test]
+fn debug_registers_and_their_aliases() {
+    let mut t = long(|a| {
+        a.mov(rax, 0x1234u64)?;
+        a.mov(dr0, rax)?;
+        a.mov(rbx, dr0)?;
+        a.xor(eax, eax)?;
+        a.mov(dr6, rax)?;
+        a.mov(rcx, dr4)?; // DR6
+        a.mov(eax, 0xffff_dfffu32)?; // all but GD
+        a.mov(dr5, rax)?; // DR7
+        a.mov(rdx, dr7)?;
+        a.xor(eax, eax)?;
+        a.mov(dr7, rax)?;
+        a.hlt()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.rbx, 0x1234);
+    assert_eq!(r.rcx, 0xffff_0ff0, "DR6's fixed bits through DR4");
+    assert_eq!(
+        r.rdx, 0xffff_07ff,
+        "DR7 through DR5: bits 11-15 but GD read 0"
+    );
+}
+
+/// With CR4.DE, DR4 raises #UD; with DR7.GD, MOV DR raises #DB with DR6.BD
+/// before it runs, and the #DB clears GD; DR6 bits 63:32 raise #GP.
+#[test]
+fn debug_register_faults() {
+    for (case, vector) in [(0, 6u64), (1, 1), (2, 13)] {
+        let mut t = long(|a| {
+            match case {
+                0 => {
+                    a.mov(rax, cr4)?;
+                    a.bts(rax, 3)?;
+                    a.mov(cr4, rax)?;
+                    a.mov(rbx, dr4)?;
+                }
+                1 => {
+                    a.mov(eax, 0x2000u32)?;
+                    a.mov(dr7, rax)?;
+                    a.mov(rbx, dr0)?;
+                }
+                _ => {
+                    a.mov(rax, 1u64 << 32)?;
+                    a.mov(dr6, rax)?;
+                }
+            }
+            a.hlt()
+        });
+        t.gate(vector, HANDLER, 0, 0);
+        t.code_at(HANDLER, |a| {
+            a.mov(r15, vector)?;
+            a.mov(r13, qword_ptr(rsp + if vector == 13 { 8 } else { 0 }))?;
+            a.hlt()
+        });
+        assert_eq!(t.run(), CpuExit::Hlt);
+        let r = t.cpu.regs();
+        assert_eq!(r.r15, vector, "case {case}");
+        if case == 1 {
+            assert_eq!(r.r13, CODE + 8, "a fault: MOV DR's RIP");
+            assert_ne!(t.cpu.dbg.dr6 & 0x2000, 0, "DR6.BD");
+            assert_eq!(t.cpu.dbg.dr7 & 0x2000, 0, "GD cleared");
+        }
+    }
+}
+
+/// Reserved bits of CR4 (features the model lacks: VME, MCE, OSXSAVE) and
+/// of CR3 above MAXPHYADDR raise #GP(0).
+#[test]
+fn control_register_reserved_bits() {
+    for bad in [0u64, 6, 18] {
+        let mut t = long(|a| {
+            a.mov(rax, cr4)?;
+            a.bts(rax, bad as i32)?;
+            a.mov(cr4, rax)?;
+            a.hlt()
+        });
+        t.gate(13, HANDLER, 0, 0);
+        t.code_at(HANDLER, |a| {
+            a.mov(r15, 13u64)?;
+            a.hlt()
+        });
+        assert_eq!(t.run(), CpuExit::Hlt);
+        assert_eq!(t.cpu.regs().r15, 13, "CR4 bit {bad}");
+    }
+    let mut t = long(|a| {
+        a.mov(rax, cr3)?;
+        a.bts(rax, 46)?;
+        a.mov(cr3, rax)?;
+        a.hlt()
+    });
+    t.gate(13, HANDLER, 0, 0);
+    t.code_at(HANDLER, |a| {
+        a.mov(r15, 13u64)?;
+        a.hlt()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt);
+    assert_eq!(t.cpu.regs().r15, 13, "CR3 bit 46");
+}
+
+impl T {
+    /// 32-bit protected mode, paging off (machine's Multiboot entry state),
+    /// `code` at CODE.
+    fn protected(code: &[u8]) -> T {
+        let mem = Self::mem();
+        let sregs = machine::boot::protected_mode(&mem).unwrap();
+        mem.write_slice(code, GuestAddress(CODE)).unwrap();
+        let mut cpu = Cpu::new(PhysMem::new(&mem), CpuidTable::software_cpu(false, None));
+        cpu.set_sregs(&sregs);
+        cpu.set_regs(&Regs {
+            rip: CODE,
+            rsp: STACK,
+            rflags: 2,
+            ..Default::default()
+        });
+        T { cpu, mem }
+    }
+}
+
+/// Protected mode -> real mode (16-bit segment, CR0.PE clear, far jump) ->
+/// INT through the IVT and IRET -> protected mode (SDM vol. 3 9.9).
+#[test]
+fn real_mode_round_trip() {
+    const GDTR: u64 = 0x6100;
+    const IVTR: u64 = 0x6110;
+    const PM16: u64 = 0x7000;
+    const REAL: u64 = 0x7100;
+    const INT50: u64 = 0x7200;
+    const STACK16: u64 = 0x6800;
+    const PM32: u64 = CODE + 0x100;
+    let far = |prefix: &[u8], off: u32, width: usize, sel: u16| {
+        let mut b = prefix.to_vec();
+        b.push(0xea);
+        b.extend_from_slice(&off.to_le_bytes()[..width]);
+        b.extend_from_slice(&sel.to_le_bytes());
+        b
+    };
+    let mut main = asm(32, CODE, |a| a.lgdt(ptr(GDTR)));
+    main.extend(far(&[], PM16 as u32, 4, 0x18));
+    main.resize((PM32 - CODE) as usize, 0xcc);
+    let pm32 = asm(32, PM32, |a| {
+        a.mov(ax, 0x10)?;
+        a.mov(ds, ax)?;
+        a.mov(ss, ax)?;
+        a.mov(eax, cr0)?;
+        a.mov(edi, eax)?;
+        a.hlt()
+    });
+    let pm32_end = PM32 + pm32.len() as u64;
+    main.extend(pm32);
+    let mut t = T::protected(&main);
+    let mut pm16 = asm(16, PM16, |a| {
+        a.mov(ax, 0x20)?;
+        a.mov(ds, ax)?;
+        a.mov(ss, ax)?;
+        a.mov(eax, cr0)?;
+        a.and(eax, !1i32)?;
+        a.mov(cr0, eax)
+    });
+    pm16.extend(far(&[], REAL as u32, 2, 0));
+    let mut real = asm(16, REAL, |a| {
+        a.xor(ax, ax)?;
+        a.mov(ds, ax)?;
+        a.mov(ss, ax)?;
+        a.mov(sp, STACK16 as i32)?;
+        a.lidt(ptr(IVTR))?;
+        a.int(0x50)?;
+        a.mov(si, bx)?;
+        a.mov(bp, sp)?;
+        a.mov(eax, cr0)?;
+        a.or(al, 1)?;
+        a.mov(cr0, eax)
+    });
+    real.extend(far(&[0x66], PM32 as u32, 4, 0x08));
+    let handler = asm(16, INT50, |a| {
+        a.mov(bx, 0x1234)?;
+        a.mov(cx, sp)?;
+        a.mov(dx, word_ptr(STACK16 - 4))?;
+        a.iret()
+    });
+    let m = &t.mem;
+    m.write_slice(&pm16, GuestAddress(PM16)).unwrap();
+    m.write_slice(&real, GuestAddress(REAL)).unwrap();
+    m.write_slice(&handler, GuestAddress(INT50)).unwrap();
+    let gdt: [u64; 5] = [
+        0,
+        0x00cf_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+        0x0000_9a00_0000_ffff,
+        0x0000_9200_0000_ffff,
+    ];
+    for (k, d) in gdt.iter().enumerate() {
+        m.write_obj(*d, GuestAddress(0x6000 + 8 * k as u64))
+            .unwrap();
+    }
+    m.write_obj(0x27u16, GuestAddress(GDTR)).unwrap();
+    m.write_obj(0x6000u32, GuestAddress(GDTR + 2)).unwrap();
+    m.write_obj(0x3ffu16, GuestAddress(IVTR)).unwrap();
+    m.write_obj(0u32, GuestAddress(IVTR + 2)).unwrap();
+    m.write_obj(INT50 as u32, GuestAddress(0x50 * 4)).unwrap();
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.rsi & 0xffff, 0x1234, "the handler ran and IRET came back");
+    assert_eq!(r.rcx & 0xffff, STACK16 - 6, "FLAGS, CS, IP pushed");
+    assert_eq!(r.rdx & 0xffff, 0, "CS 0 pushed");
+    assert_eq!(r.rbp & 0xffff, STACK16, "IRET popped them");
+    assert_eq!(r.rdi & 1, 1, "protected mode again");
+    assert_eq!(t.cpu.sregs().cs.selector, 0x08);
+    assert_eq!(r.rip, pm32_end);
+}
+
+/// Virtual-8086 mode under a 32-bit monitor (SDM vol. 3 ch. 20): IRETD in,
+/// INT n to ring 0 with the data segments pushed and nulled, IRETD back,
+/// CLI with IOPL 0 #GP(0).
+#[test]
+fn virtual_8086_mode() {
+    const V86: u64 = 0x7000;
+    const INT21: u64 = CODE + 0x200;
+    const GP: u64 = CODE + 0x300;
+    const IDT32: u64 = 0x5000;
+    const IDTR: u64 = 0x5800;
+    let mut main = asm(32, CODE, |a| {
+        a.lidt(ptr(IDTR))?;
+        for v in [0i32, 0, 0x700, 0, 0x600, 0x100, 0x23002, 0x700, 0] {
+            a.push(v)?;
+        }
+        a.iretd()
+    });
+    main.resize((INT21 - CODE) as usize, 0xcc);
+    main.extend(asm(32, INT21, |a| {
+        a.mov(ecx, dword_ptr(esp + 8))?;
+        a.mov(edx, dword_ptr(esp + 24))?;
+        a.mov(di, ds)?;
+        a.and(dword_ptr(esp + 8), !0x3000)?;
+        a.iretd()
+    }));
+    main.resize((GP - CODE) as usize, 0xcc);
+    main.extend(asm(32, GP, |a| {
+        a.pop(eax)?;
+        a.mov(ebp, dword_ptr(esp))?;
+        a.hlt()
+    }));
+    let v86 = asm(16, 0, |a| {
+        a.mov(ax, word_ptr(0x10))?;
+        a.mov(bx, ax)?;
+        a.int(0x21)?;
+        a.mov(si, 0x5555)?;
+        a.cli()?;
+        a.hlt()
+    });
+    let cli_at = v86.len() as u64 - 2;
+    let mut t = T::protected(&main);
+    let tss = t.cpu.sregs().tr.base;
+    let m = &t.mem;
+    m.write_slice(&v86, GuestAddress(V86)).unwrap();
+    m.write_obj(0xbeefu16, GuestAddress(V86 + 0x10)).unwrap();
+    m.write_obj(0x9000u32, GuestAddress(tss + 4)).unwrap();
+    m.write_obj(0x18u32, GuestAddress(tss + 8)).unwrap();
+    let gate = |handler: u64, dpl: u64| -> u64 {
+        (handler & 0xffff) | (0x08 << 16) | ((0x8e00 | dpl << 13) << 32) | ((handler >> 16) << 48)
+    };
+    m.write_obj(gate(INT21, 3), GuestAddress(IDT32 + 0x21 * 8))
+        .unwrap();
+    m.write_obj(gate(GP, 0), GuestAddress(IDT32 + 13 * 8))
+        .unwrap();
+    m.write_obj(0x7ffu16, GuestAddress(IDTR)).unwrap();
+    m.write_obj(IDT32 as u32, GuestAddress(IDTR + 2)).unwrap();
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.rbx & 0xffff, 0xbeef, "DS 0x700 reaches 0x7010");
+    assert_eq!(r.rcx & 0x23000, 0x23000, "EFLAGS pushed with VM, IOPL 3");
+    assert_eq!(r.rdx, 0x700, "DS pushed above the frame");
+    assert_eq!(r.rdi & 0xffff, 0, "DS nulled in the handler");
+    assert_eq!(r.rsi & 0xffff, 0x5555, "back in virtual-8086 mode");
+    assert_eq!(r.rax, 0, "#GP(0)");
+    assert_eq!(r.rbp, cli_at, "CLI with IOPL 0 faults");
+}

@@ -486,3 +486,47 @@ fn fault_codes() {
     assert_eq!(fault_code(true, Access::Exec, false, false, true), 0x11);
     assert_eq!(fault_code(true, Access::Exec, true, false, false), 0x5);
 }
+
+/// Full reserved-bit checks with PAE and 32-bit paging (SDM vol. 3 4.3,
+/// 4.4.2): PAE entries reserve bits MAXPHYADDR..62; a 4 MiB PDE reserves
+/// bit 21 and its PSE-36 address bits beyond MAXPHYADDR.
+#[test]
+fn reserved_bits_with_pae_and_32_bit_paging() {
+    let cr3 = 0x1020;
+    let lin = (2 << 30) | (3 << 21) | (4 << 12) | 0x567;
+    let mut m = Mem::new();
+    m.set(cr3 + 2 * 8, PD | P);
+    m.set(PD + 3 * 8, PT | ALL);
+    m.set(PT + 4 * 8, FRAME | ALL | (1 << 62));
+    let pae = Paging {
+        reserved: Reserved::Full { phys_bits: 46 },
+        ..Paging::new(cr0::PG, cr3, cr4::PAE, efer::NXE)
+    };
+    assert_eq!(
+        go(&mut m, &pae, lin, Access::Read, false),
+        Err(pf::PRESENT | pf::RSVD),
+        "PAE: bit 62"
+    );
+    let lin = (5 << 22) | 0x89;
+    let two = |phys_bits| Paging {
+        pse: true,
+        reserved: Reserved::Full { phys_bits },
+        ..Paging::new(cr0::PG, PD, cr4::PSE, 0)
+    };
+    m.set32(PD + 5 * 4, (0x80_0000 | (1 << 21) | ALL | PS) as u32);
+    assert_eq!(
+        go(&mut m, &two(46), lin, Access::Read, false),
+        Err(pf::PRESENT | pf::RSVD),
+        "4 MiB PDE: bit 21"
+    );
+    m.set32(PD + 5 * 4, (0x80_0000 | (0x80 << 13) | ALL | PS) as u32);
+    assert!(
+        go(&mut m, &two(46), lin, Access::Read, false).is_ok(),
+        "bit 20: address bit 39"
+    );
+    assert_eq!(
+        go(&mut m, &two(36), lin, Access::Read, false),
+        Err(pf::PRESENT | pf::RSVD),
+        "bit 20 beyond MAXPHYADDR 36"
+    );
+}

@@ -451,6 +451,8 @@ impl Cpu {
         self.rip = v.get(GUEST_RIP);
         self.next_rip = self.rip;
         self.rflags = v.get(GUEST_RFLAGS);
+        // "Load debug controls" is always 1 here (ENTRY_DEFAULT1).
+        let dr7 = v.get(GUEST_DR7);
         let intr = v.get32(GUEST_INTERRUPTIBILITY_INFO);
         self.inhibit = intr & 3 != 0;
         self.vmx.nmi_blocked = intr & 8 != 0;
@@ -462,6 +464,7 @@ impl Cpu {
         } else {
             None
         };
+        self.load_dr7(dr7);
         self.vmx.non_root = true;
         self.vmx.mtf_from = u64::MAX;
         self.vmx.pin = self.vmx.vmcs.get32(PIN_BASED_VM_EXEC_CONTROL);

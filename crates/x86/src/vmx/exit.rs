@@ -233,7 +233,8 @@ impl Cpu {
         v.set(GUEST_CR0, self.cr0);
         v.set(GUEST_CR3, self.cr3);
         v.set(GUEST_CR4, self.cr4);
-        v.set(GUEST_DR7, 0x400);
+        // "Save debug controls" is always 1 here (EXIT_DEFAULT1).
+        v.set(GUEST_DR7, self.dbg.dr7);
         v.set(GUEST_RSP, self.gpr[4]);
         v.set(GUEST_RIP, self.rip);
         v.set(GUEST_RFLAGS, self.rflags);
@@ -277,6 +278,8 @@ impl Cpu {
     /// Loads the host state of the current VMCS (a VM exit, or a VM entry
     /// that failed after the guest state was checked).
     fn load_host_state(&mut self) {
+        // DR7 is 400H after a VM exit (SDM vol. 3 28.5.1).
+        self.load_dr7(0x400);
         let exit_ctl = self.vmx.vmcs.get32(VM_EXIT_CONTROLS);
         let long = exit_ctl & ctl::HOST_ADDR_SPACE_SIZE != 0;
         self.load_regs_and_msrs(

@@ -533,6 +533,19 @@ impl Cpu {
                 return true;
             }
         }
+        if pin & ctl::NMI_EXITING != 0 && self.nmi_ready && !blocked {
+            // An NMI of the local APIC: a VM exit that takes it (SDM vol. 3
+            // 26.2, 28.2.2).
+            let mut e = Exit::new(reason::EXCEPTION_NMI, 0);
+            if let Some(l) = self.local.as_mut() {
+                if l.take_nmi() {
+                    e.intr = intr_info(arch::vector::NMI, 2, None);
+                }
+                self.nmi_ready = l.nmi_pending();
+            }
+            self.vm_exit(e);
+            return true;
+        }
         if proc & ctl::NMI_WINDOW_EXITING != 0 && !self.vmx.nmi_blocked && !blocked {
             self.vm_exit(Exit::new(reason::NMI_WINDOW, 0));
             return true;

@@ -838,13 +838,13 @@ fn exit_of(proc: u32, guest: impl FnOnce(Asm) -> Result<(), IcedError>) -> (T, u
 #[test]
 fn instruction_exits() {
     type A = CodeAssembler;
-    let cases: [(u32, u32, Code, u64); 11] = [
+    // (MONITOR and MWAIT are not in the CPU model: their #UD has priority
+    // over the VM exit, SDM vol. 3 26.1.1.)
+    let cases: [(u32, u32, Code, u64); 9] = [
         (ctl::HLT_EXITING, reason::HLT, A::hlt, 1),
         (ctl::RDTSC_EXITING, reason::RDTSC, A::rdtsc, 2),
         (ctl::RDPMC_EXITING, reason::RDPMC, A::rdpmc, 2),
         (ctl::PAUSE_EXITING, reason::PAUSE, A::pause, 2),
-        (ctl::MONITOR_EXITING, reason::MONITOR, A::monitor, 3),
-        (ctl::MWAIT_EXITING, reason::MWAIT, A::mwait, 3),
         (0, reason::INVD, A::invd, 2),
         (0, reason::VMCALL, A::vmcall, 3),
         (0, reason::VMXOFF, A::vmxoff, 3),
