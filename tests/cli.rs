@@ -222,6 +222,14 @@ fn bt_code_cache_is_bounded() {
     let c = &v["bt"];
     assert_eq!(c["code_cache_size"], 64 << 10, "{v}");
     assert!(c["code_cache_bytes"].as_u64().unwrap() <= 64 << 10);
+    // The translator's metadata stays within its documented bound.
+    let bound = c["metadata_bound"].as_u64().unwrap();
+    assert_eq!(
+        bound,
+        (64 << 10) / visor_bt::CACHE_BYTES_PER_BLOCK as u64 * visor_bt::METADATA_PER_BLOCK as u64
+    );
+    assert!(c["metadata_bytes"].as_u64().unwrap() <= bound, "{v}");
+    assert!(c["cache_flushes"].as_u64().unwrap() >= 1, "{v}");
     let o = visor(&["run", "--engine", "bt", "--bt-cache", "1K"]);
     assert_error(&o, "--bt-cache");
 }

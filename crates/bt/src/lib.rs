@@ -188,6 +188,19 @@ struct Stats {
 /// Side exits at one instruction before it is retranslated as a callout.
 pub const ADAPT_AFTER: u32 = 64;
 
+/// Code-cache bytes per block the table may hold: with a cache of S bytes
+/// the engine keeps at most S / 256 blocks (translated or not) before it
+/// empties everything, so the translator's metadata stays within
+/// [`METADATA_PER_BLOCK`] * S / 256 bytes beside the cache (docs/bt.md).
+pub const CACHE_BYTES_PER_BLOCK: usize = 256;
+
+/// An upper bound of the metadata one block costs: 256 bytes for its entry
+/// in the block table, in the address map and in its page's list with four
+/// linked jumps; 32 for more linked jumps (a block has at most two); and
+/// 32 each for a side-exit count and an adaptive callout, whose tables are
+/// emptied when they hold as many entries as the block table may.
+pub const METADATA_PER_BLOCK: usize = 352;
+
 /// The translated blocks of one vCPU and their code cache: the
 /// accelerator the software CPU calls ([`x86::Accel`]).
 pub struct Blocks {
@@ -329,6 +342,8 @@ impl Blocks {
         self.blocks.clear();
         self.at.clear();
         self.by_page.clear();
+        self.misses.clear();
+        self.callout_at.clear();
         self.cache.clear();
         self.clear_jc();
         self.stats.flushes += 1;
@@ -381,6 +396,13 @@ impl Blocks {
     fn side_exit(&mut self, pa: u64, block: u32) {
         self.stats.side_exits += 1;
         self.stats.side_exits_hard += 1;
+        let cap = self.cache.size() / CACHE_BYTES_PER_BLOCK;
+        if self.misses.len() >= cap {
+            self.misses.clear();
+        }
+        if self.callout_at.len() >= cap {
+            self.callout_at.clear();
+        }
         let n = self.misses.entry(pa).or_default();
         *n += 1;
         if *n < ADAPT_AFTER {
@@ -402,6 +424,10 @@ impl Blocks {
 
     /// Translates the block at RIP (guest-physical `pa`).
     fn translate(&mut self, cpu: &mut Cpu, pa: u64) -> u32 {
+        if self.blocks.len() >= self.cache.size() / CACHE_BYTES_PER_BLOCK {
+            // The metadata bound (blocks without code take no cache).
+            self.flush();
+        }
         let start = Instant::now();
         let mut guest: Vec<Instruction> = Vec::new();
         let mut rip = cpu.rip;
@@ -481,6 +507,19 @@ impl Blocks {
                 })
             })
             .collect()
+    }
+
+    /// An upper bound of the memory the translator's metadata takes now
+    /// (see [`METADATA_PER_BLOCK`]), besides the code cache and the fixed
+    /// jump cache.
+    pub fn metadata_bytes(&self) -> usize {
+        self.blocks.len() * 256
+            + (self.misses.len() + self.callout_at.len()) * 32
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.incoming.len().saturating_sub(4) * 16)
+                .sum::<usize>()
     }
 
     /// The runtime's routines (tests: where blocks may jump).
@@ -736,6 +775,11 @@ impl Vcpu for BtVcpu {
             ),
             ("bt/code_cache_bytes".into(), self.tr.cache.used() as u64),
             ("bt/code_cache_size".into(), self.tr.cache.size() as u64),
+            ("bt/metadata_bytes".into(), self.tr.metadata_bytes() as u64),
+            (
+                "bt/metadata_bound".into(),
+                (self.tr.cache.size() / CACHE_BYTES_PER_BLOCK * METADATA_PER_BLOCK) as u64,
+            ),
             ("bt/cache_flushes".into(), s.flushes),
             (
                 "bt/invalidated_blocks/written".into(),

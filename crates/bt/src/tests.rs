@@ -303,3 +303,36 @@ fn flags_survive_a_probe_before_a_rotate_by_zero() {
     let v = run_both(&code);
     assert!(counter(&v, "bt/instructions_translated_memory") >= 1);
 }
+
+/// Adaptive translation: a store that keeps missing the TLB's fast path
+/// for a reason the interpreter must handle every time (here, a write into
+/// the page that holds the translated loop, next to its code) is
+/// retranslated into a callout after [`ADAPT_AFTER`] side exits, so it
+/// stops leaving the block; the block it was in is dropped and the jumps
+/// linked to it are unlinked.
+#[test]
+fn a_store_that_keeps_missing_becomes_a_callout() {
+    let data = CODE + 0x800;
+    let code = asm(|a| {
+        a.mov(ecx, 1000u32)?;
+        a.mov(rbx, data)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.add(eax, 3)?;
+        a.mov(dword_ptr(rbx), eax)?;
+        a.xor(edx, eax)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    let v = run_both(&code);
+    let c = |n| counter(&v, n);
+    assert_eq!(c("bt/adaptive_callouts"), 1, "{:?}", v.engine_counters());
+    assert!(
+        c("bt/side_exits/hard") <= ADAPT_AFTER as u64 + 2,
+        "{:?}",
+        v.engine_counters()
+    );
+    assert!(c("bt/unlinks") >= 1, "{:?}", v.engine_counters());
+    assert!(c("bt/callout/mov") >= 900, "{:?}", v.engine_counters());
+}
