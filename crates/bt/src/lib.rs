@@ -170,6 +170,8 @@ struct Stats {
     side_exits_hard: u64,
     /// Times the dispatcher (Rust) entered the code cache.
     dispatches: u64,
+    /// Blocks entered (by the dispatcher, a lookup or a linked jump).
+    blocks_run: u64,
     /// Patchable jumps linked to their target block, and unlinked again.
     links: u64,
     unlinks: u64,
@@ -617,7 +619,7 @@ impl Accel for Blocks {
         ctx.vpage = cpu.rip & !0xfff;
         ctx.set_rflags(cpu.rflags);
         ctx.count = 0;
-        ctx.limit = left;
+        ctx.set_limit(left);
         ctx.code = code;
         ctx.tlb = probe.base;
         ctx.acc_r = probe.acc_r;
@@ -682,7 +684,8 @@ impl Accel for Blocks {
         let ctx = &*self.ctx;
         cpu.gpr = ctx.gpr;
         cpu.rflags = ctx.rflags(cpu.rflags);
-        let done = ctx.count;
+        let done = ctx.instructions();
+        self.stats.blocks_run += ctx.blocks();
         cpu.retired += done;
         self.stats.identical_runs += done;
         Some(done)
@@ -788,7 +791,14 @@ impl Vcpu for BtVcpu {
             ("bt/invalidated_blocks/all".into(), s.invalidated_all),
             ("bt/invalidations_all".into(), s.invalidations_all),
             ("bt/adaptive_callouts".into(), s.adaptive),
+            ("bt/blocks_run".into(), s.blocks_run),
             ("bt/exits/dispatcher".into(), s.dispatches),
+            (
+                "bt/exits/chained".into(),
+                s.blocks_run
+                    .saturating_sub(s.dispatches)
+                    .saturating_sub(self.tr.ctx.lookups.saturating_sub(s.lookup_misses)),
+            ),
             ("bt/exits/lookup".into(), self.tr.ctx.lookups),
             (
                 "bt/exits/lookup_hits".into(),

@@ -450,11 +450,14 @@ pub struct Ctx {
     /// The guest's arithmetic flags as LAHF and SETO leave them in AX:
     /// bits 15:8 SF, ZF, AF, PF and CF; bit 0 OF.
     pub flags: u64,
-    /// Guest instructions run since the runtime entered the cache.
+    /// Guest instructions run since the runtime entered the cache, shifted
+    /// left by [`COUNT_SHIFT`], plus the blocks entered (host R15 while the
+    /// code runs): see [`Ctx::instructions`] and [`Ctx::blocks`].
     pub count: u64,
-    /// The budget: a loop's backward jump and a lookup leave the cache
-    /// once `count` reaches it (a run of forward jumps within one page may
-    /// go past it, by less than a page of instructions).
+    /// The budget, shifted as `count`: a loop's backward jump and a lookup
+    /// leave the cache once `count` reaches it (a run of forward jumps
+    /// within one page may go past it, by less than a page of
+    /// instructions).
     pub limit: u64,
     /// How the code left the cache: [`SLOT_STOP`] (the interpreter runs
     /// the next instruction, or the budget is spent), [`SLOT_NONE`] (the
@@ -510,7 +513,27 @@ const HOMED: u16 = !(1 << 4 | 1 << 7 | 1 << 15);
 /// The others: loaded from the context by the blocks that use them.
 const IN_CONTEXT: [usize; 3] = [4, 7, 15];
 
+/// Where the instruction count starts in [`Ctx::count`] (the blocks
+/// entered are counted below it: fewer than 2^24 in one run, whose budget
+/// is far smaller).
+pub const COUNT_SHIFT: u32 = 24;
+
 impl Ctx {
+    /// Guest instructions run since the runtime entered the cache.
+    pub fn instructions(&self) -> u64 {
+        self.count >> COUNT_SHIFT
+    }
+
+    /// Blocks entered since the runtime entered the cache.
+    pub fn blocks(&self) -> u64 {
+        self.count & ((1 << COUNT_SHIFT) - 1)
+    }
+
+    /// Sets the budget to `left` instructions.
+    pub fn set_limit(&mut self, left: u64) {
+        self.limit = left.min(1 << 38) << COUNT_SHIFT;
+    }
+
     /// Takes the arithmetic flags of `rflags`.
     pub fn set_rflags(&mut self, rflags: u64) {
         let of = rflags >> 11 & 1;
@@ -977,7 +1000,7 @@ impl Translator {
         let mut slots = Vec::new();
 
         // Entry: count, borrow.
-        a.lea(r15, qword_ptr(r15 + count as i32))?;
+        a.lea(r15, qword_ptr(r15 + ((count as i32) << COUNT_SHIFT | 1)))?;
         for &h in &r.borrowed {
             spill(&mut a, h, h)?;
         }
@@ -1230,7 +1253,7 @@ impl Translator {
             a.popfq()?;
             r.give_back(&mut a)?;
             // The count was taken for the whole block.
-            a.lea(r15, qword_ptr(r15 - (count - k) as i32))?;
+            a.lea(r15, qword_ptr(r15 - (((count - k) as i32) << COUNT_SHIFT)))?;
             let ip = guest.get(k).or(branch).map_or(start, |i| i.ip());
             a.mov(qword_ptr(rdi + ctx!(next)), rel(ip))?;
             a.mov(dword_ptr(rdi + ctx!(block)), id)?;
