@@ -177,7 +177,7 @@ struct Stats {
     unlinks: u64,
     /// Lookups in generated code that missed (the dispatcher's work).
     lookup_misses: u64,
-    /// Jump cache emptied (TLB flush, CPL class change, blocks dropped).
+    /// Jump cache emptied (blocks dropped, the cache flushed).
     jc_clears: u64,
     /// Memory instructions retranslated into callouts because their probe
     /// kept missing (adaptive translation).
@@ -220,9 +220,6 @@ pub struct Blocks {
     /// The jump cache: guest RIP (and CPL class) to block, looked up by
     /// generated code for the targets it cannot link.
     jc: Box<[JcEntry]>,
-    /// What the jump cache's entries were made under: the TLB generation
-    /// and the CPL's class (user or not).
-    jc_made: (u64, bool),
     /// Side exits by guest-physical address of the memory instruction.
     misses: HashMap<u64, u32, BuildHasherDefault<AddrHasher>>,
     /// Memory instructions the translator leaves to the interpreter
@@ -305,12 +302,13 @@ impl Blocks {
             jc: vec![
                 JcEntry {
                     key: JC_EMPTY,
-                    code: 0
+                    code: 0,
+                    ppage: 0,
+                    pad: 0,
                 };
                 JC_ENTRIES
             ]
             .into_boxed_slice(),
-            jc_made: (u64::MAX, false),
             misses: HashMap::default(),
             callout_at: HashSet::new(),
             stats: Stats {
@@ -334,6 +332,8 @@ impl Blocks {
             *e = JcEntry {
                 key: JC_EMPTY,
                 code: exit,
+                ppage: 0,
+                pad: 0,
             };
         }
         self.stats.jc_clears += 1;
@@ -600,11 +600,6 @@ impl Accel for Blocks {
             self.invalidate(cpu);
         }
         let user = cpu.cpl() == 3;
-        let made = (cpu.tlb_generation(), user);
-        if made != self.jc_made {
-            self.clear_jc();
-            self.jc_made = made;
-        }
         let pa = cpu.code_phys()?;
         let code = match self.block_at(cpu, pa) {
             Ok((_, code)) => code,
@@ -624,13 +619,20 @@ impl Accel for Blocks {
         ctx.tlb = probe.base;
         ctx.acc_r = probe.acc_r;
         ctx.acc_w = probe.acc_w;
+        ctx.acc_x = probe.acc_x;
+        ctx.tlb_mask = probe.mask;
         ctx.jc = self.jc.as_ptr() as u64;
         ctx.key_xor = translate::jc_key(0, user);
         ctx.callout = CALLOUT_NONE;
         ctx.fs_base = cpu.seg[x86::sreg::FS].base;
         ctx.gs_base = cpu.seg[x86::sreg::GS].base;
         let key = translate::jc_key(cpu.rip, user);
-        self.jc[translate::jc_index(key)] = JcEntry { key, code };
+        self.jc[translate::jc_index(key)] = JcEntry {
+            key,
+            code,
+            ppage: pa & !0xfff,
+            pad: 0,
+        };
         loop {
             self.stats.dispatches += 1;
             self.cache.run(&mut self.ctx);
@@ -676,7 +678,12 @@ impl Accel for Blocks {
                 }
             };
             let key = translate::jc_key(cpu.rip, user);
-            self.jc[translate::jc_index(key)] = JcEntry { key, code: ncode };
+            self.jc[translate::jc_index(key)] = JcEntry {
+                key,
+                code: ncode,
+                ppage: pa & !0xfff,
+                pad: 0,
+            };
             let ctx = &mut *self.ctx;
             ctx.vpage = cpu.rip & !0xfff;
             ctx.code = ncode;

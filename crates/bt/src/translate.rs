@@ -473,6 +473,10 @@ pub struct Ctx {
     pub acc_r: u64,
     /// The TLB's access bit of a write at the current CPL.
     pub acc_w: u64,
+    /// The TLB's access bit of an instruction fetch at the current CPL.
+    pub acc_x: u64,
+    /// The software TLB's index mask.
+    pub tlb_mask: u64,
     /// The jump cache's first entry.
     pub jc: u64,
     /// XORed into RIP to make a jump-cache key ([`jc_key`]).
@@ -481,6 +485,8 @@ pub struct Ctx {
     pub lookups: u64,
     /// The lookup's RIP.
     pub rip: u64,
+    /// The lookup's scratch: the physical page of the entry it found.
+    pub jc_ppage: u64,
     /// The FS and GS segment bases (64-bit code adds them to FS: and GS:
     /// addresses; they change only in the interpreter).
     pub fs_base: u64,
@@ -591,8 +597,11 @@ pub const JC_ENTRIES: usize = 4096;
 /// has it.
 pub const JC_EMPTY: u64 = 1 << 48;
 
-/// One jump-cache entry: a key ([`jc_key`]) and the host address of its
-/// block's code.
+/// One jump-cache entry: a key ([`jc_key`]), the host address of its
+/// block's code, and the guest-physical page the block was translated from.
+/// A hit needs the software TLB to map the RIP's page to that page, with
+/// fetch access at the current CPL: so entries outlive TLB flushes (a page
+/// whose mapping changed misses, and the dispatcher finds the block anew).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct JcEntry {
@@ -600,6 +609,10 @@ pub struct JcEntry {
     pub key: u64,
     /// Host address of the block's code.
     pub code: u64,
+    /// The block's guest-physical page.
+    pub ppage: u64,
+    /// Padding to 32 bytes (the lookup scales the index by shifting).
+    pub pad: u64,
 }
 
 /// The jump cache's key of a guest RIP: the RIP with bit 63 flipped at
@@ -715,12 +728,29 @@ pub fn runtime(base: u64) -> Result<(Vec<u8>, Runtime), IcedError> {
     a.shr(rcx, 12)?;
     a.xor(rcx, rax)?;
     a.and(ecx, (JC_ENTRIES - 1) as u32)?;
-    a.shl(ecx, 4)?;
+    a.shl(ecx, 5)?;
     a.add(rcx, qword_ptr(rdi + ctx!(jc)))?;
     a.cmp(rax, qword_ptr(rcx))?;
     a.jne(miss)?;
     a.mov(rax, qword_ptr(rcx + 8))?;
     a.mov(qword_ptr(rdi + ctx!(code)), rax)?;
+    // The TLB must map the page to the block's, with fetch access.
+    a.mov(rax, qword_ptr(rcx + 16))?;
+    a.mov(qword_ptr(rdi + ctx!(jc_ppage)), rax)?;
+    a.mov(rcx, qword_ptr(rdi + ctx!(rip)))?;
+    a.shr(rcx, 12)?;
+    a.and(rcx, qword_ptr(rdi + ctx!(tlb_mask)))?;
+    a.imul_3(rcx, rcx, x86::TLB_ENTRY_SIZE as i32)?;
+    a.add(rcx, qword_ptr(rdi + ctx!(tlb)))?;
+    a.cmp(rax, qword_ptr(rcx + x86::TLB_PPAGE as i32))?;
+    a.jne(miss)?;
+    a.mov(rax, qword_ptr(rdi + ctx!(rip)))?;
+    a.and(rax, -0x1000)?;
+    a.cmp(rax, qword_ptr(rcx + x86::TLB_VPAGE as i32))?;
+    a.jne(miss)?;
+    a.mov(rax, qword_ptr(rdi + ctx!(acc_x)))?;
+    a.test(byte_ptr(rcx + x86::TLB_ALLOW as i32), al)?;
+    a.jz(miss)?;
     a.mov(rax, qword_ptr(rdi + ctx!(rip)))?;
     a.and(rax, -0x1000)?;
     a.mov(qword_ptr(rdi + ctx!(vpage)), rax)?;

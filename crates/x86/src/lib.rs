@@ -64,7 +64,7 @@ pub use debug::DebugRegs;
 pub use fpu::Fpu;
 pub use intercept::{seg_index, sensitive, Intercepts, IrqMode};
 pub use mem::PhysMem;
-pub use mmu::{TlbProbe, TLB_ALLOW, TLB_ENTRY_SIZE, TLB_HOST, TLB_VPAGE};
+pub use mmu::{TlbProbe, TLB_ALLOW, TLB_ENTRY_SIZE, TLB_HOST, TLB_PPAGE, TLB_VPAGE};
 use vcpu::{DescriptorTable, Regs, SRegs, Segment};
 
 /// Segment register numbers (the x86 encoding).
@@ -340,9 +340,6 @@ pub struct Cpu {
     pub(crate) mem: PhysMem,
     pub(crate) tlb: Box<[mmu::TlbEntry]>,
     pub(crate) tlb_has_large: bool,
-    /// Counts TLB flushes (whole or one page), for engines that keep
-    /// something derived from translations ([`Cpu::tlb_generation`]).
-    pub(crate) tlb_gen: u64,
     pub(crate) code: decode::CodeCache,
 
     /// Inputs this instruction already received (replayed when it runs again).
@@ -450,7 +447,6 @@ impl Cpu {
             mem,
             tlb: vec![mmu::TlbEntry::INVALID; mmu::TLB_SIZE].into_boxed_slice(),
             tlb_has_large: false,
-            tlb_gen: 0,
             code,
             replay: Vec::with_capacity(8192),
             replay_pos: 0,

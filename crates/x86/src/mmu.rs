@@ -62,6 +62,8 @@ pub struct TlbProbe {
     pub acc_r: u64,
     /// The `allow` bit of a write at the current CPL.
     pub acc_w: u64,
+    /// The `allow` bit of an instruction fetch at the current CPL.
+    pub acc_x: u64,
 }
 
 /// The size of an entry, and the offsets of its linear page, host address
@@ -73,15 +75,10 @@ pub const TLB_VPAGE: usize = std::mem::offset_of!(TlbEntry, vpage);
 pub const TLB_HOST: usize = std::mem::offset_of!(TlbEntry, host);
 /// Offset of the access-bits byte.
 pub const TLB_ALLOW: usize = std::mem::offset_of!(TlbEntry, allow);
+/// Offset of the physical page address.
+pub const TLB_PPAGE: usize = std::mem::offset_of!(TlbEntry, ppage);
 
 impl Cpu {
-    /// Changes whenever TLB entries are flushed (INVLPG, MOV to CR3, a mode
-    /// change, ...): what an engine derived from linear-to-physical
-    /// translations (engine `bt`'s jump cache) is stale once it changes.
-    pub fn tlb_generation(&self) -> u64 {
-        self.tlb_gen
-    }
-
     /// The software TLB, for translated code that probes it.
     pub fn tlb_probe(&self) -> TlbProbe {
         TlbProbe {
@@ -89,6 +86,7 @@ impl Cpu {
             mask: (TLB_SIZE - 1) as u64,
             acc_r: self.acc_r as u64,
             acc_w: self.acc_w as u64,
+            acc_x: self.acc_x as u64,
         }
     }
 }
@@ -101,7 +99,6 @@ fn tlb_index(lin: u64) -> usize {
 impl Cpu {
     /// Drops TLB entries (the global ones too if `all`).
     pub(crate) fn tlb_flush(&mut self, all: bool) {
-        self.tlb_gen = self.tlb_gen.wrapping_add(1);
         let mut large = false;
         for e in self.tlb.iter_mut() {
             if all || !e.global {
@@ -116,7 +113,6 @@ impl Cpu {
 
     /// INVLPG.
     pub(crate) fn tlb_flush_page(&mut self, lin: u64) {
-        self.tlb_gen = self.tlb_gen.wrapping_add(1);
         if self.tlb_has_large {
             // 4 KiB pieces of a large page may sit anywhere in the TLB.
             self.tlb_flush(true);
