@@ -336,3 +336,61 @@ fn a_store_that_keeps_missing_becomes_a_callout() {
     assert!(c("bt/unlinks") >= 1, "{:?}", v.engine_counters());
     assert!(c("bt/callout/mov") >= 900, "{:?}", v.engine_counters());
 }
+
+/// CALL and JMP through a register, and RET, run as translated code (the
+/// targets through the jump cache), with `emu`'s results.
+#[test]
+fn indirect_calls_and_jumps_are_translated() {
+    let f = CODE + 0x200;
+    let code = asm(|a| {
+        a.mov(ecx, 200u32)?;
+        a.mov(rax, f)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.call(rax)?;
+        a.add(rbx, rdx)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()?;
+        a.zero_bytes()?;
+        Ok(())
+    });
+    let mut c = code;
+    c.resize(0x200, 0x90);
+    let g = CodeAssembler::new(64)
+        .and_then(|mut a| {
+            let mut out = a.create_label();
+            a.mov(rdx, CODE + 0x280)?;
+            a.add(rsi, 7)?;
+            a.jmp(rdx)?;
+            a.set_label(&mut out)?;
+            a.ret()?;
+            a.assemble(f)
+        })
+        .unwrap();
+    c.extend_from_slice(&g);
+    c.resize(0x280, 0x90);
+    c.extend_from_slice(
+        &asm(|a| {
+            a.xor(rdx, rsi)?;
+            a.ret()
+        })[..],
+    );
+    let v = run_both(&c);
+    assert!(
+        counter(&v, "bt/run_translated") >= 1000,
+        "{:?}",
+        v.engine_counters()
+    );
+    assert!(
+        counter(&v, "bt/exits/lookup_hits") >= 500,
+        "{:?}",
+        v.engine_counters()
+    );
+    assert_eq!(
+        counter(&v, "bt/callout/call"),
+        0,
+        "{:?}",
+        v.engine_counters()
+    );
+}

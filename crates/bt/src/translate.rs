@@ -272,10 +272,18 @@ pub fn return_near(i: &Instruction) -> bool {
     matches!(i.code(), Code::Retnq | Code::Retnq_imm16)
 }
 
+/// Whether `i` is a near JMP or CALL through a 64-bit general-purpose
+/// register.
+pub fn indirect_near(i: &Instruction) -> bool {
+    matches!(i.code(), Code::Jmp_rm64 | Code::Call_rm64)
+        && i.op0_kind() == OpKind::Register
+        && gpr_number(i.op0_register()).is_some()
+}
+
 /// Whether `i` ends a block in host code: a direct JMP or Jcc, a direct
-/// CALL or a RET.
+/// CALL, a RET, or a JMP or CALL through a register.
 pub fn terminator(i: &Instruction) -> bool {
-    direct_branch(i) || call_near(i) || return_near(i)
+    direct_branch(i) || call_near(i) || return_near(i) || indirect_near(i)
 }
 
 /// Whether `i` is DIV or IDIV by a 32- or 64-bit general-purpose register.
@@ -943,13 +951,16 @@ impl Translator {
             .filter(|i| {
                 terminator(i)
                     && taken.len() < MAX_BLOCK
-                    && (return_near(i) || fits(i.near_branch_target()))
+                    && (return_near(i) || indirect_near(i) || fits(i.near_branch_target()))
             })
             .copied();
         // A call or a return needs the stack pointer and scratch registers.
         let (used, memory) = match &branch {
-            Some(b) if call_near(b) || return_near(b) => {
-                let all = used | 1 << 4;
+            Some(b) if call_near(b) || return_near(b) || indirect_near(b) => {
+                let mut all = used | 1 << 4;
+                if indirect_near(b) {
+                    all |= 1 << gpr_number(b.op0_register()).unwrap_or(0);
+                }
                 if Registers::borrowed(all, true) > (HOMED & !all).count_ones() as usize {
                     // The block ends before it: the interpreter's.
                     return self.translate(&guest[..taken.len()], Some(b.mnemonic()), at, id);
@@ -1203,6 +1214,37 @@ impl Translator {
                 a.mov(qword_ptr(rdi + ctx!(rip)), s2a)?;
                 misses.push((miss, guest.len()));
             }
+            Some(b) if indirect_near(b) => {
+                // The target from its register (a non-canonical one faults,
+                // #GP, in the interpreter, at the JMP or CALL); a CALL
+                // pushes the return address first.
+                let miss = Miss {
+                    cold: a.create_label(),
+                    hard: a.create_label(),
+                };
+                let call = b.code() == Code::Call_rm64;
+                if call {
+                    self.push_pop(&mut a, r, miss, !saved, None, None)?;
+                } else if !saved {
+                    a.pushfq()?;
+                }
+                saved = true;
+                let [s1a, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
+                a.mov(s2a, ASM64[r.map[gpr_number(b.op0_register()).unwrap_or(0)]])?;
+                a.mov(s3a, s2a)?;
+                a.shl(s3a, 16)?;
+                a.sar(s3a, 16)?;
+                a.cmp(s3a, s2a)?;
+                a.jne(miss.hard)?;
+                if call {
+                    a.mov(s3a, qword_ptr(rdi + ctx!(vpage)))?;
+                    a.lea(s3a, qword_ptr(s3a + rel(next)))?;
+                    a.mov(qword_ptr(s1a), s3a)?;
+                    a.lea(ASM64[r.map[4]], qword_ptr(ASM64[r.map[4]] - 8))?;
+                }
+                a.mov(qword_ptr(rdi + ctx!(rip)), s2a)?;
+                misses.push((miss, guest.len()));
+            }
             _ => {}
         }
         if saved {
@@ -1259,7 +1301,7 @@ impl Translator {
             a.jmp(self.rt.exit)
         };
         match end {
-            End::Branch(b) if return_near(b) => a.jmp(self.rt.lookup_abs)?,
+            End::Branch(b) if return_near(b) || indirect_near(b) => a.jmp(self.rt.lookup_abs)?,
             End::Branch(b) if b.is_jmp_short_or_near() || call_near(b) => {
                 leave(&mut a, b.near_branch_target(), None)?;
             }
