@@ -31,9 +31,6 @@ use iced_x86::{
 
 /// The most instructions in one block.
 pub const MAX_BLOCK: usize = 64;
-/// The fewest: a shorter run costs more in the block's prologue and
-/// epilogue than the interpreter takes for it.
-pub const MIN_BLOCK: usize = 1;
 
 /// Whether `i` is a direct jump that may end a block: JMP or Jcc with a
 /// relative target, resolved in the block's host code (a branch cannot
@@ -817,6 +814,15 @@ struct Miss {
     hard: CodeLabel,
 }
 
+impl Miss {
+    fn new(a: &mut CodeAssembler) -> Miss {
+        Miss {
+            cold: a.create_label(),
+            hard: a.create_label(),
+        }
+    }
+}
+
 /// How a block's host code ends.
 enum End<'a> {
     /// A direct JMP or Jcc, resolved in host code.
@@ -1090,10 +1096,7 @@ impl Translator {
                 continue;
             }
             if matches!(form, Form::Push | Form::Pop) {
-                let miss = Miss {
-                    cold: a.create_label(),
-                    hard: a.create_label(),
-                };
+                let miss = Miss::new(&mut a);
                 let push = *form == Form::Push;
                 self.push_pop(
                     &mut a,
@@ -1109,10 +1112,7 @@ impl Translator {
             }
             let mut o = rename(i, &r.map);
             if *form == Form::Div {
-                let miss = Miss {
-                    cold: a.create_label(),
-                    hard: a.create_label(),
-                };
+                let miss = Miss::new(&mut a);
                 if !saved {
                     a.pushfq()?;
                 }
@@ -1126,10 +1126,7 @@ impl Translator {
                 continue;
             }
             if let Form::Memory(write) = *form {
-                let miss = Miss {
-                    cold: a.create_label(),
-                    hard: a.create_label(),
-                };
+                let miss = Miss::new(&mut a);
                 let addr = if i.is_ip_rel_memory_operand() {
                     Address::Rip(rel(i.memory_displacement64()))
                 } else {
@@ -1181,34 +1178,21 @@ impl Translator {
             Some(b) if call_near(b) => {
                 // Push the return address (the block's page plus an
                 // offset), then jump.
-                let miss = Miss {
-                    cold: a.create_label(),
-                    hard: a.create_label(),
-                };
+                let miss = Miss::new(&mut a);
                 self.push_pop(&mut a, r, miss, !saved, None, None)?;
                 saved = true;
-                a.mov(ASM64[s2], qword_ptr(rdi + ctx!(vpage)))?;
-                a.lea(ASM64[s2], qword_ptr(ASM64[s2] + rel(next)))?;
-                a.mov(qword_ptr(ASM64[r.scratch[0]]), ASM64[s2])?;
-                a.lea(ASM64[r.map[4]], qword_ptr(ASM64[r.map[4]] - 8))?;
+                push_return(&mut a, r, ASM64[s2], rel(next))?;
                 misses.push((miss, guest.len()));
             }
             Some(b) if return_near(b) => {
                 // Pop the target; a non-canonical one faults (#GP) in the
                 // interpreter, at the RET.
-                let miss = Miss {
-                    cold: a.create_label(),
-                    hard: a.create_label(),
-                };
+                let miss = Miss::new(&mut a);
                 self.push_pop(&mut a, r, miss, !saved, None, Some(Register::None))?;
                 saved = true;
                 let [s1a, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
                 a.mov(s2a, qword_ptr(s1a))?;
-                a.mov(s3a, s2a)?;
-                a.shl(s3a, 16)?;
-                a.sar(s3a, 16)?;
-                a.cmp(s3a, s2a)?;
-                a.jne(miss.hard)?;
+                unless_canonical(&mut a, s2a, s3a, miss.hard)?;
                 let pop = 8 + i32::from(b.immediate16());
                 a.lea(ASM64[r.map[4]], qword_ptr(ASM64[r.map[4]] + pop))?;
                 a.mov(qword_ptr(rdi + ctx!(rip)), s2a)?;
@@ -1218,10 +1202,7 @@ impl Translator {
                 // The target from its register (a non-canonical one faults,
                 // #GP, in the interpreter, at the JMP or CALL); a CALL
                 // pushes the return address first.
-                let miss = Miss {
-                    cold: a.create_label(),
-                    hard: a.create_label(),
-                };
+                let miss = Miss::new(&mut a);
                 let call = b.code() == Code::Call_rm64;
                 if call {
                     self.push_pop(&mut a, r, miss, !saved, None, None)?;
@@ -1229,18 +1210,11 @@ impl Translator {
                     a.pushfq()?;
                 }
                 saved = true;
-                let [s1a, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
+                let [_, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
                 a.mov(s2a, ASM64[r.map[gpr_number(b.op0_register()).unwrap_or(0)]])?;
-                a.mov(s3a, s2a)?;
-                a.shl(s3a, 16)?;
-                a.sar(s3a, 16)?;
-                a.cmp(s3a, s2a)?;
-                a.jne(miss.hard)?;
+                unless_canonical(&mut a, s2a, s3a, miss.hard)?;
                 if call {
-                    a.mov(s3a, qword_ptr(rdi + ctx!(vpage)))?;
-                    a.lea(s3a, qword_ptr(s3a + rel(next)))?;
-                    a.mov(qword_ptr(s1a), s3a)?;
-                    a.lea(ASM64[r.map[4]], qword_ptr(ASM64[r.map[4]] - 8))?;
+                    push_return(&mut a, r, s3a, rel(next))?;
                 }
                 a.mov(qword_ptr(rdi + ctx!(rip)), s2a)?;
                 misses.push((miss, guest.len()));
@@ -1537,23 +1511,60 @@ impl Registers {
     }
 }
 
+/// Jumps to `fault` unless `v` is a canonical address (uses `t`; changes
+/// the flags).
+fn unless_canonical(
+    a: &mut CodeAssembler,
+    v: AsmRegister64,
+    t: AsmRegister64,
+    fault: CodeLabel,
+) -> Result<(), IcedError> {
+    a.mov(t, v)?;
+    a.shl(t, 16)?;
+    a.sar(t, 16)?;
+    a.cmp(t, v)?;
+    a.jne(fault)
+}
+
+/// Stores the return address (the block's page plus `rel`, computed in
+/// `t`) into the stack slot a probe put in scratch 0, and moves guest RSP
+/// down over it: the push of a CALL. No flag changes.
+fn push_return(
+    a: &mut CodeAssembler,
+    r: &Registers,
+    t: AsmRegister64,
+    rel: i32,
+) -> Result<(), IcedError> {
+    a.mov(t, qword_ptr(rdi + ctx!(vpage)))?;
+    a.lea(t, qword_ptr(t + rel))?;
+    a.mov(qword_ptr(ASM64[r.scratch[0]]), t)?;
+    a.lea(ASM64[r.map[4]], qword_ptr(ASM64[r.map[4]] - 8))
+}
+
+/// Whether `i` is a shift or rotate, which writes no flag when its masked
+/// count is 0 (known only at run time).
+fn shift_or_rotate(i: &Instruction) -> bool {
+    matches!(
+        i.mnemonic(),
+        M::Shl | M::Shr | M::Sar | M::Sal | M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shld | M::Shrd
+    )
+}
+
+/// The arithmetic flags in iced-x86's notation: OF, SF, ZF, AF, CF, PF.
+const ARITH_FLAGS: u32 = RflagsBits::OF
+    | RflagsBits::SF
+    | RflagsBits::ZF
+    | RflagsBits::AF
+    | RflagsBits::CF
+    | RflagsBits::PF;
+
 /// Whether `i` writes every arithmetic flag without reading one, so that
 /// the flags before it are dead. Flags the SDM leaves undefined count as
 /// written: the host CPU running the instruction writes them as the CPU
 /// does. Shifts and rotates write none when their masked count is 0,
 /// which is known only at run time.
 fn flags_overwritten(i: &Instruction) -> bool {
-    let shift = matches!(
-        i.mnemonic(),
-        M::Shl | M::Shr | M::Sar | M::Sal | M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shld | M::Shrd
-    );
-    let all = RflagsBits::OF
-        | RflagsBits::SF
-        | RflagsBits::ZF
-        | RflagsBits::AF
-        | RflagsBits::CF
-        | RflagsBits::PF;
-    !shift && i.rflags_read() == 0 && i.rflags_modified() & all == all
+    !shift_or_rotate(i) && i.rflags_read() == 0 && i.rflags_modified() & ARITH_FLAGS == ARITH_FLAGS
 }
 
 /// Whether `i` may leave a flag undefined that `next` (the instruction
@@ -1561,12 +1572,8 @@ fn flags_overwritten(i: &Instruction) -> bool {
 /// before reading it. Shifts and rotates count as leaving AF and OF
 /// undefined.
 fn undefined_flags_live(i: &Instruction, next: Option<&Instruction>) -> bool {
-    let shift = matches!(
-        i.mnemonic(),
-        M::Shl | M::Shr | M::Sar | M::Sal | M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shld | M::Shrd
-    );
     let undefined = i.rflags_undefined()
-        | if shift {
+        | if shift_or_rotate(i) {
             RflagsBits::AF | RflagsBits::OF
         } else {
             0
@@ -1577,20 +1584,7 @@ fn undefined_flags_live(i: &Instruction, next: Option<&Instruction>) -> bool {
     match next {
         Some(n) if identical(n) && n.rflags_read() & undefined == 0 => {
             let defined = n.rflags_written() | n.rflags_cleared() | n.rflags_set();
-            let n_shift = matches!(
-                n.mnemonic(),
-                M::Shl
-                    | M::Shr
-                    | M::Sar
-                    | M::Sal
-                    | M::Rol
-                    | M::Ror
-                    | M::Rcl
-                    | M::Rcr
-                    | M::Shld
-                    | M::Shrd
-            );
-            n_shift || defined & undefined != undefined
+            shift_or_rotate(n) || defined & undefined != undefined
         }
         _ => true,
     }
