@@ -996,18 +996,8 @@ impl Cpu {
             | M::Prefetcht0
             | M::Prefetcht1
             | M::Prefetcht2
-            | M::Prefetchw
-            | M::Endbr32
-            | M::Endbr64
-            | M::Rdsspd
-            | M::Rdsspq
-            | M::Bndcl
-            | M::Bndcn
-            | M::Bndcu
-            | M::Bndldx
-            | M::Bndmk
-            | M::Bndmov
-            | M::Bndstx => Ok(()),
+            | M::Prefetchw => Ok(()),
+            m if crate::model::hint_nop(m) => Ok(()),
             M::Clflush | M::Clflushopt => {
                 // Checks the address like a read.
                 let l = self.mem_lin(i)?;

@@ -303,11 +303,21 @@ pub fn cr4_allowed(t: &CpuidTable) -> u64 {
 /// XRELEASE), and TZCNT/LZCNT, which are BSF/BSR with a REP prefix there.
 pub fn allows(t: &CpuidTable, ins: &iced_x86::Instruction) -> bool {
     use iced_x86::Mnemonic as M;
-    if matches!(
-        ins.mnemonic(),
-        M::Tzcnt
-            | M::Lzcnt
-            | M::Endbr32
+    if matches!(ins.mnemonic(), M::Tzcnt | M::Lzcnt) || hint_nop(ins.mnemonic()) {
+        return true;
+    }
+    ins.cpuid_features()
+        .iter()
+        .all(|&f| matches!(f, F::HLE | F::MPX) || has(t, f))
+}
+
+/// Whether `m` is in the hint-NOP space, which a CPU without the feature
+/// runs as a NOP: CET's ENDBR and RDSSP, and MPX's BND instructions.
+pub(crate) fn hint_nop(m: iced_x86::Mnemonic) -> bool {
+    use iced_x86::Mnemonic as M;
+    matches!(
+        m,
+        M::Endbr32
             | M::Endbr64
             | M::Rdsspd
             | M::Rdsspq
@@ -318,12 +328,7 @@ pub fn allows(t: &CpuidTable, ins: &iced_x86::Instruction) -> bool {
             | M::Bndmk
             | M::Bndmov
             | M::Bndstx
-    ) {
-        return true;
-    }
-    ins.cpuid_features()
-        .iter()
-        .all(|&f| matches!(f, F::HLE | F::MPX) || has(t, f))
+    )
 }
 
 #[cfg(test)]
