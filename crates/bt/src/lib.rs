@@ -435,10 +435,24 @@ impl Blocks {
         let mut rip = cpu.rip;
         let page = pa & !0xfff;
         let mut callout = None;
+        // The guest-physical page the last instruction crosses into.
+        let mut cross = None;
         while guest.len() < translate::MAX_BLOCK {
             let Some((i, ipa)) = cpu.decode_for_translation(rip) else {
-                // A fetch fault or an instruction across pages.
-                callout = Some(Mnemonic::INVALID);
+                // An instruction across pages ends the block if it can be
+                // translated; else (or a fetch fault) the interpreter runs
+                // it.
+                match cpu.decode_crossing_for_translation(rip) {
+                    Some((i, ipa, next))
+                        if ipa & !0xfff == page
+                            && !self.callout_at.contains(&ipa)
+                            && translate::translatable(&i) =>
+                    {
+                        guest.push(i);
+                        cross = Some(next);
+                    }
+                    _ => callout = Some(Mnemonic::INVALID),
+                }
                 break;
             };
             if ipa & !0xfff != page {
@@ -466,13 +480,13 @@ impl Blocks {
             incoming: Vec::new(),
         };
         let at = self.cache.next_addr();
-        let mut t = self.translator.translate(&guest, callout, at, ix);
+        let mut t = self.translator.translate(&guest, callout, cross, at, ix);
         let mut placed = t.as_ref().and_then(|t| self.cache.add(&t.code));
         if t.is_some() && placed.is_none() {
             // The cache is full: empty it and translate for the new place.
             self.flush();
             let at = self.cache.next_addr();
-            t = self.translator.translate(&guest, callout, at, 0);
+            t = self.translator.translate(&guest, callout, cross, at, 0);
             placed = t.as_ref().and_then(|t| self.cache.add(&t.code));
         }
         let ix = self.blocks.len() as u32;
@@ -491,6 +505,10 @@ impl Blocks {
         self.blocks.push(block);
         self.at.insert(pa, ix);
         self.by_page.entry(page).or_default().push(pa);
+        if let Some(next) = cross {
+            // A write to the second page drops the block too.
+            self.by_page.entry(next).or_default().push(pa);
+        }
         self.stats.translate_time += start.elapsed();
         ix
     }

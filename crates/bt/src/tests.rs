@@ -145,7 +145,7 @@ fn self_modifying_code_invalidates_blocks() {
 /// (through RDI), its own stack (PUSHFQ and POPFQ), the software TLB's
 /// entries (through the register a probe pointed at one: `add r, [rdi +
 /// ctx.tlb]`), and guest RAM at an address a probe has just checked (right
-/// after the probe's last step, `add` of the page's host offset, or the
+/// after the probe's last step, `add` of the page's host address, or the
 /// restore of the flags after it); its jumps stay in the block or go to the
 /// runtime or to the start of a block (linked).
 #[test]
@@ -229,10 +229,14 @@ fn code_cache_holds_only_allowed_instructions() {
                 && i.memory_index() == Register::None
                 && [0, x86::TLB_HOST, x86::TLB_ALLOW]
                     .contains(&(i.memory_displacement64() as usize));
+            // The probe's last step adds the page's host address from the
+            // entry to the offset in the page.
             let after_probe = |j: usize| {
                 insns[j].mnemonic() == M::Add
                     && insns[j].op0_register() == i.memory_base()
-                    && insns[j].op1_kind() == OpKind::Register
+                    && insns[j].op1_kind() == OpKind::Memory
+                    && insns[j].memory_base() == entry_reg
+                    && insns[j].memory_displacement64() as usize == x86::TLB_HOST
             };
             let checked = i.memory_index() == Register::None
                 && i.memory_displacement64() == 0
@@ -393,4 +397,56 @@ fn indirect_calls_and_jumps_are_translated() {
         "{:?}",
         v.engine_counters()
     );
+}
+
+/// An instruction that crosses into the next page is translated (its
+/// block checks that the next page is still mapped where it was), and a
+/// write to its bytes on the second page drops its block: the second pass
+/// adds the patched immediate, as the interpreter does.
+#[test]
+fn an_instruction_across_pages_is_translated_and_invalidated() {
+    let at = CODE + 0xffb;
+    let start = asm(|a| {
+        a.mov(r8d, 2u32)?;
+        a.mov(ecx, 100u32)?;
+        a.xor(ebx, ebx)?;
+        a.mov(rax, at)?;
+        a.jmp(rax)
+    });
+    let mut code = start;
+    code.resize((at - CODE) as usize, 0x90);
+    let body = CodeAssembler::new(64)
+        .and_then(|mut a| {
+            let a = &mut a;
+            let mut top = a.create_label();
+            let mut done = a.create_label();
+            a.set_label(&mut top)?;
+            a.xor(edx, ebx)?; // 2 bytes, then ADD from 0xffd to 0x1002
+            a.add(ebx, 0x0101_0101)?;
+            a.dec(ecx)?;
+            a.jnz(top)?;
+            a.dec(r8d)?;
+            a.jz(done)?;
+            // The immediate's third byte, on the second page.
+            a.mov(byte_ptr(CODE + 0x1001), 7)?;
+            a.mov(ecx, 100u32)?;
+            a.jmp(top)?;
+            a.set_label(&mut done)?;
+            a.hlt()?;
+            a.assemble(at)
+        })
+        .unwrap();
+    assert_eq!(body[2..4], [0x81, 0xc3]);
+    code.extend_from_slice(&body);
+    let v = run_both(&code);
+    let sum = v.regs().unwrap().rbx;
+    let c = |n| counter(&v, n);
+    assert!(c("bt/callout/invalid") <= 2, "{:?}", v.engine_counters());
+    assert!(c("bt/run_translated") >= 300, "{:?}", v.engine_counters());
+    assert!(
+        c("bt/invalidated_blocks/written") >= 2,
+        "{:?}",
+        v.engine_counters()
+    );
+    assert_eq!(sum, 100 * 0x0101_0101 + 100 * 0x0107_0101);
 }

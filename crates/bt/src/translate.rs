@@ -745,7 +745,7 @@ pub fn runtime(base: u64) -> Result<(Vec<u8>, Runtime), IcedError> {
     a.mov(rcx, qword_ptr(rdi + ctx!(rip)))?;
     a.shr(rcx, 12)?;
     a.and(rcx, qword_ptr(rdi + ctx!(tlb_mask)))?;
-    a.imul_3(rcx, rcx, x86::TLB_ENTRY_SIZE as i32)?;
+    a.shl(rcx, x86::TLB_ENTRY_SIZE.trailing_zeros())?;
     a.add(rcx, qword_ptr(rdi + ctx!(tlb)))?;
     a.cmp(rax, qword_ptr(rcx + x86::TLB_PPAGE as i32))?;
     a.jne(miss)?;
@@ -900,11 +900,15 @@ impl Translator {
     /// or memory forms, and a direct branch after them, into host code for
     /// host address `at`, as block number `id`. `callout` is the mnemonic
     /// of the instruction after `guest` if the interpreter must run it.
+    /// `cross`: the guest-physical page the last instruction of `guest`
+    /// crosses into, if it does (its block checks at run time that the
+    /// next linear page still maps there, with fetch access, before it).
     /// `None` if nothing at the start can be translated.
     pub fn translate(
         &mut self,
         guest: &[Instruction],
         callout: Option<M>,
+        cross: Option<u64>,
         at: u64,
         id: u32,
     ) -> Option<Translation> {
@@ -944,7 +948,8 @@ impl Translator {
             let memory = forms
                 .iter()
                 .chain([&form])
-                .any(|f| matches!(f, Form::Memory(_) | Form::Div | Form::Push | Form::Pop));
+                .any(|f| matches!(f, Form::Memory(_) | Form::Div | Form::Push | Form::Pop))
+                || (cross.is_some() && taken.len() + 1 == guest.len());
             if Registers::borrowed(all, memory) > (HOMED & !all).count_ones() as usize {
                 break;
             }
@@ -969,7 +974,7 @@ impl Translator {
                 }
                 if Registers::borrowed(all, true) > (HOMED & !all).count_ones() as usize {
                     // The block ends before it: the interpreter's.
-                    return self.translate(&guest[..taken.len()], Some(b.mnemonic()), at, id);
+                    return self.translate(&guest[..taken.len()], Some(b.mnemonic()), None, at, id);
                 }
                 (all, true)
             }
@@ -977,9 +982,12 @@ impl Translator {
                 used,
                 forms
                     .iter()
-                    .any(|f| matches!(f, Form::Memory(_) | Form::Div | Form::Push | Form::Pop)),
+                    .any(|f| matches!(f, Form::Memory(_) | Form::Div | Form::Push | Form::Pop))
+                    || cross.is_some(),
             ),
         };
+        // The last instruction crosses pages only if the block took it.
+        let cross = cross.filter(|_| taken.len() == guest.len());
         if taken.is_empty() && branch.is_none() {
             return None;
         }
@@ -996,7 +1004,7 @@ impl Translator {
         };
         let regs = Registers::new(used, memory);
         let code = self
-            .emit(&taken, &forms, end, &regs, at, id)
+            .emit(&taken, &forms, end, cross, &regs, at, id)
             .ok()
             .flatten()?;
         let memory = forms
@@ -1023,11 +1031,13 @@ impl Translator {
     /// page), or out of the cache (the interpreter's instruction is next,
     /// or a memory access found no usable TLB entry: the block stops
     /// before it).
+    #[allow(clippy::too_many_arguments)]
     fn emit(
         &self,
         guest: &[Instruction],
         forms: &[Form],
         end: End,
+        cross: Option<u64>,
         r: &Registers,
         at: u64,
         id: u32,
@@ -1068,6 +1078,14 @@ impl Translator {
             _ => a.popfq(),
         };
         for (k, (i, form)) in guest.iter().zip(forms).enumerate() {
+            if let Some(ppage) = cross.filter(|_| k + 1 == guest.len()) {
+                // The instruction's bytes on the next page are the ones it
+                // was translated from only while that page maps there.
+                let miss = Miss::new(&mut a);
+                self.fetch_check(&mut a, r, miss, !saved, ppage)?;
+                saved = true;
+                misses.push((miss, k));
+            }
             if i.mnemonic() == M::Nop {
                 continue;
             }
@@ -1369,6 +1387,53 @@ impl Translator {
         }
     }
 
+    /// Before an instruction that crosses into the next page: a jump to
+    /// `miss.cold` unless the software TLB maps the linear page after the
+    /// block's to guest-physical page `ppage` with fetch access at the
+    /// current CPL. The flags are saved first if `save_flags` (else they
+    /// are on the stack already), and stay there.
+    fn fetch_check(
+        &self,
+        a: &mut CodeAssembler,
+        r: &Registers,
+        miss: Miss,
+        save_flags: bool,
+        ppage: u64,
+    ) -> Result<(), IcedError> {
+        let [s1a, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
+        let s3ab = ASM8[r.scratch[2]];
+        a.mov(s1a, qword_ptr(rdi + ctx!(vpage)))?;
+        a.lea(s1a, qword_ptr(s1a + 0x1000))?;
+        if save_flags {
+            a.pushfq()?;
+        }
+        self.entry_of(a, s1a, s2a)?;
+        a.cmp(s1a, qword_ptr(s2a + x86::TLB_VPAGE as i32))?;
+        a.jne(miss.cold)?;
+        a.mov(s3a, ppage)?;
+        a.cmp(s3a, qword_ptr(s2a + x86::TLB_PPAGE as i32))?;
+        a.jne(miss.cold)?;
+        a.mov(s3a, qword_ptr(rdi + ctx!(acc_x)))?;
+        a.test(byte_ptr(s2a + x86::TLB_ALLOW as i32), s3ab)?;
+        a.jz(miss.cold)
+    }
+
+    /// `e` = the address of the software TLB's entry for linear address
+    /// `lin` (changes the flags).
+    fn entry_of(
+        &self,
+        a: &mut CodeAssembler,
+        lin: AsmRegister64,
+        e: AsmRegister64,
+    ) -> Result<(), IcedError> {
+        // (lin >> 12 & mask) * size, the size a power of two.
+        let scale = x86::TLB_ENTRY_SIZE.trailing_zeros();
+        a.mov(e, lin)?;
+        a.shr(e, 12 - scale)?;
+        a.and(e, (self.tlb_mask << scale) as i32)?;
+        a.add(e, qword_ptr(rdi + ctx!(tlb)))
+    }
+
     /// The inline TLB probe before memory instruction `i`: the guest's
     /// linear address in scratch 0 (for a RIP-relative operand, the
     /// block's page plus `rip_rel`), then, with the guest's flags on the
@@ -1410,32 +1475,28 @@ impl Translator {
             Register::GS => a.add(s1a, qword_ptr(rdi + ctx!(gs_base)))?,
             _ => {}
         }
-        a.mov(s2a, s1a)?;
-        a.shr(s2a, 12)?;
-        a.and(s2a, self.tlb_mask as i32)?;
-        a.imul_3(s2a, s2a, x86::TLB_ENTRY_SIZE as i32)?;
-        a.add(s2a, qword_ptr(rdi + ctx!(tlb)))?;
-        // Not this page's entry: a cold miss, which the interpreter's walk
-        // fills.
-        a.mov(s3a, s1a)?;
+        self.entry_of(a, s1a, s2a)?;
+        // The page of the access's last byte must be the entry's: else the
+        // entry is another page's (a cold miss, which the interpreter's
+        // walk fills) or the access crosses pages (the interpreter's too,
+        // but it says nothing about the next time: the address moves).
+        if size > 1 {
+            a.lea(s3a, qword_ptr(s1a + (size - 1)))?;
+        } else {
+            a.mov(s3a, s1a)?;
+        }
         a.and(s3a, -0x1000)?;
         a.cmp(s3a, qword_ptr(s2a + x86::TLB_VPAGE as i32))?;
         a.jne(miss.cold)?;
         // The page's entry, but no fast access: a write to a page that
-        // holds code (or not yet dirty), MMIO, or an access across pages.
+        // holds code (or not yet dirty), or MMIO (which has no fast access
+        // at all).
         let acc = if write { ctx!(acc_w) } else { ctx!(acc_r) };
         a.mov(s3a, qword_ptr(rdi + acc))?;
         a.test(byte_ptr(s2a + x86::TLB_ALLOW as i32), s3ab)?;
         a.jz(miss.hard)?;
-        a.mov(s3a, s1a)?;
-        a.and(s3a, 0xfff)?;
-        a.cmp(s3a, 0x1000 - size)?;
-        a.ja(miss.hard)?;
-        a.mov(s3a, qword_ptr(s2a + x86::TLB_HOST as i32))?;
-        a.test(s3a, s3a)?;
-        a.jz(miss.hard)?;
-        a.sub(s3a, qword_ptr(s2a + x86::TLB_VPAGE as i32))?;
-        a.add(s1a, s3a)
+        a.and(s1a, 0xfff)?;
+        a.add(s1a, qword_ptr(s2a + x86::TLB_HOST as i32))
     }
 }
 
@@ -1655,7 +1716,7 @@ mod tests {
             assert!(identical(i), "{i:?}");
         }
         let t = Translator::new(1023, Runtime::default())
-            .translate(&g, None, 0x1000_0000, 0)
+            .translate(&g, None, None, 0x1000_0000, 0)
             .unwrap();
         assert_eq!(t.count, 4);
     }
@@ -1682,7 +1743,7 @@ mod tests {
         // add rsp, 8; mov rdi, rsp; inc rax
         let g = decode(&[0x48, 0x83, 0xc4, 0x08, 0x48, 0x89, 0xe7, 0x48, 0xff, 0xc0]);
         let t = Translator::new(1023, Runtime::default())
-            .translate(&g, None, 0x1000_0000, 0)
+            .translate(&g, None, None, 0x1000_0000, 0)
             .unwrap();
         assert_eq!((t.count, t.len), (3, 10));
         let host: Vec<_> = decode(&t.code);

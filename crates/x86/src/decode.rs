@@ -194,6 +194,69 @@ impl Cpu {
         ))
     }
 
+    /// The instruction at `rip` if it crosses into the next page (in the
+    /// current mode and address space), with the guest-physical addresses
+    /// of its first byte and of the first byte of the next page, for an
+    /// engine that translates it. Both pages' bytes it covers are marked as
+    /// code, so a later write to either is seen as a code write (the engine
+    /// must check at run time that the second page is still mapped there).
+    /// `None` if it does not cross, the fetch would fault, or either page
+    /// is not RAM. Nothing architectural changes beyond what fetching the
+    /// instruction does (the walks' accessed bits).
+    pub fn decode_crossing_for_translation(&mut self, rip: u64) -> Option<(Instruction, u64, u64)> {
+        let lin = self.code_linear(rip);
+        if self.long64 && !arch::canonical(lin) {
+            return None;
+        }
+        let saved = self.rip;
+        self.rip = rip;
+        let r = self.fetch_crossing(lin);
+        self.rip = saved;
+        let ins = r.ok()?;
+        let off = (lin & 0xfff) as usize;
+        let first = PAGE - off;
+        if ins.len() <= first {
+            return None;
+        }
+        let need = self.acc_x;
+        let (pa1, _) = self.translate(lin, Access::Exec, need).ok()?;
+        let (pa2, _) = self
+            .translate(lin.wrapping_add(first as u64), Access::Exec, need)
+            .ok()?;
+        let mut slots = [0; 2];
+        for (k, pa) in [pa1, pa2].into_iter().enumerate() {
+            let ppage = pa & !0xfff;
+            let host = self.mem.host(ppage, PAGE as u64)?;
+            // SAFETY: `host` maps the 4 KiB RAM page; nothing else writes
+            // guest memory while the vCPU runs (the VMM does so only
+            // between runs).
+            let current: &[u8] = unsafe { std::slice::from_raw_parts(host, PAGE) };
+            slots[k] = self.code_slot(ppage, current);
+        }
+        // The instruction was read from memory just now: the snapshots of
+        // the chunks it covers are refreshed before they count as code.
+        let spans = [
+            (slots[0], off, PAGE - 1),
+            (slots[1], 0, ins.len() - first - 1),
+        ];
+        for (slot, from, to) in spans {
+            let ppage = self.code.pages[slot].ppage;
+            let host = self.mem.host(ppage, PAGE as u64)?;
+            // SAFETY: as above.
+            let current: &[u8] = unsafe { std::slice::from_raw_parts(host, PAGE) };
+            let p = &mut self.code.pages[slot];
+            for c in from / 64..=to / 64 {
+                if p.chunks & (1 << c) == 0 {
+                    p.snapshot[c * 64..c * 64 + 64].copy_from_slice(&current[c * 64..c * 64 + 64]);
+                }
+            }
+            self.mark_code(slot, from, to);
+        }
+        // The fetch cache may point at a slot whose page changed.
+        self.code.fetch_vpage = u64::MAX;
+        Some((ins, pa1, pa2 & !0xfff))
+    }
+
     /// The guest-physical address of the instruction at RIP, if it can be
     /// fetched without a fault (no fault is raised).
     #[inline]
@@ -305,26 +368,14 @@ impl Cpu {
         self.fetch_slow(lin)
     }
 
-    #[cold]
-    fn fetch_slow(&mut self, lin: u64) -> R<*const Uop> {
-        if self.long64 && !arch::canonical(lin) {
-            return crate::exc_code(vector::GP, 0);
-        }
-        let need = self.acc_x;
-        let (pa, _) = self.translate(lin, Access::Exec, need)?;
-        let ppage = pa & !0xfff;
-        let Some(host) = self.mem.host(ppage, PAGE as u64) else {
-            return self.unimplemented(format!(
-                "instruction fetch from non-RAM address {pa:#x} at {:#x}",
-                self.rip
-            ));
-        };
-        // SAFETY: `host` maps the 4 KiB RAM page; nothing else writes guest
-        // memory while the vCPU runs (the VMM does so only between runs).
-        let current: &[u8] = unsafe { std::slice::from_raw_parts(host, PAGE) };
+    /// The slot in the cache of physical page `ppage`, whose bytes are now
+    /// `current`: created with a snapshot of them, or found and, if the
+    /// cache's epoch or the code size changed since it was decoded and its
+    /// bytes differ, emptied (and logged as dropped).
+    fn code_slot(&mut self, ppage: u64, current: &[u8]) -> usize {
         let epoch = self.code.epoch;
         let bits = self.bits;
-        let slot = match self.code.map.get(&ppage) {
+        match self.code.map.get(&ppage) {
             Some(&s) => {
                 let p = &mut self.code.pages[s];
                 if p.epoch != epoch || p.bits != bits {
@@ -358,7 +409,44 @@ impl Cpu {
                 self.code.map.insert(ppage, s);
                 s
             }
+        }
+    }
+
+    /// Marks bytes `from..=to` of the page in `slot` as code: the 64-byte
+    /// chunks they are in (a write there drops the page's decoded code),
+    /// and the page in the bitmap of code pages (the software TLB gives no
+    /// write access to it, so stores to it take the checked path).
+    fn mark_code(&mut self, slot: usize, from: usize, to: usize) {
+        let p = &mut self.code.pages[slot];
+        for c in from / 64..=(to / 64).min(63) {
+            p.chunks |= 1 << c;
+        }
+        let ppage = p.ppage;
+        if !self.code.is_code(ppage) {
+            self.code.set_code(ppage, true);
+            self.tlb_protect_code(ppage);
+        }
+    }
+
+    #[cold]
+    fn fetch_slow(&mut self, lin: u64) -> R<*const Uop> {
+        if self.long64 && !arch::canonical(lin) {
+            return crate::exc_code(vector::GP, 0);
+        }
+        let need = self.acc_x;
+        let (pa, _) = self.translate(lin, Access::Exec, need)?;
+        let ppage = pa & !0xfff;
+        let Some(host) = self.mem.host(ppage, PAGE as u64) else {
+            return self.unimplemented(format!(
+                "instruction fetch from non-RAM address {pa:#x} at {:#x}",
+                self.rip
+            ));
         };
+        // SAFETY: `host` maps the 4 KiB RAM page; nothing else writes guest
+        // memory while the vCPU runs (the VMM does so only between runs).
+        let current: &[u8] = unsafe { std::slice::from_raw_parts(host, PAGE) };
+        let slot = self.code_slot(ppage, current);
+        let bits = self.bits;
         // A page whose snapshot is stale (guest wrote it since it was decoded,
         // through a path that did not drop it) is re-read.
         if self.code.pages[slot].insns.is_empty() {
@@ -412,16 +500,7 @@ impl Cpu {
                 p.insns.len() - 1
             };
             self.code.fetch_ix = at;
-            let first = off / 64;
-            let last = (off + len - 1) / 64;
-            for c in first..=last.min(63) {
-                p.chunks |= 1 << c;
-            }
-            let _ = p.ppage;
-            if !self.code.is_code(ppage) {
-                self.code.set_code(ppage, true);
-                self.tlb_protect_code(ppage);
-            }
+            self.mark_code(slot, off, (off + len - 1).min(PAGE - 1));
             return Ok(&self.code.pages[slot].uops[at]);
         }
         Ok(self.run_uncached(ins))

@@ -48,9 +48,9 @@ impl TlbEntry {
 /// `bt`): where the entries are and how to read one. An entry for a linear
 /// page gives its host address when its `allow` byte has the bit of the
 /// access (`acc_r` or `acc_w` for the current CPL: write access is only
-/// there once the dirty bit is set and the page holds no decoded code) and
-/// its host address is not 0 (RAM). Valid until the CPU is dropped; the
-/// entries change whenever the CPU runs.
+/// there once the dirty bit is set and the page holds no decoded code, and
+/// neither is there for a page that is not RAM). Valid until the CPU is
+/// dropped; the entries change whenever the CPU runs.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 pub struct TlbProbe {
@@ -66,9 +66,11 @@ pub struct TlbProbe {
     pub acc_x: u64,
 }
 
-/// The size of an entry, and the offsets of its linear page, host address
-/// and access bits.
+/// The size of an entry (a power of two, so that translated code can
+/// index the TLB by shifting), and the offsets of its linear page, host
+/// address and access bits.
 pub const TLB_ENTRY_SIZE: usize = std::mem::size_of::<TlbEntry>();
+const _: () = assert!(TLB_ENTRY_SIZE.is_power_of_two());
 /// Offset of the linear page in an entry.
 pub const TLB_VPAGE: usize = std::mem::offset_of!(TlbEntry, vpage);
 /// Offset of the host address of the page.
@@ -164,6 +166,11 @@ impl Cpu {
         };
         self.ept_leaf(&mut e, lin, acc)?;
         e.host = self.mem.host(e.ppage, 0x1000).map_or(0, |p| p as usize);
+        if e.host == 0 {
+            // MMIO: no fast read or write (each access walks again), so a
+            // probe of translated code needs no check of the host address.
+            e.allow &= !(A_R_S | A_W_S | A_R_U | A_W_U);
+        }
         if self.code.is_code(e.ppage) {
             e.allow &= !(A_W_S | A_W_U);
         }
