@@ -450,3 +450,42 @@ fn an_instruction_across_pages_is_translated_and_invalidated() {
     );
     assert_eq!(sum, 100 * 0x0101_0101 + 100 * 0x0107_0101);
 }
+
+/// Memory operands in FS and GS (the kernel's per-CPU variables, RIP-relative
+/// ones too) run as translated code, the segment's base added by the probe.
+#[test]
+fn fs_and_gs_operands_are_translated() {
+    let data = 0x20_0000u64;
+    let code = asm(|a| {
+        // GS base = data, FS base = data + 0x100 (WRMSR at CPL 0).
+        a.mov(ecx, 0xc000_0101u32)?;
+        a.mov(eax, data as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0100u32)?;
+        a.mov(eax, (data + 0x100) as u32)?;
+        a.wrmsr()?;
+        a.mov(ecx, 500u32)?;
+        a.xor(ebx, ebx)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.add(dword_ptr(0x10).gs(), 3)?;
+        a.mov(rax, qword_ptr(0x10).gs())?;
+        a.mov(qword_ptr(rbx + 8).fs(), rax)?;
+        a.inc(dword_ptr(0x20_0040u64).gs())?; // RIP-relative
+        a.add(rbx, 8)?;
+        a.and(ebx, 0x7f)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.mov(rsi, qword_ptr(0x20).gs())?;
+        a.hlt()
+    });
+    let v = run_both(&code);
+    let c = |n| counter(&v, n);
+    assert!(c("bt/run_translated") >= 3500, "{:?}", v.engine_counters());
+    assert!(
+        c("bt/instructions_translated_memory") >= 4,
+        "{:?}",
+        v.engine_counters()
+    );
+}

@@ -878,7 +878,12 @@ impl Translator {
         }
         let mut set = 0u16;
         for u in self.info.info(i).used_registers() {
-            if u.access() == OpAccess::None || u.register() == Register::RIP {
+            // FS and GS (listed for their segment prefix) are the probe's:
+            // it adds their bases from the context.
+            if u.access() == OpAccess::None
+                || u.register() == Register::RIP
+                || (u.register().is_segment_register() && memory_form(i).is_some())
+            {
                 continue;
             }
             set |= 1 << gpr_number(u.register())?;
@@ -1175,6 +1180,7 @@ impl Translator {
                 )?;
                 saved = true;
                 let host = GPR64[r.scratch[0]];
+                o.set_code(without_moffs(o.code()));
                 o.set_memory_base(host);
                 o.set_memory_index(Register::None);
                 o.set_memory_index_scale(1);
@@ -1648,6 +1654,23 @@ fn undefined_flags_live(i: &Instruction, next: Option<&Instruction>) -> bool {
             shift_or_rotate(n) || defined & undefined != undefined
         }
         _ => true,
+    }
+}
+
+/// The ModRM form of a MOV with an absolute address (moffs: A0-A3), which
+/// cannot take the base register a probe leaves the host address in; any
+/// other code unchanged.
+fn without_moffs(c: Code) -> Code {
+    match c {
+        Code::Mov_AL_moffs8 => Code::Mov_r8_rm8,
+        Code::Mov_AX_moffs16 => Code::Mov_r16_rm16,
+        Code::Mov_EAX_moffs32 => Code::Mov_r32_rm32,
+        Code::Mov_RAX_moffs64 => Code::Mov_r64_rm64,
+        Code::Mov_moffs8_AL => Code::Mov_rm8_r8,
+        Code::Mov_moffs16_AX => Code::Mov_rm16_r16,
+        Code::Mov_moffs32_EAX => Code::Mov_rm32_r32,
+        Code::Mov_moffs64_RAX => Code::Mov_rm64_r64,
+        c => c,
     }
 }
 
