@@ -55,12 +55,19 @@ struct Ram<'a>(&'a mut Cpu);
 impl PageTables for Ram<'_> {
     type Error = Infallible;
 
-    fn read(&mut self, at: u64, _wide: bool) -> u64 {
-        self.0.ram_read_u64(at).unwrap_or(0)
+    /// 8-byte entries, or 4-byte ones (2-level paging), zero-extended.
+    fn read(&mut self, at: u64, wide: bool) -> u64 {
+        let mut b = [0u8; 8];
+        let n = if wide { 8 } else { 4 };
+        if !self.0.ram_read(at, &mut b[..n]) {
+            return 0;
+        }
+        u64::from_le_bytes(b)
     }
 
-    fn write(&mut self, at: u64, _wide: bool, value: u64) {
-        self.0.ram_write(at, &value.to_le_bytes());
+    fn write(&mut self, at: u64, wide: bool, value: u64) {
+        let n = if wide { 8 } else { 4 };
+        self.0.ram_write(at, &value.to_le_bytes()[..n]);
     }
 }
 
