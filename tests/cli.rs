@@ -830,6 +830,162 @@ fn multiboot_mode_tour_on_every_engine() {
     );
 }
 
+/// A 64-bit kernel (visor's boot protocol) that takes device interrupts
+/// through the I/O APIC as the MADT describes the machine: the PICs
+/// masked, the PIT's IRQ 0 on pin 2 (the interrupt source override) to
+/// vector 0x30, COM1's IRQ 4 on pin 4 to vector 0x34 (its transmitter-empty
+/// interrupt). It waits with HLT for three timer interrupts and one serial
+/// one, says so, and powers off. A PIT interrupt routed to any other pin
+/// (pin 0, KVM's default routing of GSI 0) never comes: the run times out.
+fn ioapic_routing_kernel() -> Vec<u8> {
+    const BASE: u64 = 0x20_0000;
+    const PIT_HANDLER: u64 = BASE + 0x800;
+    const COM_HANDLER: u64 = BASE + 0x900;
+    const IDT: u64 = BASE + 0x1000;
+    const IDT_PTR: u64 = BASE + 0x2000;
+    const PIT_COUNT: u64 = BASE + 0x2100;
+    const COM_COUNT: u64 = BASE + 0x2108;
+    const IOREGSEL: u64 = 0xfec0_0000;
+    const IOWIN: u64 = 0xfec0_0010;
+    const EOI: u64 = 0xfee0_00b0;
+    let say = |a: &mut CodeAssembler, t: &str| -> Result<(), IcedError> {
+        a.mov(edx, 0x3f8u32)?;
+        for b in t.bytes() {
+            a.mov(al, b as u32)?;
+            a.out(dx, al)?;
+        }
+        Ok(())
+    };
+    let redir = |a: &mut CodeAssembler, pin: u32, low: u32| -> Result<(), IcedError> {
+        a.mov(rdi, IOREGSEL)?;
+        a.mov(dword_ptr(rdi), 0x10 + 2 * pin)?;
+        a.mov(rdi, IOWIN)?;
+        a.mov(dword_ptr(rdi), low)?;
+        a.mov(rdi, IOREGSEL)?;
+        a.mov(dword_ptr(rdi), 0x11 + 2 * pin)?;
+        a.mov(rdi, IOWIN)?;
+        a.mov(dword_ptr(rdi), 0)
+    };
+    let main = asm(64, BASE, |a| {
+        let mut wait_pit = a.create_label();
+        let mut wait_com = a.create_label();
+        a.cli()?;
+        a.mov(al, 0xffu32)?;
+        a.out(0x21, al)?;
+        a.out(0xa1, al)?;
+        a.mov(rax, IDT_PTR)?;
+        a.lidt(ptr(rax))?;
+        // The local APIC on (spurious vector 0xff).
+        a.mov(rdi, 0xfee0_00f0u64)?;
+        a.mov(dword_ptr(rdi), 0x1ff)?;
+        // Pin 2: vector 0x30; pin 4: vector 0x34 (fixed, physical
+        // destination APIC 0, edge, unmasked).
+        redir(a, 2, 0x30)?;
+        redir(a, 4, 0x34)?;
+        // The PIT: channel 0, rate generator, 100 Hz.
+        a.mov(al, 0x34u32)?;
+        a.out(0x43, al)?;
+        a.mov(al, 0x9cu32)?;
+        a.out(0x40, al)?;
+        a.mov(al, 0x2eu32)?;
+        a.out(0x40, al)?;
+        a.mov(rbx, PIT_COUNT)?;
+        a.sti()?;
+        a.set_label(&mut wait_pit)?;
+        a.hlt()?;
+        a.cmp(qword_ptr(rbx), 3)?;
+        a.jb(wait_pit)?;
+        a.cli()?;
+        redir(a, 2, 0x1_0030)?;
+        say(a, "pit on ioapic pin 2\n")?;
+        // COM1: the transmitter-empty interrupt, then one more byte.
+        a.mov(edx, 0x3f9u32)?;
+        a.mov(al, 2u32)?;
+        a.out(dx, al)?;
+        a.mov(rbx, COM_COUNT)?;
+        say(a, "com1 ")?;
+        a.sti()?;
+        a.set_label(&mut wait_com)?;
+        a.hlt()?;
+        a.cmp(qword_ptr(rbx), 1)?;
+        a.jb(wait_com)?;
+        a.cli()?;
+        a.mov(edx, 0x3f9u32)?;
+        a.xor(eax, eax)?;
+        a.out(dx, al)?;
+        say(a, "on ioapic pin 4\n")?;
+        a.mov(edx, 0x604u32)?;
+        a.mov(eax, 0x2000u32)?;
+        a.out(dx, ax)?;
+        a.hlt()
+    });
+    let pit = asm(64, PIT_HANDLER, |a| {
+        a.push(rax)?;
+        a.mov(rax, PIT_COUNT)?;
+        a.inc(qword_ptr(rax))?;
+        a.mov(rax, EOI)?;
+        a.mov(dword_ptr(rax), 0)?;
+        a.pop(rax)?;
+        a.iretq()
+    });
+    let com = asm(64, COM_HANDLER, |a| {
+        a.push(rax)?;
+        a.push(rdx)?;
+        a.mov(edx, 0x3fau32)?;
+        a.in_(al, dx)?; // IIR: acknowledges the transmitter-empty interrupt
+        a.mov(rax, COM_COUNT)?;
+        a.inc(qword_ptr(rax))?;
+        a.mov(rax, EOI)?;
+        a.mov(dword_ptr(rax), 0)?;
+        a.pop(rdx)?;
+        a.pop(rax)?;
+        a.iretq()
+    });
+    let mut k = vec![0u8; 0x2200];
+    let mut put = |at: u64, bytes: &[u8], room: u64| {
+        assert!(
+            bytes.len() as u64 <= room,
+            "{} bytes at {at:#x}",
+            bytes.len()
+        );
+        let o = (at - BASE) as usize;
+        k[o..o + bytes.len()].copy_from_slice(bytes);
+    };
+    put(BASE, &main, PIT_HANDLER - BASE);
+    put(PIT_HANDLER, &pit, COM_HANDLER - PIT_HANDLER);
+    put(COM_HANDLER, &com, IDT - COM_HANDLER);
+    // 64-bit interrupt gates to the boot GDT's 64-bit code segment (0x10).
+    for (v, h) in [(0x30u64, PIT_HANDLER), (0x34, COM_HANDLER)] {
+        let lo = (h & 0xffff) | (0x10 << 16) | (0x8e00 << 32) | (((h >> 16) & 0xffff) << 48);
+        let hi = h >> 32;
+        put(IDT + v * 16, &lo.to_le_bytes(), 8);
+        put(IDT + v * 16 + 8, &hi.to_le_bytes(), 8);
+    }
+    let mut idtr = (256u16 * 16 - 1).to_le_bytes().to_vec();
+    idtr.extend_from_slice(&IDT.to_le_bytes());
+    put(IDT_PTR, &idtr, 0x10);
+    elf64_image(BASE, &k)
+}
+
+/// The PIT's and COM1's interrupts reach the guest through the I/O APIC
+/// pins the MADT names, on every engine with an I/O APIC: `kvm` through
+/// KVM's in-kernel PIT and IOAPIC with the GSI routing visor installs (GSI
+/// 0 to pin 2, as QEMU's) and COM1's irqfd on GSI 4; `emu`, `vmx` and `bt`
+/// through softplat's.
+#[test]
+fn device_interrupts_through_the_ioapic() {
+    let (_d, p) = tmp("ioapic.elf", &ioapic_routing_kernel());
+    let want = "pit on ioapic pin 2\ncom1 on ioapic pin 4\n";
+    for engine in ["kvm", "emu", "vmx", "bt"] {
+        if engine == "kvm" && !kvm_here() {
+            continue;
+        }
+        let o = visor(&["run", s(&p), "--engine", engine, "--timeout", "20"]);
+        assert_eq!(stdout(&o), want, "{engine}: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(0), "{engine}: {}", stderr(&o));
+    }
+}
+
 /// The fw_cfg kernel prints the same line on every engine that starts a
 /// Multiboot kernel and powers off (status 0): `vmx` through "unrestricted
 /// guest", `trap` deprivileged on the identity shadow of paging off. `pv`,
