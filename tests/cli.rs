@@ -986,6 +986,201 @@ fn device_interrupts_through_the_ioapic() {
     }
 }
 
+/// A 64-bit kernel that listens to the ACPI power button as an ACPI OS
+/// does: the SCI (ISA IRQ 9) on I/O APIC pin 9, level-triggered, active
+/// high as the MADT's override says, to vector 0x39; PWRBTN_EN set in
+/// PM1_EN. It prints `ready`, waits with HLT; its SCI handler reads PM1_STS,
+/// clears PWRBTN_STS (write 1) and sends the EOI. Then it prints the status
+/// it saw and the one after clearing, and powers off through S5.
+fn power_button_kernel() -> Vec<u8> {
+    const BASE: u64 = 0x20_0000;
+    const SCI_HANDLER: u64 = BASE + 0x800;
+    const IDT: u64 = BASE + 0x1000;
+    const IDT_PTR: u64 = BASE + 0x2000;
+    const SEEN: u64 = BASE + 0x2100;
+    const COUNT: u64 = BASE + 0x2108;
+    let say = |a: &mut CodeAssembler, t: &str| -> Result<(), IcedError> {
+        a.mov(edx, 0x3f8u32)?;
+        for b in t.bytes() {
+            a.mov(al, b as u32)?;
+            a.out(dx, al)?;
+        }
+        Ok(())
+    };
+    // Prints AX as 4 hex digits and a newline.
+    let hex16 = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.mov(ebx, eax)?;
+        a.mov(ecx, 4u32)?;
+        a.mov(edx, 0x3f8u32)?;
+        let mut dig = a.create_label();
+        let mut num = a.create_label();
+        a.set_label(&mut dig)?;
+        a.rol(bx, 4)?;
+        a.mov(eax, ebx)?;
+        a.and(eax, 0xf)?;
+        a.add(eax, 0x30)?;
+        a.cmp(eax, 0x39)?;
+        a.jbe(num)?;
+        a.add(eax, 0x27)?;
+        a.set_label(&mut num)?;
+        a.out(dx, al)?;
+        a.dec(ecx)?;
+        a.jnz(dig)?;
+        a.mov(al, 0x0au32)?;
+        a.out(dx, al)
+    };
+    let main = asm(64, BASE, |a| {
+        let mut wait = a.create_label();
+        a.cli()?;
+        a.mov(al, 0xffu32)?;
+        a.out(0x21, al)?;
+        a.out(0xa1, al)?;
+        a.mov(rax, IDT_PTR)?;
+        a.lidt(ptr(rax))?;
+        a.mov(rdi, 0xfee0_00f0u64)?;
+        a.mov(dword_ptr(rdi), 0x1ff)?;
+        // Pin 9: vector 0x39, level-triggered (bit 15), active high.
+        a.mov(rdi, 0xfec0_0000u64)?;
+        a.mov(dword_ptr(rdi), 0x10 + 2 * 9)?;
+        a.mov(rdi, 0xfec0_0010u64)?;
+        a.mov(dword_ptr(rdi), 0x8039)?;
+        // PM1_EN: PWRBTN_EN.
+        a.mov(edx, 0x602u32)?;
+        a.mov(eax, 0x100u32)?;
+        a.out(dx, ax)?;
+        say(a, "ready\n")?;
+        a.mov(rbx, COUNT)?;
+        a.sti()?;
+        a.set_label(&mut wait)?;
+        a.hlt()?;
+        a.cmp(qword_ptr(rbx), 1)?;
+        a.jb(wait)?;
+        a.cli()?;
+        say(a, "sci: pm1_sts=")?;
+        a.mov(rax, SEEN)?;
+        a.movzx(eax, word_ptr(rax))?;
+        hex16(a)?;
+        say(a, "after clearing: pm1_sts=")?;
+        a.mov(edx, 0x600u32)?;
+        a.in_(ax, dx)?;
+        hex16(a)?;
+        a.mov(edx, 0x604u32)?;
+        a.mov(eax, 0x2000u32)?;
+        a.out(dx, ax)?;
+        a.hlt()
+    });
+    let handler = asm(64, SCI_HANDLER, |a| {
+        a.push(rax)?;
+        a.push(rdx)?;
+        a.mov(edx, 0x600u32)?;
+        a.in_(ax, dx)?;
+        a.mov(rdx, SEEN)?;
+        a.mov(word_ptr(rdx), ax)?;
+        a.mov(edx, 0x600u32)?;
+        a.mov(eax, 0x100u32)?;
+        a.out(dx, ax)?; // PWRBTN_STS: write 1 to clear
+        a.mov(rax, COUNT)?;
+        a.inc(qword_ptr(rax))?;
+        a.mov(rax, 0xfee0_00b0u64)?;
+        a.mov(dword_ptr(rax), 0)?;
+        a.pop(rdx)?;
+        a.pop(rax)?;
+        a.iretq()
+    });
+    let mut k = vec![0u8; 0x2200];
+    k[..main.len()].copy_from_slice(&main);
+    assert!(main.len() <= 0x800);
+    k[0x800..0x800 + handler.len()].copy_from_slice(&handler);
+    let h = SCI_HANDLER;
+    let lo = (h & 0xffff) | (0x10 << 16) | (0x8e00 << 32) | (((h >> 16) & 0xffff) << 48);
+    let at = (IDT - BASE + 0x39 * 16) as usize;
+    k[at..at + 8].copy_from_slice(&lo.to_le_bytes());
+    k[at + 8..at + 16].copy_from_slice(&(h >> 32).to_le_bytes());
+    let at = (IDT_PTR - BASE) as usize;
+    k[at..at + 2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
+    k[at + 2..at + 10].copy_from_slice(&IDT.to_le_bytes());
+    elf64_image(BASE, &k)
+}
+
+/// Runs `kernel` on `engine`, sends visor SIGTERM once the guest printed
+/// `ready`, and returns the output.
+fn sigterm_when_ready(kernel: &Path, engine: &str) -> Output {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_visor"))
+        .args(["run", s(kernel), "--engine", engine, "--timeout", "20"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert_eq!(first, "ready\n", "{engine}");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut out, &mut rest).unwrap();
+    let mut o = child.wait_with_output().unwrap();
+    o.stdout = rest;
+    o
+}
+
+/// SIGTERM presses the ACPI power button: the guest that enabled the event
+/// takes the SCI through I/O APIC pin 9 (level), sees PWRBTN_STS, clears it
+/// and powers off (status 0), on every engine with an I/O APIC. A guest
+/// that did not enable the event is stopped (status 143).
+#[test]
+fn sigterm_presses_the_power_button() {
+    let (_d, p) = tmp("pwrbtn.elf", &power_button_kernel());
+    for engine in ["kvm", "emu", "vmx", "bt"] {
+        if engine == "kvm" && !kvm_here() {
+            continue;
+        }
+        let o = sigterm_when_ready(&p, engine);
+        assert_eq!(
+            stdout(&o),
+            "sci: pm1_sts=0100\nafter clearing: pm1_sts=0000\n",
+            "{engine}: {}",
+            stderr(&o)
+        );
+        assert_eq!(o.status.code(), Some(0), "{engine}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("visor: SIGTERM: pressed the ACPI power button"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    // A kernel that never enables the event: SIGTERM stops it.
+    let code = asm(64, 0x20_0000, |a| {
+        let mut l = a.create_label();
+        a.mov(edx, 0x3f8u32)?;
+        for b in b"ready\n" {
+            a.mov(al, *b as u32)?;
+            a.out(dx, al)?;
+        }
+        a.set_label(&mut l)?;
+        a.pause()?;
+        a.jmp(l)
+    });
+    let (_d2, spin) = tmp("spin.elf", &elf64_image(0x20_0000, &code));
+    let o = sigterm_when_ready(&spin, "emu");
+    assert_eq!(
+        o.status.code(),
+        Some(visor::exit_status::TERMINATED),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("has not enabled the ACPI power button event"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// The fw_cfg kernel prints the same line on every engine that starts a
 /// Multiboot kernel and powers off (status 0): `vmx` through "unrestricted
 /// guest", `trap` deprivileged on the identity shadow of paging off. `pv`,
