@@ -976,7 +976,7 @@ fn ioapic_routing_kernel() -> Vec<u8> {
 fn device_interrupts_through_the_ioapic() {
     let (_d, p) = tmp("ioapic.elf", &ioapic_routing_kernel());
     let want = "pit on ioapic pin 2\ncom1 on ioapic pin 4\n";
-    for engine in ["kvm", "emu", "vmx", "bt"] {
+    for engine in ["kvm", "emu", "vmx", "bt", "trap"] {
         if engine == "kvm" && !kvm_here() {
             continue;
         }
@@ -1136,7 +1136,7 @@ fn sigterm_when_ready(kernel: &Path, engine: &str) -> Output {
 #[test]
 fn sigterm_presses_the_power_button() {
     let (_d, p) = tmp("pwrbtn.elf", &power_button_kernel());
-    for engine in ["kvm", "emu", "vmx", "bt"] {
+    for engine in ["kvm", "emu", "vmx", "bt", "trap"] {
         if engine == "kvm" && !kvm_here() {
             continue;
         }

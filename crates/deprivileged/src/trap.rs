@@ -56,8 +56,9 @@ pub struct TrapConfig {
 pub struct TrapVm {
     mem: GuestMemoryMmap<()>,
     config: TrapConfig,
-    /// A local APIC with `irqchip` (no PICs: the guest is a 64-bit kernel
-    /// of visor's own boot protocol).
+    /// With `irqchip`, the PC's interrupt controllers and timer as the
+    /// other software engines have them: a local APIC, the PICs, the IOAPIC
+    /// and the PIT.
     platform: Arc<Platform>,
 }
 
@@ -66,7 +67,7 @@ impl TrapVm {
         Ok(TrapVm {
             mem: mem.clone(),
             config,
-            platform: Arc::new(Platform::new(config.irqchip, false)),
+            platform: Arc::new(Platform::new(config.irqchip, true)),
         })
     }
 
@@ -128,8 +129,8 @@ impl vcpu::Vm for TrapVm {
         Ok(Box::new(self.create_trap_vcpu(id)?))
     }
 
-    fn irq_line(&self, _gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
-        Ok(None)
+    fn irq_line(&self, gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
+        Ok(self.platform.irq_line(gsi))
     }
 
     fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
