@@ -5,8 +5,9 @@
 //! `visor.poweroff=1` it prints /proc/interrupts before the marker and powers
 //! off (`poweroff -f`: ACPI S5) instead of rebooting. With
 //! `visor.powerbutton=1` it first loads the ACPI button and evdev modules of
-//! the kernel (Debian builds them as modules), prints [`POWER_READY`], waits
-//! for an input event from the "Power Button" device and prints
+//! the kernel (Debian builds them as modules), opens the "Power Button"
+//! input device (events before the open would be lost), prints
+//! [`POWER_READY`], waits for an input event from it and prints
 //! [`POWER_PRESSED`]: what a user-space power-button daemon (acpid,
 //! systemd-logind) does before it powers the machine off.
 
@@ -83,8 +84,9 @@ pub fn build(busybox: &[u8]) -> Vec<u8> {
          \x20 $B insmod /lib/button.ko\n\
          \x20 $B mount -t devtmpfs dev /dev\n\
          \x20 ev=$($B grep -A5 'Name=\"Power Button\"' /proc/bus/input/devices | $B sed -n 's/.*Handlers=.*\\(event[0-9]*\\).*/\\1/p')\n\
+         \x20 exec 3</dev/input/$ev\n\
          \x20 $B echo {POWER_READY} $ev\n\
-         \x20 $B dd if=/dev/input/$ev of=/dev/null bs=24 count=1 2>/dev/null\n\
+         \x20 $B dd of=/dev/null bs=24 count=1 <&3 2>/dev/null\n\
          \x20 $B echo {POWER_PRESSED}\n\
          fi\n\
          if $B grep -q visor.poweroff=1 /proc/cmdline; then\n\
