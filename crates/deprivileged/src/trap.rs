@@ -240,7 +240,7 @@ fn mnemonic_name(m: M) -> &'static str {
 /// The offset size of a far JMP/CALL, through memory (m16:16, m16:32,
 /// m16:64) or direct (ptr16:16, ptr16:32, outside 64-bit mode), or `None`
 /// for any other JMP/CALL.
-fn far_memory(i: &Instruction) -> Option<usize> {
+fn far_offset_size(i: &Instruction) -> Option<usize> {
     match i.code() {
         Code::Jmp_m1616 | Code::Call_m1616 | Code::Jmp_ptr1616 | Code::Call_ptr1616 => Some(2),
         Code::Jmp_m1632 | Code::Call_m1632 | Code::Jmp_ptr1632 | Code::Call_ptr1632 => Some(4),
@@ -572,9 +572,11 @@ impl TrapVcpu {
                 Done::Next
             }
             M::Iretq if i.code() == Code::Iretq => self.iretq()?,
-            M::Iretd if i.code() == Code::Iretd => self.iretd()?,
+            // (IRETD in 64-bit mode pops SS:ESP too: not emulated, its #GP
+            // is the guest's.)
+            M::Iretd if i.code() == Code::Iretd && self.g.cpu.code_bits() != 64 => self.iretd()?,
             M::Retf => self.far_return(i)?,
-            M::Jmp | M::Call if far_memory(i).is_some() => self.far_transfer(i)?,
+            M::Jmp | M::Call if far_offset_size(i).is_some() => self.far_transfer(i)?,
             M::Sysretq if i.code() == Code::Sysretq => self.sysretq()?,
             M::Lmsw => {
                 let v = self.read_u16_operand(i, 0)? as u64;
@@ -652,7 +654,7 @@ impl TrapVcpu {
 
     /// Far JMP or CALL through memory to the kernel's own code segment.
     fn far_transfer(&mut self, i: &Instruction) -> Emu<Done> {
-        let Some(sz) = far_memory(i) else {
+        let Some(sz) = far_offset_size(i) else {
             return Err(ud());
         };
         let (target, sel) = if i.op0_kind() == OpKind::FarBranch16 {
@@ -1004,9 +1006,6 @@ impl TrapVcpu {
     /// popped, the stack stays); a return to user mode runs natively.
     /// Task returns (NT) and returns to virtual-8086 mode are not emulated.
     fn iretd(&mut self) -> Emu<Done> {
-        if self.g.cpu.code_bits() == 64 {
-            return Err(ud());
-        }
         if self.g.vflags() & rflags::NT != 0 {
             return Err(EmuErr::Unsupported(String::from(
                 "the trap engine does not emulate task switches (IRET with NT set)",
