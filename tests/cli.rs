@@ -581,7 +581,9 @@ fn fw_cfg_kernel() -> Vec<u8> {
 /// mode into long mode, saying where it is on COM1:
 /// - paging off: loads its own GDT and IDT (far jump, segment loads) and
 ///   takes `int 0x80` through a 32-bit interrupt gate (its handler returns
-///   with IRETD);
+///   with IRETD); loads a 32-bit TSS, goes to ring 3 with IRETD, and comes
+///   back with `int 0x81` through a DPL-3 gate, on the TSS's SS0:ESP0 (the
+///   handler checks the user's CS and SS in the frame);
 /// - 2-level paging (4 KiB pages, and 4 MiB ones with CR4.PSE), PAE paging
 ///   (2 MiB pages), then long mode: EFER.LME, CR0.PG (compatibility mode,
 ///   where EFER.LMA reads 1), and a far jump into its 64-bit code segment.
@@ -595,7 +597,11 @@ fn mode_tour_kernel() -> Vec<u8> {
     const FLAGS: u32 = (1 << 16) | 2;
     const MAGIC: u32 = 0x1234_5678;
     const B: u32 = BASE + 0x200; // the code after the first far jump
+    const USER: u32 = BASE + 0x3c0; // ring 3
+    const B2: u32 = BASE + 0x400; // after the return from ring 3
     const HANDLER: u32 = BASE + 0xd00;
+    const HANDLER81: u32 = BASE + 0xd80;
+    const TSS: u32 = BASE + 0x1600;
     const CODE64: u32 = BASE + 0xe00;
     const GDT: u32 = BASE + 0x1000;
     const GDT_PTR: u32 = BASE + 0x1040;
@@ -647,14 +653,30 @@ fn mode_tour_kernel() -> Vec<u8> {
         far_jmp(a, 0x08, B)
     });
     let body = asm(32, B as u64, |a| {
-        let mut bad = a.create_label();
-        let mut fill = a.create_label();
         a.mov(eax, 0x10u32)?;
         a.mov(ds, ax)?;
         a.mov(es, ax)?;
         a.mov(ss, ax)?;
         a.lidt(ptr(IDT_PTR))?;
         a.int(0x80)?;
+        // Ring 3: the TSS (SS0:ESP0 = 0x10:0x70000), then IRETD to user
+        // code and stack.
+        a.mov(eax, 0x30u32)?;
+        a.ltr(ax)?;
+        a.push(0x2bu32)?;
+        a.push(0x6_0000u32)?;
+        a.pushfd()?;
+        a.push(0x23u32)?;
+        a.push(USER)?;
+        a.iretd()
+    });
+    let user = asm(32, USER as u64, |a| {
+        a.int(0x81)?;
+        a.ud2()
+    });
+    let body2 = asm(32, B2 as u64, |a| {
+        let mut bad = a.create_label();
+        let mut fill = a.create_label();
         // 2-level paging: the first 4 MiB in 4 KiB pages, 4-8 MiB as a
         // 4 MiB page, and 8-12 MiB as a 4 MiB page at physical 0.
         a.mov(edi, 0x11_1000u32)?;
@@ -718,6 +740,27 @@ fn mode_tour_kernel() -> Vec<u8> {
         say(a, "bad\n")?;
         off(a)
     });
+    // From ring 3: checks the frame on the TSS's stack (EIP, CS, EFLAGS,
+    // ESP, SS), then goes on in the kernel on its own stack.
+    let handler81 = asm(32, HANDLER81 as u64, |a| {
+        let mut bad = a.create_label();
+        a.cmp(esp, 0x7_0000 - 20)?;
+        a.jne(bad)?;
+        a.cmp(dword_ptr(esp + 4), 0x23)?;
+        a.jne(bad)?;
+        a.cmp(dword_ptr(esp + 16), 0x2b)?;
+        a.jne(bad)?;
+        a.mov(eax, 0x10u32)?;
+        a.mov(ds, ax)?;
+        a.mov(es, ax)?;
+        a.mov(esp, 0x80000u32)?;
+        say(a, "user int\n")?;
+        a.mov(eax, B2)?;
+        a.jmp(eax)?;
+        a.set_label(&mut bad)?;
+        say(a, "bad\n")?;
+        a.hlt()
+    });
     let handler = asm(32, HANDLER as u64, |a| {
         a.push(eax)?;
         a.push(edx)?;
@@ -750,24 +793,33 @@ fn mode_tour_kernel() -> Vec<u8> {
     let head: Vec<u8> = header.iter().flat_map(|w| w.to_le_bytes()).collect();
     put(BASE, &head, 32);
     put(BASE + 32, &entry, B - BASE - 32);
-    put(B, &body, HANDLER - B);
-    put(HANDLER, &handler, CODE64 - HANDLER);
+    put(B, &body, USER - B);
+    put(USER, &user, B2 - USER);
+    put(B2, &body2, HANDLER - B2);
+    put(HANDLER, &handler, HANDLER81 - HANDLER);
+    put(HANDLER81, &handler81, CODE64 - HANDLER81);
     put(CODE64, &code64, GDT - CODE64);
-    // Null, 32-bit code (0x08), data (0x10), 64-bit code (0x18): DPL 0.
+    // Null, 32-bit code (0x08), data (0x10), 64-bit code (0x18): DPL 0;
+    // user code (0x20) and data (0x28): DPL 3; the 32-bit TSS (0x30).
+    let tss_desc =
+        0x67u64 | ((TSS as u64 & 0xff_ffff) << 16) | (0x89u64 << 40) | ((TSS as u64 >> 24) << 56);
     let gdt: Vec<u8> = [
         0u64,
         0x00cf_9a00_0000_ffff,
         0x00cf_9200_0000_ffff,
         0x00af_9a00_0000_ffff,
+        0x00cf_fa00_0000_ffff,
+        0x00cf_f200_0000_ffff,
+        tss_desc,
     ]
     .iter()
     .flat_map(|d| d.to_le_bytes())
     .collect();
     put(GDT, &gdt, 0x40);
-    let mut gp = 31u16.to_le_bytes().to_vec();
+    let mut gp = 55u16.to_le_bytes().to_vec();
     gp.extend_from_slice(&GDT.to_le_bytes());
     put(GDT_PTR, &gp, 0x10);
-    let mut ip = (0x80u16 * 8 + 7).to_le_bytes().to_vec();
+    let mut ip = (0x81u16 * 8 + 7).to_le_bytes().to_vec();
     ip.extend_from_slice(&IDT.to_le_bytes());
     put(IDT_PTR, &ip, 0x10);
     // Vector 0x80: a 32-bit interrupt gate, DPL 0, to the handler.
@@ -776,6 +828,15 @@ fn mode_tour_kernel() -> Vec<u8> {
         | (0x8e00u64 << 32)
         | ((HANDLER as u64 >> 16) << 48);
     put(IDT + 0x80 * 8, &gate.to_le_bytes(), 8);
+    // Vector 0x81: a 32-bit interrupt gate user mode may use (DPL 3).
+    let gate = (HANDLER81 as u64 & 0xffff)
+        | (0x08 << 16)
+        | (0xee00u64 << 32)
+        | ((HANDLER81 as u64 >> 16) << 48);
+    put(IDT + 0x81 * 8, &gate.to_le_bytes(), 8);
+    // The TSS: ESP0 and SS0.
+    put(TSS + 4, &0x7_0000u32.to_le_bytes(), 4);
+    put(TSS + 8, &0x10u32.to_le_bytes(), 4);
     k
 }
 
@@ -788,7 +849,8 @@ fn mode_tour_kernel() -> Vec<u8> {
 #[test]
 fn multiboot_mode_tour_on_every_engine() {
     let (_d, p) = tmp("tour.bin", &mode_tour_kernel());
-    let want = "protected\nint\npaging32 alias ok\nint\npae alias ok\nint\nlma\nlong alias ok\n";
+    let want =
+        "protected\nint\nuser int\npaging32 alias ok\nint\npae alias ok\nint\nlma\nlong alias ok\n";
     for engine in ["emu", "trap", "vmx", "bt"] {
         let o = visor(&[
             "run",
@@ -811,8 +873,9 @@ fn multiboot_mode_tour_on_every_engine() {
     for (t, n) in [
         ("lgdt", 1),
         ("lidt", 1),
+        ("ltr", 1),
         ("jmp far", 2),
-        ("mov to sreg", 3),
+        ("mov to sreg", 5),
         ("mov to cr0", 5),
         ("mov to cr3", 3),
         ("mov to cr4", 2),
@@ -821,7 +884,7 @@ fn multiboot_mode_tour_on_every_engine() {
     ] {
         assert_eq!(traps[t].as_u64(), Some(n), "{t}: {traps}");
     }
-    assert_eq!(v["reflected"]["soft_ints"].as_u64(), Some(3));
+    assert_eq!(v["reflected"]["soft_ints"].as_u64(), Some(4));
     assert_eq!(v["shadow"]["reflected_page_faults"].as_u64(), Some(0));
     assert!(
         v["shadow"]["fills"].as_u64().unwrap() >= 8,
