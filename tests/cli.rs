@@ -840,6 +840,165 @@ fn mode_tour_kernel() -> Vec<u8> {
     k
 }
 
+/// A Multiboot kernel that tries mode changes the architecture refuses, in
+/// legacy protected mode, each of which must raise #GP (SDM vol. 3 4.1.1,
+/// 4.4.1, 9.8.5): CR0.PG with EFER.LME but without CR4.PAE; WRMSR changing
+/// EFER.LME with paging on; MOV to CR3 with PAE paging and a PDPTE with a
+/// reserved bit set; CR0.NW without CD. Its #GP handler (a 32-bit gate)
+/// prints `#GP` and steps over the instruction (its length in ECX).
+fn refused_transitions_kernel() -> Vec<u8> {
+    const BASE: u32 = 0x10_0000;
+    const FLAGS: u32 = (1 << 16) | 2;
+    const HANDLER: u32 = BASE + 0x800;
+    const IDT: u32 = BASE + 0x1000;
+    const IDT_PTR: u32 = BASE + 0x1100;
+    let header: [u32; 8] = [
+        0x1bad_b002,
+        FLAGS,
+        0u32.wrapping_sub(0x1bad_b002u32.wrapping_add(FLAGS)),
+        BASE,
+        BASE,
+        BASE + 0x1200,
+        0,
+        BASE + 32,
+    ];
+    let say = |a: &mut CodeAssembler, t: &str| -> Result<(), IcedError> {
+        a.mov(edx, 0x3f8u32)?;
+        for b in t.bytes() {
+            a.mov(al, b as u32)?;
+            a.out(dx, al)?;
+        }
+        Ok(())
+    };
+    let code = asm(32, (BASE + 32) as u64, |a| {
+        a.mov(esp, 0x80000u32)?;
+        a.lidt(ptr(IDT_PTR))?;
+        // 1: paging with LME but no PAE.
+        say(a, "pg with lme, no pae: ")?;
+        a.mov(ecx, 0xc000_0080u32)?;
+        a.rdmsr()?;
+        a.or(eax, 0x100)?;
+        a.wrmsr()?;
+        a.mov(eax, cr0)?;
+        a.or(eax, 0x8000_0000u32 as i32)?;
+        a.mov(ecx, 3u32)?;
+        a.mov(cr0, eax)?;
+        say(a, "no fault\n")?;
+        // 2: LME cleared with 32-bit paging on (LME set again first while
+        // paging is off).
+        a.mov(ecx, 0xc000_0080u32)?;
+        a.rdmsr()?;
+        a.and(eax, !0x100)?;
+        a.wrmsr()?;
+        a.mov(dword_ptr(0x11_0000), 0x83u32)?; // 4 MiB page at 0
+        a.mov(eax, cr4)?;
+        a.or(eax, 0x10)?;
+        a.mov(cr4, eax)?;
+        a.mov(eax, 0x11_0000u32)?;
+        a.mov(cr3, eax)?;
+        a.mov(eax, cr0)?;
+        a.or(eax, 0x8000_0000u32 as i32)?;
+        a.mov(cr0, eax)?;
+        say(a, "lme set with paging on: ")?;
+        a.mov(ecx, 0xc000_0080u32)?;
+        a.rdmsr()?;
+        a.or(eax, 0x100)?;
+        a.mov(ecx, 2u32)?;
+        a.wrmsr()?;
+        say(a, "no fault\n")?;
+        a.mov(eax, cr0)?;
+        a.and(eax, 0x7fff_ffff)?;
+        a.mov(cr0, eax)?;
+        // 3: PAE paging, then a CR3 whose PDPT has a reserved bit.
+        a.mov(dword_ptr(0x11_2000), 0x11_3001u32)?;
+        a.mov(dword_ptr(0x11_3000), 0x83u32)?;
+        a.mov(dword_ptr(0x11_4000), 0x11_3001u32 | 0x80)?; // bit 7: reserved
+        a.mov(eax, cr4)?;
+        a.or(eax, 0x20)?;
+        a.mov(cr4, eax)?;
+        a.mov(eax, 0x11_2000u32)?;
+        a.mov(cr3, eax)?;
+        a.mov(eax, cr0)?;
+        a.or(eax, 0x8000_0000u32 as i32)?;
+        a.mov(cr0, eax)?;
+        say(a, "pdpte with a reserved bit: ")?;
+        a.mov(eax, 0x11_4000u32)?;
+        a.mov(ecx, 3u32)?;
+        a.mov(cr3, eax)?;
+        say(a, "no fault\n")?;
+        // 4: NW without CD.
+        say(a, "nw without cd: ")?;
+        a.mov(eax, cr0)?;
+        a.and(eax, !0x4000_0000)?;
+        a.or(eax, 0x2000_0000)?;
+        a.mov(ecx, 3u32)?;
+        a.mov(cr0, eax)?;
+        say(a, "no fault\n")?;
+        say(a, "paging still on: ")?;
+        a.mov(eax, cr0)?;
+        a.shr(eax, 31)?;
+        a.add(eax, 0x30)?;
+        a.mov(edx, 0x3f8u32)?;
+        a.out(dx, al)?;
+        a.mov(al, 0x0au32)?;
+        a.out(dx, al)?;
+        a.mov(edx, 0x604u32)?;
+        a.mov(eax, 0x2000u32)?;
+        a.out(dx, ax)?;
+        a.hlt()
+    });
+    let handler = asm(32, HANDLER as u64, |a| {
+        say(a, "#GP\n")?;
+        a.add(esp, 4)?; // the error code
+        a.add(dword_ptr(esp), ecx)?;
+        a.iretd()
+    });
+    let mut k = vec![0u8; 0x1200];
+    let head: Vec<u8> = header.iter().flat_map(|w| w.to_le_bytes()).collect();
+    k[..32].copy_from_slice(&head);
+    assert!(code.len() <= 0x800 - 32);
+    k[32..32 + code.len()].copy_from_slice(&code);
+    let h = (HANDLER - BASE) as usize;
+    k[h..h + handler.len()].copy_from_slice(&handler);
+    // Vector 13: a 32-bit interrupt gate to the boot GDT's 32-bit code
+    // segment (0x08).
+    let gate = (HANDLER as u64 & 0xffff)
+        | (0x08 << 16)
+        | (0x8e00u64 << 32)
+        | ((HANDLER as u64 >> 16) << 48);
+    let g = (IDT - BASE) as usize + 13 * 8;
+    k[g..g + 8].copy_from_slice(&gate.to_le_bytes());
+    let i = (IDT_PTR - BASE) as usize;
+    k[i..i + 2].copy_from_slice(&(14u16 * 8 - 1).to_le_bytes());
+    k[i + 2..i + 6].copy_from_slice(&IDT.to_le_bytes());
+    k
+}
+
+/// The transitions the architecture refuses fault alike on every engine
+/// that starts a Multiboot kernel: `trap` checks them in its emulation of
+/// MOV to CR0/CR3 and WRMSR to EFER.
+#[test]
+fn refused_mode_transitions_fault_alike() {
+    let (_d, p) = tmp("refused.bin", &refused_transitions_kernel());
+    let want = "pg with lme, no pae: #GP\nno fault\nlme set with paging on: #GP\nno fault\n\
+                pdpte with a reserved bit: #GP\nno fault\nnw without cd: #GP\nno fault\n\
+                paging still on: 1\n";
+    for engine in ["emu", "trap", "vmx", "bt"] {
+        let o = visor(&[
+            "run",
+            s(&p),
+            "--engine",
+            engine,
+            "--mem",
+            "64M",
+            "--timeout",
+            "20",
+        ]);
+        assert_eq!(stdout(&o), want, "{engine}: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(0), "{engine}: {}", stderr(&o));
+    }
+}
+
 /// The mode tour gives the same transcript on every engine that starts a
 /// Multiboot kernel: `trap` follows the guest deprivileged from its
 /// identity shadow through 2-level, PAE and 4-level shadowing, running its
@@ -1288,31 +1447,42 @@ fn multiboot_fw_cfg_on_every_engine() {
     );
 }
 
+/// The Multiboot information a kernel finds, on every engine that starts
+/// one.
 #[test]
 fn multiboot_info() {
-    if !kvm_here() {
-        return;
-    }
     let (_d, p) = tmp("mb.bin", &multiboot_kernel());
     let (_d2, m) = tmp("module.bin", b"Zmodule");
-    let o = visor(&[
-        "run",
-        s(&p),
-        "--mem",
-        "64M",
-        "--cmdline",
-        "console=ttyS0 x=1",
-        "--initrd",
-        s(&m),
-    ]);
-    // flags = MEM|CMDLINE|MODS|MMAP|LOADER_NAME = 0x24d: status (0x4d << 1) | 1.
-    assert_eq!(o.status.code(), Some((0x4d << 1) | 1), "{}", stderr(&o));
-    let expected = format!(
-        "2badb002 00000280 {:08x} 00000001 0000005a {} console=ttyS0 x=1\n",
-        (64 << 10) - 1024,
-        s(&p)
-    );
-    assert_eq!(stdout(&o), expected);
+    for engine in ["kvm", "emu", "trap", "vmx", "bt"] {
+        if engine == "kvm" && !kvm_here() {
+            continue;
+        }
+        let o = visor(&[
+            "run",
+            s(&p),
+            "--engine",
+            engine,
+            "--mem",
+            "64M",
+            "--cmdline",
+            "console=ttyS0 x=1",
+            "--initrd",
+            s(&m),
+        ]);
+        // flags = MEM|CMDLINE|MODS|MMAP|LOADER_NAME = 0x24d: status (0x4d << 1) | 1.
+        assert_eq!(
+            o.status.code(),
+            Some((0x4d << 1) | 1),
+            "{engine}: {}",
+            stderr(&o)
+        );
+        let expected = format!(
+            "2badb002 00000280 {:08x} 00000001 0000005a {} console=ttyS0 x=1\n",
+            (64 << 10) - 1024,
+            s(&p)
+        );
+        assert_eq!(stdout(&o), expected, "{engine}");
+    }
 }
 
 /// A valid instruction the software CPU does not implement ends the run with
