@@ -135,14 +135,12 @@ impl Engine {
 
     /// Whether the engine starts a kernel of this kind. A Multiboot kernel
     /// starts in 32-bit protected mode with paging off: `pv`'s kernels (as
-    /// Xen's 64-bit PV guests) start in long mode with paging on, and `trap`
-    /// does not yet run a deprivileged guest with paging off (its shadow
-    /// tables follow the guest's 4-level tables). `Err` says so and names
+    /// Xen's 64-bit PV guests) start in long mode with paging on (`trap`
+    /// runs it deprivileged on an identity shadow). `Err` says so and names
     /// the engines that can.
     pub fn boots(self, kind: machine::loader::KernelKind) -> Result<(), String> {
         use machine::loader::KernelKind;
-        let starts =
-            |e: Engine| !(matches!(e, Engine::Pv | Engine::Trap) && kind == KernelKind::Multiboot);
+        let starts = |e: Engine| !(e == Engine::Pv && kind == KernelKind::Multiboot);
         if starts(self) {
             return Ok(());
         }
@@ -151,12 +149,7 @@ impl Engine {
             .filter(|e| starts(**e))
             .map(|e| e.name())
             .collect();
-        let why = match self {
-            Engine::Pv => {
-                "runs paravirtualized kernels, which start in 64-bit long mode with paging on"
-            }
-            _ => "runs kernels deprivileged from 64-bit long mode with paging on",
-        };
+        let why = "runs paravirtualized kernels, which start in 64-bit long mode with paging on";
         Err(format!(
             "engine {self} {why}; a {} kernel starts in 32-bit protected mode with paging off: \
              run it on engine {}",

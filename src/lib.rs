@@ -38,4 +38,8 @@ pub mod exit_status {
     /// The guest executed a valid instruction the engine does not implement
     /// (`unimplemented instruction <mnemonic> at <rip>` on stderr).
     pub const UNIMPLEMENTED: i32 = 10;
+    /// SIGTERM stopped the guest (a second SIGTERM after the power button,
+    /// or one the guest had not enabled the power button for): 128 + 15, as
+    /// a shell reports a process SIGTERM ended.
+    pub const TERMINATED: i32 = 143;
 }

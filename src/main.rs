@@ -279,6 +279,8 @@ fn run(args: RunArgs) -> Result<i32, String> {
         Box::new(std::io::stdout()),
     )
     .map_err(|e| e.to_string())?;
+    // SIGTERM presses the power button (docs/platform.md).
+    vm.set_power_button(platform.pm.clone());
     vm.pio
         .insert(
             machine::fw_cfg::SELECTOR as u64,

@@ -2,10 +2,11 @@
 //! its exit against the buses, count it, repeat.
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use machine::bus::StopReason;
+use machine::devices::Pm;
 use machine::{Action, Bus, GuestMemory, MemoryLayout};
 use vcpu::{Kick, Regs, SRegs, Vcpu, VcpuError, VcpuExit};
 
@@ -43,6 +44,9 @@ pub enum Outcome {
     Paused,
     /// The debugger killed the guest (`--gdb`).
     Killed,
+    /// SIGTERM stopped the guest: a second one after the power button, or
+    /// one the guest could not take (no ACPI power-button event enabled).
+    Terminated,
 }
 
 impl Outcome {
@@ -56,6 +60,7 @@ impl Outcome {
             Outcome::TimedOut { .. } => TIMEOUT,
             Outcome::Unimplemented { .. } => UNIMPLEMENTED,
             Outcome::Debug(_) | Outcome::Paused | Outcome::Killed => OK,
+            Outcome::Terminated => TERMINATED,
         }
     }
 
@@ -79,6 +84,7 @@ impl Outcome {
             Outcome::Debug(e) => format!("stopped for the debugger ({e:?})"),
             Outcome::Paused => "paused".into(),
             Outcome::Killed => "the debugger killed the guest".into(),
+            Outcome::Terminated => "stopped by SIGTERM".into(),
             Outcome::TimedOut { regs, .. } => {
                 format!(
                     "timed out: the guest was still running at rip={:#x}",
@@ -116,6 +122,11 @@ pub struct Vm {
     stop: Arc<AtomicBool>,
     /// Set by [`Pauser::pause`]; the loop ends with [`Outcome::Paused`].
     pause: Arc<AtomicBool>,
+    /// The ACPI PM registers SIGTERM presses the power button of
+    /// ([`Vm::set_power_button`]).
+    power_button: Option<Arc<Mutex<Pm>>>,
+    /// SIGTERM pressed the power button already.
+    power_pressed: bool,
 }
 
 /// Pauses a running [`Vm`] from another thread (a debugger's Ctrl-C): its
@@ -170,8 +181,22 @@ static DUMP_REQUESTED: AtomicBool = AtomicBool::new(false);
 /// handler may be using it): one `Kick` per vCPU that ever ran.
 static SIGNAL_KICK: AtomicPtr<Kick> = AtomicPtr::new(std::ptr::null_mut());
 
+/// Set by SIGTERM once [`Vm::set_power_button`] installed its handler: the
+/// loop presses the guest's power button.
+static POWER_BUTTON: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn dump_handler(_: libc::c_int) {
     DUMP_REQUESTED.store(true, Ordering::SeqCst);
+    kick_running_vcpu();
+}
+
+extern "C" fn power_button_handler(_: libc::c_int) {
+    POWER_BUTTON.store(true, Ordering::SeqCst);
+    kick_running_vcpu();
+}
+
+/// Kicks the vCPU that runs now (from a signal handler).
+fn kick_running_vcpu() {
     let k = SIGNAL_KICK.load(Ordering::SeqCst);
     // SAFETY: a non-null SIGNAL_KICK came from `Arc::into_raw` and is never
     // released, so it points at a live Kick; `Kick::kick` only touches
@@ -185,13 +210,17 @@ extern "C" fn dump_handler(_: libc::c_int) {
 /// handler, no SA_RESTART); SIGUSR2 asks for a register dump (`kill -USR2
 /// <pid>` on a guest that seems stuck).
 fn install_signal_handlers() {
-    for (sig, handler) in [
+    install_handlers(&[
         (
             vcpu::KICK_SIGNAL,
             kick_handler as extern "C" fn(libc::c_int),
         ),
         (libc::SIGUSR2, dump_handler),
-    ] {
+    ]);
+}
+
+fn install_handlers(handlers: &[(libc::c_int, extern "C" fn(libc::c_int))]) {
+    for &(sig, handler) in handlers {
         // SAFETY: the handlers only store to atomics and make
         // async-signal-safe system calls; without SA_RESTART a blocking
         // KVM_RUN returns EINTR to the loop.
@@ -263,7 +292,43 @@ impl Vm {
             ),
             stop: Arc::new(AtomicBool::new(false)),
             pause: Arc::new(AtomicBool::new(false)),
+            power_button: None,
+            power_pressed: false,
         })
+    }
+
+    /// Makes SIGTERM press the guest's ACPI power button (`pm`'s), as
+    /// QEMU's `system_powerdown` does: an ACPI guest that enabled the event
+    /// gets the SCI and powers off by itself (status 0). A SIGTERM the guest
+    /// cannot take (the event not enabled), or a second one, stops the run
+    /// ([`Outcome::Terminated`]).
+    pub fn set_power_button(&mut self, pm: Arc<Mutex<Pm>>) {
+        self.power_button = Some(pm);
+        install_handlers(&[(libc::SIGTERM, power_button_handler)]);
+    }
+
+    /// A SIGTERM: presses the power button, or says why the run stops.
+    fn power_button_request(&mut self) -> Option<Outcome> {
+        let Some(pm) = self.power_button.as_ref() else {
+            return Some(Outcome::Terminated);
+        };
+        if self.power_pressed {
+            eprintln!("\r\nvisor: SIGTERM again: stopping the guest\r");
+            return Some(Outcome::Terminated);
+        }
+        let mut pm = pm.lock().unwrap_or_else(|p| p.into_inner());
+        if !pm.power_button_enabled() {
+            eprintln!(
+                "\r\nvisor: SIGTERM: the guest has not enabled the ACPI power button event (PM1_EN.PWRBTN_EN): stopping it\r"
+            );
+            return Some(Outcome::Terminated);
+        }
+        pm.press_power_button();
+        self.power_pressed = true;
+        eprintln!(
+            "\r\nvisor: SIGTERM: pressed the ACPI power button; SIGTERM again stops the guest at once\r"
+        );
+        None
     }
 
     /// A handle that stops this VM's run; call on the thread that will run it.
@@ -388,7 +453,12 @@ impl Vm {
                         let (r, s) = (self.vcpu.regs()?, self.vcpu.sregs()?);
                         eprintln!("\r\nvisor: SIGUSR2 register dump\r\n{r}\n{s}");
                     }
-                    if self.stop.load(Ordering::SeqCst) {
+                    if POWER_BUTTON.swap(false, Ordering::SeqCst) {
+                        stop = self.power_button_request();
+                    }
+                    if stop.is_some() {
+                        // SIGTERM ended the run.
+                    } else if self.stop.load(Ordering::SeqCst) {
                         stop = Some(Outcome::TimedOut {
                             regs: Box::new(self.vcpu.regs()?),
                             sregs: Box::new(self.vcpu.sregs()?),

@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::initramfs::{self, INPUT, MARKER, MSR_WARNINGS, READY};
+use common::initramfs::{self, INPUT, MARKER, MSR_WARNINGS, POWER_PRESSED, POWER_READY, READY};
 
 const CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd visor.input=1";
@@ -144,7 +144,12 @@ fn debian_linux_boots_to_busybox() {
 /// Linux finds visor's ACPI tables without an error, takes the MADT and the
 /// I/O APIC (no virtual-wire mode), counts local APIC timer interrupts, and
 /// `poweroff -f` ends the run through ACPI S5 (the PM1a control block), not
-/// through a halt. About 25 s on this project's machine.
+/// through a halt. Before that, the power button: once Linux's ACPI button
+/// driver is loaded, the test sends visor SIGTERM, which presses the fixed
+/// power button; the SCI (IRQ 9, level, through the I/O APIC as the MADT's
+/// override says) reaches Linux's ACPI handler, the "Power Button" input
+/// device reports it to init, which powers off. About 25 s on this
+/// project's machine.
 #[test]
 fn debian_linux_boots_to_busybox_on_the_software_cpu() {
     let (Some(bzimage), Some(busybox)) = (initramfs::debian_kernel(), initramfs::busybox()) else {
@@ -155,7 +160,7 @@ fn debian_linux_boots_to_busybox_on_the_software_cpu() {
         &bzimage,
         &busybox,
         Duration::from_secs(600),
-        "visor.poweroff=1",
+        "visor.poweroff=1 visor.powerbutton=1",
     );
     let all = console.join("\n");
     for want in [
@@ -190,6 +195,23 @@ fn debian_linux_boots_to_busybox_on_the_software_cpu() {
             .iter()
             .any(|l| l.contains("IO-APIC") && l.contains("2-edge")),
         "the timer through the I/O APIC:\n{all}"
+    );
+    // The power button: Linux found the fixed one, took the SCI on
+    // IO-APIC pin 9 (level), and init saw the key.
+    assert!(
+        all.contains("ACPI: button: Power Button [PWRF]"),
+        "no fixed power button in\n{all}"
+    );
+    assert!(all.contains(POWER_PRESSED), "{all}");
+    let sci = console
+        .iter()
+        .find(|l| l.contains("IO-APIC") && l.contains("9-fasteoi") && l.contains("acpi"))
+        .unwrap_or_else(|| panic!("no SCI in /proc/interrupts:\n{all}"));
+    let n: u64 = sci.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(n >= 1, "SCIs taken: {sci}");
+    assert!(
+        err.contains("visor: SIGTERM: pressed the ACPI power button"),
+        "{err}"
     );
     assert!(
         err.contains("outcome: guest powered off (exit status 0)"),
@@ -321,7 +343,18 @@ fn boot_to_busybox(
         // Keep stdin open until the guest is done.
         std::mem::forget(stdin);
     }
-    let input_seen = ready && wait_for(INPUT, &mut console);
+    let mut input_seen = ready && wait_for(INPUT, &mut console);
+    if input_seen && extra.contains("visor.powerbutton=1") {
+        // Init waits for the power button: SIGTERM presses it.
+        input_seen = wait_for(POWER_READY, &mut console);
+        if input_seen {
+            let killed = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(killed.success());
+        }
+    }
     let marker = input_seen && wait_for(MARKER, &mut console);
     let status = child.wait().unwrap();
     let mut err = String::new();

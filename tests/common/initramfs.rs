@@ -3,12 +3,22 @@
 //! `visor.input=1` on the kernel command line it first prints [`READY`], reads a
 //! line from the console and echoes it after [`INPUT`]. With
 //! `visor.poweroff=1` it prints /proc/interrupts before the marker and powers
-//! off (`poweroff -f`: ACPI S5) instead of rebooting.
+//! off (`poweroff -f`: ACPI S5) instead of rebooting. With
+//! `visor.powerbutton=1` it first loads the ACPI button and evdev modules of
+//! the kernel (Debian builds them as modules), opens the "Power Button"
+//! input device (events before the open would be lost), prints
+//! [`POWER_READY`], waits for an input event from it and prints
+//! [`POWER_PRESSED`]: what a user-space power-button daemon (acpid,
+//! systemd-logind) does before it powers the machine off.
 
 /// The line the test kernel's init prints, followed by the size of /proc/cmdline.
 pub const MARKER: &str = "VISOR-LINUX-BOOT-OK";
 pub const READY: &str = "VISOR-READY";
 pub const INPUT: &str = "VISOR-INPUT:";
+/// Printed when init waits for the power button (followed by its event device).
+pub const POWER_READY: &str = "VISOR-POWER-BUTTON-READY";
+/// Printed when the power button's input event came.
+pub const POWER_PRESSED: &str = "VISOR-POWER-BUTTON-PRESSED";
 /// Followed by how many `unchecked MSR access` lines the kernel logged.
 pub const MSR_WARNINGS: &str = "VISOR-MSR-WARNINGS:";
 
@@ -69,6 +79,16 @@ pub fn build(busybox: &[u8]) -> Vec<u8> {
          \x20 $B echo {INPUT}$line\n\
          fi\n\
          $B echo {MSR_WARNINGS}$($B dmesg | $B grep -c 'unchecked MSR access')\n\
+         if $B grep -q visor.powerbutton=1 /proc/cmdline; then\n\
+         \x20 $B insmod /lib/evdev.ko\n\
+         \x20 $B insmod /lib/button.ko\n\
+         \x20 $B mount -t devtmpfs dev /dev\n\
+         \x20 ev=$($B grep -A5 'Name=\"Power Button\"' /proc/bus/input/devices | $B sed -n 's/.*Handlers=.*\\(event[0-9]*\\).*/\\1/p')\n\
+         \x20 exec 3</dev/input/$ev\n\
+         \x20 $B echo {POWER_READY} $ev\n\
+         \x20 $B dd of=/dev/null bs=24 count=1 <&3 2>/dev/null\n\
+         \x20 $B echo {POWER_PRESSED}\n\
+         fi\n\
          if $B grep -q visor.poweroff=1 /proc/cmdline; then\n\
          \x20 $B cat /proc/interrupts\n\
          \x20 $B echo {MARKER} $($B cat /proc/cmdline | $B wc -c)\n\
@@ -82,6 +102,10 @@ pub fn build(busybox: &[u8]) -> Vec<u8> {
     }
     c.entry("dev/console", 0o020600, (5, 1), &[]);
     c.entry("bin/busybox", 0o100755, (0, 0), busybox);
+    c.entry("lib", 0o040755, (0, 0), &[]);
+    for (name, data) in power_button_modules() {
+        c.entry(&format!("lib/{name}"), 0o100644, (0, 0), &data);
+    }
     c.entry("init", 0o100755, (0, 0), init.as_bytes());
     c.entry("TRAILER!!!", 0, (0, 0), &[]);
     c.out
@@ -100,6 +124,27 @@ pub fn debian_kernel() -> Option<std::path::PathBuf> {
         .collect();
     k.sort();
     k.pop()
+}
+
+/// The ACPI button and evdev modules of [`debian_kernel`] (none if they are
+/// not installed: init then says insmod failed).
+fn power_button_modules() -> Vec<(&'static str, Vec<u8>)> {
+    let Some(version) = debian_kernel().and_then(|k| {
+        k.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("vmlinuz-"))
+            .map(str::to_string)
+    }) else {
+        return Vec::new();
+    };
+    let dir = format!("/lib/modules/{version}/kernel/drivers");
+    [
+        ("evdev.ko", "input/evdev.ko"),
+        ("button.ko", "acpi/button.ko"),
+    ]
+    .into_iter()
+    .filter_map(|(name, path)| Some((name, std::fs::read(format!("{dir}/{path}")).ok()?)))
+    .collect()
 }
 
 pub fn busybox() -> Option<Vec<u8>> {

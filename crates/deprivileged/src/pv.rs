@@ -200,8 +200,12 @@ impl PvVcpu {
             // kernel wrote a live page table directly.
             let lin = self.g.cpu.cr2;
             let user = code.unwrap_or(0) & pf::USER != 0;
-            let pg = self.g.v.paging();
-            if let Ok(m) = walk::walk(&mut self.g.cpu, pg, lin, Access::Write, user) {
+            let m = self
+                .g
+                .v
+                .paging()
+                .and_then(|pg| walk::walk(&mut self.g.cpu, pg, lin, Access::Write, user).ok());
+            if let Some(m) = m {
                 if self.g.cpu.write_protected(m.page) {
                     return Some(VcpuExit::Other {
                         reason: format!(

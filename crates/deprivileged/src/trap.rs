@@ -56,8 +56,9 @@ pub struct TrapConfig {
 pub struct TrapVm {
     mem: GuestMemoryMmap<()>,
     config: TrapConfig,
-    /// A local APIC with `irqchip` (no PICs: the guest is a 64-bit kernel
-    /// of visor's own boot protocol).
+    /// With `irqchip`, the PC's interrupt controllers and timer as the
+    /// other software engines have them: a local APIC, the PICs, the IOAPIC
+    /// and the PIT.
     platform: Arc<Platform>,
 }
 
@@ -66,7 +67,7 @@ impl TrapVm {
         Ok(TrapVm {
             mem: mem.clone(),
             config,
-            platform: Arc::new(Platform::new(config.irqchip, false)),
+            platform: Arc::new(Platform::new(config.irqchip, true)),
         })
     }
 
@@ -128,8 +129,8 @@ impl vcpu::Vm for TrapVm {
         Ok(Box::new(self.create_trap_vcpu(id)?))
     }
 
-    fn irq_line(&self, _gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
-        Ok(None)
+    fn irq_line(&self, gsi: u32) -> Result<Option<Arc<dyn IrqLine>>> {
+        Ok(self.platform.irq_line(gsi))
     }
 
     fn vector_line(&self, vector: u8) -> Result<Option<Arc<dyn IrqLine>>> {
@@ -223,6 +224,7 @@ fn mnemonic_name(m: M) -> &'static str {
         M::Wrmsr => "wrmsr",
         M::Swapgs => "swapgs",
         M::Iretq => "iretq",
+        M::Iretd => "iretd",
         M::Sysretq => "sysretq",
         M::Lmsw => "lmsw",
         M::Clts => "clts",
@@ -235,12 +237,13 @@ fn mnemonic_name(m: M) -> &'static str {
     }
 }
 
-/// The offset size of a far JMP/CALL through memory (m16:16, m16:32,
-/// m16:64), or `None` for any other JMP/CALL.
-fn far_memory(i: &Instruction) -> Option<usize> {
+/// The offset size of a far JMP/CALL, through memory (m16:16, m16:32,
+/// m16:64) or direct (ptr16:16, ptr16:32, outside 64-bit mode), or `None`
+/// for any other JMP/CALL.
+fn far_offset_size(i: &Instruction) -> Option<usize> {
     match i.code() {
-        Code::Jmp_m1616 | Code::Call_m1616 => Some(2),
-        Code::Jmp_m1632 | Code::Call_m1632 => Some(4),
+        Code::Jmp_m1616 | Code::Call_m1616 | Code::Jmp_ptr1616 | Code::Call_ptr1616 => Some(2),
+        Code::Jmp_m1632 | Code::Call_m1632 | Code::Jmp_ptr1632 | Code::Call_ptr1632 => Some(4),
         Code::Jmp_m1664 | Code::Call_m1664 => Some(8),
         _ => None,
     }
@@ -268,7 +271,14 @@ impl TrapVcpu {
             Access::Read
         };
         let pg = self.g.v.paging();
-        match walk::walk(&mut self.g.cpu, pg, lin, acc, user) {
+        let walked = match pg {
+            // Paging off: the identity shadow, built page by page. MMIO
+            // pages map to themselves too: the CPU's access to them exits
+            // to the VMM as on any engine.
+            None => Ok(walk::identity(lin)),
+            Some(pg) => walk::walk(&mut self.g.cpu, pg, lin, acc, user),
+        };
+        match walked {
             Ok(m) => {
                 let rip = self.g.cpu.rip;
                 let key = (rip, lin & !0xfff);
@@ -284,7 +294,8 @@ impl TrapVcpu {
                 } else {
                     self.pf_streak = (key.0, key.1, 0);
                 }
-                let force_write = acc == Access::Write && !user && !m.writable && !pg.wp;
+                let wp = pg.is_none_or(|pg| pg.wp);
+                let force_write = acc == Access::Write && !user && !m.writable && !wp;
                 self.shadow.map(&mut self.g.cpu, lin, &m, force_write);
                 None
             }
@@ -473,19 +484,33 @@ impl TrapVcpu {
                 Done::Next
             }
             M::Pop if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() => {
+                let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 8);
                 let sp = g.cpu.gpr[4];
-                let sel = g.read_u64(sp)? as u16;
-                self.load_sreg(x86::seg_index(i.op0_register()), sel)?;
-                self.g.cpu.gpr[4] = sp.wrapping_add(8);
+                let at = self.stack_linear(sp);
+                let mut b = [0u8; 2];
+                self.g.read(at, &mut b)?;
+                self.load_sreg(x86::seg_index(i.op0_register()), u16::from_le_bytes(b))?;
+                self.set_sp(sp.wrapping_add(sz));
                 Done::Next
             }
             M::Lgdt | M::Lidt => {
+                // 10 bytes in 64-bit mode, else 6: a 32-bit base (24 bits
+                // with a 16-bit operand size).
                 let a = self.operand_address(i)?;
+                let long64 = self.g.cpu.code_bits() == 64;
                 let mut b = [0u8; 10];
-                self.g.read(a, &mut b)?;
+                self.g.read(a, &mut b[..if long64 { 10 } else { 6 }])?;
+                let base = u64::from_le_bytes(b[2..10].try_into().unwrap_or_default());
+                let base = if long64 {
+                    base
+                } else if i.code() == Code::Lgdt_m1632_16 || i.code() == Code::Lidt_m1632_16 {
+                    base & 0xff_ffff
+                } else {
+                    base & 0xffff_ffff
+                };
                 let t = DescriptorTable {
                     limit: u16::from_le_bytes([b[0], b[1]]),
-                    base: u64::from_le_bytes(b[2..10].try_into().unwrap_or_default()),
+                    base,
                 };
                 if i.mnemonic() == M::Lgdt {
                     self.g.v.gdtr = t;
@@ -547,8 +572,11 @@ impl TrapVcpu {
                 Done::Next
             }
             M::Iretq if i.code() == Code::Iretq => self.iretq()?,
+            // (IRETD in 64-bit mode pops SS:ESP too: not emulated, its #GP
+            // is the guest's.)
+            M::Iretd if i.code() == Code::Iretd && self.g.cpu.code_bits() != 64 => self.iretd()?,
             M::Retf => self.far_return(i)?,
-            M::Jmp | M::Call if far_memory(i).is_some() => self.far_transfer(i)?,
+            M::Jmp | M::Call if far_offset_size(i).is_some() => self.far_transfer(i)?,
             M::Sysretq if i.code() == Code::Sysretq => self.sysretq()?,
             M::Lmsw => {
                 let v = self.read_u16_operand(i, 0)? as u64;
@@ -571,15 +599,20 @@ impl TrapVcpu {
     }
 
     /// The kernel code segment of a far transfer to selector `sel` with RPL
-    /// 0 (one that faults at CPL 1 because the descriptor has DPL 0).
+    /// 0 (one that faults at CPL 1 because the descriptor has DPL 0): in
+    /// long mode a 64-bit segment or a compatibility-mode one, outside it a
+    /// 16- or 32-bit one (the L bit means nothing there).
     fn kernel_code(&mut self, sel: u16) -> Emu<Segment> {
         let err = (sel & !3) as u32;
         if sel & 3 != 0 || sel & !3 == 0 {
             return Err(gp(err));
         }
         let (_, raw) = self.g.descriptor(sel)?;
-        let d = Segment::from_descriptor(sel, raw);
-        if !d.s || d.type_ & 8 == 0 || d.dpl != 0 || !d.l || d.db {
+        let mut d = Segment::from_descriptor(sel, raw);
+        if !self.g.v.long_mode() {
+            d.l = false;
+        }
+        if !d.s || d.type_ & 8 == 0 || d.dpl != 0 || (d.l && d.db) {
             return Err(gp(err));
         }
         if !d.present {
@@ -598,7 +631,8 @@ impl TrapVcpu {
         };
         let sp = self.g.cpu.gpr[4];
         let mut b = [0u8; 16];
-        self.g.read(sp, &mut b[..2 * sz])?;
+        let at = self.stack_linear(sp);
+        self.g.read(at, &mut b[..2 * sz])?;
         let word = |k: usize| {
             let mut w = [0u8; 8];
             w[..sz].copy_from_slice(&b[k * sz..k * sz + sz]);
@@ -609,33 +643,37 @@ impl TrapVcpu {
             return Err(gp((sel & !3) as u32));
         }
         let cs = self.kernel_code(sel)?;
-        if !canonical(rip) {
-            return Err(gp(0));
-        }
+        let rip = target_ip(&cs, rip)?;
         let imm = if i.op_count() > 0 { i.immediate(0) } else { 0 };
         self.g.cpu.seg[sreg::CS] = cs;
         self.g.cpu.rip = rip;
-        self.g.cpu.gpr[4] = sp.wrapping_add(2 * sz as u64).wrapping_add(imm);
+        self.set_sp(sp.wrapping_add(2 * sz as u64).wrapping_add(imm));
         self.g.cpu.refresh_mode();
         Ok(Done::Jumped)
     }
 
     /// Far JMP or CALL through memory to the kernel's own code segment.
     fn far_transfer(&mut self, i: &Instruction) -> Emu<Done> {
-        let Some(sz) = far_memory(i) else {
+        let Some(sz) = far_offset_size(i) else {
             return Err(ud());
         };
-        let a = self.operand_address(i)?;
-        let mut b = [0u8; 10];
-        self.g.read(a, &mut b[..sz + 2])?;
-        let mut w = [0u8; 8];
-        w[..sz].copy_from_slice(&b[..sz]);
-        let target = u64::from_le_bytes(w);
-        let sel = u16::from_le_bytes([b[sz], b[sz + 1]]);
+        let (target, sel) = if i.op0_kind() == OpKind::FarBranch16 {
+            (i.far_branch16() as u64, i.far_branch_selector())
+        } else if i.op0_kind() == OpKind::FarBranch32 {
+            (i.far_branch32() as u64, i.far_branch_selector())
+        } else {
+            let a = self.operand_address(i)?;
+            let mut b = [0u8; 10];
+            self.g.read(a, &mut b[..sz + 2])?;
+            let mut w = [0u8; 8];
+            w[..sz].copy_from_slice(&b[..sz]);
+            (
+                u64::from_le_bytes(w),
+                u16::from_le_bytes([b[sz], b[sz + 1]]),
+            )
+        };
         let cs = self.kernel_code(sel)?;
-        if !canonical(target) {
-            return Err(gp(0));
-        }
+        let target = target_ip(&cs, target)?;
         if i.mnemonic() == M::Call {
             // Push the caller's CS (as the guest knows it) and return address.
             let old_cs = (self.g.cpu.seg[sreg::CS].selector & !3) as u64;
@@ -644,8 +682,9 @@ impl TrapVcpu {
             frame.extend_from_slice(&i.next_ip().to_le_bytes()[..sz]);
             frame.extend_from_slice(&old_cs.to_le_bytes()[..sz]);
             let top = sp.wrapping_sub(2 * sz as u64);
-            self.g.write(top, &frame)?;
-            self.g.cpu.gpr[4] = top;
+            let at = self.stack_linear(top);
+            self.g.write(at, &frame)?;
+            self.set_sp(top);
         }
         self.g.cpu.seg[sreg::CS] = cs;
         self.g.cpu.rip = target;
@@ -653,13 +692,43 @@ impl TrapVcpu {
         Ok(Done::Jumped)
     }
 
-    /// A system descriptor (TSS: type 9, LDT: type 2) of the guest's GDT.
+    /// The linear address of the stack at `sp`: outside 64-bit mode SS's
+    /// base is added and the address is ESP's or SP's (by SS's B bit).
+    fn stack_linear(&self, sp: u64) -> u64 {
+        let cpu = &self.g.cpu;
+        if cpu.code_bits() == 64 {
+            return sp;
+        }
+        let ss = cpu.seg[sreg::SS];
+        let off = if ss.db { sp & 0xffff_ffff } else { sp & 0xffff };
+        ss.base.wrapping_add(off) & 0xffff_ffff
+    }
+
+    /// Sets the stack pointer as a stack operation of the current mode does
+    /// (RSP, ESP or SP by SS's B bit).
+    fn set_sp(&mut self, v: u64) {
+        let cpu = &mut self.g.cpu;
+        cpu.gpr[4] = if cpu.code_bits() == 64 {
+            v
+        } else if cpu.seg[sreg::SS].db {
+            v & 0xffff_ffff
+        } else {
+            (cpu.gpr[4] & !0xffff) | (v & 0xffff)
+        };
+    }
+
+    /// A system descriptor (TSS: type 9, LDT: type 2) of the guest's GDT:
+    /// 16 bytes in long mode, 8 outside it.
     fn system_segment(&mut self, sel: u16, types: &[u8]) -> Emu<Segment> {
         if sel & 4 != 0 || sel & !3 == 0 {
             return Err(gp((sel & !3) as u32));
         }
         let (a, raw) = self.g.descriptor(sel)?;
-        let hi = self.g.read_u64(a.wrapping_add(8))?;
+        let hi = if self.g.v.long_mode() {
+            self.g.read_u64(a.wrapping_add(8))?
+        } else {
+            0
+        };
         let mut s = Segment::from_descriptor(sel, raw);
         if s.s || !types.contains(&s.type_) {
             return Err(gp((sel & !3) as u32));
@@ -732,21 +801,44 @@ impl TrapVcpu {
         let g = &mut self.g;
         match n {
             0 => {
-                if v >> 32 != 0 || (v & cr0::PG != 0 && v & cr0::PE == 0) {
+                let nw_without_cd = v & cr0::NW != 0 && v & cr0::CD == 0;
+                if v >> 32 != 0 || (v & cr0::PG != 0 && v & cr0::PE == 0) || nw_without_cd {
                     return Err(gp(0));
                 }
-                if v & cr0::PG == 0 || v & cr0::PE == 0 {
+                if v & cr0::PE == 0 {
                     return Err(EmuErr::Unsupported(String::from(
-                        "the trap engine runs 64-bit guests with paging on",
+                        "the trap engine runs protected-mode guests: this one left protected mode (MOV to CR0 with PE clear)",
                     )));
                 }
                 let old = g.v.cr0;
+                let (pg_on, pg_off) = (
+                    old & cr0::PG == 0 && v & cr0::PG != 0,
+                    old & cr0::PG != 0 && v & cr0::PG == 0,
+                );
+                // Entering and leaving long mode (SDM vol. 3 9.8.5): paging
+                // on with EFER.LME activates it (PAE required); paging off
+                // ends it, but not from 64-bit code.
+                if pg_on && g.v.efer & efer::LME != 0 {
+                    if g.v.cr4 & cr4::PAE == 0 {
+                        return Err(gp(0));
+                    }
+                    g.v.efer |= efer::LMA;
+                } else if pg_on && g.v.cr4 & cr4::PAE != 0 {
+                    self.check_pdptes(self.g.v.cr3)?;
+                } else if pg_off && g.v.long_mode() {
+                    if g.cpu.code_bits() == 64 {
+                        return Err(gp(0));
+                    }
+                    g.v.efer &= !efer::LMA;
+                }
+                let g = &mut self.g;
                 g.v.cr0 = v | cr0::ET;
-                // The real WP stays set: the shadow enforces the guest's view.
+                // The real PG and WP stay set: the shadow enforces the
+                // guest's view (its identity map with paging off).
                 let follow = cr0::MP | cr0::EM | cr0::TS | cr0::NE | cr0::AM;
                 g.cpu.cr0 =
                     (g.cpu.cr0 & !follow) | (v & follow) | cr0::WP | cr0::PE | cr0::PG | cr0::ET;
-                if (old ^ v) & cr0::WP != 0 {
+                if (old ^ v) & (cr0::WP | cr0::PG) != 0 {
                     self.shadow.reset(&mut self.g.cpu);
                 }
                 self.g.cpu.refresh_mode();
@@ -757,19 +849,27 @@ impl TrapVcpu {
                 if v >> PHYS_BITS != 0 {
                     return Err(gp(0));
                 }
-                g.v.cr3 = v;
+                // PAE paging loads the four PDPTEs here.
+                if g.v.cr0 & cr0::PG != 0 && !g.v.long_mode() && g.v.cr4 & cr4::PAE != 0 {
+                    self.check_pdptes(v)?;
+                }
+                self.g.v.cr3 = v;
                 self.shadow.reset(&mut self.g.cpu);
             }
             4 => {
-                if v & cr4::PAE == 0 {
-                    return Err(EmuErr::Unsupported(String::from(
-                        "the trap engine runs 64-bit guests with paging on",
-                    )));
-                }
-                if v & cr4::VMXE != 0 {
-                    // No VMX for a deprivileged guest.
+                // No VMX for a deprivileged guest; PAE stays on in long mode.
+                if v & cr4::VMXE != 0 || (g.v.long_mode() && v & cr4::PAE == 0) {
                     return Err(gp(0));
                 }
+                let paging_bits = cr4::PAE | cr4::PSE | cr4::PGE;
+                if g.v.cr0 & cr0::PG != 0
+                    && !g.v.long_mode()
+                    && v & cr4::PAE != 0
+                    && (g.v.cr4 ^ v) & paging_bits != 0
+                {
+                    self.check_pdptes(self.g.v.cr3)?;
+                }
+                let g = &mut self.g;
                 g.v.cr4 = v;
                 let follow = cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE;
                 g.cpu.cr4 = (g.cpu.cr4 & !follow) | (v & follow) | cr4::PAE;
@@ -788,6 +888,26 @@ impl TrapVcpu {
             _ => return Err(ud()),
         }
         Ok(Done::Next)
+    }
+
+    /// The load of PAE paging's four PDPTEs from `cr3` (MOV to CR3, or to
+    /// CR0/CR4 turning PAE paging on): #GP if a present one has reserved
+    /// bits set (SDM vol. 3 4.4.1). The walk reads them from memory on each
+    /// shadow fill rather than from registers loaded here.
+    fn check_pdptes(&mut self, cr3: u64) -> Emu<()> {
+        let base = cr3 & 0xffff_ffe0;
+        for k in 0..4u64 {
+            let mut b = [0u8; 8];
+            if !self.g.cpu.ram_read(base + 8 * k, &mut b) {
+                b = [0; 8];
+            }
+            let e = u64::from_le_bytes(b);
+            let reserved = 0x1e6 | (!0u64 << PHYS_BITS);
+            if e & arch::pte::P != 0 && e & reserved != 0 {
+                return Err(gp(0));
+            }
+        }
+        Ok(())
     }
 
     /// RDMSR of an MSR the VMM keeps virtual; `None`: the CPU's own.
@@ -817,10 +937,9 @@ impl TrapVcpu {
                 if val & !allowed != 0 {
                     return Err(gp(0));
                 }
-                if val & efer::LME == 0 {
-                    return Err(EmuErr::Unsupported(String::from(
-                        "the trap engine runs 64-bit guests",
-                    )));
+                // LME changes only with paging off.
+                if (val ^ v.efer) & efer::LME != 0 && v.cr0 & cr0::PG != 0 {
+                    return Err(gp(0));
                 }
                 let nx_changed = (v.efer ^ val) & efer::NXE != 0;
                 v.efer = (val & !efer::LMA) | (v.efer & efer::LMA);
@@ -876,6 +995,50 @@ impl TrapVcpu {
         g.cpu.rip = rip;
         let keep = rflags::VM | rflags::VIF | rflags::VIP;
         let f = (fl & rflags::WRITABLE & !keep) | rflags::FIXED;
+        g.set_vflags(f);
+        g.cpu.refresh_mode();
+        Ok(Done::Jumped)
+    }
+
+    /// IRETD of the guest kernel outside 64-bit mode (legacy protected mode,
+    /// or compatibility mode in long mode): a return to the kernel's own
+    /// privilege faults at CPL 1 and is done here (EIP, CS and EFLAGS
+    /// popped, the stack stays); a return to user mode runs natively.
+    /// Task returns (NT) and returns to virtual-8086 mode are not emulated.
+    fn iretd(&mut self) -> Emu<Done> {
+        if self.g.vflags() & rflags::NT != 0 {
+            return Err(EmuErr::Unsupported(String::from(
+                "the trap engine does not emulate task switches (IRET with NT set)",
+            )));
+        }
+        let sp = self.g.cpu.gpr[4];
+        let at = self.stack_linear(sp);
+        let mut b = [0u8; 12];
+        self.g.read(at, &mut b)?;
+        let d = |k: usize| {
+            u32::from_le_bytes(b[k * 4..k * 4 + 4].try_into().unwrap_or_default()) as u64
+        };
+        let (eip, cs, fl) = (d(0), d(1) as u16, d(2));
+        if cs & 3 != 0 {
+            // Not a return to the kernel: the CPU's #GP stands.
+            return Err(gp((cs & !3) as u32));
+        }
+        if fl & rflags::VM != 0 && !self.g.v.long_mode() {
+            return Err(EmuErr::Unsupported(String::from(
+                "the trap engine does not run virtual-8086 mode (IRET to VM=1)",
+            )));
+        }
+        let seg = self.kernel_code(cs)?;
+        let eip = target_ip(&seg, eip)?;
+        let g = &mut self.g;
+        g.cpu.seg[sreg::CS] = seg;
+        g.cpu.rip = eip;
+        self.set_sp(sp.wrapping_add(12));
+        let g = &mut self.g;
+        // EFLAGS' upper half (VM, VIF, VIP, ID, AC) as IRETD at CPL 0
+        // outside virtual-8086 mode: VM, VIF and VIP keep their values.
+        let keep = rflags::VM | rflags::VIF | rflags::VIP;
+        let f = (fl & rflags::WRITABLE & !keep) | (g.vflags() & keep) | rflags::FIXED;
         g.set_vflags(f);
         g.cpu.refresh_mode();
         Ok(Done::Jumped)
@@ -1129,6 +1292,20 @@ fn mask(bits: u32) -> u64 {
     }
 }
 
+/// The instruction pointer a far transfer into code segment `cs` lands at:
+/// canonical in a 64-bit segment, else within the segment's limit (#GP(0)
+/// otherwise), as wide as the segment's default operand size.
+fn target_ip(cs: &Segment, ip: u64) -> Emu<u64> {
+    if cs.l {
+        return if canonical(ip) { Ok(ip) } else { Err(gp(0)) };
+    }
+    let ip = ip & if cs.db { 0xffff_ffff } else { 0xffff };
+    if ip > cs.limit as u64 {
+        return Err(gp(0));
+    }
+    Ok(ip)
+}
+
 /// Why an emulation did not complete.
 enum EmuErr {
     /// The architectural fault the guest gets.
@@ -1223,9 +1400,9 @@ impl softplat::Engine for TrapVcpu {
 
 impl Vcpu for TrapVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
-        if self.g.v.efer & efer::LMA == 0 || self.g.v.cr0 & cr0::PG == 0 {
+        if self.g.v.cr0 & cr0::PE == 0 {
             return Ok(VcpuExit::Unimplemented {
-                what: "the trap engine runs 64-bit long-mode guests with paging on".into(),
+                what: "the trap engine runs protected-mode guests (with paging or without, in long mode or not); this one is in real mode".into(),
             });
         }
         softplat::run(self)
@@ -1286,10 +1463,26 @@ impl Vcpu for TrapVcpu {
 
     fn set_sregs(&mut self, s: &SRegs) -> Result<()> {
         self.g.v.load(s);
-        // Paging through the shadow, with NX always available to it.
+        // The real CPU is always in long mode with paging on the shadow
+        // (4-level, NX available), whatever the guest's mode: a guest in
+        // legacy protected mode runs in compatibility mode (32- or 16-bit
+        // code segments), with paging off on the identity shadow.
         let mut real = real_sregs(s);
-        real.cr4 = (s.cr4 & (cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE)) | cr4::PAE;
-        real.efer = s.efer | efer::NXE;
+        if s.efer & efer::LMA == 0 {
+            for seg in [
+                &mut real.cs,
+                &mut real.ss,
+                &mut real.ds,
+                &mut real.es,
+                &mut real.fs,
+                &mut real.gs,
+            ] {
+                seg.l = false;
+            }
+        }
+        real.cr0 |= cr0::PE | cr0::PG;
+        real.cr4 = (s.cr4 & (cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE)) | cr4::PAE;
+        real.efer = (s.efer & efer::SCE) | efer::LME | efer::LMA | efer::NXE;
         self.g.cpu.set_sregs(&real);
         self.shadow.reset(&mut self.g.cpu);
         let r = self.g.cpu.regs();

@@ -54,12 +54,16 @@ impl Virt {
         self.ldtr = s.ldt;
     }
 
-    pub fn paging(&self) -> Paging {
-        walk::paging(
-            self.cr3,
-            self.cr0 & cr0::WP != 0,
-            self.efer & efer::NXE != 0,
-        )
+    /// The guest's paging: `None` with paging off.
+    pub fn paging(&self) -> Option<Paging> {
+        walk::guest_paging(self.cr0, self.cr3, self.cr4, self.efer)
+    }
+
+    /// Whether the guest is in long mode (EFER.LMA): else in legacy
+    /// protected mode, with 8-byte gates and system descriptors and 32-bit
+    /// interrupt frames.
+    pub fn long_mode(&self) -> bool {
+        self.efer & efer::LMA != 0
     }
 }
 
@@ -334,6 +338,9 @@ impl Guest {
     }
 
     fn deliver(&mut self, v: u8, code: Option<u32>, soft: bool, ret: u64) -> Result<(), Fault> {
+        if !self.v.long_mode() {
+            return self.deliver_legacy(v, code, soft, ret);
+        }
         let vcpl = self.vcpl();
         let gate_err = (v as u32) * 8 + 2;
         if v as u64 * 16 + 15 > self.v.idtr.limit as u64 {
@@ -425,6 +432,135 @@ impl Guest {
         }
         self.cpu.rflags &= !(rflags::TF | rflags::NT | rflags::RF | rflags::VM);
         if gate.type_ == 0xe {
+            self.v.vif = false;
+        }
+        self.cpu.refresh_mode();
+        Ok(())
+    }
+
+    /// Delivery through a legacy protected-mode IDT (the guest is not in
+    /// long mode): 8-byte 32-bit interrupt and trap gates, a 32-bit frame
+    /// (EFLAGS, CS, EIP, the error code) on the current stack, or from user
+    /// mode on the stack SS0:ESP0 of the guest's 32-bit TSS with the user's
+    /// SS and ESP pushed first (SDM vol. 3 6.12.1). Task gates and 16-bit
+    /// gates are not delivered (#GP, as a missing gate).
+    fn deliver_legacy(
+        &mut self,
+        v: u8,
+        code: Option<u32>,
+        soft: bool,
+        ret: u64,
+    ) -> Result<(), Fault> {
+        let vcpl = self.vcpl();
+        let gate_err = (v as u32) * 8 + 2;
+        if v as u64 * 8 + 7 > self.v.idtr.limit as u64 {
+            return Err(Fault::gp(gate_err));
+        }
+        let a = self.v.idtr.base.wrapping_add(v as u64 * 8) & 0xffff_ffff;
+        let raw = self.read_u64(a)?;
+        let type_ = ((raw >> 40) & 0xf) as u8;
+        let dpl = ((raw >> 45) & 3) as u8;
+        let present = raw & (1 << 47) != 0;
+        let sel = (raw >> 16) as u16;
+        let off = (raw & 0xffff) | ((raw >> 32) & 0xffff_0000);
+        if type_ != 0xe && type_ != 0xf {
+            return Err(Fault::gp(gate_err));
+        }
+        if soft && dpl < vcpl {
+            return Err(Fault::gp(gate_err));
+        }
+        if !present {
+            return Err(Fault {
+                vector: vector::NP,
+                code: Some(gate_err),
+                cr2: None,
+            });
+        }
+        let serr = (sel & !3) as u32;
+        if sel & !3 == 0 {
+            return Err(Fault::gp(0));
+        }
+        let (_, draw) = self.descriptor(sel)?;
+        let mut d = Segment::from_descriptor(sel & !3, draw);
+        // The L bit means nothing outside long mode.
+        d.l = false;
+        if !d.s || d.type_ & 8 == 0 || d.dpl != 0 {
+            return Err(Fault::gp(serr));
+        }
+        if !d.present {
+            return Err(Fault {
+                vector: vector::NP,
+                code: Some(serr),
+                cr2: None,
+            });
+        }
+        let from_user = vcpl == 3;
+        let ss = self.cpu.seg[sreg::SS];
+        let cs = self.cpu.seg[sreg::CS];
+        let esp = self.cpu.gpr[4] & 0xffff_ffff;
+        let (stack, sp, mut frame) = if from_user {
+            let tss = self.v.tr.base;
+            let mut b = [0u8; 6];
+            self.read(tss.wrapping_add(4) & 0xffff_ffff, &mut b)?;
+            let esp0 = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64;
+            let ss0 = u16::from_le_bytes([b[4], b[5]]);
+            let tss_err = (self.v.tr.selector & !3) as u32;
+            if ss0 & !3 == 0 || ss0 & 3 != 0 {
+                return Err(Fault {
+                    vector: vector::TS,
+                    code: Some(tss_err),
+                    cr2: None,
+                });
+            }
+            let (_, sraw) = self.descriptor(ss0)?;
+            let s0 = Segment::from_descriptor(ss0, sraw);
+            if !s0.s || s0.type_ & 0xa != 2 || s0.dpl != 0 {
+                return Err(Fault {
+                    vector: vector::TS,
+                    code: Some((ss0 & !3) as u32),
+                    cr2: None,
+                });
+            }
+            if !s0.present {
+                return Err(Fault {
+                    vector: vector::SS,
+                    code: Some((ss0 & !3) as u32),
+                    cr2: None,
+                });
+            }
+            (
+                compress(s0, true),
+                esp0,
+                vec![ss.selector as u32, esp as u32],
+            )
+        } else {
+            (ss, esp, Vec::new())
+        };
+        frame.push((self.vflags() & !rflags::RF) as u32);
+        frame.push(if from_user {
+            cs.selector
+        } else {
+            cs.selector & !3
+        } as u32);
+        frame.push(ret as u32);
+        if let Some(c) = code {
+            frame.push(c);
+        }
+        let top = (sp.wrapping_sub(4 * frame.len() as u64)) & 0xffff_ffff;
+        let bytes: Vec<u8> = frame.iter().rev().flat_map(|x| x.to_le_bytes()).collect();
+        self.write(stack.base.wrapping_add(top) & 0xffff_ffff, &bytes)?;
+        // Committed: enter the handler at real CPL 1.
+        self.cpu.seg[sreg::CS] = compress(d, true);
+        if from_user {
+            self.cpu.seg[sreg::SS] = stack;
+            self.v.vif = self.cpu.rflags & rflags::IF != 0;
+            self.v.iopl = ((self.cpu.rflags >> 12) & 3) as u8;
+            self.cpu.rflags = (self.cpu.rflags & !rflags::IOPL) | rflags::IF;
+        }
+        self.cpu.gpr[4] = top;
+        self.cpu.rip = off;
+        self.cpu.rflags &= !(rflags::TF | rflags::NT | rflags::RF | rflags::VM);
+        if type_ == 0xe {
             self.v.vif = false;
         }
         self.cpu.refresh_mode();

@@ -1,5 +1,5 @@
-//! The VMM's own walk of the guest's page tables (4-level, long mode): the
-//! walker of `arch` over guest RAM, with the hardware's reserved-bit checks
+//! The VMM's own walk of the guest's page tables (4-level, PAE or 2-level, or
+//! none with paging off): the walker of `arch` over guest RAM, with the hardware's reserved-bit checks
 //! and accessed/dirty updates; guest-linear memory access built on it (the
 //! frames of a page-table tree are `machine::paging::table_frames`).
 //! Page-table entries are read from guest RAM only, and every frame address
@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 
-use arch::paging::{self, Access, Mode, PageTables, Paging, Reserved, Translation, WalkError};
+use arch::paging::{self, Access, PageTables, Paging, Reserved, Translation, WalkError};
 use x86::Cpu;
 
 /// The physical-address width the deprivileged engines report to the guest
@@ -16,21 +16,35 @@ use x86::Cpu;
 /// and engine-private memory lies above it.
 pub const PHYS_BITS: u32 = x86::model::PHYS_BITS;
 
-/// The paging of the guest's (virtual) CPU, always in long mode: CR3, CR0.WP
-/// and EFER.NXE; reserved bits checked at [`PHYS_BITS`].
-pub fn paging(cr3: u64, wp: bool, nxe: bool) -> Paging {
-    Paging {
-        mode: Mode::FourLevel,
-        cr3,
-        wp,
-        nxe,
-        pse: false,
-        pge: false,
-        smep: false,
-        reserved: Reserved::Full {
-            phys_bits: PHYS_BITS,
-        },
-        accessed_dirty: true,
+/// The paging of the guest's (virtual) CPU with these control registers:
+/// `None` with paging off (linear addresses are physical), else 4-level in
+/// long mode, PAE with CR4.PAE, 2-level otherwise; reserved bits checked at
+/// [`PHYS_BITS`].
+pub fn guest_paging(cr0: u64, cr3: u64, cr4: u64, efer: u64) -> Option<Paging> {
+    if cr0 & arch::cr0::PG == 0 {
+        return None;
+    }
+    let mut pg = Paging::new(cr0, cr3, cr4, efer);
+    pg.reserved = Reserved::Full {
+        phys_bits: PHYS_BITS,
+    };
+    // The shadow enforces supervisor/user itself; SMEP is not modelled.
+    pg.smep = false;
+    Some(pg)
+}
+
+/// What a linear address of a guest with paging off maps to: the physical
+/// page of the same number (32-bit: linear addresses wrap at 4 GiB), with
+/// every right.
+pub fn identity(lin: u64) -> Translation {
+    Translation {
+        page: lin & 0xffff_f000,
+        size_shift: 12,
+        writable: true,
+        user: true,
+        nx: false,
+        dirty: true,
+        global: false,
     }
 }
 
@@ -41,12 +55,19 @@ struct Ram<'a>(&'a mut Cpu);
 impl PageTables for Ram<'_> {
     type Error = Infallible;
 
-    fn read(&mut self, at: u64, _wide: bool) -> u64 {
-        self.0.ram_read_u64(at).unwrap_or(0)
+    /// 8-byte entries, or 4-byte ones (2-level paging), zero-extended.
+    fn read(&mut self, at: u64, wide: bool) -> u64 {
+        let mut b = [0u8; 8];
+        let n = if wide { 8 } else { 4 };
+        if !self.0.ram_read(at, &mut b[..n]) {
+            return 0;
+        }
+        u64::from_le_bytes(b)
     }
 
-    fn write(&mut self, at: u64, _wide: bool, value: u64) {
-        self.0.ram_write(at, &value.to_le_bytes());
+    fn write(&mut self, at: u64, wide: bool, value: u64) {
+        let n = if wide { 8 } else { 4 };
+        self.0.ram_write(at, &value.to_le_bytes()[..n]);
     }
 }
 
@@ -85,11 +106,12 @@ impl Fault {
 }
 
 /// Copies guest-linear memory, page by page, as the guest at `user` privilege
-/// would access it (`write`: `buf` into the guest, else out of it). Bytes that
-/// are not RAM read as 0xff and are not written.
+/// would access it (`write`: `buf` into the guest, else out of it) through
+/// `pg` (`None`: paging off). Bytes that are not RAM read as 0xff and are
+/// not written.
 pub fn access(
     cpu: &mut Cpu,
-    pg: Paging,
+    pg: Option<Paging>,
     lin: u64,
     buf: &mut [u8],
     write: bool,
@@ -103,11 +125,14 @@ pub fn access(
         }
         let n = (buf.len() - done).min(0x1000 - (a & 0xfff) as usize);
         let acc = if write { Access::Write } else { Access::Read };
-        let m = walk(cpu, pg, a, acc, user).map_err(|code| Fault {
-            vector: arch::vector::PF,
-            code: Some(code),
-            cr2: Some(a),
-        })?;
+        let m = match pg {
+            None => identity(a),
+            Some(pg) => walk(cpu, pg, a, acc, user).map_err(|code| Fault {
+                vector: arch::vector::PF,
+                code: Some(code),
+                cr2: Some(a),
+            })?,
+        };
         let pa = m.page | (a & 0xfff);
         let chunk = &mut buf[done..done + n];
         if write {

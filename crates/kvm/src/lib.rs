@@ -177,6 +177,8 @@ impl KvmVm {
                 ..Default::default()
             };
             vm.create_pit2(pit).map_err(os("KVM_CREATE_PIT2"))?;
+            vm.set_gsi_routing(&isa_routing()?)
+                .map_err(os("KVM_SET_GSI_ROUTING"))?;
         }
         Ok(KvmVm {
             kvm,
@@ -185,6 +187,56 @@ impl KvmVm {
             mem,
         })
     }
+}
+
+/// The GSI routing of a PC whose MADT says ISA IRQ 0 is GSI 2 (what QEMU
+/// installs): GSI n (n < 16, not 2) reaches the PICs on input n and the
+/// IOAPIC on pin n, except GSI 0 (the in-kernel PIT's, and the HPET's in
+/// legacy replacement mode), which reaches IOAPIC pin 2; GSIs 16-23 the
+/// IOAPIC's pins of the same number. KVM's default routing sends GSI 0 to
+/// IOAPIC pin 0, where a guest that follows the MADT never looks.
+fn isa_routing() -> Result<kvm_bindings::KvmIrqRouting> {
+    use kvm_bindings::{
+        kvm_irq_routing_entry, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+        KVM_IRQ_ROUTING_IRQCHIP,
+    };
+    let route = |gsi: u32, irqchip: u32, pin: u32| {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_IRQCHIP,
+            ..Default::default()
+        };
+        e.u.irqchip.irqchip = irqchip;
+        e.u.irqchip.pin = pin;
+        e
+    };
+    let mut entries = Vec::new();
+    for gsi in 0..16u32 {
+        // Input 2 of the master is the slave's cascade.
+        if gsi != 2 {
+            let (chip, pin) = if gsi < 8 {
+                (KVM_IRQCHIP_PIC_MASTER, gsi)
+            } else {
+                (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+            };
+            entries.push(route(gsi, chip, pin));
+        }
+    }
+    for gsi in 0..24u32 {
+        match gsi {
+            0 => entries.push(route(0, KVM_IRQCHIP_IOAPIC, 2)),
+            2 => {}
+            _ => entries.push(route(gsi, KVM_IRQCHIP_IOAPIC, gsi)),
+        }
+    }
+    let mut table = kvm_bindings::KvmIrqRouting::new(0)
+        .map_err(|e| VcpuError::Engine(format!("GSI routing table: {e:?}")))?;
+    for e in entries {
+        table
+            .push(e)
+            .map_err(|e| VcpuError::Engine(format!("GSI routing table: {e:?}")))?;
+    }
+    Ok(table)
 }
 
 struct Irqfd(EventFd);

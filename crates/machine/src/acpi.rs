@@ -205,13 +205,16 @@ fn hpet() -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
+/// The FADT. PWR_BUTTON is clear: the power button is the fixed-feature
+/// one (PWRBTN_STS/PWRBTN_EN in the PM1a event block, signalled by the SCI),
+/// which an ACPI OS finds without a device in the DSDT; SLP_BUTTON is set:
+/// there is no fixed sleep button (and no control-method one either).
 fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE, OEM_REVISION)
         .dsdt_64(dsdt)
         .firmware_ctrl_64(facs)
         .flag(Flags::Wbinvd)
         .flag(Flags::ProcC1)
-        .flag(Flags::PwrButton)
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup);
     f.sci_int = (SCI_IRQ as u16).into();
@@ -343,5 +346,16 @@ mod tests {
         assert_eq!(find(b"FACS").1 % 64, 0, "the FACS is 64-byte aligned");
         let madt = &find(b"APIC").2;
         assert_eq!(u32::from_le_bytes(madt[40..44].try_into().unwrap()), 1);
+        // The fixed-feature power button (FADT flags bit 4 clear), the
+        // SCI on IRQ 9, the PM1a event block at PM1A_EVT.
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_eq!(flags & (1 << 4), 0, "PWR_BUTTON clear: {flags:#x}");
+        assert_ne!(flags & (1 << 5), 0, "no fixed sleep button: {flags:#x}");
+        assert_eq!(u16::from_le_bytes(fadt[46..48].try_into().unwrap()), 9);
+        assert_eq!(
+            u32::from_le_bytes(fadt[56..60].try_into().unwrap()),
+            PM1A_EVT as u32
+        );
+        assert_eq!(fadt[88], 4, "PM1_EVT_LEN");
     }
 }

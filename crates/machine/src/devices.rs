@@ -114,29 +114,98 @@ impl Device for DebugExit {
 /// in ACPI mode; SLP_EN with SLP_TYP 0, the DSDT's S5, powers off: a 16-bit
 /// write of [`abi::port::POWER_OFF`]) and the 24-bit PM timer at 3.579545 MHz
 /// on the host's monotonic clock. Byte and word accesses work on each.
+///
+/// The fixed power button ([`Pm::press_power_button`]) sets PWRBTN_STS. The
+/// SCI is the level of (PM1_STS & PM1_EN) for the events visor has (the
+/// power button); the device signals the SCI's line (ISA IRQ 9) when that
+/// level rises: a press the guest has enabled, or an enable of a pending
+/// press. The guest lowers it by clearing the status bit (write 1).
 pub struct Pm {
     regs: [u8; 8],
     start: std::time::Instant,
+    sci: Option<Arc<dyn IrqLine>>,
+    /// The SCI's level now.
+    sci_level: bool,
+    /// Times the SCI's line was signalled.
+    pub sci_raised: u64,
 }
 
 /// PM1_CNT bits.
 const SCI_EN: u16 = 1;
 const SLP_EN: u16 = 1 << 13;
+/// PM1_STS and PM1_EN: the fixed power button's bit.
+pub const PWRBTN: u16 = 1 << 8;
 /// The PM timer's frequency.
 pub const PM_TIMER_HZ: u128 = 3_579_545;
 
 impl Default for Pm {
     fn default() -> Self {
-        Pm {
-            regs: [0; 8],
-            start: std::time::Instant::now(),
-        }
+        Pm::new(None)
     }
 }
 
 impl Pm {
+    /// The registers, raising the SCI on `sci` (the engine's ISA IRQ 9
+    /// line, if it has an interrupt controller).
+    pub fn new(sci: Option<Arc<dyn IrqLine>>) -> Pm {
+        Pm {
+            regs: [0; 8],
+            start: std::time::Instant::now(),
+            sci,
+            sci_level: false,
+            sci_raised: 0,
+        }
+    }
+
     fn timer(&self) -> u32 {
         ((self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000) & 0xff_ffff) as u32
+    }
+
+    fn word(&self, at: usize) -> u16 {
+        u16::from_le_bytes([self.regs[at], self.regs[at + 1]])
+    }
+
+    /// PM1_STS.
+    pub fn status(&self) -> u16 {
+        self.word(0)
+    }
+
+    /// PM1_EN.
+    pub fn enable(&self) -> u16 {
+        self.word(2)
+    }
+
+    /// The SCI's level: an enabled event's status is set (SCI_EN is always
+    /// set).
+    pub fn sci_level(&self) -> bool {
+        self.status() & self.enable() & PWRBTN != 0
+    }
+
+    /// Whether the guest listens to the power button (PWRBTN_EN set: an
+    /// ACPI OS installed its handler).
+    pub fn power_button_enabled(&self) -> bool {
+        self.enable() & PWRBTN != 0
+    }
+
+    /// A press of the fixed power button: PWRBTN_STS is set, and the SCI
+    /// raised if the guest enabled the event.
+    pub fn press_power_button(&mut self) {
+        self.regs[1] |= (PWRBTN >> 8) as u8;
+        self.update_sci();
+    }
+
+    /// Signals the SCI's line on a rising level.
+    fn update_sci(&mut self) {
+        let level = self.sci_level();
+        if level && !self.sci_level {
+            self.sci_raised += 1;
+            if let Some(line) = &self.sci {
+                // A failed signal loses this edge, as a disconnected line
+                // would; the status bit stays set for the guest to see.
+                let _ = line.trigger();
+            }
+        }
+        self.sci_level = level;
     }
 }
 
@@ -168,6 +237,7 @@ impl Device for Pm {
                 _ => {}
             }
         }
+        self.update_sci();
         let cnt = u16::from_le_bytes([self.regs[4], self.regs[5]]);
         if control && cnt & SLP_EN != 0 {
             // SLP_EN is write-only: it reads 0.
@@ -243,6 +313,8 @@ impl Device for I8042 {
 /// The platform's standard devices.
 pub struct Platform {
     pub serial: Arc<Mutex<Serial>>,
+    /// The ACPI PM registers (the power button).
+    pub pm: Arc<Mutex<Pm>>,
 }
 
 impl Platform {
@@ -255,6 +327,10 @@ impl Platform {
         serial_out: SerialOut,
     ) -> Result<Self, crate::bus::Overlap> {
         let serial_irq = IrqTrigger(isa_irqs.get(4).cloned().flatten());
+        let sci = isa_irqs
+            .get(crate::acpi::SCI_IRQ as usize)
+            .cloned()
+            .flatten();
         mmio.insert(
             crate::acpi::HPET_ADDR,
             0x400,
@@ -267,11 +343,8 @@ impl Platform {
             1,
             Arc::new(Mutex::new(DebugExit)),
         )?;
-        pio.insert(
-            crate::acpi::PM_BASE as u64,
-            12,
-            Arc::new(Mutex::new(Pm::default())),
-        )?;
+        let pm = Arc::new(Mutex::new(Pm::new(sci)));
+        pio.insert(crate::acpi::PM_BASE as u64, 12, pm.clone())?;
         pio.insert(
             crate::acpi::RESET_PORT as u64,
             1,
@@ -279,7 +352,7 @@ impl Platform {
         )?;
         pio.insert(0x92, 1, Arc::new(Mutex::new(PortA)))?;
         pio.insert(0x60, 5, Arc::new(Mutex::new(I8042)))?;
-        Ok(Platform { serial })
+        Ok(Platform { serial, pm })
     }
 }
 
@@ -359,5 +432,71 @@ mod tests {
             pio.write(0x92, &[A20 | 1]),
             Some(Action::Stop(StopReason::Reset))
         );
+    }
+
+    /// An interrupt line that counts its edges.
+    #[derive(Default)]
+    struct Edges(std::sync::atomic::AtomicU32);
+
+    impl IrqLine for Edges {
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    impl Edges {
+        fn count(&self) -> u32 {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// PM1_STS is write-1-to-clear, PM1_EN read/write; the SCI is the level
+    /// of the enabled status bits, and its line is signalled when the level
+    /// rises (a press the guest enabled, or an enable of a pending press).
+    #[test]
+    fn power_button_and_sci() {
+        let line = Arc::new(Edges::default());
+        let mut pm = Pm::new(Some(line.clone()));
+        let sts = |pm: &mut Pm| {
+            let mut b = [0u8; 2];
+            pm.read(0, &mut b);
+            u16::from_le_bytes(b)
+        };
+        // Pressed while the guest has not enabled the event: the status is
+        // set, no SCI.
+        pm.press_power_button();
+        assert_eq!(sts(&mut pm), PWRBTN);
+        assert!(!pm.sci_level());
+        assert_eq!(line.count(), 0);
+        // Writing 0 clears nothing; writing 1 to another bit neither.
+        assert_eq!(pm.write(0, &[0, 0]), Action::Continue);
+        assert_eq!(pm.write(0, &[0xff, 0xfe]), Action::Continue);
+        assert_eq!(sts(&mut pm), PWRBTN);
+        // Enabling the pending event raises the SCI, once.
+        pm.write(2, &PWRBTN.to_le_bytes());
+        assert!(pm.sci_level());
+        assert_eq!(line.count(), 1);
+        pm.write(2, &PWRBTN.to_le_bytes());
+        pm.press_power_button();
+        assert_eq!(line.count(), 1, "the level stayed high: no new edge");
+        let mut en = [0u8; 2];
+        pm.read(2, &mut en);
+        assert_eq!(u16::from_le_bytes(en), PWRBTN);
+        // The guest's handler clears the status (write 1, byte access to
+        // the high byte): the level falls.
+        pm.write(1, &[1]);
+        assert_eq!(sts(&mut pm), 0);
+        assert!(!pm.sci_level());
+        // The next press raises it again.
+        pm.press_power_button();
+        assert!(pm.sci_level());
+        assert_eq!(line.count(), 2);
+        assert_eq!(pm.sci_raised, 2);
+        // Disabling the event lowers the level without clearing the status.
+        pm.write(2, &[0, 0]);
+        assert!(!pm.sci_level());
+        assert_eq!(sts(&mut pm), PWRBTN);
+        assert!(!pm.power_button_enabled());
     }
 }
