@@ -164,12 +164,22 @@ fn code_cache_holds_only_allowed_instructions() {
         a.mov(qword_ptr(r12 + rcx * 8), rax)?;
         a.add(rax, qword_ptr(r12 + 8))?;
         a.mov(r9, qword_ptr(0x20_0100u64))?;
+        a.mov(qword_ptr(r12 + 0x100), 7)?;
+        a.xor(edx, edx)?;
+        a.div(qword_ptr(r12 + 0x100))?;
+        a.add(r13, rdx)?; // defines the flags DIV leaves undefined
         a.dec(ecx)?;
         a.jnz(top)?;
         a.hlt()
     });
     let v = run_both(&code);
     assert!(counter(&v, "bt/instructions_translated_memory") >= 3);
+    assert_eq!(
+        counter(&v, "bt/callout/div"),
+        0,
+        "{:?}",
+        v.engine_counters()
+    );
     let rt = v.blocks().runtime();
     let runtime = [rt.enter, rt.stop, rt.exit, rt.exit_saved, rt.lookup];
     let tlb = std::mem::offset_of!(translate::Ctx, tlb) as u64;
@@ -197,7 +207,10 @@ fn code_cache_holds_only_allowed_instructions() {
                     | M::Jmp
             ) || i.is_jcc_short_or_near();
             assert!(
-                template || translate::identical(i) || translate::memory_form(i).is_some(),
+                template
+                    || translate::identical(i)
+                    || translate::memory_form(i).is_some()
+                    || (translate::division(i) && i.op0_kind() == OpKind::Register),
                 "block {pa:#x}: {i} is neither a template nor allowed"
             );
             if i.is_jcc_short_or_near() || i.is_jmp_short_or_near() {
@@ -485,6 +498,46 @@ fn fs_and_gs_operands_are_translated() {
     assert!(c("bt/run_translated") >= 3500, "{:?}", v.engine_counters());
     assert!(
         c("bt/instructions_translated_memory") >= 4,
+        "{:?}",
+        v.engine_counters()
+    );
+}
+
+/// DIV and IDIV by a doubleword or quadword in memory run as translated
+/// code (the divisor loaded through the probe, then the #DE check on it),
+/// with the oracle's results.
+#[test]
+fn divisions_by_memory_are_translated() {
+    let data = 0x20_0000u64;
+    let code = asm(|a| {
+        a.mov(rbx, data)?;
+        a.mov(ecx, 300u32)?;
+        a.mov(r8, 0x1234_5678_9abc_def0u64)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.lea(rax, qword_ptr(rcx + 3))?;
+        a.mov(qword_ptr(rbx), rax)?;
+        a.mov(dword_ptr(rbx + 8), ecx)?;
+        a.mov(rax, r8)?;
+        a.xor(edx, edx)?;
+        a.div(qword_ptr(rbx))?;
+        a.add(r9, rax)?;
+        a.add(r10, rdx)?;
+        a.mov(eax, -1_000_000i32)?;
+        a.cdq()?;
+        a.idiv(dword_ptr(rbx + 8))?;
+        a.add(r11d, eax)?;
+        a.add(r12d, edx)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    let v = run_both(&code);
+    let c = |n| counter(&v, n);
+    assert!(c("bt/run_translated") >= 4000, "{:?}", v.engine_counters());
+    assert_eq!(
+        c("bt/callout/div") + c("bt/callout/idiv"),
+        0,
         "{:?}",
         v.engine_counters()
     );

@@ -283,14 +283,21 @@ pub fn terminator(i: &Instruction) -> bool {
     direct_branch(i) || call_near(i) || return_near(i) || indirect_near(i)
 }
 
-/// Whether `i` is DIV or IDIV by a 32- or 64-bit general-purpose register.
+/// Whether `i` is DIV or IDIV by a 32- or 64-bit general-purpose register,
+/// or by a doubleword or quadword in memory at an address a probe can
+/// check (see [`memory_operand_ok`]): the block loads the divisor through
+/// the probe and divides by the register it loaded it into.
 pub fn division(i: &Instruction) -> bool {
-    matches!(i.mnemonic(), M::Div | M::Idiv)
-        && !i.has_lock_prefix()
-        && i.op_count() == 1
-        && i.op0_kind() == OpKind::Register
-        && gpr_number(i.op0_register()).is_some()
-        && matches!(i.op0_register().size(), 4 | 8)
+    if !matches!(i.mnemonic(), M::Div | M::Idiv) || i.has_lock_prefix() || i.op_count() != 1 {
+        return false;
+    }
+    match i.op0_kind() {
+        OpKind::Register => {
+            gpr_number(i.op0_register()).is_some() && matches!(i.op0_register().size(), 4 | 8)
+        }
+        OpKind::Memory => memory_operand_ok(i) && matches!(i.memory_size().size(), 4 | 8),
+        _ => false,
+    }
 }
 
 /// Jumps to `fault` unless division `o` (its registers renamed) cannot
@@ -397,7 +404,17 @@ pub fn memory_form(i: &Instruction) -> Option<bool> {
         }
     }
     let k = memory?;
-    // RIP-relative: the block computes the address from the guest's RIP.
+    if !memory_operand_ok(i) || !(1..=8).contains(&i.memory_size().size()) {
+        return None;
+    }
+    Some((k == 0 || i.mnemonic() == M::Xchg) && !matches!(i.mnemonic(), M::Cmp | M::Test))
+}
+
+/// Whether the memory operand of `i` is one a probe can check: an address
+/// of general-purpose registers, or RIP-relative (the block computes it
+/// from the guest's RIP), in a segment whose base is 0 in 64-bit mode or in
+/// FS or GS (the probe adds the base).
+fn memory_operand_ok(i: &Instruction) -> bool {
     let regs_ok = (i.memory_base() == Register::RIP && i.memory_index() == Register::None)
         || [i.memory_base(), i.memory_index()]
             .iter()
@@ -406,11 +423,7 @@ pub fn memory_form(i: &Instruction) -> Option<bool> {
         i.memory_segment(),
         Register::DS | Register::ES | Register::SS | Register::CS | Register::FS | Register::GS
     );
-    let size = i.memory_size().size();
-    if !regs_ok || !seg_ok || !(1..=8).contains(&size) {
-        return None;
-    }
-    Some((k == 0 || i.mnemonic() == M::Xchg) && !matches!(i.mnemonic(), M::Cmp | M::Test))
+    regs_ok && seg_ok
 }
 
 /// How the translator carries out one guest instruction.
@@ -978,8 +991,12 @@ impl Translator {
                     all |= 1 << gpr_number(b.op0_register()).unwrap_or(0);
                 }
                 if Registers::borrowed(all, true) > (HOMED & !all).count_ones() as usize {
-                    // The block ends before it: the interpreter's.
-                    return self.translate(&guest[..taken.len()], Some(b.mnemonic()), None, at, id);
+                    // The block ends before it, and the next one starts at
+                    // it (with registers to spare), unless it is the first.
+                    if taken.is_empty() {
+                        return None;
+                    }
+                    return self.translate(&guest[..taken.len()], None, None, at, id);
                 }
                 (all, true)
             }
@@ -1134,23 +1151,8 @@ impl Translator {
                 continue;
             }
             let mut o = rename(i, &r.map);
-            if *form == Form::Div {
-                let miss = Miss::new(&mut a);
-                if !saved {
-                    a.pushfq()?;
-                }
-                division_check(&mut a, &o, r.scratch[0], miss.hard)?;
-                // Every flag is undefined after it: the saved copy goes.
-                a.lea(rsp, qword_ptr(rsp + 8))?;
-                saved = false;
-                misses.push((miss, k));
-                o.set_ip(0);
-                a.add_instruction(o)?;
-                continue;
-            }
-            if let Form::Memory(write) = *form {
-                let miss = Miss::new(&mut a);
-                let addr = if i.is_ip_rel_memory_operand() {
+            let address = |i: &Instruction| {
+                if i.is_ip_rel_memory_operand() {
                     Address::Rip(rel(i.memory_displacement64()))
                 } else {
                     let ren = |reg: Register| match gpr_number(reg) {
@@ -1166,7 +1168,45 @@ impl Translator {
                         false,
                         Register::None,
                     ))
-                };
+                }
+            };
+            if *form == Form::Div {
+                let miss = Miss::new(&mut a);
+                if i.op0_kind() == OpKind::Memory {
+                    // The divisor through the probe into scratch 1; the
+                    // division is then by that register.
+                    let size = i.memory_size().size() as i32;
+                    let m = i.memory_segment();
+                    self.probe(&mut a, address(i), size, false, r, miss, !saved, m)?;
+                    let (host, d) = (ASM64[r.scratch[0]], r.scratch[1]);
+                    let (code, reg) = if size == 8 {
+                        a.mov(ASM64[d], qword_ptr(host))?;
+                        (Code::Div_rm64, GPR64[d])
+                    } else {
+                        a.mov(ASM32[d], dword_ptr(host))?;
+                        (Code::Div_rm32, GPR32[d])
+                    };
+                    let code = match (i.mnemonic(), code) {
+                        (M::Idiv, Code::Div_rm64) => Code::Idiv_rm64,
+                        (M::Idiv, _) => Code::Idiv_rm32,
+                        (_, c) => c,
+                    };
+                    o = Instruction::with1(code, reg)?;
+                } else if !saved {
+                    a.pushfq()?;
+                }
+                division_check(&mut a, &o, r.scratch[2], miss.hard)?;
+                // Every flag is undefined after it: the saved copy goes.
+                a.lea(rsp, qword_ptr(rsp + 8))?;
+                saved = false;
+                misses.push((miss, k));
+                o.set_ip(0);
+                a.add_instruction(o)?;
+                continue;
+            }
+            if let Form::Memory(write) = *form {
+                let miss = Miss::new(&mut a);
+                let addr = address(i);
                 let size = i.memory_size().size() as i32;
                 self.probe(
                     &mut a,
