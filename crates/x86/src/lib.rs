@@ -340,6 +340,8 @@ pub struct Cpu {
     pub(crate) mem: PhysMem,
     pub(crate) tlb: Box<[mmu::TlbEntry]>,
     pub(crate) tlb_has_large: bool,
+    /// Whether the TLB may hold pieces of 1 GiB pages.
+    pub(crate) tlb_has_huge: bool,
     pub(crate) code: decode::CodeCache,
 
     /// Inputs this instruction already received (replayed when it runs again).
@@ -447,6 +449,7 @@ impl Cpu {
             mem,
             tlb: vec![mmu::TlbEntry::INVALID; mmu::TLB_SIZE].into_boxed_slice(),
             tlb_has_large: false,
+            tlb_has_huge: false,
             code,
             replay: Vec::with_capacity(8192),
             replay_pos: 0,

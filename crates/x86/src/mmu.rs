@@ -7,7 +7,7 @@ use arch::{cr0, vector};
 use crate::mem::{load, store};
 use crate::{exc_code, Cpu, CpuExit, Stop, R};
 
-pub(crate) const TLB_SIZE: usize = 1024;
+pub(crate) const TLB_SIZE: usize = 4096;
 
 /// Access bits of a TLB entry: read/write/execute for supervisor and user.
 pub(crate) const A_R_S: u8 = 1;
@@ -30,7 +30,10 @@ pub(crate) struct TlbEntry {
     pub host: usize,
     pub allow: u8,
     pub global: bool,
+    /// A piece of a 2 MiB, 4 MiB or 1 GiB page.
     pub large: bool,
+    /// A piece of a 1 GiB page.
+    pub huge: bool,
 }
 
 impl TlbEntry {
@@ -41,6 +44,7 @@ impl TlbEntry {
         allow: 0,
         global: false,
         large: false,
+        huge: false,
     };
 }
 
@@ -101,24 +105,39 @@ fn tlb_index(lin: u64) -> usize {
 impl Cpu {
     /// Drops TLB entries (the global ones too if `all`).
     pub(crate) fn tlb_flush(&mut self, all: bool) {
-        let mut large = false;
+        let (mut large, mut huge) = (false, false);
         for e in self.tlb.iter_mut() {
             if all || !e.global {
                 *e = TlbEntry::INVALID;
             } else {
                 large |= e.large;
+                huge |= e.huge;
             }
         }
         self.tlb_has_large = large;
+        self.tlb_has_huge = huge;
         self.code.reset_fetch();
     }
 
     /// INVLPG.
     pub(crate) fn tlb_flush_page(&mut self, lin: u64) {
-        if self.tlb_has_large {
-            // 4 KiB pieces of a large page may sit anywhere in the TLB.
+        if self.tlb_has_huge {
+            // 4 KiB pieces of a 1 GiB page may sit anywhere in the TLB.
             self.tlb_flush(true);
             return;
+        }
+        if self.tlb_has_large {
+            // Each 4 KiB piece of a 2 MiB or 4 MiB page sits at the index
+            // of its own linear page: those of the 4 MiB-aligned region
+            // around `lin` hold every piece of the page that holds it.
+            let region = lin & !0x3f_ffff;
+            for k in 0..0x400u64 {
+                let v = region.wrapping_add(k << 12);
+                let e = &mut self.tlb[tlb_index(v)];
+                if e.large && e.vpage == v {
+                    *e = TlbEntry::INVALID;
+                }
+            }
         }
         let e = &mut self.tlb[tlb_index(lin)];
         if e.vpage == lin & !0xfff {
@@ -160,6 +179,7 @@ impl Cpu {
                 allow: 0x3f,
                 global: false,
                 large: false,
+                huge: false,
             }
         } else {
             self.walk(lin, acc, user)?
@@ -191,6 +211,7 @@ impl Cpu {
             e.allow &= !(A_W_S | A_W_U);
         }
         self.tlb_has_large |= e.large;
+        self.tlb_has_huge |= e.huge;
         self.tlb[tlb_index(lin)] = e;
         // The entry may not allow this access (a write to a code page): the
         // caller takes the slow path with it anyway.
@@ -248,6 +269,7 @@ impl Cpu {
             allow,
             global: t.global,
             large: t.size_shift > 12,
+            huge: t.size_shift >= 30,
         })
     }
 

@@ -1415,3 +1415,27 @@ fn virtual_8086_mode() {
     assert_eq!(r.rax, 0, "#GP(0)");
     assert_eq!(r.rbp, cli_at, "CLI with IOPL 0 faults");
 }
+
+/// INVLPG of any address in a 2 MiB page drops every 4 KiB piece of it the
+/// TLB holds: after the page's PDE is pointed elsewhere, a piece read
+/// before the INVLPG (at another address of the page) reads the new frame.
+#[test]
+fn invlpg_drops_every_piece_of_a_large_page() {
+    let pde = PML4 + 0x2000 + 8 * 4; // 8..10 MiB
+    let mut t = long(|a| {
+        a.mov(rax, qword_ptr(0x80_1000u64))?;
+        a.mov(rbx, qword_ptr(0x9f_f000u64))?;
+        a.mov(rcx, 0xa0_0087u64)?;
+        a.mov(qword_ptr(pde), rcx)?;
+        a.invlpg(byte_ptr(0x80_0000u64))?;
+        a.mov(rdx, qword_ptr(0x80_1000u64))?;
+        a.mov(rsi, qword_ptr(0x9f_f000u64))?;
+        a.hlt()
+    });
+    for (at, v) in [(0x80_1000u64, 1u64), (0x9f_f000, 2), (0xa0_1000, 3), (0xbf_f000, 4)] {
+        t.mem.write_obj(v, GuestAddress(at)).unwrap();
+    }
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!((r.rax, r.rbx, r.rdx, r.rsi), (1, 2, 3, 4));
+}

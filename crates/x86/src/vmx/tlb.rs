@@ -24,6 +24,7 @@ const MAX_STORED: usize = 16;
 pub(crate) struct SavedTlb {
     entries: Box<[TlbEntry]>,
     large: bool,
+    huge: bool,
     cr3: u64,
     mode: (u64, u64, u64),
 }
@@ -34,6 +35,7 @@ impl Cpu {
         SavedTlb {
             entries: std::mem::replace(&mut self.tlb, fresh),
             large: self.tlb_has_large,
+            huge: self.tlb_has_huge,
             cr3: self.cr3,
             mode: (self.cr0, self.cr4, self.efer),
         }
@@ -43,6 +45,7 @@ impl Cpu {
     fn tlb_put(&mut self, s: SavedTlb) {
         self.tlb = s.entries;
         self.tlb_has_large = s.large;
+        self.tlb_has_huge = s.huge;
         // Pages that became code meanwhile lose fast write access.
         for e in self.tlb.iter_mut() {
             if e.vpage != u64::MAX && self.code.is_code(e.ppage) {
