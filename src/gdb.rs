@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gdbstub::arch::{Arch, RegId, Registers};
 use gdbstub::common::Signal;
@@ -526,21 +526,39 @@ struct DebugTarget<'a> {
     /// Breakpoints and watchpoints (`single_step` is set per resume).
     debug: GuestDebug,
     step: bool,
-    /// When the guest last stopped (its clocks are moved on by the pause).
-    stopped_since: Option<Instant>,
     /// The guest's end, once it came.
     finished: Option<Outcome>,
 }
 
 impl<'a> DebugTarget<'a> {
     fn new(vm: &'a mut Vm, stats: &'a mut Stats) -> DebugTarget<'a> {
+        // The guest starts stopped, its time standing (where the engine's
+        // time can stand).
+        if vm.engine.time_stands_when_stopped() {
+            vm.clock.pause();
+        }
         DebugTarget {
             vm,
             stats,
             debug: GuestDebug::default(),
             step: false,
-            stopped_since: Some(Instant::now()),
             finished: None,
+        }
+    }
+
+    /// Runs the guest's time on before a run: the devices' clock goes on
+    /// from where it stood, and the engine takes the time stood out of its
+    /// own (the TSC, the local APIC timer, the PIT of the software engines).
+    fn time_runs(&mut self) {
+        let stood = self.vm.clock.resume();
+        self.vm.vcpu.time_paused(stood);
+    }
+
+    /// Stops the guest's time after a run, where the engine's time can
+    /// stand ([`crate::Engine::time_stands_when_stopped`]).
+    fn time_stands(&mut self) {
+        if self.vm.engine.time_stands_when_stopped() {
+            self.vm.clock.pause();
         }
     }
 
@@ -583,9 +601,7 @@ impl<'a> DebugTarget<'a> {
             .vcpu
             .set_guest_debug(&d)
             .map_err(|e| self.engine_err(e))?;
-        if let Some(t) = self.stopped_since.take() {
-            self.vm.vcpu.time_paused(t.elapsed());
-        }
+        self.time_runs();
         let pauser = self.vm.pauser();
         let done = AtomicBool::new(false);
         let (out, data) = std::thread::scope(|s| {
@@ -595,7 +611,7 @@ impl<'a> DebugTarget<'a> {
             (out, watcher.join().unwrap_or(false))
         });
         pauser.clear();
-        self.stopped_since = Some(Instant::now());
+        self.time_stands();
         let out = out.map_err(|e| self.engine_err(e))?;
         Ok(match out {
             Outcome::Paused => Ran::Data(data),
@@ -630,11 +646,9 @@ impl<'a> DebugTarget<'a> {
             .vcpu
             .set_guest_debug(&GuestDebug::default())
             .map_err(|e| self.engine_err(e))?;
-        if let Some(t) = self.stopped_since.take() {
-            self.vm.vcpu.time_paused(t.elapsed());
-        }
+        self.time_runs();
         let out = self.vm.run(self.stats).map_err(|e| self.engine_err(e))?;
-        self.stopped_since = Some(Instant::now());
+        self.time_stands();
         Ok(match out {
             Outcome::Paused | Outcome::Debug(_) => None,
             o => Some(o),

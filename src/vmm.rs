@@ -112,6 +112,9 @@ pub struct Vm {
     pub hypercalls: Hypercalls,
     pub layout: MemoryLayout,
     pub mem: GuestMemory,
+    /// The guest's time for the devices on the host clock (HPET, PM timer,
+    /// the PV timer): stands while a debugger holds the guest.
+    pub clock: Arc<vcpu::GuestClock>,
     /// Set by [`Stopper::stop`]; the loop ends with [`Outcome::TimedOut`].
     stop: Arc<AtomicBool>,
     /// Set by [`Pauser::pause`]; the loop ends with [`Outcome::Paused`].
@@ -248,6 +251,13 @@ impl Vm {
         let vcpu = engine_vm
             .create_vcpu(0)
             .map_err(|e| format!("engine {engine}: {e}"))?;
+        let clock: Arc<vcpu::GuestClock> = Arc::default();
+        let mut hypercalls = Hypercalls::new(
+            opts.pv || engine == Engine::Pv,
+            engine.hypercall_stub(),
+            Box::new(std::io::stdout()),
+        );
+        hypercalls.set_clock(clock.clone());
         Ok(Vm {
             vcpu,
             engine_vm,
@@ -256,11 +266,8 @@ impl Vm {
             mmio: Bus::new(),
             layout,
             mem,
-            hypercalls: Hypercalls::new(
-                opts.pv || engine == Engine::Pv,
-                engine.hypercall_stub(),
-                Box::new(std::io::stdout()),
-            ),
+            hypercalls,
+            clock,
             stop: Arc::new(AtomicBool::new(false)),
             pause: Arc::new(AtomicBool::new(false)),
         })
