@@ -139,6 +139,19 @@ impl Drop for Listener {
     }
 }
 
+/// Removes a Unix socket's file when the session loop ends: the listener
+/// itself lives on in the accept thread (blocked in `accept`) until the
+/// process exits, and its drop never comes.
+struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// One client's connection.
 enum Stream {
     Tcp(TcpStream),
@@ -1126,6 +1139,10 @@ pub fn serve(vm: &mut Vm, stats: &mut Stats, listener: Listener) -> Result<Outco
         listener.describe(),
         vm.engine
     );
+    let _socket = SocketFile(match &listener {
+        Listener::Unix(_, p) => Some(p.clone()),
+        Listener::Tcp(_) => None,
+    });
     let listener = Arc::new(listener);
     let busy = Arc::new(AtomicBool::new(true));
     let (tx, rx) = mpsc::channel::<Stream>();

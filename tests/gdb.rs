@@ -388,6 +388,33 @@ fn gdb_session_kvm() {
     debug_session(Engine::Kvm);
 }
 
+/// Where tiny guests are loaded and entered (visor's ELF64 protocol:
+/// 64-bit mode, the first 4 GiB identity-mapped, RSP = 0x80000).
+const ENTRY: u64 = 0x20_0000;
+
+/// The guest `a` assembled at [`ENTRY`] as an ELF64 kernel file (no
+/// symbols), and the addresses of `labels`.
+fn tiny_elf(
+    mut a: iced_x86::code_asm::CodeAssembler,
+    labels: &[iced_x86::code_asm::CodeLabel],
+) -> (tempfile::TempDir, std::path::PathBuf, Vec<u64>) {
+    let res = a
+        .assemble_options(
+            ENTRY,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .unwrap();
+    let at = labels.iter().map(|l| res.label_ip(l).unwrap()).collect();
+    let d = tempfile::tempdir().unwrap();
+    let elf = d.path().join("guest.elf");
+    std::fs::write(
+        &elf,
+        machine::loader::elf64_image(ENTRY, &res.inner.code_buffer),
+    )
+    .unwrap();
+    (d, elf, at)
+}
+
 /// The guest's view of a stop: a guest reads its clocks (the TSC, the HPET
 /// main counter, the ACPI PM timer, the local APIC timer's current count),
 /// gdb holds it at a breakpoint for 2 s, and the guest reads them again.
@@ -401,7 +428,6 @@ fn time_while_stopped(engine: Engine) {
     if !engines::available(engine) || !gdb_here() {
         return;
     }
-    const ENTRY: u64 = 0x20_0000;
     const HPET: u64 = 0xfed0_0000;
     const APIC: u64 = 0xfee0_0000;
     let mut a = CodeAssembler::new(64).unwrap();
@@ -463,17 +489,8 @@ fn time_while_stopped(engine: Engine) {
         a.hlt()
     })()
     .unwrap();
-    let res = a
-        .assemble_options(
-            ENTRY,
-            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
-        )
-        .unwrap();
-    let (mark, end) = (res.label_ip(&mark).unwrap(), res.label_ip(&end).unwrap());
-    let code = res.inner.code_buffer;
-    let d = tempfile::tempdir().unwrap();
-    let elf = d.path().join("clocks.elf");
-    std::fs::write(&elf, machine::loader::elf64_image(ENTRY, &code)).unwrap();
+    let (_d, elf, at) = tiny_elf(a, &[mark, end]);
+    let (mark, end) = (at[0], at[1]);
     let v = Visor::start(&[
         "run".into(),
         elf.display().to_string(),
@@ -560,8 +577,104 @@ fn time_while_stopped_kvm() {
     time_while_stopped(Engine::Kvm);
 }
 
+/// A breakpoint in code the guest rewrites stays correct: the guest calls
+/// a function (`mov eax, 1; ret`) at a breakpoint, rewrites its immediate
+/// to 2 and calls it again. gdb stops at it both times, the second time
+/// seeing the new instruction (no breakpoint byte in the guest's memory),
+/// and the guest gets 1 then 2 (status 0x25).
+fn breakpoint_in_rewritten_code(engine: Engine) {
+    use iced_x86::code_asm::*;
+    if !engines::available(engine) || !gdb_here() {
+        return;
+    }
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut f = a.create_label();
+    (|| -> Result<(), IcedError> {
+        a.lea(rbx, ptr(f))?;
+        a.call(f)?;
+        a.mov(r8, rax)?;
+        a.mov(dword_ptr(rbx + 1), 2)?;
+        a.call(f)?;
+        a.shl(r8, 4)?;
+        a.or(rax, r8)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)?;
+        a.hlt()?;
+        a.set_label(&mut f)?;
+        a.mov(eax, 1)?;
+        a.ret()
+    })()
+    .unwrap();
+    let (_d, elf, at) = tiny_elf(a, &[f]);
+    let v = Visor::start(&[
+        "run".into(),
+        elf.display().to_string(),
+        "--engine".into(),
+        engine.name().into(),
+    ]);
+    let script = format!(
+        "set pagination off
+set confirm off
+target remote 127.0.0.1:{port}
+break *{f:#x}
+continue
+echo @first\\n
+x/i $pc
+continue
+echo @second\\n
+x/i $pc
+x/6xb $pc
+continue
+",
+        port = v.port,
+        f = at[0]
+    );
+    let out = gdb(&elf, &script, Duration::from_secs(60));
+    let (status, _, stderr) = v.finish(Duration::from_secs(60));
+    let ctx = format!("engine {engine}\n--- gdb:\n{out}\n--- visor stderr:\n{stderr}");
+    let after = |m: &str| {
+        out.split(m)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {m}: {ctx}"))
+    };
+    let pc = format!("=> {:#x}:", at[0]);
+    assert!(after("@first").trim_start().starts_with(&pc), "{ctx}");
+    assert!(after("@first").contains("mov    $0x1,%eax"), "{ctx}");
+    assert!(after("@second").trim_start().starts_with(&pc), "{ctx}");
+    assert!(after("@second").contains("mov    $0x2,%eax"), "{ctx}");
+    assert!(
+        after("@second").contains("0xb8\t0x02\t0x00\t0x00\t0x00\t0xc3"),
+        "{ctx}"
+    );
+    assert_eq!(status, Some(0x25), "{ctx}");
+}
+
+#[test]
+fn breakpoint_in_rewritten_code_emu() {
+    breakpoint_in_rewritten_code(Engine::Emu);
+}
+
+#[test]
+fn breakpoint_in_rewritten_code_bt() {
+    breakpoint_in_rewritten_code(Engine::Bt);
+}
+
+#[test]
+fn breakpoint_in_rewritten_code_vmx() {
+    breakpoint_in_rewritten_code(Engine::Vmx);
+}
+
+#[test]
+fn breakpoint_in_rewritten_code_trap() {
+    breakpoint_in_rewritten_code(Engine::Trap);
+}
+
+#[test]
+fn breakpoint_in_rewritten_code_kvm() {
+    breakpoint_in_rewritten_code(Engine::Kvm);
+}
+
 /// A raw remote-protocol client.
-struct Client(TcpStream);
+struct Client<S = TcpStream>(S);
 
 impl Client {
     fn connect(port: u16) -> Client {
@@ -569,7 +682,9 @@ impl Client {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         Client(s)
     }
+}
 
+impl<S: Read + Write> Client<S> {
     fn send(&mut self, bytes: &[u8]) {
         self.0.write_all(bytes).unwrap();
     }
@@ -690,6 +805,65 @@ fn protocol_robustness() {
     assert_eq!(status, Some(0), "{err}");
     assert!(err.contains("refused a second gdb client"), "{err}");
     assert!(err.contains("the debugger killed the guest"), "{err}");
+}
+
+/// `--gdb PATH`: a Unix socket. A client reaches the stub through it, reads
+/// memory, runs the guest to its end (the exit reply), and the socket is
+/// gone after the run.
+#[test]
+fn unix_socket() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("visor.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_visor"))
+        .args(demo_args(Engine::Emu))
+        .arg("--gdb")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start visor");
+    let start = Instant::now();
+    let s = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(start.elapsed() < Duration::from_secs(30), "{e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut c = Client(s);
+    let stop = c.ask("?");
+    assert!(stop.starts_with('T') || stop.starts_with('S'), "{stop}");
+    assert!(c.ask("m200000,4").starts_with("4883e4f0"));
+    // Run to the end: the stub reports the exit (status 0).
+    assert_eq!(c.ask("c"), "W00");
+    drop(c);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("visor did not end");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!("waiting for gdb on {}", sock.display())),
+        "{err}"
+    );
+    assert!(!sock.exists(), "the socket is removed");
 }
 
 /// Asserts one `visor: error:` line and status 2.
