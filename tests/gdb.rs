@@ -273,6 +273,22 @@ echo @rdi\\n
 print/x $rdi
 echo @kernel\\n
 print/x &'demo::proc::KERNEL'
+set $save_rbx = $rbx
+set $save_fs_base = $fs_base
+set $save_byte = *(unsigned char *)&'demo::PASSES'
+set $rbx = 0x1122334455667788
+set $fs_base = 0x5000
+set *(unsigned char *)&'demo::PASSES' = 0x5a
+maintenance flush register-cache
+echo @rbx\\n
+print/x $rbx
+echo @fs_base\\n
+print/x $fs_base
+echo @byte\\n
+print/x *(unsigned char *)&'demo::PASSES'
+set $rbx = $save_rbx
+set $fs_base = $save_fs_base
+set *(unsigned char *)&'demo::PASSES' = $save_byte
 stepi
 echo @stepped\\n
 print/x $rip
@@ -316,6 +332,11 @@ continue
         .unwrap_or_else(|| panic!("no breakpoint address: {ctx}"));
     let rip = hex_after(&out, "@rip");
     assert_eq!(rip, at, "{ctx}");
+    // Registers and memory written, read back from the engine (and put
+    // back, so that the guest runs on as it would have).
+    assert_eq!(hex_after(&out, "@rbx"), 0x1122_3344_5566_7788, "{ctx}");
+    assert_eq!(hex_after(&out, "@fs_base"), 0x5000, "{ctx}");
+    assert_eq!(hex_after(&out, "@byte"), 0x5a, "{ctx}");
     // `tick(&mut self)`: RDI is the kernel state.
     assert_eq!(hex_after(&out, "@rdi"), hex_after(&out, "@kernel"), "{ctx}");
     assert!(out.contains("Hardware assisted breakpoint"), "{ctx}");
