@@ -828,6 +828,71 @@ fn protocol_robustness() {
     assert!(err.contains("the debugger killed the guest"), "{err}");
 }
 
+/// Ctrl-C stops a running guest on every engine (`bt` in its translated
+/// code too): the stub answers SIGINT, the registers read, and the guest
+/// runs on and is stopped again; then `k` ends the run.
+fn ctrl_c(engine: Engine) {
+    if !engines::available(engine) {
+        return;
+    }
+    // The full demo run: long enough to be stopped while it runs.
+    let mut args = demo_args(engine);
+    args.truncate(3);
+    if engine != Engine::Pv {
+        args.push("--no-pv".into());
+    }
+    let v = Visor::start(&args);
+    let mut c = Client::connect(v.port);
+    for _ in 0..2 {
+        c.packet("c");
+        assert_eq!(c.byte(), b'+');
+        std::thread::sleep(Duration::from_millis(300));
+        c.send(&[3]);
+        let stop = c.reply();
+        assert!(
+            stop.starts_with("T02") || stop.starts_with("S02"),
+            "{engine}: {stop}"
+        );
+        let regs = c.ask("g");
+        // RIP (after 16 registers) moved on from the entry point.
+        assert!(regs.len() >= 272, "{engine}: {regs}");
+        assert_ne!(&regs[256..272], "0000200000000000", "{engine}: {regs}");
+    }
+    c.packet("k");
+    let (status, _, err) = v.finish(Duration::from_secs(60));
+    assert_eq!(status, Some(0), "{engine}: {err}");
+}
+
+#[test]
+fn ctrl_c_emu() {
+    ctrl_c(Engine::Emu);
+}
+
+#[test]
+fn ctrl_c_bt() {
+    ctrl_c(Engine::Bt);
+}
+
+#[test]
+fn ctrl_c_vmx() {
+    ctrl_c(Engine::Vmx);
+}
+
+#[test]
+fn ctrl_c_trap() {
+    ctrl_c(Engine::Trap);
+}
+
+#[test]
+fn ctrl_c_pv() {
+    ctrl_c(Engine::Pv);
+}
+
+#[test]
+fn ctrl_c_kvm() {
+    ctrl_c(Engine::Kvm);
+}
+
 /// `--gdb PATH`: a Unix socket. A client reaches the stub through it, reads
 /// memory, runs the guest to its end (the exit reply), and the socket is
 /// gone after the run.
