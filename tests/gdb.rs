@@ -846,7 +846,7 @@ fn ctrl_c(engine: Engine) {
     for _ in 0..2 {
         c.packet("c");
         assert_eq!(c.byte(), b'+');
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(150));
         c.send(&[3]);
         let stop = c.reply();
         assert!(
