@@ -292,6 +292,32 @@ impl Framer {
     }
 }
 
+/// The most bytes one `m` packet reads: as many as a reply of
+/// [`PACKET_MAX`] holds in hex. gdb asks no more than that.
+const READ_MAX: u64 = PACKET_MAX as u64 / 2;
+
+/// A memory read (`m ADDR,LEN`) for more than [`READ_MAX`] bytes becomes
+/// one for [`READ_MAX`] (the protocol lets a reply hold fewer bytes than
+/// asked): `gdbstub` would otherwise stream all of it (`m0,ffffffffffffffff`
+/// is 2^64 bytes, which would hold the VMM for hours) and would step past
+/// the top of the address space. Other packets pass unchanged.
+fn clamp_read(p: Vec<u8>) -> Vec<u8> {
+    let body = &p[1..p.len() - 3];
+    let Some(args) = body.strip_prefix(b"m") else {
+        return p;
+    };
+    let Some((addr, len)) = std::str::from_utf8(args)
+        .ok()
+        .and_then(|a| a.split_once(','))
+    else {
+        return p;
+    };
+    match u64::from_str_radix(len, 16) {
+        Ok(n) if n > READ_MAX => packet(&format!("m{addr},{READ_MAX:x}")),
+        _ => p,
+    }
+}
+
 /// A reply packet with `body`.
 fn packet(body: &str) -> Vec<u8> {
     let sum = body.bytes().fold(0u8, |s, b| s.wrapping_add(b));
@@ -1365,7 +1391,7 @@ fn read_more(
         for &b in &buf[..n] {
             match framer.push(b) {
                 Some(Frame::Byte(b)) => pending.push_back(b),
-                Some(Frame::Packet(p)) => pending.extend(p),
+                Some(Frame::Packet(p)) => pending.extend(clamp_read(p)),
                 Some(Frame::Bad) if stream.write_all(b"-").is_err() => return false,
                 Some(Frame::Bad) => {}
                 None => {}
@@ -1380,6 +1406,18 @@ fn read_more(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long memory read is cut to what one reply holds; others pass.
+    #[test]
+    fn long_reads_are_clamped() {
+        assert_eq!(
+            clamp_read(packet("m0,ffffffffffffffff")),
+            packet(&format!("m0,{READ_MAX:x}"))
+        );
+        for p in ["m200000,4", "m0,800", "g", "m zz", "mfff,zz"] {
+            assert_eq!(clamp_read(packet(p)), packet(p));
+        }
+    }
 
     #[test]
     fn addresses() {

@@ -789,6 +789,61 @@ fn protocol_robustness() {
     assert!(c.ask("mffffffffffffffff,10").starts_with('E'));
     assert!(c.ask("m200000,4").starts_with("4883e4f0"));
     assert!(c.ask("m zz").starts_with('E'), "unparsable: an error");
+    // Requests at the edges: each gets an answer (an error, "not
+    // supported" or a refusal), and the stub goes on.
+    let monitor_junk: String = b"no-such-command \xff"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for (ask, ok) in [
+        ("Z2,0,ffffffffffffffff", "OK"),
+        ("z2,0,ffffffffffffffff", "OK"),
+        ("Z0,ffffffffffffffff,1", "OK"),
+        ("z0,ffffffffffffffff,1", "OK"),
+        ("Z2,fffffffffffffffe,8", "OK"),
+        ("z2,fffffffffffffffe,8", "OK"),
+        ("Z2,0,0", "E"),
+        ("Mfffffffffffff000,4:00000000", "E"),
+        ("Mffffffffffffffff,2:0000", "E"),
+        ("mfffffffffffff000,100000", "E"),
+        ("G00", "E"),
+        ("P99=00", ""),
+        ("P10=zz", "E"),
+        ("pffff", ""),
+        ("qRcmd,zz", "E"),
+        ("qXfer:features:read:target.xml:fffffff,ffff", "l"),
+        ("vMustReplyEmpty", ""),
+    ] {
+        let r = c.ask(ask);
+        // An empty `ok`: the empty reply (not supported).
+        assert!(
+            r.starts_with(ok) && (!ok.is_empty() || r.is_empty()),
+            "{ask}: {r}"
+        );
+    }
+    // An unknown monitor command: a line that says so, then OK.
+    c.packet(&format!("qRcmd,{monitor_junk}"));
+    let said = c.reply();
+    let said = (1..said.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(said.get(i..i + 2)?, 16).ok())
+        .collect::<Vec<u8>>();
+    assert!(
+        String::from_utf8_lossy(&said).contains("unknown monitor command"),
+        "{said:?}"
+    );
+    assert_eq!(c.reply(), "OK");
+    // A long read gives at most one reply's worth (2048 bytes, in hex).
+    assert_eq!(c.ask("m0,ffffffffffffffff").len(), 4096);
+    // Five hardware breakpoints: the fifth finds no debug register free.
+    for n in 0..5 {
+        let r = c.ask(&format!("Z1,{:x},1", 0x20_0000 + n));
+        assert_eq!(r, if n < 4 { "OK" } else { "E16" }, "Z1 number {n}");
+    }
+    for n in 0..4 {
+        assert_eq!(c.ask(&format!("z1,{:x},1", 0x20_0000 + n)), "OK");
+    }
+    assert!(c.ask("m200000,4").starts_with("4883e4f0"));
     // A second client is closed at once.
     let mut second = TcpStream::connect(("127.0.0.1", v.port)).unwrap();
     second
