@@ -1170,15 +1170,15 @@ pub fn serve(vm: &mut Vm, stats: &mut Stats, listener: Listener) -> Result<Outco
         Listener::Tcp(_) => None,
     });
     let listener = Arc::new(listener);
-    let busy = Arc::new(AtomicBool::new(true));
+    // No client yet: the first one to connect is taken, however soon after
+    // the accept thread starts.
+    let busy = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<Stream>();
     let pauser = vm.pauser();
     {
         let (listener, busy, pauser) = (listener.clone(), busy.clone(), pauser.clone());
         std::thread::spawn(move || accept_loop(&listener, &busy, &pauser, tx));
     }
-    // The first client: the guest has not started.
-    busy.store(false, Ordering::SeqCst);
     let mut target = DebugTarget::new(vm, stats);
     let mut next = rx.recv().ok();
     loop {
