@@ -158,6 +158,16 @@ impl Engine {
         ))
     }
 
+    /// Whether the guest's time stands while a debugger holds it. On the
+    /// software engines it does: their TSC, local APIC timer and PIT, and
+    /// the VM's HPET, PM timer and PV timer, skip the time stopped. KVM's
+    /// TSC, kvmclock, in-kernel local APIC timer and PIT run on the host's
+    /// clock through a stop, so under `kvm` visor's own timers run on too:
+    /// every clock the guest reads agrees with the others (README).
+    pub fn time_stands_when_stopped(self) -> bool {
+        self != Engine::Kvm
+    }
+
     /// `None` when the engine can run here, else why not.
     pub fn unavailable_reason(self) -> Option<String> {
         match self {

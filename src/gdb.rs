@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gdbstub::arch::{Arch, RegId, Registers};
 use gdbstub::common::Signal;
@@ -134,6 +134,19 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Removes a Unix socket's file when the session loop ends: the listener
+/// itself lives on in the accept thread (blocked in `accept`) until the
+/// process exits, and its drop never comes.
+struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -276,6 +289,32 @@ impl Framer {
         } else {
             Frame::Bad
         }
+    }
+}
+
+/// The most bytes one `m` packet reads: as many as a reply of
+/// [`PACKET_MAX`] holds in hex. gdb asks no more than that.
+const READ_MAX: u64 = PACKET_MAX as u64 / 2;
+
+/// A memory read (`m ADDR,LEN`) for more than [`READ_MAX`] bytes becomes
+/// one for [`READ_MAX`] (the protocol lets a reply hold fewer bytes than
+/// asked): `gdbstub` would otherwise stream all of it (`m0,ffffffffffffffff`
+/// is 2^64 bytes, which would hold the VMM for hours) and would step past
+/// the top of the address space. Other packets pass unchanged.
+fn clamp_read(p: Vec<u8>) -> Vec<u8> {
+    let body = &p[1..p.len() - 3];
+    let Some(args) = body.strip_prefix(b"m") else {
+        return p;
+    };
+    let Some((addr, len)) = std::str::from_utf8(args)
+        .ok()
+        .and_then(|a| a.split_once(','))
+    else {
+        return p;
+    };
+    match u64::from_str_radix(len, 16) {
+        Ok(n) if n > READ_MAX => packet(&format!("m{addr},{READ_MAX:x}")),
+        _ => p,
     }
 }
 
@@ -526,21 +565,39 @@ struct DebugTarget<'a> {
     /// Breakpoints and watchpoints (`single_step` is set per resume).
     debug: GuestDebug,
     step: bool,
-    /// When the guest last stopped (its clocks are moved on by the pause).
-    stopped_since: Option<Instant>,
     /// The guest's end, once it came.
     finished: Option<Outcome>,
 }
 
 impl<'a> DebugTarget<'a> {
     fn new(vm: &'a mut Vm, stats: &'a mut Stats) -> DebugTarget<'a> {
+        // The guest starts stopped, its time standing (where the engine's
+        // time can stand).
+        if vm.engine.time_stands_when_stopped() {
+            vm.clock.pause();
+        }
         DebugTarget {
             vm,
             stats,
             debug: GuestDebug::default(),
             step: false,
-            stopped_since: Some(Instant::now()),
             finished: None,
+        }
+    }
+
+    /// Runs the guest's time on before a run: the devices' clock goes on
+    /// from where it stood, and the engine takes the time stood out of its
+    /// own (the TSC, the local APIC timer, the PIT of the software engines).
+    fn time_runs(&mut self) {
+        let stood = self.vm.clock.resume();
+        self.vm.vcpu.time_paused(stood);
+    }
+
+    /// Stops the guest's time after a run, where the engine's time can
+    /// stand ([`crate::Engine::time_stands_when_stopped`]).
+    fn time_stands(&mut self) {
+        if self.vm.engine.time_stands_when_stopped() {
+            self.vm.clock.pause();
         }
     }
 
@@ -583,9 +640,7 @@ impl<'a> DebugTarget<'a> {
             .vcpu
             .set_guest_debug(&d)
             .map_err(|e| self.engine_err(e))?;
-        if let Some(t) = self.stopped_since.take() {
-            self.vm.vcpu.time_paused(t.elapsed());
-        }
+        self.time_runs();
         let pauser = self.vm.pauser();
         let done = AtomicBool::new(false);
         let (out, data) = std::thread::scope(|s| {
@@ -595,7 +650,7 @@ impl<'a> DebugTarget<'a> {
             (out, watcher.join().unwrap_or(false))
         });
         pauser.clear();
-        self.stopped_since = Some(Instant::now());
+        self.time_stands();
         let out = out.map_err(|e| self.engine_err(e))?;
         Ok(match out {
             Outcome::Paused => Ran::Data(data),
@@ -630,11 +685,9 @@ impl<'a> DebugTarget<'a> {
             .vcpu
             .set_guest_debug(&GuestDebug::default())
             .map_err(|e| self.engine_err(e))?;
-        if let Some(t) = self.stopped_since.take() {
-            self.vm.vcpu.time_paused(t.elapsed());
-        }
+        self.time_runs();
         let out = self.vm.run(self.stats).map_err(|e| self.engine_err(e))?;
-        self.stopped_since = Some(Instant::now());
+        self.time_stands();
         Ok(match out {
             Outcome::Paused | Outcome::Debug(_) => None,
             o => Some(o),
@@ -1112,16 +1165,20 @@ pub fn serve(vm: &mut Vm, stats: &mut Stats, listener: Listener) -> Result<Outco
         listener.describe(),
         vm.engine
     );
+    let _socket = SocketFile(match &listener {
+        Listener::Unix(_, p) => Some(p.clone()),
+        Listener::Tcp(_) => None,
+    });
     let listener = Arc::new(listener);
-    let busy = Arc::new(AtomicBool::new(true));
+    // No client yet: the first one to connect is taken, however soon after
+    // the accept thread starts.
+    let busy = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<Stream>();
     let pauser = vm.pauser();
     {
         let (listener, busy, pauser) = (listener.clone(), busy.clone(), pauser.clone());
         std::thread::spawn(move || accept_loop(&listener, &busy, &pauser, tx));
     }
-    // The first client: the guest has not started.
-    busy.store(false, Ordering::SeqCst);
     let mut target = DebugTarget::new(vm, stats);
     let mut next = rx.recv().ok();
     loop {
@@ -1334,7 +1391,7 @@ fn read_more(
         for &b in &buf[..n] {
             match framer.push(b) {
                 Some(Frame::Byte(b)) => pending.push_back(b),
-                Some(Frame::Packet(p)) => pending.extend(p),
+                Some(Frame::Packet(p)) => pending.extend(clamp_read(p)),
                 Some(Frame::Bad) if stream.write_all(b"-").is_err() => return false,
                 Some(Frame::Bad) => {}
                 None => {}
@@ -1349,6 +1406,18 @@ fn read_more(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long memory read is cut to what one reply holds; others pass.
+    #[test]
+    fn long_reads_are_clamped() {
+        assert_eq!(
+            clamp_read(packet("m0,ffffffffffffffff")),
+            packet(&format!("m0,{READ_MAX:x}"))
+        );
+        for p in ["m200000,4", "m0,800", "g", "m zz", "mfff,zz"] {
+            assert_eq!(clamp_read(packet(p)), packet(p));
+        }
+    }
 
     #[test]
     fn addresses() {

@@ -118,6 +118,9 @@ pub struct Vm {
     pub hypercalls: Hypercalls,
     pub layout: MemoryLayout,
     pub mem: GuestMemory,
+    /// The guest's time for the devices on the host clock (HPET, PM timer,
+    /// the PV timer): stands while a debugger holds the guest.
+    pub clock: Arc<vcpu::GuestClock>,
     /// Set by [`Stopper::stop`]; the loop ends with [`Outcome::TimedOut`].
     stop: Arc<AtomicBool>,
     /// Set by [`Pauser::pause`]; the loop ends with [`Outcome::Paused`].
@@ -277,6 +280,13 @@ impl Vm {
         let vcpu = engine_vm
             .create_vcpu(0)
             .map_err(|e| format!("engine {engine}: {e}"))?;
+        let clock: Arc<vcpu::GuestClock> = Arc::default();
+        let mut hypercalls = Hypercalls::new(
+            opts.pv || engine == Engine::Pv,
+            engine.hypercall_stub(),
+            Box::new(std::io::stdout()),
+        );
+        hypercalls.set_clock(clock.clone());
         Ok(Vm {
             vcpu,
             engine_vm,
@@ -285,11 +295,8 @@ impl Vm {
             mmio: Bus::new(),
             layout,
             mem,
-            hypercalls: Hypercalls::new(
-                opts.pv || engine == Engine::Pv,
-                engine.hypercall_stub(),
-                Box::new(std::io::stdout()),
-            ),
+            hypercalls,
+            clock,
             stop: Arc::new(AtomicBool::new(false)),
             pause: Arc::new(AtomicBool::new(false)),
             power_button: None,

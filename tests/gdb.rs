@@ -273,6 +273,22 @@ echo @rdi\\n
 print/x $rdi
 echo @kernel\\n
 print/x &'demo::proc::KERNEL'
+set $save_rbx = $rbx
+set $save_fs_base = $fs_base
+set $save_byte = *(unsigned char *)&'demo::PASSES'
+set $rbx = 0x1122334455667788
+set $fs_base = 0x5000
+set *(unsigned char *)&'demo::PASSES' = 0x5a
+maintenance flush register-cache
+echo @rbx\\n
+print/x $rbx
+echo @fs_base\\n
+print/x $fs_base
+echo @byte\\n
+print/x *(unsigned char *)&'demo::PASSES'
+set $rbx = $save_rbx
+set $fs_base = $save_fs_base
+set *(unsigned char *)&'demo::PASSES' = $save_byte
 stepi
 echo @stepped\\n
 print/x $rip
@@ -316,6 +332,11 @@ continue
         .unwrap_or_else(|| panic!("no breakpoint address: {ctx}"));
     let rip = hex_after(&out, "@rip");
     assert_eq!(rip, at, "{ctx}");
+    // Registers and memory written, read back from the engine (and put
+    // back, so that the guest runs on as it would have).
+    assert_eq!(hex_after(&out, "@rbx"), 0x1122_3344_5566_7788, "{ctx}");
+    assert_eq!(hex_after(&out, "@fs_base"), 0x5000, "{ctx}");
+    assert_eq!(hex_after(&out, "@byte"), 0x5a, "{ctx}");
     // `tick(&mut self)`: RDI is the kernel state.
     assert_eq!(hex_after(&out, "@rdi"), hex_after(&out, "@kernel"), "{ctx}");
     assert!(out.contains("Hardware assisted breakpoint"), "{ctx}");
@@ -345,8 +366,9 @@ continue
     ] {
         assert!(out.contains(line), "monitor {what}: {ctx}");
     }
-    // (`pv` has no local APIC: events come through its trap table.)
-    if engine != Engine::Kvm && engine != Engine::Pv {
+    // (`pv` has no local APIC: events come through its trap table; under
+    // `kvm` the state is KVM's in-kernel APIC.)
+    if engine != Engine::Pv {
         assert!(out.contains("apic id=0"), "monitor regs: {ctx}");
     }
     assert!(out.contains("exited normally"), "{ctx}");
@@ -388,8 +410,297 @@ fn gdb_session_kvm() {
     debug_session(Engine::Kvm);
 }
 
+/// Where tiny guests are loaded and entered (visor's ELF64 protocol:
+/// 64-bit mode, the first 4 GiB identity-mapped, RSP = 0x80000).
+const ENTRY: u64 = 0x20_0000;
+
+/// The guest `a` assembled at [`ENTRY`] as an ELF64 kernel file (no
+/// symbols), and the addresses of `labels`.
+fn tiny_elf(
+    mut a: iced_x86::code_asm::CodeAssembler,
+    labels: &[iced_x86::code_asm::CodeLabel],
+) -> (tempfile::TempDir, std::path::PathBuf, Vec<u64>) {
+    let res = a
+        .assemble_options(
+            ENTRY,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .unwrap();
+    let at = labels.iter().map(|l| res.label_ip(l).unwrap()).collect();
+    let d = tempfile::tempdir().unwrap();
+    let elf = d.path().join("guest.elf");
+    std::fs::write(
+        &elf,
+        machine::loader::elf64_image(ENTRY, &res.inner.code_buffer),
+    )
+    .unwrap();
+    (d, elf, at)
+}
+
+/// The guest's view of a stop: a guest reads its clocks (the TSC, the HPET
+/// main counter, the ACPI PM timer, the local APIC timer's current count),
+/// gdb holds it at a breakpoint for 2 s, and the guest reads them again.
+/// On the software engines they moved on by far less than the stop, and an
+/// HPET one-shot due 300 ms after the start neither fell due during the
+/// stop nor was lost: the guest sees it fire after 300 ms of its own time
+/// (status 0x21; 0x23 if it did not within a second). Under `kvm` the
+/// clocks run on through the stop, all of them alike (README).
+fn time_while_stopped(engine: Engine) {
+    use iced_x86::code_asm::*;
+    if !engines::available(engine) || !gdb_here() {
+        return;
+    }
+    const HPET: u64 = 0xfed0_0000;
+    const APIC: u64 = 0xfee0_0000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let (mut mark, mut end, mut wait, mut fired) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    (|| -> Result<(), IcedError> {
+        // visor's timing leaf: the TSC's and the APIC timer's kHz.
+        a.mov(eax, 0x4000_0010u32)?;
+        a.cpuid()?;
+        a.mov(ebp, eax)?;
+        a.mov(ecx, ebx)?;
+        a.mov(rbx, HPET)?;
+        a.mov(rsi, APIC)?;
+        // The APIC timer: divide by 1, masked one-shot, the longest count.
+        a.mov(dword_ptr(rsi + 0x3e0), 0xb)?;
+        a.mov(dword_ptr(rsi + 0x320), 0x1_0040)?;
+        a.mov(dword_ptr(rsi + 0x380), -1)?;
+        // HPET timer 2: one-shot, level (its status bit shows it fired),
+        // IRQ 5, due at 30,000,000 ticks (300 ms); then the counter runs.
+        a.mov(qword_ptr(rbx + 0x140), 0xa06)?;
+        a.mov(qword_ptr(rbx + 0x148), 30_000_000)?;
+        a.mov(qword_ptr(rbx + 0x10), 1)?;
+        let read = |a: &mut CodeAssembler, regs: [AsmRegister64; 4]| -> Result<(), IcedError> {
+            a.rdtsc()?;
+            a.shl(rdx, 32)?;
+            a.or(rax, rdx)?;
+            a.mov(regs[0], rax)?;
+            a.mov(regs[1], qword_ptr(rbx + 0xf0))?;
+            a.mov(dx, machine::acpi::PM_TMR as u32)?;
+            a.in_(eax, dx)?;
+            a.mov(regs[2], rax)?;
+            a.mov(eax, dword_ptr(rsi + 0x390))?;
+            a.mov(regs[3], rax)
+        };
+        read(&mut a, [r8, r9, r10, r15])?;
+        a.set_label(&mut mark)?;
+        a.nop()?;
+        read(&mut a, [r11, r12, r13, r14])?;
+        a.mov(rdi, qword_ptr(rbx + 0x20))?;
+        a.set_label(&mut end)?;
+        a.nop()?;
+        // Wait for the one-shot, at most a second of the guest's time.
+        a.set_label(&mut wait)?;
+        a.test(byte_ptr(rbx + 0x20), 4)?;
+        a.jnz(fired)?;
+        a.mov(rax, qword_ptr(rbx + 0xf0))?;
+        a.sub(rax, r9)?;
+        a.cmp(rax, 100_000_000)?;
+        a.jb(wait)?;
+        a.mov(al, 0x11)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)?;
+        a.set_label(&mut fired)?;
+        a.mov(al, 0x10)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)?;
+        a.hlt()
+    })()
+    .unwrap();
+    let (_d, elf, at) = tiny_elf(a, &[mark, end]);
+    let (mark, end) = (at[0], at[1]);
+    let v = Visor::start(&[
+        "run".into(),
+        elf.display().to_string(),
+        "--engine".into(),
+        engine.name().into(),
+    ]);
+    let regs = [
+        "rbp", "rcx", "r8", "r9", "r10", "r15", "r11", "r12", "r13", "r14", "rdi",
+    ];
+    let prints: String = regs
+        .iter()
+        .map(|r| format!("echo @{r}\\n\nprint/x ${r}\n"))
+        .collect();
+    let script = format!(
+        "set pagination off
+set confirm off
+target remote 127.0.0.1:{port}
+break *{mark:#x}
+break *{end:#x}
+continue
+shell sleep 2
+continue
+{prints}continue
+",
+        port = v.port
+    );
+    let start = Instant::now();
+    let out = gdb(&elf, &script, Duration::from_secs(120));
+    let took = start.elapsed();
+    let (status, _, stderr) = v.finish(Duration::from_secs(60));
+    let ctx = format!("engine {engine}\n--- gdb:\n{out}\n--- visor stderr:\n{stderr}");
+    assert!(took >= Duration::from_secs(2), "{ctx}");
+    let r = |name: &str| hex_after(&out, &format!("@{name}"));
+    let (tsc_khz, apic_khz) = (r("rbp"), r("rcx"));
+    // Each clock's advance across the stop, in µs (`None`: the timing leaf
+    // gives no frequency; KVM's has the TSC's where the host tells it).
+    let us = |ticks: u64, khz: u64| (khz > 0).then(|| ticks.saturating_mul(1000) / khz);
+    let tsc = us(r("r11").wrapping_sub(r("r8")), tsc_khz);
+    let hpet = us(r("r12").wrapping_sub(r("r9")), 100_000);
+    let pm = us(
+        r("r13").wrapping_sub(r("r10")) & 0xff_ffff,
+        3_579_545 / 1000,
+    );
+    let apic = us(r("r15").wrapping_sub(r("r14")) & 0xffff_ffff, apic_khz);
+    let hpet_status = r("rdi");
+    let ctx = format!("tsc {tsc:?} µs, hpet {hpet:?} µs, pm {pm:?} µs, apic {apic:?} µs; {ctx}");
+    if engine.time_stands_when_stopped() {
+        // Far less than the 2 s stop (and less than the one-shot's 300 ms).
+        for us in [tsc, hpet, pm, apic] {
+            assert!(us.is_some_and(|us| us < 250_000), "{ctx}");
+        }
+        assert_eq!(
+            hpet_status & 4,
+            0,
+            "the one-shot fell due in the stop: {ctx}"
+        );
+    } else {
+        // kvm: every clock ran on through the stop.
+        for us in [tsc, hpet, pm].into_iter().flatten() {
+            assert!(us >= 1_900_000, "{ctx}");
+        }
+    }
+    assert_eq!(status, Some(0x21), "the one-shot fired: {ctx}");
+}
+
+#[test]
+fn time_while_stopped_emu() {
+    time_while_stopped(Engine::Emu);
+}
+
+#[test]
+fn time_while_stopped_bt() {
+    time_while_stopped(Engine::Bt);
+}
+
+#[test]
+fn time_while_stopped_vmx() {
+    time_while_stopped(Engine::Vmx);
+}
+
+#[test]
+fn time_while_stopped_trap() {
+    time_while_stopped(Engine::Trap);
+}
+
+#[test]
+fn time_while_stopped_kvm() {
+    time_while_stopped(Engine::Kvm);
+}
+
+/// A breakpoint in code the guest rewrites stays correct: the guest calls
+/// a function (`mov eax, 1; ret`) at a breakpoint, rewrites its immediate
+/// to 2 and calls it again. gdb stops at it both times, the second time
+/// seeing the new instruction (no breakpoint byte in the guest's memory),
+/// and the guest gets 1 then 2 (status 0x25).
+fn breakpoint_in_rewritten_code(engine: Engine) {
+    use iced_x86::code_asm::*;
+    if !engines::available(engine) || !gdb_here() {
+        return;
+    }
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut f = a.create_label();
+    (|| -> Result<(), IcedError> {
+        a.lea(rbx, ptr(f))?;
+        a.call(f)?;
+        a.mov(r8, rax)?;
+        a.mov(dword_ptr(rbx + 1), 2)?;
+        a.call(f)?;
+        a.shl(r8, 4)?;
+        a.or(rax, r8)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)?;
+        a.hlt()?;
+        a.set_label(&mut f)?;
+        a.mov(eax, 1)?;
+        a.ret()
+    })()
+    .unwrap();
+    let (_d, elf, at) = tiny_elf(a, &[f]);
+    let v = Visor::start(&[
+        "run".into(),
+        elf.display().to_string(),
+        "--engine".into(),
+        engine.name().into(),
+    ]);
+    let script = format!(
+        "set pagination off
+set confirm off
+target remote 127.0.0.1:{port}
+break *{f:#x}
+continue
+echo @first\\n
+x/i $pc
+continue
+echo @second\\n
+x/i $pc
+x/6xb $pc
+continue
+",
+        port = v.port,
+        f = at[0]
+    );
+    let out = gdb(&elf, &script, Duration::from_secs(60));
+    let (status, _, stderr) = v.finish(Duration::from_secs(60));
+    let ctx = format!("engine {engine}\n--- gdb:\n{out}\n--- visor stderr:\n{stderr}");
+    let after = |m: &str| {
+        out.split(m)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {m}: {ctx}"))
+    };
+    let pc = format!("=> {:#x}:", at[0]);
+    assert!(after("@first").trim_start().starts_with(&pc), "{ctx}");
+    assert!(after("@first").contains("mov    $0x1,%eax"), "{ctx}");
+    assert!(after("@second").trim_start().starts_with(&pc), "{ctx}");
+    assert!(after("@second").contains("mov    $0x2,%eax"), "{ctx}");
+    assert!(
+        after("@second").contains("0xb8\t0x02\t0x00\t0x00\t0x00\t0xc3"),
+        "{ctx}"
+    );
+    assert_eq!(status, Some(0x25), "{ctx}");
+}
+
+#[test]
+fn breakpoint_in_rewritten_code_emu() {
+    breakpoint_in_rewritten_code(Engine::Emu);
+}
+
+#[test]
+fn breakpoint_in_rewritten_code_bt() {
+    breakpoint_in_rewritten_code(Engine::Bt);
+}
+
+#[test]
+fn breakpoint_in_rewritten_code_vmx() {
+    breakpoint_in_rewritten_code(Engine::Vmx);
+}
+
+#[test]
+fn breakpoint_in_rewritten_code_trap() {
+    breakpoint_in_rewritten_code(Engine::Trap);
+}
+
+#[test]
+fn breakpoint_in_rewritten_code_kvm() {
+    breakpoint_in_rewritten_code(Engine::Kvm);
+}
+
 /// A raw remote-protocol client.
-struct Client(TcpStream);
+struct Client<S = TcpStream>(S);
 
 impl Client {
     fn connect(port: u16) -> Client {
@@ -397,7 +708,9 @@ impl Client {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         Client(s)
     }
+}
 
+impl<S: Read + Write> Client<S> {
     fn send(&mut self, bytes: &[u8]) {
         self.0.write_all(bytes).unwrap();
     }
@@ -481,6 +794,61 @@ fn protocol_robustness() {
     assert!(c.ask("mffffffffffffffff,10").starts_with('E'));
     assert!(c.ask("m200000,4").starts_with("4883e4f0"));
     assert!(c.ask("m zz").starts_with('E'), "unparsable: an error");
+    // Requests at the edges: each gets an answer (an error, "not
+    // supported" or a refusal), and the stub goes on.
+    let monitor_junk: String = b"no-such-command \xff"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for (ask, ok) in [
+        ("Z2,0,ffffffffffffffff", "OK"),
+        ("z2,0,ffffffffffffffff", "OK"),
+        ("Z0,ffffffffffffffff,1", "OK"),
+        ("z0,ffffffffffffffff,1", "OK"),
+        ("Z2,fffffffffffffffe,8", "OK"),
+        ("z2,fffffffffffffffe,8", "OK"),
+        ("Z2,0,0", "E"),
+        ("Mfffffffffffff000,4:00000000", "E"),
+        ("Mffffffffffffffff,2:0000", "E"),
+        ("mfffffffffffff000,100000", "E"),
+        ("G00", "E"),
+        ("P99=00", ""),
+        ("P10=zz", "E"),
+        ("pffff", ""),
+        ("qRcmd,zz", "E"),
+        ("qXfer:features:read:target.xml:fffffff,ffff", "l"),
+        ("vMustReplyEmpty", ""),
+    ] {
+        let r = c.ask(ask);
+        // An empty `ok`: the empty reply (not supported).
+        assert!(
+            r.starts_with(ok) && (!ok.is_empty() || r.is_empty()),
+            "{ask}: {r}"
+        );
+    }
+    // An unknown monitor command: a line that says so, then OK.
+    c.packet(&format!("qRcmd,{monitor_junk}"));
+    let said = c.reply();
+    let said = (1..said.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(said.get(i..i + 2)?, 16).ok())
+        .collect::<Vec<u8>>();
+    assert!(
+        String::from_utf8_lossy(&said).contains("unknown monitor command"),
+        "{said:?}"
+    );
+    assert_eq!(c.reply(), "OK");
+    // A long read gives at most one reply's worth (2048 bytes, in hex).
+    assert_eq!(c.ask("m0,ffffffffffffffff").len(), 4096);
+    // Five hardware breakpoints: the fifth finds no debug register free.
+    for n in 0..5 {
+        let r = c.ask(&format!("Z1,{:x},1", 0x20_0000 + n));
+        assert_eq!(r, if n < 4 { "OK" } else { "E16" }, "Z1 number {n}");
+    }
+    for n in 0..4 {
+        assert_eq!(c.ask(&format!("z1,{:x},1", 0x20_0000 + n)), "OK");
+    }
+    assert!(c.ask("m200000,4").starts_with("4883e4f0"));
     // A second client is closed at once.
     let mut second = TcpStream::connect(("127.0.0.1", v.port)).unwrap();
     second
@@ -518,6 +886,130 @@ fn protocol_robustness() {
     assert_eq!(status, Some(0), "{err}");
     assert!(err.contains("refused a second gdb client"), "{err}");
     assert!(err.contains("the debugger killed the guest"), "{err}");
+}
+
+/// Ctrl-C stops a running guest on every engine (`bt` in its translated
+/// code too): the stub answers SIGINT, the registers read, and the guest
+/// runs on and is stopped again; then `k` ends the run.
+fn ctrl_c(engine: Engine) {
+    if !engines::available(engine) {
+        return;
+    }
+    // The full demo run: long enough to be stopped while it runs.
+    let mut args = demo_args(engine);
+    args.truncate(3);
+    if engine != Engine::Pv {
+        args.push("--no-pv".into());
+    }
+    let v = Visor::start(&args);
+    let mut c = Client::connect(v.port);
+    for _ in 0..2 {
+        c.packet("c");
+        assert_eq!(c.byte(), b'+');
+        std::thread::sleep(Duration::from_millis(150));
+        c.send(&[3]);
+        let stop = c.reply();
+        assert!(
+            stop.starts_with("T02") || stop.starts_with("S02"),
+            "{engine}: {stop}"
+        );
+        let regs = c.ask("g");
+        // RIP (after 16 registers) moved on from the entry point.
+        assert!(regs.len() >= 272, "{engine}: {regs}");
+        assert_ne!(&regs[256..272], "0000200000000000", "{engine}: {regs}");
+    }
+    c.packet("k");
+    let (status, _, err) = v.finish(Duration::from_secs(60));
+    assert_eq!(status, Some(0), "{engine}: {err}");
+}
+
+#[test]
+fn ctrl_c_emu() {
+    ctrl_c(Engine::Emu);
+}
+
+#[test]
+fn ctrl_c_bt() {
+    ctrl_c(Engine::Bt);
+}
+
+#[test]
+fn ctrl_c_vmx() {
+    ctrl_c(Engine::Vmx);
+}
+
+#[test]
+fn ctrl_c_trap() {
+    ctrl_c(Engine::Trap);
+}
+
+#[test]
+fn ctrl_c_pv() {
+    ctrl_c(Engine::Pv);
+}
+
+#[test]
+fn ctrl_c_kvm() {
+    ctrl_c(Engine::Kvm);
+}
+
+/// `--gdb PATH`: a Unix socket. A client reaches the stub through it, reads
+/// memory, runs the guest to its end (the exit reply), and the socket is
+/// gone after the run.
+#[test]
+fn unix_socket() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("visor.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_visor"))
+        .args(demo_args(Engine::Emu))
+        .arg("--gdb")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start visor");
+    let start = Instant::now();
+    let s = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(start.elapsed() < Duration::from_secs(30), "{e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut c = Client(s);
+    let stop = c.ask("?");
+    assert!(stop.starts_with('T') || stop.starts_with('S'), "{stop}");
+    assert!(c.ask("m200000,4").starts_with("4883e4f0"));
+    // Run to the end: the stub reports the exit (status 0).
+    assert_eq!(c.ask("c"), "W00");
+    drop(c);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("visor did not end");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!("waiting for gdb on {}", sock.display())),
+        "{err}"
+    );
+    assert!(!sock.exists(), "the socket is removed");
 }
 
 /// Asserts one `visor: error:` line and status 2.

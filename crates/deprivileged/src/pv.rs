@@ -370,9 +370,14 @@ impl Vcpu for PvVcpu {
             g.cpu.set_sregs(&real);
         } else {
             // The same paging registers: the translations stand (a flush is
-            // `flush_tlb`); only the code and stack segments change.
+            // `flush_tlb`); only the segments change (the data segments and
+            // the FS/GS bases too, as a debugger may write them).
             g.cpu.seg[x86::sreg::CS] = real.cs;
             g.cpu.seg[x86::sreg::SS] = real.ss;
+            g.cpu.seg[x86::sreg::DS] = real.ds;
+            g.cpu.seg[x86::sreg::ES] = real.es;
+            g.cpu.seg[x86::sreg::FS] = real.fs;
+            g.cpu.seg[x86::sreg::GS] = real.gs;
             g.cpu.cr2 = s.cr2;
             g.cpu.refresh_mode();
         }

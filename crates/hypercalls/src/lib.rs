@@ -33,14 +33,15 @@ pub mod fuzz;
 mod timer;
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use arch::rflags::IF;
 use arch::{canonical, desc, pte, Gate, Segment};
 use hypercall::{errno, nr, MmuUpdate, MulticallEntry, TrapInfo, STUB_SIZE};
 use machine::paging::{read_virt, table_frames, write_virt};
 use machine::GuestMemory;
-use vcpu::{Regs, Vcpu, VcpuError};
+use vcpu::{GuestClock, Regs, Vcpu, VcpuError};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use timer::Timer;
@@ -86,6 +87,8 @@ pub struct Hypercalls {
     /// its thread joined) with the service.
     timer: Option<Timer>,
     max_block: Duration,
+    /// The guest's time, on which the timer's deadlines are kept.
+    clock: Arc<GuestClock>,
     /// The calls made, by number (multicall entries included).
     pub counts: [u64; nr::COUNT as usize],
 }
@@ -177,6 +180,7 @@ impl Hypercalls {
             console,
             timer: None,
             max_block: MAX_BLOCK,
+            clock: Arc::default(),
             counts: [0; nr::COUNT as usize],
         }
     }
@@ -185,6 +189,13 @@ impl Hypercalls {
     /// wake-up, which the ABI allows); [`MAX_BLOCK`] by default.
     pub fn set_max_block(&mut self, max: Duration) {
         self.max_block = max;
+    }
+
+    /// Keeps the timer's deadlines on the VM's guest clock (which stands
+    /// while a debugger holds the guest) rather than on a clock of its own.
+    /// Call before the guest first uses the timer.
+    pub fn set_clock(&mut self, clock: Arc<GuestClock>) {
+        self.clock = clock;
     }
 
     /// The guest-physical address of the hypercall page, once set.
@@ -279,7 +290,8 @@ impl Hypercalls {
     fn timer(&mut self) -> Result<&Timer, VcpuError> {
         let t = match self.timer.take() {
             Some(t) => t,
-            None => Timer::start().map_err(|e| VcpuError::os("starting the PV timer thread", e))?,
+            None => Timer::start(self.clock.clone())
+                .map_err(|e| VcpuError::os("starting the PV timer thread", e))?,
         };
         Ok(self.timer.insert(t))
     }
@@ -323,7 +335,7 @@ impl Hypercalls {
             nr::SET_TIMER_OP => {
                 // A timeout the host clock cannot represent never expires.
                 let deadline = (a[0] != 0)
-                    .then(|| Instant::now().checked_add(Duration::from_nanos(a[0])))
+                    .then(|| self.clock.now().checked_add(Duration::from_nanos(a[0])))
                     .flatten();
                 self.timer()?.with(|t| t.deadline = deadline);
                 0
@@ -486,11 +498,8 @@ impl Hypercalls {
         let Some(t) = &self.timer else {
             return;
         };
-        if let Some(d) = t.with(|s| s.deadline) {
-            let now = Instant::now();
-            if d > now {
-                std::thread::sleep((d - now).min(self.max_block));
-            }
+        if let Some(wait) = t.with(|s| s.deadline).and_then(|d| self.clock.until(d)) {
+            std::thread::sleep(wait.min(self.max_block));
         }
     }
 

@@ -360,6 +360,34 @@ fn sched_op() {
     assert_eq!(t.call(nr::SCHED_OP, &[u64::MAX]), EINVAL);
 }
 
+/// On the VM's guest clock, the timer does not fall due while the clock
+/// stands (a debugger holds the guest), and falls due after the resume
+/// once the rest of its time has passed.
+#[test]
+fn the_timer_stands_with_the_guest_clock() {
+    let mut t = T::new();
+    let clock: std::sync::Arc<vcpu::GuestClock> = Default::default();
+    t.hc.set_clock(clock.clone());
+    let bind = [event::BIND_VIRQ, event::VIRQ_TIMER, 0x40];
+    assert_eq!(t.call(nr::EVENT_CHANNEL_OP, &bind), 0);
+    let line = t.vm.lines.lock().unwrap()[0].clone();
+    // Due in 40 ms of the guest's time; the clock stands at once.
+    assert_eq!(t.call(nr::SET_TIMER_OP, &[40_000_000]), 0);
+    clock.pause();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(line.edges(), 0, "fell due while the clock stood");
+    clock.resume();
+    let resumed = Instant::now();
+    assert!(wait_edges(&line, 1));
+    // (A loaded host may wake the thread late, never early.)
+    assert!(resumed.elapsed() >= Duration::from_millis(30));
+    // BLOCK waits in the guest's time too.
+    assert_eq!(t.call(nr::SET_TIMER_OP, &[30_000_000]), 0);
+    let start = Instant::now();
+    assert_eq!(t.call(nr::SCHED_OP, &[sched::BLOCK]), 0);
+    assert!(start.elapsed() >= Duration::from_millis(25));
+}
+
 /// Waits up to 5 s for `line` to have `n` edges.
 fn wait_edges(line: &CountingLine, n: u64) -> bool {
     let start = Instant::now();

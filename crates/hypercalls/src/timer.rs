@@ -2,18 +2,20 @@
 //! with `event_channel_op` when the deadline passes. The thread is started
 //! when a guest first uses the timer and ends when the [`Timer`] is dropped
 //! (with the hypercall service, with the VM): the drop tells it to stop and
-//! joins it.
+//! joins it. The deadline is in the guest's time ([`GuestClock`]): while a
+//! debugger holds the guest the timer does not fall due.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use vcpu::IrqLine;
+use vcpu::{GuestClock, IrqLine};
 
 /// What the timer thread and the hypercalls share.
 #[derive(Default)]
 pub(crate) struct State {
-    /// When the line is raised next; `None`: disarmed.
+    /// When the line is raised next, on the guest's time line; `None`:
+    /// disarmed.
     pub deadline: Option<Instant>,
     /// The event line (`event_channel_op(BIND_VIRQ, VIRQ_TIMER)`).
     pub line: Option<Arc<dyn IrqLine>>,
@@ -39,19 +41,18 @@ impl Shared {
     }
 
     /// The thread: waits for the deadline, raises the line, until told to
-    /// stop.
-    fn run(&self) {
+    /// stop. While the clock stands it waits for the resume.
+    fn run(&self, clock: &GuestClock) {
         let mut st = self.lock();
         while !st.stop {
-            let Some(deadline) = st.deadline else {
+            let Some(Some(wait)) = st.deadline.map(|d| clock.until(d)) else {
                 st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
             };
-            let now = Instant::now();
-            if now < deadline {
+            if !wait.is_zero() {
                 st = self
                     .changed
-                    .wait_timeout(st, deadline - now)
+                    .wait_timeout(st, wait)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
                 continue;
@@ -75,13 +76,21 @@ pub(crate) struct Timer {
 }
 
 impl Timer {
-    /// Starts the thread. Fails if the host cannot create one.
-    pub fn start() -> std::io::Result<Timer> {
+    /// Starts the thread, with deadlines on `clock`. Fails if the host
+    /// cannot create one.
+    pub fn start(clock: Arc<GuestClock>) -> std::io::Result<Timer> {
         let shared = Arc::new(Shared::default());
+        let weak = Arc::downgrade(&shared);
+        clock.on_resume(Box::new(move || {
+            if let Some(s) = weak.upgrade() {
+                let _held = s.lock();
+                s.changed.notify_all();
+            }
+        }));
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("visor-pv-timer".into())
-            .spawn(move || s.run())?;
+            .spawn(move || s.run(&clock))?;
         Ok(Timer {
             shared,
             thread: Some(thread),

@@ -113,7 +113,8 @@ impl Device for DebugExit {
 /// (PM1_CNT at [`abi::port::POWER`]: SCI_EN reads 1, the machine is always
 /// in ACPI mode; SLP_EN with SLP_TYP 0, the DSDT's S5, powers off: a 16-bit
 /// write of [`abi::port::POWER_OFF`]) and the 24-bit PM timer at 3.579545 MHz
-/// on the host's monotonic clock. Byte and word accesses work on each.
+/// on the VM's [`vcpu::GuestClock`] (it stands while a debugger holds the
+/// guest). Byte and word accesses work on each.
 ///
 /// The fixed power button ([`Pm::press_power_button`]) sets PWRBTN_STS. The
 /// SCI is the level of (PM1_STS & PM1_EN) for the events visor has (the
@@ -122,7 +123,7 @@ impl Device for DebugExit {
 /// press. The guest lowers it by clearing the status bit (write 1).
 pub struct Pm {
     regs: [u8; 8],
-    start: std::time::Instant,
+    clock: Arc<vcpu::GuestClock>,
     sci: Option<Arc<dyn IrqLine>>,
     /// The SCI's level now.
     sci_level: bool,
@@ -140,17 +141,18 @@ pub const PM_TIMER_HZ: u128 = 3_579_545;
 
 impl Default for Pm {
     fn default() -> Self {
-        Pm::new(None)
+        Pm::new(Arc::default(), None)
     }
 }
 
 impl Pm {
-    /// The registers, raising the SCI on `sci` (the engine's ISA IRQ 9
-    /// line, if it has an interrupt controller).
-    pub fn new(sci: Option<Arc<dyn IrqLine>>) -> Pm {
+    /// The registers, with the PM timer on the guest's `clock`, raising
+    /// the SCI on `sci` (the engine's ISA IRQ 9 line, if it has an
+    /// interrupt controller).
+    pub fn new(clock: Arc<vcpu::GuestClock>, sci: Option<Arc<dyn IrqLine>>) -> Pm {
         Pm {
             regs: [0; 8],
-            start: std::time::Instant::now(),
+            clock,
             sci,
             sci_level: false,
             sci_raised: 0,
@@ -158,7 +160,7 @@ impl Pm {
     }
 
     fn timer(&self) -> u32 {
-        ((self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000) & 0xff_ffff) as u32
+        ((self.clock.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000) & 0xff_ffff) as u32
     }
 
     fn word(&self, at: usize) -> u16 {
@@ -319,12 +321,14 @@ pub struct Platform {
 
 impl Platform {
     /// Creates the devices and maps them on `pio` and `mmio`; `isa_irqs`
-    /// holds the engine's line of ISA IRQ n at index n, where it has one.
+    /// holds the engine's line of ISA IRQ n at index n, where it has one;
+    /// the timers (HPET, PM timer) keep the guest's time on `clock`.
     pub fn attach(
         pio: &mut crate::Bus,
         mmio: &mut crate::Bus,
         isa_irqs: crate::hpet::IsaLines,
         serial_out: SerialOut,
+        clock: Arc<vcpu::GuestClock>,
     ) -> Result<Self, crate::bus::Overlap> {
         let serial_irq = IrqTrigger(isa_irqs.get(4).cloned().flatten());
         let sci = isa_irqs
@@ -334,7 +338,7 @@ impl Platform {
         mmio.insert(
             crate::acpi::HPET_ADDR,
             0x400,
-            Arc::new(Mutex::new(crate::hpet::Hpet::new(isa_irqs))),
+            Arc::new(Mutex::new(crate::hpet::Hpet::new(isa_irqs, clock.clone()))),
         )?;
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
         pio.insert(abi::port::COM1 as u64, 8, serial.clone())?;
@@ -343,7 +347,7 @@ impl Platform {
             1,
             Arc::new(Mutex::new(DebugExit)),
         )?;
-        let pm = Arc::new(Mutex::new(Pm::new(sci)));
+        let pm = Arc::new(Mutex::new(Pm::new(clock, sci)));
         pio.insert(crate::acpi::PM_BASE as u64, 12, pm.clone())?;
         pio.insert(
             crate::acpi::RESET_PORT as u64,
@@ -364,7 +368,14 @@ mod tests {
     fn platform_ports() {
         let (mut pio, mut mmio) = (crate::Bus::new(), crate::Bus::new());
         let sink = Capture::default();
-        let p = Platform::attach(&mut pio, &mut mmio, Vec::new(), Box::new(sink.clone())).unwrap();
+        let p = Platform::attach(
+            &mut pio,
+            &mut mmio,
+            Vec::new(),
+            Box::new(sink.clone()),
+            Arc::default(),
+        )
+        .unwrap();
         let mut cap = [0u8; 4];
         assert!(mmio.read(crate::acpi::HPET_ADDR, &mut cap));
         assert_eq!(u32::from_le_bytes(cap), crate::acpi::HPET_BLOCK_ID);
@@ -457,7 +468,7 @@ mod tests {
     #[test]
     fn power_button_and_sci() {
         let line = Arc::new(Edges::default());
-        let mut pm = Pm::new(Some(line.clone()));
+        let mut pm = Pm::new(Arc::default(), Some(line.clone()));
         let sts = |pm: &mut Pm| {
             let mut b = [0u8; 2];
             pm.read(0, &mut b);

@@ -5,12 +5,13 @@
 //! IRQ 0, timer 1 on IRQ 8) or routed to an ISA IRQ of [`ROUTE_CAP`]. FSB
 //! (MSI) delivery is not offered. A thread raises the interrupts at their
 //! deadlines through the engine's interrupt lines, so it works on every
-//! engine that has them.
+//! engine that has them. The counter and the deadlines run on the VM's
+//! [`GuestClock`]: they stand while a debugger holds the guest.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vcpu::IrqLine;
+use vcpu::{GuestClock, IrqLine};
 
 use crate::bus::{Action, Device};
 
@@ -158,14 +159,16 @@ fn lock(s: &Shared) -> MutexGuard<'_, State> {
 /// The HPET: registers on the MMIO bus, a thread for the deadlines.
 pub struct Hpet {
     state: Shared,
+    clock: Arc<GuestClock>,
 }
 
 /// The interrupt line of ISA IRQ n, if the engine has it.
 pub type IsaLines = Vec<Option<Arc<dyn IrqLine>>>;
 
 impl Hpet {
-    /// An HPET whose interrupts go to `lines` (ISA IRQ n at index n).
-    pub fn new(lines: IsaLines) -> Hpet {
+    /// An HPET whose interrupts go to `lines` (ISA IRQ n at index n), on
+    /// the guest's `clock`.
+    pub fn new(lines: IsaLines, clock: Arc<GuestClock>) -> Hpet {
         let mut timers = [Timer::default(); TIMERS];
         for t in timers.iter_mut() {
             t.config = PER_INT_CAP | SIZE_CAP | ((ROUTE_CAP as u64) << 32);
@@ -176,18 +179,27 @@ impl Hpet {
                 config: 0,
                 status: 0,
                 base: 0,
-                since: Instant::now(),
+                since: clock.now(),
                 timers,
                 stop: false,
             }),
             Condvar::new(),
         ));
-        let s = state.clone();
+        // The deadline thread waits without a timeout while the clock
+        // stands; a resume makes it look again.
+        let weak = Arc::downgrade(&state);
+        clock.on_resume(Box::new(move || {
+            if let Some(s) = weak.upgrade() {
+                let _held = lock(&s);
+                s.1.notify_all();
+            }
+        }));
+        let (s, c) = (state.clone(), clock.clone());
         std::thread::Builder::new()
             .name("hpet".into())
-            .spawn(move || run(s, lines))
+            .spawn(move || run(s, lines, c))
             .ok();
-        Hpet { state }
+        Hpet { state, clock }
     }
 
     fn read64(&self, reg: u64) -> u64 {
@@ -196,7 +208,7 @@ impl Hpet {
             0x000 => CAPABILITIES,
             0x010 => s.config,
             0x020 => s.status,
-            0x0f0 => s.counter(Instant::now()),
+            0x0f0 => s.counter(self.clock.now()),
             r @ 0x100..=0x17f => {
                 let t = &s.timers[((r - 0x100) / 0x20) as usize];
                 match r & 0x1f {
@@ -212,7 +224,7 @@ impl Hpet {
     /// A write of `mask`ed bits `v` of the 64-bit register `reg`.
     fn write64(&self, reg: u64, v: u64, mask: u64) {
         let mut s = lock(&self.state);
-        let now = Instant::now();
+        let now = self.clock.now();
         let merge = |old: u64| (old & !mask) | (v & mask);
         match reg {
             0x010 => {
@@ -278,14 +290,19 @@ impl Drop for Hpet {
 }
 
 /// The deadline thread: fires due timers, raises their lines, sleeps until
-/// the next deadline or a register write.
-fn run(state: Shared, lines: IsaLines) {
+/// the next deadline (in the guest's time), a register write or the clock's
+/// resume.
+fn run(state: Shared, lines: IsaLines, clock: Arc<GuestClock>) {
     let mut s = lock(&state);
     loop {
         if s.stop {
             return;
         }
-        let now = Instant::now();
+        if clock.is_paused() {
+            s = state.1.wait(s).unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
+        let now = clock.now();
         let irqs = s.fire(now);
         if !irqs.is_empty() {
             drop(s);
@@ -299,11 +316,11 @@ fn run(state: Shared, lines: IsaLines) {
             s = lock(&state);
             continue;
         }
-        s = match s.deadline(now) {
-            Some(d) => {
+        s = match s.deadline(now).and_then(|d| clock.until(d)) {
+            Some(wait) => {
                 state
                     .1
-                    .wait_timeout(s, d.saturating_duration_since(now))
+                    .wait_timeout(s, wait)
                     .unwrap_or_else(|p| p.into_inner())
                     .0
             }
@@ -369,7 +386,7 @@ mod tests {
         let mut lines: IsaLines = vec![None; 16];
         lines[0] = Some(irq0.clone());
         lines[5] = Some(irq5.clone());
-        let mut h = Hpet::new(lines);
+        let mut h = Hpet::new(lines, Arc::default());
         let cap = r64(&mut h, 0);
         assert_eq!(cap >> 32, 10_000_000, "10 ns period");
         assert_eq!((cap >> 8) & 0x1f, 2, "three comparators");
@@ -397,5 +414,49 @@ mod tests {
         w64(&mut h, 0x10, 0);
         w64(&mut h, 0xf0, 42);
         assert_eq!(r64(&mut h, 0xf0), 42);
+    }
+
+    /// While the guest's clock stands (a debugger holds the guest) the
+    /// counter stands and no interrupt falls due; after the resume the
+    /// counter goes on from where it stood and the timer from where it was.
+    #[test]
+    fn the_counter_and_the_timers_stand_with_the_clock() {
+        let irq0 = Arc::new(Count(AtomicU32::new(0)));
+        let mut lines: IsaLines = vec![None; 16];
+        lines[0] = Some(irq0.clone());
+        let clock: Arc<GuestClock> = Arc::default();
+        let mut h = Hpet::new(lines, clock.clone());
+        // Timer 0 periodic every 2 ms, legacy replacement (IRQ 0).
+        w64(&mut h, 0x100, INT_ENB | TYPE_PERIODIC | VAL_SET);
+        w64(&mut h, 0x108, 200_000);
+        w64(&mut h, 0x108, 200_000);
+        w64(&mut h, 0x10, ENABLE_CNF | LEG_RT_CNF);
+        std::thread::sleep(Duration::from_millis(10));
+        clock.pause();
+        let stood = r64(&mut h, 0xf0);
+        // A moment for an interrupt raised just before the pause.
+        std::thread::sleep(Duration::from_millis(5));
+        let fired = irq0.0.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(r64(&mut h, 0xf0), stood, "the counter stands");
+        assert_eq!(
+            irq0.0.load(Ordering::SeqCst),
+            fired,
+            "no interrupt while paused"
+        );
+        assert!(clock.resume() >= Duration::from_millis(100));
+        let after = r64(&mut h, 0xf0);
+        // Resumed: on by the few ticks since the resume, not by the 10
+        // million of the pause.
+        assert!(
+            after >= stood && after - stood < 3_000_000,
+            "{stood} then {after}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        let more = irq0.0.load(Ordering::SeqCst) - fired;
+        assert!(
+            (3..=12).contains(&more),
+            "{more} interrupts in 20 ms after the resume"
+        );
     }
 }

@@ -21,6 +21,9 @@ use std::time::Duration;
 /// The segment register image lives with the other architectural definitions.
 pub use arch::Segment;
 
+mod clock;
+pub use clock::GuestClock;
+
 /// General-purpose registers, instruction pointer and flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Regs {

@@ -1432,7 +1432,12 @@ fn invlpg_drops_every_piece_of_a_large_page() {
         a.mov(rsi, qword_ptr(0x9f_f000u64))?;
         a.hlt()
     });
-    for (at, v) in [(0x80_1000u64, 1u64), (0x9f_f000, 2), (0xa0_1000, 3), (0xbf_f000, 4)] {
+    for (at, v) in [
+        (0x80_1000u64, 1u64),
+        (0x9f_f000, 2),
+        (0xa0_1000, 3),
+        (0xbf_f000, 4),
+    ] {
         t.mem.write_obj(v, GuestAddress(at)).unwrap();
     }
     assert_eq!(t.run(), CpuExit::Hlt);
