@@ -716,7 +716,7 @@ impl Cpu {
     /// IRET from ring 0 to virtual-8086 mode (SDM vol. 2 IRET,
     /// RETURN-TO-VIRTUAL-8086-MODE): EIP, CS, EFLAGS, then ESP, SS, ES, DS,
     /// FS and GS from the 32-bit stack; the segments loaded as in real mode
-    /// with DPL 3.
+    /// as read/write data with DPL 3.
     fn iret_to_v86(&mut self, ip: u64, cs: u16, fl: u64) -> R<()> {
         let mut w = [0u64; 6];
         for (k, x) in w.iter_mut().enumerate() {
@@ -736,7 +736,9 @@ impl Cpu {
                 selector: sel,
                 base: (sel as u64) << 4,
                 limit: 0xffff,
-                type_: if s == sreg::CS { 0xb } else { 3 },
+                // CS too: in virtual-8086 mode every segment has access
+                // rights 0xf3 (as VM entry requires, SDM vol. 3 26.3.1.2).
+                type_: 3,
                 present: true,
                 s: true,
                 dpl: 3,
