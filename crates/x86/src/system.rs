@@ -1050,8 +1050,17 @@ impl Cpu {
     fn write_dtr(&mut self, i: &Instruction, limit: u16, base: u64) -> R<()> {
         let l = self.mem_lin(i)?;
         let bsz = if self.long64 { 8 } else { 4 };
-        self.wr(l, 2, limit as u64)?;
-        self.wr(l.wrapping_add(2), bsz, base)
+        // One store of the whole pseudo-descriptor: both pages checked
+        // before it is written; at CPL 3 with alignment checking it must be
+        // word-aligned (SDM vol. 3 6.15, interrupt 17).
+        let need = self.acc_w;
+        if l & 1 != 0 && self.alignment_checked(need) {
+            return exc_code(vector::AC, 0);
+        }
+        let mut b = [0u8; 10];
+        b[..2].copy_from_slice(&limit.to_le_bytes());
+        b[2..2 + bsz].copy_from_slice(&base.to_le_bytes()[..bsz]);
+        self.write_bytes(l, &b[..2 + bsz], need)
     }
 
     /// A system descriptor (LDT, TSS) from the GDT: (address, segment).
