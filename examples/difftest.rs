@@ -3,6 +3,7 @@
 //!
 //! ```sh
 //! cargo run --release --example difftest -- --count 1000000 --seed 0x1234 [--keep-going]
+//! cargo run --release --example difftest -- --system --count 100000   # system-level cases
 //! ```
 //!
 //! Prints every divergence in full, progress every `--every` sequences, and a
@@ -38,6 +39,10 @@ struct Args {
     /// Print progress every N sequences.
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     every: u64,
+    /// The system-level sequences (faults and privileged state at CPL 3,
+    /// tests/common/difftest_system.rs) instead of the integer ones.
+    #[arg(long)]
+    system: bool,
 }
 
 fn main() -> ExitCode {
@@ -64,19 +69,21 @@ fn main() -> ExitCode {
     };
     let start = std::time::Instant::now();
     let every = args.every.max(1);
-    let result = difftest::run(
-        &opts,
-        |report| println!("{report}"),
-        |n, d| {
-            if n % every == 0 {
-                let secs = start.elapsed().as_secs_f64();
-                eprintln!(
-                    "difftest: {n} sequences, {d} divergences, {secs:.0} s ({:.0}/s)",
-                    n as f64 / secs
-                );
-            }
-        },
-    );
+    let report = |report: &str| println!("{report}");
+    let progress = |n: u64, d: u64| {
+        if n.is_multiple_of(every) {
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "difftest: {n} sequences, {d} divergences, {secs:.0} s ({:.0}/s)",
+                n as f64 / secs
+            );
+        }
+    };
+    let result = if args.system {
+        difftest::run_system(&opts, report, progress)
+    } else {
+        difftest::run(&opts, report, progress)
+    };
     match result {
         Ok(s) => {
             println!(

@@ -231,7 +231,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
         ram: layout.size,
         e820: layout.e820(),
         kernel: Some((image, loaded.kernel, loaded.cpu.regs.rip)),
-        cmdline: Some((loaded.cmdline.clone(), abi::BOOT_CMDLINE)),
+        cmdline: Some((loaded.cmdline.clone(), loaded.cmdline_addr)),
         initrd: initrd
             .map(|(data, _)| data)
             .zip(loaded.initrd)

@@ -399,20 +399,24 @@ fn timeout_stops_a_guest_that_exits_forever() {
 /// byte of the module, then exits through isa-debug-exit with the info flags' low
 /// byte.
 fn multiboot_kernel() -> Vec<u8> {
-    const BASE: u32 = 0x10_0000;
+    multiboot_kernel_at(0x10_0000, 0x10_2000)
+}
+
+/// [`multiboot_kernel`] loaded at `base`, its BSS up to `bss_end`.
+fn multiboot_kernel_at(base: u32, bss_end: u32) -> Vec<u8> {
     const FLAGS: u32 = (1 << 16) | 2;
     let header: [u32; 8] = [
         0x1bad_b002,
         FLAGS,
         0u32.wrapping_sub(0x1bad_b002u32.wrapping_add(FLAGS)),
-        BASE,
-        BASE,
+        base,
+        base,
         0,
-        BASE + 0x2000,
-        BASE + 32,
+        bss_end,
+        base + 32,
     ];
     let mut k: Vec<u8> = header.iter().flat_map(|w| w.to_le_bytes()).collect();
-    let code = asm(32, BASE as u64 + 32, |a| {
+    let code = asm(32, base as u64 + 32, |a| {
         let mut hex = a.create_label();
         let mut str_lp = a.create_label();
         let mut str_done = a.create_label();
@@ -1403,6 +1407,30 @@ fn sigterm_presses_the_power_button() {
     );
 }
 
+/// The engines that start Multiboot kernels, here.
+fn multiboot_engines() -> Vec<&'static str> {
+    ["kvm", "emu", "bt", "vmx"]
+        .into_iter()
+        .filter(|&e| e != "kvm" || kvm_here())
+        .collect()
+}
+
+/// `visor run KERNEL --engine ENGINE --mem 64M --timeout 20` and `extra`.
+fn run_multiboot(kernel: &Path, engine: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        s(kernel),
+        "--engine",
+        engine,
+        "--mem",
+        "64M",
+        "--timeout",
+        "20",
+    ];
+    args.extend_from_slice(extra);
+    visor(&args)
+}
+
 /// The fw_cfg kernel prints the same line on every engine that starts a
 /// Multiboot kernel and powers off (status 0): `vmx` through "unrestricted
 /// guest", `trap` deprivileged on the identity shadow of paging off. `pv`,
@@ -1445,6 +1473,44 @@ fn multiboot_fw_cfg_on_every_engine() {
         err.contains("long mode") && err.contains("run it on engine kvm, emu, vmx, trap, bt"),
         "{err}"
     );
+}
+
+/// A Multiboot kernel loaded at 0x500 with its BSS up to 0x30000, over
+/// the usual places of visor's boot GDT, Multiboot information and command
+/// line: they move out of its way, and it boots and prints the same
+/// information on every engine that starts Multiboot kernels.
+#[test]
+fn multiboot_below_1mib_on_every_engine() {
+    let (_d, p) = tmp("low.bin", &multiboot_kernel_at(0x500, 0x3_0000));
+    let (_d2, m) = tmp("module.bin", b"Zmodule");
+    for engine in multiboot_engines() {
+        let o = run_multiboot(&p, engine, &["--cmdline", "low=1", "--initrd", s(&m)]);
+        assert_eq!(
+            o.status.code(),
+            Some((0x4d << 1) | 1),
+            "{engine}: {}",
+            stderr(&o)
+        );
+        let expected = format!(
+            "2badb002 00000280 {:08x} 00000001 0000005a {} low=1\n",
+            (64 << 10) - 1024,
+            s(&p)
+        );
+        assert_eq!(stdout(&o), expected, "{engine}");
+    }
+}
+
+/// A Multiboot kernel over what no kernel may use (the IVT and BIOS data
+/// area, the EBDA/VGA/BIOS hole) gets one clear error and status 2.
+#[test]
+fn multiboot_over_forbidden_memory() {
+    for (base, end, what) in [(0u32, 0x2000u32, "IVT"), (0x9_0000, 0xa_8000, "VGA memory")] {
+        let (_d, p) = tmp("bad.bin", &multiboot_kernel_at(base, end));
+        let o = visor(&["run", s(&p), "--engine", "emu"]);
+        assert_error(&o, "overlaps");
+        assert_error(&o, what);
+        assert!(stdout(&o).is_empty());
+    }
 }
 
 /// The Multiboot information a kernel finds, on every engine that starts

@@ -959,11 +959,12 @@ on_engines!(
     dr0_execute_breakpoint,
     dr1_write_watchpoint,
 );
-// (Engine `trap` emulates MOV SS and IRETQ of its deprivileged kernel
-// without the single-step trap they owe.)
+// (Engine `trap` emulates MOV SS, IRETQ, CLI and MOV CRn of its
+// deprivileged kernel: each owes the single-step trap the CPU gives.)
 on_engines!(
-    [emu, vmx, bt]:
+    [emu, trap, vmx, bt]:
     single_step_across_mov_ss,
+    single_step_across_emulated_instructions,
 );
 
 /// A #DB handler at [`CATCH`]: R12 counts, R13 = the RIP pushed, R14 = DR6,
@@ -1045,31 +1046,29 @@ fn dr1_write_watchpoint(engine: Engine) {
     assert_eq!(r.r8, 0x5a5a);
 }
 
-/// TF single-step: a #DB (DR6.BS) after each instruction that starts with
-/// TF set; POPF setting TF traps only after the next instruction; MOV SS
-/// delays the trap by one instruction (SDM vol. 3 6.8.3, 18.3.1.4).
-fn single_step_across_mov_ss(engine: Engine) {
+/// Runs `body` (given the assembler and one label per step, which it
+/// sets) with TF set from its start, under a #DB handler that logs the RIP
+/// of each trap at DATA and keeps every register but R8, R9, R12 (the
+/// count) and R14 (DR6). Returns the label addresses, the log and the
+/// final registers.
+fn single_step_run(
+    engine: Engine,
+    steps: usize,
+    body: impl Fn(&mut CodeAssembler, usize, &[CodeLabel]) -> Result<(), IcedError>,
+) -> (Vec<u64>, Vec<u64>, vcpu::Regs) {
     const LOG: u64 = DATA;
-    let mut marks = Vec::new();
     let mut a = CodeAssembler::new(64).unwrap();
-    let mut labels: Vec<CodeLabel> = (0..8).map(|_| a.create_label()).collect();
+    let mut labels: Vec<CodeLabel> = (0..steps).map(|_| a.create_label()).collect();
     a.xor(r12d, r12d).unwrap();
-    a.mov(dx, ss).unwrap();
+    a.mov(edx, abi::SEL_DATA as u32).unwrap(); // (trap: MOV from SS would read RPL 1)
     a.pushfq().unwrap();
     a.or(qword_ptr(rsp), 0x100).unwrap();
-    a.popfq().unwrap(); // TF from now on
-    for (k, l) in labels.iter_mut().enumerate() {
-        a.set_label(l).unwrap();
-        match k {
-            0 => a.nop().unwrap(),
-            1 => a.mov(ss, dx).unwrap(),
-            2 => a.nop().unwrap(),
-            3 => a.pushfq().unwrap(),
-            4 => a.and(qword_ptr(rsp), !0x100).unwrap(),
-            5 => a.popfq().unwrap(),
-            6 => a.nop().unwrap(),
-            _ => a.hlt().unwrap(),
-        }
+    a.popfq().unwrap(); // TF from now on: no trap after this POPF
+    for k in 0..steps {
+        let mut l = labels[k];
+        a.set_label(&mut l).unwrap();
+        labels[k] = l;
+        body(&mut a, k, &labels).unwrap();
     }
     let res = a
         .assemble_options(
@@ -1077,19 +1076,16 @@ fn single_step_across_mov_ss(engine: Engine) {
             iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
         )
         .unwrap();
-    for l in &labels {
-        marks.push(res.label_ip(l).unwrap());
-    }
-    let main = res.inner.code_buffer;
-    let mut bytes = main.clone();
+    let marks: Vec<u64> = labels.iter().map(|l| res.label_ip(l).unwrap()).collect();
+    let mut bytes = res.inner.code_buffer;
     bytes.resize((CATCH - CODE) as usize, 0xcc);
     let mut h = CodeAssembler::new(64).unwrap();
-    h.mov(rax, qword_ptr(rsp)).unwrap();
-    h.mov(rcx, LOG).unwrap();
-    h.mov(qword_ptr(rcx + r12 * 8), rax).unwrap();
+    h.mov(r8, qword_ptr(rsp)).unwrap();
+    h.mov(r9, LOG).unwrap();
+    h.mov(qword_ptr(r9 + r12 * 8), r8).unwrap();
     h.inc(r12).unwrap();
-    h.mov(rax, dr6).unwrap();
-    h.mov(r14, rax).unwrap();
+    h.mov(r8, dr6).unwrap();
+    h.mov(r14, r8).unwrap();
     h.iretq().unwrap();
     bytes.extend_from_slice(&h.assemble(CATCH).unwrap());
     let mut g = Guest::long_mode(engine, &bytes);
@@ -1099,6 +1095,23 @@ fn single_step_across_mov_ss(engine: Engine) {
     let log: Vec<u64> = (0..r.r12)
         .map(|k| g.vm.mem.read_obj(GuestAddress(LOG + 8 * k)).unwrap())
         .collect();
+    (marks, log, r)
+}
+
+/// TF single-step: a #DB (DR6.BS) after each instruction that starts with
+/// TF set; POPF setting TF traps only after the next instruction; MOV SS
+/// delays the trap by one instruction (SDM vol. 3 6.8.3, 18.3.1.4).
+fn single_step_across_mov_ss(engine: Engine) {
+    let (marks, log, r) = single_step_run(engine, 8, |a, k, _| match k {
+        0 => a.nop(),
+        1 => a.mov(ss, dx),
+        2 => a.nop(),
+        3 => a.pushfq(),
+        4 => a.and(qword_ptr(rsp), !0x100),
+        5 => a.popfq(),
+        6 => a.nop(),
+        _ => a.hlt(),
+    });
     // After nop (0), mov ss + nop together (1, 2), pushfq (3), and (4),
     // popfq (5, which clears TF but started with it).
     let want = [marks[1], marks[3], marks[4], marks[5], marks[6]];
@@ -1106,9 +1119,45 @@ fn single_step_across_mov_ss(engine: Engine) {
     assert_ne!(r.r14 & 0x4000, 0, "DR6.BS");
 }
 
+/// TF single-step across the instructions the `trap` engine emulates for
+/// its deprivileged kernel (MOV from CR0, CLI, MOV SS, IRETQ), the same on
+/// every engine: a #DB after each, MOV SS's delayed to after the next
+/// instruction (itself emulated), IRETQ's because TF was set when it
+/// started (SDM vol. 3 18.3.1.4); POPF clearing TF still traps.
+fn single_step_across_emulated_instructions(engine: Engine) {
+    let (marks, log, r) = single_step_run(engine, 17, |a, k, l| match k {
+        0 => a.mov(rax, cr0),
+        1 => a.cli(),
+        2 => a.mov(ss, dx),
+        // Emulated too on `trap`: MOV SS's trap and its own are one.
+        3 => a.mov(rbx, cr0),
+        // An IRETQ frame back to step 12 with TF set.
+        4 => a.mov(rcx, rsp),
+        5 => a.push(abi::SEL_DATA as i32),
+        6 => a.push(rcx),
+        7 => a.pushfq(),
+        8 => a.push(abi::SEL_CODE64 as i32),
+        9 => a.lea(rax, ptr(l[12])),
+        10 => a.push(rax),
+        11 => a.iretq(),
+        12 => a.pushfq(),
+        13 => a.and(qword_ptr(rsp), !0x100),
+        14 => a.popfq(),
+        15 => a.nop(),
+        _ => a.hlt(),
+    });
+    // A trap after every instruction from 0 to 14 (POPF, which clears TF,
+    // started with it), but none after MOV SS (2): its trap comes after
+    // the next instruction (3).
+    let want: Vec<u64> = (1..=15).filter(|&k| k != 3).map(|k| marks[k]).collect();
+    assert_eq!(log, want, "RIPs of the single-step traps");
+    assert_ne!(r.r14 & 0x4000, 0, "DR6.BS");
+    assert_eq!(r.rflags & 0x100, 0, "TF clear at the end");
+}
+
 // Real mode (SDM vol. 3 9.9, 20.1): engines whose CPU runs it.
 on_engines!(
-    [emu, bt]:
+    [emu, vmx, bt]:
     real_mode_round_trip,
     virtual_8086_mode,
 );
@@ -1125,6 +1174,7 @@ fn real_mode_round_trip(engine: Engine) {
     const REAL: u64 = 0x7100;
     const HANDLER: u64 = 0x7200;
     const STACK16: u64 = 0x6800;
+    const SCRATCH: u64 = 0x6200;
     const PM32: u64 = CODE + 0x100;
     let far = |prefix: &[u8], off: u32, width: usize, sel: u16| {
         let mut b = prefix.to_vec();
@@ -1170,6 +1220,19 @@ fn real_mode_round_trip(engine: Engine) {
     a.mov(ss, ax).unwrap();
     a.mov(sp, STACK16 as i32).unwrap();
     a.lidt(ptr(IVTR)).unwrap();
+    // Port I/O, a string OUTS with 16-bit addressing and CPUID in real
+    // mode: VM exits and entries with real-mode guest state on `vmx`.
+    a.in_(al, PORT_BASE as u32 + 1).unwrap();
+    a.mov(byte_ptr(SCRATCH), al).unwrap();
+    a.mov(al, 0x42).unwrap();
+    a.out(PORT_BASE as u32, al).unwrap();
+    a.mov(si, SCRATCH as u32 + 8).unwrap();
+    a.mov(cx, 2).unwrap();
+    a.mov(dx, PORT_BASE as u32 + 2).unwrap();
+    a.rep().outsb().unwrap();
+    a.xor(eax, eax).unwrap();
+    a.cpuid().unwrap();
+    a.mov(dword_ptr(SCRATCH + 4), ebx).unwrap();
     a.xor(bx, bx).unwrap();
     a.int(0x50).unwrap();
     a.mov(si, bx).unwrap();
@@ -1193,6 +1256,8 @@ fn real_mode_round_trip(engine: Engine) {
     m.write_slice(&pm16, GuestAddress(PM16)).unwrap();
     m.write_slice(&real, GuestAddress(REAL)).unwrap();
     m.write_slice(&handler, GuestAddress(HANDLER)).unwrap();
+    m.write_slice(&[0x5a, 0xa5], GuestAddress(SCRATCH + 8))
+        .unwrap();
     let gdt: [u64; 5] = [
         0,
         0x00cf_9a00_0000_ffff, // 32-bit code
@@ -1229,6 +1294,16 @@ fn real_mode_round_trip(engine: Engine) {
     assert_eq!(s.cs.selector, 0x08);
     assert!(s.cs.db, "32-bit code");
     assert_eq!(r.rip, pm32_end, "HLT in the 32-bit segment");
+    let rd = |a: u64| g.vm.mem.read_obj::<u32>(GuestAddress(a)).unwrap();
+    assert_eq!(rd(SCRATCH) as u8, 0xa1, "IN in real mode");
+    assert_eq!(rd(SCRATCH + 4), u32::from_le_bytes(*b"Genu"), "CPUID");
+    let p = g.ports.lock().unwrap();
+    assert_eq!(p.reads, vec![(1, 1)]);
+    assert_eq!(
+        p.writes,
+        vec![(0, vec![0x42]), (2, vec![0x5a]), (2, vec![0xa5])],
+        "OUT and REP OUTSB in real mode"
+    );
 }
 
 /// Virtual-8086 mode under a 32-bit monitor (SDM vol. 3 ch. 20): IRETD to
@@ -1263,7 +1338,11 @@ fn virtual_8086_mode(engine: Engine) {
     h.hlt().unwrap();
     main.extend(h.assemble(GP).unwrap());
     let mut a = CodeAssembler::new(16).unwrap();
-    a.mov(ax, word_ptr(0x10)).unwrap();
+    // CPUID: on `vmx` a VM exit and an entry in virtual-8086 mode.
+    a.xor(eax, eax).unwrap();
+    a.cpuid().unwrap();
+    a.mov(dword_ptr(0x84), ebx).unwrap();
+    a.mov(ax, word_ptr(0x80)).unwrap();
     a.mov(bx, ax).unwrap();
     a.int(0x21).unwrap();
     a.mov(si, 0x5555).unwrap();
@@ -1277,7 +1356,7 @@ fn virtual_8086_mode(engine: Engine) {
     let m = &vm.mem;
     m.write_slice(&main, GuestAddress(CODE)).unwrap();
     m.write_slice(&v86, GuestAddress(V86)).unwrap();
-    m.write_obj(0xbeefu16, GuestAddress(V86 + 0x10)).unwrap();
+    m.write_obj(0xbeefu16, GuestAddress(V86 + 0x80)).unwrap();
     // The TSS (at 0): ESP0, SS0.
     m.write_obj(0x9000u32, GuestAddress(sregs.tr.base + 4))
         .unwrap();
@@ -1305,7 +1384,9 @@ fn virtual_8086_mode(engine: Engine) {
     let mut g = Guest::finish(vm, engine);
     assert_halted(&g.run());
     let r = g.regs();
-    assert_eq!(r.rbx & 0xffff, 0xbeef, "DS 0x700 reaches 0x7010");
+    assert_eq!(r.rbx & 0xffff, 0xbeef, "DS 0x700 reaches 0x7080");
+    let vendor = g.vm.mem.read_obj::<u32>(GuestAddress(V86 + 0x84)).unwrap();
+    assert_eq!(vendor, u32::from_le_bytes(*b"Genu"), "CPUID");
     assert_eq!(r.rcx & 0x23000, 0x23000, "EFLAGS pushed with VM and IOPL 3");
     assert_eq!(r.rdx, 0x700, "DS pushed above the frame");
     assert_eq!(r.rdi & 0xffff, 0, "DS nulled in the handler");

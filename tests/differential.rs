@@ -16,6 +16,26 @@ const SEQUENCES: u64 = 10_000;
 
 /// Runs the sequences on `subject` against `oracle`; none may diverge.
 fn differential(oracle: Engine, subject: Engine) {
+    differential_with(oracle, subject, "integer", integer)
+}
+
+fn integer(
+    opts: &difftest::Options,
+    d: &mut dyn FnMut(&str),
+    p: &mut dyn FnMut(u64, u64),
+) -> Result<difftest::Summary, String> {
+    difftest::run(opts, d, p)
+}
+
+/// A kind of run: `difftest::run` or `difftest::run_system`.
+type Runs = fn(
+    &difftest::Options,
+    &mut dyn FnMut(&str),
+    &mut dyn FnMut(u64, u64),
+) -> Result<difftest::Summary, String>;
+
+/// A run of the integer or the system sequences (`run`).
+fn differential_with(oracle: Engine, subject: Engine, kind: &str, run: Runs) {
     let seed = std::env::var("VISOR_DIFF_SEED")
         .map(|s| difftest::parse_seed(&s).expect("VISOR_DIFF_SEED"))
         .unwrap_or(difftest::DEFAULT_SEED);
@@ -31,14 +51,14 @@ fn differential(oracle: Engine, subject: Engine) {
         keep_going: false,
     };
     let mut report = None;
-    let s = difftest::run(&opts, |r| report = Some(r.to_string()), |_, _| {})
+    let s = run(&opts, &mut |r| report = Some(r.to_string()), &mut |_, _| {})
         .unwrap_or_else(|e| panic!("differential run: {e}"));
     if let Some(r) = report {
         panic!("{r}");
     }
     assert_eq!((s.sequences, s.divergences), (count, 0));
     eprintln!(
-        "differential {oracle} vs {subject}: {} sequences, seed {seed:#x}, {:.2?}",
+        "differential ({kind}) {oracle} vs {subject}: {} sequences, seed {seed:#x}, {:.2?}",
         s.sequences, s.elapsed
     );
 }
@@ -64,4 +84,37 @@ fn kvm_vs_bt() {
 #[test]
 fn emu_vs_bt() {
     differential(Engine::Emu, Engine::Bt);
+}
+
+/// The system-level sequences (tests/common/difftest_system.rs): faults
+/// and privileged state at CPL 3, the software CPU against the hardware.
+#[test]
+fn kvm_vs_emu_system() {
+    if engines::available(Engine::Kvm) {
+        differential_with(Engine::Kvm, Engine::Emu, "system", system);
+    }
+}
+
+/// The system-level sequences on the binary translator, against the
+/// hardware.
+#[test]
+fn kvm_vs_bt_system() {
+    if engines::available(Engine::Kvm) {
+        differential_with(Engine::Kvm, Engine::Bt, "system", system);
+    }
+}
+
+/// The system-level sequences on the binary translator against the
+/// software CPU, RDTSCP and RDPID included (runs on every host).
+#[test]
+fn emu_vs_bt_system() {
+    differential_with(Engine::Emu, Engine::Bt, "system", system);
+}
+
+fn system(
+    opts: &difftest::Options,
+    d: &mut dyn FnMut(&str),
+    p: &mut dyn FnMut(u64, u64),
+) -> Result<difftest::Summary, String> {
+    difftest::run_system(opts, d, p)
 }

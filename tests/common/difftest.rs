@@ -27,7 +27,8 @@
 //! the U bit) with IOPL 3 in RFLAGS. A ring-0 `iretq` stub is not used: on PVM
 //! hosts guest ring 0 runs in KVM's instruction emulator, which cannot carry out
 //! a 64-bit IRET (the stub triple-faulted). The sequence ends with `out 0x80, al`,
-//! legal at CPL 3 with IOPL 3, which exits as port I/O on both engines; the
+//! legal at CPL 3 with IOPL 3 and by the TSS I/O bitmap (which is what PVM
+//! checks), which exits as port I/O on both engines; the
 //! port's device stops the VMM loop. One VM per engine is reused for all
 //! sequences: registers, segment state, code and the scratch memory are reset
 //! before each. RFLAGS.IOPL is not compared (no sequence can change it, and PVM
@@ -54,6 +55,10 @@ use vcpu::{Regs, SRegs};
 use visor::{Engine, Outcome, Stats, Vm, VmOptions};
 use vm_memory::{Bytes, GuestAddress};
 
+#[path = "difftest_system.rs"]
+mod system;
+pub use system::run_system;
+
 const GDT: u64 = 0x600;
 const CODE: u64 = 0x40_0000;
 const SCRATCH: u64 = 0x60_0000;
@@ -65,6 +70,8 @@ const SEL_UDATA: u16 = 0x2b;
 const SEL_UCODE: u16 = 0x33;
 
 const ALL_BUT_AF: u64 = CF | PF | ZF | SF | OF;
+/// RFLAGS bit 1, always set.
+const FIXED_FLAGS: u64 = 2;
 
 /// The seed of the test's sequences.
 pub const DEFAULT_SEED: u64 = 0x5eed_d1ff_0000_0001;
@@ -822,6 +829,7 @@ impl Runner {
         vm.pio
             .insert(PORT as u64, 1, Arc::new(Mutex::new(StopPort)))
             .map_err(|e| e.to_string())?;
+        system::install(&mut vm, &mut sregs)?;
         Ok(Runner {
             engine,
             vm,
@@ -904,11 +912,41 @@ pub fn parse_seed(s: &str) -> Result<u64, String> {
 /// Errors are set-up failures (an engine cannot create the VM).
 pub fn run(
     opts: &Options,
-    mut divergence: impl FnMut(&str),
-    mut progress: impl FnMut(u64, u64),
+    divergence: impl FnMut(&str),
+    progress: impl FnMut(u64, u64),
 ) -> Result<Summary, String> {
     let seed = opts.seed;
-    let mut rng = Rng(seed);
+    drive(opts, seed, divergence, progress, |rng, hw, sw, scratch| {
+        let (code, defined) = generate(rng);
+        let init = random_regs(rng);
+        fill_scratch(rng, scratch);
+        let (what, detail) = compare(hw, sw, &code, defined, &init, scratch)?;
+        Some(format!(
+            "divergence (seed {seed:#x}; rerun with VISOR_DIFF_SEED={seed:#x}): {what}\n\
+             code:\n{}initial:\n{init}\n{detail}",
+            disassemble(&code)
+        ))
+    })
+}
+
+/// Random scratch memory.
+fn fill_scratch(rng: &mut Rng, scratch: &mut [u8]) {
+    for chunk in scratch.chunks_mut(8) {
+        chunk.copy_from_slice(&rng.value().to_le_bytes());
+    }
+}
+
+/// The loop of a run: `one` generates sequence after sequence from the
+/// random numbers of `rng_seed`, runs each on the oracle's and the
+/// subject's runner and reports its divergence, if any.
+fn drive(
+    opts: &Options,
+    rng_seed: u64,
+    mut divergence: impl FnMut(&str),
+    mut progress: impl FnMut(u64, u64),
+    mut one: impl FnMut(&mut Rng, &mut Runner, &mut Runner, &mut [u8]) -> Option<String>,
+) -> Result<Summary, String> {
+    let mut rng = Rng(rng_seed);
     let mut hw = Runner::new(opts.oracle)?;
     let mut sw = Runner::new(opts.subject)?;
     let start = Instant::now();
@@ -916,44 +954,10 @@ pub fn run(
     let mut divergences = 0;
     let mut n = 0;
     while n < opts.count {
-        let (code, defined) = generate(&mut rng);
-        let mut v = [0u64; 16];
-        for x in v.iter_mut() {
-            *x = rng.value();
-        }
-        let init = Regs {
-            rax: v[0],
-            rcx: v[1],
-            rdx: v[2],
-            rbx: v[3],
-            rsp: USTACK,
-            rbp: v[5],
-            rsi: v[6],
-            rdi: v[7],
-            r8: v[8],
-            r9: v[9],
-            r10: v[10],
-            r11: v[11],
-            r12: v[12],
-            r13: v[13],
-            r14: v[14],
-            r15: SCRATCH,
-            rip: CODE,
-            // IOPL 3, IF, reserved bit 1, random arithmetic flags.
-            rflags: 0x3202 | (rng.next() & ARITH),
-        };
-        for chunk in scratch.chunks_mut(8) {
-            chunk.copy_from_slice(&rng.value().to_le_bytes());
-        }
         n += 1;
-        if let Some((what, detail)) = compare(&mut hw, &mut sw, &code, defined, &init, &scratch) {
+        if let Some(report) = one(&mut rng, &mut hw, &mut sw, &mut scratch) {
             divergences += 1;
-            divergence(&format!(
-                "divergence in sequence {} (seed {seed:#x}; rerun with VISOR_DIFF_SEED={seed:#x}): {what}\n\
-                 code:\n{}initial:\n{init}\n{detail}",
-                n - 1,
-                disassemble(&code)
-            ));
+            divergence(&format!("sequence {}: {report}", n - 1));
             if !opts.keep_going {
                 break;
             }
@@ -965,6 +969,35 @@ pub fn run(
         divergences,
         elapsed: start.elapsed(),
     })
+}
+
+/// Random initial registers: RSP the user stack, R15 the scratch base, RIP
+/// the code; IOPL 3, IF, reserved bit 1 and random arithmetic flags.
+fn random_regs(rng: &mut Rng) -> Regs {
+    let mut v = [0u64; 16];
+    for x in v.iter_mut() {
+        *x = rng.value();
+    }
+    Regs {
+        rax: v[0],
+        rcx: v[1],
+        rdx: v[2],
+        rbx: v[3],
+        rsp: USTACK,
+        rbp: v[5],
+        rsi: v[6],
+        rdi: v[7],
+        r8: v[8],
+        r9: v[9],
+        r10: v[10],
+        r11: v[11],
+        r12: v[12],
+        r13: v[13],
+        r14: v[14],
+        r15: SCRATCH,
+        rip: CODE,
+        rflags: IOPL | 0x200 | FIXED_FLAGS | (rng.next() & ARITH),
+    }
 }
 
 /// Runs one sequence on both engines: what differs and the details, if anything.

@@ -387,6 +387,7 @@ impl TrapVcpu {
     /// Emulates a faulting privileged instruction. `None` if it is not one
     /// (the #GP is the guest's own and is reflected); else the exit, if any.
     fn emulate(&mut self, i: &Instruction) -> Option<Option<VcpuExit<'static>>> {
+        let tf = self.g.cpu.rflags & rflags::TF != 0;
         let r = match self.emulate_insn(i) {
             Ok(Some(d)) => d,
             Ok(None) => return None,
@@ -396,13 +397,25 @@ impl TrapVcpu {
         *self.c.traps.entry(trap_name(i)).or_default() += 1;
         match r {
             Done::Next => self.g.cpu.rip = i.next_ip(),
-            Done::Rerun => self.g.cpu.grant_privilege_once(),
+            // The CPU runs it again, single-step trap and all.
+            Done::Rerun => {
+                self.g.cpu.grant_privilege_once();
+                return Some(None);
+            }
             Done::Jumped => {}
             Done::Halt => {
                 self.g.cpu.rip = i.next_ip();
-                self.halted = true;
+                // With TF, the single-step #DB after HLT wakes it at once
+                // (as the software CPU delivers it).
+                self.halted = !tf;
             }
         }
+        // The single-step trap the instruction owes, as if the CPU had run
+        // it; MOV SS and POP SS delay it by one instruction.
+        let loads_ss = matches!(i.mnemonic(), M::Mov | M::Pop)
+            && i.op0_kind() == OpKind::Register
+            && i.op0_register() == iced_x86::Register::SS;
+        self.g.cpu.emulated_instruction_done(tf, loads_ss);
         Some(None)
     }
 

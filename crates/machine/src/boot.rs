@@ -19,6 +19,14 @@ pub struct CpuState {
 /// Writes the boot GDT: null, 32-bit code (0x08), 64-bit code (0x10), flat data
 /// (0x18) and a 64-bit TSS (0x20, 16 bytes).
 pub fn write_gdt(mem: &GuestMemory) -> Result<DescriptorTable, vm_memory::GuestMemoryError> {
+    write_gdt_at(mem, BOOT_GDT)
+}
+
+/// [`write_gdt`] at guest-physical `base`.
+pub fn write_gdt_at(
+    mem: &GuestMemory,
+    base: u64,
+) -> Result<DescriptorTable, vm_memory::GuestMemoryError> {
     let entries: [u64; 6] = [
         0,
         gdt_entry(0xc09b, 0, 0xfffff),
@@ -28,10 +36,10 @@ pub fn write_gdt(mem: &GuestMemory) -> Result<DescriptorTable, vm_memory::GuestM
         0,
     ];
     for (i, e) in entries.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(BOOT_GDT + 8 * i as u64))?;
+        mem.write_obj(*e, GuestAddress(base + 8 * i as u64))?;
     }
     Ok(DescriptorTable {
-        base: BOOT_GDT,
+        base,
         limit: (entries.len() * 8 - 1) as u16,
     })
 }
@@ -88,7 +96,15 @@ pub fn long_mode(mem: &GuestMemory) -> Result<SRegs, vm_memory::GuestMemoryError
 
 /// 32-bit protected mode, paging off, flat segments (the Multiboot entry state).
 pub fn protected_mode(mem: &GuestMemory) -> Result<SRegs, vm_memory::GuestMemoryError> {
-    let gdt = write_gdt(mem)?;
+    protected_mode_at(mem, BOOT_GDT)
+}
+
+/// [`protected_mode`] with the boot GDT at guest-physical `gdt`.
+pub fn protected_mode_at(
+    mem: &GuestMemory,
+    gdt: u64,
+) -> Result<SRegs, vm_memory::GuestMemoryError> {
+    let gdt = write_gdt_at(mem, gdt)?;
     let data = Segment::flat(SEL_DATA, false, false, true);
     let mut tr = Segment::tss(SEL_TSS, 0, 0x67);
     tr.type_ = 0xb; // busy 32-bit TSS

@@ -48,6 +48,14 @@ pub enum LoadError {
     KernelTooLarge { need: u64, have: u64 },
     #[error("kernel segment at {addr:#x} overlaps visor's boot area below 1 MiB")]
     KernelTooLow { addr: u64 },
+    #[error("kernel segment {start:#x}..{end:#x} overlaps {what}: a Multiboot kernel may use [0x500, 0x9fc00) and RAM from 1 MiB")]
+    KernelOverlaps {
+        start: u64,
+        end: u64,
+        what: &'static str,
+    },
+    #[error("no room in guest RAM for visor's Multiboot boot structures ({size} bytes) beside the kernel: raise --mem")]
+    NoRoomForBootData { size: u64 },
     #[error("initrd of {size} bytes does not fit in guest memory between the kernel end ({kernel_end:#x}) and {limit:#x}: raise --mem")]
     InitrdTooLarge {
         size: u64,
@@ -80,8 +88,9 @@ pub struct Loaded {
     pub cpu: CpuState,
     /// Guest-physical [start, end) of the loaded kernel image.
     pub kernel: (u64, u64),
-    /// Command line the kernel received.
+    /// Command line the kernel received, and its guest-physical address.
     pub cmdline: String,
+    pub cmdline_addr: u64,
     /// Guest-physical address and length of the initrd (Multiboot: the
     /// module), if there is one.
     pub initrd: Option<(u64, u64)>,
@@ -143,7 +152,7 @@ fn le64(b: &[u8], off: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
 }
 
-fn write_cmdline(mem: &GuestMemory, cmdline: &str, max: usize) -> Result<(), LoadError> {
+fn write_cmdline(mem: &GuestMemory, at: u64, cmdline: &str, max: usize) -> Result<(), LoadError> {
     let max = max.min(BOOT_CMDLINE_MAX - 1);
     if cmdline.len() > max {
         return Err(LoadError::CmdlineTooLong {
@@ -151,8 +160,8 @@ fn write_cmdline(mem: &GuestMemory, cmdline: &str, max: usize) -> Result<(), Loa
             max,
         });
     }
-    mem.write_slice(cmdline.as_bytes(), GuestAddress(BOOT_CMDLINE))?;
-    mem.write_obj(0u8, GuestAddress(BOOT_CMDLINE + cmdline.len() as u64))?;
+    mem.write_slice(cmdline.as_bytes(), GuestAddress(at))?;
+    mem.write_obj(0u8, GuestAddress(at + cmdline.len() as u64))?;
     Ok(())
 }
 
@@ -282,7 +291,14 @@ fn elf_segments(image: &[u8], class64: bool) -> Result<(u64, Vec<Segment>), Load
     Ok((entry, segs))
 }
 
-fn segments_range(layout: &MemoryLayout, segs: &[Segment]) -> Result<(u64, u64), LoadError> {
+/// The lowest and highest physical addresses of `segs`, each checked by
+/// `check` (start, end); `ranges` gets each segment's [start, end).
+fn segments_range(
+    layout: &MemoryLayout,
+    segs: &[Segment],
+    check: fn(&MemoryLayout, u64, u64) -> Result<(), LoadError>,
+    ranges: &mut Vec<(u64, u64)>,
+) -> Result<(u64, u64), LoadError> {
     let mut lo = u64::MAX;
     let mut hi = 0;
     for s in segs {
@@ -293,7 +309,8 @@ fn segments_range(layout: &MemoryLayout, segs: &[Segment]) -> Result<(u64, u64),
                 need: u64::MAX,
                 have: layout.low_end(),
             })?;
-        check_fits(layout, s.paddr, end)?;
+        check(layout, s.paddr, end)?;
+        ranges.push((s.paddr, end));
         lo = lo.min(s.paddr);
         hi = hi.max(end);
     }
@@ -308,7 +325,7 @@ fn load_elf64_segments(
     image: &[u8],
 ) -> Result<(u64, u64, u64), LoadError> {
     let (entry, segs) = elf_segments(image, true)?;
-    let (lo, hi) = segments_range(layout, &segs)?;
+    let (lo, hi) = segments_range(layout, &segs, check_fits, &mut Vec::new())?;
     if !(lo..hi).contains(&entry) {
         return Err(LoadError::InvalidElf(format!(
             "entry point {entry:#x} is outside the loaded segments {lo:#x}..{hi:#x}"
@@ -344,7 +361,7 @@ fn load_elf64(
     let (entry, lo, hi) = load_elf64_segments(mem, layout, image)?;
 
     let cmdline = opts.cmdline.unwrap_or("").to_string();
-    write_cmdline(mem, &cmdline, BOOT_CMDLINE_MAX)?;
+    write_cmdline(mem, BOOT_CMDLINE, &cmdline, BOOT_CMDLINE_MAX)?;
     let (initrd_addr, initrd_len) = match &opts.initrd {
         Some(i) => (
             place_high(mem, i.data, hi, layout.low_end().min(BOOT_IDENTITY_MAPPED))?,
@@ -391,6 +408,7 @@ fn load_elf64(
         cpu: CpuState { regs, sregs },
         kernel: (lo, hi),
         cmdline,
+        cmdline_addr: BOOT_CMDLINE,
         initrd: opts.initrd.as_ref().map(|_| (initrd_addr, initrd_len)),
     })
 }
@@ -416,6 +434,8 @@ fn load_multiboot(
     let hdr = find_multiboot_header(image).ok_or(LoadError::UnknownFormat(image.len()))?;
     let flags = le32(image, hdr + 4).unwrap_or(0);
     let bad = |m: String| LoadError::InvalidMultiboot(m);
+    // Guest-physical ranges the kernel occupies (one per ELF segment).
+    let mut kernel: Vec<(u64, u64)> = Vec::new();
     let (entry, lo, hi) = if flags & (1 << 16) != 0 {
         // a.out kludge: the header gives the load addresses.
         let f = |i: usize| {
@@ -454,7 +474,7 @@ fn load_multiboot(
         } else {
             bss_end.max(load_addr + load_len)
         };
-        check_fits(layout, load_addr, end)?;
+        multiboot_range(layout, load_addr, end)?;
         if !(load_addr..end).contains(&entry) {
             return Err(bad(format!("entry {entry:#x} lies outside the image")));
         }
@@ -473,7 +493,7 @@ fn load_multiboot(
             return Err(bad("ELF32 file is not for i386".into()));
         }
         let (entry, segs) = elf_segments(image, false)?;
-        let (lo, hi) = segments_range(layout, &segs)?;
+        let (lo, hi) = segments_range(layout, &segs, multiboot_range, &mut kernel)?;
         for s in &segs {
             mem.write_slice(
                 &image[s.offset as usize..(s.offset + s.filesz) as usize],
@@ -482,17 +502,26 @@ fn load_multiboot(
         }
         (entry, lo, hi)
     };
+    if kernel.is_empty() {
+        kernel.push((lo, hi));
+    }
 
-    // The Multiboot information structure.
-    let mbi = MULTIBOOT_INFO;
-    let mmap = mbi + 0x100;
-    let mods = mbi + 0x400;
-    let strings = mbi + 0x500;
+    // visor's boot structures go where the kernel is not: at their usual
+    // addresses, else moved to the lowest free room.
     let cmdline = match opts.cmdline {
         Some(c) if !c.is_empty() => format!("{} {}", opts.kernel_name, c),
         _ => opts.kernel_name.to_string(),
     };
-    write_cmdline(mem, &cmdline, BOOT_CMDLINE_MAX)?;
+    let mut room = BootRoom::new(layout, &kernel);
+    let gdt = room.take(BOOT_GDT, BOOT_GDT_SIZE)?;
+    // The information structure, its memory map, module list and strings.
+    let mbi = room.take(MULTIBOOT_INFO, 0x600)?;
+    let cmdline_len = cmdline.len().min(BOOT_CMDLINE_MAX) as u64 + 1;
+    let cmdline_addr = room.take(BOOT_CMDLINE, cmdline_len)?;
+    let mmap = mbi + 0x100;
+    let mods = mbi + 0x400;
+    let strings = mbi + 0x500;
+    write_cmdline(mem, cmdline_addr, &cmdline, BOOT_CMDLINE_MAX)?;
     let loader_name = b"visor\0";
     mem.write_slice(loader_name, GuestAddress(strings))?;
     let mut mmap_len = 0u64;
@@ -508,7 +537,8 @@ fn load_multiboot(
     let mut mods_count = 0u32;
     let mut initrd = None;
     if let Some(m) = &opts.initrd {
-        let start = place_high(mem, m.data, hi, layout.low_end())?;
+        let above = room.end().max(hi).max(KERNEL_MIN_ADDR);
+        let start = place_high(mem, m.data, above, layout.low_end())?;
         initrd = Some((start, m.data.len() as u64));
         let name_addr = strings + 16;
         let name = m.name.as_bytes();
@@ -528,7 +558,7 @@ fn load_multiboot(
         (0, info_flags),
         (4, 640),
         (8, mem_upper as u32),
-        (16, BOOT_CMDLINE as u32),
+        (16, cmdline_addr as u32),
         (20, mods_count),
         (24, mods as u32),
         (44, mmap_len as u32),
@@ -539,7 +569,7 @@ fn load_multiboot(
     for (off, v) in fields {
         mem.write_obj(v, GuestAddress(mbi + off))?;
     }
-    let sregs = boot::protected_mode(mem)?;
+    let sregs = boot::protected_mode_at(mem, gdt)?;
     let regs = vcpu::Regs {
         rip: entry,
         rax: MB_BOOT_MAGIC,
@@ -552,8 +582,92 @@ fn load_multiboot(
         cpu: CpuState { regs, sregs },
         kernel: (lo, hi),
         cmdline,
+        cmdline_addr,
         initrd,
     })
+}
+
+/// What a Multiboot kernel may not occupy below 1 MiB, as on a PC: (start,
+/// end, what). Everything else below the end of low RAM is its to use.
+const MULTIBOOT_FORBIDDEN: [(u64, u64, &str); 2] = [
+    (0, 0x500, "the real-mode IVT and BIOS data area"),
+    (
+        0x9_fc00,
+        0x10_0000,
+        "the EBDA, VGA memory and BIOS area (visor's ACPI tables at 0xe0000)",
+    ),
+];
+
+/// Checks one range [start, end) a Multiboot kernel loads into.
+fn multiboot_range(layout: &MemoryLayout, start: u64, end: u64) -> Result<(), LoadError> {
+    if end > layout.low_end() {
+        return Err(LoadError::KernelTooLarge {
+            need: end,
+            have: layout.low_end(),
+        });
+    }
+    for (lo, hi, what) in MULTIBOOT_FORBIDDEN {
+        if start < hi && lo < end {
+            return Err(LoadError::KernelOverlaps { start, end, what });
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of the boot GDT (six descriptors).
+const BOOT_GDT_SIZE: u64 = 0x30;
+
+/// Free guest RAM for visor's Multiboot boot structures: everything below
+/// the end of low RAM but the kernel's ranges, the ranges no kernel may
+/// use, and what was already taken.
+struct BootRoom {
+    used: Vec<(u64, u64)>,
+    limit: u64,
+    end: u64,
+}
+
+impl BootRoom {
+    fn new(layout: &MemoryLayout, kernel: &[(u64, u64)]) -> BootRoom {
+        let mut used: Vec<(u64, u64)> = MULTIBOOT_FORBIDDEN
+            .iter()
+            .map(|&(a, b, _)| (a, b))
+            .collect();
+        used.extend_from_slice(kernel);
+        BootRoom {
+            used,
+            limit: layout.low_end(),
+            end: 0,
+        }
+    }
+
+    fn free(&self, at: u64, size: u64) -> bool {
+        at.checked_add(size).is_some_and(|end| {
+            end <= self.limit && self.used.iter().all(|&(a, b)| end <= a || b <= at)
+        })
+    }
+
+    /// `size` bytes at `usual` if free there, else at the lowest free
+    /// 16-byte-aligned address (right after something in use).
+    fn take(&mut self, usual: u64, size: u64) -> Result<u64, LoadError> {
+        let mut starts: Vec<u64> = self
+            .used
+            .iter()
+            .map(|&(_, b)| b.next_multiple_of(16))
+            .collect();
+        starts.sort_unstable();
+        let at = std::iter::once(usual)
+            .chain(starts)
+            .find(|&a| self.free(a, size))
+            .ok_or(LoadError::NoRoomForBootData { size })?;
+        self.used.push((at, at + size));
+        self.end = self.end.max(at + size);
+        Ok(at)
+    }
+
+    /// One past the highest byte taken.
+    fn end(&self) -> u64 {
+        self.end
+    }
 }
 
 fn load_linux(
@@ -685,7 +799,7 @@ fn boot_linux(
         0 => 255,
         n => n as usize,
     };
-    write_cmdline(mem, &cmdline, max)?;
+    write_cmdline(mem, BOOT_CMDLINE, &cmdline, max)?;
 
     let mut params = boot_params::default();
     hdr.type_of_loader = 0xff;
@@ -725,11 +839,45 @@ fn boot_linux(
         cpu: CpuState { regs, sregs },
         kernel: (KERNEL_MIN_ADDR, kernel_end),
         cmdline,
+        cmdline_addr: BOOT_CMDLINE,
         initrd: opts
             .initrd
             .as_ref()
             .map(|i| ({ params.hdr.ramdisk_image } as u64, i.data.len() as u64)),
     })
+}
+
+/// A minimal Multiboot v1 ELF32 kernel image: the Multiboot header (no
+/// a.out kludge) and one PT_LOAD segment per `(paddr, bytes, memsz)`,
+/// entered at `entry`. Tiny guests (tests, examples) are built with it.
+pub fn multiboot_elf32_image(entry: u32, segments: &[(u32, &[u8], u32)]) -> Vec<u8> {
+    let phoff = 52usize;
+    let hdr_at = phoff + 32 * segments.len();
+    let mut f = vec![0u8; hdr_at];
+    f[..7].copy_from_slice(b"\x7fELF\x01\x01\x01");
+    f[16..18].copy_from_slice(&2u16.to_le_bytes());
+    f[18..20].copy_from_slice(&3u16.to_le_bytes());
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..28].copy_from_slice(&entry.to_le_bytes());
+    f[28..32].copy_from_slice(&(phoff as u32).to_le_bytes());
+    f[40..42].copy_from_slice(&52u16.to_le_bytes());
+    f[42..44].copy_from_slice(&32u16.to_le_bytes());
+    f[44..46].copy_from_slice(&(segments.len() as u16).to_le_bytes());
+    for w in [MB_MAGIC, 0, 0u32.wrapping_sub(MB_MAGIC)] {
+        f.extend_from_slice(&w.to_le_bytes());
+    }
+    for (k, (paddr, bytes, memsz)) in segments.iter().enumerate() {
+        let offset = f.len() as u32;
+        let ph = phoff + 32 * k;
+        for (i, v) in [1, offset, *paddr, *paddr, bytes.len() as u32, *memsz, 7, 16]
+            .iter()
+            .enumerate()
+        {
+            f[ph + 4 * i..ph + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(bytes);
+    }
+    f
 }
 
 /// A minimal ELF64 kernel image: one PT_LOAD segment holding `code` at physical
@@ -885,6 +1033,101 @@ mod tests {
         assert_eq!(start & 0xfff, 0);
         assert_eq!(m.read_obj::<u8>(GuestAddress(start)).unwrap(), 7);
         assert!(rd(44) >= 3 * 24);
+    }
+
+    /// A Multiboot kernel over the usual places of visor's GDT (0x500), the
+    /// information structure (0x9000) and the command line (0x20000): they
+    /// move out of its way, and the kernel's bytes stay as loaded.
+    #[test]
+    fn multiboot_below_1mib_moves_the_boot_structures() {
+        let (l, m) = mem(16 << 20);
+        let code = [0x90u8; 0x100];
+        let k = multiboot_elf32_image(0x500, &[(0x500, &code, 0x9800), (0x1_f000, &code, 0x2000)]);
+        let data = [9u8; 64];
+        let o = BootOptions {
+            initrd: Some(Initrd {
+                name: "m",
+                data: &data,
+            }),
+            ..opts()
+        };
+        let r = load(&m, &l, &k, &o).unwrap();
+        assert_eq!(r.kind, KernelKind::Multiboot);
+        assert_eq!(r.cpu.regs.rip, 0x500);
+        assert_eq!(r.kernel, (0x500, 0x2_1000));
+        let inside = |a: u64, len: u64| {
+            [(0x500u64, 0x9d00u64), (0x1_f000, 0x2_1000)]
+                .iter()
+                .any(|&(s, e)| a < e && s < a + len)
+        };
+        let mbi = r.cpu.regs.rbx;
+        let gdt = r.cpu.sregs.gdt.base;
+        assert!(!inside(mbi, 0x600), "MBI at {mbi:#x}");
+        assert!(!inside(gdt, 0x30), "GDT at {gdt:#x}");
+        assert!(
+            !inside(r.cmdline_addr, 8),
+            "command line at {:#x}",
+            r.cmdline_addr
+        );
+        assert_ne!(mbi, MULTIBOOT_INFO);
+        assert_ne!(gdt, BOOT_GDT);
+        assert_ne!(r.cmdline_addr, BOOT_CMDLINE);
+        // The kernel's bytes, the BSS zero, the structures where the
+        // kernel is told they are.
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x5ff)).unwrap(), 0x90);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x1_f0ff)).unwrap(), 0x90);
+        let rd = |a: u64| m.read_obj::<u32>(GuestAddress(a)).unwrap();
+        assert_eq!(rd(mbi + 16) as u64, r.cmdline_addr);
+        let mut c = [0u8; 8];
+        m.read_slice(&mut c, GuestAddress(r.cmdline_addr)).unwrap();
+        assert_eq!(&c, b"k hello\0");
+        assert_eq!(
+            m.read_obj::<u64>(GuestAddress(gdt + 8)).unwrap() >> 40 & 0xff,
+            0x9b
+        );
+        let start = rd(rd(mbi + 24) as u64) as u64;
+        assert!(start >= KERNEL_MIN_ADDR && !inside(start, 64));
+        assert_eq!(m.read_obj::<u8>(GuestAddress(start)).unwrap(), 9);
+    }
+
+    /// A Multiboot kernel over the IVT and BIOS data area, over the
+    /// EBDA/VGA/BIOS hole, past the end of RAM, or leaving no room for the
+    /// boot structures is refused with the reason.
+    #[test]
+    fn multiboot_forbidden_ranges() {
+        let (l, m) = mem(2 << 20);
+        let code = [0x90u8; 16];
+        for (at, len, what) in [
+            (0x0, 0x1000, "IVT"),
+            (0x400, 0x200, "IVT"),
+            (0x9_f000, 0x1000, "EBDA"),
+            (0xb_8000, 0x10, "VGA"),
+            (0xf_0000, 0x1_0000, "BIOS"),
+        ] {
+            let k = multiboot_elf32_image(at, &[(at, &code, len)]);
+            match load(&m, &l, &k, &opts()) {
+                Err(e @ LoadError::KernelOverlaps { .. }) => {
+                    assert!(e.to_string().contains(what), "{at:#x}: {e}")
+                }
+                r => panic!("{at:#x}: {r:?}"),
+            }
+        }
+        let k = multiboot_elf32_image(0x1f_0000, &[(0x1f_0000, &code, 0x2_0000)]);
+        assert!(matches!(
+            load(&m, &l, &k, &opts()),
+            Err(LoadError::KernelTooLarge { .. })
+        ));
+        let k = multiboot_elf32_image(
+            0x500,
+            &[
+                (0x500, &code, 0x9_fc00 - 0x500),
+                (0x10_0000, &code, 0x10_0000),
+            ],
+        );
+        assert!(matches!(
+            load(&m, &l, &k, &opts()),
+            Err(LoadError::NoRoomForBootData { .. })
+        ));
     }
 
     #[test]

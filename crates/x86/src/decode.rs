@@ -479,7 +479,10 @@ impl Cpu {
                 let ins = self.fetch_crossing(lin)?;
                 return Ok(self.run_uncached(ins));
             }
-            return exc(vector::UD);
+            let mut b = [0u8; 15];
+            let n = (PAGE - off).min(15);
+            b[..n].copy_from_slice(&p.snapshot[off..off + n]);
+            return self.invalid_opcode(&b[..n]);
         }
         if !crate::model::allows(&self.cpuid, &ins) {
             return exc(vector::UD);
@@ -536,7 +539,7 @@ impl Cpu {
             return Ok(ins);
         }
         if dec.last_error() != DecoderError::NoMoreBytes || n1 >= 15 {
-            return exc(vector::UD);
+            return self.invalid_opcode(&buf[..n1]);
         }
         // Only now is the second page needed (and may fault).
         let (pa2, _) = self.translate(lin.wrapping_add(first as u64), Access::Exec, need)?;
@@ -545,9 +548,39 @@ impl Cpu {
         }
         let mut dec = Decoder::with_ip(self.bits, &buf, self.rip, DecoderOptions::NONE);
         dec.decode_out(&mut ins);
-        if ins.is_invalid() || !crate::model::allows(&self.cpuid, &ins) {
+        if ins.is_invalid() {
+            return self.invalid_opcode(&buf);
+        }
+        if !crate::model::allows(&self.cpuid, &ins) {
             return exc(vector::UD);
         }
         Ok(ins)
+    }
+
+    /// The exception for bytes the decoder finds invalid: #UD, but for MOV
+    /// to or from a control or debug register that does not exist (CR1,
+    /// CR5-CR7, CR9-CR15, DR8-DR15), whose privilege is checked first:
+    /// #GP(0) at CPL > 0, as the CPU does (the differential tester's
+    /// system cases compare it).
+    fn invalid_opcode<T>(&self, bytes: &[u8]) -> R<T> {
+        let mut k = 0;
+        while bytes.get(k).is_some_and(|b| {
+            matches!(
+                b,
+                0x66 | 0x67 | 0xf2 | 0xf3 | 0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65
+            )
+        }) {
+            k += 1;
+        }
+        if self.long64 && bytes.get(k).is_some_and(|b| b & 0xf0 == 0x40) {
+            k += 1;
+        }
+        if self.cpl > 0
+            && bytes.get(k) == Some(&0x0f)
+            && matches!(bytes.get(k + 1), Some(0x20..=0x23))
+        {
+            return crate::exc_code(vector::GP, 0);
+        }
+        exc(vector::UD)
     }
 }

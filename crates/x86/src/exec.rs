@@ -208,6 +208,16 @@ impl Cpu {
         }
     }
 
+    /// The destination's value for a read-modify-write: a memory operand
+    /// is checked for writing first.
+    #[inline]
+    pub(crate) fn dst_read_rmw(&mut self, d: Dst, sz: usize) -> R<u64> {
+        match d {
+            Dst::Reg(r) => Ok(self.reg(r)),
+            Dst::Mem(l) => self.rd_rmw(l, sz),
+        }
+    }
+
     #[inline]
     pub(crate) fn dst_write(&mut self, d: Dst, sz: usize, v: u64) -> R<()> {
         match d {
@@ -529,7 +539,7 @@ impl Cpu {
             M::Inc | M::Dec => {
                 let sz = self.opsz(i, 0);
                 let d = self.dst(i)?;
-                let a = self.dst_read(d, sz)?;
+                let a = self.dst_read_rmw(d, sz)?;
                 let (r, f) = if i.mnemonic() == M::Inc {
                     alu::add(a, 1, false, sz)
                 } else {
@@ -542,13 +552,13 @@ impl Cpu {
             M::Not => {
                 let sz = self.opsz(i, 0);
                 let d = self.dst(i)?;
-                let a = self.dst_read(d, sz)?;
+                let a = self.dst_read_rmw(d, sz)?;
                 self.dst_write(d, sz, !a & mask(sz))
             }
             M::Neg => {
                 let sz = self.opsz(i, 0);
                 let d = self.dst(i)?;
-                let a = self.dst_read(d, sz)?;
+                let a = self.dst_read_rmw(d, sz)?;
                 let (r, f) = alu::sub(0, a, false, sz);
                 self.dst_write(d, sz, r)?;
                 self.set_arith(f);
@@ -588,7 +598,7 @@ impl Cpu {
                     (i.op1_register(), 1)
                 };
                 let l = self.mem_lin(i)?;
-                let m = self.rd(l, sz)?;
+                let m = self.rd_rmw(l, sz)?;
                 self.wr(l, sz, self.reg(mreg))?;
                 self.set_reg(mreg, m);
                 Ok(())
@@ -596,7 +606,7 @@ impl Cpu {
             M::Cmpxchg => {
                 let sz = self.opsz(i, 0);
                 let d = self.dst(i)?;
-                let dv = self.dst_read(d, sz)?;
+                let dv = self.dst_read_rmw(d, sz)?;
                 let acc = self.gpr[0] & mask(sz);
                 let src = self.reg(i.op1_register());
                 let (_, f) = alu::sub(acc, dv, false, sz);
@@ -638,7 +648,7 @@ impl Cpu {
             M::Xadd => {
                 let sz = self.opsz(i, 0);
                 let d = self.dst(i)?;
-                let dv = self.dst_read(d, sz)?;
+                let dv = self.dst_read_rmw(d, sz)?;
                 let src = self.reg(i.op1_register());
                 let (r, f) = alu::add(dv, src, false, sz);
                 self.dst_write(d, sz, r)?;
@@ -751,7 +761,7 @@ impl Cpu {
                     self.read_op(i, 1, 1)? as u32
                 } & if sz == 8 { 63 } else { 31 };
                 let d = self.dst(i)?;
-                let a = self.dst_read(d, sz)?;
+                let a = self.dst_read_rmw(d, sz)?;
                 if cnt == 0 {
                     // The destination is still written (as the CPU does), for
                     // the fault behaviour of read-only memory.
@@ -869,7 +879,14 @@ impl Cpu {
                     Code::Retnd | Code::Retnd_imm16 => 4,
                     _ => 8,
                 };
+                let old = self.gpr[4];
                 let t = self.pop(sz)?;
+                // A non-canonical return address is the RET's #GP(0), RSP
+                // unchanged (SDM vol. 2 RET).
+                if self.long64 && !canonical(t) {
+                    self.gpr[4] = old;
+                    return exc_code(vector::GP, 0);
+                }
                 let sp = self.gpr[4].wrapping_add(imm);
                 self.set_sp(sp);
                 self.next_rip = t;
@@ -1044,7 +1061,12 @@ impl Cpu {
     fn alu2(&mut self, i: &Instruction, op: u8) -> R<()> {
         let sz = self.opsz(i, 0);
         let d = self.dst(i)?;
-        let a = self.dst_read(d, sz)?;
+        // CMP (7) only reads.
+        let a = if op == 7 {
+            self.dst_read(d, sz)?
+        } else {
+            self.dst_read_rmw(d, sz)?
+        };
         let b = self.read_op(i, 1, sz)?;
         let (r, f) = alu::binary(op, a, b, self.rflags & CF != 0, sz);
         if op != 7 {
@@ -1257,13 +1279,26 @@ impl Cpu {
         {
             // The bit offset is signed and may reach outside the operand.
             let s = sext(off, sz) as i64;
+            // The CPU accesses the operand-sized unit holding the bit: its
+            // alignment is what #AC checks.
+            let unit = self
+                .ea(i)
+                .wrapping_add(((s >> (bits.trailing_zeros())) as u64).wrapping_mul(sz as u64));
+            let unit = self.lin(Self::mem_seg(i), unit)?;
+            if unit & (sz as u64 - 1) != 0 && self.alignment_checked(self.acc_r) {
+                return crate::exc_code(arch::vector::AC, 0);
+            }
             let ea = self.ea(i).wrapping_add((s >> 3) as u64);
             let l = self.lin(Self::mem_seg(i), ea)?;
             (Dst::Mem(l), (s & 7) as u64, 1)
         } else {
             (self.dst(i)?, off & (bits - 1), sz)
         };
-        let v = self.dst_read(d, width)?;
+        let v = if m == M::Bt {
+            self.dst_read(d, width)?
+        } else {
+            self.dst_read_rmw(d, width)?
+        };
         let cf = (v >> bit) & 1 != 0;
         let nv = match m {
             M::Bts => Some(v | (1 << bit)),
@@ -1302,6 +1337,16 @@ impl Cpu {
         Ok((sel, off))
     }
 
+    /// A near JMP or CALL through a register or memory to a non-canonical
+    /// target raises #GP(0) at the JMP or CALL itself, before CALL pushes
+    /// (SDM vol. 2 JMP, CALL: 64-bit mode exceptions).
+    fn near_target(&self, t: u64) -> R<()> {
+        if self.long64 && !canonical(t) {
+            return exc_code(vector::GP, 0);
+        }
+        Ok(())
+    }
+
     fn jmp(&mut self, i: &Instruction) -> R<()> {
         match i.op0_kind() {
             OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
@@ -1319,7 +1364,9 @@ impl Cpu {
                 }
                 _ => {
                     let sz = self.opsz(i, 0);
-                    self.next_rip = self.read_op(i, 0, sz)?;
+                    let t = self.read_op(i, 0, sz)?;
+                    self.near_target(t)?;
+                    self.next_rip = t;
                     Ok(())
                 }
             },
@@ -1346,6 +1393,7 @@ impl Cpu {
                 _ => {
                     let sz = self.opsz(i, 0);
                     let t = self.read_op(i, 0, sz)?;
+                    self.near_target(t)?;
                     self.push(self.next_rip, Self::stack_sz(i))?;
                     self.next_rip = t;
                     Ok(())

@@ -120,6 +120,24 @@ impl Cpu {
         self.inhibit = true;
     }
 
+    /// The instruction at the old RIP was emulated by the engine in place of
+    /// the CPU (which faulted on it) and completed: it owes the single-step
+    /// trap the CPU gives an instruction it runs (SDM vol. 3 18.3.1.4) if
+    /// TF was set when it started (`tf_before`: an IRET or POPF that sets
+    /// TF traps only after the next instruction). After MOV SS or POP SS
+    /// (`loads_ss`) the #DB waits for the next instruction and interrupts
+    /// are blocked for it (SDM vol. 3 6.8.3). Data breakpoints of the
+    /// engine's own accesses are not raised.
+    pub fn emulated_instruction_done(&mut self, tf_before: bool, loads_ss: bool) {
+        self.db_hits = 0;
+        if loads_ss {
+            self.inhibit = true;
+            self.ss_shadow = true;
+        }
+        self.db_trap = self.debug_after(tf_before, false);
+        self.ss_shadow = false;
+    }
+
     /// Lets the next instruction run with CPL 0 rights for port I/O, RDMSR,
     /// WRMSR and the other CPL-0-only checks; the grant ends when an
     /// instruction completes or faults.

@@ -811,7 +811,9 @@ impl Cpu {
     #[inline(always)]
     fn burst<A: Accel>(&mut self, left: &mut u64, accel: &mut A) -> R<()> {
         while *left > 0 {
-            if A::ENABLED && !self.no_accel_here() {
+            // Translated code does not check alignment (#AC): while CPL 3
+            // code runs with CR0.AM and RFLAGS.AC, the interpreter runs it.
+            if A::ENABLED && !self.no_accel_here() && !self.alignment_checked(mmu::A_R_U) {
                 match accel.run(self, *left) {
                     Some(n) => {
                         *left -= n.min(*left);

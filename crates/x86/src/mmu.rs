@@ -297,18 +297,79 @@ impl Cpu {
 
     #[inline(always)]
     fn rd_tlb(&mut self, lin: u64, size: usize, need: u8) -> R<u64> {
+        if let Some(r) = self.tlb_load(lin, size, need) {
+            return r;
+        }
+        self.rd_slow(lin, size, need, Access::Read)
+    }
+
+    /// A read through the TLB alone, if its entry grants `need` on a RAM
+    /// page and the access stays in the page (a misaligned one may be #AC).
+    #[inline(always)]
+    fn tlb_load(&self, lin: u64, size: usize, need: u8) -> Option<R<u64>> {
         let e = &self.tlb[tlb_index(lin)];
         let off = (lin & 0xfff) as usize;
         if e.vpage == lin & !0xfff && e.allow & need != 0 && e.host != 0 && off + size <= 0x1000 {
+            if lin & (size as u64 - 1) != 0 && self.alignment_checked(need) {
+                return Some(exc_code(vector::AC, 0));
+            }
             // SAFETY: `host` maps the whole 4 KiB RAM page (TLB invariant, set
             // from `PhysMem::host(ppage, 0x1000)`) and `off + size <= 0x1000`.
-            return Ok(unsafe { load((e.host + off) as *const u8, size) });
+            return Some(Ok(unsafe { load((e.host + off) as *const u8, size) }));
         }
+        None
+    }
+
+    /// Whether a misaligned data access with rights `need` raises #AC(0):
+    /// a user access at CPL 3 with CR0.AM and RFLAGS.AC (SDM vol. 3
+    /// 6.15, interrupt 17). Implicit supervisor accesses (descriptor
+    /// tables, the TSS, the stack of an interrupt to ring 0) never do.
+    #[inline]
+    pub(crate) fn alignment_checked(&self, need: u8) -> bool {
+        need & (A_R_U | A_W_U) != 0
+            && self.cpl == 3
+            && self.cr0 & cr0::AM != 0
+            && self.rflags & arch::rflags::AC != 0
+    }
+
+    /// #AC(0) for a misaligned checked access of `size` bytes at `lin`.
+    /// The check comes before the translation: a misaligned access to a
+    /// page that is not present or not accessible is #AC, not #PF (as this
+    /// host's CPU does; the differential tester compares it).
+    fn alignment_fault(&self, lin: u64, size: usize, need: u8) -> R<()> {
+        if lin & (size as u64 - 1) != 0 && self.alignment_checked(need) {
+            return exc_code(vector::AC, 0);
+        }
+        Ok(())
+    }
+
+    /// The read of a read-modify-write instruction: checked as a write
+    /// (a fault reports W in its error code, as the CPU's read with write
+    /// intent does), then read with the CPU's rights.
+    #[inline(always)]
+    pub(crate) fn rd_rmw(&mut self, lin: u64, size: usize) -> R<u64> {
+        if let Some(r) = self.tlb_load(lin, size, self.acc_w) {
+            return r;
+        }
+        self.rd_rmw_slow(lin, size)
+    }
+
+    #[cold]
+    fn rd_rmw_slow(&mut self, lin: u64, size: usize) -> R<u64> {
+        let need = self.acc_w;
+        self.alignment_fault(lin, size, need)?;
+        let first = size.min(0x1000 - (lin & 0xfff) as usize);
+        self.translate_write(lin, need)?;
+        if first < size {
+            self.translate_write(lin.wrapping_add(first as u64), need)?;
+        }
+        let need = self.acc_r;
         self.rd_slow(lin, size, need, Access::Read)
     }
 
     #[cold]
     fn rd_slow(&mut self, lin: u64, size: usize, need: u8, acc: Access) -> R<u64> {
+        self.alignment_fault(lin, size, need)?;
         let mut b = [0u8; 16];
         self.read_bytes(lin, &mut b[..size], need, acc)?;
         let mut v = [0u8; 8];
@@ -362,6 +423,9 @@ impl Cpu {
         let e = &self.tlb[tlb_index(lin)];
         let off = (lin & 0xfff) as usize;
         if e.vpage == lin & !0xfff && e.allow & need != 0 && e.host != 0 && off + size <= 0x1000 {
+            if lin & (size as u64 - 1) != 0 && self.alignment_checked(need) {
+                return exc_code(vector::AC, 0);
+            }
             // SAFETY: as in `rd_as`; pages holding decoded code never have
             // write access in the TLB, so no decoded instruction goes stale.
             unsafe { store((e.host + off) as *mut u8, size, v) };
@@ -372,6 +436,7 @@ impl Cpu {
 
     #[cold]
     fn wr_slow(&mut self, lin: u64, size: usize, v: u64, need: u8) -> R<()> {
+        self.alignment_fault(lin, size, need)?;
         let b = v.to_le_bytes();
         self.write_bytes(lin, &b[..size.min(8)], need)
     }

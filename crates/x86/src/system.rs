@@ -716,7 +716,7 @@ impl Cpu {
     /// IRET from ring 0 to virtual-8086 mode (SDM vol. 2 IRET,
     /// RETURN-TO-VIRTUAL-8086-MODE): EIP, CS, EFLAGS, then ESP, SS, ES, DS,
     /// FS and GS from the 32-bit stack; the segments loaded as in real mode
-    /// with DPL 3.
+    /// as read/write data with DPL 3.
     fn iret_to_v86(&mut self, ip: u64, cs: u16, fl: u64) -> R<()> {
         let mut w = [0u64; 6];
         for (k, x) in w.iter_mut().enumerate() {
@@ -736,7 +736,9 @@ impl Cpu {
                 selector: sel,
                 base: (sel as u64) << 4,
                 limit: 0xffff,
-                type_: if s == sreg::CS { 0xb } else { 3 },
+                // CS too: in virtual-8086 mode every segment has access
+                // rights 0xf3 (as VM entry requires, SDM vol. 3 26.3.1.2).
+                type_: 3,
                 present: true,
                 s: true,
                 dpl: 3,
@@ -1048,8 +1050,17 @@ impl Cpu {
     fn write_dtr(&mut self, i: &Instruction, limit: u16, base: u64) -> R<()> {
         let l = self.mem_lin(i)?;
         let bsz = if self.long64 { 8 } else { 4 };
-        self.wr(l, 2, limit as u64)?;
-        self.wr(l.wrapping_add(2), bsz, base)
+        // One store of the whole pseudo-descriptor: both pages checked
+        // before it is written; at CPL 3 with alignment checking it must be
+        // word-aligned (SDM vol. 3 6.15, interrupt 17).
+        let need = self.acc_w;
+        if l & 1 != 0 && self.alignment_checked(need) {
+            return exc_code(vector::AC, 0);
+        }
+        let mut b = [0u8; 10];
+        b[..2].copy_from_slice(&limit.to_le_bytes());
+        b[2..2 + bsz].copy_from_slice(&base.to_le_bytes()[..bsz]);
+        self.write_bytes(l, &b[..2 + bsz], need)
     }
 
     /// A system descriptor (LDT, TSS) from the GDT: (address, segment).

@@ -635,8 +635,15 @@ fn call(cpu: &mut Cpu, u: &Uop) -> R<()> {
     Ok(())
 }
 
+/// RET: a non-canonical return address is the RET's #GP(0), with RSP
+/// unchanged (SDM vol. 2 RET).
 fn ret(cpu: &mut Cpu, _: &Uop) -> R<()> {
-    cpu.next_rip = cpu.pop(8)?;
+    let t = cpu.pop(8)?;
+    if !canonical(t) {
+        cpu.gpr[4] = cpu.gpr[4].wrapping_sub(8);
+        return exc_code(vector::GP, 0);
+    }
+    cpu.next_rip = t;
     Ok(())
 }
 
@@ -743,7 +750,11 @@ fn alu_rm<const OP: u8, const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
 
 fn alu_mr<const OP: u8, const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
     let l = cpu.u_lin(u)?;
-    let a = cpu.rd_inline(l, SZ)?;
+    let a = if writes(OP) {
+        cpu.rd_rmw(l, SZ)?
+    } else {
+        cpu.rd_inline(l, SZ)?
+    };
     let b = cpu.g(u.r1) & mask(SZ);
     let r = cpu.u_alu::<OP, SZ>(a, b);
     if writes(OP) {
@@ -754,7 +765,11 @@ fn alu_mr<const OP: u8, const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
 
 fn alu_mi<const OP: u8, const SZ: usize>(cpu: &mut Cpu, u: &Uop) -> R<()> {
     let l = cpu.u_lin(u)?;
-    let a = cpu.rd_inline(l, SZ)?;
+    let a = if writes(OP) {
+        cpu.rd_rmw(l, SZ)?
+    } else {
+        cpu.rd_inline(l, SZ)?
+    };
     let r = cpu.u_alu::<OP, SZ>(a, u.imm);
     if writes(OP) {
         cpu.wr_inline(l, SZ, r)?;

@@ -281,16 +281,35 @@ impl Cpu {
         if rflags >> 22 != 0 || rflags & 0x8028 != 0 || rflags & 2 == 0 {
             return fail;
         }
-        if ia32e && rflags & VM != 0 {
-            return fail;
-        }
-        // Segment registers (not virtual-8086 mode: RFLAGS.VM needs
-        // unrestricted guests, which are not offered).
-        if rflags & VM != 0 {
+        // RFLAGS.VM needs protected mode outside IA-32e mode (26.3.1.4).
+        let v8086 = rflags & VM != 0;
+        if v8086 && (ia32e || gcr0 & cr0::PE == 0) {
             return fail;
         }
         let seg = |k| self.vmcs_segment(k);
         let (cs, ss, tr, ldtr) = (seg(1), seg(2), seg(7), seg(6));
+        if v8086 {
+            // Virtual-8086 mode (26.3.1.2): CS, SS, DS, ES, FS and GS each
+            // with base = selector << 4, limit 0xffff and access rights
+            // 0xf3 (a present, accessed read/write data segment, DPL 3).
+            for k in 0..6 {
+                let d = seg(k);
+                if d.base != (d.selector as u64) << 4
+                    || d.limit != 0xffff
+                    || d.unusable
+                    || d.type_ != 3
+                    || !d.s
+                    || d.dpl != 3
+                    || !d.present
+                    || d.db
+                    || d.l
+                    || d.g
+                    || d.avl
+                {
+                    return fail;
+                }
+            }
+        }
         if tr.unusable || tr.selector & 4 != 0 || tr.s || !tr.present {
             return fail;
         }
@@ -312,62 +331,69 @@ impl Cpu {
         {
             return fail;
         }
-        // An unrestricted guest's CS may be a read/write accessed data
-        // segment with DPL 0 (as real mode leaves it).
-        let data_cs = unrestricted && cs.type_ == 3;
-        if cs.unusable || !(matches!(cs.type_, 9 | 11 | 13 | 15) || data_cs) || !cs.s || !cs.present
-        {
-            return fail;
-        }
-        let conforming = cs.type_ & 4 != 0 && !data_cs;
-        if data_cs && cs.dpl != 0 {
-            return fail;
-        }
-        if !data_cs && ((!conforming && cs.dpl != ss.dpl) || (conforming && cs.dpl > ss.dpl)) {
-            return fail;
-        }
-        if gcr0 & cr0::PE == 0 && !ss.unusable && ss.dpl != 0 {
-            return fail;
-        }
-        if ia32e && cs.l && cs.db {
-            return fail;
-        }
-        if cs.base >> 32 != 0 || !limit_ok(cs.limit, cs.g) {
-            return fail;
-        }
-        if !unrestricted && ss.selector & 3 != cs.selector & 3 {
-            return fail;
-        }
-        if !ss.unusable
-            && (!matches!(ss.type_, 3 | 7)
-                || !ss.s
-                || !ss.present
-                || (!unrestricted && ss.dpl as u16 != ss.selector & 3)
-                || !limit_ok(ss.limit, ss.g))
-        {
-            return fail;
-        }
-        for k in [0, 3, 4, 5] {
-            let d = seg(k);
-            if d.unusable {
-                continue;
-            }
-            let code = d.type_ & 8 != 0;
-            if d.type_ & 1 == 0
-                || (code && d.type_ & 2 == 0)
-                || !d.s
-                || !d.present
-                || !limit_ok(d.limit, d.g)
+        // Outside virtual-8086 mode (checked above), the segments' own
+        // checks.
+        if !v8086 {
+            // An unrestricted guest's CS may be a read/write accessed data
+            // segment with DPL 0 (as real mode leaves it).
+            let data_cs = unrestricted && cs.type_ == 3;
+            if cs.unusable
+                || !(matches!(cs.type_, 9 | 11 | 13 | 15) || data_cs)
+                || !cs.s
+                || !cs.present
             {
                 return fail;
             }
-            let base_ok = if k >= 4 {
-                canonical(d.base)
-            } else {
-                d.base >> 32 == 0
-            };
-            if !base_ok {
+            let conforming = cs.type_ & 4 != 0 && !data_cs;
+            if data_cs && cs.dpl != 0 {
                 return fail;
+            }
+            if !data_cs && ((!conforming && cs.dpl != ss.dpl) || (conforming && cs.dpl > ss.dpl)) {
+                return fail;
+            }
+            if gcr0 & cr0::PE == 0 && !ss.unusable && ss.dpl != 0 {
+                return fail;
+            }
+            if ia32e && cs.l && cs.db {
+                return fail;
+            }
+            if cs.base >> 32 != 0 || !limit_ok(cs.limit, cs.g) {
+                return fail;
+            }
+            if !unrestricted && ss.selector & 3 != cs.selector & 3 {
+                return fail;
+            }
+            if !ss.unusable
+                && (!matches!(ss.type_, 3 | 7)
+                    || !ss.s
+                    || !ss.present
+                    || (!unrestricted && ss.dpl as u16 != ss.selector & 3)
+                    || !limit_ok(ss.limit, ss.g))
+            {
+                return fail;
+            }
+            for k in [0, 3, 4, 5] {
+                let d = seg(k);
+                if d.unusable {
+                    continue;
+                }
+                let code = d.type_ & 8 != 0;
+                if d.type_ & 1 == 0
+                    || (code && d.type_ & 2 == 0)
+                    || !d.s
+                    || !d.present
+                    || !limit_ok(d.limit, d.g)
+                {
+                    return fail;
+                }
+                let base_ok = if k >= 4 {
+                    canonical(d.base)
+                } else {
+                    d.base >> 32 == 0
+                };
+                if !base_ok {
+                    return fail;
+                }
             }
         }
         // Descriptor tables.
