@@ -277,6 +277,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
         &mut vm.mmio,
         isa_irqs,
         Box::new(std::io::stdout()),
+        &vm.layout,
     )
     .map_err(|e| e.to_string())?;
     // SIGTERM presses the power button (docs/platform.md).
