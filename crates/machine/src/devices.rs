@@ -335,11 +335,14 @@ impl Platform {
             .cloned()
             .flatten();
         let rtc_irq = isa_irqs.get(crate::rtc::IRQ as usize).cloned().flatten();
-        mmio.insert(
-            crate::acpi::HPET_ADDR,
-            0x400,
-            Arc::new(Mutex::new(crate::hpet::Hpet::new(isa_irqs))),
-        )?;
+        let hpet = crate::hpet::Hpet::new(isa_irqs);
+        let rtc_irq = rtc_irq.map(|line| -> Arc<dyn IrqLine> {
+            Arc::new(crate::rtc::RtcLine {
+                line,
+                legacy: hpet.legacy_replacement(),
+            })
+        });
+        mmio.insert(crate::acpi::HPET_ADDR, 0x400, Arc::new(Mutex::new(hpet)))?;
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
         pio.insert(abi::port::COM1 as u64, 8, serial.clone())?;
         pio.insert(

@@ -458,6 +458,23 @@ impl State {
     }
 }
 
+/// The RTC's interrupt line as the board wires it: cut while the HPET's
+/// legacy replacement routing (`legacy`, [`crate::hpet::Hpet::legacy_replacement`])
+/// gives IRQ 8 to the HPET's timer 1.
+pub struct RtcLine {
+    pub line: Arc<dyn IrqLine>,
+    pub legacy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl IrqLine for RtcLine {
+    fn trigger(&self) -> std::io::Result<()> {
+        if self.legacy.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.line.trigger()
+    }
+}
+
 type Shared = Arc<(Mutex<State>, Condvar)>;
 
 fn lock(s: &Shared) -> MutexGuard<'_, State> {
@@ -825,6 +842,49 @@ mod tests {
 
     /// The device: the index port, the NVRAM (bytes 0x0e-0x7f) and the
     /// memory sizes.
+    /// An interrupt line that counts its edges.
+    #[derive(Default)]
+    struct Edges(std::sync::atomic::AtomicU32);
+
+    impl IrqLine for Edges {
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// The device's thread raises the update-ended interrupt on its line
+    /// once per second while register C is read; the line is cut while the
+    /// HPET's legacy replacement routing has IRQ 8.
+    #[test]
+    fn update_interrupts_on_the_line() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let edges = Arc::new(Edges::default());
+        let legacy = Arc::new(AtomicBool::new(false));
+        let line = Arc::new(RtcLine {
+            line: edges.clone(),
+            legacy: legacy.clone(),
+        });
+        let mut rtc = Rtc::new(Some(line), 64 << 20, 0);
+        let mut c = [0u8];
+        rtc.write(0, &[0x0b]);
+        rtc.write(1, &[B_24H | B_UIE]);
+        let until = Instant::now() + Duration::from_millis(2500);
+        while Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+            rtc.write(0, &[0x0c]);
+            rtc.read(1, &mut c);
+        }
+        let n = edges.0.load(Ordering::SeqCst);
+        assert!((2..=3).contains(&n), "{n} update interrupts in 2.5 s");
+        legacy.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(1100));
+        rtc.write(0, &[0x0c]);
+        rtc.read(1, &mut c);
+        assert_ne!(c[0] & C_IRQF, 0, "the request was made");
+        assert_eq!(edges.0.load(Ordering::SeqCst), n, "but the line was cut");
+    }
+
     #[test]
     fn ports_and_nvram() {
         let mut rtc = Rtc::new(None, 3 << 30, 5 << 30);
