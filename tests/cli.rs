@@ -394,24 +394,31 @@ fn timeout_stops_a_guest_that_exits_forever() {
     }
 }
 
+/// The Multiboot header of an a.out-kludge kernel loaded at `base` whose
+/// code starts right after the header (at `base` + 32), with 8 KiB of
+/// load and BSS.
+fn multiboot_aout_header(base: u32) -> Vec<u8> {
+    const FLAGS: u32 = (1 << 16) | 2;
+    let header: [u32; 8] = [
+        0x1bad_b002,
+        FLAGS,
+        0u32.wrapping_sub(0x1bad_b002u32.wrapping_add(FLAGS)),
+        base,
+        base,
+        0,
+        base + 0x2000,
+        base + 32,
+    ];
+    header.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
 /// A Multiboot a.out-kludge kernel at 1 MiB that prints, on COM1, the magic in
 /// EAX, mem_lower, mem_upper, the command line, the module count and the first
 /// byte of the module, then exits through isa-debug-exit with the info flags' low
 /// byte.
 fn multiboot_kernel() -> Vec<u8> {
     const BASE: u32 = 0x10_0000;
-    const FLAGS: u32 = (1 << 16) | 2;
-    let header: [u32; 8] = [
-        0x1bad_b002,
-        FLAGS,
-        0u32.wrapping_sub(0x1bad_b002u32.wrapping_add(FLAGS)),
-        BASE,
-        BASE,
-        0,
-        BASE + 0x2000,
-        BASE + 32,
-    ];
-    let mut k: Vec<u8> = header.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let mut k = multiboot_aout_header(BASE);
     let code = asm(32, BASE as u64 + 32, |a| {
         let mut hex = a.create_label();
         let mut str_lp = a.create_label();
@@ -476,18 +483,7 @@ fn multiboot_kernel() -> Vec<u8> {
 /// powers off through the ACPI PM1a control block.
 fn fw_cfg_kernel() -> Vec<u8> {
     const BASE: u32 = 0x10_0000;
-    const FLAGS: u32 = (1 << 16) | 2;
-    let header: [u32; 8] = [
-        0x1bad_b002,
-        FLAGS,
-        0u32.wrapping_sub(0x1bad_b002u32.wrapping_add(FLAGS)),
-        BASE,
-        BASE,
-        0,
-        BASE + 0x2000,
-        BASE + 32,
-    ];
-    let mut k: Vec<u8> = header.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let mut k = multiboot_aout_header(BASE);
     let code = asm(32, BASE as u64 + 32, |a| {
         let mut dec = a.create_label();
         let mut text = a.create_label();
@@ -585,18 +581,7 @@ fn fw_cfg_kernel() -> Vec<u8> {
 /// powers off. A wait that never ends prints `stuck`.
 fn rtc_kernel() -> Vec<u8> {
     const BASE: u32 = 0x10_0000;
-    const FLAGS: u32 = (1 << 16) | 2;
-    let header: [u32; 8] = [
-        0x1bad_b002,
-        FLAGS,
-        0u32.wrapping_sub(0x1bad_b002u32.wrapping_add(FLAGS)),
-        BASE,
-        BASE,
-        0,
-        BASE + 0x2000,
-        BASE + 32,
-    ];
-    let mut k: Vec<u8> = header.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let mut k = multiboot_aout_header(BASE);
     let code = asm(32, BASE as u64 + 32, |a| {
         let mut rd = a.create_label();
         let mut wr = a.create_label();
