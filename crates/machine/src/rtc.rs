@@ -576,6 +576,7 @@ fn run(state: Shared, line: Option<Arc<dyn IrqLine>>) {
 impl Device for Rtc {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let mut rose = false;
+        let mut cleared = false;
         {
             let mut s = lock(&self.state);
             for (k, b) in data.iter_mut().enumerate() {
@@ -585,13 +586,17 @@ impl Device for Rtc {
                     1 => {
                         let now = Instant::now();
                         rose |= s.advance(now);
+                        cleared |= s.index as usize == REG_C;
                         s.read(now)
                     }
                     _ => 0xff,
                 };
             }
         }
-        self.state.1.notify_all();
+        // Reading register C lowers IRQF: the thread has deadlines again.
+        if cleared {
+            self.state.1.notify_all();
+        }
         self.signal(rose);
     }
 
