@@ -278,6 +278,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
         isa_irqs,
         Box::new(std::io::stdout()),
         vm.clock.clone(),
+        &vm.layout,
     )
     .map_err(|e| e.to_string())?;
     // SIGTERM presses the power button (docs/platform.md).

@@ -394,6 +394,24 @@ fn timeout_stops_a_guest_that_exits_forever() {
     }
 }
 
+/// The Multiboot header of an a.out-kludge kernel loaded at `base` whose
+/// code starts right after the header (at `base` + 32), with 8 KiB of
+/// load and BSS.
+fn multiboot_aout_header(base: u32) -> Vec<u8> {
+    const FLAGS: u32 = (1 << 16) | 2;
+    let header: [u32; 8] = [
+        0x1bad_b002,
+        FLAGS,
+        0u32.wrapping_sub(0x1bad_b002u32.wrapping_add(FLAGS)),
+        base,
+        base,
+        0,
+        base + 0x2000,
+        base + 32,
+    ];
+    header.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
 /// A Multiboot a.out-kludge kernel at 1 MiB that prints, on COM1, the magic in
 /// EAX, mem_lower, mem_upper, the command line, the module count and the first
 /// byte of the module, then exits through isa-debug-exit with the info flags' low
@@ -480,18 +498,7 @@ fn multiboot_kernel_at(base: u32, bss_end: u32) -> Vec<u8> {
 /// powers off through the ACPI PM1a control block.
 fn fw_cfg_kernel() -> Vec<u8> {
     const BASE: u32 = 0x10_0000;
-    const FLAGS: u32 = (1 << 16) | 2;
-    let header: [u32; 8] = [
-        0x1bad_b002,
-        FLAGS,
-        0u32.wrapping_sub(0x1bad_b002u32.wrapping_add(FLAGS)),
-        BASE,
-        BASE,
-        0,
-        BASE + 0x2000,
-        BASE + 32,
-    ];
-    let mut k: Vec<u8> = header.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let mut k = multiboot_aout_header(BASE);
     let code = asm(32, BASE as u64 + 32, |a| {
         let mut dec = a.create_label();
         let mut text = a.create_label();
@@ -574,6 +581,153 @@ fn fw_cfg_kernel() -> Vec<u8> {
         a.out(dx, al)?;
         a.dec(ebx)?;
         a.jnz(text)?;
+        a.ret()
+    });
+    k.extend_from_slice(&code);
+    k
+}
+
+/// A Multiboot kernel that reads the CMOS RTC (ports 0x70/0x71) in its
+/// default 24-hour BCD mode: it waits for UIP to clear and prints
+/// `rtc CCYY-MM-DD hh:mm:ss wd=NN`; then sets the clock (SET, the
+/// registers, SET cleared) to 2099-12-31 23:59:59, waits for the
+/// update-ended flag in register C and prints the time again (`set ...`),
+/// prints the RAM above 16 MiB from NVRAM bytes 0x35:0x34 (`mem NNNN`) and
+/// powers off. A wait that never ends prints `stuck`.
+fn rtc_kernel() -> Vec<u8> {
+    const BASE: u32 = 0x10_0000;
+    let mut k = multiboot_aout_header(BASE);
+    let code = asm(32, BASE as u64 + 32, |a| {
+        let mut rd = a.create_label();
+        let mut wr = a.create_label();
+        let mut hex2 = a.create_label();
+        let mut nib = a.create_label();
+        let mut time = a.create_label();
+        let mut ready = a.create_label();
+        let mut stuck = a.create_label();
+        let mut off = a.create_label();
+        let say = |a: &mut CodeAssembler, t: &str| -> Result<(), IcedError> {
+            a.mov(edx, 0x3f8u32)?;
+            for b in t.bytes() {
+                a.mov(al, b as u32)?;
+                a.out(dx, al)?;
+            }
+            Ok(())
+        };
+        // Prints register `r` as two hex digits (BCD reads as decimal).
+        let reg = |a: &mut CodeAssembler, r: u32| -> Result<(), IcedError> {
+            a.mov(al, r)?;
+            a.call(rd)?;
+            a.call(hex2)
+        };
+        a.mov(esp, 0x80000u32)?;
+        // UIP (register A, bit 7) clears within 244 us.
+        a.mov(ecx, 10_000_000u32)?;
+        let mut uip = a.create_label();
+        a.set_label(&mut uip)?;
+        a.mov(al, 0x0au32)?;
+        a.call(rd)?;
+        a.test(al, 0x80u32)?;
+        a.jz(ready)?;
+        a.dec(ecx)?;
+        a.jnz(uip)?;
+        a.jmp(stuck)?;
+        a.set_label(&mut ready)?;
+        say(a, "rtc ")?;
+        a.call(time)?;
+        // Set 2099-12-31 23:59:59 (a Thursday) under SET.
+        for (r, v) in [
+            (0x0b, 0x82),
+            (0x00, 0x59),
+            (0x02, 0x59),
+            (0x04, 0x23),
+            (0x06, 0x05),
+            (0x07, 0x31),
+            (0x08, 0x12),
+            (0x09, 0x99),
+            (0x32, 0x20),
+            (0x0b, 0x02),
+        ] {
+            a.mov(al, r as u32)?;
+            a.mov(ah, v as u32)?;
+            a.call(wr)?;
+        }
+        // Clear register C, then wait for UF (bit 4): the next update.
+        a.mov(al, 0x0cu32)?;
+        a.call(rd)?;
+        a.mov(ecx, 100_000_000u32)?;
+        let mut uf = a.create_label();
+        let mut updated = a.create_label();
+        a.set_label(&mut uf)?;
+        a.mov(al, 0x0cu32)?;
+        a.call(rd)?;
+        a.test(al, 0x10u32)?;
+        a.jnz(updated)?;
+        a.dec(ecx)?;
+        a.jnz(uf)?;
+        a.jmp(stuck)?;
+        a.set_label(&mut updated)?;
+        say(a, "set ")?;
+        a.call(time)?;
+        say(a, "mem ")?;
+        reg(a, 0x35)?;
+        reg(a, 0x34)?;
+        say(a, "\n")?;
+        a.set_label(&mut off)?;
+        a.mov(edx, 0x604u32)?;
+        a.mov(eax, 0x2000u32)?;
+        a.out(dx, ax)?;
+        a.hlt()?;
+        a.set_label(&mut stuck)?;
+        say(a, "stuck\n")?;
+        a.jmp(off)?;
+        // time: prints CCYY-MM-DD hh:mm:ss wd=NN and a newline.
+        a.set_label(&mut time)?;
+        reg(a, 0x32)?;
+        reg(a, 0x09)?;
+        say(a, "-")?;
+        reg(a, 0x08)?;
+        say(a, "-")?;
+        reg(a, 0x07)?;
+        say(a, " ")?;
+        reg(a, 0x04)?;
+        say(a, ":")?;
+        reg(a, 0x02)?;
+        say(a, ":")?;
+        reg(a, 0x00)?;
+        say(a, " wd=")?;
+        reg(a, 0x06)?;
+        say(a, "\n")?;
+        a.ret()?;
+        // rd: AL = CMOS byte AL.
+        a.set_label(&mut rd)?;
+        a.out(0x70, al)?;
+        a.in_(al, 0x71)?;
+        a.ret()?;
+        // wr: CMOS byte AL = AH.
+        a.set_label(&mut wr)?;
+        a.out(0x70, al)?;
+        a.mov(al, ah)?;
+        a.out(0x71, al)?;
+        a.ret()?;
+        // hex2: prints AL as two hex digits.
+        a.set_label(&mut hex2)?;
+        a.mov(bl, al)?;
+        a.mov(edx, 0x3f8u32)?;
+        a.shr(al, 4)?;
+        a.call(nib)?;
+        a.mov(al, bl)?;
+        a.and(al, 0xfu32)?;
+        a.call(nib)?;
+        a.ret()?;
+        a.set_label(&mut nib)?;
+        let mut digit = a.create_label();
+        a.add(al, 0x30u32)?;
+        a.cmp(al, 0x39u32)?;
+        a.jbe(digit)?;
+        a.add(al, 7u32)?;
+        a.set_label(&mut digit)?;
+        a.out(dx, al)?;
         a.ret()
     });
     k.extend_from_slice(&code);
@@ -1510,6 +1664,82 @@ fn multiboot_over_forbidden_memory() {
         assert_error(&o, "overlaps");
         assert_error(&o, what);
         assert!(stdout(&o).is_empty());
+    }
+}
+
+/// The RTC kernel on every engine that starts a Multiboot kernel: the
+/// clock reads the host's UTC date and time (within a minute, its weekday
+/// reckoned from the date), a time the guest sets runs on from there (the
+/// update after 2099-12-31 23:59:59 is 2100-01-01 00:00:00, a Friday), and
+/// NVRAM bytes 0x34-0x35 hold the RAM above 16 MiB in 64 KiB units (64 MiB:
+/// 0x0300).
+#[test]
+fn multiboot_rtc_on_every_engine() {
+    let (_d, p) = tmp("rtc.bin", &rtc_kernel());
+    for engine in ["kvm", "emu", "bt", "vmx", "trap"] {
+        if engine == "kvm" && !kvm_here() {
+            continue;
+        }
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let o = visor(&[
+            "run",
+            s(&p),
+            "--engine",
+            engine,
+            "--mem",
+            "64M",
+            "--timeout",
+            "20",
+        ]);
+        let after = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert_eq!(o.status.code(), Some(0), "{engine}: {}", stderr(&o));
+        let out = stdout(&o);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{engine}: {out}");
+        let rtc = lines[0]
+            .strip_prefix("rtc ")
+            .unwrap_or_else(|| panic!("{engine}: {out}"));
+        // CCYY-MM-DD hh:mm:ss wd=NN, each field decimal.
+        let n = |at: usize, len: usize| -> i64 {
+            rtc.get(at..at + len)
+                .and_then(|f| f.parse().ok())
+                .unwrap_or_else(|| panic!("{engine}: field at {at} of {rtc:?}"))
+        };
+        let (y, mo, d) = (n(0, 4), n(5, 2), n(8, 2));
+        let secs = n(11, 2) * 3600 + n(14, 2) * 60 + n(17, 2);
+        let wd = n(23, 2);
+        // The host's date and time in the same terms (civil from days).
+        let civil = |t: i64| {
+            let z = t.div_euclid(86_400) + 719_468;
+            let era = z.div_euclid(146_097);
+            let doe = z.rem_euclid(146_097);
+            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let day = doy - (153 * mp + 2) / 5 + 1;
+            let month = if mp < 10 { mp + 3 } else { mp - 9 };
+            let year = yoe + era * 400 + i64::from(month <= 2);
+            // Sunday is 1; 1970-01-01 was a Thursday.
+            let weekday = (t.div_euclid(86_400) + 4).rem_euclid(7) + 1;
+            (year, month, day, weekday)
+        };
+        let read = (y, mo, d, wd);
+        let day = (before - 1..=after + 1)
+            .find(|&t| civil(t) == read)
+            .unwrap_or_else(|| panic!("{engine}: {rtc} is not the host's date"));
+        let t = day.div_euclid(86_400) * 86_400 + secs;
+        assert!(
+            (before - 60..=after + 60).contains(&t),
+            "{engine}: {rtc}: {t} against the host's {before}..{after}"
+        );
+        assert_eq!(lines[1], "set 2100-01-01 00:00:00 wd=06", "{engine}: {out}");
+        assert_eq!(lines[2], "mem 0300", "{engine}: {out}");
     }
 }
 

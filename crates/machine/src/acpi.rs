@@ -234,6 +234,8 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     f.iapc_boot_arch = 0b11.into();
     f.reset_reg = io_gas(RESET_PORT, 8);
     f.reset_value = RESET_VALUE;
+    // The CMOS RTC's century byte.
+    f.century = crate::rtc::CENTURY;
     bytes(&f.finalize())
 }
 
@@ -357,5 +359,9 @@ mod tests {
             PM1A_EVT as u32
         );
         assert_eq!(fadt[88], 4, "PM1_EVT_LEN");
+        // The RTC's century byte; IAPC_BOOT_ARCH's "CMOS RTC not present"
+        // (bit 5) clear.
+        assert_eq!(fadt[108], 0x32, "CENTURY");
+        assert_eq!(fadt[109] & (1 << 5), 0);
     }
 }

@@ -1,6 +1,7 @@
 //! Platform devices: the COM1 UART, isa-debug-exit, the ACPI PM registers
 //! (power-off, PM timer), the reset control register, port 0x92, the i8042
-//! reset line, and [`Platform`], which maps them with the HPET.
+//! reset line, and [`Platform`], which maps them with the HPET and the CMOS
+//! RTC.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -322,24 +323,30 @@ pub struct Platform {
 impl Platform {
     /// Creates the devices and maps them on `pio` and `mmio`; `isa_irqs`
     /// holds the engine's line of ISA IRQ n at index n, where it has one;
-    /// the timers (HPET, PM timer) keep the guest's time on `clock`.
+    /// the timers (HPET, PM timer, RTC) keep the guest's time on `clock`;
+    /// `layout` is the guest's RAM (the RTC's NVRAM gives its size).
     pub fn attach(
         pio: &mut crate::Bus,
         mmio: &mut crate::Bus,
         isa_irqs: crate::hpet::IsaLines,
         serial_out: SerialOut,
         clock: Arc<vcpu::GuestClock>,
+        layout: &crate::MemoryLayout,
     ) -> Result<Self, crate::bus::Overlap> {
         let serial_irq = IrqTrigger(isa_irqs.get(4).cloned().flatten());
         let sci = isa_irqs
             .get(crate::acpi::SCI_IRQ as usize)
             .cloned()
             .flatten();
-        mmio.insert(
-            crate::acpi::HPET_ADDR,
-            0x400,
-            Arc::new(Mutex::new(crate::hpet::Hpet::new(isa_irqs, clock.clone()))),
-        )?;
+        let rtc_irq = isa_irqs.get(crate::rtc::IRQ as usize).cloned().flatten();
+        let hpet = crate::hpet::Hpet::new(isa_irqs, clock.clone());
+        let rtc_irq = rtc_irq.map(|line| -> Arc<dyn IrqLine> {
+            Arc::new(crate::rtc::RtcLine {
+                line,
+                legacy: hpet.legacy_replacement(),
+            })
+        });
+        mmio.insert(crate::acpi::HPET_ADDR, 0x400, Arc::new(Mutex::new(hpet)))?;
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
         pio.insert(abi::port::COM1 as u64, 8, serial.clone())?;
         pio.insert(
@@ -347,7 +354,7 @@ impl Platform {
             1,
             Arc::new(Mutex::new(DebugExit)),
         )?;
-        let pm = Arc::new(Mutex::new(Pm::new(clock, sci)));
+        let pm = Arc::new(Mutex::new(Pm::new(clock.clone(), sci)));
         pio.insert(crate::acpi::PM_BASE as u64, 12, pm.clone())?;
         pio.insert(
             crate::acpi::RESET_PORT as u64,
@@ -356,6 +363,17 @@ impl Platform {
         )?;
         pio.insert(0x92, 1, Arc::new(Mutex::new(PortA)))?;
         pio.insert(0x60, 5, Arc::new(Mutex::new(I8042)))?;
+        let low = layout.low_end();
+        pio.insert(
+            crate::rtc::INDEX_PORT as u64,
+            2,
+            Arc::new(Mutex::new(crate::rtc::Rtc::new(
+                rtc_irq,
+                low,
+                layout.size - low,
+                clock.clone(),
+            ))),
+        )?;
         Ok(Platform { serial, pm })
     }
 }
@@ -368,12 +386,14 @@ mod tests {
     fn platform_ports() {
         let (mut pio, mut mmio) = (crate::Bus::new(), crate::Bus::new());
         let sink = Capture::default();
+        let layout = crate::MemoryLayout::new(64 << 20).unwrap();
         let p = Platform::attach(
             &mut pio,
             &mut mmio,
             Vec::new(),
             Box::new(sink.clone()),
             Arc::default(),
+            &layout,
         )
         .unwrap();
         let mut cap = [0u8; 4];
@@ -443,6 +463,16 @@ mod tests {
             pio.write(0x92, &[A20 | 1]),
             Some(Action::Stop(StopReason::Reset))
         );
+        // The RTC: register D's VRT, and the RAM above 16 MiB in 64 KiB
+        // units (48 MiB: 0x300) in bytes 0x34-0x35.
+        let cmos = |r: u8| {
+            assert_eq!(pio.write(0x70, &[r]), Some(Action::Continue));
+            let mut v = [0u8];
+            assert!(pio.read(0x71, &mut v));
+            v[0]
+        };
+        assert_eq!(cmos(0x0d), 0x80);
+        assert_eq!([cmos(0x34), cmos(0x35)], [0x00, 0x03]);
     }
 
     /// An interrupt line that counts its edges.

@@ -8,6 +8,7 @@
 //! engine that has them. The counter and the deadlines run on the VM's
 //! [`GuestClock`]: they stand while a debugger holds the guest.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -160,6 +161,8 @@ fn lock(s: &Shared) -> MutexGuard<'_, State> {
 pub struct Hpet {
     state: Shared,
     clock: Arc<GuestClock>,
+    /// LEG_RT_CNF, for the devices whose IRQ it takes over.
+    legacy: Arc<AtomicBool>,
 }
 
 /// The interrupt line of ISA IRQ n, if the engine has it.
@@ -199,7 +202,17 @@ impl Hpet {
             .name("hpet".into())
             .spawn(move || run(s, lines, c))
             .ok();
-        Hpet { state, clock }
+        Hpet {
+            state,
+            clock,
+            legacy: Arc::default(),
+        }
+    }
+
+    /// Whether legacy replacement routing is on (LEG_RT_CNF), shared: while
+    /// it is, timer 1 has IRQ 8 and the RTC's interrupt is disconnected.
+    pub fn legacy_replacement(&self) -> Arc<AtomicBool> {
+        self.legacy.clone()
     }
 
     fn read64(&self, reg: u64) -> u64 {
@@ -230,6 +243,8 @@ impl Hpet {
             0x010 => {
                 let cnt = s.counter(now);
                 s.config = merge(s.config) & (ENABLE_CNF | LEG_RT_CNF);
+                self.legacy
+                    .store(s.config & LEG_RT_CNF != 0, Ordering::SeqCst);
                 s.base = cnt;
                 s.since = now;
                 for n in 0..TIMERS {
@@ -401,6 +416,7 @@ mod tests {
         w64(&mut h, 0x140, INT_ENB | (5 << 9));
         w64(&mut h, 0x148, 200_000);
         w64(&mut h, 0x10, ENABLE_CNF | LEG_RT_CNF);
+        assert!(h.legacy_replacement().load(Ordering::SeqCst));
         std::thread::sleep(Duration::from_millis(20));
         let c = r64(&mut h, 0xf0);
         assert!(c >= 2_000_000, "counter at {c} after 20 ms");

@@ -1,6 +1,6 @@
 //! visor's machine model, shared by every engine: guest memory, the port-I/O and
 //! MMIO buses with their devices (serial, ACPI PM registers, reset ports, HPET,
-//! fw_cfg), the ACPI tables, kernel loaders and the initial CPU state
+//! CMOS RTC, fw_cfg), the ACPI tables, kernel loaders and the initial CPU state
 //! (docs/platform.md).
 //! Nothing here knows which engine runs the guest.
 
@@ -13,6 +13,7 @@ pub mod hpet;
 pub mod loader;
 pub mod memory;
 pub mod paging;
+pub mod rtc;
 
 pub use bus::{Action, Bus, Device};
 pub use memory::{GuestMemory, MemoryLayout};
