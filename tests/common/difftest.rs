@@ -6,6 +6,19 @@
 //! (visor's software CPU), and the results are compared: all 16 GPRs, RIP, RFLAGS
 //! and the scratch memory (a data page and the user stack page).
 //!
+//! # SSE and SSE2
+//!
+//! Sequences also hold SSE/SSE2 instructions (floating-point arithmetic,
+//! comparisons, conversions, moves, shuffles, the integer instructions on XMM
+//! registers). Each sequence starts by loading XMM0-15 from the stack page
+//! and MXCSR with a random rounding mode, DAZ, FTZ and exception flags (all
+//! exceptions masked), and ends by storing XMM0-15 and MXCSR there, so that
+//! the XMM state and MXCSR's flags are compared as memory. The data page holds
+//! interesting floating-point values (zeros, denormals, infinities, quiet and
+//! signaling NaNs, the conversions' boundaries, random normals). RCPPS/RSQRTPS
+//! are not generated: their approximations are implementation-specific
+//! (the SDM only bounds their error; unit tests check that bound).
+//!
 //! # Undefined flags
 //!
 //! The generator tracks, per arithmetic flag (CF PF AF ZF SF OF), whether its
@@ -61,6 +74,12 @@ const SCRATCH: u64 = 0x60_0000;
 const SCRATCH_LEN: usize = 0x2000;
 const USTACK: u64 = SCRATCH + 0x2000 - 0x80;
 const PORT: u16 = 0x80;
+/// XMM0-15's initial values and MXCSR's (in the stack page), where they
+/// are stored at the end.
+const XMM_IN: i32 = 0x1800;
+const MXCSR_IN: i32 = 0x1900;
+const XMM_OUT: i32 = 0x1a00;
+const MXCSR_OUT: i32 = 0x1b00;
 const SEL_UDATA: u16 = 0x2b;
 const SEL_UCODE: u16 = 0x33;
 
@@ -109,6 +128,63 @@ impl Rng {
                 .wrapping_sub(1),
             3 => self.next() & 0xffff_ffff,
             _ => self.next(),
+        }
+    }
+    /// An interesting single-precision encoding.
+    fn single(&mut self) -> u32 {
+        let s = (self.below(2) as u32) << 31;
+        let frac = self.next() as u32 & 0x7f_ffff;
+        s | match self.below(14) {
+            0 => 0,
+            1 => 0x3f80_0000,
+            2 => 0x7f80_0000,
+            3 => 0x7fc0_0000 | (frac & 0xff * self.below(2) as u32),
+            4 => 0x7f80_0000 | (frac >> 1).max(1),
+            5 => frac.max(1),
+            6 => 0x7f7f_ffff - self.below(2) as u32,
+            7 => 0x0080_0000 + self.below(2) as u32,
+            // The integers' boundaries: 2^31, 2^63 and their neighbours.
+            8 => [0x4f00_0000, 0x5f00_0000][self.below(2) as usize] - 1 + self.below(3) as u32,
+            9 => (0x3f00 + self.below(0x300) as u32) << 16,
+            // Exponents at the edges: overflow, underflow.
+            10 => ((0xf0 + self.below(16) as u32) << 23) | frac,
+            11 => ((1 + self.below(16) as u32) << 23) | frac,
+            12 => ((0x60 + self.below(0x40) as u32) << 23) | frac,
+            _ => self.next() as u32 & 0x7fff_ffff,
+        }
+    }
+    /// An interesting double-precision encoding.
+    fn double(&mut self) -> u64 {
+        let s = self.below(2) << 63;
+        let frac = self.next() & 0xf_ffff_ffff_ffff;
+        s | match self.below(14) {
+            0 => 0,
+            1 => 0x3ff0_0000_0000_0000,
+            2 => 0x7ff0_0000_0000_0000,
+            3 => 0x7ff8_0000_0000_0000 | (frac & 0xffff * self.below(2)),
+            4 => 0x7ff0_0000_0000_0000 | (frac >> 1).max(1),
+            5 => frac.max(1),
+            6 => 0x7fef_ffff_ffff_ffff - self.below(2),
+            7 => 0x0010_0000_0000_0000 + self.below(2),
+            8 => {
+                [0x41e0_0000_0000_0000, 0x43e0_0000_0000_0000][self.below(2) as usize] - 1
+                    + self.below(3)
+            }
+            9 => (0x3fe0 + self.below(0x60)) << 48,
+            10 => ((0x7e0 + self.below(0x20)) << 52) | frac,
+            11 => ((1 + self.below(0x20)) << 52) | frac,
+            // Near single precision's range, for CVTSD2SS.
+            12 => ((0x360 + self.below(0xa0)) << 52) | frac,
+            _ => self.next() & 0x7fff_ffff_ffff_ffff,
+        }
+    }
+    /// Eight bytes of floating-point data (one double or two singles) or a
+    /// `value`.
+    fn fp_chunk(&mut self) -> u64 {
+        match self.below(3) {
+            0 => self.double(),
+            1 => self.single() as u64 | (self.single() as u64) << 32,
+            _ => self.value(),
         }
     }
 }
@@ -238,6 +314,225 @@ fn cc_flags(cc: u8) -> u64 {
     }
 }
 
+/// The operands of an SSE instruction in the generator's table.
+#[derive(Clone, Copy)]
+enum Sse {
+    /// xmm, xmm/m128 (aligned).
+    A,
+    /// `A` with an immediate byte (below 8 if `true`: a predicate).
+    AI(bool),
+    /// xmm, xmm/m128 (any alignment).
+    U,
+    /// xmm, xmm/m of that many bytes (any alignment).
+    S(i32),
+    /// `S` with a predicate (0..8).
+    SI(i32),
+    /// COMIS/UCOMIS: `S` that writes the arithmetic flags.
+    Comi(i32),
+    /// xmm, r/m32 or r/m64 (CVTSI2SS/SD, MOVD/MOVQ to XMM).
+    FromGpr,
+    /// r32/r64, xmm/m of that many bytes (CVT(T)SS2SI/SD2SI).
+    ToGpr(i32),
+    /// r32/r64, xmm register (MOVMSKPS/PD, PMOVMSKB).
+    Msk,
+    /// xmm/m of that many bytes, xmm (stores; aligned if `true`).
+    St(i32, bool),
+    /// m of that many bytes, xmm (memory only; aligned if `true`).
+    StM(i32, bool),
+    /// xmm, m of that many bytes (memory only).
+    Ld(i32),
+    /// Shift by an immediate: the ModRM reg fields that exist.
+    Sh(&'static [u8]),
+    /// PINSRW xmm, r32/m16, imm8.
+    Pinsrw,
+    /// PEXTRW r32, xmm, imm8.
+    Pextrw,
+    /// r/m32 or r/m64, xmm (MOVD/MOVQ from XMM).
+    MovOut,
+    /// MASKMOVDQU xmm, xmm (stores at DS:RDI).
+    Mask,
+}
+
+/// The SSE/SSE2 instructions generated: mandatory prefix, opcode (after
+/// 0x0f), operands.
+const SSE: &[(u8, u8, Sse)] = {
+    use Sse::*;
+    &[
+        // SQRT, ADD, MUL, SUB, MIN, DIV, MAX: ps, pd, ss, sd.
+        (0, 0x51, A),
+        (0x66, 0x51, A),
+        (0xf3, 0x51, S(4)),
+        (0xf2, 0x51, S(8)),
+        (0, 0x58, A),
+        (0x66, 0x58, A),
+        (0xf3, 0x58, S(4)),
+        (0xf2, 0x58, S(8)),
+        (0, 0x59, A),
+        (0x66, 0x59, A),
+        (0xf3, 0x59, S(4)),
+        (0xf2, 0x59, S(8)),
+        (0, 0x5c, A),
+        (0x66, 0x5c, A),
+        (0xf3, 0x5c, S(4)),
+        (0xf2, 0x5c, S(8)),
+        (0, 0x5d, A),
+        (0x66, 0x5d, A),
+        (0xf3, 0x5d, S(4)),
+        (0xf2, 0x5d, S(8)),
+        (0, 0x5e, A),
+        (0x66, 0x5e, A),
+        (0xf3, 0x5e, S(4)),
+        (0xf2, 0x5e, S(8)),
+        (0, 0x5f, A),
+        (0x66, 0x5f, A),
+        (0xf3, 0x5f, S(4)),
+        (0xf2, 0x5f, S(8)),
+        // CMPcc, COMIS, UCOMIS.
+        (0, 0xc2, AI(true)),
+        (0x66, 0xc2, AI(true)),
+        (0xf3, 0xc2, SI(4)),
+        (0xf2, 0xc2, SI(8)),
+        (0, 0x2e, Comi(4)),
+        (0x66, 0x2e, Comi(8)),
+        (0, 0x2f, Comi(4)),
+        (0x66, 0x2f, Comi(8)),
+        // AND, ANDN, OR, XOR; UNPCKL, UNPCKH, SHUF.
+        (0, 0x54, A),
+        (0x66, 0x54, A),
+        (0, 0x55, A),
+        (0x66, 0x55, A),
+        (0, 0x56, A),
+        (0x66, 0x56, A),
+        (0, 0x57, A),
+        (0x66, 0x57, A),
+        (0, 0x14, A),
+        (0x66, 0x14, A),
+        (0, 0x15, A),
+        (0x66, 0x15, A),
+        (0, 0xc6, AI(false)),
+        (0x66, 0xc6, AI(false)),
+        // Conversions.
+        (0, 0x5a, S(8)),
+        (0x66, 0x5a, A),
+        (0xf3, 0x5a, S(4)),
+        (0xf2, 0x5a, S(8)),
+        (0, 0x5b, A),
+        (0x66, 0x5b, A),
+        (0xf3, 0x5b, A),
+        (0x66, 0xe6, A),
+        (0xf2, 0xe6, A),
+        (0xf3, 0xe6, S(8)),
+        (0xf3, 0x2a, FromGpr),
+        (0xf2, 0x2a, FromGpr),
+        (0xf3, 0x2c, ToGpr(4)),
+        (0xf2, 0x2c, ToGpr(8)),
+        (0xf3, 0x2d, ToGpr(4)),
+        (0xf2, 0x2d, ToGpr(8)),
+        // Moves.
+        (0, 0x10, U),
+        (0x66, 0x10, U),
+        (0xf3, 0x10, S(4)),
+        (0xf2, 0x10, S(8)),
+        (0, 0x11, St(16, false)),
+        (0x66, 0x11, St(16, false)),
+        (0xf3, 0x11, St(4, false)),
+        (0xf2, 0x11, St(8, false)),
+        (0, 0x28, A),
+        (0x66, 0x28, A),
+        (0, 0x29, St(16, true)),
+        (0x66, 0x29, St(16, true)),
+        (0, 0x12, S(8)),
+        (0, 0x16, S(8)),
+        (0x66, 0x12, Ld(8)),
+        (0x66, 0x16, Ld(8)),
+        (0, 0x13, StM(8, false)),
+        (0x66, 0x13, StM(8, false)),
+        (0, 0x17, StM(8, false)),
+        (0x66, 0x17, StM(8, false)),
+        (0, 0x2b, StM(16, true)),
+        (0x66, 0x2b, StM(16, true)),
+        (0x66, 0xe7, StM(16, true)),
+        (0, 0x50, Msk),
+        (0x66, 0x50, Msk),
+        (0x66, 0xd7, Msk),
+        (0x66, 0x6e, FromGpr),
+        (0x66, 0x7e, MovOut),
+        (0xf3, 0x7e, S(8)),
+        (0x66, 0xd6, St(8, false)),
+        (0x66, 0x6f, A),
+        (0xf3, 0x6f, U),
+        (0x66, 0x7f, St(16, true)),
+        (0xf3, 0x7f, St(16, false)),
+        // SSE2 integer.
+        (0x66, 0x60, A),
+        (0x66, 0x61, A),
+        (0x66, 0x62, A),
+        (0x66, 0x63, A),
+        (0x66, 0x64, A),
+        (0x66, 0x65, A),
+        (0x66, 0x66, A),
+        (0x66, 0x67, A),
+        (0x66, 0x68, A),
+        (0x66, 0x69, A),
+        (0x66, 0x6a, A),
+        (0x66, 0x6b, A),
+        (0x66, 0x6c, A),
+        (0x66, 0x6d, A),
+        (0x66, 0x74, A),
+        (0x66, 0x75, A),
+        (0x66, 0x76, A),
+        (0x66, 0x70, AI(false)),
+        (0xf3, 0x70, AI(false)),
+        (0xf2, 0x70, AI(false)),
+        (0x66, 0x71, Sh(&[2, 4, 6])),
+        (0x66, 0x72, Sh(&[2, 4, 6])),
+        (0x66, 0x73, Sh(&[2, 3, 6, 7])),
+        (0x66, 0xd1, A),
+        (0x66, 0xd2, A),
+        (0x66, 0xd3, A),
+        (0x66, 0xd4, A),
+        (0x66, 0xd5, A),
+        (0x66, 0xd8, A),
+        (0x66, 0xd9, A),
+        (0x66, 0xda, A),
+        (0x66, 0xdb, A),
+        (0x66, 0xdc, A),
+        (0x66, 0xdd, A),
+        (0x66, 0xde, A),
+        (0x66, 0xdf, A),
+        (0x66, 0xe0, A),
+        (0x66, 0xe1, A),
+        (0x66, 0xe2, A),
+        (0x66, 0xe3, A),
+        (0x66, 0xe4, A),
+        (0x66, 0xe5, A),
+        (0x66, 0xe8, A),
+        (0x66, 0xe9, A),
+        (0x66, 0xea, A),
+        (0x66, 0xeb, A),
+        (0x66, 0xec, A),
+        (0x66, 0xed, A),
+        (0x66, 0xee, A),
+        (0x66, 0xef, A),
+        (0x66, 0xf1, A),
+        (0x66, 0xf2, A),
+        (0x66, 0xf3, A),
+        (0x66, 0xf4, A),
+        (0x66, 0xf5, A),
+        (0x66, 0xf6, A),
+        (0x66, 0xf8, A),
+        (0x66, 0xf9, A),
+        (0x66, 0xfa, A),
+        (0x66, 0xfb, A),
+        (0x66, 0xfc, A),
+        (0x66, 0xfd, A),
+        (0x66, 0xfe, A),
+        (0x66, 0xc4, Pinsrw),
+        (0x66, 0xc5, Pextrw),
+        (0x66, 0xf7, Mask),
+    ]
+};
+
 struct Gen<'r> {
     rng: &'r mut Rng,
     a: CodeAssembler,
@@ -300,6 +595,101 @@ impl Gen<'_> {
             }
         }
         self.a.db(&b).unwrap();
+    }
+
+    /// An SSE instruction: mandatory prefix, REX (W, R, B), 0x0f, `op`,
+    /// ModRM for `reg` with a register `rm` or [r15 + disp32], an immediate.
+    #[allow(clippy::too_many_arguments)]
+    fn sse_raw(
+        &mut self,
+        pfx: u8,
+        w: bool,
+        op: u8,
+        reg: usize,
+        rm: Option<usize>,
+        disp: i32,
+        imm: Option<u8>,
+    ) {
+        let mut b = Vec::new();
+        if pfx != 0 {
+            b.push(pfx);
+        }
+        let rmr = rm.unwrap_or(15);
+        b.push(0x40 | (w as u8) << 3 | ((reg >= 8) as u8) << 2 | (rmr >= 8) as u8);
+        b.extend_from_slice(&[0x0f, op]);
+        match rm {
+            Some(r) => b.push(0xc0 | ((reg as u8 & 7) << 3) | (r as u8 & 7)),
+            None => {
+                b.push(0x80 | ((reg as u8 & 7) << 3) | 7);
+                b.extend_from_slice(&disp.to_le_bytes());
+            }
+        }
+        b.extend(imm);
+        self.a.db(&b).unwrap();
+    }
+
+    /// One instruction of the SSE table, random operands.
+    fn sse(&mut self) {
+        let (pfx, op, kind) = SSE[self.rng.below(SSE.len() as u64) as usize];
+        let (x, y) = (self.rng.below(16) as usize, self.rng.below(16) as usize);
+        let mem = self.rng.chance(3);
+        let disp16 = self.rng.below(0x1000 - 16) as i32;
+        let aligned = disp16 & !15;
+        let imm = self.rng.next() as u8;
+        let w = self.rng.chance(2);
+        let rm = |m: bool| (!m).then_some(y);
+        match kind {
+            Sse::A => self.sse_raw(pfx, false, op, x, rm(mem), aligned, None),
+            Sse::AI(pred) => {
+                let imm = if pred { imm & 7 } else { imm };
+                self.sse_raw(pfx, false, op, x, rm(mem), aligned, Some(imm))
+            }
+            Sse::U => self.sse_raw(pfx, false, op, x, rm(mem), disp16, None),
+            Sse::S(_) => self.sse_raw(pfx, false, op, x, rm(mem), disp16, None),
+            Sse::SI(_) => self.sse_raw(pfx, false, op, x, rm(mem), disp16, Some(imm & 7)),
+            Sse::Comi(_) => {
+                self.sse_raw(pfx, false, op, x, rm(mem), disp16, None);
+                self.flags(ARITH, 0);
+            }
+            Sse::FromGpr => {
+                let g = self.src();
+                self.sse_raw(pfx, w, op, x, rm(mem).map(|_| g), disp16, None)
+            }
+            Sse::ToGpr(_) | Sse::Msk => {
+                let d = self.dst();
+                let mem = mem && matches!(kind, Sse::ToGpr(_));
+                self.sse_raw(pfx, w, op, d, rm(mem), disp16, None)
+            }
+            Sse::St(_, true) => self.sse_raw(pfx, false, op, x, rm(mem), aligned, None),
+            Sse::St(_, false) => self.sse_raw(pfx, false, op, x, rm(mem), disp16, None),
+            Sse::StM(_, a) => {
+                let disp = if a { aligned } else { disp16 };
+                self.sse_raw(pfx, false, op, x, None, disp, None)
+            }
+            Sse::Ld(_) => self.sse_raw(pfx, false, op, x, None, disp16, None),
+            Sse::Sh(regs) => {
+                let r = regs[self.rng.below(regs.len() as u64) as usize] as usize;
+                let count = if self.rng.chance(4) { imm } else { imm & 0x3f };
+                self.sse_raw(pfx, false, op, r, Some(y), 0, Some(count))
+            }
+            Sse::Pinsrw => {
+                let g = self.src();
+                self.sse_raw(pfx, false, op, x, rm(mem).map(|_| g), disp16, Some(imm))
+            }
+            Sse::Pextrw => {
+                let d = self.dst();
+                self.sse_raw(pfx, false, op, d, Some(y), 0, Some(imm))
+            }
+            Sse::MovOut => {
+                let d = self.dst();
+                // reg = the XMM source, rm = the destination.
+                self.sse_raw(pfx, w, op, x, rm(mem).map(|_| d), disp16, None)
+            }
+            Sse::Mask => {
+                self.a.lea(rdi, r15 + disp16).unwrap();
+                self.sse_raw(pfx, false, op, x, Some(y), 0, None)
+            }
+        }
     }
 
     fn alu2(&mut self) {
@@ -676,7 +1066,8 @@ impl Gen<'_> {
     }
 
     fn insn(&mut self) {
-        match self.rng.below(18) {
+        match self.rng.below(24) {
+            18.. => self.sse(),
             0 | 1 => self.mov(),
             2..=4 => self.alu2(),
             5 => self.test(),
@@ -714,10 +1105,19 @@ fn generate(rng: &mut Rng) -> (Vec<u8>, u64) {
         a: CodeAssembler::new(64).unwrap(),
         defined: ARITH,
     };
+    // XMM0-15 and MXCSR from the stack page.
+    for k in 0..16 {
+        g.sse_raw(0xf3, false, 0x6f, k, None, XMM_IN + 16 * k as i32, None);
+    }
+    g.a.ldmxcsr(dword_ptr(r15 + MXCSR_IN)).unwrap();
     let n = 1 + g.rng.below(MAX_LEN as u64);
     for _ in 0..n {
         g.insn();
     }
+    for k in 0..16 {
+        g.sse_raw(0xf3, false, 0x7f, k, None, XMM_OUT + 16 * k as i32, None);
+    }
+    g.a.stmxcsr(dword_ptr(r15 + MXCSR_OUT)).unwrap();
     g.a.out(PORT as i32, al).unwrap();
     let defined = g.defined;
     (g.a.assemble(CODE).unwrap(), defined)
@@ -862,6 +1262,24 @@ fn gprs(r: &Regs) -> [u64; 17] {
     ]
 }
 
+/// XMM0-15 and MXCSR as stored in `scratch` at `xmm` and `mxcsr`.
+fn sse_state(scratch: &[u8], xmm: i32, mxcsr: i32) -> String {
+    let word = |at: usize, n: usize| {
+        let mut b = [0u8; 16];
+        b[..n].copy_from_slice(&scratch[at..at + n]);
+        u128::from_le_bytes(b)
+    };
+    let mut s = String::new();
+    for k in 0..16 {
+        s += &format!(
+            "xmm{k:<2}={:032x}{}",
+            word(xmm as usize + 16 * k, 16),
+            if k % 2 == 1 { "\n" } else { " " }
+        );
+    }
+    s + &format!("mxcsr={:#x}\n", word(mxcsr as usize, 4))
+}
+
 fn mem_diff(a: &[u8], b: &[u8]) -> String {
     let mut s = String::new();
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -943,16 +1361,25 @@ pub fn run(
             rflags: 0x3202 | (rng.next() & ARITH),
         };
         for chunk in scratch.chunks_mut(8) {
-            chunk.copy_from_slice(&rng.value().to_le_bytes());
+            chunk.copy_from_slice(&rng.fp_chunk().to_le_bytes());
         }
+        // All exceptions masked; random flags, rounding, DAZ and FTZ.
+        let mxcsr = 0x1f80
+            | (rng.next() as u32 & 0x3f)
+            | (rng.below(4) as u32) << 13
+            | if rng.chance(4) { 0x40 } else { 0 }
+            | if rng.chance(4) { 0x8000 } else { 0 };
+        let at = MXCSR_IN as usize;
+        scratch[at..at + 4].copy_from_slice(&mxcsr.to_le_bytes());
         n += 1;
         if let Some((what, detail)) = compare(&mut hw, &mut sw, &code, defined, &init, &scratch) {
             divergences += 1;
             divergence(&format!(
                 "divergence in sequence {} (seed {seed:#x}; rerun with VISOR_DIFF_SEED={seed:#x}): {what}\n\
-                 code:\n{}initial:\n{init}\n{detail}",
+                 code:\n{}initial:\n{init}\n{}{detail}",
                 n - 1,
-                disassemble(&code)
+                disassemble(&code),
+                sse_state(&scratch, XMM_IN, MXCSR_IN)
             ));
             if !opts.keep_going {
                 break;

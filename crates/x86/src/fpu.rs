@@ -6,7 +6,7 @@
 
 use arch::paging::Access;
 use arch::{cr0, cr4, vector};
-use iced_x86::{Code, Instruction, Mnemonic as M, OpKind, Register};
+use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 use crate::sse;
 use crate::{exc, exc_code, Cpu, R};
@@ -445,12 +445,9 @@ impl Cpu {
                 // Not offered by CPUID.
                 exc(vector::UD)
             }
-            _ => match self.exec_sse_int(i) {
+            _ => match self.exec_sse_fp(i).or_else(|| self.exec_sse_int(i)) {
                 Some(r) => r,
-                None => {
-                    let _ = Code::INVALID;
-                    self.unknown(i)
-                }
+                None => self.unknown(i),
             },
         }
     }

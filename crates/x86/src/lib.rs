@@ -52,6 +52,7 @@ pub mod mem;
 mod mmu;
 pub mod model;
 mod sse;
+mod sse_fp;
 mod system;
 mod uop;
 pub mod vmx;
