@@ -96,6 +96,36 @@ fn overflow_limit<F: Fmt, W: Float>() -> W {
     W::from_u128(1).value.scalbn(F::largest().ilogb() + 1)
 }
 
+/// How far operands are scaled to see their result in the normal range.
+const SCALE: i32 = 64;
+
+/// Whether `x op y`, rounded to `F`'s precision with an unbounded exponent,
+/// is below the least normal magnitude: x86 detects tininess after rounding
+/// (SDM vol. 1, 4.9.1.5), while apfloat calls a result tiny only when its
+/// rounding to the denormal format's precision is. They differ when the
+/// latter rounds up to the least normal value, which is when this is asked.
+/// The operation is done on operands scaled exactly by 2^SCALE so that the
+/// result is normal.
+fn tiny_unbounded<F: Fmt>(op: Op, x: F, y: F, rm: Round) -> bool {
+    let (a, b) = match op {
+        Op::Add | Op::Sub => (x.scalbn(SCALE), y.scalbn(SCALE)),
+        // The smaller factor is below 1: scaling it up is exact.
+        Op::Mul if x.abs() <= y.abs() => (x.scalbn(SCALE), y),
+        Op::Mul => (x, y.scalbn(SCALE)),
+        // A dividend too large to scale up has a divisor large enough to
+        // scale down exactly.
+        _ if x.ilogb() < F::largest().ilogb() - SCALE => (x.scalbn(SCALE), y),
+        _ => (x, y.scalbn(-SCALE)),
+    };
+    let r = match op {
+        Op::Add => a.add_r(b, rm),
+        Op::Sub => a.sub_r(b, rm),
+        Op::Mul => a.mul_r(b, rm),
+        _ => a.div_r(b, rm),
+    };
+    r.value.abs() < F::smallest_normalized().scalbn(SCALE)
+}
+
 /// Whether `x op y` overflows `F` in a rounding mode that rounds it to the
 /// largest finite value rather than to an infinity (apfloat reports only the
 /// inexact result then; IEEE 754 and x86 raise overflow whenever the result
@@ -258,6 +288,12 @@ pub(crate) fn lane<F: Fmt>(mx: &mut Mx, op: Op, imm: u8, a: u64, b: u64) -> u64 
             };
             if r.status == Status::INEXACT && r.value.is_largest() && overflowed(op, x, y) {
                 r.status |= Status::OVERFLOW;
+            }
+            if r.status == Status::INEXACT
+                && r.value.abs().bitwise_eq(F::smallest_normalized())
+                && tiny_unbounded(op, x, y, rm)
+            {
+                r.status |= Status::UNDERFLOW;
             }
             if r.status.contains(Status::DIV_BY_ZERO) {
                 // A denormal divided by zero: ZE alone (as the hardware
@@ -472,6 +508,13 @@ pub(crate) fn convert<F: Fmt + FloatConvert<G>, G: Fmt>(mx: &mut Mx, a: u64) -> 
     let mut r: StatusAnd<G> = x.convert_r(mx.round(), &mut false);
     if r.status == Status::INEXACT && r.value.is_largest() && x.abs() >= overflow_limit::<G, F>() {
         r.status |= Status::OVERFLOW;
+    }
+    if r.status == Status::INEXACT && r.value.abs().bitwise_eq(G::smallest_normalized()) {
+        // Tininess after rounding, as in `tiny_unbounded`.
+        let scaled: G = x.scalbn(SCALE).convert_r(mx.round(), &mut false).value;
+        if scaled.abs() < G::smallest_normalized().scalbn(SCALE) {
+            r.status |= Status::UNDERFLOW;
+        }
     }
     mx.result(r)
 }
@@ -806,5 +849,284 @@ impl Cpu {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::{asm, CODE, HANDLER, T};
+    use crate::CpuExit;
+    use iced_x86::code_asm::*;
+
+    const ONE_S: u64 = 0x3f80_0000;
+    const ALL_MASKED: u32 = 0x1f80;
+
+    fn rc(mode: u32) -> u32 {
+        ALL_MASKED | mode << 13
+    }
+
+    fn op_s(csr: u32, op: Op, a: u64, b: u64) -> (u64, u32) {
+        let mut mx = Mx::new(csr);
+        let r = lane::<Single>(&mut mx, op, 0, a, b);
+        (r, mx.pre | mx.post)
+    }
+
+    fn op_d(csr: u32, op: Op, a: u64, b: u64) -> (u64, u32) {
+        let mut mx = Mx::new(csr);
+        let r = lane::<Double>(&mut mx, op, 0, a, b);
+        (r, mx.pre | mx.post)
+    }
+
+    /// 1 + 2^-30 and -(1 + 2^-30) in single precision, in each rounding mode
+    /// (MXCSR.RC: nearest, down, up, toward zero).
+    #[test]
+    fn rounding_modes() {
+        let tiny = 0x3080_0000; // 2^-30
+        let expect = [
+            (0, ONE_S, 0xbf80_0000),
+            (1, ONE_S, 0xbf80_0001),
+            (2, ONE_S + 1, 0xbf80_0000),
+            (3, ONE_S, 0xbf80_0000),
+        ];
+        for (mode, pos, neg) in expect {
+            assert_eq!(op_s(rc(mode), Op::Add, ONE_S, tiny), (pos, PE), "RC {mode}");
+            assert_eq!(
+                op_s(rc(mode), Op::Sub, 0xbf80_0000, tiny),
+                (neg, PE),
+                "RC {mode}"
+            );
+        }
+        // x - x is +0, but -0 rounding down (IEEE 754 6.3).
+        assert_eq!(op_s(rc(0), Op::Sub, ONE_S, ONE_S), (0, 0));
+        assert_eq!(op_s(rc(1), Op::Sub, ONE_S, ONE_S), (0x8000_0000, 0));
+    }
+
+    /// Overflow: to infinity when rounding to nearest, to the largest finite
+    /// value toward zero; OE and PE either way.
+    #[test]
+    fn overflow() {
+        let max = 0x7f7f_ffff;
+        assert_eq!(
+            op_s(rc(0), Op::Mul, max, 0x4000_0000),
+            (0x7f80_0000, OE | PE)
+        );
+        assert_eq!(op_s(rc(3), Op::Mul, max, 0x4000_0000), (max, OE | PE));
+        assert_eq!(op_s(rc(1), Op::Mul, max, 0x4000_0000), (max, OE | PE));
+        // Just above the largest finite value but below 2^128: no overflow
+        // toward zero (the result rounded with an unbounded exponent is
+        // the largest finite value), overflow to nearest... only from half
+        // an ulp on.
+        let above = op_s(rc(3), Op::Add, max, 0x7300_0000); // + 2^103
+        assert_eq!(above, (max, PE));
+        // Double precision, rounding down, negative.
+        let (r, f) = op_d(rc(1), Op::Mul, 0xffef_ffff_ffff_ffff, 0x4000_0000_0000_0000);
+        assert_eq!((r, f), (0xfff0_0000_0000_0000, OE | PE));
+        let (r, f) = op_d(rc(2), Op::Mul, 0xffef_ffff_ffff_ffff, 0x4000_0000_0000_0000);
+        assert_eq!((r, f), (0xffef_ffff_ffff_ffff, OE | PE));
+    }
+
+    /// Underflow: a tiny inexact result is denormal with UE and PE; a tiny
+    /// exact one raises nothing while UE is masked, UE when it is not; FTZ
+    /// makes a tiny result a zero with UE and PE.
+    #[test]
+    fn underflow_and_ftz() {
+        let min = 0x0080_0000; // 2^-126
+        let three = 0x4040_0000;
+        let (r, f) = op_s(rc(0), Op::Div, min, three);
+        assert_eq!((r, f), (0x002a_aaab, UE | PE));
+        // Tininess is detected after rounding: (1 - 2^-24) * 2^-126 rounds
+        // to 2^-126 in the denormal format's precision, but with 24 bits and
+        // an unbounded exponent it stays below: tiny, so UE (and FTZ
+        // flushes it).
+        let below = 0x3f7f_ffff;
+        let (r, f) = op_s(rc(2), Op::Mul, below, min);
+        assert_eq!((r, f), (min, UE | PE));
+        let (r, f) = op_s(rc(2) | FTZ, Op::Mul, below, min);
+        assert_eq!((r, f), (0, UE | PE));
+        // (1 - 2^-24) * (2^-126 + 2^-149) is above 2^-126 and rounds to it
+        // to nearest: not tiny.
+        let (r, f) = op_s(rc(0), Op::Mul, below, min | 1);
+        assert_eq!((r, f), (min, PE));
+        let half = 0x3f00_0000;
+        assert_eq!(op_s(rc(0), Op::Mul, min, half), (0x0040_0000, 0));
+        assert_eq!(
+            op_s(rc(0) & !(UE << 7), Op::Mul, min, half),
+            (0x0040_0000, UE)
+        );
+        assert_eq!(op_s(rc(0) | FTZ, Op::Mul, min, half), (0, UE | PE));
+        assert_eq!(
+            op_s(rc(0) | FTZ, Op::Mul, min | 0x8000_0000, half),
+            (0x8000_0000, UE | PE)
+        );
+    }
+
+    /// NaN results (SDM vol. 1, table 4-7 and appendix E): the first
+    /// operand's NaN wins, quieted; a SNaN raises IE; an invalid operation
+    /// gives the QNaN indefinite.
+    #[test]
+    fn nans() {
+        let snan = 0x7f80_0001;
+        let qnan = 0xffc0_1234;
+        assert_eq!(op_s(rc(0), Op::Add, snan, qnan), (0x7fc0_0001, IE));
+        assert_eq!(op_s(rc(0), Op::Add, qnan, snan), (qnan, IE));
+        assert_eq!(op_s(rc(0), Op::Mul, ONE_S, qnan), (qnan, 0));
+        assert_eq!(
+            op_s(rc(0), Op::Sub, 0x7f80_0000, 0x7f80_0000),
+            (0xffc0_0000, IE)
+        );
+        assert_eq!(op_s(rc(0), Op::Mul, 0, 0xff80_0000), (0xffc0_0000, IE));
+        assert_eq!(op_s(rc(0), Op::Div, 0, 0x8000_0000), (0xffc0_0000, IE));
+        assert_eq!(op_s(rc(0), Op::Div, ONE_S, 0x8000_0000), (0xff80_0000, ZE));
+        assert_eq!(op_s(rc(0), Op::Sqrt, 0, 0xbf80_0000), (0xffc0_0000, IE));
+        assert_eq!(op_s(rc(0), Op::Sqrt, 0, 0x8000_0000), (0x8000_0000, 0));
+        // MIN/MAX: any NaN gives the second operand as it is, with IE;
+        // equal zeros give the second.
+        assert_eq!(op_s(rc(0), Op::Min, qnan, ONE_S), (ONE_S, IE));
+        assert_eq!(op_s(rc(0), Op::Max, ONE_S, snan), (snan, IE));
+        assert_eq!(op_s(rc(0), Op::Min, 0, 0x8000_0000), (0x8000_0000, 0));
+        assert_eq!(op_s(rc(0), Op::Max, 0x8000_0000, 0), (0, 0));
+        // Conversions: a SNaN is quieted keeping the top of its payload.
+        let mut mx = Mx::new(rc(0));
+        assert_eq!(
+            convert::<Single, Double>(&mut mx, 0xff80_0001),
+            0xfff8_0000_2000_0000
+        );
+        assert_eq!(mx.pre, IE);
+    }
+
+    /// DAZ reads a denormal operand as a zero of its sign and raises no DE;
+    /// without it the operand raises DE.
+    #[test]
+    fn denormals() {
+        let den = 0x0000_0001;
+        assert_eq!(op_s(rc(0), Op::Add, den, 0), (den, DE));
+        assert_eq!(op_s(rc(0) | DAZ, Op::Add, den, 0), (0, 0));
+        assert_eq!(
+            op_s(rc(0) | DAZ, Op::Add, den | 0x8000_0000, 0x8000_0000),
+            (0x8000_0000, 0)
+        );
+        // A denormal divided by zero: ZE only.
+        assert_eq!(op_s(rc(0), Op::Div, den, 0), (0x7f80_0000, ZE));
+    }
+
+    /// Square roots are correctly rounded in every mode: sqrt(2) in double
+    /// precision is 0x3ff6a09e667f3bcd to nearest and upward (the exact value
+    /// is below it), one less downward and toward zero.
+    #[test]
+    fn square_roots() {
+        let two = 0x4000_0000_0000_0000;
+        for (mode, r) in [
+            (0, 0x3ff6_a09e_667f_3bcd),
+            (1, 0x3ff6_a09e_667f_3bcc),
+            (2, 0x3ff6_a09e_667f_3bcd),
+            (3, 0x3ff6_a09e_667f_3bcc),
+        ] {
+            assert_eq!(op_d(rc(mode), Op::Sqrt, 0, two), (r, PE), "RC {mode}");
+        }
+        assert_eq!(op_d(rc(0), Op::Sqrt, 0, 0x4010_0000_0000_0000), (two, 0));
+        // The smallest denormal: 2^-1074 has the root 2^-537.
+        assert_eq!(
+            op_d(rc(0), Op::Sqrt, 0, 1),
+            (((1023 - 537) as u64) << 52, DE)
+        );
+        assert_eq!(op_s(rc(0), Op::Sqrt, 0, 0x4080_0000), (0x4000_0000, 0));
+    }
+
+    /// RCP and RSQRT are within 1.5 * 2^-12 relative error (SDM RCPPS).
+    #[test]
+    fn approximations() {
+        let mut x = 0x0080_0000u64;
+        while x < 0x7e80_0000 {
+            let v = f32::from_bits(x as u32) as f64;
+            let r = f32::from_bits(approx(x, false) as u32) as f64;
+            let err = (r * v - 1.0).abs();
+            assert!(err <= 1.5 / 4096.0, "rcp({x:#x}) = {r}");
+            let s = f32::from_bits(approx(x, true) as u32) as f64;
+            let err = (s * v.sqrt() - 1.0).abs();
+            assert!(err <= 1.5 / 4096.0, "rsqrt({x:#x}) = {s}");
+            x += 0x0001_2345;
+        }
+        // Tiny results are flushed to zero (2^127 has the root 2^-127).
+        assert_eq!(approx(0xff00_0000, false), 0x8000_0000);
+        assert_eq!(approx(0x8000_0000, false), 0xff80_0000);
+        assert_eq!(approx(0x7f80_0000, true), 0);
+        assert_eq!(approx(0xbf80_0000, true), 0xffc0_0000);
+    }
+
+    /// Conversions to integers: rounded by RC or truncated; out of range or
+    /// NaN gives the integer indefinite with IE.
+    #[test]
+    fn integer_conversions() {
+        let two_and_half = 0x4004_0000_0000_0000;
+        let mut mx = Mx::new(rc(0));
+        assert_eq!(to_int::<Double>(&mut mx, two_and_half, 32, false), 2);
+        assert_eq!(to_int::<Double>(&mut mx, two_and_half, 32, true), 2);
+        mx = Mx::new(rc(2));
+        assert_eq!(to_int::<Double>(&mut mx, two_and_half, 32, false), 3);
+        assert_eq!(mx.post, PE);
+        let minus_1_5 = 0xbff8_0000_0000_0000;
+        assert_eq!(to_int::<Double>(&mut mx, minus_1_5, 64, true), u64::MAX);
+        let big = 0x41e0_0000_0000_0000; // 2^31
+        assert_eq!(to_int::<Double>(&mut mx, big, 32, false), 0x8000_0000);
+        assert_eq!(mx.pre, IE);
+        let mut mx = Mx::new(rc(0));
+        assert_eq!(to_int::<Double>(&mut mx, big, 64, false), 1 << 31);
+        assert_eq!(mx.pre, 0);
+        assert_eq!(to_int::<Single>(&mut mx, 0x7fc0_0000, 64, false), 1 << 63);
+        assert_eq!(mx.pre, IE);
+        // 2^24 + 1 rounds to nearest even as a single.
+        let mut mx = Mx::new(rc(0));
+        assert_eq!(from_int::<Single>(&mut mx, (1 << 24) + 1), 0x4b80_0000);
+        assert_eq!(mx.post, PE);
+    }
+
+    /// On the CPU: an unmasked exception raises #XM (or #UD with
+    /// CR4.OSXMMEXCPT clear) with the destination unchanged and the flag
+    /// set; a misaligned m128 raises #GP(0); COMISD sets ZF, PF, CF.
+    #[test]
+    fn exceptions_on_the_cpu() {
+        let prog = |a: &mut CodeAssembler| {
+            a.mov(rax, 0x3ff0_0000_0000_0000u64)?; // 1.0
+            a.movq(xmm0, rax)?;
+            a.xorpd(xmm1, xmm1)?;
+            a.mov(dword_ptr(0x30_0000), (ALL_MASKED & !(ZE << 7)) as i32)?;
+            a.ldmxcsr(dword_ptr(0x30_0000))?;
+            a.comisd(xmm0, xmm1)?; // 1 > 0: ZF PF CF clear
+            a.pushfq()?;
+            a.pop(r12)?;
+            a.divsd(xmm0, xmm1)?;
+            a.hlt()
+        };
+        for (cr4_value, vec) in [(0x6a0u64, 19u64), (0x2a0, 6)] {
+            let mut t = T::long(&asm(64, CODE, prog));
+            let mut s = t.cpu.sregs();
+            s.cr4 = cr4_value;
+            t.cpu.set_sregs(&s);
+            t.gate(vec, HANDLER, 0, 0);
+            t.code_at(HANDLER, |a| {
+                a.stmxcsr(dword_ptr(0x30_0004))?;
+                a.mov(r15, vec)?;
+                a.hlt()
+            });
+            assert_eq!(t.run(), CpuExit::Hlt);
+            assert_eq!(t.cpu.regs().r15, vec, "vector");
+            assert_eq!(t.cpu.regs().r12 & 0x45, 0, "COMISD greater: ZF PF CF clear");
+            assert_eq!(t.cpu.fpu.xmm[0] as u64, 0x3ff0_0000_0000_0000, "unchanged");
+            assert_eq!(t.read(0x30_0004) as u32, (ALL_MASKED & !(ZE << 7)) | ZE);
+        }
+        let mut t = T::long(&asm(64, CODE, |a| {
+            a.mov(rax, 0x30_0008u64)?;
+            a.addps(xmm0, xmmword_ptr(rax))?;
+            a.hlt()
+        }));
+        t.gate(13, HANDLER, 0, 0);
+        t.code_at(HANDLER, |a| {
+            a.pop(r14)?;
+            a.mov(r15, 13u64)?;
+            a.hlt()
+        });
+        assert_eq!(t.run(), CpuExit::Hlt);
+        assert_eq!((t.cpu.regs().r15, t.cpu.regs().r14), (13, 0), "#GP(0)");
     }
 }
