@@ -19,6 +19,10 @@
 //! are not generated: their approximations are implementation-specific
 //! (the SDM only bounds their error; unit tests check that bound).
 //!
+//! MMX and the SSE/SSE2 instructions on MM registers are generated too:
+//! the sequence starts with FNINIT and loads MM0-7 from the stack page, and
+//! ends by storing MM0-7 and the x87 status word (TOP) there.
+//!
 //! # Undefined flags
 //!
 //! The generator tracks, per arithmetic flag (CF PF AF ZF SF OF), whether its
@@ -80,6 +84,10 @@ const XMM_IN: i32 = 0x1800;
 const MXCSR_IN: i32 = 0x1900;
 const XMM_OUT: i32 = 0x1a00;
 const MXCSR_OUT: i32 = 0x1b00;
+/// MM0-7 in and out, and the x87 status word out.
+const MM_IN: i32 = 0x1910;
+const MM_OUT: i32 = 0x1b10;
+const FSW_OUT: i32 = 0x1b50;
 const SEL_UDATA: u16 = 0x2b;
 const SEL_UCODE: u16 = 0x33;
 
@@ -323,24 +331,24 @@ enum Sse {
     AI(bool),
     /// xmm, xmm/m128 (any alignment).
     U,
-    /// xmm, xmm/m of that many bytes (any alignment).
-    S(i32),
+    /// xmm, xmm/m32 or m64 (any alignment).
+    S,
     /// `S` with a predicate (0..8).
-    SI(i32),
+    SI,
     /// COMIS/UCOMIS: `S` that writes the arithmetic flags.
-    Comi(i32),
+    Comi,
     /// xmm, r/m32 or r/m64 (CVTSI2SS/SD, MOVD/MOVQ to XMM).
     FromGpr,
-    /// r32/r64, xmm/m of that many bytes (CVT(T)SS2SI/SD2SI).
-    ToGpr(i32),
+    /// r32/r64, xmm/m32 or m64 (CVT(T)SS2SI/SD2SI).
+    ToGpr,
     /// r32/r64, xmm register (MOVMSKPS/PD, PMOVMSKB).
     Msk,
-    /// xmm/m of that many bytes, xmm (stores; aligned if `true`).
-    St(i32, bool),
-    /// m of that many bytes, xmm (memory only; aligned if `true`).
-    StM(i32, bool),
-    /// xmm, m of that many bytes (memory only).
-    Ld(i32),
+    /// xmm/m, xmm (stores; an aligned m128 if `true`).
+    St(bool),
+    /// m, xmm (memory only; an aligned m128 if `true`).
+    StM(bool),
+    /// xmm, m64 (memory only).
+    Ld,
     /// Shift by an immediate: the ModRM reg fields that exist.
     Sh(&'static [u8]),
     /// PINSRW xmm, r32/m16, imm8.
@@ -351,185 +359,109 @@ enum Sse {
     MovOut,
     /// MASKMOVDQU xmm, xmm (stores at DS:RDI).
     Mask,
+    /// mm, mm/m64 (with an immediate if `true`).
+    Mm(bool),
+    /// MMX shift by an immediate: the ModRM reg fields that exist.
+    MmSh(&'static [u8]),
+    /// mm, r/m32 or r/m64 (MOVD/MOVQ), or r/m, mm if `true`.
+    MmGpr(bool),
+    /// r32, mm (PMOVMSKB; PEXTRW with an immediate if `true`).
+    GprMm(bool),
+    /// PINSRW mm, r32/m16, imm8.
+    MmPinsrw,
+    /// mm/m64, mm (a store; memory only if `true`).
+    MmSt(bool),
+    /// MASKMOVQ mm, mm.
+    MmMask,
+    /// xmm, mm (or m64 if `true`): MOVQ2DQ, CVTPI2PS/PD.
+    XmmMm(bool),
+    /// mm, xmm (or memory of that many bytes, 0 for none): MOVDQ2Q,
+    /// CVT(T)PS2PI, CVT(T)PD2PI.
+    MmXmm(i32),
+    /// EMMS.
+    Emms,
 }
 
 /// The SSE/SSE2 instructions generated: mandatory prefix, opcode (after
 /// 0x0f), operands.
+#[rustfmt::skip]
 const SSE: &[(u8, u8, Sse)] = {
     use Sse::*;
     &[
         // SQRT, ADD, MUL, SUB, MIN, DIV, MAX: ps, pd, ss, sd.
-        (0, 0x51, A),
-        (0x66, 0x51, A),
-        (0xf3, 0x51, S(4)),
-        (0xf2, 0x51, S(8)),
-        (0, 0x58, A),
-        (0x66, 0x58, A),
-        (0xf3, 0x58, S(4)),
-        (0xf2, 0x58, S(8)),
-        (0, 0x59, A),
-        (0x66, 0x59, A),
-        (0xf3, 0x59, S(4)),
-        (0xf2, 0x59, S(8)),
-        (0, 0x5c, A),
-        (0x66, 0x5c, A),
-        (0xf3, 0x5c, S(4)),
-        (0xf2, 0x5c, S(8)),
-        (0, 0x5d, A),
-        (0x66, 0x5d, A),
-        (0xf3, 0x5d, S(4)),
-        (0xf2, 0x5d, S(8)),
-        (0, 0x5e, A),
-        (0x66, 0x5e, A),
-        (0xf3, 0x5e, S(4)),
-        (0xf2, 0x5e, S(8)),
-        (0, 0x5f, A),
-        (0x66, 0x5f, A),
-        (0xf3, 0x5f, S(4)),
-        (0xf2, 0x5f, S(8)),
+        (0, 0x51, A), (0x66, 0x51, A), (0xf3, 0x51, S), (0xf2, 0x51, S),
+        (0, 0x58, A), (0x66, 0x58, A), (0xf3, 0x58, S), (0xf2, 0x58, S),
+        (0, 0x59, A), (0x66, 0x59, A), (0xf3, 0x59, S), (0xf2, 0x59, S),
+        (0, 0x5c, A), (0x66, 0x5c, A), (0xf3, 0x5c, S), (0xf2, 0x5c, S),
+        (0, 0x5d, A), (0x66, 0x5d, A), (0xf3, 0x5d, S), (0xf2, 0x5d, S),
+        (0, 0x5e, A), (0x66, 0x5e, A), (0xf3, 0x5e, S), (0xf2, 0x5e, S),
+        (0, 0x5f, A), (0x66, 0x5f, A), (0xf3, 0x5f, S), (0xf2, 0x5f, S),
         // CMPcc, COMIS, UCOMIS.
-        (0, 0xc2, AI(true)),
-        (0x66, 0xc2, AI(true)),
-        (0xf3, 0xc2, SI(4)),
-        (0xf2, 0xc2, SI(8)),
-        (0, 0x2e, Comi(4)),
-        (0x66, 0x2e, Comi(8)),
-        (0, 0x2f, Comi(4)),
-        (0x66, 0x2f, Comi(8)),
+        (0, 0xc2, AI(true)), (0x66, 0xc2, AI(true)), (0xf3, 0xc2, SI), (0xf2, 0xc2, SI),
+        (0, 0x2e, Comi), (0x66, 0x2e, Comi), (0, 0x2f, Comi), (0x66, 0x2f, Comi),
         // AND, ANDN, OR, XOR; UNPCKL, UNPCKH, SHUF.
-        (0, 0x54, A),
-        (0x66, 0x54, A),
-        (0, 0x55, A),
-        (0x66, 0x55, A),
-        (0, 0x56, A),
-        (0x66, 0x56, A),
-        (0, 0x57, A),
-        (0x66, 0x57, A),
-        (0, 0x14, A),
-        (0x66, 0x14, A),
-        (0, 0x15, A),
-        (0x66, 0x15, A),
-        (0, 0xc6, AI(false)),
-        (0x66, 0xc6, AI(false)),
+        (0, 0x54, A), (0x66, 0x54, A), (0, 0x55, A), (0x66, 0x55, A),
+        (0, 0x56, A), (0x66, 0x56, A), (0, 0x57, A), (0x66, 0x57, A),
+        (0, 0x14, A), (0x66, 0x14, A), (0, 0x15, A), (0x66, 0x15, A),
+        (0, 0xc6, AI(false)), (0x66, 0xc6, AI(false)),
         // Conversions.
-        (0, 0x5a, S(8)),
-        (0x66, 0x5a, A),
-        (0xf3, 0x5a, S(4)),
-        (0xf2, 0x5a, S(8)),
-        (0, 0x5b, A),
-        (0x66, 0x5b, A),
-        (0xf3, 0x5b, A),
-        (0x66, 0xe6, A),
-        (0xf2, 0xe6, A),
-        (0xf3, 0xe6, S(8)),
-        (0xf3, 0x2a, FromGpr),
-        (0xf2, 0x2a, FromGpr),
-        (0xf3, 0x2c, ToGpr(4)),
-        (0xf2, 0x2c, ToGpr(8)),
-        (0xf3, 0x2d, ToGpr(4)),
-        (0xf2, 0x2d, ToGpr(8)),
+        (0, 0x5a, S), (0x66, 0x5a, A), (0xf3, 0x5a, S), (0xf2, 0x5a, S),
+        (0, 0x5b, A), (0x66, 0x5b, A), (0xf3, 0x5b, A),
+        (0x66, 0xe6, A), (0xf2, 0xe6, A), (0xf3, 0xe6, S),
+        (0xf3, 0x2a, FromGpr), (0xf2, 0x2a, FromGpr),
+        (0xf3, 0x2c, ToGpr), (0xf2, 0x2c, ToGpr), (0xf3, 0x2d, ToGpr), (0xf2, 0x2d, ToGpr),
         // Moves.
-        (0, 0x10, U),
-        (0x66, 0x10, U),
-        (0xf3, 0x10, S(4)),
-        (0xf2, 0x10, S(8)),
-        (0, 0x11, St(16, false)),
-        (0x66, 0x11, St(16, false)),
-        (0xf3, 0x11, St(4, false)),
-        (0xf2, 0x11, St(8, false)),
-        (0, 0x28, A),
-        (0x66, 0x28, A),
-        (0, 0x29, St(16, true)),
-        (0x66, 0x29, St(16, true)),
-        (0, 0x12, S(8)),
-        (0, 0x16, S(8)),
-        (0x66, 0x12, Ld(8)),
-        (0x66, 0x16, Ld(8)),
-        (0, 0x13, StM(8, false)),
-        (0x66, 0x13, StM(8, false)),
-        (0, 0x17, StM(8, false)),
-        (0x66, 0x17, StM(8, false)),
-        (0, 0x2b, StM(16, true)),
-        (0x66, 0x2b, StM(16, true)),
-        (0x66, 0xe7, StM(16, true)),
-        (0, 0x50, Msk),
-        (0x66, 0x50, Msk),
-        (0x66, 0xd7, Msk),
-        (0x66, 0x6e, FromGpr),
-        (0x66, 0x7e, MovOut),
-        (0xf3, 0x7e, S(8)),
-        (0x66, 0xd6, St(8, false)),
-        (0x66, 0x6f, A),
-        (0xf3, 0x6f, U),
-        (0x66, 0x7f, St(16, true)),
-        (0xf3, 0x7f, St(16, false)),
+        (0, 0x10, U), (0x66, 0x10, U), (0xf3, 0x10, S), (0xf2, 0x10, S),
+        (0, 0x11, St(false)), (0x66, 0x11, St(false)), (0xf3, 0x11, St(false)),
+        (0xf2, 0x11, St(false)),
+        (0, 0x28, A), (0x66, 0x28, A), (0, 0x29, St(true)), (0x66, 0x29, St(true)),
+        (0, 0x12, S), (0, 0x16, S), (0x66, 0x12, Ld), (0x66, 0x16, Ld),
+        (0, 0x13, StM(false)), (0x66, 0x13, StM(false)), (0, 0x17, StM(false)),
+        (0x66, 0x17, StM(false)),
+        (0, 0x2b, StM(true)), (0x66, 0x2b, StM(true)), (0x66, 0xe7, StM(true)),
+        (0, 0x50, Msk), (0x66, 0x50, Msk), (0x66, 0xd7, Msk),
+        (0x66, 0x6e, FromGpr), (0x66, 0x7e, MovOut), (0xf3, 0x7e, S), (0x66, 0xd6, St(false)),
+        (0x66, 0x6f, A), (0xf3, 0x6f, U), (0x66, 0x7f, St(true)), (0xf3, 0x7f, St(false)),
         // SSE2 integer.
-        (0x66, 0x60, A),
-        (0x66, 0x61, A),
-        (0x66, 0x62, A),
-        (0x66, 0x63, A),
-        (0x66, 0x64, A),
-        (0x66, 0x65, A),
-        (0x66, 0x66, A),
-        (0x66, 0x67, A),
-        (0x66, 0x68, A),
-        (0x66, 0x69, A),
-        (0x66, 0x6a, A),
-        (0x66, 0x6b, A),
-        (0x66, 0x6c, A),
-        (0x66, 0x6d, A),
-        (0x66, 0x74, A),
-        (0x66, 0x75, A),
-        (0x66, 0x76, A),
-        (0x66, 0x70, AI(false)),
-        (0xf3, 0x70, AI(false)),
-        (0xf2, 0x70, AI(false)),
-        (0x66, 0x71, Sh(&[2, 4, 6])),
-        (0x66, 0x72, Sh(&[2, 4, 6])),
-        (0x66, 0x73, Sh(&[2, 3, 6, 7])),
-        (0x66, 0xd1, A),
-        (0x66, 0xd2, A),
-        (0x66, 0xd3, A),
-        (0x66, 0xd4, A),
-        (0x66, 0xd5, A),
-        (0x66, 0xd8, A),
-        (0x66, 0xd9, A),
-        (0x66, 0xda, A),
-        (0x66, 0xdb, A),
-        (0x66, 0xdc, A),
-        (0x66, 0xdd, A),
-        (0x66, 0xde, A),
-        (0x66, 0xdf, A),
-        (0x66, 0xe0, A),
-        (0x66, 0xe1, A),
-        (0x66, 0xe2, A),
-        (0x66, 0xe3, A),
-        (0x66, 0xe4, A),
-        (0x66, 0xe5, A),
-        (0x66, 0xe8, A),
-        (0x66, 0xe9, A),
-        (0x66, 0xea, A),
-        (0x66, 0xeb, A),
-        (0x66, 0xec, A),
-        (0x66, 0xed, A),
-        (0x66, 0xee, A),
-        (0x66, 0xef, A),
-        (0x66, 0xf1, A),
-        (0x66, 0xf2, A),
-        (0x66, 0xf3, A),
-        (0x66, 0xf4, A),
-        (0x66, 0xf5, A),
-        (0x66, 0xf6, A),
-        (0x66, 0xf8, A),
-        (0x66, 0xf9, A),
-        (0x66, 0xfa, A),
-        (0x66, 0xfb, A),
-        (0x66, 0xfc, A),
-        (0x66, 0xfd, A),
-        (0x66, 0xfe, A),
-        (0x66, 0xc4, Pinsrw),
-        (0x66, 0xc5, Pextrw),
-        (0x66, 0xf7, Mask),
+        (0x66, 0x60, A), (0x66, 0x61, A), (0x66, 0x62, A), (0x66, 0x63, A),
+        (0x66, 0x64, A), (0x66, 0x65, A), (0x66, 0x66, A), (0x66, 0x67, A),
+        (0x66, 0x68, A), (0x66, 0x69, A), (0x66, 0x6a, A), (0x66, 0x6b, A),
+        (0x66, 0x6c, A), (0x66, 0x6d, A), (0x66, 0x74, A), (0x66, 0x75, A), (0x66, 0x76, A),
+        (0x66, 0x70, AI(false)), (0xf3, 0x70, AI(false)), (0xf2, 0x70, AI(false)),
+        (0x66, 0x71, Sh(&[2, 4, 6])), (0x66, 0x72, Sh(&[2, 4, 6])), (0x66, 0x73, Sh(&[2, 3, 6, 7])),
+        (0x66, 0xd1, A), (0x66, 0xd2, A), (0x66, 0xd3, A), (0x66, 0xd4, A), (0x66, 0xd5, A),
+        (0x66, 0xd8, A), (0x66, 0xd9, A), (0x66, 0xda, A), (0x66, 0xdb, A),
+        (0x66, 0xdc, A), (0x66, 0xdd, A), (0x66, 0xde, A), (0x66, 0xdf, A),
+        (0x66, 0xe0, A), (0x66, 0xe1, A), (0x66, 0xe2, A), (0x66, 0xe3, A),
+        (0x66, 0xe4, A), (0x66, 0xe5, A),
+        (0x66, 0xe8, A), (0x66, 0xe9, A), (0x66, 0xea, A), (0x66, 0xeb, A),
+        (0x66, 0xec, A), (0x66, 0xed, A), (0x66, 0xee, A), (0x66, 0xef, A),
+        (0x66, 0xf1, A), (0x66, 0xf2, A), (0x66, 0xf3, A), (0x66, 0xf4, A),
+        (0x66, 0xf5, A), (0x66, 0xf6, A),
+        (0x66, 0xf8, A), (0x66, 0xf9, A), (0x66, 0xfa, A), (0x66, 0xfb, A),
+        (0x66, 0xfc, A), (0x66, 0xfd, A), (0x66, 0xfe, A),
+        (0x66, 0xc4, Pinsrw), (0x66, 0xc5, Pextrw), (0x66, 0xf7, Mask),
+        // MMX, and the SSE/SSE2 instructions on MM registers.
+        (0, 0x60, Mm(false)), (0, 0x61, Mm(false)), (0, 0x62, Mm(false)), (0, 0x63, Mm(false)),
+        (0, 0x64, Mm(false)), (0, 0x65, Mm(false)), (0, 0x66, Mm(false)), (0, 0x67, Mm(false)),
+        (0, 0x68, Mm(false)), (0, 0x69, Mm(false)), (0, 0x6a, Mm(false)), (0, 0x6b, Mm(false)),
+        (0, 0x74, Mm(false)), (0, 0x75, Mm(false)), (0, 0x76, Mm(false)), (0, 0x70, Mm(true)),
+        (0, 0x71, MmSh(&[2, 4, 6])), (0, 0x72, MmSh(&[2, 4, 6])), (0, 0x73, MmSh(&[2, 6])),
+        (0, 0xd1, Mm(false)), (0, 0xd2, Mm(false)), (0, 0xd3, Mm(false)), (0, 0xd4, Mm(false)),
+        (0, 0xd5, Mm(false)), (0, 0xd8, Mm(false)), (0, 0xd9, Mm(false)), (0, 0xda, Mm(false)),
+        (0, 0xdb, Mm(false)), (0, 0xdc, Mm(false)), (0, 0xdd, Mm(false)), (0, 0xde, Mm(false)),
+        (0, 0xdf, Mm(false)), (0, 0xe0, Mm(false)), (0, 0xe1, Mm(false)), (0, 0xe2, Mm(false)),
+        (0, 0xe3, Mm(false)), (0, 0xe4, Mm(false)), (0, 0xe5, Mm(false)), (0, 0xe8, Mm(false)),
+        (0, 0xe9, Mm(false)), (0, 0xea, Mm(false)), (0, 0xeb, Mm(false)), (0, 0xec, Mm(false)),
+        (0, 0xed, Mm(false)), (0, 0xee, Mm(false)), (0, 0xef, Mm(false)), (0, 0xf1, Mm(false)),
+        (0, 0xf2, Mm(false)), (0, 0xf3, Mm(false)), (0, 0xf4, Mm(false)), (0, 0xf5, Mm(false)),
+        (0, 0xf6, Mm(false)), (0, 0xf8, Mm(false)), (0, 0xf9, Mm(false)), (0, 0xfa, Mm(false)),
+        (0, 0xfb, Mm(false)), (0, 0xfc, Mm(false)), (0, 0xfd, Mm(false)), (0, 0xfe, Mm(false)),
+        (0, 0x6e, MmGpr(false)), (0, 0x7e, MmGpr(true)), (0, 0x6f, Mm(false)), (0, 0x7f, MmSt(false)),
+        (0, 0xe7, MmSt(true)), (0, 0xd7, GprMm(false)), (0, 0xc5, GprMm(true)), (0, 0xc4, MmPinsrw),
+        (0, 0xf7, MmMask), (0xf3, 0xd6, XmmMm(false)), (0xf2, 0xd6, MmXmm(0)),
+        (0, 0x2a, XmmMm(true)), (0x66, 0x2a, XmmMm(true)), (0, 0x2c, MmXmm(8)), (0, 0x2d, MmXmm(8)),
+        (0x66, 0x2c, MmXmm(16)), (0x66, 0x2d, MmXmm(16)), (0, 0x77, Emms),
     ]
 };
 
@@ -645,9 +577,9 @@ impl Gen<'_> {
                 self.sse_raw(pfx, false, op, x, rm(mem), aligned, Some(imm))
             }
             Sse::U => self.sse_raw(pfx, false, op, x, rm(mem), disp16, None),
-            Sse::S(_) => self.sse_raw(pfx, false, op, x, rm(mem), disp16, None),
-            Sse::SI(_) => self.sse_raw(pfx, false, op, x, rm(mem), disp16, Some(imm & 7)),
-            Sse::Comi(_) => {
+            Sse::S => self.sse_raw(pfx, false, op, x, rm(mem), disp16, None),
+            Sse::SI => self.sse_raw(pfx, false, op, x, rm(mem), disp16, Some(imm & 7)),
+            Sse::Comi => {
                 self.sse_raw(pfx, false, op, x, rm(mem), disp16, None);
                 self.flags(ARITH, 0);
             }
@@ -655,18 +587,18 @@ impl Gen<'_> {
                 let g = self.src();
                 self.sse_raw(pfx, w, op, x, rm(mem).map(|_| g), disp16, None)
             }
-            Sse::ToGpr(_) | Sse::Msk => {
+            Sse::ToGpr | Sse::Msk => {
                 let d = self.dst();
-                let mem = mem && matches!(kind, Sse::ToGpr(_));
+                let mem = mem && matches!(kind, Sse::ToGpr);
                 self.sse_raw(pfx, w, op, d, rm(mem), disp16, None)
             }
-            Sse::St(_, true) => self.sse_raw(pfx, false, op, x, rm(mem), aligned, None),
-            Sse::St(_, false) => self.sse_raw(pfx, false, op, x, rm(mem), disp16, None),
-            Sse::StM(_, a) => {
+            Sse::St(true) => self.sse_raw(pfx, false, op, x, rm(mem), aligned, None),
+            Sse::St(false) => self.sse_raw(pfx, false, op, x, rm(mem), disp16, None),
+            Sse::StM(a) => {
                 let disp = if a { aligned } else { disp16 };
                 self.sse_raw(pfx, false, op, x, None, disp, None)
             }
-            Sse::Ld(_) => self.sse_raw(pfx, false, op, x, None, disp16, None),
+            Sse::Ld => self.sse_raw(pfx, false, op, x, None, disp16, None),
             Sse::Sh(regs) => {
                 let r = regs[self.rng.below(regs.len() as u64) as usize] as usize;
                 let count = if self.rng.chance(4) { imm } else { imm & 0x3f };
@@ -689,6 +621,44 @@ impl Gen<'_> {
                 self.a.lea(rdi, r15 + disp16).unwrap();
                 self.sse_raw(pfx, false, op, x, Some(y), 0, None)
             }
+            Sse::Mm(i) => {
+                let imm = i.then_some(imm);
+                self.sse_raw(pfx, false, op, x & 7, rm(mem).map(|r| r & 7), disp16, imm)
+            }
+            Sse::MmSh(regs) => {
+                let r = regs[self.rng.below(regs.len() as u64) as usize] as usize;
+                let count = if self.rng.chance(4) { imm } else { imm & 0x3f };
+                self.sse_raw(pfx, false, op, r, Some(y & 7), 0, Some(count))
+            }
+            Sse::MmGpr(to_gpr) => {
+                let g = if to_gpr { self.dst() } else { self.src() };
+                self.sse_raw(pfx, w, op, x & 7, rm(mem).map(|_| g), disp16, None)
+            }
+            Sse::GprMm(i) => {
+                let d = self.dst();
+                self.sse_raw(pfx, false, op, d, Some(y & 7), 0, i.then_some(imm))
+            }
+            Sse::MmPinsrw => {
+                let g = self.src();
+                self.sse_raw(pfx, false, op, x & 7, rm(mem).map(|_| g), disp16, Some(imm))
+            }
+            Sse::MmSt(mem_only) => {
+                let rm = rm(mem || mem_only).map(|r| r & 7);
+                self.sse_raw(pfx, false, op, x & 7, rm, disp16, None)
+            }
+            Sse::MmMask => {
+                self.a.lea(rdi, r15 + disp16).unwrap();
+                self.sse_raw(pfx, false, op, x & 7, Some(y & 7), 0, None)
+            }
+            Sse::XmmMm(mem_ok) => {
+                let rm = rm(mem && mem_ok).map(|r| r & 7);
+                self.sse_raw(pfx, false, op, x, rm, disp16, None)
+            }
+            Sse::MmXmm(size) => {
+                let disp = if size == 16 { aligned } else { disp16 };
+                self.sse_raw(pfx, false, op, x & 7, rm(mem && size > 0), disp, None)
+            }
+            Sse::Emms => self.a.db(&[0x0f, 0x77]).unwrap(),
         }
     }
 
@@ -1110,6 +1080,10 @@ fn generate(rng: &mut Rng) -> (Vec<u8>, u64) {
         g.sse_raw(0xf3, false, 0x6f, k, None, XMM_IN + 16 * k as i32, None);
     }
     g.a.ldmxcsr(dword_ptr(r15 + MXCSR_IN)).unwrap();
+    g.a.fninit().unwrap();
+    for k in 0..8 {
+        g.sse_raw(0, false, 0x6f, k, None, MM_IN + 8 * k as i32, None);
+    }
     let n = 1 + g.rng.below(MAX_LEN as u64);
     for _ in 0..n {
         g.insn();
@@ -1118,6 +1092,10 @@ fn generate(rng: &mut Rng) -> (Vec<u8>, u64) {
         g.sse_raw(0xf3, false, 0x7f, k, None, XMM_OUT + 16 * k as i32, None);
     }
     g.a.stmxcsr(dword_ptr(r15 + MXCSR_OUT)).unwrap();
+    for k in 0..8 {
+        g.sse_raw(0, false, 0x7f, k, None, MM_OUT + 8 * k as i32, None);
+    }
+    g.a.fnstsw(word_ptr(r15 + FSW_OUT)).unwrap();
     g.a.out(PORT as i32, al).unwrap();
     let defined = g.defined;
     (g.a.assemble(CODE).unwrap(), defined)
@@ -1275,6 +1253,13 @@ fn sse_state(scratch: &[u8], xmm: i32, mxcsr: i32) -> String {
             "xmm{k:<2}={:032x}{}",
             word(xmm as usize + 16 * k, 16),
             if k % 2 == 1 { "\n" } else { " " }
+        );
+    }
+    for k in 0..8 {
+        s += &format!(
+            "mm{k}={:016x}{}",
+            word(MM_IN as usize + 8 * k, 8),
+            if k % 4 == 3 { "\n" } else { " " }
         );
     }
     s + &format!("mxcsr={:#x}\n", word(mxcsr as usize, 4))

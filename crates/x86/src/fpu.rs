@@ -8,7 +8,6 @@ use arch::paging::Access;
 use arch::{cr0, cr4, vector};
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
-use crate::sse;
 use crate::{exc, exc_code, Cpu, R};
 
 #[derive(Clone, Debug)]
@@ -306,11 +305,8 @@ impl Cpu {
                 let v = self.fpu.mxcsr as u64;
                 self.write_op(i, 0, 4, v)
             }
-            M::Emms => {
-                self.x87_check()?;
-                self.fpu.ftw = 0;
-                Ok(())
-            }
+            M::Emms | M::Cvtpi2ps | M::Cvtpi2pd => self.exec_mmx(i),
+            _ if crate::mmx::has_mm(i) => self.exec_mmx(i),
             M::Movaps
             | M::Movapd
             | M::Movdqa
@@ -331,17 +327,6 @@ impl Cpu {
             }
             M::Movq | M::Movd => {
                 self.sse_check()?;
-                if !i.op0_register().is_xmm()
-                    && !i.op1_register().is_xmm()
-                    && i.op0_kind() == OpKind::Register
-                    && i.op1_kind() == OpKind::Register
-                {
-                    // MMX forms.
-                    return self.unknown(i);
-                }
-                if i.op0_register().is_mm() || i.op1_register().is_mm() {
-                    return self.unknown(i);
-                }
                 let sz = if i.mnemonic() == M::Movd { 4 } else { 8 };
                 let v = self.read_xmm_op(i, 1, false)?
                     & if sz == 4 {
@@ -366,60 +351,10 @@ impl Cpu {
                 let v = self.reg(i.op1_register());
                 self.write_op(i, 0, sz, v)
             }
-            M::Pxor
-            | M::Xorps
-            | M::Xorpd
-            | M::Por
-            | M::Orps
-            | M::Orpd
-            | M::Pand
-            | M::Andps
-            | M::Andpd
-            | M::Pandn
-            | M::Andnps
-            | M::Andnpd
-            | M::Pcmpeqb
-            | M::Pcmpeqw
-            | M::Pcmpeqd
-            | M::Paddq
-            | M::Psubq
-            | M::Punpcklqdq
-            | M::Punpckhqdq => {
-                self.sse_check()?;
-                if !i.op0_register().is_xmm() {
-                    return self.unknown(i);
-                }
-                let d = xmm_index(i.op0_register());
-                let a = self.fpu.xmm[d];
-                let b = self.read_xmm_op(i, 1, true)?;
-                let r = match i.mnemonic() {
-                    M::Pxor | M::Xorps | M::Xorpd => a ^ b,
-                    M::Por | M::Orps | M::Orpd => a | b,
-                    M::Pand | M::Andps | M::Andpd => a & b,
-                    M::Pandn | M::Andnps | M::Andnpd => !a & b,
-                    M::Pcmpeqb => sse::pcmpeq(a, b, 1),
-                    M::Pcmpeqw => sse::pcmpeq(a, b, 2),
-                    M::Pcmpeqd => sse::pcmpeq(a, b, 4),
-                    M::Paddq => sse::map(a, b, 8, u64::wrapping_add),
-                    M::Psubq => sse::map(a, b, 8, u64::wrapping_sub),
-                    M::Punpcklqdq => sse::unpack(a, b, 8, false),
-                    _ => sse::unpack(a, b, 8, true),
-                };
-                self.fpu.xmm[d] = r;
-                Ok(())
-            }
             M::Pmovmskb => {
                 self.sse_check()?;
-                if !i.op1_register().is_xmm() {
-                    return self.unknown(i);
-                }
                 let v = self.fpu.xmm[xmm_index(i.op1_register())];
-                let mut m = 0u64;
-                for k in 0..16 {
-                    if (v >> (k * 8 + 7)) & 1 != 0 {
-                        m |= 1 << k;
-                    }
-                }
+                let m = (0..16).fold(0, |m, k| m | (((v >> (k * 8 + 7)) & 1) as u64) << k);
                 self.set_reg(i.op0_register(), m);
                 Ok(())
             }

@@ -50,6 +50,7 @@ mod guest_debug;
 mod intercept;
 pub mod mem;
 mod mmu;
+mod mmx;
 pub mod model;
 mod sse;
 mod sse_fp;

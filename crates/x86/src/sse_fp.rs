@@ -839,11 +839,17 @@ impl Cpu {
         let n = i.op_count();
         let v = self.xmm_reg(i.op_register(n - 2));
         let mask = self.xmm_reg(i.op_register(n - 1));
-        let asz = Self::string_asz(i);
-        let di = self.gpr[7] & (u64::MAX >> (64 - 8 * asz as u32));
-        for k in 0..16 {
+        self.mask_store(i, v, mask, 16)
+    }
+
+    /// MASKMOVDQU and MASKMOVQ: the bytes of `v` (of `len`) whose byte in
+    /// `mask` has its top bit set, stored at DS:rDI (or the override).
+    pub(crate) fn mask_store(&mut self, i: &Instruction, v: u128, mask: u128, len: usize) -> R<()> {
+        let am = u64::MAX >> (64 - 8 * Self::string_asz(i) as u32);
+        let di = self.gpr[7] & am;
+        for k in 0..len {
             if (mask >> (8 * k + 7)) & 1 != 0 {
-                let ea = di.wrapping_add(k as u64) & (u64::MAX >> (64 - 8 * asz as u32));
+                let ea = di.wrapping_add(k as u64) & am;
                 let l = self.lin(Self::mem_seg(i), ea)?;
                 self.wr(l, 1, (v >> (8 * k)) as u64 & 0xff)?;
             }
