@@ -1,5 +1,6 @@
 //! x87 and SSE state: FNINIT, FWAIT, control/status words, FXSAVE/FXRSTOR,
-//! MXCSR, and the SSE moves and logic operations. Of the x87 data
+//! MXCSR, and the SSE moves; the rest of SSE/SSE2 is in sse.rs and
+//! sse_fp.rs, MMX in mmx.rs. Of the x87 data
 //! instructions only FILD is implemented (Linux runs it on AMD CPUs to clear
 //! the x87 pointers before FXRSTOR); the others end the run with an
 //! "unimplemented instruction" exit.

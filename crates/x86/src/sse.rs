@@ -1,7 +1,7 @@
 //! SSE/SSE2 integer and shuffle instructions on XMM registers: the packed
 //! arithmetic, comparisons, shifts, shuffles, unpacks and packs that compiled
-//! C libraries use (glibc's SSE2 string functions, for one). MMX forms are not
-//! implemented (`None`, then the usual unimplemented-instruction exit).
+//! C libraries use (glibc's SSE2 string functions, for one). The MMX forms
+//! use the same operations (mmx.rs).
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind};
 
