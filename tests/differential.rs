@@ -1,6 +1,7 @@
-//! Differential test, hardware as the oracle: random user-level integer
-//! instruction sequences on `kvm` and on `emu` must leave the same registers,
-//! defined flags and memory (tests/common/difftest.rs says how).
+//! Differential test, hardware as the oracle: random user-level integer, SSE,
+//! SSE2 and MMX instruction sequences on `kvm` and on `emu` must leave the same
+//! registers (general, XMM, MM, MXCSR, x87 status), defined flags and memory
+//! (tests/common/difftest.rs says how).
 //!
 //! 10,000 sequences from a fixed seed; `VISOR_DIFF_SEED` (decimal or 0x-hex) and
 //! `VISOR_DIFF_COUNT` change them. Long runs: examples/difftest.rs.
