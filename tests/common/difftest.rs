@@ -88,6 +88,13 @@ const MXCSR_OUT: i32 = 0x1b00;
 const MM_IN: i32 = 0x1910;
 const MM_OUT: i32 = 0x1b10;
 const FSW_OUT: i32 = 0x1b50;
+/// The x87 control word loaded at the start of an x87 sequence.
+const FCW_IN: i32 = 0x1960;
+/// Sixteen 80-bit values (16 bytes apart) for FLD m80.
+const F80_IN: i32 = 0x1600;
+/// FXSAVE's image at the end of every sequence (FOP, FIP, FDP and
+/// MXCSR_MASK cleared by the sequence: implementation-specific).
+const FX_OUT: i32 = 0x1200;
 const SEL_UDATA: u16 = 0x2b;
 const SEL_UCODE: u16 = 0x33;
 
@@ -185,6 +192,38 @@ impl Rng {
             12 => ((0x360 + self.below(0xa0)) << 52) | frac,
             _ => self.next() & 0x7fff_ffff_ffff_ffff,
         }
+    }
+    /// An interesting 80-bit value (sign and exponent, significand).
+    fn f80(&mut self) -> (u16, u64) {
+        let s = (self.below(2) as u16) << 15;
+        let sig = self.next();
+        let int = 1u64 << 63;
+        let (e, m) = match self.below(14) {
+            0 => (0, 0),
+            1 => (0x7fff, int),
+            2 => (
+                0x7fff,
+                0xc000_0000_0000_0000 | (sig & (u64::MAX >> (2 + self.below(62)))),
+            ),
+            3 => (0x7fff, int | (sig >> 2).max(1)),
+            4 => (0, (sig >> 1).max(1)),
+            5 => (0, sig | int),
+            6 => (1 + self.below(0x7ffe) as u16, sig & !int),
+            7 => (0x3fff + self.below(70) as u16 - 4, sig | int),
+            8 => (0x7ffe - self.below(8) as u16, sig | int),
+            9 => (1 + self.below(8) as u16, sig | int),
+            // Few significant bits: exact sums, halfway cases.
+            10 => (
+                0x3fff + self.below(8) as u16,
+                int | (sig & !(u64::MAX >> (2 + self.below(12)))),
+            ),
+            11 => (
+                0x3fff - 64 + self.below(128) as u16,
+                (sig | int) & !(u64::MAX >> (25 + self.below(31))),
+            ),
+            _ => (self.below(0x7fff) as u16, sig | int),
+        };
+        (s | e, m)
     }
     /// Eight bytes of floating-point data (one double or two singles) or a
     /// `value`.
@@ -470,6 +509,8 @@ struct Gen<'r> {
     a: CodeAssembler,
     /// Arithmetic flags whose current value the SDM defines.
     defined: u64,
+    /// An x87 sequence (x87 instructions generated).
+    x87: bool,
 }
 
 impl Gen<'_> {
@@ -1035,7 +1076,75 @@ impl Gen<'_> {
         .unwrap();
     }
 
+    /// A load onto the x87 stack: FLD m80 (the 80-bit values), FLD m64,
+    /// FLD m32, FILD m32.
+    fn fp_load(&mut self) {
+        match self.rng.below(4) {
+            0 | 1 => {
+                let slot = self.rng.below(16) as i32;
+                self.raw(4, &[0xdb], 5, None, F80_IN + 16 * slot);
+            }
+            2 => {
+                let d = self.disp();
+                self.raw(4, &[0xdd], 0, None, d);
+            }
+            _ => {
+                let d = self.disp();
+                let op = [0xd9, 0xdb][self.rng.below(2) as usize];
+                self.raw(4, &[op], 0, None, d);
+            }
+        }
+    }
+
+    /// An x87 instruction: register forms (ranges of ModRM bytes) and
+    /// memory forms on the data page.
+    fn fp(&mut self) {
+        #[rustfmt::skip]
+        const REG: &[(u8, u8, u8)] = &[
+            (0xd8, 0xc0, 0xff), (0xd9, 0xc0, 0xcf), (0xd9, 0xd0, 0xd0), (0xd9, 0xd8, 0xdf),
+            (0xd9, 0xe0, 0xe1), (0xd9, 0xe4, 0xe5), (0xd9, 0xe8, 0xee), (0xd9, 0xf6, 0xf7),
+            (0xd9, 0xfa, 0xfa), (0xd9, 0xfc, 0xfc),
+            (0xda, 0xc0, 0xdf), (0xda, 0xe9, 0xe9), (0xdb, 0xc0, 0xdf), (0xdb, 0xe2, 0xe2),
+            (0xdb, 0xe8, 0xf7), (0xdc, 0xc0, 0xff), (0xdd, 0xc0, 0xef), (0xde, 0xc0, 0xd7),
+            (0xde, 0xd9, 0xd9), (0xde, 0xe0, 0xff), (0xdf, 0xc0, 0xdf), (0xdf, 0xe0, 0xe0),
+            (0xdf, 0xe8, 0xf7),
+        ];
+        // Memory forms: opcode and the ModRM reg fields generated (not
+        // FISTTP: SSE3, which the model does not advertise).
+        #[rustfmt::skip]
+        const MEM: &[(u8, &[u8])] = &[
+            (0xd8, &[0, 1, 2, 3, 4, 5, 6, 7]), (0xdc, &[0, 1, 2, 3, 4, 5, 6, 7]),
+            (0xda, &[0, 1, 2, 3, 4, 5, 6, 7]), (0xde, &[0, 1, 2, 3, 4, 5, 6, 7]),
+            (0xd9, &[0, 2, 3, 7]), (0xdd, &[0, 2, 3, 7]), (0xdb, &[0, 2, 3, 7]),
+            (0xdf, &[0, 2, 3, 5, 7]),
+        ];
+        if self.rng.chance(6) {
+            return self.fp_load();
+        }
+        if self.rng.chance(3) {
+            let (op, regs) = MEM[self.rng.below(MEM.len() as u64) as usize];
+            let reg = regs[self.rng.below(regs.len() as u64) as usize];
+            let d = self.rng.below(0x1000 - 16) as i32;
+            self.raw(4, &[op], reg as usize, None, d);
+            return;
+        }
+        let (op, lo, hi) = REG[self.rng.below(REG.len() as u64) as usize];
+        let modrm = lo + self.rng.below((hi - lo) as u64 + 1) as u8;
+        let fcmov = (op == 0xda || op == 0xdb) && modrm < 0xe0;
+        if fcmov && (CF | ZF | PF) & !self.defined != 0 {
+            return;
+        }
+        if (op == 0xdb || op == 0xdf) && modrm >= 0xe8 {
+            // FCOMI, FUCOMI(P): ZF, PF, CF; OF, SF, AF cleared.
+            self.flags(ARITH, 0);
+        }
+        self.a.db(&[op, modrm]).unwrap();
+    }
+
     fn insn(&mut self) {
+        if self.x87 && self.rng.chance(2) {
+            return self.fp();
+        }
         match self.rng.below(24) {
             18.. => self.sse(),
             0 | 1 => self.mov(),
@@ -1074,6 +1183,7 @@ fn generate(rng: &mut Rng) -> (Vec<u8>, u64) {
         rng,
         a: CodeAssembler::new(64).unwrap(),
         defined: ARITH,
+        x87: false,
     };
     // XMM0-15 and MXCSR from the stack page.
     for k in 0..16 {
@@ -1083,6 +1193,15 @@ fn generate(rng: &mut Rng) -> (Vec<u8>, u64) {
     g.a.fninit().unwrap();
     for k in 0..8 {
         g.sse_raw(0, false, 0x6f, k, None, MM_IN + 8 * k as i32, None);
+    }
+    g.x87 = g.rng.chance(2);
+    if g.x87 {
+        // EMMS, the control word, then 0-8 values on the stack.
+        g.a.db(&[0x0f, 0x77]).unwrap();
+        g.raw(4, &[0xd9], 5, None, FCW_IN);
+        for _ in 0..g.rng.below(9) {
+            g.fp_load();
+        }
     }
     let n = 1 + g.rng.below(MAX_LEN as u64);
     for _ in 0..n {
@@ -1096,6 +1215,11 @@ fn generate(rng: &mut Rng) -> (Vec<u8>, u64) {
         g.sse_raw(0, false, 0x7f, k, None, MM_OUT + 8 * k as i32, None);
     }
     g.a.fnstsw(word_ptr(r15 + FSW_OUT)).unwrap();
+    g.raw(4, &[0x0f, 0xae], 0, None, FX_OUT);
+    g.a.mov(word_ptr(r15 + (FX_OUT + 6)), 0).unwrap();
+    g.a.mov(qword_ptr(r15 + (FX_OUT + 8)), 0).unwrap();
+    g.a.mov(qword_ptr(r15 + (FX_OUT + 16)), 0).unwrap();
+    g.a.mov(dword_ptr(r15 + (FX_OUT + 28)), 0).unwrap();
     g.a.out(PORT as i32, al).unwrap();
     let defined = g.defined;
     (g.a.assemble(CODE).unwrap(), defined)
@@ -1356,6 +1480,16 @@ pub fn run(
             | if rng.chance(4) { 0x8000 } else { 0 };
         let at = MXCSR_IN as usize;
         scratch[at..at + 4].copy_from_slice(&mxcsr.to_le_bytes());
+        // All x87 exceptions masked; precision and rounding control random.
+        let fcw = 0x7f | [0, 2, 3][rng.below(3) as usize] << 8 | (rng.below(4) as u16) << 10;
+        let at = FCW_IN as usize;
+        scratch[at..at + 2].copy_from_slice(&fcw.to_le_bytes());
+        for k in 0..16 {
+            let (se, sig) = rng.f80();
+            let at = F80_IN as usize + 16 * k;
+            scratch[at..at + 8].copy_from_slice(&sig.to_le_bytes());
+            scratch[at + 8..at + 10].copy_from_slice(&se.to_le_bytes());
+        }
         n += 1;
         if let Some((what, detail)) = compare(&mut hw, &mut sw, &code, defined, &init, &scratch) {
             divergences += 1;

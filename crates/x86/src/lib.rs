@@ -45,6 +45,7 @@ mod cpuid;
 mod debug;
 mod decode;
 mod exec;
+mod f80;
 mod fpu;
 mod guest_debug;
 mod intercept;
@@ -57,6 +58,7 @@ mod sse_fp;
 mod system;
 mod uop;
 pub mod vmx;
+mod x87;
 
 use std::time::Instant;
 
