@@ -656,3 +656,158 @@ pub fn sqrt(a: F80) -> Exact {
         de,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE: F80 = F80 {
+        se: 0x3fff,
+        sig: 1 << 63,
+    };
+    const THREE: F80 = F80 {
+        se: 0x4000,
+        sig: 0xc000_0000_0000_0000,
+    };
+
+    fn rounded(e: Exact, fmt: Fmt, fcw: u16) -> (F80, u16, bool) {
+        match e {
+            Exact::Val(v, f) => (v, f, false),
+            Exact::Num(u, s, f) => {
+                let r = round(u, s, fmt, fcw, true);
+                (r.f80(), f | r.flags, r.up)
+            }
+        }
+    }
+
+    /// 1/3 under each precision control (SDM vol. 1 8.1.5.2) and rounding
+    /// control (4.8.4): the significand is rounded at 24, 53 or 64 bits.
+    #[test]
+    fn precision_and_rounding_control() {
+        let q = |fcw| rounded(div(ONE, THREE), pc_fmt(fcw), fcw);
+        assert_eq!(q(0x037f).0.sig, 0xaaaa_aaaa_aaaa_aaab);
+        assert_eq!(q(0x027f).0.sig, 0xaaaa_aaaa_aaaa_a800);
+        assert_eq!(q(0x007f).0.sig, 0xaaaa_ab00_0000_0000);
+        assert_eq!(q(0x037f).0.se, 0x3ffd);
+        let (v, f, up) = q(0x037f);
+        assert_eq!((f, up), (PE, true), "{v:?}: inexact, rounded up (C1)");
+        // Down and toward zero truncate; up rounds up.
+        assert_eq!(q(0x077f).0.sig, 0xaaaa_aaaa_aaaa_aaaa);
+        assert_eq!(q(0x0f7f).0.sig, 0xaaaa_aaaa_aaaa_aaaa);
+        assert_eq!(q(0x0b7f).0.sig, 0xaaaa_aaaa_aaaa_aaab);
+        // -1/3 rounded down grows in magnitude.
+        let (v, _, up) = rounded(div(ONE.neg(), THREE), EXT, 0x077f);
+        assert_eq!((v.se, v.sig, up), (0xbffd, 0xaaaa_aaaa_aaaa_aaab, true));
+        // Exact: no PE.
+        let (v, f, _) = rounded(add(ONE, ONE, false, 0), EXT, 0x037f);
+        assert_eq!((v.se, v.sig, f), (0x4000, 1 << 63, 0));
+        // 1 - 1 is +0, but -0 when rounding down (4.8.3.4... IEEE 754).
+        assert_eq!(
+            rounded(add(ONE, ONE, true, 0), EXT, 0x37f).0,
+            F80::zero(false)
+        );
+        assert_eq!(
+            rounded(add(ONE, ONE, true, 1), EXT, 0x77f).0,
+            F80::zero(true)
+        );
+    }
+
+    #[test]
+    fn square_root() {
+        let two = F80 {
+            se: 0x4000,
+            sig: 1 << 63,
+        };
+        let (v, f, _) = rounded(sqrt(two), EXT, 0x37f);
+        assert_eq!((v.se, v.sig, f), (0x3fff, 0xb504_f333_f9de_6484, PE));
+        let (v, _, _) = rounded(sqrt(two), pc_fmt(0x27f), 0x27f);
+        assert_eq!(v.sig, 0xb504_f333_f9de_6800);
+        // sqrt(9) = 3 exactly; sqrt(-1): invalid, the indefinite.
+        let nine = F80 {
+            se: 0x4002,
+            sig: 0x9000_0000_0000_0000,
+        };
+        assert_eq!(rounded(sqrt(nine), EXT, 0x37f), (THREE, 0, false));
+        assert_eq!(rounded(sqrt(ONE.neg()), EXT, 0x37f).0, INDEFINITE);
+    }
+
+    /// Masked responses (SDM vol. 1 8.5): invalid operations give the
+    /// indefinite, division by zero an infinity, overflow per Table 4-10,
+    /// underflow a denormal with UE only if inexact.
+    #[test]
+    fn exceptions_and_masked_responses() {
+        let inf = F80::inf(false);
+        assert_eq!(rounded(add(inf, inf, true, 0), EXT, 0x37f).0, INDEFINITE);
+        assert_eq!(rounded(mul(inf, F80::ZERO), EXT, 0x37f).1, IE);
+        assert_eq!(rounded(div(F80::ZERO, F80::ZERO), EXT, 0x37f).1, IE);
+        assert_eq!(rounded(div(ONE, F80::ZERO), EXT, 0x37f), (inf, ZE, false));
+        let max = F80 {
+            se: 0x7ffe,
+            sig: u64::MAX,
+        };
+        let (v, f, up) = rounded(add(max, max, false, 0), EXT, 0x37f);
+        assert_eq!((v, f, up), (inf, OE | PE, true));
+        // Toward zero: the largest finite value.
+        let (v, f, _) = rounded(add(max, max, false, 3), EXT, 0xf7f);
+        assert_eq!((v, f), (max, OE | PE));
+        // Unmasked overflow, register destination: exponent - 24576.
+        let (v, f, _) = rounded(add(max, max, false, 0), EXT, 0x377);
+        assert_eq!((v.se, f & OE), (0x7fff - 24576, OE));
+        let min = F80 {
+            se: 1,
+            sig: 1 << 63,
+        };
+        // min / 2: a denormal, exact, so no UE when masked.
+        let two = F80 {
+            se: 0x4000,
+            sig: 1 << 63,
+        };
+        let (v, f, _) = rounded(div(min, two), EXT, 0x37f);
+        assert_eq!((v.se, v.sig, f), (0, 1 << 62, 0));
+        // min / 3: tiny and inexact.
+        let (v, f, _) = rounded(div(min, THREE), EXT, 0x37f);
+        assert_eq!((v.se, v.sig, f), (0, 0x2aaa_aaaa_aaaa_aaab, UE | PE));
+        // A denormal operand: DE.
+        let den = F80 { se: 0, sig: 1 };
+        assert_eq!(rounded(add(den, ONE, false, 0), EXT, 0x37f).1, DE | PE);
+        // NaNs: the larger significand, quieted; SNaN gives IE.
+        let q = F80 {
+            se: 0x7fff,
+            sig: 0xc000_0000_0000_0001,
+        };
+        let s = F80 {
+            se: 0xffff,
+            sig: 0x8000_0000_0000_0002,
+        };
+        let (v, f, _) = rounded(add(q, s, false, 0), EXT, 0x37f);
+        assert_eq!((v, f), (q, IE), "SNaN and QNaN: the QNaN");
+        let (v, f, _) = rounded(mul(s, ONE), EXT, 0x37f);
+        assert_eq!((v, f), (s.quiet(), IE));
+    }
+
+    #[test]
+    fn conversions() {
+        // binary64 denormal 2^-1074, exactly; binary32 1.5.
+        let (v, f) = F80::from_ieee(1, 52, 11);
+        assert_eq!((v.se, v.sig, f), ((BIAS - 1074) as u16, 1 << 63, DE));
+        let (v, f) = F80::from_ieee(0x3fc0_0000, 23, 8);
+        assert_eq!((v.se, v.sig, f), (0x3fff, 0xc000_0000_0000_0000, 0));
+        // 1/3 stored as binary32 per RC: nearest 0x3eaaaaab, chop 0x3eaaaaaa.
+        let third = F80 {
+            se: 0x3ffd,
+            sig: 0xaaaa_aaaa_aaaa_aaab,
+        };
+        let r = round(third.unpack(), false, SINGLE, 0x37f, false);
+        assert_eq!(r.ieee(23, 8), 0x3eaa_aaab);
+        let r = round(third.unpack(), false, SINGLE, 0xf7f, false);
+        assert_eq!(r.ieee(23, 8), 0x3eaa_aaaa);
+        // Too small for binary32: a denormal, UE and PE.
+        let tiny = F80 {
+            se: (BIAS - 140) as u16,
+            sig: 0xc000_0000_0000_0001,
+        };
+        let r = round(tiny.unpack(), false, SINGLE, 0x37f, false);
+        assert_eq!((r.ieee(23, 8), r.flags), (0x300, UE | PE));
+        assert_eq!(F80::from_i64(-3), THREE.neg());
+    }
+}

@@ -1108,7 +1108,8 @@ impl Cpu {
                         }
                     }
                     _ => {
-                        if self.underflow() && cond {
+                        // Masked: the indefinite, whatever the condition.
+                        if self.underflow() {
                             self.set_st(0, INDEFINITE);
                         }
                     }
