@@ -433,9 +433,7 @@ pub fn nan_result(a: F80, b: Option<F80>) -> (F80, u16) {
                 b
             } else if snan(b) && !snan(a) {
                 a
-            } else if (b.sig << 1) > (a.sig << 1) {
-                b
-            } else if (b.sig << 1) == (a.sig << 1) && !b.sign() {
+            } else if (b.sig << 1) > (a.sig << 1) || ((b.sig << 1) == (a.sig << 1) && !b.sign()) {
                 b
             } else {
                 a

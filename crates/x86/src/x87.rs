@@ -842,10 +842,8 @@ impl Cpu {
                     1
                 };
                 let (a, b) = (self.st(0), self.st(k));
-                if a.is_none() || b.is_none() {
-                    if !self.underflow() {
-                        return Ok(());
-                    }
+                if (a.is_none() || b.is_none()) && !self.underflow() {
+                    return Ok(());
                 }
                 self.set_c1(false);
                 let (a, b) = (a.unwrap_or(INDEFINITE), b.unwrap_or(INDEFINITE));
@@ -992,6 +990,62 @@ impl Cpu {
                 self.store_result(0, e, f80::EXT);
                 Ok(())
             }
+            M::Fscale => {
+                let (Some(a), Some(b)) = (self.st(0), self.st(1)) else {
+                    if self.underflow() {
+                        self.set_st(0, INDEFINITE);
+                    }
+                    return Ok(());
+                };
+                let e = fscale(a, b);
+                self.store_result(0, e, f80::EXT);
+                Ok(())
+            }
+            M::Fxtract => {
+                let Some(a) = self.st(0) else {
+                    if self.underflow() {
+                        self.set_st(0, INDEFINITE);
+                        if self.st_empty(7) {
+                            self.st_push(INDEFINITE);
+                        }
+                    }
+                    return Ok(());
+                };
+                if !self.st_empty(7) {
+                    if self.overflow() {
+                        self.set_st(0, INDEFINITE);
+                        self.st_push(INDEFINITE);
+                    }
+                    return Ok(());
+                }
+                let (exp, sig, flags) = match a.class() {
+                    Class::Unsupported => (INDEFINITE, INDEFINITE, f80::IE),
+                    Class::QNan | Class::SNan => {
+                        let (v, f) = f80::nan_result(a, None);
+                        (v, v, f)
+                    }
+                    Class::Inf => (F80::inf(false), a, 0),
+                    Class::Zero => (F80::inf(true), a, f80::ZE),
+                    c => {
+                        let u = a.unpack();
+                        let e = F80::from_i64((u.exp - f80::BIAS) as i64);
+                        let m = F80 {
+                            se: (a.se & 0x8000) | f80::BIAS as u16,
+                            sig: (u.sig >> 64) as u64,
+                        };
+                        (e, m, if c == Class::Denormal { f80::DE } else { 0 })
+                    }
+                };
+                if flags & !self.fpu.fcw & (f80::IE | f80::ZE | f80::DE) != 0 {
+                    self.fraise(flags);
+                    return Ok(());
+                }
+                self.fraise(flags);
+                self.set_c1(false);
+                self.set_st(0, exp);
+                self.st_push(sig);
+                Ok(())
+            }
             M::Fcom
             | M::Fcomp
             | M::Fcompp
@@ -1119,6 +1173,58 @@ impl Cpu {
             _ => self.unknown(i),
         }
     }
+}
+
+/// FSCALE: a * 2^trunc(b), exact before rounding (SDM vol. 2 FSCALE's
+/// table of special cases).
+fn fscale(a: F80, b: F80) -> Exact {
+    let (ca, cb) = (a.class(), b.class());
+    if ca == Class::Unsupported || cb == Class::Unsupported {
+        return Exact::Val(INDEFINITE, f80::IE);
+    }
+    if a.is_nan() || b.is_nan() {
+        let (v, f) = f80::nan_result(a, Some(b));
+        return Exact::Val(v, f);
+    }
+    let de = if ca == Class::Denormal || cb == Class::Denormal {
+        f80::DE
+    } else {
+        0
+    };
+    if cb == Class::Inf {
+        return match (ca, b.sign()) {
+            (Class::Zero, false) | (Class::Inf, true) => Exact::Val(INDEFINITE, f80::IE | de),
+            (Class::Zero, true) => Exact::Val(a, de),
+            (_, false) => Exact::Val(F80::inf(a.sign()), de),
+            (_, true) => Exact::Val(F80::zero(a.sign()), de),
+        };
+    }
+    if ca == Class::Inf || ca == Class::Zero {
+        return Exact::Val(a, de);
+    }
+    // trunc(b), clamped far beyond the exponent range.
+    let n = match cb {
+        Class::Zero => 0,
+        _ => {
+            let u = b.unpack();
+            let e = u.exp - f80::BIAS;
+            let m = if e < 0 {
+                0
+            } else if e > 20 {
+                1 << 20
+            } else {
+                (u.sig >> (127 - e)) as i32
+            };
+            if b.sign() {
+                -m
+            } else {
+                m
+            }
+        }
+    };
+    let mut u = a.unpack();
+    u.exp += n;
+    Exact::Num(u, false, de)
 }
 
 fn cmp_f80(a: F80, b: F80) -> std::cmp::Ordering {
