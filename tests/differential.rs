@@ -4,7 +4,7 @@
 //! (tests/common/difftest.rs says how).
 //!
 //! 10,000 sequences from a fixed seed; `VISOR_DIFF_SEED` (decimal or 0x-hex) and
-//! `VISOR_DIFF_COUNT` change them. Long runs: examples/difftest.rs.
+//! `VISOR_DIFF_COUNT` change them; `VISOR_DIFF_X87=1` adds x87 sequences. Long runs: examples/difftest.rs.
 
 #[path = "common/difftest.rs"]
 mod difftest;
@@ -30,6 +30,7 @@ fn differential(oracle: Engine, subject: Engine) {
         seed,
         count,
         keep_going: false,
+        x87: std::env::var("VISOR_DIFF_X87").is_ok_and(|v| v == "1"),
     };
     let mut report = None;
     let s = difftest::run(&opts, |r| report = Some(r.to_string()), |_, _| {})

@@ -23,6 +23,19 @@
 //! the sequence starts with FNINIT and loads MM0-7 from the stack page, and
 //! ends by storing MM0-7 and the x87 status word (TOP) there.
 //!
+//! # x87
+//!
+//! With `Options::x87` (`VISOR_DIFF_X87=1`, `--x87`), half the sequences
+//! are x87 sequences: after the MM loads, EMMS, FLDCW of
+//! a random control word (precision and rounding control; every exception
+//! masked, so no #MF), 0-8 loads onto the stack (FLD m80 of sixteen 80-bit
+//! values with edge encodings in the stack page, FLD m64/m32, FILD m32),
+//! then x87 instructions among the others: register forms (ModR/M ranges,
+//! undocumented aliases included) and memory forms on the data page. Every
+//! sequence ends with FXSAVE, whose FOP, FIP, FDP and MXCSR_MASK fields it
+//! clears (implementation-specific), so that ST0-7, FSW, FCW and the
+//! abridged FTW are compared as memory.
+//!
 //! # Undefined flags
 //!
 //! The generator tracks, per arithmetic flag (CF PF AF ZF SF OF), whether its
@@ -1178,7 +1191,7 @@ impl Gen<'_> {
 }
 
 /// A random sequence: code bytes and the mask of arithmetic flags defined at its end.
-fn generate(rng: &mut Rng) -> (Vec<u8>, u64) {
+fn generate(rng: &mut Rng, x87: bool) -> (Vec<u8>, u64) {
     let mut g = Gen {
         rng,
         a: CodeAssembler::new(64).unwrap(),
@@ -1194,7 +1207,7 @@ fn generate(rng: &mut Rng) -> (Vec<u8>, u64) {
     for k in 0..8 {
         g.sse_raw(0, false, 0x6f, k, None, MM_IN + 8 * k as i32, None);
     }
-    g.x87 = g.rng.chance(2);
+    g.x87 = x87 && g.rng.chance(2);
     if g.x87 {
         // EMMS, the control word, then 0-8 values on the stack.
         g.a.db(&[0x0f, 0x77]).unwrap();
@@ -1409,6 +1422,9 @@ pub struct Options {
     pub count: u64,
     /// Go on after a divergence (else the run ends at the first one).
     pub keep_going: bool,
+    /// Generate x87 sequences (not yet free of divergences from this
+    /// host's AMD CPU: opt-in, see docs/cpu-model.md).
+    pub x87: bool,
 }
 
 pub struct Summary {
@@ -1443,7 +1459,7 @@ pub fn run(
     let mut divergences = 0;
     let mut n = 0;
     while n < opts.count {
-        let (code, defined) = generate(&mut rng);
+        let (code, defined) = generate(&mut rng, opts.x87);
         let mut v = [0u64; 16];
         for x in v.iter_mut() {
             *x = rng.value();

@@ -144,11 +144,7 @@ fn to_int(x: F80, rc: u16, bits: u32) -> Option<(i64, bool, bool)> {
     } else if e < -1 {
         (0, 1)
     } else {
-        let n = (127 - e) as u32;
-        let int = u.sig >> n;
-        let rem = u.sig & ((1u128 << n) - 1);
-        // Normalize the fraction to a 128-bit scale: half = 1 << 127.
-        (int, rem << (128 - n))
+        split(u.sig, e)
     };
     let frac = if e < -1 { 0 } else { frac_bits };
     let tiny = e < -1;
@@ -174,6 +170,16 @@ fn to_int(x: F80, rc: u16, bits: u32) -> Option<(i64, bool, bool)> {
     Some((v, inexact, inc))
 }
 
+/// The integer part and the fraction (scaled so that 1/2 is 1 << 127) of
+/// sig * 2^(e - 127), for -1 <= e < 127.
+fn split(sig: u128, e: i32) -> (u128, u128) {
+    if e < 0 {
+        return (0, sig);
+    }
+    let n = (127 - e) as u32;
+    (sig >> n, (sig & ((1u128 << n) - 1)) << (128 - n))
+}
+
 /// Rounds `x` to an integer value per `rc` (FRNDINT): (value, inexact, up).
 fn round_int(x: F80, rc: u16) -> (F80, bool, bool) {
     let u = x.unpack();
@@ -184,8 +190,8 @@ fn round_int(x: F80, rc: u16) -> (F80, bool, bool) {
     let (int, frac, tiny) = if e < -1 {
         (0u128, 0u128, true)
     } else {
-        let n = (127 - e) as u32;
-        (u.sig >> n, (u.sig & ((1u128 << n) - 1)) << (128 - n), false)
+        let (int, frac) = split(u.sig, e);
+        (int, frac, false)
     };
     let inexact = frac != 0 || tiny;
     if !inexact {
@@ -198,15 +204,18 @@ fn round_int(x: F80, rc: u16) -> (F80, bool, bool) {
         2 => !u.sign,
         _ => false,
     };
+    // At most 2^63 (e < 63).
     let m = (int + inc as u128) as u64;
-    let mut r = F80::from_i64(m as i64);
-    if m == 0 {
-        r = F80::ZERO;
-    }
-    if u.sign {
-        r = r.neg();
-    }
-    (r, true, inc)
+    let r = if m == 0 {
+        F80::ZERO
+    } else {
+        let shift = m.leading_zeros();
+        F80 {
+            se: (f80::BIAS as u16 + 63 - shift as u16),
+            sig: m << shift,
+        }
+    };
+    (if u.sign { r.neg() } else { r }, true, inc)
 }
 
 impl Cpu {
@@ -754,6 +763,14 @@ impl Cpu {
             M::Fld => {
                 let v = if i.op0_kind() == OpKind::Memory {
                     let (v, mut f) = self.read_mem_f80(i, false)?;
+                    if !self.st_empty(7) {
+                        // Stack overflow comes before the operand's
+                        // exceptions.
+                        if self.overflow() {
+                            self.st_push(INDEFINITE);
+                        }
+                        return Ok(());
+                    }
                     let v = if i.memory_size().size() != 10 && v.class() == Class::SNan {
                         f |= f80::IE;
                         v.quiet()
