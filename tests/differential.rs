@@ -1,9 +1,10 @@
-//! Differential test, hardware as the oracle: random user-level integer
-//! instruction sequences on `kvm` and on `emu` must leave the same registers,
-//! defined flags and memory (tests/common/difftest.rs says how).
+//! Differential test, hardware as the oracle: random user-level integer, SSE,
+//! SSE2 and MMX instruction sequences on `kvm` and on `emu` must leave the same
+//! registers (general, XMM, MM, MXCSR, x87 status), defined flags and memory
+//! (tests/common/difftest.rs says how).
 //!
 //! 10,000 sequences from a fixed seed; `VISOR_DIFF_SEED` (decimal or 0x-hex) and
-//! `VISOR_DIFF_COUNT` change them. Long runs: examples/difftest.rs.
+//! `VISOR_DIFF_COUNT` change them; `VISOR_DIFF_X87=1` adds x87 sequences. Long runs: examples/difftest.rs.
 
 #[path = "common/difftest.rs"]
 mod difftest;
@@ -49,6 +50,7 @@ fn differential_with(oracle: Engine, subject: Engine, kind: &str, run: Runs) {
         seed,
         count,
         keep_going: false,
+        x87: std::env::var("VISOR_DIFF_X87").is_ok_and(|v| v == "1"),
     };
     let mut report = None;
     let s = run(&opts, &mut |r| report = Some(r.to_string()), &mut |_, _| {})

@@ -6,6 +6,36 @@
 //! (visor's software CPU), and the results are compared: all 16 GPRs, RIP, RFLAGS
 //! and the scratch memory (a data page and the user stack page).
 //!
+//! # SSE and SSE2
+//!
+//! Sequences also hold SSE/SSE2 instructions (floating-point arithmetic,
+//! comparisons, conversions, moves, shuffles, the integer instructions on XMM
+//! registers). Each sequence starts by loading XMM0-15 from the stack page
+//! and MXCSR with a random rounding mode, DAZ, FTZ and exception flags (all
+//! exceptions masked), and ends by storing XMM0-15 and MXCSR there, so that
+//! the XMM state and MXCSR's flags are compared as memory. The data page holds
+//! interesting floating-point values (zeros, denormals, infinities, quiet and
+//! signaling NaNs, the conversions' boundaries, random normals). RCPPS/RSQRTPS
+//! are not generated: their approximations are implementation-specific
+//! (the SDM only bounds their error; unit tests check that bound).
+//!
+//! MMX and the SSE/SSE2 instructions on MM registers are generated too:
+//! the sequence starts with FNINIT and loads MM0-7 from the stack page, and
+//! ends by storing MM0-7 and the x87 status word (TOP) there.
+//!
+//! # x87
+//!
+//! With `Options::x87` (`VISOR_DIFF_X87=1`, `--x87`), half the sequences
+//! are x87 sequences: after the MM loads, EMMS, FLDCW of
+//! a random control word (precision and rounding control; every exception
+//! masked, so no #MF), 0-8 loads onto the stack (FLD m80 of sixteen 80-bit
+//! values with edge encodings in the stack page, FLD m64/m32, FILD m32),
+//! then x87 instructions among the others: register forms (ModR/M ranges,
+//! undocumented aliases included) and memory forms on the data page. Every
+//! sequence ends with FXSAVE, whose FOP, FIP, FDP and MXCSR_MASK fields it
+//! clears (implementation-specific), so that ST0-7, FSW, FCW and the
+//! abridged FTW are compared as memory.
+//!
 //! # Undefined flags
 //!
 //! The generator tracks, per arithmetic flag (CF PF AF ZF SF OF), whether its
@@ -66,6 +96,23 @@ const SCRATCH: u64 = 0x60_0000;
 const SCRATCH_LEN: usize = 0x2000;
 const USTACK: u64 = SCRATCH + 0x2000 - 0x80;
 const PORT: u16 = 0x80;
+/// XMM0-15's initial values and MXCSR's (in the stack page), where they
+/// are stored at the end.
+const XMM_IN: i32 = 0x1800;
+const MXCSR_IN: i32 = 0x1900;
+const XMM_OUT: i32 = 0x1a00;
+const MXCSR_OUT: i32 = 0x1b00;
+/// MM0-7 in and out, and the x87 status word out.
+const MM_IN: i32 = 0x1910;
+const MM_OUT: i32 = 0x1b10;
+const FSW_OUT: i32 = 0x1b50;
+/// The x87 control word loaded at the start of an x87 sequence.
+const FCW_IN: i32 = 0x1960;
+/// Sixteen 80-bit values (16 bytes apart) for FLD m80.
+const F80_IN: i32 = 0x1600;
+/// FXSAVE's image at the end of every sequence (FOP, FIP, FDP and
+/// MXCSR_MASK cleared by the sequence: implementation-specific).
+const FX_OUT: i32 = 0x1200;
 const SEL_UDATA: u16 = 0x2b;
 const SEL_UCODE: u16 = 0x33;
 
@@ -116,6 +163,95 @@ impl Rng {
                 .wrapping_sub(1),
             3 => self.next() & 0xffff_ffff,
             _ => self.next(),
+        }
+    }
+    /// An interesting single-precision encoding.
+    fn single(&mut self) -> u32 {
+        let s = (self.below(2) as u32) << 31;
+        let frac = self.next() as u32 & 0x7f_ffff;
+        s | match self.below(14) {
+            0 => 0,
+            1 => 0x3f80_0000,
+            2 => 0x7f80_0000,
+            3 => 0x7fc0_0000 | (frac & (0xff * self.below(2) as u32)),
+            4 => 0x7f80_0000 | (frac >> 1).max(1),
+            5 => frac.max(1),
+            6 => 0x7f7f_ffff - self.below(2) as u32,
+            7 => 0x0080_0000 + self.below(2) as u32,
+            // The integers' boundaries: 2^31, 2^63 and their neighbours.
+            8 => [0x4f00_0000, 0x5f00_0000][self.below(2) as usize] - 1 + self.below(3) as u32,
+            9 => (0x3f00 + self.below(0x300) as u32) << 16,
+            // Exponents at the edges: overflow, underflow.
+            10 => ((0xf0 + self.below(16) as u32) << 23) | frac,
+            11 => ((1 + self.below(16) as u32) << 23) | frac,
+            12 => ((0x60 + self.below(0x40) as u32) << 23) | frac,
+            _ => self.next() as u32 & 0x7fff_ffff,
+        }
+    }
+    /// An interesting double-precision encoding.
+    fn double(&mut self) -> u64 {
+        let s = self.below(2) << 63;
+        let frac = self.next() & 0xf_ffff_ffff_ffff;
+        s | match self.below(14) {
+            0 => 0,
+            1 => 0x3ff0_0000_0000_0000,
+            2 => 0x7ff0_0000_0000_0000,
+            3 => 0x7ff8_0000_0000_0000 | (frac & (0xffff * self.below(2))),
+            4 => 0x7ff0_0000_0000_0000 | (frac >> 1).max(1),
+            5 => frac.max(1),
+            6 => 0x7fef_ffff_ffff_ffff - self.below(2),
+            7 => 0x0010_0000_0000_0000 + self.below(2),
+            8 => {
+                [0x41e0_0000_0000_0000, 0x43e0_0000_0000_0000][self.below(2) as usize] - 1
+                    + self.below(3)
+            }
+            9 => (0x3fe0 + self.below(0x60)) << 48,
+            10 => ((0x7e0 + self.below(0x20)) << 52) | frac,
+            11 => ((1 + self.below(0x20)) << 52) | frac,
+            // Near single precision's range, for CVTSD2SS.
+            12 => ((0x360 + self.below(0xa0)) << 52) | frac,
+            _ => self.next() & 0x7fff_ffff_ffff_ffff,
+        }
+    }
+    /// An interesting 80-bit value (sign and exponent, significand).
+    fn f80(&mut self) -> (u16, u64) {
+        let s = (self.below(2) as u16) << 15;
+        let sig = self.next();
+        let int = 1u64 << 63;
+        let (e, m) = match self.below(14) {
+            0 => (0, 0),
+            1 => (0x7fff, int),
+            2 => (
+                0x7fff,
+                0xc000_0000_0000_0000 | (sig & (u64::MAX >> (2 + self.below(62)))),
+            ),
+            3 => (0x7fff, int | (sig >> 2).max(1)),
+            4 => (0, (sig >> 1).max(1)),
+            5 => (0, sig | int),
+            6 => (1 + self.below(0x7ffe) as u16, sig & !int),
+            7 => (0x3fff + self.below(70) as u16 - 4, sig | int),
+            8 => (0x7ffe - self.below(8) as u16, sig | int),
+            9 => (1 + self.below(8) as u16, sig | int),
+            // Few significant bits: exact sums, halfway cases.
+            10 => (
+                0x3fff + self.below(8) as u16,
+                int | (sig & !(u64::MAX >> (2 + self.below(12)))),
+            ),
+            11 => (
+                0x3fff - 64 + self.below(128) as u16,
+                (sig | int) & !(u64::MAX >> (25 + self.below(31))),
+            ),
+            _ => (self.below(0x7fff) as u16, sig | int),
+        };
+        (s | e, m)
+    }
+    /// Eight bytes of floating-point data (one double or two singles) or a
+    /// `value`.
+    fn fp_chunk(&mut self) -> u64 {
+        match self.below(3) {
+            0 => self.double(),
+            1 => self.single() as u64 | (self.single() as u64) << 32,
+            _ => self.value(),
         }
     }
 }
@@ -245,11 +381,156 @@ fn cc_flags(cc: u8) -> u64 {
     }
 }
 
+/// The operands of an SSE instruction in the generator's table.
+#[derive(Clone, Copy)]
+enum Sse {
+    /// xmm, xmm/m128 (aligned).
+    A,
+    /// `A` with an immediate byte (below 8 if `true`: a predicate).
+    AI(bool),
+    /// xmm, xmm/m128 (any alignment).
+    U,
+    /// xmm, xmm/m32 or m64 (any alignment).
+    S,
+    /// `S` with a predicate (0..8).
+    SI,
+    /// COMIS/UCOMIS: `S` that writes the arithmetic flags.
+    Comi,
+    /// xmm, r/m32 or r/m64 (CVTSI2SS/SD, MOVD/MOVQ to XMM).
+    FromGpr,
+    /// r32/r64, xmm/m32 or m64 (CVT(T)SS2SI/SD2SI).
+    ToGpr,
+    /// r32/r64, xmm register (MOVMSKPS/PD, PMOVMSKB).
+    Msk,
+    /// xmm/m, xmm (stores; an aligned m128 if `true`).
+    St(bool),
+    /// m, xmm (memory only; an aligned m128 if `true`).
+    StM(bool),
+    /// xmm, m64 (memory only).
+    Ld,
+    /// Shift by an immediate: the ModRM reg fields that exist.
+    Sh(&'static [u8]),
+    /// PINSRW xmm, r32/m16, imm8.
+    Pinsrw,
+    /// PEXTRW r32, xmm, imm8.
+    Pextrw,
+    /// r/m32 or r/m64, xmm (MOVD/MOVQ from XMM).
+    MovOut,
+    /// MASKMOVDQU xmm, xmm (stores at DS:RDI).
+    Mask,
+    /// mm, mm/m64 (with an immediate if `true`).
+    Mm(bool),
+    /// MMX shift by an immediate: the ModRM reg fields that exist.
+    MmSh(&'static [u8]),
+    /// mm, r/m32 or r/m64 (MOVD/MOVQ), or r/m, mm if `true`.
+    MmGpr(bool),
+    /// r32, mm (PMOVMSKB; PEXTRW with an immediate if `true`).
+    GprMm(bool),
+    /// PINSRW mm, r32/m16, imm8.
+    MmPinsrw,
+    /// mm/m64, mm (a store; memory only if `true`).
+    MmSt(bool),
+    /// MASKMOVQ mm, mm.
+    MmMask,
+    /// xmm, mm (or m64 if `true`): MOVQ2DQ, CVTPI2PS/PD.
+    XmmMm(bool),
+    /// mm, xmm (or memory of that many bytes, 0 for none): MOVDQ2Q,
+    /// CVT(T)PS2PI, CVT(T)PD2PI.
+    MmXmm(i32),
+    /// EMMS.
+    Emms,
+}
+
+/// The SSE/SSE2 instructions generated: mandatory prefix, opcode (after
+/// 0x0f), operands.
+#[rustfmt::skip]
+const SSE: &[(u8, u8, Sse)] = {
+    use Sse::*;
+    &[
+        // SQRT, ADD, MUL, SUB, MIN, DIV, MAX: ps, pd, ss, sd.
+        (0, 0x51, A), (0x66, 0x51, A), (0xf3, 0x51, S), (0xf2, 0x51, S),
+        (0, 0x58, A), (0x66, 0x58, A), (0xf3, 0x58, S), (0xf2, 0x58, S),
+        (0, 0x59, A), (0x66, 0x59, A), (0xf3, 0x59, S), (0xf2, 0x59, S),
+        (0, 0x5c, A), (0x66, 0x5c, A), (0xf3, 0x5c, S), (0xf2, 0x5c, S),
+        (0, 0x5d, A), (0x66, 0x5d, A), (0xf3, 0x5d, S), (0xf2, 0x5d, S),
+        (0, 0x5e, A), (0x66, 0x5e, A), (0xf3, 0x5e, S), (0xf2, 0x5e, S),
+        (0, 0x5f, A), (0x66, 0x5f, A), (0xf3, 0x5f, S), (0xf2, 0x5f, S),
+        // CMPcc, COMIS, UCOMIS.
+        (0, 0xc2, AI(true)), (0x66, 0xc2, AI(true)), (0xf3, 0xc2, SI), (0xf2, 0xc2, SI),
+        (0, 0x2e, Comi), (0x66, 0x2e, Comi), (0, 0x2f, Comi), (0x66, 0x2f, Comi),
+        // AND, ANDN, OR, XOR; UNPCKL, UNPCKH, SHUF.
+        (0, 0x54, A), (0x66, 0x54, A), (0, 0x55, A), (0x66, 0x55, A),
+        (0, 0x56, A), (0x66, 0x56, A), (0, 0x57, A), (0x66, 0x57, A),
+        (0, 0x14, A), (0x66, 0x14, A), (0, 0x15, A), (0x66, 0x15, A),
+        (0, 0xc6, AI(false)), (0x66, 0xc6, AI(false)),
+        // Conversions.
+        (0, 0x5a, S), (0x66, 0x5a, A), (0xf3, 0x5a, S), (0xf2, 0x5a, S),
+        (0, 0x5b, A), (0x66, 0x5b, A), (0xf3, 0x5b, A),
+        (0x66, 0xe6, A), (0xf2, 0xe6, A), (0xf3, 0xe6, S),
+        (0xf3, 0x2a, FromGpr), (0xf2, 0x2a, FromGpr),
+        (0xf3, 0x2c, ToGpr), (0xf2, 0x2c, ToGpr), (0xf3, 0x2d, ToGpr), (0xf2, 0x2d, ToGpr),
+        // Moves.
+        (0, 0x10, U), (0x66, 0x10, U), (0xf3, 0x10, S), (0xf2, 0x10, S),
+        (0, 0x11, St(false)), (0x66, 0x11, St(false)), (0xf3, 0x11, St(false)),
+        (0xf2, 0x11, St(false)),
+        (0, 0x28, A), (0x66, 0x28, A), (0, 0x29, St(true)), (0x66, 0x29, St(true)),
+        (0, 0x12, S), (0, 0x16, S), (0x66, 0x12, Ld), (0x66, 0x16, Ld),
+        (0, 0x13, StM(false)), (0x66, 0x13, StM(false)), (0, 0x17, StM(false)),
+        (0x66, 0x17, StM(false)),
+        (0, 0x2b, StM(true)), (0x66, 0x2b, StM(true)), (0x66, 0xe7, StM(true)),
+        (0, 0x50, Msk), (0x66, 0x50, Msk), (0x66, 0xd7, Msk),
+        (0x66, 0x6e, FromGpr), (0x66, 0x7e, MovOut), (0xf3, 0x7e, S), (0x66, 0xd6, St(false)),
+        (0x66, 0x6f, A), (0xf3, 0x6f, U), (0x66, 0x7f, St(true)), (0xf3, 0x7f, St(false)),
+        // SSE2 integer.
+        (0x66, 0x60, A), (0x66, 0x61, A), (0x66, 0x62, A), (0x66, 0x63, A),
+        (0x66, 0x64, A), (0x66, 0x65, A), (0x66, 0x66, A), (0x66, 0x67, A),
+        (0x66, 0x68, A), (0x66, 0x69, A), (0x66, 0x6a, A), (0x66, 0x6b, A),
+        (0x66, 0x6c, A), (0x66, 0x6d, A), (0x66, 0x74, A), (0x66, 0x75, A), (0x66, 0x76, A),
+        (0x66, 0x70, AI(false)), (0xf3, 0x70, AI(false)), (0xf2, 0x70, AI(false)),
+        (0x66, 0x71, Sh(&[2, 4, 6])), (0x66, 0x72, Sh(&[2, 4, 6])), (0x66, 0x73, Sh(&[2, 3, 6, 7])),
+        (0x66, 0xd1, A), (0x66, 0xd2, A), (0x66, 0xd3, A), (0x66, 0xd4, A), (0x66, 0xd5, A),
+        (0x66, 0xd8, A), (0x66, 0xd9, A), (0x66, 0xda, A), (0x66, 0xdb, A),
+        (0x66, 0xdc, A), (0x66, 0xdd, A), (0x66, 0xde, A), (0x66, 0xdf, A),
+        (0x66, 0xe0, A), (0x66, 0xe1, A), (0x66, 0xe2, A), (0x66, 0xe3, A),
+        (0x66, 0xe4, A), (0x66, 0xe5, A),
+        (0x66, 0xe8, A), (0x66, 0xe9, A), (0x66, 0xea, A), (0x66, 0xeb, A),
+        (0x66, 0xec, A), (0x66, 0xed, A), (0x66, 0xee, A), (0x66, 0xef, A),
+        (0x66, 0xf1, A), (0x66, 0xf2, A), (0x66, 0xf3, A), (0x66, 0xf4, A),
+        (0x66, 0xf5, A), (0x66, 0xf6, A),
+        (0x66, 0xf8, A), (0x66, 0xf9, A), (0x66, 0xfa, A), (0x66, 0xfb, A),
+        (0x66, 0xfc, A), (0x66, 0xfd, A), (0x66, 0xfe, A),
+        (0x66, 0xc4, Pinsrw), (0x66, 0xc5, Pextrw), (0x66, 0xf7, Mask),
+        // MMX, and the SSE/SSE2 instructions on MM registers.
+        (0, 0x60, Mm(false)), (0, 0x61, Mm(false)), (0, 0x62, Mm(false)), (0, 0x63, Mm(false)),
+        (0, 0x64, Mm(false)), (0, 0x65, Mm(false)), (0, 0x66, Mm(false)), (0, 0x67, Mm(false)),
+        (0, 0x68, Mm(false)), (0, 0x69, Mm(false)), (0, 0x6a, Mm(false)), (0, 0x6b, Mm(false)),
+        (0, 0x74, Mm(false)), (0, 0x75, Mm(false)), (0, 0x76, Mm(false)), (0, 0x70, Mm(true)),
+        (0, 0x71, MmSh(&[2, 4, 6])), (0, 0x72, MmSh(&[2, 4, 6])), (0, 0x73, MmSh(&[2, 6])),
+        (0, 0xd1, Mm(false)), (0, 0xd2, Mm(false)), (0, 0xd3, Mm(false)), (0, 0xd4, Mm(false)),
+        (0, 0xd5, Mm(false)), (0, 0xd8, Mm(false)), (0, 0xd9, Mm(false)), (0, 0xda, Mm(false)),
+        (0, 0xdb, Mm(false)), (0, 0xdc, Mm(false)), (0, 0xdd, Mm(false)), (0, 0xde, Mm(false)),
+        (0, 0xdf, Mm(false)), (0, 0xe0, Mm(false)), (0, 0xe1, Mm(false)), (0, 0xe2, Mm(false)),
+        (0, 0xe3, Mm(false)), (0, 0xe4, Mm(false)), (0, 0xe5, Mm(false)), (0, 0xe8, Mm(false)),
+        (0, 0xe9, Mm(false)), (0, 0xea, Mm(false)), (0, 0xeb, Mm(false)), (0, 0xec, Mm(false)),
+        (0, 0xed, Mm(false)), (0, 0xee, Mm(false)), (0, 0xef, Mm(false)), (0, 0xf1, Mm(false)),
+        (0, 0xf2, Mm(false)), (0, 0xf3, Mm(false)), (0, 0xf4, Mm(false)), (0, 0xf5, Mm(false)),
+        (0, 0xf6, Mm(false)), (0, 0xf8, Mm(false)), (0, 0xf9, Mm(false)), (0, 0xfa, Mm(false)),
+        (0, 0xfb, Mm(false)), (0, 0xfc, Mm(false)), (0, 0xfd, Mm(false)), (0, 0xfe, Mm(false)),
+        (0, 0x6e, MmGpr(false)), (0, 0x7e, MmGpr(true)), (0, 0x6f, Mm(false)), (0, 0x7f, MmSt(false)),
+        (0, 0xe7, MmSt(true)), (0, 0xd7, GprMm(false)), (0, 0xc5, GprMm(true)), (0, 0xc4, MmPinsrw),
+        (0, 0xf7, MmMask), (0xf3, 0xd6, XmmMm(false)), (0xf2, 0xd6, MmXmm(0)),
+        (0, 0x2a, XmmMm(true)), (0x66, 0x2a, XmmMm(true)), (0, 0x2c, MmXmm(8)), (0, 0x2d, MmXmm(8)),
+        (0x66, 0x2c, MmXmm(16)), (0x66, 0x2d, MmXmm(16)), (0, 0x77, Emms),
+    ]
+};
+
 struct Gen<'r> {
     rng: &'r mut Rng,
     a: CodeAssembler,
     /// Arithmetic flags whose current value the SDM defines.
     defined: u64,
+    /// An x87 sequence (x87 instructions generated).
+    x87: bool,
 }
 
 impl Gen<'_> {
@@ -307,6 +588,139 @@ impl Gen<'_> {
             }
         }
         self.a.db(&b).unwrap();
+    }
+
+    /// An SSE instruction: mandatory prefix, REX (W, R, B), 0x0f, `op`,
+    /// ModRM for `reg` with a register `rm` or [r15 + disp32], an immediate.
+    #[allow(clippy::too_many_arguments)]
+    fn sse_raw(
+        &mut self,
+        pfx: u8,
+        w: bool,
+        op: u8,
+        reg: usize,
+        rm: Option<usize>,
+        disp: i32,
+        imm: Option<u8>,
+    ) {
+        let mut b = Vec::new();
+        if pfx != 0 {
+            b.push(pfx);
+        }
+        let rmr = rm.unwrap_or(15);
+        b.push(0x40 | (w as u8) << 3 | ((reg >= 8) as u8) << 2 | (rmr >= 8) as u8);
+        b.extend_from_slice(&[0x0f, op]);
+        match rm {
+            Some(r) => b.push(0xc0 | ((reg as u8 & 7) << 3) | (r as u8 & 7)),
+            None => {
+                b.push(0x80 | ((reg as u8 & 7) << 3) | 7);
+                b.extend_from_slice(&disp.to_le_bytes());
+            }
+        }
+        b.extend(imm);
+        self.a.db(&b).unwrap();
+    }
+
+    /// One instruction of the SSE table, random operands.
+    fn sse(&mut self) {
+        let (pfx, op, kind) = SSE[self.rng.below(SSE.len() as u64) as usize];
+        let (x, y) = (self.rng.below(16) as usize, self.rng.below(16) as usize);
+        let mem = self.rng.chance(3);
+        let disp16 = self.rng.below(0x1000 - 16) as i32;
+        let aligned = disp16 & !15;
+        let imm = self.rng.next() as u8;
+        let w = self.rng.chance(2);
+        let rm = |m: bool| (!m).then_some(y);
+        match kind {
+            Sse::A => self.sse_raw(pfx, false, op, x, rm(mem), aligned, None),
+            Sse::AI(pred) => {
+                let imm = if pred { imm & 7 } else { imm };
+                self.sse_raw(pfx, false, op, x, rm(mem), aligned, Some(imm))
+            }
+            Sse::U => self.sse_raw(pfx, false, op, x, rm(mem), disp16, None),
+            Sse::S => self.sse_raw(pfx, false, op, x, rm(mem), disp16, None),
+            Sse::SI => self.sse_raw(pfx, false, op, x, rm(mem), disp16, Some(imm & 7)),
+            Sse::Comi => {
+                self.sse_raw(pfx, false, op, x, rm(mem), disp16, None);
+                self.flags(ARITH, 0);
+            }
+            Sse::FromGpr => {
+                let g = self.src();
+                self.sse_raw(pfx, w, op, x, rm(mem).map(|_| g), disp16, None)
+            }
+            Sse::ToGpr | Sse::Msk => {
+                let d = self.dst();
+                let mem = mem && matches!(kind, Sse::ToGpr);
+                self.sse_raw(pfx, w, op, d, rm(mem), disp16, None)
+            }
+            Sse::St(true) => self.sse_raw(pfx, false, op, x, rm(mem), aligned, None),
+            Sse::St(false) => self.sse_raw(pfx, false, op, x, rm(mem), disp16, None),
+            Sse::StM(a) => {
+                let disp = if a { aligned } else { disp16 };
+                self.sse_raw(pfx, false, op, x, None, disp, None)
+            }
+            Sse::Ld => self.sse_raw(pfx, false, op, x, None, disp16, None),
+            Sse::Sh(regs) => {
+                let r = regs[self.rng.below(regs.len() as u64) as usize] as usize;
+                let count = if self.rng.chance(4) { imm } else { imm & 0x3f };
+                self.sse_raw(pfx, false, op, r, Some(y), 0, Some(count))
+            }
+            Sse::Pinsrw => {
+                let g = self.src();
+                self.sse_raw(pfx, false, op, x, rm(mem).map(|_| g), disp16, Some(imm))
+            }
+            Sse::Pextrw => {
+                let d = self.dst();
+                self.sse_raw(pfx, false, op, d, Some(y), 0, Some(imm))
+            }
+            Sse::MovOut => {
+                let d = self.dst();
+                // reg = the XMM source, rm = the destination.
+                self.sse_raw(pfx, w, op, x, rm(mem).map(|_| d), disp16, None)
+            }
+            Sse::Mask => {
+                self.a.lea(rdi, r15 + disp16).unwrap();
+                self.sse_raw(pfx, false, op, x, Some(y), 0, None)
+            }
+            Sse::Mm(i) => {
+                let imm = i.then_some(imm);
+                self.sse_raw(pfx, false, op, x & 7, rm(mem).map(|r| r & 7), disp16, imm)
+            }
+            Sse::MmSh(regs) => {
+                let r = regs[self.rng.below(regs.len() as u64) as usize] as usize;
+                let count = if self.rng.chance(4) { imm } else { imm & 0x3f };
+                self.sse_raw(pfx, false, op, r, Some(y & 7), 0, Some(count))
+            }
+            Sse::MmGpr(to_gpr) => {
+                let g = if to_gpr { self.dst() } else { self.src() };
+                self.sse_raw(pfx, w, op, x & 7, rm(mem).map(|_| g), disp16, None)
+            }
+            Sse::GprMm(i) => {
+                let d = self.dst();
+                self.sse_raw(pfx, false, op, d, Some(y & 7), 0, i.then_some(imm))
+            }
+            Sse::MmPinsrw => {
+                let g = self.src();
+                self.sse_raw(pfx, false, op, x & 7, rm(mem).map(|_| g), disp16, Some(imm))
+            }
+            Sse::MmSt(mem_only) => {
+                let rm = rm(mem || mem_only).map(|r| r & 7);
+                self.sse_raw(pfx, false, op, x & 7, rm, disp16, None)
+            }
+            Sse::MmMask => {
+                self.a.lea(rdi, r15 + disp16).unwrap();
+                self.sse_raw(pfx, false, op, x & 7, Some(y & 7), 0, None)
+            }
+            Sse::XmmMm(mem_ok) => {
+                let rm = rm(mem && mem_ok).map(|r| r & 7);
+                self.sse_raw(pfx, false, op, x, rm, disp16, None)
+            }
+            Sse::MmXmm(size) => {
+                let disp = if size == 16 { aligned } else { disp16 };
+                self.sse_raw(pfx, false, op, x & 7, rm(mem && size > 0), disp, None)
+            }
+            Sse::Emms => self.a.db(&[0x0f, 0x77]).unwrap(),
+        }
     }
 
     fn alu2(&mut self) {
@@ -682,8 +1096,77 @@ impl Gen<'_> {
         .unwrap();
     }
 
+    /// A load onto the x87 stack: FLD m80 (the 80-bit values), FLD m64,
+    /// FLD m32, FILD m32.
+    fn fp_load(&mut self) {
+        match self.rng.below(4) {
+            0 | 1 => {
+                let slot = self.rng.below(16) as i32;
+                self.raw(4, &[0xdb], 5, None, F80_IN + 16 * slot);
+            }
+            2 => {
+                let d = self.disp();
+                self.raw(4, &[0xdd], 0, None, d);
+            }
+            _ => {
+                let d = self.disp();
+                let op = [0xd9, 0xdb][self.rng.below(2) as usize];
+                self.raw(4, &[op], 0, None, d);
+            }
+        }
+    }
+
+    /// An x87 instruction: register forms (ranges of ModRM bytes) and
+    /// memory forms on the data page.
+    fn fp(&mut self) {
+        #[rustfmt::skip]
+        const REG: &[(u8, u8, u8)] = &[
+            (0xd8, 0xc0, 0xff), (0xd9, 0xc0, 0xcf), (0xd9, 0xd0, 0xd0), (0xd9, 0xd8, 0xdf),
+            (0xd9, 0xe0, 0xe1), (0xd9, 0xe4, 0xe5), (0xd9, 0xe8, 0xee), (0xd9, 0xf6, 0xf7),
+            (0xd9, 0xfa, 0xfa), (0xd9, 0xfc, 0xfd), (0xd9, 0xf4, 0xf4),
+            (0xda, 0xc0, 0xdf), (0xda, 0xe9, 0xe9), (0xdb, 0xc0, 0xdf), (0xdb, 0xe2, 0xe2),
+            (0xdb, 0xe8, 0xf7), (0xdc, 0xc0, 0xff), (0xdd, 0xc0, 0xef), (0xde, 0xc0, 0xd7),
+            (0xde, 0xd9, 0xd9), (0xde, 0xe0, 0xff), (0xdf, 0xc0, 0xdf), (0xdf, 0xe0, 0xe0),
+            (0xdf, 0xe8, 0xf7),
+        ];
+        // Memory forms: opcode and the ModRM reg fields generated (not
+        // FISTTP: SSE3, which the model does not advertise).
+        #[rustfmt::skip]
+        const MEM: &[(u8, &[u8])] = &[
+            (0xd8, &[0, 1, 2, 3, 4, 5, 6, 7]), (0xdc, &[0, 1, 2, 3, 4, 5, 6, 7]),
+            (0xda, &[0, 1, 2, 3, 4, 5, 6, 7]), (0xde, &[0, 1, 2, 3, 4, 5, 6, 7]),
+            (0xd9, &[0, 2, 3, 7]), (0xdd, &[0, 2, 3, 7]), (0xdb, &[0, 2, 3, 7]),
+            (0xdf, &[0, 2, 3, 5, 7]),
+        ];
+        if self.rng.chance(6) {
+            return self.fp_load();
+        }
+        if self.rng.chance(3) {
+            let (op, regs) = MEM[self.rng.below(MEM.len() as u64) as usize];
+            let reg = regs[self.rng.below(regs.len() as u64) as usize];
+            let d = self.rng.below(0x1000 - 16) as i32;
+            self.raw(4, &[op], reg as usize, None, d);
+            return;
+        }
+        let (op, lo, hi) = REG[self.rng.below(REG.len() as u64) as usize];
+        let modrm = lo + self.rng.below((hi - lo) as u64 + 1) as u8;
+        let fcmov = (op == 0xda || op == 0xdb) && modrm < 0xe0;
+        if fcmov && (CF | ZF | PF) & !self.defined != 0 {
+            return;
+        }
+        if (op == 0xdb || op == 0xdf) && modrm >= 0xe8 {
+            // FCOMI, FUCOMI(P): ZF, PF, CF; OF, SF, AF cleared.
+            self.flags(ARITH, 0);
+        }
+        self.a.db(&[op, modrm]).unwrap();
+    }
+
     fn insn(&mut self) {
-        match self.rng.below(18) {
+        if self.x87 && self.rng.chance(2) {
+            return self.fp();
+        }
+        match self.rng.below(24) {
+            18.. => self.sse(),
             0 | 1 => self.mov(),
             2..=4 => self.alu2(),
             5 => self.test(),
@@ -715,16 +1198,48 @@ impl Gen<'_> {
 }
 
 /// A random sequence: code bytes and the mask of arithmetic flags defined at its end.
-fn generate(rng: &mut Rng) -> (Vec<u8>, u64) {
+fn generate(rng: &mut Rng, x87: bool) -> (Vec<u8>, u64) {
     let mut g = Gen {
         rng,
         a: CodeAssembler::new(64).unwrap(),
         defined: ARITH,
+        x87: false,
     };
+    // XMM0-15 and MXCSR from the stack page.
+    for k in 0..16 {
+        g.sse_raw(0xf3, false, 0x6f, k, None, XMM_IN + 16 * k as i32, None);
+    }
+    g.a.ldmxcsr(dword_ptr(r15 + MXCSR_IN)).unwrap();
+    g.a.fninit().unwrap();
+    for k in 0..8 {
+        g.sse_raw(0, false, 0x6f, k, None, MM_IN + 8 * k as i32, None);
+    }
+    g.x87 = x87 && g.rng.chance(2);
+    if g.x87 {
+        // EMMS, the control word, then 0-8 values on the stack.
+        g.a.db(&[0x0f, 0x77]).unwrap();
+        g.raw(4, &[0xd9], 5, None, FCW_IN);
+        for _ in 0..g.rng.below(9) {
+            g.fp_load();
+        }
+    }
     let n = 1 + g.rng.below(MAX_LEN as u64);
     for _ in 0..n {
         g.insn();
     }
+    for k in 0..16 {
+        g.sse_raw(0xf3, false, 0x7f, k, None, XMM_OUT + 16 * k as i32, None);
+    }
+    g.a.stmxcsr(dword_ptr(r15 + MXCSR_OUT)).unwrap();
+    for k in 0..8 {
+        g.sse_raw(0, false, 0x7f, k, None, MM_OUT + 8 * k as i32, None);
+    }
+    g.a.fnstsw(word_ptr(r15 + FSW_OUT)).unwrap();
+    g.raw(4, &[0x0f, 0xae], 0, None, FX_OUT);
+    g.a.mov(word_ptr(r15 + (FX_OUT + 6)), 0).unwrap();
+    g.a.mov(qword_ptr(r15 + (FX_OUT + 8)), 0).unwrap();
+    g.a.mov(qword_ptr(r15 + (FX_OUT + 16)), 0).unwrap();
+    g.a.mov(dword_ptr(r15 + (FX_OUT + 28)), 0).unwrap();
     g.a.out(PORT as i32, al).unwrap();
     let defined = g.defined;
     (g.a.assemble(CODE).unwrap(), defined)
@@ -870,6 +1385,31 @@ fn gprs(r: &Regs) -> [u64; 17] {
     ]
 }
 
+/// XMM0-15 and MXCSR as stored in `scratch` at `xmm` and `mxcsr`.
+fn sse_state(scratch: &[u8], xmm: i32, mxcsr: i32) -> String {
+    let word = |at: usize, n: usize| {
+        let mut b = [0u8; 16];
+        b[..n].copy_from_slice(&scratch[at..at + n]);
+        u128::from_le_bytes(b)
+    };
+    let mut s = String::new();
+    for k in 0..16 {
+        s += &format!(
+            "xmm{k:<2}={:032x}{}",
+            word(xmm as usize + 16 * k, 16),
+            if k % 2 == 1 { "\n" } else { " " }
+        );
+    }
+    for k in 0..8 {
+        s += &format!(
+            "mm{k}={:016x}{}",
+            word(MM_IN as usize + 8 * k, 8),
+            if k % 4 == 3 { "\n" } else { " " }
+        );
+    }
+    s + &format!("mxcsr={:#x}\n", word(mxcsr as usize, 4))
+}
+
 fn mem_diff(a: &[u8], b: &[u8]) -> String {
     let mut s = String::new();
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -890,6 +1430,9 @@ pub struct Options {
     pub count: u64,
     /// Go on after a divergence (else the run ends at the first one).
     pub keep_going: bool,
+    /// Generate x87 sequences (not yet free of divergences from this
+    /// host's AMD CPU: opt-in, see docs/cpu-model.md).
+    pub x87: bool,
 }
 
 pub struct Summary {
@@ -917,16 +1460,44 @@ pub fn run(
 ) -> Result<Summary, String> {
     let seed = opts.seed;
     drive(opts, seed, divergence, progress, |rng, hw, sw, scratch| {
-        let (code, defined) = generate(rng);
+        let (code, defined) = generate(rng, opts.x87);
         let init = random_regs(rng);
-        fill_scratch(rng, scratch);
+        fill_fp_scratch(rng, scratch);
         let (what, detail) = compare(hw, sw, &code, defined, &init, scratch)?;
         Some(format!(
             "divergence (seed {seed:#x}; rerun with VISOR_DIFF_SEED={seed:#x}): {what}\n\
-             code:\n{}initial:\n{init}\n{detail}",
-            disassemble(&code)
+             code:\n{}initial:\n{init}\n{}{detail}",
+            disassemble(&code),
+            sse_state(scratch, XMM_IN, MXCSR_IN)
         ))
     })
+}
+
+/// Scratch memory for the integer, SSE and x87 sequences: interesting
+/// floating-point bit patterns, MXCSR with every exception masked and
+/// random flags, rounding, DAZ and FTZ; the x87 control word with every
+/// exception masked and random precision and rounding; and the x87 stack's
+/// initial values.
+fn fill_fp_scratch(rng: &mut Rng, scratch: &mut [u8]) {
+    for chunk in scratch.chunks_mut(8) {
+        chunk.copy_from_slice(&rng.fp_chunk().to_le_bytes());
+    }
+    let mxcsr = 0x1f80
+        | (rng.next() as u32 & 0x3f)
+        | (rng.below(4) as u32) << 13
+        | if rng.chance(4) { 0x40 } else { 0 }
+        | if rng.chance(4) { 0x8000 } else { 0 };
+    let at = MXCSR_IN as usize;
+    scratch[at..at + 4].copy_from_slice(&mxcsr.to_le_bytes());
+    let fcw = 0x7f | [0, 2, 3][rng.below(3) as usize] << 8 | (rng.below(4) as u16) << 10;
+    let at = FCW_IN as usize;
+    scratch[at..at + 2].copy_from_slice(&fcw.to_le_bytes());
+    for k in 0..16 {
+        let (se, sig) = rng.f80();
+        let at = F80_IN as usize + 16 * k;
+        scratch[at..at + 8].copy_from_slice(&sig.to_le_bytes());
+        scratch[at + 8..at + 10].copy_from_slice(&se.to_le_bytes());
+    }
 }
 
 /// Random scratch memory.

@@ -1,14 +1,12 @@
-//! x87 and SSE state: FNINIT, FWAIT, control/status words, FXSAVE/FXRSTOR,
-//! MXCSR, and the SSE moves and logic operations. Of the x87 data
-//! instructions only FILD is implemented (Linux runs it on AMD CPUs to clear
-//! the x87 pointers before FXRSTOR); the others end the run with an
-//! "unimplemented instruction" exit.
+//! x87 and SSE state: FNINIT, FWAIT, FNCLEX, FNSTSW, FNSTCW, FXSAVE/FXRSTOR,
+//! MXCSR, and the SSE moves; the x87 data instructions are in x87.rs (their
+//! arithmetic in f80.rs), the rest of SSE/SSE2 in sse.rs and sse_fp.rs, MMX
+//! in mmx.rs.
 
 use arch::paging::Access;
 use arch::{cr0, cr4, vector};
-use iced_x86::{Code, Instruction, Mnemonic as M, OpKind, Register};
+use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
-use crate::sse;
 use crate::{exc, exc_code, Cpu, R};
 
 #[derive(Clone, Debug)]
@@ -43,24 +41,6 @@ impl Default for Fpu {
 }
 
 const MXCSR_MASK: u32 = 0xffff;
-
-/// The 80-bit extended-precision value of `n` (exact: 64-bit significand).
-fn int_to_f80(n: i64) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    if n == 0 {
-        return out;
-    }
-    let m = n.unsigned_abs();
-    let shift = m.leading_zeros();
-    let exponent = 16383 + 63 - shift as u16;
-    out[..8].copy_from_slice(&(m << shift).to_le_bytes());
-    let se = exponent | if n < 0 { 0x8000 } else { 0 };
-    out[8..10].copy_from_slice(&se.to_le_bytes());
-    out
-}
-
-/// The x87 "real indefinite" QNaN.
-const F80_INDEFINITE: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff, 0, 0, 0, 0, 0, 0];
 
 fn xmm_index(r: Register) -> usize {
     (r as usize).wrapping_sub(Register::XMM0 as usize) & 15
@@ -168,7 +148,9 @@ impl Cpu {
         for k in 0..nx {
             b[160 + 16 * k..176 + 16 * k].copy_from_slice(&f.xmm[k].to_le_bytes());
         }
-        self.write_bytes(l, &b, self.acc_w)
+        // Bytes 416-511 (and XMM8-15's outside 64-bit mode) are not
+        // written, as on the hardware.
+        self.write_bytes(l, &b[..160 + 16 * nx], self.acc_w)
     }
 
     fn fxrstor(&mut self, i: &Instruction) -> R<()> {
@@ -209,28 +191,6 @@ impl Cpu {
         Ok(())
     }
 
-    /// Pushes `v` onto the x87 stack. Into a full register: stack overflow
-    /// (IE, SF and C1); with IE masked the indefinite QNaN is pushed instead.
-    fn x87_push(&mut self, v: [u8; 16]) {
-        let f = &mut self.fpu;
-        let top = ((f.fsw >> 11) + 7) & 7;
-        let mut v = v;
-        if f.ftw & (1 << top) != 0 {
-            f.fsw |= 0x0241;
-            if f.fcw & 1 == 0 {
-                // Unmasked: nothing is pushed; ES and B, and #MF at the
-                // next x87 instruction.
-                f.fsw |= 0x8080;
-                return;
-            }
-            v = F80_INDEFINITE;
-        }
-        f.st.rotate_right(1);
-        f.st[0] = v;
-        f.fsw = (f.fsw & !0x3800) | (top << 11);
-        f.ftw |= 1 << top;
-    }
-
     pub(crate) fn exec_fpu(&mut self, i: &Instruction) -> R<()> {
         match i.mnemonic() {
             M::Fninit => {
@@ -253,16 +213,6 @@ impl Cpu {
                 }
                 Ok(())
             }
-            M::Fild => {
-                self.x87_check()?;
-                let sz = i.memory_size().size().clamp(2, 8);
-                let l = self.mem_lin(i)?;
-                let v = self.rd(l, sz)?;
-                self.fpu.fip = self.rip;
-                self.fpu.fdp = l;
-                self.x87_push(int_to_f80(crate::alu::sext(v, sz) as i64));
-                Ok(())
-            }
             M::Fnclex => {
                 self.x87_check()?;
                 self.fpu.fsw &= 0x7f00;
@@ -277,12 +227,6 @@ impl Cpu {
                 self.x87_check()?;
                 let v = self.fpu.fcw as u64;
                 self.write_op(i, 0, 2, v)
-            }
-            M::Fldcw => {
-                self.x87_check()?;
-                let v = self.read_op(i, 0, 2)?;
-                self.fpu.fcw = v as u16;
-                Ok(())
             }
             M::Fxsave | M::Fxsave64 => {
                 self.x87_check()?;
@@ -306,11 +250,9 @@ impl Cpu {
                 let v = self.fpu.mxcsr as u64;
                 self.write_op(i, 0, 4, v)
             }
-            M::Emms => {
-                self.x87_check()?;
-                self.fpu.ftw = 0;
-                Ok(())
-            }
+            m if crate::x87::is_x87(m) => self.exec_x87(i),
+            M::Emms | M::Cvtpi2ps | M::Cvtpi2pd => self.exec_mmx(i),
+            _ if crate::mmx::has_mm(i) => self.exec_mmx(i),
             M::Movaps
             | M::Movapd
             | M::Movdqa
@@ -331,17 +273,6 @@ impl Cpu {
             }
             M::Movq | M::Movd => {
                 self.sse_check()?;
-                if !i.op0_register().is_xmm()
-                    && !i.op1_register().is_xmm()
-                    && i.op0_kind() == OpKind::Register
-                    && i.op1_kind() == OpKind::Register
-                {
-                    // MMX forms.
-                    return self.unknown(i);
-                }
-                if i.op0_register().is_mm() || i.op1_register().is_mm() {
-                    return self.unknown(i);
-                }
                 let sz = if i.mnemonic() == M::Movd { 4 } else { 8 };
                 let v = self.read_xmm_op(i, 1, false)?
                     & if sz == 4 {
@@ -366,60 +297,10 @@ impl Cpu {
                 let v = self.reg(i.op1_register());
                 self.write_op(i, 0, sz, v)
             }
-            M::Pxor
-            | M::Xorps
-            | M::Xorpd
-            | M::Por
-            | M::Orps
-            | M::Orpd
-            | M::Pand
-            | M::Andps
-            | M::Andpd
-            | M::Pandn
-            | M::Andnps
-            | M::Andnpd
-            | M::Pcmpeqb
-            | M::Pcmpeqw
-            | M::Pcmpeqd
-            | M::Paddq
-            | M::Psubq
-            | M::Punpcklqdq
-            | M::Punpckhqdq => {
-                self.sse_check()?;
-                if !i.op0_register().is_xmm() {
-                    return self.unknown(i);
-                }
-                let d = xmm_index(i.op0_register());
-                let a = self.fpu.xmm[d];
-                let b = self.read_xmm_op(i, 1, true)?;
-                let r = match i.mnemonic() {
-                    M::Pxor | M::Xorps | M::Xorpd => a ^ b,
-                    M::Por | M::Orps | M::Orpd => a | b,
-                    M::Pand | M::Andps | M::Andpd => a & b,
-                    M::Pandn | M::Andnps | M::Andnpd => !a & b,
-                    M::Pcmpeqb => sse::pcmpeq(a, b, 1),
-                    M::Pcmpeqw => sse::pcmpeq(a, b, 2),
-                    M::Pcmpeqd => sse::pcmpeq(a, b, 4),
-                    M::Paddq => sse::map(a, b, 8, u64::wrapping_add),
-                    M::Psubq => sse::map(a, b, 8, u64::wrapping_sub),
-                    M::Punpcklqdq => sse::unpack(a, b, 8, false),
-                    _ => sse::unpack(a, b, 8, true),
-                };
-                self.fpu.xmm[d] = r;
-                Ok(())
-            }
             M::Pmovmskb => {
                 self.sse_check()?;
-                if !i.op1_register().is_xmm() {
-                    return self.unknown(i);
-                }
                 let v = self.fpu.xmm[xmm_index(i.op1_register())];
-                let mut m = 0u64;
-                for k in 0..16 {
-                    if (v >> (k * 8 + 7)) & 1 != 0 {
-                        m |= 1 << k;
-                    }
-                }
+                let m = (0..16).fold(0, |m, k| m | (((v >> (k * 8 + 7)) & 1) as u64) << k);
                 self.set_reg(i.op0_register(), m);
                 Ok(())
             }
@@ -445,12 +326,9 @@ impl Cpu {
                 // Not offered by CPUID.
                 exc(vector::UD)
             }
-            _ => match self.exec_sse_int(i) {
+            _ => match self.exec_sse_fp(i).or_else(|| self.exec_sse_int(i)) {
                 Some(r) => r,
-                None => {
-                    let _ = Code::INVALID;
-                    self.unknown(i)
-                }
+                None => self.unknown(i),
             },
         }
     }

@@ -45,16 +45,20 @@ mod cpuid;
 mod debug;
 mod decode;
 mod exec;
+mod f80;
 mod fpu;
 mod guest_debug;
 mod intercept;
 pub mod mem;
 mod mmu;
+mod mmx;
 pub mod model;
 mod sse;
+mod sse_fp;
 mod system;
 mod uop;
 pub mod vmx;
+mod x87;
 
 use std::time::Instant;
 

@@ -1,7 +1,7 @@
 //! SSE/SSE2 integer and shuffle instructions on XMM registers: the packed
 //! arithmetic, comparisons, shifts, shuffles, unpacks and packs that compiled
-//! C libraries use (glibc's SSE2 string functions, for one). MMX forms are not
-//! implemented (`None`, then the usual unimplemented-instruction exit).
+//! C libraries use (glibc's SSE2 string functions, for one). The MMX forms
+//! use the same operations (mmx.rs).
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind};
 
@@ -199,7 +199,7 @@ impl Cpu {
     }
 
     /// Packed shifts by a count.
-    fn sse_shift(m: M, a: u128, c: u64) -> u128 {
+    pub(crate) fn sse_shift(m: M, a: u128, c: u64) -> u128 {
         match m {
             M::Psllw => shift(a, 2, c, 0),
             M::Pslld => shift(a, 4, c, 0),
@@ -217,107 +217,10 @@ impl Cpu {
 
     /// XMM op= XMM/m128 forms (with an immediate for the shuffles).
     fn sse_binary(&mut self, i: &Instruction, m: M) -> Option<R<()>> {
-        let op: fn(u128, u128, u8) -> u128 = match m {
-            M::Paddb => |a, b, _| map(a, b, 1, u64::wrapping_add),
-            M::Paddw => |a, b, _| map(a, b, 2, u64::wrapping_add),
-            M::Paddd => |a, b, _| map(a, b, 4, u64::wrapping_add),
-            M::Psubb => |a, b, _| map(a, b, 1, u64::wrapping_sub),
-            M::Psubw => |a, b, _| map(a, b, 2, u64::wrapping_sub),
-            M::Psubd => |a, b, _| map(a, b, 4, u64::wrapping_sub),
-            M::Paddusb => |a, b, _| map(a, b, 1, |x, y| (x + y).min(0xff)),
-            M::Paddusw => |a, b, _| map(a, b, 2, |x, y| (x + y).min(0xffff)),
-            M::Psubusb => |a, b, _| map(a, b, 1, u64::saturating_sub),
-            M::Psubusw => |a, b, _| map(a, b, 2, u64::saturating_sub),
-            M::Paddsb => |a, b, _| map(a, b, 1, |x, y| sat_s(sx(x, 1) + sx(y, 1), 1)),
-            M::Paddsw => |a, b, _| map(a, b, 2, |x, y| sat_s(sx(x, 2) + sx(y, 2), 2)),
-            M::Psubsb => |a, b, _| map(a, b, 1, |x, y| sat_s(sx(x, 1) - sx(y, 1), 1)),
-            M::Psubsw => |a, b, _| map(a, b, 2, |x, y| sat_s(sx(x, 2) - sx(y, 2), 2)),
-            M::Pminub => |a, b, _| map(a, b, 1, u64::min),
-            M::Pmaxub => |a, b, _| map(a, b, 1, u64::max),
-            M::Pminsw => |a, b, _| map(a, b, 2, |x, y| sx(x, 2).min(sx(y, 2)) as u64),
-            M::Pmaxsw => |a, b, _| map(a, b, 2, |x, y| sx(x, 2).max(sx(y, 2)) as u64),
-            M::Pavgb => |a, b, _| map(a, b, 1, |x, y| (x + y + 1) >> 1),
-            M::Pavgw => |a, b, _| map(a, b, 2, |x, y| (x + y + 1) >> 1),
-            M::Pcmpgtb => |a, b, _| {
-                map(a, b, 1, |x, y| {
-                    0u64.wrapping_sub((sx(x, 1) > sx(y, 1)) as u64)
-                })
-            },
-            M::Pcmpgtw => |a, b, _| {
-                map(a, b, 2, |x, y| {
-                    0u64.wrapping_sub((sx(x, 2) > sx(y, 2)) as u64)
-                })
-            },
-            M::Pcmpgtd => |a, b, _| {
-                map(a, b, 4, |x, y| {
-                    0u64.wrapping_sub((sx(x, 4) > sx(y, 4)) as u64)
-                })
-            },
-            M::Pmullw => |a, b, _| map(a, b, 2, u64::wrapping_mul),
-            M::Pmulhw => |a, b, _| map(a, b, 2, |x, y| ((sx(x, 2) * sx(y, 2)) >> 16) as u64),
-            M::Pmulhuw => |a, b, _| map(a, b, 2, |x, y| (x * y) >> 16),
-            M::Pmuludq => |a, b, _| {
-                let p0 = lane(a, 4, 0) * lane(b, 4, 0);
-                let p1 = lane(a, 4, 2) * lane(b, 4, 2);
-                (p0 as u128) | ((p1 as u128) << 64)
-            },
-            M::Pmaddwd => |a, b, _| {
-                let mut r = 0u128;
-                for k in 0..4 {
-                    let p = |j: usize| sx(lane(a, 2, j), 2) * sx(lane(b, 2, j), 2);
-                    let s = (p(2 * k) + p(2 * k + 1)) as u32;
-                    r |= (s as u128) << (32 * k);
-                }
-                r
-            },
-            M::Psadbw => |a, b, _| {
-                let half = |h: usize| -> u128 {
-                    (0..8)
-                        .map(|k| lane(a, 1, 8 * h + k).abs_diff(lane(b, 1, 8 * h + k)))
-                        .sum::<u64>() as u128
-                };
-                half(0) | (half(1) << 64)
-            },
-            M::Punpcklbw => |a, b, _| unpack(a, b, 1, false),
-            M::Punpcklwd => |a, b, _| unpack(a, b, 2, false),
-            M::Punpckldq | M::Unpcklps => |a, b, _| unpack(a, b, 4, false),
-            M::Unpcklpd => |a, b, _| unpack(a, b, 8, false),
-            M::Punpckhbw => |a, b, _| unpack(a, b, 1, true),
-            M::Punpckhwd => |a, b, _| unpack(a, b, 2, true),
-            M::Punpckhdq | M::Unpckhps => |a, b, _| unpack(a, b, 4, true),
-            M::Unpckhpd => |a, b, _| unpack(a, b, 8, true),
-            M::Packsswb => |a, b, _| pack(a, b, 2, false),
-            M::Packuswb => |a, b, _| pack(a, b, 2, true),
-            M::Packssdw => |a, b, _| pack(a, b, 4, false),
-            M::Pshufd => |_, b, imm| {
-                (0..4).fold(0, |r, k| {
-                    r | ((lane(b, 4, (imm as usize >> (2 * k)) & 3) as u128) << (32 * k))
-                })
-            },
-            M::Pshuflw => |_, b, imm| {
-                let lo = (0..4).fold(0u128, |r, k| {
-                    r | ((lane(b, 2, (imm as usize >> (2 * k)) & 3) as u128) << (16 * k))
-                });
-                lo | (b & !(u64::MAX as u128))
-            },
-            M::Pshufhw => |_, b, imm| {
-                let hi = (0..4).fold(0u128, |r, k| {
-                    r | ((lane(b, 2, 4 + ((imm as usize >> (2 * k)) & 3)) as u128) << (16 * k))
-                });
-                (b & u64::MAX as u128) | (hi << 64)
-            },
-            M::Shufps => |a, b, imm| {
-                let s = |v: u128, k: usize| lane(v, 4, (imm as usize >> (2 * k)) & 3) as u128;
-                s(a, 0) | (s(a, 1) << 32) | (s(b, 2) << 64) | (s(b, 3) << 96)
-            },
-            M::Shufpd => |a, b, imm| {
-                let lo = lane(a, 8, (imm & 1) as usize) as u128;
-                let hi = lane(b, 8, ((imm >> 1) & 1) as usize) as u128;
-                lo | (hi << 64)
-            },
-            _ if lane_shift(m) => return Some(self.sse_shift_by_xmm(i, m)),
-            _ => return None,
-        };
+        if lane_shift(m) {
+            return Some(self.sse_shift_by_xmm(i, m));
+        }
+        let op = int_op(m)?;
         Some((|| {
             self.sse_check()?;
             // The SSE2 forms of all of these take an aligned m128.
@@ -332,7 +235,131 @@ impl Cpu {
             Ok(())
         })())
     }
+}
 
+/// The integer, logic and shuffle operations on XMM registers, by
+/// mnemonic: `f(destination, source, immediate)`. MMX forms use the same on
+/// zero-extended 64-bit operands (see `Cpu::exec_mmx`).
+pub(crate) fn int_op(m: M) -> Option<fn(u128, u128, u8) -> u128> {
+    Some(match m {
+        M::Pxor | M::Xorps | M::Xorpd => |a, b, _| a ^ b,
+        M::Por | M::Orps | M::Orpd => |a, b, _| a | b,
+        M::Pand | M::Andps | M::Andpd => |a, b, _| a & b,
+        M::Pandn | M::Andnps | M::Andnpd => |a, b, _| !a & b,
+        M::Pcmpeqb => |a, b, _| pcmpeq(a, b, 1),
+        M::Pcmpeqw => |a, b, _| pcmpeq(a, b, 2),
+        M::Pcmpeqd => |a, b, _| pcmpeq(a, b, 4),
+        M::Paddq => |a, b, _| map(a, b, 8, u64::wrapping_add),
+        M::Psubq => |a, b, _| map(a, b, 8, u64::wrapping_sub),
+        M::Punpcklqdq => |a, b, _| unpack(a, b, 8, false),
+        M::Punpckhqdq => |a, b, _| unpack(a, b, 8, true),
+        M::Pshufw => |_, b, imm| {
+            (0..4).fold(0u128, |r, k| {
+                r | ((lane(b, 2, (imm as usize >> (2 * k)) & 3) as u128) << (16 * k))
+            })
+        },
+        M::Paddb => |a, b, _| map(a, b, 1, u64::wrapping_add),
+        M::Paddw => |a, b, _| map(a, b, 2, u64::wrapping_add),
+        M::Paddd => |a, b, _| map(a, b, 4, u64::wrapping_add),
+        M::Psubb => |a, b, _| map(a, b, 1, u64::wrapping_sub),
+        M::Psubw => |a, b, _| map(a, b, 2, u64::wrapping_sub),
+        M::Psubd => |a, b, _| map(a, b, 4, u64::wrapping_sub),
+        M::Paddusb => |a, b, _| map(a, b, 1, |x, y| (x + y).min(0xff)),
+        M::Paddusw => |a, b, _| map(a, b, 2, |x, y| (x + y).min(0xffff)),
+        M::Psubusb => |a, b, _| map(a, b, 1, u64::saturating_sub),
+        M::Psubusw => |a, b, _| map(a, b, 2, u64::saturating_sub),
+        M::Paddsb => |a, b, _| map(a, b, 1, |x, y| sat_s(sx(x, 1) + sx(y, 1), 1)),
+        M::Paddsw => |a, b, _| map(a, b, 2, |x, y| sat_s(sx(x, 2) + sx(y, 2), 2)),
+        M::Psubsb => |a, b, _| map(a, b, 1, |x, y| sat_s(sx(x, 1) - sx(y, 1), 1)),
+        M::Psubsw => |a, b, _| map(a, b, 2, |x, y| sat_s(sx(x, 2) - sx(y, 2), 2)),
+        M::Pminub => |a, b, _| map(a, b, 1, u64::min),
+        M::Pmaxub => |a, b, _| map(a, b, 1, u64::max),
+        M::Pminsw => |a, b, _| map(a, b, 2, |x, y| sx(x, 2).min(sx(y, 2)) as u64),
+        M::Pmaxsw => |a, b, _| map(a, b, 2, |x, y| sx(x, 2).max(sx(y, 2)) as u64),
+        M::Pavgb => |a, b, _| map(a, b, 1, |x, y| (x + y + 1) >> 1),
+        M::Pavgw => |a, b, _| map(a, b, 2, |x, y| (x + y + 1) >> 1),
+        M::Pcmpgtb => |a, b, _| {
+            map(a, b, 1, |x, y| {
+                0u64.wrapping_sub((sx(x, 1) > sx(y, 1)) as u64)
+            })
+        },
+        M::Pcmpgtw => |a, b, _| {
+            map(a, b, 2, |x, y| {
+                0u64.wrapping_sub((sx(x, 2) > sx(y, 2)) as u64)
+            })
+        },
+        M::Pcmpgtd => |a, b, _| {
+            map(a, b, 4, |x, y| {
+                0u64.wrapping_sub((sx(x, 4) > sx(y, 4)) as u64)
+            })
+        },
+        M::Pmullw => |a, b, _| map(a, b, 2, u64::wrapping_mul),
+        M::Pmulhw => |a, b, _| map(a, b, 2, |x, y| ((sx(x, 2) * sx(y, 2)) >> 16) as u64),
+        M::Pmulhuw => |a, b, _| map(a, b, 2, |x, y| (x * y) >> 16),
+        M::Pmuludq => |a, b, _| {
+            let p0 = lane(a, 4, 0) * lane(b, 4, 0);
+            let p1 = lane(a, 4, 2) * lane(b, 4, 2);
+            (p0 as u128) | ((p1 as u128) << 64)
+        },
+        M::Pmaddwd => |a, b, _| {
+            let mut r = 0u128;
+            for k in 0..4 {
+                let p = |j: usize| sx(lane(a, 2, j), 2) * sx(lane(b, 2, j), 2);
+                let s = (p(2 * k) + p(2 * k + 1)) as u32;
+                r |= (s as u128) << (32 * k);
+            }
+            r
+        },
+        M::Psadbw => |a, b, _| {
+            let half = |h: usize| -> u128 {
+                (0..8)
+                    .map(|k| lane(a, 1, 8 * h + k).abs_diff(lane(b, 1, 8 * h + k)))
+                    .sum::<u64>() as u128
+            };
+            half(0) | (half(1) << 64)
+        },
+        M::Punpcklbw => |a, b, _| unpack(a, b, 1, false),
+        M::Punpcklwd => |a, b, _| unpack(a, b, 2, false),
+        M::Punpckldq | M::Unpcklps => |a, b, _| unpack(a, b, 4, false),
+        M::Unpcklpd => |a, b, _| unpack(a, b, 8, false),
+        M::Punpckhbw => |a, b, _| unpack(a, b, 1, true),
+        M::Punpckhwd => |a, b, _| unpack(a, b, 2, true),
+        M::Punpckhdq | M::Unpckhps => |a, b, _| unpack(a, b, 4, true),
+        M::Unpckhpd => |a, b, _| unpack(a, b, 8, true),
+        M::Packsswb => |a, b, _| pack(a, b, 2, false),
+        M::Packuswb => |a, b, _| pack(a, b, 2, true),
+        M::Packssdw => |a, b, _| pack(a, b, 4, false),
+        M::Pshufd => |_, b, imm| {
+            (0..4).fold(0, |r, k| {
+                r | ((lane(b, 4, (imm as usize >> (2 * k)) & 3) as u128) << (32 * k))
+            })
+        },
+        M::Pshuflw => |_, b, imm| {
+            let lo = (0..4).fold(0u128, |r, k| {
+                r | ((lane(b, 2, (imm as usize >> (2 * k)) & 3) as u128) << (16 * k))
+            });
+            lo | (b & !(u64::MAX as u128))
+        },
+        M::Pshufhw => |_, b, imm| {
+            let hi = (0..4).fold(0u128, |r, k| {
+                r | ((lane(b, 2, 4 + ((imm as usize >> (2 * k)) & 3)) as u128) << (16 * k))
+            });
+            (b & u64::MAX as u128) | (hi << 64)
+        },
+        M::Shufps => |a, b, imm| {
+            let s = |v: u128, k: usize| lane(v, 4, (imm as usize >> (2 * k)) & 3) as u128;
+            s(a, 0) | (s(a, 1) << 32) | (s(b, 2) << 64) | (s(b, 3) << 96)
+        },
+        M::Shufpd => |a, b, imm| {
+            let lo = lane(a, 8, (imm & 1) as usize) as u128;
+            let hi = lane(b, 8, ((imm >> 1) & 1) as usize) as u128;
+            lo | (hi << 64)
+        },
+        _ => return None,
+    })
+}
+
+impl Cpu {
     /// PSLL/PSRL/PSRA by the count in an XMM register or m128.
     fn sse_shift_by_xmm(&mut self, i: &Instruction, m: M) -> R<()> {
         self.sse_check()?;

@@ -1444,3 +1444,53 @@ fn invlpg_drops_every_piece_of_a_large_page() {
     let r = t.cpu.regs();
     assert_eq!((r.rax, r.rbx, r.rdx, r.rsi), (1, 2, 3, 4));
 }
+
+/// x87 stack faults and their masked responses (SDM vol. 1 8.5.1.1), FXAM's
+/// classes, and #MF at the next waiting instruction after an unmasked one
+/// (8.7; CR0.NE is set here).
+#[test]
+fn x87_stack_faults_fxam_and_mf() {
+    let mut t = long(|a| {
+        a.fninit()?;
+        a.fadd_2(st0, st1)?; // both empty: underflow
+        a.fnstsw(ax)?;
+        a.movzx(r8d, ax)?;
+        a.fstp(tword_ptr(rsp - 0x800))?;
+        a.fninit()?;
+        for _ in 0..9 {
+            a.fld1()?; // the ninth overflows
+        }
+        a.fnstsw(ax)?;
+        a.movzx(r9d, ax)?;
+        a.fxam()?; // the indefinite: NaN, negative
+        a.fnstsw(ax)?;
+        a.movzx(r10d, ax)?;
+        a.fninit()?;
+        a.fxam()?; // empty
+        a.fnstsw(ax)?;
+        a.movzx(r11d, ax)?;
+        a.mov(word_ptr(rsp - 32), 0x37e)?; // IM clear
+        a.fldcw(word_ptr(rsp - 32))?;
+        a.fadd_2(st0, st1)?; // unmasked underflow: nothing written
+        a.fnstsw(ax)?;
+        a.movzx(r12d, ax)?;
+        a.fld1()?; // #MF here
+        a.hlt()
+    });
+    t.gate(16, HANDLER, 0, 0);
+    t.code_at(HANDLER, |a| {
+        a.mov(r15, qword_ptr(rsp))?;
+        a.movzx(r14d, word_ptr(r15))?;
+        a.hlt()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.r8, 0x0041, "IE and SF, C1 = 0 (underflow)");
+    assert_eq!(t.read(STACK - 0x800), 0xc000_0000_0000_0000);
+    assert_eq!(t.read(STACK - 0x7f8) & 0xffff, 0xffff, "the indefinite");
+    assert_eq!(r.r9, 0x3a41, "TOP 7, C1 = 1 (overflow), IE and SF");
+    assert_eq!(r.r10, 0x3b41, "FXAM: NaN (C0), sign (C1)");
+    assert_eq!(r.r11 & 0x4500, 0x4100, "FXAM: empty (C3, C0)");
+    assert_eq!(r.r12 & !0x4500, 0x80c1, "unmasked: ES and B, C1 = 0, TOP 0");
+    assert_eq!(r.r14, 0xe8d9, "#MF is reported at the FLD1");
+}
