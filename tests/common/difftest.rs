@@ -531,6 +531,9 @@ struct Gen<'r> {
     defined: u64,
     /// An x87 sequence (x87 instructions generated).
     x87: bool,
+    /// SSE and MMX instructions generated too (not in the system-level
+    /// sequences, whose #AC checks cover integer accesses only).
+    sse: bool,
 }
 
 impl Gen<'_> {
@@ -1165,7 +1168,7 @@ impl Gen<'_> {
         if self.x87 && self.rng.chance(2) {
             return self.fp();
         }
-        match self.rng.below(24) {
+        match self.rng.below(if self.sse { 24 } else { 18 }) {
             18.. => self.sse(),
             0 | 1 => self.mov(),
             2..=4 => self.alu2(),
@@ -1204,6 +1207,7 @@ fn generate(rng: &mut Rng, x87: bool) -> (Vec<u8>, u64) {
         a: CodeAssembler::new(64).unwrap(),
         defined: ARITH,
         x87: false,
+        sse: true,
     };
     // XMM0-15 and MXCSR from the stack page.
     for k in 0..16 {
