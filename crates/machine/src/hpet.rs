@@ -190,13 +190,7 @@ impl Hpet {
         ));
         // The deadline thread waits without a timeout while the clock
         // stands; a resume makes it look again.
-        let weak = Arc::downgrade(&state);
-        clock.on_resume(Box::new(move || {
-            if let Some(s) = weak.upgrade() {
-                let _held = lock(&s);
-                s.1.notify_all();
-            }
-        }));
+        clock.wake_on_resume(&state);
         let (s, c) = (state.clone(), clock.clone());
         std::thread::Builder::new()
             .name("hpet".into())
@@ -331,16 +325,8 @@ fn run(state: Shared, lines: IsaLines, clock: Arc<GuestClock>) {
             s = lock(&state);
             continue;
         }
-        s = match s.deadline(now).and_then(|d| clock.until(d)) {
-            Some(wait) => {
-                state
-                    .1
-                    .wait_timeout(s, wait)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
-            }
-            None => state.1.wait(s).unwrap_or_else(|p| p.into_inner()),
-        };
+        let deadline = s.deadline(now);
+        s = clock.wait_for(&state.1, s, deadline);
     }
 }
 

@@ -526,13 +526,7 @@ impl Rtc {
         let state: Shared = Arc::new((Mutex::new(s), Condvar::new()));
         // The thread waits without a timeout while the clock stands; a
         // resume makes it look again.
-        let weak = Arc::downgrade(&state);
-        clock.on_resume(Box::new(move || {
-            if let Some(s) = weak.upgrade() {
-                let _held = lock(&s);
-                s.1.notify_all();
-            }
-        }));
+        clock.wake_on_resume(&state);
         let (s, l, c) = (state.clone(), line.clone(), clock.clone());
         std::thread::Builder::new()
             .name("rtc".into())
@@ -580,16 +574,8 @@ fn run(state: Shared, line: Option<Arc<dyn IrqLine>>, clock: Arc<vcpu::GuestCloc
             s = lock(&state);
             continue;
         }
-        s = match s.deadline().and_then(|d| clock.until(d)) {
-            Some(wait) => {
-                state
-                    .1
-                    .wait_timeout(s, wait)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
-            }
-            None => state.1.wait(s).unwrap_or_else(|p| p.into_inner()),
-        };
+        let deadline = s.deadline();
+        s = clock.wait_for(&state.1, s, deadline);
     }
 }
 

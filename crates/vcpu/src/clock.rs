@@ -10,7 +10,7 @@
 //! [`GuestClock::until`] (nothing while paused) and registers a wake-up with
 //! [`GuestClock::on_resume`].
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// A VM's guest clock (see the module documentation). Shared as an `Arc`
@@ -108,6 +108,38 @@ impl GuestClock {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(wake);
+    }
+
+    /// [`on_resume`](Self::on_resume) for a device whose deadline thread
+    /// waits on `shared`'s condition variable: every resume notifies it
+    /// (through a weak reference: a dropped device is left alone).
+    pub fn wake_on_resume<T: Send + 'static>(&self, shared: &Arc<(Mutex<T>, Condvar)>) {
+        let weak = Arc::downgrade(shared);
+        self.on_resume(Box::new(move || {
+            if let Some(s) = weak.upgrade() {
+                let _held = s.0.lock().unwrap_or_else(|p| p.into_inner());
+                s.1.notify_all();
+            }
+        }));
+    }
+
+    /// Waits on `cv` (releasing `guard`) until the guest's time reaches
+    /// `deadline` or the condition variable is notified; with no deadline,
+    /// or while the clock stands, until it is notified.
+    pub fn wait_for<'a, T>(
+        &self,
+        cv: &Condvar,
+        guard: MutexGuard<'a, T>,
+        deadline: Option<Instant>,
+    ) -> MutexGuard<'a, T> {
+        match deadline.and_then(|d| self.until(d)) {
+            Some(wait) => {
+                cv.wait_timeout(guard, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            None => cv.wait(guard).unwrap_or_else(|p| p.into_inner()),
+        }
     }
 }
 

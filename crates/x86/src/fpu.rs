@@ -40,6 +40,20 @@ impl Default for Fpu {
     }
 }
 
+impl Fpu {
+    /// FNINIT's state: the default control word, status and tags clear,
+    /// the last-instruction pointers 0 (SDM vol. 1 8.1.10; the registers
+    /// and the SSE state stay).
+    pub(crate) fn finit(&mut self) {
+        self.fcw = 0x37f;
+        self.fsw = 0;
+        self.ftw = 0;
+        self.fop = 0;
+        self.fip = 0;
+        self.fdp = 0;
+    }
+}
+
 const MXCSR_MASK: u32 = 0xffff;
 
 fn xmm_index(r: Register) -> usize {
@@ -195,13 +209,7 @@ impl Cpu {
         match i.mnemonic() {
             M::Fninit => {
                 self.x87_check()?;
-                let f = &mut self.fpu;
-                f.fcw = 0x37f;
-                f.fsw = 0;
-                f.ftw = 0;
-                f.fop = 0;
-                f.fip = 0;
-                f.fdp = 0;
+                self.fpu.finit();
                 Ok(())
             }
             M::Wait => {

@@ -728,13 +728,7 @@ impl Cpu {
             M::Fnop | M::Fneni | M::Fndisi | M::Feni | M::Fdisi | M::Fnsetpm | M::Fsetpm => Ok(()),
             M::Frstpm => exc(vector::UD),
             M::Finit => {
-                let f = &mut self.fpu;
-                f.fcw = 0x37f;
-                f.fsw = 0;
-                f.ftw = 0;
-                f.fop = 0;
-                f.fip = 0;
-                f.fdp = 0;
+                self.fpu.finit();
                 Ok(())
             }
             M::Fclex => {
