@@ -468,6 +468,9 @@ pub struct Ctx {
     /// The guest's arithmetic flags as LAHF and SETO leave them in AX:
     /// bits 15:8 SF, ZF, AF, PF and CF; bit 0 OF.
     pub flags: u64,
+    /// Where a block that uses guest RAX parks the guest's flags (in the
+    /// form of `flags`) while its TLB probes change the host's.
+    pub park: u64,
     /// Guest instructions run since the runtime entered the cache, shifted
     /// left by [`COUNT_SHIFT`], plus the blocks entered (host R15 while the
     /// code runs): see [`Ctx::instructions`] and [`Ctx::blocks`].
@@ -968,7 +971,7 @@ impl Translator {
                 .chain([&form])
                 .any(|f| matches!(f, Form::Memory(_) | Form::Div | Form::Push | Form::Pop))
                 || (cross.is_some() && taken.len() + 1 == guest.len());
-            if Registers::borrowed(all, memory) > (HOMED & !all).count_ones() as usize {
+            if Registers::borrowed(all, memory) > spares(all) {
                 break;
             }
             used = all;
@@ -990,7 +993,7 @@ impl Translator {
                 if indirect_near(b) {
                     all |= 1 << gpr_number(b.op0_register()).unwrap_or(0);
                 }
-                if Registers::borrowed(all, true) > (HOMED & !all).count_ones() as usize {
+                if Registers::borrowed(all, true) > spares(all) {
                     // The block ends before it, and the next one starts at
                     // it (with registers to spare), unless it is the first.
                     if taken.is_empty() {
@@ -1096,8 +1099,9 @@ impl Translator {
         // arithmetic flag without reading one, drops the saved copy.
         let mut saved = false;
         let restore = |a: &mut CodeAssembler, i: Option<&Instruction>| match i {
-            Some(i) if flags_overwritten(i) => a.lea(rsp, qword_ptr(rsp + 8)),
-            _ => a.popfq(),
+            // Dropped: nothing to do.
+            Some(i) if flags_overwritten(i) => Ok(()),
+            _ => r.restore_flags(a),
         };
         for (k, (i, form)) in guest.iter().zip(forms).enumerate() {
             if let Some(ppage) = cross.filter(|_| k + 1 == guest.len()) {
@@ -1193,11 +1197,10 @@ impl Translator {
                     };
                     o = Instruction::with1(code, reg)?;
                 } else if !saved {
-                    a.pushfq()?;
+                    r.save_flags(&mut a)?;
                 }
                 division_check(&mut a, &o, r.scratch[2], miss.hard)?;
                 // Every flag is undefined after it: the saved copy goes.
-                a.lea(rsp, qword_ptr(rsp + 8))?;
                 saved = false;
                 misses.push((miss, k));
                 o.set_ip(0);
@@ -1271,7 +1274,7 @@ impl Translator {
                 if call {
                     self.push_pop(&mut a, r, miss, !saved, None, None)?;
                 } else if !saved {
-                    a.pushfq()?;
+                    r.save_flags(&mut a)?;
                 }
                 saved = true;
                 let [_, s2a, s3a] = r.scratch.map(|n| ASM64[n]);
@@ -1360,7 +1363,7 @@ impl Translator {
             a.set_label(&mut miss.cold)?;
             a.mov(dword_ptr(rdi + ctx!(callout)), CALLOUT_MEMORY)?;
             a.set_label(&mut flags)?;
-            a.popfq()?;
+            r.restore_flags(&mut a)?;
             r.give_back(&mut a)?;
             // The count was taken for the whole block.
             a.lea(r15, qword_ptr(r15 - (((count - k) as i32) << COUNT_SHIFT)))?;
@@ -1451,7 +1454,7 @@ impl Translator {
         a.mov(s1a, qword_ptr(rdi + ctx!(vpage)))?;
         a.lea(s1a, qword_ptr(s1a + 0x1000))?;
         if save_flags {
-            a.pushfq()?;
+            r.save_flags(a)?;
         }
         self.entry_of(a, s1a, s2a)?;
         a.cmp(s1a, qword_ptr(s2a + x86::TLB_VPAGE as i32))?;
@@ -1514,7 +1517,7 @@ impl Translator {
             Address::Mem(m) => a.add_instruction(Instruction::with2(Code::Lea_r64_m, s1, m)?)?,
         }
         if save_flags {
-            a.pushfq()?;
+            r.save_flags(a)?;
         }
         match segment {
             Register::FS => a.add(s1a, qword_ptr(rdi + ctx!(fs_base)))?,
@@ -1563,16 +1566,27 @@ const ASM8: [AsmRegister8; 16] = [
 /// homed ones; for RSP, RDI and R15, a host register the block borrows) and,
 /// for memory accesses, three scratch registers it borrows too. A borrowed
 /// host register is one whose guest register the block does not use: its
-/// value waits in the context until the block gives it back.
+/// value waits in the context until the block gives it back. Host RAX is
+/// never a scratch register: the guest's flags are saved through AX
+/// (LAHF, SETO), where a block that does not use guest RAX keeps them
+/// (RAX is borrowed), and from where one that does parks them in the
+/// context (guest RAX waits in its slot meanwhile).
 struct Registers {
     used: u16,
     map: [usize; 16],
     scratch: [usize; 3],
     borrowed: Vec<usize>,
+    /// RAX is borrowed to hold the saved flags.
+    rax_flags: bool,
+}
+
+/// The host registers a block may borrow: the homed ones but RAX.
+fn spares(used: u16) -> usize {
+    (HOMED & !used & !1).count_ones() as usize
 }
 
 impl Registers {
-    /// How many host registers a block using `used` borrows.
+    /// How many host registers a block using `used` borrows, besides RAX.
     fn borrowed(used: u16, memory: bool) -> usize {
         IN_CONTEXT.iter().filter(|&&g| used & (1 << g) != 0).count() + if memory { 3 } else { 0 }
     }
@@ -1580,7 +1594,7 @@ impl Registers {
     fn new(used: u16, memory: bool) -> Registers {
         let mut map: [usize; 16] = std::array::from_fn(|n| n);
         // `translate` made sure enough are free.
-        let mut spare = (0..16).filter(|&n| HOMED & (1 << n) != 0 && used & (1 << n) == 0);
+        let mut spare = (1..16).filter(|&n| HOMED & (1 << n) != 0 && used & (1 << n) == 0);
         let mut borrowed = Vec::new();
         for g in IN_CONTEXT {
             if used & (1 << g) != 0 {
@@ -1595,12 +1609,50 @@ impl Registers {
                 borrowed.push(*s);
             }
         }
+        let rax_flags = memory && used & 1 == 0;
+        if rax_flags {
+            borrowed.push(0);
+        }
         Registers {
             used,
             map,
             scratch,
             borrowed,
+            rax_flags,
         }
+    }
+
+    /// Saves the guest's arithmetic flags (LAHF and SETO: no PUSHFQ, which
+    /// is microcoded and costs several times as much) so that the probes
+    /// may change the host's: in AX if RAX is borrowed, else parked in the
+    /// context, guest RAX staying in its register.
+    fn save_flags(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        if !self.rax_flags {
+            spill(a, 0, 0)?;
+        }
+        a.lahf()?;
+        a.seto(al)?;
+        if !self.rax_flags {
+            a.mov(word_ptr(rdi + ctx!(park)), ax)?;
+            fill(a, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Puts the flags [`Registers::save_flags`] saved back into RFLAGS
+    /// (changes no register).
+    fn restore_flags(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        if !self.rax_flags {
+            spill(a, 0, 0)?;
+            a.mov(ax, word_ptr(rdi + ctx!(park)))?;
+        }
+        // OF from AL (1 + 0x7f overflows), the others from AH.
+        a.add(al, 0x7f)?;
+        a.sahf()?;
+        if !self.rax_flags {
+            fill(a, 0, 0)?;
+        }
+        Ok(())
     }
 
     /// Stores guest RSP, RDI and R15 back into the context and gives the
