@@ -68,6 +68,9 @@ pub struct VmOptions {
     /// `bt`: the code cache's size in bytes (`--bt-cache`; default
     /// [`visor_bt::DEFAULT_CACHE`]).
     pub bt_cache: Option<usize>,
+    /// `bt`: translate a block once the interpreter has reached its start
+    /// this many times (`--bt-hot`; default [`visor_bt::DEFAULT_HOT`]).
+    pub bt_hot: Option<u32>,
 }
 
 impl Engine {
@@ -272,6 +275,7 @@ impl Engine {
                     irqchip: opts.irqchip,
                     pv_signature: opts.pv.then_some(hypercall::SIGNATURE),
                     cache_size: opts.bt_cache.unwrap_or(visor_bt::DEFAULT_CACHE),
+                    hot: opts.bt_hot.unwrap_or(visor_bt::DEFAULT_HOT),
                 },
             )?)),
         }

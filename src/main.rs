@@ -79,6 +79,10 @@ struct RunArgs {
     /// cache is emptied whole.
     #[arg(long, value_name = "SIZE")]
     bt_cache: Option<String>,
+    /// Engine bt: translate a block once the interpreter has reached its
+    /// start N times (default 32; 0 translates everything at first sight).
+    #[arg(long, value_name = "N")]
+    bt_hot: Option<u32>,
     /// Wait for gdb on [HOST:]PORT (host 127.0.0.1 by default) or a Unix
     /// socket path, with the guest stopped before its first instruction
     /// (`target remote :PORT` in gdb; `monitor help` for visor's commands).
@@ -260,6 +264,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
         trace_vmx: args.trace_vmx,
         dump_vmcs: args.dump_vmcs,
         bt_cache,
+        bt_hot: args.bt_hot,
     };
     let mut vm = Vm::with_memory(engine, layout, mem, opts)?;
     vm.set_cpu_state(&loaded.cpu.regs, &loaded.cpu.sregs)

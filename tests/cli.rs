@@ -214,6 +214,8 @@ fn bt_code_cache_is_bounded() {
         "bt",
         "--bt-cache",
         "64K",
+        "--bt-hot",
+        "0",
         "--cmdline",
         "passes=1",
         "--no-pv",
@@ -232,6 +234,38 @@ fn bt_code_cache_is_bounded() {
     assert!(c["cache_flushes"].as_u64().unwrap() >= 1, "{v}");
     let o = visor(&["run", "--engine", "bt", "--bt-cache", "1K"]);
     assert_error(&o, "--bt-cache");
+}
+
+/// `--bt-hot`: by default code is interpreted until its block start has
+/// been reached `DEFAULT_HOT` times; with 0 everything is translated at
+/// first sight, so fewer instructions are interpreted.
+#[test]
+fn bt_translates_hot_code() {
+    let run = |hot: &str| {
+        let (o, v) = stats_json(&[
+            "run",
+            "--engine",
+            "bt",
+            "--bt-hot",
+            hot,
+            "--cmdline",
+            "passes=1",
+            "--no-pv",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        v["bt"].clone()
+    };
+    let (lazy, eager) = (run("32"), run("0"));
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    assert!(n(&lazy, "cold_entries") > 0, "{lazy}");
+    assert_eq!(n(&eager, "cold_entries"), 0, "{eager}");
+    assert!(n(&lazy, "blocks_translated") < n(&eager, "blocks_translated"));
+    assert!(n(&lazy, "run_interpreted") > n(&eager, "run_interpreted"));
+    // The hot code is translated all the same.
+    assert!(
+        n(&lazy, "run_translated") > n(&lazy, "run_interpreted"),
+        "{lazy}"
+    );
 }
 
 #[test]

@@ -1294,7 +1294,12 @@ struct Runner {
 
 impl Runner {
     fn new(engine: Engine) -> Result<Runner, String> {
-        let mut vm = Vm::new(engine, 16 << 20, VmOptions::default())
+        // bt translates at first sight: each sequence runs once.
+        let opts = VmOptions {
+            bt_hot: Some(0),
+            ..VmOptions::default()
+        };
+        let mut vm = Vm::new(engine, 16 << 20, opts)
             .map_err(|e| format!("engine {engine}: creating the VM: {e}"))?;
         let mut sregs = machine::boot::long_mode(&vm.mem).map_err(|e| e.to_string())?;
         let mem = &vm.mem;

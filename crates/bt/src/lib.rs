@@ -55,6 +55,13 @@ use translate::{
 /// The code cache's size unless `--bt-cache` says otherwise.
 pub const DEFAULT_CACHE: usize = 64 << 20;
 
+/// How many times the interpreter reaches the start of a block before it
+/// is translated, unless `--bt-hot` says otherwise. Translating a block
+/// costs about as much as interpreting it a few hundred times, and most
+/// of a kernel's boot code runs once: interpreted, it costs a few
+/// instructions' time, translated, tens of microseconds.
+pub const DEFAULT_HOT: u32 = 32;
+
 /// Options of a `bt` virtual machine.
 #[derive(Clone, Copy, Debug)]
 pub struct BtConfig {
@@ -64,6 +71,9 @@ pub struct BtConfig {
     pub pv_signature: Option<[u8; 12]>,
     /// Size of the code cache in bytes.
     pub cache_size: usize,
+    /// Translate a block once its start has been reached this many times
+    /// (0 and 1: at once); until then the interpreter runs it.
+    pub hot: u32,
 }
 
 impl Default for BtConfig {
@@ -72,6 +82,7 @@ impl Default for BtConfig {
             irqchip: false,
             pv_signature: None,
             cache_size: DEFAULT_CACHE,
+            hot: DEFAULT_HOT,
         }
     }
 }
@@ -104,7 +115,7 @@ impl BtVm {
         Ok(BtVcpu {
             cpu,
             platform: self.platform.clone(),
-            tr: Blocks::new(cache, tlb_mask),
+            tr: Blocks::new(cache, tlb_mask, self.config.hot),
         })
     }
 }
@@ -185,6 +196,9 @@ struct Stats {
     /// Instructions translated code left to the interpreter, by mnemonic
     /// (`Mnemonic as usize`).
     callouts: Vec<u64>,
+    /// Times the interpreter reached the start of a block that was not
+    /// hot enough yet to be translated.
+    cold: u64,
 }
 
 /// Side exits at one instruction before it is retranslated as a callout.
@@ -199,9 +213,10 @@ pub const CACHE_BYTES_PER_BLOCK: usize = 256;
 /// An upper bound of the metadata one block costs: 256 bytes for its entry
 /// in the block table, in the address map and in its page's list with four
 /// linked jumps; 32 for more linked jumps (a block has at most two); and
-/// 32 each for a side-exit count and an adaptive callout, whose tables are
-/// emptied when they hold as many entries as the block table may.
-pub const METADATA_PER_BLOCK: usize = 352;
+/// 32 each for a side-exit count, an adaptive callout and the visit count
+/// of a cold block start, whose tables are emptied when they hold as many
+/// entries as the block table may.
+pub const METADATA_PER_BLOCK: usize = 384;
 
 /// The translated blocks of one vCPU and their code cache: the
 /// accelerator the software CPU calls ([`x86::Accel`]).
@@ -225,6 +240,12 @@ pub struct Blocks {
     /// Memory instructions the translator leaves to the interpreter
     /// (adaptive translation), by guest-physical address.
     callout_at: HashSet<u64>,
+    /// [`BtConfig::hot`].
+    hot: u32,
+    /// Visits of the interpreter to block starts not translated yet, by
+    /// guest-physical address (emptied when it holds as many as the block
+    /// table may).
+    heat: HashMap<u64, u32, BuildHasherDefault<AddrHasher>>,
     stats: Stats,
 }
 
@@ -291,7 +312,7 @@ impl Blocks {
         s
     }
 
-    fn new(cache: CodeCache, tlb_mask: u64) -> Blocks {
+    fn new(cache: CodeCache, tlb_mask: u64, hot: u32) -> Blocks {
         Blocks {
             translator: Translator::new(tlb_mask, cache.runtime()),
             cache,
@@ -311,6 +332,8 @@ impl Blocks {
             .into_boxed_slice(),
             misses: HashMap::default(),
             callout_at: HashSet::new(),
+            hot,
+            heat: HashMap::default(),
             stats: Stats {
                 callouts: vec![0; Mnemonic::values().count()],
                 ..Stats::default()
@@ -534,7 +557,7 @@ impl Blocks {
     /// jump cache.
     pub fn metadata_bytes(&self) -> usize {
         self.blocks.len() * 256
-            + (self.misses.len() + self.callout_at.len()) * 32
+            + (self.misses.len() + self.callout_at.len() + self.heat.len()) * 32
             + self
                 .blocks
                 .iter()
@@ -545,6 +568,28 @@ impl Blocks {
     /// The runtime's routines (tests: where blocks may jump).
     pub fn runtime(&self) -> translate::Runtime {
         self.cache.runtime()
+    }
+
+    /// Whether the block at RIP (guest-physical `pa`) is not translated
+    /// and not hot enough yet to be ([`BtConfig::hot`]): its visit is
+    /// counted, and the CPU told to interpret up to the next control
+    /// transfer.
+    fn cold(&mut self, cpu: &mut Cpu, pa: u64) -> bool {
+        if self.hot <= 1 || self.at.contains_key(&pa) {
+            return false;
+        }
+        if self.heat.len() >= self.cache.size() / CACHE_BYTES_PER_BLOCK {
+            self.heat.clear();
+        }
+        let n = self.heat.entry(pa).or_insert(0);
+        *n += 1;
+        if *n < self.hot {
+            self.stats.cold += 1;
+            cpu.accel_cold();
+            return true;
+        }
+        self.heat.remove(&pa);
+        false
     }
 
     /// The host address of the block at RIP (guest-physical `pa`),
@@ -619,6 +664,9 @@ impl Accel for Blocks {
         }
         let user = cpu.cpl() == 3;
         let pa = cpu.code_phys()?;
+        if self.cold(cpu, pa) {
+            return Some(0);
+        }
         let code = match self.block_at(cpu, pa) {
             Ok((_, code)) => code,
             Err(m) => {
@@ -679,6 +727,9 @@ impl Accel for Blocks {
             }
             self.stats.lookup_misses += 1;
             let Some(pa) = cpu.code_phys() else { break };
+            if self.cold(cpu, pa) {
+                break;
+            }
             let flushes = self.stats.flushes;
             let ncode = match self.block_at(cpu, pa) {
                 Ok((nix, ncode)) => {
@@ -830,6 +881,7 @@ impl Vcpu for BtVcpu {
                 self.tr.ctx.lookups.saturating_sub(s.lookup_misses),
             ),
             ("bt/exits/lookup_misses".into(), s.lookup_misses),
+            ("bt/cold_entries".into(), s.cold),
             ("bt/links".into(), s.links),
             ("bt/unlinks".into(), s.unlinks),
             ("bt/jump_cache_clears".into(), s.jc_clears),
@@ -866,7 +918,7 @@ pub fn exec_bytes_differential(data: &[u8]) -> (softplat::fuzz::Report, softplat
             cpu.log_code_invalidations();
             let mask = cpu.tlb_probe().mask;
             CodeCache::new(1 << 20).ok().map(|c| {
-                let mut b = Blocks::new(c, mask);
+                let mut b = Blocks::new(c, mask, 0);
                 b.translator.strict();
                 b
             })

@@ -33,7 +33,12 @@ fn run_both(code: &[u8]) -> BtVcpu {
         rbx: 0x1234_5678_9abc_def0,
         ..Default::default()
     };
-    let mut vm = BtVm::new(&m, BtConfig::default()).unwrap();
+    let config = BtConfig {
+        // Translate at first sight: these tests look at translated code.
+        hot: 0,
+        ..BtConfig::default()
+    };
+    let mut vm = BtVm::new(&m, config).unwrap();
     let mut bt = vm.create_bt_vcpu(0).unwrap();
     bt.set_sregs(&sregs).unwrap();
     bt.set_regs(&regs).unwrap();

@@ -25,8 +25,8 @@
 
 use iced_x86::code_asm::*;
 use iced_x86::{
-    BlockEncoderOptions, Code, ConditionCode, Instruction, InstructionInfoFactory, MemoryOperand,
-    Mnemonic as M, OpAccess, OpKind, Register, RflagsBits,
+    BlockEncoderOptions, Code, ConditionCode, Encoder, Instruction, InstructionInfoFactory,
+    MemoryOperand, Mnemonic as M, OpAccess, OpKind, Register, RflagsBits,
 };
 
 /// The most instructions in one block.
@@ -848,6 +848,71 @@ enum End<'a> {
     Next(Option<M>),
 }
 
+/// Branch targets below this are the assembler's label numbers (see
+/// [`assemble`]); the code cache's routines and blocks are far above it.
+const LABEL_LIMIT: u64 = 1 << 32;
+
+/// The instructions of `a` encoded one after the other for host address
+/// `at`, in one pass: every branch to a label is a near one (rel32),
+/// patched once the label's place is known, and the rest are encoded as
+/// they are. (iced-x86's block encoder also shortens branches, in passes
+/// that cost most of a translation's time; a block's branches are mostly
+/// to its cold paths at the end, beyond a short branch's reach anyway.)
+/// Returns the code and the offset of each instruction, by index.
+type Assembled = Option<(Vec<u8>, Vec<u32>)>;
+
+fn assemble(a: &CodeAssembler, at: u64, enc: &mut Encoder) -> Result<Assembled, IcedError> {
+    let instrs = a.instructions();
+    let mut offsets = Vec::with_capacity(instrs.len());
+    // The labels' numbers (the IPs the assembler gave the instructions they
+    // are on; the others have IP 0).
+    let placed: Vec<u64> = instrs.iter().map(|i| i.ip()).filter(|&l| l != 0).collect();
+    // Label number -> offset; branches to labels not placed yet.
+    let mut labels: Vec<(u64, u32)> = Vec::with_capacity(placed.len());
+    let mut fixups: Vec<(u32, u64)> = Vec::new();
+    let mut cur = 0u32;
+    for i in instrs {
+        offsets.push(cur);
+        if i.ip() != 0 {
+            labels.push((i.ip(), cur));
+        }
+        let rip = at.wrapping_add(u64::from(cur));
+        let target = if i.op0_kind() == OpKind::NearBranch64 {
+            Some(i.near_branch64())
+        } else {
+            None
+        };
+        let len = match target {
+            Some(t) => {
+                let mut b = *i;
+                b.as_near_branch();
+                if t < LABEL_LIMIT && placed.contains(&t) {
+                    b.set_near_branch64(rip);
+                    let len = enc.encode(&b, rip)?;
+                    // The rel32 is the instruction's last four bytes.
+                    fixups.push((cur + len as u32, t));
+                    len
+                } else {
+                    enc.encode(&b, rip)?
+                }
+            }
+            None => enc.encode(i, rip)?,
+        };
+        cur += len as u32;
+    }
+    let mut code = enc.take_buffer();
+    for (end, label) in fixups {
+        // Placed, so found.
+        let Some(&(_, to)) = labels.iter().find(|(l, _)| *l == label) else {
+            return Ok(None);
+        };
+        let rel = i64::from(to) - i64::from(end);
+        let e = end as usize;
+        code[e - 4..e].copy_from_slice(&(rel as i32).to_le_bytes());
+    }
+    Ok(Some((code, offsets)))
+}
+
 /// The value patched into the `mov [ctx.slot], imm32` of an exit's stub.
 const SLOT_PLACEHOLDER: i32 = 0x7ead_beef;
 
@@ -1308,6 +1373,8 @@ impl Translator {
             // until then the jump goes to the stub, which leaves.
             let mut stub = a.create_label();
             let mut slot = a.create_label();
+            // The instruction indexes the labels go to.
+            let mut slot_ix = None;
             if target < next {
                 // Back into this block or before it (a loop): check the
                 // budget, with the flags kept in AX. Forward jumps do not:
@@ -1323,6 +1390,7 @@ impl Translator {
                 a.sahf()?;
                 fill(a, 0, 0)?;
                 a.set_label(&mut slot)?;
+                slot_ix = Some(a.instructions().len());
                 a.db(&[0xe9, 0, 0, 0, 0])?;
                 a.set_label(&mut spent)?;
                 a.mov(word_ptr(rdi + ctx!(flags)), ax)?;
@@ -1336,7 +1404,7 @@ impl Translator {
                 a.db(&[0xe9, 0, 0, 0, 0])?;
             }
             a.set_label(&mut stub)?;
-            slots.push((if target < next { Some(slot) } else { None }, stub));
+            slots.push((slot_ix, a.instructions().len()));
             a.mov(qword_ptr(rdi + ctx!(slot)), SLOT_PLACEHOLDER)?;
             a.mov(qword_ptr(rdi + ctx!(next)), rel(target))?;
             a.jmp(self.rt.exit)
@@ -1372,16 +1440,21 @@ impl Translator {
             a.mov(dword_ptr(rdi + ctx!(block)), id)?;
             a.jmp(self.rt.stop)?;
         }
-        let res = a.assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
-        let mut code = res.inner.code_buffer.clone();
+        let Some((mut code, offsets)) = assemble(&a, at, &mut Encoder::new(64))? else {
+            return Ok(None);
+        };
+        let ip_of = |ix: usize| offsets.get(ix).map(|&o| at + u64::from(o));
         // Each slot jumps to its stub until it is linked; the stub tells
         // the dispatcher where the slot is (its offset in the cache: the
         // cache is at most [`crate::cache::MAX_SIZE`], and the runtime is
         // at its start).
-        for (slot, stub) in &slots {
-            let stub_ip = res.label_ip(stub)?;
-            let ip = match slot {
-                Some(l) => res.label_ip(l)?,
+        for &(slot, stub) in &slots {
+            let Some(stub_ip) = ip_of(stub) else {
+                return Ok(None);
+            };
+            let ip = match slot.map(ip_of) {
+                Some(Some(ip)) => ip,
+                Some(None) => return Ok(None),
                 None => stub_ip - 5,
             };
             let off = (ip - at) as usize;

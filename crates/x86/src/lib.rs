@@ -140,6 +140,17 @@ pub trait Accel {
     fn run(&mut self, cpu: &mut Cpu, left: u64) -> Option<u64>;
 }
 
+impl Cpu {
+    /// Called by an accelerator's [`Accel::run`] that ran nothing and
+    /// wants to be asked again only after the next control transfer (or
+    /// the next burst of uops): the code from RIP is cold, and the
+    /// interpreter runs the straight line from there without asking before
+    /// each instruction.
+    pub fn accel_cold(&mut self) {
+        self.accel_cold = true;
+    }
+}
+
 /// No accelerator: [`Cpu::run`].
 struct NoAccel;
 
@@ -358,6 +369,8 @@ pub struct Cpu {
     pub(crate) out_next: usize,
     /// Whether the current instruction touched `replay` or `out`.
     pub(crate) io_touched: bool,
+    /// The accelerator said the code at RIP is cold ([`Cpu::accel_cold`]).
+    accel_cold: bool,
     pub(crate) pending: Pending,
     /// What [`Cpu::exit_data`] returns: (is output, start, len).
     xfer: (bool, usize, usize),
@@ -461,6 +474,7 @@ impl Cpu {
             out_queue: Vec::new(),
             out_next: 0,
             io_touched: false,
+            accel_cold: false,
             pending: Pending::None,
             xfer: (false, 0, 0),
             msr_waiting: false,
@@ -814,10 +828,16 @@ impl Cpu {
     /// operation no exit between instructions is armed.
     #[inline(always)]
     fn burst<A: Accel>(&mut self, left: &mut u64, accel: &mut A) -> R<()> {
+        // Whether to ask the accelerator before the next instruction: at
+        // the start of the burst and after a control transfer, and before
+        // every instruction unless it said the code here is cold
+        // ([`Cpu::accel_cold`]).
+        let mut ask = true;
         while *left > 0 {
             // Translated code does not check alignment (#AC): while CPL 3
             // code runs with CR0.AM and RFLAGS.AC, the interpreter runs it.
-            if A::ENABLED && !self.no_accel_here() && !self.alignment_checked(mmu::A_R_U) {
+            if A::ENABLED && ask && !self.no_accel_here() && !self.alignment_checked(mmu::A_R_U) {
+                self.accel_cold = false;
                 match accel.run(self, *left) {
                     Some(n) => {
                         *left -= n.min(*left);
@@ -827,14 +847,19 @@ impl Cpu {
                     }
                     None => self.set_no_accel_here(),
                 }
+                ask = !self.accel_cold;
             }
             let p = self.fetch_uop()?;
             // SAFETY: the uop stays valid and unchanged while its handler
             // runs (see `fetch_uop`), and no `&mut` to it exists meanwhile.
             let u = unsafe { &*p };
             *left -= 1;
-            self.next_rip = u.ip.wrapping_add(u.len as u64);
+            let sequential = u.ip.wrapping_add(u.len as u64);
+            self.next_rip = sequential;
             (u.run)(self, u)?;
+            if A::ENABLED && self.next_rip != sequential {
+                ask = true;
+            }
             self.rip = self.next_rip;
             self.retired += 1;
             if !u.is_fast() || self.io_touched {
