@@ -1156,6 +1156,18 @@ impl Translator {
                 fill(&mut a, r.map[g], g)?;
             }
         }
+        // A loop back to the block's own start goes past the entry, with
+        // the registers still borrowed.
+        let self_loop = match end {
+            End::Branch(b) if !call_near(b) && !return_near(b) && !indirect_near(b) => {
+                b.near_branch_target() == start
+            }
+            _ => false,
+        };
+        let mut body = a.create_label();
+        if self_loop {
+            a.set_label(&mut body)?;
+        }
         let mut misses = Vec::new();
         // Whether the guest's flags wait on the host stack (saved by a
         // probe) rather than in RFLAGS: a run of memory accesses that do
@@ -1356,6 +1368,14 @@ impl Translator {
         if saved {
             restore(&mut a, None)?;
         }
+        let mut back = a.create_label();
+        if let (true, End::Branch(b)) = (self_loop, &end) {
+            if b.is_jmp_short_or_near() {
+                a.jmp(back)?;
+            } else {
+                jcc(&mut a, b.condition_code(), back)?;
+            }
+        }
         r.give_back(&mut a)?;
         let page_start = start & !0xfff;
         let mut leave = |a: &mut CodeAssembler, target: u64, stop: Option<M>| {
@@ -1410,6 +1430,8 @@ impl Translator {
             a.jmp(self.rt.exit)
         };
         match end {
+            End::Branch(b) if self_loop && b.is_jmp_short_or_near() => {}
+            End::Branch(_) if self_loop => leave(&mut a, next, None)?,
             End::Branch(b) if return_near(b) || indirect_near(b) => a.jmp(self.rt.lookup_abs)?,
             End::Branch(b) if b.is_jmp_short_or_near() || call_near(b) => {
                 leave(&mut a, b.near_branch_target(), None)?;
@@ -1422,6 +1444,36 @@ impl Translator {
                 leave(&mut a, b.near_branch_target(), None)?;
             }
             End::Next(stop) => leave(&mut a, next, stop)?,
+        }
+        if self_loop {
+            // The budget, with the flags kept in AX (RAX is free if it is
+            // borrowed for the flags, else its guest value waits in its
+            // slot), then around again, counting the block anew.
+            a.set_label(&mut back)?;
+            let mut spent = a.create_label();
+            if !r.rax_flags {
+                spill(&mut a, 0, 0)?;
+            }
+            a.lahf()?;
+            a.seto(al)?;
+            a.cmp(r15, qword_ptr(rdi + ctx!(limit)))?;
+            a.jae(spent)?;
+            a.add(al, 0x7f)?;
+            a.sahf()?;
+            if !r.rax_flags {
+                fill(&mut a, 0, 0)?;
+            }
+            a.lea(r15, qword_ptr(r15 + ((count as i32) << COUNT_SHIFT | 1)))?;
+            a.jmp(body)?;
+            a.set_label(&mut spent)?;
+            a.mov(word_ptr(rdi + ctx!(flags)), ax)?;
+            if !r.rax_flags {
+                fill(&mut a, 0, 0)?;
+            }
+            r.give_back(&mut a)?;
+            a.mov(qword_ptr(rdi + ctx!(next)), rel(start))?;
+            a.mov(qword_ptr(rdi + ctx!(slot)), -1)?;
+            a.jmp(self.rt.exit_saved)?;
         }
         for (mut miss, k) in misses {
             let mut flags = a.create_label();
