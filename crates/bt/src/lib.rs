@@ -199,6 +199,9 @@ struct Stats {
     /// Times the interpreter reached the start of a block that was not
     /// hot enough yet to be translated.
     cold: u64,
+    /// Memory instructions retranslated to probe alone because the probe
+    /// for their group kept missing.
+    solo: u64,
 }
 
 /// Side exits at one instruction before it is retranslated as a callout.
@@ -213,10 +216,11 @@ pub const CACHE_BYTES_PER_BLOCK: usize = 256;
 /// An upper bound of the metadata one block costs: 256 bytes for its entry
 /// in the block table, in the address map and in its page's list with four
 /// linked jumps; 32 for more linked jumps (a block has at most two); and
-/// 32 each for a side-exit count, an adaptive callout and the visit count
-/// of a cold block start, whose tables are emptied when they hold as many
-/// entries as the block table may.
-pub const METADATA_PER_BLOCK: usize = 384;
+/// 32 each for a side-exit count, an adaptive callout, a memory instruction
+/// that probes alone and the visit count of a cold block start, whose
+/// tables are emptied when they hold as many entries as the block table
+/// may.
+pub const METADATA_PER_BLOCK: usize = 416;
 
 /// The translated blocks of one vCPU and their code cache: the
 /// accelerator the software CPU calls ([`x86::Accel`]).
@@ -240,6 +244,10 @@ pub struct Blocks {
     /// Memory instructions the translator leaves to the interpreter
     /// (adaptive translation), by guest-physical address.
     callout_at: HashSet<u64>,
+    /// Memory instructions that probe alone, not for a group of accesses
+    /// (their group's probe kept missing: a span across pages), by
+    /// guest-physical address.
+    solo_at: HashSet<u64>,
     /// [`BtConfig::hot`].
     hot: u32,
     /// Visits of the interpreter to block starts not translated yet, by
@@ -332,6 +340,7 @@ impl Blocks {
             .into_boxed_slice(),
             misses: HashMap::default(),
             callout_at: HashSet::new(),
+            solo_at: HashSet::new(),
             hot,
             heat: HashMap::default(),
             stats: Stats {
@@ -369,6 +378,8 @@ impl Blocks {
         self.by_page.clear();
         self.misses.clear();
         self.callout_at.clear();
+        self.solo_at.clear();
+        self.heat.clear();
         self.cache.clear();
         self.clear_jc();
         self.stats.flushes += 1;
@@ -399,6 +410,7 @@ impl Blocks {
                 self.at.clear();
                 self.by_page.clear();
                 self.callout_at.clear();
+                self.solo_at.clear();
             }
             Some(pages) => {
                 for p in pages {
@@ -408,6 +420,7 @@ impl Blocks {
                         }
                     }
                     self.callout_at.retain(|&a| a & !0xfff != p);
+                    self.solo_at.retain(|&a| a & !0xfff != p);
                 }
             }
         }
@@ -418,9 +431,9 @@ impl Blocks {
     /// of block `ix`: after [`ADAPT_AFTER`] of them the instruction becomes
     /// the interpreter's and the block is dropped, to be translated again
     /// without it (adaptive translation).
-    fn side_exit(&mut self, pa: u64, block: u32) {
+    fn side_exit(&mut self, pa: u64, block: u32, hard: bool) {
         self.stats.side_exits += 1;
-        self.stats.side_exits_hard += 1;
+        self.stats.side_exits_hard += u64::from(hard);
         let cap = self.cache.size() / CACHE_BYTES_PER_BLOCK;
         if self.misses.len() >= cap {
             self.misses.clear();
@@ -428,14 +441,25 @@ impl Blocks {
         if self.callout_at.len() >= cap {
             self.callout_at.clear();
         }
+        if self.solo_at.len() >= cap {
+            self.solo_at.clear();
+        }
         let n = self.misses.entry(pa).or_default();
         *n += 1;
         if *n < ADAPT_AFTER {
             return;
         }
         self.misses.remove(&pa);
-        self.callout_at.insert(pa);
-        self.stats.adaptive += 1;
+        if hard {
+            self.callout_at.insert(pa);
+            self.stats.adaptive += 1;
+        } else if !self.solo_at.insert(pa) {
+            // Probing alone already: the entry just keeps being another
+            // page's.
+            return;
+        } else {
+            self.stats.solo += 1;
+        }
         let start = self
             .at
             .iter()
@@ -460,6 +484,8 @@ impl Blocks {
         let mut callout = None;
         // The guest-physical page the last instruction crosses into.
         let mut cross = None;
+        // Instructions that must probe alone (bit k: instruction k).
+        let mut solo = 0u64;
         while guest.len() < translate::MAX_BLOCK {
             let Some((i, ipa)) = cpu.decode_for_translation(rip) else {
                 // An instruction across pages ends the block if it can be
@@ -489,6 +515,9 @@ impl Blocks {
                 }
                 break;
             }
+            if self.solo_at.contains(&ipa) {
+                solo |= 1 << guest.len();
+            }
             rip = i.next_ip();
             guest.push(i);
         }
@@ -503,13 +532,17 @@ impl Blocks {
             incoming: Vec::new(),
         };
         let at = self.cache.next_addr();
-        let mut t = self.translator.translate(&guest, callout, cross, at, ix);
+        let mut t = self
+            .translator
+            .translate(&guest, callout, cross, solo, at, ix);
         let mut placed = t.as_ref().and_then(|t| self.cache.add(&t.code));
         if t.is_some() && placed.is_none() {
             // The cache is full: empty it and translate for the new place.
             self.flush();
             let at = self.cache.next_addr();
-            t = self.translator.translate(&guest, callout, cross, at, 0);
+            t = self
+                .translator
+                .translate(&guest, callout, cross, solo, at, 0);
             placed = t.as_ref().and_then(|t| self.cache.add(&t.code));
         }
         let ix = self.blocks.len() as u32;
@@ -557,7 +590,8 @@ impl Blocks {
     /// jump cache.
     pub fn metadata_bytes(&self) -> usize {
         self.blocks.len() * 256
-            + (self.misses.len() + self.callout_at.len() + self.heat.len()) * 32
+            + (self.misses.len() + self.callout_at.len() + self.solo_at.len() + self.heat.len())
+                * 32
             + self
                 .blocks
                 .iter()
@@ -711,11 +745,13 @@ impl Accel for Blocks {
                 ctx.callout = CALLOUT_NONE;
                 if callout == CALLOUT_MEMORY {
                     // The interpreter's walk fills the TLB entry.
-                    self.stats.side_exits += 1;
+                    if let Some(pa) = cpu.code_phys() {
+                        self.side_exit(pa, block, false);
+                    }
                 } else if callout == CALLOUT_MEMORY_HARD {
                     // A memory access the page's entry could not serve.
                     if let Some(pa) = cpu.code_phys() {
-                        self.side_exit(pa, block);
+                        self.side_exit(pa, block, true);
                     }
                 } else if let Ok(m) = Mnemonic::try_from(callout as usize) {
                     self.callout(m);
@@ -867,6 +903,7 @@ impl Vcpu for BtVcpu {
             ("bt/invalidated_blocks/all".into(), s.invalidated_all),
             ("bt/invalidations_all".into(), s.invalidations_all),
             ("bt/adaptive_callouts".into(), s.adaptive),
+            ("bt/solo_probes".into(), s.solo),
             ("bt/blocks_run".into(), s.blocks_run),
             ("bt/exits/dispatcher".into(), s.dispatches),
             (

@@ -446,6 +446,113 @@ enum Form {
     Pop,
 }
 
+/// Memory accesses that share one TLB probe: the accesses of consecutive
+/// memory instructions of a block through the same base, index, scale and
+/// segment (or RIP-relative ones), whose registers do not change between
+/// them, within [`GROUP_SPAN`] bytes. The first (the leader) probes the
+/// whole span, [`Group::low`] to [`Group::low`] + [`Group::span`], for a
+/// write if any of them writes, and leaves the host address of `low` in
+/// scratch 0; each then accesses `[scratch 0 + its displacement - low]`.
+/// A span across a page misses at the leader every time: the dispatcher
+/// then makes the leader probe alone (`solo`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Group {
+    leader: usize,
+    /// The lowest displacement (for RIP-relative accesses, the lowest
+    /// target).
+    low: u64,
+    /// Bytes from `low` to the end of the highest access.
+    span: u32,
+    write: bool,
+}
+
+/// The most bytes one probe covers for a [`Group`].
+const GROUP_SPAN: u64 = 256;
+
+/// The group of each instruction of a block (`None`: it probes alone, or
+/// does not access memory through a probe). `solo` has bit k set if
+/// instruction k must probe alone. `cross`: the last instruction crosses
+/// into the next page (the check before it takes the scratch registers).
+fn groups(
+    guest: &[Instruction],
+    forms: &[Form],
+    writes: &[u16],
+    solo: u64,
+    cross: bool,
+) -> Vec<Option<Group>> {
+    let mut out: Vec<Option<Group>> = vec![None; guest.len()];
+    // The open group: its key and members.
+    type Key = (Register, Register, u32, Register);
+    let mut open: Option<(Key, Group, Vec<usize>)> = None;
+    let close = |open: &mut Option<(_, Group, Vec<usize>)>, out: &mut Vec<Option<Group>>| {
+        if let Some((_, g, members)) = open.take() {
+            if members.len() > 1 {
+                for m in members {
+                    out[m] = Some(g);
+                }
+            }
+        }
+    };
+    for (k, (i, f)) in guest.iter().zip(forms).enumerate() {
+        let crossing = cross && k + 1 == guest.len();
+        match f {
+            Form::Memory(write) if solo >> k & 1 == 0 && !crossing => {
+                let key = (
+                    i.memory_base(),
+                    i.memory_index(),
+                    i.memory_index_scale(),
+                    i.memory_segment(),
+                );
+                let disp = i.memory_displacement64();
+                let size = i.memory_size().size() as u64;
+                let joined = match &mut open {
+                    Some((okey, g, members)) if *okey == key => {
+                        // The span from the lowest to the highest end, both
+                        // relative to the group's low displacement.
+                        let rel = disp.wrapping_sub(g.low) as i64;
+                        let lo = rel.min(0);
+                        let hi = (rel + size as i64).max(i64::from(g.span));
+                        if (hi - lo) as u64 <= GROUP_SPAN {
+                            g.low = g.low.wrapping_add(lo as u64);
+                            g.span = (hi - lo) as u32;
+                            g.write |= *write;
+                            members.push(k);
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                    _ => false,
+                };
+                if !joined {
+                    close(&mut open, &mut out);
+                    if size <= GROUP_SPAN {
+                        let g = Group {
+                            leader: k,
+                            low: disp,
+                            span: size as u32,
+                            write: *write,
+                        };
+                        open = Some((key, g, vec![k]));
+                    }
+                }
+            }
+            Form::Identical | Form::LeaRip if !crossing => {}
+            // They probe (or divide) with the scratch registers.
+            _ => close(&mut open, &mut out),
+        }
+        // A write to the group's registers ends it.
+        if let Some(((base, index, _, _), _, _)) = &open {
+            let hit = |r: &Register| gpr_number(*r).is_some_and(|n| writes[k] >> n & 1 != 0);
+            if hit(base) || hit(index) {
+                close(&mut open, &mut out);
+            }
+        }
+    }
+    close(&mut open, &mut out);
+    out
+}
+
 /// The state translated code runs on, addressed through host RDI from the
 /// moment the runtime enters the code cache until it leaves it. While code
 /// in the cache runs, the guest's registers other than RSP, RDI and R15
@@ -951,6 +1058,25 @@ impl Translator {
         self.strict = true;
     }
 
+    /// The general-purpose registers `i` writes (or may write).
+    fn gprs_written(&mut self, i: &Instruction) -> u16 {
+        let mut set = 0u16;
+        for u in self.info.info(i).used_registers() {
+            if matches!(
+                u.access(),
+                OpAccess::Write
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadWrite
+                    | OpAccess::ReadCondWrite
+            ) {
+                if let Some(n) = gpr_number(u.register()) {
+                    set |= 1 << n;
+                }
+            }
+        }
+        set
+    }
+
     /// Every general-purpose register `i` reads or writes, explicitly or
     /// implicitly, or `None` if it uses another kind of register.
     fn gprs_used(&mut self, i: &Instruction) -> Option<u16> {
@@ -995,6 +1121,7 @@ impl Translator {
         guest: &[Instruction],
         callout: Option<M>,
         cross: Option<u64>,
+        solo: u64,
         at: u64,
         id: u32,
     ) -> Option<Translation> {
@@ -1064,7 +1191,7 @@ impl Translator {
                     if taken.is_empty() {
                         return None;
                     }
-                    return self.translate(&guest[..taken.len()], None, None, at, id);
+                    return self.translate(&guest[..taken.len()], None, None, solo, at, id);
                 }
                 (all, true)
             }
@@ -1093,8 +1220,10 @@ impl Translator {
             None => End::Next(callout),
         };
         let regs = Registers::new(used, memory);
+        let writes: Vec<u16> = taken.iter().map(|i| self.gprs_written(i)).collect();
+        let groups = groups(&taken, &forms, &writes, solo, cross.is_some());
         let code = self
-            .emit(&taken, &forms, end, cross, &regs, at, id)
+            .emit(&taken, &forms, &groups, end, cross, &regs, at, id)
             .ok()
             .flatten()?;
         let memory = forms
@@ -1126,6 +1255,7 @@ impl Translator {
         &self,
         guest: &[Instruction],
         forms: &[Form],
+        groups: &[Option<Group>],
         end: End,
         cross: Option<u64>,
         r: &Registers,
@@ -1285,29 +1415,42 @@ impl Translator {
                 continue;
             }
             if let Form::Memory(write) = *form {
-                let miss = Miss::new(&mut a);
-                let addr = address(i);
-                let size = i.memory_size().size() as i32;
-                self.probe(
-                    &mut a,
-                    addr,
-                    size,
-                    write,
-                    r,
-                    miss,
-                    !saved,
-                    i.memory_segment(),
-                )?;
-                saved = true;
+                let group = groups.get(k).copied().flatten();
+                // Where the access is from the host address in scratch 0.
+                let offset = group.map_or(0, |g| i.memory_displacement64().wrapping_sub(g.low));
+                if group.is_none_or(|g| g.leader == k) {
+                    let miss = Miss::new(&mut a);
+                    let (addr, size, write) = match group {
+                        Some(g) => {
+                            // The whole group's span, from its lowest
+                            // displacement.
+                            let mut lead = *i;
+                            lead.set_memory_displacement64(g.low);
+                            (address(&lead), g.span as i32, g.write)
+                        }
+                        None => (address(i), i.memory_size().size() as i32, write),
+                    };
+                    self.probe(
+                        &mut a,
+                        addr,
+                        size,
+                        write,
+                        r,
+                        miss,
+                        !saved,
+                        i.memory_segment(),
+                    )?;
+                    saved = true;
+                    misses.push((miss, k));
+                }
                 let host = GPR64[r.scratch[0]];
                 o.set_code(without_moffs(o.code()));
                 o.set_memory_base(host);
                 o.set_memory_index(Register::None);
                 o.set_memory_index_scale(1);
-                o.set_memory_displacement64(0);
-                o.set_memory_displ_size(0);
+                o.set_memory_displacement64(offset);
+                o.set_memory_displ_size(u32::from(offset != 0));
                 o.set_segment_prefix(Register::None);
-                misses.push((miss, k));
             }
             if saved && touches {
                 restore(&mut a, Some(i))?;
@@ -1956,7 +2099,7 @@ mod tests {
             assert!(identical(i), "{i:?}");
         }
         let t = Translator::new(1023, Runtime::default())
-            .translate(&g, None, None, 0x1000_0000, 0)
+            .translate(&g, None, None, 0, 0x1000_0000, 0)
             .unwrap();
         assert_eq!(t.count, 4);
     }
@@ -1983,7 +2126,7 @@ mod tests {
         // add rsp, 8; mov rdi, rsp; inc rax
         let g = decode(&[0x48, 0x83, 0xc4, 0x08, 0x48, 0x89, 0xe7, 0x48, 0xff, 0xc0]);
         let t = Translator::new(1023, Runtime::default())
-            .translate(&g, None, None, 0x1000_0000, 0)
+            .translate(&g, None, None, 0, 0x1000_0000, 0)
             .unwrap();
         assert_eq!((t.count, t.len), (3, 10));
         let host: Vec<_> = decode(&t.code);
