@@ -19,7 +19,7 @@
 //! answered with `-`, and a packet `gdbstub` cannot parse is answered with
 //! an error and the session goes on.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, RawFd};
@@ -180,11 +180,32 @@ impl Stream {
         }
     }
 
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        match self {
-            Stream::Tcp(s) => Write::write_all(s, buf),
-            Stream::Unix(s) => Write::write_all(s, buf),
+    /// Sends all of `buf` with MSG_NOSIGNAL: a client that closed its end is
+    /// an error (EPIPE) here, never a SIGPIPE, which kills visor (it keeps
+    /// the default disposition, for output into a closed pipe).
+    fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        let fd = self.fd();
+        while !buf.is_empty() {
+            // SAFETY: `buf` is a live slice of `buf.len()` readable bytes and
+            // `fd` a socket this stream owns for the call.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            buf = &buf[n as usize..];
         }
+        Ok(())
     }
 }
 
