@@ -827,11 +827,25 @@ impl SingleThreadBase for DebugTarget<'_> {
         }
         r.rip = regs.rip;
         r.rflags = (r.rflags & !0xffff_ffff) | regs.eflags as u64;
+        // Every changed selector is loaded (its descriptor checked) before
+        // anything is set: a bad one leaves the whole state as it was.
+        let old = s;
         for i in 0..6 {
-            seg_mut(&mut s, i).expect("6 segments").selector = regs.seg[i as usize] as u16;
+            let sel = u16::try_from(regs.seg[i as usize]).map_err(|_| TargetError::Errno(22))?;
+            if sel != seg_mut(&mut s, i).expect("6 segments").selector {
+                let seg = self
+                    .load_segment(i, sel, &old, r.rflags)
+                    .ok_or(TargetError::Errno(22))?;
+                *seg_mut(&mut s, i).expect("6 segments") = seg;
+            }
         }
-        s.fs.base = regs.fs_base;
-        s.gs.base = regs.gs_base;
+        // A base gdb changed goes over the one a selector load gave.
+        if regs.fs_base != old.fs.base {
+            s.fs.base = regs.fs_base;
+        }
+        if regs.gs_base != old.gs.base {
+            s.gs.base = regs.gs_base;
+        }
         self.set_state(&r, &s)
     }
 
@@ -846,15 +860,7 @@ impl SingleThreadBase for DebugTarget<'_> {
                 break;
             };
             let chunk = (0x1000 - (va & 0xfff) as usize).min(data.len() - done);
-            let ok = self.translate(va).is_some_and(|pa| {
-                vm_memory::Bytes::read_slice(
-                    &self.vm.mem,
-                    &mut data[done..done + chunk],
-                    vm_memory::GuestAddress(pa),
-                )
-                .is_ok()
-            });
-            if !ok {
+            if self.read_linear(va, &mut data[done..done + chunk]).is_none() {
                 break;
             }
             done += chunk;
@@ -888,6 +894,104 @@ impl SingleThreadBase for DebugTarget<'_> {
 }
 
 impl DebugTarget<'_> {
+    /// Segment register `i` (gdb's order: CS, SS, DS, ES, FS, GS) as loading
+    /// `sel` makes it in the state `s` with RFLAGS `rflags`, as the guest's
+    /// own load would (QEMU's stub loads a written selector too): in real
+    /// mode the base becomes `sel << 4` and the limit and attributes stay
+    /// (as MOV and a far JMP leave them); in virtual-8086 mode the segment is
+    /// that of any load there (limit 0xffff, a DPL 3 data segment); in
+    /// protected and long mode the descriptor is read from the GDT or LDT
+    /// through guest memory and checked as MOV checks it for SS/DS/ES/FS/GS
+    /// and as a far JMP (no privilege change) for CS. A null selector empties
+    /// DS/ES/FS/GS (base 0, as an Intel CPU's and visor's software CPU's
+    /// load leaves it, FS and GS in 64-bit mode too) and SS only in 64-bit
+    /// mode at CPL 0-2 with RPL = CPL. `None` where the load would fault:
+    /// out of the table's limit, no LDT, a descriptor unreadable, of the
+    /// wrong type or privilege, or not present. Guest memory is not written
+    /// (the descriptor is not marked accessed, the register's copy is).
+    fn load_segment(&self, i: u8, sel: u16, s: &vcpu::SRegs, rflags: u64) -> Option<vcpu::Segment> {
+        const CS: u8 = 0;
+        const SS: u8 = 1;
+        let cur = *seg_mut(&mut s.clone(), i)?;
+        let base = (sel as u64) << 4;
+        if s.cr0 & arch::cr0::PE == 0 {
+            return Some(vcpu::Segment {
+                selector: sel,
+                base,
+                ..cur
+            });
+        }
+        if rflags & arch::rflags::VM != 0 {
+            return Some(vcpu::Segment {
+                selector: sel,
+                base,
+                limit: 0xffff,
+                type_: 3,
+                present: true,
+                dpl: 3,
+                s: true,
+                ..Default::default()
+            });
+        }
+        let cpl = s.cs.dpl;
+        let ia32e = s.efer & arch::efer::LMA != 0;
+        if sel & !3 == 0 {
+            let null = vcpu::Segment {
+                selector: sel,
+                unusable: true,
+                ..Default::default()
+            };
+            return match i {
+                CS => None,
+                SS if !(ia32e && s.cs.l && cpl < 3 && (sel & 3) as u8 == cpl) => None,
+                SS => Some(vcpu::Segment { dpl: cpl, ..null }),
+                _ => Some(null),
+            };
+        }
+        let (table, limit) = if sel & 4 != 0 {
+            if s.ldt.unusable || !s.ldt.present {
+                return None;
+            }
+            (s.ldt.base, s.ldt.limit as u64)
+        } else {
+            (s.gdt.base, s.gdt.limit as u64)
+        };
+        let at = (sel & !7) as u64;
+        if at + 7 > limit {
+            return None;
+        }
+        let mut raw = [0u8; 8];
+        let addr = table.wrapping_add(at);
+        if !ia32e && addr > 0xffff_fff8 {
+            return None; // no wrap of a legacy linear address
+        }
+        self.read_linear(addr, &mut raw)?;
+        let raw = u64::from_le_bytes(raw);
+        let loaded = match i {
+            CS => arch::desc::code_segment_jump(sel, raw, cpl, ia32e),
+            _ => arch::desc::data_segment_load(sel, raw, i == SS, cpl),
+        };
+        loaded.ok()
+    }
+
+    /// All of `buf` from guest-virtual `va`, or `None`.
+    fn read_linear(&self, va: u64, buf: &mut [u8]) -> Option<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = va.checked_add(done as u64)?;
+            let chunk = (0x1000 - (at & 0xfff) as usize).min(buf.len() - done);
+            let pa = self.translate(at)?;
+            vm_memory::Bytes::read_slice(
+                &self.vm.mem,
+                &mut buf[done..done + chunk],
+                vm_memory::GuestAddress(pa),
+            )
+            .ok()?;
+            done += chunk;
+        }
+        Some(())
+    }
+
     fn set_state(&mut self, r: &vcpu::Regs, s: &vcpu::SRegs) -> TargetResult<(), Self> {
         let old = self.vm.vcpu.sregs().map_err(|e| self.fatal(e))?;
         if *s != old {
