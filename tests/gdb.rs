@@ -654,6 +654,139 @@ continue
     assert_eq!(status, Some(0x21), "the one-shot fired: {ctx}");
 }
 
+/// The guest's view of a stop under `pv`, whose deprivileged kernel has no
+/// HPET, PM timer or local APIC to read (the privileged test kernel above
+/// cannot run there): its clocks are the TSC and the PV one-shot timer. A
+/// PV tiny guest (hypercalls through `int 0x82`) binds the timer's event to
+/// a vector of its trap table, reads the TSC, arms the timer 300 ms ahead
+/// and stops at a breakpoint for 2 s; after the stop it reads the TSC again
+/// and spins until the event, whose handler reads the TSC and shuts down
+/// (status 0x21). The TSC moved on by far less than the stop, and the
+/// timer neither fell due during the stop (it would then fire at once
+/// after it) nor was lost: it fires 300 ms of guest time after it was armed.
+fn time_while_stopped_pv_guest() {
+    use hypercall::{event, nr, sched, STUB_SIZE};
+    use iced_x86::code_asm::*;
+    let engine = Engine::Pv;
+    if !engines::available(engine) || !gdb_here() {
+        return;
+    }
+    const PAGE: u64 = 0x30_0000;
+    const VECTOR: u32 = 0x40;
+    const ARMED_NS: u32 = 300_000_000;
+    let stub = |n: u64| PAGE + n * STUB_SIZE as u64;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let (mut mark, mut spin, mut handler, mut fired) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    (|| -> Result<(), IcedError> {
+        let tsc = |a: &mut CodeAssembler, to: AsmRegister64| -> Result<(), IcedError> {
+            a.rdtsc()?;
+            a.shl(rdx, 32)?;
+            a.or(rax, rdx)?;
+            a.mov(to, rax)
+        };
+        // visor's timing leaf: the TSC's kHz.
+        a.mov(eax, hypercall::CPUID_TIMING_LEAF)?;
+        a.cpuid()?;
+        a.mov(ebp, eax)?;
+        a.mov(eax, nr::SET_HYPERCALL_PAGE as u32)?;
+        a.mov(rdi, PAGE | 1)?;
+        a.int(hypercall::HYPERCALL_VECTOR as u32)?;
+        // The trap table: VECTOR to the handler (kernel code, IF cleared).
+        a.lea(rax, ptr(handler))?;
+        a.sub(rsp, 16)?;
+        a.mov(byte_ptr(rsp), VECTOR)?;
+        a.mov(byte_ptr(rsp + 1), 4)?;
+        a.mov(word_ptr(rsp + 2), 0x10)?;
+        a.mov(dword_ptr(rsp + 4), 0)?;
+        a.mov(qword_ptr(rsp + 8), rax)?;
+        a.mov(rdi, rsp)?;
+        a.mov(esi, 1)?;
+        a.mov(rax, stub(nr::SET_TRAP_TABLE))?;
+        a.call(rax)?;
+        a.add(rsp, 16)?;
+        a.mov(edi, event::BIND_VIRQ as u32)?;
+        a.mov(esi, event::VIRQ_TIMER as u32)?;
+        a.mov(edx, VECTOR)?;
+        a.mov(rax, stub(nr::EVENT_CHANNEL_OP))?;
+        a.call(rax)?;
+        tsc(&mut a, r8)?;
+        a.mov(edi, ARMED_NS)?;
+        a.mov(rax, stub(nr::SET_TIMER_OP))?;
+        a.call(rax)?;
+        a.xor(edi, edi)?;
+        a.mov(rax, stub(nr::SET_EVENT_MASK))?;
+        a.call(rax)?;
+        a.set_label(&mut mark)?;
+        a.nop()?;
+        tsc(&mut a, r11)?;
+        a.set_label(&mut spin)?;
+        a.pause()?;
+        a.jmp(spin)?;
+        a.set_label(&mut handler)?;
+        tsc(&mut a, r12)?;
+        a.set_label(&mut fired)?;
+        a.mov(edi, sched::SHUTDOWN as u32)?;
+        a.mov(esi, 0x21)?;
+        a.mov(rax, stub(nr::SCHED_OP))?;
+        a.call(rax)?;
+        a.hlt()
+    })()
+    .unwrap();
+    let (_d, elf, at) = tiny_elf(a, &[mark, fired]);
+    let (mark, fired) = (at[0], at[1]);
+    let v = Visor::start(&[
+        "run".into(),
+        elf.display().to_string(),
+        "--engine".into(),
+        engine.name().into(),
+    ]);
+    let prints: String = ["rbp", "r8", "r11", "r12"]
+        .iter()
+        .map(|r| format!("echo @{r}\\n\nprint/x ${r}\n"))
+        .collect();
+    let script = format!(
+        "set pagination off
+set confirm off
+target remote 127.0.0.1:{port}
+break *{mark:#x}
+break *{fired:#x}
+continue
+shell sleep 2
+continue
+{prints}continue
+",
+        port = v.port
+    );
+    let start = Instant::now();
+    let out = gdb(&elf, &script, Duration::from_secs(120));
+    let took = start.elapsed();
+    let (status, _, stderr) = v.finish(Duration::from_secs(60));
+    let ctx = format!("engine {engine}\n--- gdb:\n{out}\n--- visor stderr:\n{stderr}");
+    assert!(took >= Duration::from_secs(2), "{ctx}");
+    let r = |name: &str| hex_after(&out, &format!("@{name}"));
+    let khz = r("rbp");
+    assert!(khz > 0, "{ctx}");
+    let us = |from: &str, to: &str| r(to).wrapping_sub(r(from)).saturating_mul(1000) / khz;
+    let (stop, event) = (us("r8", "r11"), us("r8", "r12"));
+    let ctx = format!("across the stop {stop} µs, to the event {event} µs; {ctx}");
+    // Far less than the 2 s stop (and than the timer's 300 ms).
+    assert!(stop < 250_000, "{ctx}");
+    // The event at its own time for the guest: not at once after the stop.
+    let armed = ARMED_NS as u64 / 1000;
+    assert!(event >= armed - 5_000 && event < armed + 700_000, "{ctx}");
+    assert_eq!(status, Some(0x21), "{ctx}");
+}
+
+#[test]
+fn time_while_stopped_pv() {
+    time_while_stopped_pv_guest();
+}
+
 #[test]
 fn time_while_stopped_emu() {
     time_while_stopped(Engine::Emu);
