@@ -188,14 +188,7 @@ impl Stream {
         while !buf.is_empty() {
             // SAFETY: `buf` is a live slice of `buf.len()` readable bytes and
             // `fd` a socket this stream owns for the call.
-            let n = unsafe {
-                libc::send(
-                    fd,
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_NOSIGNAL,
-                )
-            };
+            let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -860,7 +853,10 @@ impl SingleThreadBase for DebugTarget<'_> {
                 break;
             };
             let chunk = (0x1000 - (va & 0xfff) as usize).min(data.len() - done);
-            if self.read_linear(va, &mut data[done..done + chunk]).is_none() {
+            if self
+                .read_linear(va, &mut data[done..done + chunk])
+                .is_none()
+            {
                 break;
             }
             done += chunk;

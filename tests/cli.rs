@@ -265,7 +265,12 @@ fn closed_pipe_ends_quietly() {
             .stdout(writer)
             .output()
             .expect("run visor");
-        assert_eq!(o.status.signal(), Some(libc::SIGPIPE), "{args:?}: {:?}", o.status);
+        assert_eq!(
+            o.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?}",
+            o.status
+        );
         assert_eq!(stderr(&o), "", "{args:?}");
     }
 }

@@ -204,11 +204,11 @@ fn demo_elf() -> (tempfile::TempDir, std::path::PathBuf) {
 const SEGMENT_WRITES: [(&str, bool); 8] = [
     ("set $es = 0x2b", true),
     ("set $fs = 0x2b", true),
-    ("set $ds = 0x38", false),   // a system descriptor (the TSS)
-    ("set $ds = 0x1000", false), // beyond the GDT's limit
-    ("set $ds = 0x0c", false),   // in an LDT, and there is none
-    ("set $ss = 0x2b", false),   // DPL 3 is not the CPL
-    ("set $cs = 0x18", false),   // data is no code
+    ("set $ds = 0x38", false),    // a system descriptor (the TSS)
+    ("set $ds = 0x1000", false),  // beyond the GDT's limit
+    ("set $ds = 0x0c", false),    // in an LDT, and there is none
+    ("set $ss = 0x2b", false),    // DPL 3 is not the CPL
+    ("set $cs = 0x18", false),    // data is no code
     ("set $es = 0x10000", false), // no selector
 ];
 
@@ -926,12 +926,12 @@ fn segment_from_the_gdt(engine: Engine) {
     let gdt = [
         0,
         0,
-        arch::gdt_entry(0xa09b, 0, 0xfffff),    // 0x10: 64-bit kernel code
-        arch::gdt_entry(0xc093, 0, 0xfffff),    // 0x18: kernel data
+        arch::gdt_entry(0xa09b, 0, 0xfffff), // 0x10: 64-bit kernel code
+        arch::gdt_entry(0xc093, 0, 0xfffff), // 0x18: kernel data
         arch::gdt_entry(0xc093, DATA, 0xfffff), // 0x20: kernel data at DATA
-        arch::gdt_entry(0xc0f3, 0, 0xfffff),    // 0x28: user data
-        arch::gdt_entry(0xc013, 0, 0xfffff),    // 0x30: not present
-        arch::gdt_entry(0x0089, 0x1000, 0x67),  // 0x38: a TSS
+        arch::gdt_entry(0xc0f3, 0, 0xfffff), // 0x28: user data
+        arch::gdt_entry(0xc013, 0, 0xfffff), // 0x30: not present
+        arch::gdt_entry(0x0089, 0x1000, 0x67), // 0x38: a TSS
         0,
     ];
     let mut a = CodeAssembler::new(64).unwrap();
@@ -998,7 +998,9 @@ continue
     let (status, _, stderr) = v.finish(Duration::from_secs(60));
     let ctx = format!("engine {engine}\n--- gdb:\n{out}\n--- visor stderr:\n{stderr}");
     check_segment_writes(&out, &ctx);
-    let refused = out.lines().find(|l| l.starts_with("@refused set $fs = 0x30:"));
+    let refused = out
+        .lines()
+        .find(|l| l.starts_with("@refused set $fs = 0x30:"));
     assert!(refused.is_some_and(|l| l.contains("E16")), "{ctx}");
     // FS is the segment at DATA (the refused 0x30 changed nothing).
     assert_eq!(hex_after(&out, "@fs"), 0x20, "{ctx}");

@@ -298,7 +298,10 @@ mod tests {
         assert_eq!((ds.type_, ds.dpl, ds.selector), (3, 0, 0x18));
         assert!(data_segment_load(0x2b, data3, false, 0).is_ok());
         assert!(data_segment_load(0x10, code0, false, 0).is_ok());
-        assert_eq!(data_segment_load(0x10, exec_only, false, 0), Err((GP, 0x10)));
+        assert_eq!(
+            data_segment_load(0x10, exec_only, false, 0),
+            Err((GP, 0x10))
+        );
         // At CPL 3, or with RPL 3, a DPL 0 data segment is out of reach.
         assert_eq!(data_segment_load(0x18, data0, false, 3), Err((GP, 0x18)));
         assert_eq!(data_segment_load(0x1b, data0, false, 0), Err((GP, 0x18)));
@@ -329,10 +332,16 @@ mod tests {
         // A conforming segment keeps the caller's privilege (RPL = CPL).
         let c = code_segment_jump(0x20, conforming0, 3, true).unwrap();
         assert_eq!((c.selector, c.dpl), (0x23, 0));
-        assert_eq!(code_segment_jump(0x18, gdt_entry(0xc093, 0, 0xfffff), 0, true), Err((GP, 0x18)));
+        assert_eq!(
+            code_segment_jump(0x18, gdt_entry(0xc093, 0, 0xfffff), 0, true),
+            Err((GP, 0x18))
+        );
         assert_eq!(code_segment_jump(0x10, ld, 0, true), Err((GP, 0x10)));
         assert!(code_segment_jump(0x10, ld, 0, false).is_ok());
-        assert_eq!(code_segment_jump(0x10, code0 & !PRESENT, 0, true), Err((NP, 0x10)));
+        assert_eq!(
+            code_segment_jump(0x10, code0 & !PRESENT, 0, true),
+            Err((NP, 0x10))
+        );
     }
 
     #[test]
