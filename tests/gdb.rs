@@ -915,7 +915,8 @@ fn breakpoint_in_rewritten_code_kvm() {
 /// guest's next instruction, `mov rax, fs:[8]`, reads 0x30_0008 (status
 /// 0x21; 0x23 if it read something else). The writes of [`SEGMENT_WRITES`]
 /// are answered the same way in this GDT (after a refused one the session
-/// goes on, the registers as they were), and so is a non-present segment.
+/// goes on, the registers as they were), and so is a non-present segment;
+/// a null selector in GS leaves it unusable with base 0.
 fn segment_from_the_gdt(engine: Engine) {
     use iced_x86::code_asm::*;
     if !engines::available(engine) || !gdb_here() {
@@ -978,7 +979,12 @@ break *{mark:#x}
 continue
 {tries}set $fs_base = 0x5000
 set $fs = 0x20
-{not_present}maintenance flush register-cache
+{not_present}set $gs = 0x18
+set $gs_base = 0x4000
+set $gs = 0
+maintenance flush register-cache
+echo @gs_base\\n
+print/x $gs_base
 echo @fs\\n
 print/x $fs
 echo @fs_base\\n
@@ -1006,6 +1012,9 @@ continue
     assert_eq!(hex_after(&out, "@fs"), 0x20, "{ctx}");
     assert_eq!(hex_after(&out, "@fs_base"), DATA, "{ctx}");
     assert_eq!(hex_after(&out, "@es"), 0x2b, "{ctx}");
+    // A null selector empties GS, its base too (as Intel's CPUs do).
+    assert_eq!(hex_after(&out, "@gs_base"), 0, "{ctx}");
+    assert!(out.contains("gs=0000 base=0000000000000000"), "{ctx}");
     assert!(
         out.contains("fs=0020 base=0000000000300000 limit=ffffffff type=3 dpl=0"),
         "{ctx}"
