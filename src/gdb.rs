@@ -1553,7 +1553,7 @@ mod tests {
         ];
         let ldt = [gdt_entry(0x40f3, 0x4_0000, 0xffff)]; // 0x07: DPL 3 data
         let read = |va: u64| match va {
-            0x1000..=0x1027 if va % 8 == 0 => Some(gdt[(va as usize - 0x1000) / 8]),
+            0x1000..=0x1027 if va.is_multiple_of(8) => Some(gdt[(va as usize - 0x1000) / 8]),
             0x2000 => Some(ldt[0]),
             _ => None,
         };
