@@ -982,7 +982,10 @@ set $fs = 0x20
 {not_present}set $gs = 0x18
 set $gs_base = 0x4000
 set $gs = 0
+set $ss = 0x20
 maintenance flush register-cache
+echo @ss\\n
+print/x $ss
 echo @gs_base\\n
 print/x $gs_base
 echo @fs\\n
@@ -1012,6 +1015,9 @@ continue
     assert_eq!(hex_after(&out, "@fs"), 0x20, "{ctx}");
     assert_eq!(hex_after(&out, "@fs_base"), DATA, "{ctx}");
     assert_eq!(hex_after(&out, "@es"), 0x2b, "{ctx}");
+    // SS takes a writable DPL 0 data segment at CPL 0 (under `trap` the
+    // engine runs it with RPL 1; gdb sees the guest's selector).
+    assert_eq!(hex_after(&out, "@ss"), 0x20, "{ctx}");
     // A null selector empties GS, its base too (as Intel's CPUs do).
     assert_eq!(hex_after(&out, "@gs_base"), 0, "{ctx}");
     assert!(out.contains("gs=0000 base=0000000000000000"), "{ctx}");
