@@ -19,7 +19,7 @@
 //! answered with `-`, and a packet `gdbstub` cannot parse is answered with
 //! an error and the session goes on.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, RawFd};
@@ -180,11 +180,25 @@ impl Stream {
         }
     }
 
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        match self {
-            Stream::Tcp(s) => Write::write_all(s, buf),
-            Stream::Unix(s) => Write::write_all(s, buf),
+    /// Sends all of `buf` with MSG_NOSIGNAL: a client that closed its end is
+    /// an error (EPIPE) here, never a SIGPIPE, which kills visor (it keeps
+    /// the default disposition, for output into a closed pipe).
+    fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        let fd = self.fd();
+        while !buf.is_empty() {
+            // SAFETY: `buf` is a live slice of `buf.len()` readable bytes and
+            // `fd` a socket this stream owns for the call.
+            let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            buf = &buf[n as usize..];
         }
+        Ok(())
     }
 }
 
@@ -806,11 +820,29 @@ impl SingleThreadBase for DebugTarget<'_> {
         }
         r.rip = regs.rip;
         r.rflags = (r.rflags & !0xffff_ffff) | regs.eflags as u64;
+        // Every changed selector is loaded (its descriptor checked) before
+        // anything is set: a bad one leaves the whole state as it was.
+        let old = s;
         for i in 0..6 {
-            seg_mut(&mut s, i).expect("6 segments").selector = regs.seg[i as usize] as u16;
+            let sel = u16::try_from(regs.seg[i as usize]).map_err(|_| TargetError::Errno(22))?;
+            if sel != seg_mut(&mut s, i).expect("6 segments").selector {
+                let read = |va: u64| {
+                    let mut raw = [0u8; 8];
+                    self.read_linear(va, &mut raw)
+                        .map(|()| u64::from_le_bytes(raw))
+                };
+                let seg =
+                    load_segment(i, sel, &old, r.rflags, read).ok_or(TargetError::Errno(22))?;
+                *seg_mut(&mut s, i).expect("6 segments") = seg;
+            }
         }
-        s.fs.base = regs.fs_base;
-        s.gs.base = regs.gs_base;
+        // A base gdb changed goes over the one a selector load gave.
+        if regs.fs_base != old.fs.base {
+            s.fs.base = regs.fs_base;
+        }
+        if regs.gs_base != old.gs.base {
+            s.gs.base = regs.gs_base;
+        }
         self.set_state(&r, &s)
     }
 
@@ -825,15 +857,10 @@ impl SingleThreadBase for DebugTarget<'_> {
                 break;
             };
             let chunk = (0x1000 - (va & 0xfff) as usize).min(data.len() - done);
-            let ok = self.translate(va).is_some_and(|pa| {
-                vm_memory::Bytes::read_slice(
-                    &self.vm.mem,
-                    &mut data[done..done + chunk],
-                    vm_memory::GuestAddress(pa),
-                )
-                .is_ok()
-            });
-            if !ok {
+            if self
+                .read_linear(va, &mut data[done..done + chunk])
+                .is_none()
+            {
                 break;
             }
             done += chunk;
@@ -867,6 +894,24 @@ impl SingleThreadBase for DebugTarget<'_> {
 }
 
 impl DebugTarget<'_> {
+    /// All of `buf` from guest-virtual `va`, or `None`.
+    fn read_linear(&self, va: u64, buf: &mut [u8]) -> Option<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = va.checked_add(done as u64)?;
+            let chunk = (0x1000 - (at & 0xfff) as usize).min(buf.len() - done);
+            let pa = self.translate(at)?;
+            vm_memory::Bytes::read_slice(
+                &self.vm.mem,
+                &mut buf[done..done + chunk],
+                vm_memory::GuestAddress(pa),
+            )
+            .ok()?;
+            done += chunk;
+        }
+        Some(())
+    }
+
     fn set_state(&mut self, r: &vcpu::Regs, s: &vcpu::SRegs) -> TargetResult<(), Self> {
         let old = self.vm.vcpu.sregs().map_err(|e| self.fatal(e))?;
         if *s != old {
@@ -877,6 +922,91 @@ impl DebugTarget<'_> {
         }
         self.vm.vcpu.set_regs(r).map_err(|_| TargetError::Errno(22))
     }
+}
+
+/// Segment register `i` (gdb's order: CS, SS, DS, ES, FS, GS) as loading
+/// `sel` makes it in the state `s` with RFLAGS `rflags`, as the guest's
+/// own load would (QEMU's stub loads a written selector too): in real
+/// mode the base becomes `sel << 4` and the limit and attributes stay
+/// (as MOV and a far JMP leave them); in virtual-8086 mode the segment is
+/// that of any load there (limit 0xffff, a DPL 3 data segment); in
+/// protected and long mode the descriptor is read from the GDT or LDT
+/// through guest memory and checked as MOV checks it for SS/DS/ES/FS/GS
+/// and as a far JMP (no privilege change) for CS. A null selector empties
+/// DS/ES/FS/GS (base 0, as an Intel CPU's and visor's software CPU's
+/// load leaves it, FS and GS in 64-bit mode too) and SS only in 64-bit
+/// mode at CPL 0-2 with RPL = CPL. `None` where the load would fault:
+/// out of the table's limit, no LDT, a descriptor unreadable, of the
+/// wrong type or privilege, or not present. Guest memory is not written
+/// (the descriptor is not marked accessed, the register's copy is).
+/// `read` gives the 8 bytes at a guest-virtual address.
+fn load_segment(
+    i: u8,
+    sel: u16,
+    s: &vcpu::SRegs,
+    rflags: u64,
+    read: impl Fn(u64) -> Option<u64>,
+) -> Option<vcpu::Segment> {
+    const CS: u8 = 0;
+    const SS: u8 = 1;
+    let cur = *seg_mut(&mut s.clone(), i)?;
+    let base = (sel as u64) << 4;
+    if s.cr0 & arch::cr0::PE == 0 {
+        return Some(vcpu::Segment {
+            selector: sel,
+            base,
+            ..cur
+        });
+    }
+    if rflags & arch::rflags::VM != 0 {
+        return Some(vcpu::Segment {
+            selector: sel,
+            base,
+            limit: 0xffff,
+            type_: 3,
+            present: true,
+            dpl: 3,
+            s: true,
+            ..Default::default()
+        });
+    }
+    let cpl = s.cs.dpl;
+    let ia32e = s.efer & arch::efer::LMA != 0;
+    if sel & !3 == 0 {
+        let null = vcpu::Segment {
+            selector: sel,
+            unusable: true,
+            ..Default::default()
+        };
+        return match i {
+            CS => None,
+            SS if !(ia32e && s.cs.l && cpl < 3 && (sel & 3) as u8 == cpl) => None,
+            SS => Some(vcpu::Segment { dpl: cpl, ..null }),
+            _ => Some(null),
+        };
+    }
+    let (table, limit) = if sel & 4 != 0 {
+        if s.ldt.unusable || !s.ldt.present {
+            return None;
+        }
+        (s.ldt.base, s.ldt.limit as u64)
+    } else {
+        (s.gdt.base, s.gdt.limit as u64)
+    };
+    let at = (sel & !7) as u64;
+    if at + 7 > limit {
+        return None;
+    }
+    let addr = table.wrapping_add(at);
+    if !ia32e && addr > 0xffff_fff8 {
+        return None; // no wrap of a legacy linear address
+    }
+    let raw = read(addr)?;
+    let loaded = match i {
+        CS => arch::desc::code_segment_jump(sel, raw, cpl, ia32e),
+        _ => arch::desc::data_segment_load(sel, raw, i == SS, cpl),
+    };
+    loaded.ok()
 }
 
 impl SingleRegisterAccess<()> for DebugTarget<'_> {
@@ -1406,6 +1536,107 @@ fn read_more(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Segment loads by mode, from a GDT at 0x1000 and an LDT at 0x2000 of
+    /// fake memory: real mode and virtual-8086 mode make the base from the
+    /// selector; protected mode reads and checks the descriptor; a null
+    /// selector is allowed where MOV allows it; what would fault is `None`.
+    #[test]
+    fn segment_loads_by_mode() {
+        use arch::gdt_entry;
+        let gdt = [
+            0,
+            gdt_entry(0xc09b, 0, 0xfffff),         // 0x08: 32-bit code
+            gdt_entry(0xa09b, 0, 0xfffff),         // 0x10: 64-bit code
+            gdt_entry(0xc093, 0x12_3000, 0xfffff), // 0x18: data
+            gdt_entry(0x0082, 0x2000, 0xf),        // 0x20: the LDT
+        ];
+        let ldt = [gdt_entry(0x40f3, 0x4_0000, 0xffff)]; // 0x07: DPL 3 data
+        let read = |va: u64| match va {
+            0x1000..=0x1027 if va.is_multiple_of(8) => Some(gdt[(va as usize - 0x1000) / 8]),
+            0x2000 => Some(ldt[0]),
+            _ => None,
+        };
+        let flat32 = vcpu::Segment::flat(0x08, true, false, true);
+        let mut s = vcpu::SRegs {
+            cs: flat32,
+            ss: vcpu::Segment::flat(0x18, false, false, true),
+            gdt: vcpu::DescriptorTable {
+                base: 0x1000,
+                limit: 0x27,
+            },
+            ldt: vcpu::Segment {
+                unusable: true,
+                ..Default::default()
+            },
+            cr0: arch::cr0::PE,
+            ..Default::default()
+        };
+        // Real mode: the base from the selector, the rest as it was (here,
+        // the flat "unreal" limit stays).
+        let real = vcpu::SRegs { cr0: 0, ..s };
+        let ds = load_segment(2, 0x1234, &real, 0, read).unwrap();
+        assert_eq!((ds.selector, ds.base, ds.limit), (0x1234, 0x12340, 0));
+        let cs = load_segment(0, 0xf000, &real, 0, read).unwrap();
+        assert_eq!((cs.base, cs.limit, cs.type_), (0xf_0000, 0xffff_ffff, 0xb));
+        // Virtual-8086 mode: a DPL 3 16-bit data segment of 64 KiB.
+        let es = load_segment(3, 0xb800, &s, arch::rflags::VM, read).unwrap();
+        assert_eq!(
+            (es.base, es.limit, es.dpl, es.type_),
+            (0xb_8000, 0xffff, 3, 3)
+        );
+        assert!(es.present && es.s && !es.db && !es.unusable);
+        // Protected mode: the descriptor, accessed.
+        let ds = load_segment(2, 0x18, &s, 0, read).unwrap();
+        assert_eq!(
+            (ds.base, ds.limit, ds.type_, ds.dpl),
+            (0x12_3000, 0xffff_ffff, 3, 0)
+        );
+        assert_eq!(load_segment(2, 0x28, &s, 0, read), None, "beyond the limit");
+        assert_eq!(
+            load_segment(2, 0x20, &s, 0, read),
+            None,
+            "a system descriptor"
+        );
+        assert_eq!(load_segment(2, 0x07, &s, 0, read), None, "no LDT");
+        s.ldt = vcpu::Segment {
+            base: 0x2000,
+            limit: 7,
+            type_: 2,
+            present: true,
+            ..Default::default()
+        };
+        let fs = load_segment(4, 0x07, &s, 0, read).unwrap();
+        assert_eq!((fs.base, fs.limit, fs.dpl), (0x4_0000, 0xffff, 3));
+        assert_eq!(
+            load_segment(1, 0x07, &s, 0, read),
+            None,
+            "SS of DPL 3 at CPL 0"
+        );
+        // Null: DS yes (unusable, base 0); CS never; SS not outside 64-bit mode.
+        let gs = load_segment(5, 0, &s, 0, read).unwrap();
+        assert!(gs.unusable && gs.base == 0);
+        assert_eq!(load_segment(0, 0, &s, 0, read), None);
+        assert_eq!(load_segment(1, 0, &s, 0, read), None);
+        // CS: a far JMP's checks; 64-bit code in IA-32e mode.
+        let cs = load_segment(0, 0x10, &s, 0, read).unwrap();
+        assert!(cs.l && cs.selector == 0x10);
+        assert_eq!(load_segment(0, 0x18, &s, 0, read), None, "data as CS");
+        let long = vcpu::SRegs {
+            cs: vcpu::Segment::flat(0x10, true, true, false),
+            efer: arch::efer::LMA | arch::efer::LME,
+            ..s
+        };
+        let ss = load_segment(1, 0, &long, 0, read).unwrap();
+        assert!(ss.unusable && ss.dpl == 0);
+        assert_eq!(
+            load_segment(1, 3, &long, 0, read),
+            None,
+            "RPL is not the CPL"
+        );
+        // An unreadable table is no descriptor.
+        assert_eq!(load_segment(2, 0x18, &s, 0, |_| None), None);
+    }
 
     /// A long memory read is cut to what one reply holds; others pass.
     #[test]

@@ -91,6 +91,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    die_of_sigpipe();
     let cli = Cli::parse();
     let code = match cli.cmd.unwrap_or(Cmd::Run(RunArgs {
         engine: "auto".into(),
@@ -105,6 +106,19 @@ fn main() -> ExitCode {
         Cmd::Compare(args) => compare::compare(args).unwrap_or_else(error),
     };
     ExitCode::from(code as u8)
+}
+
+/// Output into a closed pipe (`visor engines | head -1`, the guest's console
+/// into a pager that was quit) ends visor quietly, killed by SIGPIPE as `ls`
+/// or `cat` are, where Rust's runtime would ignore the signal and a write
+/// would panic. The gdb stub's sockets send with MSG_NOSIGNAL: a debugger that
+/// goes away is an error on its connection, not the end of the VM.
+fn die_of_sigpipe() {
+    // SAFETY: restoring the default disposition of one signal at the start
+    // of main, before any thread exists; no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// Reports bad input or a VMM error: one line, status 2.

@@ -284,6 +284,31 @@ fn engines_lists_kvm() {
     assert!(stdout(&o).contains("no (/nonexistent/kvm does not exist"));
 }
 
+/// Output into a pipe whose reader is gone ends visor as it ends `ls`:
+/// killed by SIGPIPE, silently (no panic, nothing on stderr), for `visor
+/// engines` and for the guest's console under `visor run`.
+#[test]
+fn closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    for args in [&["engines"][..], &["run", "--engine", "emu"][..]] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let o = Command::new(env!("CARGO_BIN_EXE_visor"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .output()
+            .expect("run visor");
+        assert_eq!(
+            o.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?}",
+            o.status
+        );
+        assert_eq!(stderr(&o), "", "{args:?}");
+    }
+}
+
 #[test]
 fn missing_kernel() {
     assert_error(

@@ -197,6 +197,55 @@ fn demo_elf() -> (tempfile::TempDir, std::path::PathBuf) {
     (d, p)
 }
 
+/// Segment-register writes at CPL 0 in the demo kernel's GDT (0x10 64-bit
+/// kernel code, 0x18 kernel data, 0x28 user data, 0x38 the TSS, 9 entries)
+/// and whether each loads: an unusable selector gets an error reply and
+/// changes nothing.
+const SEGMENT_WRITES: [(&str, bool); 8] = [
+    ("set $es = 0x2b", true),
+    ("set $fs = 0x2b", true),
+    ("set $ds = 0x38", false),    // a system descriptor (the TSS)
+    ("set $ds = 0x1000", false),  // beyond the GDT's limit
+    ("set $ds = 0x0c", false),    // in an LDT, and there is none
+    ("set $ss = 0x2b", false),    // DPL 3 is not the CPL
+    ("set $cs = 0x18", false),    // data is no code
+    ("set $es = 0x10000", false), // no selector
+];
+
+/// gdb commands that run each of `cmds`, printing `@ok CMD` or `@refused
+/// CMD: ERROR` (an error does not end the script).
+fn try_each(cmds: &[&str]) -> String {
+    let list: Vec<String> = cmds.iter().map(|c| format!("{c:?}")).collect();
+    format!(
+        "python
+for c in [{}]:
+    try:
+        gdb.execute(c)
+        print('@ok ' + c)
+    except gdb.error as e:
+        print('@refused ' + c + ': ' + str(e))
+end
+",
+        list.join(", ")
+    )
+}
+
+/// Checks what [`try_each`] printed for [`SEGMENT_WRITES`]: the refusals are
+/// gdb's error for the stub's `E` reply.
+fn check_segment_writes(out: &str, ctx: &str) {
+    for (cmd, ok) in SEGMENT_WRITES {
+        if ok {
+            assert!(out.contains(&format!("@ok {cmd}\n")), "{cmd}: {ctx}");
+        } else {
+            let refused = out
+                .lines()
+                .find(|l| l.starts_with(&format!("@refused {cmd}:")))
+                .unwrap_or_else(|| panic!("{cmd} not refused: {ctx}"));
+            assert!(refused.contains("E16"), "{refused}: {ctx}");
+        }
+    }
+}
+
 /// The session of the issue on one engine: a watchpoint hit, a breakpoint
 /// at a named function, RIP and a register checked, one step, known memory
 /// read, breakpoints deleted, and the guest run to its end with the
@@ -258,6 +307,24 @@ delete
         Engine::Bt => ("translation", "block at rip 0x"),
         _ => ("vmcs", "`vmcs` is for engine vmx"),
     };
+    let segment_cmds = format!(
+        "set $save_es = $es
+set $save_fs = $fs
+set $save_fs_base = $fs_base
+set $fs = 0x18
+set $fs_base = 0x5000
+{tries}maintenance flush register-cache
+echo @es\\n
+print/x $es
+echo @fs_base_loaded\\n
+print/x $fs_base
+monitor regs
+set $es = $save_es
+set $fs = $save_fs
+set $fs_base = $save_fs_base
+",
+        tries = try_each(&SEGMENT_WRITES.map(|(c, _)| c))
+    );
     let script = format!(
         "set pagination off
 set confirm off
@@ -289,7 +356,7 @@ print/x *(unsigned char *)&'demo::PASSES'
 set $rbx = $save_rbx
 set $fs_base = $save_fs_base
 set *(unsigned char *)&'demo::PASSES' = $save_byte
-stepi
+{segment_cmds}stepi
 echo @stepped\\n
 print/x $rip
 delete
@@ -339,6 +406,15 @@ continue
     assert_eq!(hex_after(&out, "@byte"), 0x5a, "{ctx}");
     // `tick(&mut self)`: RDI is the kernel state.
     assert_eq!(hex_after(&out, "@rdi"), hex_after(&out, "@kernel"), "{ctx}");
+    check_segment_writes(&out, &ctx);
+    // The demo's user data segment (DPL 3) in ES, FS's base from its
+    // descriptor (base 0) over the 0x5000 set before.
+    assert_eq!(hex_after(&out, "@es"), 0x2b, "{ctx}");
+    assert_eq!(hex_after(&out, "@fs_base_loaded"), 0, "{ctx}");
+    assert!(
+        out.contains("es=002b base=0000000000000000 limit=ffffffff type=3 dpl=3"),
+        "{ctx}"
+    );
     assert!(out.contains("Hardware assisted breakpoint"), "{ctx}");
     assert_eq!(hex_after(&out, "@hbreak"), at, "{ctx}");
     let stepped = hex_after(&out, "@stepped");
@@ -578,6 +654,139 @@ continue
     assert_eq!(status, Some(0x21), "the one-shot fired: {ctx}");
 }
 
+/// The guest's view of a stop under `pv`, whose deprivileged kernel has no
+/// HPET, PM timer or local APIC to read (the privileged test kernel above
+/// cannot run there): its clocks are the TSC and the PV one-shot timer. A
+/// PV tiny guest (hypercalls through `int 0x82`) binds the timer's event to
+/// a vector of its trap table, reads the TSC, arms the timer 300 ms ahead
+/// and stops at a breakpoint for 2 s; after the stop it reads the TSC again
+/// and spins until the event, whose handler reads the TSC and shuts down
+/// (status 0x21). The TSC moved on by far less than the stop, and the
+/// timer neither fell due during the stop (it would then fire at once
+/// after it) nor was lost: it fires 300 ms of guest time after it was armed.
+fn time_while_stopped_pv_guest() {
+    use hypercall::{event, nr, sched, STUB_SIZE};
+    use iced_x86::code_asm::*;
+    let engine = Engine::Pv;
+    if !engines::available(engine) || !gdb_here() {
+        return;
+    }
+    const PAGE: u64 = 0x30_0000;
+    const VECTOR: u32 = 0x40;
+    const ARMED_NS: u32 = 300_000_000;
+    let stub = |n: u64| PAGE + n * STUB_SIZE as u64;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let (mut mark, mut spin, mut handler, mut fired) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    (|| -> Result<(), IcedError> {
+        let tsc = |a: &mut CodeAssembler, to: AsmRegister64| -> Result<(), IcedError> {
+            a.rdtsc()?;
+            a.shl(rdx, 32)?;
+            a.or(rax, rdx)?;
+            a.mov(to, rax)
+        };
+        // visor's timing leaf: the TSC's kHz.
+        a.mov(eax, hypercall::CPUID_TIMING_LEAF)?;
+        a.cpuid()?;
+        a.mov(ebp, eax)?;
+        a.mov(eax, nr::SET_HYPERCALL_PAGE as u32)?;
+        a.mov(rdi, PAGE | 1)?;
+        a.int(hypercall::HYPERCALL_VECTOR as u32)?;
+        // The trap table: VECTOR to the handler (kernel code, IF cleared).
+        a.lea(rax, ptr(handler))?;
+        a.sub(rsp, 16)?;
+        a.mov(byte_ptr(rsp), VECTOR)?;
+        a.mov(byte_ptr(rsp + 1), 4)?;
+        a.mov(word_ptr(rsp + 2), 0x10)?;
+        a.mov(dword_ptr(rsp + 4), 0)?;
+        a.mov(qword_ptr(rsp + 8), rax)?;
+        a.mov(rdi, rsp)?;
+        a.mov(esi, 1)?;
+        a.mov(rax, stub(nr::SET_TRAP_TABLE))?;
+        a.call(rax)?;
+        a.add(rsp, 16)?;
+        a.mov(edi, event::BIND_VIRQ as u32)?;
+        a.mov(esi, event::VIRQ_TIMER as u32)?;
+        a.mov(edx, VECTOR)?;
+        a.mov(rax, stub(nr::EVENT_CHANNEL_OP))?;
+        a.call(rax)?;
+        tsc(&mut a, r8)?;
+        a.mov(edi, ARMED_NS)?;
+        a.mov(rax, stub(nr::SET_TIMER_OP))?;
+        a.call(rax)?;
+        a.xor(edi, edi)?;
+        a.mov(rax, stub(nr::SET_EVENT_MASK))?;
+        a.call(rax)?;
+        a.set_label(&mut mark)?;
+        a.nop()?;
+        tsc(&mut a, r11)?;
+        a.set_label(&mut spin)?;
+        a.pause()?;
+        a.jmp(spin)?;
+        a.set_label(&mut handler)?;
+        tsc(&mut a, r12)?;
+        a.set_label(&mut fired)?;
+        a.mov(edi, sched::SHUTDOWN as u32)?;
+        a.mov(esi, 0x21)?;
+        a.mov(rax, stub(nr::SCHED_OP))?;
+        a.call(rax)?;
+        a.hlt()
+    })()
+    .unwrap();
+    let (_d, elf, at) = tiny_elf(a, &[mark, fired]);
+    let (mark, fired) = (at[0], at[1]);
+    let v = Visor::start(&[
+        "run".into(),
+        elf.display().to_string(),
+        "--engine".into(),
+        engine.name().into(),
+    ]);
+    let prints: String = ["rbp", "r8", "r11", "r12"]
+        .iter()
+        .map(|r| format!("echo @{r}\\n\nprint/x ${r}\n"))
+        .collect();
+    let script = format!(
+        "set pagination off
+set confirm off
+target remote 127.0.0.1:{port}
+break *{mark:#x}
+break *{fired:#x}
+continue
+shell sleep 2
+continue
+{prints}continue
+",
+        port = v.port
+    );
+    let start = Instant::now();
+    let out = gdb(&elf, &script, Duration::from_secs(120));
+    let took = start.elapsed();
+    let (status, _, stderr) = v.finish(Duration::from_secs(60));
+    let ctx = format!("engine {engine}\n--- gdb:\n{out}\n--- visor stderr:\n{stderr}");
+    assert!(took >= Duration::from_secs(2), "{ctx}");
+    let r = |name: &str| hex_after(&out, &format!("@{name}"));
+    let khz = r("rbp");
+    assert!(khz > 0, "{ctx}");
+    let us = |from: &str, to: &str| r(to).wrapping_sub(r(from)).saturating_mul(1000) / khz;
+    let (stop, event) = (us("r8", "r11"), us("r8", "r12"));
+    let ctx = format!("across the stop {stop} µs, to the event {event} µs; {ctx}");
+    // Far less than the 2 s stop (and than the timer's 300 ms).
+    assert!(stop < 250_000, "{ctx}");
+    // The event at its own time for the guest: not at once after the stop.
+    let armed = ARMED_NS as u64 / 1000;
+    assert!(event >= armed - 5_000 && event < armed + 700_000, "{ctx}");
+    assert_eq!(status, Some(0x21), "{ctx}");
+}
+
+#[test]
+fn time_while_stopped_pv() {
+    time_while_stopped_pv_guest();
+}
+
 #[test]
 fn time_while_stopped_emu() {
     time_while_stopped(Engine::Emu);
@@ -697,6 +906,152 @@ fn breakpoint_in_rewritten_code_trap() {
 #[test]
 fn breakpoint_in_rewritten_code_kvm() {
     breakpoint_in_rewritten_code(Engine::Kvm);
+}
+
+/// A segment selector gdb writes is loaded from the guest's GDT: a tiny
+/// guest loads a GDT of its own whose 0x20 is a data segment based at
+/// 0x30_0000 and stops; gdb writes 0x20 to FS, and FS's base is the
+/// descriptor's (0x30_0000, over the 0x5000 written before), so the
+/// guest's next instruction, `mov rax, fs:[8]`, reads 0x30_0008 (status
+/// 0x21; 0x23 if it read something else). The writes of [`SEGMENT_WRITES`]
+/// are answered the same way in this GDT (after a refused one the session
+/// goes on, the registers as they were), and so is a non-present segment;
+/// a null selector in GS leaves it unusable with base 0.
+fn segment_from_the_gdt(engine: Engine) {
+    use iced_x86::code_asm::*;
+    if !engines::available(engine) || !gdb_here() {
+        return;
+    }
+    const DATA: u64 = 0x30_0000;
+    const VALUE: u64 = 0x1122_3344_5566_7788;
+    let gdt = [
+        0,
+        0,
+        arch::gdt_entry(0xa09b, 0, 0xfffff), // 0x10: 64-bit kernel code
+        arch::gdt_entry(0xc093, 0, 0xfffff), // 0x18: kernel data
+        arch::gdt_entry(0xc093, DATA, 0xfffff), // 0x20: kernel data at DATA
+        arch::gdt_entry(0xc0f3, 0, 0xfffff), // 0x28: user data
+        arch::gdt_entry(0xc013, 0, 0xfffff), // 0x30: not present
+        arch::gdt_entry(0x0089, 0x1000, 0x67), // 0x38: a TSS
+        0,
+    ];
+    let mut a = CodeAssembler::new(64).unwrap();
+    let (mut table, mut mark, mut bad) = (a.create_label(), a.create_label(), a.create_label());
+    (|| -> Result<(), IcedError> {
+        a.lea(rax, ptr(table))?;
+        a.sub(rsp, 16)?;
+        a.mov(word_ptr(rsp), (gdt.len() * 8 - 1) as u32)?;
+        a.mov(qword_ptr(rsp + 2), rax)?;
+        a.lgdt(ptr(rsp))?;
+        a.add(rsp, 16)?;
+        a.mov(rcx, VALUE)?;
+        a.mov(rax, DATA)?;
+        a.mov(qword_ptr(rax + 8), rcx)?;
+        a.xor(eax, eax)?;
+        a.set_label(&mut mark)?;
+        a.mov(rax, qword_ptr(0).fs() + 8)?;
+        a.cmp(rax, rcx)?;
+        a.jne(bad)?;
+        a.mov(al, 0x10)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)?;
+        a.set_label(&mut bad)?;
+        a.mov(al, 0x11)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)?;
+        a.hlt()?;
+        a.set_label(&mut table)?;
+        a.dq(&gdt)
+    })()
+    .unwrap();
+    let (_d, elf, at) = tiny_elf(a, &[mark]);
+    let v = Visor::start(&[
+        "run".into(),
+        elf.display().to_string(),
+        "--engine".into(),
+        engine.name().into(),
+    ]);
+    let tries = try_each(&SEGMENT_WRITES.map(|(c, _)| c));
+    let not_present = try_each(&["set $fs = 0x30"]);
+    let script = format!(
+        "set pagination off
+set confirm off
+target remote 127.0.0.1:{port}
+break *{mark:#x}
+continue
+{tries}set $fs_base = 0x5000
+set $fs = 0x20
+{not_present}set $gs = 0x18
+set $gs_base = 0x4000
+set $gs = 0
+set $ss = 0x20
+maintenance flush register-cache
+echo @ss\\n
+print/x $ss
+echo @gs_base\\n
+print/x $gs_base
+echo @fs\\n
+print/x $fs
+echo @fs_base\\n
+print/x $fs_base
+echo @es\\n
+print/x $es
+monitor regs
+stepi
+echo @rax\\n
+print/x $rax
+continue
+",
+        port = v.port,
+        mark = at[0]
+    );
+    let out = gdb(&elf, &script, Duration::from_secs(60));
+    let (status, _, stderr) = v.finish(Duration::from_secs(60));
+    let ctx = format!("engine {engine}\n--- gdb:\n{out}\n--- visor stderr:\n{stderr}");
+    check_segment_writes(&out, &ctx);
+    let refused = out
+        .lines()
+        .find(|l| l.starts_with("@refused set $fs = 0x30:"));
+    assert!(refused.is_some_and(|l| l.contains("E16")), "{ctx}");
+    // FS is the segment at DATA (the refused 0x30 changed nothing).
+    assert_eq!(hex_after(&out, "@fs"), 0x20, "{ctx}");
+    assert_eq!(hex_after(&out, "@fs_base"), DATA, "{ctx}");
+    assert_eq!(hex_after(&out, "@es"), 0x2b, "{ctx}");
+    // SS takes a writable DPL 0 data segment at CPL 0 (under `trap` the
+    // engine runs it with RPL 1; gdb sees the guest's selector).
+    assert_eq!(hex_after(&out, "@ss"), 0x20, "{ctx}");
+    // A null selector empties GS, its base too (as Intel's CPUs do).
+    assert_eq!(hex_after(&out, "@gs_base"), 0, "{ctx}");
+    assert!(out.contains("gs=0000 base=0000000000000000"), "{ctx}");
+    assert!(
+        out.contains("fs=0020 base=0000000000300000 limit=ffffffff type=3 dpl=0"),
+        "{ctx}"
+    );
+    assert_eq!(hex_after(&out, "@rax"), VALUE, "{ctx}");
+    assert_eq!(status, Some(0x21), "{ctx}");
+}
+
+#[test]
+fn segment_from_the_gdt_emu() {
+    segment_from_the_gdt(Engine::Emu);
+}
+
+#[test]
+fn segment_from_the_gdt_bt() {
+    segment_from_the_gdt(Engine::Bt);
+}
+
+#[test]
+fn segment_from_the_gdt_vmx() {
+    segment_from_the_gdt(Engine::Vmx);
+}
+
+#[test]
+fn segment_from_the_gdt_trap() {
+    segment_from_the_gdt(Engine::Trap);
+}
+
+#[test]
+fn segment_from_the_gdt_kvm() {
+    segment_from_the_gdt(Engine::Kvm);
 }
 
 /// A raw remote-protocol client.

@@ -97,6 +97,76 @@ impl Segment {
     }
 }
 
+/// A segment load's fault: the exception vector and its error code.
+pub type LoadFault = (u8, u32);
+
+/// MOV or POP to SS (`stack`) or to DS/ES/FS/GS in protected mode with the
+/// non-null selector `sel`, whose descriptor is `raw`, at privilege `cpl`
+/// (SDM vol. 2, MOV): the segment register image (marked accessed), or the
+/// fault: #GP(sel) for a wrong type or privilege (SS: a writable data segment
+/// with RPL = DPL = CPL; the others: data or readable code, and data or
+/// nonconforming code no more privileged than both RPL and CPL), then
+/// #SS(sel) or #NP(sel) for a segment not present.
+pub fn data_segment_load(sel: u16, raw: u64, stack: bool, cpl: u8) -> Result<Segment, LoadFault> {
+    let d = Segment::from_descriptor(sel, raw);
+    let rpl = (sel & 3) as u8;
+    let err = (sel & !3) as u32;
+    let not_present = if stack {
+        if !d.s || d.type_ & 0xa != 0x2 || rpl != cpl || d.dpl != cpl {
+            return Err((crate::vector::GP, err));
+        }
+        crate::vector::SS
+    } else {
+        let data = d.type_ & 8 == 0;
+        let readable_code = d.type_ & 0xa == 0xa;
+        if !d.s || !(data || readable_code) {
+            return Err((crate::vector::GP, err));
+        }
+        let conforming = !data && d.type_ & 4 != 0;
+        if !conforming && (rpl > d.dpl || cpl > d.dpl) {
+            return Err((crate::vector::GP, err));
+        }
+        crate::vector::NP
+    };
+    if !d.present {
+        return Err((not_present, err));
+    }
+    Ok(Segment {
+        type_: d.type_ | 1,
+        ..d
+    })
+}
+
+/// A far JMP or CALL straight to the code segment of the non-null selector
+/// `sel`, whose descriptor is `raw`, at privilege `cpl` (no gate, so no change
+/// of privilege; SDM vol. 2, JMP): the CS image (marked accessed, RPL = CPL),
+/// or the fault: #GP(sel) for a segment that is not code, a conforming one
+/// more privileged than CPL, a nonconforming one of another privilege or with
+/// RPL above CPL, a 64-bit one that also has D set in IA-32e mode (`ia32e`),
+/// then #NP(sel) for a segment not present.
+pub fn code_segment_jump(sel: u16, raw: u64, cpl: u8, ia32e: bool) -> Result<Segment, LoadFault> {
+    let d = Segment::from_descriptor(sel, raw);
+    let rpl = (sel & 3) as u8;
+    let err = (sel & !3) as u32;
+    let conforming = d.type_ & 4 != 0;
+    let privilege_ok = if conforming {
+        d.dpl <= cpl
+    } else {
+        rpl <= cpl && d.dpl == cpl
+    };
+    if !d.s || d.type_ & 8 == 0 || !privilege_ok || (ia32e && d.l && d.db) {
+        return Err((crate::vector::GP, err));
+    }
+    if !d.present {
+        return Err((crate::vector::NP, err));
+    }
+    Ok(Segment {
+        selector: (sel & !3) | cpl as u16,
+        type_: d.type_ | 1,
+        ..d
+    })
+}
+
 /// An 8-byte segment descriptor. `flags` holds the attribute bits as they sit
 /// in the descriptor's bits 40..55: type (bits 0..3), S (4), DPL (5..6), P (7),
 /// AVL (12), L (13), D/B (14), G (15); `limit` is the raw 20-bit limit and
@@ -213,6 +283,65 @@ mod tests {
         assert_eq!(code64, Segment::flat(0x10, true, true, false));
         let data = Segment::from_descriptor(0x18, 0x00cf_9300_0000_ffff);
         assert_eq!(data, Segment::flat(0x18, false, false, true));
+    }
+
+    #[test]
+    fn data_segment_loads() {
+        use crate::vector::{GP, NP, SS};
+        let data0 = gdt_entry(0xc093, 0, 0xfffff);
+        let data3 = gdt_entry(0xc0f3, 0, 0xfffff);
+        let code0 = gdt_entry(0xa09b, 0, 0xfffff);
+        let exec_only = gdt_entry(0xa099, 0, 0xfffff);
+        let absent = data0 & !PRESENT;
+        // DS at CPL 0: data of any privilege, readable code; accessed.
+        let ds = data_segment_load(0x18, data0 & !ACCESSED, false, 0).unwrap();
+        assert_eq!((ds.type_, ds.dpl, ds.selector), (3, 0, 0x18));
+        assert!(data_segment_load(0x2b, data3, false, 0).is_ok());
+        assert!(data_segment_load(0x10, code0, false, 0).is_ok());
+        assert_eq!(
+            data_segment_load(0x10, exec_only, false, 0),
+            Err((GP, 0x10))
+        );
+        // At CPL 3, or with RPL 3, a DPL 0 data segment is out of reach.
+        assert_eq!(data_segment_load(0x18, data0, false, 3), Err((GP, 0x18)));
+        assert_eq!(data_segment_load(0x1b, data0, false, 0), Err((GP, 0x18)));
+        assert_eq!(data_segment_load(0x18, absent, false, 0), Err((NP, 0x18)));
+        // SS: writable data, RPL = DPL = CPL; not present is #SS.
+        assert!(data_segment_load(0x18, data0, true, 0).is_ok());
+        assert_eq!(data_segment_load(0x10, code0, true, 0), Err((GP, 0x10)));
+        assert_eq!(data_segment_load(0x2b, data3, true, 0), Err((GP, 0x28)));
+        assert_eq!(data_segment_load(0x18, absent, true, 0), Err((SS, 0x18)));
+        // A system descriptor is never a data segment.
+        let tss = gdt_entry(0x0089, 0x1000, 0x67);
+        assert_eq!(data_segment_load(0x40, tss, false, 0), Err((GP, 0x40)));
+    }
+
+    #[test]
+    fn code_segment_jumps() {
+        use crate::vector::{GP, NP};
+        let code0 = gdt_entry(0xa09b, 0, 0xfffff);
+        let code32 = gdt_entry(0xc09b, 0, 0xfffff);
+        let code3 = gdt_entry(0xa0fb, 0, 0xfffff);
+        let conforming0 = gdt_entry(0xa09f, 0, 0xfffff);
+        let ld = gdt_entry(0xe09b, 0, 0xfffff);
+        let cs = code_segment_jump(0x10, code0, 0, true).unwrap();
+        assert_eq!((cs.selector, cs.type_, cs.l), (0x10, 0xb, true));
+        assert!(code_segment_jump(0x08, code32, 0, true).is_ok());
+        assert_eq!(code_segment_jump(0x33, code3, 0, true), Err((GP, 0x30)));
+        assert_eq!(code_segment_jump(0x13, code0, 3, true), Err((GP, 0x10)));
+        // A conforming segment keeps the caller's privilege (RPL = CPL).
+        let c = code_segment_jump(0x20, conforming0, 3, true).unwrap();
+        assert_eq!((c.selector, c.dpl), (0x23, 0));
+        assert_eq!(
+            code_segment_jump(0x18, gdt_entry(0xc093, 0, 0xfffff), 0, true),
+            Err((GP, 0x18))
+        );
+        assert_eq!(code_segment_jump(0x10, ld, 0, true), Err((GP, 0x10)));
+        assert!(code_segment_jump(0x10, ld, 0, false).is_ok());
+        assert_eq!(
+            code_segment_jump(0x10, code0 & !PRESENT, 0, true),
+            Err((NP, 0x10))
+        );
     }
 
     #[test]

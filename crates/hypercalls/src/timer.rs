@@ -27,43 +27,35 @@ pub(crate) struct State {
     stop: bool,
 }
 
-#[derive(Default)]
-struct Shared {
-    state: Mutex<State>,
-    changed: Condvar,
+/// The state and the condition variable the thread waits on (notified by
+/// the hypercalls and by the clock's resume).
+type Shared = (Mutex<State>, Condvar);
+
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    // A poisoned lock means the other side panicked while holding it; the
+    // state is plain data and stays usable.
+    shared.0.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A poisoned lock means the other side panicked while holding it;
-        // the state is plain data and stays usable.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The thread: waits for the deadline, raises the line, until told to
-    /// stop. While the clock stands it waits for the resume.
-    fn run(&self, clock: &GuestClock) {
-        let mut st = self.lock();
-        while !st.stop {
-            let Some(Some(wait)) = st.deadline.map(|d| clock.until(d)) else {
-                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-                continue;
-            };
-            if !wait.is_zero() {
-                st = self
-                    .changed
-                    .wait_timeout(st, wait)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-                continue;
-            }
-            st.deadline = None;
-            if let (Some(line), false) = (&st.line, st.masked) {
-                // A line that cannot be raised (the engine's VM is going
-                // away) loses the event, as a masked one does.
-                if line.trigger().is_ok() {
-                    st.fired += 1;
-                }
+/// The thread: waits for the deadline on the guest's time (while the clock
+/// stands, for the resume), raises the line, until told to stop.
+fn run(shared: &Shared, clock: &GuestClock) {
+    let mut st = lock(shared);
+    while !st.stop {
+        let due = st
+            .deadline
+            .is_some_and(|d| clock.until(d).is_some_and(|w| w.is_zero()));
+        if !due {
+            let deadline = st.deadline;
+            st = clock.wait_for(&shared.1, st, deadline);
+            continue;
+        }
+        st.deadline = None;
+        if let (Some(line), false) = (&st.line, st.masked) {
+            // A line that cannot be raised (the engine's VM is going away)
+            // loses the event, as a masked one does.
+            if line.trigger().is_ok() {
+                st.fired += 1;
             }
         }
     }
@@ -79,18 +71,12 @@ impl Timer {
     /// Starts the thread, with deadlines on `clock`. Fails if the host
     /// cannot create one.
     pub fn start(clock: Arc<GuestClock>) -> std::io::Result<Timer> {
-        let shared = Arc::new(Shared::default());
-        let weak = Arc::downgrade(&shared);
-        clock.on_resume(Box::new(move || {
-            if let Some(s) = weak.upgrade() {
-                let _held = s.lock();
-                s.changed.notify_all();
-            }
-        }));
+        let shared: Arc<Shared> = Arc::default();
+        clock.wake_on_resume(&shared);
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("visor-pv-timer".into())
-            .spawn(move || s.run(&clock))?;
+            .spawn(move || run(&s, &clock))?;
         Ok(Timer {
             shared,
             thread: Some(thread),
@@ -99,8 +85,8 @@ impl Timer {
 
     /// Runs `f` on the state and wakes the thread to look at it again.
     pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let r = f(&mut self.shared.lock());
-        self.shared.changed.notify_all();
+        let r = f(&mut lock(&self.shared));
+        self.shared.1.notify_all();
         r
     }
 }

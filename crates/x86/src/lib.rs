@@ -656,6 +656,11 @@ impl Cpu {
             0
         } else if self.rflags & rflags::VM != 0 {
             3
+        } else if cs.s && cs.type_ & 0xc == 0xc {
+            // A conforming code segment runs at the privilege of the code
+            // that entered it (SDM vol. 3 5.8.1.2): its DPL may be lower;
+            // every load of it sets the selector's RPL to that CPL.
+            (cs.selector & 3) as u8
         } else {
             cs.dpl & 3
         };

@@ -84,33 +84,11 @@ impl Cpu {
             return Ok(());
         }
         let (addr, raw) = self.read_descriptor(sel)?;
-        let d = Segment::from_descriptor(sel, raw);
-        let rpl = (sel & 3) as u8;
-        let err = (sel & !3) as u32;
-        if s == sreg::SS {
-            if !d.s || d.type_ & 0xa != 0x2 || rpl != self.cpl || d.dpl != self.cpl {
-                return exc_code(vector::GP, err);
-            }
-            if !d.present {
-                return exc_code(vector::SS, err);
-            }
-        } else {
-            let data = d.type_ & 8 == 0;
-            let readable_code = d.type_ & 0xa == 0xa;
-            if !d.s || !(data || readable_code) {
-                return exc_code(vector::GP, err);
-            }
-            let conforming = !data && d.type_ & 4 != 0;
-            if !conforming && (rpl > d.dpl || self.cpl > d.dpl) {
-                return exc_code(vector::GP, err);
-            }
-            if !d.present {
-                return exc_code(vector::NP, err);
-            }
-        }
+        let d = match desc::data_segment_load(sel, raw, s == sreg::SS, self.cpl) {
+            Ok(d) => d,
+            Err((v, code)) => return exc_code(v, code),
+        };
         self.set_accessed(addr, raw)?;
-        let mut d = d;
-        d.type_ |= 1;
         self.seg[s] = d;
         Ok(())
     }
@@ -156,17 +134,14 @@ impl Cpu {
             self.mode_changed();
             return Ok(());
         }
-        let (addr, raw, d) = self.code_desc(sel)?;
-        let err = (sel & !3) as u32;
-        let conforming = d.type_ & 4 != 0;
-        let rpl = (sel & 3) as u8;
-        if conforming {
-            if d.dpl > self.cpl {
-                return exc_code(vector::GP, err);
-            }
-        } else if rpl > self.cpl || d.dpl != self.cpl {
-            return exc_code(vector::GP, err);
+        if sel & !3 == 0 {
+            return exc_code(vector::GP, 0);
         }
+        let (addr, raw) = self.read_descriptor(sel)?;
+        let cs = match desc::code_segment_jump(sel, raw, self.cpl, self.long_mode()) {
+            Ok(cs) => cs,
+            Err((v, code)) => return exc_code(v, code),
+        };
         if call {
             let old_sp = self.gpr[4];
             let r = self
@@ -178,9 +153,6 @@ impl Cpu {
             }
         }
         self.set_accessed(addr, raw)?;
-        let mut cs = d;
-        cs.selector = (sel & !3) | self.cpl as u16;
-        cs.type_ |= 1;
         self.seg[sreg::CS] = cs;
         self.mode_changed();
         self.next_rip = if self.long64 { off } else { off & 0xffff_ffff };

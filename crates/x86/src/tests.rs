@@ -742,6 +742,46 @@ fn far_jmp_and_call_through_memory() {
     assert_eq!(r.r10 & 0xffff, sel as u64, "CS pushed");
 }
 
+/// A far JMP to a conforming code segment keeps the CPL (SDM vol. 3
+/// 5.8.1.2): from CPL 3 into a conforming DPL 0 segment the code runs at CPL
+/// 3 with CS.RPL 3, and a privileged instruction there raises #GP.
+#[test]
+fn conforming_code_keeps_the_cpl() {
+    const PTR: u64 = CODE + 0x800;
+    const T1: u64 = CODE + 0x400;
+    let mut t = long(|a| {
+        a.mov(rbx, PTR)?;
+        a.jmp(fword_ptr(rbx))?;
+        a.hlt()
+    });
+    t.mem
+        .write_obj(gdt_entry(0xa09f, 0, 0xfffff), GuestAddress(GDT + 0x50))
+        .unwrap();
+    let mut s = t.cpu.sregs();
+    s.gdt.limit = 0x57;
+    s.cs = Segment::flat(0x33, true, true, false);
+    s.ss = Segment::flat(0x2b, false, false, true);
+    t.cpu.set_sregs(&s);
+    assert_eq!(t.cpu.cpl, 3);
+    t.code_at(T1, |a| {
+        a.mov(r8, 1u64)?;
+        a.cli()?;
+        a.hlt()
+    });
+    t.mem.write_obj(T1 as u32, GuestAddress(PTR)).unwrap();
+    t.mem.write_obj(0x50u16, GuestAddress(PTR + 4)).unwrap();
+    t.gate(13, HANDLER, 0, 0);
+    t.code_at(HANDLER, |a| {
+        a.mov(r9, qword_ptr(rsp + 16))?; // CS on the #GP frame
+        a.hlt()
+    });
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    assert_eq!(r.r8, 1, "the far JMP reached T1");
+    assert_eq!(r.r9 & 0xffff, 0x53, "CLI faulted at CPL 3 (CS.RPL 3)");
+    assert_eq!(t.cpu.cpl, 0, "the handler at CPL 0");
+}
+
 /// The memory forms that the uops resolve at decode time (RIP-relative,
 /// FS-relative, base + index * scale, index only), byte registers that are
 /// not the low byte of a GPR (left to the generic path), and the fault of a
