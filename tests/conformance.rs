@@ -1215,7 +1215,146 @@ on_engines!(
     [emu, vmx, bt]:
     real_mode_round_trip,
     virtual_8086_mode,
+    x87_environment_in_16_bit_and_real_mode,
 );
+
+/// FNSTENV, FLDENV, FNSAVE and FRSTOR in protected mode with a 16-bit
+/// code segment and then in real mode, at both operand sizes: the
+/// layouts of SDM vol. 1 figures 8-9 to 8-12 (selector and offset
+/// pointers in protected mode, linear ones in real mode), each image
+/// loaded back and stored again unchanged.
+fn x87_environment_in_16_bit_and_real_mode(engine: Engine) {
+    const GDT: u64 = 0x6000;
+    const GDTR: u64 = 0x6100;
+    const PM16: u64 = 0x7000;
+    const PM16_DATA: u64 = 0x8000;
+    const REAL_CS: u16 = 0x1700;
+    const REAL: u64 = 0x1_7100;
+    const REAL_DS: u16 = 0x2345;
+    let far = |prefix: &[u8], off: u32, width: usize, sel: u16| {
+        let mut b = prefix.to_vec();
+        b.push(0xea);
+        b.extend_from_slice(&off.to_le_bytes()[..width]);
+        b.extend_from_slice(&sel.to_le_bytes());
+        b
+    };
+    // The x87 block, images at DS:b+0x100..b+0x600; its FLD m32 (FOP
+    // 0x106) at offset 4.
+    let block = |a: &mut CodeAssembler, b: u16| -> Result<(), IcedError> {
+        let o32 = |a: &mut CodeAssembler, op: u8, reg: u8, at: u16| {
+            let [lo, hi] = at.to_le_bytes();
+            a.db(&[0x66, op, reg << 3 | 6, lo, hi])
+        };
+        a.fninit()?;
+        a.fld1()?;
+        a.fld(dword_ptr(b as u64 + 0x10))?;
+        a.fnstenv(ptr(b as u64 + 0x100))?;
+        o32(a, 0xd9, 6, b + 0x200)?; // fnstenv, 32-bit
+        a.fldenv(ptr(b as u64 + 0x100))?;
+        a.fnstenv(ptr(b as u64 + 0x300))?;
+        o32(a, 0xd9, 4, b + 0x200)?; // fldenv, 32-bit
+        o32(a, 0xd9, 6, b + 0x400)?;
+        a.fnsave(ptr(b as u64 + 0x500))?;
+        a.frstor(ptr(b as u64 + 0x500))?;
+        a.fnsave(ptr(b as u64 + 0x600))
+    };
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.lgdt(ptr(GDTR)).unwrap();
+    let mut main = a.assemble(CODE).unwrap();
+    main.extend(far(&[], PM16 as u32, 4, 0x18));
+    // 16-bit protected mode: DS 0x20 (base 0), the block, then real mode.
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(ax, 0x20).unwrap();
+    a.mov(ds, ax).unwrap();
+    let pm16_fld = PM16 + a.assemble(PM16).unwrap().len() as u64 + 4;
+    block(&mut a, PM16_DATA as u16).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.and(eax, !1i32).unwrap();
+    a.mov(cr0, eax).unwrap();
+    let mut pm16 = a.assemble(PM16).unwrap();
+    pm16.extend(far(
+        &[],
+        (REAL - ((REAL_CS as u64) << 4)) as u32,
+        2,
+        REAL_CS,
+    ));
+    // Real mode: DS 0x2345, the block.
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(ax, REAL_DS as u32).unwrap();
+    a.mov(ds, ax).unwrap();
+    let real_fld = REAL + a.assemble(REAL).unwrap().len() as u64 + 4;
+    block(&mut a, 0).unwrap();
+    a.hlt().unwrap();
+    let real = a.assemble(REAL - ((REAL_CS as u64) << 4)).unwrap();
+
+    let mut vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
+    let sregs = machine::boot::protected_mode(&vm.mem).unwrap();
+    let m = &vm.mem;
+    m.write_slice(&main, GuestAddress(CODE)).unwrap();
+    m.write_slice(&pm16, GuestAddress(PM16)).unwrap();
+    m.write_slice(&real, GuestAddress(REAL)).unwrap();
+    let gdt: [u64; 5] = [
+        0,
+        0x00cf_9a00_0000_ffff, // 32-bit code
+        0x00cf_9200_0000_ffff, // 32-bit data
+        0x0000_9a00_0000_ffff, // 16-bit code, limit 64 KiB
+        0x0000_9200_0000_ffff, // 16-bit data
+    ];
+    for (k, d) in gdt.iter().enumerate() {
+        m.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
+    }
+    m.write_obj(0x27u16, GuestAddress(GDTR)).unwrap();
+    m.write_obj(GDT as u32, GuestAddress(GDTR + 2)).unwrap();
+    let regs = vcpu::Regs {
+        rip: CODE,
+        rsp: STACK,
+        rflags: 2,
+        ..Default::default()
+    };
+    vm.set_cpu_state(&regs, &sregs).unwrap();
+    let mut g = Guest::finish(vm, engine);
+    assert_halted(&g.run());
+    let mem = &g.vm.mem;
+    let fld = |at: u64| mem.read_obj::<u16>(GuestAddress(at)).unwrap();
+    assert_eq!((fld(pm16_fld), fld(real_fld)), (0x06d9, 0x06d9), "FLD m32");
+    let words = |at: u64, n: usize, w: usize| -> Vec<u32> {
+        let mut b = vec![0u8; n * w];
+        mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+        b.chunks(w)
+            .map(|c| c.iter().rev().fold(0u32, |v, &x| v << 8 | x as u32))
+            .collect()
+    };
+    let check = |mode: &str, data: u64, env16: &[u32], env32: &[u32]| {
+        assert_eq!(words(data + 0x100, 7, 2), env16, "{mode}: 16-bit image");
+        assert_eq!(words(data + 0x200, 7, 4), env32, "{mode}: 32-bit image");
+        assert_eq!(words(data + 0x300, 7, 2), env16, "{mode}: 16-bit, reloaded");
+        assert_eq!(words(data + 0x400, 7, 4), env32, "{mode}: 32-bit, reloaded");
+        let save = words(data + 0x500, 47, 2);
+        assert_eq!(save[..7], *env16, "{mode}: FNSAVE's environment");
+        assert_eq!(save[15..17], [0x8000, 0x3fff], "{mode}: FNSAVE's ST1 = 1.0");
+        assert_eq!(words(data + 0x600, 47, 2), save, "{mode}: FRSTOR, FNSAVE");
+    };
+    // TOP 6; tags: ST0 zero, ST1 valid, the rest empty.
+    let control = [0x037f, 0x3000, 0x1fff];
+    let with = |pointers: [u32; 4]| -> (Vec<u32>, Vec<u32>) {
+        let env16 = control.iter().chain(&pointers).copied().collect();
+        let env32 = control.iter().map(|c| c | 0xffff_0000);
+        (env16, env32.chain(pointers).collect())
+    };
+    // Protected mode: FIP, FCS 0x18, FDP, FDS 0x20; FOP beside FCS in the
+    // 32-bit image only.
+    let (env16, mut env32) = with([pm16_fld as u32, 0x18, PM16_DATA as u32 + 0x10, 0x20]);
+    env32[4] |= 0x106 << 16;
+    check("protected mode, 16-bit code", PM16_DATA, &env16, &env32);
+    // Real mode: linear pointers, bits 16 up beside the low 16, FOP
+    // beside the instruction pointer's.
+    let data = ((REAL_DS as u64) << 4) + 0x10;
+    let split = |lin: u64, op: u32| [lin as u32 & 0xffff, ((lin >> 16) as u32) << 12 | op];
+    let [ip_lo, ip_hi] = split(real_fld, 0x106);
+    let [dp_lo, dp_hi] = split(data, 0);
+    let (env16, env32) = with([ip_lo, ip_hi, dp_lo, dp_hi]);
+    check("real mode", (REAL_DS as u64) << 4, &env16, &env32);
+}
 
 /// From 32-bit protected mode to real mode (through a 16-bit code segment,
 /// CR0.PE clear, a far jump), an INT through the real-mode IVT and IRET
