@@ -622,6 +622,7 @@ impl Gen<'_> {
         let m = r15 + d;
         let a = &mut self.a;
         let env = d & 3 != 0 && checked;
+        let misaligned = d | (1 + (d >> 4 & 7));
         let k = self.rng.below(if env { 16 } else { 12 });
         let k = if native && (10..12).contains(&k) {
             k - 10
@@ -639,8 +640,8 @@ impl Gen<'_> {
             7 => a.fld(tword_ptr(m)),
             8 => a.fld(qword_ptr(m)),
             9 => a.fnstcw(word_ptr(m)),
-            10 => a.fxsave(ptr(r15 + (d | 1 + (d >> 4 & 7)))),
-            11 => a.fxrstor(ptr(r15 + (d | 1 + (d >> 4 & 7)))),
+            10 => a.fxsave(ptr(r15 + misaligned)),
+            11 => a.fxrstor(ptr(r15 + misaligned)),
             k => {
                 // FNSTENV, FNSAVE, FLDENV, FRSTOR [r15 + d], 16-bit
                 // operand size (2-byte aligned area) if d is odd.

@@ -1668,10 +1668,12 @@ fn user_access(
 
 #[test]
 fn alignment_checks_of_sse_mmx_and_x87_accesses() {
-    const AC: Option<(u64, u64)> = Some((17, 0));
-    const GP: Option<(u64, u64)> = Some((13, 0));
+    /// The exception (vector, error code), None for none.
+    type Fault = Option<(u64, u64)>;
+    const AC: Fault = Some((17, 0));
+    const GP: Fault = Some((13, 0));
     type Asm = fn(&mut CodeAssembler) -> Result<(), IcedError>;
-    let cases: [(&str, u64, Asm, Option<(u64, u64)>); 30] = [
+    let cases: [(&str, u64, Asm, Fault); 30] = [
         (
             "movups m128, 8-aligned",
             8,
