@@ -1210,6 +1210,41 @@ fn single_step_across_emulated_instructions(engine: Engine) {
     assert_eq!(r.rflags & 0x100, 0, "TF clear at the end");
 }
 
+/// `vm` set to start at CODE in 32-bit protected mode (the boot GDT's flat
+/// segments, paging off, STACK).
+fn protected_mode_guest(vm: visor::Vm, engine: Engine) -> Guest {
+    let sregs = machine::boot::protected_mode(&vm.mem).unwrap();
+    Guest::start(vm, engine, &sregs)
+}
+
+/// A far JMP to `sel`:`off` (`width` 2 or 4 bytes of offset) after
+/// `prefix`.
+fn far_jmp(prefix: &[u8], off: u32, width: usize, sel: u16) -> Vec<u8> {
+    let mut b = prefix.to_vec();
+    b.push(0xea);
+    b.extend_from_slice(&off.to_le_bytes()[..width]);
+    b.extend_from_slice(&sel.to_le_bytes());
+    b
+}
+
+/// The GDT of the mode switches at `gdt` (32-bit code 0x08 and data 0x10,
+/// 16-bit code 0x18 and data 0x20, limit 64 KiB), its pseudo-descriptor
+/// at `gdtr`.
+fn write_mode_switch_gdt(m: &machine::GuestMemory, gdt: u64, gdtr: u64) {
+    let entries: [u64; 5] = [
+        0,
+        0x00cf_9a00_0000_ffff, // 32-bit code
+        0x00cf_9200_0000_ffff, // 32-bit data
+        0x0000_9a00_0000_ffff, // 16-bit code, limit 64 KiB
+        0x0000_9200_0000_ffff, // 16-bit data
+    ];
+    for (k, d) in entries.iter().enumerate() {
+        m.write_obj(*d, GuestAddress(gdt + 8 * k as u64)).unwrap();
+    }
+    m.write_obj(0x27u16, GuestAddress(gdtr)).unwrap();
+    m.write_obj(gdt as u32, GuestAddress(gdtr + 2)).unwrap();
+}
+
 // Real mode (SDM vol. 3 9.9, 20.1): engines whose CPU runs it.
 on_engines!(
     [emu, vmx, bt]:
@@ -1231,13 +1266,6 @@ fn x87_environment_in_16_bit_and_real_mode(engine: Engine) {
     const REAL_CS: u16 = 0x1700;
     const REAL: u64 = 0x1_7100;
     const REAL_DS: u16 = 0x2345;
-    let far = |prefix: &[u8], off: u32, width: usize, sel: u16| {
-        let mut b = prefix.to_vec();
-        b.push(0xea);
-        b.extend_from_slice(&off.to_le_bytes()[..width]);
-        b.extend_from_slice(&sel.to_le_bytes());
-        b
-    };
     // The x87 block, images at DS:b+0x100..b+0x600; its FLD m32 (FOP
     // 0x106) at offset 4.
     let block = |a: &mut CodeAssembler, b: u16| -> Result<(), IcedError> {
@@ -1261,7 +1289,7 @@ fn x87_environment_in_16_bit_and_real_mode(engine: Engine) {
     let mut a = CodeAssembler::new(32).unwrap();
     a.lgdt(ptr(GDTR)).unwrap();
     let mut main = a.assemble(CODE).unwrap();
-    main.extend(far(&[], PM16 as u32, 4, 0x18));
+    main.extend(far_jmp(&[], PM16 as u32, 4, 0x18));
     // 16-bit protected mode: DS 0x20 (base 0), the block, then real mode.
     let mut a = CodeAssembler::new(16).unwrap();
     a.mov(ax, 0x20).unwrap();
@@ -1272,7 +1300,7 @@ fn x87_environment_in_16_bit_and_real_mode(engine: Engine) {
     a.and(eax, !1i32).unwrap();
     a.mov(cr0, eax).unwrap();
     let mut pm16 = a.assemble(PM16).unwrap();
-    pm16.extend(far(
+    pm16.extend(far_jmp(
         &[],
         (REAL - ((REAL_CS as u64) << 4)) as u32,
         2,
@@ -1287,32 +1315,13 @@ fn x87_environment_in_16_bit_and_real_mode(engine: Engine) {
     a.hlt().unwrap();
     let real = a.assemble(REAL - ((REAL_CS as u64) << 4)).unwrap();
 
-    let mut vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
-    let sregs = machine::boot::protected_mode(&vm.mem).unwrap();
+    let vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
     let m = &vm.mem;
     m.write_slice(&main, GuestAddress(CODE)).unwrap();
     m.write_slice(&pm16, GuestAddress(PM16)).unwrap();
     m.write_slice(&real, GuestAddress(REAL)).unwrap();
-    let gdt: [u64; 5] = [
-        0,
-        0x00cf_9a00_0000_ffff, // 32-bit code
-        0x00cf_9200_0000_ffff, // 32-bit data
-        0x0000_9a00_0000_ffff, // 16-bit code, limit 64 KiB
-        0x0000_9200_0000_ffff, // 16-bit data
-    ];
-    for (k, d) in gdt.iter().enumerate() {
-        m.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
-    }
-    m.write_obj(0x27u16, GuestAddress(GDTR)).unwrap();
-    m.write_obj(GDT as u32, GuestAddress(GDTR + 2)).unwrap();
-    let regs = vcpu::Regs {
-        rip: CODE,
-        rsp: STACK,
-        rflags: 2,
-        ..Default::default()
-    };
-    vm.set_cpu_state(&regs, &sregs).unwrap();
-    let mut g = Guest::finish(vm, engine);
+    write_mode_switch_gdt(m, GDT, GDTR);
+    let mut g = protected_mode_guest(vm, engine);
     assert_halted(&g.run());
     let mem = &g.vm.mem;
     let fld = |at: u64| mem.read_obj::<u16>(GuestAddress(at)).unwrap();
@@ -1370,18 +1379,11 @@ fn real_mode_round_trip(engine: Engine) {
     const STACK16: u64 = 0x6800;
     const SCRATCH: u64 = 0x6200;
     const PM32: u64 = CODE + 0x100;
-    let far = |prefix: &[u8], off: u32, width: usize, sel: u16| {
-        let mut b = prefix.to_vec();
-        b.push(0xea);
-        b.extend_from_slice(&off.to_le_bytes()[..width]);
-        b.extend_from_slice(&sel.to_le_bytes());
-        b
-    };
     // 32-bit: load the GDT, on to the 16-bit code segment.
     let mut a = CodeAssembler::new(32).unwrap();
     a.lgdt(ptr(GDTR)).unwrap();
     let mut main = a.assemble(CODE).unwrap();
-    main.extend(far(&[], PM16 as u32, 4, 0x18));
+    main.extend(far_jmp(&[], PM16 as u32, 4, 0x18));
     main.resize((PM32 - CODE) as usize, 0xcc);
     let mut a = CodeAssembler::new(32).unwrap();
     a.mov(ax, 0x10).unwrap();
@@ -1405,7 +1407,7 @@ fn real_mode_round_trip(engine: Engine) {
     a.and(eax, !1i32).unwrap();
     a.mov(cr0, eax).unwrap();
     let mut pm16 = a.assemble(PM16).unwrap();
-    pm16.extend(far(&[], REAL as u32, 2, 0));
+    pm16.extend(far_jmp(&[], REAL as u32, 2, 0));
     // Real mode: segments, the IVT, INT 0x50, back to protected mode.
     let mut a = CodeAssembler::new(16).unwrap();
     a.xor(ax, ax).unwrap();
@@ -1435,7 +1437,7 @@ fn real_mode_round_trip(engine: Engine) {
     a.or(al, 1).unwrap();
     a.mov(cr0, eax).unwrap();
     let mut real = a.assemble(REAL).unwrap();
-    real.extend(far(&[0x66], PM32 as u32, 4, 0x08));
+    real.extend(far_jmp(&[0x66], PM32 as u32, 4, 0x08));
     let mut a = CodeAssembler::new(16).unwrap();
     a.mov(bx, 0x1234).unwrap();
     a.mov(cx, sp).unwrap();
@@ -1443,8 +1445,7 @@ fn real_mode_round_trip(engine: Engine) {
     a.iret().unwrap();
     let handler = a.assemble(HANDLER).unwrap();
 
-    let mut vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
-    let sregs = machine::boot::protected_mode(&vm.mem).unwrap();
+    let vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
     let m = &vm.mem;
     m.write_slice(&main, GuestAddress(CODE)).unwrap();
     m.write_slice(&pm16, GuestAddress(PM16)).unwrap();
@@ -1452,30 +1453,12 @@ fn real_mode_round_trip(engine: Engine) {
     m.write_slice(&handler, GuestAddress(HANDLER)).unwrap();
     m.write_slice(&[0x5a, 0xa5], GuestAddress(SCRATCH + 8))
         .unwrap();
-    let gdt: [u64; 5] = [
-        0,
-        0x00cf_9a00_0000_ffff, // 32-bit code
-        0x00cf_9200_0000_ffff, // 32-bit data
-        0x0000_9a00_0000_ffff, // 16-bit code, limit 64 KiB
-        0x0000_9200_0000_ffff, // 16-bit data
-    ];
-    for (k, d) in gdt.iter().enumerate() {
-        m.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
-    }
-    m.write_obj(0x27u16, GuestAddress(GDTR)).unwrap();
-    m.write_obj(GDT as u32, GuestAddress(GDTR + 2)).unwrap();
+    write_mode_switch_gdt(m, GDT, GDTR);
     m.write_obj(0x3ffu16, GuestAddress(IVTR)).unwrap();
     m.write_obj(0u32, GuestAddress(IVTR + 2)).unwrap();
     // IVT entry 0x50: 0000:HANDLER.
     m.write_obj(HANDLER as u32, GuestAddress(0x50 * 4)).unwrap();
-    let regs = vcpu::Regs {
-        rip: CODE,
-        rsp: STACK,
-        rflags: 2,
-        ..Default::default()
-    };
-    vm.set_cpu_state(&regs, &sregs).unwrap();
-    let mut g = Guest::finish(vm, engine);
+    let mut g = protected_mode_guest(vm, engine);
     assert_halted(&g.run());
     let r = g.regs();
     assert_eq!(r.rbx & 0xffff, 0x1234, "the INT handler ran");
@@ -1545,7 +1528,7 @@ fn virtual_8086_mode(engine: Engine) {
     let v86 = a.assemble(0).unwrap();
     let cli_at = v86.len() as u64 - 2;
 
-    let mut vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
+    let vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
     let sregs = machine::boot::protected_mode(&vm.mem).unwrap();
     let m = &vm.mem;
     m.write_slice(&main, GuestAddress(CODE)).unwrap();
@@ -1568,14 +1551,7 @@ fn virtual_8086_mode(engine: Engine) {
         .unwrap();
     m.write_obj(0x7ffu16, GuestAddress(IDTR)).unwrap();
     m.write_obj(IDT32 as u32, GuestAddress(IDTR + 2)).unwrap();
-    let regs = vcpu::Regs {
-        rip: CODE,
-        rsp: STACK,
-        rflags: 2,
-        ..Default::default()
-    };
-    vm.set_cpu_state(&regs, &sregs).unwrap();
-    let mut g = Guest::finish(vm, engine);
+    let mut g = Guest::start(vm, engine, &sregs);
     assert_halted(&g.run());
     let r = g.regs();
     assert_eq!(r.rbx & 0xffff, 0xbeef, "DS 0x700 reaches 0x7080");
