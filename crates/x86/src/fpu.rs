@@ -18,7 +18,8 @@ pub struct Fpu {
     pub fop: u16,
     /// The last non-control x87 instruction's offset (FIP) and code
     /// segment selector (FCS); in real and virtual-8086 mode the
-    /// environment image gives them as one linear address (`ip_linear`).
+    /// environment image gives them as one linear address (selector × 16
+    /// + offset; one loaded from such an image has a null selector).
     pub fip: u64,
     pub fcs: u16,
     /// Its memory operand's offset (FDP) and segment selector (FDS), 0 if
