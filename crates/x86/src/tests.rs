@@ -1524,8 +1524,8 @@ fn seg16(selector: u16, base: u64, code: bool) -> Segment {
     }
 }
 
-/// The x87 environment and save images in real mode and in protected mode
-/// with a 16-bit code segment, at both operand sizes (SDM vol. 1 figures
+/// The x87 environment and save images in real mode, virtual-8086 mode and
+/// protected mode with a 16-bit code segment, at both operand sizes (SDM vol. 1 figures
 /// 8-9 to 8-12), each loaded back and stored again unchanged.
 #[test]
 fn x87_environment_layouts() {
@@ -1591,6 +1591,17 @@ fn x87_environment_layouts() {
         .map(|c| c | 0xffff_0000)
         .chain(pointers)
         .collect();
+    check(&t, data, &env16, &env32);
+
+    // Virtual-8086 mode: the real-mode layouts (its HLT is #GP at CPL 3,
+    // which finds no IDT here: a triple fault ends the run).
+    let v86 = SRegs { cr0: 0x11, ..sregs };
+    let mut t = cpu_in(v86, code_base + IP, IP, &code);
+    let mut r = t.cpu.regs();
+    r.rflags |= rflags::VM;
+    t.cpu.set_regs(&r);
+    t.cpu.set_sregs(&v86); // CPL 3 with RFLAGS.VM
+    assert_eq!(t.run(), CpuExit::Shutdown);
     check(&t, data, &env16, &env32);
 
     // Protected mode, a 16-bit code segment: selectors and offsets, the
