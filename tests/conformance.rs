@@ -1210,12 +1210,160 @@ fn single_step_across_emulated_instructions(engine: Engine) {
     assert_eq!(r.rflags & 0x100, 0, "TF clear at the end");
 }
 
+/// `vm` set to start at CODE in 32-bit protected mode (the boot GDT's flat
+/// segments, paging off, STACK).
+fn protected_mode_guest(vm: visor::Vm, engine: Engine) -> Guest {
+    let sregs = machine::boot::protected_mode(&vm.mem).unwrap();
+    Guest::start(vm, engine, &sregs)
+}
+
+/// A far JMP to `sel`:`off` (`width` 2 or 4 bytes of offset) after
+/// `prefix`.
+fn far_jmp(prefix: &[u8], off: u32, width: usize, sel: u16) -> Vec<u8> {
+    let mut b = prefix.to_vec();
+    b.push(0xea);
+    b.extend_from_slice(&off.to_le_bytes()[..width]);
+    b.extend_from_slice(&sel.to_le_bytes());
+    b
+}
+
+/// The GDT of the mode switches at `gdt` (32-bit code 0x08 and data 0x10,
+/// 16-bit code 0x18 and data 0x20, limit 64 KiB), its pseudo-descriptor
+/// at `gdtr`.
+fn write_mode_switch_gdt(m: &machine::GuestMemory, gdt: u64, gdtr: u64) {
+    let entries: [u64; 5] = [
+        0,
+        0x00cf_9a00_0000_ffff, // 32-bit code
+        0x00cf_9200_0000_ffff, // 32-bit data
+        0x0000_9a00_0000_ffff, // 16-bit code, limit 64 KiB
+        0x0000_9200_0000_ffff, // 16-bit data
+    ];
+    for (k, d) in entries.iter().enumerate() {
+        m.write_obj(*d, GuestAddress(gdt + 8 * k as u64)).unwrap();
+    }
+    m.write_obj(0x27u16, GuestAddress(gdtr)).unwrap();
+    m.write_obj(gdt as u32, GuestAddress(gdtr + 2)).unwrap();
+}
+
 // Real mode (SDM vol. 3 9.9, 20.1): engines whose CPU runs it.
 on_engines!(
     [emu, vmx, bt]:
     real_mode_round_trip,
     virtual_8086_mode,
+    x87_environment_in_16_bit_and_real_mode,
 );
+
+/// FNSTENV, FLDENV, FNSAVE and FRSTOR in protected mode with a 16-bit
+/// code segment and then in real mode, at both operand sizes: the
+/// layouts of SDM vol. 1 figures 8-9 to 8-12 (selector and offset
+/// pointers in protected mode, linear ones in real mode), each image
+/// loaded back and stored again unchanged.
+fn x87_environment_in_16_bit_and_real_mode(engine: Engine) {
+    const GDT: u64 = 0x6000;
+    const GDTR: u64 = 0x6100;
+    const PM16: u64 = 0x7000;
+    const PM16_DATA: u64 = 0x8000;
+    const REAL_CS: u16 = 0x1700;
+    const REAL: u64 = 0x1_7100;
+    const REAL_DS: u16 = 0x2345;
+    // The x87 block, images at DS:b+0x100..b+0x600; its FLD m32 (FOP
+    // 0x106) at offset 4.
+    let block = |a: &mut CodeAssembler, b: u16| -> Result<(), IcedError> {
+        let o32 = |a: &mut CodeAssembler, op: u8, reg: u8, at: u16| {
+            let [lo, hi] = at.to_le_bytes();
+            a.db(&[0x66, op, reg << 3 | 6, lo, hi])
+        };
+        a.fninit()?;
+        a.fld1()?;
+        a.fld(dword_ptr(b as u64 + 0x10))?;
+        a.fnstenv(ptr(b as u64 + 0x100))?;
+        o32(a, 0xd9, 6, b + 0x200)?; // fnstenv, 32-bit
+        a.fldenv(ptr(b as u64 + 0x100))?;
+        a.fnstenv(ptr(b as u64 + 0x300))?;
+        o32(a, 0xd9, 4, b + 0x200)?; // fldenv, 32-bit
+        o32(a, 0xd9, 6, b + 0x400)?;
+        a.fnsave(ptr(b as u64 + 0x500))?;
+        a.frstor(ptr(b as u64 + 0x500))?;
+        a.fnsave(ptr(b as u64 + 0x600))
+    };
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.lgdt(ptr(GDTR)).unwrap();
+    let mut main = a.assemble(CODE).unwrap();
+    main.extend(far_jmp(&[], PM16 as u32, 4, 0x18));
+    // 16-bit protected mode: DS 0x20 (base 0), the block, then real mode.
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(ax, 0x20).unwrap();
+    a.mov(ds, ax).unwrap();
+    let pm16_fld = PM16 + a.assemble(PM16).unwrap().len() as u64 + 4;
+    block(&mut a, PM16_DATA as u16).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.and(eax, !1i32).unwrap();
+    a.mov(cr0, eax).unwrap();
+    let mut pm16 = a.assemble(PM16).unwrap();
+    pm16.extend(far_jmp(
+        &[],
+        (REAL - ((REAL_CS as u64) << 4)) as u32,
+        2,
+        REAL_CS,
+    ));
+    // Real mode: DS 0x2345, the block.
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(ax, REAL_DS as u32).unwrap();
+    a.mov(ds, ax).unwrap();
+    let real_fld = REAL + a.assemble(REAL).unwrap().len() as u64 + 4;
+    block(&mut a, 0).unwrap();
+    a.hlt().unwrap();
+    let real = a.assemble(REAL - ((REAL_CS as u64) << 4)).unwrap();
+
+    let vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
+    let m = &vm.mem;
+    m.write_slice(&main, GuestAddress(CODE)).unwrap();
+    m.write_slice(&pm16, GuestAddress(PM16)).unwrap();
+    m.write_slice(&real, GuestAddress(REAL)).unwrap();
+    write_mode_switch_gdt(m, GDT, GDTR);
+    let mut g = protected_mode_guest(vm, engine);
+    assert_halted(&g.run());
+    let mem = &g.vm.mem;
+    let fld = |at: u64| mem.read_obj::<u16>(GuestAddress(at)).unwrap();
+    assert_eq!((fld(pm16_fld), fld(real_fld)), (0x06d9, 0x06d9), "FLD m32");
+    let words = |at: u64, n: usize, w: usize| -> Vec<u32> {
+        let mut b = vec![0u8; n * w];
+        mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+        b.chunks(w)
+            .map(|c| c.iter().rev().fold(0u32, |v, &x| v << 8 | x as u32))
+            .collect()
+    };
+    let check = |mode: &str, data: u64, env16: &[u32], env32: &[u32]| {
+        assert_eq!(words(data + 0x100, 7, 2), env16, "{mode}: 16-bit image");
+        assert_eq!(words(data + 0x200, 7, 4), env32, "{mode}: 32-bit image");
+        assert_eq!(words(data + 0x300, 7, 2), env16, "{mode}: 16-bit, reloaded");
+        assert_eq!(words(data + 0x400, 7, 4), env32, "{mode}: 32-bit, reloaded");
+        let save = words(data + 0x500, 47, 2);
+        assert_eq!(save[..7], *env16, "{mode}: FNSAVE's environment");
+        assert_eq!(save[15..17], [0x8000, 0x3fff], "{mode}: FNSAVE's ST1 = 1.0");
+        assert_eq!(words(data + 0x600, 47, 2), save, "{mode}: FRSTOR, FNSAVE");
+    };
+    // TOP 6; tags: ST0 zero, ST1 valid, the rest empty.
+    let control = [0x037f, 0x3000, 0x1fff];
+    let with = |pointers: [u32; 4]| -> (Vec<u32>, Vec<u32>) {
+        let env16 = control.iter().chain(&pointers).copied().collect();
+        let env32 = control.iter().map(|c| c | 0xffff_0000);
+        (env16, env32.chain(pointers).collect())
+    };
+    // Protected mode: FIP, FCS 0x18, FDP, FDS 0x20; FOP beside FCS in the
+    // 32-bit image only.
+    let (env16, mut env32) = with([pm16_fld as u32, 0x18, PM16_DATA as u32 + 0x10, 0x20]);
+    env32[4] |= 0x106 << 16;
+    check("protected mode, 16-bit code", PM16_DATA, &env16, &env32);
+    // Real mode: linear pointers, bits 16 up beside the low 16, FOP
+    // beside the instruction pointer's.
+    let data = ((REAL_DS as u64) << 4) + 0x10;
+    let split = |lin: u64, op: u32| [lin as u32 & 0xffff, ((lin >> 16) as u32) << 12 | op];
+    let [ip_lo, ip_hi] = split(real_fld, 0x106);
+    let [dp_lo, dp_hi] = split(data, 0);
+    let (env16, env32) = with([ip_lo, ip_hi, dp_lo, dp_hi]);
+    check("real mode", (REAL_DS as u64) << 4, &env16, &env32);
+}
 
 /// From 32-bit protected mode to real mode (through a 16-bit code segment,
 /// CR0.PE clear, a far jump), an INT through the real-mode IVT and IRET
@@ -1231,18 +1379,11 @@ fn real_mode_round_trip(engine: Engine) {
     const STACK16: u64 = 0x6800;
     const SCRATCH: u64 = 0x6200;
     const PM32: u64 = CODE + 0x100;
-    let far = |prefix: &[u8], off: u32, width: usize, sel: u16| {
-        let mut b = prefix.to_vec();
-        b.push(0xea);
-        b.extend_from_slice(&off.to_le_bytes()[..width]);
-        b.extend_from_slice(&sel.to_le_bytes());
-        b
-    };
     // 32-bit: load the GDT, on to the 16-bit code segment.
     let mut a = CodeAssembler::new(32).unwrap();
     a.lgdt(ptr(GDTR)).unwrap();
     let mut main = a.assemble(CODE).unwrap();
-    main.extend(far(&[], PM16 as u32, 4, 0x18));
+    main.extend(far_jmp(&[], PM16 as u32, 4, 0x18));
     main.resize((PM32 - CODE) as usize, 0xcc);
     let mut a = CodeAssembler::new(32).unwrap();
     a.mov(ax, 0x10).unwrap();
@@ -1266,7 +1407,7 @@ fn real_mode_round_trip(engine: Engine) {
     a.and(eax, !1i32).unwrap();
     a.mov(cr0, eax).unwrap();
     let mut pm16 = a.assemble(PM16).unwrap();
-    pm16.extend(far(&[], REAL as u32, 2, 0));
+    pm16.extend(far_jmp(&[], REAL as u32, 2, 0));
     // Real mode: segments, the IVT, INT 0x50, back to protected mode.
     let mut a = CodeAssembler::new(16).unwrap();
     a.xor(ax, ax).unwrap();
@@ -1296,7 +1437,7 @@ fn real_mode_round_trip(engine: Engine) {
     a.or(al, 1).unwrap();
     a.mov(cr0, eax).unwrap();
     let mut real = a.assemble(REAL).unwrap();
-    real.extend(far(&[0x66], PM32 as u32, 4, 0x08));
+    real.extend(far_jmp(&[0x66], PM32 as u32, 4, 0x08));
     let mut a = CodeAssembler::new(16).unwrap();
     a.mov(bx, 0x1234).unwrap();
     a.mov(cx, sp).unwrap();
@@ -1304,8 +1445,7 @@ fn real_mode_round_trip(engine: Engine) {
     a.iret().unwrap();
     let handler = a.assemble(HANDLER).unwrap();
 
-    let mut vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
-    let sregs = machine::boot::protected_mode(&vm.mem).unwrap();
+    let vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
     let m = &vm.mem;
     m.write_slice(&main, GuestAddress(CODE)).unwrap();
     m.write_slice(&pm16, GuestAddress(PM16)).unwrap();
@@ -1313,30 +1453,12 @@ fn real_mode_round_trip(engine: Engine) {
     m.write_slice(&handler, GuestAddress(HANDLER)).unwrap();
     m.write_slice(&[0x5a, 0xa5], GuestAddress(SCRATCH + 8))
         .unwrap();
-    let gdt: [u64; 5] = [
-        0,
-        0x00cf_9a00_0000_ffff, // 32-bit code
-        0x00cf_9200_0000_ffff, // 32-bit data
-        0x0000_9a00_0000_ffff, // 16-bit code, limit 64 KiB
-        0x0000_9200_0000_ffff, // 16-bit data
-    ];
-    for (k, d) in gdt.iter().enumerate() {
-        m.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
-    }
-    m.write_obj(0x27u16, GuestAddress(GDTR)).unwrap();
-    m.write_obj(GDT as u32, GuestAddress(GDTR + 2)).unwrap();
+    write_mode_switch_gdt(m, GDT, GDTR);
     m.write_obj(0x3ffu16, GuestAddress(IVTR)).unwrap();
     m.write_obj(0u32, GuestAddress(IVTR + 2)).unwrap();
     // IVT entry 0x50: 0000:HANDLER.
     m.write_obj(HANDLER as u32, GuestAddress(0x50 * 4)).unwrap();
-    let regs = vcpu::Regs {
-        rip: CODE,
-        rsp: STACK,
-        rflags: 2,
-        ..Default::default()
-    };
-    vm.set_cpu_state(&regs, &sregs).unwrap();
-    let mut g = Guest::finish(vm, engine);
+    let mut g = protected_mode_guest(vm, engine);
     assert_halted(&g.run());
     let r = g.regs();
     assert_eq!(r.rbx & 0xffff, 0x1234, "the INT handler ran");
@@ -1406,7 +1528,7 @@ fn virtual_8086_mode(engine: Engine) {
     let v86 = a.assemble(0).unwrap();
     let cli_at = v86.len() as u64 - 2;
 
-    let mut vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
+    let vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
     let sregs = machine::boot::protected_mode(&vm.mem).unwrap();
     let m = &vm.mem;
     m.write_slice(&main, GuestAddress(CODE)).unwrap();
@@ -1429,14 +1551,7 @@ fn virtual_8086_mode(engine: Engine) {
         .unwrap();
     m.write_obj(0x7ffu16, GuestAddress(IDTR)).unwrap();
     m.write_obj(IDT32 as u32, GuestAddress(IDTR + 2)).unwrap();
-    let regs = vcpu::Regs {
-        rip: CODE,
-        rsp: STACK,
-        rflags: 2,
-        ..Default::default()
-    };
-    vm.set_cpu_state(&regs, &sregs).unwrap();
-    let mut g = Guest::finish(vm, engine);
+    let mut g = Guest::start(vm, engine, &sregs);
     assert_halted(&g.run());
     let r = g.regs();
     assert_eq!(r.rbx & 0xffff, 0xbeef, "DS 0x700 reaches 0x7080");

@@ -624,6 +624,20 @@ impl Gen<'_> {
         self.a.db(&b).unwrap();
     }
 
+    /// XMM0-15 and MXCSR from the stack page (`fill_fp_scratch`), the x87
+    /// initialized, MM0-7 from the stack page: the state the SSE, MMX and
+    /// x87 instructions start from, the same on every engine.
+    fn load_simd_state(&mut self) {
+        for k in 0..16 {
+            self.sse_raw(0xf3, false, 0x6f, k, None, XMM_IN + 16 * k as i32, None);
+        }
+        self.a.ldmxcsr(dword_ptr(r15 + MXCSR_IN)).unwrap();
+        self.a.fninit().unwrap();
+        for k in 0..8 {
+            self.sse_raw(0, false, 0x6f, k, None, MM_IN + 8 * k as i32, None);
+        }
+    }
+
     /// One instruction of the SSE table, random operands.
     fn sse(&mut self) {
         let (pfx, op, kind) = SSE[self.rng.below(SSE.len() as u64) as usize];
@@ -1209,15 +1223,7 @@ fn generate(rng: &mut Rng, x87: bool) -> (Vec<u8>, u64) {
         x87: false,
         sse: true,
     };
-    // XMM0-15 and MXCSR from the stack page.
-    for k in 0..16 {
-        g.sse_raw(0xf3, false, 0x6f, k, None, XMM_IN + 16 * k as i32, None);
-    }
-    g.a.ldmxcsr(dword_ptr(r15 + MXCSR_IN)).unwrap();
-    g.a.fninit().unwrap();
-    for k in 0..8 {
-        g.sse_raw(0, false, 0x6f, k, None, MM_IN + 8 * k as i32, None);
-    }
+    g.load_simd_state();
     g.x87 = x87 && g.rng.chance(2);
     if g.x87 {
         // EMMS, the control word, then 0-8 values on the stack.
@@ -1506,13 +1512,6 @@ fn fill_fp_scratch(rng: &mut Rng, scratch: &mut [u8]) {
         let at = F80_IN as usize + 16 * k;
         scratch[at..at + 8].copy_from_slice(&sig.to_le_bytes());
         scratch[at + 8..at + 10].copy_from_slice(&se.to_le_bytes());
-    }
-}
-
-/// Random scratch memory.
-fn fill_scratch(rng: &mut Rng, scratch: &mut [u8]) {
-    for chunk in scratch.chunks_mut(8) {
-        chunk.copy_from_slice(&rng.value().to_le_bytes());
     }
 }
 

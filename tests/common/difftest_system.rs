@@ -14,8 +14,13 @@
 //! register loads with null, out-of-limit, LDT, DPL, not-present, system,
 //! read-only and execute-only selectors, INT n through gates of DPL 0 and
 //! 3, INT3/INTO/INT1, #DE (division by zero and quotient overflow), #UD
-//! (invalid encodings), #AC, PUSHF/POPF of IF/IOPL/AC/DF/NT/ID, RDTSC with
-//! CR4.TSD, SMSW/SGDT/SIDT/STR/SLDT and LAR/LSL/VERR/VERW. The sequence
+//! (invalid encodings), #AC (integer, SSE, MMX and x87 accesses, the x87
+//! environment and save areas, FXSAVE/FXRSTOR's #GP), PUSHF/POPF of
+//! IF/IOPL/AC/DF/NT/ID, RDTSC with CR4.TSD, SMSW/SGDT/SIDT/STR/SLDT and
+//! LAR/LSL/VERR/VERW. The integer generator's fillers include its SSE
+//! and MMX instructions (a misaligned MOVUPS or MASKMOVQ with AC set is
+//! #AC too), from the XMM, MXCSR, x87 and MM state the integer sequences
+//! start from (`load_simd_state`). The sequence
 //! ends with UD2, so every run ends in an exception: every vector has an
 //! interrupt gate (DPL 3 for vectors 3, 4 and 0x80, else 0) to a ring-0
 //! stub `out 0x81, al` (the stub's address gives the vector), on the
@@ -44,6 +49,10 @@
 //! - the guest's CR0.AM is ignored (ring 3 runs with the host's, set):
 //!   every sequence has CR0.AM set;
 //! - so is its CR4.TSD (RDTSC runs natively at CPL 3): CR4.TSD stays clear;
+//! - a misaligned FXSAVE or FXRSTOR completes at CPL 3 (the SDM, and the
+//!   CPU, give #GP(0)): not generated;
+//! - a host interrupt between POPF and PUSHF returns to ring 3 with NT
+//!   clear: POPF does not set NT;
 //! - INT1 (ICEBP) delivers #DB with the RIP of INT1 in the frame, where
 //!   the CPU pushes the next instruction's (a trap): not generated;
 //! - segment-register loads, SGDT, SIDT, SLDT, STR, LAR, LSL, VERR and
@@ -576,23 +585,27 @@ impl Gen<'_> {
     }
 
     /// RFLAGS.AC set or cleared by POPF (if `pushf`, else as it starts),
-    /// then an access that may be misaligned (#AC with CR0.AM at CPL 3).
-    fn alignment(&mut self, pushf: bool) {
+    /// then an access that may be misaligned (#AC with CR0.AM at CPL 3):
+    /// integer, SSE, MMX or x87 (`fp_access`; `native` as there).
+    fn alignment(&mut self, pushf: bool, knobs: Knobs, native: bool) {
+        let mut ac = knobs.ac;
         if pushf {
             self.define_flags();
             self.a.pushfq().unwrap();
-            if self.rng.chance(3) {
-                self.a.and(qword_ptr(rsp), !(AC as i32)).unwrap();
-            } else {
+            ac = !self.rng.chance(3);
+            if ac {
                 self.a.or(qword_ptr(rsp), AC as i32).unwrap();
+            } else {
+                self.a.and(qword_ptr(rsp), !(AC as i32)).unwrap();
             }
             self.a.popfq().unwrap();
         }
         let d = self.disp();
-        match self.rng.below(4) {
+        match self.rng.below(6) {
             0 => self.a.mov(ax, word_ptr(r15 + d)).unwrap(),
             1 => self.a.mov(dword_ptr(r15 + d), eax).unwrap(),
             2 => self.a.mov(rax, qword_ptr(r15 + d)).unwrap(),
+            3 | 4 => self.fp_access(d, ac && knobs.am, native),
             _ => {
                 self.a.lea(rsp, ptr(rsp - (d & 7))).unwrap();
                 self.a.push(rax).unwrap()
@@ -600,13 +613,57 @@ impl Gen<'_> {
         }
     }
 
+    /// An SSE, MMX or x87 access at [r15 + `d`] that may be misaligned.
+    /// The x87 environment and save areas only when it is misaligned and
+    /// alignment checking is on (`checked`: #AC, nothing stored or
+    /// loaded); FXSAVE and FXRSTOR only misaligned (#GP(0)), and not
+    /// against `kvm` (`native`: this host completes them).
+    fn fp_access(&mut self, d: i32, checked: bool, native: bool) {
+        let m = r15 + d;
+        let a = &mut self.a;
+        let env = d & 3 != 0 && checked;
+        let misaligned = d | (1 + (d >> 4 & 7));
+        let k = self.rng.below(if env { 16 } else { 12 });
+        let k = if native && (10..12).contains(&k) {
+            k - 10
+        } else {
+            k
+        };
+        match k {
+            0 => a.movups(xmm1, xmmword_ptr(m)),
+            1 => a.movdqu(xmmword_ptr(m), xmm2),
+            2 => a.movupd(xmm3, xmmword_ptr(m)),
+            3 => a.movss(xmm4, dword_ptr(m)),
+            4 => a.movsd_2(qword_ptr(m), xmm5),
+            5 => a.movq(mm1, qword_ptr(m)),
+            6 => a.movd(dword_ptr(m), mm2),
+            7 => a.fld(tword_ptr(m)),
+            8 => a.fld(qword_ptr(m)),
+            9 => a.fnstcw(word_ptr(m)),
+            10 => a.fxsave(ptr(r15 + misaligned)),
+            11 => a.fxrstor(ptr(r15 + misaligned)),
+            k => {
+                // FNSTENV, FNSAVE, FLDENV, FRSTOR [r15 + d], 16-bit
+                // operand size (2-byte aligned area) if d is odd.
+                let op = [[0xd9, 0xb7], [0xdd, 0xb7], [0xd9, 0xa7], [0xdd, 0xa7]][k as usize - 12];
+                let mut b = if d & 1 != 0 { vec![0x66] } else { vec![] };
+                b.extend_from_slice(&[0x41, op[0], op[1]]);
+                b.extend_from_slice(&d.to_le_bytes());
+                a.db(&b)
+            }
+        }
+        .unwrap();
+    }
+
     /// PUSHF/POPF of the system flags at CPL 3: IF only with IOPL 3, IOPL
-    /// never; the result pushed again.
-    fn pushf_popf(&mut self) {
+    /// never; the result pushed again. Not NT against `kvm` (`native`):
+    /// PVM returns to ring 3 with NT clear after an exit (a host
+    /// interrupt between the POPF and the PUSHF).
+    fn pushf_popf(&mut self, native: bool) {
         self.define_flags();
         let mut mask = 0i32;
-        for f in [IF, IOPL, AC, 1 << 10, 1 << 14, 1 << 21] {
-            if self.rng.chance(2) {
+        for f in [IF, IOPL, AC, 1 << 10, NT, 1 << 21] {
+            if self.rng.chance(2) && !(native && f == NT) {
                 mask |= f as i32;
             }
         }
@@ -671,9 +728,9 @@ impl Gen<'_> {
             6 => self.int_n(native),
             7 => self.divide_error(),
             8 => self.invalid(),
-            9 => self.alignment(pushf),
-            10 if pushf => self.pushf_popf(),
-            10 => self.alignment(false),
+            9 => self.alignment(pushf, knobs, native),
+            10 if pushf => self.pushf_popf(native),
+            10 => self.alignment(false, knobs, native),
             11 if knobs.tsd => self.bytes(&[0x0f, 0x31]), // rdtsc: #GP(0)
             // (Under PVM these read the host's tables.)
             11 if !native => self.store_descriptor_tables(),
@@ -709,7 +766,7 @@ fn generate_system(rng: &mut Rng, native: bool) -> (Vec<u8>, Defined, Knobs) {
         a: CodeAssembler::new(64).unwrap(),
         defined: ARITH,
         x87: false,
-        sse: false,
+        sse: true,
     };
     // A label before each group of instructions (an integer instruction
     // or a case), with the flags defined there.
@@ -726,6 +783,7 @@ fn generate_system(rng: &mut Rng, native: bool) -> (Vec<u8>, Defined, Knobs) {
             }
         }
     };
+    g.load_simd_state();
     for _ in 0..1 + g.rng.below(3) {
         for _ in 0..g.rng.below(3) {
             mark(&mut g);
@@ -790,7 +848,7 @@ pub fn run_system(
                 | if knobs.iopl3 { IOPL } else { 0 }
                 | if knobs.ac { AC } else { 0 }
                 | (rng.next() & ARITH);
-            fill_scratch(rng, scratch);
+            fill_fp_scratch(rng, scratch);
             let h = hw.run_system(&code, &init, scratch, knobs);
             let s = sw.run_system(&code, &init, scratch, knobs);
             let (what, detail) = compare_system(hw.engine, sw.engine, h, s, &defined, native)?;

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use iced_x86::code_asm::*;
 use machine::bus::{Action, Device};
-use vcpu::{DescriptorTable, Regs};
+use vcpu::{DescriptorTable, Regs, SRegs};
 use visor::{Engine, Outcome, Stats, Vm, VmOptions};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -53,16 +53,21 @@ impl Guest {
 
     /// As [`Guest::long_mode`], with VM options.
     pub fn long_mode_with(engine: Engine, code: &[u8], opts: VmOptions) -> Guest {
-        let mut vm = Vm::new(engine, 16 << 20, opts).expect("create vm");
+        let vm = Vm::new(engine, 16 << 20, opts).expect("create vm");
         let sregs = machine::boot::long_mode(&vm.mem).unwrap();
         vm.mem.write_slice(code, GuestAddress(CODE)).unwrap();
+        Guest::start(vm, engine, &sregs)
+    }
+
+    /// `vm` set to start at CODE, RSP at STACK, in the mode of `sregs`.
+    pub fn start(mut vm: Vm, engine: Engine, sregs: &SRegs) -> Guest {
         let regs = Regs {
             rip: CODE,
             rsp: STACK,
             rflags: 2,
             ..Default::default()
         };
-        vm.set_cpu_state(&regs, &sregs).unwrap();
+        vm.set_cpu_state(&regs, sregs).unwrap();
         Guest::finish(vm, engine)
     }
 

@@ -698,3 +698,123 @@ fn divisions_by_memory_are_translated() {
         v.engine_counters()
     );
 }
+
+/// #AC at CPL 3 (CR0.AM, RFLAGS.AC) on `bt`: translated code does not
+/// check alignment, so while alignment checking is on the interpreter
+/// runs the guest, and a misaligned SSE, MMX, x87 or integer access after
+/// a translated loop raises #AC(0) at that instruction.
+#[test]
+fn alignment_checks_at_cpl_3_leave_translated_code() {
+    const USER_PT: u64 = 0x20_0000;
+    const IDT: u64 = 0x8000;
+    const TSS: u64 = 0x9000;
+    const HANDLER: u64 = 0x18_0000;
+    const DATA: u64 = 0x50_0000;
+    type Access = fn(&mut CodeAssembler) -> std::result::Result<(), IcedError>;
+    let accesses: [(&str, Access); 6] = [
+        ("movups", |a| a.movups(xmm0, xmmword_ptr(rbx + 8))),
+        ("movq mm", |a| a.movq(mm0, qword_ptr(rbx + 4))),
+        ("maskmovq", |a| {
+            a.lea(rdi, qword_ptr(rbx + 2))?;
+            a.maskmovq(mm0, mm1)
+        }),
+        ("fld m80", |a| a.fld(tword_ptr(rbx + 4))),
+        ("fnstenv", |a| a.fnstenv(ptr(rbx + 2))),
+        ("mov m32", |a| a.mov(dword_ptr(rbx + 1), eax)),
+    ];
+    for (what, access) in accesses {
+        let m = mem();
+        let mut sregs = machine::boot::long_mode(&m).unwrap();
+        // 0..16 MiB user-accessible, a TSS with RSP0, gates for #AC and #GP.
+        let w = |v: u64, at: u64| m.write_obj(v, GuestAddress(at)).unwrap();
+        w((USER_PT + 0x1000) | 7, USER_PT);
+        w((USER_PT + 0x2000) | 7, USER_PT + 0x1000);
+        for k in 0..8u64 {
+            w((k << 21) | 0x87, USER_PT + 0x2000 + 8 * k);
+        }
+        w(0x7_0000, TSS + 4);
+        for (v, h) in [(17u64, HANDLER), (13, HANDLER + 0x100)] {
+            let lo = (h & 0xffff) | 0x10 << 16 | 0x8e00 << 32 | (h >> 16 & 0xffff) << 48;
+            w(lo, IDT + 16 * v);
+            w(h >> 32, IDT + 16 * v + 8);
+            let stub = asm_at(h, |a| {
+                a.mov(r14, v)?;
+                a.mov(r12, qword_ptr(rsp))?; // error code
+                a.mov(r13, qword_ptr(rsp + 8))?; // RIP
+                a.hlt()
+            });
+            m.write_slice(&stub, GuestAddress(h)).unwrap();
+        }
+        let mut faulting = 0;
+        let code = asm(|a| {
+            a.mov(rbx, DATA)?;
+            a.mov(ecx, 1000u32)?;
+            let mut top = a.create_label();
+            a.set_label(&mut top)?;
+            a.add(rax, qword_ptr(rbx + 8))?;
+            a.mov(qword_ptr(rbx + 16), rax)?;
+            a.dec(ecx)?;
+            a.jnz(top)?;
+            a.pushfq()?;
+            a.or(qword_ptr(rsp), 0x4_0000)?;
+            a.popfq()?;
+            a.mov(ecx, 100u32)?;
+            let mut again = a.create_label();
+            a.set_label(&mut again)?;
+            a.add(rax, qword_ptr(rbx + 8))?;
+            a.dec(ecx)?;
+            a.jnz(again)?;
+            faulting = a.instructions().len();
+            access(a)?;
+            a.hlt()
+        });
+        let d = Decoder::with_ip(64, &code, CODE, DecoderOptions::NONE);
+        let insns: Vec<_> = d.into_iter().collect();
+        // The access itself (after LEA for MASKMOVQ).
+        let want_rip = insns
+            .iter()
+            .skip(faulting)
+            .find(|i| i.mnemonic() != M::Lea)
+            .unwrap()
+            .ip();
+        m.write_slice(&code, GuestAddress(CODE)).unwrap();
+        sregs.cr3 = USER_PT;
+        sregs.cr0 |= arch::cr0::AM;
+        sregs.cs = vcpu::Segment::flat(0x33, true, true, false);
+        sregs.ss = vcpu::Segment::flat(0x2b, false, false, true);
+        sregs.ds = sregs.ss;
+        sregs.es = sregs.ss;
+        sregs.tr = vcpu::Segment::tss(0x20, TSS, 0x67);
+        sregs.idt = vcpu::DescriptorTable {
+            base: IDT,
+            limit: 0xfff,
+        };
+        let mut vm = BtVm::new(&m, BtConfig::default()).unwrap();
+        let mut bt = vm.create_bt_vcpu(0).unwrap();
+        bt.set_sregs(&sregs).unwrap();
+        bt.set_regs(&Regs {
+            rip: CODE,
+            rsp: 0x40_0000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(bt.run().unwrap().name(), "hlt", "{what}");
+        let r = bt.regs().unwrap();
+        assert_eq!((r.r14, r.r12, r.r13), (17, 0, want_rip), "{what}: #AC(0)");
+        assert!(
+            counter(&bt, "bt/run_translated") >= 500,
+            "{what}: the first loop ran translated: {:?}",
+            bt.engine_counters()
+        );
+    }
+}
+
+fn asm_at(
+    at: u64,
+    f: impl FnOnce(&mut CodeAssembler) -> std::result::Result<(), IcedError>,
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(at).unwrap()
+}

@@ -16,8 +16,16 @@ pub struct Fpu {
     /// Abridged tag word (FXSAVE format: one bit per register, 1 = valid).
     pub ftw: u8,
     pub fop: u16,
+    /// The last non-control x87 instruction's offset (FIP) and code
+    /// segment selector (FCS); in real and virtual-8086 mode the
+    /// environment image gives them as one linear address (selector × 16
+    /// + offset; one loaded from such an image has a null selector).
     pub fip: u64,
+    pub fcs: u16,
+    /// Its memory operand's offset (FDP) and segment selector (FDS), 0 if
+    /// it had none.
     pub fdp: u64,
+    pub fds: u16,
     /// ST0..ST7 (80-bit values in the low 10 bytes).
     pub st: [[u8; 16]; 8],
     pub mxcsr: u32,
@@ -32,7 +40,9 @@ impl Default for Fpu {
             ftw: 0,
             fop: 0,
             fip: 0,
+            fcs: 0,
             fdp: 0,
+            fds: 0,
             st: [[0; 16]; 8],
             mxcsr: 0x1f80,
             xmm: [0; 16],
@@ -50,7 +60,9 @@ impl Fpu {
         self.ftw = 0;
         self.fop = 0;
         self.fip = 0;
+        self.fcs = 0;
         self.fdp = 0;
+        self.fds = 0;
     }
 }
 
@@ -87,6 +99,22 @@ impl Cpu {
         self.fpu.xmm[xmm_index(r)] = v;
     }
 
+    /// The alignment check of an m128 operand at `lin`: #GP(0) unless it
+    /// is 16-byte aligned for the forms that require it (`aligned`: MOVAPS,
+    /// MOVDQA, the packed operations without VEX), whatever RFLAGS.AC;
+    /// the unaligned forms (MOVUPS, MOVUPD, MOVDQU, LDDQU) #AC(0) when
+    /// alignment checking is on (CPL 3, CR0.AM, RFLAGS.AC) and it is not
+    /// (a double quadword's alignment, SDM vol. 3 table 6-7; the SDM leaves
+    /// #AC for these to the implementation, this host's CPU raises it).
+    /// Smaller SSE and MMX operands go through `rd`/`wr`, which check
+    /// their size's alignment.
+    pub(crate) fn m128_alignment(&self, lin: u64, aligned: bool, need: u8) -> R<()> {
+        if aligned && lin & 15 != 0 {
+            return exc_code(vector::GP, 0);
+        }
+        self.alignment_fault(lin, 16, need)
+    }
+
     pub(crate) fn read_xmm_op(&mut self, i: &Instruction, n: u32, aligned: bool) -> R<u128> {
         match i.op_kind(n) {
             OpKind::Register => {
@@ -101,9 +129,7 @@ impl Cpu {
                 let l = self.mem_lin(i)?;
                 let sz = i.memory_size().size();
                 if sz == 16 {
-                    if aligned && l & 15 != 0 {
-                        return exc_code(vector::GP, 0);
-                    }
+                    self.m128_alignment(l, aligned, self.acc_r)?;
                     let mut b = [0u8; 16];
                     self.read_bytes(l, &mut b, self.acc_r, Access::Read)?;
                     Ok(u128::from_le_bytes(b))
@@ -129,9 +155,7 @@ impl Cpu {
                 let l = self.mem_lin(i)?;
                 let sz = i.memory_size().size();
                 if sz == 16 {
-                    if aligned && l & 15 != 0 {
-                        return exc_code(vector::GP, 0);
-                    }
+                    self.m128_alignment(l, aligned, self.acc_w)?;
                     self.write_bytes(l, &v.to_le_bytes(), self.acc_w)
                 } else {
                     self.wr(l, sz.clamp(1, 8), v as u64)
@@ -140,11 +164,21 @@ impl Cpu {
         }
     }
 
-    fn fxsave(&mut self, i: &Instruction) -> R<()> {
-        let l = self.mem_lin(i)?;
-        if l & 15 != 0 {
+    /// FXSAVE's and FXRSTOR's 512-byte area must be 16-byte aligned, else
+    /// #GP(0). With alignment checking on (CPL 3, CR0.AM, RFLAGS.AC) the
+    /// SDM lets the implementation raise #AC(0) instead; the model keeps
+    /// #GP(0) (SDM vol. 2 FXSAVE, "#AC": where #AC is not signaled, #GP
+    /// is).
+    fn fxsave_alignment(&self, lin: u64) -> R<()> {
+        if lin & 15 != 0 {
             return exc_code(vector::GP, 0);
         }
+        Ok(())
+    }
+
+    fn fxsave(&mut self, i: &Instruction) -> R<()> {
+        let l = self.mem_lin(i)?;
+        self.fxsave_alignment(l)?;
         let f = &self.fpu;
         let mut b = [0u8; 512];
         b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
@@ -169,9 +203,7 @@ impl Cpu {
 
     fn fxrstor(&mut self, i: &Instruction) -> R<()> {
         let l = self.mem_lin(i)?;
-        if l & 15 != 0 {
-            return exc_code(vector::GP, 0);
-        }
+        self.fxsave_alignment(l)?;
         let mut b = [0u8; 512];
         self.read_bytes(l, &mut b, self.acc_r, Access::Read)?;
         let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);

@@ -332,11 +332,12 @@ impl Cpu {
             && self.rflags & arch::rflags::AC != 0
     }
 
-    /// #AC(0) for a misaligned checked access of `size` bytes at `lin`.
-    /// The check comes before the translation: a misaligned access to a
-    /// page that is not present or not accessible is #AC, not #PF (as this
-    /// host's CPU does; the differential tester compares it).
-    fn alignment_fault(&self, lin: u64, size: usize, need: u8) -> R<()> {
+    /// #AC(0) for a checked access at `lin` that is not a multiple of
+    /// `size` (the data type's alignment, a power of two: SDM vol. 3 table
+    /// 6-7). The check comes before the translation: a misaligned access
+    /// to a page that is not present or not accessible is #AC, not #PF (as
+    /// this host's CPU does; the differential tester compares it).
+    pub(crate) fn alignment_fault(&self, lin: u64, size: usize, need: u8) -> R<()> {
         if lin & (size as u64 - 1) != 0 && self.alignment_checked(need) {
             return exc_code(vector::AC, 0);
         }

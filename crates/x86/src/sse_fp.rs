@@ -843,10 +843,19 @@ impl Cpu {
     }
 
     /// MASKMOVDQU and MASKMOVQ: the bytes of `v` (of `len`) whose byte in
-    /// `mask` has its top bit set, stored at DS:rDI (or the override).
+    /// `mask` has its top bit set, stored at DS:rDI (or the override). The
+    /// operand is checked for alignment as a whole, whatever the mask:
+    /// #AC(0) if alignment checking is on and it is not 8-byte aligned
+    /// (MASKMOVQ's m64; for MASKMOVDQU's m128 the SDM leaves #AC for a
+    /// misalignment within 8 bytes to the implementation, and the model
+    /// checks 8 bytes, as this host's CPU does).
     pub(crate) fn mask_store(&mut self, i: &Instruction, v: u128, mask: u128, len: usize) -> R<()> {
         let am = u64::MAX >> (64 - 8 * Self::string_asz(i) as u32);
         let di = self.gpr[7] & am;
+        // (A non-canonical address faults below, at the first byte stored.)
+        if let Ok(l) = self.lin(Self::mem_seg(i), di) {
+            self.alignment_fault(l, len.min(8), self.acc_w)?;
+        }
         for k in 0..len {
             if (mask >> (8 * k + 7)) & 1 != 0 {
                 let ea = di.wrapping_add(k as u64) & am;

@@ -1534,3 +1534,272 @@ fn x87_stack_faults_fxam_and_mf() {
     assert_eq!(r.r12 & !0x4500, 0x80c1, "unmasked: ES and B, C1 = 0, TOP 0");
     assert_eq!(r.r14, 0xe8d9, "#MF is reported at the FLD1");
 }
+
+/// A CPU in the mode of `sregs` (segments, CR0), running `code` (at
+/// linear `at`) from `rip`.
+fn cpu_in(sregs: SRegs, at: u64, rip: u64, code: &[u8]) -> T {
+    let mem = T::mem();
+    mem.write_slice(code, GuestAddress(at)).unwrap();
+    let mut cpu = Cpu::new(PhysMem::new(&mem), CpuidTable::software_cpu(false, None));
+    cpu.set_sregs(&sregs);
+    cpu.set_regs(&Regs {
+        rip,
+        rsp: 0xfff0,
+        rflags: 2,
+        ..Default::default()
+    });
+    T { cpu, mem }
+}
+
+/// A 16-bit segment (limit 64 KiB) at `base`.
+fn seg16(selector: u16, base: u64, code: bool) -> Segment {
+    Segment {
+        base,
+        limit: 0xffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: true,
+        s: true,
+        ..Default::default()
+    }
+}
+
+/// The x87 environment and save images in real mode, virtual-8086 mode and
+/// protected mode with a 16-bit code segment, at both operand sizes (SDM vol. 1 figures
+/// 8-9 to 8-12), each loaded back and stored again unchanged.
+#[test]
+fn x87_environment_layouts() {
+    const IP: u64 = 0x100;
+    // FLD m32 (FOP 0x106) at IP 0x104; the images at DS:0x100-0x600.
+    let code = asm(16, IP, |a| {
+        a.fninit()?;
+        a.fld1()?;
+        a.fld(dword_ptr(0x10))?;
+        a.fnstenv(ptr(0x100))?;
+        a.db(&[0x66, 0xd9, 0x36, 0x00, 0x02])?; // fnstenv [0x200], o32
+        a.fldenv(ptr(0x100))?;
+        a.fnstenv(ptr(0x300))?;
+        a.db(&[0x66, 0xd9, 0x26, 0x00, 0x02])?; // fldenv [0x200], o32
+        a.db(&[0x66, 0xd9, 0x36, 0x00, 0x04])?; // fnstenv [0x400], o32
+        a.fnsave(ptr(0x500))?;
+        a.frstor(ptr(0x500))?;
+        a.fnsave(ptr(0x600))?;
+        a.hlt()
+    });
+    let words = |t: &T, at: u64, n: usize, w: usize| -> Vec<u32> {
+        let mut b = vec![0u8; n * w];
+        t.mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+        b.chunks(w)
+            .map(|c| c.iter().rev().fold(0u32, |v, &x| v << 8 | x as u32))
+            .collect()
+    };
+    let check = |t: &T, data: u64, env16: &[u32], env32: &[u32]| {
+        assert_eq!(words(t, data + 0x100, 7, 2), env16, "16-bit image");
+        assert_eq!(words(t, data + 0x200, 7, 4), env32, "32-bit image");
+        assert_eq!(words(t, data + 0x300, 7, 2), env16, "16-bit, reloaded");
+        assert_eq!(words(t, data + 0x400, 7, 4), env32, "32-bit, reloaded");
+        let save = words(t, data + 0x500, 47, 2);
+        assert_eq!(save[..7], *env16, "FNSAVE's 16-bit environment");
+        assert_eq!(
+            save[7..17],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0x8000, 0x3fff],
+            "ST0 = 0.0, ST1 = 1.0"
+        );
+        assert_eq!(words(t, data + 0x600, 47, 2), save, "FRSTOR, FNSAVE again");
+    };
+
+    // Real mode: CS 0x1000, DS 0x2345; the pointers as linear addresses
+    // 0x10104 and 0x23460, the opcode beside the instruction pointer's.
+    let (code_base, data) = (0x1_0000, 0x2_3450);
+    let sregs = SRegs {
+        cs: seg16(0x1000, code_base, true),
+        ds: seg16(0x2345, data, false),
+        es: seg16(0, 0, false),
+        fs: seg16(0, 0, false),
+        gs: seg16(0, 0, false),
+        ss: seg16(0, 0, false),
+        cr0: 0x10,
+        ..Default::default()
+    };
+    let mut t = cpu_in(sregs, code_base + IP, IP, &code);
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let control = [0x037f, 0x3000, 0x1fff];
+    let pointers = [0x0104, 0x1106, 0x3460, 0x2000];
+    let env16: Vec<u32> = control.iter().chain(&pointers).copied().collect();
+    let env32: Vec<u32> = control
+        .iter()
+        .map(|c| c | 0xffff_0000)
+        .chain(pointers)
+        .collect();
+    check(&t, data, &env16, &env32);
+
+    // Virtual-8086 mode: the real-mode layouts (its HLT is #GP at CPL 3,
+    // which finds no IDT here: a triple fault ends the run).
+    let v86 = SRegs { cr0: 0x11, ..sregs };
+    let mut t = cpu_in(v86, code_base + IP, IP, &code);
+    let mut r = t.cpu.regs();
+    r.rflags |= rflags::VM;
+    t.cpu.set_regs(&r);
+    t.cpu.set_sregs(&v86); // CPL 3 with RFLAGS.VM
+    assert_eq!(t.run(), CpuExit::Shutdown);
+    check(&t, data, &env16, &env32);
+
+    // Protected mode, a 16-bit code segment: selectors and offsets, the
+    // opcode beside FCS in the 32-bit image only.
+    let sregs = SRegs {
+        cs: seg16(0x20, code_base, true),
+        ds: seg16(0x28, data, false),
+        es: seg16(0x28, data, false),
+        fs: seg16(0x28, data, false),
+        gs: seg16(0x28, data, false),
+        ss: seg16(0x28, data, false),
+        cr0: 0x11,
+        ..Default::default()
+    };
+    let mut t = cpu_in(sregs, code_base + IP, IP, &code);
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let env16 = [0x037f, 0x3000, 0x1fff, 0x0104, 0x20, 0x10, 0x28];
+    let env32 = [
+        0xffff_037f,
+        0xffff_3000,
+        0xffff_1fff,
+        0x0104,
+        0x0106_0020,
+        0x10,
+        0x28,
+    ];
+    check(&t, data, &env16, &env32);
+}
+
+/// How an access at CPL 3 ended: the vector and error code of the
+/// exception (#AC or #GP), or None if the code reached its HLT... which
+/// at CPL 3 is itself #GP(0) at the HLT (told apart by the frame's RIP).
+fn user_access(
+    ac: bool,
+    off: u64,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Option<(u64, u64)> {
+    const DATA: u64 = 0x50_0000;
+    let mut t = T::long(&[]);
+    let user = asm(64, CODE, |a| {
+        a.mov(rbx, DATA + off)?;
+        a.lea(rdi, qword_ptr(rbx))?;
+        f(a)?;
+        a.hlt()
+    });
+    t.mem.write_slice(&user, GuestAddress(CODE)).unwrap();
+    let end = CODE + user.len() as u64 - 1;
+    for (v, h) in [(17, HANDLER), (13, HANDLER + 0x100)] {
+        t.gate(v, h, 0, 0);
+        t.code_at(h, |a| {
+            a.mov(r14, v)?;
+            a.pop(rsi)?;
+            a.mov(rdi, qword_ptr(rsp))?;
+            a.hlt()
+        });
+    }
+    let mut s = t.cpu.sregs();
+    s.cs = Segment::flat(0x33, true, true, false);
+    s.ss = Segment::flat(0x2b, false, false, true);
+    s.ds = s.ss;
+    s.es = s.ss;
+    s.cr0 |= arch::cr0::AM;
+    t.cpu.set_sregs(&s);
+    let mut r = t.cpu.regs();
+    r.rflags = 2 | if ac { rflags::AC } else { 0 };
+    r.rsp = 0x40_0000;
+    t.cpu.set_regs(&r);
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    if r.r14 == 13 && r.rdi == end {
+        return None;
+    }
+    Some((r.r14, r.rsi))
+}
+
+#[test]
+fn alignment_checks_of_sse_mmx_and_x87_accesses() {
+    /// The exception (vector, error code), None for none.
+    type Fault = Option<(u64, u64)>;
+    const AC: Fault = Some((17, 0));
+    const GP: Fault = Some((13, 0));
+    type Asm = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let cases: [(&str, u64, Asm, Fault); 30] = [
+        (
+            "movups m128, 8-aligned",
+            8,
+            |a| a.movups(xmm0, xmmword_ptr(rbx)),
+            AC,
+        ),
+        (
+            "movups m128, aligned",
+            16,
+            |a| a.movups(xmm0, xmmword_ptr(rbx)),
+            None,
+        ),
+        ("movdqu store", 1, |a| a.movdqu(xmmword_ptr(rbx), xmm1), AC),
+        ("movupd", 4, |a| a.movupd(xmm1, xmmword_ptr(rbx)), AC),
+        (
+            "movaps: #GP whatever AC",
+            8,
+            |a| a.movaps(xmm0, xmmword_ptr(rbx)),
+            GP,
+        ),
+        (
+            "addps m128: #GP",
+            4,
+            |a| a.addps(xmm0, xmmword_ptr(rbx)),
+            GP,
+        ),
+        ("movss m32", 2, |a| a.movss(xmm0, dword_ptr(rbx)), AC),
+        (
+            "movss m32, aligned",
+            4,
+            |a| a.movss(xmm0, dword_ptr(rbx)),
+            None,
+        ),
+        ("addsd m64", 4, |a| a.addsd(xmm0, qword_ptr(rbx)), AC),
+        ("movlps m64", 4, |a| a.movlps(xmm0, qword_ptr(rbx)), AC),
+        ("pinsrw m16", 1, |a| a.pinsrw(xmm0, word_ptr(rbx), 1), AC),
+        ("movq mm, m64", 4, |a| a.movq(mm0, qword_ptr(rbx)), AC),
+        ("movd m32, mm", 2, |a| a.movd(dword_ptr(rbx), mm1), AC),
+        ("paddb mm, m64", 4, |a| a.paddb(mm1, qword_ptr(rbx)), AC),
+        ("maskmovq, mask 0", 4, |a| a.maskmovq(mm0, mm1), AC),
+        (
+            "maskmovdqu, 8-aligned",
+            8,
+            |a| a.maskmovdqu(xmm0, xmm1),
+            None,
+        ),
+        ("maskmovdqu", 4, |a| a.maskmovdqu(xmm0, xmm1), AC),
+        ("fld m80", 4, |a| a.fld(tword_ptr(rbx)), AC),
+        ("fld m80, 8-aligned", 8, |a| a.fld(tword_ptr(rbx)), None),
+        ("fstp m80", 2, |a| a.fstp(tword_ptr(rbx)), AC),
+        ("fld m64", 4, |a| a.fld(qword_ptr(rbx)), AC),
+        ("fild m16", 1, |a| a.fild(word_ptr(rbx)), AC),
+        ("fst m32", 2, |a| a.fst(dword_ptr(rbx)), AC),
+        ("fnstcw", 1, |a| a.fnstcw(word_ptr(rbx)), AC),
+        (
+            "fnstenv, 32-bit: 4-byte aligned",
+            2,
+            |a| a.fnstenv(ptr(rbx)),
+            AC,
+        ),
+        ("fnstenv, 32-bit, aligned", 4, |a| a.fnstenv(ptr(rbx)), None),
+        (
+            "fldenv, 16-bit: 2-byte",
+            2,
+            |a| a.db(&[0x66, 0xd9, 0x23]),
+            None,
+        ),
+        ("fnsave, 16-bit", 1, |a| a.db(&[0x66, 0xdd, 0x33]), AC),
+        ("frstor", 2, |a| a.frstor(ptr(rbx)), AC),
+        ("fxsave: #GP, not #AC", 8, |a| a.fxsave(ptr(rbx)), GP),
+    ];
+    for (what, off, f, want) in cases {
+        assert_eq!(user_access(true, off, f), want, "{what}");
+        if want == AC {
+            assert_eq!(user_access(false, off, f), None, "{what}, RFLAGS.AC clear");
+        }
+    }
+}

@@ -124,6 +124,22 @@ pub(crate) fn is_x87(m: M) -> bool {
     )
 }
 
+/// The alignment #AC checks for an x87 memory operand of `sz` bytes
+/// (SDM vol. 3 table 6-7): its size, 8 for the 80-bit formats.
+fn x87_alignment(sz: usize) -> usize {
+    if sz == 10 {
+        8
+    } else {
+        sz.clamp(1, 8)
+    }
+}
+
+/// A real-mode FPU pointer as the environment image gives it: the linear
+/// address of selector:offset.
+fn fpu_linear(sel: u16, off: u64) -> u32 {
+    ((sel as u32) << 4).wrapping_add(off as u32)
+}
+
 fn st_index(r: Register) -> usize {
     (r as usize).wrapping_sub(Register::ST0 as usize) & 7
 }
@@ -310,8 +326,8 @@ impl Cpu {
     /// integer formats), with the conversion's flags.
     fn read_mem_f80(&mut self, i: &Instruction, int: bool) -> R<(F80, u16)> {
         let l = self.mem_lin(i)?;
-        self.fpu.fdp = l;
         let sz = i.memory_size().size();
+        self.alignment_fault(l, x87_alignment(sz), self.acc_r)?;
         if int {
             let v = self.rd(l, sz.clamp(2, 8))?;
             return Ok((F80::from_i64(crate::alu::sext(v, sz) as i64), 0));
@@ -487,8 +503,9 @@ impl Cpu {
     /// Stores ST(0) to memory in the instruction's format.
     fn store_mem(&mut self, i: &Instruction) -> R<bool> {
         let l = self.mem_lin(i)?;
-        self.fpu.fdp = l;
         let sz = i.memory_size().size();
+        // #AC before the status word changes.
+        self.alignment_fault(l, x87_alignment(sz), self.acc_w)?;
         let int = matches!(i.mnemonic(), M::Fist | M::Fistp | M::Fisttp);
         let Some(x) = self.st(0) else {
             if !self.underflow() {
@@ -609,36 +626,66 @@ impl Cpu {
         })
     }
 
-    /// FNSTENV's image (protected-mode layout, 16- or 32-bit operand size).
-    fn env_image(&self, o16: bool) -> Vec<u8> {
+    /// FNSTENV's image (SDM vol. 1 8.1.10, figures 8-9 to 8-12): 28
+    /// bytes with a 32-bit operand size, 14 with a 16-bit one (`o16`); in
+    /// protected mode the instruction and operand pointers as selector and
+    /// offset (and the opcode beside FCS in the 32-bit format), in real and
+    /// virtual-8086 mode (`real`) as linear addresses, 32 bits or 20,
+    /// split in a low 16 and the bits above 16 in bits 12 up of the next
+    /// field, with the opcode in the instruction pointer's. Reserved bits:
+    /// those above FCW, FSW and FTW are 1s, the others 0.
+    fn env_image(&self, o16: bool, real: bool) -> Vec<u8> {
         let f = &self.fpu;
-        let fields = [
-            f.fcw as u32,
-            f.fsw as u32,
-            self.full_tag() as u32,
-            f.fip as u32,
-            (self.seg[crate::sreg::CS].selector as u32) | (f.fop as u32 & 0x7ff) << 16,
-            f.fdp as u32,
-            self.seg[crate::sreg::DS].selector as u32,
-        ];
-        let mut b = Vec::new();
-        for (k, v) in fields.iter().enumerate() {
+        let op = f.fop as u32 & 0x7ff;
+        let pointers = if real {
+            let high = if o16 { 0xf } else { 0xffff };
+            let ip = fpu_linear(f.fcs, f.fip);
+            let dp = fpu_linear(f.fds, f.fdp);
+            [
+                ip & 0xffff,
+                (ip >> 16 & high) << 12 | op,
+                dp & 0xffff,
+                (dp >> 16 & high) << 12,
+            ]
+        } else if o16 {
+            [
+                f.fip as u32 & 0xffff,
+                f.fcs as u32,
+                f.fdp as u32 & 0xffff,
+                f.fds as u32,
+            ]
+        } else {
+            [
+                f.fip as u32,
+                f.fcs as u32 | op << 16,
+                f.fdp as u32,
+                f.fds as u32,
+            ]
+        };
+        let control = [f.fcw, f.fsw, self.full_tag()];
+        let mut b = Vec::with_capacity(28);
+        for v in control {
             if o16 {
-                let v = if k == 4 {
-                    self.seg[crate::sreg::CS].selector as u32
-                } else {
-                    *v
-                };
+                b.extend_from_slice(&v.to_le_bytes());
+            } else {
+                b.extend_from_slice(&(v as u32 | 0xffff_0000).to_le_bytes());
+            }
+        }
+        for v in pointers {
+            if o16 {
                 b.extend_from_slice(&(v as u16).to_le_bytes());
             } else {
-                let v = if k < 3 { *v | 0xffff_0000 } else { *v };
                 b.extend_from_slice(&v.to_le_bytes());
             }
         }
         b
     }
 
-    fn load_env(&mut self, b: &[u8], o16: bool) {
+    /// FLDENV's load of an image in the layout `env_image` stores. A
+    /// real-mode image's pointers become linear addresses with null
+    /// selectors (so that they are stored back as they were loaded); the
+    /// protected-mode 16-bit image has no opcode (FOP becomes 0).
+    fn load_env(&mut self, b: &[u8], o16: bool, real: bool) {
         let w = |k: usize| -> u32 {
             if o16 {
                 u16::from_le_bytes([b[2 * k], b[2 * k + 1]]) as u32
@@ -653,19 +700,41 @@ impl Cpu {
         f.ftw = (0..8).fold(0u8, |t, j| {
             t | if (tag >> (2 * j)) & 3 == 3 { 0 } else { 1 << j }
         });
-        f.fip = w(3) as u64;
-        f.fop = if o16 {
-            0
+        if real {
+            let high = if o16 { 0xf } else { 0xffff };
+            f.fip = ((w(4) >> 12 & high) << 16 | w(3) & 0xffff) as u64;
+            f.fop = (w(4) & 0x7ff) as u16;
+            f.fdp = ((w(6) >> 12 & high) << 16 | w(5) & 0xffff) as u64;
+            f.fcs = 0;
+            f.fds = 0;
         } else {
-            ((w(4) >> 16) & 0x7ff) as u16
-        };
-        f.fdp = w(5) as u64;
+            f.fip = w(3) as u64;
+            f.fcs = w(4) as u16;
+            f.fop = if o16 {
+                0
+            } else {
+                ((w(4) >> 16) & 0x7ff) as u16
+            };
+            f.fdp = w(5) as u64;
+            f.fds = w(6) as u16;
+        }
         // ES/B follow the loaded exception flags and masks.
         if f.fsw & !f.fcw & 0x3f != 0 {
             f.fsw |= ES;
         } else {
             f.fsw &= !ES;
         }
+    }
+
+    /// The layout of FNSTENV's, FLDENV's, FNSAVE's and FRSTOR's image:
+    /// (16-bit operand size, real or virtual-8086 mode), and the #AC
+    /// check of its address (SDM vol. 3 table 6-7: 2- or 4-byte aligned
+    /// by operand size).
+    fn env_layout(&self, i: &Instruction, l: u64, need: u8) -> R<(bool, bool)> {
+        let o16 = matches!(i.memory_size().size(), 14 | 94);
+        let real = self.cr0 & cr0::PE == 0 || self.rflags & rflags::VM != 0;
+        self.alignment_fault(l, if o16 { 2 } else { 4 }, need)?;
+        Ok((o16, real))
     }
 
     /// The x87 opcode (FOP): the low 3 bits of the first opcode byte
@@ -719,9 +788,14 @@ impl Cpu {
         );
         if !control {
             self.fpu.fip = self.rip;
+            self.fpu.fcs = self.seg[crate::sreg::CS].selector;
             self.fpu.fop = self.fop(i)?;
-            if !(0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory) {
+            if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory) {
+                self.fpu.fdp = self.ea(i);
+                self.fpu.fds = self.seg[Self::mem_seg(i)].selector;
+            } else {
                 self.fpu.fdp = 0;
+                self.fpu.fds = 0;
             }
         }
         match m {
@@ -887,8 +961,8 @@ impl Cpu {
             }
             M::Fstenv | M::Fnstenv | M::Fsave | M::Fnsave => {
                 let l = self.mem_lin(i)?;
-                let o16 = i.memory_size().size() == 14 || i.memory_size().size() == 94;
-                let mut b = self.env_image(o16);
+                let (o16, real) = self.env_layout(i, l, self.acc_w)?;
+                let mut b = self.env_image(o16, real);
                 if matches!(m, M::Fsave | M::Fnsave) {
                     for k in 0..8 {
                         b.extend_from_slice(&self.fpu.st[k][..10]);
@@ -896,13 +970,8 @@ impl Cpu {
                 }
                 self.write_bytes(l, &b, self.acc_w)?;
                 if matches!(m, M::Fsave | M::Fnsave) {
-                    let f = &mut self.fpu;
-                    f.fcw = 0x37f;
-                    f.fsw = 0;
-                    f.ftw = 0;
-                    f.fop = 0;
-                    f.fip = 0;
-                    f.fdp = 0;
+                    // FNSAVE then initializes the FPU, as FNINIT.
+                    self.fpu.finit();
                 } else {
                     self.fpu.fcw |= 0x3f;
                 }
@@ -910,12 +979,12 @@ impl Cpu {
             }
             M::Fldenv | M::Frstor => {
                 let l = self.mem_lin(i)?;
-                let o16 = i.memory_size().size() == 14 || i.memory_size().size() == 94;
+                let (o16, real) = self.env_layout(i, l, self.acc_r)?;
                 let n = if o16 { 14 } else { 28 } + if m == M::Frstor { 80 } else { 0 };
                 let mut b = vec![0u8; n];
                 self.read_bytes(l, &mut b, self.acc_r, Access::Read)?;
                 let env = if o16 { 14 } else { 28 };
-                self.load_env(&b[..env], o16);
+                self.load_env(&b[..env], o16, real);
                 if m == M::Frstor {
                     for k in 0..8 {
                         self.fpu.st[k] = [0; 16];
