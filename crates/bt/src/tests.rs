@@ -443,11 +443,21 @@ fn an_instruction_across_pages_is_not_in_a_group() {
 fn worked_example() {
     let code = arithmetic_loop(|_| Ok(()));
     let v = run_both(&code);
-    let (addr, host) = largest_block(&v);
+    // The block of the loop, after `mov ecx, 1000; xor eax, eax; mov rdi, 7`.
+    let top = CODE + 5 + 2 + 10;
+    let (_, addr, host) = v
+        .blocks()
+        .host_code()
+        .into_iter()
+        .find(|b| b.0 == top)
+        .expect("a block at the loop");
     let mut text = String::new();
     let mut jne = false;
+    let mut back = false;
     for i in Decoder::with_ip(64, &host, addr, DecoderOptions::NONE) {
         jne |= i.mnemonic() == M::Jne;
+        // The loop goes around inside its block, past the entry.
+        back |= i.mnemonic() == M::Jmp && (addr + 1..addr + 0x20).contains(&i.near_branch_target());
         assert!(
             !(i.op0_register() == Register::RSP && i.mnemonic() == M::Add && i.immediate8() == 8),
             "guest RSP is renamed"
@@ -456,8 +466,9 @@ fn worked_example() {
         text += &format!("{:3x}: {i}\n", i.ip() - addr);
     }
     eprintln!("{text}");
-    assert!(jne, "{text}");
-    at_least(&v, "bt/links", 1);
+    assert!(jne && back, "{text}");
+    // One block of nine instructions, entered once, 1000 times around.
+    at_least(&v, "bt/blocks_run", 1000);
 }
 
 /// The probe's flags are restored unless nothing can see them before they
