@@ -72,7 +72,8 @@ pub struct BtConfig {
     /// Size of the code cache in bytes.
     pub cache_size: usize,
     /// Translate a block once its start has been reached this many times
-    /// (0 and 1: at once); until then the interpreter runs it.
+    /// (0 and 1: at once; at most 65535 counts); until then the
+    /// interpreter runs it.
     pub hot: u32,
 }
 
@@ -204,6 +205,9 @@ struct Stats {
     solo: u64,
 }
 
+/// Counters of visits to cold block starts ([`BtConfig::hot`]): 128 KiB.
+pub const HEAT_SLOTS: usize = 1 << 16;
+
 /// Side exits at one instruction before it is retranslated as a callout.
 pub const ADAPT_AFTER: u32 = 64;
 
@@ -216,11 +220,10 @@ pub const CACHE_BYTES_PER_BLOCK: usize = 256;
 /// An upper bound of the metadata one block costs: 256 bytes for its entry
 /// in the block table, in the address map and in its page's list with four
 /// linked jumps; 32 for more linked jumps (a block has at most two); and
-/// 32 each for a side-exit count, an adaptive callout, a memory instruction
-/// that probes alone and the visit count of a cold block start, whose
-/// tables are emptied when they hold as many entries as the block table
-/// may.
-pub const METADATA_PER_BLOCK: usize = 416;
+/// 32 each for a side-exit count, an adaptive callout and a memory
+/// instruction that probes alone, whose tables are emptied when they hold
+/// as many entries as the block table may.
+pub const METADATA_PER_BLOCK: usize = 384;
 
 /// The translated blocks of one vCPU and their code cache: the
 /// accelerator the software CPU calls ([`x86::Accel`]).
@@ -250,10 +253,10 @@ pub struct Blocks {
     solo_at: HashSet<u64>,
     /// [`BtConfig::hot`].
     hot: u32,
-    /// Visits of the interpreter to block starts not translated yet, by
-    /// guest-physical address (emptied when it holds as many as the block
-    /// table may).
-    heat: HashMap<u64, u32, BuildHasherDefault<AddrHasher>>,
+    /// Visits to block starts not translated yet, by a hash of their
+    /// guest-physical address ([`HEAT_SLOTS`] counters: two starts may
+    /// share one, and the second is then translated sooner).
+    heat: Box<[u16]>,
     stats: Stats,
 }
 
@@ -342,7 +345,7 @@ impl Blocks {
             callout_at: HashSet::new(),
             solo_at: HashSet::new(),
             hot,
-            heat: HashMap::default(),
+            heat: vec![0; HEAT_SLOTS].into_boxed_slice(),
             stats: Stats {
                 callouts: vec![0; Mnemonic::values().count()],
                 ..Stats::default()
@@ -379,7 +382,7 @@ impl Blocks {
         self.misses.clear();
         self.callout_at.clear();
         self.solo_at.clear();
-        self.heat.clear();
+        self.heat.fill(0);
         self.cache.clear();
         self.clear_jc();
         self.stats.flushes += 1;
@@ -590,8 +593,7 @@ impl Blocks {
     /// jump cache.
     pub fn metadata_bytes(&self) -> usize {
         self.blocks.len() * 256
-            + (self.misses.len() + self.callout_at.len() + self.solo_at.len() + self.heat.len())
-                * 32
+            + (self.misses.len() + self.callout_at.len() + self.solo_at.len()) * 32
             + self
                 .blocks
                 .iter()
@@ -612,17 +614,15 @@ impl Blocks {
         if self.hot <= 1 || self.at.contains_key(&pa) {
             return false;
         }
-        if self.heat.len() >= self.cache.size() / CACHE_BYTES_PER_BLOCK {
-            self.heat.clear();
-        }
-        let n = self.heat.entry(pa).or_insert(0);
-        *n += 1;
-        if *n < self.hot {
+        let slot = (pa.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48) as usize % HEAT_SLOTS;
+        let n = &mut self.heat[slot];
+        *n = n.saturating_add(1);
+        if u32::from(*n) < self.hot {
             self.stats.cold += 1;
             cpu.accel_cold();
             return true;
         }
-        self.heat.remove(&pa);
+        *n = 0;
         false
     }
 
