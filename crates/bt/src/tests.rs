@@ -434,6 +434,55 @@ fn an_instruction_across_pages_is_not_in_a_group() {
     at_least(&v, "bt/run_translated", 300);
 }
 
+/// A loop that reads, changes and stores guest RAX through memory, with
+/// `op` in the middle.
+fn rax_loop(op: impl FnOnce(&mut CodeAssembler) -> std::result::Result<(), IcedError>) -> Vec<u8> {
+    asm(|a| {
+        a.mov(ecx, 200u32)?;
+        a.mov(r12, 0x20_0000u64)?;
+        a.mov(qword_ptr(r12), 3)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(rax, qword_ptr(r12))?;
+        op(a)?;
+        a.mov(qword_ptr(r12 + 8), rax)?;
+        a.add(qword_ptr(r12), 1)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    })
+}
+
+/// Whether some block parks the flags in the context (`mov [rdi+park], ax`).
+fn parks_flags(v: &BtVcpu) -> bool {
+    let park = std::mem::offset_of!(translate::Ctx, park) as u64;
+    v.blocks().host_code().iter().any(|(_, addr, host)| {
+        Decoder::with_ip(64, host, *addr, DecoderOptions::NONE)
+            .into_iter()
+            .any(|i| {
+                i.op0_kind() == OpKind::Memory
+                    && i.memory_base() == Register::RDI
+                    && i.memory_displacement64() == park
+            })
+    })
+}
+
+/// Guest RAX moves to a spare host register where every use of it can
+/// name another register, so the flags are saved in AX without parking;
+/// a form with a fixed accumulator (`add eax, imm32`) or an implicit use
+/// (MUL) keeps it in RAX, and the flags are parked.
+#[test]
+fn guest_rax_is_renamed_where_it_can_be() {
+    let v = run_both(&rax_loop(|a| a.add(rax, rbx)));
+    assert!(!parks_flags(&v));
+    at_least(&v, "bt/run_translated", 1000);
+    let v = run_both(&rax_loop(|a| a.add(eax, 0x1234_5678)));
+    at_least(&v, "bt/run_translated", 1000);
+    let v = run_both(&rax_loop(|a| a.mul(rbx)));
+    assert!(parks_flags(&v));
+    at_least(&v, "bt/run_translated", 1000);
+}
+
 /// docs/bt.md's worked example: the loop of `arithmetic_loop_runs_translated`
 /// is one block of nine instructions; the guest's registers and flags stay
 /// in host registers (guest RSP and RDI, which have none, in registers the

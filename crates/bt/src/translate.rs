@@ -947,6 +947,7 @@ impl Miss {
 }
 
 /// How a block's host code ends.
+#[derive(Clone, Copy)]
 enum End<'a> {
     /// A direct JMP or Jcc, resolved in host code.
     Branch(&'a Instruction),
@@ -1056,6 +1057,31 @@ impl Translator {
     /// (the differential fuzzing harness).
     pub fn strict(&mut self) {
         self.strict = true;
+    }
+
+    /// Whether `i` uses RAX (or a part of it) other than through an
+    /// explicit operand (MUL, CDQ, CMPXCHG...), so that guest RAX cannot be
+    /// renamed.
+    fn implicit_rax(&mut self, i: &Instruction) -> bool {
+        // These use RAX whatever their explicit operands are.
+        if matches!(i.mnemonic(), M::Cmpxchg | M::Div | M::Idiv)
+            || (i.op_count() == 1 && matches!(i.mnemonic(), M::Mul | M::Imul))
+        {
+            return true;
+        }
+        let explicit = (0..i.op_count())
+            .any(|k| i.op_kind(k) == OpKind::Register && gpr_number(i.op_register(k)) == Some(0));
+        let address = (0..i.op_count()).any(|k| i.op_kind(k) == OpKind::Memory)
+            && [i.memory_base(), i.memory_index()]
+                .iter()
+                .any(|&r| gpr_number(r) == Some(0));
+        let used = self
+            .info
+            .info(i)
+            .used_registers()
+            .iter()
+            .any(|u| u.access() != OpAccess::None && gpr_number(u.register()) == Some(0));
+        used && !explicit && !address
     }
 
     /// The general-purpose registers `i` writes (or may write).
@@ -1219,13 +1245,29 @@ impl Translator {
             Some(b) => End::Branch(b),
             None => End::Next(callout),
         };
-        let regs = Registers::new(used, memory);
+        // Guest RAX moves to a spare register if every use of it can be
+        // renamed, so that the flags can be saved in AX without parking.
+        let rename_rax = memory
+            && used & 1 != 0
+            && spares(used) > Registers::borrowed(used, memory)
+            && !taken
+                .iter()
+                .chain(branch.as_ref())
+                .any(|i| self.implicit_rax(i));
         let writes: Vec<u16> = taken.iter().map(|i| self.gprs_written(i)).collect();
         let groups = groups(&taken, &forms, &writes, solo, cross.is_some());
-        let code = self
-            .emit(&taken, &forms, &groups, end, cross, &regs, at, id)
-            .ok()
-            .flatten()?;
+        let emit = |t: &Self, rename: bool| {
+            let regs = Registers::new(used, memory, rename);
+            t.emit(&taken, &forms, &groups, end, cross, &regs, at, id)
+        };
+        // A form with a fixed accumulator operand (`add eax, imm32`, `xchg
+        // rcx, rax`) cannot take another register: then without renaming.
+        let code = match emit(self, rename_rax) {
+            Err(_) if rename_rax => emit(self, false),
+            r => r,
+        }
+        .ok()
+        .flatten()?;
         let memory = forms
             .iter()
             .filter(|f| matches!(f, Form::Memory(_) | Form::Push | Form::Pop))
@@ -1278,14 +1320,7 @@ impl Translator {
 
         // Entry: count, borrow.
         a.lea(r15, qword_ptr(r15 + ((count as i32) << COUNT_SHIFT | 1)))?;
-        for &h in &r.borrowed {
-            spill(&mut a, h, h)?;
-        }
-        for &g in &IN_CONTEXT {
-            if r.used & (1 << g) != 0 {
-                fill(&mut a, r.map[g], g)?;
-            }
-        }
+        r.borrow(&mut a)?;
         // A loop back to the block's own start goes past the entry, with
         // the registers still borrowed.
         let self_loop = match end {
@@ -1844,8 +1879,11 @@ struct Registers {
     map: [usize; 16],
     scratch: [usize; 3],
     borrowed: Vec<usize>,
-    /// RAX is borrowed to hold the saved flags.
+    /// RAX is free to hold the saved flags (borrowed, or guest RAX is
+    /// renamed).
     rax_flags: bool,
+    /// The borrowed host register guest RAX is renamed to, if it is.
+    rax_in: Option<usize>,
 }
 
 /// The host registers a block may borrow: the homed ones but RAX.
@@ -1859,11 +1897,19 @@ impl Registers {
         IN_CONTEXT.iter().filter(|&&g| used & (1 << g) != 0).count() + if memory { 3 } else { 0 }
     }
 
-    fn new(used: u16, memory: bool) -> Registers {
+    /// `rename_rax`: guest RAX, which the block uses (and only through
+    /// operands that can name another register), moves to a spare
+    /// register (one more than [`Registers::borrowed`] must be free).
+    fn new(used: u16, memory: bool, rename_rax: bool) -> Registers {
         let mut map: [usize; 16] = std::array::from_fn(|n| n);
         // `translate` made sure enough are free.
         let mut spare = (1..16).filter(|&n| HOMED & (1 << n) != 0 && used & (1 << n) == 0);
         let mut borrowed = Vec::new();
+        let rax_in = rename_rax.then(|| spare.next().unwrap_or(0));
+        if let Some(h) = rax_in {
+            map[0] = h;
+            borrowed.push(h);
+        }
         for g in IN_CONTEXT {
             if used & (1 << g) != 0 {
                 map[g] = spare.next().unwrap_or(0);
@@ -1877,8 +1923,8 @@ impl Registers {
                 borrowed.push(*s);
             }
         }
-        let rax_flags = memory && used & 1 == 0;
-        if rax_flags {
+        let borrow_rax = memory && used & 1 == 0;
+        if borrow_rax {
             borrowed.push(0);
         }
         Registers {
@@ -1886,7 +1932,8 @@ impl Registers {
             map,
             scratch,
             borrowed,
-            rax_flags,
+            rax_flags: borrow_rax || rax_in.is_some(),
+            rax_in,
         }
     }
 
@@ -1923,13 +1970,35 @@ impl Registers {
         Ok(())
     }
 
-    /// Stores guest RSP, RDI and R15 back into the context and gives the
-    /// borrowed host registers their guest values again (no flag changes).
+    /// Borrows the host registers (their guest values to the context),
+    /// moves guest RAX to its register if it is renamed, and loads guest
+    /// RSP, RDI and R15 (no flag changes).
+    fn borrow(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        for &h in &self.borrowed {
+            spill(a, h, h)?;
+        }
+        if let Some(h) = self.rax_in {
+            a.mov(ASM64[h], rax)?;
+        }
+        for &g in &IN_CONTEXT {
+            if self.used & (1 << g) != 0 {
+                fill(a, self.map[g], g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores guest RSP, RDI and R15 back into the context, guest RAX back
+    /// into RAX if it was renamed, and gives the borrowed host registers
+    /// their guest values again (no flag changes).
     fn give_back(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
         for &g in &IN_CONTEXT {
             if self.used & (1 << g) != 0 {
                 spill(a, g, self.map[g])?;
             }
+        }
+        if let Some(h) = self.rax_in {
+            a.mov(rax, ASM64[h])?;
         }
         for &h in &self.borrowed {
             fill(a, h, h)?;
