@@ -56,8 +56,8 @@
 //!
 //! Interrupts: ISA IRQ 1 while the output buffer holds a byte of the
 //! keyboard channel (the keyboard's, or the controller's answers) and CTR
-//! bit 0 is set, ISA IRQ 12 for a byte of the auxiliary channel and CTR bit
-//! 1. The lines are edge-triggered ISA lines, as the other devices' here:
+//! bit 0 is set, ISA IRQ 12 for a byte of the auxiliary channel and CTR
+//! bit 1. The lines are edge-triggered ISA lines, as the other devices' here:
 //! the device signals an edge each time such a level rises (a byte loaded
 //! into the empty buffer, or the enable bit set while a byte waits).
 
@@ -395,11 +395,8 @@ impl I8042 {
             0xd2 => self.pending = Some(Pending::KbdOutput),
             0xd3 => self.pending = Some(Pending::AuxOutput),
             0xd4 => self.pending = Some(Pending::AuxWrite),
-            0xf0..=0xff => {
-                if cmd & OUT_RESET == 0 {
-                    action = Action::Stop(StopReason::Reset);
-                }
-            }
+            // Pulses of the output port's lines: bit 0 is the reset line.
+            0xf0..=0xff if cmd & OUT_RESET == 0 => action = Action::Stop(StopReason::Reset),
             _ => {}
         }
         self.update();
