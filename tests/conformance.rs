@@ -1573,8 +1573,14 @@ on_engines!(
     i8042_keyboard_controller,
 );
 
+/// The guest's OUT of byte `v` to `port`.
+fn outb(a: &mut CodeAssembler, port: i32, v: u32) -> Result<(), IcedError> {
+    a.mov(al, v)?;
+    a.out(port, al)
+}
+
 /// The guest's wait for the 8042's output buffer (status bit 0), then its
-/// byte in AL; at most `ECX` polls.
+/// byte in AL; it polls at most 100,000 times (ECX).
 fn i8042_read(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut poll = a.create_label();
     let mut ready = a.create_label();
@@ -1613,30 +1619,24 @@ fn i8042_keyboard_controller(engine: Engine) {
             (0x21, 0xfd),
             (0xa1, 0xff),
         ] {
-            a.mov(al, v as u32)?;
-            a.out(port, al)?;
+            outb(a, port, v)?;
         }
         // The command byte: system flag and translation, no interrupt.
-        a.mov(al, 0x60u32)?;
-        a.out(0x64, al)?;
-        a.mov(al, 0x44u32)?;
-        a.out(0x60, al)?;
+        outb(a, 0x64, 0x60)?;
+        outb(a, 0x60, 0x44)?;
         a.sti()?;
         // Self-test: the status before the read (R15), the answer (R8).
-        a.mov(al, 0xaau32)?;
-        a.out(0x64, al)?;
+        outb(a, 0x64, 0xaa)?;
         a.in_(al, 0x64)?;
         a.movzx(r15d, al)?;
         i8042_read(a)?;
         a.movzx(r8d, al)?;
         // The command byte read back (R9).
-        a.mov(al, 0x20u32)?;
-        a.out(0x64, al)?;
+        outb(a, 0x64, 0x20)?;
         i8042_read(a)?;
         a.movzx(r9d, al)?;
         // Identify: three bytes in R10 (first in the low byte).
-        a.mov(al, 0xf2u32)?;
-        a.out(0x60, al)?;
+        outb(a, 0x60, 0xf2)?;
         a.xor(r10d, r10d)?;
         for shift in [0, 8, 16] {
             i8042_read(a)?;
@@ -1649,12 +1649,9 @@ fn i8042_keyboard_controller(engine: Engine) {
         a.movzx(r11d, al)?;
         a.mov(r14, r13)?;
         // Keyboard interrupt on, then an echo: IRQ 1.
-        a.mov(al, 0x60u32)?;
-        a.out(0x64, al)?;
-        a.mov(al, 0x45u32)?;
-        a.out(0x60, al)?;
-        a.mov(al, 0xeeu32)?;
-        a.out(0x60, al)?;
+        outb(a, 0x64, 0x60)?;
+        outb(a, 0x60, 0x45)?;
+        outb(a, 0x60, 0xee)?;
         let mut wait = a.create_label();
         let mut done = a.create_label();
         a.mov(ecx, 10_000_000u32)?;

@@ -375,6 +375,7 @@ impl Platform {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Edges;
 
     #[test]
     fn platform_ports() {
@@ -467,23 +468,6 @@ mod tests {
         };
         assert_eq!(cmos(0x0d), 0x80);
         assert_eq!([cmos(0x34), cmos(0x35)], [0x00, 0x03]);
-    }
-
-    /// An interrupt line that counts its edges.
-    #[derive(Default)]
-    struct Edges(std::sync::atomic::AtomicU32);
-
-    impl IrqLine for Edges {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
-    impl Edges {
-        fn count(&self) -> u32 {
-            self.0.load(std::sync::atomic::Ordering::SeqCst)
-        }
     }
 
     /// PM1_STS is write-1-to-clear, PM1_EN read/write; the SCI is the level

@@ -472,23 +472,7 @@ impl Device for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    #[derive(Default)]
-    struct Edges(AtomicU32);
-
-    impl IrqLine for Edges {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
-    impl Edges {
-        fn count(&self) -> u32 {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
+    use crate::testing::Edges;
 
     fn cmd(k: &mut I8042, c: u8) -> Action {
         k.write(4, &[c])

@@ -15,6 +15,8 @@ pub mod loader;
 pub mod memory;
 pub mod paging;
 pub mod rtc;
+#[cfg(test)]
+mod testing;
 
 pub use bus::{Action, Bus, Device};
 pub use memory::{GuestMemory, MemoryLayout};
