@@ -418,7 +418,13 @@ mod tests {
             pio.write(0x64, &[0xfe]),
             Some(Action::Stop(StopReason::Reset))
         );
+        // The i8042 answers its self-test.
         assert_eq!(pio.write(0x64, &[0xaa]), Some(Action::Continue));
+        let mut kbc = [0u8];
+        pio.read(0x64, &mut kbc);
+        assert_eq!(kbc[0] & 1, 1, "a byte waits");
+        pio.read(0x60, &mut kbc);
+        assert_eq!(kbc[0], 0x55);
         // ACPI: SCI_EN reads 1; SLP_TYP 5 with SLP_EN is no sleep state
         // visor has; SLP_TYP 0 (S5) powers off, also as two byte writes.
         let mut cnt = [0u8; 2];
