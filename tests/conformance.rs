@@ -1564,3 +1564,155 @@ fn virtual_8086_mode(engine: Engine) {
     assert_eq!(r.rax, 0, "#GP(0)");
     assert_eq!(r.rbp, cli_at, "CLI with IOPL 0 faults");
 }
+
+// The i8042 keyboard controller driven from a guest, its IRQ 1 through the
+// engine's 8259 PIC (KVM's in-kernel one under `kvm`, softplat's on the
+// software engines).
+on_engines!(
+    [kvm, emu, trap, vmx, bt]:
+    i8042_keyboard_controller,
+);
+
+/// The guest's OUT of byte `v` to `port`.
+fn outb(a: &mut CodeAssembler, port: i32, v: u32) -> Result<(), IcedError> {
+    a.mov(al, v)?;
+    a.out(port, al)
+}
+
+/// The guest's wait for the 8042's output buffer (status bit 0), then its
+/// byte in AL; it polls at most 100,000 times (ECX).
+fn i8042_read(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut poll = a.create_label();
+    let mut ready = a.create_label();
+    a.mov(ecx, 100_000u32)?;
+    a.set_label(&mut poll)?;
+    a.in_(al, 0x64)?;
+    a.test(al, 1)?;
+    a.jnz(ready)?;
+    a.dec(ecx)?;
+    a.jnz(poll)?;
+    a.set_label(&mut ready)?;
+    a.in_(al, 0x60)
+}
+
+/// The controller's self-test (0x55 with the status register saying a byte
+/// waits, the system flag and the last write a command), a round trip of
+/// its command byte, the keyboard's identify (0xfa 0xab 0x83), all with the
+/// keyboard interrupt disabled: no IRQ 1; then, with CTR bit 0 set, the
+/// keyboard's echo raises IRQ 1, which the PIC delivers once as vector 0x21
+/// and whose handler reads the byte.
+fn i8042_keyboard_controller(engine: Engine) {
+    const HANDLER: u64 = CODE + 0x800;
+    let main = asm64(|a| {
+        a.cli()?;
+        a.xor(r13d, r13d)?;
+        // The PICs: vectors 0x20 and 0x28, only IRQ 1 unmasked.
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x20),
+            (0x21, 4),
+            (0x21, 1),
+            (0xa0, 0x11),
+            (0xa1, 0x28),
+            (0xa1, 2),
+            (0xa1, 1),
+            (0x21, 0xfd),
+            (0xa1, 0xff),
+        ] {
+            outb(a, port, v)?;
+        }
+        // The command byte: system flag and translation, no interrupt.
+        outb(a, 0x64, 0x60)?;
+        outb(a, 0x60, 0x44)?;
+        a.sti()?;
+        // Self-test: the status before the read (R15), the answer (R8).
+        outb(a, 0x64, 0xaa)?;
+        a.in_(al, 0x64)?;
+        a.movzx(r15d, al)?;
+        i8042_read(a)?;
+        a.movzx(r8d, al)?;
+        // The command byte read back (R9).
+        outb(a, 0x64, 0x20)?;
+        i8042_read(a)?;
+        a.movzx(r9d, al)?;
+        // Identify: three bytes in R10 (first in the low byte).
+        outb(a, 0x60, 0xf2)?;
+        a.xor(r10d, r10d)?;
+        for shift in [0, 8, 16] {
+            i8042_read(a)?;
+            a.movzx(ebx, al)?;
+            a.shl(ebx, shift)?;
+            a.or(r10d, ebx)?;
+        }
+        // The status with nothing left (R11), and the interrupts so far (R14).
+        a.in_(al, 0x64)?;
+        a.movzx(r11d, al)?;
+        a.mov(r14, r13)?;
+        // Keyboard interrupt on, then an echo: IRQ 1.
+        outb(a, 0x64, 0x60)?;
+        outb(a, 0x60, 0x45)?;
+        outb(a, 0x60, 0xee)?;
+        let mut wait = a.create_label();
+        let mut done = a.create_label();
+        a.mov(ecx, 10_000_000u32)?;
+        a.set_label(&mut wait)?;
+        a.test(r13, r13)?;
+        a.jnz(done)?;
+        a.dec(ecx)?;
+        a.jnz(wait)?;
+        a.set_label(&mut done)?;
+        // Some more time: no second interrupt for the one byte.
+        let mut more = a.create_label();
+        a.mov(ecx, 10_000u32)?;
+        a.set_label(&mut more)?;
+        a.dec(ecx)?;
+        a.jnz(more)?;
+        a.cli()?;
+        a.mov(al, 0)?;
+        a.out(abi::port::DEBUG_EXIT as i32, al)
+    });
+    let mut code = main;
+    assert!(code.len() <= (HANDLER - CODE) as usize);
+    code.resize((HANDLER - CODE) as usize, 0xcc);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.push(rax).unwrap();
+    h.in_(al, 0x60).unwrap();
+    h.movzx(r12d, al).unwrap();
+    h.inc(r13).unwrap();
+    h.mov(al, 0x20u32).unwrap(); // EOI
+    h.out(0x20, al).unwrap();
+    h.pop(rax).unwrap();
+    h.iretq().unwrap();
+    code.extend_from_slice(&h.assemble(HANDLER).unwrap());
+    let opts = VmOptions {
+        irqchip: true,
+        ..VmOptions::default()
+    };
+    let mut g = Guest::long_mode_with(engine, &code, opts);
+    let line = g.vm.engine_vm.irq_line(1).unwrap();
+    assert!(line.is_some(), "an irqchip has ISA IRQ 1");
+    g.vm.pio
+        .insert(
+            machine::i8042::DATA_PORT as u64,
+            5,
+            std::sync::Arc::new(std::sync::Mutex::new(machine::i8042::I8042::new(
+                line, None,
+            ))),
+        )
+        .unwrap();
+    set_gate(&mut g, 0x21, HANDLER);
+    let o = g.run();
+    assert!(
+        matches!(o, Outcome::Stopped(StopReason::DebugExit(0))),
+        "{o:?}"
+    );
+    let r = g.regs();
+    assert_eq!(r.r15, 0x1d, "OBF, system flag, command last, not inhibited");
+    assert_eq!(r.r8, 0x55, "self-test passed");
+    assert_eq!(r.r9, 0x44, "the command byte read back");
+    assert_eq!(r.r10, 0x83_abfa, "identify: ACK, 0xab 0x83");
+    assert_eq!(r.r11, 0x14, "nothing waits after the reads");
+    assert_eq!(r.r14, 0, "no IRQ 1 with CTR bit 0 clear");
+    assert_eq!(r.r13, 1, "one IRQ 1 for the echo");
+    assert_eq!(r.r12, 0xee, "the handler read the echo");
+}

@@ -408,6 +408,17 @@ fn boot_to_busybox(
         all.contains("rtc_cmos rtc_cmos: registered as rtc0"),
         "no RTC registered; {ctx}"
     );
+    // The i8042 keyboard controller: Linux finds it and its keyboard port
+    // at once (without it the probe waited 0.5 s for the command byte and
+    // failed).
+    assert!(
+        !all.contains("Can't read CTR"),
+        "the i8042 probe timed out; {ctx}"
+    );
+    assert!(
+        all.contains("serio: i8042 KBD port at 0x60,0x64 irq 1"),
+        "no i8042 keyboard port registered; {ctx}"
+    );
     assert!(marker);
     // /proc/cmdline is the command line plus a newline.
     assert_eq!(m, &format!("{MARKER} {}", cmdline.len() + 1), "{ctx}");

@@ -1,7 +1,7 @@
 //! Platform devices: the COM1 UART, isa-debug-exit, the ACPI PM registers
-//! (power-off, PM timer), the reset control register, port 0x92, the i8042
-//! reset line, and [`Platform`], which maps them with the HPET and the CMOS
-//! RTC.
+//! (power-off, PM timer), the reset control register, port 0x92, and
+//! [`Platform`], which maps them with the HPET, the CMOS RTC and the i8042
+//! keyboard controller.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -295,24 +295,6 @@ impl Device for PortA {
     }
 }
 
-/// Just enough of an i8042 keyboard controller for the reset line: the status
-/// register reads "buffers empty" and command 0xfe resets (ends the run).
-/// Registered at ports 0x60..=0x64.
-pub struct I8042;
-
-impl Device for I8042 {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Action {
-        if offset == 4 && data.first() == Some(&abi::port::I8042_RESET) {
-            Action::Stop(StopReason::Reset)
-        } else {
-            Action::Continue
-        }
-    }
-}
-
 /// The platform's standard devices.
 pub struct Platform {
     pub serial: Arc<Mutex<Serial>>,
@@ -339,6 +321,14 @@ impl Platform {
             .cloned()
             .flatten();
         let rtc_irq = isa_irqs.get(crate::rtc::IRQ as usize).cloned().flatten();
+        let kbd_irq = isa_irqs
+            .get(crate::i8042::KBD_IRQ as usize)
+            .cloned()
+            .flatten();
+        let aux_irq = isa_irqs
+            .get(crate::i8042::AUX_IRQ as usize)
+            .cloned()
+            .flatten();
         let hpet = crate::hpet::Hpet::new(isa_irqs, clock.clone());
         let rtc_irq = rtc_irq.map(|line| -> Arc<dyn IrqLine> {
             Arc::new(crate::rtc::RtcLine {
@@ -362,7 +352,11 @@ impl Platform {
             Arc::new(Mutex::new(ResetControl::default())),
         )?;
         pio.insert(0x92, 1, Arc::new(Mutex::new(PortA)))?;
-        pio.insert(0x60, 5, Arc::new(Mutex::new(I8042)))?;
+        pio.insert(
+            crate::i8042::DATA_PORT as u64,
+            5,
+            Arc::new(Mutex::new(crate::i8042::I8042::new(kbd_irq, aux_irq))),
+        )?;
         let low = layout.low_end();
         pio.insert(
             crate::rtc::INDEX_PORT as u64,
@@ -381,6 +375,7 @@ impl Platform {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Edges;
 
     #[test]
     fn platform_ports() {
@@ -423,7 +418,13 @@ mod tests {
             pio.write(0x64, &[0xfe]),
             Some(Action::Stop(StopReason::Reset))
         );
+        // The i8042 answers its self-test.
         assert_eq!(pio.write(0x64, &[0xaa]), Some(Action::Continue));
+        let mut kbc = [0u8];
+        pio.read(0x64, &mut kbc);
+        assert_eq!(kbc[0] & 1, 1, "a byte waits");
+        pio.read(0x60, &mut kbc);
+        assert_eq!(kbc[0], 0x55);
         // ACPI: SCI_EN reads 1; SLP_TYP 5 with SLP_EN is no sleep state
         // visor has; SLP_TYP 0 (S5) powers off, also as two byte writes.
         let mut cnt = [0u8; 2];
@@ -473,23 +474,6 @@ mod tests {
         };
         assert_eq!(cmos(0x0d), 0x80);
         assert_eq!([cmos(0x34), cmos(0x35)], [0x00, 0x03]);
-    }
-
-    /// An interrupt line that counts its edges.
-    #[derive(Default)]
-    struct Edges(std::sync::atomic::AtomicU32);
-
-    impl IrqLine for Edges {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
-    impl Edges {
-        fn count(&self) -> u32 {
-            self.0.load(std::sync::atomic::Ordering::SeqCst)
-        }
     }
 
     /// PM1_STS is write-1-to-clear, PM1_EN read/write; the SCI is the level

@@ -631,6 +631,7 @@ impl Device for Rtc {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Edges;
 
     /// 2024-02-29 13:45:30 UTC, a Thursday.
     const LEAP_DAY: i64 = 1_709_214_330;
@@ -851,19 +852,6 @@ mod tests {
         assert!(wr(&mut s, 0x0b, B_24H | B_UIE, ms(13_000)));
     }
 
-    /// The device: the index port, the NVRAM (bytes 0x0e-0x7f) and the
-    /// memory sizes.
-    /// An interrupt line that counts its edges.
-    #[derive(Default)]
-    struct Edges(std::sync::atomic::AtomicU32);
-
-    impl IrqLine for Edges {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
     /// The device's thread raises the update-ended interrupt on its line
     /// once per second while register C is read; the line is cut while the
     /// HPET's legacy replacement routing has IRQ 8.
@@ -886,14 +874,14 @@ mod tests {
             rtc.write(0, &[0x0c]);
             rtc.read(1, &mut c);
         }
-        let n = edges.0.load(Ordering::SeqCst);
+        let n = edges.count();
         assert!((2..=3).contains(&n), "{n} update interrupts in 2.5 s");
         legacy.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(1100));
         rtc.write(0, &[0x0c]);
         rtc.read(1, &mut c);
         assert_ne!(c[0] & C_IRQF, 0, "the request was made");
-        assert_eq!(edges.0.load(Ordering::SeqCst), n, "but the line was cut");
+        assert_eq!(edges.count(), n, "but the line was cut");
     }
 
     #[test]
