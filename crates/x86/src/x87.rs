@@ -10,6 +10,7 @@ use arch::{cr0, rflags, vector};
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 use crate::f80::{self, Class, Exact, Unp, F80, INDEFINITE};
+use crate::f80x;
 use crate::{exc, Cpu, R};
 
 const C0: u16 = 0x100;
@@ -99,6 +100,16 @@ pub(crate) fn is_x87(m: M) -> bool {
             | Fxtract
             | Fprem
             | Fprem1
+            | Fsin
+            | Fcos
+            | Fsincos
+            | Fptan
+            | Fpatan
+            | F2xm1
+            | Fyl2x
+            | Fyl2xp1
+            | Fbld
+            | Fbstp
             | Fcom
             | Fcomp
             | Fcompp
@@ -325,6 +336,135 @@ impl Cpu {
                 Ok((F80::from_bytes(&b), 0))
             }
         }
+    }
+
+    /// Rounds an exact result to 64 bits (the transcendentals ignore PC):
+    /// Ok((value, flags, rounded up)), or Err(flags) for an unmasked
+    /// invalid-operation, division-by-zero or denormal-operand exception
+    /// (the operands then stay).
+    fn round_ext(&self, e: Exact) -> Result<(F80, u16, bool), u16> {
+        let unmasked = |f: u16| f & (f80::IE | f80::ZE | f80::DE) & !self.fpu.fcw != 0;
+        match e {
+            Exact::Val(_, f) if unmasked(f) => Err(f),
+            Exact::Val(v, f) => Ok((v, f, false)),
+            Exact::Num(_, _, f) if unmasked(f) => Err(f),
+            Exact::Num(u, sticky, f) => {
+                let r = f80::round(u, sticky, f80::EXT, self.fpu.fcw, true);
+                Ok((r.f80(), f | r.flags, r.up))
+            }
+        }
+    }
+
+    /// FSINCOS and FPTAN: ST(0) = the first result, then the second
+    /// pushed. Out of range (|ST(0)| >= 2^63): C2 = 1 and nothing else.
+    fn trig_push(&mut self, tan: bool) {
+        let Some(v) = self.st(0) else {
+            self.set_cc(false, false, false);
+            if self.underflow() {
+                self.set_st(0, INDEFINITE);
+                if self.st_empty(7) {
+                    self.st_push(INDEFINITE);
+                }
+            }
+            return;
+        };
+        if !self.st_empty(7) {
+            self.set_cc(false, false, false);
+            if self.overflow() {
+                self.set_st(0, INDEFINITE);
+                self.st_push(INDEFINITE);
+            }
+            return;
+        }
+        if !f80x::trig_in_range(v) {
+            self.set_cc(false, true, false);
+            return;
+        }
+        self.set_cc(false, false, false);
+        let (a, b) = f80x::trig(v, tan);
+        match (self.round_ext(a), self.round_ext(b)) {
+            (Ok((a, fa, ua)), Ok((b, fb, ub))) => {
+                self.fraise(fa | fb);
+                self.set_c1(ua || ub);
+                self.set_st(0, a);
+                self.st_push(b);
+            }
+            (Err(f), _) | (_, Err(f)) => {
+                self.fraise(f);
+            }
+        }
+    }
+
+    /// FPATAN, FYL2X, FYL2XP1: ST(1) = f(ST(0), ST(1)), then a pop.
+    fn binary_pop(&mut self, f: fn(F80, F80) -> Exact) {
+        let (Some(x), Some(y)) = (self.st(0), self.st(1)) else {
+            if self.underflow() {
+                self.set_st(1, INDEFINITE);
+                self.st_pop();
+            }
+            return;
+        };
+        if self.store_result(1, f(x, y), f80::EXT) {
+            self.st_pop();
+        }
+    }
+
+    /// FPREM (`ieee` false) and FPREM1: C2 = 1 for a partial remainder,
+    /// else C0, C3, C1 = the quotient's bits 2, 1, 0.
+    fn fprem(&mut self, ieee: bool) {
+        let (Some(a), Some(b)) = (self.st(0), self.st(1)) else {
+            self.set_cc(false, false, false);
+            if self.underflow() {
+                self.set_st(0, INDEFINITE);
+            }
+            return;
+        };
+        let (e, q) = f80x::fprem(a, b, ieee);
+        if self.store_result(0, e, f80::EXT) {
+            match q {
+                Some(q) => {
+                    self.set_cc(q & 2 != 0, false, q & 4 != 0);
+                    self.set_c1(q & 1 != 0);
+                }
+                None => {
+                    self.set_cc(false, true, false);
+                    self.set_c1(false);
+                }
+            }
+        }
+    }
+
+    /// FBSTP: ST(0) rounded per RC to an 18-digit packed BCD integer;
+    /// NaNs, infinities, unsupported formats and |value| >= 10^18 are
+    /// invalid (masked: the packed BCD indefinite). Returns whether to pop.
+    fn fbstp(&mut self, i: &Instruction) -> R<bool> {
+        let l = self.mem_lin(i)?;
+        self.fpu.fdp = l;
+        let Some(x) = self.st(0) else {
+            if !self.underflow() {
+                return Ok(false);
+            }
+            self.write_bytes(l, &f80x::BCD_INDEFINITE, self.acc_w)?;
+            return Ok(true);
+        };
+        let rc = (self.fpu.fcw >> 10) & 3;
+        match to_int(x, rc, 64).filter(|r| r.0.unsigned_abs() < 1_000_000_000_000_000_000) {
+            Some((v, inexact, up)) => {
+                self.write_bytes(l, &f80x::to_bcd(v.unsigned_abs(), x.sign()), self.acc_w)?;
+                self.set_c1(up);
+                if inexact {
+                    self.fraise(f80::PE);
+                }
+            }
+            None => {
+                self.set_c1(false);
+                if self.fraise(f80::IE) {
+                    return Ok(false);
+                }
+                self.write_bytes(l, &f80x::BCD_INDEFINITE, self.acc_w)?;
+            }
+        }
+        Ok(true)
     }
 
     /// Rounds an exact result into ST(k) per PC (or extended precision),
@@ -1055,6 +1195,67 @@ impl Cpu {
                 self.set_c1(false);
                 self.set_st(0, exp);
                 self.st_push(sig);
+                Ok(())
+            }
+            M::Fprem | M::Fprem1 => {
+                self.fprem(m == M::Fprem1);
+                Ok(())
+            }
+            M::Fsin | M::Fcos | M::F2xm1 => {
+                let Some(v) = self.st(0) else {
+                    if m != M::F2xm1 {
+                        self.set_cc(false, false, false);
+                    }
+                    if self.underflow() {
+                        self.set_st(0, INDEFINITE);
+                    }
+                    return Ok(());
+                };
+                let e = if m == M::F2xm1 {
+                    f80x::f2xm1(v)
+                } else if !f80x::trig_in_range(v) {
+                    self.set_cc(false, true, false);
+                    return Ok(());
+                } else {
+                    self.set_cc(false, false, false);
+                    let (s, c) = f80x::trig(v, false);
+                    if m == M::Fsin {
+                        s
+                    } else {
+                        c
+                    }
+                };
+                self.store_result(0, e, f80::EXT);
+                Ok(())
+            }
+            M::Fsincos | M::Fptan => {
+                self.trig_push(m == M::Fptan);
+                Ok(())
+            }
+            M::Fpatan => {
+                self.binary_pop(f80x::fpatan);
+                Ok(())
+            }
+            M::Fyl2x => {
+                self.binary_pop(f80x::fyl2x);
+                Ok(())
+            }
+            M::Fyl2xp1 => {
+                self.binary_pop(f80x::fyl2xp1);
+                Ok(())
+            }
+            M::Fbld => {
+                let l = self.mem_lin(i)?;
+                self.fpu.fdp = l;
+                let mut b = [0u8; 10];
+                self.read_bytes(l, &mut b, self.acc_r, Access::Read)?;
+                self.fpush(f80x::from_bcd(&b));
+                Ok(())
+            }
+            M::Fbstp => {
+                if self.fbstp(i)? {
+                    self.st_pop();
+                }
                 Ok(())
             }
             M::Fcom
