@@ -661,27 +661,38 @@ pub(crate) fn fpatan(x: F80, y: F80) -> Exact {
     signed(theta).exact(de)
 }
 
+/// What FPREM and FPREM1 leave in C0, C1, C3 (C2: 1 for a partial
+/// remainder, else 0).
+pub(crate) enum Quot {
+    /// The quotient's bits 2, 0, 1 (Q2, Q0, Q1).
+    Bits(u64),
+    /// A partial remainder: C0, C1, C3 cleared.
+    Partial,
+    /// A NaN or an invalid operation: C1 cleared, C0 and C3 kept (what
+    /// this host's x87 does; the SDM does not say).
+    Kept,
+}
+
 /// FPREM (`ieee` false: the quotient truncated) and FPREM1 (rounded to
-/// nearest): ST(0) = a, ST(1) = b. (result, quotient's low bits or None
-/// for a partial remainder). The exponent difference D is reduced by at
+/// nearest): ST(0) = a, ST(1) = b: the result and what C0, C1, C3 become. The exponent difference D is reduced by at
 /// most 63 per execution: for D >= 64, by D - N with N = 32 + D mod 32
 /// (what this host's x87 does; the SDM allows any N in 32..63), with the
 /// quotient truncated.
-pub(crate) fn fprem(a: F80, b: F80, ieee: bool) -> (Exact, Option<u64>) {
+pub(crate) fn fprem(a: F80, b: F80, ieee: bool) -> (Exact, Quot) {
     let de = match pre2(a, b) {
         Ok(f) => f,
-        Err(e) => return (e, Some(0)),
+        Err(e) => return (e, Quot::Kept),
     };
     let (ca, cb) = (a.class(), b.class());
     if ca == Class::Inf || cb == Class::Zero {
         // Invalid: IE alone (no DE beside it, as this host's x87).
-        return (Exact::Val(INDEFINITE, f80::IE), Some(0));
+        return (Exact::Val(INDEFINITE, f80::IE), Quot::Kept);
     }
     if ca == Class::Zero {
-        return (Exact::Val(a, de), Some(0));
+        return (Exact::Val(a, de), Quot::Bits(0));
     }
     // ST(0) unchanged in value (a pseudo-denormal comes out normalized).
-    let same = (Exact::Num(a.unpack(), false, de), Some(0));
+    let same = (Exact::Num(a.unpack(), false, de), Quot::Bits(0));
     if cb == Class::Inf {
         return same;
     }
@@ -706,7 +717,11 @@ pub(crate) fn fprem(a: F80, b: F80, ieee: bool) -> (Exact, Option<u64>) {
         r = dd - r;
         sign = !sign;
     }
-    let quot = if partial { None } else { Some(q as u64) };
+    let quot = if partial {
+        Quot::Partial
+    } else {
+        Quot::Bits(q as u64)
+    };
     if r == 0 {
         return (Exact::Val(F80::zero(a.sign()), de), quot);
     }

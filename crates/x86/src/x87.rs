@@ -285,6 +285,12 @@ impl Cpu {
         self.fpu.fsw = (self.fpu.fsw & !C1) | if on { C1 } else { 0 };
     }
 
+    /// C2 alone (C0 and C3 are undefined after the transcendentals: left
+    /// as they were, as on this host's x87).
+    fn set_c2(&mut self, on: bool) {
+        self.fpu.fsw = (self.fpu.fsw & !C2) | if on { C2 } else { 0 };
+    }
+
     fn set_cc(&mut self, c3: bool, c2: bool, c0: bool) {
         self.fpu.fsw = (self.fpu.fsw & !(C3 | C2 | C0))
             | if c3 { C3 } else { 0 }
@@ -358,8 +364,10 @@ impl Cpu {
     /// FSINCOS and FPTAN: ST(0) = the first result, then the second
     /// pushed. Out of range (|ST(0)| >= 2^63): C2 = 1 and nothing else.
     fn trig_push(&mut self, tan: bool) {
+        // C2: 1 out of range, else 0 (stack faults included); C0 and C3
+        // undefined: kept, as on this host's x87.
+        self.set_c2(false);
         let Some(v) = self.st(0) else {
-            self.set_cc(false, false, false);
             if self.underflow() {
                 self.set_st(0, INDEFINITE);
                 if self.st_empty(7) {
@@ -369,7 +377,6 @@ impl Cpu {
             return;
         };
         if !self.st_empty(7) {
-            self.set_cc(false, false, false);
             if self.overflow() {
                 self.set_st(0, INDEFINITE);
                 self.st_push(INDEFINITE);
@@ -377,10 +384,10 @@ impl Cpu {
             return;
         }
         if !f80x::trig_in_range(v) {
-            self.set_cc(false, true, false);
+            self.set_c2(true);
+            self.set_c1(false);
             return;
         }
-        self.set_cc(false, false, false);
         let (a, b) = f80x::trig(v, tan);
         match (self.round_ext(a), self.round_ext(b)) {
             (Ok((a, fa, ua)), Ok((b, fb, ub))) => {
@@ -413,7 +420,8 @@ impl Cpu {
     /// else C0, C3, C1 = the quotient's bits 2, 1, 0.
     fn fprem(&mut self, ieee: bool) {
         let (Some(a), Some(b)) = (self.st(0), self.st(1)) else {
-            self.set_cc(false, false, false);
+            // C2 = 0, C1 = 0, C0 and C3 kept (as this host's x87).
+            self.set_c2(false);
             if self.underflow() {
                 self.set_st(0, INDEFINITE);
             }
@@ -421,15 +429,17 @@ impl Cpu {
         };
         let (e, q) = f80x::fprem(a, b, ieee);
         if self.store_result(0, e, f80::EXT) {
+            self.set_c2(false);
             match q {
-                Some(q) => {
+                f80x::Quot::Bits(q) => {
                     self.set_cc(q & 2 != 0, false, q & 4 != 0);
                     self.set_c1(q & 1 != 0);
                 }
-                None => {
+                f80x::Quot::Partial => {
                     self.set_cc(false, true, false);
                     self.set_c1(false);
                 }
+                f80x::Quot::Kept => self.set_c1(false),
             }
         }
     }
@@ -1202,10 +1212,11 @@ impl Cpu {
                 Ok(())
             }
             M::Fsin | M::Fcos | M::F2xm1 => {
+                // FSIN, FCOS: C2 as for FSINCOS; F2XM1 leaves it.
+                if m != M::F2xm1 {
+                    self.set_c2(false);
+                }
                 let Some(v) = self.st(0) else {
-                    if m != M::F2xm1 {
-                        self.set_cc(false, false, false);
-                    }
                     if self.underflow() {
                         self.set_st(0, INDEFINITE);
                     }
@@ -1214,10 +1225,10 @@ impl Cpu {
                 let e = if m == M::F2xm1 {
                     f80x::f2xm1(v)
                 } else if !f80x::trig_in_range(v) {
-                    self.set_cc(false, true, false);
+                    self.set_c2(true);
+                    self.set_c1(false);
                     return Ok(());
                 } else {
-                    self.set_cc(false, false, false);
                     let (s, c) = f80x::trig(v, false);
                     if m == M::Fsin {
                         s
