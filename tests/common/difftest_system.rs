@@ -709,6 +709,7 @@ fn generate_system(rng: &mut Rng, native: bool) -> (Vec<u8>, Defined, Knobs) {
         a: CodeAssembler::new(64).unwrap(),
         defined: ARITH,
         x87: false,
+        cc_skip: 0,
         sse: false,
     };
     // A label before each group of instructions (an integer instruction
