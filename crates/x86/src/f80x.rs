@@ -545,7 +545,7 @@ pub(crate) fn fyl2x(x: F80, y: F80) -> Exact {
         return match cy {
             Class::Zero => inv,
             Class::Inf => Exact::Val(F80::inf(!y.sign()), de),
-            _ => Exact::Val(F80::inf(!y.sign()), f80::ZE | de),
+            _ => Exact::Val(F80::inf(!y.sign()), f80::ZE),
         };
     }
     if cx == Class::Inf {
@@ -604,7 +604,7 @@ pub(crate) fn fyl2xp1(x: F80, y: F80) -> Exact {
             return match cy {
                 Class::Zero => inv,
                 Class::Inf => Exact::Val(F80::inf(!y.sign()), de),
-                _ => Exact::Val(F80::inf(!y.sign()), f80::ZE | de),
+                _ => Exact::Val(F80::inf(!y.sign()), f80::ZE),
             };
         }
         return inv;

@@ -562,6 +562,9 @@ impl Cpu {
             _ => f80::div(b, a),
         };
         let e = match e {
+            // #Z ranks above #D (SDM vol. 1 4.9.2): no DE from a
+            // denormal memory operand divided by zero.
+            Exact::Val(v, f) if f & f80::ZE != 0 => Exact::Val(v, f | (cf & !f80::DE)),
             Exact::Val(v, f) => Exact::Val(v, f | cf),
             Exact::Num(u, s, f) => Exact::Num(u, s, f | cf),
         };
@@ -979,6 +982,13 @@ impl Cpu {
                         Some(v) => {
                             self.set_c1(false);
                             self.set_st(d, v);
+                            true
+                        }
+                        // D9 D8+i (FSTPNCE, Intel XED's name: FSTP with no
+                        // check of an empty ST(0)): no stack underflow,
+                        // ST(i) left as it is, the pop (as this host's x87).
+                        None if m == M::Fstpnce => {
+                            self.set_c1(false);
                             true
                         }
                         None => {
