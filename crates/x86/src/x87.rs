@@ -368,11 +368,11 @@ impl Cpu {
         // undefined: kept, as on this host's x87.
         self.set_c2(false);
         let Some(v) = self.st(0) else {
+            // Masked: the indefinite in both destinations, pushed whatever
+            // ST(7) holds (as on this host's x87).
             if self.underflow() {
                 self.set_st(0, INDEFINITE);
-                if self.st_empty(7) {
-                    self.st_push(INDEFINITE);
-                }
+                self.st_push(INDEFINITE);
             }
             return;
         };
@@ -1174,11 +1174,10 @@ impl Cpu {
             }
             M::Fxtract => {
                 let Some(a) = self.st(0) else {
+                    // Masked: as FSINCOS's (trig_push).
                     if self.underflow() {
                         self.set_st(0, INDEFINITE);
-                        if self.st_empty(7) {
-                            self.st_push(INDEFINITE);
-                        }
+                        self.st_push(INDEFINITE);
                     }
                     return Ok(());
                 };
