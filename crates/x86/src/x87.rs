@@ -547,6 +547,20 @@ impl Cpu {
             }
             return Ok(());
         };
+        // A memory SNaN was quieted by its conversion: the operation sees
+        // it as the SNaN it was (an SNaN and a QNaN give the QNaN, SDM vol.
+        // 1 Table 4-7; nan_result sets IE).
+        let (b, cf) = if cf & f80::IE != 0 && b.is_nan() {
+            (
+                F80 {
+                    sig: b.sig & !(1 << 62),
+                    ..b
+                },
+                cf & !f80::IE,
+            )
+        } else {
+            (b, cf)
+        };
         let cf = if a.is_nan() || a.class() == Class::Unsupported {
             0
         } else {
