@@ -1695,7 +1695,10 @@ fn tolerate_tail(op: u8, hm: &[u8], sm: &mut [u8]) {
     let f80 = |m: &[u8], at: usize| {
         let mut b = [0u8; 8];
         b.copy_from_slice(&m[at..at + 8]);
-        (u16::from_le_bytes([m[at + 8], m[at + 9]]), u64::from_le_bytes(b))
+        (
+            u16::from_le_bytes([m[at + 8], m[at + 9]]),
+            u64::from_le_bytes(b),
+        )
     };
     let top = ((word(hm, FX_PRE + 2) >> 11) & 7) as usize;
     // ST(0) before: undefined results beyond the domains.

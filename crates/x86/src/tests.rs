@@ -1494,4 +1494,3 @@ fn x87_stack_faults_fxam_and_mf() {
     assert_eq!(r.r12 & !0x4500, 0x80c1, "unmasked: ES and B, C1 = 0, TOP 0");
     assert_eq!(r.r14, 0xe8d9, "#MF is reported at the FLD1");
 }
-
