@@ -542,11 +542,7 @@ pub(crate) fn fyl2x(x: F80, y: F80) -> Exact {
         return inv;
     }
     if cx == Class::Zero {
-        return match cy {
-            Class::Zero => inv,
-            Class::Inf => Exact::Val(F80::inf(!y.sign()), de),
-            _ => Exact::Val(F80::inf(!y.sign()), f80::ZE),
-        };
+        return times_log2_zero(y, de);
     }
     if cx == Class::Inf {
         return match cy {
@@ -564,6 +560,16 @@ pub(crate) fn fyl2x(x: F80, y: F80) -> Exact {
         };
     }
     product(y, log2(w), de)
+}
+
+/// y * log2(0) = y * -inf: 0 * inf is invalid, a finite y divides by
+/// zero (ZE alone, #Z ranking above #D), an infinite one is exact.
+fn times_log2_zero(y: F80, de: u16) -> Exact {
+    match y.class() {
+        Class::Zero => Exact::Val(INDEFINITE, f80::IE),
+        Class::Inf => Exact::Val(F80::inf(!y.sign()), de),
+        _ => Exact::Val(F80::inf(!y.sign()), f80::ZE),
+    }
 }
 
 /// y * l for a finite non-zero irrational l: zeros and infinities of y
@@ -601,11 +607,7 @@ pub(crate) fn fyl2xp1(x: F80, y: F80) -> Exact {
     if x.sign() && !w.abs().less_mag(W::ONE) {
         if w.sig == TOP && w.exp == 0 {
             // log2(0): as FYL2X of zero.
-            return match cy {
-                Class::Zero => inv,
-                Class::Inf => Exact::Val(F80::inf(!y.sign()), de),
-                _ => Exact::Val(F80::inf(!y.sign()), f80::ZE),
-            };
+            return times_log2_zero(y, de);
         }
         return inv;
     }
