@@ -206,6 +206,16 @@ mod host {
     host_op!(fbstp, "fbstp tbyte ptr [{m}]");
 }
 
+/// Whether the host's x87 is AMD's, whose choices where the SDM leaves
+/// room (the N of partial remainders, FBLD's digits above 9, the condition
+/// codes after a NaN operand of FPREM) visor follows: the bit-for-bit tests
+/// below compare only there (this project's machines are AMD).
+#[cfg(target_arch = "x86_64")]
+fn host_is_amd() -> bool {
+    let r = core::arch::x86_64::__cpuid(0);
+    [r.ebx, r.edx, r.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163]
+}
+
 /// A small xorshift generator.
 struct Rng(u64);
 
@@ -289,6 +299,10 @@ fn same(what: &str, v: &[u8; 108], h: &[u8; 108], ulp: bool, fsw_ignore: u16) {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn x87_fprem_matches_host() {
+    if !host_is_amd() {
+        eprintln!("x87_fprem_matches_host: not an AMD host, not compared");
+        return;
+    }
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let mut cases = Vec::new();
     for a in specials() {
@@ -329,6 +343,10 @@ fn x87_fprem_matches_host() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn x87_bcd_matches_host() {
+    if !host_is_amd() {
+        eprintln!("x87_bcd_matches_host: not an AMD host, not compared");
+        return;
+    }
     let mut rng = Rng(0x0bcd_0bcd_1234_5678);
     for n in 0..60 {
         let mut bcd = [0u8; 10];
