@@ -276,6 +276,13 @@ impl W {
     }
 }
 
+/// A series term this many binary places below the sum is its last one: it
+/// is added (below the 128th bit it is a sticky bit that still gives the
+/// direction of the rest, whose terms shrink and alternate or keep their
+/// sign), and the terms after it, which could only cancel that bit, are
+/// not.
+const NEGLIGIBLE: i32 = 125;
+
 /// sin(r) and cos(r) for |r| <= about pi/4: Taylor series.
 fn sin_cos(r: W) -> (W, W) {
     if r.is_zero() {
@@ -283,12 +290,20 @@ fn sin_cos(r: W) -> (W, W) {
     }
     let r2 = r.mul(r);
     let (mut s, mut c, mut ts, mut tc) = (r, W::ONE, r, W::ONE);
+    // Each series stops after its own last term (NEGLIGIBLE).
+    let (mut s_done, mut c_done) = (false, false);
     for k in 1..60i64 {
-        ts = ts.mul(r2).div(W::int(2 * k * (2 * k + 1))).neg();
-        tc = tc.mul(r2).div(W::int((2 * k - 1) * 2 * k)).neg();
-        s = s.add(ts);
-        c = c.add(tc);
-        if ts.exp < s.exp - 140 && tc.exp < c.exp - 140 {
+        if !s_done {
+            ts = ts.mul(r2).div(W::int(2 * k * (2 * k + 1))).neg();
+            s = s.add(ts);
+            s_done = ts.exp < s.exp - NEGLIGIBLE;
+        }
+        if !c_done {
+            tc = tc.mul(r2).div(W::int((2 * k - 1) * 2 * k)).neg();
+            c = c.add(tc);
+            c_done = tc.exp < c.exp - NEGLIGIBLE;
+        }
+        if s_done && c_done {
             break;
         }
     }
@@ -333,7 +348,7 @@ fn atan(r: W) -> W {
         p = p.mul(t2).neg();
         let term = p.div(W::int(2 * n + 1));
         sum = sum.add(term);
-        if term.exp < sum.exp - 140 {
+        if term.exp < sum.exp - NEGLIGIBLE {
             break;
         }
     }
@@ -351,7 +366,7 @@ fn ln_ratio(s: W) -> W {
         p = p.mul(s2);
         let term = p.div(W::int(2 * n + 1));
         sum = sum.add(term);
-        if term.exp < sum.exp - 140 {
+        if term.exp < sum.exp - NEGLIGIBLE {
             break;
         }
     }
@@ -386,7 +401,7 @@ fn expm1(t: W) -> W {
     for n in 2..80i64 {
         term = term.mul(t).div(W::int(n));
         sum = sum.add(term);
-        if term.is_zero() || term.exp < sum.exp - 140 {
+        if term.is_zero() || term.exp < sum.exp - NEGLIGIBLE {
             break;
         }
     }

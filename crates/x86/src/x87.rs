@@ -390,9 +390,11 @@ impl Cpu {
         }
         let (a, b) = f80x::trig(v, tan);
         match (self.round_ext(a), self.round_ext(b)) {
-            (Ok((a, fa, ua)), Ok((b, fb, ub))) => {
+            (Ok((a, fa, ua)), Ok((b, fb, _))) => {
+                // C1: the first result's rounding (sin, tan), as on the
+                // hardware (FSINCOS checked against it bit for bit).
                 self.fraise(fa | fb);
-                self.set_c1(ua || ub);
+                self.set_c1(ua);
                 self.set_st(0, a);
                 self.st_push(b);
             }

@@ -379,7 +379,8 @@ fn x87_bcd_matches_host() {
 }
 
 /// The transcendentals against the host, within 1 ulp, with the same
-/// exception flags and condition codes (C1, the rounding direction, aside):
+/// exception flags and condition codes (C1, the rounding direction, where
+/// the results are the same):
 /// random operands in each instruction's domain and the special operands,
 /// each rounding control.
 #[cfg(target_arch = "x86_64")]
@@ -415,12 +416,20 @@ fn x87_transcendentals_match_host() {
             let fcw = 0x37f | ((n as u16 % 4) << 10);
             let (v, _) = visor(&op, fcw, a, Some(b), [0; 10]);
             let hi = h(fcw, a, b, &mut [0; 10]);
+            // C1 (rounded up) is compared where the results are the same;
+            // not for FPTAN, where this host's C1 for tiny arguments (tan(x)
+            // rounded to x) is set against the rounding's direction.
+            let c1 = if op == FPTAN || v[28..108] != hi[28..108] {
+                0x200
+            } else {
+                0
+            };
             same(
                 &format!("{op:x?} {a:x?} {b:x?} fcw {fcw:#x}"),
                 &v,
                 &hi,
                 true,
-                0x200,
+                c1,
             );
         }
     }
