@@ -36,9 +36,9 @@ struct Args {
     /// Go on after a divergence and count them all.
     #[arg(long)]
     keep_going: bool,
-    /// Generate x87 sequences too.
+    /// Generate no x87 sequences (by default half the sequences are).
     #[arg(long)]
-    x87: bool,
+    no_x87: bool,
     /// Print progress every N sequences.
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     every: u64,
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         seed: args.seed.unwrap_or(difftest::DEFAULT_SEED),
         count: args.count,
         keep_going: args.keep_going,
-        x87: args.x87,
+        x87: !args.no_x87,
     };
     let start = std::time::Instant::now();
     let every = args.every.max(1);

@@ -698,6 +698,13 @@ on_engines!(
     unmasked_simd_exception_gives_xm,
 );
 
+// The x87's remainders, transcendentals and packed BCD (issue 16: the
+// model advertises FPU), on the software engines.
+on_engines!(
+    [emu, trap, vmx, bt]:
+    x87_remainders_transcendentals_and_bcd_run,
+);
+
 // NMIs through the local APIC (an irqchip). (Engine `vmx`: its VMM answers
 // the guest's CPUID from the table, without IA32_APIC_BASE's enable.)
 on_engines!(
@@ -888,6 +895,89 @@ fn unmasked_simd_exception_gives_xm(engine: Engine) {
         assert_eq!(r.r10, 0x3f80_0000, "XMM0 unchanged");
         assert_eq!(r.rbx, (0x1f80 & !(4 << 7)) | 4, "MXCSR.ZE set");
     }
+}
+
+/// FPREM, FPREM1, FSIN, FPTAN, FPATAN, F2XM1, FYL2X, FBLD and FBSTP run
+/// with the SDM's results (the exact values, rounded to nearest): each
+/// result is stored as an 80-bit value and read back into two registers.
+fn x87_remainders_transcendentals_and_bcd_run(engine: Engine) {
+    let main = asm64(|a| {
+        let mut n = 0;
+        let mut save = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+            a.fstp(tword_ptr(rsp - 0x100 - 16 * n))?;
+            n += 1;
+            Ok(())
+        };
+        a.fninit()?;
+        a.mov(dword_ptr(rsp - 8), 3)?;
+        a.mov(dword_ptr(rsp - 12), 7)?;
+        a.fild(dword_ptr(rsp - 8))?;
+        a.fild(dword_ptr(rsp - 12))?;
+        a.fprem()?; // 7 rem 3 = 1, quotient 2: C3
+        a.fnstsw(ax)?;
+        a.movzx(r15d, ax)?;
+        save(a)?;
+        a.mov(dword_ptr(rsp - 12), 8)?;
+        a.fild(dword_ptr(rsp - 12))?;
+        a.fprem1()?; // 8 - 3 * 3 = -1
+        save(a)?; // 1
+        a.fstp(st0)?;
+        a.fld1()?;
+        a.fsin()?; // sin(1)
+        save(a)?; // 2
+        a.fld1()?;
+        a.fptan()?; // tan(1), 1.0 pushed
+        save(a)?; // 3: 1.0
+        save(a)?; // 4: tan(1)
+        a.fld1()?;
+        a.fld1()?;
+        a.fpatan()?; // atan(1/1) = pi/4
+        save(a)?; // 5
+        a.fld1()?;
+        a.fchs()?;
+        a.fld1()?;
+        a.fscale()?; // 0.5
+        a.fstp(st1)?;
+        a.f2xm1()?; // sqrt(2) - 1
+        save(a)?; // 6
+        a.fild(dword_ptr(rsp - 8))?;
+        a.fild(dword_ptr(rsp - 12))?;
+        a.fyl2x()?; // 3 * log2(8) = 9
+        save(a)?; // 7
+                  // FBLD of -123456789012345678, FBSTP back to another place.
+        a.mov(rax, 0x3456_7890_1234_5678u64)?;
+        a.mov(qword_ptr(rsp - 0x40), rax)?;
+        a.mov(word_ptr(rsp - 0x38), 0x8012)?;
+        a.fbld(tword_ptr(rsp - 0x40))?;
+        a.fld(st0)?;
+        save(a)?; // 8
+        a.fbstp(tword_ptr(rsp - 0x60))?;
+        a.mov(r13, qword_ptr(rsp - 0x60))?;
+        a.movzx(r14d, word_ptr(rsp - 0x58))?;
+        a.hlt()
+    });
+    let mut g = Guest::long_mode(engine, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    // The low memory is identity-mapped; RSP is back at STACK.
+    assert_eq!(r.rsp, STACK);
+    let read = |k: u64| -> (u16, u64) {
+        let at = STACK - 0x100 - 16 * k;
+        let sig: u64 = g.vm.mem.read_obj(GuestAddress(at)).unwrap();
+        let se: u16 = g.vm.mem.read_obj(GuestAddress(at + 8)).unwrap();
+        (se, sig)
+    };
+    assert_eq!(r.r15 & 0x4700, 0x4000, "FPREM: C3 = Q1, C2 = 0");
+    assert_eq!(read(0), (0x3fff, 1 << 63), "FPREM");
+    assert_eq!(read(1), (0xbfff, 1 << 63), "FPREM1");
+    assert_eq!(read(2), (0x3ffe, 0xd76a_a478_4867_7021), "FSIN");
+    assert_eq!(read(3), (0x3fff, 1 << 63), "FPTAN's 1.0");
+    assert_eq!(read(4), (0x3fff, 0xc759_22e5_f71d_2dc5), "FPTAN");
+    assert_eq!(read(5), (0x3ffe, 0xc90f_daa2_2168_c235), "FPATAN");
+    assert_eq!(read(6), (0x3ffd, 0xd413_cccf_e779_9211), "F2XM1");
+    assert_eq!(read(7), (0x4002, 0x9000_0000_0000_0000), "FYL2X");
+    assert_eq!(read(8), (0xc037, 0xdb4d_a5d3_1879_a700), "FBLD");
+    assert_eq!((r.r13, r.r14), (0x3456_7890_1234_5678, 0x8012), "FBSTP");
 }
 
 /// An MSR outside the model (AMD's performance counter 0xc001_0000) raises

@@ -766,6 +766,7 @@ fn generate_system(rng: &mut Rng, native: bool) -> (Vec<u8>, Defined, Knobs) {
         a: CodeAssembler::new(64).unwrap(),
         defined: ARITH,
         x87: false,
+        cc_skip: 0,
         sse: true,
     };
     // A label before each group of instructions (an integer instruction

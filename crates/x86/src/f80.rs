@@ -575,7 +575,9 @@ pub fn div(a: F80, b: F80) -> Exact {
         }
         (Class::Inf, _) => return Exact::Val(F80::inf(sign), de),
         (_, Class::Inf) | (Class::Zero, _) => return Exact::Val(F80::zero(sign), de),
-        (_, Class::Zero) => return Exact::Val(F80::inf(sign), ZE | de),
+        // #Z ranks above #D (SDM vol. 1 4.9.2): a denormal dividend
+        // gives ZE alone.
+        (_, Class::Zero) => return Exact::Val(F80::inf(sign), ZE),
         _ => {}
     }
     let (x, y) = (a.unpack(), b.unpack());

@@ -46,6 +46,7 @@ mod debug;
 mod decode;
 mod exec;
 mod f80;
+mod f80x;
 mod fpu;
 mod guest_debug;
 mod intercept;
@@ -1008,3 +1009,5 @@ impl Cpu {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod x87_tests;

@@ -1,6 +1,6 @@
 //! MMX: the integer instructions on MM0-7, which alias the significands of
-//! the x87 registers R0-R7 (SDM vol. 1 ch. 9). Every MMX instruction but
-//! EMMS sets the x87 TOP to 0 and tags every register valid, and a write to
+//! the x87 registers R0-R7 (SDM vol. 1 ch. 9). Every MMX instruction sets
+//! the x87 TOP to 0 and tags every register valid (EMMS: empty), and a write to
 //! MMi sets the exponent and sign field of Ri to all ones (9.5). The
 //! operations are those of the XMM forms (sse.rs) on zero-extended 64-bit
 //! operands; the MMX conversions (CVTPI2PS and the rest) use sse_fp.rs.
@@ -89,6 +89,10 @@ impl Cpu {
         }
         self.mmx_check()?;
         if m == M::Emms {
+            // TOP = 0 as after every MMX instruction (SDM vol. 3 12.2:
+            // "each time an MMX instruction is executed, the TOS value is
+            // set to 000B"), then every register empty.
+            self.mmx_enter();
             self.fpu.ftw = 0;
             return Ok(());
         }

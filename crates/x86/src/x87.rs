@@ -10,6 +10,7 @@ use arch::{cr0, rflags, vector};
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 use crate::f80::{self, Class, Exact, Unp, F80, INDEFINITE};
+use crate::f80x;
 use crate::{exc, Cpu, R};
 
 const C0: u16 = 0x100;
@@ -99,6 +100,16 @@ pub(crate) fn is_x87(m: M) -> bool {
             | Fxtract
             | Fprem
             | Fprem1
+            | Fsin
+            | Fcos
+            | Fsincos
+            | Fptan
+            | Fpatan
+            | F2xm1
+            | Fyl2x
+            | Fyl2xp1
+            | Fbld
+            | Fbstp
             | Fcom
             | Fcomp
             | Fcompp
@@ -290,6 +301,12 @@ impl Cpu {
         self.fpu.fsw = (self.fpu.fsw & !C1) | if on { C1 } else { 0 };
     }
 
+    /// C2 alone (C0 and C3 are undefined after the transcendentals: left
+    /// as they were, as on this host's x87).
+    fn set_c2(&mut self, on: bool) {
+        self.fpu.fsw = (self.fpu.fsw & !C2) | if on { C2 } else { 0 };
+    }
+
     fn set_cc(&mut self, c3: bool, c2: bool, c0: bool) {
         self.fpu.fsw = (self.fpu.fsw & !(C3 | C2 | C0))
             | if c3 { C3 } else { 0 }
@@ -341,6 +358,141 @@ impl Cpu {
                 Ok((F80::from_bytes(&b), 0))
             }
         }
+    }
+
+    /// Rounds an exact result to 64 bits (the transcendentals ignore PC):
+    /// Ok((value, flags, rounded up)), or Err(flags) for an unmasked
+    /// invalid-operation, division-by-zero or denormal-operand exception
+    /// (the operands then stay).
+    fn round_ext(&self, e: Exact) -> Result<(F80, u16, bool), u16> {
+        let unmasked = |f: u16| f & (f80::IE | f80::ZE | f80::DE) & !self.fpu.fcw != 0;
+        match e {
+            Exact::Val(_, f) if unmasked(f) => Err(f),
+            Exact::Val(v, f) => Ok((v, f, false)),
+            Exact::Num(_, _, f) if unmasked(f) => Err(f),
+            Exact::Num(u, sticky, f) => {
+                let r = f80::round(u, sticky, f80::EXT, self.fpu.fcw, true);
+                Ok((r.f80(), f | r.flags, r.up))
+            }
+        }
+    }
+
+    /// FSINCOS and FPTAN: ST(0) = the first result, then the second
+    /// pushed. Out of range (|ST(0)| >= 2^63): C2 = 1 and nothing else.
+    fn trig_push(&mut self, tan: bool) {
+        // C2: 1 out of range, else 0 (stack faults included); C0 and C3
+        // undefined: kept, as on this host's x87.
+        self.set_c2(false);
+        let Some(v) = self.st(0) else {
+            // Masked: the indefinite in both destinations, pushed whatever
+            // ST(7) holds (as on this host's x87).
+            if self.underflow() {
+                self.set_st(0, INDEFINITE);
+                self.st_push(INDEFINITE);
+            }
+            return;
+        };
+        if !self.st_empty(7) {
+            if self.overflow() {
+                self.set_st(0, INDEFINITE);
+                self.st_push(INDEFINITE);
+            }
+            return;
+        }
+        if !f80x::trig_in_range(v) {
+            self.set_c2(true);
+            self.set_c1(false);
+            return;
+        }
+        let (a, b) = f80x::trig(v, tan);
+        match (self.round_ext(a), self.round_ext(b)) {
+            (Ok((a, fa, ua)), Ok((b, fb, _))) => {
+                // C1: the first result's rounding (sin, tan), as on the
+                // hardware (FSINCOS checked against it bit for bit).
+                self.fraise(fa | fb);
+                self.set_c1(ua);
+                self.set_st(0, a);
+                self.st_push(b);
+            }
+            (Err(f), _) | (_, Err(f)) => {
+                self.fraise(f);
+            }
+        }
+    }
+
+    /// FPATAN, FYL2X, FYL2XP1: ST(1) = f(ST(0), ST(1)), then a pop.
+    fn binary_pop(&mut self, f: fn(F80, F80) -> Exact) {
+        let (Some(x), Some(y)) = (self.st(0), self.st(1)) else {
+            if self.underflow() {
+                self.set_st(1, INDEFINITE);
+                self.st_pop();
+            }
+            return;
+        };
+        if self.store_result(1, f(x, y), f80::EXT) {
+            self.st_pop();
+        }
+    }
+
+    /// FPREM (`ieee` false) and FPREM1: C2 = 1 for a partial remainder,
+    /// else C0, C3, C1 = the quotient's bits 2, 1, 0.
+    fn fprem(&mut self, ieee: bool) {
+        let (Some(a), Some(b)) = (self.st(0), self.st(1)) else {
+            // C2 = 0, C1 = 0, C0 and C3 kept (as this host's x87).
+            self.set_c2(false);
+            if self.underflow() {
+                self.set_st(0, INDEFINITE);
+            }
+            return;
+        };
+        let (e, q) = f80x::fprem(a, b, ieee);
+        if self.store_result(0, e, f80::EXT) {
+            self.set_c2(false);
+            match q {
+                f80x::Quot::Bits(q) => {
+                    self.set_cc(q & 2 != 0, false, q & 4 != 0);
+                    self.set_c1(q & 1 != 0);
+                }
+                f80x::Quot::Partial => {
+                    self.set_cc(false, true, false);
+                    self.set_c1(false);
+                }
+                f80x::Quot::Kept => self.set_c1(false),
+            }
+        }
+    }
+
+    /// FBSTP: ST(0) rounded per RC to an 18-digit packed BCD integer;
+    /// NaNs, infinities, unsupported formats and |value| >= 10^18 are
+    /// invalid (masked: the packed BCD indefinite). Returns whether to pop.
+    fn fbstp(&mut self, i: &Instruction) -> R<bool> {
+        let l = self.mem_lin(i)?;
+        self.alignment_fault(l, x87_alignment(10), self.acc_w)?;
+        let Some(x) = self.st(0) else {
+            if !self.underflow() {
+                return Ok(false);
+            }
+            self.write_bytes(l, &f80x::BCD_INDEFINITE, self.acc_w)?;
+            return Ok(true);
+        };
+        let rc = (self.fpu.fcw >> 10) & 3;
+        match to_int(x, rc, 64).filter(|r| r.0.unsigned_abs() < 1_000_000_000_000_000_000) {
+            Some((v, inexact, up)) => {
+                self.write_bytes(l, &f80x::to_bcd(v.unsigned_abs(), x.sign()), self.acc_w)?;
+                self.set_c1(up);
+                if inexact {
+                    self.fraise(f80::PE);
+                }
+            }
+            None => {
+                self.set_c1(false);
+                if self.fraise(f80::IE) {
+                    return Ok(false);
+                }
+                self.write_bytes(l, &f80x::BCD_INDEFINITE, self.acc_w)?;
+            }
+        }
+        Ok(true)
     }
 
     /// Rounds an exact result into ST(k) per PC (or extended precision),
@@ -413,6 +565,20 @@ impl Cpu {
             }
             return Ok(());
         };
+        // A memory SNaN was quieted by its conversion: the operation sees
+        // it as the SNaN it was (an SNaN and a QNaN give the QNaN, SDM vol.
+        // 1 Table 4-7; nan_result sets IE).
+        let (b, cf) = if cf & f80::IE != 0 && b.is_nan() {
+            (
+                F80 {
+                    sig: b.sig & !(1 << 62),
+                    ..b
+                },
+                cf & !f80::IE,
+            )
+        } else {
+            (b, cf)
+        };
         let cf = if a.is_nan() || a.class() == Class::Unsupported {
             0
         } else {
@@ -428,6 +594,9 @@ impl Cpu {
             _ => f80::div(b, a),
         };
         let e = match e {
+            // #Z ranks above #D (SDM vol. 1 4.9.2): no DE from a
+            // denormal memory operand divided by zero.
+            Exact::Val(v, f) if f & f80::ZE != 0 => Exact::Val(v, f | (cf & !f80::DE)),
             Exact::Val(v, f) => Exact::Val(v, f | cf),
             Exact::Num(u, s, f) => Exact::Num(u, s, f | cf),
         };
@@ -905,6 +1074,13 @@ impl Cpu {
                             self.set_st(d, v);
                             true
                         }
+                        // D9 D8+i (FSTPNCE, Intel XED's name: FSTP with no
+                        // check of an empty ST(0)): no stack underflow,
+                        // ST(i) left as it is, the pop (as this host's x87).
+                        None if m == M::Fstpnce => {
+                            self.set_c1(false);
+                            true
+                        }
                         None => {
                             if self.underflow() {
                                 self.set_st(d, INDEFINITE);
@@ -1083,11 +1259,10 @@ impl Cpu {
             }
             M::Fxtract => {
                 let Some(a) = self.st(0) else {
+                    // Masked: as FSINCOS's (trig_push).
                     if self.underflow() {
                         self.set_st(0, INDEFINITE);
-                        if self.st_empty(7) {
-                            self.st_push(INDEFINITE);
-                        }
+                        self.st_push(INDEFINITE);
                     }
                     return Ok(());
                 };
@@ -1124,6 +1299,68 @@ impl Cpu {
                 self.set_c1(false);
                 self.set_st(0, exp);
                 self.st_push(sig);
+                Ok(())
+            }
+            M::Fprem | M::Fprem1 => {
+                self.fprem(m == M::Fprem1);
+                Ok(())
+            }
+            M::Fsin | M::Fcos | M::F2xm1 => {
+                // FSIN, FCOS: C2 as for FSINCOS; F2XM1 leaves it.
+                if m != M::F2xm1 {
+                    self.set_c2(false);
+                }
+                let Some(v) = self.st(0) else {
+                    if self.underflow() {
+                        self.set_st(0, INDEFINITE);
+                    }
+                    return Ok(());
+                };
+                let e = if m == M::F2xm1 {
+                    f80x::f2xm1(v)
+                } else if !f80x::trig_in_range(v) {
+                    self.set_c2(true);
+                    self.set_c1(false);
+                    return Ok(());
+                } else {
+                    let (s, c) = f80x::trig(v, false);
+                    if m == M::Fsin {
+                        s
+                    } else {
+                        c
+                    }
+                };
+                self.store_result(0, e, f80::EXT);
+                Ok(())
+            }
+            M::Fsincos | M::Fptan => {
+                self.trig_push(m == M::Fptan);
+                Ok(())
+            }
+            M::Fpatan => {
+                self.binary_pop(f80x::fpatan);
+                Ok(())
+            }
+            M::Fyl2x => {
+                self.binary_pop(f80x::fyl2x);
+                Ok(())
+            }
+            M::Fyl2xp1 => {
+                self.binary_pop(f80x::fyl2xp1);
+                Ok(())
+            }
+            M::Fbld => {
+                let l = self.mem_lin(i)?;
+                self.alignment_fault(l, x87_alignment(10), self.acc_r)?;
+                let mut b = [0u8; 10];
+                self.read_bytes(l, &mut b, self.acc_r, Access::Read)?;
+                self.fpush(f80x::from_bcd(&b));
+                Ok(())
+            }
+            M::Fbstp => {
+                if self.fbstp(i)? {
+                    self.st_pop();
+                }
                 Ok(())
             }
             M::Fcom
