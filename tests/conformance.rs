@@ -705,14 +705,13 @@ on_engines!(
     x87_remainders_transcendentals_and_bcd_run,
 );
 
-// NMIs through the local APIC (an irqchip). (Engine `vmx`: its VMM answers
-// the guest's CPUID from the table, without IA32_APIC_BASE's enable.)
+// NMIs through the local APIC (an irqchip), and its global disable.
 on_engines!(
-    [emu, vmx, bt]:
+    [emu, trap, vmx, bt]:
     self_nmi_is_delivered_once_and_blocked_until_iret,
 );
 on_engines!(
-    [emu, bt]:
+    [emu, trap, vmx, bt]:
     apic_global_disable,
 );
 
@@ -1335,10 +1334,18 @@ fn write_mode_switch_gdt(m: &machine::GuestMemory, gdt: u64, gdtr: u64) {
     m.write_obj(gdt as u32, GuestAddress(gdtr + 2)).unwrap();
 }
 
-// Real mode (SDM vol. 3 9.9, 20.1): engines whose CPU runs it.
+// Real mode (SDM vol. 3 9.9, 20.1): engines whose CPU runs it; `trap`
+// runs a real-mode guest in virtual-8086 mode (docs/deprivileged.md).
+on_engines!(
+    [emu, trap, vmx, bt]:
+    real_mode_round_trip,
+    real_mode_flags_and_interrupts,
+);
+// (Not on `trap`: with ring compression FNSTENV stores the kernel's real
+// CS selector, RPL 1, in protected mode, a leak like PUSH CS that the CPU
+// does not intercept; and the guest's own virtual-8086 mode is not run.)
 on_engines!(
     [emu, vmx, bt]:
-    real_mode_round_trip,
     virtual_8086_mode,
     x87_environment_in_16_bit_and_real_mode,
 );
@@ -1455,6 +1462,34 @@ fn x87_environment_in_16_bit_and_real_mode(engine: Engine) {
     check("real mode", (REAL_DS as u64) << 4, &env16, &env32);
 }
 
+/// 16-bit protected-mode code at `at` (code segment 0x18 of
+/// [`write_mode_switch_gdt`]): the 16-bit data segment in DS, ES and SS,
+/// CR0.PE cleared, a far jump to `real` with CS 0.
+fn pm16_to_real(at: u64, real: u64) -> Vec<u8> {
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(ax, 0x20).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.mov(es, ax).unwrap();
+    a.mov(ss, ax).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.and(eax, !1i32).unwrap();
+    a.mov(cr0, eax).unwrap();
+    let mut code = a.assemble(at).unwrap();
+    code.extend(far_jmp(&[], real as u32, 2, 0));
+    code
+}
+
+/// The start of real-mode code: DS, ES and SS 0, SP `stack`, the IVT loaded
+/// from the pseudo-descriptor at `ivtr`.
+fn real_mode_start(a: &mut CodeAssembler, stack: u64, ivtr: u64) {
+    a.xor(ax, ax).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.mov(es, ax).unwrap();
+    a.mov(ss, ax).unwrap();
+    a.mov(sp, stack as i32).unwrap();
+    a.lidt(ptr(ivtr)).unwrap();
+}
+
 /// From 32-bit protected mode to real mode (through a 16-bit code segment,
 /// CR0.PE clear, a far jump), an INT through the real-mode IVT and IRET
 /// back, then to protected mode again (CR0.PE set, a far jump to a 32-bit
@@ -1487,25 +1522,10 @@ fn real_mode_round_trip(engine: Engine) {
     let pm32 = a.assemble(PM32).unwrap();
     let pm32_end = PM32 + pm32.len() as u64;
     main.extend(pm32);
-    // 16-bit protected mode: 16-bit data segments, PE off, far jump.
-    let mut a = CodeAssembler::new(16).unwrap();
-    a.mov(ax, 0x20).unwrap();
-    a.mov(ds, ax).unwrap();
-    a.mov(es, ax).unwrap();
-    a.mov(ss, ax).unwrap();
-    a.mov(eax, cr0).unwrap();
-    a.and(eax, !1i32).unwrap();
-    a.mov(cr0, eax).unwrap();
-    let mut pm16 = a.assemble(PM16).unwrap();
-    pm16.extend(far_jmp(&[], REAL as u32, 2, 0));
+    let pm16 = pm16_to_real(PM16, REAL);
     // Real mode: segments, the IVT, INT 0x50, back to protected mode.
     let mut a = CodeAssembler::new(16).unwrap();
-    a.xor(ax, ax).unwrap();
-    a.mov(ds, ax).unwrap();
-    a.mov(es, ax).unwrap();
-    a.mov(ss, ax).unwrap();
-    a.mov(sp, STACK16 as i32).unwrap();
-    a.lidt(ptr(IVTR)).unwrap();
+    real_mode_start(&mut a, STACK16, IVTR);
     // Port I/O, a string OUTS with 16-bit addressing and CPUID in real
     // mode: VM exits and entries with real-mode guest state on `vmx`.
     a.in_(al, PORT_BASE as u32 + 1).unwrap();
@@ -1571,6 +1591,133 @@ fn real_mode_round_trip(engine: Engine) {
         vec![(0, vec![0x42]), (2, vec![0x5a]), (2, vec![0xa5])],
         "OUT and REP OUTSB in real mode"
     );
+}
+
+/// Real mode, entered from protected mode: CLI, STI, PUSHF, POPF, PUSHFD
+/// and POPFD with the FLAGS the SDM gives (IF and IOPL as written, bit 1
+/// set, VM and RF never pushed), a fault (#DE, the faulting IP pushed) and
+/// INT3 through the interrupt vector table, IRET back, HLT. Under `trap`
+/// (a virtual-8086 task at IOPL 0) each of these but INT3 and #DE traps to
+/// the VMM, which the counters show.
+fn real_mode_flags_and_interrupts(engine: Engine) {
+    const GDT: u64 = 0x6000;
+    const GDTR: u64 = 0x6100;
+    const IVTR: u64 = 0x6110;
+    const PM16: u64 = 0x7000;
+    const REAL: u64 = 0x7100;
+    const DE_HANDLER: u64 = 0x7400;
+    const BP_HANDLER: u64 = 0x7480;
+    const STACK16: u64 = 0x6800;
+    const OUT: u64 = 0x6200;
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.lgdt(ptr(GDTR)).unwrap();
+    let mut main = a.assemble(CODE).unwrap();
+    main.extend(far_jmp(&[], PM16 as u32, 4, 0x18));
+    let pm16 = pm16_to_real(PM16, REAL);
+    let mut a = CodeAssembler::new(16).unwrap();
+    real_mode_start(&mut a, STACK16, IVTR);
+    a.cli().unwrap();
+    a.pushf().unwrap();
+    a.pop(ax).unwrap();
+    a.mov(word_ptr(OUT), ax).unwrap();
+    a.mov(ax, 0x3a03).unwrap(); // IOPL 3, IF, DF, CF
+    a.push(ax).unwrap();
+    a.popf().unwrap();
+    a.pushf().unwrap();
+    a.pop(ax).unwrap();
+    a.mov(word_ptr(OUT + 2), ax).unwrap();
+    a.pushfd().unwrap();
+    a.pop(eax).unwrap();
+    a.mov(dword_ptr(OUT + 4), eax).unwrap();
+    a.mov(eax, 0x0004_1000u32).unwrap(); // AC, IOPL 1, IF clear
+    a.push(eax).unwrap();
+    a.popfd().unwrap();
+    a.pushfd().unwrap();
+    a.pop(eax).unwrap();
+    a.mov(dword_ptr(OUT + 8), eax).unwrap();
+    a.sti().unwrap();
+    a.xor(dx, dx).unwrap();
+    a.mov(ax, 7).unwrap();
+    a.xor(cx, cx).unwrap();
+    a.div(cx).unwrap(); // #DE: the handler steps over it
+    a.int3().unwrap();
+    a.pushf().unwrap();
+    a.pop(ax).unwrap();
+    a.mov(word_ptr(OUT + 12), ax).unwrap();
+    a.hlt().unwrap();
+    let real = a.assemble(REAL).unwrap();
+    // #DE: record the IP pushed, skip the 2-byte DIV.
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(bp, sp).unwrap();
+    a.mov(si, word_ptr(bp)).unwrap();
+    a.mov(word_ptr(OUT + 14), si).unwrap();
+    a.mov(si, word_ptr(bp + 4)).unwrap();
+    a.mov(word_ptr(OUT + 16), si).unwrap(); // FLAGS pushed
+    a.add(word_ptr(bp), 2).unwrap();
+    a.pushf().unwrap();
+    a.pop(word_ptr(OUT + 18)).unwrap(); // IF and TF cleared
+    a.iret().unwrap();
+    let de = a.assemble(DE_HANDLER).unwrap();
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(bp, sp).unwrap();
+    a.mov(si, word_ptr(bp)).unwrap();
+    a.mov(word_ptr(OUT + 20), si).unwrap();
+    a.iret().unwrap();
+    let bp_h = a.assemble(BP_HANDLER).unwrap();
+
+    let vm = visor::Vm::new(engine, 16 << 20, VmOptions::default()).unwrap();
+    let m = &vm.mem;
+    m.write_slice(&main, GuestAddress(CODE)).unwrap();
+    m.write_slice(&pm16, GuestAddress(PM16)).unwrap();
+    m.write_slice(&real, GuestAddress(REAL)).unwrap();
+    m.write_slice(&de, GuestAddress(DE_HANDLER)).unwrap();
+    m.write_slice(&bp_h, GuestAddress(BP_HANDLER)).unwrap();
+    write_mode_switch_gdt(m, GDT, GDTR);
+    m.write_obj(0x3ffu16, GuestAddress(IVTR)).unwrap();
+    m.write_obj(0u32, GuestAddress(IVTR + 2)).unwrap();
+    m.write_obj(DE_HANDLER as u32, GuestAddress(0)).unwrap();
+    m.write_obj(BP_HANDLER as u32, GuestAddress(3 * 4)).unwrap();
+    let mut g = protected_mode_guest(vm, engine);
+    assert_halted(&g.run());
+    let rd = |k: u64| g.vm.mem.read_obj::<u16>(GuestAddress(OUT + k)).unwrap();
+    let rd32 = |k: u64| g.vm.mem.read_obj::<u32>(GuestAddress(OUT + k)).unwrap();
+    assert_eq!(
+        rd(0) & 0x0202,
+        0x0002,
+        "PUSHF after CLI: IF clear, bit 1 set"
+    );
+    assert_eq!(rd(2), 0x3a03, "POPF then PUSHF: IOPL 3, IF, DF, CF");
+    assert_eq!(rd32(4), 0x3a03, "PUSHFD: no VM, no RF");
+    assert_eq!(rd32(8), 0x0004_1002, "POPFD: AC, IOPL 1, IF clear");
+    let div = REAL + real.len() as u64 - 9; // DIV, INT3, PUSHF, POP, MOV, HLT
+    assert_eq!(rd(14) as u64, div, "#DE pushes the DIV's IP");
+    assert_eq!(rd(16) & 0x0200, 0x0200, "the FLAGS pushed have IF");
+    assert_eq!(rd(18) & 0x0300, 0, "the handler runs with IF and TF clear");
+    assert_eq!(rd(20) as u64, div + 3, "INT3 pushes the next IP");
+    assert_eq!(rd(12) & 0x0200, 0x0200, "IRET restored IF");
+    let s = g.vm.vcpu.sregs().unwrap();
+    assert_eq!(s.cr0 & 1, 0, "still in real mode");
+    assert_eq!((s.cs.selector, s.cs.base), (0, 0));
+    assert_eq!(g.regs().rflags & (1 << 17), 0, "the guest sees no VM flag");
+    if engine == Engine::Trap {
+        let n = |k: &str| {
+            g.stats
+                .engine_counters
+                .iter()
+                .find(|(name, _)| name == k)
+                .map_or(0, |(_, v)| *v)
+        };
+        for (k, want) in [
+            ("traps/cli", 1),
+            ("traps/sti", 1),
+            ("traps/pushf", 6),
+            ("traps/popf", 2),
+            ("traps/iret", 2),
+            ("traps/hlt", 1),
+        ] {
+            assert_eq!(n(k), want, "{k}");
+        }
+    }
 }
 
 /// Virtual-8086 mode under a 32-bit monitor (SDM vol. 3 ch. 20): IRETD to

@@ -638,3 +638,95 @@ fn write_protect_off_stays_supervisor_only() {
     assert_eq!(fault_seen(&g), fault_seen(&oracle));
     assert_eq!(fault_seen(&g).1, 7);
 }
+
+/// A guest started in real mode (CS:IP 0000:7000, the IVT at 0) that reads
+/// the machine status word and the IDTR, then halts: SMSW in R8W, SIDT's
+/// image at 0x6000.
+fn run_real_mode_smsw_sidt(engine: Engine, holes: HolePolicy) -> (Guest, Outcome) {
+    const START: u64 = 0x7000;
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.smsw(ax).unwrap();
+    a.mov(bx, ax).unwrap();
+    a.sidt(ptr(0x6000u64)).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(START).unwrap();
+    let mut vm = visor::Vm::new(engine, 16 << 20, opts(holes)).unwrap();
+    vm.mem.write_slice(&code, GuestAddress(START)).unwrap();
+    let real = |selector: u16, type_: u8| vcpu::Segment {
+        selector,
+        base: (selector as u64) << 4,
+        limit: 0xffff,
+        type_,
+        present: true,
+        s: true,
+        ..Default::default()
+    };
+    let sregs = vcpu::SRegs {
+        cs: real(0, 0xb),
+        ds: real(0, 3),
+        es: real(0, 3),
+        fs: real(0, 3),
+        gs: real(0, 3),
+        ss: real(0, 3),
+        tr: vcpu::Segment {
+            type_: 0xb,
+            present: true,
+            limit: 0xffff,
+            ..Default::default()
+        },
+        ldt: vcpu::Segment {
+            type_: 2,
+            present: true,
+            limit: 0xffff,
+            ..Default::default()
+        },
+        idt: vcpu::DescriptorTable {
+            base: 0,
+            limit: 0x3ff,
+        },
+        gdt: vcpu::DescriptorTable {
+            base: 0,
+            limit: 0xffff,
+        },
+        cr0: arch::cr0::ET,
+        ..Default::default()
+    };
+    let regs = vcpu::Regs {
+        rip: START,
+        rsp: 0x6800,
+        rflags: 2,
+        ..Default::default()
+    };
+    vm.set_cpu_state(&regs, &sregs).unwrap();
+    let mut g = Guest::finish(vm, engine);
+    let o = g.run();
+    (g, o)
+}
+
+/// A real-mode guest runs in virtual-8086 mode, where SMSW and SIDT do not
+/// fault: reported (the default), they are holes and show the real CPU's
+/// CR0 (PE set) and the VMM's empty IDT; with `--trap-sensitive` they trap
+/// and the guest sees what `emu` shows, its own.
+#[test]
+fn real_mode_smsw_and_sidt_are_holes_under_trap() {
+    let seen = |g: &Guest| {
+        let idt = g.vm.mem.read_obj::<[u8; 6]>(GuestAddress(0x6000)).unwrap();
+        (g.regs().rbx & 0xffff, idt)
+    };
+    let ivt = [0xff, 0x03, 0, 0, 0, 0];
+    let (oracle, o) = run_real_mode_smsw_sidt(Engine::Emu, HolePolicy::Report);
+    assert_halted(&o);
+    assert_eq!(seen(&oracle).0 & 1, 0, "emu: PE clear");
+    assert_eq!(seen(&oracle).1, ivt, "emu: the IVT");
+    let (g, o) = run_real_mode_smsw_sidt(Engine::Trap, HolePolicy::Report);
+    assert_halted(&o);
+    assert_eq!(seen(&g).0 & 1, 1, "SMSW shows the real CPU's PE");
+    assert_eq!(seen(&g).1, [0; 6], "SIDT shows the VMM's IDT");
+    assert_eq!(counter(&g, "holes/smsw"), 1);
+    assert_eq!(counter(&g, "holes/sidt"), 1);
+    let (g, o) = run_real_mode_smsw_sidt(Engine::Trap, HolePolicy::Trap);
+    assert_halted(&o);
+    assert_eq!(seen(&g), seen(&oracle), "emulated, as on emu");
+    assert_eq!(counter(&g, "traps/smsw"), 1);
+    assert_eq!(counter(&g, "traps/sidt"), 1);
+}

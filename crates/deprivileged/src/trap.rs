@@ -9,7 +9,9 @@
 //! ([`crate::shadow`]). The sensitive unprivileged instructions that do not
 //! fault at CPL 1 (Popek and Goldberg's problem with x86) are caught by the CPU
 //! and, by [`HolePolicy`], reported as virtualization holes, made fatal, or
-//! trapped and emulated as on a virtualizable x86.
+//! trapped and emulated as on a virtualizable x86. A guest in real mode,
+//! which has no privilege levels to lower, runs in virtual-8086 mode at IOPL
+//! 0, where its sensitive instructions fault too (`TrapVcpu::load_sregs`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use x86::{sreg, Cpu, CpuExit, CpuidTable, IrqMode, PhysMem};
 
 use crate::shadow::Shadow;
-use crate::virt::{compress, decompress, null_stack, real_sregs, Guest, Virt};
+use crate::virt::{compress, decompress, null_stack, real_mode_segment, real_sregs, Guest, Virt};
 use crate::walk::{self, Fault, PHYS_BITS};
 
 /// Engine-private memory (shadow page tables): above the guest's physical
@@ -147,6 +149,7 @@ struct Counters {
     reflected_page_faults: u64,
     interrupts: u64,
     exceptions: u64,
+    nmis: u64,
     soft_ints: u64,
     syscalls: u64,
 }
@@ -225,6 +228,9 @@ fn mnemonic_name(m: M) -> &'static str {
         M::Swapgs => "swapgs",
         M::Iretq => "iretq",
         M::Iretd => "iretd",
+        M::Iret => "iret",
+        M::Pushf | M::Pushfd => "pushf",
+        M::Popf | M::Popfd => "popf",
         M::Sysretq => "sysretq",
         M::Lmsw => "lmsw",
         M::Clts => "clts",
@@ -309,6 +315,14 @@ impl TrapVcpu {
     }
 
     fn exception(&mut self, v: u8, code: Option<u32>) -> Option<VcpuExit<'static>> {
+        if v == vector::NMI {
+            // An NMI of the local APIC (the CPU's NMI intercept): through
+            // the guest's IDT, blocked until the guest's IRET.
+            self.halted = false;
+            self.c.nmis += 1;
+            let rip = self.g.cpu.rip;
+            return self.g.reflect(v, None, rip, false);
+        }
         if v == vector::PF {
             return self.page_fault(code.unwrap_or(0));
         }
@@ -334,6 +348,13 @@ impl TrapVcpu {
                 // register has none).
                 i.mnemonic() == M::Cpuid || self.user_io_permitted(&i)
             };
+            if self.g.v.real_mode() && i.mnemonic() == M::Int {
+                // INT n in virtual-8086 mode at IOPL 0: through the guest's
+                // real-mode interrupt vector table.
+                *self.c.traps.entry("int").or_default() += 1;
+                let next = i.next_ip() & 0xffff_ffff;
+                return self.g.reflect(i.immediate8(), None, next, true);
+            }
             if emulate {
                 if let Some(r) = self.emulate(&i) {
                     return r;
@@ -460,6 +481,23 @@ impl TrapVcpu {
                 Done::Next
             }
             M::Hlt => Done::Halt,
+            M::Pushf | M::Pushfd if g.v.real_mode() => {
+                let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 4);
+                let v = g.vflags() & !(rflags::RF | rflags::VM);
+                self.real_push(v, sz)?;
+                Done::Next
+            }
+            M::Popf | M::Popfd if g.v.real_mode() => {
+                let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 4);
+                let popped = self.real_pop(sz)?;
+                let m = rflags::WRITABLE
+                    & !(rflags::RF | rflags::VM | rflags::VIF | rflags::VIP)
+                    & mask(sz as u32 * 8);
+                let f = (self.g.vflags() & !(m | rflags::RF)) | (popped & m);
+                self.g.set_vflags(f);
+                Done::Next
+            }
+            M::Iret | M::Iretd if g.v.real_mode() => self.real_iret(i)?,
             M::In
             | M::Out
             | M::Insb
@@ -818,11 +856,6 @@ impl TrapVcpu {
                 if v >> 32 != 0 || (v & cr0::PG != 0 && v & cr0::PE == 0) || nw_without_cd {
                     return Err(gp(0));
                 }
-                if v & cr0::PE == 0 {
-                    return Err(EmuErr::Unsupported(String::from(
-                        "the trap engine runs protected-mode guests: this one left protected mode (MOV to CR0 with PE clear)",
-                    )));
-                }
                 let old = g.v.cr0;
                 let (pg_on, pg_off) = (
                     old & cr0::PG == 0 && v & cr0::PG != 0,
@@ -844,13 +877,31 @@ impl TrapVcpu {
                     }
                     g.v.efer &= !efer::LMA;
                 }
+                if (old ^ v) & cr0::PE != 0 {
+                    // Into or out of real mode: the real CPU goes from long
+                    // mode to virtual-8086 mode or back, the segments' hidden
+                    // parts kept as the guest left them.
+                    let f = self.g.vflags();
+                    let mut s = self.g.sregs();
+                    s.cr0 = v | cr0::ET;
+                    s.efer = self.g.v.efer;
+                    self.load_sregs(&s);
+                    self.g.set_vflags(f);
+                    self.g.cpu.refresh_mode();
+                    return Ok(Done::Next);
+                }
                 let g = &mut self.g;
                 g.v.cr0 = v | cr0::ET;
                 // The real PG and WP stay set: the shadow enforces the
                 // guest's view (its identity map with paging off).
                 let follow = cr0::MP | cr0::EM | cr0::TS | cr0::NE | cr0::AM;
-                g.cpu.cr0 =
-                    (g.cpu.cr0 & !follow) | (v & follow) | cr0::WP | cr0::PE | cr0::PG | cr0::ET;
+                // (In real mode the real CPU runs without paging.)
+                let paging = if v & cr0::PE != 0 {
+                    cr0::WP | cr0::PG
+                } else {
+                    0
+                };
+                g.cpu.cr0 = (g.cpu.cr0 & !follow) | (v & follow) | paging | cr0::PE | cr0::ET;
                 if (old ^ v) & (cr0::WP | cr0::PG) != 0 {
                     self.shadow.reset(&mut self.g.cpu);
                 }
@@ -976,6 +1027,107 @@ impl TrapVcpu {
     /// IRETQ of the guest kernel: a return to virtual CPL 0 faults at CPL 1
     /// and is done here; a return to user mode runs natively (and so never
     /// comes here unless its frame is bad, which the guest sees as #GP).
+    /// Sets the guest's system registers and runs the real CPU to match.
+    /// The real CPU is in long mode with paging on the shadow (4-level, NX
+    /// available) for every protected-mode guest: a guest in legacy
+    /// protected mode runs in compatibility mode (32- or 16-bit code
+    /// segments), with paging off on the identity shadow. A guest in real
+    /// mode runs in virtual-8086 mode without paging (linear addresses are
+    /// the guest's physical ones, as in real mode), at IOPL 0 and with a
+    /// task register without an I/O bitmap, so that CLI, STI, PUSHF, POPF,
+    /// INT n, IRET, HLT, port I/O and every privileged instruction fault to
+    /// this VMM (SDM vol. 3 20.2).
+    fn load_sregs(&mut self, s: &SRegs) {
+        self.g.v.load(s);
+        let mut real = real_sregs(s);
+        if s.cr0 & cr0::PE == 0 {
+            real.cs = real_mode_segment(s.cs, true);
+            for (dst, src) in [
+                (&mut real.ss, s.ss),
+                (&mut real.ds, s.ds),
+                (&mut real.es, s.es),
+                (&mut real.fs, s.fs),
+                (&mut real.gs, s.gs),
+            ] {
+                *dst = real_mode_segment(src, false);
+            }
+            let follow = cr0::MP | cr0::EM | cr0::TS | cr0::NE | cr0::AM;
+            real.cr0 = (s.cr0 & follow) | cr0::PE | cr0::ET;
+            real.cr4 = s.cr4 & (cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE);
+            real.efer = 0;
+        } else {
+            if s.efer & efer::LMA == 0 {
+                for seg in [
+                    &mut real.cs,
+                    &mut real.ss,
+                    &mut real.ds,
+                    &mut real.es,
+                    &mut real.fs,
+                    &mut real.gs,
+                ] {
+                    seg.l = false;
+                }
+            }
+            real.cr0 |= cr0::PE | cr0::PG;
+            real.cr4 = (s.cr4 & (cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE)) | cr4::PAE;
+            real.efer = (s.efer & efer::SCE) | efer::LME | efer::LMA | efer::NXE;
+        }
+        self.g.cpu.set_sregs(&real);
+        self.shadow.reset(&mut self.g.cpu);
+    }
+
+    /// A push on a real-mode guest's stack (SS:SP, or SS:ESP with a big SS).
+    fn real_push(&mut self, v: u64, sz: u64) -> Emu<()> {
+        let sp = self.g.cpu.gpr[4].wrapping_sub(sz);
+        let at = self.stack_linear(sp);
+        self.g.write(at, &v.to_le_bytes()[..sz as usize])?;
+        self.set_sp(sp);
+        Ok(())
+    }
+
+    /// A pop from a real-mode guest's stack.
+    fn real_pop(&mut self, sz: u64) -> Emu<u64> {
+        let sp = self.g.cpu.gpr[4];
+        let at = self.stack_linear(sp);
+        let mut b = [0u8; 8];
+        self.g.read(at, &mut b[..sz as usize])?;
+        self.set_sp(sp.wrapping_add(sz));
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// IRET of a real-mode guest (SDM vol. 2 IRET, real-address mode): IP,
+    /// CS and FLAGS popped (EIP, CS and EFLAGS with a 32-bit operand size;
+    /// #GP if EIP is beyond CS's limit), CS loaded as real mode loads it;
+    /// VM, VIF and VIP keep their values.
+    fn real_iret(&mut self, i: &Instruction) -> Emu<Done> {
+        let sz = if i.code() == Code::Iretd { 4 } else { 2 };
+        let sp = self.g.cpu.gpr[4];
+        let at = self.stack_linear(sp);
+        let mut b = [0u8; 12];
+        self.g.read(at, &mut b[..3 * sz])?;
+        let word = |k: usize| {
+            let mut x = [0u8; 8];
+            x[..sz].copy_from_slice(&b[k * sz..(k + 1) * sz]);
+            u64::from_le_bytes(x)
+        };
+        let (ip, cs, fl) = (word(0), word(1) as u16, word(2));
+        if ip > self.g.cpu.seg[sreg::CS].limit as u64 {
+            return Err(gp(0));
+        }
+        self.set_sp(sp.wrapping_add(3 * sz as u64));
+        let keep = rflags::VM | rflags::VIF | rflags::VIP | rflags::RF;
+        let m = rflags::WRITABLE & !keep & mask(sz as u32 * 8);
+        let f = (self.g.vflags() & !(m | rflags::RF)) | (fl & m);
+        self.g.set_vflags(f);
+        let c = &mut self.g.cpu.seg[sreg::CS];
+        c.selector = cs;
+        c.base = (cs as u64) << 4;
+        self.g.cpu.rip = ip;
+        self.g.cpu.end_nmi_blocking();
+        self.g.cpu.refresh_mode();
+        Ok(Done::Jumped)
+    }
+
     fn iretq(&mut self) -> Emu<Done> {
         let sp = self.g.cpu.gpr[4];
         let mut b = [0u8; 40];
@@ -1009,6 +1161,7 @@ impl TrapVcpu {
         let keep = rflags::VM | rflags::VIF | rflags::VIP;
         let f = (fl & rflags::WRITABLE & !keep) | rflags::FIXED;
         g.set_vflags(f);
+        g.cpu.end_nmi_blocking();
         g.cpu.refresh_mode();
         Ok(Done::Jumped)
     }
@@ -1053,6 +1206,7 @@ impl TrapVcpu {
         let keep = rflags::VM | rflags::VIF | rflags::VIP;
         let f = (fl & rflags::WRITABLE & !keep) | (g.vflags() & keep) | rflags::FIXED;
         g.set_vflags(f);
+        g.cpu.end_nmi_blocking();
         g.cpu.refresh_mode();
         Ok(Done::Jumped)
     }
@@ -1224,7 +1378,9 @@ impl TrapVcpu {
                 let mut b = [0u8; 10];
                 b[..2].copy_from_slice(&t.limit.to_le_bytes());
                 b[2..].copy_from_slice(&t.base.to_le_bytes());
-                self.g.write(a, &b)?;
+                // 10 bytes in 64-bit mode, else 6 (a 32-bit base).
+                let n = if self.g.cpu.code_bits() == 64 { 10 } else { 6 };
+                self.g.write(a, &b[..n])?;
             }
             M::Sldt | M::Str => {
                 let v = if i.mnemonic() == M::Sldt {
@@ -1277,6 +1433,10 @@ impl TrapVcpu {
     /// The guest kernel halted: it goes on when its local APIC has an
     /// interrupt for it, or stops the run if nothing can wake it.
     fn wait_halted(&mut self) -> Step<std::convert::Infallible> {
+        if self.g.cpu.nmi_deliverable() {
+            self.halted = false;
+            return Step::Run;
+        }
         if !self.g.v.vif || !self.platform.has_lapic() {
             return Step::Exit(VcpuExit::Hlt);
         }
@@ -1380,12 +1540,9 @@ impl softplat::Engine for TrapVcpu {
                 return s;
             }
         }
+        let take = self.g.v.vif || self.g.vcpl() == 3;
         let cpu = &mut self.g.cpu;
-        cpu.intercepts.irq = if self.g.v.vif || cpu.cpl() == 3 {
-            IrqMode::Exit
-        } else {
-            IrqMode::Hold
-        };
+        cpu.intercepts.irq = if take { IrqMode::Exit } else { IrqMode::Hold };
         Step::Run
     }
 
@@ -1413,11 +1570,6 @@ impl softplat::Engine for TrapVcpu {
 
 impl Vcpu for TrapVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
-        if self.g.v.cr0 & cr0::PE == 0 {
-            return Ok(VcpuExit::Unimplemented {
-                what: "the trap engine runs protected-mode guests (with paging or without, in long mode or not); this one is in real mode".into(),
-            });
-        }
         softplat::run(self)
     }
 
@@ -1475,32 +1627,11 @@ impl Vcpu for TrapVcpu {
     }
 
     fn set_sregs(&mut self, s: &SRegs) -> Result<()> {
-        self.g.v.load(s);
-        // The real CPU is always in long mode with paging on the shadow
-        // (4-level, NX available), whatever the guest's mode: a guest in
-        // legacy protected mode runs in compatibility mode (32- or 16-bit
-        // code segments), with paging off on the identity shadow.
-        let mut real = real_sregs(s);
-        if s.efer & efer::LMA == 0 {
-            for seg in [
-                &mut real.cs,
-                &mut real.ss,
-                &mut real.ds,
-                &mut real.es,
-                &mut real.fs,
-                &mut real.gs,
-            ] {
-                seg.l = false;
-            }
-        }
-        real.cr0 |= cr0::PE | cr0::PG;
-        real.cr4 = (s.cr4 & (cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE)) | cr4::PAE;
-        real.efer = (s.efer & efer::SCE) | efer::LME | efer::LMA | efer::NXE;
-        self.g.cpu.set_sregs(&real);
-        self.shadow.reset(&mut self.g.cpu);
+        self.load_sregs(s);
         let r = self.g.cpu.regs();
         // Re-split IF/IOPL now that the CPL is known.
         self.g.set_vflags(r.rflags);
+        self.g.cpu.refresh_mode();
         Ok(())
     }
 
@@ -1532,6 +1663,7 @@ impl Vcpu for TrapVcpu {
         for (k, n) in [
             ("interrupts", c.interrupts),
             ("exceptions", c.exceptions),
+            ("nmis", c.nmis),
             ("soft_ints", c.soft_ints),
             ("syscalls", c.syscalls),
         ] {

@@ -65,6 +65,36 @@ impl Virt {
     pub fn long_mode(&self) -> bool {
         self.efer & efer::LMA != 0
     }
+
+    /// Whether the guest is in real mode (CR0.PE clear): the real CPU then
+    /// runs it in virtual-8086 mode (see [`real_mode_segment`]).
+    pub fn real_mode(&self) -> bool {
+        self.cr0 & cr0::PE == 0
+    }
+}
+
+/// A segment of a real-mode guest as the real CPU runs it in virtual-8086
+/// mode: the guest's hidden base, limit and size kept (a far jump right
+/// after clearing CR0.PE still runs from the protected-mode base; a limit
+/// above 64 KiB, "unreal mode", stays), readable and writable (code: also
+/// executable), present, DPL 3.
+pub fn real_mode_segment(mut s: Segment, code: bool) -> Segment {
+    s = decompress(s);
+    s.unusable = false;
+    s.present = true;
+    s.s = true;
+    s.type_ = if code { 0xb } else { 0x3 };
+    s.dpl = 3;
+    s.l = false;
+    s.g = s.limit > 0xfffff;
+    s
+}
+
+/// The guest's view of a segment of the real CPU in virtual-8086 mode: its
+/// DPL is 0, as the hidden part of every segment in real mode.
+pub fn real_mode_view(mut s: Segment) -> Segment {
+    s.dpl = 0;
+    s
 }
 
 /// A segment as the deprivileged guest kernel really runs with it: DPL 0
@@ -146,7 +176,9 @@ pub struct Guest {
 impl Guest {
     /// The guest's CPL: its kernel runs at real CPL 1.
     pub fn vcpl(&self) -> u8 {
-        if self.cpu.cpl() == 3 {
+        // In real mode the real CPU is in virtual-8086 mode at CPL 3, on the
+        // guest's behalf at its CPL 0.
+        if self.cpu.cpl() == 3 && !self.v.real_mode() {
             3
         } else {
             0
@@ -189,7 +221,7 @@ impl Guest {
         if self.vcpl() == 3 {
             return r;
         }
-        (r & !(rflags::IF | rflags::IOPL))
+        (r & !(rflags::IF | rflags::IOPL | rflags::VM))
             | if self.v.vif { rflags::IF } else { 0 }
             | ((self.v.iopl as u64) << 12)
     }
@@ -202,7 +234,9 @@ impl Guest {
         }
         self.v.vif = f & rflags::IF != 0;
         self.v.iopl = ((f >> 12) & 3) as u8;
-        self.cpu.rflags = (f & !rflags::IOPL) | rflags::IF | rflags::FIXED;
+        // Real mode runs in virtual-8086 mode: VM is the real CPU's alone.
+        let vm = if self.v.real_mode() { rflags::VM } else { 0 };
+        self.cpu.rflags = (f & !(rflags::IOPL | rflags::VM)) | rflags::IF | rflags::FIXED | vm;
     }
 
     pub fn read(&mut self, lin: u64, buf: &mut [u8]) -> Result<(), Fault> {
@@ -263,7 +297,11 @@ impl Guest {
         for seg in [
             &mut s.cs, &mut s.ss, &mut s.ds, &mut s.es, &mut s.fs, &mut s.gs,
         ] {
-            *seg = decompress(*seg);
+            *seg = if v.real_mode() {
+                real_mode_view(*seg)
+            } else {
+                decompress(*seg)
+            };
         }
         s.cr0 = v.cr0;
         s.cr2 = v.cr2;
@@ -338,6 +376,9 @@ impl Guest {
     }
 
     fn deliver(&mut self, v: u8, code: Option<u32>, soft: bool, ret: u64) -> Result<(), Fault> {
+        if self.v.real_mode() {
+            return self.deliver_real(v, ret);
+        }
         if !self.v.long_mode() {
             return self.deliver_legacy(v, code, soft, ret);
         }
@@ -563,6 +604,64 @@ impl Guest {
         if type_ == 0xe {
             self.v.vif = false;
         }
+        self.cpu.refresh_mode();
+        Ok(())
+    }
+
+    /// Delivery in real mode (SDM vol. 3 20.1.4): the 4-byte vector `v` of
+    /// the interrupt vector table at IDTR.base (#GP if it is beyond
+    /// IDTR.limit); FLAGS, CS and IP pushed on SS:SP (16-bit, no error
+    /// code; #SS if the stack wraps below 0 with SP under 6), IF, TF and AC
+    /// cleared, CS:IP loaded from the vector. The real CPU stays in
+    /// virtual-8086 mode; the new CS gets the real-mode base (selector
+    /// times 16) and keeps its limit.
+    fn deliver_real(&mut self, v: u8, ret: u64) -> Result<(), Fault> {
+        let at = v as u64 * 4;
+        if at + 3 > self.v.idtr.limit as u64 {
+            return Err(Fault::gp(v as u32 * 8 + 2));
+        }
+        let mut b = [0u8; 4];
+        self.read(self.v.idtr.base.wrapping_add(at) & 0xffff_ffff, &mut b)?;
+        let (ip, cs) = (
+            u16::from_le_bytes([b[0], b[1]]),
+            u16::from_le_bytes([b[2], b[3]]),
+        );
+        let ss = self.cpu.seg[sreg::SS];
+        let wide = ss.db;
+        let m = if wide { 0xffff_ffff } else { 0xffff };
+        let sp = self.cpu.gpr[4] & m;
+        let flags = (self.vflags() & 0xffff) as u16;
+        let old_cs = self.cpu.seg[sreg::CS].selector;
+        // Each word is pushed on its own: SP wraps within the segment; a
+        // word that would straddle its end (an odd SP) is #SS.
+        let mut words = Vec::with_capacity(3);
+        let mut top = sp;
+        for w in [flags, old_cs, ret as u16] {
+            top = top.wrapping_sub(2) & m;
+            if top + 1 > ss.limit as u64 || top == m {
+                return Err(Fault {
+                    vector: vector::SS,
+                    code: Some(0),
+                    cr2: None,
+                });
+            }
+            words.push((top, w));
+        }
+        for (at, w) in words {
+            self.write(ss.base.wrapping_add(at) & 0xffff_ffff, &w.to_le_bytes())?;
+        }
+        // Committed.
+        self.cpu.gpr[4] = if wide {
+            top
+        } else {
+            (self.cpu.gpr[4] & !0xffff) | top
+        };
+        let c = &mut self.cpu.seg[sreg::CS];
+        c.selector = cs;
+        c.base = (cs as u64) << 4;
+        self.cpu.rip = ip as u64;
+        self.v.vif = false;
+        self.cpu.rflags &= !(rflags::TF | rflags::AC | rflags::RF);
         self.cpu.refresh_mode();
         Ok(())
     }

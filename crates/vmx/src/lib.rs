@@ -51,6 +51,8 @@ const VMCS_REGION: u64 = 0x1000;
 const IO_BITMAP_A: u64 = 0x2000;
 const IO_BITMAP_B: u64 = 0x3000;
 const MSR_BITMAP: u64 = 0x4000;
+/// IA32_APIC_BASE: the global enable (bit 11).
+const APIC_GLOBAL_ENABLE: u64 = 1 << 11;
 const EPT_PML4: u64 = 0x5000;
 /// The guest's virtual-processor identifier: its translations are tagged
 /// with it and survive VM exits.
@@ -717,7 +719,14 @@ impl VmxVcpu {
         Ok(match basic {
             reason::CPUID => {
                 let (leaf, sub) = (self.cpu.gpr[0] as u32, self.cpu.gpr[1] as u32);
-                let (a, b, c, d) = self.shown.query(leaf, sub);
+                let (a, b, c, mut d) = self.shown.query(leaf, sub);
+                // CPUID.1:EDX.APIC follows IA32_APIC_BASE's global enable
+                // (SDM vol. 3 10.4.3), as KVM updates it at run time; the
+                // guest's WRMSR to it does not exit (the MSR bitmap), so
+                // the CPU holds the guest's value.
+                if leaf == 1 && self.cpu.msr.apic_base & APIC_GLOBAL_ENABLE == 0 {
+                    d &= !x86::model::leaf1_edx::APIC;
+                }
                 for (n, v) in [(0, a), (3, b), (1, c), (2, d)] {
                     self.cpu.gpr[n] = v as u64;
                 }

@@ -354,8 +354,17 @@ impl Cpu {
             eprintln!("emu: {:#x} {:?} rsp={:#x}", self.rip, i.code(), self.gpr[4]);
         }
         self.next_rip = i.next_ip() & self.ip_mask();
-        if self.intercepts.sensitive && (self.cpl == 1 || self.cpl == 2) && !self.sensitive_ok {
-            if let Some(mnemonic) = crate::intercept::sensitive(i) {
+        let v86 = self.rflags & VM != 0;
+        if self.intercepts.sensitive
+            && (self.cpl == 1 || self.cpl == 2 || v86)
+            && !self.sensitive_ok
+        {
+            // In virtual-8086 mode only SGDT, SIDT and SMSW: the others
+            // fault there (#UD, or #GP below IOPL 3) or show nothing of
+            // the privilege level.
+            if let Some(mnemonic) = crate::intercept::sensitive(i)
+                .filter(|m| !v86 || matches!(*m, "sgdt" | "sidt" | "smsw"))
+            {
                 let next_rip = self.next_rip;
                 return self.event_exit(CpuExit::Sensitive { mnemonic, next_rip });
             }

@@ -38,6 +38,10 @@ pub enum IrqMode {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Intercepts {
     /// Exceptions, one bit per vector: [`CpuExit::Exception`] instead of delivery.
+    /// Bit 2 takes NMIs of the local device the same way (`vector` 2, no
+    /// code, RIP the next instruction): the NMI is taken and NMIs stay
+    /// blocked until the CPU runs an IRET or the engine calls
+    /// [`Cpu::end_nmi_blocking`] for an IRET it carried out.
     pub exceptions: u32,
     /// INT n, INT3, INTO, INT1: [`CpuExit::SoftInt`].
     pub soft_int: bool,
@@ -45,7 +49,8 @@ pub struct Intercepts {
     pub syscall: bool,
     /// Ready interrupts of the local device.
     pub irq: IrqMode,
-    /// Sensitive unprivileged instructions at CPL 1 or 2: [`CpuExit::Sensitive`].
+    /// Sensitive unprivileged instructions at CPL 1 or 2, and SGDT, SIDT and
+    /// SMSW in virtual-8086 mode: [`CpuExit::Sensitive`].
     pub sensitive: bool,
     /// CPUID faulting (Intel's MISC_FEATURES_ENABLES bit 0): CPUID at CPL > 0
     /// raises #GP.
@@ -155,6 +160,19 @@ impl Cpu {
     /// (the engine chose to let the hole happen).
     pub fn allow_sensitive_once(&mut self) {
         self.sensitive_ok = true;
+    }
+
+    /// An IRET the engine carried out for its guest (an emulated IRET of a
+    /// deprivileged kernel): it ends NMI blocking, as the CPU's own IRET
+    /// does (SDM vol. 3 6.7.1).
+    pub fn end_nmi_blocking(&mut self) {
+        self.vmx.nmi_blocked = false;
+    }
+
+    /// Whether an NMI of the local device is ready and not blocked: it wakes
+    /// a halted CPU whatever RFLAGS.IF says.
+    pub fn nmi_deliverable(&mut self) -> bool {
+        !self.vmx.nmi_blocked && self.local.as_ref().is_some_and(|l| l.nmi_pending())
     }
 
     /// Ends the grants of `grant_privilege_once` and `allow_sensitive_once`

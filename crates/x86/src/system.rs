@@ -347,6 +347,12 @@ impl Cpu {
         }
         self.halted = false;
         self.vmx.nmi_blocked = true;
+        if self.intercepts.exceptions & (1 << vector::NMI) != 0 {
+            return Some(CpuExit::Exception {
+                vector: vector::NMI,
+                code: None,
+            });
+        }
         self.vmx_delivering(vector::NMI, 2, None);
         let r = self.deliver(vector::NMI, None, false, self.rip, 1);
         if r.is_ok() {
