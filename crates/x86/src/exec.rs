@@ -354,11 +354,11 @@ impl Cpu {
             eprintln!("emu: {:#x} {:?} rsp={:#x}", self.rip, i.code(), self.gpr[4]);
         }
         self.next_rip = i.next_ip() & self.ip_mask();
-        let v86 = self.rflags & VM != 0;
         if self.intercepts.sensitive
-            && (self.cpl == 1 || self.cpl == 2 || v86)
             && !self.sensitive_ok
+            && (self.cpl == 1 || self.cpl == 2 || self.rflags & VM != 0)
         {
+            let v86 = self.rflags & VM != 0;
             // In virtual-8086 mode only SGDT, SIDT and SMSW: the others
             // fault there (#UD, or #GP below IOPL 3) or show nothing of
             // the privilege level.
