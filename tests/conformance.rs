@@ -687,6 +687,7 @@ on_engines!(
     cr0_high_bits_give_gp,
     invlpg_of_a_noncanonical_address_is_a_noop,
     rdpru_gives_ud,
+    rdpmc_without_counters_gives_gp,
     unknown_msr_gives_gp,
 );
 
@@ -847,6 +848,22 @@ fn rdpru_gives_ud(engine: Engine) {
     let r = g.regs();
     assert_eq!(r.r12, 0xfa17, "#UD");
     assert_eq!(r.r13, CODE + 2, "RIP of RDPRU");
+}
+
+/// RDPMC of counter 0 in the kernel: the model has no performance counters
+/// (CPUID leaf 0xa version 0), so the index is invalid and RDPMC raises
+/// #GP(0) (SDM vol. 2 RDPMC), on every engine alike (`trap` lets the CPU
+/// decide, with the kernel's privilege).
+fn rdpmc_without_counters_gives_gp(engine: Engine) {
+    let mut main = vec![0x31, 0xc9]; // xor ecx, ecx
+    main.extend_from_slice(&[0x0f, 0x33]); // rdpmc
+    main.push(0xf4);
+    let mut g = catching(engine, 13, true, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_eq!(r.r12, 0xfa17, "#GP");
+    assert_eq!(r.r13, CODE + 2, "RIP of RDPMC");
+    assert_eq!(r.r14, 0, "error code 0");
 }
 
 /// An unmasked SIMD floating-point exception (divide-by-zero, ZE unmasked in

@@ -235,6 +235,7 @@ fn mnemonic_name(m: M) -> &'static str {
         M::Lmsw => "lmsw",
         M::Clts => "clts",
         M::Wbinvd => "wbinvd",
+        M::Rdpmc => "rdpmc",
         M::Invd => "invd",
         M::Retf => "retf",
         M::Jmp => "jmp far",
@@ -529,12 +530,16 @@ impl TrapVcpu {
             // raise #DB, which the engine reflects.
             M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_dr() => Done::Rerun,
             M::Mov if i.op1_kind() == OpKind::Register && i.op1_register().is_dr() => Done::Rerun,
-            M::Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() => {
+            M::Mov
+                if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() =>
+            {
                 let sel = self.read_u16_operand(i, 1)?;
                 self.load_sreg(x86::seg_index(i.op0_register()), sel)?;
                 Done::Next
             }
-            M::Pop if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() => {
+            M::Pop
+                if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() =>
+            {
                 let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 8);
                 let sp = g.cpu.gpr[4];
                 let at = self.stack_linear(sp);
@@ -577,7 +582,8 @@ impl TrapVcpu {
                 let sel = self.read_u16_operand(i, 0)?;
                 self.g.v.tr = self.system_segment(sel, &[9])?;
                 let (a, raw) = self.g.descriptor(sel)?;
-                self.g.write(a.wrapping_add(5), &[((raw | desc::TSS_BUSY) >> 40) as u8])?;
+                self.g
+                    .write(a.wrapping_add(5), &[((raw | desc::TSS_BUSY) >> 40) as u8])?;
                 self.g.v.tr.type_ = 0xb;
                 Done::Next
             }
@@ -611,7 +617,10 @@ impl TrapVcpu {
                 None => Done::Rerun,
             },
             M::Wrmsr => {
-                let (index, v) = (g.cpu.gpr[1] as u32, (g.cpu.gpr[2] << 32) | (g.cpu.gpr[0] & 0xffff_ffff));
+                let (index, v) = (
+                    g.cpu.gpr[1] as u32,
+                    (g.cpu.gpr[2] << 32) | (g.cpu.gpr[0] & 0xffff_ffff),
+                );
                 if self.wrmsr(index, v)? {
                     Done::Next
                 } else {
@@ -638,13 +647,10 @@ impl TrapVcpu {
                 let cr0 = self.g.v.cr0 & !cr0::TS;
                 self.write_cr(0, cr0)?
             }
-            M::Xsetbv | M::Invpcid | M::Rdpmc | M::Monitor | M::Mwait | M::Wrpkru => {
-                return Err(EmuErr::Unsupported(format!(
-                    "the trap engine does not emulate {} (a privileged instruction of the guest kernel) at {:#x}",
-                    format!("{:?}", i.mnemonic()).to_lowercase(),
-                    self.g.cpu.rip
-                )))
-            }
+            // The CPU model decides, with the kernel's privilege: RDPMC has
+            // no counters to read (#GP), and XSAVE, INVPCID, MONITOR/MWAIT
+            // and PKU are not advertised (#UD); the fault is the guest's.
+            M::Rdpmc | M::Xsetbv | M::Invpcid | M::Monitor | M::Mwait | M::Wrpkru => Done::Rerun,
             _ => return Ok(None),
         }))
     }
