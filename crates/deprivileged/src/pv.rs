@@ -222,7 +222,9 @@ impl PvVcpu {
         } else {
             self.c.exceptions += 1;
         }
-        self.g.reflect(v, code, rip, false)
+        // A fault pushes RF set; a #DB here is a trap (single-step, a data
+        // breakpoint) or an instruction breakpoint, pushed as it is.
+        self.g.reflect_fault(v, code, rip, v != vector::DB)
     }
 }
 

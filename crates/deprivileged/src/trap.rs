@@ -262,7 +262,8 @@ impl TrapVcpu {
             self.g.v.cr2 = a;
         }
         let rip = self.g.cpu.rip;
-        self.g.reflect(f.vector, f.code, rip, false)
+        self.g
+            .reflect_fault(f.vector, f.code, rip, f.vector != vector::DB)
     }
 
     /// A #PF of the real CPU: a shadow miss to fill, or the guest's own fault.
@@ -310,7 +311,7 @@ impl TrapVcpu {
                 self.c.reflected_page_faults += 1;
                 self.g.v.cr2 = lin;
                 let rip = self.g.cpu.rip;
-                self.g.reflect(vector::PF, Some(code), rip, false)
+                self.g.reflect_fault(vector::PF, Some(code), rip, true)
             }
         }
     }
@@ -338,7 +339,7 @@ impl TrapVcpu {
                 Ok(i) => i,
                 Err((v2, c2)) => {
                     let rip = self.g.cpu.rip;
-                    return self.g.reflect(v2, c2, rip, false);
+                    return self.g.reflect_fault(v2, c2, rip, true);
                 }
             };
             let emulate = if self.g.vcpl() == 0 {
@@ -364,7 +365,10 @@ impl TrapVcpu {
         }
         self.c.exceptions += 1;
         let rip = self.g.cpu.rip;
-        self.g.reflect(v, code, rip, false)
+        // Every exception that reaches here is a fault but #DB, which is
+        // one only as MOV DR's general detect (run with the grant).
+        let rf = v != vector::DB || self.g.cpu.privilege_granted();
+        self.g.reflect_fault(v, code, rip, rf)
     }
 
     /// Whether the guest's TSS I/O permission bitmap lets user mode run the
@@ -1268,7 +1272,7 @@ impl TrapVcpu {
                     Ok(i) => i,
                     Err((v, c)) => {
                         let rip = self.g.cpu.rip;
-                        return self.g.reflect(v, c, rip, false);
+                        return self.g.reflect_fault(v, c, rip, true);
                     }
                 };
                 match self.emulate_sensitive(&i) {

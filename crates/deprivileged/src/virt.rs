@@ -335,8 +335,28 @@ impl Guest {
         None
     }
 
+    /// Delivers a fault-class exception (`ret` is the faulting instruction)
+    /// through the guest's IDT: the frame's RFLAGS has RF set, as the CPU
+    /// pushes it for every fault but an instruction breakpoint's #DB (SDM
+    /// vol. 3 17.3.1.1); `rf` false leaves RF as it is (a #DB, whose traps
+    /// and instruction-breakpoint faults push it so).
+    pub fn reflect_fault(
+        &mut self,
+        vector: u8,
+        code: Option<u32>,
+        ret: u64,
+        rf: bool,
+    ) -> Option<VcpuExit<'static>> {
+        if rf {
+            self.cpu.rflags |= rflags::RF;
+        }
+        self.reflect(vector, code, ret, false)
+    }
+
     /// Delivers an event to the guest kernel through its IDT, with the
     /// double-fault rules: `None`, or the shutdown exit of a triple fault.
+    /// The frame's RFLAGS has RF as the CPU has it (see
+    /// [`Guest::reflect_fault`]); delivery clears it.
     pub fn reflect(
         &mut self,
         vector: u8,
@@ -443,7 +463,7 @@ impl Guest {
         let mut frame = vec![
             ss_v as u64,
             self.cpu.gpr[4],
-            self.vflags() & !rflags::RF,
+            self.vflags(),
             cs_v as u64,
             ret,
         ];
@@ -577,7 +597,7 @@ impl Guest {
         } else {
             (ss, esp, Vec::new())
         };
-        frame.push((self.vflags() & !rflags::RF) as u32);
+        frame.push(self.vflags() as u32);
         frame.push(if from_user {
             cs.selector
         } else {
