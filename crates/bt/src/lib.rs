@@ -513,6 +513,11 @@ impl Blocks {
             if self.callout_at.contains(&ipa) || !translate::translatable(&i) {
                 if translate::terminator(&i) && !self.callout_at.contains(&ipa) {
                     guest.push(i);
+                    if i.is_jcc_short_or_near() && guest.len() < translate::MAX_BLOCK {
+                        // A superblock: on past the branch not taken.
+                        rip = i.next_ip();
+                        continue;
+                    }
                 } else {
                     callout = Some(i.mnemonic());
                 }
@@ -523,6 +528,10 @@ impl Blocks {
             }
             rip = i.next_ip();
             guest.push(i);
+        }
+        // After a branch the interpreter's instruction is the next block's.
+        if guest.last().is_some_and(translate::terminator) {
+            callout = None;
         }
         let ix = self.blocks.len() as u32;
         let mut block = Block {

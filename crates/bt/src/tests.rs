@@ -59,6 +59,11 @@ fn run_both(code: &[u8]) -> BtVcpu {
         }
     }
     assert_eq!(bt.regs().unwrap(), oracle.regs());
+    assert_eq!(
+        counter(&bt, "guest_instructions"),
+        oracle.retired,
+        "instructions counted"
+    );
     bt
 }
 
@@ -125,6 +130,92 @@ fn arithmetic_loop_runs_translated() {
     let v = run_both(&code);
     at_least(&v, "bt/run_translated", 9000);
     assert!(counter(&v, "bt/blocks_translated") >= 1);
+}
+
+/// A superblock: conditional branches inside a block, not taken, let it go
+/// on; taken, one jumps to a later instruction of the same block (a join:
+/// the flags of the compare live across it, a probe that saved them right
+/// before it, and an access through the same base after it, which must
+/// probe again since the branch skipped the probe), another leaves by a
+/// side exit to code after the loop, another by one back to the block's
+/// start. The registers (a checksum of the memory too) and the count of
+/// instructions agree with `emu`; each of those three points was seen to
+/// fail this test when broken.
+#[test]
+fn branches_inside_a_block_join_or_leave() {
+    const DATA: u64 = 0x20_0000;
+    let code = asm(|a| {
+        let (mut init, mut outer, mut inner, mut noswap, mut odd, mut back, mut sum) = (
+            a.create_label(),
+            a.create_label(),
+            a.create_label(),
+            a.create_label(),
+            a.create_label(),
+            a.create_label(),
+            a.create_label(),
+        );
+        a.mov(rdi, DATA)?;
+        a.mov(ecx, 64u32)?;
+        a.mov(eax, 12345u32)?;
+        a.set_label(&mut init)?;
+        a.imul_3(eax, eax, 1_103_515_245)?;
+        a.add(eax, 12345)?;
+        a.mov(dword_ptr(rdi + rcx * 4 - 4), eax)?;
+        a.dec(ecx)?;
+        a.jnz(init)?;
+        a.mov(r8d, 6u32)?;
+        a.lea(rsi, qword_ptr(rdi + 0x800))?;
+        a.set_label(&mut outer)?;
+        a.xor(ecx, ecx)?;
+        a.set_label(&mut inner)?;
+        a.mov(eax, dword_ptr(rdi + rcx * 4))?;
+        a.mov(edx, dword_ptr(rdi + rcx * 4 + 4))?;
+        a.cmp(edx, eax)?;
+        a.jae(noswap)?; // a join; CF set on the way through
+        a.mov(dword_ptr(rdi + rcx * 4), edx)?;
+        a.mov(dword_ptr(rdi + rcx * 4 + 4), eax)?;
+        a.mov(qword_ptr(rsi), rcx)?; // a probe of its own right before the join
+        a.set_label(&mut noswap)?;
+        a.adc(r14, 0)?; // CF of the compare, either way
+        a.add(qword_ptr(rsi + 8), 1)?; // through RSI as before the join: a probe of its own
+        a.mov(r10d, dword_ptr(rdi + rcx * 4))?;
+        a.add(r11, r10)?;
+        a.test(r10d, 1)?;
+        a.jnz(odd)?; // a side exit forward
+        a.set_label(&mut back)?;
+        a.inc(ecx)?;
+        a.test(ecx, 15)?;
+        a.jz(inner)?; // a side exit back to the start
+        a.cmp(ecx, 63)?;
+        a.jb(inner)?;
+        a.dec(r8d)?;
+        a.jnz(outer)?;
+        a.mov(r12, qword_ptr(rsi))?;
+        a.add(r12, qword_ptr(rsi + 8))?;
+        a.mov(ecx, 64u32)?;
+        a.set_label(&mut sum)?;
+        a.mov(eax, dword_ptr(rdi + rcx * 4 - 4))?;
+        a.imul_3(r12, r12, 31)?;
+        a.add(r12, rax)?;
+        a.dec(ecx)?;
+        a.jnz(sum)?;
+        a.hlt()?;
+        a.set_label(&mut odd)?;
+        a.add(r13, 3)?;
+        a.jmp(back)
+    });
+    let v = run_both(&code);
+    at_least(&v, "bt/run_translated", 3000);
+    // The inner loop is one block with its branches inside.
+    let (_, host) = largest_block(&v);
+    let jccs = Decoder::with_ip(64, &host, 0, DecoderOptions::NONE)
+        .into_iter()
+        .filter(|i| i.is_jcc_short_or_near())
+        .count();
+    assert!(
+        jccs >= 4,
+        "{jccs} conditional branches in the largest block"
+    );
 }
 
 /// A store into a translated block (the guest patches an immediate) drops

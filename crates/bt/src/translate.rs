@@ -444,6 +444,10 @@ enum Form {
     Push,
     /// See `Push`.
     Pop,
+    /// A conditional branch inside a superblock: not taken, the block goes
+    /// on; taken, it jumps to a later instruction of the block (a join) or
+    /// leaves by a side exit.
+    Jcc,
 }
 
 /// Memory accesses that share one TLB probe: the accesses of consecutive
@@ -469,6 +473,30 @@ struct Group {
 /// The most bytes one probe covers for a [`Group`].
 const GROUP_SPAN: u64 = 256;
 
+/// For each instruction of a block, if it is a conditional branch inside
+/// it ([`Form::Jcc`]) whose target is a later instruction of the block, the
+/// index of that instruction (a join); else `None` (a side exit, or not a
+/// branch).
+fn joins(guest: &[Instruction], forms: &[Form]) -> Vec<Option<usize>> {
+    guest
+        .iter()
+        .zip(forms)
+        .enumerate()
+        .map(|(k, (i, f))| {
+            if *f != Form::Jcc {
+                return None;
+            }
+            let t = i.near_branch_target();
+            guest
+                .iter()
+                .enumerate()
+                .skip(k + 1)
+                .find(|(_, g)| g.ip() == t)
+                .map(|(j, _)| j)
+        })
+        .collect()
+}
+
 /// The group of each instruction of a block (`None`: it probes alone, or
 /// does not access memory through a probe). `solo` has bit k set if
 /// instruction k must probe alone. `cross`: the last instruction crosses
@@ -479,6 +507,7 @@ fn groups(
     writes: &[u16],
     solo: u64,
     cross: bool,
+    joins: u64,
 ) -> Vec<Option<Group>> {
     let mut out: Vec<Option<Group>> = vec![None; guest.len()];
     // The open group: its key and members.
@@ -495,6 +524,10 @@ fn groups(
     };
     for (k, (i, f)) in guest.iter().zip(forms).enumerate() {
         let crossing = cross && k + 1 == guest.len();
+        // A join is reached from a branch too, past the leader.
+        if joins >> k & 1 != 0 {
+            close(&mut open, &mut out);
+        }
         match f {
             Form::Memory(write) if solo >> k & 1 == 0 && !crossing => {
                 let key = (
@@ -537,7 +570,7 @@ fn groups(
                     }
                 }
             }
-            Form::Identical | Form::LeaRip if !crossing => {}
+            Form::Identical | Form::LeaRip | Form::Jcc if !crossing => {}
             // They probe (or divide) with the scratch registers.
             _ => close(&mut open, &mut out),
         }
@@ -1160,8 +1193,15 @@ impl Translator {
         let mut used = 0u16;
         let mut taken = Vec::new();
         let mut forms = Vec::new();
-        for i in guest.iter().take(MAX_BLOCK) {
-            let form = if identical(i) {
+        for (k, i) in guest.iter().enumerate().take(MAX_BLOCK) {
+            let form = if i.is_jcc_short_or_near() && k + 1 < guest.len() {
+                // A superblock goes on past it; its target is a join or
+                // a side exit.
+                if !fits(i.near_branch_target()) {
+                    break;
+                }
+                Form::Jcc
+            } else if identical(i) {
                 Form::Identical
             } else if lea_rip(i) {
                 Form::LeaRip
@@ -1255,7 +1295,11 @@ impl Translator {
                 .chain(branch.as_ref())
                 .any(|i| self.implicit_rax(i));
         let writes: Vec<u16> = taken.iter().map(|i| self.gprs_written(i)).collect();
-        let groups = groups(&taken, &forms, &writes, solo, cross.is_some());
+        let joins = joins(&taken, &forms)
+            .iter()
+            .flatten()
+            .fold(0u64, |m, &j| m | 1 << j);
+        let groups = groups(&taken, &forms, &writes, solo, cross.is_some(), joins);
         let emit = |t: &Self, rename: bool| {
             let regs = Registers::new(used, memory, rename);
             t.emit(&taken, &forms, &groups, end, cross, &regs, at, id)
@@ -1334,6 +1378,17 @@ impl Translator {
             a.set_label(&mut body)?;
         }
         let mut misses = Vec::new();
+        // Superblocks: the instruction each conditional branch inside the
+        // block joins when taken (else it leaves by a side exit), and the
+        // labels of those joins.
+        let join_of = joins(guest, forms);
+        let mut join_at: Vec<Option<CodeLabel>> = vec![None; guest.len()];
+        for &j in join_of.iter().flatten() {
+            if join_at[j].is_none() {
+                join_at[j] = Some(a.create_label());
+            }
+        }
+        let mut sides = Vec::new();
         // Whether the guest's flags wait on the host stack (saved by a
         // probe) rather than in RFLAGS: a run of memory accesses that do
         // not touch the flags saves them once; the first instruction that
@@ -1346,6 +1401,14 @@ impl Translator {
             _ => r.restore_flags(a),
         };
         for (k, (i, form)) in guest.iter().zip(forms).enumerate() {
+            if let Some(label) = join_at[k].as_mut() {
+                // Both ways in have the flags in RFLAGS.
+                if saved {
+                    r.restore_flags(&mut a)?;
+                    saved = false;
+                }
+                a.set_label(label)?;
+            }
             if let Some(ppage) = cross.filter(|_| k + 1 == guest.len()) {
                 // The instruction's bytes on the next page are the ones it
                 // was translated from only while that page maps there.
@@ -1353,6 +1416,16 @@ impl Translator {
                 self.fetch_check(&mut a, r, miss, !saved, ppage)?;
                 saved = true;
                 misses.push((miss, k));
+            }
+            if *form == Form::Jcc {
+                if saved {
+                    r.restore_flags(&mut a)?;
+                    saved = false;
+                }
+                let side = a.create_label();
+                jcc(&mut a, i.condition_code(), side)?;
+                sides.push((side, k, i.near_branch_target()));
+                continue;
             }
             if i.mnemonic() == M::Nop {
                 continue;
@@ -1622,6 +1695,31 @@ impl Translator {
                 leave(&mut a, b.near_branch_target(), None)?;
             }
             End::Next(stop) => leave(&mut a, next, stop)?,
+        }
+        // The taken ways of the branches inside the block: to their join
+        // (without the instructions they skip in the count), or out with
+        // the count of the instructions after them taken back.
+        for (mut side, k, target) in sides {
+            a.set_label(&mut side)?;
+            match join_of[k] {
+                Some(j) => {
+                    let skipped = (j - k - 1) as i32;
+                    if skipped > 0 {
+                        a.lea(r15, qword_ptr(r15 - (skipped << COUNT_SHIFT)))?;
+                    }
+                    if let Some(l) = join_at[j] {
+                        a.jmp(l)?;
+                    }
+                }
+                None => {
+                    let after = (count - k - 1) as i32;
+                    if after > 0 {
+                        a.lea(r15, qword_ptr(r15 - (after << COUNT_SHIFT)))?;
+                    }
+                    r.give_back(&mut a)?;
+                    leave(&mut a, target, None)?;
+                }
+            }
         }
         if self_loop {
             // The budget, with the flags kept in AX (RAX is free if it is
