@@ -688,6 +688,7 @@ on_engines!(
     invlpg_of_a_noncanonical_address_is_a_noop,
     rdpru_gives_ud,
     rdpmc_without_counters_gives_gp,
+    rdtsc_in_the_kernel_with_cr4_tsd,
     unknown_msr_gives_gp,
 );
 
@@ -848,6 +849,29 @@ fn rdpru_gives_ud(engine: Engine) {
     let r = g.regs();
     assert_eq!(r.r12, 0xfa17, "#UD");
     assert_eq!(r.r13, CODE + 2, "RIP of RDPRU");
+}
+
+/// CR4.TSD restricts RDTSC to CPL 0 (SDM vol. 2 RDTSC): the kernel still
+/// reads the counter, no fault (`trap` runs its kernel at CPL 1 with the
+/// guest's TSD, so RDTSC faults there and the VMM runs it with the kernel's
+/// privilege; user mode's #GP is in the system differential test).
+fn rdtsc_in_the_kernel_with_cr4_tsd(engine: Engine) {
+    let main = asm64(|a| {
+        a.mov(rax, cr4)?;
+        a.or(rax, 1 << 2)?; // TSD
+        a.mov(cr4, rax)?;
+        a.xor(eax, eax)?;
+        a.xor(edx, edx)?;
+        a.rdtsc()?;
+        a.mov(r8, rax)?;
+        a.or(r8, rdx)?;
+        a.hlt()
+    });
+    let mut g = catching(engine, 13, true, &main);
+    assert_halted(&g.run());
+    let r = g.regs();
+    assert_ne!(r.r12, 0xfa17, "no #GP at CPL 0");
+    assert_ne!(r.r8, 0, "the time-stamp counter");
 }
 
 /// RDPMC of counter 0 in the kernel: the model has no performance counters

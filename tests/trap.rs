@@ -730,3 +730,51 @@ fn real_mode_smsw_and_sidt_are_holes_under_trap() {
     assert_eq!(counter(&g, "traps/smsw"), 1);
     assert_eq!(counter(&g, "traps/sidt"), 1);
 }
+
+/// CR4.TSD set by the guest kernel: RDTSC in user mode raises #GP(0) at the
+/// RDTSC, as on `emu` (the real CPU runs with the guest's TSD), and the
+/// kernel's own RDTSC still reads the counter (it faults at CPL 1 and runs
+/// again with the kernel's privilege: one trap).
+#[test]
+fn rdtsc_in_user_mode_with_cr4_tsd_faults() {
+    let kernel = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.mov(rax, cr4)?;
+        a.or(rax, 1 << 2)?;
+        a.mov(cr4, rax)?;
+        a.rdtsc()?;
+        a.mov(r9, rax)?;
+        a.or(r9, rdx)
+    };
+    let user = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.nop()?;
+        a.rdtsc()
+    };
+    let oracle = run_user(Engine::Emu, kernel, user);
+    let g = run_user(Engine::Trap, kernel, user);
+    assert_eq!(fault_seen(&g), fault_seen(&oracle));
+    let (v, code, _, rip, sel) = fault_seen(&g);
+    assert_eq!((v, code, rip, sel), (13, 0, USER_CODE + 1, 0x2b));
+    assert_ne!(g.regs().r9, 0, "the kernel read the counter");
+    assert_eq!(counter(&g, "traps/rdtsc"), 1);
+}
+
+/// INT n from user mode through a gate of DPL 0 is #GP(n * 8 + 2) at the
+/// INT instruction, as on `emu`: a fault of the INT itself, never a double
+/// fault (n = 0x0c and 0x00 are exception vectors, but INT n is not an
+/// exception).
+#[test]
+fn int_n_through_a_kernel_gate_faults_at_the_int() {
+    type Prog = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let cases: [(Prog, u64); 3] = [
+        (|a| a.int(0x0c), 0x0c),
+        (|a| a.int(0x00), 0x00),
+        (|a| a.int(0x0d), 0x0d),
+    ];
+    for (user, n) in cases {
+        let oracle = run_user(Engine::Emu, |_| Ok(()), user);
+        let g = run_user(Engine::Trap, |_| Ok(()), user);
+        assert_eq!(fault_seen(&g), fault_seen(&oracle), "INT {n:#x}");
+        let (v, code, _, rip, sel) = fault_seen(&g);
+        assert_eq!((v, code, rip, sel), (13, n * 8 + 2, USER_CODE, 0x2b));
+    }
+}

@@ -252,14 +252,18 @@ impl softplat::Engine for PvVcpu {
     fn exit(&mut self, exit: CpuExit) -> Step<Self::Reply> {
         let handled = match exit {
             CpuExit::Exception { vector, code } => self.exception(vector, code),
-            CpuExit::SoftInt { vector, next_rip } => {
+            CpuExit::SoftInt {
+                vector,
+                next_rip,
+                soft,
+            } => {
                 if vector == hypercall::HYPERCALL_VECTOR && self.g.vcpl() == 0 {
                     self.c.hypercalls += 1;
                     self.g.cpu.rip = next_rip;
                     return Step::Exit(VcpuExit::Hypercall);
                 }
                 self.c.soft_ints += 1;
-                self.g.reflect(vector, None, next_rip, true)
+                self.g.reflect(vector, None, next_rip, soft)
             }
             CpuExit::Syscall { next_rip } => {
                 self.c.syscalls += 1;

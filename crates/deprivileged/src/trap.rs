@@ -33,6 +33,11 @@ use crate::walk::{self, Fault, PHYS_BITS};
 const PRIVATE_BASE: u64 = 1 << 47;
 const PRIVATE_PAGES: u64 = 4096;
 
+/// The guest's CR4 bits the real CPU runs with: SSE's enables, and TSD (so
+/// that RDTSC in guest user mode faults as the guest asked; the kernel's,
+/// at CPL 1, faults too and runs again with the CPL-0 grant).
+const REAL_CR4: u64 = cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE | cr4::TSD;
+
 /// What the engine does when the deprivileged kernel executes a sensitive
 /// unprivileged instruction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -236,6 +241,7 @@ fn mnemonic_name(m: M) -> &'static str {
         M::Clts => "clts",
         M::Wbinvd => "wbinvd",
         M::Rdpmc => "rdpmc",
+        M::Rdtsc | M::Rdtscp => "rdtsc",
         M::Invd => "invd",
         M::Retf => "retf",
         M::Jmp => "jmp far",
@@ -456,7 +462,7 @@ impl TrapVcpu {
         }
         let a = self.operand_address(i)?;
         let mut b = [0u8; 2];
-        self.g.read(a, &mut b)?;
+        self.g.read_operand(a, &mut b)?;
         Ok(u16::from_le_bytes(b))
     }
 
@@ -468,7 +474,7 @@ impl TrapVcpu {
             return Ok(());
         }
         let a = self.operand_address(i)?;
-        Ok(self.g.write(a, &(v as u16).to_le_bytes())?)
+        Ok(self.g.write_operand(a, &(v as u16).to_le_bytes())?)
     }
 
     fn emulate_insn(&mut self, i: &Instruction) -> Emu<Option<Done>> {
@@ -503,6 +509,7 @@ impl TrapVcpu {
                 Done::Next
             }
             M::Iret | M::Iretd if g.v.real_mode() => self.real_iret(i)?,
+            M::Rdtsc | M::Rdtscp => Done::Rerun,
             M::In
             | M::Out
             | M::Insb
@@ -945,7 +952,7 @@ impl TrapVcpu {
                 }
                 let g = &mut self.g;
                 g.v.cr4 = v;
-                let follow = cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE;
+                let follow = REAL_CR4;
                 g.cpu.cr4 = (g.cpu.cr4 & !follow) | (v & follow) | cr4::PAE;
                 self.shadow.reset(&mut self.g.cpu);
                 self.g.cpu.refresh_mode();
@@ -1063,7 +1070,7 @@ impl TrapVcpu {
             }
             let follow = cr0::MP | cr0::EM | cr0::TS | cr0::NE | cr0::AM;
             real.cr0 = (s.cr0 & follow) | cr0::PE | cr0::ET;
-            real.cr4 = s.cr4 & (cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE);
+            real.cr4 = s.cr4 & REAL_CR4;
             real.efer = 0;
         } else {
             if s.efer & efer::LMA == 0 {
@@ -1079,7 +1086,7 @@ impl TrapVcpu {
                 }
             }
             real.cr0 |= cr0::PE | cr0::PG;
-            real.cr4 = (s.cr4 & (cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE)) | cr4::PAE;
+            real.cr4 = (s.cr4 & REAL_CR4) | cr4::PAE;
             real.efer = (s.efer & efer::SCE) | efer::LME | efer::LMA | efer::NXE;
         }
         self.g.cpu.set_sregs(&real);
@@ -1390,7 +1397,7 @@ impl TrapVcpu {
                 b[2..].copy_from_slice(&t.base.to_le_bytes());
                 // 10 bytes in 64-bit mode, else 6 (a 32-bit base).
                 let n = if self.g.cpu.code_bits() == 64 { 10 } else { 6 };
-                self.g.write(a, &b[..n])?;
+                self.g.write_operand(a, &b[..n])?;
             }
             M::Sldt | M::Str => {
                 let v = if i.mnemonic() == M::Sldt {
@@ -1559,9 +1566,13 @@ impl softplat::Engine for TrapVcpu {
     fn exit(&mut self, exit: CpuExit) -> Step<Self::Reply> {
         match exit {
             CpuExit::Exception { vector, code } => handled(self.exception(vector, code)),
-            CpuExit::SoftInt { vector, next_rip } => {
+            CpuExit::SoftInt {
+                vector,
+                next_rip,
+                soft,
+            } => {
                 self.c.soft_ints += 1;
-                handled(self.g.reflect(vector, None, next_rip, true))
+                handled(self.g.reflect(vector, None, next_rip, soft))
             }
             CpuExit::Syscall { next_rip } => {
                 self.c.syscalls += 1;

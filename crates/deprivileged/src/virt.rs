@@ -248,6 +248,21 @@ impl Guest {
         walk::access(&mut self.cpu, self.v.paging(), lin, &mut b, true, false)
     }
 
+    /// A write of the guest's own instruction (one the VMM emulates), with
+    /// the rights of the guest's CPL: a user-mode instruction's operand is
+    /// a user access.
+    pub fn write_operand(&mut self, lin: u64, data: &[u8]) -> Result<(), Fault> {
+        let mut b = data.to_vec();
+        let user = self.vcpl() == 3;
+        walk::access(&mut self.cpu, self.v.paging(), lin, &mut b, true, user)
+    }
+
+    /// A read of the guest's own instruction, as [`Guest::write_operand`].
+    pub fn read_operand(&mut self, lin: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        let user = self.vcpl() == 3;
+        walk::access(&mut self.cpu, self.v.paging(), lin, buf, false, user)
+    }
+
     pub fn read_u64(&mut self, lin: u64) -> Result<u64, Fault> {
         let mut b = [0u8; 8];
         self.read(lin, &mut b)?;
@@ -365,13 +380,26 @@ impl Guest {
         soft: bool,
     ) -> Option<VcpuExit<'static>> {
         self.cpu.revoke_grants();
-        let (mut v, mut code, mut soft) = (vector, code, soft);
+        let (mut v, mut code, mut soft, mut ret) = (vector, code, soft, ret);
         loop {
             match self.deliver(v, code, soft, ret) {
                 Ok(()) => return None,
                 Err(f) => {
                     if let Some(a) = f.cr2 {
                         self.v.cr2 = a;
+                    }
+                    if soft {
+                        // A fault of INT n's delivery (the gate's DPL, a
+                        // missing gate) is the instruction's, not a fault
+                        // during an exception's delivery (no #DF, whatever
+                        // n is): it returns to the INT, with RF set as for
+                        // any fault.
+                        v = f.vector;
+                        code = f.code;
+                        ret = self.cpu.rip;
+                        self.cpu.rflags |= rflags::RF;
+                        soft = false;
+                        continue;
                     }
                     if v == vector::DF {
                         return Some(VcpuExit::Shutdown);
@@ -389,7 +417,6 @@ impl Guest {
                         v = f.vector;
                         code = f.code;
                     }
-                    soft = false;
                 }
             }
         }

@@ -354,17 +354,18 @@ impl Cpu {
             eprintln!("emu: {:#x} {:?} rsp={:#x}", self.rip, i.code(), self.gpr[4]);
         }
         self.next_rip = i.next_ip() & self.ip_mask();
-        if self.intercepts.sensitive
-            && !self.sensitive_ok
-            && (self.cpl == 1 || self.cpl == 2 || self.rflags & VM != 0)
-        {
+        if self.intercepts.sensitive && !self.sensitive_ok && self.cpl != 0 {
+            // At CPL 3 only the stores of system registers (SGDT, SIDT,
+            // SLDT, STR, SMSW: they show the VMM's, where user mode runs
+            // natively), in virtual-8086 mode only SGDT, SIDT and SMSW (SLDT
+            // and STR are #UD there): the others fault at CPL 3 (#GP below
+            // IOPL 3) or show user mode as it is.
             let v86 = self.rflags & VM != 0;
-            // In virtual-8086 mode only SGDT, SIDT and SMSW: the others
-            // fault there (#UD, or #GP below IOPL 3) or show nothing of
-            // the privilege level.
-            if let Some(mnemonic) = crate::intercept::sensitive(i)
-                .filter(|m| !v86 || matches!(*m, "sgdt" | "sidt" | "smsw"))
-            {
+            if let Some(mnemonic) = crate::intercept::sensitive(i).filter(|m| {
+                self.cpl != 3
+                    || matches!(*m, "sgdt" | "sidt" | "smsw")
+                    || (!v86 && matches!(*m, "sldt" | "str"))
+            }) {
                 let next_rip = self.next_rip;
                 return self.event_exit(CpuExit::Sensitive { mnemonic, next_rip });
             }

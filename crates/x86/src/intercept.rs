@@ -49,8 +49,9 @@ pub struct Intercepts {
     pub syscall: bool,
     /// Ready interrupts of the local device.
     pub irq: IrqMode,
-    /// Sensitive unprivileged instructions at CPL 1 or 2, and SGDT, SIDT and
-    /// SMSW in virtual-8086 mode: [`CpuExit::Sensitive`].
+    /// Sensitive unprivileged instructions at CPL 1 or 2, the stores of
+    /// system registers (SGDT, SIDT, SLDT, STR, SMSW) at CPL 3, and SGDT,
+    /// SIDT and SMSW in virtual-8086 mode: [`CpuExit::Sensitive`].
     pub sensitive: bool,
     /// CPUID faulting (Intel's MISC_FEATURES_ENABLES bit 0): CPUID at CPL > 0
     /// raises #GP.

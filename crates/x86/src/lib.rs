@@ -189,8 +189,14 @@ pub enum CpuExit {
     /// RIP is the faulting instruction (CR2 holds the address of a #PF).
     Exception { vector: u8, code: Option<u32> },
     /// INT n / INT3 / INTO / INT1 with `Intercepts::soft_int`, not executed:
-    /// RIP is the instruction, `next_rip` the one after it.
-    SoftInt { vector: u8, next_rip: u64 },
+    /// RIP is the instruction, `next_rip` the one after it. `soft`: the
+    /// gate's DPL is checked against the CPL (INT n, INT3, INTO; not INT1,
+    /// which is delivered as a #DB trap).
+    SoftInt {
+        vector: u8,
+        next_rip: u64,
+        soft: bool,
+    },
     /// SYSCALL with `Intercepts::syscall`, not executed.
     Syscall { next_rip: u64 },
     /// An interrupt of the local device is ready (`IrqMode::Exit`); it is

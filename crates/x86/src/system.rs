@@ -576,6 +576,7 @@ impl Cpu {
             return self.event_exit(CpuExit::SoftInt {
                 vector: v,
                 next_rip: ret,
+                soft,
             });
         }
         let old_rip = self.rip;
@@ -1186,7 +1187,8 @@ impl Cpu {
                 Ok(())
             }
             M::Rdtsc | M::Rdtscp => {
-                if self.cr4 & cr4::TSD != 0 && self.cpl != 0 {
+                // (A privilege grant reads it as at CPL 0.)
+                if self.cr4 & cr4::TSD != 0 && self.cpl != 0 && !self.grant {
                     return exc_code(vector::GP, 0);
                 }
                 let t = self.tsc();
