@@ -4,7 +4,11 @@
 //! iced-x86, run at CPL 3 from the same random initial state on engine `kvm`
 //! (where guest user mode runs natively, also on PVM hosts) and on engine `emu`
 //! (visor's software CPU), and the results are compared: all 16 GPRs, RIP, RFLAGS
-//! and the scratch memory (a data page and the user stack page).
+//! and the scratch memory (a data page and the user stack page). Outside x87
+//! sequences, one instruction in five may be a forward conditional branch
+//! over the next one to four (on flags the SDM defines there), so that
+//! `bt`'s branches inside blocks (superblocks: joins and side exits) are
+//! compared too.
 //!
 //! # SSE and SSE2
 //!
@@ -1292,6 +1296,29 @@ impl Gen<'_> {
 /// sequence (see [`tolerate_tail`]).
 const TAILS: [u8; 8] = [0xf0, 0xf1, 0xf2, 0xf3, 0xf9, 0xfb, 0xfe, 0xff];
 
+/// Jcc with condition `cc` (the low nibble of its opcode) to `l`.
+fn branch(a: &mut CodeAssembler, cc: u8, l: CodeLabel) {
+    match cc {
+        0 => a.jo(l),
+        1 => a.jno(l),
+        2 => a.jb(l),
+        3 => a.jae(l),
+        4 => a.je(l),
+        5 => a.jne(l),
+        6 => a.jbe(l),
+        7 => a.ja(l),
+        8 => a.js(l),
+        9 => a.jns(l),
+        10 => a.jp(l),
+        11 => a.jnp(l),
+        12 => a.jl(l),
+        13 => a.jge(l),
+        14 => a.jle(l),
+        _ => a.jg(l),
+    }
+    .unwrap();
+}
+
 /// A random sequence: code bytes, the mask of arithmetic flags defined at
 /// its end, and what its x87 comparison leaves out.
 fn generate(rng: &mut Rng, x87: bool) -> (Vec<u8>, u64, Tail) {
@@ -1314,8 +1341,35 @@ fn generate(rng: &mut Rng, x87: bool) -> (Vec<u8>, u64, Tail) {
         }
     }
     let n = 1 + g.rng.below(MAX_LEN as u64);
+    // Forward conditional branches over the next 1-4 instructions (one open
+    // at a time), on flags the SDM defines there: the flags defined after
+    // the join are those defined on both ways.
+    let mut open: Option<(CodeLabel, u64, u64)> = None;
     for _ in 0..n {
+        if open.is_none() && !g.x87 && g.rng.chance(5) {
+            if let Some(cc) = g.cc() {
+                let l = g.a.create_label();
+                branch(&mut g.a, cc, l);
+                open = Some((l, 1 + g.rng.below(4), g.defined));
+            }
+        }
         g.insn();
+        if let Some((mut l, left, defined)) = open {
+            if left == 1 {
+                g.a.set_label(&mut l).unwrap();
+                g.defined &= defined;
+                open = None;
+                // (The label takes the next instruction: one follows.)
+                g.a.nop().unwrap();
+            } else {
+                open = Some((l, left - 1, defined));
+            }
+        }
+    }
+    if let Some((mut l, _, defined)) = open {
+        g.a.set_label(&mut l).unwrap();
+        g.defined &= defined;
+        g.a.nop().unwrap();
     }
     let tail = (g.x87 && g.rng.chance(2)).then(|| TAILS[g.rng.below(8) as usize]);
     let pre_skip = g.cc_skip;
