@@ -219,7 +219,9 @@ pub const CACHE_BYTES_PER_BLOCK: usize = 256;
 
 /// An upper bound of the metadata one block costs: 256 bytes for its entry
 /// in the block table, in the address map and in its page's list with four
-/// linked jumps; 32 for more linked jumps (a block has at most two); and
+/// linked jumps; 32 for more linked jumps (the dispatcher links at most two
+/// per block the table may hold: a superblock may have more exits, and the
+/// rest then stay unlinked); and
 /// 32 each for a side-exit count, an adaptive callout and a memory
 /// instruction that probes alone, whose tables are emptied when they hold
 /// as many entries as the block table may.
@@ -257,6 +259,9 @@ pub struct Blocks {
     /// guest-physical address ([`HEAT_SLOTS`] counters: two starts may
     /// share one, and the second is then translated sooner).
     heat: Box<[u16]>,
+    /// Entries in the blocks' `incoming` lists (linked jumps), at most two
+    /// per block the table may hold (see [`METADATA_PER_BLOCK`]).
+    linked: usize,
     stats: Stats,
 }
 
@@ -346,6 +351,7 @@ impl Blocks {
             solo_at: HashSet::new(),
             hot,
             heat: vec![0; HEAT_SLOTS].into_boxed_slice(),
+            linked: 0,
             stats: Stats {
                 callouts: vec![0; Mnemonic::values().count()],
                 ..Stats::default()
@@ -383,6 +389,7 @@ impl Blocks {
         self.callout_at.clear();
         self.solo_at.clear();
         self.heat.fill(0);
+        self.linked = 0;
         self.cache.clear();
         self.clear_jc();
         self.stats.flushes += 1;
@@ -395,7 +402,9 @@ impl Blocks {
         let Some(ix) = self.at.remove(&pa) else {
             return false;
         };
-        for (slot, stub) in std::mem::take(&mut self.blocks[ix as usize].incoming) {
+        let incoming = std::mem::take(&mut self.blocks[ix as usize].incoming);
+        self.linked -= incoming.len().min(self.linked);
+        for (slot, stub) in incoming {
             if self.cache.link(slot, stub).is_some() {
                 self.stats.unlinks += 1;
             }
@@ -778,9 +787,15 @@ impl Accel for Blocks {
             let flushes = self.stats.flushes;
             let ncode = match self.block_at(cpu, pa) {
                 Ok((nix, ncode)) => {
-                    if slot != SLOT_NONE && flushes == self.stats.flushes {
+                    // (Past two linked jumps per block the table may hold,
+                    // the jump stays unlinked and comes here each time: a
+                    // superblock has one per branch, and the metadata bound
+                    // counts two per block.)
+                    let room = self.linked < 2 * (self.cache.size() / CACHE_BYTES_PER_BLOCK);
+                    if slot != SLOT_NONE && flushes == self.stats.flushes && room {
                         if let Some(stub) = self.cache.link(slot, ncode) {
                             self.blocks[nix as usize].incoming.push((slot, stub));
+                            self.linked += 1;
                             self.stats.links += 1;
                         }
                     }
