@@ -92,7 +92,7 @@ use iced_x86::code_asm::*;
 use iced_x86::{Decoder, DecoderOptions, OpKind};
 use machine::bus::{Action, Device, StopReason};
 use vcpu::{Regs, SRegs};
-use visor::{Engine, Outcome, Stats, Vm, VmOptions};
+use visor::{Engine, HolePolicy, Outcome, Stats, Vm, VmOptions};
 use vm_memory::{Bytes, GuestAddress};
 
 #[path = "difftest_system.rs"]
@@ -1458,9 +1458,12 @@ struct Runner {
 
 impl Runner {
     fn new(engine: Engine) -> Result<Runner, String> {
-        // bt translates at first sight: each sequence runs once.
+        // bt translates at first sight: each sequence runs once. trap is
+        // compared as a virtualizable x86 (`--trap-sensitive`): its holes
+        // are tests/trap.rs's.
         let opts = VmOptions {
             bt_hot: Some(0),
+            holes: HolePolicy::Trap,
             ..VmOptions::default()
         };
         let mut vm = Vm::new(engine, 16 << 20, opts)
