@@ -1485,10 +1485,47 @@ impl Cpu {
             sz as u64
         };
         let src_seg = Self::mem_seg(i);
+        // REP MOVS and STOS forward in 64-bit code, without data
+        // breakpoints: a page's worth at once where the TLB maps RAM.
+        let movs = matches!(m, M::Movsb | M::Movsw | M::Movsd | M::Movsq);
+        let bulk = rep
+            && (movs || matches!(m, M::Stosb | M::Stosw | M::Stosd | M::Stosq))
+            && delta == sz as u64
+            && self.long64
+            && asz == 8
+            && !self.watching
+            && !self.watching();
         let mut n = 0u32;
         loop {
             if rep && self.gpr[1] & am == 0 {
                 return Ok(());
+            }
+            if bulk {
+                let dst = self.lin(sreg::ES, self.gpr[7])?;
+                let src = if movs {
+                    Some(self.lin(src_seg, self.gpr[6])?)
+                } else {
+                    None
+                };
+                let max = self.gpr[1].min(u64::from(REP_CHUNK - n));
+                let done = self.rep_bulk(dst, src, sz, self.gpr[0], max);
+                if done > 0 {
+                    let bytes = done * sz as u64;
+                    self.gpr[7] = self.gpr[7].wrapping_add(bytes);
+                    if movs {
+                        self.gpr[6] = self.gpr[6].wrapping_add(bytes);
+                    }
+                    self.gpr[1] -= done;
+                    n += done as u32;
+                    if self.gpr[1] == 0 {
+                        return Ok(());
+                    }
+                    if n >= REP_CHUNK {
+                        self.next_rip = self.rip;
+                        return Ok(());
+                    }
+                    continue;
+                }
             }
             let mut zf_stop = None;
             match m {

@@ -435,6 +435,72 @@ impl Cpu {
         self.wr_slow(lin, size, v, need)
     }
 
+    /// REP STOS (`src` `None`, the elements `fill`) or REP MOVS forward,
+    /// at once, over RAM pages the TLB maps for the access: at most `max`
+    /// elements of `size` bytes at linear `dst` (from `src`), as many as
+    /// stay within the destination's page and the source's. 0 if the
+    /// element loop must run instead: a TLB miss, a page that is not RAM,
+    /// a page of decoded code (it has no write access in the TLB), a
+    /// misaligned element that alignment checking covers, or a MOVS whose
+    /// bytes overlap (each element must see the ones stored before it).
+    /// The caller has excluded data breakpoints.
+    pub(crate) fn rep_bulk(
+        &mut self,
+        dst: u64,
+        src: Option<u64>,
+        size: usize,
+        fill: u64,
+        max: u64,
+    ) -> u64 {
+        let sz = size as u64;
+        let mapped = |cpu: &Cpu, lin: u64, need: u8| -> Option<usize> {
+            let e = &cpu.tlb[tlb_index(lin)];
+            if e.vpage != lin & !0xfff || e.allow & need == 0 || e.host == 0 {
+                return None;
+            }
+            if lin & (sz - 1) != 0 && cpu.alignment_checked(need) {
+                return None;
+            }
+            Some(e.host + (lin & 0xfff) as usize)
+        };
+        let Some(d) = mapped(self, dst, self.acc_w) else {
+            return 0;
+        };
+        let mut n = max.min((0x1000 - (dst & 0xfff)) / sz);
+        let s = match src {
+            Some(src) => {
+                let Some(s) = mapped(self, src, self.acc_r) else {
+                    return 0;
+                };
+                n = n.min((0x1000 - (src & 0xfff)) / sz);
+                Some(s)
+            }
+            None => None,
+        };
+        let bytes = n as usize * size;
+        if n == 0 {
+            return 0;
+        }
+        match s {
+            Some(s) => {
+                if s < d + bytes && d < s + bytes {
+                    return 0;
+                }
+                // SAFETY: both ranges lie in 4 KiB RAM pages the TLB maps
+                // (`host` maps the whole page, the counts keep within it),
+                // and they do not overlap.
+                unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, bytes) };
+            }
+            None => {
+                for k in 0..n as usize {
+                    // SAFETY: as above: element k ends within the page.
+                    unsafe { store((d + k * size) as *mut u8, size, fill) };
+                }
+            }
+        }
+        n
+    }
+
     #[cold]
     fn wr_slow(&mut self, lin: u64, size: usize, v: u64, need: u8) -> R<()> {
         self.alignment_fault(lin, size, need)?;

@@ -286,6 +286,69 @@ fn strings_and_exchanges() {
     assert_eq!((r.r11, r.r12), (12, 9));
 }
 
+/// REP STOS and REP MOVS forward run a page at a time where the TLB maps
+/// RAM (`Cpu::rep_bulk`): across pages, misaligned, past the interpreter's
+/// chunk (the instruction goes on at the next step), and a MOVS whose bytes
+/// overlap (element by element: it replicates its first byte), each equal
+/// to the architectural element-by-element result.
+#[test]
+fn rep_movs_and_stos_run_in_bulk_as_element_by_element() {
+    let mut t = long(|a| {
+        a.mov(rdi, 0x30_0ff4u64)?;
+        a.mov(eax, 0xa1b2_c3d4u32)?;
+        a.mov(ecx, 1000u32)?;
+        a.rep().stosd()?;
+        a.mov(r8, rdi)?;
+        a.mov(r9, rcx)?;
+        a.mov(rsi, 0x31_0000u64)?;
+        a.mov(rdi, 0x31_0001u64)?;
+        a.mov(ecx, 100u32)?;
+        a.rep().movsb()?;
+        a.mov(rsi, 0x32_0ffdu64)?;
+        a.mov(rdi, 0x33_0ffbu64)?;
+        a.mov(ecx, 600u32)?;
+        a.rep().movsq()?;
+        a.mov(r10, rsi)?;
+        a.mov(r11, rdi)?;
+        a.mov(rdi, 0x34_0000u64)?;
+        a.mov(al, 0x5a)?;
+        a.mov(ecx, 20000u32)?;
+        a.rep().stosb()?;
+        a.mov(r12, rdi)?;
+        a.mov(r13, rcx)?;
+        a.hlt()
+    });
+    let src: Vec<u8> = (0..4800u32).map(|k| (k * 7 + 3) as u8).collect();
+    t.mem.write_slice(&src, GuestAddress(0x32_0ffd)).unwrap();
+    t.mem.write_slice(b"Q", GuestAddress(0x31_0000)).unwrap();
+    assert_eq!(t.run(), CpuExit::Hlt);
+    let r = t.cpu.regs();
+    let bytes = |at: u64, n: usize| {
+        let mut b = vec![0u8; n];
+        t.mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+        b
+    };
+    let want: Vec<u8> = std::iter::repeat_n(0xa1b2_c3d4u32.to_le_bytes(), 1000)
+        .flatten()
+        .collect();
+    assert_eq!(bytes(0x30_0ff4, 4000), want, "rep stosd across pages");
+    assert_eq!((r.r8, r.r9), (0x30_0ff4 + 4000, 0));
+    assert_eq!(
+        bytes(0x31_0000, 101),
+        vec![b'Q'; 101],
+        "overlapping rep movsb"
+    );
+    assert_eq!(
+        bytes(0x33_0ffb, 4800),
+        src,
+        "misaligned rep movsq across pages"
+    );
+    assert_eq!((r.r10, r.r11), (0x32_0ffd + 4800, 0x33_0ffb + 4800));
+    assert_eq!(bytes(0x34_0000, 20001)[..20000], vec![0x5a; 20000][..]);
+    assert_eq!(bytes(0x34_0000 + 20000, 1), [0]);
+    assert_eq!((r.r12, r.r13), (0x34_0000 + 20000, 0), "past the chunk");
+}
+
 #[test]
 fn page_fault_error_codes_and_accessed_dirty_bits() {
     // A 4 KiB page table for 0x40_0000..: page 0 read-only, page 1 absent,
