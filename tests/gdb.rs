@@ -513,6 +513,50 @@ fn tiny_elf(
     (d, elf, at)
 }
 
+/// A gdb session on `elf` under `engine` that stops at `mark`, holds the
+/// guest stopped there for two seconds, goes on to `then`, prints `regs`
+/// (each after a line `@name`, for [`hex_after`]) and lets the guest run to
+/// its end: gdb's output, visor's exit status, and the context a failure
+/// shows (gdb's output and visor's stderr). Asserts that the stop lasted.
+fn stopped_two_seconds(
+    engine: Engine,
+    elf: &Path,
+    mark: u64,
+    then: u64,
+    regs: &[&str],
+) -> (String, Option<i32>, String) {
+    let v = Visor::start(&[
+        "run".into(),
+        elf.display().to_string(),
+        "--engine".into(),
+        engine.name().into(),
+    ]);
+    let prints: String = regs
+        .iter()
+        .map(|r| format!("echo @{r}\\n\nprint/x ${r}\n"))
+        .collect();
+    let script = format!(
+        "set pagination off
+set confirm off
+target remote 127.0.0.1:{port}
+break *{mark:#x}
+break *{then:#x}
+continue
+shell sleep 2
+continue
+{prints}continue
+",
+        port = v.port
+    );
+    let start = Instant::now();
+    let out = gdb(elf, &script, Duration::from_secs(120));
+    let took = start.elapsed();
+    let (status, _, stderr) = v.finish(Duration::from_secs(60));
+    let ctx = format!("engine {engine}\n--- gdb:\n{out}\n--- visor stderr:\n{stderr}");
+    assert!(took >= Duration::from_secs(2), "{ctx}");
+    (out, status, ctx)
+}
+
 /// The guest's view of a stop: a guest reads its clocks (the TSC, the HPET
 /// main counter, the ACPI PM timer, the local APIC timer's current count),
 /// gdb holds it at a breakpoint for 2 s, and the guest reads them again.
@@ -589,38 +633,10 @@ fn time_while_stopped(engine: Engine) {
     .unwrap();
     let (_d, elf, at) = tiny_elf(a, &[mark, end]);
     let (mark, end) = (at[0], at[1]);
-    let v = Visor::start(&[
-        "run".into(),
-        elf.display().to_string(),
-        "--engine".into(),
-        engine.name().into(),
-    ]);
     let regs = [
         "rbp", "rcx", "r8", "r9", "r10", "r15", "r11", "r12", "r13", "r14", "rdi",
     ];
-    let prints: String = regs
-        .iter()
-        .map(|r| format!("echo @{r}\\n\nprint/x ${r}\n"))
-        .collect();
-    let script = format!(
-        "set pagination off
-set confirm off
-target remote 127.0.0.1:{port}
-break *{mark:#x}
-break *{end:#x}
-continue
-shell sleep 2
-continue
-{prints}continue
-",
-        port = v.port
-    );
-    let start = Instant::now();
-    let out = gdb(&elf, &script, Duration::from_secs(120));
-    let took = start.elapsed();
-    let (status, _, stderr) = v.finish(Duration::from_secs(60));
-    let ctx = format!("engine {engine}\n--- gdb:\n{out}\n--- visor stderr:\n{stderr}");
-    assert!(took >= Duration::from_secs(2), "{ctx}");
+    let (out, status, ctx) = stopped_two_seconds(engine, &elf, mark, end, &regs);
     let r = |name: &str| hex_after(&out, &format!("@{name}"));
     let (tsc_khz, apic_khz) = (r("rbp"), r("rcx"));
     // Each clock's advance across the stop, in µs (`None`: the timing leaf
@@ -739,35 +755,8 @@ fn time_while_stopped_pv_guest() {
     .unwrap();
     let (_d, elf, at) = tiny_elf(a, &[mark, fired]);
     let (mark, fired) = (at[0], at[1]);
-    let v = Visor::start(&[
-        "run".into(),
-        elf.display().to_string(),
-        "--engine".into(),
-        engine.name().into(),
-    ]);
-    let prints: String = ["rbp", "r8", "r11", "r12"]
-        .iter()
-        .map(|r| format!("echo @{r}\\n\nprint/x ${r}\n"))
-        .collect();
-    let script = format!(
-        "set pagination off
-set confirm off
-target remote 127.0.0.1:{port}
-break *{mark:#x}
-break *{fired:#x}
-continue
-shell sleep 2
-continue
-{prints}continue
-",
-        port = v.port
-    );
-    let start = Instant::now();
-    let out = gdb(&elf, &script, Duration::from_secs(120));
-    let took = start.elapsed();
-    let (status, _, stderr) = v.finish(Duration::from_secs(60));
-    let ctx = format!("engine {engine}\n--- gdb:\n{out}\n--- visor stderr:\n{stderr}");
-    assert!(took >= Duration::from_secs(2), "{ctx}");
+    let (out, status, ctx) =
+        stopped_two_seconds(engine, &elf, mark, fired, &["rbp", "r8", "r11", "r12"]);
     let r = |name: &str| hex_after(&out, &format!("@{name}"));
     let khz = r("rbp");
     assert!(khz > 0, "{ctx}");
