@@ -1653,12 +1653,7 @@ impl Translator {
                 // of them within a page covers each byte at most once.
                 let mut spent = a.create_label();
                 spill(a, 0, 0)?;
-                a.lahf()?;
-                a.seto(al)?;
-                a.cmp(r15, qword_ptr(rdi + ctx!(limit)))?;
-                a.jae(spent)?;
-                a.add(al, 0x7f)?;
-                a.sahf()?;
+                budget_check(a, spent)?;
                 fill(a, 0, 0)?;
                 a.set_label(&mut slot)?;
                 slot_ix = Some(a.instructions().len());
@@ -1730,12 +1725,7 @@ impl Translator {
             if !r.rax_flags {
                 spill(&mut a, 0, 0)?;
             }
-            a.lahf()?;
-            a.seto(al)?;
-            a.cmp(r15, qword_ptr(rdi + ctx!(limit)))?;
-            a.jae(spent)?;
-            a.add(al, 0x7f)?;
-            a.sahf()?;
+            budget_check(&mut a, spent)?;
             if !r.rax_flags {
                 fill(&mut a, 0, 0)?;
             }
@@ -2107,6 +2097,20 @@ impl Registers {
 
 /// Jumps to `fault` unless `v` is a canonical address (uses `t`; changes
 /// the flags).
+/// The budget check of a loop, with RAX free (its guest value spilled or
+/// renamed): the guest's flags go to AX (LAHF, SETO), and the code jumps to
+/// `spent`, flags still in AX, if the instructions counted reach the
+/// slice's limit; else the flags come back from AX (OF: 1 + 0x7f
+/// overflows) and the code goes on.
+fn budget_check(a: &mut CodeAssembler, spent: CodeLabel) -> Result<(), IcedError> {
+    a.lahf()?;
+    a.seto(al)?;
+    a.cmp(r15, qword_ptr(rdi + ctx!(limit)))?;
+    a.jae(spent)?;
+    a.add(al, 0x7f)?;
+    a.sahf()
+}
+
 fn unless_canonical(
     a: &mut CodeAssembler,
     v: AsmRegister64,
