@@ -33,6 +33,10 @@ use crate::walk::{self, Fault, PHYS_BITS};
 const PRIVATE_BASE: u64 = 1 << 47;
 const PRIVATE_PAGES: u64 = 4096;
 
+/// The guest's CR0 bits the real CPU runs with (the FPU's and alignment
+/// checking); PE, PG and WP are the VMM's.
+const REAL_CR0: u64 = cr0::MP | cr0::EM | cr0::TS | cr0::NE | cr0::AM;
+
 /// The guest's CR4 bits the real CPU runs with: SSE's enables, and TSD (so
 /// that RDTSC in guest user mode faults as the guest asked; the kernel's,
 /// at CPL 1, faults too and runs again with the CPL-0 grant).
@@ -493,19 +497,11 @@ impl TrapVcpu {
             }
             M::Hlt => Done::Halt,
             M::Pushf | M::Pushfd if g.v.real_mode() => {
-                let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 4);
-                let v = g.vflags() & !(rflags::RF | rflags::VM);
-                self.real_push(v, sz)?;
+                self.pushf(i)?;
                 Done::Next
             }
             M::Popf | M::Popfd if g.v.real_mode() => {
-                let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 4);
-                let popped = self.real_pop(sz)?;
-                let m = rflags::WRITABLE
-                    & !(rflags::RF | rflags::VM | rflags::VIF | rflags::VIP)
-                    & mask(sz as u32 * 8);
-                let f = (self.g.vflags() & !(m | rflags::RF)) | (popped & m);
-                self.g.set_vflags(f);
+                self.popf(i)?;
                 Done::Next
             }
             M::Iret | M::Iretd if g.v.real_mode() => self.real_iret(i)?,
@@ -911,14 +907,13 @@ impl TrapVcpu {
                 g.v.cr0 = v | cr0::ET;
                 // The real PG and WP stay set: the shadow enforces the
                 // guest's view (its identity map with paging off).
-                let follow = cr0::MP | cr0::EM | cr0::TS | cr0::NE | cr0::AM;
                 // (In real mode the real CPU runs without paging.)
                 let paging = if v & cr0::PE != 0 {
                     cr0::WP | cr0::PG
                 } else {
                     0
                 };
-                g.cpu.cr0 = (g.cpu.cr0 & !follow) | (v & follow) | paging | cr0::PE | cr0::ET;
+                g.cpu.cr0 = (g.cpu.cr0 & !REAL_CR0) | (v & REAL_CR0) | paging | cr0::PE | cr0::ET;
                 if (old ^ v) & (cr0::WP | cr0::PG) != 0 {
                     self.shadow.reset(&mut self.g.cpu);
                 }
@@ -952,8 +947,7 @@ impl TrapVcpu {
                 }
                 let g = &mut self.g;
                 g.v.cr4 = v;
-                let follow = REAL_CR4;
-                g.cpu.cr4 = (g.cpu.cr4 & !follow) | (v & follow) | cr4::PAE;
+                g.cpu.cr4 = (g.cpu.cr4 & !REAL_CR4) | (v & REAL_CR4) | cr4::PAE;
                 self.shadow.reset(&mut self.g.cpu);
                 self.g.cpu.refresh_mode();
             }
@@ -1068,8 +1062,7 @@ impl TrapVcpu {
             ] {
                 *dst = real_mode_segment(src, false);
             }
-            let follow = cr0::MP | cr0::EM | cr0::TS | cr0::NE | cr0::AM;
-            real.cr0 = (s.cr0 & follow) | cr0::PE | cr0::ET;
+            real.cr0 = (s.cr0 & REAL_CR0) | cr0::PE | cr0::ET;
             real.cr4 = s.cr4 & REAL_CR4;
             real.efer = 0;
         } else {
@@ -1093,8 +1086,29 @@ impl TrapVcpu {
         self.shadow.reset(&mut self.g.cpu);
     }
 
-    /// A push on a real-mode guest's stack (SS:SP, or SS:ESP with a big SS).
-    fn real_push(&mut self, v: u64, sz: u64) -> Emu<()> {
+    /// PUSHF of the guest kernel, emulated: its view of the flags (virtual
+    /// IF and IOPL; never VM or RF) as wide as the instruction pushes them.
+    fn pushf(&mut self, i: &Instruction) -> Emu<()> {
+        let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 8);
+        let v = self.g.vflags() & !(rflags::RF | rflags::VM);
+        self.push_stack(v, sz)
+    }
+
+    /// POPF of the guest kernel, emulated as at CPL 0: every writable flag
+    /// in the operand's width (IF and IOPL into the virtual ones), RF
+    /// cleared as at the end of any instruction; VM, VIF and VIP stay.
+    fn popf(&mut self, i: &Instruction) -> Emu<()> {
+        let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 8);
+        let popped = self.pop_stack(sz)?;
+        let m = rflags::WRITABLE & !rflags::RF & mask(sz as u32 * 8);
+        let f = (self.g.vflags() & !(m | rflags::RF)) | (popped & m);
+        self.g.set_vflags(f);
+        Ok(())
+    }
+
+    /// A push on the guest's stack as the current mode addresses it (RSP;
+    /// SS:ESP or SS:SP by SS's B bit outside 64-bit mode).
+    fn push_stack(&mut self, v: u64, sz: u64) -> Emu<()> {
         let sp = self.g.cpu.gpr[4].wrapping_sub(sz);
         let at = self.stack_linear(sp);
         self.g.write(at, &v.to_le_bytes()[..sz as usize])?;
@@ -1102,8 +1116,8 @@ impl TrapVcpu {
         Ok(())
     }
 
-    /// A pop from a real-mode guest's stack.
-    fn real_pop(&mut self, sz: u64) -> Emu<u64> {
+    /// A pop from the guest's stack, as [`TrapVcpu::push_stack`].
+    fn pop_stack(&mut self, sz: u64) -> Emu<u64> {
         let sp = self.g.cpu.gpr[4];
         let at = self.stack_linear(sp);
         let mut b = [0u8; 8];
@@ -1367,24 +1381,8 @@ impl TrapVcpu {
     fn emulate_sensitive(&mut self, i: &Instruction) -> Emu<Done> {
         let g = &mut self.g;
         match i.mnemonic() {
-            M::Pushf | M::Pushfd | M::Pushfq => {
-                let sz = (i.stack_pointer_increment().unsigned_abs() as u64).clamp(2, 8);
-                let v = g.vflags() & !(rflags::RF | rflags::VM);
-                let sp = g.cpu.gpr[4].wrapping_sub(sz);
-                g.write(sp, &v.to_le_bytes()[..sz as usize])?;
-                g.cpu.gpr[4] = sp;
-            }
-            M::Popf | M::Popfd | M::Popfq => {
-                let sz = (i.stack_pointer_increment().unsigned_abs() as usize).clamp(2, 8);
-                let mut b = [0u8; 8];
-                let sp = g.cpu.gpr[4];
-                g.read(sp, &mut b[..sz])?;
-                let popped = u64::from_le_bytes(b);
-                let m = rflags::WRITABLE & !rflags::RF & mask(sz as u32 * 8);
-                let f = (g.vflags() & !m) | (popped & m);
-                g.cpu.gpr[4] = sp.wrapping_add(sz as u64);
-                g.set_vflags(f);
-            }
+            M::Pushf | M::Pushfd | M::Pushfq => self.pushf(i)?,
+            M::Popf | M::Popfd | M::Popfq => self.popf(i)?,
             M::Sgdt | M::Sidt => {
                 let t = if i.mnemonic() == M::Sgdt {
                     g.v.gdtr
